@@ -1,0 +1,56 @@
+// Argument checks shared by every op. Each raises a Python ValueError (TORCH_CHECK_VALUE) whose message
+// names the argument and what was expected, so bad input never reaches a kernel.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string_view>
+
+namespace alignops {
+
+inline void check_dim(const at::Tensor& t, int64_t dim, std::string_view name, std::string_view shape) {
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be a ", dim, "-D tensor of shape ", shape, ", got shape ",
+                    t.sizes());
+}
+
+inline void check_same_shape(const at::Tensor& t, const at::Tensor& like, std::string_view name,
+                             std::string_view like_name) {
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ", like.sizes(),
+                    ", got ", t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& like, std::string_view name,
+                              std::string_view like_name) {
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on the device of ", like_name, " (", like.device(),
+                    "), got ", t.device());
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& like, std::string_view name,
+                             std::string_view like_name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type(), name, " must have the dtype of ", like_name, " (",
+                    like.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_floating(const at::Tensor& t, std::string_view name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, name,
+                    " must be float32, float64, float16 or bfloat16, got ", s);
+}
+
+inline void check_integer(const at::Tensor& t, std::string_view name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
+                    " must be int64 or int32, got ", t.scalar_type());
+}
+
+inline void check_device(const at::Tensor& t, c10::DeviceType type, std::string_view name) {
+  TORCH_CHECK_VALUE(t.device().type() == type, name, " must be a ", c10::DeviceTypeName(type, true),
+                    " tensor, got ", t.device());
+}
+
+// fp32 accumulation for every floating input, fp64 kept as fp64.
+inline at::ScalarType acc_type_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace alignops

@@ -1,0 +1,202 @@
+// Vectorised row kernels of alignops::selective_logprobs. CMake compiles this file once per CPU
+// capability (DEFAULT, AVX2) into its own inline namespace; selective_logprobs_cpu.cpp picks one.
+//
+// Forward, per row: lse = logsumexp(z / T) in a single pass (blockwise online logsumexp: one exp per
+// element plus one rescale per block), logp = z_y / T - lse. Nothing of size V is written.
+// Backward, per row: dz_v = g / T * (1[v = y] - exp(z_v / T - lse)), written once.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+
+#include "preference/selective_logprobs_cpu_kernel.h"
+
+namespace alignops::preference {
+namespace CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+constexpr int64_t kUnroll = 4;
+constexpr int64_t kBlock = 2 * kW * kUnroll;  // elements consumed per step (two float vectors per load)
+
+// Loads 2 * kW elements as two float vectors.
+template <typename scalar_t>
+inline void load2(const scalar_t* p, Vec& a, Vec& b) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + kW);
+  } else {
+    at::vec::load_to_float<scalar_t>(p, a, b);
+  }
+}
+
+template <typename scalar_t>
+inline void store2(scalar_t* p, const Vec& a, const Vec& b) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    a.store(p);
+    b.store(p + kW);
+  } else {
+    at::vec::convert_from_float<scalar_t>(a, b).store(p);
+  }
+}
+
+// logsumexp(x * inv_t) over one row. The running max starts at the lowest finite float, not -inf, so
+// that rows with masked (-inf) logits never form -inf - -inf.
+template <typename scalar_t>
+float row_lse(const scalar_t* x, int64_t V, float inv_t) {
+  const Vec scale(inv_t);
+  Vec m(std::numeric_limits<float>::lowest());
+  Vec s(0.f);
+  int64_t v = 0;
+  for (; v + kBlock <= V; v += kBlock) {
+    Vec z[2 * kUnroll];
+    for (int64_t u = 0; u < kUnroll; ++u) {
+      load2(x + v + 2 * kW * u, z[2 * u], z[2 * u + 1]);
+    }
+    Vec bm = m;
+    for (auto& zi : z) {
+      zi = zi * scale;
+      bm = at::vec::maximum(bm, zi);
+    }
+    s = s * (m - bm).exp_u20();
+    for (const auto& zi : z) {
+      s = s + (zi - bm).exp_u20();
+    }
+    m = bm;
+  }
+  float lane_m[kW], lane_s[kW];
+  m.store(lane_m);
+  s.store(lane_s);
+  float M = std::numeric_limits<float>::lowest();
+  for (int64_t i = 0; i < kW; ++i) {
+    M = std::max(M, lane_m[i]);
+  }
+  for (int64_t i = v; i < V; ++i) {
+    M = std::max(M, float(x[i]) * inv_t);
+  }
+  float S = 0.f;
+  for (int64_t i = 0; i < kW; ++i) {
+    S += lane_s[i] * std::exp(lane_m[i] - M);
+  }
+  for (int64_t i = v; i < V; ++i) {
+    S += std::exp(float(x[i]) * inv_t - M);
+  }
+  return M + std::log(S);
+}
+
+// fp64 keeps full precision with a plain two-pass loop.
+double row_lse(const double* x, int64_t V, double inv_t) {
+  double M = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < V; ++i) {
+    M = std::max(M, x[i] * inv_t);
+  }
+  if (!std::isfinite(M)) {
+    return M;
+  }
+  double S = 0.0;
+  for (int64_t i = 0; i < V; ++i) {
+    S += std::exp(x[i] * inv_t - M);
+  }
+  return M + std::log(S);
+}
+
+template <typename scalar_t>
+void row_grad(scalar_t* out, const scalar_t* x, int64_t V, float inv_t, float lse, float g) {
+  const Vec scale(inv_t), shift(lse), coef(-g * inv_t);
+  int64_t v = 0;
+  for (; v + 2 * kW <= V; v += 2 * kW) {
+    Vec a, b;
+    load2(x + v, a, b);
+    store2(out + v, coef * (a * scale - shift).exp_u20(), coef * (b * scale - shift).exp_u20());
+  }
+  for (; v < V; ++v) {
+    out[v] = scalar_t(-g * inv_t * std::exp(float(x[v]) * inv_t - lse));
+  }
+}
+
+void row_grad(double* out, const double* x, int64_t V, double inv_t, double lse, double g) {
+  for (int64_t v = 0; v < V; ++v) {
+    out[v] = -g * inv_t * std::exp(x[v] * inv_t - lse);
+  }
+}
+
+inline int64_t rows_per_task(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+template <typename index_t>
+inline void check_target(index_t t, int64_t V, int64_t row) {
+  TORCH_CHECK_VALUE(t >= 0 && t < V, "targets[", row, "] = ", static_cast<int64_t>(t),
+                    " is out of range: targets must lie in [0, ", V, ") or equal ignore_index");
+}
+
+void forward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index, double temperature,
+             at::Tensor& logp, at::Tensor& lse) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "selective_logprobs_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "selective_logprobs_cpu_targets", [&] {
+      const scalar_t* x = logits.const_data_ptr<scalar_t>();
+      const index_t* y = targets.const_data_ptr<index_t>();
+      acc_t* out = logp.mutable_data_ptr<acc_t>();
+      acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
+      const acc_t inv_t = acc_t(1) / acc_t(temperature);
+      at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          const index_t t = y[n];
+          if (static_cast<int64_t>(t) == ignore_index) {
+            out[n] = acc_t(0);
+            lse_p[n] = acc_t(0);
+            continue;
+          }
+          check_target(t, V, n);
+          const scalar_t* row = x + n * V;
+          const acc_t l = row_lse(row, V, inv_t);
+          lse_p[n] = l;
+          out[n] = acc_t(row[t]) * inv_t - l;
+        }
+      });
+    });
+  });
+}
+
+void backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+              int64_t ignore_index, double temperature, at::Tensor& grad_logits) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "selective_logprobs_backward_cpu",
+                                  [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "selective_logprobs_backward_cpu_targets", [&] {
+      const scalar_t* x = logits.const_data_ptr<scalar_t>();
+      const index_t* y = targets.const_data_ptr<index_t>();
+      const acc_t* g = grad.const_data_ptr<acc_t>();
+      const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+      scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
+      const acc_t inv_t = acc_t(1) / acc_t(temperature);
+      at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          scalar_t* row_out = out + n * V;
+          const index_t t = y[n];
+          if (static_cast<int64_t>(t) == ignore_index || g[n] == acc_t(0)) {
+            std::fill(row_out, row_out + V, scalar_t(0));
+            continue;
+          }
+          check_target(t, V, n);
+          const scalar_t* row = x + n * V;
+          const acc_t gn = g[n];
+          row_grad(row_out, row, V, inv_t, lse_p[n], gn);
+          row_out[t] = scalar_t(acc_t(row_out[t]) + gn * inv_t);
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+
+const SelectiveLogprobsKernels selective_logprobs_kernels{&forward, &backward};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace alignops::preference

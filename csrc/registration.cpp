@@ -1,0 +1,55 @@
+// Every alignops schema, in one place. Backends register their kernels from their own files with
+// TORCH_LIBRARY_IMPL; autograd, fake kernels and the Triton ops live in python/alignops/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+// The SM architectures this build holds CUDA code for (empty for a CPU-only build), e.g. {90}.
+std::vector<int64_t> cuda_archs() {
+  std::vector<int64_t> archs;
+  const std::string list = ALIGNOPS_CUDA_ARCHS;  // CMake's form: "80-real;90-real;90-virtual"
+  size_t pos = 0;
+  while (pos < list.size()) {
+    size_t end = list.find(';', pos);
+    end = end == std::string::npos ? list.size() : end;
+    const std::string item = list.substr(pos, end - pos);
+    if (!item.empty() && item.find("virtual") == std::string::npos) {
+      archs.push_back(std::stoll(item));
+    }
+    pos = end + 1;
+  }
+  return archs;
+}
+
+}  // namespace
+
+// An empty module: `import alignops._C` only has to load this library so the registrations above run.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(alignops, m) {
+  m.def("cuda_archs() -> int[]", &cuda_archs);
+
+  // ---- preference: closed-form DPO-family losses on per-sequence log-probs -------------------------
+  // Returns (loss [B], chosen_rewards [B], rejected_rewards [B], grad [4, B]): grad holds d loss_i /
+  // d (policy_chosen, policy_rejected, ref_chosen, ref_rejected)_i when compute_grad, else it is empty.
+  // loss_types are codes of csrc/preference/preference_loss_math.h, combined with loss_weights.
+  m.def(
+      "preference_loss(Tensor policy_chosen_logps, Tensor policy_rejected_logps, Tensor ref_chosen_logps, "
+      "Tensor ref_rejected_logps, Tensor? beta, Tensor? chosen_lengths, Tensor? rejected_lengths, "
+      "int[] loss_types, float[] loss_weights, float beta_value, float label_smoothing, float gamma, "
+      "float discopop_tau, int f_divergence, float f_alpha, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- preference: log p(target) per row of a logits matrix, without materialising log_softmax -----
+  // Returns (logp [N] fp32, lse [N] fp32); lse is the logsumexp of logits / temperature, kept for backward.
+  m.def("selective_logprobs(Tensor logits, Tensor targets, int ignore_index, float temperature) -> (Tensor, Tensor)");
+  m.def(
+      "selective_logprobs_backward(Tensor grad_logp, Tensor logits, Tensor targets, Tensor lse, int ignore_index, "
+      "float temperature) -> Tensor");
+}

@@ -1,0 +1,31 @@
+"""alignops: fused, tested PyTorch kernels for alignment work.
+
+Three ways in: the functional API (``alignops.preference_loss``), ``nn.Module`` wrappers
+(``alignops.nn``) and the raw ops (``torch.ops.alignops.*``). ``alignops info`` lists the
+compiled backends.
+"""
+
+import torch  # noqa: F401  (libc10 must be loaded before the extension)
+
+from . import _C  # noqa: F401  (registers the torch.ops.alignops schemas and kernels)
+from . import ops  # noqa: F401  (autograd, fake kernels and Triton ops)
+from .preference import (
+    LOSS_TYPES,
+    PreferenceLossOutput,
+    preference_loss,
+    selective_logprobs,
+    sequence_logprobs,
+)
+from . import nn, reference  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOSS_TYPES",
+    "PreferenceLossOutput",
+    "preference_loss",
+    "selective_logprobs",
+    "sequence_logprobs",
+    "nn",
+    "reference",
+]

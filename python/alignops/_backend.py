@@ -1,0 +1,54 @@
+"""Which implementation serves a call: ``backend="auto" | "native" | "triton" | "torch"``.
+
+``auto`` is the fastest implementation measured for the device (see bench/results/): the C++ kernel on
+the CPU, the CUDA C++ kernel on a GPU when it was compiled, else the Triton kernel. A backend that cannot
+serve the call raises instead of falling back silently.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "native", "triton", "torch")
+
+
+def cuda_compiled() -> bool:
+    """True when this build of alignops._C holds CUDA kernels."""
+    return len(torch.ops.alignops.cuda_archs()) > 0
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if device.type not in ("cpu", "cuda"):
+        if backend in ("auto", "torch"):
+            return "torch"
+        raise RuntimeError(f"{op}: backend={backend!r} has no kernel for device {device}; use backend='torch'")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "native"
+        return "native" if cuda_compiled() else "triton"
+    if backend == "native" and device.type == "cuda" and not cuda_compiled():
+        raise RuntimeError(f"{op}: backend='native' on CUDA needs alignops built with CUDA kernels "
+                           "(ALIGNOPS_ENABLE_CUDA=ON); this build has none (see `alignops info`)")
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: backend='triton' needs the triton package")
+        if device.type == "cpu" and not triton_interpreting():
+            raise RuntimeError(f"{op}: backend='triton' runs on CPU tensors only in the Triton interpreter "
+                               "(set TRITON_INTERPRET=1 before importing triton)")
+    return backend

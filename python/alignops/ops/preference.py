@@ -1,0 +1,86 @@
+"""Fake kernels and autograd of the preference ops (schemas in csrc/registration.cpp)."""
+
+from __future__ import annotations
+
+import torch
+
+_acc = {torch.float64: torch.float64}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for every floating dtype, fp64 kept as fp64 (mirrors csrc/common/checks.h)."""
+    return _acc.get(dtype, torch.float32)
+
+
+# ---- preference_loss --------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("alignops::preference_loss")
+def _preference_loss_fake(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths, loss_types, loss_weights,
+                          beta_value, label_smoothing, gamma, discopop_tau, f_divergence, f_alpha, compute_grad):
+    acc = acc_dtype(pc.dtype)
+    B = pc.shape[0]
+    grad = pc.new_empty((4, B) if compute_grad else (0,), dtype=acc)
+    return pc.new_empty(B, dtype=acc), pc.new_empty(B, dtype=acc), pc.new_empty(B, dtype=acc), grad
+
+
+def _preference_loss_setup(ctx, inputs, output):
+    ctx.dtypes = tuple(t.dtype for t in inputs[:4])
+    ctx.save_for_backward(output[3])
+
+
+def _preference_loss_backward(ctx, grad_loss, _grad_chosen_rewards, _grad_rejected_rewards, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0:
+        raise RuntimeError(
+            "alignops::preference_loss was called with compute_grad=False; call it through "
+            "alignops.preference_loss (which sets it) to differentiate")
+    grads = [(grad_loss * grad[k]).to(dt) if ctx.needs_input_grad[k] else None for k, dt in enumerate(ctx.dtypes)]
+    return (*grads, *([None] * 12))
+
+
+def register_preference_loss_autograd(op: str) -> None:
+    """The kernels return the closed-form gradient; backward is one multiply (shared by native and Triton)."""
+    torch.library.register_autograd(op, _preference_loss_backward, setup_context=_preference_loss_setup)
+
+
+register_preference_loss_autograd("alignops::preference_loss")
+
+
+# ---- selective_logprobs -----------------------------------------------------------------------------
+
+
+@torch.library.register_fake("alignops::selective_logprobs")
+def _selective_logprobs_fake(logits, targets, ignore_index, temperature):
+    n = logits.shape[0]
+    acc = acc_dtype(logits.dtype)
+    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc)
+
+
+@torch.library.register_fake("alignops::selective_logprobs_backward")
+def _selective_logprobs_backward_fake(grad_logp, logits, targets, lse, ignore_index, temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _selective_logprobs_setup(ctx, inputs, output):
+    logits, targets, ignore_index, temperature = inputs
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.ignore_index = ignore_index
+    ctx.temperature = temperature
+
+
+def register_selective_logprobs_autograd(op: str, backward_op) -> None:
+    """Backward is the registered op ``backward_op`` (recomputes softmax from the saved lse)."""
+
+    def backward(ctx, grad_logp, _grad_lse):
+        logits, targets, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        grad_logits = backward_op(grad_logp.contiguous(), logits, targets, lse, ctx.ignore_index, ctx.temperature)
+        return grad_logits, None, None, None
+
+    torch.library.register_autograd(op, backward, setup_context=_selective_logprobs_setup)
+
+
+register_selective_logprobs_autograd(
+    "alignops::selective_logprobs", torch.ops.alignops.selective_logprobs_backward)

@@ -1,0 +1,368 @@
+"""Preference optimisation: DPO-family losses on per-sequence log-probs, and per-token log-probs.
+
+Public functions of the ``preference`` family. Every function takes ``backend="auto" | "native" |
+"triton" | "torch"``; ``"torch"`` is :mod:`alignops.reference.preference`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _backend
+from .reference import preference as _ref
+
+# Codes of csrc/preference/preference_loss_math.h. "aot" and "aot_unpaired" run as code 8 on inputs
+# sorted here; "ln_dpo" (length-normalised DPO) is TRL's "sigmoid_norm".
+_CODES = {
+    "sigmoid": 0, "hinge": 1, "ipo": 2, "exo_pair": 3, "nca_pair": 4, "robust": 5, "bco_pair": 6,
+    "sppo_hard": 7, "apo_zero": 9, "apo_down": 10, "discopop": 11, "sigmoid_norm": 12, "ln_dpo": 12,
+    "simpo": 13, "cpo": 14,
+}
+_AOT_CODE = 8
+_SORTED_TYPES = ("aot", "aot_unpaired")
+LOSS_TYPES = tuple(_CODES) + _SORTED_TYPES
+_F_DIVERGENCE_CODES = {name: code for code, name in enumerate(_ref.F_DIVERGENCES)}
+# TRL applies an f-divergence only to the loss types built on delta = s(xc) - s(xr).
+_F_DIVERGENCE_TYPES = {"sigmoid", "sigmoid_norm", "ln_dpo", "hinge", "ipo", "exo_pair", "robust", "discopop"}
+_NEEDS_LENGTHS = {"sigmoid_norm", "ln_dpo"}
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+class PreferenceLossOutput(NamedTuple):
+    """``loss`` (reduced as asked), and per pair the detached rewards ``beta * (logp - ref_logp)``."""
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+    @property
+    def margins(self) -> torch.Tensor:
+        """chosen_rewards - rejected_rewards, per pair."""
+        return self.chosen_rewards - self.rejected_rewards
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        """Reward accuracy, per pair: 1.0 where chosen_rewards > rejected_rewards."""
+        return (self.chosen_rewards > self.rejected_rewards).to(self.chosen_rewards.dtype)
+
+
+def _check_logps(name: str, t: torch.Tensor, like: torch.Tensor | None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor of shape [B], got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if like is not None:
+        if t.shape != like.shape:
+            raise ValueError(f"{name} must have the shape of policy_chosen_logps {tuple(like.shape)}, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != like.dtype:
+            raise ValueError(f"{name} must have the dtype of policy_chosen_logps ({like.dtype}), got {t.dtype}")
+        if t.device != like.device:
+            raise ValueError(f"{name} must be on the device of policy_chosen_logps ({like.device}), got {t.device}")
+
+
+def _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, discopop_tau, reduction,
+                     chosen_lengths, rejected_lengths, pc):
+    for t in types:
+        if t not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {t!r}; valid loss types: {', '.join(LOSS_TYPES)}")
+    if len(types) == 0:
+        raise ValueError("loss_type must name at least one loss type")
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights must have one weight per loss type: got {len(weights)} weights "
+                         f"for {len(types)} loss types")
+    if isinstance(beta, torch.Tensor):
+        if beta.shape != pc.shape:
+            raise ValueError(f"beta as a tensor must be per pair, shape {tuple(pc.shape)}, got {tuple(beta.shape)}")
+        if beta.device != pc.device:
+            raise ValueError(f"beta must be on the device of policy_chosen_logps ({pc.device}), got {beta.device}")
+        # Values are checked where that costs no device sync.
+        if beta.device.type == "cpu" and not torch.compiler.is_compiling() and bool((beta <= 0).any()):
+            raise ValueError("beta must be > 0 for every pair")
+        if any(t in _SORTED_TYPES for t in types):
+            raise ValueError("a per-pair beta tensor is not defined for aot / aot_unpaired (they pair sorted "
+                             "ratios across the batch); pass a float beta")
+    elif not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+    if "robust" in types and not label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing}")
+    if "exo_pair" in types and label_smoothing == 0.0:
+        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair' (the EXO paper uses 1e-3)")
+    if f_divergence_type not in _F_DIVERGENCE_CODES:
+        raise ValueError(f"f_divergence_type must be one of {', '.join(_F_DIVERGENCE_CODES)}, "
+                         f"got {f_divergence_type!r}")
+    if f_divergence_type != "reverse_kl":
+        unsupported = sorted(set(types) - _F_DIVERGENCE_TYPES)
+        if unsupported:
+            raise ValueError(f"f_divergence_type={f_divergence_type!r} applies only to loss types "
+                             f"{sorted(_F_DIVERGENCE_TYPES)}; got {unsupported}")
+    if not discopop_tau > 0:
+        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        if lengths is not None:
+            if lengths.shape != pc.shape:
+                raise ValueError(f"{name} must have shape [B] = {tuple(pc.shape)}, got {tuple(lengths.shape)}")
+            if lengths.device != pc.device:
+                raise ValueError(f"{name} must be on the device of policy_chosen_logps ({pc.device}), "
+                                 f"got {lengths.device}")
+    if _NEEDS_LENGTHS & set(types) and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(f"loss_type {sorted(_NEEDS_LENGTHS & set(types))[0]!r} normalises by completion length: "
+                         "pass chosen_lengths and rejected_lengths")
+
+
+def _sort_pairs(t: str, pc, pr, rc, rr):
+    """Permute the inputs so that code 8 on them is TRL's aot / aot_unpaired (sorted-ratio pairing)."""
+    if t == "aot":
+        i = torch.argsort(pc - pr, stable=True)
+        j = torch.argsort(rc - rr, stable=True)
+        return pc[i], pr[i], rc[j], rr[j]
+    i = torch.argsort(pc - rc, stable=True)
+    j = torch.argsort(pr - rr, stable=True)
+    return pc[i], pr[j], rc[i], rr[j]
+
+
+def preference_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    loss_type: str | list[str] = "sigmoid",
+    beta: float | torch.Tensor = 0.1,
+    label_smoothing: float = 0.0,
+    *,
+    loss_weights: list[float] | None = None,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    gamma: float = 0.5,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> PreferenceLossOutput:
+    r"""DPO-family preference loss on per-sequence log-probs, with TRL's numbers.
+
+    Inputs are [B] per-sequence log-probs (summed over completion tokens) of the policy and the
+    reference; ``ref_*=None`` means 0 (reference-free). With ``xc = pc - rc``, ``xr = pr - rr``, the
+    f-divergence score ``s`` (identity for ``"reverse_kl"``), ``d = s(xc) - s(xr)``, ``b = beta``,
+    ``e = label_smoothing`` and lengths ``nc, nr`` (clamped to >= 1):
+
+    ============== ====================================================================
+    sigmoid        ``-(1-e) logsig(b d) - e logsig(-b d)`` (DPO; cDPO for e > 0)
+    hinge          ``relu(1 - b d)``
+    ipo            ``(s(xc)/nc - s(xr)/nr - 1/(2b))^2`` (TRL's per-token IPO when lengths
+                   are given, the paper's sequence-level IPO without)
+    exo_pair       ``q (log q - log(1-e)) + (1-q)(log(1-q) - log e)``, ``q = sig(b d)``
+    nca_pair       ``-logsig(b xc) - logsig(-b xc)/2 - logsig(-b xr)/2``
+    robust         ``(-(1-e) logsig(b d) + e logsig(-b d)) / (1 - 2e)``
+    bco_pair       ``-logsig(b xc) - logsig(-b xr)``
+    sppo_hard      ``(xc - 1/(2b))^2 + (xr + 1/(2b))^2``
+    aot            smoothed logistic on ``sort(pc - pr) - sort(rc - rr)`` (batch-level)
+    aot_unpaired   smoothed logistic on ``sort(xc) - sort(xr)``
+    apo_zero       ``1 - sig(b xc) + sig(b xr)``
+    apo_down       ``sig(b xc) + 1 - sig(b (xc - xr))``
+    discopop       ``-logsig(z)(1 - m) + exp(-z) m``, ``z = b d``, ``m = sig(z / tau)``
+    sigmoid_norm   ``-logsig(b (s(xc)/nc - s(xr)/nr))``; alias ``ln_dpo`` (LN-DPO)
+    simpo          ``-(1-e) logsig(z) - e logsig(-z)``, ``z = b (pc/nc - pr/nr) - gamma``
+                   (reference-free; lengths optional when the log-probs are already means)
+    cpo            ``-(1-e) logsig(b (pc - pr)) - e logsig(-b (pc - pr))`` (reference-free;
+                   CPO's NLL term is added on the per-token path)
+    ============== ====================================================================
+
+    A list ``loss_type=[...]`` with ``loss_weights`` sums the weighted per-pair losses (TRL's
+    multi-loss). ``beta`` may be a [B] tensor (Dynamic Reward Scaling: per-sample beta; CPU values
+    are checked > 0, CUDA values are not, to avoid a device sync).
+
+    Note: TRL >= 1.0 ignores ``label_smoothing`` for ``"sigmoid"``; here it is cDPO, as in TRL < 1.0.
+    Everything else matches TRL's ``DPOTrainer`` for the same inputs.
+
+    Returns :class:`PreferenceLossOutput` ``(loss, chosen_rewards, rejected_rewards)`` with
+    ``.margins`` and ``.accuracy``; ``loss`` is [B] for ``reduction="none"``, else a scalar. All are
+    fp32 (fp64 for fp64 inputs): bf16/fp16 inputs are accumulated in fp32. The kernels compute the
+    loss and its gradient in one closed-form pass; backward is one multiply. Gradients flow to all four
+    log-prob inputs, not to ``beta`` or the lengths.
+
+    Raises ValueError on shape/dtype/device mismatches, unknown loss types (listing the valid ones),
+    ``beta <= 0``, ``label_smoothing`` outside its range for the chosen types, and missing lengths.
+    """
+    _check_logps("policy_chosen_logps", policy_chosen_logps, None)
+    pc = policy_chosen_logps
+    _check_logps("policy_rejected_logps", policy_rejected_logps, pc)
+    if ref_chosen_logps is not None:
+        _check_logps("ref_chosen_logps", ref_chosen_logps, pc)
+    if ref_rejected_logps is not None:
+        _check_logps("ref_rejected_logps", ref_rejected_logps, pc)
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
+    _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, discopop_tau, reduction,
+                     chosen_lengths, rejected_lengths, pc)
+    impl = _backend.resolve(backend, pc.device, "preference_loss")
+
+    if impl == "torch":
+        loss, cr, rj = _ref.preference_loss(
+            pc, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, types, beta, label_smoothing,
+            loss_weights=weights, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+            discopop_tau=discopop_tau, gamma=gamma, reduction=reduction)
+        return PreferenceLossOutput(loss, cr, rj)
+
+    op = torch.ops.alignops.preference_loss if impl == "native" else torch.ops.alignops.preference_loss_triton
+    pr = policy_rejected_logps
+    rc = torch.zeros_like(pc) if ref_chosen_logps is None else ref_chosen_logps
+    rr = torch.zeros_like(pc) if ref_rejected_logps is None else ref_rejected_logps
+    compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (pc, pr, rc, rr))
+    beta_t = beta if isinstance(beta, torch.Tensor) else None
+    beta_v = 0.0 if beta_t is not None else float(beta)
+    fdiv = _F_DIVERGENCE_CODES[f_divergence_type]
+    common = (label_smoothing, gamma, discopop_tau, fdiv, f_alpha_divergence_coef, compute_grad)
+
+    direct = [(_CODES[t], w) for t, w in zip(types, weights) if t not in _SORTED_TYPES]
+    loss, cr, rj, _ = op(pc, pr, rc, rr, beta_t, chosen_lengths, rejected_lengths,
+                         [c for c, _ in direct], [w for _, w in direct], beta_v, *common)
+    for t, w in zip(types, weights):
+        if t in _SORTED_TYPES:
+            sorted_loss = op(*_sort_pairs(t, pc, pr, rc, rr), None, None, None, [_AOT_CODE], [w], beta_v, *common)[0]
+            loss = loss + sorted_loss
+    if reduction == "mean":
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return PreferenceLossOutput(loss, cr.detach(), rj.detach())
+
+
+# ---- per-token log-probs ----------------------------------------------------------------------------
+
+
+def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """One reduction and one host sync; the CPU kernel checks in place, so it is used only elsewhere."""
+    if torch.compiler.is_compiling():
+        return
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets[{first}] = {int(targets[first])} is out of range: targets must lie in "
+                         f"[0, {vocab}) or equal ignore_index")
+
+
+def _check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be a 2-D tensor of shape [N, V], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
+    if targets.dim() != 1:
+        raise ValueError(f"targets must be a 1-D tensor of shape [N], got shape {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets must be on the device of logits ({logits.device}), got {targets.device}")
+    if targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"targets must have one entry per row of logits [N={logits.shape[0]}], "
+                         f"got {targets.shape[0]}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+
+
+def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                       temperature: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+    r"""Per-row ``log softmax(logits / T)[target]`` without materialising ``log_softmax``.
+
+    ``logits`` [N, V] (fp32, fp64, bf16 or fp16), ``targets`` [N] int64/int32 -> [N] log-probs in fp32
+    (fp64 for fp64 logits); rows whose target is ``ignore_index`` give 0 and cost nothing.
+    ``logp_n = z_{n,y}/T - logsumexp_v(z_{n,v}/T)``, one pass per row with an online logsumexp
+    accumulated in fp32. Backward writes ``dz = g/T (1[v=y] - softmax(z/T))`` once, recomputing the
+    softmax from the saved logsumexp (no [N, V] fp32 temporary in either direction).
+
+    Raises ValueError for bad shapes / dtypes / devices, ``temperature <= 0`` and targets outside
+    [0, V) (CPU: checked in the kernel; CUDA: one reduction and one host sync before the launch).
+    """
+    _check_logits_targets(logits, targets, temperature)
+    impl = _backend.resolve(backend, logits.device, "selective_logprobs")
+    if not (impl == "native" and logits.device.type == "cpu"):
+        _check_targets_in_range(targets, logits.shape[1], ignore_index)
+    if impl == "torch":
+        return _ref.selective_logprobs(logits, targets, ignore_index, temperature)
+    op = torch.ops.alignops.selective_logprobs if impl == "native" else torch.ops.alignops.selective_logprobs_triton
+    return op(logits, targets, ignore_index, float(temperature))[0]
+
+
+class SequenceLogprobs(NamedTuple):
+    """Per-sequence ``sum`` and ``mean`` of token log-probs, ``num_tokens`` counted, and ``per_token``."""
+
+    sum: torch.Tensor
+    mean: torch.Tensor
+    num_tokens: torch.Tensor
+    per_token: torch.Tensor
+
+
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion_mask: torch.Tensor | None = None,
+                      cu_seqlens: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
+                      backend: str = "auto") -> SequenceLogprobs:
+    r"""Per-sequence log-probs ``sum_t log p(y_t)`` over completion tokens, their mean and count.
+
+    Two layouts, with logits already aligned to their targets (shifted by one, as TRL does):
+
+    - padded: ``logits`` [B, T, V], ``targets`` [B, T], optional ``completion_mask`` [B, T] (bool or
+      0/1; default ``targets != ignore_index``) -> [B] results;
+    - packed (padding-free): ``logits`` [N, V], ``targets`` [N], ``cu_seqlens`` [S+1] (int, starting at
+      0, ending at N, non-decreasing) -> [S] results.
+
+    Tokens outside the completion (mask 0 or ``ignore_index``) are skipped before the row kernel runs.
+    Segment sums are formed from an fp64 prefix sum (deterministic, no atomics, no host sync); ``mean``
+    divides by ``max(num_tokens, 1)``. ``per_token`` is the [B, T] or [N] fp32 log-prob (0 where skipped).
+    """
+    if logits.dim() == 3:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is for packed [N, V] logits; padded [B, T, V] logits take completion_mask")
+        B, T, V = logits.shape
+        if targets.shape != (B, T):
+            raise ValueError(f"targets must have shape [B, T] = {(B, T)}, got {tuple(targets.shape)}")
+        keep = targets != ignore_index
+        if completion_mask is not None:
+            if completion_mask.shape != (B, T):
+                raise ValueError(f"completion_mask must have shape [B, T] = {(B, T)}, "
+                                 f"got {tuple(completion_mask.shape)}")
+            keep = keep & completion_mask.bool()
+        flat_targets = torch.where(keep, targets, torch.full_like(targets, ignore_index)).reshape(B * T)
+        per_token = selective_logprobs(logits.reshape(B * T, V), flat_targets, ignore_index, temperature,
+                                       backend=backend).reshape(B, T)
+        total = per_token.sum(-1)
+        count = keep.sum(-1)
+    elif logits.dim() == 2:
+        if cu_seqlens is None:
+            raise ValueError("packed [N, V] logits need cu_seqlens [S+1]; padded logits are [B, T, V]")
+        if completion_mask is not None:
+            raise ValueError("completion_mask is for padded [B, T, V] logits; for packed logits set the "
+                             "targets of non-completion tokens to ignore_index")
+        _check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device)
+        per_token = selective_logprobs(logits, targets, ignore_index, temperature, backend=backend)
+        keep = targets != ignore_index
+        bounds = cu_seqlens.long()
+        zero = per_token.new_zeros(1, dtype=torch.float64)
+        csum = torch.cat([zero, per_token.double().cumsum(0)])
+        ccount = torch.cat([zero.long(), keep.long().cumsum(0)])
+        total = (csum[bounds[1:]] - csum[bounds[:-1]]).to(per_token.dtype)
+        count = ccount[bounds[1:]] - ccount[bounds[:-1]]
+    else:
+        raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
+    return SequenceLogprobs(total, total / count.clamp(min=1).to(total.dtype), count, per_token)
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, n: int, device: torch.device) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor [S+1], got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"cu_seqlens must be int64 or int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be on the device of logits ({device}), got {cu_seqlens.device}")
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError(f"cu_seqlens must start at 0, end at N={n} and be non-decreasing, "
+                             f"got {cu_seqlens.tolist()[:8]}...")

@@ -1,0 +1,5 @@
+"""Pure-PyTorch references of every op: the spec, the CPU fallback (``backend="torch"``), the test oracle."""
+
+from . import preference
+
+__all__ = ["preference"]
