@@ -3,11 +3,16 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <string>
 #include <string_view>
 
 namespace alignops {
+
+// "torch.float32", as Python prints a dtype (c10 alone would say "Float").
+inline std::string dtype_name(at::ScalarType s) { return "torch." + std::string(c10::getDtypeNames(s).first); }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, std::string_view name, std::string_view shape) {
   TORCH_CHECK_VALUE(t.dim() == dim, name, " must be a ", dim, "-D tensor of shape ", shape, ", got shape ",
@@ -29,18 +34,18 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& like, std::
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& like, std::string_view name,
                              std::string_view like_name) {
   TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type(), name, " must have the dtype of ", like_name, " (",
-                    like.scalar_type(), "), got ", t.scalar_type());
+                    dtype_name(like.scalar_type()), "), got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_floating(const at::Tensor& t, std::string_view name) {
   const auto s = t.scalar_type();
   TORCH_CHECK_VALUE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, name,
-                    " must be float32, float64, float16 or bfloat16, got ", s);
+                    " must be float32, float64, float16 or bfloat16, got ", dtype_name(s));
 }
 
 inline void check_integer(const at::Tensor& t, std::string_view name) {
   TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
-                    " must be int64 or int32, got ", t.scalar_type());
+                    " must be int64 or int32, got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_device(const at::Tensor& t, c10::DeviceType type, std::string_view name) {

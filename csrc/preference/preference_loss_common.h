@@ -26,7 +26,7 @@ inline at::Tensor optional_per_pair(const std::optional<at::Tensor>& t, const at
   check_same_shape(*t, like, name, "policy_chosen_logps");
   check_same_device(*t, like, name, "policy_chosen_logps");
   TORCH_CHECK_VALUE(!at::isComplexType(t->scalar_type()) && t->scalar_type() != at::kBool, name,
-                    " must be a real numeric tensor, got ", t->scalar_type());
+                    " must be a real numeric tensor, got ", dtype_name(t->scalar_type()));
   return t->to(acc).contiguous();
 }
 

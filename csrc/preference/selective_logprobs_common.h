@@ -26,8 +26,8 @@ inline void check_selective_logprobs_backward_args(const at::Tensor& grad, const
     check_dim(*t, 1, name, "[N]");
     check_same_shape(*t, targets, name, "targets");
     check_same_device(*t, logits, name, "logits");
-    TORCH_CHECK_VALUE(t->scalar_type() == acc, name, " must be ", acc, " for ", logits.scalar_type(),
-                      " logits, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->scalar_type() == acc, name, " must be ", dtype_name(acc), " for ",
+                      dtype_name(logits.scalar_type()), " logits, got ", dtype_name(t->scalar_type()));
   }
 }
 

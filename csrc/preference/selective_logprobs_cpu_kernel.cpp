@@ -187,7 +187,8 @@ void backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor
           const scalar_t* row = x + n * V;
           const acc_t gn = g[n];
           row_grad(row_out, row, V, inv_t, lse_p[n], gn);
-          row_out[t] = scalar_t(acc_t(row_out[t]) + gn * inv_t);
+          // Recomputed in the accumulation type: adding g/T to an already-rounded bf16 value would lose it.
+          row_out[t] = scalar_t(gn * inv_t * (acc_t(1) - std::exp(acc_t(row[t]) * inv_t - lse_p[n])));
         }
       });
     });
