@@ -25,12 +25,16 @@ def _preference_loss_fake(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths
 
 
 def _preference_loss_setup(ctx, inputs, output):
+    # Rewards and the gradient buffer are never differentiated: no [B] zero grads for them.
+    ctx.set_materialize_grads(False)
     ctx.dtypes = tuple(t.dtype for t in inputs[:4])
     ctx.save_for_backward(output[3])
 
 
 def _preference_loss_backward(ctx, grad_loss, _grad_chosen_rewards, _grad_rejected_rewards, _grad_grad):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 16
     if grad.dim() == 1:  # the empty [0] placeholder, not a [4, B] gradient
         raise RuntimeError(
             "alignops::preference_loss was called with compute_grad=False; call it through "
@@ -64,6 +68,7 @@ def _selective_logprobs_backward_fake(grad_logp, logits, targets, lse, ignore_in
 
 def _selective_logprobs_setup(ctx, inputs, output):
     logits, targets, ignore_index, temperature = inputs
+    ctx.set_materialize_grads(False)  # lse is never differentiated
     ctx.save_for_backward(logits, targets, output[1])
     ctx.ignore_index = ignore_index
     ctx.temperature = temperature
@@ -74,7 +79,7 @@ def register_selective_logprobs_autograd(op: str, backward_op) -> None:
 
     def backward(ctx, grad_logp, _grad_lse):
         logits, targets, lse = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
+        if grad_logp is None or not ctx.needs_input_grad[0]:
             return None, None, None, None
         grad_logits = backward_op(grad_logp.contiguous(), logits, targets, lse, ctx.ignore_index, ctx.temperature)
         return grad_logits, None, None, None

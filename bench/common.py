@@ -1,0 +1,156 @@
+"""Timing, peak-memory measurement and result rows shared by every bench_<family>.py.
+
+CPU: wall-clock medians over repeated calls (torch.utils.benchmark.Timer), peak extra memory from the
+process's resident-set high-water mark (VmHWM), reset right before each measured call. CUDA: CUDA-event
+medians (triton.testing.do_bench when Triton is present) and torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+import statistics
+from typing import Callable
+
+import torch
+from torch.utils.benchmark import Timer
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark row: an op at a shape, run by a provider."""
+
+    family: str
+    op: str
+    shape: str
+    dtype: str
+    provider: str
+    mode: str  # "fwd" or "fwd+bwd"
+    fn: Callable[[], object]
+    baseline: bool = False  # the provider every other row of the same op/shape/mode is compared to
+    reset: Callable[[], None] | None = None  # drops state a previous call left (e.g. .grad) before measuring
+
+
+@dataclasses.dataclass
+class Result:
+    family: str
+    op: str
+    shape: str
+    dtype: str
+    provider: str
+    mode: str
+    median_ms: float
+    iqr_ms: float
+    peak_mb: float
+    ratio: float = float("nan")  # baseline median / this median: > 1 means faster than the baseline
+    mem_ratio: float = float("nan")  # this peak / baseline peak: < 1 means leaner
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """Make glibc mmap every allocation >= 256 KiB so that freeing it lowers the RSS.
+
+    Without this, glibc's adaptive threshold keeps freed tensors in the heap and a later, larger
+    allocation reuses them unseen by the RSS high-water mark.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 256 * 1024)
+    libc.mallopt(m_trim_threshold, 256 * 1024)
+
+
+_return_freed_memory_to_the_os()
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def peak_extra_mb(fn: Callable[[], object], device: str, reset: Callable[[], None] | None = None) -> float:
+    """Memory the call needs beyond what is already allocated (inputs), at its peak, in MB."""
+    if reset is not None:
+        reset()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del out
+        return (peak - before) / 2**20
+    if not _reset_peak_rss():
+        return float("nan")
+    before = _rss_kb("VmRSS")
+    out = fn()
+    peak = _rss_kb("VmHWM")
+    del out
+    return (peak - before) / 1024
+
+
+def time_ms(fn: Callable[[], object], device: str, min_run_time: float) -> tuple[float, float]:
+    """(median, interquartile range) of one call, in milliseconds."""
+    if device == "cuda":
+        try:
+            import triton.testing
+
+            q = triton.testing.do_bench(fn, quantiles=[0.25, 0.5, 0.75], warmup=25, rep=max(100, int(min_run_time * 1e3)))
+            return q[1], q[2] - q[0]
+        except ImportError:
+            pass
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        q = statistics.quantiles(times, n=4)
+        return statistics.median(times), q[2] - q[0]
+    m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    times = [t * 1e3 for t in m.times]
+    if len(times) >= 2:
+        q = statistics.quantiles(times, n=4)
+        iqr = q[2] - q[0]
+    else:
+        iqr = 0.0
+    return m.median * 1e3, iqr
+
+
+def run_groups(groups, device: str, min_run_time: float, log=print) -> list[Result]:
+    """Runs each group of cases (sharing inputs) and fills in the ratios against its baseline row."""
+    results: list[Result] = []
+    for cases in groups:
+        group = []
+        for c in cases:
+            c.fn()  # warm-up (and first-call allocations) outside the measurement
+            med, iqr = time_ms(c.fn, device, min_run_time)
+            peak = peak_extra_mb(c.fn, device, c.reset)
+            group.append(Result(c.family, c.op, c.shape, c.dtype, c.provider, c.mode, med, iqr, peak))
+            log(f"  {c.op} {c.shape} {c.dtype} {c.mode} {c.provider}: {med:.2f} ms, {peak:.0f} MB")
+        base = [r for c, r in zip(cases, group) if c.baseline]
+        if base:
+            for r in group:
+                r.ratio = base[0].median_ms / r.median_ms
+                r.mem_ratio = r.peak_mb / base[0].peak_mb if base[0].peak_mb > 0 else float("nan")
+        results.extend(group)
+        del cases
+    return results
