@@ -19,6 +19,13 @@ TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat1
 SMOOTHING = {"exo_pair": 1e-3, "robust": 0.1}  # types that need / accept a label_smoothing
 
 
+@pytest.fixture(params=["avx2", "default"])
+def cpu_capability(request, monkeypatch):
+    """Both compiled copies of the vectorised CPU kernel (AVX2+FMA and portable)."""
+    monkeypatch.setenv("ALIGNOPS_CPU_CAPABILITY", request.param)
+    return request.param
+
+
 def make_logps(B, dtype, requires_grad=False, scale=1.0):
     """Log-probs shaped like real per-sequence sums: around -60, policy and reference close."""
     base = -60 + 10 * torch.randn(B, dtype=torch.float64)
@@ -43,8 +50,8 @@ def assert_close(actual, expected, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("loss_type", alignops.LOSS_TYPES)
-def test_preference_loss_matches_reference(loss_type, dtype):
-    B = 67
+def test_preference_loss_matches_reference(cpu_capability, loss_type, dtype):
+    B = 67  # not a multiple of the vector width: the tail lanes are exercised
     inputs = make_logps(B, dtype, requires_grad=True)
     lc, lr = lengths(B)
     kw = dict(loss_type=loss_type, beta=0.2, label_smoothing=SMOOTHING.get(loss_type, 0.0),
@@ -168,6 +175,15 @@ def test_stable_for_huge_margins(loss_type):
     out.loss.backward()
     assert torch.isfinite(out.loss), out.loss
     assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+
+
+def test_discopop_finite_where_the_naive_form_is_nan():
+    # z = beta * margin = -90: exp(-z) overflows fp32, and TRL's form gives inf * 0 = NaN. The exact loss
+    # is -logsig(z) (1 - m) + exp(-z) m with m = sig(z / 0.05) ~ e^-1800, i.e. 90 to fp32 precision.
+    pc, pr, z = torch.tensor([-1000.0]), torch.tensor([-100.0]), torch.zeros(1)
+    assert torch.isnan(ref.preference_loss(pc, pr, z, z, "discopop", beta=0.1)[0])
+    torch.testing.assert_close(alignops.preference_loss(pc, pr, z, z, "discopop", beta=0.1).loss,
+                               torch.tensor(90.0))
 
 
 def test_empty_batch():
@@ -348,13 +364,6 @@ def test_raw_op_checks_its_arguments():
 
 
 # ---- selective_logprobs ------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["avx2", "default"])
-def cpu_capability(request, monkeypatch):
-    """Both compiled copies of the vectorised CPU kernel (AVX2+FMA and portable)."""
-    monkeypatch.setenv("ALIGNOPS_CPU_CAPABILITY", request.param)
-    return request.param
 
 
 def make_logits(N, V, dtype):
@@ -538,3 +547,13 @@ def test_cli_info():
     assert "CPU kernels" in res.stdout and "CUDA kernels" in res.stdout
     archs = torch.ops.alignops.cuda_archs()
     assert (f"sm_{archs[0]}" in res.stdout) if archs else ("not built" in res.stdout)
+
+
+def test_cli_bench_quick_writes_table_and_csv(tmp_path):
+    # The main job end to end on small shapes: table on stdout, CSV rows, ratios against the reference.
+    res = subprocess.run([sys.executable, "-m", "alignops.cli", "bench", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, check=True)
+    assert "selective_logprobs" in res.stdout and "torch log_softmax+gather" in res.stdout
+    rows = (tmp_path / "preference_cpu_quick.csv").read_text().splitlines()
+    assert rows[0].startswith("date,device,torch,git_sha,family,op,shape")
+    assert len(rows) > 10
