@@ -1,3 +1,10 @@
 """Fake kernels, autograd formulas and Triton ops of every family, registered on import."""
 
 from . import preference  # noqa: F401
+
+try:
+    import triton
+except ImportError:
+    triton = None
+if triton is not None:
+    from . import preference_triton  # noqa: F401
