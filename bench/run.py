@@ -15,7 +15,7 @@ import torch
 
 from .common import Result, run_groups
 
-FAMILIES = {"preference": "bench_preference"}
+FAMILIES = {"preference": "bench_preference", "skip": "bench_skip"}
 
 
 def _git_sha() -> str:
@@ -105,6 +105,8 @@ def main(device: str = "cpu", families: list[str] | None = None, quick: bool = F
         results = run_groups(module.groups(device, quick), device, min_run_time)
         print(f"\n== {name} ({device_name(device)}) ==")
         print(format_table(results))
+        if hasattr(module, "summary"):
+            print("\n".join(module.summary(results)))
         tag = f"{name}_{device}{'_quick' if quick else ''}"
         csv_path = out_dir / f"{tag}.csv"
         write_csv(results, csv_path, device)

@@ -16,7 +16,8 @@ from .preference import (
     selective_logprobs,
     sequence_logprobs,
 )
-from . import nn, reference  # noqa: E402
+from . import nn, reference, skip  # noqa: E402
+from .skip import skip_ffn
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,8 @@ __all__ = [
     "preference_loss",
     "selective_logprobs",
     "sequence_logprobs",
+    "skip_ffn",
     "nn",
+    "skip",
     "reference",
 ]

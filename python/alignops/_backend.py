@@ -31,7 +31,8 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(backend: str, device: torch.device, op: str) -> str:
+def resolve(backend: str, device: torch.device, op: str, *, native_cuda: bool = True) -> str:
+    """The implementation for ``op`` on ``device``; ``native_cuda=False`` for ops whose GPU kernel is Triton only."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if device.type not in ("cpu", "cuda"):
@@ -41,7 +42,9 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
     if backend == "auto":
         if device.type == "cpu":
             return "native"
-        return "native" if cuda_compiled() else "triton"
+        return "native" if native_cuda and cuda_compiled() else "triton"
+    if backend == "native" and device.type == "cuda" and not native_cuda:
+        raise RuntimeError(f"{op}: there is no CUDA C++ kernel (its GPU kernel is Triton); use backend='triton' or 'auto'")
     if backend == "native" and device.type == "cuda" and not cuda_compiled():
         raise RuntimeError(f"{op}: backend='native' on CUDA needs alignops built with CUDA kernels "
                            "(ALIGNOPS_ENABLE_CUDA=ON); this build has none (see `alignops info`)")

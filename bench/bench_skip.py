@@ -1,0 +1,72 @@
+"""skip family: skip_ffn vs the dense FFN (baseline) and the naive nonzero -> index_select -> linear ->
+index_add path, as a function of the skipped fraction. Targets (issue 6): overhead at s = 0 <= 5% (CPU)
+or 3% (GPU); t(s) / t(0) <= (1 - s) + 0.05; faster than the naive path at every s."""
+
+from __future__ import annotations
+
+import torch
+
+import alignops
+from alignops.reference import skip as ref
+
+from .common import Case
+
+FAMILY = "skip"
+FRACTIONS = (0.0, 0.5, 0.75, 0.9, 576 / 650)
+
+
+def groups(device: str, quick: bool):
+    if quick:
+        T, H, I, dtypes = 130, 256, 704, (torch.float32,)
+    elif device == "cuda":
+        T, H, I, dtypes = 650 * 8, 4096, 11008, (torch.bfloat16,)
+    else:
+        T, H, I, dtypes = 650, 2048, 5632, (torch.float32, torch.bfloat16)
+    for dtype in dtypes:
+        x = torch.randn(T, H, device=device).to(dtype)
+        w_gate_up = (torch.randn(2 * I, H, device=device) / H**0.5).to(dtype)
+        w_down = (torch.randn(H, I, device=device) / I**0.5).to(dtype)
+        norm_weight = torch.ones(H, device=device, dtype=dtype)
+        dt = str(dtype).replace("torch.", "")
+        for s in FRACTIONS:
+            k = int(round(s * T))
+            keep = torch.ones(T, dtype=torch.bool, device=device)
+            keep[5:5 + k] = False  # a perceptual span after a short text prefix, as in LLaVA prompts
+            shape = f"T={T} H={H} I={I} s={s:.3f}"
+            with torch.no_grad():
+                cases = [
+                    Case(FAMILY, "skip_ffn", shape, dt, "dense FFN (torch)", "fwd",
+                         lambda x=x: _no_grad(ref.ffn, x, w_gate_up, w_down, norm_weight), baseline=True),
+                    Case(FAMILY, "skip_ffn", shape, dt, "alignops", "fwd",
+                         lambda x=x, keep=keep: _no_grad(alignops.skip_ffn, x, w_gate_up, w_down, norm_weight,
+                                                         keep=keep)),
+                    Case(FAMILY, "skip_ffn", shape, dt, "naive nonzero/index_add", "fwd",
+                         lambda x=x, keep=keep: _no_grad(ref.naive_skip_ffn, x, w_gate_up, w_down, norm_weight,
+                                                         keep)),
+                ]
+            yield cases
+
+
+def _no_grad(fn, *args, **kwargs):
+    with torch.no_grad():
+        return fn(*args, **kwargs)
+
+
+def summary(results) -> list[str]:
+    """The issue's targets, checked on this run's medians."""
+    lines = []
+    by = {(r.shape, r.dtype, r.provider): r for r in results}
+    for dtype in sorted({r.dtype for r in results}):
+        rows = [r for r in results if r.dtype == dtype and r.provider == "alignops"]
+        t0 = next(r for r in rows if r.shape.endswith("s=0.000")).median_ms
+        for r in rows:
+            s = float(r.shape.rsplit("s=", 1)[1])
+            dense = by[(r.shape, r.dtype, "dense FFN (torch)")].median_ms
+            naive = by[(r.shape, r.dtype, "naive nonzero/index_add")].median_ms
+            rel = r.median_ms / t0
+            lines.append(f"{dtype} s={s:.3f}: t(s)/t(0) = {rel:.3f} (target <= {1 - s + 0.05:.3f}) "
+                         f"{'ok' if rel <= 1 - s + 0.05 else 'MISSED'}; vs naive {naive / r.median_ms:.2f}x "
+                         f"{'ok' if r.median_ms < naive else 'MISSED'}"
+                         + (f"; overhead vs dense {100 * (r.median_ms / dense - 1):+.1f}% (target <= 5%)"
+                            if s == 0 else ""))
+    return lines

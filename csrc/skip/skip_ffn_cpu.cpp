@@ -1,0 +1,117 @@
+// CPU launcher of alignops::skip_ffn: compaction of the kept rows, fused gather + RMSNorm, GEMM (ATen/BLAS),
+// fused activation, GEMM accumulated into the gathered residual rows, scatter into a copy of x.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/cpu_capability.h"
+#include "skip/skip_ffn_cpu_kernel.h"
+
+namespace alignops::skip {
+namespace {
+
+const SkipFfnKernels& kernels() {
+#if ALIGNOPS_X86
+  return pick_cpu_kernels(DEFAULT::skip_ffn_kernels, &AVX2::skip_ffn_kernels);
+#else
+  return DEFAULT::skip_ffn_kernels;
+#endif
+}
+
+void check_weight(const std::optional<at::Tensor>& t, std::initializer_list<int64_t> shape, const at::Tensor& x,
+                  const char* name, const char* shape_name) {
+  if (!t.has_value()) {
+    return;
+  }
+  TORCH_CHECK_VALUE(t->sizes() == c10::IntArrayRef(shape), name, " must have shape ", shape_name, " = ",
+                    c10::IntArrayRef(shape), ", got ", t->sizes());
+  check_same_dtype(*t, x, name, "x");
+  check_same_device(*t, x, name, "x");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> skip_ffn_cpu(
+    const at::Tensor& x, const at::Tensor& keep, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& b_gate_up,
+    const std::optional<at::Tensor>& b_down, int64_t activation, double eps, bool save_for_backward) {
+  check_dim(x, 2, "x", "[N, H]");
+  check_floating(x, "x");
+  check_device(x, c10::DeviceType::CPU, "x");
+  TORCH_CHECK_VALUE(activation >= kSwiglu && activation <= kGeluTanh,
+                    "activation code must be 0 (swiglu), 1 (gelu) or 2 (gelu_tanh), got ", activation);
+  TORCH_CHECK_VALUE(eps > 0.0, "eps must be > 0, got ", eps);
+  const int64_t N = x.size(0), H = x.size(1);
+  TORCH_CHECK_VALUE(keep.scalar_type() == at::kBool && keep.dim() == 1 && keep.size(0) == N,
+                    "keep must be a bool tensor of shape [N] = [", N, "], got ", dtype_name(keep.scalar_type()), " ",
+                    keep.sizes());
+  check_same_device(keep, x, "keep", "x");
+  check_dim(w_down, 2, "w_down", "[H, I]");
+  TORCH_CHECK_VALUE(w_down.size(0) == H, "w_down must have shape [H, I] with H = ", H, ", got ", w_down.sizes());
+  const int64_t I = w_down.size(1);
+  const int64_t G = activation == kSwiglu ? 2 * I : I;
+  check_weight(w_gate_up, {G, H}, x, "w_gate_up", activation == kSwiglu ? "[2I, H]" : "[I, H]");
+  check_weight(w_down, {H, I}, x, "w_down", "[H, I]");
+  check_weight(norm_weight, {H}, x, "norm_weight", "[H]");
+  check_weight(b_gate_up, {G}, x, "b_gate_up", activation == kSwiglu ? "[2I]" : "[I]");
+  check_weight(b_down, {H}, x, "b_down", "[H]");
+
+  const auto xc = x.contiguous();
+  const auto keep_c = keep.contiguous();
+  auto y = xc.clone();
+  auto index = at::empty({N}, x.options().dtype(at::kLong));
+  auto count = at::empty({1}, x.options().dtype(at::kLong));
+  const auto acc = acc_type_of(x);
+  auto rstd = at::empty({save_for_backward && norm_weight.has_value() ? N : 0}, x.options().dtype(acc));
+  auto pre_act = at::empty({save_for_backward ? N : 0, G}, x.options());
+
+  int64_t* idx = index.mutable_data_ptr<int64_t>();
+  const bool* kp = keep_c.const_data_ptr<bool>();
+  int64_t K = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    if (kp[n]) {
+      idx[K++] = n;
+    }
+  }
+  // Past `count`, index is -1 and the saved buffers are 0: the outputs are fully defined (deterministic).
+  std::fill(idx + K, idx + N, int64_t(-1));
+  if (rstd.numel() > 0) {
+    rstd.narrow(0, K, N - K).zero_();
+  }
+  if (pre_act.numel() > 0) {
+    pre_act.narrow(0, K, N - K).zero_();
+  }
+  count.fill_(K);
+  if (K == 0) {
+    return {y, index, count, rstd, pre_act};
+  }
+
+  const auto& k = kernels();
+  auto normed = at::empty({K, H}, x.options());
+  auto rstd_k = rstd.numel() > 0 ? rstd.narrow(0, 0, K) : at::Tensor();
+  k.gather_rms_norm(xc, idx, K, norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor(), eps, normed,
+                    rstd_k);
+
+  auto pre = save_for_backward ? pre_act.narrow(0, 0, K) : at::empty({K, G}, x.options());
+  if (b_gate_up.has_value()) {
+    at::addmm_out(pre, *b_gate_up, normed, w_gate_up.t());
+  } else {
+    at::mm_out(pre, normed, w_gate_up.t());
+  }
+  auto act = at::empty({K, I}, x.options());
+  k.activate(pre, activation, act);
+
+  // The residual rows of the kept tokens receive the second GEMM directly (beta = 1): one rounding.
+  const auto kept = index.narrow(0, 0, K);
+  auto rows = xc.index_select(0, kept);
+  if (b_down.has_value()) {
+    rows.add_(*b_down);
+  }
+  rows.addmm_(act, w_down.t());
+  y.index_copy_(0, kept, rows);
+  return {y, index, count, rstd, pre_act};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("skip_ffn", &skip_ffn_cpu); }
+
+}  // namespace alignops::skip

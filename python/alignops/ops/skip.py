@@ -1,0 +1,119 @@
+"""Fake kernel and autograd of skip_ffn (schema in csrc/registration.cpp), shared by the Triton op."""
+
+from __future__ import annotations
+
+import torch
+
+from .preference import acc_dtype
+
+_SWIGLU, _GELU, _GELU_TANH = 0, 1, 2
+
+
+@torch.library.register_fake("alignops::skip_ffn")
+def skip_ffn_fake(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps, save_for_backward):
+    N = x.shape[0]
+    G = w_gate_up.shape[0]
+    rstd = x.new_empty((N if save_for_backward and norm_weight is not None else 0,), dtype=acc_dtype(x.dtype))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((N,), dtype=torch.long),
+            x.new_empty((1,), dtype=torch.long), rstd, x.new_empty((N if save_for_backward else 0, G)))
+
+
+def _setup(ctx, inputs, output):
+    x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps, save = inputs
+    _, index, count, rstd, pre_act = output
+    if not save:
+        ctx.saved = False
+        return
+    ctx.saved = True
+    ctx.set_materialize_grads(False)
+    ctx.activation = activation
+    ctx.has_bias = (b_gate_up is not None, b_down is not None)
+    ctx.save_for_backward(x, w_gate_up, w_down, norm_weight, index, count, rstd, pre_act)
+
+
+def _act_and_grad(pre: torch.Tensor, activation: int, grad_act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activation(pre), d loss / d pre) in fp32 for a [K, G] pre-activation, in closed form."""
+    p = pre.float()
+    if activation == _SWIGLU:
+        gate, up = p.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        d_gate = grad_act * up * sig * (1 + gate * (1 - sig))
+        return silu * up, torch.cat([d_gate, grad_act * silu], dim=-1)
+    if activation == _GELU:
+        cdf = 0.5 * (1 + torch.erf(p * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * p * p) * 0.3989422804014327
+        return p * cdf, grad_act * (cdf + p * pdf)
+    k, c = 0.7978845608028654, 0.044715  # gelu_tanh
+    t = torch.tanh(k * (p + c * p**3))
+    return 0.5 * p * (1 + t), grad_act * (0.5 * (1 + t) + 0.5 * p * (1 - t * t) * k * (1 + 3 * c * p * p))
+
+
+@torch.library.custom_op("alignops::skip_ffn_backward", mutates_args=())
+def skip_ffn_backward(grad_y: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                      norm_weight: torch.Tensor | None, index: torch.Tensor, count: torch.Tensor, rstd: torch.Tensor,
+                      pre_act: torch.Tensor, activation: int, has_b_gate_up: bool, has_b_down: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of skip_ffn: (x, w_gate_up, w_down, norm_weight, b_gate_up, b_down); absent ones are [0].
+
+    An opaque op (static output shapes) because its GEMMs are sized by the device-side count of kept
+    rows, read here with one host sync. Skipped rows pass grad_y through unchanged. fp32 accumulation.
+    """
+    K = int(count.item())
+    idx = index[:K]
+    grad_x = grad_y.clone()
+    gy = grad_y.index_select(0, idx).float()
+    ga = gy @ w_down.float()
+    a, gpre = _act_and_grad(pre_act[:K], activation, ga)
+    grad_w_down = (gy.t() @ a).to(w_down.dtype)
+    rows = x.index_select(0, idx).float()
+    if norm_weight is not None:
+        xhat = rows * rstd[:K].to(rows.dtype).unsqueeze(-1)
+        normed = xhat * norm_weight.float()
+    else:
+        normed = rows
+    grad_w_gate_up = (gpre.t() @ normed).to(w_gate_up.dtype)
+    gn = gpre @ w_gate_up.float()
+    if norm_weight is not None:
+        grad_norm_weight = (gn * xhat).sum(0).to(norm_weight.dtype)
+        gxhat = gn * norm_weight.float()
+        # RMSNorm: dx = rstd * (g - xhat * mean(g * xhat)) with g the gradient w.r.t. xhat.
+        gx_rows = rstd[:K].to(rows.dtype).unsqueeze(-1) * (gxhat - xhat * (gxhat * xhat).mean(-1, keepdim=True))
+    else:
+        grad_norm_weight = x.new_empty(0)
+        gx_rows = gn
+    grad_x.index_add_(0, idx, gx_rows.to(grad_x.dtype))
+    grad_b_gate_up = gpre.sum(0).to(x.dtype) if has_b_gate_up else x.new_empty(0)
+    grad_b_down = gy.sum(0).to(x.dtype) if has_b_down else x.new_empty(0)
+    return grad_x, grad_w_gate_up, grad_w_down, grad_norm_weight, grad_b_gate_up, grad_b_down
+
+
+@skip_ffn_backward.register_fake
+def _skip_ffn_backward_fake(grad_y, x, w_gate_up, w_down, norm_weight, index, count, rstd, pre_act, activation,
+                            has_b_gate_up, has_b_down):
+    return (torch.empty_like(grad_y), torch.empty_like(w_gate_up), torch.empty_like(w_down),
+            x.new_empty(norm_weight.shape if norm_weight is not None else (0,)),
+            x.new_empty((w_gate_up.shape[0],) if has_b_gate_up else (0,)),
+            x.new_empty((x.shape[1],) if has_b_down else (0,)))
+
+
+def _backward(ctx, grad_y, _gi, _gc, _gr, _gp):
+    if grad_y is None:
+        return (None,) * 10
+    if not ctx.saved:
+        raise RuntimeError("alignops::skip_ffn was called with save_for_backward=False; call it through "
+                           "alignops.skip.skip_ffn (which sets it) to differentiate")
+    x, w_gate_up, w_down, norm_weight, index, count, rstd, pre_act = ctx.saved_tensors
+    gx, g1, g2, gn, gb1, gb2 = torch.ops.alignops.skip_ffn_backward(
+        grad_y.contiguous(), x, w_gate_up, w_down, norm_weight, index, count, rstd, pre_act, ctx.activation,
+        ctx.has_bias[0], ctx.has_bias[1])
+    return (gx, None, g1, g2, gn if norm_weight is not None else None, gb1 if ctx.has_bias[0] else None,
+            gb2 if ctx.has_bias[1] else None, None, None, None)
+
+
+def register_skip_ffn_autograd(op: str) -> None:
+    """Backward from the saved kept-row index and pre-activations (shared by native and Triton)."""
+    torch.library.register_autograd(op, _backward, setup_context=_setup)
+
+
+register_skip_ffn_autograd("alignops::skip_ffn")

@@ -1,0 +1,294 @@
+"""FFN skipping for perceptual tokens (IMA, Shukor & Cord): the FFN runs on the kept rows only.
+
+Perceptual (image / video / audio) tokens change little across the layers of a frozen LLM, so a
+decoder layer can skip their FFN: ``y = x + FFN(RMSNorm(x))`` on kept rows, ``y = x`` (bit-identical)
+on skipped rows. :func:`skip_ffn` is the op; :class:`SkipSchedule` and :func:`patch_ffn_skipping`
+apply it to HF-style (LLaMA / Qwen) decoder layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from . import _backend
+from .reference import skip as _ref
+
+_ACTIVATION_CODES = {name: code for code, name in enumerate(_ref.ACTIVATIONS)}
+_CRITERIA = ("cosine", "norm_ratio")
+
+
+def change_score(x: torch.Tensor, previous: torch.Tensor, criterion: str = "cosine") -> torch.Tensor:
+    r"""How much each token changed in this layer, per row (fp32).
+
+    ``"cosine"``: ``1 - cos(x, previous)``; ``"norm_ratio"``: ``|x - previous| / |previous|`` (the norm
+    of the attention delta relative to the residual stream). ``x`` is the residual stream after the
+    attention add, ``previous`` the same stream before it; shapes [..., H].
+    """
+    if criterion not in _CRITERIA:
+        raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
+    if previous.shape != x.shape:
+        raise ValueError(f"previous must have the shape of x {tuple(x.shape)}, got {tuple(previous.shape)}")
+    xf, pf = x.float(), previous.float()
+    if criterion == "cosine":
+        return 1 - torch.nn.functional.cosine_similarity(xf, pf, dim=-1, eps=1e-12)
+    return (xf - pf).norm(dim=-1) / pf.norm(dim=-1).clamp_min(1e-12)
+
+
+def keep_from_spans(skip_spans: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[B, T] keep mask that is False inside any ``[start, end)`` span of ``skip_spans`` [B, S, 2]."""
+    if skip_spans.dim() != 3 or skip_spans.shape[-1] != 2:
+        raise ValueError(f"skip_spans must have shape [B, S, 2] (start, end per span), got {tuple(skip_spans.shape)}")
+    if skip_spans.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"skip_spans must be int64 or int32, got {skip_spans.dtype}")
+    if skip_spans.device.type == "cpu" and not torch.compiler.is_compiling():
+        start, end = skip_spans[..., 0], skip_spans[..., 1]
+        if bool(((start < 0) | (end > seq_len) | (end < start)).any()):
+            raise ValueError(f"skip_spans must satisfy 0 <= start <= end <= T = {seq_len}")
+    t = torch.arange(seq_len, device=skip_spans.device)
+    inside = (t >= skip_spans[..., 0, None]) & (t < skip_spans[..., 1, None])  # [B, S, T]
+    return ~inside.any(1)
+
+
+def keep_top_k(score: torch.Tensor, capacity: int | float) -> torch.Tensor:
+    """[B, T] mask keeping, per sequence, the ``capacity`` rows (a count, or a fraction of T) that changed most."""
+    T = score.shape[-1]
+    k = int(round(capacity * T)) if isinstance(capacity, float) else int(capacity)
+    if not 0 <= k <= T:
+        raise ValueError(f"capacity must give 0 <= k <= T = {T} rows per sequence, got {capacity}")
+    keep = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+    return keep.scatter_(-1, score.topk(k, dim=-1).indices, True)
+
+
+def _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion):
+    given = [name for name, v in (("keep", keep), ("skip_spans", skip_spans), ("threshold", threshold),
+                                  ("capacity", capacity)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of keep, skip_spans, threshold, capacity; got {given}")
+    lead = x.shape[:-1]
+    if not given:
+        return torch.ones(lead, dtype=torch.bool, device=x.device)
+    if keep is not None:
+        if keep.dtype != torch.bool or keep.shape != lead:
+            raise ValueError(f"keep must be a bool tensor of shape {list(lead)} (the rows of x), "
+                             f"got {keep.dtype} {list(keep.shape)}")
+        return keep
+    if skip_spans is not None:
+        if x.dim() != 3:
+            raise ValueError("skip_spans needs x of shape [B, T, H]")
+        keep = keep_from_spans(skip_spans, x.shape[1])
+        if keep.shape[0] != x.shape[0]:
+            raise ValueError(f"skip_spans must have one row per sequence (B = {x.shape[0]}), got {keep.shape[0]}")
+        return keep
+    if previous is None:
+        raise ValueError("threshold and capacity rank tokens by their change in this layer: pass previous "
+                         "(the residual stream before the attention add)")
+    score = change_score(x, previous, criterion)
+    if threshold is not None:
+        return score > threshold
+    if x.dim() != 3:
+        raise ValueError("capacity is per sequence: it needs x of shape [B, T, H]")
+    return keep_top_k(score, capacity)
+
+
+def _check_weights(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation):
+    H = x.shape[-1]
+    if not x.is_floating_point():
+        raise ValueError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if w_down.dim() != 2 or w_down.shape[0] != H:
+        raise ValueError(f"w_down must have shape [H, I] with H = {H}, got {list(w_down.shape)}")
+    I = w_down.shape[1]
+    G, g_name, b_name = (2 * I, "[2I, H]", "[2I]") if activation == "swiglu" else (I, "[I, H]", "[I]")
+    for name, t, shape, shape_name in (("w_gate_up", w_gate_up, (G, H), g_name), ("norm_weight", norm_weight, (H,), "[H]"),
+                                       ("b_gate_up", b_gate_up, (G,), b_name), ("b_down", b_down, (H,), "[H]")):
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape_name} = {list(shape)}, got {list(t.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    if w_down.dtype != x.dtype or w_down.device != x.device:
+        raise ValueError(f"w_down must have the dtype and device of x ({x.dtype}, {x.device}), "
+                         f"got {w_down.dtype}, {w_down.device}")
+
+
+def skip_ffn(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    *,
+    keep: torch.Tensor | None = None,
+    skip_spans: torch.Tensor | None = None,
+    threshold: float | None = None,
+    capacity: int | float | None = None,
+    previous: torch.Tensor | None = None,
+    criterion: str = "cosine",
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    activation: str = "swiglu",
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Residual FFN block on the kept rows only; skipped rows come out bit-identical.
+
+    ``y = x + W_down act(W_gate_up RMSNorm(x) + b_gate_up) + b_down`` on kept rows and ``y = x`` on the
+    others. ``x`` is [B, T, H] or [N, H]; ``w_gate_up`` is [2I, H] for ``activation="swiglu"`` (gate
+    rows first: ``act = silu(gate) * up``, LLaMA / Qwen) or [I, H] for ``"gelu"`` / ``"gelu_tanh"``;
+    ``w_down`` [H, I]; ``norm_weight`` [H] (RMSNorm as HF's LlamaRMSNorm, skipped when None).
+
+    Which rows run (at most one of):
+
+    - ``keep``: bool mask of x's leading shape (True = compute);
+    - ``skip_spans``: [B, S, 2] int ``[start, end)`` spans per sequence to skip (the perceptual tokens);
+    - ``threshold``: keep rows whose :func:`change_score` against ``previous`` exceeds it;
+    - ``capacity``: keep the top-k rows per sequence by that score (k rows, or a fraction of T) —
+      static shapes.
+
+    The kept rows are compacted (no host sync on a GPU: capacity-sized buffers and a device-side
+    count), normalised during the gather, sent through the two GEMMs with the activation fused in
+    between, and the second GEMM accumulates straight into the gathered residual rows before they are
+    scattered back. fp32 / bf16 / fp16 (fp32 accumulation), fp64 on the CPU. Differentiable in x,
+    the weights and the biases; skipped rows pass the gradient through unchanged. The backward syncs
+    once (the number of kept rows sizes its GEMMs).
+
+    Raises ValueError for shape / dtype / device mismatches, a keep mask of the wrong shape, spans out
+    of range, and more than one keep criterion.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        raise ValueError(f"x must be a tensor of shape [B, T, H] or [N, H], got {getattr(x, 'shape', type(x))}")
+    if activation not in _ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {_ref.ACTIVATIONS}, got {activation!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    _check_weights(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation)
+    mask = _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion)
+    impl = _backend.resolve(backend, x.device, "skip_ffn", native_cuda=False)
+    if impl == "torch":
+        return _ref.skip_ffn(x, w_gate_up, w_down, norm_weight, mask, b_gate_up, b_down, activation, eps)
+    op = torch.ops.alignops.skip_ffn if impl == "native" else torch.ops.alignops.skip_ffn_triton
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_gate_up, w_down, norm_weight, b_gate_up, b_down))
+    H = x.shape[-1]
+    y = op(x.reshape(-1, H), mask.reshape(-1), w_gate_up, w_down, norm_weight, b_gate_up, b_down,
+           _ACTIVATION_CODES[activation], float(eps), save)[0]
+    return y.reshape(x.shape)
+
+
+# ---- applying it to a model --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipSchedule:
+    """Layers whose FFN skips: ``start <= l < end`` and ``(l - start) % interval == 0`` (IMA's schedule)."""
+
+    start: int = 0
+    end: int | None = None
+    interval: int = 1
+
+    def __post_init__(self):
+        if self.start < 0 or self.interval < 1 or (self.end is not None and self.end < self.start):
+            raise ValueError(f"SkipSchedule needs 0 <= start <= end and interval >= 1, got {self}")
+
+    def layers(self, num_layers: int) -> list[int]:
+        end = num_layers if self.end is None else min(self.end, num_layers)
+        return list(range(self.start, end, self.interval))
+
+
+class _Passthrough(torch.nn.Module):
+    """Stands in for post_attention_layernorm: the norm is fused into skip_ffn's gather."""
+
+    def forward(self, x):
+        return x
+
+
+class _SkippingMLP(torch.nn.Module):
+    """Replaces a LLaMA-style MLP (gate_proj, up_proj, down_proj, SiLU) and the norm before it."""
+
+    def __init__(self, mlp: torch.nn.Module, norm: torch.nn.Module, skipper: "FFNSkipper"):
+        super().__init__()
+        self.mlp, self.norm, self.skipper = mlp, norm, skipper
+        self._fused: tuple | None = None
+
+    def _gate_up(self) -> torch.Tensor:
+        g, u = self.mlp.gate_proj.weight, self.mlp.up_proj.weight
+        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+            return torch.cat([g, u])  # differentiable; re-formed every step in training
+        key = (g.data_ptr(), g._version, u.data_ptr(), u._version)
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, torch.cat([g, u]).detach())
+        return self._fused[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.skipper.keep
+        if keep is not None and keep.shape != x.shape[:-1]:
+            raise ValueError(f"the keep mask set on FFNSkipper has shape {list(keep.shape)}, but the layer sees "
+                             f"hidden states of shape {list(x.shape)}")
+        eps = getattr(self.norm, "variance_epsilon", getattr(self.norm, "eps", 1e-6))
+        y = skip_ffn(x, self._gate_up(), self.mlp.down_proj.weight, self.norm.weight, keep=keep,
+                     b_gate_up=None, b_down=None, eps=eps)
+        # The decoder layer adds the residual back: return the delta. Skipped rows give exactly 0 (y == x).
+        return y - x
+
+
+class FFNSkipper:
+    """Patches HF-style decoder layers (``post_attention_layernorm`` + ``mlp`` with gate/up/down_proj).
+
+    Example::
+
+        skipper = patch_ffn_skipping(model.model.layers, SkipSchedule(start=8, interval=1))
+        with skipper.skipping(~perceptual_mask):   # [B, T] True = text tokens (computed)
+            out = model(**inputs)
+        skipper.remove()
+
+    With no mask set, every row is computed (the model equals the dense one up to rounding).
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module], schedule: SkipSchedule):
+        self.keep: torch.Tensor | None = None
+        self._patched = []
+        for i in schedule.layers(len(layers)):
+            layer = layers[i]
+            for name in ("mlp", "post_attention_layernorm"):
+                if not hasattr(layer, name):
+                    raise ValueError(f"layer {i} has no `{name}`: patch_ffn_skipping expects HF-style LLaMA/Qwen "
+                                     "decoder layers")
+            mlp, norm = layer.mlp, layer.post_attention_layernorm
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                proj = getattr(mlp, name, None)
+                if proj is None or getattr(proj, "bias", None) is not None:
+                    raise ValueError(f"layer {i}'s mlp must have bias-free gate_proj, up_proj and down_proj")
+            self._patched.append((layer, mlp, norm))
+            layer.mlp = _SkippingMLP(mlp, norm, self)
+            layer.post_attention_layernorm = _Passthrough()
+
+    def skipping(self, keep: torch.Tensor | None):
+        """Context manager: rows with ``keep`` False skip the FFN of every scheduled layer."""
+        skipper = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.previous = skipper.keep
+                skipper.keep = keep
+                return skipper
+
+            def __exit__(self, *exc):
+                skipper.keep = self.previous
+                return False
+
+        return _Ctx()
+
+    def remove(self) -> None:
+        """Restores the original modules."""
+        for layer, mlp, norm in self._patched:
+            layer.mlp, layer.post_attention_layernorm = mlp, norm
+        self._patched = []
+
+
+def patch_ffn_skipping(layers: Sequence[torch.nn.Module], schedule: SkipSchedule = SkipSchedule()) -> FFNSkipper:
+    """Patch the scheduled decoder layers to use :func:`skip_ffn`; see :class:`FFNSkipper`."""
+    return FFNSkipper(layers, schedule)
