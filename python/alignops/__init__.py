@@ -16,7 +16,8 @@ from .preference import (
     selective_logprobs,
     sequence_logprobs,
 )
-from . import nn, reference, skip  # noqa: E402
+from . import nn, reference, represent, skip  # noqa: E402
+from .represent import IMACollector, IMADatasetScore, IMAScore, ima_score
 from .skip import skip_ffn
 
 __version__ = "0.1.0"
@@ -28,7 +29,12 @@ __all__ = [
     "selective_logprobs",
     "sequence_logprobs",
     "skip_ffn",
+    "ima_score",
+    "IMACollector",
+    "IMAScore",
+    "IMADatasetScore",
     "nn",
+    "represent",
     "skip",
     "reference",
 ]
