@@ -1,0 +1,113 @@
+"""Triton op of the skip family: ``alignops::skip_ffn_triton``, the same arguments and outputs as the native
+``alignops::skip_ffn`` of csrc/registration.cpp, computed by the kernels of kernels/skip.py.
+
+``torch.library.triton_op`` traces this Python body, so torch.compile sees the kernels and no separate fake
+kernel is needed. Nothing here waits on the device: the number of kept rows stays in the ``count`` output
+and every buffer is sized by the capacity N. On CPU tensors the kernels run only in the Triton interpreter
+(TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import triton_op
+
+from ..kernels.skip import SWIGLU, launch_skip_ffn
+from .preference import acc_dtype
+from .preference_triton import _check_device
+from .skip import register_skip_ffn_autograd
+
+_ACTIVATIONS = {0: "swiglu", 1: "gelu", 2: "gelu_tanh"}
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# The native schema of csrc/registration.cpp, spelled out: an inferred schema would make the ints SymInts.
+_SKIP_FFN_SCHEMA = (
+    "(Tensor x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
+    "Tensor? b_down, int activation, float eps, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+def _check_param(t: Optional[torch.Tensor], name: str, shape: tuple[int, ...], spelled: str, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {spelled} = {list(shape)}, got {list(t.shape)}")
+    if t.dtype != x.dtype:
+        raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
+def _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps) -> int:
+    """The checks of the native op (csrc/skip/skip_ffn_cpu.cpp), with its messages; returns the FFN width I."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor of shape [N, H], got shape {list(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    _check_device(x, "x")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation code must be 0 (swiglu), 1 (gelu) or 2 (gelu_tanh), got {activation}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    N, H = x.shape
+    if keep.dtype != torch.bool or tuple(keep.shape) != (N,):
+        raise ValueError(f"keep must be a bool tensor of shape [N] = [{N}], got {keep.dtype} {list(keep.shape)}")
+    if keep.device != x.device:
+        raise ValueError(f"keep must be on the device of x ({x.device}), got {keep.device}")
+    if w_down.dim() != 2:
+        raise ValueError(f"w_down must be a 2-D tensor of shape [H, I], got shape {list(w_down.shape)}")
+    if w_down.shape[0] != H:
+        raise ValueError(f"w_down must have shape [H, I] with H = {H}, got {list(w_down.shape)}")
+    I = w_down.shape[1]
+    swiglu = activation == SWIGLU
+    G = 2 * I if swiglu else I
+    _check_param(w_gate_up, "w_gate_up", (G, H), "[2I, H]" if swiglu else "[I, H]", x)
+    _check_param(w_down, "w_down", (H, I), "[H, I]", x)
+    _check_param(norm_weight, "norm_weight", (H,), "[H]", x)
+    _check_param(b_gate_up, "b_gate_up", (G,), "[2I]" if swiglu else "[I]", x)
+    _check_param(b_down, "b_down", (H,), "[H]", x)
+    return I
+
+
+@triton_op("alignops::skip_ffn_triton", mutates_args=(), schema=_SKIP_FFN_SCHEMA)
+def skip_ffn_triton(
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    b_gate_up: Optional[torch.Tensor],
+    b_down: Optional[torch.Tensor],
+    activation: int,
+    eps: float,
+    save_for_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``alignops::skip_ffn``: (y [N, H], index [N] int64, count [1] int64, rstd, pre_act).
+
+    As the native op: index holds the ``count`` kept rows ascending, then -1; rstd is [N] in the accumulation
+    dtype when norm_weight is given and save_for_backward, else [0]; pre_act is [N, G] in x's dtype when
+    save_for_backward, else [0, G]; rstd and pre_act are 0 past count. The intermediate buffers are sized by
+    the capacity N ([N, H] normalised rows, [N, I] activations), so nothing waits for count."""
+    I = _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps)
+    N, H = x.shape
+    G = w_gate_up.shape[0]
+    x = x.contiguous()
+    y = x.clone()
+    index = x.new_empty(N, dtype=torch.int64)
+    count = x.new_zeros(1, dtype=torch.int64) if N == 0 else x.new_empty(1, dtype=torch.int64)
+    rstd = x.new_empty(N if norm_weight is not None and save_for_backward else 0, dtype=acc_dtype(x.dtype))
+    pre_act = x.new_empty((N, G) if save_for_backward else (0, G))
+    if N > 0:
+        xn = x.new_empty((N, H) if norm_weight is not None else (0, H))
+        act = x.new_empty((N, I))
+        launch_skip_ffn(
+            x, keep.contiguous().view(torch.uint8), w_gate_up.contiguous(), w_down.contiguous(),
+            None if norm_weight is None else norm_weight.contiguous(),
+            None if b_gate_up is None else b_gate_up.contiguous(),
+            None if b_down is None else b_down.contiguous(),
+            activation, eps, y, index, count, rstd, pre_act, xn, act)
+    return y, index, count, rstd, pre_act
+
+
+register_skip_ffn_autograd("alignops::skip_ffn_triton")
