@@ -53,6 +53,19 @@ TORCH_LIBRARY(alignops, m) {
       "selective_logprobs_backward(Tensor grad_logp, Tensor logits, Tensor targets, Tensor lse, int ignore_index, "
       "float temperature) -> Tensor");
 
+  // ---- preference: LM head + log p(target) without materialising the [N, V] logits ----------------
+  // z = logit_scale * (hidden @ weight^T + bias); z = softcap * tanh(z / softcap) when softcap > 0; z /= T.
+  // Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32 (empty unless return_entropy)); rows whose
+  // target is ignore_index give 0 and are dropped before any GEMM. The backward recomputes the logits
+  // tile by tile and returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or empty).
+  m.def(
+      "fused_linear_logprobs(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
+      "float temperature, float logit_scale, float softcap, bool return_entropy) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fused_linear_logprobs_backward(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
+      "Tensor lse, int ignore_index, float temperature, float logit_scale, float softcap, bool bias_grad) "
+      "-> (Tensor, Tensor, Tensor)");
+
   // ---- skip: FFN on the kept rows only, skipped rows bit-identical ----------------------------------
   // y = x + FFN(RMSNorm(x)) on rows with keep, y = x elsewhere. activation: 0 swiglu (w_gate_up [2I, H],
   // gate rows first), 1 gelu (erf), 2 gelu_tanh (w_gate_up [I, H]). Returns (y [N, H], index [N] int64

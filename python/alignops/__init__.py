@@ -11,7 +11,9 @@ from . import _C  # noqa: F401  (registers the torch.ops.alignops schemas and ke
 from . import ops  # noqa: F401  (autograd, fake kernels and Triton ops)
 from .preference import (
     LOSS_TYPES,
+    FusedLinearLogprobs,
     PreferenceLossOutput,
+    fused_linear_logprobs,
     preference_loss,
     selective_logprobs,
     sequence_logprobs,
@@ -25,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "LOSS_TYPES",
     "PreferenceLossOutput",
+    "FusedLinearLogprobs",
+    "fused_linear_logprobs",
     "preference_loss",
     "selective_logprobs",
     "sequence_logprobs",

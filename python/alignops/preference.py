@@ -293,6 +293,55 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     return op(logits, targets, ignore_index, float(temperature))[0]
 
 
+class FusedLinearLogprobs(NamedTuple):
+    """``logp`` [N] (0 on ignored rows) and, when asked for, the ``entropy`` [N] of each row's distribution."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          bias: torch.Tensor | None = None, *, ignore_index: int = -100, temperature: float = 1.0,
+                          logit_scale: float = 1.0, softcap: float | None = None, return_entropy: bool = False,
+                          backend: str = "auto") -> FusedLinearLogprobs:
+    r"""Per-token ``log p(target)`` straight from LM-head inputs, never materialising the [N, V] logits.
+
+    ``hidden`` [N, H], ``weight`` [V, H] (the LM head, same dtype), ``targets`` [N] int (``ignore_index``
+    rows give 0 and are dropped before any GEMM), optional ``bias`` [V]. Logits
+    ``z = logit_scale (hidden W^T + b)``, then ``z = softcap tanh(z / softcap)`` when ``softcap`` is set
+    (Gemma-2), then ``z / temperature``; ``logp = z_y - logsumexp(z)``; ``entropy = lse - sum p z``
+    (a metric: not differentiated).
+
+    The vocabulary is walked in tiles (one GEMM over all kept rows per tile, fp32 accumulation, fp64 for
+    fp64) with an online logsumexp: the extra memory is one [K, Vt] tile (~32 MB on the CPU) whatever V
+    and the number of tokens. Backward recomputes each tile and writes ``grad_weight[v0:v1]`` once
+    (deterministic), ``grad_hidden`` accumulated in fp32. Outputs are fp32 (fp64 for fp64 inputs).
+
+    Raises ValueError for shape / dtype / device mismatches, targets outside [0, V) and bad
+    temperature / logit_scale / softcap.
+    """
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be a 2-D tensor of shape [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must have shape [V, H] with H = {hidden.shape[1]} (hidden's last dimension), "
+                         f"got {tuple(weight.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None for no softcap), got {softcap}")
+    impl = _backend.resolve(backend, hidden.device, "fused_linear_logprobs", native_cuda=False)
+    if impl == "torch":
+        out = _ref.fused_linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index,
+                                         temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                                         return_entropy=return_entropy)
+        return FusedLinearLogprobs(*out) if return_entropy else FusedLinearLogprobs(out, None)
+    if impl == "triton":
+        _check_targets_in_range(targets, weight.shape[0], ignore_index)
+    op = torch.ops.alignops.fused_linear_logprobs if impl == "native" else \
+        torch.ops.alignops.fused_linear_logprobs_triton
+    logp, _, entropy = op(hidden, weight, targets, bias, ignore_index, float(temperature), float(logit_scale),
+                          float(softcap or 0.0), return_entropy)
+    return FusedLinearLogprobs(logp, entropy.detach() if return_entropy else None)
+
+
 class SequenceLogprobs(NamedTuple):
     """Per-sequence ``sum`` and ``mean`` of token log-probs, ``num_tokens`` counted, and ``per_token``."""
 

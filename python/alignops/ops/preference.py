@@ -89,3 +89,49 @@ def register_selective_logprobs_autograd(op: str, backward_op) -> None:
 
 register_selective_logprobs_autograd(
     "alignops::selective_logprobs", torch.ops.alignops.selective_logprobs_backward)
+
+
+# ---- fused_linear_logprobs --------------------------------------------------------------------------
+
+
+@torch.library.register_fake("alignops::fused_linear_logprobs")
+def _fused_linear_logprobs_fake(hidden, weight, targets, bias, ignore_index, temperature, logit_scale, softcap,
+                                return_entropy):
+    n = hidden.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
+            hidden.new_empty(n if return_entropy else 0, dtype=acc))
+
+
+@torch.library.register_fake("alignops::fused_linear_logprobs_backward")
+def _fused_linear_logprobs_backward_fake(grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
+                                         logit_scale, softcap, bias_grad):
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            hidden.new_empty(weight.shape[0] if bias_grad else 0))
+
+
+def _fused_linear_setup(ctx, inputs, output):
+    hidden, weight, targets, bias, ignore_index, temperature, logit_scale, softcap, _ = inputs
+    ctx.set_materialize_grads(False)  # lse and entropy are never differentiated
+    ctx.save_for_backward(hidden, weight, targets, bias, output[1])
+    ctx.options = (ignore_index, temperature, logit_scale, softcap)
+
+
+def register_fused_linear_logprobs_autograd(op: str, backward_op) -> None:
+    """Backward is ``backward_op``, which recomputes the logits tile by tile (native and Triton)."""
+
+    def backward(ctx, grad_logp, _grad_lse, _grad_entropy):
+        hidden, weight, targets, bias, lse = ctx.saved_tensors
+        if grad_logp is None:
+            return (None,) * 9
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        gh, gw, gb = backward_op(grad_logp.contiguous(), hidden, weight, targets, bias, lse, *ctx.options, bias_grad)
+        return (gh if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None, None,
+                gb if bias_grad else None, None, None, None, None, None)
+
+    torch.library.register_autograd(op, backward, setup_context=_fused_linear_setup)
+
+
+register_fused_linear_logprobs_autograd(
+    "alignops::fused_linear_logprobs", torch.ops.alignops.fused_linear_logprobs_backward)

@@ -134,6 +134,31 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     return torch.where(keep, logp, torch.zeros_like(logp))
 
 
+def lm_head_logits(hidden, weight, bias=None, *, temperature=1.0, logit_scale=1.0, softcap=None):
+    """The materialised [N, V] logits of :func:`fused_linear_logprobs` (fp32; fp64 for fp64 inputs)."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    z = hidden.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        z = z + bias.to(acc)
+    z = logit_scale * z
+    if softcap is not None and softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def fused_linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, temperature=1.0,
+                          logit_scale=1.0, softcap=None, return_entropy=False):
+    """TRL's path: materialise the logits, log_softmax, gather (and the entropy -sum p log p)."""
+    z = lm_head_logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap)
+    keep = targets != ignore_index
+    logp_all = torch.log_softmax(z, dim=-1)
+    logp = selective_logprobs(z, targets, ignore_index)
+    if not return_entropy:
+        return logp
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, torch.where(keep, entropy, torch.zeros_like(entropy))
+
+
 def sequence_logprobs(per_token_logps: torch.Tensor, *, completion_mask: torch.Tensor | None = None,
                       cu_seqlens: torch.Tensor | None = None):
     """Per-sequence sum, mean and token count of per-token log-probs (mask [B, T] or cu_seqlens [S+1])."""

@@ -1,0 +1,188 @@
+// CPU launcher of alignops::fused_linear_logprobs(_backward): the LM head and log p(target) without the
+// [N, V] logits. Ignored rows are dropped before any GEMM; the vocabulary is walked in tiles of Vt columns
+// (one ATen/BLAS GEMM per tile over all kept rows) with an online logsumexp, so the extra memory is one
+// [K, Vt] tile (about 32 MB) whatever V is. Backward recomputes each tile, turns it into dz in place,
+// and writes grad_weight[v0:v1] once from it (deterministic, fp32 accumulation inside the GEMM).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "common/checks.h"
+#include "common/cpu_capability.h"
+#include "preference/fused_linear_logprobs_cpu_kernel.h"
+
+namespace alignops::preference {
+namespace {
+
+const FusedLinearKernels& kernels() {
+#if ALIGNOPS_X86
+  return pick_cpu_kernels(DEFAULT::fused_linear_kernels, &AVX2::fused_linear_kernels);
+#else
+  return DEFAULT::fused_linear_kernels;
+#endif
+}
+
+// Columns per vocabulary tile: a [K, Vt] tile of about 8M elements, at least 64 columns.
+int64_t vocab_tile(int64_t K, int64_t V) {
+  const int64_t budget = int64_t(1) << 23;
+  const int64_t vt = std::max<int64_t>(64, budget / std::max<int64_t>(K, 1));
+  return std::min(V, (vt + 15) / 16 * 16);
+}
+
+void check_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                const std::optional<at::Tensor>& bias, double temperature, double logit_scale) {
+  check_dim(hidden, 2, "hidden", "[N, H]");
+  check_floating(hidden, "hidden");
+  check_device(hidden, c10::DeviceType::CPU, "hidden");
+  check_dim(weight, 2, "weight", "[V, H]");
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "weight must have shape [V, H] with H = ", hidden.size(1),
+                    " (hidden's last dimension), got ", weight.sizes());
+  check_same_dtype(weight, hidden, "weight", "hidden");
+  check_same_device(weight, hidden, "weight", "hidden");
+  check_dim(targets, 1, "targets", "[N]");
+  check_integer(targets, "targets");
+  check_same_device(targets, hidden, "targets", "hidden");
+  TORCH_CHECK_VALUE(targets.size(0) == hidden.size(0), "targets must have one entry per row of hidden [N=",
+                    hidden.size(0), "], got ", targets.size(0));
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape [V] = [",
+                      weight.size(0), "], got ", bias->sizes());
+    check_same_dtype(*bias, hidden, "bias", "hidden");
+    check_same_device(*bias, hidden, "bias", "hidden");
+  }
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(std::isfinite(logit_scale), "logit_scale must be finite, got ", logit_scale);
+}
+
+// Kept rows (target != ignore_index) and their targets, checked against [0, V).
+std::pair<at::Tensor, at::Tensor> kept_rows(const at::Tensor& targets, int64_t ignore_index, int64_t V) {
+  const auto t = targets.to(at::kLong).contiguous();
+  const int64_t* tp = t.const_data_ptr<int64_t>();
+  std::vector<int64_t> rows;
+  rows.reserve(t.numel());
+  for (int64_t n = 0; n < t.numel(); ++n) {
+    if (tp[n] == ignore_index) {
+      continue;
+    }
+    TORCH_CHECK_VALUE(tp[n] >= 0 && tp[n] < V, "targets[", n, "] = ", tp[n],
+                      " is out of range: targets must lie in [0, ", V, ") or equal ignore_index");
+    rows.push_back(n);
+  }
+  auto index = at::tensor(rows, t.options());
+  return {index, t.index_select(0, index)};
+}
+
+// u = h @ w[v0:v0+vt]^T (+ bias) into the first K * vt elements of `buffer`, as a contiguous [K, vt].
+at::Tensor gemm_tile(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     int64_t v0, int64_t vt, at::Tensor& buffer, at::ScalarType acc) {
+  const int64_t K = h.size(0);
+  auto tile = buffer.narrow(0, 0, K * vt).view({K, vt});
+  const auto w = weight.narrow(0, v0, vt).to(acc);
+  if (bias.has_value()) {
+    at::addmm_out(tile, bias->narrow(0, v0, vt).to(acc), h, w.t());
+  } else {
+    at::mm_out(tile, h, w.t());
+  }
+  return tile;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const std::optional<at::Tensor>& bias,
+    int64_t ignore_index, double temperature, double logit_scale, double softcap, bool return_entropy) {
+  check_args(hidden, weight, targets, bias, temperature, logit_scale);
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const auto acc = acc_type_of(hidden);
+  const auto opts = hidden.options().dtype(acc);
+  auto logp = at::zeros({N}, opts);
+  auto lse = at::zeros({N}, opts);
+  auto entropy = return_entropy ? at::zeros({N}, opts) : at::empty({0}, opts);
+  const auto [index, y] = kept_rows(targets, ignore_index, V);
+  const int64_t K = index.numel();
+  if (K == 0) {
+    return {logp, lse, entropy};
+  }
+  const auto h = hidden.index_select(0, index).to(acc).contiguous();
+  // The running max starts at the lowest finite value, not -inf: masked (-inf) logits never form -inf - -inf.
+  auto m = at::full({K}, acc == at::kDouble ? std::numeric_limits<double>::lowest()
+                                            : double(std::numeric_limits<float>::lowest()), opts);
+  auto s = at::zeros({K}, opts);
+  auto zt = at::zeros({K}, opts);
+  auto ez = return_entropy ? at::zeros({K}, opts) : at::Tensor();
+  const LogitTransform f{logit_scale, softcap, 1.0 / temperature};
+  const int64_t Vt = vocab_tile(K, V);
+  auto buffer = at::empty({K * Vt}, opts);
+  const auto& k = kernels();
+  for (int64_t v0 = 0; v0 < V; v0 += Vt) {
+    const int64_t vt = std::min(Vt, V - v0);
+    const auto tile = gemm_tile(h, weight, bias, v0, vt, buffer, acc);
+    k.forward_tile(tile, v0, y, f, m, s, zt, ez);
+  }
+  const auto lse_k = m + s.log();
+  logp.index_copy_(0, index, zt - lse_k);
+  lse.index_copy_(0, index, lse_k);
+  if (return_entropy) {
+    entropy.index_copy_(0, index, lse_k - ez / s);
+  }
+  return {logp, lse, entropy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cpu(
+    const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index, double temperature,
+    double logit_scale, double softcap, bool bias_grad) {
+  check_args(hidden, weight, targets, bias, temperature, logit_scale);
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const auto acc = acc_type_of(hidden);
+  for (const auto& [t, name] : {std::pair{&grad_logp, "grad_logp"}, std::pair{&lse, "lse"}}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == N && t->scalar_type() == acc, name, " must be a ",
+                      dtype_name(acc), " tensor of shape [N] = [", N, "], got ", dtype_name(t->scalar_type()), " ",
+                      t->sizes());
+  }
+  auto grad_hidden = at::zeros_like(hidden, at::MemoryFormat::Contiguous);
+  auto grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+  auto grad_bias = bias_grad ? at::zeros({V}, hidden.options()) : at::empty({0}, hidden.options());
+  const auto [index, y] = kept_rows(targets, ignore_index, V);
+  const int64_t K = index.numel();
+  if (K == 0) {
+    return {grad_hidden, grad_weight, grad_bias};
+  }
+  const auto h = hidden.index_select(0, index).to(acc).contiguous();
+  const auto g = grad_logp.index_select(0, index).contiguous();
+  const auto lse_k = lse.index_select(0, index).contiguous();
+  auto gh = at::zeros({K, H}, hidden.options().dtype(acc));
+  const LogitTransform f{logit_scale, softcap, 1.0 / temperature};
+  const int64_t Vt = vocab_tile(K, V);
+  auto buffer = at::empty({K * Vt}, hidden.options().dtype(acc));
+  const bool direct = weight.scalar_type() == acc;  // grad_weight rows can take the GEMM output in place
+  const auto& k = kernels();
+  for (int64_t v0 = 0; v0 < V; v0 += Vt) {
+    const int64_t vt = std::min(Vt, V - v0);
+    auto tile = gemm_tile(h, weight, bias, v0, vt, buffer, acc);
+    k.backward_tile(tile, v0, y, g, lse_k, f);
+    const auto w = weight.narrow(0, v0, vt).to(acc);
+    gh.addmm_(tile, w);
+    auto gw = grad_weight.narrow(0, v0, vt);
+    if (direct) {
+      at::mm_out(gw, tile.t(), h);
+    } else {
+      gw.copy_(at::mm(tile.t(), h));
+    }
+    if (bias_grad) {
+      grad_bias.narrow(0, v0, vt).copy_(tile.sum(0));
+    }
+  }
+  grad_hidden.index_copy_(0, index, gh.to(hidden.scalar_type()));
+  return {grad_hidden, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alignops, CPU, m) {
+  m.impl("fused_linear_logprobs", &fused_linear_logprobs_cpu);
+  m.impl("fused_linear_logprobs_backward", &fused_linear_logprobs_backward_cpu);
+}
+
+}  // namespace alignops::preference
