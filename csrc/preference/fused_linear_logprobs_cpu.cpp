@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "common/checks.h"
@@ -25,7 +26,11 @@ const FusedLinearKernels& kernels() {
 }
 
 // Columns per vocabulary tile: a [K, Vt] tile of about 8M elements, at least 64 columns.
+// ALIGNOPS_FUSED_LINEAR_TILE overrides it (the tests use it to cover several tiles on small shapes).
 int64_t vocab_tile(int64_t K, int64_t V) {
+  if (const char* forced = std::getenv("ALIGNOPS_FUSED_LINEAR_TILE")) {
+    return std::min(V, std::max<int64_t>(1, std::atoll(forced)));
+  }
   const int64_t budget = int64_t(1) << 23;
   const int64_t vt = std::max<int64_t>(64, budget / std::max<int64_t>(K, 1));
   return std::min(V, (vt + 15) / 16 * 16);

@@ -9,11 +9,15 @@ import torch  # noqa: F401  (libc10 must be loaded before the extension)
 
 from . import _C  # noqa: F401  (registers the torch.ops.alignops schemas and kernels)
 from . import ops  # noqa: F401  (autograd, fake kernels and Triton ops)
+from .fused_linear import (
+    FusedLinearLogprobs,
+    FusedLinearPreferenceOutput,
+    fused_linear_logprobs,
+    fused_linear_preference_loss,
+)
 from .preference import (
     LOSS_TYPES,
-    FusedLinearLogprobs,
     PreferenceLossOutput,
-    fused_linear_logprobs,
     preference_loss,
     selective_logprobs,
     sequence_logprobs,
@@ -28,7 +32,9 @@ __all__ = [
     "LOSS_TYPES",
     "PreferenceLossOutput",
     "FusedLinearLogprobs",
+    "FusedLinearPreferenceOutput",
     "fused_linear_logprobs",
+    "fused_linear_preference_loss",
     "preference_loss",
     "selective_logprobs",
     "sequence_logprobs",

@@ -37,3 +37,67 @@ class PreferenceLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"loss_type={self.loss_type!r}, beta={self.beta}, label_smoothing={self.label_smoothing}"
+
+
+class FusedLinearPreferenceLoss(torch.nn.Module):
+    """LM head + preference loss as a module, with Liger-Kernel's ``forward`` signature.
+
+    ``forward(lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None)``
+    with ``_input`` [2B, T, H] (B chosen rows, then B rejected) and ``target`` [2B, T]; returns
+    :class:`alignops.FusedLinearPreferenceOutput` (a NamedTuple whose first field is the loss). Any
+    :func:`alignops.preference_loss` type; see :func:`alignops.fused_linear_preference_loss`.
+    """
+
+    def __init__(self, loss_type: str | list[str] = "sigmoid", beta: float = 0.1, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, average_log_prob: bool = False, nll_weight: float = 0.0,
+                 use_ref_model: bool = True, **options):
+        super().__init__()
+        self.loss_type, self.beta, self.ignore_index = loss_type, beta, ignore_index
+        self.label_smoothing, self.average_log_prob, self.nll_weight = label_smoothing, average_log_prob, nll_weight
+        self.use_ref_model = use_ref_model
+        self.options = options
+
+    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
+                **per_batch):
+        from .fused_linear import fused_linear_preference_loss
+
+        if self.use_ref_model and ref_input is not None:
+            per_batch = {"ref_hidden": ref_input, "ref_weight": ref_weight, "ref_bias": ref_bias, **per_batch}
+        return fused_linear_preference_loss(
+            _input, lin_weight, target, bias, loss_type=self.loss_type, beta=self.beta,
+            label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
+            average_log_prob=self.average_log_prob, nll_weight=self.nll_weight, **{**self.options, **per_batch})
+
+    def extra_repr(self) -> str:
+        return f"loss_type={self.loss_type!r}, beta={self.beta}"
+
+
+class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
+    """Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearDPOLoss`` (same constructor arguments;
+    ``compiled`` and ``chunk_size`` are accepted and unused: nothing here recompiles per shape)."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, compute_nll_loss: bool = False,
+                 compiled: bool = True, use_ref_model: bool = True, average_log_prob: bool = False,
+                 chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 discopop_tau: float = 0.05):
+        super().__init__(loss_type, beta, ignore_index, label_smoothing, average_log_prob,
+                         alpha if compute_nll_loss else 0.0, use_ref_model, discopop_tau=discopop_tau)
+
+
+class FusedLinearSimPOLoss(FusedLinearPreferenceLoss):
+    """Drop-in for ``LigerFusedLinearSimPOLoss``: reference-free, length-averaged log-probs, margin ``gamma``."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
+                 compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1):
+        super().__init__("simpo", beta, ignore_index, label_smoothing, True, alpha if compute_nll_loss else 0.0,
+                         False, gamma=gamma)
+
+
+class FusedLinearCPOLoss(FusedLinearPreferenceLoss):
+    """Drop-in for ``LigerFusedLinearCPOLoss``: reference-free CPO plus ``alpha`` x NLL of the chosen tokens."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
+                 compute_nll_loss: bool = True, compiled: bool = True, average_log_prob: bool = False,
+                 chunk_size: int = 1):
+        super().__init__("cpo", beta, ignore_index, label_smoothing, average_log_prob,
+                         alpha if compute_nll_loss else 0.0, False)

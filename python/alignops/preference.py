@@ -241,7 +241,7 @@ def preference_loss(
 # ---- per-token log-probs ----------------------------------------------------------------------------
 
 
-def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """One reduction and one host sync; the CPU kernel checks in place, so it is used only elsewhere."""
     if torch.compiler.is_compiling():
         return
@@ -286,60 +286,11 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     _check_logits_targets(logits, targets, temperature)
     impl = _backend.resolve(backend, logits.device, "selective_logprobs")
     if not (impl == "native" and logits.device.type == "cpu"):
-        _check_targets_in_range(targets, logits.shape[1], ignore_index)
+        check_targets_in_range(targets, logits.shape[1], ignore_index)
     if impl == "torch":
         return _ref.selective_logprobs(logits, targets, ignore_index, temperature)
     op = torch.ops.alignops.selective_logprobs if impl == "native" else torch.ops.alignops.selective_logprobs_triton
     return op(logits, targets, ignore_index, float(temperature))[0]
-
-
-class FusedLinearLogprobs(NamedTuple):
-    """``logp`` [N] (0 on ignored rows) and, when asked for, the ``entropy`` [N] of each row's distribution."""
-
-    logp: torch.Tensor
-    entropy: torch.Tensor | None
-
-
-def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          bias: torch.Tensor | None = None, *, ignore_index: int = -100, temperature: float = 1.0,
-                          logit_scale: float = 1.0, softcap: float | None = None, return_entropy: bool = False,
-                          backend: str = "auto") -> FusedLinearLogprobs:
-    r"""Per-token ``log p(target)`` straight from LM-head inputs, never materialising the [N, V] logits.
-
-    ``hidden`` [N, H], ``weight`` [V, H] (the LM head, same dtype), ``targets`` [N] int (``ignore_index``
-    rows give 0 and are dropped before any GEMM), optional ``bias`` [V]. Logits
-    ``z = logit_scale (hidden W^T + b)``, then ``z = softcap tanh(z / softcap)`` when ``softcap`` is set
-    (Gemma-2), then ``z / temperature``; ``logp = z_y - logsumexp(z)``; ``entropy = lse - sum p z``
-    (a metric: not differentiated).
-
-    The vocabulary is walked in tiles (one GEMM over all kept rows per tile, fp32 accumulation, fp64 for
-    fp64) with an online logsumexp: the extra memory is one [K, Vt] tile (~32 MB on the CPU) whatever V
-    and the number of tokens. Backward recomputes each tile and writes ``grad_weight[v0:v1]`` once
-    (deterministic), ``grad_hidden`` accumulated in fp32. Outputs are fp32 (fp64 for fp64 inputs).
-
-    Raises ValueError for shape / dtype / device mismatches, targets outside [0, V) and bad
-    temperature / logit_scale / softcap.
-    """
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be a 2-D tensor of shape [N, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must have shape [V, H] with H = {hidden.shape[1]} (hidden's last dimension), "
-                         f"got {tuple(weight.shape)}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0 (or None for no softcap), got {softcap}")
-    impl = _backend.resolve(backend, hidden.device, "fused_linear_logprobs", native_cuda=False)
-    if impl == "torch":
-        out = _ref.fused_linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index,
-                                         temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                                         return_entropy=return_entropy)
-        return FusedLinearLogprobs(*out) if return_entropy else FusedLinearLogprobs(out, None)
-    if impl == "triton":
-        _check_targets_in_range(targets, weight.shape[0], ignore_index)
-    op = torch.ops.alignops.fused_linear_logprobs if impl == "native" else \
-        torch.ops.alignops.fused_linear_logprobs_triton
-    logp, _, entropy = op(hidden, weight, targets, bias, ignore_index, float(temperature), float(logit_scale),
-                          float(softcap or 0.0), return_entropy)
-    return FusedLinearLogprobs(logp, entropy.detach() if return_entropy else None)
 
 
 class SequenceLogprobs(NamedTuple):
@@ -390,21 +341,27 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion
         if completion_mask is not None:
             raise ValueError("completion_mask is for padded [B, T, V] logits; for packed logits set the "
                              "targets of non-completion tokens to ignore_index")
-        _check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device)
+        check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device)
         per_token = selective_logprobs(logits, targets, ignore_index, temperature, backend=backend)
-        keep = targets != ignore_index
-        bounds = cu_seqlens.long()
-        zero = per_token.new_zeros(1, dtype=torch.float64)
-        csum = torch.cat([zero, per_token.double().cumsum(0)])
-        ccount = torch.cat([zero.long(), keep.long().cumsum(0)])
-        total = (csum[bounds[1:]] - csum[bounds[:-1]]).to(per_token.dtype)
-        count = ccount[bounds[1:]] - ccount[bounds[:-1]]
+        total, count = segment_sums(per_token, targets != ignore_index, cu_seqlens)
     else:
         raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
     return SequenceLogprobs(total, total / count.clamp(min=1).to(total.dtype), count, per_token)
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, n: int, device: torch.device) -> None:
+def segment_sums(per_token: torch.Tensor, keep: torch.Tensor, cu_seqlens: torch.Tensor):
+    """(sum of per_token, count of keep) over each packed segment ``[cu_seqlens[s], cu_seqlens[s+1])``.
+
+    From fp64 prefix sums: deterministic, no atomics, no host sync, differentiable in per_token.
+    """
+    bounds = cu_seqlens.long()
+    zero = per_token.new_zeros(1, dtype=torch.float64)
+    csum = torch.cat([zero, per_token.double().cumsum(0)])
+    ccount = torch.cat([zero.long(), keep.long().cumsum(0)])
+    return (csum[bounds[1:]] - csum[bounds[:-1]]).to(per_token.dtype), ccount[bounds[1:]] - ccount[bounds[:-1]]
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int, device: torch.device) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"cu_seqlens must be a 1-D tensor [S+1], got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int64, torch.int32):

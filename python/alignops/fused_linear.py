@@ -1,0 +1,229 @@
+"""Preference optimisation straight from LM-head inputs: the [N, V] logits are never materialised.
+
+:func:`fused_linear_logprobs` is the kernel (per-token log-probs from ``hidden`` and the LM head);
+:func:`fused_linear_preference_loss` chains it with per-sequence sums and any
+:func:`alignops.preference_loss` type, for the policy and the reference, in the padded layout of TRL /
+Liger-Kernel or the packed (padding-free) layout with ``cu_seqlens``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _backend
+from .preference import PreferenceLossOutput, check_cu_seqlens, check_targets_in_range, preference_loss, segment_sums
+from .reference import preference as _ref
+
+
+class FusedLinearLogprobs(NamedTuple):
+    """``logp`` [N] (0 on ignored rows) and, when asked for, the ``entropy`` [N] of each row's distribution."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          bias: torch.Tensor | None = None, *, ignore_index: int = -100, temperature: float = 1.0,
+                          logit_scale: float = 1.0, softcap: float | None = None, return_entropy: bool = False,
+                          backend: str = "auto") -> FusedLinearLogprobs:
+    r"""Per-token ``log p(target)`` straight from LM-head inputs, never materialising the [N, V] logits.
+
+    ``hidden`` [N, H], ``weight`` [V, H] (the LM head, same dtype), ``targets`` [N] int (``ignore_index``
+    rows give 0 and are dropped before any GEMM), optional ``bias`` [V]. Logits
+    ``z = logit_scale (hidden W^T + b)``, then ``z = softcap tanh(z / softcap)`` when ``softcap`` is set
+    (Gemma-2), then ``z / temperature``; ``logp = z_y - logsumexp(z)``; ``entropy = lse - sum p z``
+    (a metric: not differentiated).
+
+    The vocabulary is walked in tiles (one GEMM over all kept rows per tile, fp32 accumulation, fp64 for
+    fp64) with an online logsumexp: the extra memory is one [K, Vt] tile (~32 MB on the CPU) whatever V
+    and the number of tokens. Backward recomputes each tile and writes ``grad_weight[v0:v1]`` once
+    (deterministic), ``grad_hidden`` accumulated in fp32. Outputs are fp32 (fp64 for fp64 inputs).
+
+    Raises ValueError for shape / dtype / device mismatches, targets outside [0, V) and bad
+    temperature / logit_scale / softcap.
+    """
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be a 2-D tensor of shape [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must have shape [V, H] with H = {hidden.shape[1]} (hidden's last dimension), "
+                         f"got {tuple(weight.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None for no softcap), got {softcap}")
+    impl = _backend.resolve(backend, hidden.device, "fused_linear_logprobs", native_cuda=False)
+    if impl == "torch":
+        out = _ref.fused_linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index,
+                                         temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                                         return_entropy=return_entropy)
+        return FusedLinearLogprobs(*out) if return_entropy else FusedLinearLogprobs(out, None)
+    if impl == "triton":
+        check_targets_in_range(targets, weight.shape[0], ignore_index)
+    op = torch.ops.alignops.fused_linear_logprobs if impl == "native" else \
+        torch.ops.alignops.fused_linear_logprobs_triton
+    logp, _, entropy = op(hidden, weight, targets, bias, ignore_index, float(temperature), float(logit_scale),
+                          float(softcap or 0.0), return_entropy)
+    return FusedLinearLogprobs(logp, entropy.detach() if return_entropy else None)
+
+
+
+
+class FusedLinearPreferenceOutput(NamedTuple):
+    """``loss`` (reduced as asked; includes ``nll_weight * nll``), per-pair sequence log-probs and rewards."""
+
+    loss: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    nll: torch.Tensor
+
+    @property
+    def margins(self) -> torch.Tensor:
+        return self.chosen_rewards - self.rejected_rewards
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        return (self.chosen_rewards > self.rejected_rewards).to(self.chosen_rewards.dtype)
+
+
+def _sequence_sums(values: torch.Tensor, layout: dict) -> torch.Tensor:
+    """Per-sequence sums of per-token values (already zero outside the completion), padded or packed."""
+    if layout["cu_seqlens"] is None:
+        return values.view(layout["shape"]).sum(-1)
+    return segment_sums(values, values != 0, layout["cu_seqlens"])[0]
+
+
+def fused_linear_preference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    ref_per_token_logps: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chosen_index: torch.Tensor | None = None,
+    rejected_index: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    average_log_prob: bool = False,
+    nll_weight: float = 0.0,
+    loss_type: str | list[str] = "sigmoid",
+    beta: float | torch.Tensor = 0.1,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    **loss_options,
+) -> FusedLinearPreferenceOutput:
+    r"""LM head -> per-token log-probs -> per-sequence sums -> :func:`alignops.preference_loss`, fused.
+
+    Layouts:
+
+    - padded (TRL, Liger-Kernel): ``hidden`` [2B, T, H], ``targets`` [2B, T], the first B rows the
+      chosen responses and the last B the rejected ones; prompt and padding targets are ``ignore_index``;
+    - packed (padding-free): ``hidden`` [N, H], ``targets`` [N], ``cu_seqlens`` [S+1] and the segment
+      ids ``chosen_index`` [B], ``rejected_index`` [B] (chosen and rejected of different lengths, K
+      responses per prompt each computed once).
+
+    The reference comes from ``ref_hidden`` (+ ``ref_weight``, default ``weight``; computed without
+    grad through the same kernel), or precomputed ``ref_chosen_logps`` / ``ref_rejected_logps`` [B], or
+    ``ref_per_token_logps`` (the layout of ``targets``); with none of them the loss is reference-free
+    (SimPO, CPO). The same hidden states and weights give a log-ratio of exactly 0 (the kernel is
+    deterministic). ``token_weights`` (layout of ``targets``) weights each token inside the sums
+    (Mask-DPO). ``average_log_prob`` divides the sums by the token counts (SimPO / ORPO convention).
+    ``nll_weight > 0`` adds ``nll_weight * NLL`` of the chosen tokens (CPO, RPO). Length-normalised loss
+    types (ipo, sigmoid_norm, simpo) receive the token counts. Remaining keyword arguments go to
+    :func:`alignops.preference_loss` (``loss_weights``, ``f_divergence_type``, ``gamma``, ...).
+
+    Extra memory: one [K, Vt] logits tile per call, independent of T and V (the per-token and
+    per-sequence vectors aside). Raises ValueError for layouts that do not fit together.
+    """
+    if hidden.dim() == 3:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is for packed [N, H] hidden states; padded ones are [2B, T, H]")
+        rows, T, H = hidden.shape
+        if rows % 2:
+            raise ValueError(f"padded hidden must stack B chosen then B rejected rows ([2B, T, H]); got {rows} rows")
+        if targets.shape != (rows, T):
+            raise ValueError(f"targets must have shape [2B, T] = {(rows, T)}, got {tuple(targets.shape)}")
+        layout = {"cu_seqlens": None, "shape": (rows, T)}
+        B = rows // 2
+        chosen, rejected = slice(0, B), slice(B, rows)
+    elif hidden.dim() == 2:
+        if cu_seqlens is None or chosen_index is None or rejected_index is None:
+            raise ValueError("packed [N, H] hidden states need cu_seqlens, chosen_index and rejected_index")
+        if chosen_index.shape != rejected_index.shape or chosen_index.dim() != 1:
+            raise ValueError(f"chosen_index and rejected_index must be [B] segment ids of the same shape, got "
+                             f"{tuple(chosen_index.shape)} and {tuple(rejected_index.shape)}")
+        if targets.shape != hidden.shape[:1]:
+            raise ValueError(f"targets must have shape [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
+        check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
+        layout = {"cu_seqlens": cu_seqlens}
+        chosen, rejected = chosen_index.long(), rejected_index.long()
+    else:
+        raise ValueError(f"hidden must be [2B, T, H] (padded) or [N, H] (packed), got shape {tuple(hidden.shape)}")
+    if token_weights is not None and token_weights.shape != targets.shape:
+        raise ValueError(f"token_weights must have the shape of targets {tuple(targets.shape)}, "
+                         f"got {tuple(token_weights.shape)}")
+    flat_t = targets.reshape(-1)
+    H = hidden.shape[-1]
+    keep = (flat_t != ignore_index)
+    kernel_opts = dict(ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                       backend=backend)
+
+    weights = keep.to(torch.float32)
+    if token_weights is not None:
+        weights = weights * token_weights.reshape(-1).to(torch.float32)
+
+    def sums(per_token):
+        return _sequence_sums(per_token * weights.to(per_token.dtype), layout)
+
+    per_token = fused_linear_logprobs(hidden.reshape(-1, H), weight, flat_t, bias, **kernel_opts).logp
+    seq = sums(per_token)
+    count = _sequence_sums(keep.to(torch.float64), layout).round().long()
+    pc, pr = seq[chosen], seq[rejected]
+    nc, nr = count[chosen], count[rejected]
+
+    if ref_hidden is not None:
+        if ref_hidden.shape != hidden.shape:
+            raise ValueError(f"ref_hidden must have the shape of hidden {tuple(hidden.shape)}, "
+                             f"got {tuple(ref_hidden.shape)}")
+        with torch.no_grad():
+            ref_tok = fused_linear_logprobs(ref_hidden.reshape(-1, H), weight if ref_weight is None else ref_weight,
+                                            flat_t, ref_bias, **kernel_opts).logp
+        ref_seq = sums(ref_tok)
+        rc, rr = ref_seq[chosen], ref_seq[rejected]
+    elif ref_per_token_logps is not None:
+        if ref_per_token_logps.shape != targets.shape:
+            raise ValueError(f"ref_per_token_logps must have the shape of targets {tuple(targets.shape)}, "
+                             f"got {tuple(ref_per_token_logps.shape)}")
+        ref_seq = sums(torch.where(keep, ref_per_token_logps.reshape(-1).to(per_token.dtype), 0.0))
+        rc, rr = ref_seq[chosen], ref_seq[rejected]
+    else:
+        rc, rr = ref_chosen_logps, ref_rejected_logps
+        if (rc is None) != (rr is None):
+            raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
+        if rc is not None:
+            rc, rr = rc.to(pc.dtype), rr.to(pc.dtype)
+
+    if average_log_prob:
+        pc, pr = pc / nc.clamp(min=1), pr / nr.clamp(min=1)
+        if rc is not None:
+            rc, rr = rc / nc.clamp(min=1), rr / nr.clamp(min=1)
+        lengths = {}
+    else:
+        lengths = {"chosen_lengths": nc, "rejected_lengths": nr}
+    out: PreferenceLossOutput = preference_loss(pc, pr, rc, rr, loss_type, beta, label_smoothing,
+                                                reduction=reduction, backend="auto", **lengths, **loss_options)
+    nll = -pc.sum() / nc.sum().clamp(min=1) if not average_log_prob else -(pc * nc).sum() / nc.sum().clamp(min=1)
+    loss = out.loss + nll_weight * nll if nll_weight else out.loss
+    return FusedLinearPreferenceOutput(loss, pc.detach(), pr.detach(), out.chosen_rewards, out.rejected_rewards,
+                                       nll.detach())
