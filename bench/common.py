@@ -141,9 +141,9 @@ def run_groups(groups, device: str, min_run_time: float, log=print) -> list[Resu
     for cases in groups:
         group = []
         for c in cases:
-            c.fn()  # warm-up (and first-call allocations) outside the measurement
-            med, iqr = time_ms(c.fn, device, min_run_time)
+            # The first call measures the peak memory and is the warm-up of the timing.
             peak = peak_extra_mb(c.fn, device, c.reset)
+            med, iqr = time_ms(c.fn, device, min_run_time)
             group.append(Result(c.family, c.op, c.shape, c.dtype, c.provider, c.mode, med, iqr, peak))
             log(f"  {c.op} {c.shape} {c.dtype} {c.mode} {c.provider}: {med:.2f} ms, {peak:.0f} MB")
         base = [r for c, r in zip(cases, group) if c.baseline]
