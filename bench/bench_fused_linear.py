@@ -18,21 +18,6 @@ from .common import Case
 FAMILY = "fused_linear"
 
 
-def _reference_step(hidden, weight, targets, ref_hidden):
-    rows, T, H = hidden.shape
-    keep = targets != -100
-
-    def seq(h):
-        tok = ref.fused_linear_logprobs(h.reshape(-1, H), weight, targets.reshape(-1)).view(rows, T)
-        return (tok * keep).sum(-1)
-
-    s = seq(hidden)
-    with torch.no_grad():
-        r = seq(ref_hidden)
-    B = rows // 2
-    return ref.preference_loss(s[:B], s[B:], r[:B], r[B:])[0]
-
-
 def groups(device: str, quick: bool):
     if quick:
         configs = [(2, 64, 128, 4000, 0.0)]
@@ -67,7 +52,7 @@ def groups(device: str, quick: bool):
         dt = str(dtype).replace("torch.", "")
         cases = [Case(FAMILY, "dpo_step", shape, dt, "reference (TRL materialised)", "fwd+bwd",
                       lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden: s(
-                          lambda: _reference_step(h, w, t, r)), baseline=True, reset=reset)]
+                          lambda: ref.fused_linear_preference_loss(h, w, t, r)), baseline=True, reset=reset)]
         for b in backends:
             cases.append(Case(FAMILY, "dpo_step", shape, dt, "alignops" if b == "native" else "alignops-triton",
                               "fwd+bwd", lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden, b=b: s(

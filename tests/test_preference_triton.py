@@ -254,7 +254,7 @@ def test_selective_logprobs_raw_op_rejects_bad_arguments():
     logits, targets = _logits(6, 100, torch.float32)
     with pytest.raises(ValueError, match="temperature must be a finite value > 0, got 0.0"):
         torch.ops.alignops.selective_logprobs_triton(logits, targets, -100, 0.0)
-    with pytest.raises(ValueError, match="targets must be int32 or int64"):
+    with pytest.raises(ValueError, match="targets must be int64 or int32"):
         torch.ops.alignops.selective_logprobs_triton(logits, targets.float(), -100, 1.0)
     with pytest.raises(ValueError, match="lse must be torch.float32 for torch.bfloat16 logits"):
         torch.ops.alignops.selective_logprobs_backward_triton(torch.ones(6, device=DEVICE), logits.bfloat16(), targets,

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from ._checks import check_logits_targets
 from .reference import preference as _ref
 
 # Codes of csrc/preference/preference_loss_math.h. "aot" and "aot_unpaired" run as code 8 on inputs
@@ -252,24 +253,6 @@ def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int)
                          f"[0, {vocab}) or equal ignore_index")
 
 
-def _check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be a 2-D tensor of shape [N, V], got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
-    if targets.dim() != 1:
-        raise ValueError(f"targets must be a 1-D tensor of shape [N], got shape {tuple(targets.shape)}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
-    if targets.device != logits.device:
-        raise ValueError(f"targets must be on the device of logits ({logits.device}), got {targets.device}")
-    if targets.shape[0] != logits.shape[0]:
-        raise ValueError(f"targets must have one entry per row of logits [N={logits.shape[0]}], "
-                         f"got {targets.shape[0]}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
-
-
 def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                        temperature: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
     r"""Per-row ``log softmax(logits / T)[target]`` without materialising ``log_softmax``.
@@ -283,7 +266,7 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     Raises ValueError for bad shapes / dtypes / devices, ``temperature <= 0`` and targets outside
     [0, V) (CPU: checked in the kernel; CUDA: one reduction and one host sync before the launch).
     """
-    _check_logits_targets(logits, targets, temperature)
+    check_logits_targets(logits, targets, temperature)
     impl = _backend.resolve(backend, logits.device, "selective_logprobs")
     if not (impl == "native" and logits.device.type == "cpu"):
         check_targets_in_range(targets, logits.shape[1], ignore_index)

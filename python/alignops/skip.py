@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from . import _backend
+from ._checks import check_param
 from .reference import skip as _ref
 
 _ACTIVATION_CODES = {name: code for code, name in enumerate(_ref.ACTIVATIONS)}
@@ -101,19 +102,11 @@ def _check_weights(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activat
         raise ValueError(f"w_down must have shape [H, I] with H = {H}, got {list(w_down.shape)}")
     I = w_down.shape[1]
     G, g_name, b_name = (2 * I, "[2I, H]", "[2I]") if activation == "swiglu" else (I, "[I, H]", "[I]")
-    for name, t, shape, shape_name in (("w_gate_up", w_gate_up, (G, H), g_name), ("norm_weight", norm_weight, (H,), "[H]"),
-                                       ("b_gate_up", b_gate_up, (G,), b_name), ("b_down", b_down, (H,), "[H]")):
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape_name} = {list(shape)}, got {list(t.shape)}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
-    if w_down.dtype != x.dtype or w_down.device != x.device:
-        raise ValueError(f"w_down must have the dtype and device of x ({x.dtype}, {x.device}), "
-                         f"got {w_down.dtype}, {w_down.device}")
+    check_param(w_gate_up, "w_gate_up", (G, H), g_name, x)
+    check_param(w_down, "w_down", (H, I), "[H, I]", x)
+    check_param(norm_weight, "norm_weight", (H,), "[H]", x)
+    check_param(b_gate_up, "b_gate_up", (G,), b_name, x)
+    check_param(b_down, "b_down", (H,), "[H]", x)
 
 
 def skip_ffn(

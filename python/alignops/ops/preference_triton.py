@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 import torch
 from torch.library import triton_op
 
+from .._checks import check_logits_targets
+
 from .._backend import triton_interpreting
 from ..kernels.preference import (
     launch_preference_loss,
@@ -115,31 +117,13 @@ def preference_loss_triton(
     return loss, chosen_rewards, rejected_rewards, grad
 
 
-def _check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be a 2-D tensor of shape [N, V], got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
-    _check_device(logits, "logits")
-    if targets.dim() != 1:
-        raise ValueError(f"targets must be a 1-D tensor of shape [N], got shape {tuple(targets.shape)}")
-    if targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"targets must be int32 or int64, got {targets.dtype}")
-    if targets.device != logits.device:
-        raise ValueError(f"targets must be on the device of logits ({logits.device}), got {targets.device}")
-    if targets.shape[0] != logits.shape[0]:
-        raise ValueError(f"targets must have one entry per row of logits [N={logits.shape[0]}], "
-                         f"got {targets.shape[0]}")
-    if not (temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
-
-
 @triton_op("alignops::selective_logprobs_triton", mutates_args=(), schema=_SELECTIVE_LOGPROBS_SCHEMA)
 def selective_logprobs_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::selective_logprobs``: (logp [N], lse [N]) in the accumulation dtype.
     Targets outside [0, V) (other than ignore_index) are not checked here: they give logp = NaN."""
-    _check_logits_targets(logits, targets, temperature)
+    check_logits_targets(logits, targets, temperature)
+    _check_device(logits, "logits")
     acc = acc_dtype(logits.dtype)
     logp = logits.new_empty(logits.shape[0], dtype=acc)
     lse = logits.new_empty(logits.shape[0], dtype=acc)
@@ -153,7 +137,8 @@ def selective_logprobs_triton(logits: torch.Tensor, targets: torch.Tensor, ignor
 def selective_logprobs_backward_triton(grad_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                                        lse: torch.Tensor, ignore_index: int, temperature: float) -> torch.Tensor:
     """Triton twin of ``alignops::selective_logprobs_backward``: d logits in the logits dtype."""
-    _check_logits_targets(logits, targets, temperature)
+    check_logits_targets(logits, targets, temperature)
+    _check_device(logits, "logits")
     acc = acc_dtype(logits.dtype)
     for name, t in (("grad_logp", grad_logp), ("lse", lse)):
         if t.dim() != 1 or t.shape != targets.shape:

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
+from .._checks import check_param
+
 from ..kernels.skip import SWIGLU, launch_skip_ffn
 from .preference import acc_dtype
 from .preference_triton import _check_device
@@ -26,17 +28,6 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _SKIP_FFN_SCHEMA = (
     "(Tensor x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
     "Tensor? b_down, int activation, float eps, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-
-
-def _check_param(t: Optional[torch.Tensor], name: str, shape: tuple[int, ...], spelled: str, x: torch.Tensor) -> None:
-    if t is None:
-        return
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {spelled} = {list(shape)}, got {list(t.shape)}")
-    if t.dtype != x.dtype:
-        raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
 
 
 def _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps) -> int:
@@ -62,11 +53,11 @@ def _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, acti
     I = w_down.shape[1]
     swiglu = activation == SWIGLU
     G = 2 * I if swiglu else I
-    _check_param(w_gate_up, "w_gate_up", (G, H), "[2I, H]" if swiglu else "[I, H]", x)
-    _check_param(w_down, "w_down", (H, I), "[H, I]", x)
-    _check_param(norm_weight, "norm_weight", (H,), "[H]", x)
-    _check_param(b_gate_up, "b_gate_up", (G,), "[2I]" if swiglu else "[I]", x)
-    _check_param(b_down, "b_down", (H,), "[H]", x)
+    check_param(w_gate_up, "w_gate_up", (G, H), "[2I, H]" if swiglu else "[I, H]", x)
+    check_param(w_down, "w_down", (H, I), "[H, I]", x)
+    check_param(norm_weight, "norm_weight", (H,), "[H]", x)
+    check_param(b_gate_up, "b_gate_up", (G,), "[2I]" if swiglu else "[I]", x)
+    check_param(b_down, "b_down", (H,), "[H]", x)
     return I
 
 

@@ -159,6 +159,26 @@ def fused_linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-1
     return logp, torch.where(keep, entropy, torch.zeros_like(entropy))
 
 
+def fused_linear_preference_loss(hidden, weight, targets, ref_hidden, loss_type="sigmoid", beta=0.1,
+                                 ignore_index=-100, **loss_options):
+    """TRL's DPO step, padded layout ([2B, T, H], chosen rows first): full logits for the policy and (without
+    grad) the reference, per-sequence sums over the completion, then :func:`preference_loss` (mean)."""
+    rows, T, H = hidden.shape
+    keep = targets != ignore_index
+
+    def seq(h):
+        tok = fused_linear_logprobs(h.reshape(-1, H), weight, targets.reshape(-1), ignore_index=ignore_index)
+        return (tok.view(rows, T) * keep).sum(-1)
+
+    s = seq(hidden)
+    with torch.no_grad():
+        r = seq(ref_hidden)
+    B = rows // 2
+    n = keep.sum(-1)
+    return preference_loss(s[:B], s[B:], r[:B], r[B:], loss_type, beta, chosen_lengths=n[:B], rejected_lengths=n[B:],
+                           **loss_options)[0]
+
+
 def sequence_logprobs(per_token_logps: torch.Tensor, *, completion_mask: torch.Tensor | None = None,
                       cu_seqlens: torch.Tensor | None = None):
     """Per-sequence sum, mean and token count of per-token log-probs (mask [B, T] or cu_seqlens [S+1])."""

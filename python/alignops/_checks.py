@@ -1,0 +1,38 @@
+"""Argument checks shared by the public functions and the Triton ops (the C++ ops have csrc/common/checks.h).
+Every message names the argument and what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_param(t: torch.Tensor | None, name: str, shape: tuple[int, ...], spelled: str, like: torch.Tensor,
+                like_name: str = "x") -> None:
+    """An optional parameter of a given shape, with the dtype and device of ``like``."""
+    if t is None:
+        return
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {spelled} = {list(shape)}, got {list(t.shape)}")
+    if t.dtype != like.dtype:
+        raise ValueError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
+
+
+def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+    """logits [N, V] float, targets [N] int64/int32 on the same device, a finite temperature > 0."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be a 2-D tensor of shape [N, V], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
+    if targets.dim() != 1:
+        raise ValueError(f"targets must be a 1-D tensor of shape [N], got shape {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets must be on the device of logits ({logits.device}), got {targets.device}")
+    if targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"targets must have one entry per row of logits [N={logits.shape[0]}], "
+                         f"got {targets.shape[0]}")
+    if not (temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
