@@ -17,7 +17,8 @@ if ! pip install --no-build-isolation --no-deps -e . -Cbuild-dir=build/gpu > "$O
 fi
 echo "build: $(( $(date +%s) - start )) s"
 alignops info | tee "$OUT/info.txt"
-timeout 240 python -m pytest tests/test_preference_cuda.py -q -ra -x 2>&1 | tee "$OUT/tests_cuda.log"
+timeout 240 python -m pytest tests/test_preference_cuda.py tests/test_preference_triton.py tests/test_skip_triton.py \
+  tests/test_fused_linear_triton.py -q -ra 2>&1 | tee "$OUT/tests_cuda.log"
 tests_status=${PIPESTATUS[0]}
 timeout 240 alignops bench --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_cuda.log"
 bench_status=${PIPESTATUS[0]}

@@ -1,0 +1,143 @@
+"""Triton ops of fused_linear_logprobs: ``alignops::fused_linear_logprobs_triton`` and its backward, the same
+arguments and outputs as the native ops of csrc/registration.cpp, computed by torch.mm GEMMs over vocabulary
+tiles and the epilogue kernels of kernels/fused_linear.py.
+
+``torch.library.triton_op`` traces these Python bodies, so torch.compile sees the kernels and no separate fake
+kernel is needed. Autograd is the native op's (ops/preference.py). Nothing here waits on the device: the GEMMs
+run on all N rows and the kernels skip the ignored ones (see kernels/fused_linear.py), and targets outside
+[0, V) are not checked (they give NaN; the public function checks them). On CPU tensors the kernels run only
+in the Triton interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.library import triton_op
+
+from ..kernels.fused_linear import launch_fused_linear_backward, launch_fused_linear_forward
+from .preference import acc_dtype, register_fused_linear_logprobs_autograd
+from .preference_triton import _check_device
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# The native schemas of csrc/registration.cpp, spelled out: an inferred schema would make the ints SymInts.
+_FORWARD_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, float temperature, "
+    "float logit_scale, float softcap, bool return_entropy) -> (Tensor, Tensor, Tensor)")
+_BACKWARD_SCHEMA = (
+    "(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor lse, int ignore_index, "
+    "float temperature, float logit_scale, float softcap, bool bias_grad) -> (Tensor, Tensor, Tensor)")
+
+
+def _check_like_hidden(t: torch.Tensor, name: str, hidden: torch.Tensor) -> None:
+    if t.dtype != hidden.dtype:
+        raise ValueError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {t.dtype}")
+    if t.device != hidden.device:
+        raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
+
+
+def _check_args(hidden, weight, targets, bias, temperature, logit_scale) -> None:
+    """The checks of the native op (csrc/preference/fused_linear_logprobs_cpu.cpp), with its messages, and
+    V >= 1 (the native op returns NaN for an empty vocabulary)."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be a 2-D tensor of shape [N, H], got shape {list(hidden.shape)}")
+    if hidden.dtype not in _DTYPES:
+        raise ValueError(f"hidden must be float32, float64, float16 or bfloat16, got {hidden.dtype}")
+    _check_device(hidden, "hidden")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor of shape [V, H], got shape {list(weight.shape)}")
+    N, H = hidden.shape
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape [V, H] with H = {H} (hidden's last dimension), "
+                         f"got {list(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have at least one row (V >= 1), got shape {list(weight.shape)}")
+    _check_like_hidden(weight, "weight", hidden)
+    if targets.dim() != 1:
+        raise ValueError(f"targets must be a 1-D tensor of shape [N], got shape {list(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets must be on the device of hidden ({hidden.device}), got {targets.device}")
+    if targets.shape[0] != N:
+        raise ValueError(f"targets must have one entry per row of hidden [N={N}], got {targets.shape[0]}")
+    if bias is not None:
+        V = weight.shape[0]
+        if bias.dim() != 1 or bias.shape[0] != V:
+            raise ValueError(f"bias must have shape [V] = [{V}], got {list(bias.shape)}")
+        _check_like_hidden(bias, "bias", hidden)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+
+
+@triton_op("alignops::fused_linear_logprobs_triton", mutates_args=(), schema=_FORWARD_SCHEMA)
+def fused_linear_logprobs_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ignore_index: int,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    return_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``alignops::fused_linear_logprobs``: (logp [N], lse [N], entropy [N] or [0]) in the
+    accumulation dtype (fp32; fp64 for fp64 inputs), 0 on ignored rows. softcap <= 0 means no softcap."""
+    _check_args(hidden, weight, targets, bias, temperature, logit_scale)
+    N = hidden.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    logp = hidden.new_empty(N, dtype=acc)
+    lse = hidden.new_empty(N, dtype=acc)
+    entropy = hidden.new_empty(N if return_entropy else 0, dtype=acc)
+    launch_fused_linear_forward(hidden, weight, targets.contiguous(), None if bias is None else bias.contiguous(),
+                                logp, lse, entropy, ignore_index, temperature, logit_scale, softcap)
+    return logp, lse, entropy
+
+
+@triton_op("alignops::fused_linear_logprobs_backward_triton", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def fused_linear_logprobs_backward_triton(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``alignops::fused_linear_logprobs_backward``: (grad_hidden [N, H], grad_weight [V, H],
+    grad_bias [V] or [0]) in the input dtype, from the forward's lse. grad_hidden is summed over the tiles in
+    fp32 and rounded once; each tile of grad_weight is one GEMM, so the result is deterministic."""
+    _check_args(hidden, weight, targets, bias, temperature, logit_scale)
+    N = hidden.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    for name, t in (("grad_logp", grad_logp), ("lse", lse)):
+        if t.dim() != 1 or t.shape[0] != N or t.dtype != acc:
+            raise ValueError(f"{name} must be a {acc} tensor of shape [N] = [{N}], got {t.dtype} {list(t.shape)}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
+    V = weight.shape[0]
+    if N == 0:
+        return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+                torch.zeros_like(weight, memory_format=torch.contiguous_format),
+                hidden.new_zeros(V if bias_grad else 0))
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_bias = hidden.new_empty(V if bias_grad else 0)
+    launch_fused_linear_backward(grad_logp.contiguous(), hidden, weight, targets.contiguous(),
+                                 None if bias is None else bias.contiguous(), lse.contiguous(), grad_hidden,
+                                 grad_weight, grad_bias, ignore_index, temperature, logit_scale, softcap)
+    return grad_hidden, grad_weight, grad_bias
+
+
+register_fused_linear_logprobs_autograd("alignops::fused_linear_logprobs_triton",
+                                        torch.ops.alignops.fused_linear_logprobs_backward_triton)
