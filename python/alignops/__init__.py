@@ -22,7 +22,23 @@ from .preference import (
     selective_logprobs,
     sequence_logprobs,
 )
-from . import nn, reference, represent, skip  # noqa: E402
+from . import nn, objectives, reference, represent, skip  # noqa: E402
+from .objectives import (
+    RunningMoments,
+    bco_loss,
+    cpo_loss,
+    curry_pairs,
+    diffusion_dpo_loss,
+    dro_loss,
+    kto_loss,
+    ld_logps,
+    log1mexp,
+    orpo_loss,
+    pro_loss,
+    rrhf_loss,
+    tpo_loss,
+    wpo_weights,
+)
 from .represent import IMACollector, IMADatasetScore, IMAScore, ima_score
 from .skip import skip_ffn
 
@@ -43,7 +59,22 @@ __all__ = [
     "IMACollector",
     "IMAScore",
     "IMADatasetScore",
+    "RunningMoments",
+    "bco_loss",
+    "cpo_loss",
+    "curry_pairs",
+    "diffusion_dpo_loss",
+    "dro_loss",
+    "kto_loss",
+    "ld_logps",
+    "log1mexp",
+    "orpo_loss",
+    "pro_loss",
+    "rrhf_loss",
+    "tpo_loss",
+    "wpo_weights",
     "nn",
+    "objectives",
     "represent",
     "skip",
     "reference",
