@@ -1,7 +1,8 @@
 """preference family: selective_logprobs vs torch log_softmax + gather, and the loss epilogue vs the
 reference and Liger-Kernel's loss functions.
 
-Baseline of every row: the pure-PyTorch reference (alignops.reference.preference), i.e. what TRL does.
+Baselines: plain ``torch.log_softmax(logits.float()).gather`` for selective_logprobs, and the pure-PyTorch
+reference (alignops.reference.preference, TRL's formulas) for the loss epilogue.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def _providers(device: str) -> list[str]:
 
 def _backend(provider: str) -> str:
     return "triton" if provider == "alignops-triton" else "native"
+
+
+def _log_softmax_gather(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """What TRL and most training code do: fp32 log_softmax over the vocabulary, then gather."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def _selective_groups(device: str, quick: bool):
@@ -56,7 +62,7 @@ def _selective_groups(device: str, quick: bool):
             dt = str(dtype).replace("torch.", "")
             reset = lambda logits=logits: setattr(logits, "grad", None)  # noqa: E731
             cases.append(Case(FAMILY, "selective_logprobs", shape, dt, "torch log_softmax+gather", mode,
-                              lambda run=run: run(ref.selective_logprobs), baseline=True, reset=reset))
+                              lambda run=run: run(_log_softmax_gather), baseline=True, reset=reset))
             for p in _providers(device):
                 fn = lambda x, y, b=_backend(p): alignops.selective_logprobs(x, y, backend=b)  # noqa: E731
                 cases.append(Case(FAMILY, "selective_logprobs", shape, dt, p, mode, lambda run=run, fn=fn: run(fn),
