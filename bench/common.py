@@ -48,18 +48,19 @@ class Result:
 
 
 def _return_freed_memory_to_the_os() -> None:
-    """Make glibc mmap every allocation >= 256 KiB so that freeing it lowers the RSS.
+    """Pin glibc's mmap threshold at 32 MiB, the value its adaptive threshold settles at after warm-up.
 
-    Without this, glibc's adaptive threshold keeps freed tensors in the heap and a later, larger
-    allocation reuses them unseen by the RSS high-water mark.
+    Tensors of 32 MiB and more are then mmap'd and unmapped on free, so the RSS high-water mark of a
+    call counts them however often earlier calls allocated the same sizes; smaller buffers come from the
+    heap as in any long-running process (a lower threshold would page-fault every temporary and slow the
+    allocating providers unrealistically).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 256 * 1024)
-    libc.mallopt(m_trim_threshold, 256 * 1024)
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
 
 
 _return_freed_memory_to_the_os()
@@ -125,7 +126,9 @@ def time_ms(fn: Callable[[], object], device: str, min_run_time: float) -> tuple
             times.append(start.elapsed_time(end))
         q = statistics.quantiles(times, n=4)
         return statistics.median(times), q[2] - q[0]
-    m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # Timer defaults to one thread; every provider gets all of the machine's threads.
+    m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
     times = [t * 1e3 for t in m.times]
     if len(times) >= 2:
         q = statistics.quantiles(times, n=4)

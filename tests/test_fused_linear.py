@@ -228,6 +228,31 @@ def test_matches_liger_simpo_and_cpo():
     torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
 
 
+def test_zero_length_responses_give_documented_zeros():
+    # A response with no completion token sums to 0 and counts 0 tokens; its mean is 0 (count clamped to 1).
+    B, T, H, V = 2, 5, 8, 20
+    hidden = torch.randn(2 * B, T, H, dtype=torch.float64)
+    weight = torch.randn(V, H, dtype=torch.float64)
+    targets = torch.randint(0, V, (2 * B, T))
+    targets[1] = -100
+    seq = alignops.fused_linear_sequence_logprobs(hidden, weight, targets)
+    assert seq.num_tokens.tolist() == [T, 0, T, T] and seq.sum[1] == 0 and seq.mean[1] == 0
+    out = alignops.fused_linear_preference_loss(hidden, weight, targets, loss_type="ipo", reduction="none")
+    assert torch.isfinite(out.loss).all() and out.chosen_logps[1] == 0
+
+
+def test_orpo_module_matches_liger():
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    B, T, H, V = 2, 8, 16, 40
+    hidden = torch.randn(2 * B, T, H)
+    weight = torch.randn(V, H) / 8
+    targets = torch.randint(0, V, (2 * B, T))
+    targets[:, :2] = -100
+    exp = liger.LigerFusedLinearORPOLoss(beta=0.1, compiled=False)(weight, hidden, targets)[0]
+    got = alignops.nn.FusedLinearORPOLoss(beta=0.1)(weight, hidden, targets).loss
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+
+
 def test_preference_loss_bad_layouts():
     hidden = torch.randn(3, 4, 8)
     weight = torch.randn(10, 8)
@@ -236,7 +261,7 @@ def test_preference_loss_bad_layouts():
         alignops.fused_linear_preference_loss(hidden, weight, targets)
     with pytest.raises(ValueError, match="packed .* need cu_seqlens, chosen_index and rejected_index"):
         alignops.fused_linear_preference_loss(hidden[0], weight, targets[0])
-    with pytest.raises(ValueError, match=r"targets must have shape \[2B, T\]"):
+    with pytest.raises(ValueError, match=r"targets must have shape \[R, T\] = \(2, 4\)"):
         alignops.fused_linear_preference_loss(hidden[:2], weight, targets[:2, :3])
     with pytest.raises(ValueError, match="give both ref_chosen_logps and ref_rejected_logps, or neither"):
         alignops.fused_linear_preference_loss(hidden[:2], weight, targets[:2], ref_chosen_logps=torch.zeros(1))

@@ -14,6 +14,7 @@ from .fused_linear import (
     FusedLinearPreferenceOutput,
     fused_linear_logprobs,
     fused_linear_preference_loss,
+    fused_linear_sequence_logprobs,
 )
 from .preference import (
     LOSS_TYPES,
@@ -51,6 +52,7 @@ __all__ = [
     "FusedLinearPreferenceOutput",
     "fused_linear_logprobs",
     "fused_linear_preference_loss",
+    "fused_linear_sequence_logprobs",
     "preference_loss",
     "selective_logprobs",
     "sequence_logprobs",

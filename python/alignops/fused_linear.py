@@ -13,7 +13,14 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
-from .preference import PreferenceLossOutput, check_cu_seqlens, check_targets_in_range, preference_loss, segment_sums
+from .preference import (
+    PreferenceLossOutput,
+    SequenceLogprobs,
+    check_cu_seqlens,
+    check_targets_in_range,
+    preference_loss,
+    segment_sums,
+)
 from .reference import preference as _ref
 
 
@@ -87,11 +94,57 @@ class FusedLinearPreferenceOutput(NamedTuple):
         return (self.chosen_rewards > self.rejected_rewards).to(self.chosen_rewards.dtype)
 
 
-def _sequence_sums(values: torch.Tensor, layout: dict) -> torch.Tensor:
+def _sequence_sums(values: torch.Tensor, cu_seqlens: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
     """Per-sequence sums of per-token values (already zero outside the completion), padded or packed."""
-    if layout["cu_seqlens"] is None:
-        return values.view(layout["shape"]).sum(-1)
-    return segment_sums(values, values != 0, layout["cu_seqlens"])[0]
+    if cu_seqlens is None:
+        return values.view(shape[:2]).sum(-1)
+    return segment_sums(values, values != 0, cu_seqlens)[0]
+
+
+def _token_weights(targets, token_weights, ignore_index):
+    """1 on completion tokens (times ``token_weights``: Mask-DPO), 0 on prompt and padding; flat, fp32."""
+    weights = (targets.reshape(-1) != ignore_index).to(torch.float32)
+    if token_weights is not None:
+        if token_weights.shape != targets.shape:
+            raise ValueError(f"token_weights must have the shape of targets {tuple(targets.shape)}, "
+                             f"got {tuple(token_weights.shape)}")
+        weights = weights * token_weights.reshape(-1).to(torch.float32)
+    return weights
+
+
+def fused_linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                   bias: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None = None,
+                                   token_weights: torch.Tensor | None = None, ignore_index: int = -100,
+                                   temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
+                                   backend: str = "auto"):
+    """Per-sequence ``sum``, ``mean``, ``num_tokens`` and ``per_token`` log-probs from LM-head inputs.
+
+    Padded: ``hidden`` [R, T, H], ``targets`` [R, T]; packed: ``hidden`` [N, H], ``targets`` [N] and
+    ``cu_seqlens`` [S+1]. Prompt and padding tokens carry ``ignore_index``; ``token_weights`` (the layout
+    of ``targets``) weight each token inside the sums. Returns :class:`alignops.preference.SequenceLogprobs`.
+    """
+    if hidden.dim() == 3:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is for packed [N, H] hidden states; padded ones are [R, T, H]")
+        if targets.shape != hidden.shape[:2]:
+            raise ValueError(f"targets must have shape [R, T] = {tuple(hidden.shape[:2])}, got {tuple(targets.shape)}")
+    elif hidden.dim() == 2:
+        if cu_seqlens is None:
+            raise ValueError("packed [N, H] hidden states need cu_seqlens")
+        if targets.shape != hidden.shape[:1]:
+            raise ValueError(f"targets must have shape [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
+        check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
+    else:
+        raise ValueError(f"hidden must be [R, T, H] (padded) or [N, H] (packed), got shape {tuple(hidden.shape)}")
+    weights = _token_weights(targets, token_weights, ignore_index)
+    per_token = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias,
+                                      ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
+                                      softcap=softcap, backend=backend).logp
+    total = _sequence_sums(per_token * weights.to(per_token.dtype), cu_seqlens, targets.shape)
+    keep = (targets.reshape(-1) != ignore_index).to(torch.float64)
+    count = _sequence_sums(keep, cu_seqlens, targets.shape).round().long()
+    per_token = per_token.view(targets.shape)
+    return SequenceLogprobs(total, total / count.clamp(min=1).to(total.dtype), count, per_token)
 
 
 def fused_linear_preference_loss(
@@ -147,65 +200,38 @@ def fused_linear_preference_loss(
     per-sequence vectors aside). Raises ValueError for layouts that do not fit together.
     """
     if hidden.dim() == 3:
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens is for packed [N, H] hidden states; padded ones are [2B, T, H]")
-        rows, T, H = hidden.shape
-        if rows % 2:
-            raise ValueError(f"padded hidden must stack B chosen then B rejected rows ([2B, T, H]); got {rows} rows")
-        if targets.shape != (rows, T):
-            raise ValueError(f"targets must have shape [2B, T] = {(rows, T)}, got {tuple(targets.shape)}")
-        layout = {"cu_seqlens": None, "shape": (rows, T)}
-        B = rows // 2
-        chosen, rejected = slice(0, B), slice(B, rows)
-    elif hidden.dim() == 2:
-        if cu_seqlens is None or chosen_index is None or rejected_index is None:
+        if hidden.shape[0] % 2:
+            raise ValueError(f"padded hidden must stack B chosen then B rejected rows ([2B, T, H]); "
+                             f"got {hidden.shape[0]} rows")
+        B = hidden.shape[0] // 2
+        chosen, rejected = slice(0, B), slice(B, 2 * B)
+    else:
+        if hidden.dim() == 2 and (cu_seqlens is None or chosen_index is None or rejected_index is None):
             raise ValueError("packed [N, H] hidden states need cu_seqlens, chosen_index and rejected_index")
-        if chosen_index.shape != rejected_index.shape or chosen_index.dim() != 1:
+        if chosen_index is not None and (chosen_index.shape != rejected_index.shape or chosen_index.dim() != 1):
             raise ValueError(f"chosen_index and rejected_index must be [B] segment ids of the same shape, got "
                              f"{tuple(chosen_index.shape)} and {tuple(rejected_index.shape)}")
-        if targets.shape != hidden.shape[:1]:
-            raise ValueError(f"targets must have shape [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
-        check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
-        layout = {"cu_seqlens": cu_seqlens}
-        chosen, rejected = chosen_index.long(), rejected_index.long()
-    else:
-        raise ValueError(f"hidden must be [2B, T, H] (padded) or [N, H] (packed), got shape {tuple(hidden.shape)}")
-    if token_weights is not None and token_weights.shape != targets.shape:
-        raise ValueError(f"token_weights must have the shape of targets {tuple(targets.shape)}, "
-                         f"got {tuple(token_weights.shape)}")
-    flat_t = targets.reshape(-1)
-    H = hidden.shape[-1]
-    keep = (flat_t != ignore_index)
-    kernel_opts = dict(ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                       backend=backend)
-
-    weights = keep.to(torch.float32)
-    if token_weights is not None:
-        weights = weights * token_weights.reshape(-1).to(torch.float32)
-
-    def sums(per_token):
-        return _sequence_sums(per_token * weights.to(per_token.dtype), layout)
-
-    per_token = fused_linear_logprobs(hidden.reshape(-1, H), weight, flat_t, bias, **kernel_opts).logp
-    seq = sums(per_token)
-    count = _sequence_sums(keep.to(torch.float64), layout).round().long()
-    pc, pr = seq[chosen], seq[rejected]
-    nc, nr = count[chosen], count[rejected]
+        chosen, rejected = (chosen_index.long(), rejected_index.long()) if chosen_index is not None else (None, None)
+    kernel_opts = dict(cu_seqlens=cu_seqlens, token_weights=token_weights, ignore_index=ignore_index,
+                       temperature=temperature, logit_scale=logit_scale, softcap=softcap, backend=backend)
+    seq = fused_linear_sequence_logprobs(hidden, weight, targets, bias, **kernel_opts)
+    pc, pr = seq.sum[chosen], seq.sum[rejected]
+    nc, nr = seq.num_tokens[chosen], seq.num_tokens[rejected]
 
     if ref_hidden is not None:
         if ref_hidden.shape != hidden.shape:
             raise ValueError(f"ref_hidden must have the shape of hidden {tuple(hidden.shape)}, "
                              f"got {tuple(ref_hidden.shape)}")
         with torch.no_grad():
-            ref_tok = fused_linear_logprobs(ref_hidden.reshape(-1, H), weight if ref_weight is None else ref_weight,
-                                            flat_t, ref_bias, **kernel_opts).logp
-        ref_seq = sums(ref_tok)
+            ref_seq = fused_linear_sequence_logprobs(ref_hidden, weight if ref_weight is None else ref_weight,
+                                                     targets, ref_bias, **kernel_opts).sum
         rc, rr = ref_seq[chosen], ref_seq[rejected]
     elif ref_per_token_logps is not None:
         if ref_per_token_logps.shape != targets.shape:
             raise ValueError(f"ref_per_token_logps must have the shape of targets {tuple(targets.shape)}, "
                              f"got {tuple(ref_per_token_logps.shape)}")
-        ref_seq = sums(torch.where(keep, ref_per_token_logps.reshape(-1).to(per_token.dtype), 0.0))
+        weights = _token_weights(targets, token_weights, ignore_index).to(pc.dtype)
+        ref_seq = _sequence_sums(ref_per_token_logps.reshape(-1).to(pc.dtype) * weights, cu_seqlens, targets.shape)
         rc, rr = ref_seq[chosen], ref_seq[rejected]
     else:
         rc, rr = ref_chosen_logps, ref_rejected_logps

@@ -101,3 +101,23 @@ class FusedLinearCPOLoss(FusedLinearPreferenceLoss):
                  chunk_size: int = 1):
         super().__init__("cpo", beta, ignore_index, label_smoothing, average_log_prob,
                          alpha if compute_nll_loss else 0.0, False)
+
+
+class FusedLinearORPOLoss(torch.nn.Module):
+    """Drop-in for ``LigerFusedLinearORPOLoss``: ORPO from LM-head inputs (``_input`` [2B, T, H], chosen rows
+    first), NLL on the chosen tokens plus ``beta`` x the odds-ratio loss with a stable ``log1mexp``.
+    Returns :class:`alignops.objectives.ORPOLossOutput` (a NamedTuple whose first field is the loss)."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
+                 compiled: bool = True, chunk_size: int = 1):
+        super().__init__()
+        self.ignore_index, self.beta, self.compute_nll_loss = ignore_index, beta, compute_nll_loss
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        from .fused_linear import fused_linear_sequence_logprobs
+        from .objectives import orpo_loss
+
+        seq = fused_linear_sequence_logprobs(_input, lin_weight, target, bias, ignore_index=self.ignore_index)
+        B = _input.shape[0] // 2
+        return orpo_loss(seq.sum[:B], seq.sum[B:], beta=self.beta, chosen_lengths=seq.num_tokens[:B],
+                         rejected_lengths=seq.num_tokens[B:], compute_nll=self.compute_nll_loss)
