@@ -99,14 +99,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> skip_ffn_
   auto act = at::empty({K, I}, x.options());
   k.activate(pre, activation, act);
 
-  // The residual rows of the kept tokens receive the second GEMM directly (beta = 1): one rounding.
+  // The residual rows of the kept tokens receive the second GEMM directly (beta = 1): one rounding. When
+  // every row is kept they are y itself: no gather and no scatter.
   const auto kept = index.narrow(0, 0, K);
-  auto rows = xc.index_select(0, kept);
+  auto rows = K == N ? y : xc.index_select(0, kept);
   if (b_down.has_value()) {
     rows.add_(*b_down);
   }
   rows.addmm_(act, w_down.t());
-  y.index_copy_(0, kept, rows);
+  if (K < N) {
+    y.index_copy_(0, kept, rows);
+  }
   return {y, index, count, rstd, pre_act};
 }
 

@@ -28,16 +28,22 @@ inline Vec load_float(const scalar_t* p) {
   }
 }
 
+// Stores 2 * kW values (two float vectors), rounding once to scalar_t.
 template <typename scalar_t>
-inline void store_float(scalar_t* p, const Vec& v) {
+inline void store2_float(scalar_t* p, const Vec& a, const Vec& b) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    v.store(p);
+    a.store(p);
+    b.store(p + kW);
   } else {
-    float buf[kW];
-    v.store(buf);
-    for (int64_t j = 0; j < kW; ++j) {
-      p[j] = static_cast<scalar_t>(buf[j]);
-    }
+    at::vec::convert_from_float<scalar_t>(a, b).store(p);
+  }
+}
+
+// Rounds two float vectors to scalar_t and back (the cast HF's RMSNorm applies before the weight).
+template <typename scalar_t>
+inline void round_trip(Vec& a, Vec& b) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(a, b));
   }
 }
 
@@ -73,7 +79,13 @@ void gather_rms_norm_impl(const at::Tensor& x, const int64_t* index, int64_t K, 
         rp[r] = inv;
       }
       // HF's rounding: the normalised row is cast to the input dtype before the weight multiplies it.
-      for (j = 0; j < H; ++j) {
+      const Vec vinv(inv);
+      for (j = 0; j + 2 * kW <= H; j += 2 * kW) {
+        Vec a = load_float(row + j) * vinv, b = load_float(row + j + kW) * vinv;
+        round_trip<scalar_t>(a, b);
+        store2_float(dst + j, a * load_float(wp + j), b * load_float(wp + j + kW));
+      }
+      for (; j < H; ++j) {
         const scalar_t n = static_cast<scalar_t>(static_cast<float>(row[j]) * inv);
         dst[j] = static_cast<scalar_t>(static_cast<float>(wp[j]) * static_cast<float>(n));
       }
@@ -158,10 +170,11 @@ void activate(const at::Tensor& pre, int64_t activation, at::Tensor& act) {
         scalar_t* dst = ap + r * I;
         int64_t j = 0;
         if constexpr (!std::is_same_v<scalar_t, double>) {
-          for (; j + kW <= I; j += kW) {
-            const Vec g = load_float(gate + j);
-            const Vec u = activation == kSwiglu ? load_float(up + j) : Vec(1.f);
-            store_float(dst + j, act_vec(g, u, activation));
+          const bool swiglu = activation == kSwiglu;
+          for (; j + 2 * kW <= I; j += 2 * kW) {
+            const Vec g0 = load_float(gate + j), g1 = load_float(gate + j + kW);
+            const Vec u0 = swiglu ? load_float(up + j) : Vec(1.f), u1 = swiglu ? load_float(up + j + kW) : Vec(1.f);
+            store2_float(dst + j, act_vec(g0, u0, activation), act_vec(g1, u1, activation));
           }
         }
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
