@@ -77,7 +77,7 @@ def plot(results: list[Result], path: Path, title: str) -> bool:
     ax.bar(range(len(rows)), [r.ratio for r in rows], color=["tab:blue" if r.ratio >= 1 else "tab:red" for r in rows])
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
-    ax.set_ylabel("speed-up vs the reference (median, same run)")
+    ax.set_ylabel("speed-up vs baseline (same run)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
