@@ -39,7 +39,8 @@ def _preference_loss_backward(ctx, grad_loss, _grad_chosen_rewards, _grad_reject
         raise RuntimeError(
             "alignops::preference_loss was called with compute_grad=False; call it through "
             "alignops.preference_loss (which sets it) to differentiate")
-    grads = [(grad_loss * grad[k]).to(dt) if ctx.needs_input_grad[k] else None for k, dt in enumerate(ctx.dtypes)]
+    scaled = grad * grad_loss  # one pass over [4, B]; rows are views
+    grads = [scaled[k].to(dt) if ctx.needs_input_grad[k] else None for k, dt in enumerate(ctx.dtypes)]
     return (*grads, *([None] * 12))
 
 
