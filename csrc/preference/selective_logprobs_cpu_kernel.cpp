@@ -12,37 +12,19 @@
 #include <cmath>
 #include <limits>
 
+#include "common/cpu_vec.h"
 #include "preference/selective_logprobs_cpu_kernel.h"
 
 namespace alignops::preference {
 namespace CPU_CAPABILITY {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kW = Vec::size();
+using vec::CPU_CAPABILITY::kW;
+using vec::CPU_CAPABILITY::load2_float;
+using vec::CPU_CAPABILITY::store2_float;
+using vec::CPU_CAPABILITY::Vec;
 constexpr int64_t kUnroll = 4;
 constexpr int64_t kBlock = 2 * kW * kUnroll;  // elements consumed per step (two float vectors per load)
-
-// Loads 2 * kW elements as two float vectors.
-template <typename scalar_t>
-inline void load2(const scalar_t* p, Vec& a, Vec& b) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + kW);
-  } else {
-    at::vec::load_to_float<scalar_t>(p, a, b);
-  }
-}
-
-template <typename scalar_t>
-inline void store2(scalar_t* p, const Vec& a, const Vec& b) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    a.store(p);
-    b.store(p + kW);
-  } else {
-    at::vec::convert_from_float<scalar_t>(a, b).store(p);
-  }
-}
 
 // logsumexp(x * inv_t) over one row. The running max starts at the lowest finite float, not -inf, so
 // that rows with masked (-inf) logits never form -inf - -inf.
@@ -55,7 +37,7 @@ float row_lse(const scalar_t* x, int64_t V, float inv_t) {
   for (; v + kBlock <= V; v += kBlock) {
     Vec z[2 * kUnroll];
     for (int64_t u = 0; u < kUnroll; ++u) {
-      load2(x + v + 2 * kW * u, z[2 * u], z[2 * u + 1]);
+      load2_float(x + v + 2 * kW * u, z[2 * u], z[2 * u + 1]);
     }
     Vec bm = m;
     for (auto& zi : z) {
@@ -110,8 +92,8 @@ void row_grad(scalar_t* out, const scalar_t* x, int64_t V, float inv_t, float ls
   int64_t v = 0;
   for (; v + 2 * kW <= V; v += 2 * kW) {
     Vec a, b;
-    load2(x + v, a, b);
-    store2(out + v, coef * (a * scale - shift).exp_u20(), coef * (b * scale - shift).exp_u20());
+    load2_float(x + v, a, b);
+    store2_float(out + v, coef * (a * scale - shift).exp_u20(), coef * (b * scale - shift).exp_u20());
   }
   for (; v < V; ++v) {
     out[v] = scalar_t(-g * inv_t * std::exp(float(x[v]) * inv_t - lse));

@@ -8,14 +8,16 @@
 
 #include <cmath>
 
+#include "common/cpu_vec.h"
 #include "skip/skip_ffn_cpu_kernel.h"
 
 namespace alignops::skip {
 namespace CPU_CAPABILITY {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kW = Vec::size();
+using vec::CPU_CAPABILITY::kW;
+using vec::CPU_CAPABILITY::store2_float;
+using vec::CPU_CAPABILITY::Vec;
 
 template <typename scalar_t>
 inline Vec load_float(const scalar_t* p) {
@@ -25,17 +27,6 @@ inline Vec load_float(const scalar_t* p) {
     Vec out;
     at::vec::load_to_float<scalar_t>(p, out);
     return out;
-  }
-}
-
-// Stores 2 * kW values (two float vectors), rounding once to scalar_t.
-template <typename scalar_t>
-inline void store2_float(scalar_t* p, const Vec& a, const Vec& b) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    a.store(p);
-    b.store(p + kW);
-  } else {
-    at::vec::convert_from_float<scalar_t>(a, b).store(p);
   }
 }
 

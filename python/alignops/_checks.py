@@ -19,20 +19,29 @@ def check_param(t: torch.Tensor | None, name: str, shape: tuple[int, ...], spell
         raise ValueError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
 
 
+def check_targets(targets: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    """targets [N] int64/int32 on the device of ``like`` [N, ...]."""
+    if targets.dim() != 1:
+        raise ValueError(f"targets must be a 1-D tensor of shape [N], got shape {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+    if targets.device != like.device:
+        raise ValueError(f"targets must be on the device of {like_name} ({like.device}), got {targets.device}")
+    if targets.shape[0] != like.shape[0]:
+        raise ValueError(f"targets must have one entry per row of {like_name} [N={like.shape[0]}], "
+                         f"got {targets.shape[0]}")
+
+
+def check_temperature(temperature: float) -> None:
+    if not (temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+
+
 def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
     """logits [N, V] float, targets [N] int64/int32 on the same device, a finite temperature > 0."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be a 2-D tensor of shape [N, V], got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
-    if targets.dim() != 1:
-        raise ValueError(f"targets must be a 1-D tensor of shape [N], got shape {tuple(targets.shape)}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
-    if targets.device != logits.device:
-        raise ValueError(f"targets must be on the device of logits ({logits.device}), got {targets.device}")
-    if targets.shape[0] != logits.shape[0]:
-        raise ValueError(f"targets must have one entry per row of logits [N={logits.shape[0]}], "
-                         f"got {targets.shape[0]}")
-    if not (temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+    check_targets(targets, logits, "logits")
+    check_temperature(temperature)

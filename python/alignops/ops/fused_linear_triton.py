@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
+from .._checks import check_targets, check_temperature
+
 from ..kernels.fused_linear import launch_fused_linear_backward, launch_fused_linear_forward
 from .preference import acc_dtype, register_fused_linear_logprobs_autograd
 from .preference_triton import _check_device
@@ -49,28 +51,20 @@ def _check_args(hidden, weight, targets, bias, temperature, logit_scale) -> None
     _check_device(hidden, "hidden")
     if weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D tensor of shape [V, H], got shape {list(weight.shape)}")
-    N, H = hidden.shape
+    H = hidden.shape[1]
     if weight.shape[1] != H:
         raise ValueError(f"weight must have shape [V, H] with H = {H} (hidden's last dimension), "
                          f"got {list(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError(f"weight must have at least one row (V >= 1), got shape {list(weight.shape)}")
     _check_like_hidden(weight, "weight", hidden)
-    if targets.dim() != 1:
-        raise ValueError(f"targets must be a 1-D tensor of shape [N], got shape {list(targets.shape)}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
-    if targets.device != hidden.device:
-        raise ValueError(f"targets must be on the device of hidden ({hidden.device}), got {targets.device}")
-    if targets.shape[0] != N:
-        raise ValueError(f"targets must have one entry per row of hidden [N={N}], got {targets.shape[0]}")
+    check_targets(targets, hidden, "hidden")
     if bias is not None:
         V = weight.shape[0]
         if bias.dim() != 1 or bias.shape[0] != V:
             raise ValueError(f"bias must have shape [V] = [{V}], got {list(bias.shape)}")
         _check_like_hidden(bias, "bias", hidden)
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+    check_temperature(temperature)
     if not math.isfinite(logit_scale):
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
 
