@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import triton_interpreting
+
 
 def check_param(t: torch.Tensor | None, name: str, shape: tuple[int, ...], spelled: str, like: torch.Tensor,
                 like_name: str = "x") -> None:
@@ -45,3 +47,10 @@ def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperatur
         raise ValueError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
     check_targets(targets, logits, "logits")
     check_temperature(temperature)
+
+
+def check_triton_device(t: torch.Tensor, name: str) -> None:
+    """The Triton ops run on GPU tensors, and on CPU tensors only in the Triton interpreter."""
+    if t.device.type == "cpu" and not triton_interpreting():
+        raise RuntimeError(f"{name} is on the CPU: the Triton ops run on CPU tensors only in the Triton "
+                           "interpreter (set TRITON_INTERPRET=1 before importing triton)")

@@ -17,11 +17,10 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from .._checks import check_targets, check_temperature
+from .._checks import check_targets, check_temperature, check_triton_device
 
 from ..kernels.fused_linear import launch_fused_linear_backward, launch_fused_linear_forward
 from .preference import acc_dtype, register_fused_linear_logprobs_autograd
-from .preference_triton import _check_device
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -48,7 +47,7 @@ def _check_args(hidden, weight, targets, bias, temperature, logit_scale) -> None
         raise ValueError(f"hidden must be a 2-D tensor of shape [N, H], got shape {list(hidden.shape)}")
     if hidden.dtype not in _DTYPES:
         raise ValueError(f"hidden must be float32, float64, float16 or bfloat16, got {hidden.dtype}")
-    _check_device(hidden, "hidden")
+    check_triton_device(hidden, "hidden")
     if weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D tensor of shape [V, H], got shape {list(weight.shape)}")
     H = hidden.shape[1]

@@ -13,9 +13,8 @@ from typing import Optional, Sequence
 import torch
 from torch.library import triton_op
 
-from .._checks import check_logits_targets
+from .._checks import check_logits_targets, check_triton_device
 
-from .._backend import triton_interpreting
 from ..kernels.preference import (
     launch_preference_loss,
     launch_selective_logprobs_backward,
@@ -36,12 +35,6 @@ _PREFERENCE_LOSS_SCHEMA = (
 _SELECTIVE_LOGPROBS_SCHEMA = "(Tensor logits, Tensor targets, int ignore_index, float temperature) -> (Tensor, Tensor)"
 _SELECTIVE_LOGPROBS_BACKWARD_SCHEMA = (
     "(Tensor grad_logp, Tensor logits, Tensor targets, Tensor lse, int ignore_index, float temperature) -> Tensor")
-
-
-def _check_device(t: torch.Tensor, name: str) -> None:
-    if t.device.type == "cpu" and not triton_interpreting():
-        raise RuntimeError(f"{name} is on the CPU: the Triton ops run on CPU tensors only in the Triton "
-                           "interpreter (set TRITON_INTERPRET=1 before importing triton)")
 
 
 def _check_per_pair(t: torch.Tensor, pc: torch.Tensor, name: str) -> None:
@@ -80,7 +73,7 @@ def preference_loss_triton(
         raise ValueError(f"policy_chosen_logps must be a 1-D tensor of shape [B], got shape {tuple(pc.shape)}")
     if not pc.is_floating_point():
         raise ValueError(f"policy_chosen_logps must be a floating-point tensor, got {pc.dtype}")
-    _check_device(pc, "policy_chosen_logps")
+    check_triton_device(pc, "policy_chosen_logps")
     for name, t in (("policy_rejected_logps", policy_rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
                     ("ref_rejected_logps", ref_rejected_logps)):
         _check_per_pair(t, pc, name)
@@ -123,7 +116,7 @@ def selective_logprobs_triton(logits: torch.Tensor, targets: torch.Tensor, ignor
     """Triton twin of ``alignops::selective_logprobs``: (logp [N], lse [N]) in the accumulation dtype.
     Targets outside [0, V) (other than ignore_index) are not checked here: they give logp = NaN."""
     check_logits_targets(logits, targets, temperature)
-    _check_device(logits, "logits")
+    check_triton_device(logits, "logits")
     acc = acc_dtype(logits.dtype)
     logp = logits.new_empty(logits.shape[0], dtype=acc)
     lse = logits.new_empty(logits.shape[0], dtype=acc)
@@ -138,7 +131,7 @@ def selective_logprobs_backward_triton(grad_logp: torch.Tensor, logits: torch.Te
                                        lse: torch.Tensor, ignore_index: int, temperature: float) -> torch.Tensor:
     """Triton twin of ``alignops::selective_logprobs_backward``: d logits in the logits dtype."""
     check_logits_targets(logits, targets, temperature)
-    _check_device(logits, "logits")
+    check_triton_device(logits, "logits")
     acc = acc_dtype(logits.dtype)
     for name, t in (("grad_logp", grad_logp), ("lse", lse)):
         if t.dim() != 1 or t.shape != targets.shape:

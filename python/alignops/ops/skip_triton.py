@@ -14,11 +14,10 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from .._checks import check_param
+from .._checks import check_param, check_triton_device
 
 from ..kernels.skip import SWIGLU, launch_skip_ffn
 from .preference import acc_dtype
-from .preference_triton import _check_device
 from .skip import register_skip_ffn_autograd
 
 _ACTIVATIONS = {0: "swiglu", 1: "gelu", 2: "gelu_tanh"}
@@ -36,7 +35,7 @@ def _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, acti
         raise ValueError(f"x must be a 2-D tensor of shape [N, H], got shape {list(x.shape)}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
-    _check_device(x, "x")
+    check_triton_device(x, "x")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation code must be 0 (swiglu), 1 (gelu) or 2 (gelu_tanh), got {activation}")
     if not eps > 0:
