@@ -145,11 +145,21 @@ def run_groups(groups, device: str, min_run_time: float, log=print) -> list[Resu
         group = []
         for c in cases:
             # The first call measures the peak memory and is the warm-up of the timing.
-            peak = peak_extra_mb(c.fn, device, c.reset)
-            med, iqr = time_ms(c.fn, device, min_run_time)
+            try:
+                peak = peak_extra_mb(c.fn, device, c.reset)
+                med, iqr = time_ms(c.fn, device, min_run_time)
+            except torch.cuda.OutOfMemoryError:
+                # A provider that cannot run the shape at all is a result too: reported, not dropped.
+                if c.reset is not None:
+                    c.reset()
+                torch.cuda.empty_cache()
+                log(f"  {c.op} {c.shape} {c.dtype} {c.mode} {c.provider}: out of GPU memory")
+                group.append(Result(c.family, c.op, c.shape, c.dtype, c.provider, c.mode, float("nan"),
+                                    float("nan"), float("inf")))
+                continue
             group.append(Result(c.family, c.op, c.shape, c.dtype, c.provider, c.mode, med, iqr, peak))
             log(f"  {c.op} {c.shape} {c.dtype} {c.mode} {c.provider}: {med:.2f} ms, {peak:.0f} MB")
-        base = [r for c, r in zip(cases, group) if c.baseline]
+        base = [r for c, r in zip(cases, group) if c.baseline and r.median_ms == r.median_ms]
         if base:
             for r in group:
                 r.ratio = base[0].median_ms / r.median_ms
