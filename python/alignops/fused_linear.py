@@ -85,13 +85,9 @@ class FusedLinearPreferenceOutput(NamedTuple):
     rejected_rewards: torch.Tensor
     nll: torch.Tensor
 
-    @property
-    def margins(self) -> torch.Tensor:
-        return self.chosen_rewards - self.rejected_rewards
-
-    @property
-    def accuracy(self) -> torch.Tensor:
-        return (self.chosen_rewards > self.rejected_rewards).to(self.chosen_rewards.dtype)
+    # The same fields, the same metrics.
+    margins = PreferenceLossOutput.margins
+    accuracy = PreferenceLossOutput.accuracy
 
 
 def _sequence_sums(values: torch.Tensor, cu_seqlens: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
