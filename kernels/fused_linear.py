@@ -84,7 +84,9 @@ def _addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == c.dtype:
         return c.addmm_(a, b)
     if a.is_cuda and _MM_OUT_DTYPE:
-        return torch.addmm(c, a, b, out_dtype=c.dtype)
+        # mm(out_dtype=) rather than addmm(out_dtype=): the latter takes an fp32 `c` only from torch 2.10
+        # on, and Inductor mis-lowers it.
+        return c.add_(torch.mm(a, b, out_dtype=c.dtype))
     return c.addmm_(a.to(c.dtype), b.to(c.dtype))
 
 

@@ -160,7 +160,9 @@ def gather_rms_norm_kernel(x_ptr, index_ptr, count_ptr, w_ptr, out_ptr, rstd_ptr
         offs = start + tl.arange(0, BLOCK_H)
         v = tl.load(row_ptr + offs, mask=offs < H, other=0).to(ACC)
         ss += v * v
-    rstd = tl.rsqrt(tl.sum(ss, axis=0) / H + tl.full([], eps, ACC))
+    # Not tl.rsqrt: on NVIDIA GPUs it is the approximate instruction, far from fp64-grade; fp64 sqrt and
+    # division are correctly rounded (fp32 ones are within 2 ulp).
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / H + tl.full([], eps, ACC))
     if SAVE_RSTD:
         tl.store(rstd_ptr + r, rstd)
     out_row = out_ptr + r * H
