@@ -94,7 +94,7 @@ def _sequence_sums(values: torch.Tensor, cu_seqlens: torch.Tensor | None, shape:
     """Per-sequence sums of per-token values (already zero outside the completion), padded or packed."""
     if cu_seqlens is None:
         return values.view(shape[:2]).sum(-1)
-    return segment_sums(values, values != 0, cu_seqlens)[0]
+    return segment_sums(values, cu_seqlens)
 
 
 def _token_weights(targets, token_weights, ignore_index):
@@ -137,8 +137,7 @@ def fused_linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, t
                                       ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
                                       softcap=softcap, backend=backend).logp
     total = _sequence_sums(per_token * weights.to(per_token.dtype), cu_seqlens, targets.shape)
-    keep = (targets.reshape(-1) != ignore_index).to(torch.float64)
-    count = _sequence_sums(keep, cu_seqlens, targets.shape).round().long()
+    count = _sequence_sums((targets.reshape(-1) != ignore_index).long(), cu_seqlens, targets.shape)
     per_token = per_token.view(targets.shape)
     return SequenceLogprobs(total, total / count.clamp(min=1).to(total.dtype), count, per_token)
 

@@ -326,22 +326,24 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion
                              "targets of non-completion tokens to ignore_index")
         check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device)
         per_token = selective_logprobs(logits, targets, ignore_index, temperature, backend=backend)
-        total, count = segment_sums(per_token, targets != ignore_index, cu_seqlens)
+        total = segment_sums(per_token, cu_seqlens)
+        count = segment_sums((targets != ignore_index).long(), cu_seqlens)
     else:
         raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
     return SequenceLogprobs(total, total / count.clamp(min=1).to(total.dtype), count, per_token)
 
 
-def segment_sums(per_token: torch.Tensor, keep: torch.Tensor, cu_seqlens: torch.Tensor):
-    """(sum of per_token, count of keep) over each packed segment ``[cu_seqlens[s], cu_seqlens[s+1])``.
+def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values`` over each packed segment ``[cu_seqlens[s], cu_seqlens[s+1])``.
 
-    From fp64 prefix sums: deterministic, no atomics, no host sync, differentiable in per_token.
+    From prefix sums (fp64 for floating values, int64 for counts): deterministic, no atomics, no host
+    sync, differentiable in floating values.
     """
+    acc = torch.float64 if values.is_floating_point() else torch.long
+    prefix = torch.cat([values.new_zeros(1, dtype=acc), values.to(acc).cumsum(0)])
     bounds = cu_seqlens.long()
-    zero = per_token.new_zeros(1, dtype=torch.float64)
-    csum = torch.cat([zero, per_token.double().cumsum(0)])
-    ccount = torch.cat([zero.long(), keep.long().cumsum(0)])
-    return (csum[bounds[1:]] - csum[bounds[:-1]]).to(per_token.dtype), ccount[bounds[1:]] - ccount[bounds[:-1]]
+    total = prefix[bounds[1:]] - prefix[bounds[:-1]]
+    return total.to(values.dtype) if values.is_floating_point() else total
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int, device: torch.device) -> None:
