@@ -76,4 +76,15 @@ TORCH_LIBRARY(alignops, m) {
   m.def(
       "skip_ffn(Tensor x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
       "Tensor? b_down, int activation, float eps, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- ctc: batched CTC forced alignment (Viterbi over the 2L+1 trellis) ----------------------------
+  // log_probs [B, T, C] (any float dtype; fp32 accumulation, fp64 for fp64), targets [B, L] padded,
+  // lengths [B]. Targets equal to star_id take their per-frame score from star_scores [B, T] (a wildcard
+  // state) when it is given. checkpoint = 0 keeps 1.5 bits of backpointers per state; K > 0 keeps every
+  // K-th score row and recomputes K-frame segments on the way back (CPU). Returns (paths [B, T] int64,
+  // scores [B, T] (log_probs dtype: the emission score of the aligned label per frame), feasible [B] bool);
+  // frames past input_lengths hold -1 / 0, infeasible rows -1 / -inf.
+  m.def(
+      "forced_align(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
+      "Tensor? star_scores, int star_id, int checkpoint) -> (Tensor, Tensor, Tensor)");
 }

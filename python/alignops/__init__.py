@@ -23,7 +23,7 @@ from .preference import (
     selective_logprobs,
     sequence_logprobs,
 )
-from . import nn, objectives, reference, represent, skip  # noqa: E402
+from . import ctc, nn, objectives, reference, represent, skip  # noqa: E402
 from .objectives import (
     RunningMoments,
     bco_loss,
@@ -75,6 +75,7 @@ __all__ = [
     "rrhf_loss",
     "tpo_loss",
     "wpo_weights",
+    "ctc",
     "nn",
     "objectives",
     "represent",

@@ -1,0 +1,223 @@
+r"""CTC alignment: batched forced alignment (Viterbi) and token spans.
+
+``forced_align`` follows ``torchaudio.functional.forced_align`` (same arguments, same paths on inputs
+without ties, same tie rule as its CPU kernel) and adds what it lacks: batches with per-utterance lengths,
+int64 indexing (torchaudio's CPU kernel keeps T*S int8 backpointers and crashes past 2^31 of them),
+1.5-bit backpointers, an exact checkpointed mode for hours of audio, a wildcard ``<star>`` state, and
+fp32 accumulation for half / bfloat16 emissions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import _backend
+from .reference import ctc as _ref
+
+MEMORY_MODES = ("full", "checkpointed")
+
+
+def _lengths(lengths: torch.Tensor | None, B: int, full: int, device: torch.device, name: str) -> torch.Tensor:
+    if lengths is None:
+        return torch.full((B,), full, dtype=torch.long, device=device)
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths)
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int64 or int32, got {lengths.dtype}")
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"{name} must have shape [{B}], got {tuple(lengths.shape)}")
+    return lengths.to(device=device, dtype=torch.long)
+
+
+def _star_scores(log_probs: torch.Tensor, blank: int, star_scores, star_penalty: float) -> torch.Tensor:
+    acc = _ref.acc_dtype(log_probs.dtype)
+    B, T, C = log_probs.shape
+    if isinstance(star_scores, torch.Tensor):
+        if star_scores.shape != (B, T):
+            raise ValueError(f"star_scores must have shape [{B}, {T}] (one score per frame), got "
+                             f"{tuple(star_scores.shape)}")
+        return (star_scores.to(device=log_probs.device, dtype=acc) + star_penalty).contiguous()
+    if star_scores == "constant":
+        return torch.full((B, T), star_penalty, dtype=acc, device=log_probs.device)
+    if star_scores == "max":
+        if C < 2:
+            raise ValueError("star_scores='max' needs a class besides blank")
+        masked = log_probs.to(acc).index_fill(2, torch.tensor([blank], device=log_probs.device), float("-inf"))
+        return (masked.amax(2) + star_penalty).contiguous()
+    raise ValueError(f"star_scores must be 'max', 'constant' or a [B, T] tensor, got {star_scores!r}")
+
+
+def forced_align(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: torch.Tensor | None = None,
+    target_lengths: torch.Tensor | None = None,
+    blank: int = 0,
+    *,
+    star_token: int | None = None,
+    star_scores: str | torch.Tensor = "max",
+    star_penalty: float = 0.0,
+    memory: str = "full",
+    checkpoint_interval: int | None = None,
+    on_infeasible: str = "raise",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Batched CTC forced alignment: the best path through the 2L+1 trellis of each utterance.
+
+    Over states (blank, y_1, blank, ..., y_L, blank), with fp32 accumulation (fp64 for fp64 input):
+
+    .. math:: \alpha_t(s) = \max(\alpha_{t-1}(s), \alpha_{t-1}(s-1), \alpha_{t-1}(s-2)) + \log p_t(\ell_s)
+
+    where the s-2 move exists only from a token to a different token. Ties go to the earlier candidate
+    in that order (stay, then one state back, then two) — torchaudio's CPU rule, identical in our CPU
+    and CUDA kernels — and the path ends on the last token unless the trailing blank is strictly better.
+
+    Args:
+        log_probs: [B, T, C] emission scores (log-softmax output, or any scores: the path maximises
+            their sum), float32 / float64 / float16 / bfloat16.
+        targets: [B, L] int64 / int32 target ids, padded past ``target_lengths``; never ``blank``.
+        input_lengths, target_lengths: [B] int lengths (default: T and L for every row). Like
+            torchaudio, on the device of ``log_probs`` or the CPU.
+        blank: the blank id.
+        star_token: an id in ``targets`` that stands for a wildcard ``<star>`` state (any speech not
+            in the transcript), e.g. ``C``. Its score per frame is ``star_scores`` + ``star_penalty``:
+            ``"max"`` (the best non-blank class of the frame), ``"constant"`` (0), or a [B, T] tensor.
+        memory: ``"full"`` keeps 1.5 bits of backpointers per trellis state (three bit planes; T*S*3/16
+            bytes, torchaudio keeps T*S). ``"checkpointed"`` keeps every K-th row of scores and recomputes
+            K-frame segments while tracing back: exact (same path), about 2x the time, memory
+            O(S (T/K + K)); K = ``checkpoint_interval`` (default about 4.6 sqrt(T), the memory optimum).
+        on_infeasible: ``"raise"`` (ValueError naming the rows with T_b < L_b + repeats or no finite
+            path) or ``"skip"`` (those rows come back as path -1, score -inf).
+        backend: ``"auto"`` (C++ on the CPU, CUDA C++ on a GPU), ``"native"``, ``"torch"`` (reference).
+
+    Returns:
+        ``(paths, scores)``: paths [B, T] int64 — the class id aligned to each frame (``star_token`` on
+        wildcard frames), -1 past ``input_lengths``; scores [B, T] in the dtype of ``log_probs`` — the
+        emission score of that class at that frame (torchaudio's second output), 0 past the length.
+
+    Devices: CPU (threaded over the batch; the trellis loop is vectorised over states) and CUDA (one
+    block per utterance, the whole time loop and the backtrace inside one kernel launch). On CUDA the
+    value checks of ``targets`` and the infeasibility check cost one host sync.
+
+    Raises:
+        ValueError: wrong ranks / shapes / dtypes / devices, a target equal to ``blank`` or outside
+        [0, C), lengths outside [0, T] / [0, L], infeasible rows (with ``on_infeasible="raise"``).
+    """
+    if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 3:
+        raise ValueError(f"log_probs must be a 3-D tensor [B, T, C], got {getattr(log_probs, 'shape', type(log_probs))}")
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+        raise ValueError(f"targets must be a 2-D tensor [B, L], got {getattr(targets, 'shape', type(targets))}")
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    if on_infeasible not in ("raise", "skip"):
+        raise ValueError(f"on_infeasible must be 'raise' or 'skip', got {on_infeasible!r}")
+    B, T, C = log_probs.shape
+    dev = log_probs.device
+    input_lengths = _lengths(input_lengths, B, T, dev, "input_lengths")
+    target_lengths = _lengths(target_lengths, B, targets.shape[1], dev, "target_lengths")
+    targets = targets.to(dev)
+    star = None
+    star_id = -1
+    if star_token is not None:
+        star_id = int(star_token)
+        if star_id == blank:
+            raise ValueError(f"star_token must differ from blank ({blank})")
+        star = _star_scores(log_probs, blank, star_scores, float(star_penalty))
+    checkpoint = 0
+    if memory == "checkpointed":
+        checkpoint = int(checkpoint_interval) if checkpoint_interval is not None else max(1, math.ceil(4.6 * math.sqrt(max(T, 1))))
+        if checkpoint < 1:
+            raise ValueError(f"checkpoint_interval must be >= 1, got {checkpoint_interval}")
+    impl = _backend.resolve(backend, dev, "forced_align")
+    if dev.type == "cuda" or impl == "torch":
+        _check_values_on_host(log_probs, targets, input_lengths, target_lengths, blank, star_id if star is not None else None)
+    if impl == "torch":
+        paths, scores, feasible = _ref.forced_align(log_probs, targets, input_lengths, target_lengths, blank, star, star_id)
+    else:
+        paths, scores, feasible = torch.ops.alignops.forced_align(
+            log_probs, targets, input_lengths, target_lengths, blank, star, star_id, checkpoint)
+    if on_infeasible == "raise" and not bool(feasible.all()):
+        rows = (~feasible).nonzero().flatten().tolist()
+        raise ValueError(f"forced_align: no alignment fits rows {rows[:10]}{'...' if len(rows) > 10 else ''}: "
+                         "they need input_lengths >= target_lengths + repeated neighbours, and a path of finite "
+                         "score (pass on_infeasible='skip' to get -1 paths for them instead)")
+    return paths, scores
+
+
+def _check_values_on_host(log_probs, targets, input_lengths, target_lengths, blank, star_id) -> None:
+    """The value checks the C++ CPU launcher makes, for CUDA and the reference (one host sync)."""
+    B, T, C = log_probs.shape
+    L = targets.shape[1]
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+    bad = (input_lengths < 0) | (input_lengths > T)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"input_lengths[{b}] must be in [0, {T}] (the time size of log_probs), got {int(input_lengths[b])}")
+    bad = (target_lengths < 0) | (target_lengths > L)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target_lengths[{b}] must be in [0, {L}] (the size of targets), got {int(target_lengths[b])}")
+    inside = torch.arange(L, device=targets.device)[None, :] < target_lengths[:, None]
+    star = (targets == star_id) if star_id is not None else torch.zeros_like(inside)
+    is_blank = inside & ~star & (targets == blank)
+    if bool(is_blank.any()):
+        b, j = is_blank.nonzero()[0].tolist()
+        raise ValueError(f"targets[{b}, {j}] is the blank id {blank}; targets must not contain blank")
+    out = inside & ~star & ((targets < 0) | (targets >= C))
+    if bool(out.any()):
+        b, j = out.nonzero()[0].tolist()
+        raise ValueError(f"targets[{b}, {j}] = {int(targets[b, j])} is outside [0, {C}) (the classes of log_probs)")
+
+
+class TokenSpans(NamedTuple):
+    """Per-target spans of aligned paths, padded to the longest row (-1 / 0 / nan past ``count``)."""
+
+    token: torch.Tensor  # [B, K] int64, the class id of span k
+    start: torch.Tensor  # [B, K] int64, first frame
+    end: torch.Tensor  # [B, K] int64, one past the last frame
+    score: torch.Tensor  # [B, K] float, mean frame score over [start, end)
+    count: torch.Tensor  # [B] int64, spans in each row
+
+
+def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, blank: int = 0,
+                num_spans: int | None = None) -> TokenSpans:
+    """Merge aligned paths into one span per target token, batched (torchaudio's ``merge_tokens``).
+
+    A span is a maximal run of frames with the same non-blank id; in a CTC path the k-th run is the k-th
+    target (a repeated target needs a blank in between). ``score`` is the mean of ``frame_scores`` over
+    the run in fp32 (fp64 for fp64) — the per-token mean log-prob with :func:`forced_align`'s scores,
+    torchaudio's ``TokenSpan.score`` when given ``scores.exp()``. Frames with path -1 (padding) belong
+    to no span. ``num_spans`` fixes K (e.g. ``targets.shape[1]``); by default K is the longest row (one
+    host sync). Vectorised tensor code (cumsum + scatter) on any device.
+    """
+    if not isinstance(paths, torch.Tensor) or paths.dim() != 2 or paths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"paths must be a [B, T] int64 / int32 tensor, got {getattr(paths, 'shape', type(paths))}")
+    B, T = paths.shape
+    if frame_scores is None:
+        frame_scores = torch.zeros(paths.shape, device=paths.device)
+    if frame_scores.shape != paths.shape:
+        raise ValueError(f"frame_scores must have the shape of paths {tuple(paths.shape)}, got {tuple(frame_scores.shape)}")
+    paths = paths.long()
+    pad = paths.new_full((B, 1), -1)
+    valid = (paths >= 0) & (paths != blank)
+    starts = valid & (paths != torch.cat([pad, paths[:, :-1]], 1))
+    ends = valid & (paths != torch.cat([paths[:, 1:], pad], 1))
+    count = starts.sum(1)
+    K = int(count.max()) if num_spans is None and B > 0 and T > 0 else (num_spans or 0)
+    k = torch.where(valid, starts.long().cumsum(1) - 1, K)  # K: a dump column, cut below
+    frames = torch.arange(T, device=paths.device).expand(B, T)
+    acc = _ref.acc_dtype(frame_scores.dtype)
+    token = paths.new_full((B, K + 1), -1).scatter(1, torch.where(starts, k, K), paths)[:, :K]
+    start = paths.new_full((B, K + 1), -1).scatter(1, torch.where(starts, k, K), frames)[:, :K]
+    end = paths.new_full((B, K + 1), -1).scatter(1, torch.where(ends, k, K), frames + 1)[:, :K]
+    total = torch.zeros((B, K + 1), dtype=acc, device=paths.device).scatter_add(1, k, frame_scores.to(acc))[:, :K]
+    length = (end - start).clamp(min=1).to(acc)
+    score = torch.where(start >= 0, total / length, torch.nan)
+    return TokenSpans(token, start, end, score, count)
+
+
+__all__ = ["MEMORY_MODES", "TokenSpans", "forced_align", "token_spans"]
