@@ -9,6 +9,9 @@
 // rule, and the CUDA kernel's. The last frame ends on the final token unless the trailing blank is
 // strictly better. Only the band of states that are reachable from frame 0 and can still reach the end
 // is computed. The two arrays make the inner loop branch-free over contiguous memory, so it vectorises.
+// The AVX2 copy runs eight positions per instruction with the comparison masks written straight into
+// the bit planes; it starts at the band's lower edge rounded down to 8: the positions below the band it
+// then computes hold garbage that no position in the band ever reads (see step()).
 //
 // Backpointers are three bit planes per frame over j (blank from token j-1; token from blank j; token
 // from token j-1): 1.5 bits per state, T * 3 * ceil((L+1)/64) words. The checkpointed mode keeps only
@@ -23,6 +26,10 @@
 #include <limits>
 #include <memory>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "ctc/forced_align_cpu_kernel.h"
 
@@ -53,11 +60,12 @@ template <typename scalar_t, typename acc_t>
 class Utterance {
  public:
   static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  static constexpr int64_t kPad = 8;  // one vector past the last position, so loads never need a tail
 
   Utterance(const scalar_t* lp, int64_t T, int64_t C, const int64_t* targets, int64_t L, int64_t blank,
             const acc_t* star, int64_t star_id)
-      : lp_(lp), T_(T), C_(C), L_(L), blank_(blank), star_id_(star_id), star_(star), W_((L + 1 + 63) / 64),
-        tgt_(L), skip_(L + 1, kNegInf), ek_(L + 1, kNegInf), codes_(3 * (64 * W_ + 8), 0) {
+      : lp_(lp), T_(T), C_(C), L_(L), blank_(blank), star_id_(star_id), star_(star), W_((L + 1 + kPad + 63) / 64),
+        tgt_(L), skip_(L + 1 + kPad, kNegInf), ek_(L + 1 + kPad, kNegInf), codes_(3 * (64 * W_ + 8), 0) {
     for (int64_t j = 0; j < L; ++j) {
       tgt_[j] = (star != nullptr && targets[j] == star_id) ? -1 : targets[j];
       if (j > 0 && targets[j] != targets[j - 1]) {
@@ -79,10 +87,10 @@ class Utterance {
   }
 
  private:
-  // A row of scores: blank[j] and token[j] for j in [-1, L]; index -1 and token L always hold -inf.
+  // A row of scores: blank[j] and token[j] for j in [-1, L + kPad]; index -1 and token L hold -inf.
   struct Row {
     std::vector<acc_t> data;
-    explicit Row(int64_t L) : data(2 * (L + 2), kNegInf) {}
+    explicit Row(int64_t L) : data(2 * (L + 2 + kPad), kNegInf) {}
     acc_t* blank() { return data.data() + 1; }
     acc_t* token() { return data.data() + (data.size() / 2) + 1; }
   };
@@ -115,6 +123,24 @@ class Utterance {
     const acc_t* pk = prev.token();
     acc_t* nb = cur.blank();
     acc_t* nk = cur.token();
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      step_avx2<kCodes>(lo, end, pb, pk, nb, nk, eb, reinterpret_cast<uint8_t*>(bits));
+    } else {
+      step_scalar<kCodes>(lo, end, pb, pk, nb, nk, eb, bits);
+    }
+#else
+    step_scalar<kCodes>(lo, end, pb, pk, nb, nk, eb, bits);
+#endif
+    // The next frame reads token[lo - 1]; below the band this row holds stale scores (or, from the AVX2
+    // loop, garbage): -inf keeps every position in the band exact.
+    nb[lo - 1] = kNegInf;
+    nk[lo - 1] = kNegInf;
+  }
+
+  template <bool kCodes>
+  void step_scalar(int64_t lo, int64_t end, const acc_t* pb, const acc_t* pk, acc_t* nb, acc_t* nk, acc_t eb,
+                   uint64_t* bits) {
     const acc_t* ek = ek_.data();
     const acc_t* skip = skip_.data();
     uint8_t* cb = codes_.data();
@@ -135,9 +161,6 @@ class Utterance {
         c2[j] = from_prev;
       }
     }
-    // The next frame reads token[lo - 1]; below the band this row holds stale scores from two frames ago.
-    nb[lo - 1] = kNegInf;
-    nk[lo - 1] = kNegInf;
     if constexpr (kCodes) {
       const int64_t w0 = lo / 64, w1 = (end - 1) / 64 + 1;
       pack_words(cb, w0, w1, bits);
@@ -145,6 +168,37 @@ class Utterance {
       pack_words(c2, w0, w1, bits + 2 * W_);
     }
   }
+
+#if defined(CPU_CAPABILITY_AVX2)
+  // The scalar loop's comparisons, eight positions at a time from lo rounded down to 8. Positions in
+  // [lo & ~7, lo) read stale scores below the band and produce garbage there; a position in the band
+  // reads only positions >= lo - 1, and step() resets lo - 1 to -inf after each frame.
+  template <bool kCodes>
+  void step_avx2(int64_t lo, int64_t end, const float* pb, const float* pk, float* nb, float* nk, float eb,
+                 uint8_t* planes) {
+    const float* ek = ek_.data();
+    const float* skip = skip_.data();
+    const int64_t plane_bytes = 8 * W_;
+    const __m256 veb = _mm256_set1_ps(eb);
+    for (int64_t j = lo & ~int64_t{7}; j < end; j += 8) {
+      const __m256 bs = _mm256_loadu_ps(pb + j);
+      const __m256 bt = _mm256_loadu_ps(pk + j - 1);
+      const __m256 ks = _mm256_loadu_ps(pk + j);
+      const __m256 kp = _mm256_add_ps(bt, _mm256_loadu_ps(skip + j));
+      const __m256 from_token = _mm256_cmp_ps(bt, bs, _CMP_GT_OQ);
+      _mm256_storeu_ps(nb + j, _mm256_add_ps(_mm256_blendv_ps(bs, bt, from_token), veb));
+      const __m256 from_blank = _mm256_cmp_ps(bs, ks, _CMP_GT_OQ);
+      const __m256 m = _mm256_blendv_ps(ks, bs, from_blank);
+      const __m256 from_prev = _mm256_cmp_ps(kp, m, _CMP_GT_OQ);
+      _mm256_storeu_ps(nk + j, _mm256_add_ps(_mm256_blendv_ps(m, kp, from_prev), _mm256_loadu_ps(ek + j)));
+      if constexpr (kCodes) {
+        planes[j / 8] = static_cast<uint8_t>(_mm256_movemask_ps(from_token));
+        planes[plane_bytes + j / 8] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_andnot_ps(from_prev, from_blank)));
+        planes[2 * plane_bytes + j / 8] = static_cast<uint8_t>(_mm256_movemask_ps(from_prev));
+      }
+    }
+  }
+#endif
 
   // The final state (j, is_blank) from the last row; false when it scores -inf.
   bool final_state(Row& last, int64_t& j, bool& is_blank) const {
@@ -205,7 +259,7 @@ class Utterance {
 
   bool align_checkpointed(int64_t K, int64_t* path, scalar_t* score) {
     const int64_t n_ckpt = (T_ - 1) / K + 1;  // rows after frames 0, K, 2K, ...
-    const int64_t row_size = 2 * (L_ + 2);
+    const int64_t row_size = 2 * (L_ + 2 + kPad);
     std::vector<acc_t> ckpt(static_cast<size_t>(n_ckpt * row_size));
     Row a(L_), b(L_);
     init(a);
