@@ -23,8 +23,7 @@ alignops info | tee "$OUT/info.txt"
 tests_status=0
 bench_status=0
 if [ "$PHASE" != bench ]; then
-  timeout 300 python -m pytest tests/test_preference_cuda.py tests/test_preference_triton.py tests/test_skip_triton.py \
-    tests/test_fused_linear_triton.py -q -ra 2>&1 | tee "$OUT/tests_cuda.log"
+  timeout 300 python -m pytest tests/test_*_cuda.py tests/test_*_triton.py -q -ra 2>&1 | tee "$OUT/tests_cuda.log"
   tests_status=${PIPESTATUS[0]}
 fi
 if [ "$PHASE" != tests ]; then
