@@ -43,8 +43,36 @@ def groups(device: str, quick: bool):
                     Case(FAMILY, "skip_ffn", shape, dt, "naive nonzero/index_add", "fwd",
                          lambda x=x, keep=keep: _no_grad(ref.naive_skip_ffn, x, w_gate_up, w_down, norm_weight,
                                                          keep)),
+                    # In place on a scratch copy refreshed outside the timed call (no clone of x inside).
+                    Case(FAMILY, "skip_ffn", shape, dt, "alignops in place", "fwd",
+                         lambda buf=x.clone(), keep=keep: _no_grad(alignops.skip_ffn, buf, w_gate_up, w_down,
+                                                                   norm_weight, keep=keep, inplace=True)),
                 ]
             yield cases
+        # A decoder layer's residual add + the change criterion + the skipped FFN: perceptual tokens whose
+        # attention delta is small are skipped by threshold. Fused (one add+score pass, FFN in place on h)
+        # vs the same steps in PyTorch ops around skip_ffn.
+        k = int(round(576 / 650 * T))
+        delta = 0.5 * torch.randn(T, H, device=device).to(dtype)
+        delta[5:5 + k] *= 0.01
+        shape = f"T={T} H={H} I={I} add+criterion+FFN, s={k / T:.3f}"
+        yield [
+            Case(FAMILY, "skip_ffn(delta=)", shape, dt, "torch add + change_score + skip_ffn", "fwd",
+                 lambda x=x, delta=delta: _unfused_layer(x, delta, w_gate_up, w_down, norm_weight), baseline=True),
+            Case(FAMILY, "skip_ffn(delta=)", shape, dt, "alignops fused", "fwd",
+                 lambda x=x, delta=delta: _no_grad(alignops.skip_ffn, x, w_gate_up, w_down, norm_weight,
+                                                   delta=delta, threshold=THRESHOLD)),
+        ]
+
+
+THRESHOLD = 1e-3  # 1 - cos: a delta of 1% of the row's norm scores about 5e-5, one of 50% about 0.1
+
+
+def _unfused_layer(x, delta, w_gate_up, w_down, norm_weight):
+    with torch.no_grad():
+        h = x + delta
+        keep = alignops.skip.change_score(h, x) > THRESHOLD
+        return alignops.skip_ffn(h, w_gate_up, w_down, norm_weight, keep=keep)
 
 
 def _no_grad(fn, *args, **kwargs):
@@ -57,7 +85,7 @@ def summary(results) -> list[str]:
     lines = []
     by = {(r.shape, r.dtype, r.provider): r for r in results}
     for dtype in sorted({r.dtype for r in results}):
-        rows = [r for r in results if r.dtype == dtype and r.provider == "alignops"]
+        rows = [r for r in results if r.dtype == dtype and r.provider == "alignops" and r.op == "skip_ffn"]
         t0 = next(r for r in rows if r.shape.endswith("s=0.000")).median_ms
         for r in rows:
             s = float(r.shape.rsplit("s=", 1)[1])
@@ -69,4 +97,8 @@ def summary(results) -> list[str]:
                          f"{'ok' if r.median_ms < naive else 'MISSED'}"
                          + (f"; overhead vs dense {100 * (r.median_ms / dense - 1):+.1f}% (target <= 5%)"
                             if s == 0 else ""))
+        inplace = by.get((rows[0].shape, dtype, "alignops in place")) if rows else None
+        if inplace is not None:
+            dense = by[(rows[0].shape, dtype, "dense FFN (torch)")].median_ms
+            lines.append(f"{dtype} s=0: in place, overhead vs dense {100 * (inplace.median_ms / dense - 1):+.1f}%")
     return lines

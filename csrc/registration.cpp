@@ -76,6 +76,13 @@ TORCH_LIBRARY(alignops, m) {
   m.def(
       "skip_ffn(Tensor x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
       "Tensor? b_down, int activation, float eps, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // In place (inference): kept rows of x become x + FFN(RMSNorm(x)); skipped rows are never written.
+  m.def(
+      "skip_ffn_(Tensor(a!) x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
+      "Tensor? b_down, int activation, float eps) -> ()");
+  // The residual add of a decoder layer with the skip criterion in the same pass: h = residual + delta and
+  // score [N] (fp32; fp64 for fp64) = 1 - cos(h, residual) (criterion 0) or |h - residual| / |residual| (1).
+  m.def("skip_add_score(Tensor residual, Tensor delta, int criterion) -> (Tensor, Tensor)");
 
   // ---- ctc: batched CTC forced alignment (Viterbi over the 2L+1 trellis) ----------------------------
   // log_probs [B, T, C] (any float dtype; fp32 accumulation, fp64 for fp64), targets [B, L] padded,

@@ -175,6 +175,41 @@ def gather_rms_norm_kernel(x_ptr, index_ptr, count_ptr, w_ptr, out_ptr, rstd_ptr
         tl.store(out_row + offs, (w * n).to(DT), mask=mask)
 
 
+# ---- residual add + change criterion ------------------------------------------------------------------------
+
+
+@triton.jit
+def add_score_kernel(r_ptr, d_ptr, h_ptr, score_ptr, H, CRITERION: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program n: h[n] = (r[n] + d[n]).to(dtype) and score[n] = 1 - cos(h, r) (CRITERION 0) or
+    |h - r| / |r| (1), from sums in the score dtype over the rounded h (what the FFN then sees)."""
+    n = tl.program_id(0).to(tl.int64)
+    DT = h_ptr.dtype.element_ty
+    ACC = score_ptr.dtype.element_ty
+    hr = tl.zeros([BLOCK_H], ACC)
+    hh = tl.zeros([BLOCK_H], ACC)
+    rr = tl.zeros([BLOCK_H], ACC)
+    dd = tl.zeros([BLOCK_H], ACC)
+    for start in range(0, H, BLOCK_H):
+        offs = start + tl.arange(0, BLOCK_H)
+        mask = offs < H
+        r = tl.load(r_ptr + n * H + offs, mask=mask, other=0).to(ACC)
+        d = tl.load(d_ptr + n * H + offs, mask=mask, other=0).to(ACC)
+        h = (r + d).to(DT)
+        tl.store(h_ptr + n * H + offs, h, mask=mask)
+        hf = h.to(ACC)
+        hr += hf * r
+        hh += hf * hf
+        rr += r * r
+        dd += (hf - r) * (hf - r)
+    eps = tl.full([], 1e-12, ACC)
+    nr = tl.maximum(tl.sqrt(tl.sum(rr, axis=0)), eps)
+    if CRITERION == 0:
+        score = 1 - tl.sum(hr, axis=0) / (tl.maximum(tl.sqrt(tl.sum(hh, axis=0)), eps) * nr)
+    else:
+        score = tl.sqrt(tl.sum(dd, axis=0)) / nr
+    tl.store(score_ptr + n, score)
+
+
 # ---- the two GEMMs ------------------------------------------------------------------------------------------
 
 
@@ -392,3 +427,13 @@ def launch_skip_ffn(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, 
         wrap_triton(ffn_down_kernel)[grid](
             act, index, count, w_down, w_down if b_down is None else b_down, x, y, H, I,
             HAS_BIAS=b_down is not None, **_gemm_options(x.dtype, x.device, down))
+
+
+def launch_add_score(residual, delta, criterion: int, h, score):
+    """h = residual + delta and the per-row change criterion, on contiguous [N, H] tensors."""
+    N, H = residual.shape
+    if N == 0:
+        return
+    blocks = skip_blocks(residual.device, residual.dtype, N, H, 1, SWIGLU)
+    wrap_triton(add_score_kernel)[(N,)](residual, delta, h, score, H, CRITERION=int(criterion),
+                                        BLOCK_H=blocks.hidden, num_warps=blocks.hidden_warps)

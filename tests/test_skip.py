@@ -318,3 +318,110 @@ def test_patcher_rejects_foreign_layers():
         patch_ffn_skipping([torch.nn.Linear(2, 2)], SkipSchedule())
     with pytest.raises(ValueError, match="SkipSchedule needs 0 <= start <= end and interval >= 1"):
         SkipSchedule(start=3, end=1)
+
+
+# ---- the fused residual add + criterion (delta=) and in-place skipping ---------------------------------
+
+
+@pytest.mark.parametrize("criterion", ["cosine", "norm_ratio"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_add_score_op_matches_reference(cpu_capability, criterion, dtype):
+    r = torch.randn(37, 75, dtype=torch.float64).to(dtype)
+    d = (0.3 * torch.randn(37, 75, dtype=torch.float64)).to(dtype)
+    code = ref.CRITERIA.index(criterion)
+    h, score = torch.ops.alignops.skip_add_score(r, d, code)
+    exp_h, exp_score = ref.add_score(r, d, criterion)
+    assert torch.equal(h, exp_h)  # the add rounds exactly as torch's
+    assert score.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # the score is summed over the rounded h in fp32: compare with the fp64 value of the same h
+    exact = ref.change_score(h.double(), r.double(), criterion)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(score.double(), exact, rtol=tol, atol=tol)
+    torch.testing.assert_close(score, exp_score.to(score.dtype), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("criterion", ["cosine", "norm_ratio"])
+@pytest.mark.parametrize("mode", ["threshold", "capacity", "keep"])
+def test_delta_path_equals_add_then_skip(criterion, mode):
+    B, T, H = 2, 23, 48
+    x = torch.randn(B, T, H)
+    d = 0.4 * torch.randn(B, T, H)
+    w1, w2, nw, _, _ = make_ffn(H, 40)
+    h = x + d
+    score = alignops.skip.change_score(h, x, criterion)
+    kwargs = {"threshold": dict(threshold=float(score.median())), "capacity": dict(capacity=0.4),
+              "keep": dict(keep=torch.rand(B, T) > 0.5)}[mode]
+    if mode == "threshold":
+        keep = score > kwargs["threshold"]
+    elif mode == "capacity":
+        keep = alignops.skip.keep_top_k(score, 0.4)
+    else:
+        keep = kwargs["keep"]
+    y = alignops.skip_ffn(x, w1, w2, nw, delta=d, criterion=criterion, **kwargs)
+    exp = ref.skip_ffn(h, w1, w2, nw, keep)
+    torch.testing.assert_close(y, exp, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[~keep], h[~keep])
+    y_ref = alignops.skip_ffn(x, w1, w2, nw, delta=d, criterion=criterion, backend="torch", **kwargs)
+    torch.testing.assert_close(y_ref, exp, rtol=1e-5, atol=1e-5)
+
+
+def test_delta_path_gradients_fp64():
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    d = (0.5 * torch.randn(2, 7, 12, dtype=torch.float64)).requires_grad_()
+    w1, w2, nw, _, _ = make_ffn(12, 9, dtype=torch.float64)
+    w1.requires_grad_()
+    keep = torch.rand(2, 7) > 0.4
+    torch.autograd.gradcheck(lambda x, d, w1: alignops.skip_ffn(x, w1, w2, nw, keep=keep, delta=d), (x, d, w1))
+
+
+def test_inplace_leaves_skipped_rows_untouched():
+    x = torch.randn(3, 17, 40)
+    w1, w2, nw, b1, b2 = make_ffn(40, 24, bias=True)
+    keep = torch.rand(3, 17) > 0.5
+    exp = ref.skip_ffn(x, w1, w2, nw, keep, b1, b2)
+    for backend in ("native", "torch"):
+        target = x.clone()
+        ptr = target.data_ptr()
+        with torch.no_grad():
+            out = alignops.skip_ffn(target, w1, w2, nw, keep=keep, b_gate_up=b1, b_down=b2, inplace=True,
+                                    backend=backend)
+        assert out.data_ptr() == ptr and out is target
+        assert torch.equal(target[~keep], x[~keep])
+        torch.testing.assert_close(target, exp, rtol=1e-5, atol=1e-5)
+    everything = x.clone()
+    with torch.no_grad():
+        alignops.skip_ffn(everything, w1, w2, nw, b_gate_up=b1, b_down=b2, inplace=True)
+    torch.testing.assert_close(everything, ref.ffn(x, w1, w2, nw, b1, b2), rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_and_delta_bad_input():
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w1, w2, nw, _, _ = make_ffn(16, 8)
+    with pytest.raises(ValueError, match="inplace=True overwrites x and records no gradient"):
+        alignops.skip_ffn(x, w1, w2, nw, inplace=True)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="inplace=True needs a contiguous x"):
+            alignops.skip_ffn(torch.randn(5, 2, 16).transpose(0, 1), w1, w2, nw, inplace=True)
+        with pytest.raises(ValueError, match="give previous .* or delta .*, not both"):
+            alignops.skip_ffn(x, w1, w2, nw, delta=x, previous=x, threshold=0.1)
+        with pytest.raises(ValueError, match="delta must match x"):
+            alignops.skip_ffn(x, w1, w2, nw, delta=x[:, :3], threshold=0.1)
+    with pytest.raises(ValueError, match="x must be contiguous to be updated in place"):
+        torch.ops.alignops.skip_ffn_(torch.randn(5, 2, 16).transpose(0, 1)[0], torch.ones(5, dtype=torch.bool),
+                                     w1, w2, nw, None, None, 0, 1e-6)
+    with pytest.raises(ValueError, match=r"delta must have the shape of residual"):
+        torch.ops.alignops.skip_add_score(torch.randn(4, 8), torch.randn(4, 9), 0)
+    with pytest.raises(ValueError, match="criterion code must be 0 \\(cosine\\) or 1 \\(norm_ratio\\), got 2"):
+        torch.ops.alignops.skip_add_score(torch.randn(4, 8), torch.randn(4, 8), 2)
+
+
+def test_opcheck_inplace_and_add_score():
+    x = torch.randn(9, 16)
+    w1, w2, nw, _, _ = make_ffn(16, 8)
+    keep = torch.rand(9) > 0.5
+    torch.library.opcheck(torch.ops.alignops.skip_ffn_, (x.clone(), keep, w1, w2, nw, None, None, 0, 1e-6))
+    for code in (0, 1):
+        torch.library.opcheck(torch.ops.alignops.skip_add_score, (x, 0.1 * torch.randn(9, 16), code))
+    d = torch.randn(9, 16, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(9, 16, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda r, d: torch.ops.alignops.skip_add_score(r, d, 0)[0], (r, d))

@@ -296,3 +296,31 @@ OPCHECK_UTILS = (("test_schema", "test_autograd_registration") if DEVICE == "cpu
 @pytest.mark.parametrize("case", range(4))
 def test_opcheck(case):
     torch.library.opcheck(torch.ops.alignops.skip_ffn_triton, _opcheck_samples()[case], test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("criterion", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_add_score_matches_reference(criterion, dtype):
+    r = torch.randn(21, 37, dtype=dtype, device=DEVICE)
+    d = 0.3 * torch.randn(21, 37, dtype=dtype, device=DEVICE)
+    h, score = torch.ops.alignops.skip_add_score_triton(r, d, criterion)
+    exp_h, exp_score = ref.add_score(r, d, ref.CRITERIA[criterion])
+    assert torch.equal(h, exp_h)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(score, exp_score, rtol=tol, atol=tol)
+
+
+def test_inplace_skipped_rows_untouched():
+    x = torch.randn(29, 40, device=DEVICE)
+    w1 = torch.randn(48, 40, device=DEVICE) / 7
+    w2 = torch.randn(40, 24, device=DEVICE) / 5
+    nw = torch.rand(40, device=DEVICE) + 0.5
+    keep = torch.rand(29, device=DEVICE) > 0.5
+    target = x.clone()
+    torch.ops.alignops.skip_ffn_triton_(target, keep, w1, w2, nw, None, None, 0, EPS)
+    assert torch.equal(target[~keep], x[~keep])
+    torch.testing.assert_close(target, ref.skip_ffn(x, w1, w2, nw, keep), **TOL[torch.float32])
+    torch.library.opcheck(torch.ops.alignops.skip_ffn_triton_, (x.clone(), keep, w1, w2, nw, None, None, 0, EPS),
+                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.alignops.skip_add_score_triton, (x, 0.1 * torch.randn_like(x), 1),
+                          test_utils=OPCHECK_UTILS)

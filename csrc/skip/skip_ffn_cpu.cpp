@@ -1,5 +1,6 @@
-// CPU launcher of alignops::skip_ffn: compaction of the kept rows, fused gather + RMSNorm, GEMM (ATen/BLAS),
-// fused activation, GEMM accumulated into the gathered residual rows, scatter into a copy of x.
+// CPU launchers of alignops::skip_ffn (and skip_ffn_, in place; skip_add_score): compaction of the kept rows,
+// fused gather + RMSNorm, GEMM (ATen/BLAS), fused activation, GEMM accumulated into the gathered residual
+// rows, scatter into a copy of x (or into x itself).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -29,10 +30,11 @@ void check_weight(const std::optional<at::Tensor>& t, std::initializer_list<int6
   check_same_device(*t, x, name, "x");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> skip_ffn_cpu(
-    const at::Tensor& x, const at::Tensor& keep, const at::Tensor& w_gate_up, const at::Tensor& w_down,
-    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& b_gate_up,
-    const std::optional<at::Tensor>& b_down, int64_t activation, double eps, bool save_for_backward) {
+// The checks shared by skip_ffn and skip_ffn_; returns the FFN width I.
+int64_t check_skip_ffn_args(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& w_gate_up,
+                            const at::Tensor& w_down, const std::optional<at::Tensor>& norm_weight,
+                            const std::optional<at::Tensor>& b_gate_up, const std::optional<at::Tensor>& b_down,
+                            int64_t activation, double eps) {
   check_dim(x, 2, "x", "[N, H]");
   check_floating(x, "x");
   check_device(x, c10::DeviceType::CPU, "x");
@@ -53,10 +55,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> skip_ffn_
   check_weight(norm_weight, {H}, x, "norm_weight", "[H]");
   check_weight(b_gate_up, {G}, x, "b_gate_up", activation == kSwiglu ? "[2I]" : "[I]");
   check_weight(b_down, {H}, x, "b_down", "[H]");
+  return I;
+}
 
-  const auto xc = x.contiguous();
+// y = x + FFN(RMSNorm(x)) on the kept rows of y, which holds x on entry (y may be x itself: in place).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_skip_ffn(
+    const at::Tensor& x, at::Tensor& y, const at::Tensor& keep, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& b_gate_up,
+    const std::optional<at::Tensor>& b_down, int64_t I, int64_t activation, double eps, bool save_for_backward) {
+  const int64_t N = x.size(0), H = x.size(1);
+  const int64_t G = w_gate_up.size(0);
   const auto keep_c = keep.contiguous();
-  auto y = xc.clone();
   auto index = at::empty({N}, x.options().dtype(at::kLong));
   auto count = at::empty({1}, x.options().dtype(at::kLong));
   const auto acc = acc_type_of(x);
@@ -87,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> skip_ffn_
   const auto& k = kernels();
   auto normed = at::empty({K, H}, x.options());
   auto rstd_k = rstd.numel() > 0 ? rstd.narrow(0, 0, K) : at::Tensor();
-  k.gather_rms_norm(xc, idx, K, norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor(), eps, normed,
+  k.gather_rms_norm(x, idx, K, norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor(), eps, normed,
                     rstd_k);
 
   auto pre = save_for_backward ? pre_act.narrow(0, 0, K) : at::empty({K, G}, x.options());
@@ -102,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> skip_ffn_
   // The residual rows of the kept tokens receive the second GEMM directly (beta = 1): one rounding. When
   // every row is kept they are y itself: no gather and no scatter.
   const auto kept = index.narrow(0, 0, K);
-  auto rows = K == N ? y : xc.index_select(0, kept);
+  auto rows = K == N ? y : x.index_select(0, kept);
   if (b_down.has_value()) {
     rows.add_(*b_down);
   }
@@ -113,8 +122,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> skip_ffn_
   return {y, index, count, rstd, pre_act};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> skip_ffn_cpu(
+    const at::Tensor& x, const at::Tensor& keep, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& b_gate_up,
+    const std::optional<at::Tensor>& b_down, int64_t activation, double eps, bool save_for_backward) {
+  const int64_t I = check_skip_ffn_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps);
+  const auto xc = x.contiguous();
+  auto y = xc.clone();
+  return run_skip_ffn(xc, y, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, I, activation, eps,
+                      save_for_backward);
+}
+
+// In place: skipped rows of x are never written, kept rows become x + FFN(RMSNorm(x)).
+void skip_ffn_inplace_cpu(at::Tensor& x, const at::Tensor& keep, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                          const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& b_gate_up,
+                          const std::optional<at::Tensor>& b_down, int64_t activation, double eps) {
+  const int64_t I = check_skip_ffn_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps);
+  TORCH_CHECK_VALUE(x.is_contiguous(), "x must be contiguous to be updated in place");
+  run_skip_ffn(x, x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, I, activation, eps, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> skip_add_score_cpu(const at::Tensor& residual, const at::Tensor& delta,
+                                                      int64_t criterion) {
+  check_dim(residual, 2, "residual", "[N, H]");
+  check_floating(residual, "residual");
+  check_device(residual, c10::DeviceType::CPU, "residual");
+  check_same_shape(delta, residual, "delta", "residual");
+  check_same_dtype(delta, residual, "delta", "residual");
+  check_same_device(delta, residual, "delta", "residual");
+  TORCH_CHECK_VALUE(criterion == kCosine || criterion == kNormRatio,
+                    "criterion code must be 0 (cosine) or 1 (norm_ratio), got ", criterion);
+  const auto r = residual.contiguous();
+  const auto d = delta.contiguous();
+  auto h = at::empty_like(r);
+  auto score = at::empty({r.size(0)}, r.options().dtype(acc_type_of(r)));
+  kernels().add_score(r, d, criterion, h, score);
+  return {h, score};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("skip_ffn", &skip_ffn_cpu); }
+TORCH_LIBRARY_IMPL(alignops, CPU, m) {
+  m.impl("skip_ffn", &skip_ffn_cpu);
+  m.impl("skip_ffn_", &skip_ffn_inplace_cpu);
+  m.impl("skip_add_score", &skip_add_score_cpu);
+}
 
 }  // namespace alignops::skip

@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "common/cpu_vec.h"
@@ -178,9 +179,93 @@ void activate(const at::Tensor& pre, int64_t activation, at::Tensor& act) {
   });
 }
 
+// The criterion from the row sums of h.r, h.h, r.r and (h - r)^2, with cosine_similarity's eps.
+template <typename T>
+inline T criterion_value(int64_t criterion, T hr, T hh, T rr, T dd) {
+  const T eps = T(1e-12);
+  const T nr = std::max(std::sqrt(rr), eps);
+  if (criterion == kCosine) {
+    return T(1) - hr / (std::max(std::sqrt(hh), eps) * nr);
+  }
+  return std::sqrt(dd) / nr;
+}
+
+template <typename scalar_t>
+void add_score_impl(const at::Tensor& residual, const at::Tensor& delta, int64_t criterion, at::Tensor& h,
+                    at::Tensor& score) {
+  const int64_t N = residual.size(0), H = residual.size(1);
+  const scalar_t* rp = residual.const_data_ptr<scalar_t>();
+  const scalar_t* dp = delta.const_data_ptr<scalar_t>();
+  scalar_t* hp = h.mutable_data_ptr<scalar_t>();
+  float* sp = score.mutable_data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* r = rp + n * H;
+      const scalar_t* d = dp + n * H;
+      scalar_t* out = hp + n * H;
+      Vec hr(0.f), hh(0.f), rr(0.f), dd(0.f);
+      int64_t j = 0;
+      for (; j + 2 * kW <= H; j += 2 * kW) {
+        const Vec r0 = load_float(r + j), r1 = load_float(r + j + kW);
+        Vec h0 = r0 + load_float(d + j), h1 = r1 + load_float(d + j + kW);
+        round_trip<scalar_t>(h0, h1);  // the criterion sees the h the FFN will see
+        store2_float(out + j, h0, h1);
+        hr = at::vec::fmadd(h0, r0, at::vec::fmadd(h1, r1, hr));
+        hh = at::vec::fmadd(h0, h0, at::vec::fmadd(h1, h1, hh));
+        rr = at::vec::fmadd(r0, r0, at::vec::fmadd(r1, r1, rr));
+        const Vec e0 = h0 - r0, e1 = h1 - r1;
+        dd = at::vec::fmadd(e0, e0, at::vec::fmadd(e1, e1, dd));
+      }
+      const auto sum = [](const Vec& v) {
+        return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+      };
+      float s_hr = sum(hr), s_hh = sum(hh), s_rr = sum(rr), s_dd = sum(dd);
+      for (; j < H; ++j) {
+        const float rv = static_cast<float>(r[j]);
+        out[j] = static_cast<scalar_t>(rv + static_cast<float>(d[j]));
+        const float hv = static_cast<float>(out[j]);
+        s_hr += hv * rv;
+        s_hh += hv * hv;
+        s_rr += rv * rv;
+        s_dd += (hv - rv) * (hv - rv);
+      }
+      sp[n] = criterion_value<float>(criterion, s_hr, s_hh, s_rr, s_dd);
+    }
+  });
+}
+
+void add_score(const at::Tensor& residual, const at::Tensor& delta, int64_t criterion, at::Tensor& h,
+               at::Tensor& score) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, residual.scalar_type(), "skip_add_score", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      const int64_t N = residual.size(0), H = residual.size(1);
+      const double* rp = residual.const_data_ptr<double>();
+      const double* dp = delta.const_data_ptr<double>();
+      double* hp = h.mutable_data_ptr<double>();
+      double* sp = score.mutable_data_ptr<double>();
+      at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          double hr = 0, hh = 0, rr = 0, dd = 0;
+          for (int64_t j = 0; j < H; ++j) {
+            const double rv = rp[n * H + j], hv = rv + dp[n * H + j];
+            hp[n * H + j] = hv;
+            hr += hv * rv;
+            hh += hv * hv;
+            rr += rv * rv;
+            dd += (hv - rv) * (hv - rv);
+          }
+          sp[n] = criterion_value<double>(criterion, hr, hh, rr, dd);
+        }
+      });
+    } else {
+      add_score_impl<scalar_t>(residual, delta, criterion, h, score);
+    }
+  });
+}
+
 }  // namespace
 
-const SkipFfnKernels skip_ffn_kernels{&gather_rms_norm, &activate};
+const SkipFfnKernels skip_ffn_kernels{&gather_rms_norm, &activate, &add_score};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace alignops::skip

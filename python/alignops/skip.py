@@ -18,24 +18,22 @@ from ._checks import check_param
 from .reference import skip as _ref
 
 _ACTIVATION_CODES = {name: code for code, name in enumerate(_ref.ACTIVATIONS)}
-_CRITERIA = ("cosine", "norm_ratio")
+_CRITERIA = _ref.CRITERIA
 
 
 def change_score(x: torch.Tensor, previous: torch.Tensor, criterion: str = "cosine") -> torch.Tensor:
-    r"""How much each token changed in this layer, per row (fp32).
+    r"""How much each token changed in this layer, per row (fp32; fp64 for fp64).
 
     ``"cosine"``: ``1 - cos(x, previous)``; ``"norm_ratio"``: ``|x - previous| / |previous|`` (the norm
     of the attention delta relative to the residual stream). ``x`` is the residual stream after the
-    attention add, ``previous`` the same stream before it; shapes [..., H].
+    attention add, ``previous`` the same stream before it; shapes [..., H]. :func:`skip_ffn` with
+    ``delta=`` computes it inside the residual add instead (one pass, no extra read of the rows).
     """
     if criterion not in _CRITERIA:
         raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
     if previous.shape != x.shape:
         raise ValueError(f"previous must have the shape of x {tuple(x.shape)}, got {tuple(previous.shape)}")
-    xf, pf = x.float(), previous.float()
-    if criterion == "cosine":
-        return 1 - torch.nn.functional.cosine_similarity(xf, pf, dim=-1, eps=1e-12)
-    return (xf - pf).norm(dim=-1) / pf.norm(dim=-1).clamp_min(1e-12)
+    return _ref.change_score(x, previous, criterion)
 
 
 def keep_from_spans(skip_spans: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -63,7 +61,7 @@ def keep_top_k(score: torch.Tensor, capacity: int | float) -> torch.Tensor:
     return keep.scatter_(-1, score.topk(k, dim=-1).indices, True)
 
 
-def _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion):
+def _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion, score=None):
     given = [name for name, v in (("keep", keep), ("skip_spans", skip_spans), ("threshold", threshold),
                                   ("capacity", capacity)) if v is not None]
     if len(given) > 1:
@@ -83,10 +81,11 @@ def _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion):
         if keep.shape[0] != x.shape[0]:
             raise ValueError(f"skip_spans must have one row per sequence (B = {x.shape[0]}), got {keep.shape[0]}")
         return keep
-    if previous is None:
-        raise ValueError("threshold and capacity rank tokens by their change in this layer: pass previous "
-                         "(the residual stream before the attention add)")
-    score = change_score(x, previous, criterion)
+    if score is None:
+        if previous is None:
+            raise ValueError("threshold and capacity rank tokens by their change in this layer: pass previous "
+                             "(the residual stream before the attention add) or delta (the attention output)")
+        score = change_score(x, previous, criterion)
     if threshold is not None:
         return score > threshold
     if x.dim() != 3:
@@ -120,11 +119,13 @@ def skip_ffn(
     threshold: float | None = None,
     capacity: int | float | None = None,
     previous: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
     criterion: str = "cosine",
     b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
     activation: str = "swiglu",
     eps: float = 1e-6,
+    inplace: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Residual FFN block on the kept rows only; skipped rows come out bit-identical.
@@ -142,6 +143,15 @@ def skip_ffn(
     - ``capacity``: keep the top-k rows per sequence by that score (k rows, or a fraction of T) —
       static shapes.
 
+    The score compares the rows with ``previous`` (the stream before the attention add). Or pass
+    ``delta`` (the attention output) instead: ``x`` is then the residual before the add, the block runs
+    on ``h = x + delta``, and one fused pass writes h and scores every row (``criterion`` ``"cosine"``:
+    1 - cos(h, x); ``"norm_ratio"``: |delta| / |x|) — the decoder layer's add, criterion and output
+    buffer in one read of the rows.
+
+    ``inplace=True`` (inference) writes the kept rows of ``x`` and never touches the skipped ones (no
+    copy of x); with ``delta`` and no gradient needed, the fresh h buffer is always updated in place.
+
     The kept rows are compacted (no host sync on a GPU: capacity-sized buffers and a device-side
     count), normalised during the gather, sent through the two GEMMs with the activation fused in
     between, and the second GEMM accumulates straight into the gathered residual rows before they are
@@ -150,7 +160,8 @@ def skip_ffn(
     once (the number of kept rows sizes its GEMMs).
 
     Raises ValueError for shape / dtype / device mismatches, a keep mask of the wrong shape, spans out
-    of range, and more than one keep criterion.
+    of range, more than one keep criterion, both ``previous`` and ``delta``, and ``inplace=True`` when a
+    gradient is needed.
     """
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
         raise ValueError(f"x must be a tensor of shape [B, T, H] or [N, H], got {getattr(x, 'shape', type(x))}")
@@ -159,16 +170,47 @@ def skip_ffn(
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     _check_weights(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation)
-    mask = _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion)
+    if criterion not in _CRITERIA:
+        raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
     impl = _backend.resolve(backend, x.device, "skip_ffn", native_cuda=False)
-    if impl == "torch":
-        return _ref.skip_ffn(x, w_gate_up, w_down, norm_weight, mask, b_gate_up, b_down, activation, eps)
-    op = torch.ops.alignops.skip_ffn if impl == "native" else torch.ops.alignops.skip_ffn_triton
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_gate_up, w_down, norm_weight, b_gate_up, b_down))
     H = x.shape[-1]
+    score = None
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, delta, w_gate_up, w_down, norm_weight, b_gate_up, b_down))
+    if inplace and needs_grad:
+        raise ValueError("inplace=True overwrites x and records no gradient: use it under torch.no_grad() "
+                         "(or with inputs that do not require grad)")
+    if delta is not None:
+        if previous is not None:
+            raise ValueError("give previous (the stream before the add) or delta (the attention output), not both")
+        if delta.shape != x.shape or delta.dtype != x.dtype or delta.device != x.device:
+            raise ValueError(f"delta must match x: shape {tuple(x.shape)}, {x.dtype}, {x.device}; got "
+                             f"{tuple(delta.shape)}, {delta.dtype}, {delta.device}")
+        code = _CRITERIA.index(criterion)
+        if impl == "torch":
+            h, score = _ref.add_score(x, delta, criterion)
+        else:
+            op = torch.ops.alignops.skip_add_score if impl == "native" else torch.ops.alignops.skip_add_score_triton
+            h, score = op(x.reshape(-1, H), delta.reshape(-1, H), code)
+            h, score = h.reshape(x.shape), score.reshape(x.shape[:-1])
+        target = h if not needs_grad else None
+        x = h
+    else:
+        target = x if inplace else None
+    mask = _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion, score)
+    if impl == "torch":
+        y = _ref.skip_ffn(x, w_gate_up, w_down, norm_weight, mask, b_gate_up, b_down, activation, eps)
+        return target.copy_(y) if target is not None else y
+    code = _ACTIVATION_CODES[activation]
+    if target is not None:
+        if not target.is_contiguous():
+            raise ValueError("inplace=True needs a contiguous x")
+        op = torch.ops.alignops.skip_ffn_ if impl == "native" else torch.ops.alignops.skip_ffn_triton_
+        op(target.view(-1, H), mask.reshape(-1), w_gate_up, w_down, norm_weight, b_gate_up, b_down, code, float(eps))
+        return target
+    op = torch.ops.alignops.skip_ffn if impl == "native" else torch.ops.alignops.skip_ffn_triton
     y = op(x.reshape(-1, H), mask.reshape(-1), w_gate_up, w_down, norm_weight, b_gate_up, b_down,
-           _ACTIVATION_CODES[activation], float(eps), save)[0]
+           code, float(eps), needs_grad)[0]
     return y.reshape(x.shape)
 
 

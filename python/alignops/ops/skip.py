@@ -18,6 +18,29 @@ def skip_ffn_fake(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, ac
             x.new_empty((1,), dtype=torch.long), rstd, x.new_empty((N if save_for_backward else 0, G)))
 
 
+@torch.library.register_fake("alignops::skip_ffn_")
+def skip_ffn_inplace_fake(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps):
+    return None
+
+
+@torch.library.register_fake("alignops::skip_add_score")
+def skip_add_score_fake(residual, delta, criterion):
+    return (torch.empty_like(residual, memory_format=torch.contiguous_format),
+            residual.new_empty((residual.shape[0],), dtype=acc_dtype(residual.dtype)))
+
+
+def _add_score_backward(ctx, grad_h, _grad_score):
+    # h = residual + delta; the score only decides which rows run, it carries no gradient.
+    return grad_h, grad_h, None
+
+
+def register_add_score_autograd(op: str) -> None:
+    torch.library.register_autograd(op, _add_score_backward)
+
+
+register_add_score_autograd("alignops::skip_add_score")
+
+
 def _setup(ctx, inputs, output):
     x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps, save = inputs
     _, index, count, rstd, pre_act = output

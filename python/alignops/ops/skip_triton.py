@@ -16,9 +16,9 @@ from torch.library import triton_op
 
 from .._checks import check_param, check_triton_device
 
-from ..kernels.skip import SWIGLU, launch_skip_ffn
+from ..kernels.skip import SWIGLU, launch_add_score, launch_skip_ffn
 from .preference import acc_dtype
-from .skip import register_skip_ffn_autograd
+from .skip import register_add_score_autograd, register_skip_ffn_autograd
 
 _ACTIVATIONS = {0: "swiglu", 1: "gelu", 2: "gelu_tanh"}
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -101,3 +101,63 @@ def skip_ffn_triton(
 
 
 register_skip_ffn_autograd("alignops::skip_ffn_triton")
+
+
+@triton_op("alignops::skip_ffn_triton_", mutates_args=("x",), schema=(
+    "(Tensor(a!) x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
+    "Tensor? b_down, int activation, float eps) -> ()"))
+def skip_ffn_triton_(
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    b_gate_up: Optional[torch.Tensor],
+    b_down: Optional[torch.Tensor],
+    activation: int,
+    eps: float,
+) -> None:
+    """Triton twin of ``alignops::skip_ffn_``: kept rows of x become x + FFN(RMSNorm(x)), skipped rows are
+    never written (each output tile of the second GEMM reads its residual elements before it stores them)."""
+    I = _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps)
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous to be updated in place")
+    N, H = x.shape
+    if N == 0:
+        return
+    G = w_gate_up.shape[0]
+    launch_skip_ffn(
+        x, keep.contiguous().view(torch.uint8), w_gate_up.contiguous(), w_down.contiguous(),
+        None if norm_weight is None else norm_weight.contiguous(),
+        None if b_gate_up is None else b_gate_up.contiguous(),
+        None if b_down is None else b_down.contiguous(),
+        activation, eps, x, x.new_empty(N, dtype=torch.int64), x.new_empty(1, dtype=torch.int64),
+        x.new_empty(0, dtype=acc_dtype(x.dtype)), x.new_empty((0, G)),
+        x.new_empty((N, H) if norm_weight is not None else (0, H)), x.new_empty((N, I)))
+
+
+@triton_op("alignops::skip_add_score_triton", mutates_args=(),
+           schema="(Tensor residual, Tensor delta, int criterion) -> (Tensor, Tensor)")
+def skip_add_score_triton(residual: torch.Tensor, delta: torch.Tensor, criterion: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``alignops::skip_add_score``: (h = residual + delta, score [N] in the accumulation dtype)."""
+    if residual.dim() != 2:
+        raise ValueError(f"residual must be a 2-D tensor of shape [N, H], got shape {list(residual.shape)}")
+    if residual.dtype not in _DTYPES:
+        raise ValueError(f"residual must be float32, float64, float16 or bfloat16, got {residual.dtype}")
+    check_triton_device(residual, "residual")
+    if delta.shape != residual.shape:
+        raise ValueError(f"delta must have the shape of residual {list(residual.shape)}, got {list(delta.shape)}")
+    if delta.dtype != residual.dtype or delta.device != residual.device:
+        raise ValueError(f"delta must have the dtype and device of residual ({residual.dtype}, {residual.device}), "
+                         f"got {delta.dtype}, {delta.device}")
+    if criterion not in (0, 1):
+        raise ValueError(f"criterion code must be 0 (cosine) or 1 (norm_ratio), got {criterion}")
+    r, d = residual.contiguous(), delta.contiguous()
+    h = torch.empty_like(r)
+    score = r.new_empty(r.shape[0], dtype=acc_dtype(r.dtype))
+    launch_add_score(r, d, criterion, h, score)
+    return h, score
+
+
+register_add_score_autograd("alignops::skip_add_score_triton")

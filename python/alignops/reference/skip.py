@@ -11,6 +11,22 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh")
+CRITERIA = ("cosine", "norm_ratio")
+
+
+def change_score(x: torch.Tensor, previous: torch.Tensor, criterion: str = "cosine") -> torch.Tensor:
+    """Per row: ``1 - cos(x, previous)`` or ``|x - previous| / |previous|`` (fp32; fp64 for fp64)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, pf = x.to(acc), previous.to(acc)
+    if criterion == "cosine":
+        return 1 - F.cosine_similarity(xf, pf, dim=-1, eps=1e-12)
+    return (xf - pf).norm(dim=-1) / pf.norm(dim=-1).clamp_min(1e-12)
+
+
+def add_score(residual: torch.Tensor, delta: torch.Tensor, criterion: str = "cosine"):
+    """A decoder layer's residual add and the change it made: (h = residual + delta, change_score(h, residual))."""
+    h = residual + delta
+    return h, change_score(h, residual, criterion)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
