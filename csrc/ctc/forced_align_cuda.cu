@@ -162,7 +162,11 @@ __global__ void forced_align_kernel(const scalar_t* __restrict__ log_probs, cons
                                     int64_t checkpoint, int64_t n_ckpt, acc_t* rows, acc_t* ckpt, uint32_t* bits,
                                     int64_t bits_frames, int64_t* paths, scalar_t* scores, bool* feasible) {
   const int64_t b = blockIdx.x;
-  const int64_t T = input_lengths[b], L = target_lengths[b];
+  // Lengths are checked by the Python wrapper; out-of-range ones that still arrive make the row infeasible
+  // and are clamped so that nothing is read or written out of bounds.
+  const bool lengths_ok = input_lengths[b] >= 0 && input_lengths[b] <= Tmax && target_lengths[b] >= 0 &&
+                          target_lengths[b] <= Lmax;
+  const int64_t T = lengths_ok ? input_lengths[b] : 0, L = lengths_ok ? target_lengths[b] : 0;
   Utterance<scalar_t, acc_t> u{log_probs + b * Tmax * C, targets + b * Lmax,
                                star_scores != nullptr ? star_scores + b * Tmax : nullptr,
                                T, C, L, blank, star_id, (Lmax + 1 + kWarp - 1) / kWarp};
@@ -183,7 +187,7 @@ __global__ void forced_align_kernel(const scalar_t* __restrict__ log_probs, cons
       ids_ok &= star || (u.tgt[j] >= 0 && u.tgt[j] < C && u.tgt[j] != blank);
       repeats += j > 0 && u.tgt[j] == u.tgt[j - 1];
     }
-    s_ok = ids_ok && T >= L + repeats && (T > 0 || L == 0);
+    s_ok = lengths_ok && ids_ok && T >= L + repeats && (T > 0 || L == 0);
   }
   for (int64_t t = threadIdx.x; t < Tmax; t += blockDim.x) {
     path[t] = -1;
