@@ -259,3 +259,19 @@ def test_token_spans_mean_logprob_and_bad_input():
 
 def test_public_api_exports():
     assert alignops.ctc.forced_align is ctc.forced_align
+
+
+def test_word_spans_group_tokens():
+    paths = torch.tensor([[0, 3, 3, 0, 2, 4, 4, 0, 1, -1]])
+    scores = torch.tensor([[-0.1, -1.0, -2.0, -0.3, -0.5, -0.2, -0.4, -0.3, -0.7, 0.0]])
+    spans = ctc.token_spans(paths, scores)
+    words = ctc.word_spans(spans, torch.tensor([[2, 2, 0]]))
+    assert words.start.tolist() == [[1, 5, -1]] and words.end.tolist() == [[5, 9, -1]]
+    assert words.token.tolist() == [[3, 4, -1]] and words.count.tolist() == [2]
+    # frame-weighted: word 0 = frames 1, 2, 4 (-1, -2, -0.5); word 1 = frames 5, 6, 8
+    torch.testing.assert_close(words.score[0, :2], torch.tensor([-3.5 / 3, -1.3 / 3]))
+    assert words.score[0, 2].isnan()
+    with pytest.raises(ValueError, match="asks for more tokens than a row has spans"):
+        ctc.word_spans(spans, torch.tensor([[3, 2]]))
+    with pytest.raises(ValueError, match=r"word_lengths must be a \[B, W\]"):
+        ctc.word_spans(spans, torch.tensor([2, 2]))

@@ -220,4 +220,45 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
     return TokenSpans(token, start, end, score, count)
 
 
-__all__ = ["MEMORY_MODES", "TokenSpans", "forced_align", "token_spans"]
+def word_spans(spans: TokenSpans, word_lengths: torch.Tensor) -> TokenSpans:
+    """Group token spans into words: word w of row b is its next ``word_lengths[b, w]`` tokens.
+
+    ``word_lengths`` [B, W] int (0 = padding). start / end are the first token's start and the last
+    token's end; score is the frame-weighted mean of the token scores (the mean frame score over the
+    word's tokens). ``token`` holds the word's first token id; ``count`` the words with at least one
+    token. Rows with fewer spans than the lengths ask for raise ValueError. Vectorised (cumsum + gather).
+    """
+    if not isinstance(word_lengths, torch.Tensor) or word_lengths.dim() != 2 or word_lengths.dtype not in (
+            torch.int32, torch.int64):
+        raise ValueError(f"word_lengths must be a [B, W] int64 / int32 tensor, got "
+                         f"{getattr(word_lengths, 'shape', type(word_lengths))}")
+    B, K = spans.start.shape
+    if word_lengths.shape[0] != B:
+        raise ValueError(f"word_lengths must have one row per utterance (B = {B}), got {word_lengths.shape[0]}")
+    lengths = word_lengths.long().to(spans.start.device)
+    if bool((lengths < 0).any()):
+        raise ValueError("word_lengths must be >= 0")
+    last = lengths.cumsum(1)  # one past each word's last token
+    if lengths.shape[1] > 0 and bool((last[:, -1] > spans.count).any()):
+        raise ValueError("word_lengths asks for more tokens than a row has spans")
+    first = last - lengths
+    real = lengths > 0
+    safe_first = torch.where(real, first, 0).clamp(max=max(K - 1, 0))
+    safe_last = torch.where(real, last - 1, 0).clamp(max=max(K - 1, 0))
+    frames = (spans.end - spans.start).clamp(min=0).to(spans.score.dtype)
+    weighted = torch.nan_to_num(spans.score) * frames
+    csum = torch.cat([weighted.new_zeros(B, 1), weighted.cumsum(1)], 1)
+    fsum = torch.cat([frames.new_zeros(B, 1), frames.cumsum(1)], 1)
+    total = csum.gather(1, torch.where(real, last, 0)) - csum.gather(1, torch.where(real, first, 0))
+    n = fsum.gather(1, torch.where(real, last, 0)) - fsum.gather(1, torch.where(real, first, 0))
+    minus = torch.full_like(lengths, -1)
+    return TokenSpans(
+        torch.where(real, spans.token.gather(1, safe_first), minus) if K else minus,
+        torch.where(real, spans.start.gather(1, safe_first), minus) if K else minus,
+        torch.where(real, spans.end.gather(1, safe_last), minus) if K else minus,
+        torch.where(real, total / n.clamp(min=1), torch.nan),
+        real.sum(1),
+    )
+
+
+__all__ = ["MEMORY_MODES", "TokenSpans", "forced_align", "token_spans", "word_spans"]
