@@ -88,7 +88,7 @@ TORCH_LIBRARY(alignops, m) {
   // log_probs [B, T, C] (any float dtype; fp32 accumulation, fp64 for fp64), targets [B, L] padded,
   // lengths [B]. Targets equal to star_id take their per-frame score from star_scores [B, T] (a wildcard
   // state) when it is given. checkpoint = 0 keeps 1.5 bits of backpointers per state; K > 0 keeps every
-  // K-th score row and recomputes K-frame segments on the way back (CPU). Returns (paths [B, T] int64,
+  // K-th score row and recomputes K-frame segments on the way back. Returns (paths [B, T] int64,
   // scores [B, T] (log_probs dtype: the emission score of the aligned label per frame), feasible [B] bool);
   // frames past input_lengths hold -1 / 0, infeasible rows -1 / -inf.
   m.def(

@@ -275,3 +275,22 @@ def test_word_spans_group_tokens():
         ctc.word_spans(spans, torch.tensor([[3, 2]]))
     with pytest.raises(ValueError, match=r"word_lengths must be a \[B, W\]"):
         ctc.word_spans(spans, torch.tensor([2, 2]))
+
+
+def test_padding_values_in_targets_are_ignored():
+    lp = torch.randn(2, 12, 5).log_softmax(-1)
+    tg = torch.tensor([[1, 2, -1, 99], [3, 3, 4, 1]])
+    tl = torch.tensor([2, 4])
+    for backend in ("native", "torch"):
+        paths, _ = ctc.forced_align(lp, tg, None, tl, backend=backend)
+        assert collapse(paths[0].tolist(), 0) == [1, 2] and collapse(paths[1].tolist(), 0) == [3, 3, 4, 1]
+
+
+def test_token_spans_num_spans_too_small():
+    with pytest.raises(ValueError, match="num_spans=1 is fewer than the spans of a row"):
+        ctc.token_spans(torch.tensor([[1, 2, 3]]), num_spans=1)
+
+
+def test_triton_backend_is_refused():
+    with pytest.raises(RuntimeError, match="forced_align: there is no Triton kernel"):
+        ctc.forced_align(torch.randn(1, 5, 3).log_softmax(-1), torch.tensor([[1]]), backend="triton")

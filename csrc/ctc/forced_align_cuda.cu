@@ -155,7 +155,7 @@ __device__ __forceinline__ void back(const uint32_t* bits, int64_t W, int64_t& j
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void forced_align_kernel(const scalar_t* __restrict__ log_probs, const int64_t* __restrict__ targets,
+__global__ void __launch_bounds__(kMaxThreads) forced_align_kernel(const scalar_t* __restrict__ log_probs, const int64_t* __restrict__ targets,
                                     const int64_t* __restrict__ input_lengths,
                                     const int64_t* __restrict__ target_lengths, const acc_t* __restrict__ star_scores,
                                     int64_t Tmax, int64_t C, int64_t Lmax, int64_t blank, int64_t star_id,

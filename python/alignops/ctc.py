@@ -100,7 +100,8 @@ def forced_align(
 
     Devices: CPU (threaded over the batch; the trellis loop is vectorised over states) and CUDA (one
     block per utterance, the whole time loop and the backtrace inside one kernel launch). On CUDA the
-    value checks of ``targets`` and the infeasibility check cost one host sync.
+    value checks of the lengths and ``targets`` and the infeasibility check read back a few scalars
+    (host syncs; alignment is an inference step, not a training hot path).
 
     Raises:
         ValueError: wrong ranks / shapes / dtypes / devices, a target equal to ``blank`` or outside
@@ -132,6 +133,9 @@ def forced_align(
         if checkpoint < 1:
             raise ValueError(f"checkpoint_interval must be >= 1, got {checkpoint_interval}")
     impl = _backend.resolve(backend, dev, "forced_align")
+    if impl == "triton":
+        raise RuntimeError("forced_align: there is no Triton kernel (its GPU kernel is CUDA C++); build alignops "
+                           "with ALIGNOPS_ENABLE_CUDA=ON, or use backend='torch'")
     if dev.type == "cuda" or impl == "torch":
         _check_values_on_host(log_probs, targets, input_lengths, target_lengths, blank, star_id if star is not None else None)
     if impl == "torch":
@@ -208,6 +212,8 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
     ends = valid & (paths != torch.cat([paths[:, 1:], pad], 1))
     count = starts.sum(1)
     K = int(count.max()) if num_spans is None and B > 0 and T > 0 else (num_spans or 0)
+    if num_spans is not None and B > 0 and T > 0 and bool((count > num_spans).any()):
+        raise ValueError(f"num_spans={num_spans} is fewer than the spans of a row ({int(count.max())})")
     k = torch.where(valid, starts.long().cumsum(1) - 1, K)  # K: a dump column, cut below
     frames = torch.arange(T, device=paths.device).expand(B, T)
     acc = _ref.acc_dtype(frame_scores.dtype)
@@ -245,8 +251,9 @@ def word_spans(spans: TokenSpans, word_lengths: torch.Tensor) -> TokenSpans:
     real = lengths > 0
     safe_first = torch.where(real, first, 0).clamp(max=max(K - 1, 0))
     safe_last = torch.where(real, last - 1, 0).clamp(max=max(K - 1, 0))
-    frames = (spans.end - spans.start).clamp(min=0).to(spans.score.dtype)
-    weighted = torch.nan_to_num(spans.score) * frames
+    # fp64 prefix sums: a word is a difference of two of them, exact enough over hours of frames.
+    frames = (spans.end - spans.start).clamp(min=0).double()
+    weighted = torch.where(spans.start >= 0, spans.score.double(), 0.0) * frames
     csum = torch.cat([weighted.new_zeros(B, 1), weighted.cumsum(1)], 1)
     fsum = torch.cat([frames.new_zeros(B, 1), frames.cumsum(1)], 1)
     total = csum.gather(1, torch.where(real, last, 0)) - csum.gather(1, torch.where(real, first, 0))
@@ -256,7 +263,7 @@ def word_spans(spans: TokenSpans, word_lengths: torch.Tensor) -> TokenSpans:
         torch.where(real, spans.token.gather(1, safe_first), minus) if K else minus,
         torch.where(real, spans.start.gather(1, safe_first), minus) if K else minus,
         torch.where(real, spans.end.gather(1, safe_last), minus) if K else minus,
-        torch.where(real, total / n.clamp(min=1), torch.nan),
+        torch.where(real, total / n.clamp(min=1), torch.nan).to(spans.score.dtype),
         real.sum(1),
     )
 

@@ -47,7 +47,8 @@ def forced_align(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: 
     target_lengths = target_lengths.long().to(dev)
     is_star = (targets == star_id) if star_scores is not None else torch.zeros_like(targets, dtype=torch.bool)
     labels = torch.full((B, S), blank, dtype=torch.long, device=dev)
-    labels[:, 1::2] = torch.where(is_star, 0, targets)
+    inside = torch.arange(L, device=dev)[None, :] < target_lengths[:, None]
+    labels[:, 1::2] = torch.where(is_star | ~inside, 0, targets)  # padding may hold any value
     star_state = torch.zeros((B, S), dtype=torch.bool, device=dev)
     star_state[:, 1::2] = is_star
     skip_ok = torch.zeros((B, S), dtype=torch.bool, device=dev)
