@@ -42,6 +42,8 @@ from .objectives import (
 )
 from .represent import IMACollector, IMADatasetScore, IMAScore, ima_score
 from .skip import skip_ffn
+from . import wasserstein  # noqa: E402
+from .wasserstein import gaussian_w2, sliced_wasserstein, wasserstein_1d
 
 __version__ = "0.1.0"
 
@@ -80,4 +82,8 @@ __all__ = [
     "represent",
     "skip",
     "reference",
+    "wasserstein",
+    "wasserstein_1d",
+    "sliced_wasserstein",
+    "gaussian_w2",
 ]

@@ -1,0 +1,260 @@
+// CPU kernels of alignops::wasserstein_1d and its backward: per problem, sort both samples (std::sort), build
+// the normalised cumulative weights and walk the two CDFs in one merge; problems are spread over threads
+// with at::parallel_for. The merge is a scalar two-pointer walk and the sort dominates, so there is no
+// vectorised (AVX2) copy of this file. Sums run in fp64 whatever the input dtype.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace alignops::wasserstein {
+namespace {
+
+// One sorted sample: values ascending, cumulative weights normalised so that the last one is exactly 1,
+// and (for the backward) the permutation that sorted it and the total weight.
+template <typename acc_t>
+struct Sorted {
+  std::vector<acc_t> x;
+  std::vector<double> c;
+  std::vector<int64_t> order;
+  double total = 0;
+};
+
+// NaN sorts last (a strict weak order even with NaN present); the NaN then reaches the distance.
+template <typename T>
+inline bool less_nan_last(T a, T b) {
+  return a < b || (!std::isnan(a) && std::isnan(b));
+}
+
+template <typename scalar_t, typename acc_t>
+void sort_sample(const scalar_t* values, const scalar_t* weights, int64_t n, bool keep_order, Sorted<acc_t>& s) {
+  s.x.resize(n);
+  s.c.resize(n);
+  if (!keep_order && weights == nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      s.x[i] = static_cast<acc_t>(values[i]);
+    }
+    std::sort(s.x.begin(), s.x.end(), less_nan_last<acc_t>);
+    for (int64_t i = 0; i < n; ++i) {
+      s.c[i] = static_cast<double>(i + 1) / static_cast<double>(n);
+    }
+    s.total = static_cast<double>(n);
+    return;
+  }
+  // Stable: atoms at the same location keep their input order, so gradients are deterministic.
+  s.order.resize(n);
+  std::iota(s.order.begin(), s.order.end(), int64_t(0));
+  std::stable_sort(s.order.begin(), s.order.end(), [values](int64_t a, int64_t b) {
+    return less_nan_last(static_cast<acc_t>(values[a]), static_cast<acc_t>(values[b]));
+  });
+  double run = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = s.order[i];
+    s.x[i] = static_cast<acc_t>(values[k]);
+    run += weights == nullptr ? 1.0 : static_cast<double>(weights[k]);
+    s.c[i] = run;
+  }
+  s.total = run;
+  for (int64_t i = 0; i < n; ++i) {
+    s.c[i] /= run;
+  }
+  s.c[n - 1] = 1.0;
+}
+
+inline double cost_of(double d, double p) {
+  const double a = std::abs(d);
+  return p == 1.0 ? a : (p == 2.0 ? a * a : std::pow(a, p));
+}
+
+// d cost / d d for cost = |d|^p (0 at d = 0 for p = 1: the subgradient of least norm).
+inline double dcost_of(double d, double p) {
+  if (p == 1.0) {
+    return d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0);
+  }
+  if (p == 2.0) {
+    return 2.0 * d;
+  }
+  return d == 0 ? 0.0 : p * std::pow(std::abs(d), p - 1.0) * (d > 0 ? 1.0 : -1.0);
+}
+
+template <typename acc_t>
+double merge_cost(const Sorted<acc_t>& u, const Sorted<acc_t>& v, double p) {
+  const int64_t n = static_cast<int64_t>(u.x.size()), m = static_cast<int64_t>(v.x.size());
+  double cost = 0, prev = 0;
+  int64_t i = 0, j = 0;
+  while (i < n && j < m) {
+    const double c = cost_of(static_cast<double>(u.x[i]) - static_cast<double>(v.x[j]), p);
+    // Ties take u's breakpoint first; the v step that follows has length 0.
+    const double q = u.c[i] <= v.c[j] ? u.c[i++] : v.c[j++];
+    cost += (q - prev) * c;
+    prev = q;
+  }
+  return cost;
+}
+
+// Gradients of g * cost w.r.t. the sorted values (gx) and the cumulative breakpoints (gc). The cost is
+// sum_k (q_k - q_{k-1}) c_k, so d/d q_k = c_k - c_{k+1}; ties between breakpoints are kinks, and the
+// one-sided derivative of the merge order above (u first) is returned there.
+template <typename acc_t>
+void merge_grad(const Sorted<acc_t>& u, const Sorted<acc_t>& v, double p, double g, std::vector<double>& gxu,
+                std::vector<double>& gxv, std::vector<double>& gcu, std::vector<double>& gcv) {
+  const int64_t n = static_cast<int64_t>(u.x.size()), m = static_cast<int64_t>(v.x.size());
+  gxu.assign(n, 0.0);
+  gxv.assign(m, 0.0);
+  gcu.assign(n, 0.0);
+  gcv.assign(m, 0.0);
+  double prev = 0, c_prev = 0;
+  double* last = nullptr;  // the breakpoint taken at the previous step
+  int64_t i = 0, j = 0;
+  while (i < n && j < m) {
+    const double d = static_cast<double>(u.x[i]) - static_cast<double>(v.x[j]);
+    const double c = cost_of(d, p);
+    if (last != nullptr) {
+      *last = g * (c_prev - c);
+    }
+    const bool take_u = u.c[i] <= v.c[j];
+    const double q = take_u ? u.c[i] : v.c[j];
+    const double dd = g * (q - prev) * dcost_of(d, p);
+    gxu[i] += dd;
+    gxv[j] -= dd;
+    last = take_u ? &gcu[i++] : &gcv[j++];
+    prev = q;
+    c_prev = c;
+  }
+}
+
+// d / d w_l of a function of C_i = (sum_{k<=i} w_k) / S, from gc_i = d / d C_i (sorted order): 
+// (sum_{i>=l} gc_i - sum_i gc_i C_i) / S, scattered back to the input order.
+template <typename acc_t, typename scalar_t>
+void weight_grad(const Sorted<acc_t>& s, const std::vector<double>& gc, scalar_t* out) {
+  const int64_t n = static_cast<int64_t>(gc.size());
+  double dot = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    dot += gc[i] * s.c[i];
+  }
+  double tail = 0;
+  for (int64_t l = n - 1; l >= 0; --l) {
+    tail += gc[l];
+    out[s.order[l]] = static_cast<scalar_t>((tail - dot) / s.total);
+  }
+}
+
+void check_inputs(const at::Tensor& u, const at::Tensor& v, const std::optional<at::Tensor>& uw,
+                  const std::optional<at::Tensor>& vw, double p) {
+  check_dim(u, 2, "u", "[B, n]");
+  check_dim(v, 2, "v", "[B, m]");
+  check_floating(u, "u");
+  check_device(u, c10::DeviceType::CPU, "u");
+  check_same_dtype(v, u, "v", "u");
+  check_same_device(v, u, "v", "u");
+  TORCH_CHECK_VALUE(v.size(0) == u.size(0), "v must have as many problems as u (B = ", u.size(0), "), got shape ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(u.size(1) > 0 && v.size(1) > 0, "u and v need at least one atom each, got shapes ", u.sizes(),
+                    " and ", v.sizes());
+  TORCH_CHECK_VALUE(p >= 1.0 && std::isfinite(p), "p must be a finite value >= 1, got ", p);
+  for (const auto& [w, x, name, xname] : {std::tuple{&uw, &u, "u_weights", "u"}, std::tuple{&vw, &v, "v_weights", "v"}}) {
+    if (!w->has_value()) {
+      continue;
+    }
+    check_same_shape(**w, *x, name, xname);
+    check_same_dtype(**w, *x, name, xname);
+    check_same_device(**w, *x, name, xname);
+    if ((*w)->numel() > 0) {
+      TORCH_CHECK_VALUE(((**w >= 0) & (**w).isfinite()).all().item<bool>(), name, " must be finite and >= 0");
+      TORCH_CHECK_VALUE(((**w).sum(-1) > 0).all().item<bool>(), name, " must have a positive sum in every problem");
+    }
+  }
+}
+
+int64_t grain(int64_t n, int64_t m) { return std::max<int64_t>(1, 32768 / (n + m)); }
+
+at::Tensor wasserstein_1d_cpu(const at::Tensor& u, const at::Tensor& v, const std::optional<at::Tensor>& u_weights,
+                              const std::optional<at::Tensor>& v_weights, double p) {
+  check_inputs(u, v, u_weights, v_weights, p);
+  const int64_t B = u.size(0), n = u.size(1), m = v.size(1);
+  const auto uc = u.contiguous(), vc = v.contiguous();
+  const auto uwc = u_weights.has_value() ? u_weights->contiguous() : at::Tensor();
+  const auto vwc = v_weights.has_value() ? v_weights->contiguous() : at::Tensor();
+  auto out = at::empty({B}, u.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "wasserstein_1d_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pu = uc.const_data_ptr<scalar_t>();
+    const scalar_t* pv = vc.const_data_ptr<scalar_t>();
+    const scalar_t* pwu = uwc.defined() ? uwc.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pwv = vwc.defined() ? vwc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain(n, m), [&](int64_t begin, int64_t end) {
+      Sorted<acc_t> su, sv;
+      for (int64_t b = begin; b < end; ++b) {
+        sort_sample(pu + b * n, pwu ? pwu + b * n : nullptr, n, false, su);
+        sort_sample(pv + b * m, pwv ? pwv + b * m : nullptr, m, false, sv);
+        po[b] = static_cast<scalar_t>(merge_cost(su, sv, p));
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wasserstein_1d_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& u, const at::Tensor& v, const std::optional<at::Tensor>& u_weights,
+    const std::optional<at::Tensor>& v_weights, double p, bool weights_grad) {
+  check_inputs(u, v, u_weights, v_weights, p);
+  const int64_t B = u.size(0), n = u.size(1), m = v.size(1);
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == B, "grad must have shape [B] = [", B, "], got ", grad.sizes());
+  const auto uc = u.contiguous(), vc = v.contiguous();
+  const auto gc = grad.contiguous().to(at::kDouble);
+  const auto uwc = u_weights.has_value() ? u_weights->contiguous() : at::Tensor();
+  const auto vwc = v_weights.has_value() ? v_weights->contiguous() : at::Tensor();
+  auto gu = at::empty_like(uc), gv = at::empty_like(vc);
+  const bool gwu_on = weights_grad && uwc.defined(), gwv_on = weights_grad && vwc.defined();
+  auto gwu = at::empty({gwu_on ? B : 0, gwu_on ? n : 0}, u.options());
+  auto gwv = at::empty({gwv_on ? B : 0, gwv_on ? m : 0}, u.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "wasserstein_1d_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pu = uc.const_data_ptr<scalar_t>();
+    const scalar_t* pv = vc.const_data_ptr<scalar_t>();
+    const scalar_t* pwu = uwc.defined() ? uwc.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pwv = vwc.defined() ? vwc.const_data_ptr<scalar_t>() : nullptr;
+    const double* pg = gc.const_data_ptr<double>();
+    scalar_t* pgu = gu.mutable_data_ptr<scalar_t>();
+    scalar_t* pgv = gv.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain(n, m), [&](int64_t begin, int64_t end) {
+      Sorted<acc_t> su, sv;
+      std::vector<double> gxu, gxv, gcu, gcv;
+      for (int64_t b = begin; b < end; ++b) {
+        sort_sample(pu + b * n, pwu ? pwu + b * n : nullptr, n, true, su);
+        sort_sample(pv + b * m, pwv ? pwv + b * m : nullptr, m, true, sv);
+        merge_grad(su, sv, p, pg[b], gxu, gxv, gcu, gcv);
+        for (int64_t i = 0; i < n; ++i) {
+          pgu[b * n + su.order[i]] = static_cast<scalar_t>(gxu[i]);
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          pgv[b * m + sv.order[j]] = static_cast<scalar_t>(gxv[j]);
+        }
+        if (gwu_on) {
+          weight_grad(su, gcu, gwu.mutable_data_ptr<scalar_t>() + b * n);
+        }
+        if (gwv_on) {
+          weight_grad(sv, gcv, gwv.mutable_data_ptr<scalar_t>() + b * m);
+        }
+      }
+    });
+  });
+  return {gu, gv, gwu, gwv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alignops, CPU, m) {
+  m.impl("wasserstein_1d", &wasserstein_1d_cpu);
+  m.impl("wasserstein_1d_backward", &wasserstein_1d_backward_cpu);
+}
+
+}  // namespace alignops::wasserstein
