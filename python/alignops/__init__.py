@@ -41,6 +41,7 @@ from .objectives import (
     wpo_weights,
 )
 from .represent import IMACollector, IMADatasetScore, IMAScore, ima_score
+from .represent import cca, cca_loss, ches_score, linear_cka
 from .skip import skip_ffn
 from . import wasserstein  # noqa: E402
 from .wasserstein import gaussian_w2, sliced_wasserstein, wasserstein_1d
@@ -86,4 +87,8 @@ __all__ = [
     "wasserstein_1d",
     "sliced_wasserstein",
     "gaussian_w2",
+    "cca",
+    "cca_loss",
+    "linear_cka",
+    "ches_score",
 ]
