@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._spectral import psd_inv_sqrt
-
 TOKEN_PAIR_MODES = ("mean", "max", "median")
 _EPS = 1e-12  # F.normalize's: a zero vector is its own unit vector, so it has cosine 0 with everything
 
@@ -566,16 +564,19 @@ def cca(H1: torch.Tensor, H2: torch.Tensor, k: int | None = None, reg: float = 1
     first. The seed paper's code ("all singular values" branch) takes an elementwise sqrt of a matrix
     here; this is the matrix square root, as in the DCCA paper.
 
-    Numerics: covariances accumulate in fp64 whatever the input dtype; ``Sigma^(-1/2)`` comes from ``eigh``
-    with a Daleckii-Krein backward whose divided differences are in closed form (``alignops._spectral``),
-    so gradients stay finite and exact at repeated or nearly repeated eigenvalues (whitened features,
-    duplicated views), where autograd through ``eigh`` (the DCCA reference code, most ports) gives NaN; the
-    singular values' backward is ``U_k V_k^T``, which has no eigenvalue differences either.
+    Numerics: covariances accumulate in fp64 whatever the input dtype. The whitening is by Cholesky factors,
+    ``T' = L_1^{-1} \Sigma_{12} L_2^{-T}`` with ``\Sigma = L L^T``: ``L^{-1} = Q \Sigma^{-1/2}`` for an
+    orthogonal Q, so T' has the singular values of T. Neither the Cholesky nor the triangular solves
+    differentiate through eigenvectors, so gradients stay finite and exact at repeated or nearly repeated
+    eigenvalues (whitened features, duplicated views), where autograd through ``eigh`` (the DCCA reference
+    code, most ports) divides by eigenvalue gaps and gives NaN; the singular values' backward is
+    ``U_k V_k^T``, with no gaps either. Torch composite code (batched LAPACK calls).
 
     Args:
         H1: [..., n, d1], H2: [..., n, d2] (batch dimensions broadcast), float on any device.
         k: number of correlations, 1 <= k <= min(d1, d2) (None: all).
-        reg: ridge r >= 0 added to both auto-covariances (r = 0 needs full-rank views).
+        reg: ridge r >= 0 added to both auto-covariances (r = 0 needs full-rank views: a singular covariance
+            raises torch.linalg.LinAlgError from the Cholesky factorisation).
 
     Returns: [..., k] correlations in fp32 (fp64 for fp64 inputs), differentiable w.r.t. H1 and H2.
 
@@ -600,8 +601,9 @@ def cca(H1: torch.Tensor, H2: torch.Tensor, k: int | None = None, reg: float = 1
     S11 = H1.transpose(-1, -2) @ H1 / (n - 1) + reg * eye1
     S22 = H2.transpose(-1, -2) @ H2 / (n - 1) + reg * eye2
     S12 = H1.transpose(-1, -2) @ H2 / (n - 1)
-    floor = torch.finfo(torch.float64).tiny
-    T = psd_inv_sqrt(S11, floor) @ S12 @ psd_inv_sqrt(S22, floor)
+    L1, L2 = torch.linalg.cholesky(S11), torch.linalg.cholesky(S22)
+    A = torch.linalg.solve_triangular(L1, S12, upper=False)  # L1^-1 S12
+    T = torch.linalg.solve_triangular(L2, A.transpose(-1, -2), upper=False).transpose(-1, -2)  # (.) L2^-T
     return torch.linalg.svdvals(T)[..., :k].to(out)
 
 
