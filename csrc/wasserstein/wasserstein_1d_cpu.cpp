@@ -8,7 +8,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -24,36 +28,67 @@ struct Sorted {
   std::vector<acc_t> x;
   std::vector<double> c;
   std::vector<int64_t> order;
+  std::vector<uint64_t> packed, scratch;  // radix sort buffers (fp32 accumulation)
   double total = 0;
 };
 
-// NaN sorts last (a strict weak order even with NaN present); the NaN then reaches the distance.
-template <typename T>
-inline bool less_nan_last(T a, T b) {
-  return a < b || (!std::isnan(a) && std::isnan(b));
+// A problem with a NaN atom has a NaN distance and NaN gradients (the sort never sees the NaN: with it `<`
+// would not be a strict weak order).
+template <typename scalar_t>
+bool has_nan(const scalar_t* x, int64_t n) {
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    nan |= std::isnan(static_cast<float>(x[i]));
+  }
+  return nan;
 }
 
-template <typename scalar_t, typename acc_t>
-void sort_sample(const scalar_t* values, const scalar_t* weights, int64_t n, bool keep_order, Sorted<acc_t>& s) {
-  s.x.resize(n);
-  s.c.resize(n);
-  if (!keep_order && weights == nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      s.x[i] = static_cast<acc_t>(values[i]);
+// Order-preserving map of a float to an unsigned key (negative floats reversed, sign bit flipped).
+inline uint32_t float_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Stable LSD radix sort of (key << 32 | index) words by key, a byte per pass (a pass is skipped when every key
+// has the same byte there). About 4x faster than std::sort on a random row of 1024 floats.
+void radix_sort_packed(std::vector<uint64_t>& a, std::vector<uint64_t>& tmp) {
+  const size_t n = a.size();
+  tmp.resize(n);
+  uint32_t count[4][256] = {};
+  for (const uint64_t x : a) {
+    const uint32_t k = static_cast<uint32_t>(x >> 32);
+    for (int p = 0; p < 4; ++p) {
+      ++count[p][(k >> (8 * p)) & 255u];
     }
-    std::sort(s.x.begin(), s.x.end(), less_nan_last<acc_t>);
-    for (int64_t i = 0; i < n; ++i) {
-      s.c[i] = static_cast<double>(i + 1) / static_cast<double>(n);
-    }
-    s.total = static_cast<double>(n);
-    return;
   }
-  // Stable: atoms at the same location keep their input order, so gradients are deterministic.
-  s.order.resize(n);
-  std::iota(s.order.begin(), s.order.end(), int64_t(0));
-  std::stable_sort(s.order.begin(), s.order.end(), [values](int64_t a, int64_t b) {
-    return less_nan_last(static_cast<acc_t>(values[a]), static_cast<acc_t>(values[b]));
-  });
+  uint64_t* src = a.data();
+  uint64_t* dst = tmp.data();
+  for (int p = 0; p < 4; ++p) {
+    const int shift = 32 + 8 * p;
+    if (count[p][(src[0] >> shift) & 255u] == n) {
+      continue;
+    }
+    uint32_t offset[256];
+    uint32_t run = 0;
+    for (int b = 0; b < 256; ++b) {
+      offset[b] = run;
+      run += count[p][b];
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const uint64_t x = src[i];
+      dst[offset[(x >> shift) & 255u]++] = x;
+    }
+    std::swap(src, dst);
+  }
+  if (src != a.data()) {
+    std::copy(src, src + n, a.data());
+  }
+}
+
+// Sorted values and normalised CDF from the permutation s.order.
+template <typename scalar_t, typename acc_t>
+void fill_sorted(const scalar_t* values, const scalar_t* weights, int64_t n, Sorted<acc_t>& s) {
   double run = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = s.order[i];
@@ -66,6 +101,47 @@ void sort_sample(const scalar_t* values, const scalar_t* weights, int64_t n, boo
     s.c[i] /= run;
   }
   s.c[n - 1] = 1.0;
+}
+
+constexpr int64_t kRadixMin = 64;  // below this std::sort wins
+
+template <typename scalar_t, typename acc_t>
+void sort_sample(const scalar_t* values, const scalar_t* weights, int64_t n, bool keep_order, Sorted<acc_t>& s) {
+  s.x.resize(n);
+  s.c.resize(n);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (n >= kRadixMin && n <= int64_t(0xffffffff)) {  // the index must fit the low 32 bits
+      s.packed.resize(n);
+      for (int64_t i = 0; i < n; ++i) {
+        s.packed[i] = (static_cast<uint64_t>(float_key(static_cast<float>(values[i]))) << 32) | static_cast<uint64_t>(i);
+      }
+      radix_sort_packed(s.packed, s.scratch);
+      s.order.resize(n);
+      for (int64_t i = 0; i < n; ++i) {
+        s.order[i] = static_cast<int64_t>(s.packed[i] & 0xffffffffu);
+      }
+      fill_sorted(values, weights, n, s);
+      return;
+    }
+  }
+  if (!keep_order && weights == nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      s.x[i] = static_cast<acc_t>(values[i]);
+    }
+    std::sort(s.x.begin(), s.x.end());
+    for (int64_t i = 0; i < n; ++i) {
+      s.c[i] = static_cast<double>(i + 1) / static_cast<double>(n);
+    }
+    s.total = static_cast<double>(n);
+    return;
+  }
+  // Stable: atoms at the same location keep their input order, so gradients are deterministic.
+  s.order.resize(n);
+  std::iota(s.order.begin(), s.order.end(), int64_t(0));
+  std::stable_sort(s.order.begin(), s.order.end(), [values](int64_t a, int64_t b) {
+    return static_cast<acc_t>(values[a]) < static_cast<acc_t>(values[b]);
+  });
+  fill_sorted(values, weights, n, s);
 }
 
 inline double cost_of(double d, double p) {
@@ -193,6 +269,10 @@ at::Tensor wasserstein_1d_cpu(const at::Tensor& u, const at::Tensor& v, const st
     at::parallel_for(0, B, grain(n, m), [&](int64_t begin, int64_t end) {
       Sorted<acc_t> su, sv;
       for (int64_t b = begin; b < end; ++b) {
+        if (has_nan(pu + b * n, n) || has_nan(pv + b * m, m)) {
+          po[b] = std::numeric_limits<scalar_t>::quiet_NaN();
+          continue;
+        }
         sort_sample(pu + b * n, pwu ? pwu + b * n : nullptr, n, false, su);
         sort_sample(pv + b * m, pwv ? pwv + b * m : nullptr, m, false, sv);
         po[b] = static_cast<scalar_t>(merge_cost(su, sv, p));
@@ -229,6 +309,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wasserstein_1d_backwa
       Sorted<acc_t> su, sv;
       std::vector<double> gxu, gxv, gcu, gcv;
       for (int64_t b = begin; b < end; ++b) {
+        if (has_nan(pu + b * n, n) || has_nan(pv + b * m, m)) {
+          const auto nan = std::numeric_limits<scalar_t>::quiet_NaN();
+          std::fill(pgu + b * n, pgu + (b + 1) * n, nan);
+          std::fill(pgv + b * m, pgv + (b + 1) * m, nan);
+          if (gwu_on) {
+            std::fill(gwu.mutable_data_ptr<scalar_t>() + b * n, gwu.mutable_data_ptr<scalar_t>() + (b + 1) * n, nan);
+          }
+          if (gwv_on) {
+            std::fill(gwv.mutable_data_ptr<scalar_t>() + b * m, gwv.mutable_data_ptr<scalar_t>() + (b + 1) * m, nan);
+          }
+          continue;
+        }
         sort_sample(pu + b * n, pwu ? pwu + b * n : nullptr, n, true, su);
         sort_sample(pv + b * m, pwv ? pwv + b * m : nullptr, m, true, sv);
         merge_grad(su, sv, p, pg[b], gxu, gxv, gcu, gcv);
