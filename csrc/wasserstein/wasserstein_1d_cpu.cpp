@@ -43,8 +43,10 @@ bool has_nan(const scalar_t* x, int64_t n) {
   return nan;
 }
 
-// Order-preserving map of a float to an unsigned key (negative floats reversed, sign bit flipped).
+// Order-preserving map of a float to an unsigned key (negative floats reversed, sign bit flipped). -0 is
+// mapped to +0 (x + 0 in round-to-nearest), so that they tie as under `<`: stable order, same gradients.
 inline uint32_t float_key(float f) {
+  f += 0.0f;
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
@@ -179,34 +181,41 @@ double merge_cost(const Sorted<acc_t>& u, const Sorted<acc_t>& v, double p) {
 // sum_k (q_k - q_{k-1}) c_k, so d/d q_k = c_k - c_{k+1}; ties between breakpoints are kinks, and the
 // one-sided derivative of the merge order above (u first) is returned there.
 template <typename acc_t>
-void merge_grad(const Sorted<acc_t>& u, const Sorted<acc_t>& v, double p, double g, std::vector<double>& gxu,
-                std::vector<double>& gxv, std::vector<double>& gcu, std::vector<double>& gcv) {
+void merge_grad(const Sorted<acc_t>& u, const Sorted<acc_t>& v, double p, double g, bool breakpoints,
+                std::vector<double>& gxu, std::vector<double>& gxv, std::vector<double>& gcu, std::vector<double>& gcv) {
   const int64_t n = static_cast<int64_t>(u.x.size()), m = static_cast<int64_t>(v.x.size());
   gxu.assign(n, 0.0);
   gxv.assign(m, 0.0);
-  gcu.assign(n, 0.0);
-  gcv.assign(m, 0.0);
+  gcu.assign(breakpoints ? n : 0, 0.0);
+  gcv.assign(breakpoints ? m : 0, 0.0);
   double prev = 0, c_prev = 0;
   double* last = nullptr;  // the breakpoint taken at the previous step
   int64_t i = 0, j = 0;
   while (i < n && j < m) {
     const double d = static_cast<double>(u.x[i]) - static_cast<double>(v.x[j]);
-    const double c = cost_of(d, p);
-    if (last != nullptr) {
-      *last = g * (c_prev - c);
-    }
     const bool take_u = u.c[i] <= v.c[j];
     const double q = take_u ? u.c[i] : v.c[j];
     const double dd = g * (q - prev) * dcost_of(d, p);
     gxu[i] += dd;
     gxv[j] -= dd;
-    last = take_u ? &gcu[i++] : &gcv[j++];
+    if (breakpoints) {
+      const double c = cost_of(d, p);
+      if (last != nullptr) {
+        *last = g * (c_prev - c);
+      }
+      last = take_u ? &gcu[i] : &gcv[j];
+      c_prev = c;
+    }
+    if (take_u) {
+      ++i;
+    } else {
+      ++j;
+    }
     prev = q;
-    c_prev = c;
   }
 }
 
-// d / d w_l of a function of C_i = (sum_{k<=i} w_k) / S, from gc_i = d / d C_i (sorted order): 
+// d / d w_l of a function of C_i = (sum_{k<=i} w_k) / S, from gc_i = d / d C_i (sorted order):
 // (sum_{i>=l} gc_i - sum_i gc_i C_i) / S, scattered back to the input order.
 template <typename acc_t, typename scalar_t>
 void weight_grad(const Sorted<acc_t>& s, const std::vector<double>& gc, scalar_t* out) {
@@ -323,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wasserstein_1d_backwa
         }
         sort_sample(pu + b * n, pwu ? pwu + b * n : nullptr, n, true, su);
         sort_sample(pv + b * m, pwv ? pwv + b * m : nullptr, m, true, sv);
-        merge_grad(su, sv, p, pg[b], gxu, gxv, gcu, gcv);
+        merge_grad(su, sv, p, pg[b], gwu_on || gwv_on, gxu, gxv, gcu, gcv);
         for (int64_t i = 0; i < n; ++i) {
           pgu[b * n + su.order[i]] = static_cast<scalar_t>(gxu[i]);
         }
