@@ -232,6 +232,8 @@ def test_sliced_bad_input():
         alignops.sliced_wasserstein(torch.randn(5, 3), torch.randn(5, 4))
     with pytest.raises(ValueError, match="projections must have shape"):
         alignops.sliced_wasserstein(torch.randn(5, 3), torch.randn(5, 3), projections=torch.randn(4, 2))
+    with pytest.raises(ValueError, match="projections must have the dtype and device of X"):
+        alignops.sliced_wasserstein(torch.randn(5, 3), torch.randn(5, 3), projections=torch.randn(3, 2).double())
     with pytest.raises(ValueError, match="n_projections must be >= 1"):
         alignops.sliced_wasserstein(torch.randn(5, 3), torch.randn(5, 3), 0)
 

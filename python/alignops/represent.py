@@ -6,6 +6,9 @@ much each modality changes from one layer to the next. :func:`ima_score` scores 
 (e.g. HF's ``output_hidden_states=True``); :class:`IMACollector` gathers the same dataset-level numbers
 from forward hooks over many batches without keeping the hidden states. The loops in
 :mod:`alignops.reference.represent` are the spec and the test oracle.
+
+Also: :func:`cca` / :func:`cca_loss` (Deep CCA), :func:`linear_cka` (plain and debiased CKA) and
+:func:`ches_score` (CHES of Razin et al.), batched over many small problems.
 """
 
 from __future__ import annotations

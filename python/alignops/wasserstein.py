@@ -142,6 +142,10 @@ def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, n_projections: int = 50
         projections = random_projections(d, n_projections, seed, dtype=X.dtype, device=X.device)
     elif projections.dim() != 2 or projections.shape[0] != d:
         raise ValueError(f"projections must have shape [d, L] with d = {d}, got {list(projections.shape)}")
+    for name, t in (("Y", Y), ("projections", projections)):
+        if t.dtype != X.dtype or t.device != X.device:
+            raise ValueError(f"{name} must have the dtype and device of X ({X.dtype}, {X.device}), got "
+                             f"{t.dtype}, {t.device}")
     xp = (X @ projections).transpose(-1, -2)  # [..., L, n]
     yp = (Y @ projections).transpose(-1, -2)
     aw = None if a is None else a.unsqueeze(-2).expand_as(xp)
