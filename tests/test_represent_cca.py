@@ -240,3 +240,10 @@ def test_ches_bad_input():
         alignops.ches_score(torch.randn(2, 3, 4), torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match=r"chosen_mask must be a bool tensor of shape \[2, 3\]"):
         alignops.ches_score(torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.ones(2, 3))
+
+
+def test_empty_batches():
+    assert alignops.cca(torch.randn(0, 10, 3), torch.randn(0, 10, 4)).shape == (0, 3)
+    assert alignops.cca_loss(torch.randn(0, 10, 3), torch.randn(0, 10, 4)).shape == (0,)
+    assert alignops.linear_cka(torch.randn(0, 10, 3), torch.randn(0, 10, 4), debiased=True).shape == (0,)
+    assert alignops.ches_score(torch.randn(0, 10, 3), torch.randn(0, 7, 3)).shape == (0,)

@@ -299,3 +299,9 @@ def test_gaussian_w2_bad_input():
         alignops.gaussian_w2(torch.zeros(3), torch.eye(3), torch.zeros(2), torch.eye(3))
     with pytest.raises(ValueError, match="mu1 must be float32 or float64"):
         alignops.gaussian_w2(torch.zeros(3, dtype=torch.long), torch.eye(3), torch.zeros(3), torch.eye(3))
+
+
+def test_empty_batches_sliced_and_gaussian():
+    assert alignops.sliced_wasserstein(torch.randn(0, 10, 3), torch.randn(0, 7, 3), 5, seed=0).shape == (0,)
+    assert alignops.gaussian_w2(torch.randn(0, 3), torch.randn(0, 3, 3), torch.randn(0, 3),
+                                torch.randn(0, 3, 3)).shape == (0,)
