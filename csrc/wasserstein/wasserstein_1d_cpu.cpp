@@ -1,19 +1,20 @@
-// CPU kernels of alignops::wasserstein_1d and its backward: per problem, sort both samples (std::sort), build
-// the normalised cumulative weights and walk the two CDFs in one merge; problems are spread over threads
-// with at::parallel_for. The merge is a scalar two-pointer walk and the sort dominates, so there is no
-// vectorised (AVX2) copy of this file. Sums run in fp64 whatever the input dtype.
+// CPU kernels of alignops::wasserstein_1d and its backward: per problem, sort both samples (a stable radix sort
+// for fp32 rows of >= 64 atoms, std::sort / std::stable_sort otherwise), build the normalised cumulative
+// weights and walk the two CDFs in one merge; problems are spread over threads with at::parallel_for. The
+// merge is a scalar two-pointer walk and the sort dominates, so there is no vectorised (AVX2) copy of this
+// file. Sums run in fp64 whatever the input dtype.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
-#include <cmath>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
