@@ -15,8 +15,13 @@ import torch
 
 from .common import Result, run_groups
 
-FAMILIES = {"preference": "bench_preference", "fused_linear": "bench_fused_linear", "skip": "bench_skip",
-            "ctc": "bench_ctc"}
+FAMILIES = {
+    "preference": "bench_preference",
+    "fused_linear": "bench_fused_linear",
+    "skip": "bench_skip",
+    "ctc": "bench_ctc",
+    "wasserstein": "bench_wasserstein",
+}
 
 
 def _git_sha() -> str:

@@ -94,4 +94,14 @@ TORCH_LIBRARY(alignops, m) {
   m.def(
       "forced_align(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
       "Tensor? star_scores, int star_id, int checkpoint) -> (Tensor, Tensor, Tensor)");
+
+  // ---- wasserstein: 1-D optimal transport between empirical measures, batched over rows -------------
+  // u [B, n], v [B, m], weights of their shapes (None: uniform; normalised per row). Returns W_p^p [B] in u's
+  // dtype (POT's ot.wasserstein_1d convention; scipy.stats.wasserstein_distance for p = 1), fp64 sums.
+  // The backward returns (grad_u [B, n], grad_v [B, m], grad_u_weights, grad_v_weights); the weight
+  // gradients are [B, n] / [B, m] when weights_grad and the weights are given, else empty.
+  m.def("wasserstein_1d(Tensor u, Tensor v, Tensor? u_weights, Tensor? v_weights, float p) -> Tensor");
+  m.def(
+      "wasserstein_1d_backward(Tensor grad, Tensor u, Tensor v, Tensor? u_weights, Tensor? v_weights, float p, "
+      "bool weights_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }

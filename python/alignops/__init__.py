@@ -41,7 +41,10 @@ from .objectives import (
     wpo_weights,
 )
 from .represent import IMACollector, IMADatasetScore, IMAScore, ima_score
+from .represent import cca, cca_loss, ches_score, linear_cka
 from .skip import skip_ffn
+from . import wasserstein  # noqa: E402
+from .wasserstein import gaussian_w2, sliced_wasserstein, wasserstein_1d
 
 __version__ = "0.1.0"
 
@@ -81,4 +84,12 @@ __all__ = [
     "represent",
     "skip",
     "reference",
+    "wasserstein",
+    "wasserstein_1d",
+    "sliced_wasserstein",
+    "gaussian_w2",
+    "cca",
+    "cca_loss",
+    "linear_cka",
+    "ches_score",
 ]

@@ -1,6 +1,6 @@
 """Fake kernels, autograd formulas and Triton ops of every family, registered on import."""
 
-from . import ctc, preference, skip  # noqa: F401
+from . import ctc, preference, skip, wasserstein  # noqa: F401
 
 try:
     import triton
@@ -8,3 +8,4 @@ except ImportError:
     triton = None
 if triton is not None:
     from . import fused_linear_triton, preference_triton, skip_triton  # noqa: F401
+    from . import wasserstein_triton  # noqa: F401

@@ -96,3 +96,62 @@ def ima_score(hidden_states, perceptual_mask: torch.Tensor, attention_mask: torc
             per_layer.append(_mean_of(pairs, nan))
         out[name] = torch.stack(per_layer)
     return out
+
+
+# ---- CCA, CKA, CHES: the textbook formulas, one problem at a time ------------------------------------
+
+
+def cca(H1: torch.Tensor, H2: torch.Tensor, k: int | None = None, reg: float = 1e-3) -> torch.Tensor:
+    """Deep CCA's correlations [k] of one pair H1 [n, d1], H2 [n, d2], as the DCCA code computes them
+    (fp64, inverse square roots by ``eigh`` with autograd through it: NaN gradients at repeated eigenvalues)."""
+    H1, H2 = H1.double(), H2.double()
+    n = H1.shape[0]
+    H1, H2 = H1 - H1.mean(0), H2 - H2.mean(0)
+    S11 = H1.T @ H1 / (n - 1) + reg * torch.eye(H1.shape[1], dtype=H1.dtype)
+    S22 = H2.T @ H2 / (n - 1) + reg * torch.eye(H2.shape[1], dtype=H2.dtype)
+    S12 = H1.T @ H2 / (n - 1)
+
+    def inv_sqrt(S):
+        w, V = torch.linalg.eigh(S)
+        return V @ torch.diag(w.rsqrt()) @ V.T
+
+    T = inv_sqrt(S11) @ S12 @ inv_sqrt(S22)
+    s = torch.linalg.svdvals(T)
+    return s[: min(H1.shape[1], H2.shape[1]) if k is None else k]
+
+
+def _hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Song et al. (2012), eq. (5): the unbiased HSIC estimator (n > 3)."""
+    n = K.shape[0]
+    K = K - torch.diag(torch.diag(K))
+    L = L - torch.diag(torch.diag(L))
+    one = torch.ones(n, dtype=K.dtype)
+    return (torch.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (one @ K @ L @ one)) / (n * (n - 3))
+
+
+def linear_cka(X: torch.Tensor, Y: torch.Tensor, debiased: bool = False) -> torch.Tensor:
+    """Linear CKA of one pair X [n, d1], Y [n, d2] from the Gram matrices (Kornblith et al. 2019, eq. 4 with
+    HSIC = tr(K H L H); debiased: Song et al.'s unbiased HSIC in numerator and both normalisers)."""
+    X, Y = X.double(), Y.double()
+    K, L = X @ X.T, Y @ Y.T
+    if debiased:
+        return _hsic_unbiased(K, L) / (_hsic_unbiased(K, K) * _hsic_unbiased(L, L)).sqrt()
+    n = K.shape[0]
+    H = torch.eye(n, dtype=K.dtype) - 1.0 / n
+    hsic = lambda a, b: torch.trace(a @ H @ b @ H)  # noqa: E731
+    return hsic(K, L) / (hsic(K, K) * hsic(L, L)).sqrt()
+
+
+def ches_score(h_chosen: torch.Tensor, h_rejected: torch.Tensor, chosen_mask: torch.Tensor,
+               rejected_mask: torch.Tensor, length_normalized: bool = False) -> torch.Tensor:
+    """CHES (Razin et al. 2024) per pair, one pair at a time: <h+, h-> - |h+|^2 with h = sum of the response
+    tokens' hidden states (divided by the response lengths when length_normalized)."""
+    out = []
+    for b in range(h_chosen.shape[0]):
+        hp = h_chosen[b][chosen_mask[b]].double().sum(0)
+        hm = h_rejected[b][rejected_mask[b]].double().sum(0)
+        if length_normalized:
+            hp, hm = hp / chosen_mask[b].sum(), hm / rejected_mask[b].sum()
+        out.append(hp @ hm - hp @ hp)
+    return torch.stack(out)
