@@ -42,6 +42,7 @@ from .objectives import (
 )
 from .represent import IMACollector, IMADatasetScore, IMAScore, ima_score
 from .skip import skip_ffn
+from . import metrics  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -80,4 +81,5 @@ __all__ = [
     "represent",
     "skip",
     "reference",
+    "metrics",
 ]

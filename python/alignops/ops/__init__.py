@@ -8,3 +8,8 @@ except ImportError:
     triton = None
 if triton is not None:
     from . import fused_linear_triton, preference_triton, skip_triton  # noqa: F401
+
+from . import metrics  # noqa: F401,E402
+
+if triton is not None:
+    from . import metrics_triton  # noqa: F401

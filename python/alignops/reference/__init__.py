@@ -3,3 +3,7 @@
 from . import objectives, preference, represent, skip
 
 __all__ = ["objectives", "preference", "represent", "skip"]
+
+from . import metrics  # noqa: E402,F401
+
+__all__ += ["metrics"]
