@@ -42,7 +42,7 @@ from .objectives import (
 )
 from .represent import IMACollector, IMADatasetScore, IMAScore, ima_score
 from .skip import skip_ffn
-from . import metrics  # noqa: E402
+from . import metrics, rewards, watermark  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -82,4 +82,6 @@ __all__ = [
     "skip",
     "reference",
     "metrics",
+    "rewards",
+    "watermark",
 ]

@@ -9,7 +9,7 @@ except ImportError:
 if triton is not None:
     from . import fused_linear_triton, preference_triton, skip_triton  # noqa: F401
 
-from . import metrics  # noqa: F401,E402
+from . import metrics, watermark  # noqa: F401,E402
 
 if triton is not None:
-    from . import metrics_triton  # noqa: F401
+    from . import metrics_triton, watermark_triton  # noqa: F401

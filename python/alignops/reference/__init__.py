@@ -4,6 +4,6 @@ from . import objectives, preference, represent, skip
 
 __all__ = ["objectives", "preference", "represent", "skip"]
 
-from . import metrics  # noqa: E402,F401
+from . import metrics, watermark  # noqa: E402,F401
 
-__all__ += ["metrics"]
+__all__ += ["metrics", "watermark"]
