@@ -132,10 +132,11 @@ def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None
     _check_bootstrap(n_bootstrap, 0.5)
     lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
     N = a.shape[-1]
-    a2 = a.long().expand(*lead, N).reshape(-1, N)
+    P = math.prod(lead)
+    a2 = a.long().expand(*lead, N).reshape(P, N)
     # One reference row for all pairs stays one row: the kernels read it with a zero stride.
     shared_b = math.prod(b.shape[:-1]) == 1
-    b2 = b.long().reshape(1, N) if shared_b else b.long().expand(*lead, N).reshape(-1, N)
+    b2 = b.long().reshape(1, N) if shared_b else b.long().expand(*lead, N).reshape(P, N)
     if num_classes is None:
         num_classes = int(max(int(a2.max()) if a2.numel() else 0, int(b2.max()) if b2.numel() else 0)) + 1
     impl = _backend.resolve(backend, a.device, "confusion_matrices", native_cuda=False)
