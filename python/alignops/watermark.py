@@ -190,7 +190,7 @@ def kgw_detect(tokens: torch.Tensor, key: int, *, gamma: float = 0.25, context_w
     g = green.sum(-1).double()
     nd = n.double()
     z = torch.where(n > 0, (g - gamma * nd) / (nd * gamma * (1 - gamma)).clamp_min(1e-300).sqrt(), 0.0)
-    p = torch.special.ndtr(-z)
+    p = torch.where(n > 0, torch.special.ndtr(-z), 1.0)
     return Detection(z, p, g, n)
 
 
