@@ -39,10 +39,17 @@ def test_hash_matches_known_lowbias32_values():
     assert ref.mix32(xs).tolist() == [lowbias32(int(x)) for x in xs]
 
 
+@pytest.fixture(params=["avx2", "default"])
+def cpu_capability(request, monkeypatch):
+    monkeypatch.setenv("ALIGNOPS_CPU_CAPABILITY", request.param)
+    return request.param
+
+
+# C <= 4 with N < 2^16 takes the vectorised per-code path, the others the scalar histogram.
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("P,N,C,R,shared", [(3, 47, 2, 17, False), (5, 123, 5, 9, True), (1, 1, 1, 3, False),
-                                              (40, 31, 3, 4, True)])
-def test_bootstrap_confusion_native_matches_reference(dtype, P, N, C, R, shared):
+                                              (40, 31, 3, 4, True), (35, 200, 4, 3, False), (2, 70000, 2, 2, True)])
+def test_bootstrap_confusion_native_matches_reference(cpu_capability, dtype, P, N, C, R, shared):
     a = labels((P, N), C).to(dtype)
     b = labels((1 if shared else P, N), C).to(dtype)
     out = torch.ops.alignops.bootstrap_confusion(a, b, C, R, 1234)

@@ -3,44 +3,58 @@
 //
 // Resample r >= 1 draws N items i_{r,j} = bounded(combine(combine(seed_state, r), j), N), j < N (see
 // common/counter_hash.h); r = 0 is the sample itself. A resample's confusion matrix depends only on how often
-// each item was drawn, so each thread turns its current resample into a multiplicity vector w_r [N] (int32, N hashes)
-// and then, for a block of rater pairs, accumulates hist[code[p, n]] += w_r[n] with code = a * C + b: a
-// sequential pass over a uint16 code row per pair and resample. The scatter into the histogram does not
-// vectorise; four interleaved partial histograms break the store-to-load dependency of equal codes.
-// Tasks (pair block x resample) are spread over threads with at::parallel_for.
+// each item was drawn, so each thread turns its current resample into a multiplicity vector w_r [N] (N
+// hashes) and then, for a block of rater pairs, sums w_r over the items of each code a * C + b:
+// - C <= 4 and N < 2^16 (binary / ternary / 4-way judges): uint8 codes, uint16 multiplicities, one vectorised
+//   compare-select-add pass per code (bootstrap_confusion_cpu_kernel.cpp, portable or AVX2); the last code
+//   is N minus the others, since the multiplicities of a resample sum to N.
+// - otherwise a scalar histogram, hist[code[n]] += w[n] over uint16 codes, with four interleaved partial
+//   histograms that break the store-to-load dependency of equal codes.
+// Tasks (resample x pair block) are spread over threads with at::parallel_for; consecutive tasks share a
+// resample, so one multiplicity vector serves a range of pair blocks.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/counter_hash.h"
+#include "common/cpu_capability.h"
+#include "metrics/bootstrap_confusion_cpu_kernel.h"
 
 namespace alignops::metrics {
 namespace {
 
 constexpr int64_t kMaxClasses = 255;  // codes a * C + b fit uint16
-constexpr int64_t kPairBlock = 32;    // pairs sharing one multiplicity vector (amortises its N hashes)
+constexpr int64_t kPairBlock = 32;    // pairs sharing one multiplicity vector per task
 
-template <typename index_t>
-void encode(const at::Tensor& a, const at::Tensor& b, int64_t C, uint16_t* codes) {
+const BootstrapConfusionKernels& kernels() {
+#if ALIGNOPS_X86
+  return pick_cpu_kernels(DEFAULT::bootstrap_confusion_kernels, &AVX2::bootstrap_confusion_kernels);
+#else
+  return DEFAULT::bootstrap_confusion_kernels;
+#endif
+}
+
+template <typename code_t>
+void encode(const at::Tensor& a, const at::Tensor& b, int64_t C, code_t* codes) {
   const int64_t P = a.size(0), N = a.size(1);
   const bool shared_b = b.size(0) == 1 && P > 1;
-  const index_t* ap = a.const_data_ptr<index_t>();
-  const index_t* bp = b.const_data_ptr<index_t>();
+  const int64_t* ap = a.const_data_ptr<int64_t>();
+  const int64_t* bp = b.const_data_ptr<int64_t>();
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const index_t* ar = ap + p * N;
-      const index_t* br = bp + (shared_b ? 0 : p * N);
+      const int64_t* ar = ap + p * N;
+      const int64_t* br = bp + (shared_b ? 0 : p * N);
       for (int64_t n = 0; n < N; ++n) {
-        codes[p * N + n] = static_cast<uint16_t>(ar[n] * C + br[n]);
+        codes[p * N + n] = static_cast<code_t>(ar[n] * C + br[n]);
       }
     }
   });
 }
 
-template <typename index_t>
 void check_labels(const at::Tensor& t, int64_t C, const char* name) {
   if (t.numel() == 0) {
     return;
@@ -49,6 +63,73 @@ void check_labels(const at::Tensor& t, int64_t C, const char* name) {
   const int64_t l = lo.item<int64_t>(), h = hi.item<int64_t>();
   TORCH_CHECK_VALUE(l >= 0 && h < C, name, " must hold class labels in [0, num_classes) = [0, ", C,
                     "), got values in [", l, ", ", h, "]");
+}
+
+template <typename code_t, typename w_t>
+void accumulate(const std::vector<code_t>& codes, int64_t P, int64_t N, int64_t CC, int64_t R1, uint32_t state,
+                int32_t* out) {
+  constexpr bool kVectorised = std::is_same_v<code_t, uint8_t>;
+  const auto& k = kernels();
+  const int64_t blocks = (P + kPairBlock - 1) / kPairBlock;
+  const int partials = CC <= 1024 ? 4 : 1;
+  at::parallel_for(0, blocks * R1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<w_t> w(static_cast<size_t>(N));
+    std::vector<int32_t> hist(kVectorised ? 0 : static_cast<size_t>(partials * CC));
+    int64_t current_r = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / blocks, blk = task % blocks;
+      if (r != current_r) {
+        if (r == 0) {
+          std::fill(w.begin(), w.end(), w_t(1));
+        } else {
+          std::fill(w.begin(), w.end(), w_t(0));
+          const uint32_t hr = hash::combine(state, static_cast<uint32_t>(r));
+          for (int64_t j = 0; j < N; ++j) {
+            ++w[hash::bounded(hash::combine(hr, static_cast<uint32_t>(j)), static_cast<uint32_t>(N))];
+          }
+        }
+        current_r = r;
+      }
+      const int64_t p_end = std::min(P, (blk + 1) * kPairBlock);
+      for (int64_t p = blk * kPairBlock; p < p_end; ++p) {
+        const code_t* c = codes.data() + p * N;
+        int32_t* dst = out + (p * R1 + r) * CC;
+        if constexpr (kVectorised) {
+          k.code_sums(c, w.data(), N, CC - 1, dst);
+          int64_t rest = N;
+          for (int64_t q = 0; q < CC - 1; ++q) {
+            rest -= dst[q];
+          }
+          dst[CC - 1] = static_cast<int32_t>(rest);
+        } else {
+          std::fill(hist.begin(), hist.end(), 0);
+          int64_t n = 0;
+          if (partials == 4) {
+            int32_t* h0 = hist.data();
+            int32_t* h1 = h0 + CC;
+            int32_t* h2 = h1 + CC;
+            int32_t* h3 = h2 + CC;
+            for (; n + 4 <= N; n += 4) {
+              h0[c[n]] += w[n];
+              h1[c[n + 1]] += w[n + 1];
+              h2[c[n + 2]] += w[n + 2];
+              h3[c[n + 3]] += w[n + 3];
+            }
+          }
+          for (; n < N; ++n) {
+            hist[c[n]] += w[n];
+          }
+          for (int64_t q = 0; q < CC; ++q) {
+            int32_t s = 0;
+            for (int h = 0; h < partials; ++h) {
+              s += hist[h * CC + q];
+            }
+            dst[q] = s;
+          }
+        }
+      }
+    }
+  });
 }
 
 at::Tensor bootstrap_confusion_cpu(const at::Tensor& a, const at::Tensor& b, int64_t num_classes,
@@ -71,68 +152,20 @@ at::Tensor bootstrap_confusion_cpu(const at::Tensor& a, const at::Tensor& b, int
   if (P == 0 || N == 0) {
     return out;
   }
-  const auto ac = a.contiguous(), bc = b.contiguous();
-  std::vector<uint16_t> codes(static_cast<size_t>(P * N));
-  AT_DISPATCH_INDEX_TYPES(a.scalar_type(), "bootstrap_confusion_cpu", [&] {
-    check_labels<index_t>(ac, C, "a");
-    check_labels<index_t>(bc, C, "b");
-    encode<index_t>(ac, bc, C, codes.data());
-  });
-
+  const auto ac = a.to(at::kLong).contiguous(), bc = b.to(at::kLong).contiguous();
+  check_labels(ac, C, "a");
+  check_labels(bc, C, "b");
   const uint32_t state = hash::key_state(hash::kSaltBootstrap, seed);
-  const int64_t blocks = (P + kPairBlock - 1) / kPairBlock;
   int32_t* op = out.mutable_data_ptr<int32_t>();
-  const int partials = CC <= 1024 ? 4 : 1;
-  at::parallel_for(0, blocks * R1, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> w(static_cast<size_t>(N));
-    std::vector<int32_t> hist(static_cast<size_t>(partials * CC));
-    int64_t current_r = -1;
-    for (int64_t task = begin; task < end; ++task) {
-      // Consecutive tasks share a resample: one multiplicity vector serves a whole range of pair blocks.
-      const int64_t r = task / blocks, blk = task % blocks;
-      if (r != current_r) {
-        if (r == 0) {
-          std::fill(w.begin(), w.end(), 1);
-        } else {
-          std::fill(w.begin(), w.end(), 0);
-          const uint32_t hr = hash::combine(state, static_cast<uint32_t>(r));
-          for (int64_t j = 0; j < N; ++j) {
-            ++w[hash::bounded(hash::combine(hr, static_cast<uint32_t>(j)), static_cast<uint32_t>(N))];
-          }
-        }
-        current_r = r;
-      }
-      const int64_t p_end = std::min(P, (blk + 1) * kPairBlock);
-      for (int64_t p = blk * kPairBlock; p < p_end; ++p) {
-        std::fill(hist.begin(), hist.end(), 0);
-        const uint16_t* c = codes.data() + p * N;
-        int64_t n = 0;
-        if (partials == 4) {
-          int32_t* h0 = hist.data();
-          int32_t* h1 = h0 + CC;
-          int32_t* h2 = h1 + CC;
-          int32_t* h3 = h2 + CC;
-          for (; n + 4 <= N; n += 4) {
-            h0[c[n]] += w[n];
-            h1[c[n + 1]] += w[n + 1];
-            h2[c[n + 2]] += w[n + 2];
-            h3[c[n + 3]] += w[n + 3];
-          }
-        }
-        for (; n < N; ++n) {
-          hist[c[n]] += w[n];
-        }
-        int32_t* dst = op + (p * R1 + r) * CC;
-        for (int64_t k = 0; k < CC; ++k) {
-          int32_t s = 0;
-          for (int q = 0; q < partials; ++q) {
-            s += hist[q * CC + k];
-          }
-          dst[k] = s;
-        }
-      }
-    }
-  });
+  if (CC <= 16 && N < (int64_t(1) << 16)) {
+    std::vector<uint8_t> codes(static_cast<size_t>(P * N));
+    encode(ac, bc, C, codes.data());
+    accumulate<uint8_t, uint16_t>(codes, P, N, CC, R1, state, op);
+  } else {
+    std::vector<uint16_t> codes(static_cast<size_t>(P * N));
+    encode(ac, bc, C, codes.data());
+    accumulate<uint16_t, int32_t>(codes, P, N, CC, R1, state, op);
+  }
   return out;
 }
 
