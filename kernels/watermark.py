@@ -4,9 +4,10 @@ the context tokens (no host work, no extra launch), then hashes every vocabulary
 with the 32-bit hash of kernels/metrics.py: the words are bit-identical to the C++ kernels' and the PyTorch
 reference's, and no V-sized random tensor exists.
 
-The argmax kernels run one program per row over the whole vocabulary, keeping a per-lane running best
-(strict >, so a lane keeps its first maximum) and reducing the lanes at the end to the smallest index among
-the maxima: torch.argmax's first-occurrence rule.
+The argmax kernels split each row over several programs (enough programs to fill the GPU at decode batch
+sizes), each keeping a per-lane running best (strict >, so a lane keeps its first maximum) and reducing its
+lanes to (max, smallest index among the maxima); a [B, splits] reduction in PyTorch then picks the smallest
+index holding the row maximum: torch.argmax's first-occurrence rule.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.library import wrap_triton
 from .metrics import combine
 
 BLOCK_V = 1024
+SPAN_BLOCKS = 8  # blocks per argmax program: B x ceil(V / (8 * 1024)) programs (64 x 16 for Llama-3)
 
 
 @triton.jit
@@ -59,43 +61,48 @@ def _fold(val, v, mask, best, best_idx, V):
 
 
 @triton.jit
-def _finish(out_ptr, b, best, best_idx, V):
+def _finish(val_ptr, idx_ptr, slot, best, best_idx, V):
     m = tl.max(best, axis=0)
     idx = tl.min(tl.where(best == m, best_idx, V), axis=0)
-    tl.store(out_ptr + b, tl.where(idx == V, 0, idx))
+    tl.store(val_ptr + slot, m)
+    tl.store(idx_ptr + slot, idx)
 
 
 @triton.jit
-def kgw_argmax_kernel(x_ptr, ctx_ptr, out_ptr, V, h, base, threshold, delta, BLOCK: tl.constexpr):
+def kgw_argmax_kernel(x_ptr, ctx_ptr, val_ptr, idx_ptr, V, h, base, threshold, delta, SPAN: tl.constexpr,
+                      BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
     state = _row_state(ctx_ptr, b, h, base)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK], V, tl.int64)
-    for start in range(0, V, BLOCK):
-        v = start + tl.arange(0, BLOCK).to(tl.int64)
+    for start in range(0, SPAN, BLOCK):
+        v = s.to(tl.int64) * SPAN + start + tl.arange(0, BLOCK).to(tl.int64)
         mask = v < V
         x = tl.load(x_ptr + b * V + v, mask=mask, other=float("-inf")).to(tl.float32)
         green = combine(state, v.to(tl.uint32)).to(tl.int64) < threshold
         val = tl.where(mask, x + tl.where(green, tl.full([], delta, tl.float32), 0.0), float("-inf"))
         best, best_idx = _fold(val, v, mask, best, best_idx, V)
-    _finish(out_ptr, b, best, best_idx, V)
+    _finish(val_ptr, idx_ptr, b * tl.num_programs(1) + s, best, best_idx, V)
 
 
 @triton.jit
-def gumbel_argmax_kernel(x_ptr, ctx_ptr, out_ptr, V, h, base, inv_temperature, BLOCK: tl.constexpr):
+def gumbel_argmax_kernel(x_ptr, ctx_ptr, val_ptr, idx_ptr, V, h, base, inv_temperature, SPAN: tl.constexpr,
+                         BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
     state = _row_state(ctx_ptr, b, h, base)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK], V, tl.int64)
-    for start in range(0, V, BLOCK):
-        v = start + tl.arange(0, BLOCK).to(tl.int64)
+    for start in range(0, SPAN, BLOCK):
+        v = s.to(tl.int64) * SPAN + start + tl.arange(0, BLOCK).to(tl.int64)
         mask = v < V
         x = tl.load(x_ptr + b * V + v, mask=mask, other=float("-inf")).to(tl.float32)
         u = _unit_float(combine(state, v.to(tl.uint32)))
-        # argmax u^(1/p) = argmax logit / T - log(-log u): see alignops.watermark.gumbel_sample.
+        # argmax u^(1/p) = argmax logit / T - log(-log u): see alignops.watermark.
         val = tl.where(mask, x * tl.full([], inv_temperature, tl.float32) - tl.log(-tl.log(u)), float("-inf"))
         best, best_idx = _fold(val, v, mask, best, best_idx, V)
-    _finish(out_ptr, b, best, best_idx, V)
+    _finish(val_ptr, idx_ptr, b * tl.num_programs(1) + s, best, best_idx, V)
 
 
 def _block(V: int) -> int:
@@ -109,13 +116,36 @@ def launch_kgw_logits(x, ctx, out, base: int, threshold: int, delta: float) -> N
                                                                delta, BLOCK=block, num_warps=4)
 
 
+def _split(V) -> tuple[int, int, int]:
+    """(block, span, splits): each program scans ``span`` entries (a multiple of the block) of one row. A
+    symbolic V (a dynamic shape under torch.compile) gets the largest span."""
+    block = _block(V)
+    span = block * (min(SPAN_BLOCKS, triton.cdiv(V, block)) if isinstance(V, int) else SPAN_BLOCKS)
+    return block, span, triton.cdiv(V, span)
+
+
+def _reduce(vals: torch.Tensor, idxs: torch.Tensor, out: torch.Tensor, V) -> None:
+    """out[b] = the smallest index among the splits holding the row maximum (first occurrence)."""
+    m = vals.amax(-1, keepdim=True)
+    first = torch.where(vals == m, idxs, V).amin(-1)
+    out.copy_(torch.where(first == V, 0, first))
+
+
 def launch_kgw_argmax(x, ctx, out, base: int, threshold: int, delta: float) -> None:
     B, V = x.shape
-    wrap_triton(kgw_argmax_kernel)[(B,)](x, ctx, out, V, ctx.shape[1], base, threshold, delta,
-                                         BLOCK=_block(V), num_warps=4)
+    block, span, splits = _split(V)
+    vals = x.new_empty((B, splits), dtype=torch.float32)
+    idxs = x.new_empty((B, splits), dtype=torch.int64)
+    wrap_triton(kgw_argmax_kernel)[(B, splits)](x, ctx, vals, idxs, V, ctx.shape[1], base, threshold, delta,
+                                                SPAN=span, BLOCK=block, num_warps=4)
+    _reduce(vals, idxs, out, V)
 
 
 def launch_gumbel_argmax(x, ctx, out, base: int, inv_temperature: float) -> None:
     B, V = x.shape
-    wrap_triton(gumbel_argmax_kernel)[(B,)](x, ctx, out, V, ctx.shape[1], base, inv_temperature,
-                                            BLOCK=_block(V), num_warps=4)
+    block, span, splits = _split(V)
+    vals = x.new_empty((B, splits), dtype=torch.float32)
+    idxs = x.new_empty((B, splits), dtype=torch.int64)
+    wrap_triton(gumbel_argmax_kernel)[(B, splits)](x, ctx, vals, idxs, V, ctx.shape[1], base, inv_temperature,
+                                                   SPAN=span, BLOCK=block, num_warps=4)
+    _reduce(vals, idxs, out, V)
