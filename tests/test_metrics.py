@@ -84,7 +84,8 @@ def test_bootstrap_confusion_empty():
     a = torch.zeros(0, 10, dtype=torch.int64)
     assert torch.ops.alignops.bootstrap_confusion(a, a, 3, 2, 0).shape == (0, 3, 3, 3)
     e = torch.zeros(2, 0, dtype=torch.int64)
-    assert torch.equal(torch.ops.alignops.bootstrap_confusion(e, e, 2, 1, 0), torch.zeros(2, 2, 2, 2, dtype=torch.int32))
+    zeros = torch.zeros(2, 2, 2, 2, dtype=torch.int32)
+    assert torch.equal(torch.ops.alignops.bootstrap_confusion(e, e, 2, 1, 0), zeros)
 
 
 def test_bootstrap_confusion_opcheck_and_compile():

@@ -103,7 +103,7 @@ def lm():
 
 def test_kgw_detector_separates_watermarked_text(lm):
     key, gamma = 424242, 0.25
-    marked = lm.generate(8, 200, lambda x, t, g: _sample(W.kgw_process(x, t[:, -1:], key, gamma=gamma, delta=2.0), g), 1)
+    marked = lm.generate(8, 200, lambda x, t, g: _sample(W.kgw_process(x, t[:, -1:], key, gamma=gamma), g), 1)
     plain = lm.generate(8, 200, lambda x, t, g: _sample(x, g), 2)
     mask = torch.ones_like(marked, dtype=torch.bool)
     mask[:, :4] = False  # the prompt

@@ -54,3 +54,17 @@ def test_triton_gradient_and_bad_input():
         W.kgw_greedy(x.detach(), ctx[:1], 1, backend="triton")
     with pytest.raises(ValueError, match="temperature must be a finite value > 0"):
         W.gumbel_sample(x.detach(), ctx, 1, temperature=-1.0, backend="triton")
+
+
+def test_triton_argmax_over_several_programs_per_row():
+    # V = 20000 spans three programs per row: maxima in different programs, equal maxima across programs.
+    x = torch.randn(3, 20000)
+    x[0, 19999] = 50.0
+    x[1, 100] = x[1, 15000] = 50.0
+    ctx = torch.randint(0, 20000, (3, 2))
+    xd, cd = x.to(DEVICE), ctx.to(DEVICE)
+    got = W.kgw_greedy(xd, cd, 8, gamma=0.0, backend="triton").cpu()
+    assert got[:2].tolist() == [19999, 100]
+    assert torch.equal(got, x.argmax(-1))
+    assert torch.equal(W.gumbel_sample(xd, cd, 8, backend="triton").cpu(), ref.gumbel_argmax(x, ctx, 8, 1.0))
+    assert torch.equal(W.kgw_greedy(xd, cd, 8, backend="triton").cpu(), ref.kgw_argmax(x, ctx, 8, 0.25, 2.0))

@@ -147,7 +147,8 @@ def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None
             raise ValueError(f"b must hold class labels in [0, num_classes) = [0, {num_classes})")
         out = _ref.bootstrap_confusion(a2, b2, num_classes, n_bootstrap, seed)
     else:
-        op = torch.ops.alignops.bootstrap_confusion if impl == "native" else torch.ops.alignops.bootstrap_confusion_triton
+        ops = torch.ops.alignops
+        op = ops.bootstrap_confusion if impl == "native" else ops.bootstrap_confusion_triton
         out = op(a2, b2, num_classes, n_bootstrap, seed)
     return out.view(*lead, n_bootstrap + 1, num_classes, num_classes)
 

@@ -37,7 +37,8 @@ def bt_transform(rewards: torch.Tensor, reference_rewards: torch.Tensor) -> torc
     try:
         torch.broadcast_shapes(r.shape, ref.shape)
     except RuntimeError:
-        raise ValueError(f"reference_rewards {list(ref.shape)} must broadcast against rewards {list(r.shape)}") from None
+        raise ValueError(f"reference_rewards {list(ref.shape)} must broadcast against rewards "
+                         f"{list(r.shape)}") from None
     return F.logsigmoid(r - ref)
 
 
@@ -48,7 +49,8 @@ def combine_rewards(rewards: torch.Tensor, reference_rewards: torch.Tensor,
     u = bt_transform(rewards, reference_rewards)
     if weights is not None:
         if weights.shape != (u.shape[-1],):
-            raise ValueError(f"weights must have shape [K] = [{u.shape[-1]}] (one per property), got {list(weights.shape)}")
+            raise ValueError(f"weights must have shape [K] = [{u.shape[-1]}] (one per property), "
+                             f"got {list(weights.shape)}")
         u = u * weights
     return u.sum(-1)
 
