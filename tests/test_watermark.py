@@ -216,3 +216,20 @@ def test_detector_bad_input():
         W.kgw_detect(torch.zeros(1, 5, dtype=torch.int64), 1, mask=torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"candidates must have shape \[B, n, ...\]"):
         W.alignment_resampling(torch.zeros(2, 3, 5), torch.zeros(2, 4))
+
+
+def test_detectors_can_ignore_repeated_pairs():
+    # row 0 pairs (h = 1) at positions 1..9: (5,6) (6,5) (5,6) (6,5) (5,6) (6,5) (5,7) (7,5) (5,6): four distinct,
+    # first seen at positions 1, 2, 7, 8; row 1: nine distinct pairs
+    toks = torch.tensor([[5, 6, 5, 6, 5, 6, 5, 7, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    for detect in (W.kgw_detect, W.gumbel_detect):
+        assert detect(toks, 4).num_scored.tolist() == [9, 9]
+        assert detect(toks, 4, ignore_repeated=True).num_scored.tolist() == [4, 9]
+        mask = torch.ones_like(toks, dtype=torch.bool)
+        mask[0, 1] = False  # a masked first occurrence lets the next (5, 6) count
+        assert detect(toks, 4, ignore_repeated=True, mask=mask).num_scored.tolist() == [4, 9]
+        mask[0, [3, 5, 9]] = False  # no (5, 6) left
+        assert detect(toks, 4, ignore_repeated=True, mask=mask).num_scored.tolist() == [3, 9]
+    green = [W.kgw_process(torch.zeros(1, 11), toks[:1, t - 1:t], 4, gamma=0.25, delta=1.0)[0, toks[0, t]].item()
+             for t in (1, 2, 7, 8)]
+    assert W.kgw_detect(toks, 4, ignore_repeated=True).score[0].item() == sum(green)

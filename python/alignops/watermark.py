@@ -154,8 +154,19 @@ class Detection(NamedTuple):
     num_scored: torch.Tensor
 
 
+def _first_occurrences(state: torch.Tensor, token: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """scored, minus the scored (context, token) pairs already scored earlier in the row."""
+    pair = (state << 32) | token  # unique per (32-bit state, 32-bit token); int64 wrap keeps the bits
+    order = pair.sort(dim=-1, stable=True).indices
+    order = order.gather(-1, (~scored).gather(-1, order).to(torch.uint8).sort(dim=-1, stable=True).indices)
+    p, s = pair.gather(-1, order), scored.gather(-1, order)
+    repeat = torch.zeros_like(s)
+    repeat[:, 1:] = (p[:, 1:] == p[:, :-1]) & s[:, 1:] & s[:, :-1]
+    return scored & ~torch.empty_like(repeat).scatter_(-1, order, repeat)
+
+
 def _scored_words(tokens: torch.Tensor, key: int, salt: int, context_width: int,
-                  mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  mask: torch.Tensor | None, ignore_repeated: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(words [B, T - h] of tokens t >= h under their h-token context, bool mask of the scored ones)."""
     _check_key(key)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
@@ -171,20 +182,24 @@ def _scored_words(tokens: torch.Tensor, key: int, salt: int, context_width: int,
     t = tokens.long()
     windows = torch.stack([t[:, j:j + n] for j in range(h)], dim=-1) if h else t.new_empty(B, n, 0)
     state = _ref.row_states(windows, salt, key)
-    words = _hash.combine(state, t[:, h:h + n] & _hash.MASK32)
+    token = t[:, h:h + n] & _hash.MASK32
+    words = _hash.combine(state, token)
     scored = torch.ones(B, n, dtype=torch.bool, device=tokens.device) if mask is None else mask[:, h:h + n]
+    if ignore_repeated:
+        scored = _first_occurrences(state, token, scored)
     return words, scored
 
 
 def kgw_detect(tokens: torch.Tensor, key: int, *, gamma: float = 0.25, context_width: int = 1,
-               mask: torch.Tensor | None = None) -> Detection:
+               mask: torch.Tensor | None = None, ignore_repeated: bool = False) -> Detection:
     r"""KGW detector on token ids [B, T]: tokens t >= h (``context_width``) are scored under their previous h
-    tokens; ``mask`` [B, T] (bool) drops tokens (padding, prompt). G green of n scored:
+    tokens; ``mask`` [B, T] (bool) drops tokens (padding, prompt); ``ignore_repeated`` scores each
+    (context, token) pair once per row (repeated n-grams would otherwise count again). G green of n scored:
     :math:`z = (G - \gamma n)/\sqrt{n\gamma(1-\gamma)}`, one-sided normal p-value. n = 0 gives z = 0, p = 1.
     Hashes only the n scored tokens (torch composite). Raises ValueError for gamma outside (0, 1)."""
     if not 0 < gamma < 1:
         raise ValueError(f"gamma must be in (0, 1) for detection, got {gamma}")
-    words, scored = _scored_words(tokens, key, _hash.SALT_KGW, context_width, mask)
+    words, scored = _scored_words(tokens, key, _hash.SALT_KGW, context_width, mask, ignore_repeated)
     green = (words < _ref.green_threshold(gamma)) & scored
     n = scored.sum(-1)
     g = green.sum(-1).double()
@@ -194,12 +209,13 @@ def kgw_detect(tokens: torch.Tensor, key: int, *, gamma: float = 0.25, context_w
     return Detection(z, p, g, n)
 
 
-def gumbel_detect(tokens: torch.Tensor, key: int, *, context_width: int = 1,
-                  mask: torch.Tensor | None = None) -> Detection:
+def gumbel_detect(tokens: torch.Tensor, key: int, *, context_width: int = 1, mask: torch.Tensor | None = None,
+                  ignore_repeated: bool = False) -> Detection:
     r"""Gumbel (Aaronson) detector on token ids [B, T]: :math:`S = \sum_t -\log(1 - u_t)` over the scored
-    tokens (as :func:`kgw_detect`), Gamma(n, 1) without the watermark: :math:`z = (S - n)/\sqrt n`,
+    tokens (as :func:`kgw_detect`, with its ``mask`` and ``ignore_repeated``: deterministic Gumbel decoding
+    repeats n-grams, whose repeats carry no new evidence), Gamma(n, 1) without the watermark: :math:`z = (S - n)/\sqrt n`,
     p = Q(n, S) (regularised upper incomplete gamma). n = 0 gives z = 0, p = 1. Torch composite, fp64."""
-    words, scored = _scored_words(tokens, key, _hash.SALT_GUMBEL, context_width, mask)
+    words, scored = _scored_words(tokens, key, _hash.SALT_GUMBEL, context_width, mask, ignore_repeated)
     u = ((words >> 8).double() + 0.5) * 2.0**-24
     s = torch.where(scored, -torch.log1p(-u), 0.0).sum(-1)
     n = scored.sum(-1)
