@@ -36,11 +36,12 @@ def combine(h, x):
 
 @triton.jit
 def bounded(h, n):
-    """floor(h * n / 2^32) for uint32 h: an index in [0, n)."""
-    return ((h.to(tl.uint64) * n.to(tl.uint64)) >> 32).to(tl.int64)
+    """floor(h * n / 2^32) for uint32 h and a uint64 n: an index in [0, n)."""
+    return ((h.to(tl.uint64) * n) >> 32).to(tl.int64)
 
 
-@triton.jit
+# Never specialised: a value of 1 would turn them into constexprs, which have no .to().
+@triton.jit(do_not_specialize=["N", "state"])
 def bootstrap_confusion_kernel(a_ptr, b_ptr, out_ptr, N, R1, stride_b, state, C: tl.constexpr,
                                CC_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
@@ -48,10 +49,11 @@ def bootstrap_confusion_kernel(a_ptr, b_ptr, out_ptr, N, R1, stride_b, state, C:
     hr = combine(state.to(tl.uint32), r.to(tl.uint32))
     k = tl.arange(0, CC_BLOCK)
     counts = tl.zeros([CC_BLOCK], dtype=tl.int32)
+    n = tl.full([BLOCK], N, tl.uint64)
     for start in range(0, N, BLOCK):
         j = start + tl.arange(0, BLOCK)
         valid = j < N
-        drawn = bounded(combine(hr, j.to(tl.uint32)), N.to(tl.int64) + tl.zeros_like(j).to(tl.int64))
+        drawn = bounded(combine(hr, j.to(tl.uint32)), n)
         item = tl.where(r == 0, j.to(tl.int64), drawn)
         la = tl.load(a_ptr + p * N + item, mask=valid, other=0)
         lb = tl.load(b_ptr + p * stride_b + item, mask=valid, other=0)

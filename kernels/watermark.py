@@ -37,7 +37,7 @@ def _unit_float(w):
     return ((w >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["base"])  # a base of 1 would be a constexpr (no .to())
 def kgw_logits_kernel(x_ptr, ctx_ptr, out_ptr, V, h, base, threshold, delta, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     v = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -68,7 +68,7 @@ def _finish(val_ptr, idx_ptr, slot, best, best_idx, V):
     tl.store(idx_ptr + slot, idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["base"])  # a base of 1 would be a constexpr (no .to())
 def kgw_argmax_kernel(x_ptr, ctx_ptr, val_ptr, idx_ptr, V, h, base, threshold, delta, SPAN: tl.constexpr,
                       BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -86,7 +86,7 @@ def kgw_argmax_kernel(x_ptr, ctx_ptr, val_ptr, idx_ptr, V, h, base, threshold, d
     _finish(val_ptr, idx_ptr, b * tl.num_programs(1) + s, best, best_idx, V)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["base"])  # a base of 1 would be a constexpr (no .to())
 def gumbel_argmax_kernel(x_ptr, ctx_ptr, val_ptr, idx_ptr, V, h, base, inv_temperature, SPAN: tl.constexpr,
                          BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
