@@ -30,6 +30,16 @@ inline void hash_chunk(uint32_t state, int64_t v0, int64_t len, uint32_t* u) {
   }
 }
 
+// green iff word < threshold (threshold <= 2^32) as a 32-bit compare, word <= limit, with the bias zeroed
+// when nothing is green: a uint64 compare (or a delta read through a captured reference, which may alias
+// the output) keeps the compiler from vectorising the add.
+struct Green {
+  uint32_t limit;
+  float bias;
+  Green(uint64_t threshold, float delta)
+      : limit(threshold == 0 ? 0u : static_cast<uint32_t>(threshold - 1)), bias(threshold == 0 ? 0.f : delta) {}
+};
+
 template <typename scalar_t>
 inline void load_chunk(const scalar_t* x, int64_t len, float* xf) {
   for (int64_t j = 0; j < len; ++j) {
@@ -59,8 +69,11 @@ void kgw_logits_impl(const at::Tensor& logits, const uint32_t* state, uint64_t t
   const int64_t B = logits.size(0), V = logits.size(1);
   const scalar_t* xp = logits.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const Green green(threshold, delta);
   at::parallel_for(0, B * ((V + kChunk - 1) / kChunk), 16, [&](int64_t begin, int64_t end) {
     alignas(64) uint32_t u[kChunk];
+    const uint32_t limit = green.limit;
+    const acc_t bias = static_cast<acc_t>(green.bias);
     const int64_t chunks = (V + kChunk - 1) / kChunk;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / chunks, v0 = (t % chunks) * kChunk, len = std::min(kChunk, V - v0);
@@ -68,8 +81,7 @@ void kgw_logits_impl(const at::Tensor& logits, const uint32_t* state, uint64_t t
       const scalar_t* x = xp + b * V + v0;
       scalar_t* o = op + b * V + v0;
       for (int64_t j = 0; j < len; ++j) {
-        const acc_t add = static_cast<uint64_t>(u[j]) < threshold ? static_cast<acc_t>(delta) : acc_t(0);
-        o[j] = static_cast<scalar_t>(static_cast<acc_t>(x[j]) + add);
+        o[j] = static_cast<scalar_t>(static_cast<acc_t>(x[j]) + (u[j] <= limit ? bias : acc_t(0)));
       }
     }
   });
@@ -80,9 +92,12 @@ void kgw_argmax_impl(const at::Tensor& logits, const uint32_t* state, uint64_t t
                      int64_t* out) {
   const int64_t B = logits.size(0), V = logits.size(1);
   const scalar_t* xp = logits.const_data_ptr<scalar_t>();
+  const Green green(threshold, delta);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     alignas(64) uint32_t u[kChunk];
     alignas(64) float val[kChunk];
+    const uint32_t limit = green.limit;
+    const float bias = green.bias;
     for (int64_t b = begin; b < end; ++b) {
       float best = -std::numeric_limits<float>::infinity();
       int64_t best_idx = 0;
@@ -92,7 +107,7 @@ void kgw_argmax_impl(const at::Tensor& logits, const uint32_t* state, uint64_t t
         hash_chunk(state[b], v0, len, u);
         load_chunk(xp + b * V + v0, len, val);
         for (int64_t j = 0; j < len; ++j) {
-          val[j] += static_cast<uint64_t>(u[j]) < threshold ? delta : 0.f;
+          val[j] += u[j] <= limit ? bias : 0.f;
         }
         if (!seen) {  // a row of -inf still has an argmax: its first entry
           best = val[0];
@@ -113,7 +128,8 @@ void gumbel_argmax_impl(const at::Tensor& logits, const uint32_t* state, float i
     alignas(64) uint32_t u[kChunk];
     alignas(64) float g[kChunk];
     alignas(64) float val[kChunk];
-    const Vec vt(inv_temperature);
+    const float inv_t = inv_temperature;
+    const Vec vt(inv_t);
     for (int64_t b = begin; b < end; ++b) {
       float best = 0.f;
       int64_t best_idx = 0;
@@ -132,7 +148,7 @@ void gumbel_argmax_impl(const at::Tensor& logits, const uint32_t* state, float i
           (Vec::loadu(val + j) * vt + noise).store(val + j);
         }
         for (; j < len; ++j) {
-          val[j] = val[j] * inv_temperature - std::log(-std::log(g[j]));
+          val[j] = val[j] * inv_t - std::log(-std::log(g[j]));
         }
         if (!seen) {
           best = val[0];
