@@ -41,10 +41,10 @@ class MetricResult(NamedTuple):
     resamples: torch.Tensor | None = None
 
 
-def _check_bootstrap(n_bootstrap: int, confidence: float) -> None:
+def _check_bootstrap(n_bootstrap: int, confidence: float | None = None) -> None:
     if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be an int >= 0, got {n_bootstrap!r}")
-    if not 0 < confidence < 1:
+    if confidence is not None and not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
 
@@ -129,7 +129,7 @@ def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None
         raise ValueError(f"b must be on the device of a ({a.device}), got {b.device}")
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"a and b must label the same N items: got N = {a.shape[-1]} and {b.shape[-1]}")
-    _check_bootstrap(n_bootstrap, 0.5)
+    _check_bootstrap(n_bootstrap)
     lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
     N = a.shape[-1]
     P = math.prod(lead)
