@@ -22,6 +22,8 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kChunk = 512;
+// -log(-log u) for the largest u = 1 - 2^-25 is 25 ln 2 = 17.33; 18 leaves room for the logs' rounding.
+constexpr float kMaxNoise = 18.f;
 
 // u[j] = combine(state, v0 + j): the per-entry word, vectorised by the compiler.
 inline void hash_chunk(uint32_t state, int64_t v0, int64_t len, uint32_t* u) {
@@ -136,19 +138,35 @@ void gumbel_argmax_impl(const at::Tensor& logits, const uint32_t* state, float i
       bool seen = false;
       for (int64_t v0 = 0; v0 < V; v0 += kChunk) {
         const int64_t len = std::min(kChunk, V - v0);
-        hash_chunk(state[b], v0, len, u);
-        for (int64_t j = 0; j < len; ++j) {
-          g[j] = hash::unit_float(u[j]);
-        }
         load_chunk(xp + b * V + v0, len, val);
         int64_t j = 0;
         for (; j + Vec::size() <= len; j += Vec::size()) {
-          // Gumbel(0, 1) noise -log(-log u): argmax(logit / T + noise) = argmax u^(1 / p), see watermark.py.
-          const Vec noise = Vec(0.f) - (Vec(0.f) - Vec::loadu(g + j).log()).log();
-          (Vec::loadu(val + j) * vt + noise).store(val + j);
+          (Vec::loadu(val + j) * vt).store(val + j);
         }
         for (; j < len; ++j) {
-          val[j] = val[j] * inv_t - std::log(-std::log(g[j]));
+          val[j] *= inv_t;
+        }
+        // The noise never exceeds kMaxNoise: a chunk whose best scaled logit trails the running best by more
+        // cannot hold the argmax (later chunks only replace on >), so its hashes and logs are skipped -- most
+        // of the vocabulary for a peaked LLM distribution. The relative slack covers the rounding of the sum.
+        if (seen) {
+          const float m =
+              at::vec::reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, val, len);
+          if (m + kMaxNoise + std::fabs(m) * 1e-6f < best) {
+            continue;
+          }
+        }
+        hash_chunk(state[b], v0, len, u);
+        for (j = 0; j < len; ++j) {
+          g[j] = hash::unit_float(u[j]);
+        }
+        for (j = 0; j + Vec::size() <= len; j += Vec::size()) {
+          // Gumbel(0, 1) noise -log(-log u): argmax(logit / T + noise) = argmax u^(1 / p), see watermark.py.
+          const Vec noise = Vec(0.f) - (Vec(0.f) - Vec::loadu(g + j).log()).log();
+          (Vec::loadu(val + j) + noise).store(val + j);
+        }
+        for (; j < len; ++j) {
+          val[j] += -std::log(-std::log(g[j]));
         }
         if (!seen) {
           best = val[0];
