@@ -21,6 +21,8 @@ FAMILIES = {
     "skip": "bench_skip",
     "ctc": "bench_ctc",
     "wasserstein": "bench_wasserstein",
+    "metrics": "bench_metrics",
+    "watermark": "bench_watermark",
 }
 
 

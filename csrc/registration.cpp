@@ -105,3 +105,19 @@ TORCH_LIBRARY(alignops, m) {
       "wasserstein_1d_backward(Tensor grad, Tensor u, Tensor v, Tensor? u_weights, Tensor? v_weights, float p, "
       "bool weights_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- metrics: confusion matrices of rater pairs on the sample and on seeded bootstrap resamples ---
+  // a [P, N], b [P, N] or [1, N] int labels in [0, num_classes). Returns int32 [P, R + 1, C, C]: entry r = 0 is
+  // the full sample, r >= 1 the resample drawing items bounded(combine(combine(key_state(seed), r), j), N),
+  // j < N (csrc/common/counter_hash.h), identical on every backend.
+  m.def("bootstrap_confusion(Tensor a, Tensor b, int num_classes, int num_resamples, int seed) -> Tensor");
+
+  // ---- watermark: fused over the vocabulary, per-entry words hashed on the fly from (key, context, v) ----
+  // logits [B, V], context [B, h] int (the previous h tokens, oldest first). green[b, v] iff
+  // combine(state_b, v) < floor(gamma * 2^32). kgw_logits -> logits + delta * green (dtype of logits);
+  // kgw_argmax -> [B] int64; gumbel_argmax -> [B] int64 argmax of logits / T - log(-log u).
+  m.def("kgw_logits(Tensor logits, Tensor context, int key, float gamma, float delta) -> Tensor");
+  m.def("kgw_argmax(Tensor logits, Tensor context, int key, float gamma, float delta) -> Tensor");
+  m.def("gumbel_argmax(Tensor logits, Tensor context, int key, float temperature) -> Tensor");
+}

@@ -43,7 +43,7 @@ from .objectives import (
 from .represent import IMACollector, IMADatasetScore, IMAScore, ima_score
 from .represent import cca, cca_loss, ches_score, linear_cka
 from .skip import skip_ffn
-from . import wasserstein  # noqa: E402
+from . import metrics, rewards, wasserstein, watermark  # noqa: E402
 from .wasserstein import gaussian_w2, sliced_wasserstein, wasserstein_1d
 
 __version__ = "0.1.0"
@@ -92,4 +92,7 @@ __all__ = [
     "cca_loss",
     "linear_cka",
     "ches_score",
+    "metrics",
+    "rewards",
+    "watermark",
 ]

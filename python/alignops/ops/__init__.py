@@ -1,6 +1,6 @@
 """Fake kernels, autograd formulas and Triton ops of every family, registered on import."""
 
-from . import ctc, preference, skip, wasserstein  # noqa: F401
+from . import ctc, metrics, preference, skip, wasserstein, watermark  # noqa: F401
 
 try:
     import triton
@@ -8,4 +8,4 @@ except ImportError:
     triton = None
 if triton is not None:
     from . import fused_linear_triton, preference_triton, skip_triton  # noqa: F401
-    from . import wasserstein_triton  # noqa: F401
+    from . import metrics_triton, wasserstein_triton, watermark_triton  # noqa: F401

@@ -1,5 +1,5 @@
 """Pure-PyTorch references of every op: the spec, the CPU fallback (``backend="torch"``), the test oracle."""
 
-from . import ctc, objectives, preference, represent, skip, wasserstein
+from . import ctc, metrics, objectives, preference, represent, skip, wasserstein, watermark
 
-__all__ = ["ctc", "objectives", "preference", "represent", "skip", "wasserstein"]
+__all__ = ["ctc", "metrics", "objectives", "preference", "represent", "skip", "wasserstein", "watermark"]
