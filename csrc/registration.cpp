@@ -76,4 +76,15 @@ TORCH_LIBRARY(alignops, m) {
   m.def(
       "skip_ffn(Tensor x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
       "Tensor? b_down, int activation, float eps, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- ctc_posteriors: CTC forward-backward (fp64 log-domain alpha/beta) ----------------------------
+  // log_probs [B, T, C] (any scores, not necessarily normalised), targets [B, L] padded, lengths [B].
+  // Returns (loss [B] = -log p(targets | scores), inf where no alignment exists; states [B, T, 2L+1]
+  // occupancy gamma when return_states else [0]; tokens [B, T, L] occupancy of each token's state when
+  // return_tokens else [0]; grad [B, T, C] = d loss_b / d log_probs = -sum of gamma over the states
+  // labelled c, in log_probs' dtype, when compute_grad else [0]). loss / states / tokens are fp32 (fp64 for
+  // fp64 log_probs). Frames past input_lengths and infeasible utterances get 0 occupancy and gradient.
+  m.def(
+      "ctc_posteriors(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
+      "bool return_states, bool return_tokens, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
