@@ -81,3 +81,7 @@ __all__ = [
     "skip",
     "reference",
 ]
+
+from .ctc_posteriors import CTCPosteriors, ctc_loss, ctc_posteriors  # noqa: E402
+
+__all__ += ["CTCPosteriors", "ctc_loss", "ctc_posteriors"]

@@ -1,6 +1,7 @@
 """Fake kernels, autograd formulas and Triton ops of every family, registered on import."""
 
 from . import preference, skip  # noqa: F401
+from . import ctc_posteriors  # noqa: F401  (its Triton op registers itself when triton is present)
 
 try:
     import triton
