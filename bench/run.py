@@ -15,7 +15,8 @@ import torch
 
 from .common import Result, run_groups
 
-FAMILIES = {"preference": "bench_preference", "fused_linear": "bench_fused_linear", "skip": "bench_skip"}
+FAMILIES = {"preference": "bench_preference", "fused_linear": "bench_fused_linear", "skip": "bench_skip",
+            "ctc_posteriors": "bench_ctc_posteriors"}
 
 
 def _git_sha() -> str:

@@ -142,6 +142,28 @@ def test_batch_matches_reference(cpu_capability, dtype):
     assert (rows[~frames] == 0).all()
 
 
+def test_checkpointed_long_utterance_matches_reference(cpu_capability):
+    # T * (2L+1) fp64 cells above the kernel's 64 MB full-alpha budget: alpha is checkpointed every
+    # ceil(sqrt(T)) frames and recomputed block by block.
+    T, C, L = 3000, 12, 1400
+    lp = (torch.randn(2, T, C, dtype=torch.float64) * 2).log_softmax(-1)
+    targets = torch.randint(1, C, (2, L))
+    il, tl = torch.tensor([T, T - 17]), torch.tensor([L, L - 5])
+    assert T * (2 * L + 5) * 8 > 64 << 20
+    out = alignops.ctc_posteriors(lp, targets, il, tl, output="both")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference's 6000 small steps crawl when intra-op threads contend for cores
+    try:
+        r_loss, r_gamma = ref.forward_backward(lp, targets, il, tl)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out.loss, r_loss, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(out.states, r_gamma, rtol=1e-9, atol=1e-9)
+    x = lp.clone().requires_grad_()
+    alignops.ctc_loss(x, targets, il, tl, reduction="sum").backward()
+    torch.testing.assert_close(x.grad, -ref.class_occupancy(r_gamma, targets, tl, 0, C), rtol=1e-9, atol=1e-9)
+
+
 def test_light_mode_equals_full(cpu_capability):
     lp, targets, il, tl = make_batch(3, 50, 8, 14)
     full = alignops.ctc_posteriors(lp, targets, il, tl, output="both")

@@ -5,11 +5,12 @@
 // Precision: alpha and beta are log-domain fp64 whatever the input dtype (each step is a 3-term
 // logsumexp), so occupancy rows sum to 1 within ~1e-10 even at T = 1e5; outputs are rounded once at the end.
 //
-// Memory: alpha is not stored for every frame. The forward pass keeps one row per block of K = ceil(sqrt(T))
-// frames (checkpoints); the backward pass recomputes the K alpha rows of one block from its checkpoint and
-// sweeps beta through it, emitting the occupancy of each frame as soon as alpha and beta meet. Per utterance
-// in flight: (T / K + K + 4) * (S + 4) doubles, i.e. O(S sqrt(T)) (T = 45000, S = 27001: 92 MB, against the
-// 4.9 GB of a stored [T, S] fp32 alpha), at the price of a second alpha pass.
+// Memory: an utterance whose fp64 alpha fits in 64 MB keeps it for every frame (one alpha pass). Longer ones
+// keep one row per block of K = ceil(sqrt(T)) frames (checkpoints) plus the rows of the last block; the
+// backward pass recomputes the K alpha rows of each earlier block from its checkpoint and sweeps beta through
+// it, emitting the occupancy of each frame as soon as alpha and beta meet. Per utterance in flight:
+// (T / K + K + 4) * (S + 4) doubles, i.e. O(S sqrt(T)) (T = 45000, S = 27001: 92 MB, against the 4.9 GB of a
+// stored [T, S] fp32 alpha), at the price of a second alpha pass.
 //
 // Band: at frame t only states s with 2(t+1) > s (reachable from the start) and s >= S - 2(T - t) (able to
 // reach the end) can carry occupancy, so each frame computes just that band [lo(t), hi(t)); the cells just
@@ -34,7 +35,8 @@ namespace {
 using Vd = at::vec::Vectorized<double>;
 constexpr int64_t kW = Vd::size();
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-constexpr int64_t kPad = 2;  // -inf cells on both sides of every row: s - 2 and s + 2 are always in bounds
+constexpr int64_t kPad = 2;
+constexpr int64_t kFullAlphaBytes = int64_t(64) << 20;  // up to this, an utterance keeps alpha for every frame  // -inf cells on both sides of every row: s - 2 and s + 2 are always in bounds
 
 inline double lse3(double a, double b, double c) {
   const double m = std::max(a, std::max(b, c));
@@ -44,12 +46,17 @@ inline double lse3(double a, double b, double c) {
   return m + std::log(std::exp(a - m) + std::exp(b - m) + std::exp(c - m));
 }
 
-// The max is clamped to the lowest finite double so that an all -inf triple gives exp(-inf) = 0 terms and
-// log(0) = -inf, never -inf - -inf.
+// Vectorised: with m the max, mid the median and lo the min of the triple, m + log(1 + exp(mid - m) +
+// exp(lo - m)) needs two exps. The max is clamped to the lowest finite double so that -inf entries give
+// exp(-inf) = 0 terms, never -inf - -inf; an all -inf triple is patched to -inf at the end.
 inline Vd lse3(const Vd& a, const Vd& b, const Vd& c) {
-  const Vd m = at::vec::maximum(at::vec::maximum(at::vec::maximum(a, b), c),
-                                Vd(std::numeric_limits<double>::lowest()));
-  return m + ((a - m).exp() + (b - m).exp() + (c - m).exp()).log();
+  const Vd hi_ab = at::vec::maximum(a, b), lo_ab = at::vec::minimum(a, b);
+  const Vd m = at::vec::maximum(hi_ab, c);
+  const Vd mid = at::vec::maximum(lo_ab, at::vec::minimum(hi_ab, c));
+  const Vd lo = at::vec::minimum(lo_ab, c);
+  const Vd mc = at::vec::maximum(m, Vd(std::numeric_limits<double>::lowest()));
+  const Vd r = mc + (Vd(1.0) + (mid - mc).exp() + (lo - mc).exp()).log();
+  return Vd::blendv(r, m, m == Vd(kNegInf));
 }
 
 // out[s] = lse3(x[s], x[s + D1], x[s + D2] + skip[s + DS]) (+ add[s]) for s in [lo, hi); skip[s] is 0 where
@@ -178,40 +185,51 @@ struct Utterance {
         skip[s] = 0.0;
       }
     }
-    const int64_t K = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(T)))));
+    // Alpha rows of the last block are kept by the forward pass itself; short utterances are one block.
+    const bool backward = states != nullptr || tokens != nullptr || grad != nullptr;
+    const int64_t K = T * W * static_cast<int64_t>(sizeof(double)) <= kFullAlphaBytes
+                          ? T
+                          : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(T)))));
     const int64_t n_blocks = (T + K - 1) / K;
-    std::vector<double> ckpt(n_blocks * W, kNegInf), ring(2 * W, kNegInf);
+    const int64_t last0 = backward ? (n_blocks - 1) * K : T;  // first frame of the block kept in `blk`
+    std::vector<double> ckpt(backward ? (n_blocks - 1) * W : 0, kNegInf), ring(2 * W, kNegInf);
+    std::vector<double> blk(backward ? K * W : 0, kNegInf);
+    auto dst = [&](int64_t t) { return t >= last0 ? row(blk, t - last0) : row(ring, t & 1); };
 
-    // Forward pass: alpha for every frame, keeping the first row of each block.
-    double* prev = row(ring, 0);
-    double* cur = row(ring, 1);
+    // Forward pass: alpha for every frame, keeping the first row of each earlier block.
+    double* prev = dst(0);
     alpha_first(prev);
-    std::copy(prev - kPad, prev - kPad + W, row(ckpt, 0) - kPad);
-    for (int64_t t = 1; t < T; ++t) {
-      alpha_step(prev, cur, t);
-      if (t % K == 0) {
+    for (int64_t t = 0; t < T; ++t) {
+      double* cur = prev;
+      if (t > 0) {
+        cur = dst(t);
+        alpha_step(prev, cur, t);
+      }
+      if (backward && t % K == 0 && t < last0) {
         std::copy(cur - kPad, cur - kPad + W, row(ckpt, t / K) - kPad);
       }
-      std::swap(prev, cur);
+      prev = cur;
     }
     const double log_z = S >= 2 ? lse3(prev[S - 1], prev[S - 2], kNegInf) : prev[S - 1];
     if (!(log_z > kNegInf) || std::isnan(log_z)) {
       return std::numeric_limits<acc_t>::infinity();  // every alignment has score -inf
     }
-    if (states == nullptr && tokens == nullptr && grad == nullptr) {
+    if (!backward) {
       return static_cast<acc_t>(-log_z);
     }
 
     // Backward pass, block by block from the end: recompute the block's alpha rows, sweep beta through it.
-    std::vector<double> blk(K * W, kNegInf), beta_v(W, kNegInf), bb_v(W, kNegInf), g_v(W, 0.0);
+    std::vector<double> beta_v(W, kNegInf), bb_v(W, kNegInf), g_v(W, 0.0);
     std::vector<double> gbuf(grad != nullptr ? C : 0, 0.0);
     double* beta = beta_v.data() + kPad;
     double* bb = bb_v.data() + kPad;  // beta + emission of the frame after the current one
     for (int64_t k = n_blocks - 1; k >= 0; --k) {
       const int64_t t0 = k * K, t1 = std::min(T, t0 + K);
-      std::copy(row(ckpt, k) - kPad, row(ckpt, k) - kPad + W, row(blk, 0) - kPad);
-      for (int64_t t = t0 + 1; t < t1; ++t) {
-        alpha_step(row(blk, t - t0 - 1), row(blk, t - t0), t);
+      if (k < n_blocks - 1) {
+        std::copy(row(ckpt, k) - kPad, row(ckpt, k) - kPad + W, row(blk, 0) - kPad);
+        for (int64_t t = t0 + 1; t < t1; ++t) {
+          alpha_step(row(blk, t - t0 - 1), row(blk, t - t0), t);
+        }
       }
       for (int64_t t = t1 - 1; t >= t0; --t) {
         const int64_t l = lo(t), h = hi(t);
