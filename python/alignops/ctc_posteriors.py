@@ -89,11 +89,13 @@ def ctc_posteriors(
     sum to 1 within 1e-10 before the final rounding at T = 1e5). Outputs: fp32 (fp64 for fp64 inputs);
     inputs fp32 / fp64 / fp16 / bf16, targets and lengths int32 / int64.
 
-    Memory (CPU kernel, ``output="tokens"`` is the light mode): besides the outputs, each thread holds
-    O((2L+1) sqrt(T)) fp64 (alpha checkpointed every ceil(sqrt(T)) frames and recomputed per block):
-    92 MB for T = 45000, L = 13500, where a stored alpha would take T (2L+1) cells (4.9 GB in fp32).
-    The Triton kernel (GPU) stores the fp64 log-alpha of every frame and the [B, T, 2L+1] occupancy in every
-    mode.
+    Memory (CPU kernel, ``output="tokens"`` is the light mode: nothing of size [B, T, 2L+1] is stored).
+    Besides the outputs (and the [B, T, C] gradient when ``log_probs`` requires grad), each thread holds the
+    fp64 alpha of its utterance while T (2L+1) * 8 bytes <= 64 MB; beyond that alpha is checkpointed every
+    ceil(sqrt(T)) frames and recomputed block by block (one extra alpha pass), O((2L+1) sqrt(T)) fp64:
+    92 MB for T = 45000, L = 13500, where a stored alpha takes T (2L+1) cells (4.9 GB in fp32, as torch's
+    ctc_loss does, plus as much for beta). The Triton kernel (GPU) stores the fp64 log-alpha of every frame
+    and the [B, T, 2L+1] occupancy in every mode.
 
     Devices / backends: ``"native"`` C++ CPU kernel (threads over the batch, states vectorised);
     ``"triton"`` GPU kernel (one program per utterance); ``"torch"`` the fp64 reference; ``"auto"`` native
