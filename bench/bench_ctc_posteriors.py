@@ -66,6 +66,7 @@ def summary(results) -> list[str]:
             err = row_sum_error(*_GRADS[key])
             lines.append(f"{r.shape} {r.provider}: max |occupancy row sum - 1| = {err:.2e}; "
                          f"{r.ratio:.2f}x torch's speed, peak {r.peak_mb:.0f} MB")
-    lines.append("target: rows sum to 1 within 1e-4 (fp32 inputs); alignops accumulates alpha/beta in fp64 (log domain)")
+    lines.append("target: rows sum to 1 within 1e-4 (fp32 inputs); alignops accumulates alpha/beta in fp64 "
+                 "(log domain)")
     _GRADS.clear()
     return lines

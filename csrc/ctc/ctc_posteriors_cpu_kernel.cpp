@@ -35,8 +35,8 @@ namespace {
 using Vd = at::vec::Vectorized<double>;
 constexpr int64_t kW = Vd::size();
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-constexpr int64_t kPad = 2;
-constexpr int64_t kFullAlphaBytes = int64_t(64) << 20;  // up to this, an utterance keeps alpha for every frame  // -inf cells on both sides of every row: s - 2 and s + 2 are always in bounds
+constexpr int64_t kPad = 2;  // -inf cells on both sides of every row: s - 2 and s + 2 are always in bounds
+constexpr int64_t kFullAlphaBytes = int64_t(64) << 20;  // up to this, an utterance keeps alpha for every frame
 
 inline double lse3(double a, double b, double c) {
   const double m = std::max(a, std::max(b, c));
