@@ -142,13 +142,16 @@ def test_batch_matches_reference(cpu_capability, dtype):
     assert (rows[~frames] == 0).all()
 
 
-def test_checkpointed_long_utterance_matches_reference(cpu_capability):
+@pytest.mark.parametrize("B", [1, 2])
+def test_checkpointed_long_utterance_matches_reference(cpu_capability, B):
     # T * (2L+1) fp64 cells above the kernel's 64 MB full-alpha budget: alpha is checkpointed every
-    # ceil(sqrt(T)) frames and recomputed block by block.
+    # ceil(sqrt(T)) frames and recomputed block by block. B = 1 leaves a thread idle, so (with >= 2 threads)
+    # alpha and beta run concurrently and each thread emits half of the blocks; B = 2 runs one utterance per
+    # thread, each sweeping its blocks in turn.
     T, C, L = 3000, 12, 1400
-    lp = (torch.randn(2, T, C, dtype=torch.float64) * 2).log_softmax(-1)
-    targets = torch.randint(1, C, (2, L))
-    il, tl = torch.tensor([T, T - 17]), torch.tensor([L, L - 5])
+    lp = (torch.randn(B, T, C, dtype=torch.float64) * 2).log_softmax(-1)
+    targets = torch.randint(1, C, (B, L))
+    il, tl = torch.tensor([T, T - 17])[:B], torch.tensor([L, L - 5])[:B]
     assert T * (2 * L + 5) * 8 > 64 << 20
     out = alignops.ctc_posteriors(lp, targets, il, tl, output="both")
     threads = torch.get_num_threads()

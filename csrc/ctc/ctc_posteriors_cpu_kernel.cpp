@@ -78,6 +78,19 @@ void lse3_row(double* out, const double* x, const double* skip, const double* ad
   }
 }
 
+// Buffers of one thread working on an utterance (rows of W = S + 4 doubles, -inf padded).
+struct Scratch {
+  std::vector<double> em, ring, beta, bb, g, gbuf, blk;
+  Scratch(int64_t W, int64_t C, int64_t block_rows)
+      : em(W, kNegInf),
+        ring(2 * W, kNegInf),
+        beta(W, kNegInf),
+        bb(W, kNegInf),
+        g(W, 0.0),
+        gbuf(C, 0.0),
+        blk(block_rows * W, kNegInf) {}
+};
+
 template <typename scalar_t, typename acc_t>
 struct Utterance {
   // Inputs: scores [T_full, C] of this utterance, its tokens, sizes; outputs (nullptr when not requested).
@@ -89,17 +102,20 @@ struct Utterance {
   acc_t* tokens;
   scalar_t* grad;
 
-  int64_t S = 0, W = 0;
+  int64_t S = 0, W = 0, K = 0, n_blocks = 0;
+  double log_z = kNegInf;
   std::vector<int64_t> label;
-  std::vector<double> skip_v, em_v;
+  std::vector<double> skip_v;
 
-  double* row(std::vector<double>& v, int64_t i) const { return v.data() + i * W + kPad; }
+  double* at(std::vector<double>& v, int64_t i) const { return v.data() + i * W + kPad; }
+  void copy_row(const double* src, double* dst) const { std::copy(src - kPad, src - kPad + W, dst - kPad); }
+  const double* skip() const { return skip_v.data() + kPad; }
   int64_t lo(int64_t t) const { return std::max<int64_t>(0, S - 2 * (T - t)); }
   int64_t hi(int64_t t) const { return std::min<int64_t>(S, 2 * (t + 1)); }
 
-  void gather(int64_t t, int64_t a, int64_t b) {
+  // em[s] = log_probs[t, label(s)] for s in [a, b).
+  void gather(double* em, int64_t t, int64_t a, int64_t b) const {
     const scalar_t* x = lp + t * C;
-    double* em = em_v.data() + kPad;
     for (int64_t s = a; s < b; ++s) {
       em[s] = static_cast<double>(x[label[s]]);
     }
@@ -109,23 +125,46 @@ struct Utterance {
     std::fill(r + std::max<int64_t>(a, 0), r + std::min(b, S), kNegInf);
   }
 
-  void alpha_first(double* a) {
+  void alpha_first(double* a, double* em) const {
     std::fill(a - kPad, a - kPad + W, kNegInf);
     const int64_t n = std::min<int64_t>(S, 2);
-    gather(0, 0, n);
-    std::copy(em_v.data() + kPad, em_v.data() + kPad + n, a);
+    gather(em, 0, 0, n);
+    std::copy(em, em + n, a);
   }
 
-  void alpha_step(const double* prev, double* cur, int64_t t) {
+  void alpha_step(const double* prev, double* cur, int64_t t, double* em) const {
     const int64_t l = lo(t), h = hi(t);
-    gather(t, l, h);
-    lse3_row<-1, -2, 0>(cur, prev, skip_v.data() + kPad, em_v.data() + kPad, l, h);
+    gather(em, t, l, h);
+    lse3_row<-1, -2, 0>(cur, prev, skip(), em, l, h);
     fill_neg(cur, l - 2, l);
     fill_neg(cur, h, h + 2);
   }
 
+  // beta_t from bb = beta_{t+1} + e_{t+1}; the end states of the last frame start at 0.
+  void beta_step(double* beta, const double* bb, int64_t t) const {
+    if (t == T - 1) {
+      std::fill(beta - kPad, beta - kPad + W, kNegInf);
+      beta[S - 1] = 0.0;
+      if (S >= 2) {
+        beta[S - 2] = 0.0;
+      }
+    } else {
+      lse3_row<1, 2, 2>(beta, bb, skip(), nullptr, lo(t), hi(t));
+    }
+  }
+
+  // bb = beta_t + e_t, the input of beta_{t-1}; the two cells below the band that it reads are -inf.
+  void beta_carry(double* bb, const double* beta, int64_t t, double* em) const {
+    const int64_t l = lo(t), h = hi(t);
+    gather(em, t, l, h);
+    for (int64_t s = l; s < h; ++s) {
+      bb[s] = beta[s] + em[s];
+    }
+    fill_neg(bb, l - 2, l);
+  }
+
   // Occupancy of frame t (alpha, beta rows of that frame) into the requested outputs.
-  void emit(int64_t t, const double* alpha, const double* beta, double log_z, double* g, double* gbuf) {
+  void emit(int64_t t, const double* alpha, const double* beta, double* g, double* gbuf) const {
     const int64_t l = lo(t), h = hi(t);
     const Vd lz(log_z);
     int64_t s = l;
@@ -162,6 +201,143 @@ struct Utterance {
     }
   }
 
+  // Alpha over every frame; the first row of each block k < keep_from goes to ckpt, the rows of frames
+  // >= keep_from * K to x.blk (the block the backward sweep starts with). Sets log_z.
+  void forward(Scratch& x, std::vector<double>& ckpt, int64_t keep_from, bool store) {
+    const int64_t last0 = keep_from * K;
+    auto dst = [&](int64_t t) { return t >= last0 ? at(x.blk, t - last0) : at(x.ring, t & 1); };
+    double* em = x.em.data() + kPad;
+    double* prev = dst(0);
+    alpha_first(prev, em);
+    for (int64_t t = 0; t < T; ++t) {
+      double* cur = prev;
+      if (t > 0) {
+        cur = dst(t);
+        alpha_step(prev, cur, t, em);
+      }
+      if (store && t % K == 0 && t < last0) {
+        copy_row(cur, at(ckpt, t / K));
+      }
+      prev = cur;
+    }
+    log_z = S >= 2 ? lse3(prev[S - 1], prev[S - 2], kNegInf) : prev[S - 1];
+  }
+
+  // Beta from the last frame down to frame t_end, keeping beta of the last frame of each block in bckpt;
+  // leaves x.bb = beta_{t_end} + e_{t_end}.
+  void backward_part(Scratch& x, std::vector<double>& bckpt, int64_t t_end) const {
+    double* em = x.em.data() + kPad;
+    double* beta = x.beta.data() + kPad;
+    double* bb = x.bb.data() + kPad;
+    for (int64_t t = T - 1; t >= t_end; --t) {
+      beta_step(beta, bb, t);
+      if ((t + 1) % K == 0 || t == T - 1) {
+        copy_row(beta, at(bckpt, t / K));
+      }
+      beta_carry(bb, beta, t, em);
+    }
+  }
+
+  // The alpha rows of block k into x.blk, from its checkpoint.
+  void recompute_block(Scratch& x, std::vector<double>& ckpt, int64_t k) const {
+    const int64_t t0 = k * K, t1 = std::min(T, t0 + K);
+    copy_row(at(ckpt, k), at(x.blk, 0));
+    for (int64_t t = t0 + 1; t < t1; ++t) {
+      alpha_step(at(x.blk, t - t0 - 1), at(x.blk, t - t0), t, x.em.data() + kPad);
+    }
+  }
+
+  // Block k, its alpha rows in x.blk: beta down through the block (from x.bb, or from beta_last for its last
+  // frame when given), occupancy emitted frame by frame.
+  void sweep_block(Scratch& x, int64_t k, const double* beta_last) const {
+    double* em = x.em.data() + kPad;
+    double* beta = x.beta.data() + kPad;
+    double* bb = x.bb.data() + kPad;
+    const int64_t t0 = k * K, t1 = std::min(T, t0 + K);
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      if (beta_last != nullptr && t == t1 - 1) {
+        copy_row(beta_last, beta);
+      } else {
+        beta_step(beta, bb, t);
+      }
+      emit(t, at(x.blk, t - t0), beta, x.g.data() + kPad, x.gbuf.data());
+      if (t > 0) {
+        beta_carry(bb, beta, t, em);
+      }
+    }
+  }
+
+  // A long utterance with an idle thread (a batch smaller than the thread count): one thread runs alpha
+  // over the first half of the blocks while the other runs beta over the second half; they meet at frame
+  // tm - 1, where log Z = logsumexp_s(alpha + beta). Then the first thread carries alpha on through the
+  // second half (beta restarted per block from the second thread's checkpoints) and the second carries beta
+  // down through the first half (alpha recomputed per block from the first thread's checkpoints). The work
+  // is that of the one-thread path, in about half the wall time, with two synchronisations in all.
+  void two_threads(std::vector<double>& ckpt, std::vector<double>& bckpt, Scratch& xa, Scratch& xb) {
+    const int64_t mid = n_blocks / 2, tm = mid * K;
+    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (i == 0) {
+          double* em = xa.em.data() + kPad;
+          double* prev = at(xa.ring, 0);
+          alpha_first(prev, em);
+          copy_row(prev, at(ckpt, 0));
+          for (int64_t t = 1; t < tm; ++t) {
+            double* cur = at(xa.ring, t & 1);
+            alpha_step(prev, cur, t, em);
+            if (t % K == 0) {
+              copy_row(cur, at(ckpt, t / K));
+            }
+            prev = cur;
+          }
+        } else {
+          backward_part(xb, bckpt, tm);
+        }
+      }
+    });
+    const double* alpha_m = at(xa.ring, (tm - 1) & 1);
+    double* beta_m = xa.beta.data() + kPad;
+    beta_step(beta_m, xb.bb.data() + kPad, tm - 1);
+    double m = kNegInf;
+    for (int64_t s = lo(tm - 1); s < hi(tm - 1); ++s) {
+      m = std::max(m, alpha_m[s] + beta_m[s]);
+    }
+    if (!(m > kNegInf) || std::isnan(m)) {
+      return;  // log_z stays -inf
+    }
+    double sum = 0.0;
+    for (int64_t s = lo(tm - 1); s < hi(tm - 1); ++s) {
+      sum += std::exp(alpha_m[s] + beta_m[s] - m);
+    }
+    log_z = m + std::log(sum);
+    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (i == 0) {
+          double* em = xa.em.data() + kPad;
+          double* carry = at(xa.ring, 0);
+          if (alpha_m != carry) {
+            copy_row(alpha_m, carry);
+          }
+          for (int64_t k = mid; k < n_blocks; ++k) {
+            const int64_t t0 = k * K, t1 = std::min(T, t0 + K);
+            const double* prev = carry;
+            for (int64_t t = t0; t < t1; ++t) {
+              alpha_step(prev, at(xa.blk, t - t0), t, em);
+              prev = at(xa.blk, t - t0);
+            }
+            copy_row(prev, carry);
+            sweep_block(xa, k, at(bckpt, k));
+          }
+        } else {
+          for (int64_t k = mid - 1; k >= 0; --k) {
+            recompute_block(xb, ckpt, k);
+            sweep_block(xb, k, nullptr);
+          }
+        }
+      }
+    });
+  }
+
   acc_t run() {
     int64_t repeats = 0;
     for (int64_t j = 1; j < Lb; ++j) {
@@ -177,81 +353,42 @@ struct Utterance {
     W = S + 2 * kPad;
     label.resize(S);
     skip_v.assign(W, kNegInf);
-    em_v.assign(W, kNegInf);
-    double* skip = skip_v.data() + kPad;
     for (int64_t s = 0; s < S; ++s) {
       label[s] = (s & 1) ? tok[s >> 1] : blank;
       if ((s & 1) && s >= 3 && tok[s >> 1] != tok[(s >> 1) - 1]) {
-        skip[s] = 0.0;
+        skip_v[kPad + s] = 0.0;
       }
     }
-    // Alpha rows of the last block are kept by the forward pass itself; short utterances are one block.
     const bool backward = states != nullptr || tokens != nullptr || grad != nullptr;
-    const int64_t K = T * W * static_cast<int64_t>(sizeof(double)) <= kFullAlphaBytes
-                          ? T
-                          : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(T)))));
-    const int64_t n_blocks = (T + K - 1) / K;
-    const int64_t last0 = backward ? (n_blocks - 1) * K : T;  // first frame of the block kept in `blk`
-    std::vector<double> ckpt(backward ? (n_blocks - 1) * W : 0, kNegInf), ring(2 * W, kNegInf);
-    std::vector<double> blk(backward ? K * W : 0, kNegInf);
-    auto dst = [&](int64_t t) { return t >= last0 ? row(blk, t - last0) : row(ring, t & 1); };
-
-    // Forward pass: alpha for every frame, keeping the first row of each earlier block.
-    double* prev = dst(0);
-    alpha_first(prev);
-    for (int64_t t = 0; t < T; ++t) {
-      double* cur = prev;
-      if (t > 0) {
-        cur = dst(t);
-        alpha_step(prev, cur, t);
+    K = T * W * static_cast<int64_t>(sizeof(double)) <= kFullAlphaBytes
+            ? T
+            : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(T)))));
+    n_blocks = (T + K - 1) / K;
+    const int64_t C_buf = grad != nullptr ? C : 0;
+    if (!backward) {
+      Scratch x(W, 0, 0);
+      std::vector<double> none;
+      forward(x, none, T, false);
+    } else if (n_blocks >= 2 && !at::in_parallel_region() && at::get_num_threads() >= 2) {
+      std::vector<double> ckpt(n_blocks * W, kNegInf), bckpt(n_blocks * W, kNegInf);
+      Scratch xa(W, C_buf, K), xb(W, C_buf, K);
+      two_threads(ckpt, bckpt, xa, xb);
+    } else {
+      // Alpha rows of the last block stay from the forward pass; short utterances are a single block.
+      std::vector<double> ckpt((n_blocks - 1) * W, kNegInf);
+      Scratch x(W, C_buf, K);
+      forward(x, ckpt, n_blocks - 1, true);
+      if (log_z > kNegInf) {
+        for (int64_t k = n_blocks - 1; k >= 0; --k) {
+          if (k != n_blocks - 1) {
+            recompute_block(x, ckpt, k);
+          }
+          sweep_block(x, k, nullptr);
+        }
       }
-      if (backward && t % K == 0 && t < last0) {
-        std::copy(cur - kPad, cur - kPad + W, row(ckpt, t / K) - kPad);
-      }
-      prev = cur;
     }
-    const double log_z = S >= 2 ? lse3(prev[S - 1], prev[S - 2], kNegInf) : prev[S - 1];
     if (!(log_z > kNegInf) || std::isnan(log_z)) {
       return std::numeric_limits<acc_t>::infinity();  // every alignment has score -inf
-    }
-    if (!backward) {
-      return static_cast<acc_t>(-log_z);
-    }
-
-    // Backward pass, block by block from the end: recompute the block's alpha rows, sweep beta through it.
-    std::vector<double> beta_v(W, kNegInf), bb_v(W, kNegInf), g_v(W, 0.0);
-    std::vector<double> gbuf(grad != nullptr ? C : 0, 0.0);
-    double* beta = beta_v.data() + kPad;
-    double* bb = bb_v.data() + kPad;  // beta + emission of the frame after the current one
-    for (int64_t k = n_blocks - 1; k >= 0; --k) {
-      const int64_t t0 = k * K, t1 = std::min(T, t0 + K);
-      if (k < n_blocks - 1) {
-        std::copy(row(ckpt, k) - kPad, row(ckpt, k) - kPad + W, row(blk, 0) - kPad);
-        for (int64_t t = t0 + 1; t < t1; ++t) {
-          alpha_step(row(blk, t - t0 - 1), row(blk, t - t0), t);
-        }
-      }
-      for (int64_t t = t1 - 1; t >= t0; --t) {
-        const int64_t l = lo(t), h = hi(t);
-        if (t == T - 1) {
-          std::fill(beta - kPad, beta - kPad + W, kNegInf);
-          beta[S - 1] = 0.0;
-          if (S >= 2) {
-            beta[S - 2] = 0.0;
-          }
-        } else {
-          lse3_row<1, 2, 2>(beta, bb, skip, nullptr, l, h);
-        }
-        emit(t, row(blk, t - t0), beta, log_z, g_v.data() + kPad, gbuf.data());
-        if (t > 0) {
-          gather(t, l, h);
-          const double* em = em_v.data() + kPad;
-          for (int64_t s = l; s < h; ++s) {
-            bb[s] = beta[s] + em[s];
-          }
-          fill_neg(bb, l - 2, l);
-        }
-      }
     }
     return static_cast<acc_t>(-log_z);
   }
@@ -272,7 +409,7 @@ void run(const at::Tensor& log_probs, const at::Tensor& targets, const at::Tenso
     acc_t* tk = tokens.numel() > 0 ? tokens.mutable_data_ptr<acc_t>() : nullptr;
     scalar_t* gr = grad.numel() > 0 ? grad.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t S = 2 * L + 1;
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    auto utterances = [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         Utterance<scalar_t, acc_t> u{x + b * T * C,
                                      il[b],
@@ -286,7 +423,14 @@ void run(const at::Tensor& log_probs, const at::Tensor& targets, const at::Tenso
                                      gr != nullptr ? gr + b * T * C : nullptr};
         loss_p[b] = u.run();
       }
-    });
+    };
+    // One utterance is run outside any parallel region, so that a long one can use two threads itself
+    // (at::parallel_for marks even its serial path as a parallel region, which disables nested splits).
+    if (B == 1) {
+      utterances(0, 1);
+    } else {
+      at::parallel_for(0, B, 1, utterances);
+    }
   });
 }
 
