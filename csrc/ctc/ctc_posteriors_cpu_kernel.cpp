@@ -1,6 +1,7 @@
 // Vectorised CTC forward-backward of alignops::ctc_posteriors. CMake compiles this file once per CPU
 // capability (DEFAULT, AVX2) into its own namespace; ctc_posteriors_cpu.cpp picks one. One utterance per
-// task of at::parallel_for; inside an utterance the states of a frame are vectorised (4 doubles per step).
+// task of at::parallel_for (a single long utterance uses two threads, see two_threads); inside an utterance
+// the states of a frame are vectorised (4 doubles per step).
 //
 // Precision: alpha and beta are log-domain fp64 whatever the input dtype (each step is a 3-term
 // logsumexp), so occupancy rows sum to 1 within ~1e-10 even at T = 1e5; outputs are rounded once at the end.
@@ -10,7 +11,8 @@
 // backward pass recomputes the K alpha rows of each earlier block from its checkpoint and sweeps beta through
 // it, emitting the occupancy of each frame as soon as alpha and beta meet. Per utterance in flight:
 // (T / K + K + 4) * (S + 4) doubles, i.e. O(S sqrt(T)) (T = 45000, S = 27001: 92 MB, against the 4.9 GB of a
-// stored [T, S] fp32 alpha), at the price of a second alpha pass.
+// stored [T, S] fp32 alpha), at the price of a second alpha pass. The two-thread mode keeps checkpoints of
+// both alpha and beta (twice that) and does the same work.
 //
 // Band: at frame t only states s with 2(t+1) > s (reachable from the start) and s >= S - 2(T - t) (able to
 // reach the end) can carry occupancy, so each frame computes just that band [lo(t), hi(t)); the cells just
