@@ -93,11 +93,12 @@ def ctc_posteriors(
     Besides the outputs (and the [B, T, C] gradient when ``log_probs`` requires grad), each thread holds the
     fp64 alpha of its utterance while T (2L+1) * 8 bytes <= 64 MB; beyond that alpha is checkpointed every
     ceil(sqrt(T)) frames and recomputed block by block (one extra alpha pass), O((2L+1) sqrt(T)) fp64:
-    92 MB for T = 45000, L = 13500, where a stored alpha takes T (2L+1) cells (4.9 GB in fp32, as torch's
-    ctc_loss does, plus as much for beta). The Triton kernel (GPU) stores the fp64 log-alpha of every frame
+    92 MB for T = 45000, L = 13500 (twice that when a single utterance runs on two threads), where a stored
+    alpha takes T (2L+1) cells (4.9 GB in fp32, as torch's ctc_loss does, plus as much for beta). The Triton kernel (GPU) stores the fp64 log-alpha of every frame
     and the [B, T, 2L+1] occupancy in every mode.
 
-    Devices / backends: ``"native"`` C++ CPU kernel (threads over the batch, states vectorised);
+    Devices / backends: ``"native"`` C++ CPU kernel (threads over the batch; a single long utterance runs
+    alpha and beta concurrently on two threads; states vectorised);
     ``"triton"`` GPU kernel (one program per utterance); ``"torch"`` the fp64 reference; ``"auto"`` native
     on CPU, Triton on GPU. The occupancy is not differentiable; the loss is (see :func:`ctc_loss`).
 
