@@ -145,8 +145,9 @@ def ctc_loss(
     The gradient is d loss_b / d log_probs[b, t, c] = -sum_{s: label(s) = c} gamma_t(s): the exact
     derivative with respect to the given scores, whether or not they are log-softmax outputs (torch's
     ctc_loss returns the gradient with respect to the logits, assuming normalised inputs). It is computed
-    in the forward call (fp64 accumulation, no stored alpha, see :func:`ctc_posteriors`) and returned in
-    log_probs' dtype; the loss is fp32 (fp64 for fp64 inputs).
+    in the forward call when ``log_probs`` requires grad (fp64 accumulation, nothing of size [B, T, 2L+1]
+    kept, see :func:`ctc_posteriors` for the memory) and returned in log_probs' dtype; the backward only
+    scales it. The loss is fp32 (fp64 for fp64 inputs).
 
     ``log_probs`` is [B, T, C]; pass ``batch_first=False`` for torch's [T, B, C] layout. Targets padded
     [B, L] or concatenated 1-D; lengths tensors or lists. Backends, devices, dtypes and errors as
