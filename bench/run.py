@@ -20,6 +20,7 @@ FAMILIES = {
     "fused_linear": "bench_fused_linear",
     "skip": "bench_skip",
     "ctc": "bench_ctc",
+    "ctc_posteriors": "bench_ctc_posteriors",
     "wasserstein": "bench_wasserstein",
     "metrics": "bench_metrics",
     "watermark": "bench_watermark",

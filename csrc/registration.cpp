@@ -104,6 +104,17 @@ TORCH_LIBRARY(alignops, m) {
   m.def(
       "wasserstein_1d_backward(Tensor grad, Tensor u, Tensor v, Tensor? u_weights, Tensor? v_weights, float p, "
       "bool weights_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- ctc_posteriors: CTC forward-backward (fp64 log-domain alpha/beta) ----------------------------
+  // log_probs [B, T, C] (any scores, not necessarily normalised), targets [B, L] padded, lengths [B].
+  // Returns (loss [B] = -log p(targets | scores), inf where no alignment exists; states [B, T, 2L+1]
+  // occupancy gamma when return_states else [0]; tokens [B, T, L] occupancy of each token's state when
+  // return_tokens else [0]; grad [B, T, C] = d loss_b / d log_probs = -sum of gamma over the states
+  // labelled c, in log_probs' dtype, when compute_grad else [0]). loss / states / tokens are fp32 (fp64 for
+  // fp64 log_probs). Frames past input_lengths and infeasible utterances get 0 occupancy and gradient.
+  m.def(
+      "ctc_posteriors(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
+      "bool return_states, bool return_tokens, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_FRAGMENT(alignops, m) {

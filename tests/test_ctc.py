@@ -294,3 +294,18 @@ def test_token_spans_num_spans_too_small():
 def test_triton_backend_is_refused():
     with pytest.raises(RuntimeError, match="forced_align: there is no Triton kernel"):
         ctc.forced_align(torch.randn(1, 5, 3).log_softmax(-1), torch.tensor([[1]]), backend="triton")
+
+
+def test_span_occupancy_is_the_mean_posterior_over_the_span():
+    lp, tg, il, tl = random_batch(3, 40, 6, 10, peaky=True, seed=2)
+    paths, scores = ctc.forced_align(lp, tg, il, tl)
+    spans = ctc.token_spans(paths, scores, num_spans=tg.shape[1])
+    post = ctc.ctc_posteriors(lp, tg, il, tl, output="tokens")
+    occ = ctc.span_occupancy(spans, post.tokens)
+    for b in range(3):
+        for k in range(int(tl[b])):
+            s, e = int(spans.start[b, k]), int(spans.end[b, k])
+            expected = post.tokens[b, s:e, k].double().mean()
+            torch.testing.assert_close(occ[b, k], expected)
+        assert occ[b, tl[b]:].isnan().all()
+    assert ((occ[~occ.isnan()] > 0) & (occ[~occ.isnan()] <= 1 + 1e-6)).all()

@@ -96,3 +96,8 @@ __all__ = [
     "rewards",
     "watermark",
 ]
+
+# ctc_posteriors stays a module here (alignops.ctc.ctc_posteriors is the function); ctc_loss is top level.
+from .ctc_posteriors import ctc_loss  # noqa: E402
+
+__all__ += ["ctc_loss"]

@@ -1,4 +1,4 @@
-r"""CTC alignment: batched forced alignment (Viterbi) and token spans.
+r"""CTC alignment: batched forced alignment (Viterbi), posteriors and loss, token / word spans, confidences.
 
 ``forced_align`` follows ``torchaudio.functional.forced_align`` (same arguments, same paths on inputs
 without ties, same tie rule as its CPU kernel) and adds what it lacks: batches with per-utterance lengths,
@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from .ctc_posteriors import CTCPosteriors, ctc_loss, ctc_posteriors
 from .reference import ctc as _ref
 
 MEMORY_MODES = ("full", "checkpointed")
@@ -268,4 +269,28 @@ def word_spans(spans: TokenSpans, word_lengths: torch.Tensor) -> TokenSpans:
     )
 
 
-__all__ = ["MEMORY_MODES", "TokenSpans", "forced_align", "token_spans", "word_spans"]
+def span_occupancy(spans: TokenSpans, token_occupancy: torch.Tensor) -> torch.Tensor:
+    """Per-token posterior confidence: the mean occupancy of target k's state over its aligned frames.
+
+    ``token_occupancy`` [B, T, L] is :func:`ctc_posteriors`'s ``output="tokens"`` (gamma of each token's
+    state per frame); ``spans`` come from :func:`token_spans` on the same utterances. Returns [B, K] in
+    fp64 (nan past ``spans.count``): near 1 where the whole posterior mass agrees with the Viterbi span.
+    """
+    if token_occupancy.dim() != 3 or token_occupancy.shape[0] != spans.start.shape[0]:
+        raise ValueError(f"token_occupancy must be [B, T, L] with B = {spans.start.shape[0]}, got "
+                         f"{tuple(token_occupancy.shape)}")
+    B, T, L = token_occupancy.shape
+    K = spans.start.shape[1]
+    if K > L:
+        raise ValueError(f"spans has {K} columns but token_occupancy only {L} tokens")
+    occ = token_occupancy[..., :K].double()
+    csum = torch.cat([occ.new_zeros(B, 1, K), occ.cumsum(1)], 1)  # [B, T + 1, K]
+    real = spans.start >= 0
+    start = torch.where(real, spans.start, 0).clamp(max=T)[:, None, :]
+    end = torch.where(real, spans.end, 0).clamp(max=T)[:, None, :]
+    total = (csum.gather(1, end) - csum.gather(1, start))[:, 0]
+    return torch.where(real, total / (end - start)[:, 0].clamp(min=1), torch.nan)
+
+
+__all__ = ["MEMORY_MODES", "CTCPosteriors", "TokenSpans", "ctc_loss", "ctc_posteriors", "forced_align",
+           "span_occupancy", "token_spans", "word_spans"]

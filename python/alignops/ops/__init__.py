@@ -1,6 +1,6 @@
 """Fake kernels, autograd formulas and Triton ops of every family, registered on import."""
 
-from . import ctc, metrics, preference, skip, wasserstein, watermark  # noqa: F401
+from . import ctc, ctc_posteriors, metrics, preference, skip, wasserstein, watermark  # noqa: F401
 
 try:
     import triton

@@ -1,0 +1,137 @@
+"""Fake kernel, autograd and Triton op of ctc_posteriors (schema in csrc/registration.cpp).
+
+The kernels return the exact gradient d loss_b / d log_probs[b, t, c] = -sum_{s: label(s) = c} gamma_t(s)
+with the loss, so the backward is one multiply by the incoming [B] gradient (shared by native and Triton).
+The occupancy outputs are not differentiable.
+
+``alignops::ctc_posteriors_triton`` has the native op's arguments and outputs, computed by
+kernels/ctc.py; ``torch.library.triton_op`` traces its body, so torch.compile sees the kernel. On CPU
+tensors it runs only in the Triton interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_triton_device
+from .preference import acc_dtype
+
+_SCHEMA = ("(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
+           "bool return_states, bool return_tokens, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)")
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_shapes(log_probs, targets, input_lengths, target_lengths, blank) -> None:
+    """The shape / dtype / device checks of the native op (csrc/ctc/ctc_posteriors_cpu.cpp), its messages."""
+    if log_probs.dim() != 3:
+        raise ValueError(f"log_probs must be a 3-D tensor of shape [B, T, C], got shape {list(log_probs.shape)}")
+    if log_probs.dtype not in _FLOATS:
+        raise ValueError(f"log_probs must be float32, float64, float16 or bfloat16, got {log_probs.dtype}")
+    B, T, C = log_probs.shape
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be a 2-D tensor of shape [B, L] (padded), got shape {list(targets.shape)}")
+    for name, t in (("targets", targets), ("input_lengths", input_lengths), ("target_lengths", target_lengths)):
+        if t.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be int64 or int32, got {t.dtype}")
+        if t.device != log_probs.device:
+            raise ValueError(f"{name} must be on the device of log_probs ({log_probs.device}), got {t.device}")
+    if targets.shape[0] != B:
+        raise ValueError(f"targets must have one row per utterance (B = {B}), got {targets.shape[0]}")
+    for name, t in (("input_lengths", input_lengths), ("target_lengths", target_lengths)):
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D tensor of shape [B], got shape {list(t.shape)}")
+        if t.shape[0] != B:
+            raise ValueError(f"{name} must have one entry per utterance (B = {B}), got {t.shape[0]}")
+    if not 0 <= blank < C:
+        raise ValueError(f"blank must lie in [0, C = {C}), got {blank}")
+
+
+def check_values(log_probs, targets, input_lengths, target_lengths, blank) -> None:
+    """Lengths within the padded sizes, target ids in [0, C) and not blank (reads the values: one host sync)."""
+    B, T, C = log_probs.shape
+    L = targets.shape[1]
+    for name, t, top, dim in (("input_lengths", input_lengths, T, "T"), ("target_lengths", target_lengths, L, "L")):
+        bad = ((t < 0) | (t > top)).nonzero()
+        if bad.numel():
+            b = int(bad[0, 0])
+            raise ValueError(f"{name} must lie in [0, {dim} = {top}], got {int(t[b])} for utterance {b}")
+    used = torch.arange(L, device=targets.device) < target_lengths[:, None]
+    bad = (used & ((targets < 0) | (targets >= C) | (targets == blank))).nonzero()
+    if bad.numel():
+        b, j = (int(v) for v in bad[0])
+        raise ValueError(f"targets must be class ids in [0, C = {C}) other than blank = {blank}, got "
+                         f"{int(targets[b, j])} at targets[{b}, {j}]")
+
+
+@torch.library.register_fake("alignops::ctc_posteriors")
+def _ctc_posteriors_fake(log_probs, targets, input_lengths, target_lengths, blank, return_states, return_tokens,
+                         compute_grad):
+    B, T, C = log_probs.shape
+    L = targets.shape[1]
+    acc = acc_dtype(log_probs.dtype)
+    return (log_probs.new_empty((B,), dtype=acc),
+            log_probs.new_empty((B, T, 2 * L + 1) if return_states else (0,), dtype=acc),
+            log_probs.new_empty((B, T, L) if return_tokens else (0,), dtype=acc),
+            log_probs.new_empty((B, T, C) if compute_grad else (0,)))
+
+
+def _setup(ctx, inputs, output):
+    _, states, tokens, grad = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(states, tokens, grad)
+    ctx.save_for_backward(grad)
+
+
+def _backward(ctx, grad_loss, _grad_states, _grad_tokens, _grad_grad):
+    if grad_loss is None:
+        return (None,) * 8
+    (grad,) = ctx.saved_tensors
+    if grad.dim() != 3:  # the empty [0] placeholder
+        raise RuntimeError("alignops::ctc_posteriors was called with compute_grad=False; call it through "
+                           "alignops.ctc_posteriors.ctc_loss (which sets it) to differentiate")
+    return (grad * grad_loss.to(grad.dtype)[:, None, None], *([None] * 7))
+
+
+def register_ctc_posteriors_autograd(op: str) -> None:
+    torch.library.register_autograd(op, _backward, setup_context=_setup)
+
+
+register_ctc_posteriors_autograd("alignops::ctc_posteriors")
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    triton = None
+
+if triton is not None:
+    from torch.library import triton_op
+
+    from ..kernels.ctc import launch_ctc_posteriors
+
+    @triton_op("alignops::ctc_posteriors_triton", mutates_args=(), schema=_SCHEMA)
+    def ctc_posteriors_triton(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
+                              target_lengths: torch.Tensor, blank: int, return_states: bool, return_tokens: bool,
+                              compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Triton twin of ``alignops::ctc_posteriors``, same outputs. Unlike the CPU kernel it stores the
+        fp64 log-alpha of every frame ([B, T, 2L+1] fp64 scratch) and the occupancy [B, T, 2L+1] whatever
+        is requested; tokens and the gradient are read off the occupancy."""
+        check_shapes(log_probs, targets, input_lengths, target_lengths, blank)
+        check_triton_device(log_probs, "log_probs")
+        B, T, C = log_probs.shape
+        L = targets.shape[1]
+        acc = acc_dtype(log_probs.dtype)
+        loss, states = launch_ctc_posteriors(log_probs.contiguous(), targets.contiguous(),
+                                             input_lengths.contiguous(), target_lengths.contiguous(), blank, acc)
+        tokens = states[..., 1::2].contiguous() if return_tokens else states.new_empty((0,))
+        if compute_grad:
+            labels = torch.full((B, 2 * L + 1), blank, dtype=torch.long, device=log_probs.device)
+            labels[:, 1::2] = torch.where(torch.arange(L, device=targets.device) < target_lengths[:, None],
+                                          targets.long(), blank)
+            grad = torch.zeros(B, T, C, dtype=acc, device=log_probs.device)
+            grad.scatter_add_(2, labels[:, None, :].expand(B, T, 2 * L + 1), -states)
+            grad = grad.to(log_probs.dtype)
+        else:
+            grad = log_probs.new_empty((0,))
+        return loss, states if return_states else states.new_empty((0,)), tokens, grad
+
+    register_ctc_posteriors_autograd("alignops::ctc_posteriors_triton")
