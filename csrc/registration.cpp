@@ -76,4 +76,22 @@ TORCH_LIBRARY(alignops, m) {
   m.def(
       "skip_ffn(Tensor x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
       "Tensor? b_down, int activation, float eps, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- ctc_segmentation: the ctc-segmentation package's algorithm, batched over problems ------------
+  // lpz [B, T, V] (fp32 / fp64 log-probs), ground_truth [B, C, S] int64 (row 0 = start marker, -1 = no
+  // symbol; S > 1 for multi-character spans), lengths [B]. flags: 1 blank_transition_cost_zero,
+  // 2 preamble_transition_cost_zero. Returns (timings [B, C] int64 frame of each ground-truth position,
+  // char_probs [B, T] fp64, states [B, T] int64 (token id, -1 stay, -2 not on the path), window [B] int64).
+  m.def(
+      "ctc_segmentation(Tensor lpz, Tensor lpz_lengths, Tensor ground_truth, Tensor gt_lengths, int blank, "
+      "int min_window_size, int max_window_size, int flags, bool backtrack_from_max_t) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // One full-length trellis per problem (no re-centring), backtracked from each of end_columns [B, E]
+  // (-1 = unused): the package's result for every ground-truth prefix ending there, without refilling.
+  // Returns (timings [B, E, C], char_probs [B, E, T], states [B, E, T], ok [B, E] bool).
+  m.def(
+      "ctc_segmentation_prefixes(Tensor lpz, Tensor lpz_lengths, Tensor ground_truth, Tensor gt_lengths, "
+      "Tensor end_columns, int blank, int flags, bool backtrack_from_max_t) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The package's utterance score over [start, end) frame spans: [B, T] x [B, U] -> [B, U] fp64.
+  m.def("ctc_segmentation_utterance_score(Tensor frame_logprobs, Tensor starts, Tensor ends, int window) -> Tensor");
 }

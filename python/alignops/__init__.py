@@ -81,3 +81,12 @@ __all__ = [
     "skip",
     "reference",
 ]
+
+from . import ctc_segmentation  # noqa: E402
+from .ctc_segmentation import (  # noqa: E402
+    pseudo_forced_align,
+    utterance_score,
+    utterance_segments,
+)
+
+__all__ += ["ctc_segmentation", "pseudo_forced_align", "utterance_score", "utterance_segments"]

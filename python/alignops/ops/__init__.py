@@ -1,6 +1,7 @@
 """Fake kernels, autograd formulas and Triton ops of every family, registered on import."""
 
 from . import preference, skip  # noqa: F401
+from . import ctc_segmentation  # noqa: F401,E402
 
 try:
     import triton

@@ -3,3 +3,7 @@
 from . import objectives, preference, represent, skip
 
 __all__ = ["objectives", "preference", "represent", "skip"]
+
+from . import ctc_segmentation  # noqa: E402
+
+__all__ += ["ctc_segmentation"]

@@ -1,0 +1,389 @@
+// CPU launcher of alignops::ctc_segmentation, ctc_segmentation_prefixes and
+// ctc_segmentation_utterance_score: the ctc-segmentation package's algorithm (trellis fill with window
+// re-centring, value-matching backtrace, window doubling on failure, min-mean utterance score), one
+// problem per thread of at::parallel_for. The backtrace reproduces the package's Python code statement
+// by statement, including Python's negative-index wrap-around and its IndexError (here a failed
+// attempt), so segments and scores match the package on every input it accepts.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cpu_capability.h"
+#include "ctc_segmentation/ctc_segmentation_cpu_kernel.h"
+
+namespace alignops::ctc_segmentation {
+namespace {
+
+constexpr int64_t kStay = -1;      // states: a stay (self) transition, the package's "ε"
+constexpr int64_t kNotOnPath = -2;  // states: a frame the path never visits, the package's ""
+
+const CtcSegmentationKernels& kernels() {
+#if ALIGNOPS_X86
+  return pick_cpu_kernels(DEFAULT::ctc_segmentation_kernels, &AVX2::ctc_segmentation_kernels);
+#else
+  return DEFAULT::ctc_segmentation_kernels;
+#endif
+}
+
+int64_t fill(const Problem<float>& p, int64_t W, float* table, int64_t* offsets, float* scratch) {
+  return kernels().fill_f32(p, W, table, offsets, scratch);
+}
+int64_t fill(const Problem<double>& p, int64_t W, float* table, int64_t* offsets, float* scratch) {
+  return kernels().fill_f64(p, W, table, offsets, scratch);
+}
+
+// Python's index rule: a negative index counts from the end; anything else outside [0, n) raises.
+inline bool py_index(int64_t i, int64_t n, int64_t& out) {
+  if (i < 0) i += n;
+  out = i;
+  return i >= 0 && i < n;
+}
+
+template <typename acc_t>
+inline acc_t py_max(acc_t a, acc_t b) { return b > a ? b : a; }
+
+// The package's backtracking loop from (t, c), over a [W, C] table stored column-major. Arithmetic in
+// lpz's dtype (numpy's promotion of an fp32 table difference with an lpz scalar); false where the
+// package raises IndexError. timings hold frame indices (the package multiplies them by the duration).
+template <typename scalar_t>
+bool backtrace(const Problem<scalar_t>& p, int64_t W, const float* table, const int64_t* offsets, int64_t t,
+               int64_t c, int64_t* timings, double* char_probs, int64_t* states) {
+  using acc_t = scalar_t;
+  const int64_t T = p.T, V = p.V, S = p.S;
+  const acc_t floor = static_cast<acc_t>(kTableFloor);
+  int64_t offset = 0;  // like the package's, it keeps the last value the s loop gave it
+  while (t != 0 || c != 0) {
+    const int64_t* g = p.gt + c * S;
+    int64_t tr, r;
+    if (!py_index(t, W, tr)) return false;
+    const float here = table[c * W + tr];
+    int64_t min_s = -1;
+    acc_t min_delta = std::numeric_limits<acc_t>::infinity();
+    acc_t max_lpz = floor;
+    for (int64_t s = 0; s < S; ++s) {
+      if (g[s] == -1) continue;
+      offset = offsets[c] - (c - s > 0 ? offsets[c - 1 - s] : 0);
+      acc_t switch_prob = floor;
+      if (c > 0) {
+        if (!py_index(t + offsets[c], T, r)) return false;
+        switch_prob = p.lpz[r * V + g[s]];
+      }
+      if (!py_index(t - 1 + offset, W, r)) return false;
+      const float est = here - table[(c - 1 - s) * W + r];
+      const acc_t delta = std::abs(switch_prob - static_cast<acc_t>(est));
+      if (delta < min_delta) {
+        min_delta = delta;
+        min_s = s;
+      }
+      max_lpz = py_max(max_lpz, switch_prob);
+    }
+    acc_t stay_prob = floor;
+    if (t > 0) {
+      if (!py_index(t + offsets[c], T, r)) return false;
+      stay_prob = py_max(static_cast<acc_t>(p.lpz[r * V + p.blank]), max_lpz);
+    }
+    if (!py_index(t - 1, W, r)) return false;
+    const float est_stay = here - table[c * W + r];
+    int64_t frame;
+    if (std::abs(stay_prob - static_cast<acc_t>(est_stay)) > min_delta) {
+      if (c > 0) {
+        for (int64_t s = 0; s <= min_s; ++s) timings[c - s] = offsets[c] + t;
+        if (!py_index(offsets[c] + t, T, frame)) return false;
+        char_probs[frame] = max_lpz;
+        states[frame] = g[min_s];
+      }
+      c -= 1 + min_s;
+      t -= 1 - offset;
+    } else {
+      if (!py_index(offsets[c] + t, T, frame)) return false;
+      char_probs[frame] = stay_prob;
+      states[frame] = kStay;
+      t -= 1;
+    }
+  }
+  return true;
+}
+
+struct Outputs {
+  int64_t* timings;
+  double* char_probs;
+  int64_t* states;
+};
+
+void reset(const Outputs& o, int64_t C, int64_t T) {
+  std::fill(o.timings, o.timings + C, 0);
+  std::fill(o.char_probs, o.char_probs + T, 0.0);
+  std::fill(o.states, o.states + T, kNotOnPath);
+}
+
+// The package's outer loop: window min_window_size, doubled after a failed backtrace while it stays
+// below max_window_size. Returns the window that worked, or -(last window tried) on failure.
+template <typename scalar_t>
+int64_t align_one(const Problem<scalar_t>& p, int64_t min_window, int64_t max_window, bool from_max_t,
+                  const Outputs& out) {
+  std::vector<int64_t> offsets(p.C);
+  int64_t window = min_window, last_W = -1;
+  while (true) {
+    const int64_t W = std::min(window, p.T);
+    reset(out, p.C, p.T);
+    // A window past T gives the table of the last attempt again, hence the same failure.
+    if (W != last_W) {
+      std::unique_ptr<float[]> table(new float[W * p.C]);
+      std::unique_ptr<float[]> scratch(new float[3 * W]);
+      int64_t t = fill(p, W, table.get(), offsets.data(), scratch.get());
+      if (from_max_t) t = W - 1;
+      if (backtrace(p, W, table.get(), offsets.data(), t, p.C - 1, out.timings, out.char_probs, out.states)) {
+        return window;
+      }
+      last_W = W;
+    }
+    window *= 2;
+    if (!(window < max_window)) {
+      reset(out, p.C, p.T);
+      return -(window / 2);
+    }
+  }
+}
+
+struct Batch {
+  at::Tensor lpz, lpz_lengths, gt, gt_lengths;
+  int64_t B, T, V, C, S;
+};
+
+Batch check_batch(const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth,
+                  const at::Tensor& gt_lengths, int64_t blank) {
+  check_dim(lpz, 3, "lpz", "[B, T, V]");
+  check_device(lpz, c10::DeviceType::CPU, "lpz");
+  TORCH_CHECK_VALUE(lpz.scalar_type() == at::kFloat || lpz.scalar_type() == at::kDouble,
+                    "lpz must be float32 or float64, got ", dtype_name(lpz.scalar_type()));
+  check_dim(ground_truth, 3, "ground_truth", "[B, C, S]");
+  check_device(ground_truth, c10::DeviceType::CPU, "ground_truth");
+  TORCH_CHECK_VALUE(ground_truth.scalar_type() == at::kLong, "ground_truth must be int64, got ",
+                    dtype_name(ground_truth.scalar_type()));
+  const int64_t B = lpz.size(0), T = lpz.size(1), V = lpz.size(2), C = ground_truth.size(1),
+                S = ground_truth.size(2);
+  TORCH_CHECK_VALUE(ground_truth.size(0) == B, "ground_truth must have B = ", B, " problems (lpz's), got ",
+                    ground_truth.size(0));
+  TORCH_CHECK_VALUE(S >= 1, "ground_truth must have S >= 1 symbol spans per position, got shape ",
+                    ground_truth.sizes());
+  TORCH_CHECK_VALUE(blank >= 0 && blank < V, "blank must be in [0, V) = [0, ", V, "), got ", blank);
+  for (const auto& [len, name] : {std::pair{lpz_lengths, "lpz_lengths"}, std::pair{gt_lengths, "gt_lengths"}}) {
+    TORCH_CHECK_VALUE(len.dim() == 1 && len.size(0) == B && len.scalar_type() == at::kLong, name,
+                      " must be an int64 tensor of shape [B] = [", B, "], got ", dtype_name(len.scalar_type()), " ",
+                      len.sizes());
+    check_device(len, c10::DeviceType::CPU, name);
+  }
+  Batch b{lpz.contiguous(), lpz_lengths.contiguous(), ground_truth.contiguous(), gt_lengths.contiguous(), B, T,
+          V, C, S};
+  const int64_t* tl = b.lpz_lengths.data_ptr<int64_t>();
+  const int64_t* cl = b.gt_lengths.data_ptr<int64_t>();
+  const int64_t* gt = b.gt.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK_VALUE(tl[i] >= 1 && tl[i] <= T, "lpz_lengths[", i, "] must be in [1, T] = [1, ", T, "], got ",
+                      tl[i]);
+    TORCH_CHECK_VALUE(cl[i] >= 2 && cl[i] <= C, "gt_lengths[", i, "] must be in [2, C] = [2, ", C,
+                      "] (the start row and at least one symbol), got ", cl[i]);
+    TORCH_CHECK_VALUE(cl[i] <= tl[i], "problem ", i, ": audio is shorter than text (", cl[i],
+                      " ground-truth positions for ", tl[i], " frames)");
+    const auto frames = b.lpz[i].narrow(0, 0, tl[i]);
+    TORCH_CHECK_VALUE(!(at::isnan(frames).any().item<bool>() || (frames == INFINITY).any().item<bool>()), "lpz[", i,
+                      "] must hold log-probabilities: it has NaN or +inf in its first lpz_lengths[", i, "] frames");
+    const int64_t* g = gt + i * C * S;
+    for (int64_t c = 0; c < cl[i]; ++c) {
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t v = g[c * S + s];
+        TORCH_CHECK_VALUE(v >= -1 && v < V, "ground_truth[", i, ", ", c, ", ", s, "] must be -1 or a token in [0, ",
+                          V, "), got ", v);
+        TORCH_CHECK_VALUE(v == -1 || s < c, "ground_truth[", i, ", ", c, ", ", s,
+                          "] must be -1: row 0 is the start-of-ground-truth marker and a span of s + 1 symbols "
+                          "cannot reach it (got token ", v, ")");
+      }
+    }
+  }
+  return b;
+}
+
+template <typename scalar_t>
+Problem<scalar_t> problem(const Batch& b, int64_t i, int64_t blank, int64_t flags) {
+  return {b.lpz.data_ptr<scalar_t>() + i * b.T * b.V, b.lpz_lengths.data_ptr<int64_t>()[i], b.V,
+          b.gt.data_ptr<int64_t>() + i * b.C * b.S, b.gt_lengths.data_ptr<int64_t>()[i], b.S, blank, flags};
+}
+
+void check_flags(int64_t flags) {
+  TORCH_CHECK_VALUE(flags >= 0 && flags <= 3, "flags must be in [0, 3] (1: blank_transition_cost_zero, ",
+                    "2: preamble_transition_cost_zero), got ", flags);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_cpu(
+    const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth,
+    const at::Tensor& gt_lengths, int64_t blank, int64_t min_window_size, int64_t max_window_size, int64_t flags,
+    bool backtrack_from_max_t) {
+  const Batch b = check_batch(lpz, lpz_lengths, ground_truth, gt_lengths, blank);
+  check_flags(flags);
+  TORCH_CHECK_VALUE(min_window_size >= 1, "min_window_size must be >= 1, got ", min_window_size);
+  TORCH_CHECK_VALUE(max_window_size >= 1, "max_window_size must be >= 1, got ", max_window_size);
+  auto timings = at::zeros({b.B, b.C}, lpz.options().dtype(at::kLong));
+  auto char_probs = at::zeros({b.B, b.T}, lpz.options().dtype(at::kDouble));
+  auto states = at::full({b.B, b.T}, kNotOnPath, lpz.options().dtype(at::kLong));
+  auto windows = at::empty({b.B}, lpz.options().dtype(at::kLong));
+  int64_t* win = windows.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(b.lpz.scalar_type(), "ctc_segmentation_cpu", [&] {
+    at::parallel_for(0, b.B, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const Outputs out{timings.data_ptr<int64_t>() + i * b.C, char_probs.data_ptr<double>() + i * b.T,
+                          states.data_ptr<int64_t>() + i * b.T};
+        win[i] = align_one(problem<scalar_t>(b, i, blank, flags), min_window_size, max_window_size,
+                           backtrack_from_max_t, out);
+      }
+    });
+  });
+  for (int64_t i = 0; i < b.B; ++i) {
+    TORCH_CHECK_VALUE(win[i] > 0, "ctc_segmentation: backtracking failed for problem ", i,
+                      " with every window size up to ", -win[i], " (max_window_size = ", max_window_size,
+                      "); the audio may be too short for the text, or the token ids may not match lpz");
+  }
+  return {timings, char_probs, states, windows};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_prefixes_cpu(
+    const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth,
+    const at::Tensor& gt_lengths, const at::Tensor& end_columns, int64_t blank, int64_t flags,
+    bool backtrack_from_max_t) {
+  const Batch b = check_batch(lpz, lpz_lengths, ground_truth, gt_lengths, blank);
+  check_flags(flags);
+  TORCH_CHECK_VALUE(end_columns.dim() == 2 && end_columns.size(0) == b.B && end_columns.scalar_type() == at::kLong,
+                    "end_columns must be an int64 tensor of shape [B, E] with B = ", b.B, ", got ",
+                    dtype_name(end_columns.scalar_type()), " ", end_columns.sizes());
+  check_device(end_columns, c10::DeviceType::CPU, "end_columns");
+  const auto ends = end_columns.contiguous();
+  const int64_t E = ends.size(1);
+  const int64_t* e = ends.data_ptr<int64_t>();
+  const int64_t* cl = b.gt_lengths.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b.B; ++i) {
+    for (int64_t j = 0; j < E; ++j) {
+      TORCH_CHECK_VALUE(e[i * E + j] == -1 || (e[i * E + j] >= 1 && e[i * E + j] < cl[i]), "end_columns[", i, ", ",
+                        j, "] must be -1 (unused) or a column in [1, gt_lengths[", i, "]) = [1, ", cl[i], "), got ",
+                        e[i * E + j]);
+    }
+  }
+  auto timings = at::zeros({b.B, E, b.C}, lpz.options().dtype(at::kLong));
+  auto char_probs = at::zeros({b.B, E, b.T}, lpz.options().dtype(at::kDouble));
+  auto states = at::full({b.B, E, b.T}, kNotOnPath, lpz.options().dtype(at::kLong));
+  auto ok = at::zeros({b.B, E}, lpz.options().dtype(at::kBool));
+  bool* okp = ok.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(b.lpz.scalar_type(), "ctc_segmentation_prefixes_cpu", [&] {
+    at::parallel_for(0, b.B, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const auto p = problem<scalar_t>(b, i, blank, flags);
+        // The whole lpz in one window: offsets stay 0, so column c never depends on the columns after
+        // it, and one table serves every prefix of the ground truth.
+        const int64_t W = p.T;
+        std::vector<int64_t> offsets(p.C);
+        std::unique_ptr<float[]> table(new float[W * p.C]);
+        std::unique_ptr<float[]> scratch(new float[3 * W]);
+        fill(p, W, table.get(), offsets.data(), scratch.get());
+        for (int64_t j = 0; j < E; ++j) {
+          const int64_t c = e[i * E + j];
+          if (c == -1) continue;
+          const float* col = table.get() + c * W;
+          const int64_t t = backtrack_from_max_t ? W - 1 : std::max_element(col, col + W) - col;
+          const Outputs out{timings.data_ptr<int64_t>() + (i * E + j) * b.C,
+                            char_probs.data_ptr<double>() + (i * E + j) * b.T,
+                            states.data_ptr<int64_t>() + (i * E + j) * b.T};
+          okp[i * E + j] = backtrace(p, W, table.get(), offsets.data(), t, c, out.timings, out.char_probs,
+                                     out.states);
+          if (!okp[i * E + j]) reset(out, b.C, b.T);
+        }
+      }
+    });
+  });
+  return {timings, char_probs, states, ok};
+}
+
+// numpy's pairwise summation of a contiguous float64 run (add.reduce), so means match np.mean bit for bit.
+double pairwise_sum(const double* a, int64_t n) {
+  if (n < 8) {
+    double res = 0.0;
+    for (int64_t i = 0; i < n; ++i) res += a[i];
+    return res;
+  }
+  if (n <= 128) {
+    double r[8];
+    for (int j = 0; j < 8; ++j) r[j] = a[j];
+    int64_t i = 8;
+    for (; i < n - (n % 8); i += 8) {
+      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+    }
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
+  }
+  int64_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+at::Tensor ctc_segmentation_utterance_score_cpu(const at::Tensor& frame_logprobs, const at::Tensor& starts,
+                                                const at::Tensor& ends, int64_t window) {
+  check_dim(frame_logprobs, 2, "frame_logprobs", "[B, T]");
+  check_device(frame_logprobs, c10::DeviceType::CPU, "frame_logprobs");
+  TORCH_CHECK_VALUE(frame_logprobs.scalar_type() == at::kFloat || frame_logprobs.scalar_type() == at::kDouble,
+                    "frame_logprobs must be float32 or float64, got ", dtype_name(frame_logprobs.scalar_type()));
+  check_dim(starts, 2, "starts", "[B, U]");
+  check_same_shape(ends, starts, "ends", "starts");
+  for (const auto& [x, name] : {std::pair{starts, "starts"}, std::pair{ends, "ends"}}) {
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kLong, name, " must be int64, got ", dtype_name(x.scalar_type()));
+    check_device(x, c10::DeviceType::CPU, name);
+  }
+  const int64_t B = frame_logprobs.size(0), T = frame_logprobs.size(1), U = starts.size(1);
+  TORCH_CHECK_VALUE(starts.size(0) == B, "starts must have B = ", B, " rows (frame_logprobs'), got ", starts.size(0));
+  TORCH_CHECK_VALUE(window >= 1, "window must be >= 1, got ", window);
+  const auto cp = frame_logprobs.to(at::kDouble).contiguous();
+  const auto s_c = starts.contiguous(), e_c = ends.contiguous();
+  const int64_t* sp = s_c.data_ptr<int64_t>();
+  const int64_t* ep = e_c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * U; ++i) {
+    TORCH_CHECK_VALUE(ep[i] <= sp[i] || (sp[i] >= 0 && ep[i] <= T), "utterance ", i / U, ", ", i % U,
+                      ": a non-empty span [start, end) must lie in [0, T] = [0, ", T, "], got [", sp[i], ", ", ep[i],
+                      ")");
+  }
+  auto score = at::empty({B, U}, frame_logprobs.options().dtype(at::kDouble));
+  double* out = score.data_ptr<double>();
+  const double* base = cp.data_ptr<double>();
+  at::parallel_for(0, B * U, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const double* row = base + (i / U) * T;
+      const int64_t s = sp[i], e = ep[i];
+      if (e <= s) {
+        out[i] = static_cast<double>(kTableFloor);
+      } else if (e - s <= window) {
+        out[i] = pairwise_sum(row + s, e - s) / static_cast<double>(e - s);
+      } else {
+        // The package's windows start at s .. e - window - 1: the last full window is left out.
+        double m = 0.0;
+        for (int64_t t = s; t < e - window; ++t) {
+          const double v = pairwise_sum(row + t, window) / static_cast<double>(window);
+          if (v < m) m = v;
+        }
+        out[i] = m;
+      }
+    }
+  });
+  return score;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alignops, CPU, m) {
+  m.impl("ctc_segmentation", &ctc_segmentation_cpu);
+  m.impl("ctc_segmentation_prefixes", &ctc_segmentation_prefixes_cpu);
+  m.impl("ctc_segmentation_utterance_score", &ctc_segmentation_utterance_score_cpu);
+}
+
+}  // namespace alignops::ctc_segmentation

@@ -1,0 +1,195 @@
+// Trellis fill of alignops::ctc_segmentation (CPU), bit-identical to the ctc-segmentation package's
+// cython_fill_table: same fp32 operations in the same order, same window re-centring (including its
+// cur_offset recurrence for multi-symbol spans). Two changes that do not alter a single value: the table
+// is column-major (the package walks a [W, C] row-major table down a column, one cache miss per cell),
+// and each column is computed in passes: vectorisable passes for the switch and emission terms, which
+// depend on the previous column only, then the sequential max-plus scan down the column (stay_scan).
+// CMake compiles this file once per CPU capability; ctc_segmentation_cpu.cpp picks one at run time.
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "ctc_segmentation/ctc_segmentation_cpu_kernel.h"
+
+namespace alignops::ctc_segmentation {
+namespace CPU_CAPABILITY {
+namespace {
+
+// Cython's (and Python's) max(a, b): b only when b > a.
+inline float cmax(float a, float b) { return b > a ? b : a; }
+
+// The stay scan x[t] = max(sw[t], x[t-1] + e[t]) split so that its critical path is one fp32 add per row
+// instead of an add and a max. fp32 rounding is monotone, so fl(max(a, b) + e) = max(fl(a + e), fl(b + e))
+// and, from a block start x0, x[t] = max(u[t], z[t]) exactly, where z[t] = (..(x0 + e[b]) + ..) + e[t] is
+// the all-stay path from x0 and u[t] = max(sw[t], u[t-1] + e[t]) (u[b-1] = -inf) the best path entering
+// the block by a switch. The u chains of different blocks are independent: the CPU overlaps them.
+constexpr int64_t kBlock = 16;
+
+// The package's running argmax: the first row holding the maximum (strict <), NaN never occurring.
+int64_t first_argmax(const float* x, int64_t n) {
+  float m = x[0];
+  for (int64_t t = 1; t < n; ++t) m = std::max(m, x[t]);
+  int64_t i = 0;
+  while (x[i] < m) ++i;
+  return i;
+}
+
+// The first argmax over rows 0..W-1 from a = the first argmax over rows 1..W-1 (W when empty).
+inline int64_t with_row0(const float* col, int64_t a, int64_t W) { return a == W || col[0] >= col[a] ? 0 : a; }
+
+// Fills col[t0..W) and returns the first argmax over rows t0..W-1 (the package's, for columns whose loop
+// starts at t0 = 1; callers whose loop includes row 0 use with_row0).
+int64_t stay_scan(const float* sw, const float* e, float* u, float* col, int64_t t0, int64_t W, float x) {
+  for (int64_t b = t0; b < W; b += kBlock) {
+    const int64_t end = std::min(W, b + kBlock);
+    float acc = -std::numeric_limits<float>::infinity();
+    for (int64_t t = b; t < end; ++t) {
+      acc = cmax(sw[t], acc + e[t]);
+      u[t] = acc;
+    }
+  }
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t t = t0; t < W; t += kBlock) {
+    const int64_t end = std::min(W, t + kBlock);
+    float z = x;
+    for (int64_t j = t; j < end; ++j) {
+      z = z + e[j];
+      col[j] = cmax(u[j], z);
+      m = std::max(m, col[j]);
+    }
+    x = col[end - 1];
+  }
+  int64_t i = t0;
+  while (i < W && col[i] < m) ++i;
+  return i;
+}
+
+// lpz columns of the tokens the ground truth uses (and blank), rounded to fp32 and stored time-major,
+// so a trellis column reads its emissions contiguously: gathering them from the [T, V] rows costs a
+// cache line per cell and dominated the fill. Past a memory budget (the size of the trellis table, or
+// 64 MiB) it gathers from the rows instead.
+template <typename scalar_t>
+class LpzColumns {
+ public:
+  explicit LpzColumns(const Problem<scalar_t>& p) : p_(p), slot_(p.V, -1) {
+    int64_t n = 0;
+    slot_[p.blank] = n++;
+    for (int64_t i = 0; i < p.C * p.S; ++i) {
+      if (p.gt[i] >= 0 && slot_[p.gt[i]] == -1) slot_[p.gt[i]] = n++;
+    }
+    if (n * p.T > std::max<int64_t>(p.C * std::min<int64_t>(p.T, 8000), int64_t{1} << 24)) return;
+    cols_.resize(n * p.T);
+    for (int64_t t = 0; t < p.T; ++t) {
+      const scalar_t* row = p.lpz + t * p.V;
+      for (int64_t v = 0; v < p.V; ++v) {
+        if (slot_[v] >= 0) cols_[slot_[v] * p.T + t] = static_cast<float>(row[v]);
+      }
+    }
+  }
+  // x with x[t] = fp32(lpz[first + t, tok]) for t in [t0, W): the stored column, or buf filled.
+  const float* get(int64_t tok, int64_t first, int64_t t0, int64_t W, float* buf) const {
+    if (!cols_.empty()) return cols_.data() + slot_[tok] * p_.T + first;
+    const scalar_t* rows = p_.lpz + first * p_.V + tok;
+    for (int64_t t = t0; t < W; ++t) buf[t] = static_cast<float>(rows[t * p_.V]);
+    return buf;
+  }
+
+ private:
+  const Problem<scalar_t>& p_;
+  std::vector<int64_t> slot_;
+  std::vector<float> cols_;
+};
+
+template <typename scalar_t>
+int64_t fill(const Problem<scalar_t>& p, int64_t W, float* table, int64_t* offsets, float* scratch) {
+  const int64_t T = p.T, C = p.C, S = p.S;
+  float* sw = scratch;        // best switch into (t, c); then the u of stay_scan
+  float* emit = scratch + W;  // the stay transition's weight e[t]
+  float* sym = scratch + 2 * W;
+  std::vector<float> buf(W), buf2(W), u(W);
+  const LpzColumns cols(p);
+  // The package's mean offset goes through a C float before truncation.
+  const float mean_offset = static_cast<float>(static_cast<double>(T - W) / static_cast<double>(C));
+  const int64_t higher_offset = static_cast<int64_t>(mean_offset) + 1;
+  std::vector<int64_t> cur_offset(S, -1);
+  int64_t offset_sum = 0, last_arg_max = -1;
+  table[0] = 0.0f;
+  for (int64_t c = 0; c < C; ++c) {
+    if (c > 0) {
+      const int64_t offset =
+          std::min(std::max<int64_t>(0, last_arg_max - W / 2), std::min(higher_offset, (T - W) - offset_sum));
+      // The package's recurrence, kept as is: entry s + 1 reads the entry s it has just updated.
+      for (int64_t s = 0; s + 1 < S; ++s) cur_offset[s + 1] = cur_offset[s] + offset;
+      cur_offset[0] = offset;
+      offset_sum += offset;
+    }
+    offsets[c] = offset_sum;
+    const int64_t* g = p.gt + c * S;
+    bool has_zero = false;
+    for (int64_t s = 0; s < S; ++s) has_zero = has_zero || g[s] == 0;
+    const bool stay_zero = (p.flags & kBlankTransitionCostZero) && has_zero;
+    const bool preamble = (p.flags & kPreambleTransitionCostZero) && c == 0;
+    const int64_t t0 = c == 0 ? 1 : 0;
+    float* col = table + c * W;
+    const float* bl = cols.get(p.blank, offset_sum, t0, W, buf.data());
+    if (S == 1 && c > 0 && g[0] != -1 && !stay_zero) {
+      // One fused pass for single-symbol positions (token lists): the switch and the stay weight.
+      const float* emis = cols.get(g[0], offset_sum, 0, W, buf2.data());
+      const float* prev = table + (c - 1) * W + cur_offset[0] - 1;
+      const int64_t lo = std::max<int64_t>(0, 1 - cur_offset[0]);
+      const int64_t hi = std::min(W, W + 1 - cur_offset[0]);
+      for (int64_t t = 0; t < W; ++t) {
+        const float e = emis[t];
+        emit[t] = cmax(bl[t], cmax(kFillFloor, e));
+        sw[t] = kFillFloor;
+      }
+      for (int64_t t = lo; t < hi; ++t) sw[t] = cmax(kFillFloor, prev[t] + emis[t]);
+      col[0] = cmax(sw[0], kFillFloor);  // no stay into row 0
+      last_arg_max = with_row0(col, stay_scan(sw, emit, u.data(), col, 1, W, col[0]), W);
+      continue;
+    }
+    std::fill(sw, sw + W, kFillFloor);
+    std::fill(sym, sym + W, kFillFloor);
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t tok = g[s];
+      if (tok == -1) continue;
+      const float* emis = cols.get(tok, offset_sum, t0, W, buf2.data());
+      for (int64_t t = t0; t < W; ++t) sym[t] = cmax(sym[t], emis[t]);
+      if (c == 0) continue;
+      const float* prev = table + (c - (s + 1)) * W + cur_offset[s] - 1;
+      // Rows t whose predecessor t - 1 + cur_offset[s] lies inside the window.
+      const int64_t lo = std::max(t0, 1 - cur_offset[s]);
+      const int64_t hi = std::min(W, W + 1 - cur_offset[s]);
+      for (int64_t t = lo; t < hi; ++t) sw[t] = cmax(sw[t], prev[t] + emis[t]);
+    }
+    if (preamble) {
+      for (int64_t t = t0; t < W; ++t) col[t] = cmax(sw[t], 0.0f);
+    } else {
+      if (stay_zero) {
+        std::fill(emit, emit + W, 0.0f);  // x + 0 is x: the free stay
+      } else {
+        for (int64_t t = t0; t < W; ++t) emit[t] = cmax(bl[t], sym[t]);
+      }
+      int64_t t = t0;
+      float x = 0.0f;  // column 0 starts from table[0, 0] = 0
+      if (t == 0) {     // no stay into row 0
+        col[0] = cmax(sw[0], kFillFloor);
+        x = col[0];
+        t = 1;
+      }
+      last_arg_max = stay_scan(sw, emit, u.data(), col, t, W, x);
+      if (t0 == 0) last_arg_max = with_row0(col, last_arg_max, W);
+      continue;
+    }
+    last_arg_max = first_argmax(col + t0, W - t0) + t0;
+  }
+  const float* last = table + (C - 1) * W;
+  return std::max_element(last, last + W) - last;  // numpy argmax: the first maximum
+}
+
+}  // namespace
+
+const CtcSegmentationKernels ctc_segmentation_kernels = {&fill<float>, &fill<double>};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace alignops::ctc_segmentation
