@@ -16,6 +16,7 @@ import torch
 from .common import Result, run_groups
 
 FAMILIES = {"preference": "bench_preference", "fused_linear": "bench_fused_linear", "skip": "bench_skip"}
+FAMILIES["ctc_segmentation"] = "bench_ctc_segmentation"
 
 
 def _git_sha() -> str:

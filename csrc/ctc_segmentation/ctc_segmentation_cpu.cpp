@@ -151,6 +151,24 @@ int64_t align_one(const Problem<scalar_t>& p, int64_t min_window, int64_t max_wi
   }
 }
 
+template <typename scalar_t>
+bool log_probs_ok(const scalar_t* x, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= !(std::isnan(x[i]) || x[i] == std::numeric_limits<scalar_t>::infinity());
+  return ok;
+}
+
+// at::parallel_for over problems, inline for one problem: a one-thread OpenMP region still costs a
+// team wake-up, which on a loaded machine dwarfs a short alignment.
+template <typename F>
+void for_each_problem(int64_t B, const F& f) {
+  if (B == 1) {
+    f(0, 1);
+  } else {
+    at::parallel_for(0, B, 1, f);
+  }
+}
+
 struct Batch {
   at::Tensor lpz, lpz_lengths, gt, gt_lengths;
   int64_t B, T, V, C, S;
@@ -191,9 +209,10 @@ Batch check_batch(const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at
                       "] (the start row and at least one symbol), got ", cl[i]);
     TORCH_CHECK_VALUE(cl[i] <= tl[i], "problem ", i, ": audio is shorter than text (", cl[i],
                       " ground-truth positions for ", tl[i], " frames)");
-    const auto frames = b.lpz[i].narrow(0, 0, tl[i]);
-    TORCH_CHECK_VALUE(!(at::isnan(frames).any().item<bool>() || (frames == INFINITY).any().item<bool>()), "lpz[", i,
-                      "] must hold log-probabilities: it has NaN or +inf in its first lpz_lengths[", i, "] frames");
+    const bool finite = b.lpz.scalar_type() == at::kFloat ? log_probs_ok(b.lpz.data_ptr<float>() + i * T * V, tl[i] * V)
+                                                          : log_probs_ok(b.lpz.data_ptr<double>() + i * T * V, tl[i] * V);
+    TORCH_CHECK_VALUE(finite, "lpz[", i, "] must hold log-probabilities: it has NaN or +inf in its first lpz_lengths[",
+                      i, "] frames");
     const int64_t* g = gt + i * C * S;
     for (int64_t c = 0; c < cl[i]; ++c) {
       for (int64_t s = 0; s < S; ++s) {
@@ -228,16 +247,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_cpu(
   check_flags(flags);
   TORCH_CHECK_VALUE(min_window_size >= 1, "min_window_size must be >= 1, got ", min_window_size);
   TORCH_CHECK_VALUE(max_window_size >= 1, "max_window_size must be >= 1, got ", max_window_size);
-  auto timings = at::zeros({b.B, b.C}, lpz.options().dtype(at::kLong));
-  auto char_probs = at::zeros({b.B, b.T}, lpz.options().dtype(at::kDouble));
-  auto states = at::full({b.B, b.T}, kNotOnPath, lpz.options().dtype(at::kLong));
+  auto timings = at::empty({b.B, b.C}, lpz.options().dtype(at::kLong));
+  auto char_probs = at::empty({b.B, b.T}, lpz.options().dtype(at::kDouble));
+  auto states = at::empty({b.B, b.T}, lpz.options().dtype(at::kLong));
   auto windows = at::empty({b.B}, lpz.options().dtype(at::kLong));
   int64_t* win = windows.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(b.lpz.scalar_type(), "ctc_segmentation_cpu", [&] {
-    at::parallel_for(0, b.B, 1, [&](int64_t lo, int64_t hi) {
+    for_each_problem(b.B, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const Outputs out{timings.data_ptr<int64_t>() + i * b.C, char_probs.data_ptr<double>() + i * b.T,
                           states.data_ptr<int64_t>() + i * b.T};
+        reset(out, b.C, b.T);  // the padding past this problem's lengths included
         win[i] = align_one(problem<scalar_t>(b, i, blank, flags), min_window_size, max_window_size,
                            backtrack_from_max_t, out);
       }
@@ -272,15 +292,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_pref
                         e[i * E + j]);
     }
   }
-  auto timings = at::zeros({b.B, E, b.C}, lpz.options().dtype(at::kLong));
-  auto char_probs = at::zeros({b.B, E, b.T}, lpz.options().dtype(at::kDouble));
-  auto states = at::full({b.B, E, b.T}, kNotOnPath, lpz.options().dtype(at::kLong));
-  auto ok = at::zeros({b.B, E}, lpz.options().dtype(at::kBool));
+  auto timings = at::empty({b.B, E, b.C}, lpz.options().dtype(at::kLong));
+  auto char_probs = at::empty({b.B, E, b.T}, lpz.options().dtype(at::kDouble));
+  auto states = at::empty({b.B, E, b.T}, lpz.options().dtype(at::kLong));
+  auto ok = at::empty({b.B, E}, lpz.options().dtype(at::kBool));
   bool* okp = ok.data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES(b.lpz.scalar_type(), "ctc_segmentation_prefixes_cpu", [&] {
-    at::parallel_for(0, b.B, 1, [&](int64_t lo, int64_t hi) {
+    for_each_problem(b.B, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const auto p = problem<scalar_t>(b, i, blank, flags);
+        for (int64_t j = 0; j < E; ++j) {
+          reset({timings.data_ptr<int64_t>() + (i * E + j) * b.C, char_probs.data_ptr<double>() + (i * E + j) * b.T,
+                 states.data_ptr<int64_t>() + (i * E + j) * b.T}, b.C, b.T);
+          okp[i * E + j] = false;
+        }
         // The whole lpz in one window: offsets stay 0, so column c never depends on the columns after
         // it, and one table serves every prefix of the ground truth.
         const int64_t W = p.T;
@@ -307,21 +332,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_pref
 }
 
 // numpy's pairwise summation of a contiguous float64 run (add.reduce), so means match np.mean bit for bit.
-double pairwise_sum(const double* a, int64_t n) {
+template <typename scalar_t>
+double pairwise_sum(const scalar_t* a, int64_t n) {
   if (n < 8) {
     double res = 0.0;
-    for (int64_t i = 0; i < n; ++i) res += a[i];
+    for (int64_t i = 0; i < n; ++i) res += static_cast<double>(a[i]);
     return res;
   }
   if (n <= 128) {
     double r[8];
-    for (int j = 0; j < 8; ++j) r[j] = a[j];
+    for (int j = 0; j < 8; ++j) r[j] = static_cast<double>(a[j]);
     int64_t i = 8;
     for (; i < n - (n % 8); i += 8) {
-      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+      for (int j = 0; j < 8; ++j) r[j] += static_cast<double>(a[i + j]);
     }
     double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; ++i) res += a[i];
+    for (; i < n; ++i) res += static_cast<double>(a[i]);
     return res;
   }
   int64_t n2 = n / 2;
@@ -344,7 +370,6 @@ at::Tensor ctc_segmentation_utterance_score_cpu(const at::Tensor& frame_logprobs
   const int64_t B = frame_logprobs.size(0), T = frame_logprobs.size(1), U = starts.size(1);
   TORCH_CHECK_VALUE(starts.size(0) == B, "starts must have B = ", B, " rows (frame_logprobs'), got ", starts.size(0));
   TORCH_CHECK_VALUE(window >= 1, "window must be >= 1, got ", window);
-  const auto cp = frame_logprobs.to(at::kDouble).contiguous();
   const auto s_c = starts.contiguous(), e_c = ends.contiguous();
   const int64_t* sp = s_c.data_ptr<int64_t>();
   const int64_t* ep = e_c.data_ptr<int64_t>();
@@ -355,25 +380,28 @@ at::Tensor ctc_segmentation_utterance_score_cpu(const at::Tensor& frame_logprobs
   }
   auto score = at::empty({B, U}, frame_logprobs.options().dtype(at::kDouble));
   double* out = score.data_ptr<double>();
-  const double* base = cp.data_ptr<double>();
-  at::parallel_for(0, B * U, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const double* row = base + (i / U) * T;
-      const int64_t s = sp[i], e = ep[i];
-      if (e <= s) {
-        out[i] = static_cast<double>(kTableFloor);
-      } else if (e - s <= window) {
-        out[i] = pairwise_sum(row + s, e - s) / static_cast<double>(e - s);
-      } else {
-        // The package's windows start at s .. e - window - 1: the last full window is left out.
-        double m = 0.0;
-        for (int64_t t = s; t < e - window; ++t) {
-          const double v = pairwise_sum(row + t, window) / static_cast<double>(window);
-          if (v < m) m = v;
+  const auto cp = frame_logprobs.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(cp.scalar_type(), "ctc_segmentation_utterance_score_cpu", [&] {
+    const scalar_t* base = cp.data_ptr<scalar_t>();
+    at::parallel_for(0, B * U, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const scalar_t* row = base + (i / U) * T;
+        const int64_t s = sp[i], e = ep[i];
+        if (e <= s) {
+          out[i] = static_cast<double>(kTableFloor);
+        } else if (e - s <= window) {
+          out[i] = pairwise_sum(row + s, e - s) / static_cast<double>(e - s);
+        } else {
+          // The package's windows start at s .. e - window - 1: the last full window is left out.
+          double m = 0.0;
+          for (int64_t t = s; t < e - window; ++t) {
+            const double v = pairwise_sum(row + t, window) / static_cast<double>(window);
+            if (v < m) m = v;
+          }
+          out[i] = m;
         }
-        out[i] = m;
       }
-    }
+    });
   });
   return score;
 }

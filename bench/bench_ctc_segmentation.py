@@ -1,0 +1,95 @@
+"""ctc_segmentation family: alignops.ctc_segmentation (+ utterance_segments) vs the ctc-segmentation
+package (baseline: ctc_segmentation + determine_utterance_segments, its default 8000-frame window), on
+synthetic CTC log-probs at 50 frames/s with ~15 characters/s transcripts split into utterances; and
+pseudo_forced_align over the longest recording. Target (issue, item 4): >= 10x the package on the CPU.
+The pure-Python reference is left out: it runs the trellis cell by cell in Python (hours at these sizes)."""
+
+from __future__ import annotations
+
+import torch
+
+from alignops import ctc_segmentation as cseg
+
+from .common import Case
+
+FAMILY = "ctc_segmentation"
+FPS, CHARS_PER_S, V = 50, 15, 40
+
+
+def recording(seconds: float, seed: int):
+    """(lpz [T, V] fp32, utterances): utterances of 4-10 s spoken at CHARS_PER_S with short pauses."""
+    g = torch.Generator().manual_seed(seed)
+    T = int(seconds * FPS)
+    frames = torch.zeros(T, dtype=torch.int64)
+    utts, t = [], 10
+    while True:
+        n = int(torch.randint(4 * CHARS_PER_S, 10 * CHARS_PER_S, (1,), generator=g))
+        toks = torch.randint(1, V, (n,), generator=g)
+        step = FPS / CHARS_PER_S
+        pos = t + (torch.arange(n) * step).long()
+        if pos[-1] + 25 >= T:
+            break
+        frames[pos] = toks
+        utts.append(toks)
+        t = int(pos[-1]) + int(torch.randint(5, 25, (1,), generator=g))
+    logits = torch.randn(T, V, generator=g)
+    logits[torch.arange(T), frames] += 6.0
+    return torch.log_softmax(logits, -1), utts
+
+
+def _package(cs, config, lpz_np, utts_np):
+    gt, begins = cs.prepare_token_list(config, utts_np)
+    timings, char_probs, _ = cs.ctc_segmentation(config, lpz_np, gt)
+    return cs.determine_utterance_segments(config, begins, char_probs, timings, utts_np)
+
+
+def _alignops(lpz, gts, begins):
+    out = cseg.ctc_segmentation(lpz, gts)
+    return [cseg.utterance_segments(out.timings[b], out.char_probs[b], begins[b]) for b in range(len(begins))]
+
+
+def groups(device: str, quick: bool):
+    if device != "cpu":
+        return
+    try:
+        import ctc_segmentation as cs
+    except ImportError:
+        cs = None
+    shapes = [("1 x 60 s", 1, 60.0), ("4 x 20 s", 4, 20.0)] if quick else \
+        [("1 x 5 min", 1, 300.0), ("1 x 15 min", 1, 900.0), ("32 x 20 s", 32, 20.0)]
+    for name, B, seconds in shapes:
+        recs = [recording(seconds, seed) for seed in range(B)]
+        lpzs = [lpz for lpz, _ in recs]
+        preps = [cseg.prepare_token_list(utts) for _, utts in recs]
+        gts, begins = [p[0] for p in preps], [p[1] for p in preps]
+        chars = sum(int(g.shape[0]) for g in gts)
+        shape = f"{name} T={sum(x.shape[0] for x in lpzs)} C={chars}"
+        cases = []
+        if cs is not None:
+            config = cs.CtcSegmentationParameters(char_list=[str(i) for i in range(V)])
+            np_recs = [(lpz.numpy(), [u.numpy() for u in utts]) for lpz, utts in recs]
+            cases.append(Case(FAMILY, "ctc_segmentation+segments", shape, "float32", "ctc-segmentation (package)",
+                              "fwd", lambda np_recs=np_recs, config=config: [_package(cs, config, lp, u)
+                                                                              for lp, u in np_recs], baseline=True))
+        cases.append(Case(FAMILY, "ctc_segmentation+segments", shape, "float32", "alignops", "fwd",
+                          lambda lpzs=lpzs, gts=gts, begins=begins: _alignops(lpzs, gts, begins)))
+        yield cases
+    lpz, utts = recording(60.0 if quick else 900.0, 99)
+    # A transcript with captions that were never spoken, as TV captions have.
+    noisy = []
+    for i, u in enumerate(utts):
+        noisy += [u, torch.randint(1, V, (60,))] if i % 7 == 3 else [u]
+    yield [Case(FAMILY, "pseudo_forced_align", f"T={lpz.shape[0]} U={len(noisy)}", "float32", "alignops", "fwd",
+                lambda: cseg.pseudo_forced_align(lpz, noisy, index_duration=1 / FPS, max_window=8000))]
+
+
+def summary(results) -> list[str]:
+    """Aligned frames/s, peak memory and the >= 10x target, from this run's medians."""
+    lines = []
+    for r in results:
+        frames = int(r.shape.split("T=")[1].split()[0])
+        line = f"{r.op} {r.shape} {r.provider}: {frames / (r.median_ms / 1e3):,.0f} frames/s, peak {r.peak_mb:.0f} MB"
+        if r.provider == "alignops" and r.ratio == r.ratio:
+            line += f"; {r.ratio:.1f}x the package (target >= 10x: {'ok' if r.ratio >= 10 else 'MISSED'})"
+        lines.append(line)
+    return lines
