@@ -6,6 +6,9 @@ The pure-Python reference is left out: it runs the trellis cell by cell in Pytho
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
 from alignops import ctc_segmentation as cseg
@@ -14,6 +17,29 @@ from .common import Case
 
 FAMILY = "ctc_segmentation"
 FPS, CHARS_PER_S, V = 50, 15, 40
+# CPU seconds of every call per (shape, provider): on a shared machine the wall clock of a call depends on
+# what else runs, its CPU time much less; summary() reports both.
+_CPU: dict[tuple[str, str], list[float]] = {}
+
+
+def _cpu_timed(shape: str, provider: str, fn):
+    def run():
+        c0 = time.process_time()
+        out = fn()
+        _CPU.setdefault((shape, provider), []).append(time.process_time() - c0)
+        return out
+    return run
+
+
+def _one_thread(fn):
+    def run():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(n)
+    return run
 
 
 def recording(seconds: float, seed: int):
@@ -68,11 +94,16 @@ def groups(device: str, quick: bool):
         if cs is not None:
             config = cs.CtcSegmentationParameters(char_list=[str(i) for i in range(V)])
             np_recs = [(lpz.numpy(), [u.numpy() for u in utts]) for lpz, utts in recs]
-            cases.append(Case(FAMILY, "ctc_segmentation+segments", shape, "float32", "ctc-segmentation (package)",
-                              "fwd", lambda np_recs=np_recs, config=config: [_package(cs, config, lp, u)
-                                                                              for lp, u in np_recs], baseline=True))
+            pkg = "ctc-segmentation (package)"
+            cases.append(Case(FAMILY, "ctc_segmentation+segments", shape, "float32", pkg, "fwd",
+                              _cpu_timed(shape, pkg, lambda np_recs=np_recs, config=config:
+                                         [_package(cs, config, lp, u) for lp, u in np_recs]), baseline=True))
+        run = lambda lpzs=lpzs, gts=gts, begins=begins: _alignops(lpzs, gts, begins)  # noqa: E731
         cases.append(Case(FAMILY, "ctc_segmentation+segments", shape, "float32", "alignops", "fwd",
-                          lambda lpzs=lpzs, gts=gts, begins=begins: _alignops(lpzs, gts, begins)))
+                          _cpu_timed(shape, "alignops", run)))
+        if B > 1:
+            cases.append(Case(FAMILY, "ctc_segmentation+segments", shape, "float32", "alignops (1 thread)", "fwd",
+                              _cpu_timed(shape, "alignops (1 thread)", _one_thread(run))))
         yield cases
     lpz, utts = recording(60.0 if quick else 900.0, 99)
     # A transcript with captions that were never spoken, as TV captions have.
@@ -84,12 +115,19 @@ def groups(device: str, quick: bool):
 
 
 def summary(results) -> list[str]:
-    """Aligned frames/s, peak memory and the >= 10x target, from this run's medians."""
+    """Aligned frames/s (wall and CPU time), peak memory and the >= 10x target, from this run."""
     lines = []
+    cpu = {k: statistics.median(v) for k, v in _CPU.items()}
     for r in results:
         frames = int(r.shape.split("T=")[1].split()[0])
         line = f"{r.op} {r.shape} {r.provider}: {frames / (r.median_ms / 1e3):,.0f} frames/s, peak {r.peak_mb:.0f} MB"
-        if r.provider == "alignops" and r.ratio == r.ratio:
-            line += f"; {r.ratio:.1f}x the package (target >= 10x: {'ok' if r.ratio >= 10 else 'MISSED'})"
+        c = cpu.get((r.shape, r.provider))
+        base = cpu.get((r.shape, "ctc-segmentation (package)"))
+        if c:
+            line += f"; CPU {c:.3f} s/call ({frames / c:,.0f} frames per CPU-s)"
+        if r.provider.startswith("alignops") and r.ratio == r.ratio:
+            line += f"; wall {r.ratio:.1f}x the package (target >= 10x: {'ok' if r.ratio >= 10 else 'MISSED'})"
+            if c and base:
+                line += f", CPU time {base / c:.1f}x"
         lines.append(line)
     return lines

@@ -202,10 +202,10 @@ def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: to
     With n = ``window`` frames: ``score = mean(cp[s:e])`` if ``e - s <= n``, else ``min(0, min over t in
     [s, e - n) of mean(cp[t:t+n]))`` (the package's range: the last full window is left out); ``e <= s``
     gives -1e10. Sums in fp64 in numpy's pairwise order, so values equal ``determine_utterance_segments``'s
-    bit for bit.
+    bit for bit (the Triton kernel, for CUDA tensors, sums in a tree order: a few fp64 ulp apart).
 
     Args:
-        frame_logprobs: [T] or [B, T] fp32 / fp64 (e.g. ``char_probs``), CPU.
+        frame_logprobs: [T] or [B, T] fp32 / fp64 (e.g. ``char_probs``); CPU (C++) or CUDA (Triton).
         starts, ends: [U] or [B, U] int64 frame indices; a non-empty span must lie in [0, T].
     Returns: [U] or [B, U] fp64.
     Raises: ValueError on shapes / dtypes / spans outside [0, T] / window < 1.
@@ -215,8 +215,8 @@ def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: to
         frame_logprobs, starts, ends = frame_logprobs[None], starts[None], ends[None]
     impl = _backend.resolve(backend, frame_logprobs.device, "utterance_score", native_cuda=False)
     if impl == "triton":
-        raise RuntimeError("utterance_score: there is no Triton kernel; use backend='native' or 'torch'")
-    if impl == "native":
+        out = torch.ops.alignops.ctc_segmentation_utterance_score_triton(frame_logprobs, starts, ends, window)
+    elif impl == "native":
         out = torch.ops.alignops.ctc_segmentation_utterance_score(frame_logprobs, starts, ends, window)
     else:
         if window < 1:

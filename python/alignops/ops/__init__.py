@@ -9,3 +9,4 @@ except ImportError:
     triton = None
 if triton is not None:
     from . import fused_linear_triton, preference_triton, skip_triton  # noqa: F401
+    from . import ctc_segmentation_triton  # noqa: F401
