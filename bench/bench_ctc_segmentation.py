@@ -71,7 +71,7 @@ def _package(cs, config, lpz_np, utts_np):
 
 def _alignops(lpz, gts, begins):
     out = cseg.ctc_segmentation(lpz, gts)
-    return [cseg.utterance_segments(out.timings[b], out.char_probs[b], begins[b]) for b in range(len(begins))]
+    return cseg.utterance_segments(out.timings, out.char_probs, begins)
 
 
 def groups(device: str, quick: bool):

@@ -82,9 +82,10 @@ TORCH_LIBRARY(alignops, m) {
   // symbol; S > 1 for multi-character spans), lengths [B]. flags: 1 blank_transition_cost_zero,
   // 2 preamble_transition_cost_zero. Returns (timings [B, C] int64 frame of each ground-truth position,
   // char_probs [B, T] fp64, states [B, T] int64 (token id, -1 stay, -2 not on the path), window [B] int64).
+  // block_columns: -1 auto, 0 whole [W, C] table, k > 0 checkpointed every k columns (same results).
   m.def(
       "ctc_segmentation(Tensor lpz, Tensor lpz_lengths, Tensor ground_truth, Tensor gt_lengths, int blank, "
-      "int min_window_size, int max_window_size, int flags, bool backtrack_from_max_t) "
+      "int min_window_size, int max_window_size, int flags, bool backtrack_from_max_t, int block_columns) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // One full-length trellis per problem (no re-centring), backtracked from each of end_columns [B, E]
   // (-1 = unused): the package's result for every ground-truth prefix ending there, without refilling.

@@ -116,7 +116,8 @@ def test_utterance_score_batched_matches_reference(dtype):
 
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_ctc_segmentation_matches_package(seed, dtype, capability):
+@pytest.mark.parametrize("block_columns", [-1, 3])
+def test_ctc_segmentation_matches_package(seed, dtype, block_columns, capability):
     lpz, utts = random_problem(seed, dtype)
     gt, _ = token_gt(utts, lpz.shape[1])
     rng = np.random.default_rng(seed)
@@ -124,7 +125,7 @@ def test_ctc_segmentation_matches_package(seed, dtype, capability):
                blank_transition_cost_zero=bool(seed % 3 == 0), preamble_transition_cost_zero=bool(seed % 4 != 1),
                backtrack_from_max_t=bool(seed % 5 == 2))
     pk = package(lpz, gt, **cfg)
-    kw = dict(cfg)
+    kw = dict(cfg, block_columns=block_columns)  # 3: the checkpointed table, refilled block by block
     if pk is None:
         with pytest.raises(ValueError, match="backtracking failed|audio is shorter"):
             cseg.ctc_segmentation(torch.from_numpy(lpz), torch.from_numpy(gt), **kw)
@@ -144,8 +145,10 @@ def test_window_recentring_and_retries_match_package(capability):
             pk = package(lpz, gt, min_window_size=window)
             if pk is None:
                 continue
-            out = cseg.ctc_segmentation(torch.from_numpy(lpz), torch.from_numpy(gt), min_window_size=window)
-            assert_same_as_package(out, 0, pk, lpz.shape[0], gt.shape[0])
+            for block_columns in (0, 7):
+                out = cseg.ctc_segmentation(torch.from_numpy(lpz), torch.from_numpy(gt), min_window_size=window,
+                                            block_columns=block_columns)
+                assert_same_as_package(out, 0, pk, lpz.shape[0], gt.shape[0])
             hits += int(out.window_sizes[0] > window)
     assert hits > 0  # some problems needed a doubled window
 
@@ -167,9 +170,10 @@ def test_multi_character_symbols_match_package(replace_spaces, capability):
             timings, char_probs, _ = cs.ctc_segmentation(config, lpz, gt)
         except IndexError:
             continue
-        out = cseg.ctc_segmentation(torch.from_numpy(lpz), torch.from_numpy(gt),
-                                    min_window_size=config.min_window_size)
-        assert_same_as_package(out, 0, (timings, char_probs), T, gt.shape[0])
+        for block_columns in (0, 2, 5):  # S = 3: blocks narrower than S widen to S
+            out = cseg.ctc_segmentation(torch.from_numpy(lpz), torch.from_numpy(gt),
+                                        min_window_size=config.min_window_size, block_columns=block_columns)
+            assert_same_as_package(out, 0, (timings, char_probs), T, gt.shape[0])
 
 
 def test_batch_of_problems_matches_package_one_by_one():
@@ -182,6 +186,17 @@ def test_batch_of_problems_matches_package_one_by_one():
         assert_same_as_package(out, b, pk, lpz.shape[0], gts[b].shape[0])
         # padding past the lengths stays untouched
         assert (out.states[b, lpz.shape[0]:] == cseg.NOT_ON_PATH).all()
+    # segments of the whole batch at once (ragged utterance counts), as the package's one by one
+    begins = [token_gt(u, 9)[1] for _, u in problems]
+    seg = cseg.utterance_segments(out.timings, out.char_probs, begins)
+    for b, (lpz, utts) in enumerate(problems):
+        config = cs.CtcSegmentationParameters(char_list=[str(i) for i in range(9)])
+        pk = package(lpz, gts[b].numpy(), min_window_size=50)
+        want = cs.determine_utterance_segments(config, begins[b], pk[1], pk[0], utts)
+        U = len(utts)
+        assert list(zip(seg.start[b, :U].tolist(), seg.end[b, :U].tolist(), seg.score[b, :U].tolist())) == \
+            [tuple(float(v) for v in w) for w in want]
+        assert seg.score[b, U:].isnan().all() and (seg.start_frame[b, U:] == -1).all()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -317,7 +332,8 @@ def test_opcheck():
     gt, begins = token_gt(utts, 6)
     args = (torch.from_numpy(lpz)[None], torch.tensor([lpz.shape[0]]), torch.from_numpy(gt)[None],
             torch.tensor([gt.shape[0]]))
-    torch.library.opcheck(torch.ops.alignops.ctc_segmentation.default, (*args, 0, 8000, 100000, 2, False))
+    torch.library.opcheck(torch.ops.alignops.ctc_segmentation.default, (*args, 0, 8000, 100000, 2, False, -1))
+    torch.library.opcheck(torch.ops.alignops.ctc_segmentation.default, (*args, 0, 8000, 100000, 2, False, 2))
     torch.library.opcheck(torch.ops.alignops.ctc_segmentation_prefixes.default,
                           (*args, torch.tensor([begins[1:]]), 0, 2, False))
     torch.library.opcheck(torch.ops.alignops.ctc_segmentation_utterance_score.default,
@@ -355,6 +371,9 @@ def test_bad_input(backend):
         run(lpz, gt[None, None, None])
     with pytest.raises(ValueError, match="lpz must be a"):
         run(lpz[0], gt)
+    if backend == "native":
+        with pytest.raises(ValueError, match="block_columns must be"):
+            run(lpz, gt, block_columns=-2)
 
 
 def test_bad_input_ops_and_failure():

@@ -31,12 +31,115 @@ const CtcSegmentationKernels& kernels() {
 #endif
 }
 
-int64_t fill(const Problem<float>& p, int64_t W, float* table, int64_t* offsets, float* scratch) {
-  return kernels().fill_f32(p, W, table, offsets, scratch);
+void fill(const Problem<float>& p, int64_t W, float* const* columns, int64_t c0, int64_t c1, FillState& st,
+          int64_t* offsets, const Emissions& em) {
+  kernels().fill_f32(p, W, columns, c0, c1, st, offsets, em);
 }
-int64_t fill(const Problem<double>& p, int64_t W, float* table, int64_t* offsets, float* scratch) {
-  return kernels().fill_f64(p, W, table, offsets, scratch);
+void fill(const Problem<double>& p, int64_t W, float* const* columns, int64_t c0, int64_t c1, FillState& st,
+          int64_t* offsets, const Emissions& em) {
+  kernels().fill_f64(p, W, columns, c0, c1, st, offsets, em);
 }
+
+// lpz columns of the tokens the ground truth uses (and blank), rounded to fp32 and stored time-major,
+// so a trellis column reads its emissions contiguously: gathering them from the [T, V] rows costs a
+// cache line per cell and dominated the fill. Past a memory budget (the table's size, or 64 MiB) the
+// fill gathers from the rows instead.
+template <typename scalar_t>
+class EmissionStore {
+ public:
+  explicit EmissionStore(const Problem<scalar_t>& p) : slot_(p.V, -1) {
+    int64_t n = 0;
+    slot_[p.blank] = n++;
+    for (int64_t i = 0; i < p.C * p.S; ++i) {
+      if (p.gt[i] >= 0 && slot_[p.gt[i]] == -1) slot_[p.gt[i]] = n++;
+    }
+    if (n * p.T > std::max<int64_t>(p.C * std::min<int64_t>(p.T, 8000), int64_t{1} << 24)) return;
+    cols_.resize(n * p.T);
+    for (int64_t t = 0; t < p.T; ++t) {
+      const scalar_t* row = p.lpz + t * p.V;
+      for (int64_t v = 0; v < p.V; ++v) {
+        if (slot_[v] >= 0) cols_[slot_[v] * p.T + t] = static_cast<float>(row[v]);
+      }
+    }
+  }
+  Emissions view() const { return {cols_.empty() ? nullptr : cols_.data(), slot_.data()}; }
+
+ private:
+  std::vector<int64_t> slot_;
+  std::vector<float> cols_;
+};
+
+// The package's [W, C] table, column-major, whole (block == 0) or checkpointed: the forward fill keeps
+// only the S columns before every block of `block` columns and the fill state there; the backtrace, which
+// walks the columns downwards, gets each block refilled once from its checkpoint. Same values, twice the
+// fill work, (block + S * C / block) * W floats instead of C * W.
+template <typename scalar_t>
+class Trellis {
+ public:
+  Trellis(const Problem<scalar_t>& p, int64_t W, int64_t block, const Emissions& em)
+      : p_(p), W_(W), K_(block == 0 ? p.C : std::max(block, p.S)), em_(em), offsets_(p.C), ptrs_(p.C),
+        cur_(p.S) {
+    nb_ = (p.C + K_ - 1) / K_;
+    store_.reset(new float[W * (nb_ == 1 ? p.C : K_)]);
+    if (nb_ > 1) {
+      ck_.reset(new float[nb_ * p.S * W]);
+      snap_cur_.resize(nb_ * p.S);
+      snap_arg_.resize(nb_);
+    }
+  }
+
+  // Fills every column; returns numpy's argmax of the last column.
+  int64_t fill_all() {
+    FillState st{cur_.data(), -1};
+    for (int64_t k = 0; k < nb_; ++k) {
+      if (k > 0) {
+        std::copy(cur_.begin(), cur_.end(), snap_cur_.begin() + k * p_.S);
+        snap_arg_[k] = st.last_arg_max;
+      }
+      point_block(k);
+      fill(p_, W_, ptrs_.data(), k * K_, end(k), st, offsets_.data(), em_);
+      if (k + 1 < nb_) {  // the S columns the next block's switches read
+        for (int64_t c = std::max<int64_t>(0, end(k) - p_.S); c < end(k); ++c) {
+          std::copy(ptrs_[c], ptrs_[c] + W_, ck_.get() + ((k + 1) * p_.S + c - (end(k) - p_.S)) * W_);
+        }
+      }
+    }
+    block_ = nb_ - 1;
+    return st.last_arg_max;
+  }
+
+  // Column c; refills its block when the walk has left the resident one.
+  const float* column(int64_t c) {
+    if (nb_ > 1 && c / K_ != block_ && !(c < block_ * K_ && c >= block_ * K_ - p_.S)) {
+      const int64_t k = c / K_;
+      FillState st{snap_cur_.data() + k * p_.S, snap_arg_[k]};
+      point_block(k);
+      fill(p_, W_, ptrs_.data(), k * K_, end(k), st, offsets_.data(), em_);
+      block_ = k;
+    }
+    return ptrs_[c];
+  }
+
+  const int64_t* offsets() const { return offsets_.data(); }
+
+ private:
+  int64_t end(int64_t k) const { return std::min(p_.C, (k + 1) * K_); }
+
+  void point_block(int64_t k) {
+    for (int64_t c = k * K_; c < end(k); ++c) ptrs_[c] = store_.get() + (c - k * K_) * W_;
+    for (int64_t c = std::max<int64_t>(0, k * K_ - p_.S); c < k * K_; ++c) {
+      ptrs_[c] = ck_.get() + (k * p_.S + c - (k * K_ - p_.S)) * W_;
+    }
+  }
+
+  const Problem<scalar_t>& p_;
+  int64_t W_, K_, nb_, block_ = 0;
+  Emissions em_;
+  std::vector<int64_t> offsets_;
+  std::vector<float*> ptrs_;
+  std::vector<int64_t> cur_, snap_cur_, snap_arg_;
+  std::unique_ptr<float[]> store_, ck_;
+};
 
 // Python's index rule: a negative index counts from the end; anything else outside [0, n) raises.
 inline bool py_index(int64_t i, int64_t n, int64_t& out) {
@@ -52,8 +155,9 @@ inline acc_t py_max(acc_t a, acc_t b) { return b > a ? b : a; }
 // lpz's dtype (numpy's promotion of an fp32 table difference with an lpz scalar); false where the
 // package raises IndexError. timings hold frame indices (the package multiplies them by the duration).
 template <typename scalar_t>
-bool backtrace(const Problem<scalar_t>& p, int64_t W, const float* table, const int64_t* offsets, int64_t t,
-               int64_t c, int64_t* timings, double* char_probs, int64_t* states) {
+bool backtrace(const Problem<scalar_t>& p, int64_t W, Trellis<scalar_t>& table, int64_t t, int64_t c,
+               int64_t* timings, double* char_probs, int64_t* states) {
+  const int64_t* offsets = table.offsets();
   using acc_t = scalar_t;
   const int64_t T = p.T, V = p.V, S = p.S;
   const acc_t floor = static_cast<acc_t>(kTableFloor);
@@ -62,7 +166,8 @@ bool backtrace(const Problem<scalar_t>& p, int64_t W, const float* table, const 
     const int64_t* g = p.gt + c * S;
     int64_t tr, r;
     if (!py_index(t, W, tr)) return false;
-    const float here = table[c * W + tr];
+    const float* col = table.column(c);
+    const float here = col[tr];
     int64_t min_s = -1;
     acc_t min_delta = std::numeric_limits<acc_t>::infinity();
     acc_t max_lpz = floor;
@@ -75,7 +180,7 @@ bool backtrace(const Problem<scalar_t>& p, int64_t W, const float* table, const 
         switch_prob = p.lpz[r * V + g[s]];
       }
       if (!py_index(t - 1 + offset, W, r)) return false;
-      const float est = here - table[(c - 1 - s) * W + r];
+      const float est = here - table.column(c - 1 - s)[r];
       const acc_t delta = std::abs(switch_prob - static_cast<acc_t>(est));
       if (delta < min_delta) {
         min_delta = delta;
@@ -89,7 +194,7 @@ bool backtrace(const Problem<scalar_t>& p, int64_t W, const float* table, const 
       stay_prob = py_max(static_cast<acc_t>(p.lpz[r * V + p.blank]), max_lpz);
     }
     if (!py_index(t - 1, W, r)) return false;
-    const float est_stay = here - table[c * W + r];
+    const float est_stay = here - col[r];
     int64_t frame;
     if (std::abs(stay_prob - static_cast<acc_t>(est_stay)) > min_delta) {
       if (c > 0) {
@@ -124,23 +229,28 @@ void reset(const Outputs& o, int64_t C, int64_t T) {
 
 // The package's outer loop: window min_window_size, doubled after a failed backtrace while it stays
 // below max_window_size. Returns the window that worked, or -(last window tried) on failure.
+// The package's outer loop: window min_window_size, doubled after a failed backtrace while it stays
+// below max_window_size. Returns the window that worked, or -(last window tried) on failure.
+// block_columns: 0 keeps the whole table, k > 0 checkpoints it every k columns, -1 picks (whole up to
+// 64 MiB, else blocks of sqrt(C * S) columns).
 template <typename scalar_t>
 int64_t align_one(const Problem<scalar_t>& p, int64_t min_window, int64_t max_window, bool from_max_t,
-                  const Outputs& out) {
-  std::vector<int64_t> offsets(p.C);
+                  int64_t block_columns, const Outputs& out) {
+  const EmissionStore<scalar_t> em(p);
   int64_t window = min_window, last_W = -1;
   while (true) {
     const int64_t W = std::min(window, p.T);
     reset(out, p.C, p.T);
     // A window past T gives the table of the last attempt again, hence the same failure.
     if (W != last_W) {
-      std::unique_ptr<float[]> table(new float[W * p.C]);
-      std::unique_ptr<float[]> scratch(new float[3 * W]);
-      int64_t t = fill(p, W, table.get(), offsets.data(), scratch.get());
-      if (from_max_t) t = W - 1;
-      if (backtrace(p, W, table.get(), offsets.data(), t, p.C - 1, out.timings, out.char_probs, out.states)) {
-        return window;
+      int64_t block = block_columns;
+      if (block < 0) {
+        block = W * p.C <= (int64_t{16} << 20) ? 0 : static_cast<int64_t>(std::ceil(std::sqrt(double(p.C * p.S))));
       }
+      Trellis<scalar_t> table(p, W, block, em.view());
+      int64_t t = table.fill_all();
+      if (from_max_t) t = W - 1;
+      if (backtrace(p, W, table, t, p.C - 1, out.timings, out.char_probs, out.states)) return window;
       last_W = W;
     }
     window *= 2;
@@ -242,11 +352,13 @@ void check_flags(int64_t flags) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_cpu(
     const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth,
     const at::Tensor& gt_lengths, int64_t blank, int64_t min_window_size, int64_t max_window_size, int64_t flags,
-    bool backtrack_from_max_t) {
+    bool backtrack_from_max_t, int64_t block_columns) {
   const Batch b = check_batch(lpz, lpz_lengths, ground_truth, gt_lengths, blank);
   check_flags(flags);
   TORCH_CHECK_VALUE(min_window_size >= 1, "min_window_size must be >= 1, got ", min_window_size);
   TORCH_CHECK_VALUE(max_window_size >= 1, "max_window_size must be >= 1, got ", max_window_size);
+  TORCH_CHECK_VALUE(block_columns >= -1, "block_columns must be -1 (auto), 0 (whole table) or > 0, got ",
+                    block_columns);
   auto timings = at::empty({b.B, b.C}, lpz.options().dtype(at::kLong));
   auto char_probs = at::empty({b.B, b.T}, lpz.options().dtype(at::kDouble));
   auto states = at::empty({b.B, b.T}, lpz.options().dtype(at::kLong));
@@ -259,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_cpu(
                           states.data_ptr<int64_t>() + i * b.T};
         reset(out, b.C, b.T);  // the padding past this problem's lengths included
         win[i] = align_one(problem<scalar_t>(b, i, blank, flags), min_window_size, max_window_size,
-                           backtrack_from_max_t, out);
+                           backtrack_from_max_t, block_columns, out);
       }
     });
   });
@@ -309,20 +421,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_pref
         // The whole lpz in one window: offsets stay 0, so column c never depends on the columns after
         // it, and one table serves every prefix of the ground truth.
         const int64_t W = p.T;
-        std::vector<int64_t> offsets(p.C);
-        std::unique_ptr<float[]> table(new float[W * p.C]);
-        std::unique_ptr<float[]> scratch(new float[3 * W]);
-        fill(p, W, table.get(), offsets.data(), scratch.get());
+        const EmissionStore<scalar_t> em(p);
+        Trellis<scalar_t> table(p, W, 0, em.view());
+        table.fill_all();
         for (int64_t j = 0; j < E; ++j) {
           const int64_t c = e[i * E + j];
           if (c == -1) continue;
-          const float* col = table.get() + c * W;
+          const float* col = table.column(c);
           const int64_t t = backtrack_from_max_t ? W - 1 : std::max_element(col, col + W) - col;
           const Outputs out{timings.data_ptr<int64_t>() + (i * E + j) * b.C,
                             char_probs.data_ptr<double>() + (i * E + j) * b.T,
                             states.data_ptr<int64_t>() + (i * E + j) * b.T};
-          okp[i * E + j] = backtrace(p, W, table.get(), offsets.data(), t, c, out.timings, out.char_probs,
-                                     out.states);
+          okp[i * E + j] = backtrace(p, W, table, t, c, out.timings, out.char_probs, out.states);
           if (!okp[i * E + j]) reset(out, b.C, b.T);
         }
       }

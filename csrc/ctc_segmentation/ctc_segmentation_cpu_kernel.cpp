@@ -64,57 +64,39 @@ int64_t stay_scan(const float* sw, const float* e, float* u, float* col, int64_t
   return i;
 }
 
-// lpz columns of the tokens the ground truth uses (and blank), rounded to fp32 and stored time-major,
-// so a trellis column reads its emissions contiguously: gathering them from the [T, V] rows costs a
-// cache line per cell and dominated the fill. Past a memory budget (the size of the trellis table, or
-// 64 MiB) it gathers from the rows instead.
+// x with x[t] = fp32(lpz[first + t, tok]) for t in [t0, W): the stored column, or buf filled from lpz.
 template <typename scalar_t>
-class LpzColumns {
- public:
-  explicit LpzColumns(const Problem<scalar_t>& p) : p_(p), slot_(p.V, -1) {
-    int64_t n = 0;
-    slot_[p.blank] = n++;
-    for (int64_t i = 0; i < p.C * p.S; ++i) {
-      if (p.gt[i] >= 0 && slot_[p.gt[i]] == -1) slot_[p.gt[i]] = n++;
-    }
-    if (n * p.T > std::max<int64_t>(p.C * std::min<int64_t>(p.T, 8000), int64_t{1} << 24)) return;
-    cols_.resize(n * p.T);
-    for (int64_t t = 0; t < p.T; ++t) {
-      const scalar_t* row = p.lpz + t * p.V;
-      for (int64_t v = 0; v < p.V; ++v) {
-        if (slot_[v] >= 0) cols_[slot_[v] * p.T + t] = static_cast<float>(row[v]);
-      }
-    }
-  }
-  // x with x[t] = fp32(lpz[first + t, tok]) for t in [t0, W): the stored column, or buf filled.
-  const float* get(int64_t tok, int64_t first, int64_t t0, int64_t W, float* buf) const {
-    if (!cols_.empty()) return cols_.data() + slot_[tok] * p_.T + first;
-    const scalar_t* rows = p_.lpz + first * p_.V + tok;
-    for (int64_t t = t0; t < W; ++t) buf[t] = static_cast<float>(rows[t * p_.V]);
-    return buf;
-  }
-
- private:
-  const Problem<scalar_t>& p_;
-  std::vector<int64_t> slot_;
-  std::vector<float> cols_;
-};
+const float* emissions(const Problem<scalar_t>& p, const Emissions& em, int64_t tok, int64_t first, int64_t t0,
+                       int64_t W, float* buf) {
+  if (em.cols != nullptr) return em.cols + em.slot[tok] * p.T + first;
+  const scalar_t* rows = p.lpz + first * p.V + tok;
+  for (int64_t t = t0; t < W; ++t) buf[t] = static_cast<float>(rows[t * p.V]);
+  return buf;
+}
 
 template <typename scalar_t>
-int64_t fill(const Problem<scalar_t>& p, int64_t W, float* table, int64_t* offsets, float* scratch) {
+void fill(const Problem<scalar_t>& p, int64_t W, float* const* columns, int64_t c_begin, int64_t c_end,
+          FillState& st, int64_t* offsets, const Emissions& em) {
   const int64_t T = p.T, C = p.C, S = p.S;
-  float* sw = scratch;        // best switch into (t, c); then the u of stay_scan
-  float* emit = scratch + W;  // the stay transition's weight e[t]
-  float* sym = scratch + 2 * W;
-  std::vector<float> buf(W), buf2(W), u(W);
-  const LpzColumns cols(p);
+  std::vector<float> scratch(6 * W);
+  float* sw = scratch.data();  // best switch into (t, c)
+  float* emit = sw + W;        // the stay transition's weight e[t]
+  float* sym = sw + 2 * W;
+  float* u = sw + 3 * W;
+  float* buf = sw + 4 * W;
+  float* buf2 = sw + 5 * W;
   // The package's mean offset goes through a C float before truncation.
   const float mean_offset = static_cast<float>(static_cast<double>(T - W) / static_cast<double>(C));
   const int64_t higher_offset = static_cast<int64_t>(mean_offset) + 1;
-  std::vector<int64_t> cur_offset(S, -1);
-  int64_t offset_sum = 0, last_arg_max = -1;
-  table[0] = 0.0f;
-  for (int64_t c = 0; c < C; ++c) {
+  int64_t* cur_offset = st.cur_offset;
+  int64_t& last_arg_max = st.last_arg_max;
+  int64_t offset_sum = c_begin == 0 ? 0 : offsets[c_begin - 1];
+  if (c_begin == 0) {
+    std::fill(cur_offset, cur_offset + S, -1);
+    last_arg_max = -1;
+    columns[0][0] = 0.0f;
+  }
+  for (int64_t c = c_begin; c < c_end; ++c) {
     if (c > 0) {
       const int64_t offset =
           std::min(std::max<int64_t>(0, last_arg_max - W / 2), std::min(higher_offset, (T - W) - offset_sum));
@@ -130,12 +112,12 @@ int64_t fill(const Problem<scalar_t>& p, int64_t W, float* table, int64_t* offse
     const bool stay_zero = (p.flags & kBlankTransitionCostZero) && has_zero;
     const bool preamble = (p.flags & kPreambleTransitionCostZero) && c == 0;
     const int64_t t0 = c == 0 ? 1 : 0;
-    float* col = table + c * W;
-    const float* bl = cols.get(p.blank, offset_sum, t0, W, buf.data());
+    float* col = columns[c];
+    const float* bl = emissions(p, em, p.blank, offset_sum, t0, W, buf);
     if (S == 1 && c > 0 && g[0] != -1 && !stay_zero) {
       // One fused pass for single-symbol positions (token lists): the switch and the stay weight.
-      const float* emis = cols.get(g[0], offset_sum, 0, W, buf2.data());
-      const float* prev = table + (c - 1) * W + cur_offset[0] - 1;
+      const float* emis = emissions(p, em, g[0], offset_sum, 0, W, buf2);
+      const float* prev = columns[c - 1] + cur_offset[0] - 1;
       const int64_t lo = std::max<int64_t>(0, 1 - cur_offset[0]);
       const int64_t hi = std::min(W, W + 1 - cur_offset[0]);
       for (int64_t t = 0; t < W; ++t) {
@@ -145,7 +127,7 @@ int64_t fill(const Problem<scalar_t>& p, int64_t W, float* table, int64_t* offse
       }
       for (int64_t t = lo; t < hi; ++t) sw[t] = cmax(kFillFloor, prev[t] + emis[t]);
       col[0] = cmax(sw[0], kFillFloor);  // no stay into row 0
-      last_arg_max = with_row0(col, stay_scan(sw, emit, u.data(), col, 1, W, col[0]), W);
+      last_arg_max = with_row0(col, stay_scan(sw, emit, u, col, 1, W, col[0]), W);
       continue;
     }
     std::fill(sw, sw + W, kFillFloor);
@@ -153,10 +135,10 @@ int64_t fill(const Problem<scalar_t>& p, int64_t W, float* table, int64_t* offse
     for (int64_t s = 0; s < S; ++s) {
       const int64_t tok = g[s];
       if (tok == -1) continue;
-      const float* emis = cols.get(tok, offset_sum, t0, W, buf2.data());
+      const float* emis = emissions(p, em, tok, offset_sum, t0, W, buf2);
       for (int64_t t = t0; t < W; ++t) sym[t] = cmax(sym[t], emis[t]);
       if (c == 0) continue;
-      const float* prev = table + (c - (s + 1)) * W + cur_offset[s] - 1;
+      const float* prev = columns[c - (s + 1)] + cur_offset[s] - 1;
       // Rows t whose predecessor t - 1 + cur_offset[s] lies inside the window.
       const int64_t lo = std::max(t0, 1 - cur_offset[s]);
       const int64_t hi = std::min(W, W + 1 - cur_offset[s]);
@@ -177,14 +159,12 @@ int64_t fill(const Problem<scalar_t>& p, int64_t W, float* table, int64_t* offse
         x = col[0];
         t = 1;
       }
-      last_arg_max = stay_scan(sw, emit, u.data(), col, t, W, x);
+      last_arg_max = stay_scan(sw, emit, u, col, t, W, x);
       if (t0 == 0) last_arg_max = with_row0(col, last_arg_max, W);
       continue;
     }
     last_arg_max = first_argmax(col + t0, W - t0) + t0;
   }
-  const float* last = table + (C - 1) * W;
-  return std::max_element(last, last + W) - last;  // numpy argmax: the first maximum
 }
 
 }  // namespace

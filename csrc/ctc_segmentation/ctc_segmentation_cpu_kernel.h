@@ -25,12 +25,29 @@ struct Problem {
   int64_t flags;
 };
 
+// The lpz columns the fill reads, rounded to fp32 and time-major (column of token v at cols + slot[v] * T),
+// built once per problem by the launcher; cols == nullptr makes the fill gather them from lpz's rows.
+struct Emissions {
+  const float* cols;
+  const int64_t* slot;
+};
+
+// What the fill carries from one column to the next: the package's cur_offset [S] and the argmax row of
+// the last column filled (the next offset re-centres on it). offset_sum is offsets[c - 1].
+struct FillState {
+  int64_t* cur_offset;
+  int64_t last_arg_max;
+};
+
 struct CtcSegmentationKernels {
-  // Fills table [C][W] (column-major: column c is contiguous) and offsets [C] exactly as the package's
-  // cython_fill_table fills its [W, C] table (fp32 arithmetic, lpz rounded to fp32), and returns the
-  // first argmax row of the last column. scratch holds 3 * W floats.
-  int64_t (*fill_f32)(const Problem<float>& p, int64_t W, float* table, int64_t* offsets, float* scratch);
-  int64_t (*fill_f64)(const Problem<double>& p, int64_t W, float* table, int64_t* offsets, float* scratch);
+  // Fills columns c_begin .. c_end - 1 of the package's [W, C] table exactly as its cython_fill_table does
+  // (fp32 arithmetic on lpz rounded to fp32), column c at columns[c] (W contiguous floats; columns
+  // c - S .. c - 1 must hold their values), and offsets [C]. c_begin == 0 starts the fill (st is then
+  // initialised); a later c_begin resumes from the state and offsets an earlier call left.
+  void (*fill_f32)(const Problem<float>& p, int64_t W, float* const* columns, int64_t c_begin, int64_t c_end,
+                   FillState& st, int64_t* offsets, const Emissions& em);
+  void (*fill_f64)(const Problem<double>& p, int64_t W, float* const* columns, int64_t c_begin, int64_t c_end,
+                   FillState& st, int64_t* offsets, const Emissions& em);
 };
 
 namespace DEFAULT {

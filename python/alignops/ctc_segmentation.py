@@ -113,7 +113,7 @@ def ctc_segmentation(lpz, ground_truth, *, lpz_lengths: torch.Tensor | None = No
                      gt_lengths: torch.Tensor | None = None, blank: int = 0, min_window_size: int = 8000,
                      max_window_size: int = 100000, blank_transition_cost_zero: bool = False,
                      preamble_transition_cost_zero: bool = True, backtrack_from_max_t: bool = False,
-                     backend: str = "auto") -> CtcSegmentationOutput:
+                     block_columns: int = -1, backend: str = "auto") -> CtcSegmentationOutput:
     r"""The ``ctc-segmentation`` package's ``ctc_segmentation(config, lpz, ground_truth)``, batched.
 
     Trellis (fp32, as the package): ``k[0, 0] = 0``; for position c over a window of W = min(window, T)
@@ -133,6 +133,11 @@ def ctc_segmentation(lpz, ground_truth, *, lpz_lengths: torch.Tensor | None = No
         ground_truth: [C, S] / [B, C, S] int64 (or a list of [C_i, S] / [C_i]), as ``prepare_text`` /
             ``prepare_token_list`` build it: row 0 is the start marker (all -1), -1 = no symbol.
         lpz_lengths, gt_lengths: [B] int64 valid lengths of padded batches.
+        block_columns: memory of the native kernel's [W, C] fp32 table: 0 keeps it whole (the package's
+            memory), k > 0 keeps only the columns before every block of k columns and refills each block
+            once during the backtrace (same results, twice the fill work, about (k + C / k) * W floats),
+            -1 (default) keeps it whole up to 64 MiB and checkpoints every ceil(sqrt(C * S)) columns past
+            that. The reference (backend="torch") always keeps it whole.
     Returns:
         :class:`CtcSegmentationOutput` (timings in frames; multiply by ``index_duration`` for seconds).
     Raises:
@@ -150,7 +155,8 @@ def ctc_segmentation(lpz, ground_truth, *, lpz_lengths: torch.Tensor | None = No
                            "per problem; the C++ kernel runs one problem per CPU thread); use backend='native'")
     if impl == "native":
         out = torch.ops.alignops.ctc_segmentation(lpz, lpz_lengths, ground_truth, gt_lengths, blank,
-                                                  min_window_size, max_window_size, flags, backtrack_from_max_t)
+                                                  min_window_size, max_window_size, flags, backtrack_from_max_t,
+                                                  block_columns)
         return CtcSegmentationOutput(*out)
     return _reference_batch(lpz, ground_truth, lpz_lengths, gt_lengths, blank, min_window_size, max_window_size,
                             flags, backtrack_from_max_t)
@@ -229,7 +235,8 @@ def utterance_segments(timings: torch.Tensor, char_probs: torch.Tensor, utt_begi
                        index_duration: float = 0.025, window: int = 30, backend: str = "auto") -> UtteranceSegments:
     """The package's ``determine_utterance_segments`` on frame timings, batched.
 
-    ``utt_begin_indices`` [U + 1] (or [B, U + 1]) are prepare_*'s indices. For utterance i with
+    ``utt_begin_indices`` [U + 1] (or [B, U + 1], or one list per problem: then outputs are padded to the
+    largest U with NaN, and -1 frames) are prepare_*'s indices. For utterance i with
     b = begin[i], e = begin[i + 1] and s(c) = timings[c] * index_duration: start = max(s(b+1) - 0.5,
     (s(b) + s(b-1)) / 2), end = min(s(e-1) + 0.5, (s(e) + s(e-1)) / 2), frames round(start / index_duration)
     (half to even, as Python's round) and the score of :func:`utterance_score` over them.
@@ -240,17 +247,28 @@ def utterance_segments(timings: torch.Tensor, char_probs: torch.Tensor, utt_begi
     squeeze = timings.dim() == 1
     if squeeze:
         timings, char_probs = timings[None], char_probs[None]
-    idx = torch.as_tensor(utt_begin_indices, dtype=torch.int64).reshape(timings.shape[0], -1)
+    ragged = (isinstance(utt_begin_indices, (list, tuple)) and len(utt_begin_indices) > 0
+              and isinstance(utt_begin_indices[0], (list, tuple)))
+    if ragged:  # one list per problem: padded with copies of the row's first utterance, masked at the end
+        n_utts = torch.tensor([len(r) - 1 for r in utt_begin_indices])
+        if bool((n_utts < 1).any()):
+            raise ValueError("utt_begin_indices must hold U + 1 >= 2 indices per problem")
+        U = int(n_utts.max())
+        b = torch.tensor([list(r[:-1]) + [r[0]] * (U + 1 - len(r)) for r in utt_begin_indices], dtype=torch.int64)
+        e = torch.tensor([list(r[1:]) + [r[1]] * (U + 1 - len(r)) for r in utt_begin_indices], dtype=torch.int64)
+    else:
+        idx = torch.as_tensor(utt_begin_indices, dtype=torch.int64).reshape(timings.shape[0], -1)
+        if idx.shape[1] < 2:
+            raise ValueError("utt_begin_indices must hold U + 1 >= 2 indices per problem")
+        b, e = idx[:, :-1], idx[:, 1:]
     C = timings.shape[1]
-    if idx.shape[1] < 2:
-        raise ValueError("utt_begin_indices must hold U + 1 >= 2 indices per problem")
-    if bool((idx[:, :-1] < 1).any() or (idx[:, :-1] > C - 2).any() or (idx[:, -1] < 1).any()
-            or (idx[:, -1] > C - 1).any()):
+    # An utterance reads timings[b - 1 .. b + 1] and timings[e - 1 .. e]: the package's Python would wrap
+    # or raise IndexError outside these ranges.
+    if bool((b < 1).any() or (b > C - 2).any() or (e < 1).any() or (e > C - 1).any()):
         raise ValueError(f"utt_begin_indices must lie in [1, C - 2] (the last one in [1, C - 1]) with C = {C}, "
-                         f"got {idx.tolist()}")
+                         f"got {utt_begin_indices}")
     tim = timings.to(torch.float64) * index_duration
     at = lambda i: tim.gather(1, i)  # noqa: E731
-    b, e = idx[:, :-1], idx[:, 1:]
     mid_b = (at(b) + at(b - 1)) / 2
     mid_e = (at(e) + at(e - 1)) / 2
     lo = at(b + 1) - 0.5
@@ -261,6 +279,10 @@ def utterance_segments(timings: torch.Tensor, char_probs: torch.Tensor, utt_begi
     end_f = torch.round(end / index_duration).to(torch.int64)
     score = utterance_score(char_probs, start_f, end_f, window, backend=backend)
     out = UtteranceSegments(start, end, score, start_f, end_f)
+    if ragged:
+        pad = torch.arange(U)[None] >= n_utts[:, None]
+        out = UtteranceSegments(*(x.masked_fill(pad, float("nan") if x.is_floating_point() else -1)
+                                  for x in dataclasses.astuple(out)))
     if squeeze:
         out = UtteranceSegments(*(x[0] for x in dataclasses.astuple(out)))
     return out

@@ -11,7 +11,7 @@ import torch
 
 @torch.library.register_fake("alignops::ctc_segmentation")
 def _ctc_segmentation_fake(lpz, lpz_lengths, ground_truth, gt_lengths, blank, min_window_size, max_window_size,
-                           flags, backtrack_from_max_t):
+                           flags, backtrack_from_max_t, block_columns):
     B, T, C = lpz.shape[0], lpz.shape[1], ground_truth.shape[1]
     long = dict(dtype=torch.int64)
     return (lpz.new_empty((B, C), **long), lpz.new_empty((B, T), dtype=torch.float64), lpz.new_empty((B, T), **long),
