@@ -319,8 +319,9 @@ Batch check_batch(const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at
                       "] (the start row and at least one symbol), got ", cl[i]);
     TORCH_CHECK_VALUE(cl[i] <= tl[i], "problem ", i, ": audio is shorter than text (", cl[i],
                       " ground-truth positions for ", tl[i], " frames)");
-    const bool finite = b.lpz.scalar_type() == at::kFloat ? log_probs_ok(b.lpz.data_ptr<float>() + i * T * V, tl[i] * V)
-                                                          : log_probs_ok(b.lpz.data_ptr<double>() + i * T * V, tl[i] * V);
+    const bool finite = b.lpz.scalar_type() == at::kFloat
+                            ? log_probs_ok(b.lpz.data_ptr<float>() + i * T * V, tl[i] * V)
+                            : log_probs_ok(b.lpz.data_ptr<double>() + i * T * V, tl[i] * V);
     TORCH_CHECK_VALUE(finite, "lpz[", i, "] must hold log-probabilities: it has NaN or +inf in its first lpz_lengths[",
                       i, "] frames");
     const int64_t* g = gt + i * C * S;

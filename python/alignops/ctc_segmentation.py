@@ -98,7 +98,8 @@ def _as_batch(lpz, ground_truth, lpz_lengths, gt_lengths):
     if ground_truth.dim() == 2:  # token lists [B, C]
         ground_truth = ground_truth[..., None]
     if ground_truth.dim() != 3:
-        raise ValueError(f"ground_truth must have shape [C], [C, S], [B, C] or [B, C, S], got {tuple(ground_truth.shape)}")
+        raise ValueError("ground_truth must have shape [C], [C, S], [B, C] or [B, C, S], got "
+                         f"{tuple(ground_truth.shape)}")
     B = lpz.shape[0]
     if lpz_lengths is None:
         lpz_lengths = torch.full((B,), lpz.shape[1], dtype=torch.int64)
@@ -167,7 +168,8 @@ def _check_reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank):
     if lpz.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"lpz must be float32 or float64, got {lpz.dtype}")
     if gt.dtype != torch.int64 or gt.shape[0] != lpz.shape[0]:
-        raise ValueError(f"ground_truth must be int64 with B = {lpz.shape[0]} problems, got {gt.dtype} {tuple(gt.shape)}")
+        raise ValueError(f"ground_truth must be int64 with B = {lpz.shape[0]} problems, got {gt.dtype} "
+                         f"{tuple(gt.shape)}")
     V = lpz.shape[2]
     if not 0 <= blank < V:
         raise ValueError(f"blank must be in [0, V) = [0, {V}), got {blank}")

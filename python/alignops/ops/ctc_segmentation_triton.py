@@ -29,9 +29,11 @@ def _check_args(frame_logprobs, starts, ends, window):
         if t.dtype != torch.int64:
             raise ValueError(f"{name} must be int64, got {t.dtype}")
         if t.device != frame_logprobs.device:
-            raise ValueError(f"{name} must be on the device of frame_logprobs ({frame_logprobs.device}), got {t.device}")
+            raise ValueError(f"{name} must be on the device of frame_logprobs ({frame_logprobs.device}), "
+                             f"got {t.device}")
     if starts.shape[0] != frame_logprobs.shape[0]:
-        raise ValueError(f"starts must have B = {frame_logprobs.shape[0]} rows (frame_logprobs'), got {starts.shape[0]}")
+        raise ValueError(f"starts must have B = {frame_logprobs.shape[0]} rows (frame_logprobs'), "
+                         f"got {starts.shape[0]}")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
 
