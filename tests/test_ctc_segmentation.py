@@ -176,6 +176,24 @@ def test_multi_character_symbols_match_package(replace_spaces, capability):
             assert_same_as_package(out, 0, (timings, char_probs), T, gt.shape[0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_minus_inf_log_probs_match_package(dtype):
+    # log(0) entries: -inf emissions, infinite backtrace deltas; still the package's result.
+    for seed in range(8):
+        rng = np.random.default_rng(700 + seed)
+        lpz = torch.log_softmax(torch.randn(int(rng.integers(40, 150)), 6, dtype=torch.float64) * 3, -1).numpy()
+        lpz = lpz.astype(dtype)
+        lpz[rng.random(lpz.shape) < 0.2] = -np.inf
+        utts = [rng.integers(1, 6, size=int(rng.integers(1, 8))) for _ in range(3)]
+        gt, _ = token_gt(utts, 6)
+        pk = package(lpz, gt, min_window_size=30)
+        assert pk is not None  # seeds whose problems align
+        for block_columns in (0, 3):
+            out = cseg.ctc_segmentation(torch.from_numpy(lpz), torch.from_numpy(gt), min_window_size=30,
+                                        block_columns=block_columns)
+            assert_same_as_package(out, 0, pk, lpz.shape[0], gt.shape[0])
+
+
 def test_batch_of_problems_matches_package_one_by_one():
     problems = [random_problem(200 + i, np.float32, V=9) for i in range(7)]
     lpzs = [torch.from_numpy(lpz) for lpz, _ in problems]
