@@ -89,10 +89,13 @@ TORCH_LIBRARY(alignops, m) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // One full-length trellis per problem (no re-centring), backtracked from each of end_columns [B, E]
   // (-1 = unused): the package's result for every ground-truth prefix ending there, without refilling.
-  // Returns (timings [B, E, C], char_probs [B, E, T], states [B, E, T], ok [B, E] bool).
+  // previous_table [B, C, T'] (a table this op returned for the same ground truth on the first
+  // previous_lengths [B] frames of lpz) is extended by the new rows only. Returns (timings [B, E, C],
+  // char_probs [B, E, T], states [B, E, T], ok [B, E] bool, table [B, C, T] fp32 or [0, C, T]).
   m.def(
       "ctc_segmentation_prefixes(Tensor lpz, Tensor lpz_lengths, Tensor ground_truth, Tensor gt_lengths, "
-      "Tensor end_columns, int blank, int flags, bool backtrack_from_max_t) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor end_columns, int blank, int flags, bool backtrack_from_max_t, Tensor? previous_table, "
+      "Tensor? previous_lengths, bool return_table) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The package's utterance score over [start, end) frame spans: [B, T] x [B, U] -> [B, U] fp64.
   m.def("ctc_segmentation_utterance_score(Tensor frame_logprobs, Tensor starts, Tensor ends, int window) -> Tensor");
 }

@@ -252,15 +252,43 @@ def test_prefixes_equal_package_on_each_prefix():
     gt, begins = token_gt(utts, 7)
     T = lpz.shape[0]
     ends = torch.tensor([begins[1:]])
-    tim, cp, _, ok = torch.ops.alignops.ctc_segmentation_prefixes(
+    tim, cp, _, ok, table = torch.ops.alignops.ctc_segmentation_prefixes(
         torch.from_numpy(lpz)[None], torch.tensor([T]), torch.from_numpy(gt)[None], torch.tensor([gt.shape[0]]),
-        ends, 0, 2, False)
+        ends, 0, 2, False, None, None, True)
     for j, k in enumerate(range(1, len(utts) + 1)):
         gt_k, _ = token_gt(utts[:k], 7)
         pk = package(lpz, gt_k, min_window_size=T)
         assert ok[0, j]
         np.testing.assert_array_equal(tim[0, j, :gt_k.shape[0]].numpy() * 0.025, pk[0])
         np.testing.assert_array_equal(cp[0, j].numpy(), pk[1])
+    # The full-window table is the reference's, column by column.
+    ref_table, _, _ = ref.fill_table(torch.from_numpy(lpz), torch.from_numpy(gt), T, 0, 2)
+    assert torch.equal(table[0], ref_table.T)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prefixes_extend_a_shorter_table(dtype):
+    # A grown window: the table of lpz[:T1] extended by rows T1..T equals a fresh fill of lpz[:T], and
+    # the prefixes that fit only the longer lpz (the ground truth outgrows lpz[:T1]) are backtracked.
+    lpz, utts = random_problem(510, dtype, V=7, n_utt=5, noise=1.0)
+    gt, begins = token_gt(utts, 7)
+    T = lpz.shape[0]
+    T1 = begins[3] + 5
+    x, g = torch.from_numpy(lpz)[None], torch.from_numpy(gt)[None]
+    C = torch.tensor([gt.shape[0]])
+    ends_short = torch.tensor([[b if b + 1 <= T1 else -1 for b in begins[1:]]])
+    _, _, _, ok1, t1 = torch.ops.alignops.ctc_segmentation_prefixes(x[:, :T1], torch.tensor([T1]), g, C, ends_short,
+                                                                     0, 2, False, None, None, True)
+    assert ok1[0, :3].all() and not ok1[0, 4]
+    ends = torch.tensor([begins[1:]])
+    fresh = torch.ops.alignops.ctc_segmentation_prefixes(x, torch.tensor([T]), g, C, ends, 0, 2, False, None, None,
+                                                         True)
+    grown = torch.ops.alignops.ctc_segmentation_prefixes(x, torch.tensor([T]), g, C, ends, 0, 2, False, t1,
+                                                         torch.tensor([T1]), True)
+    for a, b in zip(fresh, grown):
+        assert torch.equal(a, b)
+    pk = package(lpz, gt, min_window_size=T)
+    np.testing.assert_array_equal(grown[1][0, -1].numpy(), pk[1])
 
 
 # ---- pseudo-forced alignment -------------------------------------------------------------------------
@@ -334,6 +362,20 @@ def test_pseudo_forced_align_backends_agree_and_writers():
     assert len(data["segments"]) == len(transcript) and data["anchors"][0] == 0
 
 
+def test_pseudo_forced_align_grown_windows_extend_the_table():
+    # A first window far too short: every step grows it; the native loop extends its table, the torch
+    # backend refills, and both give the same alignment.
+    lpz, transcript, truth = long_recording(n_utt=10, missing=(4,))
+    kw = dict(group_size=4, window=40, max_window=1200, growth=1.5)
+    nat = cseg.pseudo_forced_align(lpz, transcript, **kw)
+    tor = cseg.pseudo_forced_align(lpz, transcript, backend="torch", **kw)
+    assert nat.fills > len(nat.anchors)  # windows grew
+    assert [(s.start, s.end, s.aligned, s.kept, s.token_frames) for s in nat.segments] == \
+        [(s.start, s.end, s.aligned, s.kept, s.token_frames) for s in tor.segments]
+    np.testing.assert_allclose([s.score for s in nat.segments], [s.score for s in tor.segments], rtol=1e-12)
+    assert sum(s.kept for s in nat.segments) >= 8
+
+
 def test_short_utterances_use_the_stricter_threshold():
     lpz, transcript, _ = long_recording(n_utt=6, missing=())
     loose = cseg.pseudo_forced_align(lpz, transcript, texts=["x" * 40] * 6, threshold=-50.0, short_threshold=0.0)
@@ -353,7 +395,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.alignops.ctc_segmentation.default, (*args, 0, 8000, 100000, 2, False, -1))
     torch.library.opcheck(torch.ops.alignops.ctc_segmentation.default, (*args, 0, 8000, 100000, 2, False, 2))
     torch.library.opcheck(torch.ops.alignops.ctc_segmentation_prefixes.default,
-                          (*args, torch.tensor([begins[1:]]), 0, 2, False))
+                          (*args, torch.tensor([begins[1:]]), 0, 2, False, None, None, False))
+    _, _, _, _, table = torch.ops.alignops.ctc_segmentation_prefixes(*args, torch.tensor([begins[1:]]), 0, 2, False,
+                                                                     None, None, True)
+    torch.library.opcheck(torch.ops.alignops.ctc_segmentation_prefixes.default,
+                          (*args, torch.tensor([begins[1:]]), 0, 2, False, table[:, :, :20], torch.tensor([20]), True))
     torch.library.opcheck(torch.ops.alignops.ctc_segmentation_utterance_score.default,
                           (torch.randn(2, 50, dtype=torch.float64), torch.tensor([[0, 3], [10, 5]]),
                            torch.tensor([[40, 20], [50, 2]]), 30))
@@ -403,10 +449,14 @@ def test_bad_input_ops_and_failure():
         alignops.utterance_score(torch.zeros(10), torch.tensor([2]), torch.tensor([5]), window=0)
     with pytest.raises(ValueError, match="utt_begin_indices must lie in"):
         cseg.utterance_segments(torch.zeros(6, dtype=torch.int64), torch.zeros(20), [0, 5])
+    prefixes = torch.ops.alignops.ctc_segmentation_prefixes
+    one = (torch.zeros(1, 9, 3), torch.tensor([9]), torch.tensor([[[-1], [0], [1]]]), torch.tensor([3]))
     with pytest.raises(ValueError, match="end_columns"):
-        torch.ops.alignops.ctc_segmentation_prefixes(torch.zeros(1, 9, 3), torch.tensor([9]),
-                                                     torch.tensor([[[-1], [0], [1]]]), torch.tensor([3]),
-                                                     torch.tensor([[3]]), 0, 2, False)
+        prefixes(*one, torch.tensor([[3]]), 0, 2, False, None, None, False)
+    with pytest.raises(ValueError, match="previous_lengths"):
+        prefixes(*one, torch.tensor([[2]]), 0, 2, False, torch.zeros(1, 3, 20), torch.tensor([10]), False)
+    with pytest.raises(ValueError, match="previous_table must be a float32 tensor"):
+        prefixes(*one, torch.tensor([[2]]), 0, 2, False, torch.zeros(1, 4, 20), torch.tensor([5]), False)
     with pytest.raises(ValueError, match="every utterance must have at least one token"):
         cseg.pseudo_forced_align(torch.zeros(20, 3), [[1], []])
     # A text that needs more frames than every window offers: the package's IndexError, here a ValueError.

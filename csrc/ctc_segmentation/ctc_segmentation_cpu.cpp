@@ -31,13 +31,13 @@ const CtcSegmentationKernels& kernels() {
 #endif
 }
 
-void fill(const Problem<float>& p, int64_t W, float* const* columns, int64_t c0, int64_t c1, FillState& st,
-          int64_t* offsets, const Emissions& em) {
-  kernels().fill_f32(p, W, columns, c0, c1, st, offsets, em);
+void fill(const Problem<float>& p, int64_t W, float* const* columns, int64_t c0, int64_t c1, int64_t r0,
+          FillState& st, int64_t* offsets, const Emissions& em) {
+  kernels().fill_f32(p, W, columns, c0, c1, r0, st, offsets, em);
 }
-void fill(const Problem<double>& p, int64_t W, float* const* columns, int64_t c0, int64_t c1, FillState& st,
-          int64_t* offsets, const Emissions& em) {
-  kernels().fill_f64(p, W, columns, c0, c1, st, offsets, em);
+void fill(const Problem<double>& p, int64_t W, float* const* columns, int64_t c0, int64_t c1, int64_t r0,
+          FillState& st, int64_t* offsets, const Emissions& em) {
+  kernels().fill_f64(p, W, columns, c0, c1, r0, st, offsets, em);
 }
 
 // lpz columns of the tokens the ground truth uses (and blank), rounded to fp32 and stored time-major,
@@ -88,6 +88,13 @@ class Trellis {
     }
   }
 
+  // A whole table in caller-owned memory: column c at table + c * stride, rows below r0 already filled
+  // (fill_all then fills rows r0 .. W - 1 only).
+  Trellis(const Problem<scalar_t>& p, int64_t W, float* table, int64_t stride, int64_t r0, const Emissions& em)
+      : p_(p), W_(W), K_(p.C), nb_(1), r0_(r0), em_(em), offsets_(p.C), ptrs_(p.C), cur_(p.S) {
+    for (int64_t c = 0; c < p.C; ++c) ptrs_[c] = table + c * stride;
+  }
+
   // Fills every column; returns numpy's argmax of the last column.
   int64_t fill_all() {
     FillState st{cur_.data(), -1};
@@ -96,8 +103,8 @@ class Trellis {
         std::copy(cur_.begin(), cur_.end(), snap_cur_.begin() + k * p_.S);
         snap_arg_[k] = st.last_arg_max;
       }
-      point_block(k);
-      fill(p_, W_, ptrs_.data(), k * K_, end(k), st, offsets_.data(), em_);
+      if (store_) point_block(k);
+      fill(p_, W_, ptrs_.data(), k * K_, end(k), r0_, st, offsets_.data(), em_);
       if (k + 1 < nb_) {  // the S columns the next block's switches read
         for (int64_t c = std::max<int64_t>(0, end(k) - p_.S); c < end(k); ++c) {
           std::copy(ptrs_[c], ptrs_[c] + W_, ck_.get() + ((k + 1) * p_.S + c - (end(k) - p_.S)) * W_);
@@ -114,7 +121,7 @@ class Trellis {
       const int64_t k = c / K_;
       FillState st{snap_cur_.data() + k * p_.S, snap_arg_[k]};
       point_block(k);
-      fill(p_, W_, ptrs_.data(), k * K_, end(k), st, offsets_.data(), em_);
+      fill(p_, W_, ptrs_.data(), k * K_, end(k), 0, st, offsets_.data(), em_);
       block_ = k;
     }
     return ptrs_[c];
@@ -133,7 +140,7 @@ class Trellis {
   }
 
   const Problem<scalar_t>& p_;
-  int64_t W_, K_, nb_, block_ = 0;
+  int64_t W_, K_, nb_, r0_ = 0, block_ = 0;
   Emissions em_;
   std::vector<int64_t> offsets_;
   std::vector<float*> ptrs_;
@@ -285,7 +292,7 @@ struct Batch {
 };
 
 Batch check_batch(const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth,
-                  const at::Tensor& gt_lengths, int64_t blank) {
+                  const at::Tensor& gt_lengths, int64_t blank, bool text_fits = true) {
   check_dim(lpz, 3, "lpz", "[B, T, V]");
   check_device(lpz, c10::DeviceType::CPU, "lpz");
   TORCH_CHECK_VALUE(lpz.scalar_type() == at::kFloat || lpz.scalar_type() == at::kDouble,
@@ -317,7 +324,7 @@ Batch check_batch(const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at
                       tl[i]);
     TORCH_CHECK_VALUE(cl[i] >= 2 && cl[i] <= C, "gt_lengths[", i, "] must be in [2, C] = [2, ", C,
                       "] (the start row and at least one symbol), got ", cl[i]);
-    TORCH_CHECK_VALUE(cl[i] <= tl[i], "problem ", i, ": audio is shorter than text (", cl[i],
+    TORCH_CHECK_VALUE(!text_fits || cl[i] <= tl[i], "problem ", i, ": audio is shorter than text (", cl[i],
                       " ground-truth positions for ", tl[i], " frames)");
     const bool finite = b.lpz.scalar_type() == at::kFloat
                             ? log_probs_ok(b.lpz.data_ptr<float>() + i * T * V, tl[i] * V)
@@ -384,11 +391,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_cpu(
   return {timings, char_probs, states, windows};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_prefixes_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_prefixes_cpu(
     const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth,
     const at::Tensor& gt_lengths, const at::Tensor& end_columns, int64_t blank, int64_t flags,
-    bool backtrack_from_max_t) {
-  const Batch b = check_batch(lpz, lpz_lengths, ground_truth, gt_lengths, blank);
+    bool backtrack_from_max_t, const std::optional<at::Tensor>& previous_table,
+    const std::optional<at::Tensor>& previous_lengths, bool return_table) {
+  // The ground truth may outgrow the audio here: only the prefixes that are backtracked must fit.
+  const Batch b = check_batch(lpz, lpz_lengths, ground_truth, gt_lengths, blank, false);
   check_flags(flags);
   TORCH_CHECK_VALUE(end_columns.dim() == 2 && end_columns.size(0) == b.B && end_columns.scalar_type() == at::kLong,
                     "end_columns must be an int64 tensor of shape [B, E] with B = ", b.B, ", got ",
@@ -398,17 +407,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_pref
   const int64_t E = ends.size(1);
   const int64_t* e = ends.data_ptr<int64_t>();
   const int64_t* cl = b.gt_lengths.data_ptr<int64_t>();
+  const int64_t* tl = b.lpz_lengths.data_ptr<int64_t>();
   for (int64_t i = 0; i < b.B; ++i) {
     for (int64_t j = 0; j < E; ++j) {
-      TORCH_CHECK_VALUE(e[i * E + j] == -1 || (e[i * E + j] >= 1 && e[i * E + j] < cl[i]), "end_columns[", i, ", ",
-                        j, "] must be -1 (unused) or a column in [1, gt_lengths[", i, "]) = [1, ", cl[i], "), got ",
-                        e[i * E + j]);
+      const int64_t c = e[i * E + j];
+      TORCH_CHECK_VALUE(c == -1 || (c >= 1 && c < cl[i] && c < tl[i]), "end_columns[", i, ", ", j,
+                        "] must be -1 (unused) or a column in [1, min(gt_lengths[", i, "], lpz_lengths[", i,
+                        "])) = [1, ", std::min(cl[i], tl[i]), ") (audio is shorter than that text), got ", c);
+    }
+  }
+  TORCH_CHECK_VALUE(previous_table.has_value() == previous_lengths.has_value(),
+                    "previous_table and previous_lengths go together");
+  at::Tensor prev, prev_len;
+  if (previous_table.has_value()) {
+    prev = previous_table->contiguous();
+    prev_len = previous_lengths->contiguous();
+    TORCH_CHECK_VALUE(prev.dim() == 3 && prev.size(0) == b.B && prev.size(1) == b.C && prev.scalar_type() == at::kFloat,
+                      "previous_table must be a float32 tensor of shape [B, C, T'] = [", b.B, ", ", b.C,
+                      ", T'], got ", dtype_name(prev.scalar_type()), " ", prev.sizes());
+    TORCH_CHECK_VALUE(prev_len.dim() == 1 && prev_len.size(0) == b.B && prev_len.scalar_type() == at::kLong,
+                      "previous_lengths must be an int64 tensor of shape [B] = [", b.B, "], got ",
+                      dtype_name(prev_len.scalar_type()), " ", prev_len.sizes());
+    check_device(prev, c10::DeviceType::CPU, "previous_table");
+    for (int64_t i = 0; i < b.B; ++i) {
+      const int64_t n = prev_len.data_ptr<int64_t>()[i];
+      TORCH_CHECK_VALUE(n >= 0 && n <= std::min(prev.size(2), tl[i]), "previous_lengths[", i,
+                        "] must be in [0, min(T', lpz_lengths[", i, "])] = [0, ", std::min(prev.size(2), tl[i]),
+                        "], got ", n);
     }
   }
   auto timings = at::empty({b.B, E, b.C}, lpz.options().dtype(at::kLong));
   auto char_probs = at::empty({b.B, E, b.T}, lpz.options().dtype(at::kDouble));
   auto states = at::empty({b.B, E, b.T}, lpz.options().dtype(at::kLong));
   auto ok = at::empty({b.B, E}, lpz.options().dtype(at::kBool));
+  auto table_out = at::empty({return_table ? b.B : 0, b.C, b.T}, lpz.options().dtype(at::kFloat));
   bool* okp = ok.data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES(b.lpz.scalar_type(), "ctc_segmentation_prefixes_cpu", [&] {
     for_each_problem(b.B, [&](int64_t lo, int64_t hi) {
@@ -419,11 +451,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_pref
                  states.data_ptr<int64_t>() + (i * E + j) * b.T}, b.C, b.T);
           okp[i * E + j] = false;
         }
-        // The whole lpz in one window: offsets stay 0, so column c never depends on the columns after
-        // it, and one table serves every prefix of the ground truth.
+        // The whole lpz in one window: offsets stay 0, so a cell depends on no later column and no later
+        // row. One table serves every prefix of the ground truth, and a longer lpz (a grown window)
+        // extends the previous table by its new rows.
         const int64_t W = p.T;
         const EmissionStore<scalar_t> em(p);
-        Trellis<scalar_t> table(p, W, 0, em.view());
+        std::unique_ptr<float[]> own;
+        float* base;
+        int64_t stride = W, r0 = 0;
+        if (return_table) {
+          base = table_out.data_ptr<float>() + i * b.C * b.T;
+          stride = b.T;
+        } else {
+          own.reset(new float[W * p.C]);
+          base = own.get();
+        }
+        if (prev.defined()) {
+          r0 = prev_len.data_ptr<int64_t>()[i];
+          const int64_t old_stride = prev.size(2);
+          const float* src = prev.data_ptr<float>() + i * b.C * old_stride;
+          for (int64_t c = 0; c < p.C; ++c) {
+            std::copy(src + c * old_stride, src + c * old_stride + r0, base + c * stride);
+          }
+        }
+        Trellis<scalar_t> table(p, W, base, stride, r0, em.view());
         table.fill_all();
         for (int64_t j = 0; j < E; ++j) {
           const int64_t c = e[i * E + j];
@@ -439,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_pref
       }
     });
   });
-  return {timings, char_probs, states, ok};
+  return {timings, char_probs, states, ok, table_out};
 }
 
 // numpy's pairwise summation of a contiguous float64 run (add.reduce), so means match np.mean bit for bit.

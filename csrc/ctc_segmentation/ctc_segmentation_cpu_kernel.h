@@ -43,11 +43,12 @@ struct CtcSegmentationKernels {
   // Fills columns c_begin .. c_end - 1 of the package's [W, C] table exactly as its cython_fill_table does
   // (fp32 arithmetic on lpz rounded to fp32), column c at columns[c] (W contiguous floats; columns
   // c - S .. c - 1 must hold their values), and offsets [C]. c_begin == 0 starts the fill (st is then
-  // initialised); a later c_begin resumes from the state and offsets an earlier call left.
+  // initialised); a later c_begin resumes from the state and offsets an earlier call left. Rows below r0
+  // are taken as already filled (a grown window with offsets 0: a cell depends on rows <= its own only).
   void (*fill_f32)(const Problem<float>& p, int64_t W, float* const* columns, int64_t c_begin, int64_t c_end,
-                   FillState& st, int64_t* offsets, const Emissions& em);
+                   int64_t r0, FillState& st, int64_t* offsets, const Emissions& em);
   void (*fill_f64)(const Problem<double>& p, int64_t W, float* const* columns, int64_t c_begin, int64_t c_end,
-                   FillState& st, int64_t* offsets, const Emissions& em);
+                   int64_t r0, FillState& st, int64_t* offsets, const Emissions& em);
 };
 
 namespace DEFAULT {

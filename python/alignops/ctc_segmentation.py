@@ -311,7 +311,8 @@ class PseudoAlignedSegment:
 @dataclasses.dataclass
 class PseudoForcedAlignment:
     """segments: one per input utterance, in order; anchors: the start frame of every step (the first is 0);
-    fills: trellis fills done (one per step and window size; dropping utterances reuses the step's fill)."""
+    fills: trellis fills done (one per step and window size, a grown window filling its new rows only;
+    dropping utterances reuses the step's fill)."""
 
     segments: list[PseudoAlignedSegment]
     anchors: list[int]
@@ -340,11 +341,12 @@ def pseudo_forced_align(lpz: torch.Tensor, utterances: Sequence, *, texts: Seque
     loop moves on from the same anchor.
 
     What is reused: each step fills one trellis over the whole chunk (``window = chunk length``, so no
-    re-centring) for its largest group; every drop is a backtrace of that same table from an earlier
-    column (``torch.ops.alignops.ctc_segmentation_prefixes``): the trellis of a prefix of the ground truth
-    is the prefix of the trellis. Each step therefore gives exactly the package's result for
-    ``lpz[a : a + chunk]`` and the kept utterances (min_window_size >= chunk), without the package's
-    refill per drop. A grown window is filled again (its table has more rows).
+    re-centring) for its group; every drop is a backtrace of that same table from an earlier column
+    (``torch.ops.alignops.ctc_segmentation_prefixes``): the trellis of a prefix of the ground truth is the
+    prefix of the trellis. A grown window extends the table by its new rows only: with no re-centring a
+    cell depends on no later frame. Each step therefore gives exactly the package's result for
+    ``lpz[a : a + chunk]`` and the kept utterances (min_window_size >= chunk), without the package's refill
+    per drop and per window (``backend="torch"`` refills).
 
     Args:
         lpz: [T, V] log-probs of the whole recording (fp32 / fp64, CPU).
@@ -381,18 +383,19 @@ def pseudo_forced_align(lpz: torch.Tensor, utterances: Sequence, *, texts: Seque
     anchor, i = 0, 0
     while i < len(toks):
         K = min(group_size, len(toks) - i)
+        gt, begins = prepare_token_list(toks[i:i + K], blank)
         default = max(2.0, 2.0 * frames_per_token) * sum(u.numel() + 1 for u in toks[i:i + K])
         win = min(max_window, int(window if window is not None else default) or 2)
         anchors.append(anchor)
+        table, filled = None, 0  # the step's trellis and the frames it covers, kept while the window grows
         while True:
             chunk = min(win, T - anchor)
-            gt, begins = prepare_token_list(toks[i:i + K], blank)
-            k_fit = max([k for k in range(1, K + 1) if begins[k] + 1 <= chunk], default=0)
             best = None
-            if k_fit > 0:
+            if begins[1] + 1 <= chunk:  # the first utterance fits in the chunk
                 fills += 1
-                best = _best_prefix(lpz[anchor:anchor + chunk], gt, begins, k_fit, [limit[i + k] for k in range(k_fit)],
-                                    blank, flags, index_duration, score_window, impl)
+                best, table = _best_prefix(lpz[anchor:anchor + chunk], gt, begins, [limit[i + k] for k in range(K)],
+                                           blank, flags, index_duration, score_window, impl, table, filled)
+                filled = chunk
             if best is not None or chunk >= T - anchor or win >= max_window:
                 break
             win = min(max_window, max(win + 1, int(win * growth)))
@@ -412,22 +415,23 @@ def pseudo_forced_align(lpz: torch.Tensor, utterances: Sequence, *, texts: Seque
     return PseudoForcedAlignment(segments, anchors, fills, index_duration)
 
 
-def _best_prefix(lpz, gt, begins, k_max, limits, blank, flags, index_duration, score_window, impl):
-    """(k, segments of the first k utterances, timings) for the largest k <= k_max whose k-th utterance
-    scores at or above its limit, from one fill backtracked at every prefix end; None when none does."""
-    ends = torch.tensor([begins[1:k_max + 1]], dtype=torch.int64)
-    C = begins[k_max] + 1
+def _best_prefix(lpz, gt, begins, limits, blank, flags, index_duration, score_window, impl, table, filled):
+    """((k, segments of the first k utterances, timings) for the largest k whose k-th utterance scores at
+    or above its limit, or None; the trellis). One fill, backtracked at every prefix end that fits in the
+    chunk; the native path extends ``table`` (filled over the first ``filled`` frames) by the new rows."""
+    K, T = len(limits), lpz.shape[0]
+    ends = [begins[k] if begins[k] + 1 <= T else -1 for k in range(1, K + 1)]
     if impl == "torch":
-        table, offsets, _ = _ref.fill_table(lpz, gt[:C], lpz.shape[0], blank, flags)
-        results = []
-        for c in ends[0].tolist():
-            t = int(table[:, c].argmax())
-            results.append(_ref.backtrace(lpz, gt[:C], table, offsets, t, c, blank))
+        ref_table, offsets, _ = _ref.fill_table(lpz, gt, T, blank, flags)
+        results = [None if c == -1 else _ref.backtrace(lpz, gt, ref_table, offsets, int(ref_table[:, c].argmax()), c,
+                                                       blank) for c in ends]
     else:
-        tim, cp, _, ok = torch.ops.alignops.ctc_segmentation_prefixes(
-            lpz[None], torch.tensor([lpz.shape[0]]), gt[None, :C], torch.tensor([C]), ends, blank, flags, False)
-        results = [(tim[0, j], cp[0, j], None) if ok[0, j] else None for j in range(k_max)]
-    for k in range(k_max, 0, -1):
+        prev = (table, torch.tensor([filled])) if table is not None else (None, None)
+        tim, cp, _, ok, table = torch.ops.alignops.ctc_segmentation_prefixes(
+            lpz[None], torch.tensor([T]), gt[None], torch.tensor([gt.shape[0]]), torch.tensor([ends]), blank, flags,
+            False, *prev, True)
+        results = [(tim[0, j], cp[0, j], None) if ok[0, j] else None for j in range(K)]
+    for k in range(K, 0, -1):
         r = results[k - 1]
         if r is None:
             continue
@@ -435,8 +439,8 @@ def _best_prefix(lpz, gt, begins, k_max, limits, blank, flags, index_duration, s
         seg = utterance_segments(timings[:begins[k] + 1], char_probs, begins[:k + 1], index_duration=index_duration,
                                  window=score_window, backend="torch" if impl == "torch" else "native")
         if float(seg.score[k - 1]) >= limits[k - 1]:
-            return k, seg, timings
-    return None
+            return (k, seg, timings), table
+    return None, table
 
 
 def write_kaldi_segments(result: PseudoForcedAlignment, file: IO[str], recording_id: str,

@@ -20,10 +20,11 @@ def _ctc_segmentation_fake(lpz, lpz_lengths, ground_truth, gt_lengths, blank, mi
 
 @torch.library.register_fake("alignops::ctc_segmentation_prefixes")
 def _ctc_segmentation_prefixes_fake(lpz, lpz_lengths, ground_truth, gt_lengths, end_columns, blank, flags,
-                                    backtrack_from_max_t):
+                                    backtrack_from_max_t, previous_table, previous_lengths, return_table):
     B, T, C, E = lpz.shape[0], lpz.shape[1], ground_truth.shape[1], end_columns.shape[1]
     return (lpz.new_empty((B, E, C), dtype=torch.int64), lpz.new_empty((B, E, T), dtype=torch.float64),
-            lpz.new_empty((B, E, T), dtype=torch.int64), lpz.new_empty((B, E), dtype=torch.bool))
+            lpz.new_empty((B, E, T), dtype=torch.int64), lpz.new_empty((B, E), dtype=torch.bool),
+            lpz.new_empty((B if return_table else 0, C, T), dtype=torch.float32))
 
 
 @torch.library.register_fake("alignops::ctc_segmentation_utterance_score")
