@@ -32,12 +32,12 @@ const CtcSegmentationKernels& kernels() {
 }
 
 void fill(const Problem<float>& p, int64_t W, float* const* columns, int64_t c0, int64_t c1, int64_t r0,
-          FillState& st, int64_t* offsets, const Emissions& em) {
-  kernels().fill_f32(p, W, columns, c0, c1, r0, st, offsets, em);
+          const int64_t* row_end, FillState& st, int64_t* offsets, const Emissions& em) {
+  kernels().fill_f32(p, W, columns, c0, c1, r0, row_end, st, offsets, em);
 }
 void fill(const Problem<double>& p, int64_t W, float* const* columns, int64_t c0, int64_t c1, int64_t r0,
-          FillState& st, int64_t* offsets, const Emissions& em) {
-  kernels().fill_f64(p, W, columns, c0, c1, r0, st, offsets, em);
+          const int64_t* row_end, FillState& st, int64_t* offsets, const Emissions& em) {
+  kernels().fill_f64(p, W, columns, c0, c1, r0, row_end, st, offsets, em);
 }
 
 // lpz columns of the tokens the ground truth uses (and blank), rounded to fp32 and stored time-major,
@@ -71,8 +71,10 @@ class EmissionStore {
 
 // The package's [W, C] table, column-major, whole (block == 0) or checkpointed: the forward fill keeps
 // only the S columns before every block of `block` columns and the fill state there; the backtrace, which
-// walks the columns downwards, gets each block refilled once from its checkpoint. Same values, twice the
-// fill work, (block + S * C / block) * W floats instead of C * W.
+// walks the columns downwards, gets each block refilled once from its checkpoint. Same values,
+// (block + S * C / block) * W floats instead of C * W. The refill stops each column at the rows the walk
+// can still reach: its frame (offsets[c] + t) drops by exactly one per step when S == 1, so column c
+// needs rows <= frame - offsets[c] only, about half the window; a read past that refills the block whole.
 template <typename scalar_t>
 class Trellis {
  public:
@@ -85,6 +87,7 @@ class Trellis {
       ck_.reset(new float[nb_ * p.S * W]);
       snap_cur_.resize(nb_ * p.S);
       snap_arg_.resize(nb_);
+      row_end_.assign(K_, W);
     }
   }
 
@@ -104,7 +107,7 @@ class Trellis {
         snap_arg_[k] = st.last_arg_max;
       }
       if (store_) point_block(k);
-      fill(p_, W_, ptrs_.data(), k * K_, end(k), r0_, st, offsets_.data(), em_);
+      fill(p_, W_, ptrs_.data(), k * K_, end(k), r0_, nullptr, st, offsets_.data(), em_);
       if (k + 1 < nb_) {  // the S columns the next block's switches read
         for (int64_t c = std::max<int64_t>(0, end(k) - p_.S); c < end(k); ++c) {
           std::copy(ptrs_[c], ptrs_[c] + W_, ck_.get() + ((k + 1) * p_.S + c - (end(k) - p_.S)) * W_);
@@ -115,22 +118,38 @@ class Trellis {
     return st.last_arg_max;
   }
 
-  // Column c; refills its block when the walk has left the resident one.
-  const float* column(int64_t c) {
-    if (nb_ > 1 && c / K_ != block_ && !(c < block_ * K_ && c >= block_ * K_ - p_.S)) {
-      const int64_t k = c / K_;
-      FillState st{snap_cur_.data() + k * p_.S, snap_arg_[k]};
-      point_block(k);
-      fill(p_, W_, ptrs_.data(), k * K_, end(k), 0, st, offsets_.data(), em_);
-      block_ = k;
+  // The walk's current frame, offsets[c] + t: bounds the rows a refill must compute.
+  void set_frame(int64_t frame) { frame_ = frame; }
+
+  // table[r, c] (r in [0, W)); refills c's block when the walk has left the resident one or reads a
+  // row the refill left out.
+  float at(int64_t c, int64_t r) {
+    if (nb_ > 1) {
+      const bool checkpoint = c < block_ * K_ && c >= block_ * K_ - p_.S;
+      if (c / K_ != block_ && !checkpoint) {
+        refill(c / K_, p_.S == 1);
+      } else if (!checkpoint && r >= row_end_[c - block_ * K_]) {
+        refill(block_, false);
+      }
     }
-    return ptrs_[c];
+    return ptrs_[c][r];
   }
 
   const int64_t* offsets() const { return offsets_.data(); }
 
  private:
   int64_t end(int64_t k) const { return std::min(p_.C, (k + 1) * K_); }
+
+  void refill(int64_t k, bool truncate) {
+    std::vector<int64_t> cur(snap_cur_.begin() + k * p_.S, snap_cur_.begin() + (k + 1) * p_.S);
+    FillState st{cur.data(), snap_arg_[k]};
+    for (int64_t c = k * K_; c < end(k); ++c) {
+      row_end_[c - k * K_] = truncate ? std::clamp<int64_t>(frame_ - offsets_[c] + 1, 0, W_) : W_;
+    }
+    point_block(k);
+    fill(p_, W_, ptrs_.data(), k * K_, end(k), 0, row_end_.data(), st, offsets_.data(), em_);
+    block_ = k;
+  }
 
   void point_block(int64_t k) {
     for (int64_t c = k * K_; c < end(k); ++c) ptrs_[c] = store_.get() + (c - k * K_) * W_;
@@ -140,11 +159,11 @@ class Trellis {
   }
 
   const Problem<scalar_t>& p_;
-  int64_t W_, K_, nb_, r0_ = 0, block_ = 0;
+  int64_t W_, K_, nb_, r0_ = 0, block_ = 0, frame_ = 0;
   Emissions em_;
   std::vector<int64_t> offsets_;
   std::vector<float*> ptrs_;
-  std::vector<int64_t> cur_, snap_cur_, snap_arg_;
+  std::vector<int64_t> cur_, snap_cur_, snap_arg_, row_end_;
   std::unique_ptr<float[]> store_, ck_;
 };
 
@@ -173,8 +192,8 @@ bool backtrace(const Problem<scalar_t>& p, int64_t W, Trellis<scalar_t>& table, 
     const int64_t* g = p.gt + c * S;
     int64_t tr, r;
     if (!py_index(t, W, tr)) return false;
-    const float* col = table.column(c);
-    const float here = col[tr];
+    table.set_frame(offsets[c] + t);
+    const float here = table.at(c, tr);
     int64_t min_s = -1;
     acc_t min_delta = std::numeric_limits<acc_t>::infinity();
     acc_t max_lpz = floor;
@@ -187,7 +206,7 @@ bool backtrace(const Problem<scalar_t>& p, int64_t W, Trellis<scalar_t>& table, 
         switch_prob = p.lpz[r * V + g[s]];
       }
       if (!py_index(t - 1 + offset, W, r)) return false;
-      const float est = here - table.column(c - 1 - s)[r];
+      const float est = here - table.at(c - 1 - s, r);
       const acc_t delta = std::abs(switch_prob - static_cast<acc_t>(est));
       if (delta < min_delta) {
         min_delta = delta;
@@ -201,7 +220,7 @@ bool backtrace(const Problem<scalar_t>& p, int64_t W, Trellis<scalar_t>& table, 
       stay_prob = py_max(static_cast<acc_t>(p.lpz[r * V + p.blank]), max_lpz);
     }
     if (!py_index(t - 1, W, r)) return false;
-    const float est_stay = here - col[r];
+    const float est_stay = here - table.at(c, r);
     int64_t frame;
     if (std::abs(stay_prob - static_cast<acc_t>(est_stay)) > min_delta) {
       if (c > 0) {
@@ -479,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segme
         for (int64_t j = 0; j < E; ++j) {
           const int64_t c = e[i * E + j];
           if (c == -1) continue;
-          const float* col = table.column(c);
+          const float* col = base + c * stride;  // a whole table
           const int64_t t = backtrack_from_max_t ? W - 1 : std::max_element(col, col + W) - col;
           const Outputs out{timings.data_ptr<int64_t>() + (i * E + j) * b.C,
                             char_probs.data_ptr<double>() + (i * E + j) * b.T,

@@ -76,7 +76,7 @@ const float* emissions(const Problem<scalar_t>& p, const Emissions& em, int64_t 
 
 template <typename scalar_t>
 void fill(const Problem<scalar_t>& p, int64_t W, float* const* columns, int64_t c_begin, int64_t c_end, int64_t r0,
-          FillState& st, int64_t* offsets, const Emissions& em) {
+          const int64_t* row_end, FillState& st, int64_t* offsets, const Emissions& em) {
   const int64_t T = p.T, C = p.C, S = p.S;
   std::vector<float> scratch(6 * W);
   float* sw = scratch.data();  // best switch into (t, c)
@@ -98,8 +98,11 @@ void fill(const Problem<scalar_t>& p, int64_t W, float* const* columns, int64_t 
   }
   for (int64_t c = c_begin; c < c_end; ++c) {
     if (c > 0) {
+      // A replay (row_end given) re-runs columns whose offsets are known.
       const int64_t offset =
-          std::min(std::max<int64_t>(0, last_arg_max - W / 2), std::min(higher_offset, (T - W) - offset_sum));
+          row_end != nullptr
+              ? offsets[c] - offset_sum
+              : std::min(std::max<int64_t>(0, last_arg_max - W / 2), std::min(higher_offset, (T - W) - offset_sum));
       // The package's recurrence, kept as is: entry s + 1 reads the entry s it has just updated.
       for (int64_t s = 0; s + 1 < S; ++s) cur_offset[s + 1] = cur_offset[s] + offset;
       cur_offset[0] = offset;
@@ -113,15 +116,18 @@ void fill(const Problem<scalar_t>& p, int64_t W, float* const* columns, int64_t 
     const bool preamble = (p.flags & kPreambleTransitionCostZero) && c == 0;
     const int64_t t0 = c == 0 ? 1 : 0;
     const int64_t first = std::max(t0, r0);  // rows below r0 hold their values already
+    // A replay computes rows up to row_end only (rows depend on rows above them, never below).
+    const int64_t R = row_end != nullptr ? std::min(W, row_end[c - c_begin]) : W;
+    if (R <= first) continue;
     float* col = columns[c];
-    const float* bl = emissions(p, em, p.blank, offset_sum, first, W, buf);
+    const float* bl = emissions(p, em, p.blank, offset_sum, first, R, buf);
     if (S == 1 && c > 0 && g[0] != -1 && !stay_zero) {
       // One fused pass for single-symbol positions (token lists): the switch and the stay weight.
-      const float* emis = emissions(p, em, g[0], offset_sum, first, W, buf2);
+      const float* emis = emissions(p, em, g[0], offset_sum, first, R, buf2);
       const float* prev = columns[c - 1] + cur_offset[0] - 1;
       const int64_t lo = std::max<int64_t>(first, 1 - cur_offset[0]);
-      const int64_t hi = std::min(W, W + 1 - cur_offset[0]);
-      for (int64_t t = first; t < W; ++t) {
+      const int64_t hi = std::min(R, W + 1 - cur_offset[0]);
+      for (int64_t t = first; t < R; ++t) {
         const float e = emis[t];
         emit[t] = cmax(bl[t], cmax(kFillFloor, e));
         sw[t] = kFillFloor;
@@ -129,10 +135,10 @@ void fill(const Problem<scalar_t>& p, int64_t W, float* const* columns, int64_t 
       for (int64_t t = lo; t < hi; ++t) sw[t] = cmax(kFillFloor, prev[t] + emis[t]);
       if (first == 0) {
         col[0] = cmax(sw[0], kFillFloor);  // no stay into row 0
-        last_arg_max = with_row0(col, stay_scan(sw, emit, u, col, 1, W, col[0]), W);
+        last_arg_max = with_row0(col, stay_scan(sw, emit, u, col, 1, R, col[0]), R);
       } else {
-        stay_scan(sw, emit, u, col, first, W, col[first - 1]);
-        last_arg_max = first_argmax(col, W);
+        stay_scan(sw, emit, u, col, first, R, col[first - 1]);
+        if (row_end == nullptr) last_arg_max = first_argmax(col, W);
       }
       continue;
     }
@@ -141,33 +147,33 @@ void fill(const Problem<scalar_t>& p, int64_t W, float* const* columns, int64_t 
     for (int64_t s = 0; s < S; ++s) {
       const int64_t tok = g[s];
       if (tok == -1) continue;
-      const float* emis = emissions(p, em, tok, offset_sum, first, W, buf2);
-      for (int64_t t = first; t < W; ++t) sym[t] = cmax(sym[t], emis[t]);
+      const float* emis = emissions(p, em, tok, offset_sum, first, R, buf2);
+      for (int64_t t = first; t < R; ++t) sym[t] = cmax(sym[t], emis[t]);
       if (c == 0) continue;
       const float* prev = columns[c - (s + 1)] + cur_offset[s] - 1;
       // Rows t whose predecessor t - 1 + cur_offset[s] lies inside the window.
       const int64_t lo = std::max(first, 1 - cur_offset[s]);
-      const int64_t hi = std::min(W, W + 1 - cur_offset[s]);
+      const int64_t hi = std::min(R, W + 1 - cur_offset[s]);
       for (int64_t t = lo; t < hi; ++t) sw[t] = cmax(sw[t], prev[t] + emis[t]);
     }
     if (preamble) {
-      for (int64_t t = first; t < W; ++t) col[t] = cmax(sw[t], 0.0f);
+      for (int64_t t = first; t < R; ++t) col[t] = cmax(sw[t], 0.0f);
     } else {
       if (stay_zero) {
         std::fill(emit, emit + W, 0.0f);  // x + 0 is x: the free stay
       } else {
-        for (int64_t t = first; t < W; ++t) emit[t] = cmax(bl[t], sym[t]);
+        for (int64_t t = first; t < R; ++t) emit[t] = cmax(bl[t], sym[t]);
       }
       if (first == 0) {  // no stay into row 0
         col[0] = cmax(sw[0], kFillFloor);
-        last_arg_max = with_row0(col, stay_scan(sw, emit, u, col, 1, W, col[0]), W);
+        last_arg_max = with_row0(col, stay_scan(sw, emit, u, col, 1, R, col[0]), R);
         continue;
       }
       // The scan starts from the row above (table[0, 0] = 0 for column 0).
-      last_arg_max = stay_scan(sw, emit, u, col, first, W, col[first - 1]);
+      last_arg_max = stay_scan(sw, emit, u, col, first, R, col[first - 1]);
       if (first == t0) continue;
     }
-    last_arg_max = first_argmax(col + t0, W - t0) + t0;
+    if (row_end == nullptr) last_arg_max = first_argmax(col + t0, W - t0) + t0;
   }
 }
 

@@ -45,10 +45,12 @@ struct CtcSegmentationKernels {
   // c - S .. c - 1 must hold their values), and offsets [C]. c_begin == 0 starts the fill (st is then
   // initialised); a later c_begin resumes from the state and offsets an earlier call left. Rows below r0
   // are taken as already filled (a grown window with offsets 0: a cell depends on rows <= its own only).
+  // row_end [c_end - c_begin] (or nullptr) makes it a replay of columns filled before: offsets are read,
+  // not computed, column c gets rows < row_end[c - c_begin] only, and the argmax state is not kept.
   void (*fill_f32)(const Problem<float>& p, int64_t W, float* const* columns, int64_t c_begin, int64_t c_end,
-                   int64_t r0, FillState& st, int64_t* offsets, const Emissions& em);
+                   int64_t r0, const int64_t* row_end, FillState& st, int64_t* offsets, const Emissions& em);
   void (*fill_f64)(const Problem<double>& p, int64_t W, float* const* columns, int64_t c_begin, int64_t c_end,
-                   int64_t r0, FillState& st, int64_t* offsets, const Emissions& em);
+                   int64_t r0, const int64_t* row_end, FillState& st, int64_t* offsets, const Emissions& em);
 };
 
 namespace DEFAULT {
