@@ -194,6 +194,23 @@ def test_minus_inf_log_probs_match_package(dtype):
             assert_same_as_package(out, 0, pk, lpz.shape[0], gt.shape[0])
 
 
+def test_empty_batches_and_half_precision_inputs():
+    out = torch.ops.alignops.ctc_segmentation(torch.zeros(0, 5, 3), torch.zeros(0, dtype=torch.int64),
+                                              torch.zeros(0, 3, 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                                              0, 8000, 100000, 2, False, -1)
+    assert [tuple(o.shape) for o in out] == [(0, 3), (0, 5), (0, 5), (0,)]
+    assert alignops.utterance_score(torch.zeros(2, 10), torch.zeros(2, 0, dtype=torch.int64),
+                                    torch.zeros(2, 0, dtype=torch.int64)).shape == (2, 0)
+    # bf16 / fp16 log-probs are read as fp32: the package's result on the same (widened) values.
+    lpz, utts = random_problem(800, V=8, n_utt=3)
+    gt, _ = token_gt(utts, 8)
+    for half in (torch.bfloat16, torch.float16):
+        x = torch.from_numpy(lpz).to(half)
+        pk = package(x.float().numpy(), gt)
+        out = cseg.ctc_segmentation(x, torch.from_numpy(gt))
+        assert_same_as_package(out, 0, pk, lpz.shape[0], gt.shape[0])
+
+
 def test_batch_of_problems_matches_package_one_by_one():
     problems = [random_problem(200 + i, np.float32, V=9) for i in range(7)]
     lpzs = [torch.from_numpy(lpz) for lpz, _ in problems]
