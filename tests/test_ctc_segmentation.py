@@ -195,8 +195,8 @@ def test_minus_inf_log_probs_match_package(dtype):
 
 
 def test_empty_batches_and_half_precision_inputs():
-    out = torch.ops.alignops.ctc_segmentation(torch.zeros(0, 5, 3), torch.zeros(0, dtype=torch.int64),
-                                              torch.zeros(0, 3, 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+    none = torch.zeros(0, dtype=torch.int64)
+    out = torch.ops.alignops.ctc_segmentation(torch.zeros(0, 5, 3), none, torch.zeros(0, 3, 1, dtype=torch.int64), none,
                                               0, 8000, 100000, 2, False, -1)
     assert [tuple(o.shape) for o in out] == [(0, 3), (0, 5), (0, 5), (0,)]
     assert alignops.utterance_score(torch.zeros(2, 10), torch.zeros(2, 0, dtype=torch.int64),
