@@ -70,9 +70,19 @@ def _package(cs, config, lpz_np, utts_np):
     return cs.determine_utterance_segments(config, begins, char_probs, timings, utts_np)
 
 
-def _alignops(lpz, gts, begins):
-    out = cseg.ctc_segmentation(lpz, gts)
+def _alignops(batch, begins):
+    lpz, gt, lpz_lengths, gt_lengths = batch
+    out = cseg.ctc_segmentation(lpz, gt, lpz_lengths=lpz_lengths, gt_lengths=gt_lengths)
     return cseg.utterance_segments(out.timings, out.char_probs, begins)
+
+
+def _padded(lpzs, gts):
+    """[B, T, V] log-probs and [B, C, 1] ground truth with their lengths, as a batched acoustic model
+    gives them (padding is not part of the timed alignment)."""
+    lengths = torch.tensor([x.shape[0] for x in lpzs]), torch.tensor([g.shape[0] for g in gts])
+    lpz = torch.nn.utils.rnn.pad_sequence(lpzs, batch_first=True)
+    gt = torch.nn.utils.rnn.pad_sequence(gts, batch_first=True, padding_value=-1)
+    return lpz, gt, *lengths
 
 
 def groups(device: str, quick: bool):
@@ -99,7 +109,7 @@ def groups(device: str, quick: bool):
             cases.append(Case(FAMILY, "ctc_segmentation+segments", shape, "float32", pkg, "fwd",
                               _cpu_timed(shape, pkg, lambda np_recs=np_recs, config=config:
                                          [_package(cs, config, lp, u) for lp, u in np_recs]), baseline=True))
-        run = lambda lpzs=lpzs, gts=gts, begins=begins: _alignops(lpzs, gts, begins)  # noqa: E731
+        run = lambda batch=_padded(lpzs, gts), begins=begins: _alignops(batch, begins)  # noqa: E731
         cases.append(Case(FAMILY, "ctc_segmentation+segments", shape, "float32", "alignops", "fwd",
                           _cpu_timed(shape, "alignops", run)))
         if B > 1:

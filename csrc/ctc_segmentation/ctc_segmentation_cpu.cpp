@@ -8,7 +8,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <numeric>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -294,17 +296,6 @@ bool log_probs_ok(const scalar_t* x, int64_t n) {
   return ok;
 }
 
-// at::parallel_for over problems, inline for one problem: a one-thread OpenMP region still costs a
-// team wake-up, which on a loaded machine dwarfs a short alignment.
-template <typename F>
-void for_each_problem(int64_t B, const F& f) {
-  if (B == 1) {
-    f(0, 1);
-  } else {
-    at::parallel_for(0, B, 1, f);
-  }
-}
-
 struct Batch {
   at::Tensor lpz, lpz_lengths, gt, gt_lengths;
   int64_t B, T, V, C, S;
@@ -365,6 +356,29 @@ Batch check_batch(const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at
   return b;
 }
 
+// Problems one by one in each thread of at::parallel_for, largest (T * C) first, each thread taking the
+// next one from a shared counter: ragged batches stay balanced, and a thread the OS deschedules holds up
+// at most one problem instead of its static share. One problem runs inline (no OpenMP team wake-up).
+template <typename F>
+void for_each_problem(const Batch& b, const F& f) {
+  const int64_t B = b.B;
+  const int64_t* lengths_t = b.lpz_lengths.data_ptr<int64_t>();
+  const int64_t* lengths_c = b.gt_lengths.data_ptr<int64_t>();
+  if (B == 1) {
+    f(0, 1);
+    return;
+  }
+  std::vector<int64_t> order(B);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) {
+    return lengths_t[i] * lengths_c[i] > lengths_t[j] * lengths_c[j];
+  });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(B, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t k = next++; k < B; k = next++) f(order[k], order[k] + 1);
+  });
+}
+
 template <typename scalar_t>
 Problem<scalar_t> problem(const Batch& b, int64_t i, int64_t blank, int64_t flags) {
   return {b.lpz.data_ptr<scalar_t>() + i * b.T * b.V, b.lpz_lengths.data_ptr<int64_t>()[i], b.V,
@@ -392,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_cpu(
   auto windows = at::empty({b.B}, lpz.options().dtype(at::kLong));
   int64_t* win = windows.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(b.lpz.scalar_type(), "ctc_segmentation_cpu", [&] {
-    for_each_problem(b.B, [&](int64_t lo, int64_t hi) {
+    for_each_problem(b, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const Outputs out{timings.data_ptr<int64_t>() + i * b.C, char_probs.data_ptr<double>() + i * b.T,
                           states.data_ptr<int64_t>() + i * b.T};
@@ -462,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segme
   auto table_out = at::empty({return_table ? b.B : 0, b.C, b.T}, lpz.options().dtype(at::kFloat));
   bool* okp = ok.data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES(b.lpz.scalar_type(), "ctc_segmentation_prefixes_cpu", [&] {
-    for_each_problem(b.B, [&](int64_t lo, int64_t hi) {
+    for_each_problem(b, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const auto p = problem<scalar_t>(b, i, blank, flags);
         for (int64_t j = 0; j < E; ++j) {
