@@ -393,6 +393,23 @@ def test_pseudo_forced_align_grown_windows_extend_the_table():
     assert sum(s.kept for s in nat.segments) >= 8
 
 
+def test_pseudo_forced_align_equals_the_loop_driven_by_the_package():
+    # Every step aligned by the package instead (one package call per candidate drop and window size, the
+    # bench's baseline): the same segments, scores and token frames, windows growing included.
+    from alignops.bench.bench_ctc_segmentation import V, _with_package_steps, recording
+
+    lpz, utts = recording(90.0, 3)
+    transcript = []
+    for i, u in enumerate(utts):
+        transcript += [u, torch.randint(1, V, (40,))] if i % 4 == 1 else [u]
+    run = lambda: cseg.pseudo_forced_align(lpz, transcript, index_duration=0.02, window=150, group_size=5)  # noqa
+    ours, theirs = run(), _with_package_steps(cs, run)
+    assert ours.fills > len(ours.anchors)  # windows grew
+    assert [(s.start, s.end, s.score, s.aligned, s.kept, s.token_frames) for s in ours.segments] == \
+        [(s.start, s.end, s.score, s.aligned, s.kept, s.token_frames) for s in theirs.segments]
+    assert sum(s.kept for s in ours.segments) > 0
+
+
 def test_short_utterances_use_the_stricter_threshold():
     lpz, transcript, _ = long_recording(n_utt=6, missing=())
     loose = cseg.pseudo_forced_align(lpz, transcript, texts=["x" * 40] * 6, threshold=-50.0, short_threshold=0.0)
