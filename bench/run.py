@@ -21,6 +21,7 @@ FAMILIES = {
     "skip": "bench_skip",
     "ctc": "bench_ctc",
     "ctc_posteriors": "bench_ctc_posteriors",
+    "ctc_segmentation": "bench_ctc_segmentation",
     "wasserstein": "bench_wasserstein",
     "metrics": "bench_metrics",
     "watermark": "bench_watermark",

@@ -97,7 +97,7 @@ __all__ = [
     "watermark",
 ]
 
-# ctc_posteriors stays a module here (alignops.ctc.ctc_posteriors is the function); ctc_loss is top level.
-from .ctc_posteriors import ctc_loss  # noqa: E402
+# The CTC functions live in alignops.ctc (alignops.ctc_posteriors / ctc_segmentation stay modules).
+from .ctc import ctc_loss, forced_align, pseudo_forced_align  # noqa: E402
 
-__all__ += ["ctc_loss"]
+__all__ += ["ctc_loss", "forced_align", "pseudo_forced_align"]

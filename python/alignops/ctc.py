@@ -1,4 +1,5 @@
-r"""CTC alignment: batched forced alignment (Viterbi), posteriors and loss, token / word spans, confidences.
+r"""CTC alignment: batched forced alignment (Viterbi), posteriors and loss, token / word spans, confidences,
+and the ctc-segmentation algorithm with the paper's pseudo-forced alignment loop for long audio.
 
 ``forced_align`` follows ``torchaudio.functional.forced_align`` (same arguments, same paths on inputs
 without ties, same tie rule as its CPU kernel) and adds what it lacks: batches with per-utterance lengths,
@@ -16,6 +17,20 @@ import torch
 
 from . import _backend
 from .ctc_posteriors import CTCPosteriors, ctc_loss, ctc_posteriors
+from .ctc_segmentation import (
+    CtcSegmentationOutput,
+    PseudoAlignedSegment,
+    PseudoForcedAlignment,
+    UtteranceSegments,
+    ctc_segmentation,
+    prepare_token_list,
+    pseudo_forced_align,
+    to_json,
+    utterance_score,
+    utterance_segments,
+    write_ctm,
+    write_kaldi_segments,
+)
 from .reference import ctc as _ref
 
 MEMORY_MODES = ("full", "checkpointed")
@@ -292,5 +307,9 @@ def span_occupancy(spans: TokenSpans, token_occupancy: torch.Tensor) -> torch.Te
     return torch.where(real, total / (end - start)[:, 0].clamp(min=1), torch.nan)
 
 
-__all__ = ["MEMORY_MODES", "CTCPosteriors", "TokenSpans", "ctc_loss", "ctc_posteriors", "forced_align",
-           "span_occupancy", "token_spans", "word_spans"]
+__all__ = [
+    "MEMORY_MODES", "CTCPosteriors", "CtcSegmentationOutput", "PseudoAlignedSegment", "PseudoForcedAlignment",
+    "TokenSpans", "UtteranceSegments", "ctc_loss", "ctc_posteriors", "ctc_segmentation", "forced_align",
+    "prepare_token_list", "pseudo_forced_align", "span_occupancy", "to_json", "token_spans", "utterance_score",
+    "utterance_segments", "word_spans", "write_ctm", "write_kaldi_segments",
+]

@@ -1,6 +1,6 @@
 """Fake kernels, autograd formulas and Triton ops of every family, registered on import."""
 
-from . import ctc, ctc_posteriors, metrics, preference, skip, wasserstein, watermark  # noqa: F401
+from . import ctc, ctc_posteriors, ctc_segmentation, metrics, preference, skip, wasserstein, watermark  # noqa: F401
 
 try:
     import triton
@@ -8,4 +8,4 @@ except ImportError:
     triton = None
 if triton is not None:
     from . import fused_linear_triton, preference_triton, skip_triton  # noqa: F401
-    from . import metrics_triton, wasserstein_triton, watermark_triton  # noqa: F401
+    from . import ctc_segmentation_triton, metrics_triton, wasserstein_triton, watermark_triton  # noqa: F401
