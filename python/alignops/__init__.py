@@ -23,7 +23,7 @@ from .preference import (
     selective_logprobs,
     sequence_logprobs,
 )
-from . import nn, objectives, reference, represent, skip  # noqa: E402
+from . import nn, objectives, ot, reference, represent, skip  # noqa: E402
 from .objectives import (
     RunningMoments,
     bco_loss,
@@ -77,6 +77,7 @@ __all__ = [
     "wpo_weights",
     "nn",
     "objectives",
+    "ot",
     "represent",
     "skip",
     "reference",

@@ -1,6 +1,6 @@
 """Fake kernels, autograd formulas and Triton ops of every family, registered on import."""
 
-from . import preference, skip  # noqa: F401
+from . import ot, preference, skip  # noqa: F401
 
 try:
     import triton

@@ -1,5 +1,5 @@
 """Pure-PyTorch references of every op: the spec, the CPU fallback (``backend="torch"``), the test oracle."""
 
-from . import objectives, preference, represent, skip
+from . import objectives, ot, preference, represent, skip
 
-__all__ = ["objectives", "preference", "represent", "skip"]
+__all__ = ["objectives", "ot", "preference", "represent", "skip"]

@@ -1,0 +1,324 @@
+// Vectorised kernels of the ot family, compiled once per CPU capability (DEFAULT, AVX2).
+//
+// Both Sinkhorn half-steps are logsumexps of z_ij = s_i + coef * C_ij, along a row (f update) or down a
+// column (g update), read straight from the cost matrix: nothing of size N x M is ever written.
+//   row:    one pass per row, an online logsumexp over blocks of 4 vectors (1.25 exp per element);
+//   column: rows are streamed in blocks of 4 while per-column running maxima and sums live in two
+//           M-sized buffers, so the matrix is read row-major (1.25 exp per element, no transpose).
+// Running maxima start at the lowest finite value, not -inf, so that +inf costs (forbidden pairs) never
+// form -inf - -inf.
+// Threads: many problems run one per thread; a batch smaller than the thread count runs its problems
+// one after the other, each with its rows (f update) or column stripes (g update) spread over threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "ot/sinkhorn_cpu_kernel.h"
+
+namespace alignops::ot {
+namespace CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+inline Vec<T> vexp(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+template <typename T>
+constexpr T lowest() {
+  return std::numeric_limits<T>::lowest();
+}
+
+// logsumexp_j (s[j] + coef * c[j]) over j < m.
+template <typename T>
+T row_lse(const T* c, const T* s, int64_t m, T coef) {
+  constexpr int64_t W = Vec<T>::size();
+  constexpr int64_t U = 4;
+  const Vec<T> k(coef);
+  Vec<T> mx(lowest<T>()), sum(T(0));
+  int64_t j = 0;
+  for (; j + U * W <= m; j += U * W) {
+    Vec<T> z[U];
+    Vec<T> bm = mx;
+    for (int64_t u = 0; u < U; ++u) {
+      z[u] = at::vec::fmadd(k, Vec<T>::loadu(c + j + u * W), Vec<T>::loadu(s + j + u * W));
+      bm = at::vec::maximum(bm, z[u]);
+    }
+    sum = sum * vexp(mx - bm);
+    for (int64_t u = 0; u < U; ++u) {
+      sum = sum + vexp(z[u] - bm);
+    }
+    mx = bm;
+  }
+  T lm[W], ls[W];
+  mx.store(lm);
+  sum.store(ls);
+  T M = lowest<T>();
+  for (int64_t w = 0; w < W; ++w) {
+    M = std::max(M, lm[w]);
+  }
+  for (int64_t t = j; t < m; ++t) {
+    M = std::max(M, s[t] + coef * c[t]);
+  }
+  T S = T(0);
+  for (int64_t w = 0; w < W; ++w) {
+    S += ls[w] * std::exp(lm[w] - M);
+  }
+  for (int64_t t = j; t < m; ++t) {
+    S += std::exp(s[t] + coef * c[t] - M);
+  }
+  return M + std::log(S);
+}
+
+// out[j] = logsumexp_i (s[i] + coef * C[i, j]) for j in [j0, j1), i < n; C has leading dimension ld.
+// mx and sum are scratch of length j1 - j0.
+template <typename T>
+void col_lse(const T* C, int64_t ld, int64_t n, int64_t j0, int64_t j1, const T* s, T coef, T* out, T* mx, T* sum) {
+  constexpr int64_t W = Vec<T>::size();
+  constexpr int64_t R = 4;
+  const int64_t w = j1 - j0;
+  std::fill(mx, mx + w, lowest<T>());
+  std::fill(sum, sum + w, T(0));
+  const Vec<T> k(coef);
+  int64_t i = 0;
+  for (; i + R <= n; i += R) {
+    const T* rows[R];
+    Vec<T> sv[R];
+    for (int64_t r = 0; r < R; ++r) {
+      rows[r] = C + (i + r) * ld + j0;
+      sv[r] = Vec<T>(s[i + r]);
+    }
+    int64_t j = 0;
+    for (; j + W <= w; j += W) {
+      Vec<T> z[R];
+      Vec<T> m0 = Vec<T>::loadu(mx + j);
+      Vec<T> bm = m0;
+      for (int64_t r = 0; r < R; ++r) {
+        z[r] = at::vec::fmadd(k, Vec<T>::loadu(rows[r] + j), sv[r]);
+        bm = at::vec::maximum(bm, z[r]);
+      }
+      Vec<T> acc = Vec<T>::loadu(sum + j) * vexp(m0 - bm);
+      for (int64_t r = 0; r < R; ++r) {
+        acc = acc + vexp(z[r] - bm);
+      }
+      bm.store(mx + j);
+      acc.store(sum + j);
+    }
+    for (; j < w; ++j) {
+      T z[R];
+      T bm = mx[j];
+      for (int64_t r = 0; r < R; ++r) {
+        z[r] = s[i + r] + coef * rows[r][j];
+        bm = std::max(bm, z[r]);
+      }
+      T acc = sum[j] * std::exp(mx[j] - bm);
+      for (int64_t r = 0; r < R; ++r) {
+        acc += std::exp(z[r] - bm);
+      }
+      mx[j] = bm;
+      sum[j] = acc;
+    }
+  }
+  for (; i < n; ++i) {
+    const T* row = C + i * ld + j0;
+    for (int64_t j = 0; j < w; ++j) {
+      const T z = s[i] + coef * row[j];
+      const T bm = std::max(mx[j], z);
+      sum[j] = sum[j] * std::exp(mx[j] - bm) + std::exp(z - bm);
+      mx[j] = bm;
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    out[j0 + j] = mx[j] + std::log(sum[j]);
+  }
+}
+
+// Columns per task of the column pass: wide enough for full vectors, few enough to share the work.
+constexpr int64_t kColGrain = 64;
+
+// out[j] for j < m with the column stripes spread over threads (inline when called from a parallel region).
+template <typename T>
+void col_lse_threaded(const T* C, int64_t ld, int64_t n, int64_t m, const T* s, T coef, T* out) {
+  at::parallel_for(0, m, std::max<int64_t>(kColGrain, (1 << 16) / std::max<int64_t>(n, 1)),
+                   [&](int64_t j0, int64_t j1) {
+    std::vector<T> scratch(2 * (j1 - j0));
+    col_lse(C, ld, n, j0, j1, s, coef, out, scratch.data(), scratch.data() + (j1 - j0));
+  });
+}
+
+template <typename T>
+void row_lse_threaded(const T* C, int64_t ld, int64_t n, int64_t m, const T* s, T coef, T* out) {
+  at::parallel_for(0, n, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(m, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      out[i] = row_lse(C + i * ld, s, m, coef);
+    }
+  });
+}
+
+// sum_j |exp(g_j / eps + L_j) - b_j|: the L1 violation of the column marginal by the current plan.
+template <typename T>
+T column_error(const T* g, const T* L, const T* b, int64_t m, T inv_eps) {
+  T e = T(0);
+  for (int64_t j = 0; j < m; ++j) {
+    e += std::abs(std::exp(g[j] * inv_eps + L[j]) - b[j]);
+  }
+  return e;
+}
+
+template <typename T>
+void solve_one(const T* C, int64_t N, int64_t M, int64_t n, int64_t m, const T* a, const T* b,
+               const std::vector<double>& schedule, double eps, int64_t n_iters, double tol, bool scores, T* f, T* g,
+               int64_t& iters, T& err) {
+  iters = 0;
+  err = T(0);
+  if (n == 0 || m == 0) {
+    return;
+  }
+  std::vector<T> buf(2 * n + 3 * m);
+  T* log_a = buf.data();
+  T* fs = log_a + n;
+  T* log_b = fs + n;
+  T* gs = log_b + m;
+  T* L = gs + m;
+  for (int64_t i = 0; i < n; ++i) {
+    log_a[i] = std::log(a[i]);
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    log_b[j] = std::log(b[j]);
+  }
+  const int64_t K = static_cast<int64_t>(schedule.size());
+  const T sign = scores ? T(-1) : T(1);
+  const T inv_final = T(1) / T(eps);
+  bool converged = false;
+  for (int64_t t = 0; t < n_iters; ++t) {
+    const T e = t < K ? T(schedule[t]) : T(eps);
+    const T inv = T(1) / e;
+    for (int64_t i = 0; i < n; ++i) {
+      fs[i] = f[i] * inv;
+    }
+    col_lse_threaded(C, M, n, m, fs, -sign * inv, L);
+    if (t >= K && tol >= 0) {
+      // The column sums of the plan of the previous iteration come for free with this pass.
+      err = column_error(g, L, b, m, inv);
+      if (err <= T(tol)) {
+        converged = true;
+        break;
+      }
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      g[j] = e * (log_b[j] - L[j]);
+      gs[j] = g[j] * inv;
+    }
+    row_lse_threaded(C, M, n, m, gs, -sign * inv, fs);
+    for (int64_t i = 0; i < n; ++i) {
+      f[i] = e * (log_a[i] - fs[i]);
+    }
+    ++iters;
+  }
+  if (!converged) {
+    for (int64_t i = 0; i < n; ++i) {
+      fs[i] = f[i] * inv_final;
+    }
+    col_lse_threaded(C, M, n, m, fs, -sign * inv_final, L);
+    err = column_error(g, L, b, m, inv_final);
+  }
+}
+
+void sinkhorn(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
+              const at::Tensor& m_sizes, const std::vector<double>& eps_schedule, double eps, int64_t n_iters,
+              double tol, bool scores, at::Tensor& f, at::Tensor& g, at::Tensor& iters, at::Tensor& err) {
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  const int64_t* ns = n_sizes.const_data_ptr<int64_t>();
+  const int64_t* ms = m_sizes.const_data_ptr<int64_t>();
+  int64_t* it = iters.mutable_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "sinkhorn_cpu", [&] {
+    const scalar_t* C = cost.const_data_ptr<scalar_t>();
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    scalar_t* fp = f.mutable_data_ptr<scalar_t>();
+    scalar_t* gp = g.mutable_data_ptr<scalar_t>();
+    scalar_t* ep = err.mutable_data_ptr<scalar_t>();
+    auto solve = [&](int64_t p) {
+      solve_one(C + p * N * M, N, M, ns[p], ms[p], ap + p * N, bp + p * M, eps_schedule, eps, n_iters, tol, scores,
+                fp + p * N, gp + p * M, it[p], ep[p]);
+    };
+    if (B >= at::get_num_threads()) {
+      at::parallel_for(0, B, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          solve(p);
+        }
+      });
+    } else {
+      for (int64_t p = 0; p < B; ++p) {
+        solve(p);
+      }
+    }
+  });
+}
+
+void normalize_pass(const at::Tensor& sim, const at::Tensor& col_bias, double scale, bool row_update,
+                    at::Tensor& row_bias, at::Tensor& col_lse_out) {
+  const int64_t L = sim.size(0), N = sim.size(1), M = sim.size(2);
+  AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "sinkhorn_normalize_pass_cpu", [&] {
+    const scalar_t* S = sim.const_data_ptr<scalar_t>();
+    const scalar_t* lb = col_bias.const_data_ptr<scalar_t>();
+    scalar_t* la = row_bias.mutable_data_ptr<scalar_t>();
+    scalar_t* out = col_lse_out.mutable_data_ptr<scalar_t>();
+    const scalar_t k = scalar_t(scale);
+    if (row_update) {
+      // la_i = -logsumexp_j (k S_ij + lb_j), rows of every level spread over threads.
+      at::parallel_for(0, L * N, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(M, 1)),
+                       [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          la[r] = -row_lse(S + r * M, lb + (r / std::max<int64_t>(N, 1)) * M, M, k);
+        }
+      });
+    }
+    // col_lse_j = logsumexp_i (k S_ij + la_i), column stripes of every level spread over threads.
+    const int64_t stripes = (M + kColGrain - 1) / kColGrain;
+    at::parallel_for(0, L * stripes, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<scalar_t> scratch(2 * kColGrain);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t l = t / stripes, j0 = (t % stripes) * kColGrain, j1 = std::min(M, j0 + kColGrain);
+        col_lse(S + l * N * M, M, N, j0, j1, la + l * N, k, out + l * M, scratch.data(), scratch.data() + kColGrain);
+      }
+    });
+  });
+}
+
+bool has_nan(const at::Tensor& x) {
+  std::atomic<bool> found{false};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ot_has_nan_cpu", [&] {
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
+      bool nan = false;
+      for (int64_t i = i0; i < i1; ++i) {
+        nan |= std::isnan(p[i]);
+      }
+      if (nan) {
+        found = true;
+      }
+    });
+  });
+  return found;
+}
+
+}  // namespace
+
+const OtKernels ot_kernels{&sinkhorn, &normalize_pass, &has_nan};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace alignops::ot
