@@ -7,4 +7,4 @@ try:
 except ImportError:
     triton = None
 if triton is not None:
-    from . import fused_linear_triton, preference_triton, skip_triton  # noqa: F401
+    from . import fused_linear_triton, ot_triton, preference_triton, skip_triton  # noqa: F401
