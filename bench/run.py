@@ -15,7 +15,7 @@ import torch
 
 from .common import Result, run_groups
 
-FAMILIES = {"preference": "bench_preference", "fused_linear": "bench_fused_linear", "skip": "bench_skip"}
+FAMILIES = {"preference": "bench_preference", "fused_linear": "bench_fused_linear", "skip": "bench_skip", "ot": "bench_ot"}
 
 
 def _git_sha() -> str:

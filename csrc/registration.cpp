@@ -87,6 +87,11 @@ TORCH_LIBRARY(alignops, m) {
   m.def(
       "sinkhorn(Tensor cost, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float[] eps_schedule, float eps, "
       "int n_iters, float tol, bool scores) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same on point clouds, C_ij = |x_i - y_j|_2^p computed tile by tile, never stored: x [B, N, d],
+  // y [B, M, d]. Returns (f [B, N], g [B, M], iterations [B] int64, err [B]).
+  m.def(
+      "sinkhorn_points(Tensor x, Tensor y, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float p, "
+      "float[] eps_schedule, float eps, int n_iters, float tol) -> (Tensor, Tensor, Tensor, Tensor)");
   // One pass of the log-domain UCoFiA normalisation on sim [L, N, M]: when row_update,
   // row_bias_i = -logsumexp_j(scale * S_ij + col_bias_j) (else 0); then
   // col_lse_j = logsumexp_i(scale * S_ij + row_bias_i). Returns (row_bias [L, N], col_lse [L, M]).

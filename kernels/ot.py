@@ -46,12 +46,35 @@ def _merge(m, s, m_new, s_new):
 
 
 @triton.jit
-def sinkhorn_kernel(C, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, K, n_iters, eps, tol, sign,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SINGLE: tl.constexpr):
+def _cost_tile(Cp, Xp, Yp, rows, cols, rmask, cmask, M, D, power, POINTS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [rows, cols] tile of the cost: read from the matrix, or |x_i - y_j|^power computed from the points
+    (only this tile exists)."""
+    if POINTS:
+        ks = tl.arange(0, BLOCK_D)
+        d2 = tl.zeros([rows.shape[0], cols.shape[0]], dtype=Xp.dtype.element_ty)
+        for k0 in range(0, D, BLOCK_D):
+            kmask = (k0 + ks) < D
+            xv = tl.load(Xp + rows[:, None] * D + k0 + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            yv = tl.load(Yp + cols[:, None] * D + k0 + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            diff = xv[:, None, :] - yv[None, :, :]
+            d2 += tl.sum(diff * diff, 2)
+        if power == 2.0:
+            return d2
+        return tl.where(d2 > 0, tl.exp(0.5 * power * tl.log(d2)), 0.0)
+    else:
+        return tl.load(Cp + rows[:, None] * M + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def sinkhorn_kernel(C, X, Y, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, D, K, n_iters, eps, tol, sign, power,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SINGLE: tl.constexpr, POINTS: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     n = tl.load(NS + p)
     m = tl.load(MS + p)
     Cp = C + p * N * M
+    Xp = X + p * N * D
+    Yp = Y + p * M * D
     Fp = F + p * N
     Gp = G + p * M
     Lp = L + p * M
@@ -65,7 +88,7 @@ def sinkhorn_kernel(C, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, K, n_ite
         rmask = ri < n
         cmask = cj < m
         mask = rmask[:, None] & cmask[None, :]
-        c = tl.load(Cp + ri[:, None] * M + cj[None, :], mask=mask, other=0.0)
+        c = _cost_tile(Cp, Xp, Yp, ri, cj, rmask, cmask, M, D, power, POINTS, BLOCK_D)
         log_a = tl.log(tl.load(A + p * N + ri, mask=rmask, other=1.0))
         bw = tl.load(Bw + p * M + cj, mask=cmask, other=0.0)
         log_b = tl.log(tl.where(cmask, bw, 1.0))
@@ -111,7 +134,7 @@ def sinkhorn_kernel(C, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, K, n_ite
                     rows = r0 + ri
                     rmask = rows < n
                     mask = rmask[:, None] & cmask[None, :]
-                    c = tl.load(Cp + rows[:, None] * M + cols[None, :], mask=mask, other=0.0)
+                    c = _cost_tile(Cp, Xp, Yp, rows, cols, rmask, cmask, M, D, power, POINTS, BLOCK_D)
                     fr = tl.load(Fp + rows, mask=rmask, other=0.0)
                     z = tl.where(mask, fr[:, None] * inv - (sign * inv) * c, float("-inf"))
                     bm = tl.maximum(tl.max(z, 0), NEG)
@@ -143,7 +166,7 @@ def sinkhorn_kernel(C, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, K, n_ite
                         cols = c0 + cj
                         cmask = cols < m
                         mask = rmask[:, None] & cmask[None, :]
-                        c = tl.load(Cp + rows[:, None] * M + cols[None, :], mask=mask, other=0.0)
+                        c = _cost_tile(Cp, Xp, Yp, rows, cols, rmask, cmask, M, D, power, POINTS, BLOCK_D)
                         gc = tl.load(Gp + cols, mask=cmask, other=0.0)
                         z = tl.where(mask, gc[None, :] * inv - (sign * inv) * c, float("-inf"))
                         bm = tl.maximum(tl.max(z, 1), NEG)
@@ -200,23 +223,28 @@ def normalize_cols_kernel(S, RB, OUT, N, M, scale, BLOCK_N: tl.constexpr, BLOCK_
     tl.store(OUT + level * M + cols, mx + tl.log(s), mask=cmask)
 
 
-def _blocks(C: torch.Tensor) -> tuple[int, int, bool]:
-    N, M = C.shape[1], C.shape[2]
+def _blocks(C: torch.Tensor, N: int, M: int, points: bool) -> tuple[int, int, bool]:
     interp = C.device.type == "cpu"
-    cap = 16 if interp else (64 if C.dtype == torch.float64 else 128)
+    # the point tiles hold a [BLOCK_N, BLOCK_M, BLOCK_D] difference: smaller tiles
+    cap = 16 if interp else (32 if points else (64 if C.dtype == torch.float64 else 128))
     bn = max(16, min(cap, triton.next_power_of_2(max(N, 1))))
     bm = max(16, min(cap, triton.next_power_of_2(max(M, 1))))
     return bn, bm, (N <= bn and M <= bm)
 
 
-def launch_sinkhorn(cost, a, b, n_sizes, m_sizes, sched, K, eps, n_iters, tol, scores, f, g, scratch, iters, err):
-    """sched holds the K epsilon-scaling values (at least one entry, unread when K = 0)."""
-    B = cost.shape[0]
-    bn, bm, single = _blocks(cost)
+def launch_sinkhorn(cost, a, b, n_sizes, m_sizes, sched, K, eps, n_iters, tol, scores, f, g, scratch, iters, err,
+                    points=None, power=2.0):
+    """sched holds the K epsilon-scaling values (at least one entry, unread when K = 0). With points = (x, y)
+    ([B, N, d], [B, M, d]) the costs |x_i - y_j|^power are computed per tile and ``cost`` only gives the dtype."""
+    B, N, M = f.shape[0], f.shape[1], g.shape[1]
+    bn, bm, single = _blocks(cost, N, M, points is not None)
+    x, y = points if points is not None else (cost, cost)
+    D = x.shape[2] if points is not None else 1
+    bd = max(2, min(8, triton.next_power_of_2(D)))
     wrap_triton(sinkhorn_kernel)[(B,)](
-        cost, a, b, n_sizes, m_sizes, sched, f, g, scratch, iters, err, cost.shape[1], cost.shape[2],
-        K, n_iters, eps, tol, -1.0 if scores else 1.0,
-        BLOCK_N=bn, BLOCK_M=bm, SINGLE=single, num_warps=4)
+        cost, x, y, a, b, n_sizes, m_sizes, sched, f, g, scratch, iters, err, N, M, D,
+        K, n_iters, eps, tol, -1.0 if scores else 1.0, power,
+        BLOCK_N=bn, BLOCK_M=bm, SINGLE=single, POINTS=points is not None, BLOCK_D=bd, num_warps=4)
 
 
 def launch_normalize_pass(sim, col_bias, scale, row_update, row_bias, col_lse):

@@ -336,3 +336,78 @@ def test_normalize_bad_input():
         O.sinkhorn_normalize(S, backend="native")
     with pytest.raises(ValueError, match="share the gallery dimension"):
         O.inverted_softmax(torch.randn(3, 4), torch.randn(5, 6))
+
+
+# ---- sinkhorn_distance -----------------------------------------------------------------------------
+
+
+def _geomloss(x, y, eps, debias):
+    geomloss = pytest.importorskip("geomloss")
+    # GeomLoss's p = 2 cost is |x - y|^2 / 2: scaling the points by sqrt(2) gives ours; blur^2 = eps.
+    loss = geomloss.SamplesLoss("sinkhorn", p=2, blur=eps ** 0.5, debias=debias, scaling=0.995,
+                                backend="tensorized")
+    return loss(x * 2 ** 0.5, y * 2 ** 0.5)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("debias", [True, False])
+def test_sinkhorn_distance_matches_geomloss(cpu_capability, backend, debias):
+    x = torch.rand(2, 30, 3, dtype=torch.float64, requires_grad=True)
+    y = (torch.rand(2, 25, 3, dtype=torch.float64) + 0.3).requires_grad_(True)
+    got = O.sinkhorn_distance(x, y, 0.05, debias=debias, n_iters=5000, tol=1e-12, backend=backend)
+    x2, y2 = x.detach().clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
+    exp = _geomloss(x2, y2, 0.05, debias)
+    # GeomLoss stops after its epsilon annealing (scaling 0.995) plus one extrapolation: ~1e-5 from the fixed point
+    torch.testing.assert_close(got.value, exp.detach(), rtol=1e-4, atol=1e-7)
+    got.value.sum().backward()
+    exp.sum().backward()
+    # GeomLoss's gradient is that of its last extrapolation step (~5e-4 off the finite differences, which ours
+    # match to 1e-10: test_sinkhorn_distance_is_zero_on_identical_clouds_and_gradchecks)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=2e-3)
+    torch.testing.assert_close(y.grad, y2.grad, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0])
+def test_sinkhorn_points_matches_the_matrix_solver_and_reference(cpu_capability, p):
+    x, y = torch.rand(3, 37, 5, dtype=torch.float64), torch.rand(3, 29, 5, dtype=torch.float64)
+    C = torch.cdist(x, y) ** p
+    out = O.sinkhorn_distance(x, y, 0.1, p=p, debias=False, n_iters=60)
+    mat = O.sinkhorn(C, eps=0.1, n_iters=60)
+    a, b = torch.full((3, 37), 1 / 37, dtype=torch.float64), torch.full((3, 29), 1 / 29, dtype=torch.float64)
+    value = (a * (mat.f - 0.1 * a.log())).sum(-1) + (b * (mat.g - 0.1 * b.log())).sum(-1)
+    torch.testing.assert_close(out.value, value, rtol=1e-10, atol=1e-12)
+    if p == 2.0:
+        torch.testing.assert_close(out.value, R.entropic_ot(C, a, b, 0.1, 60), rtol=1e-10, atol=1e-12)
+    f32 = O.sinkhorn_distance(x.float(), y.float(), 0.1, p=p, debias=False, n_iters=60)
+    torch.testing.assert_close(f32.value.double(), value, rtol=1e-4, atol=1e-5)
+
+
+def test_sinkhorn_distance_is_zero_on_identical_clouds_and_gradchecks():
+    x = torch.rand(12, 2, dtype=torch.float64)
+    assert abs(float(O.sinkhorn_distance(x, x.clone(), 0.1, tol=1e-12).value)) < 1e-10
+    y = torch.rand(9, 2, dtype=torch.float64, requires_grad=True)
+    xr = x.clone().requires_grad_(True)
+
+    def div(u, v):
+        return O.sinkhorn_distance(u, v, 0.2, p=2, n_iters=5000, tol=1e-13).value
+
+    assert torch.autograd.gradcheck(div, (xr, y), eps=1e-6, atol=1e-6)
+
+
+def test_sinkhorn_points_opcheck_and_bad_input():
+    B, N, M, d = 2, 5, 4, 3
+    args = (torch.rand(B, N, d), torch.rand(B, M, d), torch.full((B, N), 1 / N), torch.full((B, M), 1 / M),
+            torch.tensor([5, 3]), torch.tensor([4, 4]), 2.0, [1.0], 0.2, 20, 1e-6)
+    torch.library.opcheck(torch.ops.alignops.sinkhorn_points.default, args)
+    with pytest.raises(ValueError, match="p must be a finite value >= 1"):
+        torch.ops.alignops.sinkhorn_points(*args[:6], 0.5, *args[7:])
+    with pytest.raises(ValueError, match=r"y must have shape \[B, M, d\]"):
+        torch.ops.alignops.sinkhorn_points(args[0], torch.rand(B, M, d + 1), *args[2:])
+    with pytest.raises(ValueError, match=r"x and y must have shapes \[B, N, d\] and \[B, M, d\]"):
+        O.sinkhorn_distance(torch.rand(2, 5, 3), torch.rand(2, 4, 2), 0.1)
+    with pytest.raises(ValueError, match="eps must be a finite value > 0"):
+        O.sinkhorn_distance(torch.rand(5, 3), torch.rand(4, 3), 0.0)
+    bad = torch.rand(5, 3)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="must not contain NaN"):
+        O.sinkhorn_distance(bad, torch.rand(4, 3), 0.1, backend="native")

@@ -91,3 +91,14 @@ def test_sinkhorn_triton_large_and_small_eps_on_gpu():
     torch.testing.assert_close(got.f.cpu(), ref.f, rtol=1e-3, atol=1e-4)
     small = O.sinkhorn(C[:4], eps=1e-4, n_iters=50, backend="triton", return_plan=True)
     assert torch.isfinite(small.plan).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (2, 37, 21, 5)])
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_sinkhorn_points_triton_matches_native(shape, p):
+    B, N, M, d = shape
+    x, y = torch.rand(B, N, d, dtype=torch.float64), torch.rand(B, M, d, dtype=torch.float64)
+    ref = O.sinkhorn_distance(x, y, 0.05, p=p, n_iters=30, backend="native")
+    got = O.sinkhorn_distance(x.to(DEVICE), y.to(DEVICE), 0.05, p=p, n_iters=30, backend="triton")
+    torch.testing.assert_close(got.value.cpu(), ref.value, **TOL[torch.float64])
+    assert torch.equal(got.n_iters.cpu(), ref.n_iters)

@@ -1,4 +1,4 @@
-// CPU launcher of alignops::sinkhorn and alignops::sinkhorn_normalize_pass: checks, allocation,
+// CPU launcher of alignops::sinkhorn, sinkhorn_points and sinkhorn_normalize_pass: checks, allocation,
 // capability choice.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -41,6 +41,29 @@ void check_eps(double eps, std::string_view name) {
   TORCH_CHECK_VALUE(eps > 0 && std::isfinite(eps), name, " must be a finite value > 0, got ", eps);
 }
 
+// Marginals, sizes and epsilons of a batch of B problems of size N x M (shared by both Sinkhorn ops).
+void check_problem(const at::Tensor& like, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
+                   const at::Tensor& m_sizes, int64_t B, int64_t N, int64_t M, at::ArrayRef<double> eps_schedule,
+                   double eps, int64_t n_iters) {
+  check_dim(a, 2, "a", "[B, N]");
+  check_dim(b, 2, "b", "[B, M]");
+  TORCH_CHECK_VALUE(a.size(0) == B && a.size(1) == N, "a must have shape [B, N] = [", B, ", ", N, "], got ",
+                    a.sizes());
+  TORCH_CHECK_VALUE(b.size(0) == B && b.size(1) == M, "b must have shape [B, M] = [", B, ", ", M, "], got ",
+                    b.sizes());
+  check_same_dtype(a, like, "a", "cost");
+  check_same_dtype(b, like, "b", "cost");
+  check_same_device(a, like, "a", "cost");
+  check_same_device(b, like, "b", "cost");
+  check_sizes(n_sizes, B, N, "n_sizes");
+  check_sizes(m_sizes, B, M, "m_sizes");
+  check_eps(eps, "eps");
+  for (double e : eps_schedule) {
+    check_eps(e, "eps_schedule entries");
+  }
+  TORCH_CHECK_VALUE(n_iters >= 0, "n_iters must be >= 0, got ", n_iters);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
     const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
     const at::Tensor& m_sizes, at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters, double tol,
@@ -49,23 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
   check_real(cost, "cost");
   check_device(cost, c10::DeviceType::CPU, "cost");
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
-  check_dim(a, 2, "a", "[B, N]");
-  check_dim(b, 2, "b", "[B, M]");
-  TORCH_CHECK_VALUE(a.size(0) == B && a.size(1) == N, "a must have shape [B, N] = [", B, ", ", N, "], got ",
-                    a.sizes());
-  TORCH_CHECK_VALUE(b.size(0) == B && b.size(1) == M, "b must have shape [B, M] = [", B, ", ", M, "], got ",
-                    b.sizes());
-  check_same_dtype(a, cost, "a", "cost");
-  check_same_dtype(b, cost, "b", "cost");
-  check_same_device(a, cost, "a", "cost");
-  check_same_device(b, cost, "b", "cost");
-  check_sizes(n_sizes, B, N, "n_sizes");
-  check_sizes(m_sizes, B, M, "m_sizes");
-  check_eps(eps, "eps");
-  for (double e : eps_schedule) {
-    check_eps(e, "eps_schedule entries");
-  }
-  TORCH_CHECK_VALUE(n_iters >= 0, "n_iters must be >= 0, got ", n_iters);
+  check_problem(cost, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters);
   const auto x = cost.contiguous();
   TORCH_CHECK_VALUE(!kernels().has_nan(x), "cost contains NaN");
   auto f = at::zeros({B, N}, cost.options());
@@ -75,6 +82,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
   const std::vector<double> schedule(eps_schedule.begin(), eps_schedule.end());
   kernels().sinkhorn(x, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), schedule, eps,
                      n_iters, tol, scores, f, g, iters, err);
+  return {f, g, iters, err};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_points_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
+    const at::Tensor& m_sizes, double p, at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters,
+    double tol) {
+  check_dim(x, 3, "x", "[B, N, d]");
+  check_dim(y, 3, "y", "[B, M, d]");
+  check_real(x, "x");
+  check_device(x, c10::DeviceType::CPU, "x");
+  check_same_dtype(y, x, "y", "x");
+  check_same_device(y, x, "y", "x");
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), M = y.size(1);
+  TORCH_CHECK_VALUE(y.size(0) == B && y.size(2) == D, "y must have shape [B, M, d] with B = ", B, " and d = ", D,
+                    ", got ", y.sizes());
+  TORCH_CHECK_VALUE(p >= 1 && std::isfinite(p), "p must be a finite value >= 1, got ", p);
+  check_problem(x, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters);
+  const auto xc = x.contiguous();
+  const auto yt = y.transpose(1, 2).contiguous();  // [B, d, M]: each coordinate contiguous over the points
+  TORCH_CHECK_VALUE(!kernels().has_nan(xc) && !kernels().has_nan(yt), "x and y must not contain NaN");
+  auto f = at::zeros({B, N}, x.options());
+  auto g = at::zeros({B, M}, x.options());
+  auto iters = at::zeros({B}, x.options().dtype(at::kLong));
+  auto err = at::zeros({B}, x.options());
+  const std::vector<double> schedule(eps_schedule.begin(), eps_schedule.end());
+  kernels().sinkhorn_points(xc, yt, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), p,
+                            schedule, eps, n_iters, tol, f, g, iters, err);
   return {f, g, iters, err};
 }
 
@@ -101,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_normalize_pass_cpu(const at::Tensor&
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {
   m.impl("sinkhorn", &sinkhorn_cpu);
+  m.impl("sinkhorn_points", &sinkhorn_points_cpu);
   m.impl("sinkhorn_normalize_pass", &sinkhorn_normalize_pass_cpu);
 }
 

@@ -7,6 +7,8 @@
 //           M-sized buffers, so the matrix is read row-major (1.25 exp per element, no transpose).
 // Running maxima start at the lowest finite value, not -inf, so that +inf costs (forbidden pairs) never
 // form -inf - -inf.
+// sinkhorn_points computes the costs |x_i - y_j|^p of each row segment into a thread-local buffer instead
+// of reading them: the cost matrix never exists.
 // Threads: many problems run one per thread; a batch smaller than the thread count runs its problems
 // one after the other, each with its rows (f update) or column stripes (g update) spread over threads.
 #include <ATen/Dispatch.h>
@@ -83,10 +85,55 @@ T row_lse(const T* c, const T* s, int64_t m, T coef) {
   return M + std::log(S);
 }
 
-// out[j] = logsumexp_i (s[i] + coef * C[i, j]) for j in [j0, j1), i < n; C has leading dimension ld.
-// mx and sum are scratch of length j1 - j0.
+// Where the costs come from: a row-major matrix (read in place) or two point clouds (computed per row
+// segment into a thread-local buffer, so that nothing N x M exists).
 template <typename T>
-void col_lse(const T* C, int64_t ld, int64_t n, int64_t j0, int64_t j1, const T* s, T coef, T* out, T* mx, T* sum) {
+struct MatrixSource {
+  const T* C;
+  int64_t ld;
+  static constexpr bool kComputes = false;
+  const T* row(int64_t i, int64_t j0, int64_t j1, T* buf) const { return C + i * ld + j0; }
+};
+
+// C_ij = |x_i - y_j|_2^p from x [n, d] and y stored transposed, yt [d, M] (contiguous over j: vectorised).
+template <typename T>
+struct PointSource {
+  const T* x;
+  const T* yt;
+  int64_t d, ld;
+  T p;
+  static constexpr bool kComputes = true;
+  const T* row(int64_t i, int64_t j0, int64_t j1, T* buf) const {
+    constexpr int64_t W = Vec<T>::size();
+    const int64_t w = j1 - j0;
+    std::fill(buf, buf + w, T(0));
+    for (int64_t k = 0; k < d; ++k) {
+      const Vec<T> xv(x[i * d + k]);
+      const T* yk = yt + k * ld + j0;
+      int64_t j = 0;
+      for (; j + W <= w; j += W) {
+        const Vec<T> diff = xv - Vec<T>::loadu(yk + j);
+        at::vec::fmadd(diff, diff, Vec<T>::loadu(buf + j)).store(buf + j);
+      }
+      for (; j < w; ++j) {
+        const T diff = x[i * d + k] - yk[j];
+        buf[j] += diff * diff;
+      }
+    }
+    if (p != T(2)) {
+      for (int64_t j = 0; j < w; ++j) {
+        buf[j] = std::pow(buf[j], p / 2);
+      }
+    }
+    return buf;
+  }
+};
+
+// out[j] = logsumexp_i (s[i] + coef * C[i, j]) for j in [j0, j1), i < n, costs from src.
+// mx and sum are scratch of length j1 - j0, buf of 4 (j1 - j0) when the source computes its costs.
+template <typename T, typename Source>
+void col_lse(const Source& src, int64_t n, int64_t j0, int64_t j1, const T* s, T coef, T* out, T* mx, T* sum,
+             T* buf) {
   constexpr int64_t W = Vec<T>::size();
   constexpr int64_t R = 4;
   const int64_t w = j1 - j0;
@@ -98,7 +145,7 @@ void col_lse(const T* C, int64_t ld, int64_t n, int64_t j0, int64_t j1, const T*
     const T* rows[R];
     Vec<T> sv[R];
     for (int64_t r = 0; r < R; ++r) {
-      rows[r] = C + (i + r) * ld + j0;
+      rows[r] = src.row(i + r, j0, j1, buf + r * w);
       sv[r] = Vec<T>(s[i + r]);
     }
     int64_t j = 0;
@@ -133,7 +180,7 @@ void col_lse(const T* C, int64_t ld, int64_t n, int64_t j0, int64_t j1, const T*
     }
   }
   for (; i < n; ++i) {
-    const T* row = C + i * ld + j0;
+    const T* row = src.row(i, j0, j1, buf);
     for (int64_t j = 0; j < w; ++j) {
       const T z = s[i] + coef * row[j];
       const T bm = std::max(mx[j], z);
@@ -150,20 +197,22 @@ void col_lse(const T* C, int64_t ld, int64_t n, int64_t j0, int64_t j1, const T*
 constexpr int64_t kColGrain = 64;
 
 // out[j] for j < m with the column stripes spread over threads (inline when called from a parallel region).
-template <typename T>
-void col_lse_threaded(const T* C, int64_t ld, int64_t n, int64_t m, const T* s, T coef, T* out) {
+template <typename T, typename Source>
+void col_lse_threaded(const Source& src, int64_t n, int64_t m, const T* s, T coef, T* out) {
   at::parallel_for(0, m, std::max<int64_t>(kColGrain, (1 << 16) / std::max<int64_t>(n, 1)),
                    [&](int64_t j0, int64_t j1) {
-    std::vector<T> scratch(2 * (j1 - j0));
-    col_lse(C, ld, n, j0, j1, s, coef, out, scratch.data(), scratch.data() + (j1 - j0));
+    const int64_t w = j1 - j0;
+    std::vector<T> scratch((Source::kComputes ? 6 : 2) * w);
+    col_lse(src, n, j0, j1, s, coef, out, scratch.data(), scratch.data() + w, scratch.data() + 2 * w);
   });
 }
 
-template <typename T>
-void row_lse_threaded(const T* C, int64_t ld, int64_t n, int64_t m, const T* s, T coef, T* out) {
+template <typename T, typename Source>
+void row_lse_threaded(const Source& src, int64_t n, int64_t m, const T* s, T coef, T* out) {
   at::parallel_for(0, n, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(m, 1)), [&](int64_t i0, int64_t i1) {
+    std::vector<T> buf(Source::kComputes ? m : 0);
     for (int64_t i = i0; i < i1; ++i) {
-      out[i] = row_lse(C + i * ld, s, m, coef);
+      out[i] = row_lse(src.row(i, 0, m, buf.data()), s, m, coef);
     }
   });
 }
@@ -178,8 +227,8 @@ T column_error(const T* g, const T* L, const T* b, int64_t m, T inv_eps) {
   return e;
 }
 
-template <typename T>
-void solve_one(const T* C, int64_t N, int64_t M, int64_t n, int64_t m, const T* a, const T* b,
+template <typename T, typename Source>
+void solve_one(const Source& src, int64_t n, int64_t m, const T* a, const T* b,
                const std::vector<double>& schedule, double eps, int64_t n_iters, double tol, bool scores, T* f, T* g,
                int64_t& iters, T& err) {
   iters = 0;
@@ -209,7 +258,7 @@ void solve_one(const T* C, int64_t N, int64_t M, int64_t n, int64_t m, const T* 
     for (int64_t i = 0; i < n; ++i) {
       fs[i] = f[i] * inv;
     }
-    col_lse_threaded(C, M, n, m, fs, -sign * inv, L);
+    col_lse_threaded(src, n, m, fs, -sign * inv, L);
     if (t >= K && tol >= 0) {
       // The column sums of the plan of the previous iteration come for free with this pass.
       err = column_error(g, L, b, m, inv);
@@ -222,7 +271,7 @@ void solve_one(const T* C, int64_t N, int64_t M, int64_t n, int64_t m, const T* 
       g[j] = e * (log_b[j] - L[j]);
       gs[j] = g[j] * inv;
     }
-    row_lse_threaded(C, M, n, m, gs, -sign * inv, fs);
+    row_lse_threaded(src, n, m, gs, -sign * inv, fs);
     for (int64_t i = 0; i < n; ++i) {
       f[i] = e * (log_a[i] - fs[i]);
     }
@@ -232,8 +281,25 @@ void solve_one(const T* C, int64_t N, int64_t M, int64_t n, int64_t m, const T* 
     for (int64_t i = 0; i < n; ++i) {
       fs[i] = f[i] * inv_final;
     }
-    col_lse_threaded(C, M, n, m, fs, -sign * inv_final, L);
+    col_lse_threaded(src, n, m, fs, -sign * inv_final, L);
     err = column_error(g, L, b, m, inv_final);
+  }
+}
+
+// One problem per thread when the batch fills the threads; otherwise one problem after the other, each
+// spreading its rows / column stripes over the threads.
+template <typename Fn>
+void for_each_problem(int64_t B, const Fn& solve) {
+  if (B >= at::get_num_threads()) {
+    at::parallel_for(0, B, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        solve(p);
+      }
+    });
+  } else {
+    for (int64_t p = 0; p < B; ++p) {
+      solve(p);
+    }
   }
 }
 
@@ -251,21 +317,35 @@ void sinkhorn(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, 
     scalar_t* fp = f.mutable_data_ptr<scalar_t>();
     scalar_t* gp = g.mutable_data_ptr<scalar_t>();
     scalar_t* ep = err.mutable_data_ptr<scalar_t>();
-    auto solve = [&](int64_t p) {
-      solve_one(C + p * N * M, N, M, ns[p], ms[p], ap + p * N, bp + p * M, eps_schedule, eps, n_iters, tol, scores,
-                fp + p * N, gp + p * M, it[p], ep[p]);
-    };
-    if (B >= at::get_num_threads()) {
-      at::parallel_for(0, B, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          solve(p);
-        }
-      });
-    } else {
-      for (int64_t p = 0; p < B; ++p) {
-        solve(p);
-      }
-    }
+    for_each_problem(B, [&](int64_t p) {
+      const MatrixSource<scalar_t> src{C + p * N * M, M};
+      solve_one(src, ns[p], ms[p], ap + p * N, bp + p * M, eps_schedule, eps, n_iters, tol, scores, fp + p * N,
+                gp + p * M, it[p], ep[p]);
+    });
+  });
+}
+
+void sinkhorn_points(const at::Tensor& x, const at::Tensor& yt, const at::Tensor& a, const at::Tensor& b,
+                     const at::Tensor& n_sizes, const at::Tensor& m_sizes, double p, const std::vector<double>& eps_schedule,
+                     double eps, int64_t n_iters, double tol, at::Tensor& f, at::Tensor& g, at::Tensor& iters,
+                     at::Tensor& err) {
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), M = yt.size(2);
+  const int64_t* ns = n_sizes.const_data_ptr<int64_t>();
+  const int64_t* ms = m_sizes.const_data_ptr<int64_t>();
+  int64_t* it = iters.mutable_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_points_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* yp = yt.const_data_ptr<scalar_t>();
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    scalar_t* fp = f.mutable_data_ptr<scalar_t>();
+    scalar_t* gp = g.mutable_data_ptr<scalar_t>();
+    scalar_t* ep = err.mutable_data_ptr<scalar_t>();
+    for_each_problem(B, [&](int64_t q) {
+      const PointSource<scalar_t> src{xp + q * N * D, yp + q * D * M, D, M, scalar_t(p)};
+      solve_one(src, ns[q], ms[q], ap + q * N, bp + q * M, eps_schedule, eps, n_iters, tol, false, fp + q * N,
+                gp + q * M, it[q], ep[q]);
+    });
   });
 }
 
@@ -293,7 +373,9 @@ void normalize_pass(const at::Tensor& sim, const at::Tensor& col_bias, double sc
       std::vector<scalar_t> scratch(2 * kColGrain);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t l = t / stripes, j0 = (t % stripes) * kColGrain, j1 = std::min(M, j0 + kColGrain);
-        col_lse(S + l * N * M, M, N, j0, j1, la + l * N, k, out + l * M, scratch.data(), scratch.data() + kColGrain);
+        const MatrixSource<scalar_t> src{S + l * N * M, M};
+        col_lse(src, N, j0, j1, la + l * N, k, out + l * M, scratch.data(), scratch.data() + kColGrain,
+                static_cast<scalar_t*>(nullptr));
       }
     });
   });
@@ -318,7 +400,7 @@ bool has_nan(const at::Tensor& x) {
 
 }  // namespace
 
-const OtKernels ot_kernels{&sinkhorn, &normalize_pass, &has_nan};
+const OtKernels ot_kernels{&sinkhorn, &sinkhorn_points, &normalize_pass, &has_nan};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace alignops::ot

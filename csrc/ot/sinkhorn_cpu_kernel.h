@@ -12,6 +12,11 @@ struct OtKernels {
   void (*sinkhorn)(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
                    const at::Tensor& m_sizes, const std::vector<double>& eps_schedule, double eps, int64_t n_iters,
                    double tol, bool scores, at::Tensor& f, at::Tensor& g, at::Tensor& iters, at::Tensor& err);
+  // The same on the costs |x_i - y_j|_2^p computed on the fly: x [B, N, d], yt [B, d, M] (y transposed).
+  void (*sinkhorn_points)(const at::Tensor& x, const at::Tensor& yt, const at::Tensor& a, const at::Tensor& b,
+                          const at::Tensor& n_sizes, const at::Tensor& m_sizes, double p,
+                          const std::vector<double>& eps_schedule, double eps, int64_t n_iters, double tol,
+                          at::Tensor& f, at::Tensor& g, at::Tensor& iters, at::Tensor& err);
   // One pass of the log-domain UCoFiA normalisation over sim [L, N, M].
   void (*normalize_pass)(const at::Tensor& sim, const at::Tensor& col_bias, double scale, bool row_update,
                          at::Tensor& row_bias, at::Tensor& col_lse);
