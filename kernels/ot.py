@@ -8,6 +8,11 @@ the cost: nothing of size N x M is written. When the problem fits one [BLOCK_N, 
 re-read each half-step (from L2 for matrices that fit there), with f, g and the column logsumexps kept
 in global scratch between the passes.
 
+``split_*_kernel`` (few large problems, see ``use_split``): each half-step is a launch over column or row
+blocks of every problem, from a host loop that never waits on the device; a per-problem ``done`` flag in
+device memory stops converged problems. The point-cloud variants (``POINTS``) compute the cost tile
+``|x_i - y_j|^p`` from the points where the matrix variants load it.
+
 ``normalize_rows_kernel`` / ``normalize_cols_kernel``: the two halves of one pass of the log-domain UCoFiA
 normalisation; a program per (row block, level) updates the row biases, then a program per (column block,
 level) streams all rows for the column logsumexps.
@@ -66,7 +71,7 @@ def _cost_tile(Cp, Xp, Yp, rows, cols, rmask, cmask, M, D, power, POINTS: tl.con
 
 
 @triton.jit
-def sinkhorn_kernel(C, X, Y, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, D, K, n_iters, eps, tol, sign, power,
+def sinkhorn_kernel(C, X, Y, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, D, K, n_iters, tol, sign, power,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SINGLE: tl.constexpr, POINTS: tl.constexpr,
                     BLOCK_D: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
@@ -80,7 +85,8 @@ def sinkhorn_kernel(C, X, Y, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, D,
     Lp = L + p * M
     ri = tl.arange(0, BLOCK_N)
     cj = tl.arange(0, BLOCK_M)
-    dt = C.dtype.element_ty
+    dt = F.dtype.element_ty
+    eps = tl.load(SCHED + K)  # in the input dtype: a Python float argument would be fp32
     t = tl.zeros([], dtype=tl.int32)
     done = (n == 0) | (m == 0)
     err = tl.zeros([], dtype=dt)
@@ -95,7 +101,7 @@ def sinkhorn_kernel(C, X, Y, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, D,
         f = tl.zeros([BLOCK_N], dtype=dt)
         g = tl.zeros([BLOCK_M], dtype=dt)
         while (t < n_iters) & (done == 0):
-            e = tl.where(t < K, tl.load(SCHED + tl.minimum(t, tl.maximum(K - 1, 0))).to(dt), eps)
+            e = tl.load(SCHED + tl.minimum(t, K))
             inv = 1.0 / e
             Lc = _col_lse(tl.where(mask, f[:, None] * inv - (sign * inv) * c, float("-inf")))
             e_t = tl.sum(tl.where(cmask, tl.abs(tl.exp(g * inv + Lc) - bw), 0.0), 0)
@@ -122,7 +128,7 @@ def sinkhorn_kernel(C, X, Y, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, D,
         tl.debug_barrier()
         while (t < n_iters + 1) & (done == 0):
             last = t == n_iters  # one more column pass measures the final error
-            e = tl.where((t < K) & (last == 0), tl.load(SCHED + tl.minimum(t, tl.maximum(K - 1, 0))).to(dt), eps)
+            e = tl.load(SCHED + tl.where(last, K, tl.minimum(t, K)))
             inv = 1.0 / e
             e_t = tl.zeros([], dtype=dt)
             for c0 in range(0, m, BLOCK_M):
@@ -232,9 +238,9 @@ def _blocks(C: torch.Tensor, N: int, M: int, points: bool) -> tuple[int, int, bo
     return bn, bm, (N <= bn and M <= bm)
 
 
-def launch_sinkhorn(cost, a, b, n_sizes, m_sizes, sched, K, eps, n_iters, tol, scores, f, g, scratch, iters, err,
+def launch_sinkhorn(cost, a, b, n_sizes, m_sizes, sched, K, n_iters, tol, scores, f, g, scratch, iters, err,
                     points=None, power=2.0):
-    """sched holds the K epsilon-scaling values (at least one entry, unread when K = 0). With points = (x, y)
+    """sched holds the K epsilon-scaling values then eps, in the dtype of f. With points = (x, y)
     ([B, N, d], [B, M, d]) the costs |x_i - y_j|^power are computed per tile and ``cost`` only gives the dtype."""
     B, N, M = f.shape[0], f.shape[1], g.shape[1]
     bn, bm, single = _blocks(cost, N, M, points is not None)
@@ -243,7 +249,7 @@ def launch_sinkhorn(cost, a, b, n_sizes, m_sizes, sched, K, eps, n_iters, tol, s
     bd = max(2, min(8, triton.next_power_of_2(D)))
     wrap_triton(sinkhorn_kernel)[(B,)](
         cost, x, y, a, b, n_sizes, m_sizes, sched, f, g, scratch, iters, err, N, M, D,
-        K, n_iters, eps, tol, -1.0 if scores else 1.0, power,
+        K, n_iters, tol, -1.0 if scores else 1.0, power,
         BLOCK_N=bn, BLOCK_M=bm, SINGLE=single, POINTS=points is not None, BLOCK_D=bd, num_warps=4)
 
 
@@ -258,3 +264,145 @@ def launch_normalize_pass(sim, col_bias, scale, row_update, row_bias, col_lse):
     if M > 0:
         wrap_triton(normalize_cols_kernel)[(triton.cdiv(M, bm), L)](sim, row_bias, col_lse, N, M, scale,
                                                                     BLOCK_N=br, BLOCK_M=bm, num_warps=4)
+
+
+# ---- the split path: a few big problems, spread over many programs ---------------------------------------
+# One program per problem leaves most of a GPU idle when B is small and the matrices large (one 8192 x 8192).
+# There each half-step is its own launch over column or row blocks of every problem, driven by a host loop
+# that never reads the device: a per-problem `done` flag in device memory makes converged problems' programs
+# return at once.
+
+
+@triton.jit
+def split_cols_kernel(C, X, Y, Bw, NS, MS, F, G, L, ERRP, DONE, EPS_T, t, N, M, D, n_col_blocks, sign, power,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, POINTS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """L_j = LSE_i((f_i - C_ij) / e) for one column block of one problem, and its part of the column error."""
+    cb = tl.program_id(0)
+    p = tl.program_id(1).to(tl.int64)
+    if tl.load(DONE + p) != 0:
+        return
+    n = tl.load(NS + p)
+    m = tl.load(MS + p)
+    dt = F.dtype.element_ty
+    inv = 1.0 / tl.load(EPS_T + t)
+    cols = cb * BLOCK_M + tl.arange(0, BLOCK_M)
+    cmask = cols < m
+    ri = tl.arange(0, BLOCK_N)
+    mx = tl.full([BLOCK_M], NEG, dtype=dt)
+    s = tl.zeros([BLOCK_M], dtype=dt)
+    for r0 in range(0, n, BLOCK_N):
+        rows = r0 + ri
+        rmask = rows < n
+        mask = rmask[:, None] & cmask[None, :]
+        c = _cost_tile(C + p * N * M, X + p * N * D, Y + p * M * D, rows, cols, rmask, cmask, M, D, power, POINTS,
+                       BLOCK_D)
+        fr = tl.load(F + p * N + rows, mask=rmask, other=0.0)
+        z = tl.where(mask, fr[:, None] * inv - (sign * inv) * c, float("-inf"))
+        bm = tl.maximum(tl.max(z, 0), NEG)
+        mx, s = _merge(mx, s, bm, tl.sum(tl.exp(z - bm[None, :]), 0))
+    Lc = mx + tl.log(s)
+    tl.store(L + p * M + cols, Lc, mask=cmask)
+    gc = tl.load(G + p * M + cols, mask=cmask, other=0.0)
+    bw = tl.load(Bw + p * M + cols, mask=cmask, other=0.0)
+    tl.store(ERRP + p * n_col_blocks + cb, tl.sum(tl.where(cmask, tl.abs(tl.exp(gc * inv + Lc) - bw), 0.0), 0))
+
+
+@triton.jit
+def split_check_kernel(Bw, MS, G, L, ERRP, DONE, ITERS, ERR, EPS_T, M, n_col_blocks, t, tol, check, last,
+                       BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per problem: the column error of this iteration, the stop decision, then g = e (log b - L)."""
+    p = tl.program_id(0).to(tl.int64)
+    if tl.load(DONE + p) != 0:
+        return
+    m = tl.load(MS + p)
+    dt = G.dtype.element_ty
+    e = tl.load(EPS_T + t)
+    ks = tl.arange(0, BLOCK_E)
+    e_t = tl.zeros([], dtype=dt)
+    for k0 in range(0, n_col_blocks, BLOCK_E):
+        e_t += tl.sum(tl.load(ERRP + p * n_col_blocks + k0 + ks, mask=k0 + ks < n_col_blocks, other=0.0), 0)
+    if check != 0:
+        tl.store(ERR + p, e_t)
+    if (last != 0) | ((check != 0) & (tol >= 0) & (e_t <= tol)):
+        tl.store(DONE + p, 1)
+        tl.store(ITERS + p, t)
+    else:
+        cj = tl.arange(0, BLOCK_M)
+        for c0 in range(0, m, BLOCK_M):
+            cols = c0 + cj
+            cmask = cols < m
+            bw = tl.load(Bw + p * M + cols, mask=cmask, other=1.0)
+            Lc = tl.load(L + p * M + cols, mask=cmask, other=0.0)
+            tl.store(G + p * M + cols, e * (tl.log(bw) - Lc), mask=cmask)
+
+
+@triton.jit
+def split_rows_kernel(C, X, Y, A, NS, MS, F, G, DONE, EPS_T, t, N, M, D, sign, power,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, POINTS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """f_i = e (log a_i - LSE_j((g_j - C_ij) / e)) for one row block of one problem."""
+    rb = tl.program_id(0)
+    p = tl.program_id(1).to(tl.int64)
+    if tl.load(DONE + p) != 0:
+        return
+    n = tl.load(NS + p)
+    m = tl.load(MS + p)
+    dt = F.dtype.element_ty
+    e = tl.load(EPS_T + t)
+    inv = 1.0 / e
+    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    cj = tl.arange(0, BLOCK_M)
+    mx = tl.full([BLOCK_N], NEG, dtype=dt)
+    s = tl.zeros([BLOCK_N], dtype=dt)
+    for c0 in range(0, m, BLOCK_M):
+        cols = c0 + cj
+        cmask = cols < m
+        mask = rmask[:, None] & cmask[None, :]
+        c = _cost_tile(C + p * N * M, X + p * N * D, Y + p * M * D, rows, cols, rmask, cmask, M, D, power, POINTS,
+                       BLOCK_D)
+        gc = tl.load(G + p * M + cols, mask=cmask, other=0.0)
+        z = tl.where(mask, gc[None, :] * inv - (sign * inv) * c, float("-inf"))
+        bm = tl.maximum(tl.max(z, 1), NEG)
+        mx, s = _merge(mx, s, bm, tl.sum(tl.exp(z - bm[:, None]), 1))
+    aw = tl.load(A + p * N + rows, mask=rmask, other=1.0)
+    tl.store(F + p * N + rows, e * (tl.log(aw) - (mx + tl.log(s))), mask=rmask)
+
+
+def use_split(device: torch.device, B: int, N: int, M: int) -> bool:
+    """The split path when the batch is too small to fill the device and the problems are large."""
+    if device.type == "cpu":  # the interpreter: small shapes, so that the tests cover this path
+        return B <= 2 and N * M > 16 * 16
+    return B < 32 and N * M >= 256 * 256
+
+
+def launch_sinkhorn_split(cost, a, b, n_sizes, m_sizes, schedule, eps, n_iters, tol, scores, f, g, scratch, iters,
+                          err, points=None, power=2.0):
+    """The host loop of the split path: 3 launches per iteration, no read of the device."""
+    B, N, M = f.shape[0], f.shape[1], g.shape[1]
+    interp = cost.device.type == "cpu"
+    bn = 16 if interp else 64
+    bm = 16 if interp else 128
+    if points is not None and not interp:
+        bn, bm = 32, 32
+    x, y = points if points is not None else (cost, cost)
+    D = x.shape[2] if points is not None else 1
+    bd = max(2, min(8, triton.next_power_of_2(D)))
+    n_cb = triton.cdiv(max(M, 1), bm)
+    errp = f.new_zeros(B, n_cb)
+    done = torch.where((n_sizes == 0) | (m_sizes == 0), 1, 0).to(torch.int32)
+    sign = -1.0 if scores else 1.0
+    K = len(schedule)
+    # eps of every iteration (the last entry: the final error pass) in the input dtype, read by the kernels
+    eps_t = torch.tensor([schedule[t] if t < K else eps for t in range(n_iters)] + [eps], dtype=f.dtype,
+                         device=f.device)
+    common = dict(BLOCK_N=bn, BLOCK_M=bm, POINTS=points is not None, BLOCK_D=bd, num_warps=4)
+    for t in range(n_iters + 1):
+        last = t == n_iters
+        check = last or (t >= K and tol >= 0)
+        wrap_triton(split_cols_kernel)[(n_cb, B)](cost, x, y, b, n_sizes, m_sizes, f, g, scratch, errp, done, eps_t, t,
+                                                   N, M, D, n_cb, sign, power, **common)
+        wrap_triton(split_check_kernel)[(B,)](b, m_sizes, g, scratch, errp, done, iters, err, eps_t, M, n_cb, t, tol,
+                                              int(check), int(last), BLOCK_M=bm, BLOCK_E=128, num_warps=4)
+        if not last:
+            wrap_triton(split_rows_kernel)[(triton.cdiv(max(N, 1), bn), B)](
+                cost, x, y, a, n_sizes, m_sizes, f, g, done, eps_t, t, N, M, D, sign, power, **common)

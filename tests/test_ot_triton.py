@@ -1,6 +1,7 @@
 """Triton kernels of the ot family vs the native ops and POT. On a machine without a GPU they run in the
-Triton interpreter on CPU tensors (tests/conftest.py), on small shapes: 16-wide tiles there, so a 37 x 21
-problem covers the tiled path and a 7 x 9 one the single-tile (in-register) path."""
+Triton interpreter on CPU tensors (tests/conftest.py), on small shapes: 16-wide tiles there, so a 7 x 9
+problem covers the single-tile (in-register) path, a batch of 3 problems of 37 x 21 the tiled
+one-program-per-problem path and a batch of 2 the split path (kernels.ot.use_split)."""
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(3, 7, 9), (2, 37, 21)])
+@pytest.mark.parametrize("shape", [(3, 7, 9), (3, 37, 21), (2, 37, 21)])
 @pytest.mark.parametrize("kw", [dict(n_iters=20), dict(n_iters=400, tol=1e-6), dict(n_iters=60, eps_scaling=0.5)])
 def test_sinkhorn_triton_matches_native_ragged(dtype, shape, kw):
     B, N, M = shape
@@ -34,7 +35,8 @@ def test_sinkhorn_triton_matches_native_ragged(dtype, shape, kw):
     torch.testing.assert_close(got.f.cpu(), ref.f, **TOL[dtype])
     torch.testing.assert_close(got.g.cpu(), ref.g, **TOL[dtype])
     assert torch.equal(got.n_iters.cpu(), ref.n_iters)
-    torch.testing.assert_close(got.err.cpu(), ref.err, rtol=1e-3, atol=1e-6)
+    # the error sums |column sum - b| over the columns: fp32 rounding of each column sum adds up
+    torch.testing.assert_close(got.err.cpu(), ref.err, rtol=1e-3, atol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
 def test_sinkhorn_triton_matches_pot_and_empty_problems():
@@ -93,7 +95,7 @@ def test_sinkhorn_triton_large_and_small_eps_on_gpu():
     assert torch.isfinite(small.plan).all()
 
 
-@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (2, 37, 21, 5)])
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (3, 37, 21, 5), (2, 37, 21, 5)])
 @pytest.mark.parametrize("p", [2.0, 1.0])
 def test_sinkhorn_points_triton_matches_native(shape, p):
     B, N, M, d = shape

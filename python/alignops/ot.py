@@ -82,7 +82,7 @@ def _check_mass(a: torch.Tensor, b: torch.Tensor, ns: torch.Tensor, ms: torch.Te
                          f"{ma.tolist()[:8]} and {mb.tolist()[:8]}")
 
 
-def eps_schedule(cost: torch.Tensor, eps: float, scaling: float | None, scores: bool) -> list[float]:
+def eps_schedule(cost: torch.Tensor, eps: float, scaling: float | None) -> list[float]:
     """Epsilon scaling: eps_t = R * scaling^t while above eps, R the largest cost range of the batch
     (one host read before the loop). Each value runs one iteration, warm-starting the next."""
     if scaling is None:
@@ -91,8 +91,11 @@ def eps_schedule(cost: torch.Tensor, eps: float, scaling: float | None, scores: 
         raise ValueError(f"eps_scaling must lie in (0, 1), got {scaling}")
     if cost.numel() == 0:
         return []
-    finite = cost[torch.isfinite(cost)]
-    R = float(finite.max() - finite.min()) if finite.numel() else 0.0
+    lo, hi = torch.aminmax(cost)  # no copy of the cost; +inf costs (forbidden pairs) need the masked range
+    R = float(hi - lo)
+    if not math.isfinite(R):
+        finite = cost[torch.isfinite(cost)]
+        R = float(finite.max() - finite.min()) if finite.numel() else 0.0
     out = []
     e = R
     while e > eps and len(out) < 10_000:
@@ -232,7 +235,7 @@ def sinkhorn(
         iters = torch.full((B,), n_iters, dtype=torch.long, device=x.device)
         err = (torch.exp((f[:, :, None] + g[:, None, :] - (-x if scores else x)) / eps).sum(1) - bw).abs().sum(-1)
         return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
-    schedule = eps_schedule(-x if scores else x, eps, eps_scaling, False)
+    schedule = eps_schedule(x, eps, eps_scaling)
     if grad == "unrolled":
         if backend not in ("auto", "torch"):
             raise ValueError("grad='unrolled' differentiates the PyTorch reference: use backend='torch' or 'auto'")
@@ -583,7 +586,7 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
         with torch.no_grad():
             lo, hi = torch.minimum(x.amin((0, 1)), y.amin((0, 1))), torch.maximum(x.amax((0, 1)), y.amax((0, 1)))
             diameter = float((hi - lo).norm()) ** p  # the largest cost, bounded without the cost matrix
-        schedule = eps_schedule(torch.tensor([0.0, diameter]), eps, eps_scaling, False)
+        schedule = eps_schedule(torch.tensor([0.0, diameter]), eps, eps_scaling)
     else:
         schedule = []
 

@@ -10,7 +10,7 @@ import torch
 from torch.library import triton_op
 
 from .._checks import check_triton_device
-from ..kernels.ot import launch_normalize_pass, launch_sinkhorn
+from ..kernels.ot import launch_normalize_pass, launch_sinkhorn, launch_sinkhorn_split, use_split
 from .ot import register_sinkhorn_autograd
 
 _SINKHORN_SCHEMA = ("(Tensor cost, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float[] eps_schedule, "
@@ -66,11 +66,13 @@ def sinkhorn_triton(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_size
     _check_problem(cost, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters)
     cost = cost.contiguous()
     f, g, iters, err = _outputs(cost, B, N, M)
-    if B > 0:
-        sched = torch.tensor(list(eps_schedule) or [eps], dtype=cost.dtype, device=cost.device)
-        scratch = cost.new_empty(B, M)
+    if B > 0 and use_split(cost.device, B, N, M):
+        launch_sinkhorn_split(cost, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(),
+                              list(eps_schedule), eps, n_iters, tol, scores, f, g, cost.new_empty(B, M), iters, err)
+    elif B > 0:
+        sched = torch.tensor(list(eps_schedule) + [eps], dtype=cost.dtype, device=cost.device)
         launch_sinkhorn(cost, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), sched,
-                        len(eps_schedule), eps, n_iters, tol, scores, f, g, scratch, iters, err)
+                        len(eps_schedule), n_iters, tol, scores, f, g, cost.new_empty(B, M), iters, err)
     return f, g, iters, err
 
 
@@ -94,10 +96,14 @@ def sinkhorn_points_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b:
     B, N, M = x.shape[0], x.shape[1], y.shape[1]
     _check_problem(x, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters)
     f, g, iters, err = _outputs(x, B, N, M)
-    if B > 0:
-        sched = torch.tensor(list(eps_schedule) or [eps], dtype=x.dtype, device=x.device)
+    if B > 0 and use_split(x.device, B, N, M):
+        launch_sinkhorn_split(x, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(),
+                              list(eps_schedule), eps, n_iters, tol, False, f, g, x.new_empty(B, M), iters, err,
+                              points=(x.contiguous(), y.contiguous()), power=p)
+    elif B > 0:
+        sched = torch.tensor(list(eps_schedule) + [eps], dtype=x.dtype, device=x.device)
         launch_sinkhorn(x, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), sched,
-                        len(eps_schedule), eps, n_iters, tol, False, f, g, x.new_empty(B, M), iters, err,
+                        len(eps_schedule), n_iters, tol, False, f, g, x.new_empty(B, M), iters, err,
                         points=(x.contiguous(), y.contiguous()), power=p)
     return f, g, iters, err
 
