@@ -4,7 +4,8 @@
 // column (g update), read straight from the cost matrix: nothing of size N x M is ever written.
 //   row:    one pass per row, an online logsumexp over blocks of 4 vectors (1.25 exp per element);
 //   column: rows are streamed in blocks of 4 while per-column running maxima and sums live in two
-//           M-sized buffers, so the matrix is read row-major (1.25 exp per element, no transpose).
+//           M-sized buffers, so the matrix is read row-major (1.25 exp per element, no transpose); a
+//           large matrix splits its rows into chunks over the threads, merged at the end.
 // Running maxima start at the lowest finite value, not -inf, so that +inf costs (forbidden pairs) never
 // form -inf - -inf.
 // sinkhorn_points computes the costs |x_i - y_j|^p of each row segment into a thread-local buffer instead
@@ -129,19 +130,18 @@ struct PointSource {
   }
 };
 
-// out[j] = logsumexp_i (s[i] + coef * C[i, j]) for j in [j0, j1), i < n, costs from src.
-// mx and sum are scratch of length j1 - j0, buf of 4 (j1 - j0) when the source computes its costs.
+// Folds rows [i0, i1) into the running column logsumexps of s[i] + coef * C[i, j], j in [j0, j1): mx and
+// sum (length j1 - j0) hold the running maxima and the sums relative to them. buf holds 4 (j1 - j0) costs
+// when the source computes them.
 template <typename T, typename Source>
-void col_lse(const Source& src, int64_t n, int64_t j0, int64_t j1, const T* s, T coef, T* out, T* mx, T* sum,
-             T* buf) {
+void col_accumulate(const Source& src, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const T* s, T coef, T* mx,
+                    T* sum, T* buf) {
   constexpr int64_t W = Vec<T>::size();
   constexpr int64_t R = 4;
   const int64_t w = j1 - j0;
-  std::fill(mx, mx + w, lowest<T>());
-  std::fill(sum, sum + w, T(0));
   const Vec<T> k(coef);
-  int64_t i = 0;
-  for (; i + R <= n; i += R) {
+  int64_t i = i0;
+  for (; i + R <= i1; i += R) {
     const T* rows[R];
     Vec<T> sv[R];
     for (int64_t r = 0; r < R; ++r) {
@@ -179,7 +179,7 @@ void col_lse(const Source& src, int64_t n, int64_t j0, int64_t j1, const T* s, T
       sum[j] = acc;
     }
   }
-  for (; i < n; ++i) {
+  for (; i < i1; ++i) {
     const T* row = src.row(i, j0, j1, buf);
     for (int64_t j = 0; j < w; ++j) {
       const T z = s[i] + coef * row[j];
@@ -188,23 +188,47 @@ void col_lse(const Source& src, int64_t n, int64_t j0, int64_t j1, const T* s, T
       mx[j] = bm;
     }
   }
-  for (int64_t j = 0; j < w; ++j) {
-    out[j0 + j] = mx[j] + std::log(sum[j]);
+}
+
+// Row chunks of the column pass: each (level, chunk) task folds its rows into its own column buffers, read
+// row-major; the chunks are merged at the end. (Column stripes instead would read each row in short
+// segments a page apart, which costs a TLB miss per row and stripe.)
+constexpr int64_t kRowChunk = 256;
+
+// out[j] = logsumexp over the chunks' partial (mx, sum) pairs, part holding chunks x 2 x m values.
+template <typename T>
+void merge_chunks(const T* part, int64_t chunks, int64_t m, T* out) {
+  for (int64_t j = 0; j < m; ++j) {
+    T M = lowest<T>();
+    for (int64_t c = 0; c < chunks; ++c) {
+      M = std::max(M, part[(2 * c) * m + j]);
+    }
+    T S = T(0);
+    for (int64_t c = 0; c < chunks; ++c) {
+      S += part[(2 * c + 1) * m + j] * std::exp(part[(2 * c) * m + j] - M);
+    }
+    out[j] = M + std::log(S);
   }
 }
 
-// Columns per task of the column pass: wide enough for full vectors, few enough to share the work.
-constexpr int64_t kColGrain = 64;
-
-// out[j] for j < m with the column stripes spread over threads (inline when called from a parallel region).
+// out[j] = logsumexp_i (s[i] + coef * C[i, j]) for j < m, i < n: row chunks spread over the threads (one
+// chunk, inline, when called from a parallel region or for a small matrix).
 template <typename T, typename Source>
 void col_lse_threaded(const Source& src, int64_t n, int64_t m, const T* s, T coef, T* out) {
-  at::parallel_for(0, m, std::max<int64_t>(kColGrain, (1 << 16) / std::max<int64_t>(n, 1)),
-                   [&](int64_t j0, int64_t j1) {
-    const int64_t w = j1 - j0;
-    std::vector<T> scratch((Source::kComputes ? 6 : 2) * w);
-    col_lse(src, n, j0, j1, s, coef, out, scratch.data(), scratch.data() + w, scratch.data() + 2 * w);
+  const bool split = !at::in_parallel_region() && at::get_num_threads() > 1 && n * m >= (1 << 16);
+  const int64_t chunks = split ? std::min<int64_t>((n + kRowChunk - 1) / kRowChunk, 4 * at::get_num_threads()) : 1;
+  std::vector<T> part(2 * chunks * m);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> buf(Source::kComputes ? 4 * m : 0);
+    for (int64_t c = c0; c < c1; ++c) {
+      T* mx = part.data() + 2 * c * m;
+      T* sum = mx + m;
+      std::fill(mx, mx + m, lowest<T>());
+      std::fill(sum, sum + m, T(0));
+      col_accumulate(src, c * n / chunks, (c + 1) * n / chunks, 0, m, s, coef, mx, sum, buf.data());
+    }
   });
+  merge_chunks(part.data(), chunks, m, out);
 }
 
 template <typename T, typename Source>
@@ -367,15 +391,25 @@ void normalize_pass(const at::Tensor& sim, const at::Tensor& col_bias, double sc
         }
       });
     }
-    // col_lse_j = logsumexp_i (k S_ij + la_i), column stripes of every level spread over threads.
-    const int64_t stripes = (M + kColGrain - 1) / kColGrain;
-    at::parallel_for(0, L * stripes, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<scalar_t> scratch(2 * kColGrain);
+    // col_lse_j = logsumexp_i (k S_ij + la_i): row chunks of every level spread over threads, then merged.
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((N + kRowChunk - 1) / kRowChunk,
+                                                                  4 * at::get_num_threads()));
+    std::vector<scalar_t> part(2 * L * chunks * M);
+    at::parallel_for(0, L * chunks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t l = t / stripes, j0 = (t % stripes) * kColGrain, j1 = std::min(M, j0 + kColGrain);
+        const int64_t l = t / chunks, c = t % chunks;
+        scalar_t* mx = part.data() + 2 * t * M;
+        scalar_t* sum = mx + M;
+        std::fill(mx, mx + M, lowest<scalar_t>());
+        std::fill(sum, sum + M, scalar_t(0));
         const MatrixSource<scalar_t> src{S + l * N * M, M};
-        col_lse(src, N, j0, j1, la + l * N, k, out + l * M, scratch.data(), scratch.data() + kColGrain,
-                static_cast<scalar_t*>(nullptr));
+        col_accumulate(src, c * N / chunks, (c + 1) * N / chunks, int64_t(0), M, la + l * N, k, mx, sum,
+                       static_cast<scalar_t*>(nullptr));
+      }
+    });
+    at::parallel_for(0, L, 1, [&](int64_t l0, int64_t l1) {
+      for (int64_t l = l0; l < l1; ++l) {
+        merge_chunks(part.data() + 2 * l * chunks * M, chunks, M, out + l * M);
       }
     });
   });
