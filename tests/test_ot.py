@@ -411,3 +411,19 @@ def test_sinkhorn_points_opcheck_and_bad_input():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="must not contain NaN"):
         O.sinkhorn_distance(bad, torch.rand(4, 3), 0.1, backend="native")
+
+
+def test_eps_1e_3_reaches_1e_4_within_300_iterations_at_cost_range_0_1():
+    # range / eps = 100: met with epsilon scaling in fp32 (at range / eps = 1000 it is not; see the report)
+    x, y = torch.rand(8, 64, 2), torch.rand(8, 64, 2)
+    for C in (torch.rand(8, 64, 64) * 0.1, 0.1 * torch.cdist(x, y) ** 2):
+        out = O.sinkhorn(C, eps=1e-3, n_iters=300, tol=1e-4, eps_scaling=0.7)
+        assert (out.err <= 1e-4).all() and (out.n_iters < 300).all()
+
+
+def test_half_precision_costs_are_solved_in_float32():
+    C = torch.rand(2, 9, 7).to(torch.bfloat16)
+    got = O.sinkhorn(C, eps=0.1, n_iters=30)
+    exp = O.sinkhorn(C.float(), eps=0.1, n_iters=30)
+    assert got.f.dtype == torch.float32
+    torch.testing.assert_close(got.f, exp.f, rtol=0, atol=0)
