@@ -325,6 +325,20 @@ def test_qb_norm_keeps_raw_scores_outside_the_activation_set():
     torch.testing.assert_close(got[0], sim[0] - torch.logsumexp(bank, 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalize_pass_with_an_arbitrary_column_bias(cpu_capability, dtype):
+    # the fused sweep assumes the column bias comes from the previous column step; a bias far from that
+    # (column 3 at -200) underflows its column sum, and the level is redone in the log domain
+    S = torch.randn(2, 45, 20, dtype=dtype)
+    col_bias = torch.randn(2, 20, dtype=dtype)
+    col_bias[1, 3] = -200.0
+    for row_update in (True, False):
+        got = torch.ops.alignops.sinkhorn_normalize_pass(S, col_bias, 0.7, row_update)
+        exp = R.sinkhorn_normalize_pass(S.double(), col_bias.double(), 0.7, row_update)
+        torch.testing.assert_close(got[0].double(), exp[0], **TOL[dtype])
+        torch.testing.assert_close(got[1].double(), exp[1], **TOL[dtype])
+
+
 def test_normalize_bad_input():
     with pytest.raises(ValueError, match=r"sim must have shape \[N, M\] or \[L, N, M\]"):
         O.sinkhorn_normalize(torch.randn(5))

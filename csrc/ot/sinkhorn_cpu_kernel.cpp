@@ -373,6 +373,64 @@ void sinkhorn_points(const at::Tensor& x, const at::Tensor& yt, const at::Tensor
   });
 }
 
+// One row of the fused normalisation pass: x_j = k s_j + lb_j, e_j = exp(x_j - max x), returns the new row
+// bias -(max x + log sum e) and adds e_j / sum e = exp(k s_j + la + lb_j) to acc[j]. One exp per element.
+template <typename T>
+T fused_row(const T* srow, const T* lb, int64_t m, T k, T* buf, T* acc) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> kv(k);
+  Vec<T> mv(lowest<T>());
+  int64_t j = 0;
+  for (; j + W <= m; j += W) {
+    const Vec<T> x = at::vec::fmadd(kv, Vec<T>::loadu(srow + j), Vec<T>::loadu(lb + j));
+    x.store(buf + j);
+    mv = at::vec::maximum(mv, x);
+  }
+  T lanes[W];
+  mv.store(lanes);
+  T mx = lowest<T>();
+  for (int64_t w = 0; w < W; ++w) {
+    mx = std::max(mx, lanes[w]);
+  }
+  for (; j < m; ++j) {
+    buf[j] = k * srow[j] + lb[j];
+    mx = std::max(mx, buf[j]);
+  }
+  const Vec<T> mxv(mx);
+  Vec<T> sv(T(0));
+  j = 0;
+  for (; j + W <= m; j += W) {
+    const Vec<T> e = vexp(Vec<T>::loadu(buf + j) - mxv);
+    e.store(buf + j);
+    sv = sv + e;
+  }
+  sv.store(lanes);
+  T sum = T(0);
+  for (int64_t w = 0; w < W; ++w) {
+    sum += lanes[w];
+  }
+  for (; j < m; ++j) {
+    buf[j] = std::exp(buf[j] - mx);
+    sum += buf[j];
+  }
+  if (!(sum > T(0))) {
+    return std::numeric_limits<T>::infinity();  // every x_j = -inf: nothing to add
+  }
+  const Vec<T> r(T(1) / sum);
+  j = 0;
+  for (; j + W <= m; j += W) {
+    at::vec::fmadd(Vec<T>::loadu(buf + j), r, Vec<T>::loadu(acc + j)).store(acc + j);
+  }
+  for (; j < m; ++j) {
+    acc[j] += buf[j] / sum;
+  }
+  return -(mx + std::log(sum));
+}
+
+// Below this a fused column sum may have lost its terms to underflow: the level is redone in the log domain.
+template <typename T>
+constexpr T kFusedFloor = std::is_same_v<T, float> ? T(1e-30) : T(1e-290);
+
 void normalize_pass(const at::Tensor& sim, const at::Tensor& col_bias, double scale, bool row_update,
                     at::Tensor& row_bias, at::Tensor& col_lse_out) {
   const int64_t L = sim.size(0), N = sim.size(1), M = sim.size(2);
@@ -382,22 +440,50 @@ void normalize_pass(const at::Tensor& sim, const at::Tensor& col_bias, double sc
     scalar_t* la = row_bias.mutable_data_ptr<scalar_t>();
     scalar_t* out = col_lse_out.mutable_data_ptr<scalar_t>();
     const scalar_t k = scalar_t(scale);
-    if (row_update) {
-      // la_i = -logsumexp_j (k S_ij + lb_j), rows of every level spread over threads.
-      at::parallel_for(0, L * N, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(M, 1)),
-                       [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          la[r] = -row_lse(S + r * M, lb + (r / std::max<int64_t>(N, 1)) * M, M, k);
-        }
-      });
-    }
-    // col_lse_j = logsumexp_i (k S_ij + la_i): row chunks of every level spread over threads, then merged.
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((N + kRowChunk - 1) / kRowChunk,
                                                                   4 * at::get_num_threads()));
-    std::vector<scalar_t> part(2 * L * chunks * M);
-    at::parallel_for(0, L * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<char> redo(L, row_update ? 0 : 1);
+    if (row_update) {
+      // Fused sweep: la_i = -logsumexp_j (k S_ij + lb_j) and, from the same exps, the column sums
+      // acc_j = sum_i exp(k S_ij + la_i + lb_j), so col_lse_j = log acc_j - lb_j. After a column step of the
+      // same iteration every term is <= 1 and acc_j >= 1 / M, so nothing overflows or underflows; a column
+      // bias from elsewhere may break that, which the floor check below catches.
+      std::vector<scalar_t> acc(L * chunks * M, scalar_t(0));
+      at::parallel_for(0, L * chunks, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<scalar_t> buf(M);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t l = t / chunks, c = t % chunks;
+          for (int64_t i = c * N / chunks; i < (c + 1) * N / chunks; ++i) {
+            la[l * N + i] = fused_row(S + (l * N + i) * M, lb + l * M, M, k, buf.data(), acc.data() + t * M);
+          }
+        }
+      });
+      for (int64_t l = 0; l < L; ++l) {
+        for (int64_t j = 0; j < M; ++j) {
+          scalar_t total = scalar_t(0);
+          for (int64_t c = 0; c < chunks; ++c) {
+            total += acc[(l * chunks + c) * M + j];
+          }
+          if (!(total >= kFusedFloor<scalar_t>) || !std::isfinite(total)) {
+            redo[l] = 1;
+          }
+          out[l * M + j] = std::log(total) - lb[l * M + j];
+        }
+      }
+    }
+    // col_lse_j = logsumexp_i (k S_ij + la_i) in the log domain, for the levels not done above: row chunks of
+    // every level spread over threads, then merged.
+    std::vector<int64_t> levels;
+    for (int64_t l = 0; l < L; ++l) {
+      if (redo[l]) {
+        levels.push_back(l);
+      }
+    }
+    const int64_t R = static_cast<int64_t>(levels.size());
+    std::vector<scalar_t> part(2 * R * chunks * M);
+    at::parallel_for(0, R * chunks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t l = t / chunks, c = t % chunks;
+        const int64_t l = levels[t / chunks], c = t % chunks;
         scalar_t* mx = part.data() + 2 * t * M;
         scalar_t* sum = mx + M;
         std::fill(mx, mx + M, lowest<scalar_t>());
@@ -407,9 +493,9 @@ void normalize_pass(const at::Tensor& sim, const at::Tensor& col_bias, double sc
                        static_cast<scalar_t*>(nullptr));
       }
     });
-    at::parallel_for(0, L, 1, [&](int64_t l0, int64_t l1) {
-      for (int64_t l = l0; l < l1; ++l) {
-        merge_chunks(part.data() + 2 * l * chunks * M, chunks, M, out + l * M);
+    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        merge_chunks(part.data() + 2 * r * chunks * M, chunks, M, out + levels[r] * M);
       }
     });
   });
