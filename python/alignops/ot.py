@@ -242,25 +242,31 @@ def sinkhorn(
         be = "torch"
     else:
         be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn", native_cuda=False)
-    if be == "torch":
-        if bool(torch.isnan(x).any()):
-            raise ValueError("cost contains NaN")
+    if be == "torch" and bool(torch.isnan(x).any()):
+        raise ValueError("cost contains NaN")
+    if grad == "unrolled":
         f, g, iters, err = _ref.sinkhorn(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
-        if grad == "envelope" and x.requires_grad:
-            f, g = _envelope_reattach(x, aw, bw, f.detach(), g.detach(), ns, ms, eps, scores)
-        elif grad == "implicit" and x.requires_grad:
-            f, g, iters, err = _Implicit.apply(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores,
-                                               lambda *args: tuple(t.detach() for t in _ref.sinkhorn(*args)))
+        return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
+    op = {"native": torch.ops.alignops.sinkhorn, "triton": torch.ops.alignops.sinkhorn_triton,
+          "torch": _reference_no_grad}[be]
+    if grad == "implicit":
+        f, g, iters, err = _Implicit.apply(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores, op)
     else:
-        op = torch.ops.alignops.sinkhorn if be == "native" else torch.ops.alignops.sinkhorn_triton
-        if grad == "implicit":
-            f, g, iters, err = _Implicit.apply(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores, op)
-        else:
-            f, g, iters, err = op(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
+        f, g, iters, err = op(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
+        if be == "torch" and x.requires_grad:
+            f, g = _Envelope.apply(x, aw, bw, f, g, ns, ms, eps, scores)
     return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
 
 
+def _reference_no_grad(*args):
+    """The torch backend for the envelope and implicit gradients: no autograd graph through the iterations."""
+    with torch.no_grad():
+        return _ref.sinkhorn(*args)
+
+
 class _Envelope(torch.autograd.Function):
+    """The torch backend's potentials with the envelope backward of the native op."""
+
     @staticmethod
     def forward(ctx, cost, a, b, f, g, n_sizes, m_sizes, eps, scores):
         ctx.eps, ctx.scores = eps, scores
@@ -272,11 +278,6 @@ class _Envelope(torch.autograd.Function):
         cost, a, b, f, g, n_sizes, m_sizes = ctx.saved_tensors
         return (envelope_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, ctx.eps, ctx.scores),
                 None, None, None, None, None, None, None, None)
-
-
-def _envelope_reattach(x, a, b, f, g, ns, ms, eps, scores):
-    """The torch backend's potentials with the envelope backward of the native op."""
-    return _Envelope.apply(x, a, b, f, g, ns, ms, eps, scores)
 
 
 def _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze):
