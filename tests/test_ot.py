@@ -164,6 +164,21 @@ def test_envelope_gradient_of_the_dual_value_is_the_plan(backend):
         torch.testing.assert_close(C.grad[p], torch.from_numpy(P), rtol=1e-6, atol=1e-9)
 
 
+def test_envelope_gradient_on_a_ragged_batch_with_large_padding():
+    # padding is never read by the solver; its (huge negative) costs must not leak into the gradient
+    C = torch.rand(2, 6, 7, dtype=torch.float64)
+    C[1, 4:, :] = -1e4
+    C[1, :, 5:] = -1e4
+    C.requires_grad_(True)
+    ns, ms = torch.tensor([6, 4]), torch.tensor([7, 5])
+    out = O.sinkhorn(C, eps=0.1, n_iters=2000, tol=1e-12, n_sizes=ns, m_sizes=ms, return_plan=True)
+    a = torch.tensor([[1 / 6] * 6, [0.25] * 4 + [0, 0]], dtype=torch.float64)
+    b = torch.tensor([[1 / 7] * 7, [0.2] * 5 + [0, 0]], dtype=torch.float64)
+    ((a * out.f).sum() + (b * out.g).sum()).backward()
+    assert torch.isfinite(C.grad).all()
+    torch.testing.assert_close(C.grad, out.plan.detach(), rtol=1e-8, atol=1e-12)
+
+
 def test_envelope_value_gradcheck():
     a = torch.full((2, 5), 0.2, dtype=torch.float64)
     b = torch.full((2, 6), 1 / 6, dtype=torch.float64)

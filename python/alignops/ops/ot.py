@@ -36,10 +36,16 @@ def envelope_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, eps, 
     u = torch.zeros_like(f) if grad_f is None else torch.where(rows & (a > 0), grad_f / a, 0)
     v = torch.zeros_like(g) if grad_g is None else torch.where(cols & (b > 0), grad_g / b, 0)
     sign = -1.0 if scores else 1.0
-    # log P in one buffer, turned into the gradient in place.
-    out = (f[:, :, None] - sign * cost).add_(g[:, None, :]).div_(eps).exp_()
-    out = out.masked_fill_(~(rows[:, :, None] & cols[:, None, :]), 0)
-    return out.mul_((0.5 * sign) * (u[:, :, None] + v[:, None, :]))
+    # log P in one buffer (the gradient's), turned into the gradient in place; the weights are applied by
+    # row chunks so that no second B x N x M temporary exists.
+    out = torch.sub(f[:, :, None], cost, alpha=sign).add_(g[:, None, :]).div_(eps).exp_()
+    step = max(1, (1 << 20) // max(B * M, 1))
+    for r0 in range(0, N, step):
+        block = out[:, r0:r0 + step]
+        valid = rows[:, r0:r0 + step, None] & cols[:, None, :]
+        # padding holds whatever exp((0 + 0 - C) / eps) gave (even inf): overwritten, not multiplied by 0
+        block.mul_((0.5 * sign) * (u[:, r0:r0 + step, None] + v[:, None, :])).masked_fill_(~valid, 0)
+    return out
 
 
 def _setup(ctx, inputs, output):
