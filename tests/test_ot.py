@@ -179,6 +179,13 @@ def test_envelope_gradient_on_a_ragged_batch_with_large_padding():
     torch.testing.assert_close(C.grad, out.plan.detach(), rtol=1e-8, atol=1e-12)
 
 
+def test_envelope_gradient_with_scores_is_minus_the_plan():
+    S = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    out = O.sinkhorn(S, eps=0.2, n_iters=2000, tol=1e-12, scores=True, return_plan=True)
+    ((out.f / 5).sum() + (out.g / 8).sum()).backward()
+    torch.testing.assert_close(S.grad, -out.plan.detach(), rtol=1e-8, atol=1e-12)
+
+
 def test_envelope_value_gradcheck():
     a = torch.full((2, 5), 0.2, dtype=torch.float64)
     b = torch.full((2, 6), 1 / 6, dtype=torch.float64)
