@@ -209,6 +209,21 @@ def test_implicit_gradient_gradcheck_on_the_plan(scores):
     assert torch.autograd.gradcheck(loss, (C,), eps=1e-6, atol=1e-6)
 
 
+def test_implicit_gradient_through_the_marginals():
+    # a = softmax(theta), b = softmax(phi) keep the masses equal under gradcheck's perturbations
+    C = torch.rand(2, 5, 6, dtype=torch.float64)
+    w = torch.randn(2, 5, 6, dtype=torch.float64)
+
+    def loss(theta, phi):
+        out = O.sinkhorn(C, torch.softmax(theta, -1), torch.softmax(phi, -1), eps=0.3, n_iters=5000, tol=1e-13,
+                         grad="implicit", return_plan=True)
+        return (out.plan * w).sum()
+
+    theta = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    phi = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(loss, (theta, phi), eps=1e-6, atol=1e-6)
+
+
 def test_implicit_matches_unrolled_at_convergence():
     C = torch.rand(2, 6, 5, dtype=torch.float64)
     w = torch.randn(2, 6, 5, dtype=torch.float64)

@@ -111,7 +111,9 @@ class _Implicit(torch.autograd.Function):
     1) and S = P / b (columns sum to 1). The system A = [[I, R], [S^T, I]] is singular along the gauge
     (f + c, g - c); the upstream gradient is projected off it, and A^T w = (grad_f, grad_g) is solved
     densely with a rank-one term that fixes the gauge: dC_ij = u_i R_ij + v_j S_ij. Exact for every
-    gauge-invariant functional (plan, value, f_i + g_j, f_i - f_k); O((N + M)^3) per problem.
+    gauge-invariant functional (plan, value, f_i + g_j, f_i - f_k); O((N + M)^3) per problem. The marginals
+    enter through eps / a and eps / b: grad_a = eps u / a, grad_b = eps v / b (for a, b kept on the
+    simplex, e.g. a = softmax(theta), the only changes the mass check accepts).
     """
 
     @staticmethod
@@ -125,8 +127,9 @@ class _Implicit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_f, grad_g, _gi, _ge):
         cost, a, b, f, g, n_sizes, m_sizes = ctx.saved_tensors
-        return (implicit_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, ctx.eps, ctx.scores),
-                None, None, None, None, None, None, None, None, None, None)
+        grad_cost, grad_a, grad_b = implicit_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, ctx.eps,
+                                                       ctx.scores)
+        return grad_cost, grad_a, grad_b, None, None, None, None, None, None, None, None
 
 
 def implicit_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, eps, scores):
@@ -150,7 +153,10 @@ def implicit_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, eps, 
     w = torch.linalg.solve(At + left[:, :, None] * right[:, None, :], rhs)
     u, v = w[:, :N], w[:, N:]
     out = u[:, :, None] * R + v[:, None, :] * S
-    return -out if scores else out
+    # f = eps log a - eps LSE(...): the marginals enter the fixed point through eps / a and eps / b
+    grad_a = torch.where(rows & (a > 0), eps * u / a, 0)
+    grad_b = torch.where(cols & (b > 0), eps * v / b, 0)
+    return (-out if scores else out), grad_a, grad_b
 
 
 def sinkhorn(
@@ -195,8 +201,9 @@ def sinkhorn(
             dC = P (grad_f / a + grad_g / b) / 2, exact (Danskin) for the dual value <a, f> + <b, g>
             whose gradient is the plan, and for sinkhorn_distance; ``"implicit"``: implicit
             differentiation of the fixed point (exact for gauge-invariant functionals, dense solve per
-            problem, small problems); ``"unrolled"``: autograd through the iterations of the PyTorch
-            reference (backend "torch"). No gradient flows to a and b.
+            problem, small problems; also differentiates a and b); ``"unrolled"``: autograd through the
+            iterations of the PyTorch reference (backend "torch", also through a and b). The envelope
+            gives no gradient to a and b.
         backend: "auto" | "native" | "triton" | "torch".
 
     Returns:
