@@ -22,6 +22,7 @@ FAMILIES = {
     "ctc": "bench_ctc",
     "ctc_posteriors": "bench_ctc_posteriors",
     "ctc_segmentation": "bench_ctc_segmentation",
+    "ot": "bench_ot",
     "wasserstein": "bench_wasserstein",
     "metrics": "bench_metrics",
     "watermark": "bench_watermark",

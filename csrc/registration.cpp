@@ -115,9 +115,27 @@ TORCH_LIBRARY(alignops, m) {
   m.def(
       "ctc_posteriors(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
       "bool return_states, bool return_tokens, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-}
 
-TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- ot: batched log-domain Sinkhorn, no B x N x M temporaries ---------------------------------
+  // Plan P_ij = exp((f_i + g_j - C_ij) / eps) (POT's sinkhorn_log convention: f = eps * log_u absorbs
+  // log a), C = cost, or -cost when scores. Problem p uses the top-left n_sizes[p] x m_sizes[p] block;
+  // a [B, N], b [B, M] are its marginals (padding ignored). Iteration t runs at eps_schedule[t] for
+  // t < len(eps_schedule) (epsilon scaling, warm start), then at eps; each iteration updates g then f.
+  // With tol >= 0, from the first iteration at eps on, a problem whose L1 column-marginal error is
+  // <= tol stops. Returns (f [B, N], g [B, M], iterations [B] int64, err [B]); padding of f, g is 0.
+  m.def(
+      "sinkhorn(Tensor cost, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float[] eps_schedule, float eps, "
+      "int n_iters, float tol, bool scores) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same on point clouds, C_ij = |x_i - y_j|_2^p computed tile by tile, never stored: x [B, N, d],
+  // y [B, M, d]. Returns (f [B, N], g [B, M], iterations [B] int64, err [B]).
+  m.def(
+      "sinkhorn_points(Tensor x, Tensor y, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float p, "
+      "float[] eps_schedule, float eps, int n_iters, float tol) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One pass of the log-domain UCoFiA normalisation on sim [L, N, M]: when row_update,
+  // row_bias_i = -logsumexp_j(scale * S_ij + col_bias_j) (else 0); then
+  // col_lse_j = logsumexp_i(scale * S_ij + row_bias_i). Returns (row_bias [L, N], col_lse [L, M]).
+  m.def("sinkhorn_normalize_pass(Tensor sim, Tensor col_bias, float scale, bool row_update) -> (Tensor, Tensor)");
+
   // ---- metrics: confusion matrices of rater pairs on the sample and on seeded bootstrap resamples ---
   // a [P, N], b [P, N] or [1, N] int labels in [0, num_classes). Returns int32 [P, R + 1, C, C]: entry r = 0 is
   // the full sample, r >= 1 the resample drawing items bounded(combine(combine(key_state(seed), r), j), N),

@@ -23,7 +23,7 @@ from .preference import (
     selective_logprobs,
     sequence_logprobs,
 )
-from . import ctc, nn, objectives, reference, represent, skip  # noqa: E402
+from . import ctc, nn, objectives, ot, reference, represent, skip  # noqa: E402
 from .objectives import (
     RunningMoments,
     bco_loss,
@@ -81,6 +81,7 @@ __all__ = [
     "ctc",
     "nn",
     "objectives",
+    "ot",
     "represent",
     "skip",
     "reference",

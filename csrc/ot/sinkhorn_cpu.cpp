@@ -1,0 +1,143 @@
+// CPU launcher of alignops::sinkhorn, sinkhorn_points and sinkhorn_normalize_pass: checks, allocation,
+// capability choice.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common/checks.h"
+#include "common/cpu_capability.h"
+#include "ot/sinkhorn_cpu_kernel.h"
+
+namespace alignops::ot {
+namespace {
+
+const OtKernels& kernels() {
+#if ALIGNOPS_X86
+  return pick_cpu_kernels(DEFAULT::ot_kernels, &AVX2::ot_kernels);
+#else
+  return DEFAULT::ot_kernels;
+#endif
+}
+
+void check_real(const at::Tensor& t, std::string_view name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+                    " must be float32 or float64 (alignops.ot converts half types to float32), got ",
+                    dtype_name(t.scalar_type()));
+}
+
+void check_sizes(const at::Tensor& sizes, int64_t B, int64_t bound, std::string_view name) {
+  TORCH_CHECK_VALUE(sizes.scalar_type() == at::kLong && sizes.dim() == 1 && sizes.size(0) == B, name,
+                    " must be an int64 tensor of shape [B] = [", B, "], got ", dtype_name(sizes.scalar_type()), " ",
+                    sizes.sizes());
+  check_device(sizes, c10::DeviceType::CPU, name);
+  const int64_t* p = sizes.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] <= bound, name, "[", i, "] = ", p[i], " must lie in [0, ", bound, "]");
+  }
+}
+
+void check_eps(double eps, std::string_view name) {
+  TORCH_CHECK_VALUE(eps > 0 && std::isfinite(eps), name, " must be a finite value > 0, got ", eps);
+}
+
+// Marginals, sizes and epsilons of a batch of B problems of size N x M (shared by both Sinkhorn ops).
+void check_problem(const at::Tensor& like, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
+                   const at::Tensor& m_sizes, int64_t B, int64_t N, int64_t M, at::ArrayRef<double> eps_schedule,
+                   double eps, int64_t n_iters) {
+  check_dim(a, 2, "a", "[B, N]");
+  check_dim(b, 2, "b", "[B, M]");
+  TORCH_CHECK_VALUE(a.size(0) == B && a.size(1) == N, "a must have shape [B, N] = [", B, ", ", N, "], got ",
+                    a.sizes());
+  TORCH_CHECK_VALUE(b.size(0) == B && b.size(1) == M, "b must have shape [B, M] = [", B, ", ", M, "], got ",
+                    b.sizes());
+  check_same_dtype(a, like, "a", "cost");
+  check_same_dtype(b, like, "b", "cost");
+  check_same_device(a, like, "a", "cost");
+  check_same_device(b, like, "b", "cost");
+  check_sizes(n_sizes, B, N, "n_sizes");
+  check_sizes(m_sizes, B, M, "m_sizes");
+  check_eps(eps, "eps");
+  for (double e : eps_schedule) {
+    check_eps(e, "eps_schedule entries");
+  }
+  TORCH_CHECK_VALUE(n_iters >= 0, "n_iters must be >= 0, got ", n_iters);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
+    const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
+    const at::Tensor& m_sizes, at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters, double tol,
+    bool scores) {
+  check_dim(cost, 3, "cost", "[B, N, M]");
+  check_real(cost, "cost");
+  check_device(cost, c10::DeviceType::CPU, "cost");
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  check_problem(cost, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters);
+  const auto x = cost.contiguous();
+  TORCH_CHECK_VALUE(!kernels().has_nan(x), "cost contains NaN");
+  auto f = at::zeros({B, N}, cost.options());
+  auto g = at::zeros({B, M}, cost.options());
+  auto iters = at::zeros({B}, cost.options().dtype(at::kLong));
+  auto err = at::zeros({B}, cost.options());
+  const std::vector<double> schedule(eps_schedule.begin(), eps_schedule.end());
+  kernels().sinkhorn(x, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), schedule, eps,
+                     n_iters, tol, scores, f, g, iters, err);
+  return {f, g, iters, err};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_points_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
+    const at::Tensor& m_sizes, double p, at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters,
+    double tol) {
+  check_dim(x, 3, "x", "[B, N, d]");
+  check_dim(y, 3, "y", "[B, M, d]");
+  check_real(x, "x");
+  check_device(x, c10::DeviceType::CPU, "x");
+  check_same_dtype(y, x, "y", "x");
+  check_same_device(y, x, "y", "x");
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), M = y.size(1);
+  TORCH_CHECK_VALUE(y.size(0) == B && y.size(2) == D, "y must have shape [B, M, d] with B = ", B, " and d = ", D,
+                    ", got ", y.sizes());
+  TORCH_CHECK_VALUE(p >= 1 && std::isfinite(p), "p must be a finite value >= 1, got ", p);
+  check_problem(x, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters);
+  const auto xc = x.contiguous();
+  const auto yt = y.transpose(1, 2).contiguous();  // [B, d, M]: each coordinate contiguous over the points
+  TORCH_CHECK_VALUE(!kernels().has_nan(xc) && !kernels().has_nan(yt), "x and y must not contain NaN");
+  auto f = at::zeros({B, N}, x.options());
+  auto g = at::zeros({B, M}, x.options());
+  auto iters = at::zeros({B}, x.options().dtype(at::kLong));
+  auto err = at::zeros({B}, x.options());
+  const std::vector<double> schedule(eps_schedule.begin(), eps_schedule.end());
+  kernels().sinkhorn_points(xc, yt, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), p,
+                            schedule, eps, n_iters, tol, f, g, iters, err);
+  return {f, g, iters, err};
+}
+
+std::tuple<at::Tensor, at::Tensor> sinkhorn_normalize_pass_cpu(const at::Tensor& sim, const at::Tensor& col_bias,
+                                                               double scale, bool row_update) {
+  check_dim(sim, 3, "sim", "[L, N, M]");
+  check_real(sim, "sim");
+  check_device(sim, c10::DeviceType::CPU, "sim");
+  const int64_t L = sim.size(0), N = sim.size(1), M = sim.size(2);
+  TORCH_CHECK_VALUE(col_bias.dim() == 2 && col_bias.size(0) == L && col_bias.size(1) == M,
+                    "col_bias must have shape [L, M] = [", L, ", ", M, "], got ", col_bias.sizes());
+  check_same_dtype(col_bias, sim, "col_bias", "sim");
+  check_same_device(col_bias, sim, "col_bias", "sim");
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  const auto x = sim.contiguous();
+  TORCH_CHECK_VALUE(!kernels().has_nan(x), "sim contains NaN");
+  auto row_bias = at::zeros({L, N}, sim.options());
+  auto col_lse = at::empty({L, M}, sim.options());
+  kernels().normalize_pass(x, col_bias.contiguous(), scale, row_update, row_bias, col_lse);
+  return {row_bias, col_lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alignops, CPU, m) {
+  m.impl("sinkhorn", &sinkhorn_cpu);
+  m.impl("sinkhorn_points", &sinkhorn_points_cpu);
+  m.impl("sinkhorn_normalize_pass", &sinkhorn_normalize_pass_cpu);
+}
+
+}  // namespace alignops::ot

@@ -1,0 +1,127 @@
+"""Triton ops of the ot family: ``alignops::sinkhorn_triton`` and ``alignops::sinkhorn_normalize_pass_triton``,
+the same arguments and outputs as the native ops of csrc/registration.cpp, computed by kernels/ot.py.
+On CPU tensors the kernels run only in the Triton interpreter (TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.library import triton_op
+
+from .._checks import check_triton_device
+from ..kernels.ot import launch_normalize_pass, launch_sinkhorn, launch_sinkhorn_split, use_split
+from .ot import register_sinkhorn_autograd
+
+_SINKHORN_SCHEMA = ("(Tensor cost, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float[] eps_schedule, "
+                    "float eps, int n_iters, float tol, bool scores) -> (Tensor, Tensor, Tensor, Tensor)")
+_POINTS_SCHEMA = ("(Tensor x, Tensor y, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float p, "
+                  "float[] eps_schedule, float eps, int n_iters, float tol) -> (Tensor, Tensor, Tensor, Tensor)")
+_NORMALIZE_SCHEMA = "(Tensor sim, Tensor col_bias, float scale, bool row_update) -> (Tensor, Tensor)"
+
+
+def _check_real(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name} must be float32 or float64 (alignops.ot converts half types to float32), "
+                         f"got {t.dtype}")
+
+
+def _check_eps(eps: float, name: str) -> None:
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{name} must be a finite value > 0, got {eps}")
+
+
+def _check_problem(like, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters):
+    """The checks of csrc/ot/sinkhorn_cpu.cpp's check_problem, with its messages."""
+    if tuple(a.shape) != (B, N) or tuple(b.shape) != (B, M):
+        raise ValueError(f"a and b must have shapes [B, N] = [{B}, {N}] and [B, M] = [{B}, {M}], got "
+                         f"{list(a.shape)} and {list(b.shape)}")
+    if a.dtype != like.dtype or b.dtype != like.dtype:
+        raise ValueError(f"a and b must have the dtype of cost ({like.dtype}), got {a.dtype} and {b.dtype}")
+    for sizes, name in ((n_sizes, "n_sizes"), (m_sizes, "m_sizes")):
+        if sizes.dtype != torch.int64 or tuple(sizes.shape) != (B,):
+            raise ValueError(f"{name} must be an int64 tensor of shape [B] = [{B}], got {sizes.dtype} "
+                             f"{list(sizes.shape)}")
+    _check_eps(eps, "eps")
+    for e in eps_schedule:
+        _check_eps(e, "eps_schedule entries")
+    if n_iters < 0:
+        raise ValueError(f"n_iters must be >= 0, got {n_iters}")
+
+
+def _outputs(like, B, N, M):
+    return (like.new_zeros(B, N), like.new_zeros(B, M), like.new_zeros(B, dtype=torch.int64), like.new_zeros(B))
+
+
+@triton_op("alignops::sinkhorn_triton", mutates_args=(), schema=_SINKHORN_SCHEMA)
+def sinkhorn_triton(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_sizes: torch.Tensor,
+                    m_sizes: torch.Tensor, eps_schedule: list[float], eps: float, n_iters: int, tol: float,
+                    scores: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``alignops::sinkhorn``: (f [B, N], g [B, M], iterations [B] int64, err [B])."""
+    if cost.dim() != 3:
+        raise ValueError(f"cost must be a 3-D tensor of shape [B, N, M], got shape {list(cost.shape)}")
+    _check_real(cost, "cost")
+    check_triton_device(cost, "cost")
+    B, N, M = cost.shape
+    _check_problem(cost, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters)
+    cost = cost.contiguous()
+    f, g, iters, err = _outputs(cost, B, N, M)
+    if B > 0 and use_split(cost.device, B, N, M):
+        launch_sinkhorn_split(cost, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(),
+                              list(eps_schedule), eps, n_iters, tol, scores, f, g, cost.new_empty(B, M), iters, err)
+    elif B > 0:
+        sched = torch.tensor(list(eps_schedule) + [eps], dtype=cost.dtype, device=cost.device)
+        launch_sinkhorn(cost, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), sched,
+                        len(eps_schedule), n_iters, tol, scores, f, g, cost.new_empty(B, M), iters, err)
+    return f, g, iters, err
+
+
+register_sinkhorn_autograd("alignops::sinkhorn_triton")
+
+
+@triton_op("alignops::sinkhorn_points_triton", mutates_args=(), schema=_POINTS_SCHEMA)
+def sinkhorn_points_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_sizes: torch.Tensor,
+                           m_sizes: torch.Tensor, p: float, eps_schedule: list[float], eps: float, n_iters: int,
+                           tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``alignops::sinkhorn_points``: the cost |x_i - y_j|^p exists one tile at a time."""
+    if x.dim() != 3 or y.dim() != 3 or y.shape[0] != x.shape[0] or y.shape[2] != x.shape[2]:
+        raise ValueError(f"x and y must have shapes [B, N, d] and [B, M, d], got {list(x.shape)} and "
+                         f"{list(y.shape)}")
+    _check_real(x, "x")
+    check_triton_device(x, "x")
+    if y.dtype != x.dtype or y.device != x.device:
+        raise ValueError(f"y must have the dtype and device of x ({x.dtype}, {x.device}), got {y.dtype}, {y.device}")
+    if not (p >= 1 and math.isfinite(p)):
+        raise ValueError(f"p must be a finite value >= 1, got {p}")
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
+    _check_problem(x, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters)
+    f, g, iters, err = _outputs(x, B, N, M)
+    if B > 0 and use_split(x.device, B, N, M):
+        launch_sinkhorn_split(x, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(),
+                              list(eps_schedule), eps, n_iters, tol, False, f, g, x.new_empty(B, M), iters, err,
+                              points=(x.contiguous(), y.contiguous()), power=p)
+    elif B > 0:
+        sched = torch.tensor(list(eps_schedule) + [eps], dtype=x.dtype, device=x.device)
+        launch_sinkhorn(x, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), sched,
+                        len(eps_schedule), n_iters, tol, False, f, g, x.new_empty(B, M), iters, err,
+                        points=(x.contiguous(), y.contiguous()), power=p)
+    return f, g, iters, err
+
+
+@triton_op("alignops::sinkhorn_normalize_pass_triton", mutates_args=(), schema=_NORMALIZE_SCHEMA)
+def sinkhorn_normalize_pass_triton(sim: torch.Tensor, col_bias: torch.Tensor, scale: float,
+                                   row_update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``alignops::sinkhorn_normalize_pass``: (row_bias [L, N], col_lse [L, M])."""
+    if sim.dim() != 3:
+        raise ValueError(f"sim must be a 3-D tensor of shape [L, N, M], got shape {list(sim.shape)}")
+    _check_real(sim, "sim")
+    check_triton_device(sim, "sim")
+    L, N, M = sim.shape
+    if tuple(col_bias.shape) != (L, M) or col_bias.dtype != sim.dtype:
+        raise ValueError(f"col_bias must be a {sim.dtype} tensor of shape [L, M] = [{L}, {M}], got "
+                         f"{col_bias.dtype} {list(col_bias.shape)}")
+    sim = sim.contiguous()
+    row_bias = sim.new_zeros(L, N)
+    col_lse = sim.new_empty(L, M)
+    launch_normalize_pass(sim, col_bias.contiguous(), scale, row_update, row_bias, col_lse)
+    return row_bias, col_lse

@@ -1,0 +1,611 @@
+r"""Optimal transport: batched log-domain Sinkhorn, UCoFiA's similarity normalisation and its peers,
+entropic OT between point clouds; the 1-D, sliced and Gaussian Wasserstein distances of
+:mod:`alignops.wasserstein` are re-exported here.
+
+Conventions (POT's ``ot.bregman.sinkhorn_log``, so that potentials compare one to one):
+
+* cost ``C [B, N, M]``; ``scores=True`` means the input holds scores ``S = -C`` (similarities); no negated
+  copy is made.
+* plan ``P_ij = exp((f_i + g_j - C_ij) / eps)``: the potentials absorb the marginals, ``f = eps * log_u``
+  and ``g = eps * log_v`` of POT's ``log=True`` output.
+* an iteration updates g then f (``g = eps log b - eps LSE_i((f_i - C_ij) / eps)``, then the same for f),
+  from f = g = 0, as POT does.
+* marginal error: the L1 violation of the column marginal, ``sum_j |sum_i P_ij - b_j|`` (the rows are
+  exact after the f update). POT's ``err`` is the L2 norm of the same vector.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import _backend
+from .ops.ot import envelope_grad_cost
+from .reference import ot as _ref
+from .wasserstein import gaussian_w2, sliced_wasserstein, wasserstein_1d  # noqa: F401  (alignops.ot.* as well)
+
+_GRADS = ("envelope", "implicit", "unrolled")
+
+
+class SinkhornOutput(NamedTuple):
+    f: torch.Tensor  # [B, N] row potentials (0 on padding)
+    g: torch.Tensor  # [B, M] column potentials (0 on padding)
+    plan: torch.Tensor | None  # [B, N, M] when return_plan, else None
+    n_iters: torch.Tensor  # [B] int64, iterations each problem ran
+    err: torch.Tensor  # [B] L1 column-marginal error of the returned potentials at eps
+
+
+def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be a 3-D tensor of shape [B, N, M], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _sizes(sizes, B: int, full: int, name: str, device) -> torch.Tensor:
+    if sizes is None:
+        return torch.full((B,), full, dtype=torch.long, device=device)
+    sizes = torch.as_tensor(sizes, device=device)
+    if sizes.dtype not in (torch.int64, torch.int32) or tuple(sizes.shape) != (B,):
+        raise ValueError(f"{name} must be an int64 or int32 tensor of shape [B] = [{B}], got "
+                         f"{sizes.dtype} {list(sizes.shape)}")
+    return sizes.long()
+
+
+def _marginal(w, sizes: torch.Tensor, B: int, K: int, like: torch.Tensor, name: str) -> torch.Tensor:
+    valid = torch.arange(K, device=like.device) < sizes[:, None]
+    if w is None:
+        return torch.where(valid, 1.0 / sizes.clamp_min(1)[:, None].to(like.dtype), 0).to(like.dtype)
+    if w.dim() == 1:
+        w = w.expand(B, -1)
+    if tuple(w.shape) != (B, K):
+        raise ValueError(f"{name} must have shape [B, {'N' if name == 'a' else 'M'}] = [{B}, {K}] (or [{K}]), "
+                         f"got {list(w.shape)}")
+    if w.device != like.device:
+        raise ValueError(f"{name} must be on the device of the cost ({like.device}), got {w.device}")
+    w = torch.where(valid, w.to(like.dtype), 0)
+    if not torch.compiler.is_compiling() and bool((w < 0).any() | ~torch.isfinite(w).all()):
+        raise ValueError(f"{name} must hold finite non-negative weights")
+    return w
+
+
+def _check_mass(a: torch.Tensor, b: torch.Tensor, ns: torch.Tensor, ms: torch.Tensor) -> None:
+    """Equal masses in every non-empty problem (one host read before the loop)."""
+    if torch.compiler.is_compiling():
+        return
+    ma, mb = a.sum(-1), b.sum(-1)
+    tol = 1e-4 if a.dtype == torch.float32 else 1e-10
+    bad = ((ma - mb).abs() > tol * torch.maximum(ma, mb).clamp_min(1)) & (ns > 0) & (ms > 0)
+    if bool(bad.any()):
+        raise ValueError("a and b must have the same total mass in every problem, got sums "
+                         f"{ma.tolist()[:8]} and {mb.tolist()[:8]}")
+
+
+def eps_schedule(cost: torch.Tensor, eps: float, scaling: float | None) -> list[float]:
+    """Epsilon scaling: eps_t = R * scaling^t while above eps, R the largest cost range of the batch
+    (one host read before the loop). Each value runs one iteration, warm-starting the next."""
+    if scaling is None:
+        return []
+    if not 0 < scaling < 1:
+        raise ValueError(f"eps_scaling must lie in (0, 1), got {scaling}")
+    if cost.numel() == 0:
+        return []
+    lo, hi = torch.aminmax(cost)  # no copy of the cost; +inf costs (forbidden pairs) need the masked range
+    R = float(hi - lo)
+    if not math.isfinite(R):
+        finite = cost[torch.isfinite(cost)]
+        R = float(finite.max() - finite.min()) if finite.numel() else 0.0
+    out = []
+    e = R
+    while e > eps and len(out) < 10_000:
+        out.append(e)
+        e *= scaling
+    return out
+
+
+class _Implicit(torch.autograd.Function):
+    """Potentials from the op; backward by implicit differentiation of the fixed point.
+
+    At the fixed point df = -R dg + (R o dC) 1 and dg = -S^T df + (S o dC)^T 1, with R = P / a (rows sum to
+    1) and S = P / b (columns sum to 1). The system A = [[I, R], [S^T, I]] is singular along the gauge
+    (f + c, g - c); the upstream gradient is projected off it, and A^T w = (grad_f, grad_g) is solved
+    densely with a rank-one term that fixes the gauge: dC_ij = u_i R_ij + v_j S_ij. Exact for every
+    gauge-invariant functional (plan, value, f_i + g_j, f_i - f_k); O((N + M)^3) per problem. The marginals
+    enter through eps / a and eps / b: grad_a = eps u / a, grad_b = eps v / b (for a, b kept on the
+    simplex, e.g. a = softmax(theta), the only changes the mass check accepts).
+    """
+
+    @staticmethod
+    def forward(ctx, cost, a, b, n_sizes, m_sizes, schedule, eps, n_iters, tol, scores, op):
+        f, g, iters, err = op(cost, a, b, n_sizes, m_sizes, schedule, eps, n_iters, tol, scores)
+        ctx.eps, ctx.scores = eps, scores
+        ctx.save_for_backward(cost, a, b, f, g, n_sizes, m_sizes)
+        ctx.mark_non_differentiable(iters, err)
+        return f, g, iters, err
+
+    @staticmethod
+    def backward(ctx, grad_f, grad_g, _gi, _ge):
+        cost, a, b, f, g, n_sizes, m_sizes = ctx.saved_tensors
+        grad_cost, grad_a, grad_b = implicit_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, ctx.eps,
+                                                       ctx.scores)
+        return grad_cost, grad_a, grad_b, None, None, None, None, None, None, None, None
+
+
+def implicit_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, eps, scores):
+    B, N, M = cost.shape
+    rows = torch.arange(N, device=cost.device) < n_sizes[:, None]
+    cols = torch.arange(M, device=cost.device) < m_sizes[:, None]
+    P = _ref.plan(cost, f, g, eps, n_sizes, m_sizes, scores)
+    R = torch.where((rows & (a > 0))[:, :, None], P / a[:, :, None], 0)
+    S = torch.where((cols & (b > 0))[:, None, :], P / b[:, None, :], 0)
+    gf = torch.where(rows, grad_f, 0)
+    gg = torch.where(cols, grad_g, 0)
+    n, m = rows.sum(-1, keepdim=True).to(cost.dtype), cols.sum(-1, keepdim=True).to(cost.dtype)
+    c = (gf.sum(-1, keepdim=True) - gg.sum(-1, keepdim=True)) / (n + m).clamp_min(1)
+    rhs = torch.cat([torch.where(rows, gf - c, 0), torch.where(cols, gg + c, 0)], -1)
+    eye = torch.eye(N + M, dtype=cost.dtype, device=cost.device).expand(B, -1, -1)
+    At = eye + torch.cat([torch.cat([torch.zeros(B, N, N, dtype=cost.dtype, device=cost.device), S], -1),
+                          torch.cat([R.transpose(1, 2), torch.zeros(B, M, M, dtype=cost.dtype, device=cost.device)],
+                                    -1)], 1)
+    left = torch.cat([rows.to(cost.dtype), -cols.to(cost.dtype)], -1)  # (1, -1): A's null vector
+    right = torch.cat([-a * rows, b * cols], -1)  # (-a, b): A^T's null vector
+    w = torch.linalg.solve(At + left[:, :, None] * right[:, None, :], rhs)
+    u, v = w[:, :N], w[:, N:]
+    out = u[:, :, None] * R + v[:, None, :] * S
+    # f = eps log a - eps LSE(...): the marginals enter the fixed point through eps / a and eps / b
+    grad_a = torch.where(rows & (a > 0), eps * u / a, 0)
+    grad_b = torch.where(cols & (b > 0), eps * v / b, 0)
+    return (-out if scores else out), grad_a, grad_b
+
+
+def sinkhorn(
+    cost_or_scores: torch.Tensor,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    eps: float,
+    n_iters: int | None = None,
+    tol: float | None = None,
+    log_domain: bool = True,
+    return_plan: bool = False,
+    scores: bool = False,
+    n_sizes: torch.Tensor | None = None,
+    m_sizes: torch.Tensor | None = None,
+    eps_scaling: float | None = None,
+    grad: str = "envelope",
+    backend: str = "auto",
+) -> SinkhornOutput:
+    r"""Batched entropic OT by log-domain Sinkhorn: potentials f [B, N], g [B, M] of
+    ``min_P <P, C> + eps sum P (log P - 1)`` s.t. ``P 1 = a``, ``P^T 1 = b``, with
+    ``P_ij = exp((f_i + g_j - C_ij) / eps)`` (POT's sinkhorn_log convention; see the module docstring).
+
+    Args:
+        cost_or_scores: [B, N, M] (or [N, M], treated as B = 1) costs, or scores when ``scores=True``
+            (C = -scores). float32/float64; fp16/bf16 are converted to float32.
+        a, b: marginals [B, N] / [B, M] (or shared [N] / [M]), non-negative, same total mass per problem;
+            default uniform over each problem's (ragged) size.
+        eps: entropic regularisation (> 0), in cost units.
+        n_iters: most iterations (epsilon-scaling ones included); default 1000.
+        tol: stop a problem once its L1 column-marginal error is <= tol, checked on the same pass that
+            computes the next g (no extra pass, no host sync); default 1e-6 when n_iters is None, else
+            no check (fixed n_iters, as POT with stopThr=0).
+        log_domain: False runs the classical u = a / (K v) iterations (torch backend, no ragged, no
+            scaling): it underflows at small eps, as POT's ot.sinkhorn; kept for comparison.
+        return_plan: also return P [B, N, M] (0 on padding).
+        n_sizes, m_sizes: [B] int per-problem sizes (ragged batch): problem p is the top-left
+            n_sizes[p] x m_sizes[p] block; padding is never read by the native kernel.
+        eps_scaling: factor q in (0, 1): iterations first run at R, R q, R q^2, ... > eps (R the largest
+            cost range), warm-starting each from the last, then at eps.
+        grad: ``"envelope"`` (default): backward maps (grad_f, grad_g) to
+            dC = P (grad_f / a + grad_g / b) / 2, exact (Danskin) for the dual value <a, f> + <b, g>
+            whose gradient is the plan, and for sinkhorn_distance; ``"implicit"``: implicit
+            differentiation of the fixed point (exact for gauge-invariant functionals, dense solve per
+            problem, small problems; also differentiates a and b); ``"unrolled"``: autograd through the
+            iterations of the PyTorch reference (backend "torch", also through a and b). The envelope
+            gives no gradient to a and b.
+        backend: "auto" | "native" | "triton" | "torch".
+
+    Returns:
+        SinkhornOutput(f, g, plan, n_iters [B] int64, err [B]).
+
+    Raises:
+        ValueError: bad shapes, eps <= 0, negative or unequal-mass marginals, NaN cost, bad sizes.
+    """
+    x = cost_or_scores
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x[None]
+    x = _as_batch(x, "cost_or_scores")
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite value > 0, got {eps}")
+    if grad not in _GRADS:
+        raise ValueError(f"grad must be one of {_GRADS}, got {grad!r}")
+    if n_iters is None:
+        n_iters, tol = 1000, (1e-6 if tol is None else tol)
+    if n_iters < 0:
+        raise ValueError(f"n_iters must be >= 0, got {n_iters}")
+    tol_v = -1.0 if tol is None else float(tol)
+    B, N, M = x.shape
+    ns = _sizes(n_sizes, B, N, "n_sizes", x.device)
+    ms = _sizes(m_sizes, B, M, "m_sizes", x.device)
+    if not torch.compiler.is_compiling() and bool(((ns < 0) | (ns > N) | (ms < 0) | (ms > M)).any()):
+        raise ValueError(f"n_sizes must lie in [0, {N}] and m_sizes in [0, {M}]")
+    aw = _marginal(a, ns, B, N, x, "a")
+    bw = _marginal(b, ms, B, M, x, "b")
+    _check_mass(aw, bw, ns, ms)
+    if not log_domain:
+        if n_sizes is not None or m_sizes is not None or eps_scaling is not None or backend not in ("auto", "torch"):
+            raise ValueError("log_domain=False (the classical exp-domain iterations) runs on backend='torch' "
+                             "without ragged sizes or eps_scaling")
+        f, g = _ref.sinkhorn_exp(-x if scores else x, aw, bw, eps, n_iters)
+        iters = torch.full((B,), n_iters, dtype=torch.long, device=x.device)
+        err = (torch.exp((f[:, :, None] + g[:, None, :] - (-x if scores else x)) / eps).sum(1) - bw).abs().sum(-1)
+        return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
+    schedule = eps_schedule(x, eps, eps_scaling)
+    if grad == "unrolled":
+        if backend not in ("auto", "torch"):
+            raise ValueError("grad='unrolled' differentiates the PyTorch reference: use backend='torch' or 'auto'")
+        be = "torch"
+    else:
+        be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn", native_cuda=False)
+    if be == "torch" and bool(torch.isnan(x).any()):
+        raise ValueError("cost contains NaN")
+    if grad == "unrolled":
+        f, g, iters, err = _ref.sinkhorn(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
+        return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
+    op = {"native": torch.ops.alignops.sinkhorn, "triton": torch.ops.alignops.sinkhorn_triton,
+          "torch": _reference_no_grad}[be]
+    if grad == "implicit":
+        f, g, iters, err = _Implicit.apply(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores, op)
+    else:
+        f, g, iters, err = op(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
+        if be == "torch" and x.requires_grad:
+            f, g = _Envelope.apply(x, aw, bw, f, g, ns, ms, eps, scores)
+    return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
+
+
+def _reference_no_grad(*args):
+    """The torch backend for the envelope and implicit gradients: no autograd graph through the iterations."""
+    with torch.no_grad():
+        return _ref.sinkhorn(*args)
+
+
+class _Envelope(torch.autograd.Function):
+    """The torch backend's potentials with the envelope backward of the native op."""
+
+    @staticmethod
+    def forward(ctx, cost, a, b, f, g, n_sizes, m_sizes, eps, scores):
+        ctx.eps, ctx.scores = eps, scores
+        ctx.save_for_backward(cost, a, b, f, g, n_sizes, m_sizes)
+        return f.clone(), g.clone()
+
+    @staticmethod
+    def backward(ctx, grad_f, grad_g):
+        cost, a, b, f, g, n_sizes, m_sizes = ctx.saved_tensors
+        return (envelope_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, ctx.eps, ctx.scores),
+                None, None, None, None, None, None, None, None)
+
+
+def _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze):
+    P = _ref.plan(x, f, g, eps, ns, ms, scores) if return_plan else None
+    if squeeze:
+        f, g, iters, err = f[0], g[0], iters[0], err[0]
+        P = P[0] if P is not None else None
+    return SinkhornOutput(f, g, P, iters, err)
+
+
+# ---- UCoFiA's normalisation and the column normalisers of its peers ---------------------------------
+
+
+class NormalizeOutput(NamedTuple):
+    row_bias: torch.Tensor  # [L, N] log-softmax bias of the rows (this rank's rows when sharded)
+    col_bias: torch.Tensor  # [L, M] log-softmax bias of the columns
+
+
+def _sim_batch(sim: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
+    if sim.dim() not in (2, 3):
+        raise ValueError(f"{name} must have shape [N, M] or [L, N, M], got {tuple(sim.shape)}")
+    if not sim.is_floating_point():
+        raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {sim.dtype}")
+    x = sim if sim.dtype in (torch.float32, torch.float64) else sim.float()
+    return (x[None], True) if x.dim() == 2 else (x, False)
+
+
+def _normalize_pass(sim, col_bias, scale, row_update, chunk_size, be):
+    """(row_bias [L, N], column logsumexp [L, M]) over the rows held here."""
+    if be == "native":
+        return torch.ops.alignops.sinkhorn_normalize_pass(sim, col_bias, scale, row_update)
+    if be == "triton":
+        return torch.ops.alignops.sinkhorn_normalize_pass_triton(sim, col_bias, scale, row_update)
+    if torch.isnan(sim).any():
+        raise ValueError("sim contains NaN")
+    N = sim.shape[1]
+    chunk = N if chunk_size is None else max(1, chunk_size)
+    rows, lse = [], None
+    for r0 in range(0, max(N, 1), chunk):
+        rb, cl = _ref.sinkhorn_normalize_pass(sim[:, r0:r0 + chunk], col_bias, scale, row_update)
+        rows.append(rb)
+        lse = cl if lse is None else torch.logaddexp(lse, cl)
+    return torch.cat(rows, 1), lse
+
+
+def _merge_lse(lse: torch.Tensor, process_group) -> torch.Tensor:
+    """logsumexp over the ranks of per-rank logsumexps (two all-reduces: max, then the shifted sums)."""
+    if process_group is None:
+        return lse
+    import torch.distributed as dist
+
+    m = lse.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=process_group)
+    m = torch.where(torch.isfinite(m), m, 0)
+    s = torch.exp(lse - m)
+    dist.all_reduce(s, group=process_group)
+    return m + s.log()
+
+
+def _resolve_normalize(backend: str, sim: torch.Tensor, op: str) -> str:
+    return _backend.resolve(backend, sim.device, op, native_cuda=False)
+
+
+def sinkhorn_normalize(sim: torch.Tensor, n_iters: int = 4, *, temperature: float = 1.0,
+                       chunk_size: int | None = None, process_group=None, backend: str = "auto") -> NormalizeOutput:
+    r"""UCoFiA's Sinkhorn normalisation of a bank similarity matrix, in the log domain.
+
+    UCoFiA (probability domain): ``K = exp(S / T - max)``, ``b = 1 / K.sum(0)``, then ``n_iters`` times
+    ``a = 1 / (K b)``, ``b = 1 / (a^T K)``; the biases are ``log_softmax(log a)`` and
+    ``log_softmax(log b)``. Here every step is a logsumexp (``log b_j = -LSE_i(S_ij / T + log a_i)``,
+    ``log a_i = -LSE_j(S_ij / T + log b_j)``), so logits spread over more than 87 do not underflow, and
+    one pass over S per iteration gives both updates: nothing of S's size is written.
+    The normalised test scores are ``test_sim / T + col_bias`` per level (UCoFiA averages the levels).
+
+    Args:
+        sim: [N, M] or [L, N, M] (L granularity levels) bank-query x gallery similarities.
+        n_iters: alternating updates (UCoFiA: 4).
+        temperature: S is divided by it.
+        chunk_size: rows per step of the torch backend (bounds its [chunk, M] temporaries); the native and
+            Triton kernels stream rows without temporaries.
+        process_group: sim holds this rank's rows; column statistics are all-reduced (2 all-reduces per
+            iteration), so every rank gets the column bias of the whole matrix and the log-softmax of its
+            own rows over all rows; identical to one process up to rounding.
+        backend: "auto" | "native" | "triton" | "torch".
+
+    Returns:
+        NormalizeOutput(row_bias [L, N] (or [N]), col_bias [L, M] (or [M])).
+    """
+    x, squeeze = _sim_batch(sim, "sim")
+    if n_iters < 0:
+        raise ValueError(f"n_iters must be >= 0, got {n_iters}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+    be = _resolve_normalize(backend, x, "alignops.ot.sinkhorn_normalize")
+    L, N, M = x.shape
+    scale = 1.0 / temperature
+    _, lse = _normalize_pass(x, x.new_zeros(L, M), scale, False, chunk_size, be)
+    lb = -_merge_lse(lse, process_group)
+    la = x.new_zeros(L, N)
+    for _ in range(n_iters):
+        la, lse = _normalize_pass(x, lb, scale, True, chunk_size, be)
+        lb = -_merge_lse(lse, process_group)
+    row = la - _merge_lse(torch.logsumexp(la, -1), process_group)[:, None]
+    col = torch.log_softmax(lb, -1)
+    return NormalizeOutput(row[0], col[0]) if squeeze else NormalizeOutput(row, col)
+
+
+def bank_column_lse(bank: torch.Tensor, *, temperature: float = 1.0, chunk_size: int | None = None,
+                    process_group=None, backend: str = "auto") -> torch.Tensor:
+    """``LSE_k(bank_kj / T)`` over the bank queries k (all ranks' rows), [M]: the streaming column
+    normaliser behind inverted softmax, QB-Norm and DSL."""
+    x, _ = _sim_batch(bank, "bank")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+    if x.shape[0] != 1:
+        raise ValueError(f"bank must be a 2-D tensor [N_bank, M], got {tuple(bank.shape)}")
+    be = _resolve_normalize(backend, x, "alignops.ot.bank_column_lse")
+    _, lse = _normalize_pass(x, x.new_zeros(1, x.shape[2]), 1.0 / temperature, False, chunk_size, be)
+    return _merge_lse(lse, process_group)[0]
+
+
+def _check_pair(sim: torch.Tensor, bank: torch.Tensor) -> None:
+    if sim.dim() != 2 or bank.dim() != 2 or sim.shape[1] != bank.shape[1]:
+        raise ValueError(f"sim [Q, M] and bank [N_bank, M] must share the gallery dimension M, got "
+                         f"{tuple(sim.shape)} and {tuple(bank.shape)}")
+
+
+def inverted_softmax(sim: torch.Tensor, bank: torch.Tensor | None = None, *, temperature: float = 1.0,
+                     chunk_size: int | None = None, process_group=None, backend: str = "auto") -> torch.Tensor:
+    """Smith et al.'s inverted softmax, log domain: ``S_ij / T - LSE_k(bank_kj / T)`` (the bank defaults to
+    the test queries themselves). Same ranking per query as the probability form, without overflow."""
+    bank = sim if bank is None else bank
+    _check_pair(sim, bank)
+    lse = bank_column_lse(bank, temperature=temperature, chunk_size=chunk_size, process_group=process_group,
+                          backend=backend)
+    return sim / temperature - lse
+
+
+def qb_norm(sim: torch.Tensor, bank: torch.Tensor, *, temperature: float = 1.0, k: int = 1,
+            chunk_size: int | None = None, process_group=None, backend: str = "auto") -> torch.Tensor:
+    """QB-Norm with the dynamic inverted softmax (Bogolin et al.): a test query whose top-1 gallery item is
+    in the activation set (items in some bank query's top-k) gets the inverted softmax (log domain), the
+    others keep their raw similarities. The activation set is merged over ranks (all-reduce MAX)."""
+    _check_pair(sim, bank)
+    if not 1 <= k <= bank.shape[1]:
+        raise ValueError(f"k must lie in [1, M = {bank.shape[1]}], got {k}")
+    normed = inverted_softmax(sim, bank, temperature=temperature, chunk_size=chunk_size,
+                              process_group=process_group, backend=backend)
+    active = torch.zeros(bank.shape[1], dtype=torch.int32, device=bank.device)
+    active[bank.topk(k, dim=1).indices.flatten()] = 1
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(active, op=dist.ReduceOp.MAX, group=process_group)
+    use = active.bool()[sim.argmax(dim=1)]
+    return torch.where(use[:, None], normed, sim)
+
+
+def dual_softmax(sim: torch.Tensor, *, temperature: float = 1.0, chunk_size: int | None = None,
+                 process_group=None, backend: str = "auto") -> torch.Tensor:
+    """DSL (Cheng et al.): ``S_ij * softmax_i(S / T)_ij``, the prior over the queries (all ranks' rows when
+    sim is row-sharded) computed in the log domain."""
+    if sim.dim() != 2:
+        raise ValueError(f"sim must be a 2-D tensor [Q, M], got {tuple(sim.shape)}")
+    lse = bank_column_lse(sim, temperature=temperature, chunk_size=chunk_size, process_group=process_group,
+                          backend=backend)
+    return sim * torch.exp(sim / temperature - lse)
+
+
+def nnn(sim: torch.Tensor, bank: torch.Tensor, *, k: int = 16, alpha: float = 1.0, chunk_size: int | None = None,
+        process_group=None) -> torch.Tensor:
+    """NNN (Chowdhury et al.): ``S_ij - alpha * mean of the k largest bank similarities of item j``. The
+    per-column top-k streams over bank chunks and merges over ranks (all-gather of [k, M] per rank);
+    torch composite (a top-k merge, no kernel of its own)."""
+    _check_pair(sim, bank)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    chunk = bank.shape[0] if chunk_size is None else max(1, chunk_size)
+    top = bank.new_empty(0, bank.shape[1])
+    for r0 in range(0, bank.shape[0], chunk):
+        both = torch.cat([top, bank[r0:r0 + chunk]], 0)
+        top = both.topk(min(k, both.shape[0]), dim=0).values
+    if process_group is not None:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(top) for _ in range(dist.get_world_size(process_group))]
+        dist.all_gather(parts, top.contiguous(), group=process_group)
+        both = torch.cat(parts, 0)
+        top = both.topk(min(k, both.shape[0]), dim=0).values
+    if top.shape[0] < k:
+        raise ValueError(f"k = {k} exceeds the {top.shape[0]} bank queries")
+    return sim - alpha * top.mean(0)
+
+
+# ---- entropic OT between point clouds ------------------------------------------------------------------
+
+
+def _points_reference(x, y, a, b, n_sizes, m_sizes, p, schedule, eps, n_iters, tol):
+    """The torch backend: the reference solver on the materialised cost (no autograd through it)."""
+    C = _ref.point_cost(x, y, p)
+    return tuple(t.detach() for t in _ref.sinkhorn(C.detach(), a, b, n_sizes, m_sizes, schedule, eps, n_iters, tol,
+                                                   False))
+
+
+def _cost_grad_chunks(x, y, f, g, eps, p, grad):
+    """(d/dx, d/dy) of sum_b grad_b <P_b, C_b> with P held fixed (the envelope), streaming rows of x in chunks
+    so that at most [chunk, M] of the plan exists: dC_ij/dx_i = p |x_i - y_j|^(p-2) (x_i - y_j)."""
+    B, N, _ = x.shape
+    M = y.shape[1]
+    gx = torch.empty_like(x)
+    gy = torch.zeros_like(y)
+    chunk = max(1, (1 << 20) // max(M, 1))
+    for r0 in range(0, N, chunk):
+        xs = x[:, r0:r0 + chunk]
+        diff = xs[:, :, None, :] - y[:, None, :, :] if p != 2 else None
+        C = _ref.point_cost(xs, y, p)
+        P = torch.exp((f[:, r0:r0 + chunk, None] + g[:, None, :] - C) / eps)
+        if p == 2:
+            W = 2 * P
+        else:
+            dist = diff.norm(dim=-1)
+            W = torch.where(dist > 0, p * P * dist.clamp_min(1e-300) ** (p - 2), 0)
+        W = W * grad[:, None, None]
+        gx[:, r0:r0 + chunk] = xs * W.sum(-1, keepdim=True) - W @ y
+        gy += y * W.sum(1)[..., None] - W.transpose(1, 2) @ xs
+    return gx, gy
+
+
+class _PointsOT(torch.autograd.Function):
+    """OT_eps between point clouds, [B]; backward by the envelope theorem (dOT/dC = P)."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, b, p, schedule, eps, n_iters, tol, op):
+        B, N, M = x.shape[0], x.shape[1], y.shape[1]
+        ns = torch.full((B,), N, dtype=torch.long, device=x.device)
+        ms = torch.full((B,), M, dtype=torch.long, device=x.device)
+        f, g, iters, err = op(x, y, a, b, ns, ms, float(p), schedule, eps, n_iters, tol)
+        value = (torch.where(a > 0, a * (f - eps * a.log()), 0).sum(-1)
+                 + torch.where(b > 0, b * (g - eps * b.log()), 0).sum(-1))
+        ctx.p, ctx.eps = p, eps
+        ctx.save_for_backward(x, y, f, g)
+        ctx.mark_non_differentiable(iters, err)
+        return value, iters, err
+
+    @staticmethod
+    def backward(ctx, grad_value, _gi, _ge):
+        x, y, f, g = ctx.saved_tensors
+        gx, gy = _cost_grad_chunks(x, y, f, g, ctx.eps, ctx.p, grad_value)
+        return gx, gy, None, None, None, None, None, None, None, None
+
+
+class DistanceOutput(NamedTuple):
+    value: torch.Tensor  # [B] debiased Sinkhorn divergence, or OT_eps when debias=False
+    n_iters: torch.Tensor  # [B] iterations of the (x, y) problem
+    err: torch.Tensor  # [B] its L1 column-marginal error
+
+
+def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2, a: torch.Tensor | None = None,
+                      b: torch.Tensor | None = None, *, debias: bool = True, n_iters: int | None = None,
+                      tol: float | None = None, eps_scaling: float | None = None,
+                      backend: str = "auto") -> DistanceOutput:
+    r"""Entropic OT between point clouds and the debiased Sinkhorn divergence, without the cost matrix.
+
+    ``C_ij = |x_i - y_j|_2^p`` (p = 2: squared Euclidean, POT's ``ot.dist`` default; GeomLoss's p = 2 cost is
+    half of it). ``OT_eps(a, b) = <a, f - eps log a> + <b, g - eps log b>``, which equals
+    ``<P, C> + eps KL(P | a x b)`` at the fixed point (GeomLoss's convention); the divergence is
+    ``S_eps = OT_eps(x, y) - OT_eps(x, x) / 2 - OT_eps(y, y) / 2`` (>= 0, 0 when the clouds coincide).
+    The native and Triton kernels compute the costs of a row segment / tile from the points when they need
+    them: nothing N x M is stored (the torch backend materialises C). Gradients w.r.t. x and y by the
+    envelope theorem (dOT/dC = P), streamed over row chunks of the plan; none w.r.t. a and b.
+
+    Args:
+        x: [B, N, d] (or [N, d]); y: [B, M, d] (or [M, d]); float32/float64.
+        eps: entropic regularisation (> 0) in cost units; p: cost exponent (>= 1).
+        a, b: weights [B, N] / [B, M] (or [N] / [M]), default uniform; same mass.
+        n_iters, tol, eps_scaling, backend: as in :func:`sinkhorn`.
+
+    Returns:
+        DistanceOutput(value [B] (or scalar), n_iters, err) of the (x, y) problem.
+    """
+    squeeze = x.dim() == 2
+    if squeeze:
+        x, y = x[None], y[None] if y.dim() == 2 else y
+    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+        raise ValueError(f"x and y must have shapes [B, N, d] and [B, M, d], got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    if not x.is_floating_point() or not y.is_floating_point():
+        raise ValueError(f"x and y must be floating point, got {x.dtype} and {y.dtype}")
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite value > 0, got {eps}")
+    if not p >= 1:
+        raise ValueError(f"p must be >= 1, got {p}")
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    y = y.to(x.dtype)
+    if n_iters is None:
+        n_iters, tol = 1000, (1e-6 if tol is None else tol)
+    tol_v = -1.0 if tol is None else float(tol)
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
+    full = lambda K: torch.full((B,), K, dtype=torch.long, device=x.device)  # noqa: E731
+    aw = _marginal(a, full(N), B, N, x, "a")
+    bw = _marginal(b, full(M), B, M, x, "b")
+    _check_mass(aw, bw, full(N), full(M))
+    be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn_distance", native_cuda=False)
+    op = {"native": torch.ops.alignops.sinkhorn_points, "triton": torch.ops.alignops.sinkhorn_points_triton,
+          "torch": _points_reference}[be]
+    if eps_scaling is not None:
+        with torch.no_grad():
+            lo, hi = torch.minimum(x.amin((0, 1)), y.amin((0, 1))), torch.maximum(x.amax((0, 1)), y.amax((0, 1)))
+            diameter = float((hi - lo).norm()) ** p  # the largest cost, bounded without the cost matrix
+        schedule = eps_schedule(torch.tensor([0.0, diameter]), eps, eps_scaling)
+    else:
+        schedule = []
+
+    def ot_value(u, v, wu, wv):
+        return _PointsOT.apply(u, v, wu, wv, p, schedule, eps, n_iters, tol_v, op)
+
+    value, iters, err = ot_value(x, y, aw, bw)
+    if debias:
+        value = value - 0.5 * ot_value(x, x, aw, aw)[0] - 0.5 * ot_value(y, y, bw, bw)[0]
+    if squeeze:
+        value, iters, err = value[0], iters[0], err[0]
+    return DistanceOutput(value, iters, err)
