@@ -31,6 +31,7 @@ from .ctc_segmentation import (
     write_ctm,
     write_kaldi_segments,
 )
+from .ops.preference import acc_dtype
 from .reference import ctc as _ref
 
 MEMORY_MODES = ("full", "checkpointed")
@@ -49,7 +50,7 @@ def _lengths(lengths: torch.Tensor | None, B: int, full: int, device: torch.devi
 
 
 def _star_scores(log_probs: torch.Tensor, blank: int, star_scores, star_penalty: float) -> torch.Tensor:
-    acc = _ref.acc_dtype(log_probs.dtype)
+    acc = acc_dtype(log_probs.dtype)
     B, T, C = log_probs.shape
     if isinstance(star_scores, torch.Tensor):
         if star_scores.shape != (B, T):
@@ -168,7 +169,7 @@ def forced_align(
 
 
 def _check_values_on_host(log_probs, targets, input_lengths, target_lengths, blank, star_id) -> None:
-    """The value checks the C++ CPU launcher makes, for CUDA and the reference (one host sync)."""
+    """The value checks the C++ CPU launcher makes, for CUDA and the reference (a few host syncs)."""
     B, T, C = log_probs.shape
     L = targets.shape[1]
     if targets.dtype not in (torch.int32, torch.int64):
@@ -232,9 +233,10 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
         raise ValueError(f"num_spans={num_spans} is fewer than the spans of a row ({int(count.max())})")
     k = torch.where(valid, starts.long().cumsum(1) - 1, K)  # K: a dump column, cut below
     frames = torch.arange(T, device=paths.device).expand(B, T)
-    acc = _ref.acc_dtype(frame_scores.dtype)
-    token = paths.new_full((B, K + 1), -1).scatter(1, torch.where(starts, k, K), paths)[:, :K]
-    start = paths.new_full((B, K + 1), -1).scatter(1, torch.where(starts, k, K), frames)[:, :K]
+    acc = acc_dtype(frame_scores.dtype)
+    at_start = torch.where(starts, k, K)
+    token = paths.new_full((B, K + 1), -1).scatter(1, at_start, paths)[:, :K]
+    start = paths.new_full((B, K + 1), -1).scatter(1, at_start, frames)[:, :K]
     end = paths.new_full((B, K + 1), -1).scatter(1, torch.where(ends, k, K), frames + 1)[:, :K]
     total = torch.zeros((B, K + 1), dtype=acc, device=paths.device).scatter_add(1, k, frame_scores.to(acc))[:, :K]
     length = (end - start).clamp(min=1).to(acc)
@@ -265,15 +267,17 @@ def word_spans(spans: TokenSpans, word_lengths: torch.Tensor) -> TokenSpans:
         raise ValueError("word_lengths asks for more tokens than a row has spans")
     first = last - lengths
     real = lengths > 0
-    safe_first = torch.where(real, first, 0).clamp(max=max(K - 1, 0))
-    safe_last = torch.where(real, last - 1, 0).clamp(max=max(K - 1, 0))
+    lo = torch.where(real, first, 0)  # [lo, hi): the word's tokens; padding words read column 0
+    hi = torch.where(real, last, 0)
+    safe_first = lo.clamp(max=max(K - 1, 0))
+    safe_last = (hi - 1).clamp(min=0, max=max(K - 1, 0))
     # fp64 prefix sums: a word is a difference of two of them, exact enough over hours of frames.
     frames = (spans.end - spans.start).clamp(min=0).double()
     weighted = torch.where(spans.start >= 0, spans.score.double(), 0.0) * frames
     csum = torch.cat([weighted.new_zeros(B, 1), weighted.cumsum(1)], 1)
     fsum = torch.cat([frames.new_zeros(B, 1), frames.cumsum(1)], 1)
-    total = csum.gather(1, torch.where(real, last, 0)) - csum.gather(1, torch.where(real, first, 0))
-    n = fsum.gather(1, torch.where(real, last, 0)) - fsum.gather(1, torch.where(real, first, 0))
+    total = csum.gather(1, hi) - csum.gather(1, lo)
+    n = fsum.gather(1, hi) - fsum.gather(1, lo)
     minus = torch.full_like(lengths, -1)
     return TokenSpans(
         torch.where(real, spans.token.gather(1, safe_first), minus) if K else minus,

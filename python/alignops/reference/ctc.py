@@ -10,10 +10,6 @@ from __future__ import annotations
 import torch
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def repeats(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
     """[B] number of j in [1, L_b) with targets[b, j] == targets[b, j - 1] (each needs an extra frame)."""
     L = targets.shape[1]
@@ -40,7 +36,7 @@ def forced_align(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: 
     L = targets.shape[1]
     S = 2 * L + 1
     dev = log_probs.device
-    acc = acc_dtype(log_probs.dtype)
+    acc = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
     lp = log_probs.to(acc)
     targets = targets.long()
     input_lengths = input_lengths.long().to(dev)
