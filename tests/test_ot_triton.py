@@ -104,3 +104,15 @@ def test_sinkhorn_points_triton_matches_native(shape, p):
     got = O.sinkhorn_distance(x.to(DEVICE), y.to(DEVICE), 0.05, p=p, n_iters=30, backend="triton")
     torch.testing.assert_close(got.value.cpu(), ref.value, **TOL[torch.float64])
     assert torch.equal(got.n_iters.cpu(), ref.n_iters)
+
+
+def test_sinkhorn_triton_with_newton_steps_reaches_the_small_eps_target():
+    # the Newton steps run on the Triton solver's potentials, on its device
+    torch.manual_seed(0)
+    C = torch.rand(3, 37, 21)
+    kw = dict(eps=1e-3, n_iters=300, tol=1e-4, eps_scaling=0.9, newton_steps=10)
+    got = O.sinkhorn(C.to(DEVICE), backend="triton", return_plan=True, **kw)
+    ref = O.sinkhorn(C, backend="native", **kw)
+    assert (got.err <= 1e-4).all() and (got.n_iters <= 300).all() and (ref.err <= 1e-4).all()
+    cols = (got.plan.double().sum(1) - 1 / 21).abs().sum(-1)
+    assert (cols <= 1.05e-4).all()

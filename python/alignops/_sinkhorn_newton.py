@@ -1,0 +1,160 @@
+r"""Sinkhorn-Newton steps on the entropic OT dual (Brauer, Clason, Lorenz and Wirth 2017), used by
+:func:`alignops.ot.sinkhorn` (``newton_steps=``) to finish problems that Sinkhorn converges to slowly.
+
+Why: at small eps relative to the costs (eps = 1e-3 on costs over [0, 1): C / eps up to 1000) Sinkhorn's
+contraction is so weak that no epsilon-scaling schedule brings the marginal error to 1e-4 in 300
+iterations, while Newton's method on the dual converges quadratically once the scaled iterations have
+brought the potentials close (3-6 steps from 1e-2 to below 1e-6 on 64 x 64 and 256 x 256 problems).
+
+The dual ``D(f, g) = <a, f> + <b, g> - eps sum_ij P_ij``, ``P_ij = exp((f_i + g_j - C_ij) / eps)``, has
+gradient ``(a - r, b - c)`` (r = P 1, c = P^T 1) and Hessian ``-(1/eps) [[diag r, P], [P^T, diag c]]``.
+The Newton direction solves ``[[diag r, P], [P^T, diag c]] (df, dg) = eps (a - r, b - c)``; the larger
+side is eliminated (``df = (eps (a - r) - P dg) / r``), leaving the Schur complement
+``S = diag c - P^T diag(1/r) P`` on the smaller side, a dense graph Laplacian (positive semi-definite; its
+diagonal is summed from the off-diagonal weights, without cancellation) with the gauge
+``(f + t, g - t)`` as its null vector, which a rank-one term ``mean(diag S) 1 1^T`` removes (the right-hand
+side is orthogonal to 1 when the masses agree). A backtracking line search on D (Armijo, halving up to
+2^-30) keeps every step an ascent step; an exact row update (the f half-step of Sinkhorn) follows, so the
+rows stay exact and the error is the column violation, as for the Sinkhorn iterations.
+
+Everything runs in float64 on chunks of the batch, whatever the cost dtype, sized so that a step's
+buffers (the chunk's plan, its Schur matrices) stay near the cost matrix's bytes (more only when one problem
+alone is larger). A step costs O(N M min(N, M)) flops, three passes of exp over the plan when the full step
+is accepted (the plan, the trial point, the row update), and a dense solve that limits it to
+min(N, M) <= 4096. Each step and line-search trial reads one flag from the device (an early exit), unlike
+the Sinkhorn loop, which reads none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import ot as _ref
+
+MAX_SIDE = 4096
+_MIN_CHUNK_BYTES = 1 << 22
+_ARMIJO = 1e-4
+_HALVINGS = 30
+_RIDGE = 1e-10  # least Levenberg-Marquardt ridge, relative to the mean diagonal of S
+
+
+def check_newton(N: int, M: int) -> None:
+    if min(N, M) > MAX_SIDE:
+        raise ValueError(f"newton_steps solves a dense min(N, M) x min(N, M) system per problem; min(N, M) must "
+                         f"be <= {MAX_SIDE}, got {min(N, M)}: use more Sinkhorn iterations instead")
+
+
+def _plan(C, f, g, eps):
+    # C holds +inf outside each problem's block: exp gives exactly 0 there.
+    return torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)
+
+
+def _row_update(C, log_a, g, rows, eps):
+    return torch.where(rows, eps * (log_a - torch.logsumexp((g[:, None, :] - C) / eps, dim=2)), 0)
+
+
+def _column_error(C, b, f, g, cols, eps):
+    return torch.where(cols, _plan(C, f, g, eps).sum(1) - b, 0).abs().sum(-1)
+
+
+def _direction(P, r, c, a, b, rows, cols, eps, ridge):
+    """The Newton direction (df, dg), eliminating the rows (N >= M is the caller's orientation)."""
+    r_safe = torch.where(rows & (r > 0), r, 1)
+    rhs_f = torch.where(rows, eps * (a - r), 0)
+    rhs_g = torch.where(cols, eps * (b - c), 0)
+    Q = P / r_safe[:, :, None]
+    # S = diag(c) - W with W = P^T diag(1/r) P, whose rows sum to c: S is the Laplacian of W's off-diagonal
+    # weights. Its diagonal is summed from those (positive) weights, not taken as c - W_jj, which cancels
+    # catastrophically when the plan is nearly a permutation (eps << costs) and breaks the factorisation.
+    W = P.transpose(1, 2) @ Q
+    W.diagonal(dim1=1, dim2=2).zero_()
+    deg = torch.where(cols, W.sum(-1), 0)
+    colf = cols.to(P.dtype)
+    # the mean diagonal over the problem's own columns (padding excluded) scales the gauge term and ridge
+    scale = (deg.sum(-1) / colf.sum(-1).clamp_min(1)).clamp_min(torch.finfo(P.dtype).tiny)
+    S = torch.diag_embed(torch.where(cols, deg, scale[:, None])) - W  # padding: scale * identity, rhs 0
+    del W
+    S = S + scale[:, None, None] * colf[:, :, None] * colf[:, None, :]
+    # A plan that is nearly a permutation splits into components joined by weights ~1e-19: S has
+    # near-zero eigenvalues besides the gauge. A Levenberg-Marquardt ridge proportional to the current
+    # marginal error bounds the step along them and vanishes as the error does (quadratic convergence kept).
+    S.diagonal(dim1=1, dim2=2).add_((ridge * scale)[:, None])
+    rhs = rhs_g - (Q.transpose(1, 2) @ rhs_f[:, :, None])[..., 0]
+    L, info = torch.linalg.cholesky_ex(S)
+    dg = torch.cholesky_solve(rhs[:, :, None], L)[..., 0]
+    dg = torch.where(cols & (info == 0)[:, None], dg, 0)  # a failed factorisation takes no step
+    df = torch.where(rows, (rhs_f - (P @ dg[:, :, None])[..., 0]) / r_safe, 0)
+    df = torch.where((info == 0)[:, None], df, 0)
+    return df, dg, rhs_f, rhs_g
+
+
+def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol):
+    B, N, M = C.shape
+    rows, cols = _ref._masks(ns, ms, N, M)
+    log_a = torch.where(rows, a.log(), -math.inf)
+    linear = lambda f, g: torch.where(rows, a * f, 0).sum(-1) + torch.where(cols, b * g, 0).sum(-1)  # noqa: E731
+    taken = torch.zeros(B, dtype=torch.long, device=C.device)
+    active = (ns > 0) & (ms > 0)
+    err = torch.zeros(B, dtype=C.dtype, device=C.device)
+    for k in range(steps + 1):
+        # One plan per step serves the error check, the direction and the dual value at t = 0.
+        P = _plan(C, f, g, eps)
+        r, c = P.sum(2), P.sum(1)
+        # the larger of the two L1 violations: in the flipped orientation the exact side is the other one
+        e = torch.maximum(torch.where(rows, r - a, 0).abs().sum(-1), torch.where(cols, c - b, 0).abs().sum(-1))
+        err = torch.where(active, e, err)
+        active = active & (e > tol)
+        if k == steps or not bool(active.any()):
+            break
+        df, dg, rf, rg = _direction(P, r, c, a, b, rows, cols, eps, err.clamp(_RIDGE, 1.0))
+        D0 = linear(f, g) - eps * r.sum(-1)
+        del P
+        slope = ((rf * df).sum(-1) + (rg * dg).sum(-1)) / eps  # <grad D, d> >= 0
+        t = torch.ones(B, dtype=C.dtype, device=C.device)
+        ok = torch.zeros(B, dtype=torch.bool, device=C.device)
+        for _ in range(_HALVINGS + 1):
+            ft, gt = f + t[:, None] * df, g + t[:, None] * dg
+            trial = linear(ft, gt) - eps * _plan(C, ft, gt, eps).sum((1, 2))
+            ok = ok | (trial >= D0 + _ARMIJO * t * slope)
+            if bool((ok | ~active).all()):
+                break
+            t = torch.where(ok, t, t / 2)
+        step = active & ok & (slope > 0)
+        g = torch.where(step[:, None], g + t[:, None] * dg, g)
+        f = torch.where(step[:, None], _row_update(C, log_a, g, rows, eps), f)
+        taken = taken + step.long()
+        active = step  # a problem that could not step has stalled: it stops
+    return f, g, taken, err
+
+
+def newton_polish(cost, a, b, f, g, n_sizes, m_sizes, eps: float, scores: bool, steps: int, tol: float):
+    """Up to ``steps`` Sinkhorn-Newton steps on each problem whose column error exceeds ``tol`` (all of them
+    when tol < 0). Returns (f, g) in f's dtype, the steps each problem took [B] int64 and the column error
+    [B] (in f's dtype) of the returned potentials."""
+    B, N, M = cost.shape
+    check_newton(N, M)
+    out_dtype = f.dtype
+    C = _ref.masked_cost(cost, n_sizes, m_sizes, scores).double()
+    a, b, f, g = a.double(), b.double(), f.double(), g.double()
+    flip = M > N  # eliminate the larger side: the dense solve is min(N, M) wide
+    if flip:
+        C, a, b, f, g, n_sizes, m_sizes = C.transpose(1, 2), b, a, g, f, m_sizes, n_sizes
+    # A chunk's float64 plan takes a quarter of the cost's bytes (a step holds about four such buffers):
+    # peak extra memory about 1x the cost matrix, unless one problem alone is bigger than that.
+    budget = max(_MIN_CHUNK_BYTES, cost.numel() * cost.element_size() // 4)
+    chunk = max(1, budget // max(1, 8 * N * M))
+    parts = [_polish_chunk(C[s:s + chunk], a[s:s + chunk], b[s:s + chunk], f[s:s + chunk], g[s:s + chunk],
+                           n_sizes[s:s + chunk], m_sizes[s:s + chunk], eps, steps, tol)
+             for s in range(0, B, chunk)]
+    f, g, taken = (torch.cat([p[k] for p in parts]) for k in range(3))
+    if flip:
+        # the eliminated side was g: restore the orientation, then make the rows exact again
+        C, a, b, f, g, n_sizes, m_sizes = C.transpose(1, 2), b, a, g, f, m_sizes, n_sizes
+        rows, _ = _ref._masks(n_sizes, m_sizes, N, M)
+        f = torch.where((taken > 0)[:, None], _row_update(C, torch.where(rows, a.log(), -math.inf), g, rows, eps), f)
+    f, g = f.to(out_dtype), g.to(out_dtype)
+    _, cols = _ref._masks(n_sizes, m_sizes, N, M)
+    err = _column_error(C, b, f.double(), g.double(), cols, eps).to(out_dtype)
+    return f, g, taken, err
