@@ -83,6 +83,11 @@ TORCH_LIBRARY(alignops, m) {
   // The residual add of a decoder layer with the skip criterion in the same pass: h = residual + delta and
   // score [N] (fp32; fp64 for fp64) = 1 - cos(h, residual) (criterion 0) or |h - residual| / |residual| (1).
   m.def("skip_add_score(Tensor residual, Tensor delta, int criterion) -> (Tensor, Tensor)");
+  // CPU inference: keep a oneDNN-prepacked copy of each weight (enable) or drop it (not enable); skip_ffn
+  // and skip_ffn_ then multiply with the packed copy (csrc/skip/skip_ffn_packed.h). batch_size: the row
+  // count oneDNN tunes the layout for (None: its default).
+  m.def("skip_ffn_prepack(Tensor[] weights, bool enable, int? batch_size) -> ()");
+  m.def("skip_ffn_is_prepacked(Tensor w) -> bool");
 
   // ---- ctc: batched CTC forced alignment (Viterbi over the 2L+1 trellis) ----------------------------
   // log_probs [B, T, C] (any float dtype; fp32 accumulation, fp64 for fp64), targets [B, L] padded,

@@ -18,7 +18,7 @@ side is orthogonal to 1 when the masses agree). A backtracking line search on D 
 rows stay exact and the error is the column violation, as for the Sinkhorn iterations.
 
 Everything runs in float64 on chunks of the batch, whatever the cost dtype, sized so that a step's
-buffers (the chunk's plan, its Schur matrices) stay near the cost matrix's bytes (more only when one problem
+buffers (the chunk's plan, its Schur matrices) stay below the cost matrix's bytes (more only when one problem
 alone is larger). A step costs O(N M min(N, M)) flops, three passes of exp over the plan when the full step
 is accepted (the plan, the trial point, the row update), and a dense solve that limits it to
 min(N, M) <= 4096. Each step and line-search trial reads one flag from the device (an early exit), unlike
@@ -34,7 +34,7 @@ import torch
 from .reference import ot as _ref
 
 MAX_SIDE = 4096
-_MIN_CHUNK_BYTES = 1 << 22
+_MIN_CHUNK_BYTES = 1 << 21
 _ARMIJO = 1e-4
 _HALVINGS = 30
 _RIDGE = 1e-10  # least Levenberg-Marquardt ridge, relative to the mean diagonal of S
@@ -129,32 +129,35 @@ def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol):
     return f, g, taken, err
 
 
+def _polish(cost, a, b, f, g, ns, ms, eps, scores, steps, tol, out_dtype):
+    """newton_polish on one chunk of the batch (float64 inside)."""
+    N, M = cost.shape[1], cost.shape[2]
+    C = _ref.masked_cost(cost, ns, ms, scores).double()
+    a, b, f, g = a.double(), b.double(), f.double(), g.double()
+    if M > N:  # eliminate the larger side: the dense solve is min(N, M) wide
+        g, f, taken, _ = _polish_chunk(C.transpose(1, 2), b, a, g, f, ms, ns, eps, steps, tol)
+        # the eliminated side was g: make the rows exact again
+        rows, _ = _ref._masks(ns, ms, N, M)
+        f = torch.where((taken > 0)[:, None], _row_update(C, torch.where(rows, a.log(), -math.inf), g, rows, eps), f)
+    else:
+        f, g, taken, _ = _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol)
+    f, g = f.to(out_dtype), g.to(out_dtype)
+    _, cols = _ref._masks(ns, ms, N, M)
+    # the error of the potentials as returned (rounded to out_dtype), not of the float64 iterate
+    return f, g, taken, _column_error(C, b, f.double(), g.double(), cols, eps).to(out_dtype)
+
+
 def newton_polish(cost, a, b, f, g, n_sizes, m_sizes, eps: float, scores: bool, steps: int, tol: float):
     """Up to ``steps`` Sinkhorn-Newton steps on each problem whose column error exceeds ``tol`` (all of them
     when tol < 0). Returns (f, g) in f's dtype, the steps each problem took [B] int64 and the column error
     [B] (in f's dtype) of the returned potentials."""
     B, N, M = cost.shape
     check_newton(N, M)
-    out_dtype = f.dtype
-    C = _ref.masked_cost(cost, n_sizes, m_sizes, scores).double()
-    a, b, f, g = a.double(), b.double(), f.double(), g.double()
-    flip = M > N  # eliminate the larger side: the dense solve is min(N, M) wide
-    if flip:
-        C, a, b, f, g, n_sizes, m_sizes = C.transpose(1, 2), b, a, g, f, m_sizes, n_sizes
-    # A chunk's float64 plan takes a quarter of the cost's bytes (a step holds about four such buffers):
-    # peak extra memory about 1x the cost matrix, unless one problem alone is bigger than that.
-    budget = max(_MIN_CHUNK_BYTES, cost.numel() * cost.element_size() // 4)
+    # A chunk's float64 plan takes an eighth of the cost's bytes (a step holds a few such buffers): peak
+    # extra memory below the cost matrix's, unless one problem alone is bigger than that.
+    budget = max(_MIN_CHUNK_BYTES, cost.numel() * cost.element_size() // 8)
     chunk = max(1, budget // max(1, 8 * N * M))
-    parts = [_polish_chunk(C[s:s + chunk], a[s:s + chunk], b[s:s + chunk], f[s:s + chunk], g[s:s + chunk],
-                           n_sizes[s:s + chunk], m_sizes[s:s + chunk], eps, steps, tol)
+    parts = [_polish(cost[s:s + chunk], a[s:s + chunk], b[s:s + chunk], f[s:s + chunk], g[s:s + chunk],
+                     n_sizes[s:s + chunk], m_sizes[s:s + chunk], eps, scores, steps, tol, f.dtype)
              for s in range(0, B, chunk)]
-    f, g, taken = (torch.cat([p[k] for p in parts]) for k in range(3))
-    if flip:
-        # the eliminated side was g: restore the orientation, then make the rows exact again
-        C, a, b, f, g, n_sizes, m_sizes = C.transpose(1, 2), b, a, g, f, m_sizes, n_sizes
-        rows, _ = _ref._masks(n_sizes, m_sizes, N, M)
-        f = torch.where((taken > 0)[:, None], _row_update(C, torch.where(rows, a.log(), -math.inf), g, rows, eps), f)
-    f, g = f.to(out_dtype), g.to(out_dtype)
-    _, cols = _ref._masks(n_sizes, m_sizes, N, M)
-    err = _column_error(C, b, f.double(), g.double(), cols, eps).to(out_dtype)
-    return f, g, taken, err
+    return tuple(torch.cat([p[k] for p in parts]) for k in range(4))

@@ -155,7 +155,8 @@ def skip_ffn(
     The kept rows are compacted (no host sync on a GPU: capacity-sized buffers and a device-side
     count), normalised during the gather, sent through the two GEMMs with the activation fused in
     between, and the second GEMM accumulates straight into the gathered residual rows before they are
-    scattered back. fp32 / bf16 / fp16 (fp32 accumulation), fp64 on the CPU. Differentiable in x,
+    scattered back. On the CPU, weights registered with :func:`prepack` (bf16 / fp32 inference) multiply
+    in oneDNN's packed layout, bf16 rows in blocks of at most 224 (the GEMM's fastest size here). fp32 / bf16 / fp16 (fp32 accumulation), fp64 on the CPU. Differentiable in x,
     the weights and the biases; skipped rows pass the gradient through unchanged. The backward syncs
     once (the number of kept rows sizes its GEMMs).
 
@@ -214,6 +215,46 @@ def skip_ffn(
     return y.reshape(x.shape)
 
 
+# ---- prepacked weights (CPU inference) -----------------------------------------------------------------
+
+
+def _check_weights_to_pack(weights) -> None:
+    if not weights:
+        raise ValueError("give at least one weight")
+    for w in weights:
+        if not isinstance(w, torch.Tensor) or w.device.type != "cpu":
+            raise ValueError(f"prepacked weights live on the CPU; got {getattr(w, 'device', type(w))} (on a GPU the "
+                             "GEMMs need no packing)")
+
+
+def prepack(*weights: torch.Tensor, batch_size: int | None = None) -> None:
+    """CPU inference: keep a oneDNN-prepacked copy of each weight (``w_gate_up`` [2I, H] / ``w_down`` [H, I],
+    bfloat16 or float32) that :func:`skip_ffn` then multiplies with.
+
+    A BF16 GEMM through ``torch.mm`` re-lays its weight out on every call; at the few rows skipping leaves
+    that is a fixed cost about as large as the GEMM, so the time would not fall with the kept fraction.
+    The copy costs the weight's memory once more, so registration is explicit (also
+    ``patch_ffn_skipping(..., prepack=True)``). It is tied to the weight tensor object: a weight changed in
+    place is repacked on its next use, and the copy is dropped by :func:`unprepack` or after the weight
+    itself is freed (at the next registration). Results equal the unpacked path up to the GEMM's rounding
+    (a different summation order); skipped rows stay bit-identical. Used only when no gradient is recorded.
+    ``batch_size``: the row count oneDNN tunes the layout for (default: its own choice).
+    """
+    _check_weights_to_pack(weights)
+    torch.ops.alignops.skip_ffn_prepack(list(weights), True, batch_size)
+
+
+def unprepack(*weights: torch.Tensor) -> None:
+    """Drop the prepacked copies of these weights (see :func:`prepack`)."""
+    _check_weights_to_pack(weights)
+    torch.ops.alignops.skip_ffn_prepack(list(weights), False, None)
+
+
+def is_prepacked(w: torch.Tensor) -> bool:
+    """True when :func:`skip_ffn` multiplies with a prepacked copy of ``w``."""
+    return w.device.type == "cpu" and bool(torch.ops.alignops.skip_ffn_is_prepacked(w))
+
+
 # ---- applying it to a model --------------------------------------------------------------------------
 
 
@@ -255,8 +296,17 @@ class _SkippingMLP(torch.nn.Module):
             return torch.cat([g, u])  # differentiable; re-formed every step in training
         key = (g.data_ptr(), g._version, u.data_ptr(), u._version)
         if self._fused is None or self._fused[0] != key:
+            if self._fused is not None and self.skipper.prepack:
+                unprepack(self._fused[1])
             self._fused = (key, torch.cat([g, u]).detach())
+            if self.skipper.prepack and g.device.type == "cpu":
+                prepack(self._fused[1], self.mlp.down_proj.weight)
         return self._fused[1]
+
+    def release(self) -> None:
+        if self._fused is not None and self.skipper.prepack and self._fused[1].device.type == "cpu":
+            unprepack(self._fused[1], self.mlp.down_proj.weight)
+        self._fused = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = self.skipper.keep
@@ -281,10 +331,14 @@ class FFNSkipper:
         skipper.remove()
 
     With no mask set, every row is computed (the model equals the dense one up to rounding).
+    ``prepack=True`` (CPU inference, bf16 / fp32 weights) keeps oneDNN-prepacked copies of the scheduled
+    layers' FFN weights (see :func:`prepack`; one more copy of those weights in memory), dropped by
+    :meth:`remove`.
     """
 
-    def __init__(self, layers: Sequence[torch.nn.Module], schedule: SkipSchedule):
+    def __init__(self, layers: Sequence[torch.nn.Module], schedule: SkipSchedule, prepack: bool = False):
         self.keep: torch.Tensor | None = None
+        self.prepack = prepack
         self._patched = []
         for i in schedule.layers(len(layers)):
             layer = layers[i]
@@ -297,6 +351,9 @@ class FFNSkipper:
                 proj = getattr(mlp, name, None)
                 if proj is None or getattr(proj, "bias", None) is not None:
                     raise ValueError(f"layer {i}'s mlp must have bias-free gate_proj, up_proj and down_proj")
+            if prepack and any(getattr(mlp, n).weight.device.type != "cpu" or getattr(mlp, n).weight.dtype not in
+                               (torch.bfloat16, torch.float32) for n in ("gate_proj", "up_proj", "down_proj")):
+                raise ValueError(f"prepack=True needs layer {i}'s FFN weights on the CPU in bfloat16 or float32")
             self._patched.append((layer, mlp, norm))
             layer.mlp = _SkippingMLP(mlp, norm, self)
             layer.post_attention_layernorm = _Passthrough()
@@ -320,10 +377,12 @@ class FFNSkipper:
     def remove(self) -> None:
         """Restores the original modules."""
         for layer, mlp, norm in self._patched:
+            layer.mlp.release()
             layer.mlp, layer.post_attention_layernorm = mlp, norm
         self._patched = []
 
 
-def patch_ffn_skipping(layers: Sequence[torch.nn.Module], schedule: SkipSchedule = SkipSchedule()) -> FFNSkipper:
+def patch_ffn_skipping(layers: Sequence[torch.nn.Module], schedule: SkipSchedule = SkipSchedule(),
+                       prepack: bool = False) -> FFNSkipper:
     """Patch the scheduled decoder layers to use :func:`skip_ffn`; see :class:`FFNSkipper`."""
-    return FFNSkipper(layers, schedule)
+    return FFNSkipper(layers, schedule, prepack)
