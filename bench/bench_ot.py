@@ -140,6 +140,6 @@ def summary(results) -> list[str]:
     for name in ("alignops (Sinkhorn only)", "alignops (+ 10 Newton steps)"):
         if name in _small_eps_errors:
             lines.append(f"eps=1e-3, costs U[0,1), 64x64, {name}: max L1 marginal error "
-                         f"{_small_eps_errors[name]:.2e} after <= {_small_eps_errors[name + ' iters']} iterations "
+                         f"{_small_eps_errors[name]:.3e} after <= {_small_eps_errors[name + ' iters']} iterations "
                          "(target <= 1e-4 within 300)")
     return lines

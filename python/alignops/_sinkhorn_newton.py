@@ -47,12 +47,14 @@ def check_newton(N: int, M: int) -> None:
 
 
 def _plan(C, f, g, eps):
-    # C holds +inf outside each problem's block: exp gives exactly 0 there.
-    return torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)
+    # In place after the first sum: one plan-sized buffer. C holds +inf outside each problem's block.
+    Z = f[:, :, None] + g[:, None, :]
+    return Z.sub_(C).div_(eps).exp_()
 
 
 def _row_update(C, log_a, g, rows, eps):
-    return torch.where(rows, eps * (log_a - torch.logsumexp((g[:, None, :] - C) / eps, dim=2)), 0)
+    Z = (g[:, None, :] - C).div_(eps)
+    return torch.where(rows, eps * (log_a - torch.logsumexp(Z, dim=2)), 0)
 
 
 def _column_error(C, b, f, g, cols, eps):
@@ -60,43 +62,44 @@ def _column_error(C, b, f, g, cols, eps):
 
 
 def _direction(P, r, c, a, b, rows, cols, eps, ridge):
-    """The Newton direction (df, dg), eliminating the rows (N >= M is the caller's orientation)."""
+    """The Newton direction (df, dg), eliminating the rows (N >= M is the caller's orientation). P is
+    overwritten (scaled by 1 / sqrt(r) per row) to keep one plan-sized buffer."""
     r_safe = torch.where(rows & (r > 0), r, 1)
     rhs_f = torch.where(rows, eps * (a - r), 0)
     rhs_g = torch.where(cols, eps * (b - c), 0)
-    Q = P / r_safe[:, :, None]
+    root = r_safe.sqrt()
+    Pr = P.div_(root[:, :, None])  # diag(1/sqrt(r)) P
     # S = diag(c) - W with W = P^T diag(1/r) P, whose rows sum to c: S is the Laplacian of W's off-diagonal
     # weights. Its diagonal is summed from those (positive) weights, not taken as c - W_jj, which cancels
     # catastrophically when the plan is nearly a permutation (eps << costs) and breaks the factorisation.
-    W = P.transpose(1, 2) @ Q
-    W.diagonal(dim1=1, dim2=2).zero_()
-    deg = torch.where(cols, W.sum(-1), 0)
+    S = Pr.transpose(1, 2) @ Pr
+    S.diagonal(dim1=1, dim2=2).zero_()
+    deg = torch.where(cols, S.sum(-1), 0)
     colf = cols.to(P.dtype)
     # the mean diagonal over the problem's own columns (padding excluded) scales the gauge term and ridge
     scale = (deg.sum(-1) / colf.sum(-1).clamp_min(1)).clamp_min(torch.finfo(P.dtype).tiny)
-    S = torch.diag_embed(torch.where(cols, deg, scale[:, None])) - W  # padding: scale * identity, rhs 0
-    del W
-    S = S + scale[:, None, None] * colf[:, :, None] * colf[:, None, :]
+    S.neg_().diagonal(dim1=1, dim2=2).copy_(torch.where(cols, deg, scale[:, None]))  # padding: scale * I, rhs 0
+    S.baddbmm_((scale[:, None] * colf)[:, :, None], colf[:, None, :])  # the gauge: + scale 1 1^T
     # A plan that is nearly a permutation splits into components joined by weights ~1e-19: S has
     # near-zero eigenvalues besides the gauge. A Levenberg-Marquardt ridge proportional to the current
     # marginal error bounds the step along them and vanishes as the error does (quadratic convergence kept).
     S.diagonal(dim1=1, dim2=2).add_((ridge * scale)[:, None])
-    rhs = rhs_g - (Q.transpose(1, 2) @ rhs_f[:, :, None])[..., 0]
+    rhs = rhs_g - (Pr.transpose(1, 2) @ (rhs_f / root)[:, :, None])[..., 0]
     L, info = torch.linalg.cholesky_ex(S)
     dg = torch.cholesky_solve(rhs[:, :, None], L)[..., 0]
     dg = torch.where(cols & (info == 0)[:, None], dg, 0)  # a failed factorisation takes no step
-    df = torch.where(rows, (rhs_f - (P @ dg[:, :, None])[..., 0]) / r_safe, 0)
+    df = torch.where(rows, (rhs_f - root * (Pr @ dg[:, :, None])[..., 0]) / r_safe, 0)
     df = torch.where((info == 0)[:, None], df, 0)
     return df, dg, rhs_f, rhs_g
 
 
-def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol):
+def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo):
     B, N, M = C.shape
     rows, cols = _ref._masks(ns, ms, N, M)
     log_a = torch.where(rows, a.log(), -math.inf)
     linear = lambda f, g: torch.where(rows, a * f, 0).sum(-1) + torch.where(cols, b * g, 0).sum(-1)  # noqa: E731
     taken = torch.zeros(B, dtype=torch.long, device=C.device)
-    active = (ns > 0) & (ms > 0)
+    active = (ns > 0) & (ms > 0) & todo
     err = torch.zeros(B, dtype=C.dtype, device=C.device)
     for k in range(steps + 1):
         # One plan per step serves the error check, the direction and the dual value at t = 0.
@@ -129,27 +132,31 @@ def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol):
     return f, g, taken, err
 
 
-def _polish(cost, a, b, f, g, ns, ms, eps, scores, steps, tol, out_dtype):
+def _polish(cost, a, b, f, g, ns, ms, eps, scores, steps, tol, todo, out_dtype):
     """newton_polish on one chunk of the batch (float64 inside)."""
     N, M = cost.shape[1], cost.shape[2]
     C = _ref.masked_cost(cost, ns, ms, scores).double()
     a, b, f, g = a.double(), b.double(), f.double(), g.double()
+    # The float64 iterate stops at tol / 2: rounding the potentials to out_dtype moves the error a little,
+    # and the error reported (and compared with tol by the caller) is that of the rounded potentials.
+    tol = tol / 2 if tol > 0 else tol
     if M > N:  # eliminate the larger side: the dense solve is min(N, M) wide
-        g, f, taken, _ = _polish_chunk(C.transpose(1, 2), b, a, g, f, ms, ns, eps, steps, tol)
+        g, f, taken, _ = _polish_chunk(C.transpose(1, 2), b, a, g, f, ms, ns, eps, steps, tol, todo)
         # the eliminated side was g: make the rows exact again
         rows, _ = _ref._masks(ns, ms, N, M)
         f = torch.where((taken > 0)[:, None], _row_update(C, torch.where(rows, a.log(), -math.inf), g, rows, eps), f)
     else:
-        f, g, taken, _ = _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol)
+        f, g, taken, _ = _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo)
     f, g = f.to(out_dtype), g.to(out_dtype)
     _, cols = _ref._masks(ns, ms, N, M)
     # the error of the potentials as returned (rounded to out_dtype), not of the float64 iterate
     return f, g, taken, _column_error(C, b, f.double(), g.double(), cols, eps).to(out_dtype)
 
 
-def newton_polish(cost, a, b, f, g, n_sizes, m_sizes, eps: float, scores: bool, steps: int, tol: float):
-    """Up to ``steps`` Sinkhorn-Newton steps on each problem whose column error exceeds ``tol`` (all of them
-    when tol < 0). Returns (f, g) in f's dtype, the steps each problem took [B] int64 and the column error
+def newton_polish(cost, a, b, f, g, n_sizes, m_sizes, eps: float, scores: bool, steps: int, tol: float,
+                  err: torch.Tensor):
+    """Up to ``steps`` Sinkhorn-Newton steps on each problem whose column error ``err`` (the Sinkhorn
+    iterations' figure) exceeds ``tol`` (on all of them when tol < 0). Returns (f, g) in f's dtype, the steps each problem took [B] int64 and the column error
     [B] (in f's dtype) of the returned potentials."""
     B, N, M = cost.shape
     check_newton(N, M)
@@ -157,7 +164,8 @@ def newton_polish(cost, a, b, f, g, n_sizes, m_sizes, eps: float, scores: bool, 
     # extra memory below the cost matrix's, unless one problem alone is bigger than that.
     budget = max(_MIN_CHUNK_BYTES, cost.numel() * cost.element_size() // 8)
     chunk = max(1, budget // max(1, 8 * N * M))
+    todo = err > tol if tol >= 0 else torch.ones_like(err, dtype=torch.bool)
     parts = [_polish(cost[s:s + chunk], a[s:s + chunk], b[s:s + chunk], f[s:s + chunk], g[s:s + chunk],
-                     n_sizes[s:s + chunk], m_sizes[s:s + chunk], eps, scores, steps, tol, f.dtype)
+                     n_sizes[s:s + chunk], m_sizes[s:s + chunk], eps, scores, steps, tol, todo[s:s + chunk], f.dtype)
              for s in range(0, B, chunk)]
     return tuple(torch.cat([p[k] for p in parts]) for k in range(4))

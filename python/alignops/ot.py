@@ -301,7 +301,8 @@ def _with_newton(op, steps: int):
 
     def run(x, a, b, ns, ms, schedule, eps, n_iters, tol, scores):
         f, g, iters, err = op(x, a, b, ns, ms, schedule, eps, n_iters - steps, tol, scores)
-        f, g, taken, err = newton_polish(x.detach(), a, b, f.detach(), g.detach(), ns, ms, eps, scores, steps, tol)
+        f, g, taken, err = newton_polish(x.detach(), a, b, f.detach(), g.detach(), ns, ms, eps, scores, steps, tol,
+                                         err.detach())
         return f, g, iters + taken, err
 
     return run
