@@ -4,6 +4,9 @@ or 3% (GPU); t(s) / t(0) <= (1 - s) + 0.05; faster than the naive path at every 
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
 import alignops
@@ -33,10 +36,12 @@ def groups(device: str, quick: bool):
         if device == "cpu" and dtype in (torch.bfloat16, torch.float32):
             packed = (w_gate_up.clone(), w_down.clone())
             alignops.skip.prepack(*packed)
+        keeps = {}
         for s in FRACTIONS:
             k = int(round(s * T))
             keep = torch.ones(T, dtype=torch.bool, device=device)
             keep[5:5 + k] = False  # a perceptual span after a short text prefix, as in LLaVA prompts
+            keeps[s] = keep
             shape = f"T={T} H={H} I={I} s={s:.3f}"
             with torch.no_grad():
                 cases = [
@@ -62,6 +67,14 @@ def groups(device: str, quick: bool):
                                                                        keep=keep, inplace=True)),
                     ]
             yield cases
+        # The ratio targets, measured paired: the fractions interleaved within each repetition, so that the
+        # load of a shared machine drifting between the table's rows does not enter t(s) / t(0).
+        buf = x.clone()
+        _paired[(dt, "alignops")] = _paired_ratios(
+            lambda s: alignops.skip_ffn(x, w_gate_up, w_down, norm_weight, keep=keeps[s]), device, quick)
+        if packed is not None:
+            _paired[(dt, "alignops prepacked in place")] = _paired_ratios(
+                lambda s: alignops.skip_ffn(buf, *packed, norm_weight, keep=keeps[s], inplace=True), device, quick)
         # A decoder layer's residual add + the change criterion + the skipped FFN: perceptual tokens whose
         # attention delta is small are skipped by threshold. Fused (one add+score pass, FFN in place on h)
         # vs the same steps in PyTorch ops around skip_ffn.
@@ -76,6 +89,28 @@ def groups(device: str, quick: bool):
                  lambda x=x, delta=delta: _no_grad(alignops.skip_ffn, x, w_gate_up, w_down, norm_weight,
                                                    delta=delta, threshold=THRESHOLD)),
         ]
+
+
+_paired: dict[tuple[str, str], dict[float, float]] = {}
+
+
+def _paired_ratios(call, device: str, quick: bool) -> dict[float, float]:
+    """Median over repetitions of t(s) / t(0), each repetition timing every fraction once in turn."""
+    reps = 3 if quick else 21
+    times = {s: [] for s in FRACTIONS}
+    with torch.no_grad():
+        for s in FRACTIONS:
+            call(s)  # warm-up
+        for _ in range(reps):
+            for s in FRACTIONS:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                call(s)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[s].append(time.perf_counter() - start)
+    return {s: statistics.median(t / t0 for t, t0 in zip(times[s], times[0.0])) for s in FRACTIONS}
 
 
 THRESHOLD = 1e-3  # 1 - cos: a delta of 1% of the row's norm scores about 5e-5, one of 50% about 0.1
@@ -117,4 +152,8 @@ def summary(results) -> list[str]:
                              f"vs naive {naive / r.median_ms:.2f}x {'ok' if r.median_ms < naive else 'MISSED'}"
                              + (f"; overhead vs dense {100 * (r.median_ms / dense - 1):+.1f}% (target <= 5%)"
                                 if s == 0 else ""))
+    for (dtype, provider), ratios in sorted(_paired.items()):
+        parts = [f"s={s:.3f}: {r:.3f} (<= {1 - s + 0.05:.3f}{'' if r <= 1 - s + 0.05 else ' MISSED'})"
+                 for s, r in ratios.items() if s > 0]
+        lines.append(f"{dtype} {provider}, paired t(s)/t(0) (fractions interleaved): " + "; ".join(parts))
     return lines
