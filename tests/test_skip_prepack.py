@@ -2,6 +2,7 @@
 path and the reference at any row count, skipped rows untouched, repacking after in-place updates, the
 gradient path never uses the packed copy, the patcher's prepack=True, bad input."""
 
+import contextlib
 import gc
 
 import pytest
@@ -18,6 +19,15 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
+@contextlib.contextmanager
+def packed(*weights, **kwargs):
+    prepack(*weights, **kwargs)
+    try:
+        yield
+    finally:
+        unprepack(*weights)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 65, 200])
 @pytest.mark.parametrize("batch_size", [None, 64])
@@ -26,8 +36,7 @@ def test_prepacked_matches_unpacked_and_reference(dtype, rows, batch_size):
     H, I = 96, 160
     w1, w2, nw, _, _ = make_ffn(H, I, dtype=dtype)
     p1, p2 = w1.clone(), w2.clone()  # the same values, registered: the others stay unpacked
-    prepack(p1, p2, batch_size=batch_size)
-    try:
+    with packed(p1, p2, batch_size=batch_size):
         assert is_prepacked(p1) and is_prepacked(p2) and not is_prepacked(w1)
         x = torch.randn(rows + 5, H).to(dtype)
         keep = torch.ones(rows + 5, dtype=torch.bool)
@@ -42,8 +51,6 @@ def test_prepacked_matches_unpacked_and_reference(dtype, rows, batch_size):
         err_got = (got.double() - exact).abs().max()
         err_plain = (plain.double() - exact).abs().max()
         assert err_got <= 2 * err_plain + 1e-6, (err_got, err_plain)
-    finally:
-        unprepack(p1, p2)
     assert not is_prepacked(p1) and not is_prepacked(p2)
 
 
@@ -53,8 +60,7 @@ def test_prepacked_with_biases_in_place_and_keep_all(activation):
     H, I = 64, 80
     w1, w2, nw, b1, b2 = make_ffn(H, I, activation=activation, dtype=torch.bfloat16, bias=True)
     p1, p2 = w1.clone(), w2.clone()
-    prepack(p1, p2)
-    try:
+    with packed(p1, p2):
         x = torch.randn(3, 21, H).to(torch.bfloat16)
         for keep in (torch.rand(3, 21) > 0.5, torch.ones(3, 21, dtype=torch.bool)):
             kw = dict(keep=keep, b_gate_up=b1, b_down=b2, activation=activation)
@@ -64,16 +70,13 @@ def test_prepacked_with_biases_in_place_and_keep_all(activation):
                 alignops.skip_ffn(buf, p1, p2, nw, inplace=True, **kw)
             assert torch.equal(buf[~keep], x[~keep])
             torch.testing.assert_close(buf.float(), plain.float(), **TOL[torch.bfloat16])
-    finally:
-        unprepack(p1, p2)
 
 
 def test_weight_changed_in_place_is_repacked():
     torch.manual_seed(1)
     H, I = 48, 64
     w1, w2, nw, _, _ = make_ffn(H, I)
-    prepack(w1, w2)
-    try:
+    with packed(w1, w2):
         x = torch.randn(9, H)
         keep = torch.ones(9, dtype=torch.bool)
         with torch.no_grad():
@@ -83,8 +86,6 @@ def test_weight_changed_in_place_is_repacked():
         exp = ref.skip_ffn(x.double(), w1.double(), w2.double(), nw.double(), keep)
         torch.testing.assert_close(got.double(), exp, **TOL[torch.float32])
         assert is_prepacked(w2)
-    finally:
-        unprepack(w1, w2)
 
 
 def test_gradient_path_uses_the_plain_weights():
@@ -92,8 +93,7 @@ def test_gradient_path_uses_the_plain_weights():
     H, I = 40, 56
     w1, w2, nw, _, _ = make_ffn(H, I)
     p1, p2 = w1.clone().requires_grad_(True), w2.clone().requires_grad_(True)
-    prepack(p1, p2)
-    try:
+    with packed(p1, p2):
         x = torch.randn(11, H, requires_grad=True)
         keep = torch.rand(11) > 0.4
         got = alignops.skip_ffn(x, p1, p2, nw, keep=keep)
@@ -101,8 +101,6 @@ def test_gradient_path_uses_the_plain_weights():
         assert torch.equal(got, plain)  # the same GEMMs, bit for bit: the packed copy is for inference
         got.sum().backward()
         assert p1.grad is not None and p2.grad is not None
-    finally:
-        unprepack(p1, p2)
 
 
 def test_a_freed_weight_is_not_matched_by_a_new_tensor():
