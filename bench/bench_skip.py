@@ -89,6 +89,8 @@ def groups(device: str, quick: bool):
                  lambda x=x, delta=delta: _no_grad(alignops.skip_ffn, x, w_gate_up, w_down, norm_weight,
                                                    delta=delta, threshold=THRESHOLD)),
         ]
+        if packed is not None:
+            alignops.skip.unprepack(*packed)  # this dtype's rows are measured: drop the copies
 
 
 _paired: dict[tuple[str, str], dict[float, float]] = {}

@@ -74,6 +74,10 @@ def test_ragged_batch_equals_each_problem_alone():
         torch.testing.assert_close(got.f[p, :n], alone.f[0], rtol=0, atol=1e-8)
         torch.testing.assert_close(got.g[p, :m], alone.g[0], rtol=0, atol=1e-8)
         assert (got.f[p, n:] == 0).all() and (got.g[p, m:] == 0).all()
+    # forbidden pairs (+inf costs) inside the blocks do not set the schedule either
+    forbidden = C.clone()
+    forbidden[0, 0, 0] = float("inf")
+    assert O.eps_schedule(forbidden, 1e-3, 0.9, ns, ms) == O.eps_schedule(C.clamp(max=1), 1e-3, 0.9, ns, ms)
     # epsilon scaling ignores the padding: the batch with its huge padded costs gives the same as without
     kw = dict(eps=1e-3, n_iters=200, tol=1e-9, eps_scaling=0.9, newton_steps=15)
     got = O.sinkhorn(C, n_sizes=ns, m_sizes=ms, **kw)
@@ -97,6 +101,34 @@ def test_problems_already_converged_take_no_step():
     plain = O.sinkhorn(C, eps=1e-3, n_iters=95, tol=1e-8)
     assert out.n_iters[1] == plain.n_iters[1] < 95
     torch.testing.assert_close(out.f[1], plain.f[1], rtol=0, atol=0)
+
+
+def test_zero_mass_entries_and_empty_problems():
+    # a zero weight has a -inf potential: Newton must still converge on the rest (0 * -inf is not a value)
+    torch.manual_seed(4)
+    C = torch.rand(3, 12, 10, dtype=torch.float64)
+    a = torch.full((3, 12), 1 / 11, dtype=torch.float64)
+    a[:, 3] = 0
+    b = torch.full((3, 10), 1 / 10, dtype=torch.float64)
+    ns, ms = torch.tensor([12, 0, 12]), torch.tensor([10, 10, 10])
+    kw = dict(eps=1e-2, n_iters=60, tol=1e-10, newton_steps=15, n_sizes=ns, m_sizes=ms, return_plan=True)
+    out = O.sinkhorn(C, a * (ns > 0)[:, None], b * (ns > 0)[:, None], **kw)
+    plain = O.sinkhorn(C, a * (ns > 0)[:, None], b * (ns > 0)[:, None], **dict(kw, newton_steps=0, n_iters=45))
+    assert (plain.err[[0, 2]] > 1e-6).all()  # Sinkhorn alone is far from the tolerance here
+    assert (out.err[[0, 2]] <= 1e-10).all() and (out.n_iters[[0, 2]] > plain.n_iters[[0, 2]]).all()
+    assert out.err[1] == plain.err[1] == 0 and out.n_iters[1] == 0  # the empty problem: untouched
+    assert (out.plan[[0, 2], 3] == 0).all() and torch.isfinite(out.g).all()
+    rows, cols = _marginal_errors(out.plan[[0, 2]], a[[0, 2]], b[[0, 2]])
+    assert rows.max() <= 1e-9 and cols.max() <= 1e-9
+
+
+def test_empty_batch_and_nothing_to_do():
+    empty = O.sinkhorn(torch.rand(0, 4, 5), eps=0.1, n_iters=10, newton_steps=3)
+    assert empty.f.shape == (0, 4) and empty.n_iters.shape == (0,)
+    C = torch.rand(2, 6, 5, dtype=torch.float64)
+    got = O.sinkhorn(C, eps=0.5, n_iters=500, tol=1e-6, newton_steps=3)
+    exp = O.sinkhorn(C, eps=0.5, n_iters=497, tol=1e-6)
+    assert torch.equal(got.f, exp.f) and torch.equal(got.err, exp.err) and torch.equal(got.n_iters, exp.n_iters)
 
 
 def test_envelope_gradient_of_the_dual_value_is_the_plan():
@@ -133,6 +165,8 @@ def test_bad_input():
         O.sinkhorn(C, eps=0.1, n_iters=10, newton_steps=11)
     with pytest.raises(ValueError, match=r"newton_steps must be an int in \[0, n_iters = 10\], got -1"):
         O.sinkhorn(C, eps=0.1, n_iters=10, newton_steps=-1)
+    with pytest.raises(ValueError, match=r"newton_steps must be an int in \[0, n_iters = 10\], got True"):
+        O.sinkhorn(C, eps=0.1, n_iters=10, newton_steps=True)
     with pytest.raises(ValueError, match="no unrolled gradient"):
         O.sinkhorn(C, eps=0.1, n_iters=10, newton_steps=2, grad="unrolled")
     with pytest.raises(ValueError, match="no unrolled gradient"):

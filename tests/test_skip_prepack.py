@@ -29,7 +29,7 @@ def packed(*weights, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7, 65, 200])
+@pytest.mark.parametrize("rows", [1, 7, 65, 200, 450])  # 450: bf16 in two blocks, fp32 on MKL's GEMMs
 @pytest.mark.parametrize("batch_size", [None, 64])
 def test_prepacked_matches_unpacked_and_reference(dtype, rows, batch_size):
     torch.manual_seed(rows)
@@ -72,6 +72,22 @@ def test_prepacked_with_biases_in_place_and_keep_all(activation):
             torch.testing.assert_close(buf.float(), plain.float(), **TOL[torch.bfloat16])
 
 
+def test_one_weight_packed_and_many_blocks_in_place():
+    torch.manual_seed(5)
+    H, I = 64, 96
+    w1, w2, nw, b1, b2 = make_ffn(H, I, dtype=torch.bfloat16, bias=True)
+    x = torch.randn(1000, H).to(torch.bfloat16)
+    keep = torch.rand(1000) > 0.1  # about 900 rows: five blocks
+    with torch.no_grad():
+        plain = alignops.skip_ffn(x, w1, w2, nw, keep=keep, b_gate_up=b1, b_down=b2)
+        for packed_ones in ((w1,), (w2,)):
+            with packed(*packed_ones):
+                buf = x.clone()
+                alignops.skip_ffn(buf, w1, w2, nw, keep=keep, b_gate_up=b1, b_down=b2, inplace=True)
+            assert torch.equal(buf[~keep], x[~keep])
+            torch.testing.assert_close(buf.float(), plain.float(), **TOL[torch.bfloat16])
+
+
 def test_weight_changed_in_place_is_repacked():
     torch.manual_seed(1)
     H, I = 48, 64
@@ -86,6 +102,24 @@ def test_weight_changed_in_place_is_repacked():
         exp = ref.skip_ffn(x.double(), w1.double(), w2.double(), nw.double(), keep)
         torch.testing.assert_close(got.double(), exp, **TOL[torch.float32])
         assert is_prepacked(w2)
+
+
+def test_new_storage_is_repacked_and_version_free_changes_need_a_new_registration():
+    torch.manual_seed(6)
+    H, I = 32, 40
+    w1, w2, nw, _, _ = make_ffn(H, I)
+    x = torch.randn(5, H)
+    keep = torch.ones(5, dtype=torch.bool)
+
+    def exact():
+        return ref.skip_ffn(x.double(), w1.double(), w2.double(), nw.double(), keep)
+
+    with packed(w1, w2), torch.no_grad():
+        w2.data = -w2.data.clone()  # a new storage under the same tensor object
+        torch.testing.assert_close(alignops.skip_ffn(x, w1, w2, nw, keep=keep).double(), exact(), **TOL[torch.float32])
+        w2.data.mul_(3.0)  # bumps no version: not seen until registered again (documented)
+        prepack(w2)
+        torch.testing.assert_close(alignops.skip_ffn(x, w1, w2, nw, keep=keep).double(), exact(), **TOL[torch.float32])
 
 
 def test_gradient_path_uses_the_plain_weights():
@@ -137,9 +171,27 @@ def test_patcher_with_prepack_equals_the_plain_patcher(dtype):
     torch.testing.assert_close(got.float(), exp.float(), **TOL[dtype])
 
 
+def test_patcher_registers_nothing_once_the_model_left_the_cpu():
+    model = TinyLlama(L=2)
+    skipper = patch_ffn_skipping(model.layers, prepack=True)
+    with torch.no_grad():
+        model(torch.randn(1, 4, 32))
+        model.to("meta")  # stands in for a GPU: the fused copy is rebuilt there and not registered
+        model.layers[0].mlp._gate_up()
+    assert not model.layers[0].mlp._fused[2]
+    assert not is_prepacked(model.layers[0].mlp.mlp.down_proj.weight)  # its CPU copy was dropped on the way
+    skipper.remove()
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="give at least one weight"):
         prepack()
+    with pytest.raises(ValueError, match="weights must be tensors, got int"):
+        prepack(3)
+    with torch.inference_mode():
+        frozen = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="an inference tensor keeps no version counter"):
+        prepack(frozen)
     with pytest.raises(ValueError, match="prepacked weights live on the CPU; got meta"):
         prepack(torch.empty(4, 4, device="meta"))
     with pytest.raises(ValueError, match="prepacked weights must be bfloat16 or float32, got torch.float16"):
@@ -148,6 +200,8 @@ def test_bad_input():
         prepack(torch.zeros(4))
     with pytest.raises(ValueError, match="batch_size must be > 0, got 0"):
         prepack(torch.zeros(4, 4), batch_size=0)
-    model = TinyLlama().to(torch.float16)
-    with pytest.raises(ValueError, match="prepack=True needs layer 0's FFN weights on the CPU in bfloat16 or float32"):
+    model = TinyLlama()
+    model.layers[3].to(torch.float16)
+    with pytest.raises(ValueError, match="prepack=True needs layer 3's FFN weights on the CPU in bfloat16 or float32"):
         patch_ffn_skipping(model.layers, prepack=True)
+    assert not any(isinstance(layer.mlp, alignops.skip._SkippingMLP) for layer in model.layers)  # none patched

@@ -148,10 +148,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_skip_
     return {y, index, count, rstd, pre_act};
   }
 
-  if (!save_for_backward) {
+  if (!save_for_backward && use_packed(x.scalar_type(), K)) {
     const auto packed_gate_up = prepacked(w_gate_up);
     const auto packed_down = prepacked(w_down);
-    if ((packed_gate_up.has_value() || packed_down.has_value()) && use_packed(x.scalar_type(), K)) {
+    if (packed_gate_up.has_value() || packed_down.has_value()) {
       run_packed(x, y, index, K, w_gate_up, w_down, norm_weight, b_gate_up, b_down, packed_gate_up, packed_down, I,
                  activation, eps);
       return {y, index, count, rstd, pre_act};

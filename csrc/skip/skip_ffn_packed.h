@@ -12,8 +12,8 @@
 
 namespace alignops::skip {
 
-// The packed copy of w when w was registered and is still the same tensor (same storage and version;
-// a weight changed in place is repacked on first use). nullopt otherwise.
+// The packed copy of w when w was registered (nullopt otherwise); repacked first when w's storage, offset
+// or version changed since.
 std::optional<at::Tensor> prepacked(const at::Tensor& w);
 
 // x @ w^T + bias with w's packed copy; with `other`, other + x @ w^T + bias in one rounding.

@@ -17,12 +17,12 @@ side is orthogonal to 1 when the masses agree). A backtracking line search on D 
 2^-30) keeps every step an ascent step; an exact row update (the f half-step of Sinkhorn) follows, so the
 rows stay exact and the error is the column violation, as for the Sinkhorn iterations.
 
-Everything runs in float64 on chunks of the batch, whatever the cost dtype, sized so that a step's
-buffers (the chunk's plan, its Schur matrices) stay below the cost matrix's bytes (more only when one problem
-alone is larger). A step costs O(N M min(N, M)) flops, three passes of exp over the plan when the full step
-is accepted (the plan, the trial point, the row update), and a dense solve that limits it to
-min(N, M) <= 4096. Each step and line-search trial reads one flag from the device (an early exit), unlike
-the Sinkhorn loop, which reads none.
+Everything runs in float64 on chunks of the batch, whatever the cost dtype: a chunk's plan takes an
+eighth of the cost matrix's bytes (at least 2 MiB, or one problem), and a step holds a few such buffers.
+A step costs O(N M min(N, M)) flops, three passes of exp over the plan when the full step is accepted
+(the plan, the trial point, the row update), and a dense solve that limits it to min(N, M) <= 4096. Each
+step and line-search trial reads one flag from the device (an early exit), unlike the Sinkhorn loop,
+which reads none. Problems already within tol, and chunks holding none other, are not touched.
 """
 
 from __future__ import annotations
@@ -97,7 +97,10 @@ def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo):
     B, N, M = C.shape
     rows, cols = _ref._masks(ns, ms, N, M)
     log_a = torch.where(rows, a.log(), -math.inf)
-    linear = lambda f, g: torch.where(rows, a * f, 0).sum(-1) + torch.where(cols, b * g, 0).sum(-1)  # noqa: E731
+    # <a, f> + <b, g> over the mass-carrying entries: a zero weight has a -inf potential (0 * -inf = NaN)
+    mass_rows, mass_cols = rows & (a > 0), cols & (b > 0)
+    linear = lambda f, g: (torch.where(mass_rows, a * f, 0).sum(-1)  # noqa: E731
+                           + torch.where(mass_cols, b * g, 0).sum(-1))
     taken = torch.zeros(B, dtype=torch.long, device=C.device)
     active = (ns > 0) & (ms > 0) & todo
     err = torch.zeros(B, dtype=C.dtype, device=C.device)
@@ -137,8 +140,9 @@ def _polish(cost, a, b, f, g, ns, ms, eps, scores, steps, tol, todo, out_dtype):
     N, M = cost.shape[1], cost.shape[2]
     C = _ref.masked_cost(cost, ns, ms, scores).double()
     a, b, f, g = a.double(), b.double(), f.double(), g.double()
-    # The float64 iterate stops at tol / 2: rounding the potentials to out_dtype moves the error a little,
-    # and the error reported (and compared with tol by the caller) is that of the rounded potentials.
+    # The float64 iterate stops at tol / 2: rounding the potentials to out_dtype moves the error, and the
+    # error reported is that of the rounded potentials (in fp32 with large potentials, e.g. costs offset by
+    # 10, rounding alone can leave it above tol: the figure says so).
     tol = tol / 2 if tol > 0 else tol
     if M > N:  # eliminate the larger side: the dense solve is min(N, M) wide
         g, f, taken, _ = _polish_chunk(C.transpose(1, 2), b, a, g, f, ms, ns, eps, steps, tol, todo)
@@ -156,16 +160,29 @@ def _polish(cost, a, b, f, g, ns, ms, eps, scores, steps, tol, todo, out_dtype):
 def newton_polish(cost, a, b, f, g, n_sizes, m_sizes, eps: float, scores: bool, steps: int, tol: float,
                   err: torch.Tensor):
     """Up to ``steps`` Sinkhorn-Newton steps on each problem whose column error ``err`` (the Sinkhorn
-    iterations' figure) exceeds ``tol`` (on all of them when tol < 0). Returns (f, g) in f's dtype, the steps each problem took [B] int64 and the column error
-    [B] (in f's dtype) of the returned potentials."""
+    iterations' figure) exceeds ``tol`` (on all of them when tol < 0). Returns (f, g) in f's dtype, the
+    steps each problem took [B] int64 and the column error [B]: recomputed, for the returned potentials,
+    where a step was taken, ``err`` unchanged elsewhere."""
     B, N, M = cost.shape
     check_newton(N, M)
-    # A chunk's float64 plan takes an eighth of the cost's bytes (a step holds a few such buffers): peak
-    # extra memory below the cost matrix's, unless one problem alone is bigger than that.
+    taken = torch.zeros(B, dtype=torch.long, device=cost.device)
+    todo = err > tol if tol >= 0 else torch.ones_like(err, dtype=torch.bool)
+    if B == 0 or not bool(todo.any()):
+        return f, g, taken, err
+    # A chunk's float64 plan takes an eighth of the cost's bytes (a step holds a few such buffers), at
+    # least _MIN_CHUNK_BYTES so that small batches are not cut into tiny pieces.
     budget = max(_MIN_CHUNK_BYTES, cost.numel() * cost.element_size() // 8)
     chunk = max(1, budget // max(1, 8 * N * M))
-    todo = err > tol if tol >= 0 else torch.ones_like(err, dtype=torch.bool)
-    parts = [_polish(cost[s:s + chunk], a[s:s + chunk], b[s:s + chunk], f[s:s + chunk], g[s:s + chunk],
-                     n_sizes[s:s + chunk], m_sizes[s:s + chunk], eps, scores, steps, tol, todo[s:s + chunk], f.dtype)
-             for s in range(0, B, chunk)]
-    return tuple(torch.cat([p[k] for p in parts]) for k in range(4))
+    f, g, err = f.clone(), g.clone(), err.clone()
+    for s in range(0, B, chunk):
+        part = slice(s, s + chunk)
+        if not bool(todo[part].any()):
+            continue
+        fp, gp, tp, ep = _polish(cost[part], a[part], b[part], f[part], g[part], n_sizes[part], m_sizes[part], eps,
+                                 scores, steps, tol, todo[part], f.dtype)
+        stepped = tp > 0
+        f[part] = torch.where(stepped[:, None], fp, f[part])
+        g[part] = torch.where(stepped[:, None], gp, g[part])
+        err[part] = torch.where(stepped, ep, err[part])
+        taken[part] = tp
+    return f, g, taken, err

@@ -97,14 +97,30 @@ def eps_schedule(cost: torch.Tensor, eps: float, scaling: float | None, n_sizes:
     if cost.numel() == 0:
         return []
     cost = cost.detach()
-    if n_sizes is not None and m_sizes is not None and bool(((n_sizes < cost.shape[1]) | (m_sizes < cost.shape[2])).any()):
-        # ragged: padding is never read by the solver, so it must not set the schedule either (+inf there)
-        cost = _ref.masked_cost(cost, n_sizes, m_sizes, False)
-    lo, hi = torch.aminmax(cost)  # no copy of the cost; +inf costs (forbidden pairs) need the masked range
-    R = float(hi - lo)
+    ragged = n_sizes is not None and m_sizes is not None and bool(
+        ((n_sizes < cost.shape[1]) | (m_sizes < cost.shape[2])).any())
+    R = math.inf
+    if not ragged:
+        lo, hi = torch.aminmax(cost)  # no copy of the cost
+        R = float(hi - lo)
     if not math.isfinite(R):
-        finite = cost[torch.isfinite(cost)]
-        R = float(finite.max() - finite.min()) if finite.numel() else 0.0
+        # ragged (padding is never read by the solver, so it must not set the schedule either) or +inf costs
+        # (forbidden pairs): the range of the finite entries of each problem's block, masked per chunk of
+        # problems so that the temporaries stay at an eighth of the cost
+        B, N, M = cost.shape
+        ns = n_sizes if n_sizes is not None else torch.full((B,), N, device=cost.device)
+        ms = m_sizes if m_sizes is not None else torch.full((B,), M, device=cost.device)
+        rows, cols = _ref._masks(ns, ms, N, M)
+        lo = torch.full((), math.inf, dtype=cost.dtype, device=cost.device)
+        hi = torch.full((), -math.inf, dtype=cost.dtype, device=cost.device)
+        step = max(1, B // 8)
+        for p in range(0, B, step):
+            c = cost[p:p + step]
+            valid = rows[p:p + step, :, None] & cols[p:p + step, None, :] & torch.isfinite(c)
+            lo = torch.minimum(lo, torch.where(valid, c, math.inf).amin())
+            hi = torch.maximum(hi, torch.where(valid, c, -math.inf).amax())
+        R = float(hi - lo)
+        R = R if math.isfinite(R) else 0.0
     out = []
     e = R
     while e > eps and len(out) < 10_000:
@@ -211,9 +227,10 @@ def sinkhorn(
             steps (Brauer et al. 2017; see ``alignops._sinkhorn_newton``) for the problems still above
             ``tol`` after the Sinkhorn iterations: quadratic convergence where Sinkhorn crawls (small eps
             relative to the costs; ``eps=1e-3, n_iters=300, tol=1e-4, eps_scaling=0.9, newton_steps=10``
-            reaches the tolerance on costs over [0, 1)). A step is one pass over the plan in float64 and
-            a dense min(N, M)-wide solve per problem (min(N, M) <= 4096); ``n_iters`` in the output
-            counts it as one iteration. 0 (default): Sinkhorn only, POT's iterates.
+            reaches the tolerance on costs over [0, 1)). A step is three float64 passes over the plan
+            (more when the line search backtracks) and a dense min(N, M)-wide solve per problem
+            (min(N, M) <= 4096); ``n_iters`` in the output counts it as one iteration, ``err`` is that of
+            the returned (rounded) potentials. 0 (default): Sinkhorn only, POT's iterates.
         grad: ``"envelope"`` (default): backward maps (grad_f, grad_g) to
             dC = P (grad_f / a + grad_g / b) / 2, exact (Danskin) for the dual value <a, f> + <b, g>
             whose gradient is the plan, and for sinkhorn_distance; ``"implicit"``: implicit
@@ -244,7 +261,7 @@ def sinkhorn(
         raise ValueError(f"n_iters must be >= 0, got {n_iters}")
     tol_v = -1.0 if tol is None else float(tol)
     B, N, M = x.shape
-    if not (isinstance(newton_steps, int) and 0 <= newton_steps <= n_iters):
+    if isinstance(newton_steps, bool) or not (isinstance(newton_steps, int) and 0 <= newton_steps <= n_iters):
         raise ValueError(f"newton_steps must be an int in [0, n_iters = {n_iters}], got {newton_steps}")
     if newton_steps:
         check_newton(N, M)

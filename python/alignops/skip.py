@@ -155,8 +155,9 @@ def skip_ffn(
     The kept rows are compacted (no host sync on a GPU: capacity-sized buffers and a device-side
     count), normalised during the gather, sent through the two GEMMs with the activation fused in
     between, and the second GEMM accumulates straight into the gathered residual rows before they are
-    scattered back. On the CPU, weights registered with :func:`prepack` (bf16 / fp32 inference) multiply
-    in oneDNN's packed layout, bf16 rows in blocks of at most 224 (the GEMM's fastest size here). fp32 / bf16 / fp16 (fp32 accumulation), fp64 on the CPU. Differentiable in x,
+    scattered back. On the CPU, weights registered with :func:`prepack` (inference) multiply in oneDNN's
+    packed layout: bf16 rows in blocks of at most 224 (the GEMM's fastest size here), fp32 when at most
+    224 rows are kept. fp32 / bf16 / fp16 (fp32 accumulation), fp64 on the CPU. Differentiable in x,
     the weights and the biases; skipped rows pass the gradient through unchanged. The backward syncs
     once (the number of kept rows sizes its GEMMs).
 
@@ -218,13 +219,17 @@ def skip_ffn(
 # ---- prepacked weights (CPU inference) -----------------------------------------------------------------
 
 
-def _check_weights_to_pack(weights) -> None:
+_PACKABLE = (torch.bfloat16, torch.float32)
+
+
+def _check_weights_to_pack(weights, on_cpu: bool = True) -> None:
     if not weights:
         raise ValueError("give at least one weight")
     for w in weights:
-        if not isinstance(w, torch.Tensor) or w.device.type != "cpu":
-            raise ValueError(f"prepacked weights live on the CPU; got {getattr(w, 'device', type(w))} (on a GPU the "
-                             "GEMMs need no packing)")
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(f"weights must be tensors, got {type(w).__name__}")
+        if on_cpu and w.device.type != "cpu":
+            raise ValueError(f"prepacked weights live on the CPU; got {w.device} (on a GPU the GEMMs need no packing)")
 
 
 def prepack(*weights: torch.Tensor, batch_size: int | None = None) -> None:
@@ -234,25 +239,29 @@ def prepack(*weights: torch.Tensor, batch_size: int | None = None) -> None:
     A BF16 GEMM through ``torch.mm`` re-lays its weight out on every call; at the few rows skipping leaves
     that is a fixed cost about as large as the GEMM, so the time would not fall with the kept fraction.
     The copy costs the weight's memory once more, so registration is explicit (also
-    ``patch_ffn_skipping(..., prepack=True)``). It is tied to the weight tensor object: a weight changed in
-    place is repacked on its next use, and the copy is dropped by :func:`unprepack` or after the weight
-    itself is freed (at the next registration). Results equal the unpacked path up to the GEMM's rounding
-    (a different summation order); skipped rows stay bit-identical. Used only when no gradient is recorded.
-    ``batch_size``: the row count oneDNN tunes the layout for (default: its own choice).
+    ``patch_ffn_skipping(..., prepack=True)``). It is tied to the weight tensor object: an in-place update
+    of the weight (which bumps its version) or a new storage (``param.data = other``) repacks it on its next
+    use; changes that bump no version (``w.data.mul_(...)``) are not seen, so register the weight again
+    after them. Inference tensors (created under ``torch.inference_mode()``) keep no version and are
+    refused. The copy is dropped by :func:`unprepack`, or after the weight itself is freed (at the next
+    registration). Results equal the unpacked path up to the GEMM's rounding; skipped rows stay
+    bit-identical. Used only when no gradient is recorded: bf16 always, fp32 when at most 224 rows are kept
+    (above that MKL's GEMMs on the plain weights are faster). ``batch_size``: the row count oneDNN tunes
+    the layout for (default: its own choice).
     """
     _check_weights_to_pack(weights)
     torch.ops.alignops.skip_ffn_prepack(list(weights), True, batch_size)
 
 
 def unprepack(*weights: torch.Tensor) -> None:
-    """Drop the prepacked copies of these weights (see :func:`prepack`)."""
-    _check_weights_to_pack(weights)
+    """Drop the prepacked copies of these weights (see :func:`prepack`), wherever the weights are now."""
+    _check_weights_to_pack(weights, on_cpu=False)
     torch.ops.alignops.skip_ffn_prepack(list(weights), False, None)
 
 
 def is_prepacked(w: torch.Tensor) -> bool:
-    """True when :func:`skip_ffn` multiplies with a prepacked copy of ``w``."""
-    return w.device.type == "cpu" and bool(torch.ops.alignops.skip_ffn_is_prepacked(w))
+    """True when ``w`` is registered with :func:`prepack` (a query: it never repacks)."""
+    return bool(torch.ops.alignops.skip_ffn_is_prepacked(w))
 
 
 # ---- applying it to a model --------------------------------------------------------------------------
@@ -296,15 +305,17 @@ class _SkippingMLP(torch.nn.Module):
             return torch.cat([g, u])  # differentiable; re-formed every step in training
         key = (g.data_ptr(), g._version, u.data_ptr(), u._version)
         if self._fused is None or self._fused[0] != key:
-            if self._fused is not None and self.skipper.prepack:
-                unprepack(self._fused[1])
-            self._fused = (key, torch.cat([g, u]).detach())
-            if self.skipper.prepack and g.device.type == "cpu":
-                prepack(self._fused[1], self.mlp.down_proj.weight)
+            self.release()
+            fused = torch.cat([g, u]).detach()
+            # registered only where packing applies: the model may have moved off the CPU since patching
+            packed = self.skipper.prepack and fused.device.type == "cpu" and fused.dtype in _PACKABLE
+            if packed:
+                prepack(fused, self.mlp.down_proj.weight)
+            self._fused = (key, fused, packed)
         return self._fused[1]
 
     def release(self) -> None:
-        if self._fused is not None and self.skipper.prepack and self._fused[1].device.type == "cpu":
+        if self._fused is not None and self._fused[2]:
             unprepack(self._fused[1], self.mlp.down_proj.weight)
         self._fused = None
 
@@ -340,20 +351,22 @@ class FFNSkipper:
         self.keep: torch.Tensor | None = None
         self.prepack = prepack
         self._patched = []
-        for i in schedule.layers(len(layers)):
+        chosen = schedule.layers(len(layers))
+        for i in chosen:  # every layer is checked before any is patched
             layer = layers[i]
             for name in ("mlp", "post_attention_layernorm"):
                 if not hasattr(layer, name):
                     raise ValueError(f"layer {i} has no `{name}`: patch_ffn_skipping expects HF-style LLaMA/Qwen "
                                      "decoder layers")
-            mlp, norm = layer.mlp, layer.post_attention_layernorm
             for name in ("gate_proj", "up_proj", "down_proj"):
-                proj = getattr(mlp, name, None)
+                proj = getattr(layer.mlp, name, None)
                 if proj is None or getattr(proj, "bias", None) is not None:
                     raise ValueError(f"layer {i}'s mlp must have bias-free gate_proj, up_proj and down_proj")
-            if prepack and any(getattr(mlp, n).weight.device.type != "cpu" or getattr(mlp, n).weight.dtype not in
-                               (torch.bfloat16, torch.float32) for n in ("gate_proj", "up_proj", "down_proj")):
-                raise ValueError(f"prepack=True needs layer {i}'s FFN weights on the CPU in bfloat16 or float32")
+                if prepack and (proj.weight.device.type != "cpu" or proj.weight.dtype not in _PACKABLE):
+                    raise ValueError(f"prepack=True needs layer {i}'s FFN weights on the CPU in bfloat16 or float32")
+        for i in chosen:
+            layer = layers[i]
+            mlp, norm = layer.mlp, layer.post_attention_layernorm
             self._patched.append((layer, mlp, norm))
             layer.mlp = _SkippingMLP(mlp, norm, self)
             layer.post_attention_layernorm = _Passthrough()
