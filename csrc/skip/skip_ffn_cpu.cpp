@@ -72,44 +72,54 @@ bool use_packed(at::ScalarType dtype, int64_t K) {
   return dtype == at::kBFloat16 || (dtype == at::kFloat && K <= kPackedRows);
 }
 
-void run_packed(const at::Tensor& x, at::Tensor& y, const at::Tensor& index, int64_t K, const at::Tensor& w_gate_up,
-                const at::Tensor& w_down, const std::optional<at::Tensor>& norm_weight,
-                const std::optional<at::Tensor>& b_gate_up, const std::optional<at::Tensor>& b_down,
-                const std::optional<at::Tensor>& packed_gate_up, const std::optional<at::Tensor>& packed_down,
-                int64_t I, int64_t activation, double eps) {
-  const int64_t N = x.size(0), H = x.size(1);
+// y = x + FFN(RMSNorm(x)) on the kept rows index[start, start + n) (of K kept, N rows): gather + RMSNorm,
+// GEMM (packed when packed_gate_up is given; into `pre` when it is defined, the buffer saved for backward),
+// activation, GEMM accumulated into the residual rows, scatter. rstd, when defined, receives the rows'
+// 1 / RMS. y holds x on entry (y may be x itself: in place).
+void ffn_rows(const at::Tensor& x, at::Tensor& y, const at::Tensor& index, int64_t start, int64_t n, int64_t K,
+              const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& norm,
+              const std::optional<at::Tensor>& b_gate_up, const std::optional<at::Tensor>& b_down,
+              const std::optional<at::Tensor>& packed_gate_up, const std::optional<at::Tensor>& packed_down,
+              at::Tensor pre, at::Tensor rstd, int64_t I, int64_t activation, double eps) {
   const auto& k = kernels();
-  const auto norm = norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor();
-  const int64_t* idx = index.const_data_ptr<int64_t>();
-  const int64_t blocks = (K + kPackedRows - 1) / kPackedRows;
-  at::Tensor no_rstd;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t start = K * b / blocks, rows_in_block = K * (b + 1) / blocks - start;
-    auto normed = at::empty({rows_in_block, H}, x.options());
-    k.gather_rms_norm(x, idx + start, rows_in_block, norm, eps, normed, no_rstd);
-    at::Tensor pre;
-    if (packed_gate_up.has_value()) {
-      pre = packed_linear(normed, *packed_gate_up, b_gate_up);
-    } else {
-      pre = b_gate_up.has_value() ? at::addmm(*b_gate_up, normed, w_gate_up.t()) : at::mm(normed, w_gate_up.t());
+  auto normed = at::empty({n, x.size(1)}, x.options());
+  k.gather_rms_norm(x, index.const_data_ptr<int64_t>() + start, n, norm, eps, normed, rstd);
+  if (packed_gate_up.has_value()) {
+    pre = packed_linear(normed, *packed_gate_up, b_gate_up);
+  } else {
+    if (!pre.defined()) {
+      pre = at::empty({n, w_gate_up.size(0)}, x.options());
     }
-    auto act = at::empty({rows_in_block, I}, x.options());
-    k.activate(pre, activation, act);
-    // Every row kept: the block is a slice (no gather, no scatter). x is read before y's rows are written
-    // (they are the same rows when in place).
-    const auto kept = index.narrow(0, start, rows_in_block);
-    const auto rows = K == N ? x.narrow(0, start, rows_in_block) : x.index_select(0, kept);
-    at::Tensor out;
-    if (packed_down.has_value()) {
-      out = packed_linear_add(act, rows, *packed_down, b_down);  // rows + act @ w_down^T + b_down, one rounding
+    if (b_gate_up.has_value()) {
+      at::addmm_out(pre, *b_gate_up, normed, w_gate_up.t());
     } else {
-      out = at::addmm(b_down.has_value() ? rows + *b_down : rows, act, w_down.t());
+      at::mm_out(pre, normed, w_gate_up.t());
     }
-    if (K == N) {
-      y.narrow(0, start, rows_in_block).copy_(out);
+  }
+  auto act = at::empty({n, I}, x.options());
+  k.activate(pre, activation, act);
+
+  // The residual rows receive the second GEMM directly (beta = 1): one rounding. When every row is kept
+  // they are a slice of y itself: no gather and no scatter.
+  const bool all_kept = K == x.size(0);
+  const auto kept = index.narrow(0, start, n);
+  auto rows = all_kept ? y.narrow(0, start, n) : x.index_select(0, kept);
+  if (packed_down.has_value()) {
+    // oneDNN's sum post-op: rows + act @ w_down^T + b_down, one rounding, into a new buffer
+    const auto out = packed_linear_add(act, rows, *packed_down, b_down);
+    if (all_kept) {
+      rows.copy_(out);
     } else {
       y.index_copy_(0, kept, out);
     }
+    return;
+  }
+  if (b_down.has_value()) {
+    rows.add_(*b_down);
+  }
+  rows.addmm_(act, w_down.t());
+  if (!all_kept) {
+    y.index_copy_(0, kept, rows);
   }
 }
 
@@ -118,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_skip_
     const at::Tensor& x, at::Tensor& y, const at::Tensor& keep, const at::Tensor& w_gate_up, const at::Tensor& w_down,
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& b_gate_up,
     const std::optional<at::Tensor>& b_down, int64_t I, int64_t activation, double eps, bool save_for_backward) {
-  const int64_t N = x.size(0), H = x.size(1);
+  const int64_t N = x.size(0);
   const int64_t G = w_gate_up.size(0);
   const auto keep_c = keep.contiguous();
   auto index = at::empty({N}, x.options().dtype(at::kLong));
@@ -148,42 +158,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_skip_
     return {y, index, count, rstd, pre_act};
   }
 
+  const auto norm = norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor();
   if (!save_for_backward && use_packed(x.scalar_type(), K)) {
     const auto packed_gate_up = prepacked(w_gate_up);
     const auto packed_down = prepacked(w_down);
     if (packed_gate_up.has_value() || packed_down.has_value()) {
-      run_packed(x, y, index, K, w_gate_up, w_down, norm_weight, b_gate_up, b_down, packed_gate_up, packed_down, I,
-                 activation, eps);
+      const int64_t blocks = (K + kPackedRows - 1) / kPackedRows;  // balanced
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t start = K * b / blocks;
+        ffn_rows(x, y, index, start, K * (b + 1) / blocks - start, K, w_gate_up, w_down, norm, b_gate_up, b_down,
+                 packed_gate_up, packed_down, at::Tensor(), at::Tensor(), I, activation, eps);
+      }
       return {y, index, count, rstd, pre_act};
     }
   }
-
-  const auto& k = kernels();
-  auto normed = at::empty({K, H}, x.options());
-  auto rstd_k = rstd.numel() > 0 ? rstd.narrow(0, 0, K) : at::Tensor();
-  k.gather_rms_norm(x, idx, K, norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor(), eps, normed,
-                    rstd_k);
-
-  auto pre = save_for_backward ? pre_act.narrow(0, 0, K) : at::empty({K, G}, x.options());
-  if (b_gate_up.has_value()) {
-    at::addmm_out(pre, *b_gate_up, normed, w_gate_up.t());
-  } else {
-    at::mm_out(pre, normed, w_gate_up.t());
-  }
-  auto act = at::empty({K, I}, x.options());
-  k.activate(pre, activation, act);
-
-  // The residual rows of the kept tokens receive the second GEMM directly (beta = 1): one rounding. When
-  // every row is kept they are y itself: no gather and no scatter.
-  const auto kept = index.narrow(0, 0, K);
-  auto rows = K == N ? y : x.index_select(0, kept);
-  if (b_down.has_value()) {
-    rows.add_(*b_down);
-  }
-  rows.addmm_(act, w_down.t());
-  if (K < N) {
-    y.index_copy_(0, kept, rows);
-  }
+  ffn_rows(x, y, index, 0, K, K, w_gate_up, w_down, norm, b_gate_up, b_down, std::nullopt, std::nullopt,
+           save_for_backward ? pre_act.narrow(0, 0, K) : at::Tensor(),
+           rstd.numel() > 0 ? rstd.narrow(0, 0, K) : at::Tensor(), I, activation, eps);
   return {y, index, count, rstd, pre_act};
 }
 

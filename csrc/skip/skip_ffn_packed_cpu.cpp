@@ -45,16 +45,21 @@ Entry make_entry(const at::Tensor& w, std::optional<int64_t> batch_size, at::Ten
                w.storage_offset(), static_cast<int64_t>(w._version()), batch_size, std::move(packed)};
 }
 
-// Boxed calls: the mkldnn ops' unboxed C++ signatures are internal to PyTorch.
-at::Tensor call(const char* name, const char* overload, torch::jit::Stack stack) {
-  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+// Boxed calls: the mkldnn ops' unboxed C++ signatures are internal to PyTorch. The handles are looked up
+// once (function-local statics): the GEMMs are on skip_ffn's hot path.
+c10::OperatorHandle mkldnn_op(const char* name, const char* overload) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+}
+
+at::Tensor call(const c10::OperatorHandle& op, torch::jit::Stack stack) {
   op.callBoxed(&stack);
   return stack.at(0).toTensor();
 }
 
 at::Tensor pack(const at::Tensor& w, std::optional<int64_t> batch_size) {
+  static const auto reorder = mkldnn_op("mkldnn::_reorder_linear_weight", "");
   at::NoGradGuard no_grad;
-  return call("mkldnn::_reorder_linear_weight", "", {w.detach().contiguous(), batch_size});
+  return call(reorder, {w.detach().contiguous(), batch_size});
 }
 
 bool matches(const Entry& e, const at::Tensor& w) {
@@ -105,9 +110,6 @@ bool skip_ffn_is_prepacked_cpu(const at::Tensor& w) {
 
 std::optional<at::Tensor> prepacked(const at::Tensor& w) {
   std::lock_guard<std::mutex> lock(registry_mutex);
-  if (registry.empty()) {
-    return std::nullopt;
-  }
   for (auto& e : registry) {
     if (!matches(e, w)) {
       continue;
@@ -121,14 +123,16 @@ std::optional<at::Tensor> prepacked(const at::Tensor& w) {
 }
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
-  return call("mkldnn::_linear_pointwise", "",
+  static const auto linear = mkldnn_op("mkldnn::_linear_pointwise", "");
+  return call(linear,
               {x, packed, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), std::string("none"),
                c10::List<std::optional<at::Scalar>>(), c10::IValue()});
 }
 
 at::Tensor packed_linear_add(const at::Tensor& x, const at::Tensor& other, const at::Tensor& packed,
                              const std::optional<at::Tensor>& bias) {
-  return call("mkldnn::_linear_pointwise", "binary",
+  static const auto linear_add = mkldnn_op("mkldnn::_linear_pointwise", "binary");
+  return call(linear_add,
               {x, other, packed, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), std::string("add")});
 }
 

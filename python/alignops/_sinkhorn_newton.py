@@ -103,18 +103,16 @@ def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo):
                            + torch.where(mass_cols, b * g, 0).sum(-1))
     taken = torch.zeros(B, dtype=torch.long, device=C.device)
     active = (ns > 0) & (ms > 0) & todo
-    err = torch.zeros(B, dtype=C.dtype, device=C.device)
     for k in range(steps + 1):
         # One plan per step serves the error check, the direction and the dual value at t = 0.
         P = _plan(C, f, g, eps)
         r, c = P.sum(2), P.sum(1)
         # the larger of the two L1 violations: in the flipped orientation the exact side is the other one
         e = torch.maximum(torch.where(rows, r - a, 0).abs().sum(-1), torch.where(cols, c - b, 0).abs().sum(-1))
-        err = torch.where(active, e, err)
         active = active & (e > tol)
         if k == steps or not bool(active.any()):
             break
-        df, dg, rf, rg = _direction(P, r, c, a, b, rows, cols, eps, err.clamp(_RIDGE, 1.0))
+        df, dg, rf, rg = _direction(P, r, c, a, b, rows, cols, eps, e.clamp(_RIDGE, 1.0))
         D0 = linear(f, g) - eps * r.sum(-1)
         del P
         slope = ((rf * df).sum(-1) + (rg * dg).sum(-1)) / eps  # <grad D, d> >= 0
@@ -132,7 +130,7 @@ def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo):
         f = torch.where(step[:, None], _row_update(C, log_a, g, rows, eps), f)
         taken = taken + step.long()
         active = step  # a problem that could not step has stalled: it stops
-    return f, g, taken, err
+    return f, g, taken
 
 
 def _polish(cost, a, b, f, g, ns, ms, eps, scores, steps, tol, todo, out_dtype):
@@ -145,12 +143,12 @@ def _polish(cost, a, b, f, g, ns, ms, eps, scores, steps, tol, todo, out_dtype):
     # 10, rounding alone can leave it above tol: the figure says so).
     tol = tol / 2 if tol > 0 else tol
     if M > N:  # eliminate the larger side: the dense solve is min(N, M) wide
-        g, f, taken, _ = _polish_chunk(C.transpose(1, 2), b, a, g, f, ms, ns, eps, steps, tol, todo)
+        g, f, taken = _polish_chunk(C.transpose(1, 2), b, a, g, f, ms, ns, eps, steps, tol, todo)
         # the eliminated side was g: make the rows exact again
         rows, _ = _ref._masks(ns, ms, N, M)
         f = torch.where((taken > 0)[:, None], _row_update(C, torch.where(rows, a.log(), -math.inf), g, rows, eps), f)
     else:
-        f, g, taken, _ = _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo)
+        f, g, taken = _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo)
     f, g = f.to(out_dtype), g.to(out_dtype)
     _, cols = _ref._masks(ns, ms, N, M)
     # the error of the potentials as returned (rounded to out_dtype), not of the float64 iterate

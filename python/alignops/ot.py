@@ -90,43 +90,47 @@ def eps_schedule(cost: torch.Tensor, eps: float, scaling: float | None, n_sizes:
     """Epsilon scaling: eps_t = R * scaling^t while above eps, R the largest cost range of the batch
     (one host read before the loop; padding of a ragged batch excluded). Each value runs one iteration,
     warm-starting the next."""
+    if scaling is None or cost.numel() == 0:
+        return _geometric_schedule(0.0, eps, scaling)
+    return _geometric_schedule(_cost_range(cost.detach(), n_sizes, m_sizes), eps, scaling)
+
+
+def _geometric_schedule(R: float, eps: float, scaling: float | None) -> list[float]:
+    """R, R q, R q^2, ... while above eps (none for scaling None or a non-finite R)."""
     if scaling is None:
         return []
     if not 0 < scaling < 1:
         raise ValueError(f"eps_scaling must lie in (0, 1), got {scaling}")
-    if cost.numel() == 0:
-        return []
-    cost = cost.detach()
-    ragged = n_sizes is not None and m_sizes is not None and bool(
-        ((n_sizes < cost.shape[1]) | (m_sizes < cost.shape[2])).any())
-    R = math.inf
-    if not ragged:
-        lo, hi = torch.aminmax(cost)  # no copy of the cost
-        R = float(hi - lo)
-    if not math.isfinite(R):
-        # ragged (padding is never read by the solver, so it must not set the schedule either) or +inf costs
-        # (forbidden pairs): the range of the finite entries of each problem's block, masked per chunk of
-        # problems so that the temporaries stay at an eighth of the cost
-        B, N, M = cost.shape
-        ns = n_sizes if n_sizes is not None else torch.full((B,), N, device=cost.device)
-        ms = m_sizes if m_sizes is not None else torch.full((B,), M, device=cost.device)
-        rows, cols = _ref._masks(ns, ms, N, M)
-        lo = torch.full((), math.inf, dtype=cost.dtype, device=cost.device)
-        hi = torch.full((), -math.inf, dtype=cost.dtype, device=cost.device)
-        step = max(1, B // 8)
-        for p in range(0, B, step):
-            c = cost[p:p + step]
-            valid = rows[p:p + step, :, None] & cols[p:p + step, None, :] & torch.isfinite(c)
-            lo = torch.minimum(lo, torch.where(valid, c, math.inf).amin())
-            hi = torch.maximum(hi, torch.where(valid, c, -math.inf).amax())
-        R = float(hi - lo)
-        R = R if math.isfinite(R) else 0.0
     out = []
-    e = R
+    e = R if math.isfinite(R) else 0.0
     while e > eps and len(out) < 10_000:
         out.append(e)
         e *= scaling
     return out
+
+
+def _cost_range(cost: torch.Tensor, n_sizes: torch.Tensor | None, m_sizes: torch.Tensor | None) -> float:
+    """max - min of the finite costs inside the problems' blocks (one host read)."""
+    B, N, M = cost.shape
+    ragged = n_sizes is not None and m_sizes is not None and bool(((n_sizes < N) | (m_sizes < M)).any())
+    if not ragged:
+        lo, hi = torch.aminmax(cost)  # no copy of the cost
+        if math.isfinite(float(hi - lo)):
+            return float(hi - lo)
+    # Ragged (padding is never read by the solver, so it must not set the schedule either) or +inf costs
+    # (forbidden pairs): masked per chunk of problems, so that the temporaries stay at an eighth of the cost.
+    ns = n_sizes if n_sizes is not None else torch.full((B,), N, device=cost.device)
+    ms = m_sizes if m_sizes is not None else torch.full((B,), M, device=cost.device)
+    rows, cols = _ref._masks(ns, ms, N, M)
+    lo = torch.full((), math.inf, dtype=cost.dtype, device=cost.device)
+    hi = torch.full((), -math.inf, dtype=cost.dtype, device=cost.device)
+    step = max(1, B // 8)
+    for p in range(0, B, step):
+        c = cost[p:p + step]
+        valid = rows[p:p + step, :, None] & cols[p:p + step, None, :] & torch.isfinite(c)
+        lo = torch.minimum(lo, torch.where(valid, c, math.inf).amin())
+        hi = torch.maximum(hi, torch.where(valid, c, -math.inf).amax())
+    return float(hi - lo)  # inf when no cost is finite: no schedule
 
 
 class _Implicit(torch.autograd.Function):
@@ -301,14 +305,9 @@ def sinkhorn(
         op = _with_newton(op, newton_steps)
     if grad == "implicit":
         f, g, iters, err = _Implicit.apply(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores, op)
-    elif newton_steps:
-        with torch.no_grad():
-            f, g, iters, err = op(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
-        if x.requires_grad:
-            f, g = _Envelope.apply(x, aw, bw, f, g, ns, ms, eps, scores)
     else:
         f, g, iters, err = op(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
-        if be == "torch" and x.requires_grad:
+        if (be == "torch" or newton_steps) and x.requires_grad:  # these potentials carry no graph
             f, g = _Envelope.apply(x, aw, bw, f, g, ns, ms, eps, scores)
     return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
 
@@ -317,9 +316,9 @@ def _with_newton(op, steps: int):
     """op followed by Sinkhorn-Newton steps: the Sinkhorn iterations get n_iters - steps of the budget."""
 
     def run(x, a, b, ns, ms, schedule, eps, n_iters, tol, scores):
-        f, g, iters, err = op(x, a, b, ns, ms, schedule, eps, n_iters - steps, tol, scores)
-        f, g, taken, err = newton_polish(x.detach(), a, b, f.detach(), g.detach(), ns, ms, eps, scores, steps, tol,
-                                         err.detach())
+        with torch.no_grad():  # the polished potentials carry no graph: the callers attach the gradient
+            f, g, iters, err = op(x, a, b, ns, ms, schedule, eps, n_iters - steps, tol, scores)
+            f, g, taken, err = newton_polish(x, a, b, f, g, ns, ms, eps, scores, steps, tol, err)
         return f, g, iters + taken, err
 
     return run
@@ -654,7 +653,7 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
         with torch.no_grad():
             lo, hi = torch.minimum(x.amin((0, 1)), y.amin((0, 1))), torch.maximum(x.amax((0, 1)), y.amax((0, 1)))
             diameter = float((hi - lo).norm()) ** p  # the largest cost, bounded without the cost matrix
-        schedule = eps_schedule(torch.tensor([0.0, diameter]), eps, eps_scaling)
+        schedule = _geometric_schedule(diameter, eps, eps_scaling)
     else:
         schedule = []
 
