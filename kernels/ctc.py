@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from ._launch import interpreting, launch
 
 from .preference import launch_config
 
@@ -117,10 +117,10 @@ def launch_ctc_posteriors(log_probs: torch.Tensor, targets: torch.Tensor, input_
     loss = torch.empty(B, dtype=acc, device=dev)
     if B == 0:
         return loss, gamma
-    if dev.type == "cpu":  # the interpreter: 16-wide chunks, so small test shapes span several
+    if interpreting(dev):  # the interpreter: 16-wide chunks, so small test shapes span several
         block, warps = 16, 1
     else:
         block, warps = launch_config(SF, 1024)
-    wrap_triton(ctc_posteriors_kernel)[(B,)](log_probs, targets, input_lengths, target_lengths, alpha, bb, gamma,
+    launch(ctc_posteriors_kernel, (B,), log_probs, targets, input_lengths, target_lengths, alpha, bb, gamma,
                                              loss, T, C, L, blank, BLOCK_S=block, num_warps=warps)
     return loss, gamma

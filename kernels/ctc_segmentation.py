@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from ._launch import launch
 
 EMPTY_SCORE = -10000000000.0
 
@@ -47,4 +47,4 @@ def launch_utterance_score(cp: torch.Tensor, starts: torch.Tensor, ends: torch.T
     if B * U == 0:
         return
     block = max(16, triton.next_power_of_2(window))
-    wrap_triton(utterance_score_kernel)[(B * U,)](cp, starts, ends, out, T, U, window, BLOCK=block)
+    launch(utterance_score_kernel, (B * U,), cp, starts, ends, out, T, U, window, BLOCK=block)

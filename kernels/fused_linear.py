@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from ._launch import interpreting, launch
 
 from .preference import launch_config
 
@@ -63,7 +63,7 @@ def vocab_tile(n_rows, hidden_size: int, vocab: int, acc: torch.dtype) -> int:
 
 
 def _block_v(device: torch.device, width: int) -> tuple[int, int]:
-    return launch_config(width, MAX_BLOCK_V_INTERPRETER if device.type == "cpu" else MAX_BLOCK_V)
+    return launch_config(width, MAX_BLOCK_V_INTERPRETER if interpreting(device) else MAX_BLOCK_V)
 
 
 # ---- GEMMs in the accumulation dtype ----------------------------------------------------------------------
@@ -265,7 +265,7 @@ def launch_fused_linear_forward(hidden, weight, targets, bias, logp, lse, entrop
     for v0 in range(0, V, vt):
         w = min(vt, V - v0)
         u = _mm(hidden, weight[v0:v0 + w].t(), acc)
-        wrap_triton(fused_linear_fwd_tile_kernel)[(N,)](
+        launch(fused_linear_fwd_tile_kernel, (N,),
             u, u if bias is None else bias, targets, m, s, a, zy, logp, lse, entropy if entropy_on else logp,
             w, v0, int(ignore_index), float(temperature), float(logit_scale), float(softcap),
             HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, ENTROPY=entropy_on, FIRST=v0 == 0, LAST=v0 + w >= V,
@@ -335,7 +335,7 @@ def launch_fused_linear_backward(grad_logp, hidden, weight, targets, bias, lse, 
         w_tile = weight[v0:v0 + w]
         u = _mm(hidden, w_tile.t(), acc)
         dz = u if direct else torch.empty_like(u, dtype=hidden.dtype)
-        wrap_triton(fused_linear_bwd_tile_kernel)[(N, triton.cdiv(w, block_v))](
+        launch(fused_linear_bwd_tile_kernel, (N, triton.cdiv(w, block_v)),
             u, u if bias is None else bias, targets, grad_logp, lse, dz, w, V, v0, int(ignore_index),
             float(temperature), float(logit_scale), float(softcap),
             HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_V=block_v, num_warps=num_warps)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from ._launch import launch
 
 MAX_CLASSES = 16  # the one-hot tile is [BLOCK_N, C * C]
 BLOCK_N = 256
@@ -69,5 +69,5 @@ def launch_bootstrap_confusion(a: torch.Tensor, b: torch.Tensor, out: torch.Tens
     R1 = out.shape[1]
     stride_b = 0 if b.shape[0] == 1 else N
     cc_block = max(16, triton.next_power_of_2(num_classes * num_classes))
-    wrap_triton(bootstrap_confusion_kernel)[(P, R1)](
+    launch(bootstrap_confusion_kernel, (P, R1),
         a, b, out, N, R1, stride_b, state, C=num_classes, CC_BLOCK=cc_block, BLOCK=BLOCK_N, num_warps=4)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from ._launch import interpreting, launch
 
 NEG = -1e30
 
@@ -230,7 +230,7 @@ def normalize_cols_kernel(S, RB, OUT, N, M, scale, BLOCK_N: tl.constexpr, BLOCK_
 
 
 def _blocks(C: torch.Tensor, N: int, M: int, points: bool) -> tuple[int, int, bool]:
-    interp = C.device.type == "cpu"
+    interp = interpreting(C)
     # the point tiles hold a [BLOCK_N, BLOCK_M, BLOCK_D] difference: smaller tiles
     cap = 16 if interp else (32 if points else (64 if C.dtype == torch.float64 else 128))
     bn = max(16, min(cap, triton.next_power_of_2(max(N, 1))))
@@ -247,7 +247,7 @@ def launch_sinkhorn(cost, a, b, n_sizes, m_sizes, sched, K, n_iters, tol, scores
     x, y = points if points is not None else (cost, cost)
     D = x.shape[2] if points is not None else 1
     bd = max(2, min(8, triton.next_power_of_2(D)))
-    wrap_triton(sinkhorn_kernel)[(B,)](
+    launch(sinkhorn_kernel, (B,),
         cost, x, y, a, b, n_sizes, m_sizes, sched, f, g, scratch, iters, err, N, M, D,
         K, n_iters, tol, -1.0 if scores else 1.0, power,
         BLOCK_N=bn, BLOCK_M=bm, SINGLE=single, POINTS=points is not None, BLOCK_D=bd, num_warps=4)
@@ -255,14 +255,14 @@ def launch_sinkhorn(cost, a, b, n_sizes, m_sizes, sched, K, n_iters, tol, scores
 
 def launch_normalize_pass(sim, col_bias, scale, row_update, row_bias, col_lse):
     L, N, M = sim.shape
-    interp = sim.device.type == "cpu"
+    interp = interpreting(sim)
     br = 16 if interp else 32
     bm = 16 if interp else 128
     if row_update and N > 0:
-        wrap_triton(normalize_rows_kernel)[(triton.cdiv(N, br), L)](sim, col_bias, row_bias, N, M, scale,
+        launch(normalize_rows_kernel, (triton.cdiv(N, br), L), sim, col_bias, row_bias, N, M, scale,
                                                                     BLOCK_R=br, BLOCK_M=bm, num_warps=4)
     if M > 0:
-        wrap_triton(normalize_cols_kernel)[(triton.cdiv(M, bm), L)](sim, row_bias, col_lse, N, M, scale,
+        launch(normalize_cols_kernel, (triton.cdiv(M, bm), L), sim, row_bias, col_lse, N, M, scale,
                                                                     BLOCK_N=br, BLOCK_M=bm, num_warps=4)
 
 
@@ -370,7 +370,7 @@ def split_rows_kernel(C, X, Y, A, NS, MS, F, G, DONE, EPS_T, t, N, M, D, sign, p
 
 def use_split(device: torch.device, B: int, N: int, M: int) -> bool:
     """The split path when the batch is too small to fill the device and the problems are large."""
-    if device.type == "cpu":  # the interpreter: small shapes, so that the tests cover this path
+    if interpreting(device):  # the interpreter: small shapes, so that the tests cover this path
         return B <= 2 and N * M > 16 * 16
     return B < 32 and N * M >= 256 * 256
 
@@ -379,7 +379,7 @@ def launch_sinkhorn_split(cost, a, b, n_sizes, m_sizes, schedule, eps, n_iters, 
                           err, points=None, power=2.0):
     """The host loop of the split path: 3 launches per iteration, no read of the device."""
     B, N, M = f.shape[0], f.shape[1], g.shape[1]
-    interp = cost.device.type == "cpu"
+    interp = interpreting(cost)
     bn = 16 if interp else 64
     bm = 16 if interp else 128
     if points is not None and not interp:
@@ -399,10 +399,10 @@ def launch_sinkhorn_split(cost, a, b, n_sizes, m_sizes, schedule, eps, n_iters, 
     for t in range(n_iters + 1):
         last = t == n_iters
         check = last or (t >= K and tol >= 0)
-        wrap_triton(split_cols_kernel)[(n_cb, B)](cost, x, y, b, n_sizes, m_sizes, f, g, scratch, errp, done, eps_t, t,
+        launch(split_cols_kernel, (n_cb, B), cost, x, y, b, n_sizes, m_sizes, f, g, scratch, errp, done, eps_t, t,
                                                    N, M, D, n_cb, sign, power, **common)
-        wrap_triton(split_check_kernel)[(B,)](b, m_sizes, g, scratch, errp, done, iters, err, eps_t, M, n_cb, t, tol,
+        launch(split_check_kernel, (B,), b, m_sizes, g, scratch, errp, done, iters, err, eps_t, M, n_cb, t, tol,
                                               int(check), int(last), BLOCK_M=bm, BLOCK_E=128, num_warps=4)
         if not last:
-            wrap_triton(split_rows_kernel)[(triton.cdiv(max(N, 1), bn), B)](
+            launch(split_rows_kernel, (triton.cdiv(max(N, 1), bn), B),
                 cost, x, y, a, n_sizes, m_sizes, f, g, done, eps_t, t, N, M, D, sign, power, **common)

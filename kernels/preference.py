@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from ._launch import launch
 
 # ---- block sizes ------------------------------------------------------------------------------------
 
@@ -279,7 +279,7 @@ def launch_preference_loss(pc, pr, rc, rr, beta, chosen_lengths, rejected_length
     if B == 0:
         return
     block, num_warps = launch_config(B, MAX_BLOCK_PAIRS)
-    wrap_triton(preference_loss_kernel)[(triton.cdiv(B, block),)](
+    launch(preference_loss_kernel, (triton.cdiv(B, block),),
         pc, pr, rc, rr,
         pc if beta is None else beta,
         pc if chosen_lengths is None else chosen_lengths,
@@ -382,7 +382,7 @@ def launch_selective_logprobs_forward(logits, targets, logp, lse, ignore_index, 
     if N == 0:
         return
     block_v, num_warps = launch_config(V, MAX_BLOCK_V)
-    wrap_triton(selective_logprobs_fwd_kernel)[(N,)](
+    launch(selective_logprobs_fwd_kernel, (N,),
         logits, targets, logp, lse, V, int(ignore_index), float(temperature), BLOCK_V=block_v,
         num_warps=num_warps)
 
@@ -393,6 +393,6 @@ def launch_selective_logprobs_backward(grad_logp, lse, logits, targets, grad_log
     if N == 0 or V == 0:
         return
     block_v, num_warps = launch_config(V, MAX_BLOCK_V)
-    wrap_triton(selective_logprobs_bwd_kernel)[(N, triton.cdiv(V, block_v))](
+    launch(selective_logprobs_bwd_kernel, (N, triton.cdiv(V, block_v)),
         grad_logp, lse, logits, targets, grad_logits, V, int(ignore_index), float(temperature),
         BLOCK_V=block_v, num_warps=num_warps)

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from ._launch import interpreting, launch
 
 from .preference import launch_config
 
@@ -82,7 +82,7 @@ def _gemm_blocks(dtype: torch.dtype, n_rows, n_cols, k, n_operands: int) -> Gemm
 
 def skip_blocks(device: torch.device, dtype: torch.dtype, N, H, I, activation: int) -> SkipBlocks:
     """Every block size of skip_ffn's kernels, from the capacity N, the hidden size H and the FFN width I."""
-    if device.type == "cpu":  # the interpreter: many small tiles, to exercise the tile edges in tests
+    if interpreting(device):  # the interpreter: many small tiles, to exercise the tile edges in tests
         gemm = GemmBlocks(16, 16, 16, 2, 1, 1)
         return SkipBlocks(16, 1, 16, 1, gemm, gemm)
     rows, rows_warps = launch_config(N, MAX_BLOCK_ROWS)
@@ -382,7 +382,7 @@ def ffn_down_kernel(
 
 def _gemm_options(dtype: torch.dtype, device: torch.device, blocks: GemmBlocks) -> dict:
     return dict(
-        UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
+        UPCAST=interpreting(device) and dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
         BLOCK_M=blocks.BLOCK_M, BLOCK_N=blocks.BLOCK_N, BLOCK_K=blocks.BLOCK_K, GROUP_M=blocks.GROUP_M,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
@@ -402,29 +402,29 @@ def launch_skip_ffn(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, 
     num_blocks = triton.cdiv(N, blocks.rows)
     partial = index.new_empty(num_blocks)
     if num_blocks > 1:
-        wrap_triton(keep_count_kernel)[(num_blocks,)](keep, partial, N, BLOCK=blocks.rows,
+        launch(keep_count_kernel, (num_blocks,), keep, partial, N, BLOCK=blocks.rows,
                                                       num_warps=blocks.rows_warps)
     block_p, _ = launch_config(num_blocks, 1024)
-    wrap_triton(compact_kernel)[(num_blocks,)](
+    launch(compact_kernel, (num_blocks,),
         keep, partial, index, count, N, num_blocks, BLOCK=blocks.rows, BLOCK_P=block_p, SINGLE=num_blocks == 1,
         num_warps=blocks.rows_warps)
 
     if norm_weight is not None:
-        wrap_triton(gather_rms_norm_kernel)[(N,)](
+        launch(gather_rms_norm_kernel, (N,),
             x, index, count, norm_weight, xn, rstd, H, float(eps), SAVE_RSTD=rstd.numel() > 0,
             BLOCK_H=blocks.hidden, num_warps=blocks.hidden_warps)
 
     up, down = blocks.up, blocks.down
     if I > 0:
         grid = (triton.cdiv(N, up.BLOCK_M) * triton.cdiv(I, up.BLOCK_N),)
-        wrap_triton(ffn_up_kernel)[grid](
+        launch(ffn_up_kernel, grid,
             x if norm_weight is None else xn, index, count, w_gate_up,
             w_gate_up if b_gate_up is None else b_gate_up, act, pre_act, N, H, I,
             ACTIVATION=int(activation), GATHER=norm_weight is None, HAS_BIAS=b_gate_up is not None,
             SAVE_PRE=pre_act.numel() > 0, **_gemm_options(x.dtype, x.device, up))
     if H > 0:
         grid = (triton.cdiv(N, down.BLOCK_M) * triton.cdiv(H, down.BLOCK_N),)
-        wrap_triton(ffn_down_kernel)[grid](
+        launch(ffn_down_kernel, grid,
             act, index, count, w_down, w_down if b_down is None else b_down, x, y, H, I,
             HAS_BIAS=b_down is not None, **_gemm_options(x.dtype, x.device, down))
 
@@ -435,5 +435,5 @@ def launch_add_score(residual, delta, criterion: int, h, score):
     if N == 0:
         return
     blocks = skip_blocks(residual.device, residual.dtype, N, H, 1, SWIGLU)
-    wrap_triton(add_score_kernel)[(N,)](residual, delta, h, score, H, CRITERION=int(criterion),
+    launch(add_score_kernel, (N,), residual, delta, h, score, H, CRITERION=int(criterion),
                                         BLOCK_H=blocks.hidden, num_warps=blocks.hidden_warps)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from ._launch import interpreting, launch
 
 from .preference import launch_config
 
@@ -97,10 +97,10 @@ def launch_merge(xu, cu, xv, cv, p: float, out, g=None) -> None:
     m = xv.shape[1]
     if B == 0:
         return
-    cap = MAX_BLOCK_STEPS_INTERPRETER if xu.device.type == "cpu" else MAX_BLOCK_STEPS
+    cap = MAX_BLOCK_STEPS_INTERPRETER if interpreting(xu) else MAX_BLOCK_STEPS
     block, warps = launch_config(n + m, cap)
     p_mode = 1 if p == 1.0 else (2 if p == 2.0 else 0)
     log_steps = max(1, int(min(n, m) + 1).bit_length())
-    wrap_triton(wasserstein_merge_kernel)[(B,)](
+    launch(wasserstein_merge_kernel, (B,),
         xu, cu, xv, cv, g if g is not None else out, out, n, m, float(p), LOG_STEPS=log_steps, BLOCK=block,
         P_MODE=p_mode, STEP_GRAD=g is not None, num_warps=warps)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from ._launch import launch
 
 from .metrics import combine
 
@@ -112,7 +112,7 @@ def _block(V: int) -> int:
 def launch_kgw_logits(x, ctx, out, base: int, threshold: int, delta: float) -> None:
     B, V = x.shape
     block = _block(V)
-    wrap_triton(kgw_logits_kernel)[(B, triton.cdiv(V, block))](x, ctx, out, V, ctx.shape[1], base, threshold,
+    launch(kgw_logits_kernel, (B, triton.cdiv(V, block)), x, ctx, out, V, ctx.shape[1], base, threshold,
                                                                delta, BLOCK=block, num_warps=4)
 
 
@@ -136,7 +136,7 @@ def launch_kgw_argmax(x, ctx, out, base: int, threshold: int, delta: float) -> N
     block, span, splits = _split(V)
     vals = x.new_empty((B, splits), dtype=torch.float32)
     idxs = x.new_empty((B, splits), dtype=torch.int64)
-    wrap_triton(kgw_argmax_kernel)[(B, splits)](x, ctx, vals, idxs, V, ctx.shape[1], base, threshold, delta,
+    launch(kgw_argmax_kernel, (B, splits), x, ctx, vals, idxs, V, ctx.shape[1], base, threshold, delta,
                                                 SPAN=span, BLOCK=block, num_warps=4)
     _reduce(vals, idxs, out, V)
 
@@ -146,6 +146,6 @@ def launch_gumbel_argmax(x, ctx, out, base: int, inv_temperature: float) -> None
     block, span, splits = _split(V)
     vals = x.new_empty((B, splits), dtype=torch.float32)
     idxs = x.new_empty((B, splits), dtype=torch.int64)
-    wrap_triton(gumbel_argmax_kernel)[(B, splits)](x, ctx, vals, idxs, V, ctx.shape[1], base, inv_temperature,
+    launch(gumbel_argmax_kernel, (B, splits), x, ctx, vals, idxs, V, ctx.shape[1], base, inv_temperature,
                                                    SPAN=span, BLOCK=block, num_warps=4)
     _reduce(vals, idxs, out, V)
