@@ -98,7 +98,11 @@ def _ptxas_report(ptxas: str, ptx: str) -> dict:
             "ptxas_smem_bytes": int(smem.group(1)) if smem else 0}
 
 
-def _compile_one(entry: dict, torch, triton) -> dict:
+def _prepare(entry: dict, torch):
+    """(key, compile thunk): the key is Triton's own specialisation of the launch (types, the value 1,
+    divisibility by 16, do_not_specialize honoured) with its constexprs and options, so that launches which
+    Triton would serve with one binary are compiled once."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -110,13 +114,18 @@ def _compile_one(entry: dict, torch, triton) -> dict:
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     args = {k: _decode(v, torch) for k, v in entry["args"].items()}
     bound_args, specialization, options = binder(**args, **entry["options"])
-    options, signature, constexprs, attrs = fn._pack_args(backend, entry["options"], bound_args, specialization,
-                                                          options)
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    report = _ptxas_report(ptxas, compiled.asm["ptx"])
-    report["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0))
-    return report
+    key = repr((entry["kernel"], specialization, sorted(options.items())))
+
+    def compile_it() -> dict:
+        opts, signature, constexprs, attrs = fn._pack_args(backend, entry["options"], bound_args, specialization,
+                                                           options)
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts.__dict__)
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        report = _ptxas_report(ptxas, compiled.asm["ptx"])
+        report["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0))
+        return report
+
+    return key, compile_it
 
 
 def _load_entries(paths: list[str]) -> list[dict]:
@@ -141,13 +150,19 @@ def gate_triton(paths: list[str], csv_path: str | None) -> int:
     entries = _load_entries(paths)
     rows, failures = [], []
     start = time.time()
+    keys = set()
     for entry in entries:
         spec = _describe(entry["args"], entry["options"])
         row = {"triton": triton.__version__, "kernel": entry["kernel"].split(":")[1], "specialisation": spec}
         try:
-            row.update(_compile_one(entry, torch, triton), status="ok")
+            key, compile_it = _prepare(entry, torch)
+            if key in keys:
+                continue
+            keys.add(key)
+            row.update(compile_it(), status="ok")
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the gate fails
-            msg = " ".join(str(e).split())[:400]
+            text = " ".join(str(e).split())
+            msg = text[text.rfind("^") + 1:].strip()[:400] if "^" in text else text[-400:]  # the error, not the source
             row.update(status=f"error: {type(e).__name__}: {msg}")
             failures.append(f"{row['kernel']} [{spec}]: {type(e).__name__}: {msg}")
         else:
@@ -240,9 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return gate_triton(a.captures, a.csv)
     if a.cmd == "cuda":
         return gate_cuda(a.lib, a.csv)
-    os.environ["ALIGNOPS_TRITON_CAPTURE"] = os.path.abspath(a.capture)
     from . import sm90_shapes
-    sm90_shapes.record()
+    sm90_shapes.record(os.path.abspath(a.capture))
     return 0
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from ._launch import launch
 
-EMPTY_SCORE = -10000000000.0
+EMPTY_SCORE = tl.constexpr(-10000000000.0)  # a constexpr (plain globals do not compile): the package's score of an empty span
 
 
 @triton.jit

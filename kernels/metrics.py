@@ -44,8 +44,10 @@ def bounded(h, n):
 @triton.jit(do_not_specialize=["N", "state"])
 def bootstrap_confusion_kernel(a_ptr, b_ptr, out_ptr, N, R1, stride_b, state, C: tl.constexpr,
                                CC_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)
-    r = tl.program_id(1)
+    # one flat grid axis (2^31 - 1 programs): grid.y and grid.z allow only 65535 resamples or pairs
+    pid = tl.program_id(0).to(tl.int64)
+    p = pid // R1
+    r = (pid % R1).to(tl.int32)
     hr = combine(state.to(tl.uint32), r.to(tl.uint32))
     k = tl.arange(0, CC_BLOCK)
     counts = tl.zeros([CC_BLOCK], dtype=tl.int32)
@@ -69,5 +71,5 @@ def launch_bootstrap_confusion(a: torch.Tensor, b: torch.Tensor, out: torch.Tens
     R1 = out.shape[1]
     stride_b = 0 if b.shape[0] == 1 else N
     cc_block = max(16, triton.next_power_of_2(num_classes * num_classes))
-    launch(bootstrap_confusion_kernel, (P, R1),
+    launch(bootstrap_confusion_kernel, (P * R1,),
         a, b, out, N, R1, stride_b, state, C=num_classes, CC_BLOCK=cc_block, BLOCK=BLOCK_N, num_warps=4)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from ._launch import interpreting, launch
 
-NEG = -1e30
+NEG = tl.constexpr(-1e30)  # a constexpr: a plain module global is a NameError for the compiler
 
 
 @triton.jit
@@ -59,24 +59,31 @@ def _cost_tile(Cp, Xp, Yp, rows, cols, rmask, cmask, M, D, power, POINTS: tl.con
         d2 = tl.zeros([rows.shape[0], cols.shape[0]], dtype=Xp.dtype.element_ty)
         for k0 in range(0, D, BLOCK_D):
             kmask = (k0 + ks) < D
-            xv = tl.load(Xp + rows[:, None] * D + k0 + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            yv = tl.load(Yp + cols[:, None] * D + k0 + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            xv = tl.load(Xp + rows[:, None].to(tl.int64) * D + k0 + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                         other=0.0)
+            yv = tl.load(Yp + cols[:, None].to(tl.int64) * D + k0 + ks[None, :], mask=cmask[:, None] & kmask[None, :],
+                         other=0.0)
             diff = xv[:, None, :] - yv[None, :, :]
             d2 += tl.sum(diff * diff, 2)
-        if power == 2.0:
-            return d2
-        return tl.where(d2 > 0, tl.exp(0.5 * power * tl.log(d2)), 0.0)
+        # one exit: a run-time return inside a helper that loops call does not compile on Triton 3.6
+        powered = tl.where(d2 > 0, tl.exp(0.5 * power * tl.log(d2)), 0.0)
+        c = tl.where(power == 2.0, d2, powered)
     else:
-        return tl.load(Cp + rows[:, None] * M + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        # int64: one problem of N x M > 2^31 entries (50k x 50k fits an H200) overflows int32 offsets
+        c = tl.load(Cp + rows[:, None].to(tl.int64) * M + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0)
+    return c
 
 
-@triton.jit
+# Sizes and counts not specialised (one compile serves every batch); M stays: as a row stride its divisibility
+# by 16 lets the loads vectorise, and it has at most three versions.
+@triton.jit(do_not_specialize=["N", "D", "K", "n_iters"])
 def sinkhorn_kernel(C, X, Y, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, D, K, n_iters, tol, sign, power,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SINGLE: tl.constexpr, POINTS: tl.constexpr,
                     BLOCK_D: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
-    n = tl.load(NS + p)
-    m = tl.load(MS + p)
+    n = tl.load(NS + p).to(tl.int32)  # int32 like N: the loops over n and N share their variables
+    m = tl.load(MS + p).to(tl.int32)
     Cp = C + p * N * M
     Xp = X + p * N * D
     Yp = Y + p * M * D
@@ -229,13 +236,22 @@ def normalize_cols_kernel(S, RB, OUT, N, M, scale, BLOCK_N: tl.constexpr, BLOCK_
     tl.store(OUT + level * M + cols, mx + tl.log(s), mask=cmask)
 
 
+def _warps(tile_elems: int, dtype: torch.dtype) -> int:
+    """Warps for a tile of ``tile_elems`` values: about 128 bytes of each live tile per thread. A 128 x 128
+    fp32 tile on 4 warps held 128 values per thread and spilled 4.4 KB on sm_90 (bench/results/triton_sm90.csv)."""
+    return max(4, min(16, tile_elems * dtype.itemsize // (32 * 128)))
+
+
 def _blocks(C: torch.Tensor, N: int, M: int, points: bool) -> tuple[int, int, bool]:
     interp = interpreting(C)
     # the point tiles hold a [BLOCK_N, BLOCK_M, BLOCK_D] difference: smaller tiles
     cap = 16 if interp else (32 if points else (64 if C.dtype == torch.float64 else 128))
     bn = max(16, min(cap, triton.next_power_of_2(max(N, 1))))
     bm = max(16, min(cap, triton.next_power_of_2(max(M, 1))))
-    return bn, bm, (N <= bn and M <= bm)
+    single = N <= bn and M <= bm
+    if not single and not interp:  # tiles streamed from memory: half as many rows keep the registers (no spill)
+        bn = max(16, bn // 2)
+    return bn, bm, single
 
 
 def launch_sinkhorn(cost, a, b, n_sizes, m_sizes, sched, K, n_iters, tol, scores, f, g, scratch, iters, err,
@@ -250,7 +266,8 @@ def launch_sinkhorn(cost, a, b, n_sizes, m_sizes, sched, K, n_iters, tol, scores
     launch(sinkhorn_kernel, (B,),
         cost, x, y, a, b, n_sizes, m_sizes, sched, f, g, scratch, iters, err, N, M, D,
         K, n_iters, tol, -1.0 if scores else 1.0, power,
-        BLOCK_N=bn, BLOCK_M=bm, SINGLE=single, POINTS=points is not None, BLOCK_D=bd, num_warps=4)
+        BLOCK_N=bn, BLOCK_M=bm, SINGLE=single, POINTS=points is not None, BLOCK_D=bd,
+        num_warps=_warps(bn * bm * (bd if points is not None else 1), cost.dtype))
 
 
 def launch_normalize_pass(sim, col_bias, scale, row_update, row_bias, col_lse):
@@ -258,12 +275,13 @@ def launch_normalize_pass(sim, col_bias, scale, row_update, row_bias, col_lse):
     interp = interpreting(sim)
     br = 16 if interp else 32
     bm = 16 if interp else 128
+    warps = _warps(br * bm, sim.dtype)
     if row_update and N > 0:
         launch(normalize_rows_kernel, (triton.cdiv(N, br), L), sim, col_bias, row_bias, N, M, scale,
-                                                                    BLOCK_R=br, BLOCK_M=bm, num_warps=4)
+               BLOCK_R=br, BLOCK_M=bm, num_warps=warps)
     if M > 0:
         launch(normalize_cols_kernel, (triton.cdiv(M, bm), L), sim, row_bias, col_lse, N, M, scale,
-                                                                    BLOCK_N=br, BLOCK_M=bm, num_warps=4)
+               BLOCK_N=br, BLOCK_M=bm, num_warps=warps)
 
 
 # ---- the split path: a few big problems, spread over many programs ---------------------------------------
@@ -273,7 +291,8 @@ def launch_normalize_pass(sim, col_bias, scale, row_update, row_bias, col_lse):
 # return at once.
 
 
-@triton.jit
+# The iteration number t and the flags change every launch of the host loop: never specialised.
+@triton.jit(do_not_specialize=["t", "N", "D", "n_col_blocks"])
 def split_cols_kernel(C, X, Y, Bw, NS, MS, F, G, L, ERRP, DONE, EPS_T, t, N, M, D, n_col_blocks, sign, power,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, POINTS: tl.constexpr, BLOCK_D: tl.constexpr):
     """L_j = LSE_i((f_i - C_ij) / e) for one column block of one problem, and its part of the column error."""
@@ -281,8 +300,8 @@ def split_cols_kernel(C, X, Y, Bw, NS, MS, F, G, L, ERRP, DONE, EPS_T, t, N, M, 
     p = tl.program_id(1).to(tl.int64)
     if tl.load(DONE + p) != 0:
         return
-    n = tl.load(NS + p)
-    m = tl.load(MS + p)
+    n = tl.load(NS + p).to(tl.int32)  # int32 like N: the loops over n and N share their variables
+    m = tl.load(MS + p).to(tl.int32)
     dt = F.dtype.element_ty
     inv = 1.0 / tl.load(EPS_T + t)
     cols = cb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -307,7 +326,7 @@ def split_cols_kernel(C, X, Y, Bw, NS, MS, F, G, L, ERRP, DONE, EPS_T, t, N, M, 
     tl.store(ERRP + p * n_col_blocks + cb, tl.sum(tl.where(cmask, tl.abs(tl.exp(gc * inv + Lc) - bw), 0.0), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t", "check", "last", "n_col_blocks"])
 def split_check_kernel(Bw, MS, G, L, ERRP, DONE, ITERS, ERR, EPS_T, M, n_col_blocks, t, tol, check, last,
                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Per problem: the column error of this iteration, the stop decision, then g = e (log b - L)."""
@@ -336,7 +355,7 @@ def split_check_kernel(Bw, MS, G, L, ERRP, DONE, ITERS, ERR, EPS_T, M, n_col_blo
             tl.store(G + p * M + cols, e * (tl.log(bw) - Lc), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t", "N", "D"])
 def split_rows_kernel(C, X, Y, A, NS, MS, F, G, DONE, EPS_T, t, N, M, D, sign, power,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, POINTS: tl.constexpr, BLOCK_D: tl.constexpr):
     """f_i = e (log a_i - LSE_j((g_j - C_ij) / e)) for one row block of one problem."""
@@ -344,8 +363,8 @@ def split_rows_kernel(C, X, Y, A, NS, MS, F, G, DONE, EPS_T, t, N, M, D, sign, p
     p = tl.program_id(1).to(tl.int64)
     if tl.load(DONE + p) != 0:
         return
-    n = tl.load(NS + p)
-    m = tl.load(MS + p)
+    n = tl.load(NS + p).to(tl.int32)  # int32 like N: the loops over n and N share their variables
+    m = tl.load(MS + p).to(tl.int32)
     dt = F.dtype.element_ty
     e = tl.load(EPS_T + t)
     inv = 1.0 / e
@@ -380,7 +399,7 @@ def launch_sinkhorn_split(cost, a, b, n_sizes, m_sizes, schedule, eps, n_iters, 
     """The host loop of the split path: 3 launches per iteration, no read of the device."""
     B, N, M = f.shape[0], f.shape[1], g.shape[1]
     interp = interpreting(cost)
-    bn = 16 if interp else 64
+    bn = 16 if interp else (32 if f.dtype == torch.float64 else 64)
     bm = 16 if interp else 128
     if points is not None and not interp:
         bn, bm = 32, 32
@@ -395,7 +414,8 @@ def launch_sinkhorn_split(cost, a, b, n_sizes, m_sizes, schedule, eps, n_iters, 
     # eps of every iteration (the last entry: the final error pass) in the input dtype, read by the kernels
     eps_t = torch.tensor([schedule[t] if t < K else eps for t in range(n_iters)] + [eps], dtype=f.dtype,
                          device=f.device)
-    common = dict(BLOCK_N=bn, BLOCK_M=bm, POINTS=points is not None, BLOCK_D=bd, num_warps=4)
+    common = dict(BLOCK_N=bn, BLOCK_M=bm, POINTS=points is not None, BLOCK_D=bd,
+                  num_warps=_warps(bn * bm * (bd if points is not None else 1), f.dtype))
     for t in range(n_iters + 1):
         last = t == n_iters
         check = last or (t >= K and tol >= 0)

@@ -237,7 +237,8 @@ def _acc_dot(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    # out_dtype: an fp64 accumulator is rejected without it before Triton 3.8
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
