@@ -51,6 +51,8 @@ def _stand_in(spec, torch):
 
 
 def _decode(v, torch):
+    if isinstance(v, list):  # a tuple argument (JSON writes tuples as lists)
+        return tuple(_decode(x, torch) for x in v)
     if isinstance(v, dict) and "tensor" in v:
         return _stand_in(v, torch)
     if isinstance(v, dict) and "int" in v:
@@ -139,6 +141,17 @@ def _load_entries(paths: list[str]) -> list[dict]:
                     entries.append(json.loads(line))
     entries.sort(key=lambda e: (e["kernel"], json.dumps(e, sort_keys=True)))
     return entries
+
+
+def count_binaries(paths: list[str]) -> dict[str, int]:
+    """Kernel -> how many binaries Triton would compile for the recorded launches (no compile)."""
+    import torch
+
+    keys: dict[str, set] = {}
+    for entry in _load_entries(paths):
+        key, _ = _prepare(entry, torch)
+        keys.setdefault(entry["kernel"].split(":")[1], set()).add(key)
+    return {k: len(v) for k, v in keys.items()}
 
 
 def gate_triton(paths: list[str], csv_path: str | None) -> int:
@@ -245,12 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("triton")
     t.add_argument("captures", nargs="+")
     t.add_argument("--csv")
+    t.add_argument("--count", action="store_true", help="print {kernel: binaries} as JSON, compile nothing")
     b = sub.add_parser("bench-shapes")
     b.add_argument("capture")
     c = sub.add_parser("cuda")
     c.add_argument("lib")
     c.add_argument("--csv")
     a = p.parse_args(argv)
+    if a.cmd == "triton" and a.count:
+        print(json.dumps(count_binaries(a.captures), sort_keys=True))
+        return 0
     if a.cmd == "triton":
         return gate_triton(a.captures, a.csv)
     if a.cmd == "cuda":

@@ -55,6 +55,8 @@ def _encode(v, constexpr: bool):
         except (RuntimeError, NotImplementedError):  # fake / functional tensors under torch.compile tracing
             aligned = True
         return {"tensor": str(v.dtype).removeprefix("torch."), "aligned": aligned}
+    if isinstance(v, tuple):  # JSON has no tuple: the gate reads every list back as one
+        return [_encode(x, constexpr) for x in v]
     if constexpr or isinstance(v, bool) or v is None or isinstance(v, str):
         return v
     if isinstance(v, int):

@@ -13,6 +13,8 @@ meet, so fp64 runs keep full precision.
 
 from __future__ import annotations
 
+import struct
+
 import triton
 import triton.language as tl
 from ._launch import launch
@@ -94,7 +96,7 @@ def _f_score(x, alpha, F_DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def _loss_term(CODE: tl.constexpr, W: tl.constexpr, pc, pr, xc, xr, sc, sr, dsc, dsr, delta, beta, nc, nr, e, gam, tau):
+def _loss_term(CODE: tl.constexpr, W, pc, pr, xc, xr, sc, sr, dsc, dsr, delta, beta, nc, nr, e, gam, tau):
     """W times the loss of type CODE and its derivatives through xc, xr (log-ratios) and pc, pr (reference-free),
     one case of the switch in pair_loss() of csrc/preference/preference_loss_math.h."""
     zero = tl.zeros_like(xc)
@@ -200,7 +202,9 @@ def preference_loss_kernel(
     gamma: tl.float64,
     discopop_tau: tl.float64,
     f_alpha: tl.float64,
-    LOSS_TERMS: tl.constexpr,  # ((code, weight), ...): the weighted sum of these loss types
+    weights_hi,  # (w, ...) of the loss types, each split in two fp32 parts (w = hi + lo, 48 bits): run-time
+    weights_lo,  # values, so that new weights never compile again (a float tuple argument is fp32 in Triton)
+    LOSS_CODES: tl.constexpr,  # (code, ...): the loss types, summed with their weights
     F_DIVERGENCE: tl.constexpr,
     HAS_BETA: tl.constexpr,
     HAS_CHOSEN_LENGTHS: tl.constexpr,
@@ -246,8 +250,9 @@ def preference_loss_kernel(
     g_xr = zero
     g_pc = zero  # reference-free terms: pc and pr only
     g_pr = zero
-    for k in tl.static_range(len(LOSS_TERMS)):
-        l, t_xc, t_xr, t_pc, t_pr = _loss_term(LOSS_TERMS[k][0], LOSS_TERMS[k][1], pc, pr, xc, xr, sc, sr, dsc, dsr,
+    for k in tl.static_range(len(LOSS_CODES)):
+        w = (tl.zeros([], ACC) + weights_hi[k]) + weights_lo[k]  # fp32 parts (Python floats in the interpreter)
+        l, t_xc, t_xr, t_pc, t_pr = _loss_term(LOSS_CODES[k], w, pc, pr, xc, xr, sc, sr, dsc, dsr,
                                                delta, beta, nc, nr, e, gam, tau)
         loss += l
         g_xc += t_xc
@@ -269,11 +274,18 @@ def preference_loss_kernel(
         tl.store(g_ptrs, -g_xr, mask=mask)
 
 
+def _split_fp32(w: float) -> tuple[float, float]:
+    """(hi, lo), both exact in fp32, with hi + lo = w to 48 bits."""
+    hi = struct.unpack("f", struct.pack("f", float(w)))[0]
+    return hi, float(w) - hi
+
+
 def launch_preference_loss(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths, loss, chosen_rewards,
                            rejected_rewards, grad, loss_terms, beta_value, label_smoothing, gamma, discopop_tau,
                            f_divergence, f_alpha):
-    """Launch over B pairs. ``loss_terms`` is a tuple of (code, weight) pairs; it is a compile-time
-    constant of the kernel (one specialisation per combination, only its branches compiled). Optional
+    """Launch over B pairs. ``loss_terms`` is a tuple of (code, weight) pairs; the codes are compile-time
+    constants of the kernel (one specialisation per combination of types, only its branches compiled), the
+    weights run-time arguments. Optional
     inputs are None; ``grad`` is [4, B], or empty to skip the gradient."""
     B = pc.shape[0]
     if B == 0:
@@ -286,7 +298,9 @@ def launch_preference_loss(pc, pr, rc, rr, beta, chosen_lengths, rejected_length
         pc if rejected_lengths is None else rejected_lengths,
         loss, chosen_rewards, rejected_rewards, grad, B,
         float(beta_value), float(label_smoothing), float(gamma), float(discopop_tau), float(f_alpha),
-        LOSS_TERMS=tuple((int(c), float(w)) for c, w in loss_terms),
+        weights_hi=tuple(_split_fp32(w)[0] for _, w in loss_terms),
+        weights_lo=tuple(_split_fp32(w)[1] for _, w in loss_terms),
+        LOSS_CODES=tuple(int(c) for c, _ in loss_terms),
         F_DIVERGENCE=int(f_divergence),
         HAS_BETA=beta is not None,
         HAS_CHOSEN_LENGTHS=chosen_lengths is not None,

@@ -43,9 +43,10 @@ def _cost_and_slope(d, p, P_MODE: tl.constexpr):
         return pw * ad, p * pw * sgn
 
 
-@triton.jit
+# log_steps is a run-time loop count (it grows with the sizes): one compile serves every size
+@triton.jit(do_not_specialize=["log_steps"])
 def wasserstein_merge_kernel(xu_ptr, cu_ptr, xv_ptr, cv_ptr, g_ptr, out_ptr, n, m, p_value: tl.float64,
-                             LOG_STEPS: tl.constexpr,
+                             log_steps,
                              BLOCK: tl.constexpr, P_MODE: tl.constexpr, STEP_GRAD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     xu_ptr += b * n
@@ -63,7 +64,7 @@ def wasserstein_merge_kernel(xu_ptr, cu_ptr, xv_ptr, cv_ptr, g_ptr, out_ptr, n, 
         # largest i in [lo, hi] with cu[i-1] <= cv[k-i] (i = 0 and k - i = m always qualify)
         lo = tl.maximum(k - m, 0)
         hi = tl.minimum(k, n)
-        for _ in range(LOG_STEPS):
+        for _ in range(log_steps):
             mid = (lo + hi + 1) // 2
             jm = k - mid
             a = tl.load(cu_ptr + mid - 1, mask=live & (mid > 0) & (lo < hi), other=0.0)
@@ -102,5 +103,5 @@ def launch_merge(xu, cu, xv, cv, p: float, out, g=None) -> None:
     p_mode = 1 if p == 1.0 else (2 if p == 2.0 else 0)
     log_steps = max(1, int(min(n, m) + 1).bit_length())
     launch(wasserstein_merge_kernel, (B,),
-        xu, cu, xv, cv, g if g is not None else out, out, n, m, float(p), LOG_STEPS=log_steps, BLOCK=block,
+        xu, cu, xv, cv, g if g is not None else out, out, n, m, float(p), log_steps=log_steps, BLOCK=block,
         P_MODE=p_mode, STEP_GRAD=g is not None, num_warps=warps)
