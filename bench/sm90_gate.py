@@ -217,6 +217,10 @@ _RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 def gate_cuda(lib: str, csv_path: str | None) -> int:
     cuobjdump = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):  # the CUDA compiler image has none; Triton ships one
+        import triton
+
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     out = subprocess.run([cuobjdump, "-res-usage", lib], capture_output=True, text=True)
     if out.returncode != 0:
         print(out.stdout + out.stderr)
