@@ -11,7 +11,7 @@ import torch
 from alignops import ctc
 from alignops.reference import ctc as ref
 
-from .common import Case
+from .common import Case, annotate, nbytes
 
 FAMILY = "ctc"
 C = 32  # a character vocabulary (wav2vec2 / MMS-style CTC heads)
@@ -39,6 +39,13 @@ def _looped(F, lp, tg):
         torch.cuda.synchronize()
 
 
+def _work(cases, lp, tg):
+    """Emissions and targets read once, paths (int64) and per-frame scores written once; about 3 fp32
+    operations per trellis cell and frame (two maxes and an add over S = 2L+1 states)."""
+    B, T, _ = lp.shape
+    return annotate(cases, nbytes(lp, tg) + B * T * (8 + lp.element_size()), 3 * B * T * (2 * tg.shape[1] + 1))
+
+
 def groups(device: str, quick: bool):
     F = _torchaudio()
     B = 4 if quick else (256 if device == "cuda" else 32)
@@ -56,7 +63,7 @@ def groups(device: str, quick: bool):
         tl = torch.full((B,), L)
         cases.append(Case(FAMILY, "forced_align", shape, "float32", "reference (torch)", "fwd",
                           lambda: ref.forced_align(lp, tg, il, tl)))
-    yield cases
+    yield _work(cases, lp, tg)
     minutes = (0.5,) if quick else (5, 15, 30)
     for m in minutes:
         T = int(m * 60 * 50)
@@ -73,7 +80,7 @@ def groups(device: str, quick: bool):
                           lambda lp=lp, tg=tg: ctc.forced_align(lp, tg), baseline=not runs_torchaudio))
         cases.append(Case(FAMILY, "forced_align", shape, "float32", "alignops checkpointed", "fwd",
                           lambda lp=lp, tg=tg: ctc.forced_align(lp, tg, memory="checkpointed")))
-        yield cases
+        yield _work(cases, lp, tg)
 
 
 def _frames(shape: str) -> int:

@@ -13,7 +13,7 @@ import torch
 import alignops
 from alignops.reference import preference as ref
 
-from .common import Case
+from .common import Case, annotate, matmul_unit, nbytes
 
 FAMILY = "fused_linear"
 
@@ -62,7 +62,11 @@ def groups(device: str, quick: bool):
             cases.append(Case(FAMILY, "dpo_step", shape, dt, "liger-kernel", "fwd+bwd",
                               lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden: s(
                                   lambda: liger(w, h, t, ref_input=r, ref_weight=w.detach())[0]), reset=reset))
-        yield cases
+        # Minimum: inputs read once, the gradients of hidden and weight written once; the LM-head matmuls of
+        # the scored (non-prompt) tokens: policy forward 2nHV, its backward 4nHV, the reference forward 2nHV.
+        n = 2 * B * (T - int(prompt * T))
+        yield annotate(cases, nbytes(hidden, ref_hidden, weight, targets) + nbytes(hidden, weight), 8 * n * H * V,
+                       matmul_unit(dtype))
         del cases, hidden, ref_hidden, weight, targets
 
 

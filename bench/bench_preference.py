@@ -14,7 +14,7 @@ import torch
 import alignops
 from alignops.reference import preference as ref
 
-from .common import Case
+from .common import Case, annotate, nbytes
 
 FAMILY = "preference"
 
@@ -67,7 +67,11 @@ def _selective_groups(device: str, quick: bool):
                 fn = lambda x, y, b=_backend(p): alignops.selective_logprobs(x, y, backend=b)  # noqa: E731
                 cases.append(Case(FAMILY, "selective_logprobs", shape, dt, p, mode, lambda run=run, fn=fn: run(fn),
                                   reset=reset))
-            yield cases
+            # Logits and targets read once, fp32 log-probs written; backward reads g and writes the logits'
+            # gradient. About 4 fp32 operations per logit forward (max, subtract, exp, add), 4 more backward.
+            fwd_bwd = mode == "fwd+bwd"
+            yield annotate(cases, nbytes(logits, targets) + 4 * N + fwd_bwd * (nbytes(g) + nbytes(logits)),
+                           (8 if fwd_bwd else 4) * N * V)
             del cases, logits, targets, g, run, reset
 
 
@@ -103,7 +107,8 @@ def _loss_groups(device: str, quick: bool):
                               lambda fb=fwd_bwd, lt=loss_type, target=target: fb(
                                   lambda pc, pr, rc, rr: LigerFusedLinearDPOFunction.preference_loss_fn(
                                       pc, pr, target, rc, rr, beta=0.1, loss_type=lt)[0])))
-        yield cases
+        # Four log-prob vectors and the lengths read, their four gradients written (the loss is a scalar).
+        yield annotate(cases, 9 * 4 * B)
 
 
 def groups(device: str, quick: bool):

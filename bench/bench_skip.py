@@ -12,7 +12,7 @@ import torch
 import alignops
 from alignops.reference import skip as ref
 
-from .common import Case
+from .common import Case, annotate, matmul_unit, nbytes
 
 FAMILY = "skip"
 FRACTIONS = (0.0, 0.5, 0.75, 0.9, 576 / 650)
@@ -66,7 +66,10 @@ def groups(device: str, quick: bool):
                              lambda buf=x.clone(), keep=keep: _no_grad(alignops.skip_ffn, buf, *packed, norm_weight,
                                                                        keep=keep, inplace=True)),
                     ]
-            yield cases
+            # x and the weights read once, the output written once; the FFN's matmuls on the kept rows only
+            # (2 x H x 2I gate/up, then I x H down: 6 H I FLOPs per row).
+            weights = nbytes(w_gate_up, w_down, norm_weight)
+            yield annotate(cases, weights + nbytes(keep) + 2 * nbytes(x), 6 * (T - k) * H * I, matmul_unit(dtype))
         # The ratio targets, measured paired: the fractions interleaved within each repetition, so that the
         # load of a shared machine drifting between the table's rows does not enter t(s) / t(0).
         buf = x.clone()
@@ -96,13 +99,13 @@ def groups(device: str, quick: bool):
         delta = 0.5 * torch.randn(T, H, device=device).to(dtype)
         delta[5:5 + k] *= 0.01
         shape = f"T={T} H={H} I={I} add+criterion+FFN, s={k / T:.3f}"
-        yield [
+        yield annotate([
             Case(FAMILY, "skip_ffn(delta=)", shape, dt, "torch add + change_score + skip_ffn", "fwd",
                  lambda x=x, delta=delta: _unfused_layer(x, delta, w_gate_up, w_down, norm_weight), baseline=True),
             Case(FAMILY, "skip_ffn(delta=)", shape, dt, "alignops fused", "fwd",
                  lambda x=x, delta=delta: _no_grad(alignops.skip_ffn, x, w_gate_up, w_down, norm_weight,
                                                    delta=delta, threshold=THRESHOLD)),
-        ]
+        ], weights + 3 * nbytes(x), 6 * (T - k) * H * I, matmul_unit(dtype))
         if packed is not None:
             alignops.skip.unprepack(*packed)  # this dtype's rows are measured: drop the copies
 
