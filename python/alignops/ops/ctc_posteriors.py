@@ -104,11 +104,11 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from torch.library import triton_op
+    from ._registration import register_triton_op
 
     from ..kernels.ctc import launch_ctc_posteriors
 
-    @triton_op("alignops::ctc_posteriors_triton", mutates_args=(), schema=_SCHEMA)
+    @register_triton_op("alignops::ctc_posteriors_triton", _SCHEMA)
     def ctc_posteriors_triton(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
                               target_lengths: torch.Tensor, blank: int, return_states: bool, return_tokens: bool,
                               compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,10 +6,10 @@ interpreter (TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op
 
 from .._checks import check_triton_device
 from ..kernels.ctc_segmentation import launch_utterance_score
+from ._registration import register_triton_op
 
 _SCHEMA = "(Tensor frame_logprobs, Tensor starts, Tensor ends, int window) -> Tensor"
 
@@ -38,7 +38,7 @@ def _check_args(frame_logprobs, starts, ends, window):
         raise ValueError(f"window must be >= 1, got {window}")
 
 
-@triton_op("alignops::ctc_segmentation_utterance_score_triton", mutates_args=(), schema=_SCHEMA)
+@register_triton_op("alignops::ctc_segmentation_utterance_score_triton", _SCHEMA)
 def ctc_segmentation_utterance_score_triton(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
                                             window: int) -> torch.Tensor:
     """Triton twin of ``alignops::ctc_segmentation_utterance_score``: [B, U] fp64.

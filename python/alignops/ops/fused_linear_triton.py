@@ -15,12 +15,12 @@ import math
 from typing import Optional
 
 import torch
-from torch.library import triton_op
 
 from .._checks import check_targets, check_temperature, check_triton_device
 
 from ..kernels.fused_linear import launch_fused_linear_backward, launch_fused_linear_forward
 from .preference import acc_dtype, register_fused_linear_logprobs_autograd
+from ._registration import register_triton_op
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -68,7 +68,7 @@ def _check_args(hidden, weight, targets, bias, temperature, logit_scale) -> None
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
 
 
-@triton_op("alignops::fused_linear_logprobs_triton", mutates_args=(), schema=_FORWARD_SCHEMA)
+@register_triton_op("alignops::fused_linear_logprobs_triton", _FORWARD_SCHEMA)
 def fused_linear_logprobs_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -93,7 +93,7 @@ def fused_linear_logprobs_triton(
     return logp, lse, entropy
 
 
-@triton_op("alignops::fused_linear_logprobs_backward_triton", mutates_args=(), schema=_BACKWARD_SCHEMA)
+@register_triton_op("alignops::fused_linear_logprobs_backward_triton", _BACKWARD_SCHEMA)
 def fused_linear_logprobs_backward_triton(
     grad_logp: torch.Tensor,
     hidden: torch.Tensor,

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from torch.library import triton_op
 
 from .._checks import check_logits_targets, check_triton_device
 
@@ -21,6 +20,7 @@ from ..kernels.preference import (
     launch_selective_logprobs_forward,
 )
 from .preference import acc_dtype, register_preference_loss_autograd, register_selective_logprobs_autograd
+from ._registration import register_triton_op
 
 _NUM_LOSS_TYPES = 15  # codes of csrc/preference/preference_loss_math.h
 _MAX_LOSS_TERMS = 16
@@ -47,7 +47,7 @@ def _check_per_pair(t: torch.Tensor, pc: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a real numeric tensor, got {t.dtype}")
 
 
-@triton_op("alignops::preference_loss_triton", mutates_args=(), schema=_PREFERENCE_LOSS_SCHEMA)
+@register_triton_op("alignops::preference_loss_triton", _PREFERENCE_LOSS_SCHEMA)
 def preference_loss_triton(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -110,7 +110,7 @@ def preference_loss_triton(
     return loss, chosen_rewards, rejected_rewards, grad
 
 
-@triton_op("alignops::selective_logprobs_triton", mutates_args=(), schema=_SELECTIVE_LOGPROBS_SCHEMA)
+@register_triton_op("alignops::selective_logprobs_triton", _SELECTIVE_LOGPROBS_SCHEMA)
 def selective_logprobs_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::selective_logprobs``: (logp [N], lse [N]) in the accumulation dtype.
@@ -125,8 +125,7 @@ def selective_logprobs_triton(logits: torch.Tensor, targets: torch.Tensor, ignor
     return logp, lse
 
 
-@triton_op("alignops::selective_logprobs_backward_triton", mutates_args=(),
-           schema=_SELECTIVE_LOGPROBS_BACKWARD_SCHEMA)
+@register_triton_op("alignops::selective_logprobs_backward_triton", _SELECTIVE_LOGPROBS_BACKWARD_SCHEMA)
 def selective_logprobs_backward_triton(grad_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                                        lse: torch.Tensor, ignore_index: int, temperature: float) -> torch.Tensor:
     """Triton twin of ``alignops::selective_logprobs_backward``: d logits in the logits dtype."""

@@ -72,7 +72,11 @@ def _act_and_grad(pre: torch.Tensor, activation: int, grad_act: torch.Tensor) ->
     return 0.5 * p * (1 + t), grad_act * (0.5 * (1 + t) + 0.5 * p * (1 - t * t) * k * (1 + 3 * c * p * p))
 
 
-@torch.library.custom_op("alignops::skip_ffn_backward", mutates_args=())
+# Spelled out: an inferred schema would make activation a SymInt, unlike every other alignops op.
+@torch.library.custom_op("alignops::skip_ffn_backward", mutates_args=(), schema=(
+    "(Tensor grad_y, Tensor x, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor index, Tensor count, "
+    "Tensor rstd, Tensor pre_act, int activation, bool has_b_gate_up, bool has_b_down) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
 def skip_ffn_backward(grad_y: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                       norm_weight: torch.Tensor | None, index: torch.Tensor, count: torch.Tensor, rstd: torch.Tensor,
                       pre_act: torch.Tensor, activation: int, has_b_gate_up: bool, has_b_down: bool

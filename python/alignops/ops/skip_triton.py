@@ -12,13 +12,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.library import triton_op
 
 from .._checks import check_param, check_triton_device
 
 from ..kernels.skip import SWIGLU, launch_add_score, launch_skip_ffn
 from .preference import acc_dtype
 from .skip import register_add_score_autograd, register_skip_ffn_autograd
+from ._registration import register_triton_op
 
 _ACTIVATIONS = {0: "swiglu", 1: "gelu", 2: "gelu_tanh"}
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -60,7 +60,7 @@ def _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, acti
     return I
 
 
-@triton_op("alignops::skip_ffn_triton", mutates_args=(), schema=_SKIP_FFN_SCHEMA)
+@register_triton_op("alignops::skip_ffn_triton", _SKIP_FFN_SCHEMA)
 def skip_ffn_triton(
     x: torch.Tensor,
     keep: torch.Tensor,
@@ -103,9 +103,9 @@ def skip_ffn_triton(
 register_skip_ffn_autograd("alignops::skip_ffn_triton")
 
 
-@triton_op("alignops::skip_ffn_triton_", mutates_args=("x",), schema=(
+@register_triton_op("alignops::skip_ffn_triton_", (
     "(Tensor(a!) x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
-    "Tensor? b_down, int activation, float eps) -> ()"))
+    "Tensor? b_down, int activation, float eps) -> ()"), mutates_args=("x",))
 def skip_ffn_triton_(
     x: torch.Tensor,
     keep: torch.Tensor,
@@ -136,8 +136,8 @@ def skip_ffn_triton_(
         x.new_empty((N, H) if norm_weight is not None else (0, H)), x.new_empty((N, I)))
 
 
-@triton_op("alignops::skip_add_score_triton", mutates_args=(),
-           schema="(Tensor residual, Tensor delta, int criterion) -> (Tensor, Tensor)")
+@register_triton_op("alignops::skip_add_score_triton",
+                    "(Tensor residual, Tensor delta, int criterion) -> (Tensor, Tensor)")
 def skip_add_score_triton(residual: torch.Tensor, delta: torch.Tensor, criterion: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::skip_add_score``: (h = residual + delta, score [N] in the accumulation dtype)."""

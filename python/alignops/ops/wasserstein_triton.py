@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.library import triton_op
 
 from .._checks import check_triton_device
 from ..kernels.wasserstein import launch_merge
 from .wasserstein import register_wasserstein_1d_autograd
+from ._registration import register_triton_op
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _FWD_SCHEMA = "(Tensor u, Tensor v, Tensor? u_weights, Tensor? v_weights, float p) -> Tensor"
@@ -74,7 +74,7 @@ def _sorted_cdf(x: torch.Tensor, w: torch.Tensor | None):
     return xs, c.to(acc).contiguous(), order, c, total
 
 
-@triton_op("alignops::wasserstein_1d_triton", mutates_args=(), schema=_FWD_SCHEMA)
+@register_triton_op("alignops::wasserstein_1d_triton", _FWD_SCHEMA)
 def wasserstein_1d_triton(u: torch.Tensor, v: torch.Tensor, u_weights: Optional[torch.Tensor],
                           v_weights: Optional[torch.Tensor], p: float) -> torch.Tensor:
     """Triton twin of ``alignops::wasserstein_1d``: W_p^p [B] in u's dtype."""
@@ -113,7 +113,7 @@ def _weight_grad(gc: torch.Tensor, c64: torch.Tensor, total: torch.Tensor, order
     return torch.empty_like(gw, dtype=dtype).scatter_(-1, order, gw.to(dtype))
 
 
-@triton_op("alignops::wasserstein_1d_backward_triton", mutates_args=(), schema=_BWD_SCHEMA)
+@register_triton_op("alignops::wasserstein_1d_backward_triton", _BWD_SCHEMA)
 def wasserstein_1d_backward_triton(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                                    u_weights: Optional[torch.Tensor], v_weights: Optional[torch.Tensor], p: float,
                                    weights_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,40 @@
+"""``register_triton_op(name, schema)``: ``torch.library.triton_op`` with the given schema on every torch that
+alignops supports (torch >= 2.6), so that each Triton op has the schema of its native twin in
+csrc/registration.cpp.
+
+``triton_op(..., schema=...)`` hands the schema on to ``custom_op`` from torch 2.14 on. Before, it infers the
+schema from the function's annotations whatever it is given: an ``int`` argument becomes ``SymInt``, so the
+same op would be registered differently on torch 2.11-2.13 than on 2.14 (and differently from its native twin).
+On those versions the schema inference inside ``triton_op`` is replaced by the given schema for the one call;
+everything else stays ``triton_op``'s own: the fake kernel that runs the body, the decomposition into the body
+under functionalization (so torch.compile traces into the kernels), export's handling of the op.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch._library.triton as _triton_library
+from torch.library import triton_op
+
+# torch 2.14 is the first release whose triton_op uses schema=; a dev build of 2.14 takes the other path,
+# which gives the same registration.
+_TRITON_OP_TAKES_SCHEMA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
+
+def register_triton_op(name: str, schema: str, mutates_args: Iterable[str] = ()) -> Callable:
+    """Decorator: define ``name`` (``"alignops::op"``) with ``schema`` (``"(Tensor x, int n) -> Tensor"``), its
+    implementation the decorated function, as ``torch.library.triton_op`` does."""
+
+    def define(fn: Callable):
+        if _TRITON_OP_TAKES_SCHEMA:
+            return triton_op(name, fn, mutates_args=mutates_args, schema=schema)
+        inferred = _triton_library.infer_schema
+        _triton_library.infer_schema = lambda *args, **kwargs: schema
+        try:
+            return triton_op(name, fn, mutates_args=mutates_args)
+        finally:
+            _triton_library.infer_schema = inferred
+
+    return define

@@ -1,0 +1,149 @@
+"""How the ops are registered, the same on every supported torch (.ci/torch_compat.sh runs this file under
+torch 2.13 as well as the main CI's 2.14): the native schemas are csrc/registration.cpp's, every Triton op has
+its native twin's schema (ints are ``int``, never ``SymInt``: before torch 2.14 ``triton_op`` ignores
+``schema=``, see alignops/ops/_registration.py), opcheck passes, and torch.compile traces into an op defined by
+``register_triton_op`` whichever path defined it."""
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+import alignops
+from alignops.ops import _registration
+
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "registration.cpp"
+triton_only = pytest.mark.skipif(not alignops._backend.triton_available(), reason="needs the triton package")
+
+
+def _native_schemas() -> dict[str, torch._C.FunctionSchema]:
+    """name -> schema of every ``m.def("...")`` in csrc/registration.cpp (adjacent C literals joined)."""
+    text = CSRC.read_text()
+    out = {}
+    for call in re.finditer(r'm\.def\(\s*((?:"(?:[^"\\]|\\.)*"\s*)+)', text):
+        schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call.group(1)))
+        parsed = torch._C.parse_schema("alignops::" + schema)
+        out[parsed.name.split("::")[1]] = parsed
+    return out
+
+
+def _registered(name: str) -> torch._C.FunctionSchema:
+    return getattr(torch.ops.alignops, name).default._schema
+
+
+def _signature(schema: torch._C.FunctionSchema) -> str:
+    """The schema without the op's name."""
+    return str(schema).split("(", 1)[1]
+
+
+def _alignops_ops() -> list[str]:
+    return sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("alignops::"))
+
+
+def test_native_schemas_are_registration_cpp():
+    native = _native_schemas()
+    assert len(native) >= 25
+    for name, schema in native.items():
+        assert _registered(name) == schema, name
+
+
+@triton_only
+def test_every_triton_op_has_its_native_twins_schema():
+    triton_ops = [n for n in _alignops_ops() if "_triton" in n]
+    assert len(triton_ops) == 19, triton_ops
+    native = _native_schemas()
+    for name in triton_ops:
+        twin = name.replace("_triton", "")
+        assert twin in native, f"{name} has no native twin in csrc/registration.cpp"
+        assert _signature(_registered(name)) == _signature(native[twin]), name
+
+
+def test_no_op_takes_symint():
+    """Python-defined ops (Triton ops, skip_ffn_backward) spell their schemas out: an inferred one would turn
+    every int into a SymInt."""
+    for name in _alignops_ops():
+        assert "SymInt" not in str(_registered(name)), name
+
+
+# In the interpreter the Triton kernels run on real tensors only: the fake-tensor and AOT-dispatch checks of
+# opcheck need a GPU (see tests/test_ctc_posteriors_triton.py).
+OPCHECK_UTILS = (("test_schema", "test_autograd_registration") if not torch.cuda.is_available()
+                 else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton_only
+def test_opcheck_triton_ops():
+    logits = torch.randn(5, 37, device=DEVICE, requires_grad=True)
+    targets = torch.tensor([3, 0, 36, -100, 7], device=DEVICE)
+    torch.library.opcheck(torch.ops.alignops.selective_logprobs_triton.default, (logits, targets, -100, 0.7),
+                          test_utils=OPCHECK_UTILS)
+    pc, pr, rc, rr = (torch.randn(6, device=DEVICE, dtype=torch.float64) for _ in range(4))
+    torch.library.opcheck(torch.ops.alignops.preference_loss_triton.default,
+                          (pc.requires_grad_(), pr, rc, rr, None, None, None, [0, 2], [1.0, 0.5], 0.1, 0.0, 0.5, 0.05,
+                           0, 0.5, True), test_utils=OPCHECK_UTILS)
+    context = torch.randint(0, 50, (3, 2), device=DEVICE)
+    torch.library.opcheck(torch.ops.alignops.kgw_logits_triton.default,
+                          (torch.randn(3, 50, device=DEVICE), context, 12345, 0.25, 2.0), test_utils=OPCHECK_UTILS)
+
+
+# ---- register_triton_op on both of its paths ------------------------------------------------------------
+
+_TOY_SCHEMA = "(Tensor x, int n, float scale) -> Tensor"
+
+
+def _toy(x: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+    # A body of torch ops only: tracing into it is then visible on the CPU, where the interpreter cannot run
+    # a kernel on fake tensors.
+    return x * scale + n
+
+
+@pytest.fixture(scope="module")
+def toy_ops():
+    """alignops_test::toy_<path>, defined once per process by each path of register_triton_op."""
+    ops = {}
+    takes = _registration._TRITON_OP_TAKES_SCHEMA
+    for path, flag in (("own", takes), ("replaced", False)):
+        _registration._TRITON_OP_TAKES_SCHEMA = flag
+        try:
+            ops[path] = _registration.register_triton_op(f"alignops_test::toy_{path}", _TOY_SCHEMA)(_toy)
+        finally:
+            _registration._TRITON_OP_TAKES_SCHEMA = takes
+    return {path: getattr(torch.ops.alignops_test, f"toy_{path}").default for path in ops}
+
+
+def test_triton_op_ignores_schema_before_2_14():
+    """Why register_triton_op exists: torch.library.triton_op itself infers SymInt before torch 2.14."""
+    torch.library.triton_op("alignops_test::toy_plain", _toy, mutates_args=(), schema=_TOY_SCHEMA)
+    plain = str(torch.ops.alignops_test.toy_plain.default._schema)
+    assert ("SymInt n" in plain) == (not _registration._TRITON_OP_TAKES_SCHEMA), (torch.__version__, plain)
+
+
+@pytest.mark.parametrize("path", ["own", "replaced"])
+def test_register_triton_op_gives_the_schema(toy_ops, path):
+    op = toy_ops[path]
+    assert _signature(op._schema) == _TOY_SCHEMA.lstrip("(")
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(op(x, 2, 0.5), x * 0.5 + 2)
+    torch.library.opcheck(op, (x.detach(), 2, 0.5))
+
+
+@pytest.mark.parametrize("path", ["own", "replaced"])
+def test_compile_traces_into_register_triton_op(toy_ops, path):
+    """Under torch.compile the op is decomposed into its body (as triton_op does), not kept opaque."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return gm
+
+    op = toy_ops[path]
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: op(x, 3, 2.0).sum(), backend=aot_autograd(fw_compiler=keep), fullgraph=True)
+    x = torch.randn(5)
+    torch.testing.assert_close(fn(x), (x * 2.0 + 3).sum())
+    code = graphs[0].code
+    assert "alignops_test" not in code and "aten.mul" in code, code
