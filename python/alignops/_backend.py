@@ -13,6 +13,10 @@ import torch
 
 BACKENDS = ("auto", "native", "triton", "torch")
 
+# Host buffers copied to a GPU while a CUDA graph was being captured: the graph reads them again at every
+# replay, so they are kept for the life of the process (one per captured copy).
+_CAPTURED_HOST_BUFFERS: list[torch.Tensor] = []
+
 
 def cuda_compiled() -> bool:
     """True when this build of alignops._C holds CUDA kernels."""
@@ -55,3 +59,16 @@ def resolve(backend: str, device: torch.device, op: str, *, native_cuda: bool = 
             raise RuntimeError(f"{op}: backend='triton' runs on CPU tensors only in the Triton interpreter "
                                "(set TRITON_INTERPRET=1 before importing triton)")
     return backend
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t.to(device)``, without a host sync when a CPU tensor goes to a GPU: an asynchronous copy from pinned
+    memory, which CUDA-graph capture accepts (a copy from pageable memory waits for the device, and fails under
+    capture). Under torch.compile a plain ``.to``."""
+    device = torch.device(device)
+    if t.device.type != "cpu" or device.type != "cuda" or torch.compiler.is_compiling():
+        return t.to(device)
+    pinned = t.pin_memory()
+    if torch.cuda.is_current_stream_capturing():
+        _CAPTURED_HOST_BUFFERS.append(pinned)
+    return pinned.to(device, non_blocking=True)

@@ -46,7 +46,7 @@ def _lengths(lengths: torch.Tensor | None, B: int, full: int, device: torch.devi
         raise ValueError(f"{name} must be int64 or int32, got {lengths.dtype}")
     if lengths.dim() != 1 or lengths.shape[0] != B:
         raise ValueError(f"{name} must have shape [{B}], got {tuple(lengths.shape)}")
-    return lengths.to(device=device, dtype=torch.long)
+    return _backend.to_device(lengths, device).long()
 
 
 def _star_scores(log_probs: torch.Tensor, blank: int, star_scores, star_penalty: float) -> torch.Tensor:
@@ -62,7 +62,8 @@ def _star_scores(log_probs: torch.Tensor, blank: int, star_scores, star_penalty:
     if star_scores == "max":
         if C < 2:
             raise ValueError("star_scores='max' needs a class besides blank")
-        masked = log_probs.to(acc).index_fill(2, torch.tensor([blank], device=log_probs.device), float("-inf"))
+        is_blank = torch.arange(C, device=log_probs.device) == blank  # no host-to-device copy of an index
+        masked = torch.where(is_blank, float("-inf"), log_probs.to(acc))
         return (masked.amax(2) + star_penalty).contiguous()
     raise ValueError(f"star_scores must be 'max', 'constant' or a [B, T] tensor, got {star_scores!r}")
 
@@ -81,6 +82,7 @@ def forced_align(
     checkpoint_interval: int | None = None,
     on_infeasible: str = "raise",
     backend: str = "auto",
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Batched CTC forced alignment: the best path through the 2L+1 trellis of each utterance.
 
@@ -109,6 +111,11 @@ def forced_align(
         on_infeasible: ``"raise"`` (ValueError naming the rows with T_b < L_b + repeats or no finite
             path) or ``"skip"`` (those rows come back as path -1, score -inf).
         backend: ``"auto"`` (C++ on the CPU, CUDA C++ on a GPU), ``"native"``, ``"torch"`` (reference).
+        check_values: ``False`` skips the checks that read tensor values on the device (lengths and target
+            ids in range), so the call neither syncs nor breaks CUDA-graph capture (with
+            ``on_infeasible="skip"``, which reads nothing back either). The CPU kernel checks them itself
+            whatever the flag; the CUDA kernel makes a row with a length or target id out of range
+            infeasible (it reads nothing out of bounds), so it is reported as such.
 
     Returns:
         ``(paths, scores)``: paths [B, T] int64 — the class id aligned to each frame (``star_token`` on
@@ -118,7 +125,7 @@ def forced_align(
     Devices: CPU (threaded over the batch; the trellis loop is vectorised over states) and CUDA (one
     block per utterance, the whole time loop and the backtrace inside one kernel launch). On CUDA the
     value checks of the lengths and ``targets`` and the infeasibility check read back a few scalars
-    (host syncs; alignment is an inference step, not a training hot path).
+    (host syncs; ``check_values=False`` with ``on_infeasible="skip"`` reads none).
 
     Raises:
         ValueError: wrong ranks / shapes / dtypes / devices, a target equal to ``blank`` or outside
@@ -136,7 +143,7 @@ def forced_align(
     dev = log_probs.device
     input_lengths = _lengths(input_lengths, B, T, dev, "input_lengths")
     target_lengths = _lengths(target_lengths, B, targets.shape[1], dev, "target_lengths")
-    targets = targets.to(dev)
+    targets = _backend.to_device(targets, dev)
     star = None
     star_id = -1
     if star_token is not None:
@@ -153,7 +160,7 @@ def forced_align(
     if impl == "triton":
         raise RuntimeError("forced_align: there is no Triton kernel (its GPU kernel is CUDA C++); build alignops "
                            "with ALIGNOPS_ENABLE_CUDA=ON, or use backend='torch'")
-    if dev.type == "cuda" or impl == "torch":
+    if check_values and (dev.type == "cuda" or impl == "torch"):
         _check_values_on_host(log_probs, targets, input_lengths, target_lengths, blank, star_id if star is not None else None)
     if impl == "torch":
         paths, scores, feasible = _ref.forced_align(log_probs, targets, input_lengths, target_lengths, blank, star, star_id)
@@ -205,7 +212,7 @@ class TokenSpans(NamedTuple):
 
 
 def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, blank: int = 0,
-                num_spans: int | None = None) -> TokenSpans:
+                num_spans: int | None = None, *, check_values: bool = True) -> TokenSpans:
     """Merge aligned paths into one span per target token, batched (torchaudio's ``merge_tokens``).
 
     A span is a maximal run of frames with the same non-blank id; in a CTC path the k-th run is the k-th
@@ -213,7 +220,10 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
     the run in fp32 (fp64 for fp64) — the per-token mean log-prob with :func:`forced_align`'s scores,
     torchaudio's ``TokenSpan.score`` when given ``scores.exp()``. Frames with path -1 (padding) belong
     to no span. ``num_spans`` fixes K (e.g. ``targets.shape[1]``); by default K is the longest row (one
-    host sync). Vectorised tensor code (cumsum + scatter) on any device.
+    host sync). Vectorised tensor code (cumsum + scatter) on any device. A row with more than ``num_spans``
+    spans raises ValueError; ``check_values=False`` skips that check (it reads the counts), so that with
+    ``num_spans`` the call neither syncs nor breaks CUDA-graph capture: such a row then keeps its first
+    ``num_spans`` spans (``count`` still counts them all).
     """
     if not isinstance(paths, torch.Tensor) or paths.dim() != 2 or paths.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"paths must be a [B, T] int64 / int32 tensor, got {getattr(paths, 'shape', type(paths))}")
@@ -229,9 +239,9 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
     ends = valid & (paths != torch.cat([paths[:, 1:], pad], 1))
     count = starts.sum(1)
     K = int(count.max()) if num_spans is None and B > 0 and T > 0 else (num_spans or 0)
-    if num_spans is not None and B > 0 and T > 0 and bool((count > num_spans).any()):
+    if check_values and num_spans is not None and B > 0 and T > 0 and bool((count > num_spans).any()):
         raise ValueError(f"num_spans={num_spans} is fewer than the spans of a row ({int(count.max())})")
-    k = torch.where(valid, starts.long().cumsum(1) - 1, K)  # K: a dump column, cut below
+    k = torch.where(valid, (starts.long().cumsum(1) - 1).clamp(max=K), K)  # K: a dump column, cut below
     frames = torch.arange(T, device=paths.device).expand(B, T)
     acc = acc_dtype(frame_scores.dtype)
     at_start = torch.where(starts, k, K)
@@ -244,13 +254,16 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
     return TokenSpans(token, start, end, score, count)
 
 
-def word_spans(spans: TokenSpans, word_lengths: torch.Tensor) -> TokenSpans:
+def word_spans(spans: TokenSpans, word_lengths: torch.Tensor, *, check_values: bool = True) -> TokenSpans:
     """Group token spans into words: word w of row b is its next ``word_lengths[b, w]`` tokens.
 
     ``word_lengths`` [B, W] int (0 = padding). start / end are the first token's start and the last
     token's end; score is the frame-weighted mean of the token scores (the mean frame score over the
     word's tokens). ``token`` holds the word's first token id; ``count`` the words with at least one
     token. Rows with fewer spans than the lengths ask for raise ValueError. Vectorised (cumsum + gather).
+    ``check_values=False`` skips the checks that read tensor values on the device (lengths >= 0, enough
+    spans), so the call neither syncs nor breaks CUDA-graph capture; words past a row's spans then get
+    meaningless values (never an index out of bounds).
     """
     if not isinstance(word_lengths, torch.Tensor) or word_lengths.dim() != 2 or word_lengths.dtype not in (
             torch.int32, torch.int64):
@@ -260,15 +273,17 @@ def word_spans(spans: TokenSpans, word_lengths: torch.Tensor) -> TokenSpans:
     if word_lengths.shape[0] != B:
         raise ValueError(f"word_lengths must have one row per utterance (B = {B}), got {word_lengths.shape[0]}")
     lengths = word_lengths.long().to(spans.start.device)
-    if bool((lengths < 0).any()):
+    if check_values and bool((lengths < 0).any()):
         raise ValueError("word_lengths must be >= 0")
     last = lengths.cumsum(1)  # one past each word's last token
-    if lengths.shape[1] > 0 and bool((last[:, -1] > spans.count).any()):
+    if check_values and lengths.shape[1] > 0 and bool((last[:, -1] > spans.count).any()):
         raise ValueError("word_lengths asks for more tokens than a row has spans")
     first = last - lengths
     real = lengths > 0
-    lo = torch.where(real, first, 0)  # [lo, hi): the word's tokens; padding words read column 0
-    hi = torch.where(real, last, 0)
+    # [lo, hi): the word's tokens, padding words read column 0; clamped to the K columns, which only unchecked
+    # lengths (check_values=False) can pass
+    lo = torch.where(real, first, 0).clamp(0, K)
+    hi = torch.where(real, last, 0).clamp(0, K)
     safe_first = lo.clamp(max=max(K - 1, 0))
     safe_last = (hi - 1).clamp(min=0, max=max(K - 1, 0))
     # fp64 prefix sums: a word is a difference of two of them, exact enough over hours of frames.

@@ -8,7 +8,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import _backend
-from .ops.ctc_posteriors import check_shapes, check_values
+from .ops.ctc_posteriors import check_shapes, check_values as _check_values
 from .ops.preference import acc_dtype
 from .reference import ctc_posteriors as _ref
 
@@ -26,7 +26,7 @@ def _lengths(x, log_probs: torch.Tensor, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, (list, tuple)):
-        return torch.tensor(x, dtype=torch.long, device=log_probs.device)
+        return _backend.to_device(torch.tensor(x, dtype=torch.long), log_probs.device)
     raise ValueError(f"{name} must be a tensor or a list of ints, got {type(x).__name__}")
 
 
@@ -46,7 +46,7 @@ def _padded(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor
     return torch.where(used, targets[idx] if targets.numel() else torch.zeros_like(idx), 0).to(targets.dtype)
 
 
-def _prepare(log_probs, targets, input_lengths, target_lengths, blank):
+def _prepare(log_probs, targets, input_lengths, target_lengths, blank, check_values):
     if not isinstance(log_probs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise ValueError("log_probs and targets must be tensors")
     input_lengths = _lengths(input_lengths, log_probs, "input_lengths")
@@ -54,8 +54,8 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank):
     if targets.dim() == 1:
         targets = _padded(targets, target_lengths)
     check_shapes(log_probs, targets, input_lengths, target_lengths, blank)
-    if not torch.compiler.is_compiling():
-        check_values(log_probs, targets, input_lengths, target_lengths, blank)
+    if check_values and not torch.compiler.is_compiling():
+        _check_values(log_probs, targets, input_lengths, target_lengths, blank)
     return targets, input_lengths, target_lengths
 
 
@@ -68,6 +68,7 @@ def ctc_posteriors(
     *,
     output: str = "states",
     backend: str = "auto",
+    check_values: bool = True,
 ) -> CTCPosteriors:
     r"""CTC forward-backward: the loss and the occupancy gamma of every frame and trellis state (or token).
 
@@ -104,11 +105,16 @@ def ctc_posteriors(
 
     Raises ValueError for wrong ranks / dtypes / devices, ``blank`` outside [0, C), lengths outside
     [0, T] / [0, L], and target ids equal to ``blank`` or outside [0, C). Checking the values reads them:
-    one host sync on a GPU, as torch's ctc_loss.
+    one host sync on a GPU, as torch's ctc_loss. ``check_values=False`` skips the checks that read tensor
+    values on the device, so the call neither syncs nor breaks CUDA-graph capture (with padded [B, L]
+    targets and tensor lengths on the device: the 1-D layout reads the lengths to pad, and lists are copied
+    to the device). Unchecked values are the caller's promise: the CPU kernel still checks them, the Triton
+    kernel would read and write out of bounds for lengths outside [0, T] / [0, L].
     """
     if output not in _OUTPUTS:
         raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
-    targets, input_lengths, target_lengths = _prepare(log_probs, targets, input_lengths, target_lengths, blank)
+    targets, input_lengths, target_lengths = _prepare(log_probs, targets, input_lengths, target_lengths, blank,
+                                                      check_values)
     want_states, want_tokens = output in ("states", "both"), output in ("tokens", "both")
     impl = _backend.resolve(backend, log_probs.device, "ctc_posteriors", native_cuda=False)
     if impl == "torch":
@@ -134,6 +140,7 @@ def ctc_loss(
     *,
     batch_first: bool = True,
     backend: str = "auto",
+    check_values: bool = True,
 ) -> torch.Tensor:
     r"""CTC loss with torch.nn.functional.ctc_loss's arguments and reductions, exact for any scores.
 
@@ -150,8 +157,8 @@ def ctc_loss(
     scales it. The loss is fp32 (fp64 for fp64 inputs).
 
     ``log_probs`` is [B, T, C]; pass ``batch_first=False`` for torch's [T, B, C] layout. Targets padded
-    [B, L] or concatenated 1-D; lengths tensors or lists. Backends, devices, dtypes and errors as
-    :func:`ctc_posteriors`, plus ValueError for an unknown ``reduction``.
+    [B, L] or concatenated 1-D; lengths tensors or lists. Backends, devices, dtypes, errors and
+    ``check_values`` as :func:`ctc_posteriors`, plus ValueError for an unknown ``reduction``.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -159,7 +166,8 @@ def ctc_loss(
         if log_probs.dim() != 3:
             raise ValueError(f"log_probs must be a 3-D tensor of shape [T, B, C], got shape {list(log_probs.shape)}")
         log_probs = log_probs.transpose(0, 1)
-    targets, input_lengths, target_lengths = _prepare(log_probs, targets, input_lengths, target_lengths, blank)
+    targets, input_lengths, target_lengths = _prepare(log_probs, targets, input_lengths, target_lengths, blank,
+                                                      check_values)
     impl = _backend.resolve(backend, log_probs.device, "ctc_loss", native_cuda=False)
     if impl == "torch":
         loss = _ref.forward_backward(log_probs, targets, input_lengths, target_lengths, blank)[0]

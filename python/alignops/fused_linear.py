@@ -34,7 +34,7 @@ class FusedLinearLogprobs(NamedTuple):
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           bias: torch.Tensor | None = None, *, ignore_index: int = -100, temperature: float = 1.0,
                           logit_scale: float = 1.0, softcap: float | None = None, return_entropy: bool = False,
-                          backend: str = "auto") -> FusedLinearLogprobs:
+                          backend: str = "auto", check_values: bool = True) -> FusedLinearLogprobs:
     r"""Per-token ``log p(target)`` straight from LM-head inputs, never materialising the [N, V] logits.
 
     ``hidden`` [N, H], ``weight`` [V, H] (the LM head, same dtype), ``targets`` [N] int (``ignore_index``
@@ -49,7 +49,9 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     (deterministic), ``grad_hidden`` accumulated in fp32. Outputs are fp32 (fp64 for fp64 inputs).
 
     Raises ValueError for shape / dtype / device mismatches, targets outside [0, V) and bad
-    temperature / logit_scale / softcap.
+    temperature / logit_scale / softcap. The targets' range is read on the host (one sync on a GPU);
+    ``check_values=False`` skips the checks that read tensor values on the device, so the call neither syncs
+    nor breaks CUDA-graph capture; a target outside [0, V) then gives NaN.
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be a 2-D tensor of shape [N, H], got shape {tuple(hidden.shape)}")
@@ -64,7 +66,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                                          temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                                          return_entropy=return_entropy)
         return FusedLinearLogprobs(*out) if return_entropy else FusedLinearLogprobs(out, None)
-    if impl == "triton":
+    if impl == "triton" and check_values:
         check_targets_in_range(targets, weight.shape[0], ignore_index)
     op = torch.ops.alignops.fused_linear_logprobs if impl == "native" else \
         torch.ops.alignops.fused_linear_logprobs_triton
@@ -112,12 +114,13 @@ def fused_linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, t
                                    bias: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None = None,
                                    token_weights: torch.Tensor | None = None, ignore_index: int = -100,
                                    temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
-                                   backend: str = "auto"):
+                                   backend: str = "auto", check_values: bool = True):
     """Per-sequence ``sum``, ``mean``, ``num_tokens`` and ``per_token`` log-probs from LM-head inputs.
 
     Padded: ``hidden`` [R, T, H], ``targets`` [R, T]; packed: ``hidden`` [N, H], ``targets`` [N] and
     ``cu_seqlens`` [S+1]. Prompt and padding tokens carry ``ignore_index``; ``token_weights`` (the layout
     of ``targets``) weight each token inside the sums. Returns :class:`alignops.preference.SequenceLogprobs`.
+    ``check_values``: as :func:`fused_linear_logprobs`.
     """
     if hidden.dim() == 3:
         if cu_seqlens is not None:
@@ -129,13 +132,13 @@ def fused_linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, t
             raise ValueError("packed [N, H] hidden states need cu_seqlens")
         if targets.shape != hidden.shape[:1]:
             raise ValueError(f"targets must have shape [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
-        check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
+        check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device, check_values)
     else:
         raise ValueError(f"hidden must be [R, T, H] (padded) or [N, H] (packed), got shape {tuple(hidden.shape)}")
     weights = _token_weights(targets, token_weights, ignore_index)
     per_token = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias,
                                       ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
-                                      softcap=softcap, backend=backend).logp
+                                      softcap=softcap, backend=backend, check_values=check_values).logp
     total = _sequence_sums(per_token * weights.to(per_token.dtype), cu_seqlens, targets.shape)
     count = _sequence_sums((targets.reshape(-1) != ignore_index).long(), cu_seqlens, targets.shape)
     per_token = per_token.view(targets.shape)
@@ -169,6 +172,7 @@ def fused_linear_preference_loss(
     softcap: float | None = None,
     reduction: str = "mean",
     backend: str = "auto",
+    check_values: bool = True,
     **loss_options,
 ) -> FusedLinearPreferenceOutput:
     r"""LM head -> per-token log-probs -> per-sequence sums -> :func:`alignops.preference_loss`, fused.
@@ -193,6 +197,8 @@ def fused_linear_preference_loss(
 
     Extra memory: one [K, Vt] logits tile per call, independent of T and V (the per-token and
     per-sequence vectors aside). Raises ValueError for layouts that do not fit together.
+    ``check_values=False`` skips the checks that read tensor values on the device (targets in range,
+    ``cu_seqlens``), so the call neither syncs nor breaks CUDA-graph capture (see :func:`fused_linear_logprobs`).
     """
     if hidden.dim() == 3:
         if hidden.shape[0] % 2:
@@ -208,7 +214,8 @@ def fused_linear_preference_loss(
                              f"{tuple(chosen_index.shape)} and {tuple(rejected_index.shape)}")
         chosen, rejected = (chosen_index.long(), rejected_index.long()) if chosen_index is not None else (None, None)
     kernel_opts = dict(cu_seqlens=cu_seqlens, token_weights=token_weights, ignore_index=ignore_index,
-                       temperature=temperature, logit_scale=logit_scale, softcap=softcap, backend=backend)
+                       temperature=temperature, logit_scale=logit_scale, softcap=softcap, backend=backend,
+                       check_values=check_values)
     seq = fused_linear_sequence_logprobs(hidden, weight, targets, bias, **kernel_opts)
     pc, pr = seq.sum[chosen], seq.sum[rejected]
     nc, nr = seq.num_tokens[chosen], seq.num_tokens[rejected]

@@ -56,7 +56,7 @@ def _result(values: torch.Tensor, n_bootstrap: int, confidence: float) -> Metric
         return MetricResult(value)
     boot = values[..., 1:]
     alpha = (1 - confidence) / 2
-    q = torch.tensor([alpha, 1 - alpha], dtype=boot.dtype, device=boot.device)
+    q = torch.linspace(alpha, 1 - alpha, 2, dtype=boot.dtype, device=boot.device)  # made on the device: no copy
     lo_hi = torch.nanquantile(boot, q, dim=-1)
     return MetricResult(value, lo_hi[0], lo_hi[1], boot)
 
@@ -106,8 +106,18 @@ def _resampled(tensors: list[torch.Tensor], n_bootstrap: int, seed: int) -> list
 # ---- agreement between raters ----------------------------------------------------------------------
 
 
+def _check_labels(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> None:
+    """Labels in [0, num_classes), the native op's check and message (one host sync for both tensors)."""
+    ranges = [torch.stack(torch.aminmax(t)) for t in (a, b) if t.numel()]
+    values = torch.stack(ranges).tolist() if ranges else []
+    for name, (lo, hi) in zip([name for name, t in (("a", a), ("b", b)) if t.numel()], values):
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} must hold class labels in [0, num_classes) = [0, {num_classes}), got values "
+                             f"in [{lo}, {hi}]")
+
+
 def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None, *, n_bootstrap: int = 0,
-                       seed: int = 0, backend: str = "auto") -> torch.Tensor:
+                       seed: int = 0, backend: str = "auto", check_values: bool = True) -> torch.Tensor:
     """int32 [..., R + 1, C, C] confusion matrices of label tensors a [..., N] and b [..., N] (b's leading
     dimensions broadcast to a's): entry [.., r, i, j] counts items labelled i by a and j by b in resample r
     (r = 0: the sample). Labels are ints in [0, num_classes); ``num_classes`` defaults to max label + 1
@@ -116,7 +126,11 @@ def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None
     Backends: ``native`` C++ CPU kernel (multiplicity vectors from the counter-based hash, threaded over
     pair blocks x resamples), ``triton`` (GPU; interpreter on CPU), ``torch`` (the [P, R + 1, N] gather of
     :mod:`alignops.reference.metrics`). All three give identical counts. Raises ValueError for non-integer
-    labels, labels out of range, mismatched shapes or devices.
+    labels, labels out of range, mismatched shapes or devices. Checking the labels' range reads them (one
+    host sync on a GPU); ``check_values=False`` skips the checks that read tensor values on the device, so
+    the call (with ``num_classes`` given) neither syncs nor breaks CUDA-graph capture. The native CPU
+    kernel checks the labels whatever the flag; the Triton kernel miscounts labels out of range (it never
+    reads or writes out of bounds), the torch backend fails on them.
     """
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8,
@@ -140,11 +154,9 @@ def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None
     if num_classes is None:
         num_classes = int(max(int(a2.max()) if a2.numel() else 0, int(b2.max()) if b2.numel() else 0)) + 1
     impl = _backend.resolve(backend, a.device, "confusion_matrices", native_cuda=False)
+    if impl != "native" and check_values:
+        _check_labels(a2, b2, num_classes)
     if impl == "torch":
-        if a2.numel() and (int(a2.min()) < 0 or int(a2.max()) >= num_classes):
-            raise ValueError(f"a must hold class labels in [0, num_classes) = [0, {num_classes})")
-        if b2.numel() and (int(b2.min()) < 0 or int(b2.max()) >= num_classes):
-            raise ValueError(f"b must hold class labels in [0, num_classes) = [0, {num_classes})")
         out = _ref.bootstrap_confusion(a2, b2, num_classes, n_bootstrap, seed)
     else:
         ops = torch.ops.alignops
@@ -177,26 +189,30 @@ def kappa_from_confusion(confusion: torch.Tensor, weights: str | None = None,
 
 def cohen_kappa(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None, *, weights: str | None = None,
                 n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0, undefined: float = float("nan"),
-                backend: str = "auto") -> MetricResult:
+                backend: str = "auto", check_values: bool = True) -> MetricResult:
     """Cohen's kappa between label tensors a [..., N] and b [..., N] (e.g. 1000 judges [1000, N] against
     one human reference [N]), unweighted / ``"linear"`` / ``"quadratic"``, with an optional seeded paired
     bootstrap CI. Returns fp64 values of the broadcast leading shape. The labels are the integers
     0..C-1 (weights use these positions, as scikit-learn with ``labels=range(C)``). Undefined kappa (both
     raters used the same single class) -> ``undefined`` (NaN by default, as scikit-learn), and such
-    resamples are left out of the interval. See :func:`confusion_matrices` for backends and errors."""
+    resamples are left out of the interval. See :func:`confusion_matrices` for backends, errors and
+    ``check_values``."""
     if weights not in _WEIGHTS:
         raise ValueError(f"weights must be one of {_WEIGHTS}, got {weights!r}")
     _check_bootstrap(n_bootstrap, confidence)
-    conf = confusion_matrices(a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend)
+    conf = confusion_matrices(a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend,
+                              check_values=check_values)
     return _result(kappa_from_confusion(conf, weights, undefined), n_bootstrap, confidence)
 
 
 def percent_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None, *, n_bootstrap: int = 0,
-                      confidence: float = 0.95, seed: int = 0, backend: str = "auto") -> MetricResult:
+                      confidence: float = 0.95, seed: int = 0, backend: str = "auto",
+                      check_values: bool = True) -> MetricResult:
     """Fraction of items on which a and b give the same label (trace / N of the confusion matrix), fp64,
-    with the bootstrap of :func:`cohen_kappa`. N = 0 gives NaN."""
+    with the bootstrap and the arguments of :func:`cohen_kappa`. N = 0 gives NaN."""
     _check_bootstrap(n_bootstrap, confidence)
-    conf = confusion_matrices(a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend).double()
+    conf = confusion_matrices(a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend,
+                              check_values=check_values).double()
     agree = conf.diagonal(dim1=-2, dim2=-1).sum(-1) / conf.sum((-1, -2))
     return _result(agree, n_bootstrap, confidence)
 
@@ -235,40 +251,43 @@ def _idealized_correct(ref_c, ref_r, alpha, beta):
     return (ref_c - ref_r + torch.logit(alpha) / beta > 0).to(ref_c.dtype)
 
 
-def _check_pref(preference_prob: torch.Tensor, beta: float) -> None:
+def _check_pref(preference_prob: torch.Tensor, beta: float, check_values: bool) -> None:
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    if preference_prob.numel() and not torch.compiler.is_compiling():
+    if check_values and preference_prob.numel() and not torch.compiler.is_compiling():
         if bool(((preference_prob < 0) | (preference_prob > 1) | preference_prob.isnan()).any()):
             raise ValueError("preference_prob must hold probabilities in [0, 1]")
 
 
 def idealized_ranking_accuracy(ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
                                preference_prob: torch.Tensor, beta: float, *, n_bootstrap: int = 0,
-                               confidence: float = 0.95, seed: int = 0) -> MetricResult:
+                               confidence: float = 0.95, seed: int = 0, check_values: bool = True) -> MetricResult:
     r"""Idealized ranking accuracy (Chen et al. 2024, Thm. 3.1): the ranking accuracy of the exact optimum of
     the DPO / RLHF objective, whose likelihood ratio is
     :math:`\pi^*(y_w)/\pi^*(y_l) = \pi_{ref}(y_w)/\pi_{ref}(y_l) \cdot (\alpha/(1-\alpha))^{1/\beta}`,
     i.e. mean(1[ref_w - ref_l + logit(alpha) / beta > 0]) with alpha = P(y_w > y_l) (``preference_prob``,
     e.g. the fraction of raters preferring y_w; alpha = 1 is always ranked correctly). Torch composite.
-    Raises ValueError for beta <= 0 or alpha outside [0, 1]."""
+    Raises ValueError for beta <= 0 or alpha outside [0, 1]. ``check_values=False`` skips the checks that read
+    tensor values on the device (alpha's range), so the call neither syncs nor breaks CUDA-graph capture."""
     _check_bootstrap(n_bootstrap, confidence)
     c, r, p = _paired({"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
                        "preference_prob": preference_prob})
-    _check_pref(p, beta)
+    _check_pref(p, beta, check_values)
     c, r, p = _resampled([c, r, p], n_bootstrap, seed)
     return _result(_idealized_correct(c, r, p, beta).mean(-1), n_bootstrap, confidence)
 
 
 def alignment_gap(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                   ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, preference_prob: torch.Tensor,
-                  beta: float, *, n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0) -> MetricResult:
-    """Idealized minus observed ranking accuracy (Chen et al. 2024), both on the same (paired) resamples."""
+                  beta: float, *, n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0,
+                  check_values: bool = True) -> MetricResult:
+    """Idealized minus observed ranking accuracy (Chen et al. 2024), both on the same (paired) resamples.
+    Errors and ``check_values`` as :func:`idealized_ranking_accuracy`."""
     _check_bootstrap(n_bootstrap, confidence)
     pc, pr, c, r, p = _paired({"policy_chosen_logps": policy_chosen_logps,
                                "policy_rejected_logps": policy_rejected_logps, "ref_chosen_logps": ref_chosen_logps,
                                "ref_rejected_logps": ref_rejected_logps, "preference_prob": preference_prob})
-    _check_pref(p, beta)
+    _check_pref(p, beta, check_values)
     pc, pr, c, r, p = _resampled([pc, pr, c, r, p], n_bootstrap, seed)
     gap = _idealized_correct(c, r, p, beta).mean(-1) - (pc > pr).to(pc.dtype).mean(-1)
     return _result(gap, n_bootstrap, confidence)
@@ -314,17 +333,21 @@ def spearman(x: torch.Tensor, y: torch.Tensor, *, n_bootstrap: int = 0, confiden
 
 
 def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor, *, n_bins: int = 10,
-                               n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0) -> MetricResult:
+                               n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0,
+                               check_values: bool = True) -> MetricResult:
     r"""ECE = :math:`\sum_b (n_b / N) |acc_b - conf_b|` over ``n_bins`` uniform bins of [0, 1]; a
     confidence on an inner edge goes to the lower bin (scikit-learn's ``calibration_curve(strategy="uniform")``
     binning, whose per-bin means it reproduces). confidences [..., N] in [0, 1], correct [..., N] bool or
     0/1. Torch composite (one scatter-add per bin statistic). Raises ValueError for confidences outside
-    [0, 1] or n_bins < 1."""
+    [0, 1] or n_bins < 1. ``check_values=False`` skips the checks that read tensor values on the device, so the
+    call neither syncs nor breaks CUDA-graph capture (a confidence outside [0, 1] then counts in the first or
+    last bin)."""
     if not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
     _check_bootstrap(n_bootstrap, confidence)
     p, y = _paired({"confidences": confidences, "correct": correct})
-    if p.numel() and not torch.compiler.is_compiling() and bool(((p < 0) | (p > 1) | p.isnan()).any()):
+    if check_values and p.numel() and not torch.compiler.is_compiling() and bool(
+            ((p < 0) | (p > 1) | p.isnan()).any()):
         raise ValueError("confidences must lie in [0, 1]")
     p, y = _resampled([p, y], n_bootstrap, seed)
     edges = torch.linspace(0, 1, n_bins + 1, dtype=p.dtype, device=p.device)[1:-1].contiguous()
@@ -336,7 +359,7 @@ def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
 # ---- ratings --------------------------------------------------------------------------------------------
 
 
-def _check_games(winners, losers, num_players, draws):
+def _check_games(winners, losers, num_players, draws, check_values):
     for name, t in (("winners", winners), ("losers", losers)):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{name} must be a 1-D int64/int32 tensor of player ids [G], got "
@@ -345,20 +368,22 @@ def _check_games(winners, losers, num_players, draws):
         raise ValueError(f"losers must have the shape of winners {tuple(winners.shape)}, got {tuple(losers.shape)}")
     if draws is not None and (draws.shape != winners.shape or draws.dtype != torch.bool):
         raise ValueError(f"draws must be a bool tensor of shape [G] = {tuple(winners.shape)}")
-    if winners.numel() and (int(torch.minimum(winners.min(), losers.min())) < 0
-                            or int(torch.maximum(winners.max(), losers.max())) >= num_players):
+    if check_values and winners.numel() and (int(torch.minimum(winners.min(), losers.min())) < 0
+                                             or int(torch.maximum(winners.max(), losers.max())) >= num_players):
         raise ValueError(f"winners and losers must be player ids in [0, num_players) = [0, {num_players})")
 
 
 def elo_ratings(winners: torch.Tensor, losers: torch.Tensor, num_players: int, *, draws: torch.Tensor | None = None,
                 k: float = 32.0, scale: float = 400.0, initial: float = 1000.0, n_bootstrap: int = 0,
-                confidence: float = 0.95, seed: int = 0) -> MetricResult:
+                confidence: float = 0.95, seed: int = 0, check_values: bool = True) -> MetricResult:
     r"""Online Elo over games in order: :math:`E = 1/(1 + 10^{(R_l - R_w)/scale})`, winner += k (S - E),
     loser -= k (S - E), S = 1 (0.5 for a draw). Returns fp64 ratings [num_players]. With n_bootstrap, each
     resample replays the resampled games in resampled order (Chatbot Arena's bootstrap); the replays run in
     one loop over games vectorised over resamples. Sequential by nature: torch composite. Raises ValueError
-    for ids out of range or mismatched shapes."""
-    _check_games(winners, losers, num_players, draws)
+    for ids out of range or mismatched shapes. ``check_values=False`` skips the checks that read tensor values
+    on the device, so the call neither syncs nor breaks CUDA-graph capture (an id out of range then fails
+    inside the indexing: a device-side assert on a GPU)."""
+    _check_games(winners, losers, num_players, draws, check_values)
     _check_bootstrap(n_bootstrap, confidence)
     G = winners.shape[0]
     idx = _ref.bootstrap_indices(seed, n_bootstrap, G, winners.device)  # [R + 1, G]
@@ -376,15 +401,18 @@ def elo_ratings(winners: torch.Tensor, losers: torch.Tensor, num_players: int, *
 
 def bradley_terry(winners: torch.Tensor, losers: torch.Tensor, num_players: int, *,
                   draws: torch.Tensor | None = None, pseudo_count: float = 0.0, max_iters: int = 10000,
-                  tol: float = 1e-10, n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0) -> MetricResult:
+                  tol: float = 1e-10, n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0,
+                  check_values: bool = True) -> MetricResult:
     r"""Maximum-likelihood Bradley-Terry strengths :math:`P(i \succ j) = \sigma(\theta_i - \theta_j)` by
     Hunter's MM iteration :math:`p_i \leftarrow W_i / \sum_j n_{ij} / (p_i + p_j)`, returned as
     :math:`\theta = \log p` centred to mean 0 (fp64 [num_players]; multiply by 400 / ln 10 for an Elo
     scale). A draw counts half a win for each side; ``pseudo_count`` adds that many virtual draws between
     every pair of players (a prior that makes the MLE exist when some player never wins or loses; without
     it such a player gets -inf / +inf). Iterates until the largest change of theta is below ``tol``.
-    With n_bootstrap the games are resampled and all fits run in one batched iteration. Torch composite."""
-    _check_games(winners, losers, num_players, draws)
+    With n_bootstrap the games are resampled and all fits run in one batched iteration. Torch composite.
+    The stopping test reads the device once per iteration; ``check_values=False`` skips only the id check
+    of :func:`elo_ratings`."""
+    _check_games(winners, losers, num_players, draws, check_values)
     _check_bootstrap(n_bootstrap, confidence)
     if pseudo_count < 0:
         raise ValueError(f"pseudo_count must be >= 0, got {pseudo_count}")

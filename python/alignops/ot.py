@@ -49,14 +49,15 @@ def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
 def _sizes(sizes, B: int, full: int, name: str, device) -> torch.Tensor:
     if sizes is None:
         return torch.full((B,), full, dtype=torch.long, device=device)
-    sizes = torch.as_tensor(sizes, device=device)
+    sizes = _backend.to_device(torch.as_tensor(sizes), device)
     if sizes.dtype not in (torch.int64, torch.int32) or tuple(sizes.shape) != (B,):
         raise ValueError(f"{name} must be an int64 or int32 tensor of shape [B] = [{B}], got "
                          f"{sizes.dtype} {list(sizes.shape)}")
     return sizes.long()
 
 
-def _marginal(w, sizes: torch.Tensor, B: int, K: int, like: torch.Tensor, name: str) -> torch.Tensor:
+def _marginal(w, sizes: torch.Tensor, B: int, K: int, like: torch.Tensor, name: str,
+              check_values: bool = True) -> torch.Tensor:
     valid = torch.arange(K, device=like.device) < sizes[:, None]
     if w is None:
         return torch.where(valid, 1.0 / sizes.clamp_min(1)[:, None].to(like.dtype), 0).to(like.dtype)
@@ -68,7 +69,7 @@ def _marginal(w, sizes: torch.Tensor, B: int, K: int, like: torch.Tensor, name: 
     if w.device != like.device:
         raise ValueError(f"{name} must be on the device of the cost ({like.device}), got {w.device}")
     w = torch.where(valid, w.to(like.dtype), 0)
-    if not torch.compiler.is_compiling() and bool((w < 0).any() | ~torch.isfinite(w).all()):
+    if check_values and not torch.compiler.is_compiling() and bool((w < 0).any() | ~torch.isfinite(w).all()):
         raise ValueError(f"{name} must hold finite non-negative weights")
     return w
 
@@ -202,9 +203,11 @@ def sinkhorn(
     n_sizes: torch.Tensor | None = None,
     m_sizes: torch.Tensor | None = None,
     eps_scaling: float | None = None,
+    cost_range: float | None = None,
     newton_steps: int = 0,
     grad: str = "envelope",
     backend: str = "auto",
+    check_values: bool = True,
 ) -> SinkhornOutput:
     r"""Batched entropic OT by log-domain Sinkhorn: potentials f [B, N], g [B, M] of
     ``min_P <P, C> + eps sum P (log P - 1)`` s.t. ``P 1 = a``, ``P^T 1 = b``, with
@@ -227,6 +230,8 @@ def sinkhorn(
             n_sizes[p] x m_sizes[p] block; padding is never read by the native kernel.
         eps_scaling: factor q in (0, 1): iterations first run at R, R q, R q^2, ... > eps (R the largest
             cost range), warm-starting each from the last, then at eps.
+        cost_range: R of ``eps_scaling``, e.g. a known bound of the costs; by default it is read from the
+            cost (max - min of the finite costs inside the problems: one host sync on a GPU).
         newton_steps: the last ``newton_steps`` iterations of the ``n_iters`` budget are Sinkhorn-Newton
             steps (Brauer et al. 2017; see ``alignops._sinkhorn_newton``) for the problems still above
             ``tol`` after the Sinkhorn iterations: quadratic convergence where Sinkhorn crawls (small eps
@@ -243,6 +248,13 @@ def sinkhorn(
             iterations of the PyTorch reference (backend "torch", also through a and b). The envelope
             gives no gradient to a and b.
         backend: "auto" | "native" | "triton" | "torch".
+        check_values: ``False`` skips the checks that read tensor values on the device (sizes in range,
+            marginals finite, non-negative and of equal mass, no NaN cost for the torch backend), so the
+            call neither syncs nor breaks CUDA-graph capture (with ``cost_range`` given when
+            ``eps_scaling`` is set, sizes and marginals as tensors on the device, ``newton_steps=0``: the
+            Newton steps read the device once per step). The native kernel still checks the sizes; the
+            Triton kernels would read out of bounds for sizes outside [0, N] / [0, M]; unchecked marginals
+            give meaningless potentials.
 
     Returns:
         SinkhornOutput(f, g, plan, n_iters [B] int64, err [B]).
@@ -274,11 +286,13 @@ def sinkhorn(
                              "use grad='envelope' or 'implicit' with log_domain=True")
     ns = _sizes(n_sizes, B, N, "n_sizes", x.device)
     ms = _sizes(m_sizes, B, M, "m_sizes", x.device)
-    if not torch.compiler.is_compiling() and bool(((ns < 0) | (ns > N) | (ms < 0) | (ms > M)).any()):
+    if check_values and not torch.compiler.is_compiling() and bool(
+            ((ns < 0) | (ns > N) | (ms < 0) | (ms > M)).any()):
         raise ValueError(f"n_sizes must lie in [0, {N}] and m_sizes in [0, {M}]")
-    aw = _marginal(a, ns, B, N, x, "a")
-    bw = _marginal(b, ms, B, M, x, "b")
-    _check_mass(aw, bw, ns, ms)
+    aw = _marginal(a, ns, B, N, x, "a", check_values)
+    bw = _marginal(b, ms, B, M, x, "b", check_values)
+    if check_values:
+        _check_mass(aw, bw, ns, ms)
     if not log_domain:
         if n_sizes is not None or m_sizes is not None or eps_scaling is not None or backend not in ("auto", "torch"):
             raise ValueError("log_domain=False (the classical exp-domain iterations) runs on backend='torch' "
@@ -287,14 +301,17 @@ def sinkhorn(
         iters = torch.full((B,), n_iters, dtype=torch.long, device=x.device)
         err = (torch.exp((f[:, :, None] + g[:, None, :] - (-x if scores else x)) / eps).sum(1) - bw).abs().sum(-1)
         return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
-    schedule = eps_schedule(x, eps, eps_scaling, ns, ms)
+    if cost_range is not None and eps_scaling is not None:
+        schedule = _geometric_schedule(cost_range, eps, eps_scaling)
+    else:
+        schedule = eps_schedule(x, eps, eps_scaling, ns, ms)
     if grad == "unrolled":
         if backend not in ("auto", "torch"):
             raise ValueError("grad='unrolled' differentiates the PyTorch reference: use backend='torch' or 'auto'")
         be = "torch"
     else:
         be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn", native_cuda=False)
-    if be == "torch" and bool(torch.isnan(x).any()):
+    if check_values and be == "torch" and bool(torch.isnan(x).any()):
         raise ValueError("cost contains NaN")
     if grad == "unrolled":
         f, g, iters, err = _ref.sinkhorn(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
@@ -603,8 +620,8 @@ class DistanceOutput(NamedTuple):
 
 def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2, a: torch.Tensor | None = None,
                       b: torch.Tensor | None = None, *, debias: bool = True, n_iters: int | None = None,
-                      tol: float | None = None, eps_scaling: float | None = None,
-                      backend: str = "auto") -> DistanceOutput:
+                      tol: float | None = None, eps_scaling: float | None = None, diameter: float | None = None,
+                      backend: str = "auto", check_values: bool = True) -> DistanceOutput:
     r"""Entropic OT between point clouds and the debiased Sinkhorn divergence, without the cost matrix.
 
     ``C_ij = |x_i - y_j|_2^p`` (p = 2: squared Euclidean, POT's ``ot.dist`` default; GeomLoss's p = 2 cost is
@@ -620,6 +637,11 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
         eps: entropic regularisation (> 0) in cost units; p: cost exponent (>= 1).
         a, b: weights [B, N] / [B, M] (or [N] / [M]), default uniform; same mass.
         n_iters, tol, eps_scaling, backend: as in :func:`sinkhorn`.
+        diameter: a bound of the distances |x_i - y_j| (GeomLoss's ``diameter``): ``eps_scaling`` starts at
+            ``diameter ** p``; by default the bounding box of the points gives it (one host sync on a GPU).
+        check_values: ``False`` skips the checks that read tensor values on the device (weights finite,
+            non-negative and of equal mass), so the call neither syncs nor breaks CUDA-graph capture
+            (with ``diameter`` given when ``eps_scaling`` is set).
 
     Returns:
         DistanceOutput(value [B] (or scalar), n_iters, err) of the (x, y) problem.
@@ -643,13 +665,16 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
     tol_v = -1.0 if tol is None else float(tol)
     B, N, M = x.shape[0], x.shape[1], y.shape[1]
     full = lambda K: torch.full((B,), K, dtype=torch.long, device=x.device)  # noqa: E731
-    aw = _marginal(a, full(N), B, N, x, "a")
-    bw = _marginal(b, full(M), B, M, x, "b")
-    _check_mass(aw, bw, full(N), full(M))
+    aw = _marginal(a, full(N), B, N, x, "a", check_values)
+    bw = _marginal(b, full(M), B, M, x, "b", check_values)
+    if check_values:
+        _check_mass(aw, bw, full(N), full(M))
     be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn_distance", native_cuda=False)
     op = {"native": torch.ops.alignops.sinkhorn_points, "triton": torch.ops.alignops.sinkhorn_points_triton,
           "torch": _points_reference}[be]
-    if eps_scaling is not None:
+    if eps_scaling is not None and diameter is not None:
+        schedule = _geometric_schedule(float(diameter) ** p, eps, eps_scaling)
+    elif eps_scaling is not None:
         with torch.no_grad():
             lo, hi = torch.minimum(x.amin((0, 1)), y.amin((0, 1))), torch.maximum(x.amax((0, 1)), y.amax((0, 1)))
             diameter = float((hi - lo).norm()) ** p  # the largest cost, bounded without the cost matrix

@@ -254,7 +254,7 @@ def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int)
 
 
 def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                       temperature: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+                       temperature: float = 1.0, *, backend: str = "auto", check_values: bool = True) -> torch.Tensor:
     r"""Per-row ``log softmax(logits / T)[target]`` without materialising ``log_softmax``.
 
     ``logits`` [N, V] (fp32, fp64, bf16 or fp16), ``targets`` [N] int64/int32 -> [N] log-probs in fp32
@@ -265,10 +265,12 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index
 
     Raises ValueError for bad shapes / dtypes / devices, ``temperature <= 0`` and targets outside
     [0, V) (CPU: checked in the kernel; CUDA: one reduction and one host sync before the launch).
+    ``check_values=False`` skips the checks that read tensor values on the device (the targets' range), so
+    the call neither syncs nor breaks CUDA-graph capture; a target outside [0, V) then gives NaN.
     """
     check_logits_targets(logits, targets, temperature)
     impl = _backend.resolve(backend, logits.device, "selective_logprobs")
-    if not (impl == "native" and logits.device.type == "cpu"):
+    if check_values and not (impl == "native" and logits.device.type == "cpu"):
         check_targets_in_range(targets, logits.shape[1], ignore_index)
     if impl == "torch":
         return _ref.selective_logprobs(logits, targets, ignore_index, temperature)
@@ -287,7 +289,7 @@ class SequenceLogprobs(NamedTuple):
 
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion_mask: torch.Tensor | None = None,
                       cu_seqlens: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
-                      backend: str = "auto") -> SequenceLogprobs:
+                      backend: str = "auto", check_values: bool = True) -> SequenceLogprobs:
     r"""Per-sequence log-probs ``sum_t log p(y_t)`` over completion tokens, their mean and count.
 
     Two layouts, with logits already aligned to their targets (shifted by one, as TRL does):
@@ -300,6 +302,7 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion
     Tokens outside the completion (mask 0 or ``ignore_index``) are skipped before the row kernel runs.
     Segment sums are formed from an fp64 prefix sum (deterministic, no atomics, no host sync); ``mean``
     divides by ``max(num_tokens, 1)``. ``per_token`` is the [B, T] or [N] fp32 log-prob (0 where skipped).
+    ``check_values``: as :func:`selective_logprobs` (``cu_seqlens`` values are checked on the CPU only).
     """
     if logits.dim() == 3:
         if cu_seqlens is not None:
@@ -315,7 +318,7 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion
             keep = keep & completion_mask.bool()
         flat_targets = torch.where(keep, targets, torch.full_like(targets, ignore_index)).reshape(B * T)
         per_token = selective_logprobs(logits.reshape(B * T, V), flat_targets, ignore_index, temperature,
-                                       backend=backend).reshape(B, T)
+                                       backend=backend, check_values=check_values).reshape(B, T)
         total = per_token.sum(-1)
         count = keep.sum(-1)
     elif logits.dim() == 2:
@@ -324,8 +327,9 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion
         if completion_mask is not None:
             raise ValueError("completion_mask is for padded [B, T, V] logits; for packed logits set the "
                              "targets of non-completion tokens to ignore_index")
-        check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device)
-        per_token = selective_logprobs(logits, targets, ignore_index, temperature, backend=backend)
+        check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device, check_values)
+        per_token = selective_logprobs(logits, targets, ignore_index, temperature, backend=backend,
+                                       check_values=check_values)
         total = segment_sums(per_token, cu_seqlens)
         count = segment_sums((targets != ignore_index).long(), cu_seqlens)
     else:
@@ -346,14 +350,14 @@ def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
     return total.to(values.dtype) if values.is_floating_point() else total
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int, device: torch.device) -> None:
+def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int, device: torch.device, check_values: bool = True) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"cu_seqlens must be a 1-D tensor [S+1], got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"cu_seqlens must be int64 or int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens must be on the device of logits ({device}), got {cu_seqlens.device}")
-    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+    if check_values and cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ValueError(f"cu_seqlens must start at 0, end at N={n} and be non-decreasing, "
                              f"got {cu_seqlens.tolist()[:8]}...")

@@ -109,11 +109,14 @@ def worst_of_n(rewards: torch.Tensor) -> Selection:
 
 
 def weighted_majority_vote(answers: torch.Tensor, weights: torch.Tensor | None = None,
-                           num_classes: int | None = None) -> Selection:
+                           num_classes: int | None = None, *, check_values: bool = True) -> Selection:
     """Weighted majority vote over n answers per row: answers [..., n] int labels in [0, num_classes), weights
     [..., n] (e.g. reward-model scores or probabilities; default 1 = plain majority). Returns (total weight of
     the winner, winning label); ties go to the smallest label. ``num_classes`` defaults to max + 1 (one host
-    sync). Raises ValueError for non-integer answers, labels out of range, or mismatched shapes."""
+    sync). Raises ValueError for non-integer answers, labels out of range, or mismatched shapes.
+    ``check_values=False`` skips the checks that read tensor values on the device, so the call (with
+    ``num_classes`` given) neither syncs nor breaks CUDA-graph capture (a label out of range then fails in
+    the scatter: a device-side assert on a GPU)."""
     a = _tensor(answers, "answers")
     if a.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8) or a.dim() == 0:
         raise ValueError(f"answers must be an integer tensor of shape [..., n], got {a.dtype} {list(a.shape)}")
@@ -124,7 +127,7 @@ def weighted_majority_vote(answers: torch.Tensor, weights: torch.Tensor | None =
         raise ValueError(f"weights must have the shape of answers {list(a.shape)}, got {list(w.shape)}")
     if num_classes is None:
         num_classes = int(a.max()) + 1
-    if int(a.min()) < 0 or int(a.max()) >= num_classes:
+    if check_values and (int(a.min()) < 0 or int(a.max()) >= num_classes):
         raise ValueError(f"answers must be labels in [0, num_classes) = [0, {num_classes})")
     dtype = w.dtype if w.is_floating_point() else torch.float32
     totals = torch.zeros(*a.shape[:-1], num_classes, dtype=dtype, device=a.device)

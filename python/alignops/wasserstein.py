@@ -108,7 +108,7 @@ def random_projections(d: int, n_projections: int, seed: int | None = None, *, d
     else:
         gen.manual_seed(seed)
     theta = torch.randn(d, n_projections, generator=gen, dtype=torch.float64)
-    return (theta / theta.norm(dim=0, keepdim=True)).to(device=device, dtype=dtype)
+    return _backend.to_device((theta / theta.norm(dim=0, keepdim=True)).to(dtype), device or "cpu")
 
 
 def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, n_projections: int = 50, seed: int | None = None, *,

@@ -7,11 +7,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.library import triton_op
 
+from .._backend import to_device
 from .._checks import check_triton_device
 from ..kernels.ot import launch_normalize_pass, launch_sinkhorn, launch_sinkhorn_split, use_split
 from .ot import register_sinkhorn_autograd
+from ._registration import register_triton_op
 
 _SINKHORN_SCHEMA = ("(Tensor cost, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float[] eps_schedule, "
                     "float eps, int n_iters, float tol, bool scores) -> (Tensor, Tensor, Tensor, Tensor)")
@@ -49,11 +50,19 @@ def _check_problem(like, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_i
         raise ValueError(f"n_iters must be >= 0, got {n_iters}")
 
 
+def schedule_on_device(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """A list of floats as a tensor of ``like``'s dtype on its device, with no host sync (see
+    ``alignops._backend.to_device``); under torch.compile a constant of the graph."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+    return to_device(torch.tensor(values, dtype=like.dtype), like.device)
+
+
 def _outputs(like, B, N, M):
     return (like.new_zeros(B, N), like.new_zeros(B, M), like.new_zeros(B, dtype=torch.int64), like.new_zeros(B))
 
 
-@triton_op("alignops::sinkhorn_triton", mutates_args=(), schema=_SINKHORN_SCHEMA)
+@register_triton_op("alignops::sinkhorn_triton", _SINKHORN_SCHEMA)
 def sinkhorn_triton(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_sizes: torch.Tensor,
                     m_sizes: torch.Tensor, eps_schedule: list[float], eps: float, n_iters: int, tol: float,
                     scores: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,7 +79,7 @@ def sinkhorn_triton(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_size
         launch_sinkhorn_split(cost, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(),
                               list(eps_schedule), eps, n_iters, tol, scores, f, g, cost.new_empty(B, M), iters, err)
     elif B > 0:
-        sched = torch.tensor(list(eps_schedule) + [eps], dtype=cost.dtype, device=cost.device)
+        sched = schedule_on_device([*eps_schedule, eps], cost)
         launch_sinkhorn(cost, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), sched,
                         len(eps_schedule), n_iters, tol, scores, f, g, cost.new_empty(B, M), iters, err)
     return f, g, iters, err
@@ -79,7 +88,7 @@ def sinkhorn_triton(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_size
 register_sinkhorn_autograd("alignops::sinkhorn_triton")
 
 
-@triton_op("alignops::sinkhorn_points_triton", mutates_args=(), schema=_POINTS_SCHEMA)
+@register_triton_op("alignops::sinkhorn_points_triton", _POINTS_SCHEMA)
 def sinkhorn_points_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_sizes: torch.Tensor,
                            m_sizes: torch.Tensor, p: float, eps_schedule: list[float], eps: float, n_iters: int,
                            tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,14 +110,14 @@ def sinkhorn_points_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b:
                               list(eps_schedule), eps, n_iters, tol, False, f, g, x.new_empty(B, M), iters, err,
                               points=(x.contiguous(), y.contiguous()), power=p)
     elif B > 0:
-        sched = torch.tensor(list(eps_schedule) + [eps], dtype=x.dtype, device=x.device)
+        sched = schedule_on_device([*eps_schedule, eps], x)
         launch_sinkhorn(x, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), sched,
                         len(eps_schedule), n_iters, tol, False, f, g, x.new_empty(B, M), iters, err,
                         points=(x.contiguous(), y.contiguous()), power=p)
     return f, g, iters, err
 
 
-@triton_op("alignops::sinkhorn_normalize_pass_triton", mutates_args=(), schema=_NORMALIZE_SCHEMA)
+@register_triton_op("alignops::sinkhorn_normalize_pass_triton", _NORMALIZE_SCHEMA)
 def sinkhorn_normalize_pass_triton(sim: torch.Tensor, col_bias: torch.Tensor, scale: float,
                                    row_update: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::sinkhorn_normalize_pass``: (row_bias [L, N], col_lse [L, M])."""
