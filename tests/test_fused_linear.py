@@ -159,6 +159,30 @@ def test_packed_varlen_and_shared_rejected():
     assert len(lens) == 3
 
 
+@pytest.mark.parametrize("name", ["chosen_index", "rejected_index"])
+def test_packed_segment_ids_are_checked(name):
+    # A negative id silently picked the last segment, a float id was truncated and an id >= S raised a bare
+    # IndexError.
+    H, V = 8, 30
+    cu = torch.tensor([0, 5, 8, 15])
+    hidden, weight = torch.randn(15, H), torch.randn(V, H)
+    targets = torch.randint(0, V, (15,))
+    ids = {"chosen_index": torch.tensor([0, 0]), "rejected_index": torch.tensor([1, 2])}
+
+    def call(bad):
+        alignops.fused_linear_preference_loss(hidden, weight, targets, cu_seqlens=cu, **{**ids, name: bad})
+
+    with pytest.raises(ValueError, match=rf"{name}\[1\] = -1 is out of range: segment ids must lie in \[0, 3\)"):
+        call(torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match=rf"{name}\[0\] = 3 is out of range: segment ids must lie in \[0, 3\)"):
+        call(torch.tensor([3, 1]))
+    with pytest.raises(ValueError, match=rf"{name} must be an integer tensor of segment ids, got dtype torch.float32"):
+        call(torch.tensor([0.0, 1.7]))
+    with pytest.raises(ValueError, match=rf"{name} must be an integer tensor of segment ids, got dtype torch.bool"):
+        call(torch.tensor([True, False]))
+    call(torch.tensor([0, 1], dtype=torch.int32))
+
+
 def test_policy_equal_reference_is_exactly_zero():
     B, T, H, V = 2, 6, 16, 300
     hidden = torch.randn(2 * B, T, H)

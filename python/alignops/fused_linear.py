@@ -145,6 +145,20 @@ def fused_linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, t
     return SequenceLogprobs(total, total / count.clamp(min=1).to(total.dtype), count, per_token)
 
 
+def _segment_ids(index: torch.Tensor, name: str, S: int | None, check_values: bool) -> torch.Tensor:
+    """``index`` as int64 segment ids in [0, S): a negative id would silently pick a segment from the end
+    and a float id would be truncated."""
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of segment ids, got dtype {index.dtype}")
+    if check_values and S is not None and index.numel():
+        bad = (index < 0) | (index >= S)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name}[{i}] = {int(index[i])} is out of range: segment ids must lie in [0, {S}) "
+                             f"(S = len(cu_seqlens) - 1)")
+    return index.long()
+
+
 def fused_linear_preference_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -182,8 +196,8 @@ def fused_linear_preference_loss(
     - padded (TRL, Liger-Kernel): ``hidden`` [2B, T, H], ``targets`` [2B, T], the first B rows the
       chosen responses and the last B the rejected ones; prompt and padding targets are ``ignore_index``;
     - packed (padding-free): ``hidden`` [N, H], ``targets`` [N], ``cu_seqlens`` [S+1] and the segment
-      ids ``chosen_index`` [B], ``rejected_index`` [B] (chosen and rejected of different lengths, K
-      responses per prompt each computed once).
+      ids ``chosen_index`` [B], ``rejected_index`` [B] (integer, in [0, S); chosen and rejected of
+      different lengths, K responses per prompt each computed once).
 
     The reference comes from ``ref_hidden`` (+ ``ref_weight``, default ``weight``; computed without
     grad through the same kernel), or precomputed ``ref_chosen_logps`` / ``ref_rejected_logps`` [B], or
@@ -196,9 +210,10 @@ def fused_linear_preference_loss(
     :func:`alignops.preference_loss` (``loss_weights``, ``f_divergence_type``, ``gamma``, ...).
 
     Extra memory: one [K, Vt] logits tile per call, independent of T and V (the per-token and
-    per-sequence vectors aside). Raises ValueError for layouts that do not fit together.
+    per-sequence vectors aside). Raises ValueError for layouts that do not fit together and for segment ids
+    that are not integers or lie outside [0, S).
     ``check_values=False`` skips the checks that read tensor values on the device (targets in range,
-    ``cu_seqlens``), so the call neither syncs nor breaks CUDA-graph capture (see :func:`fused_linear_logprobs`).
+    ``cu_seqlens``, the segment ids' range), so the call neither syncs nor breaks CUDA-graph capture (see :func:`fused_linear_logprobs`).
     """
     if hidden.dim() == 3:
         if hidden.shape[0] % 2:
@@ -212,7 +227,11 @@ def fused_linear_preference_loss(
         if chosen_index is not None and (chosen_index.shape != rejected_index.shape or chosen_index.dim() != 1):
             raise ValueError(f"chosen_index and rejected_index must be [B] segment ids of the same shape, got "
                              f"{tuple(chosen_index.shape)} and {tuple(rejected_index.shape)}")
-        chosen, rejected = (chosen_index.long(), rejected_index.long()) if chosen_index is not None else (None, None)
+        chosen, rejected = None, None
+        if chosen_index is not None:
+            S = cu_seqlens.shape[0] - 1 if cu_seqlens is not None and cu_seqlens.dim() == 1 else None
+            chosen = _segment_ids(chosen_index, "chosen_index", S, check_values)
+            rejected = _segment_ids(rejected_index, "rejected_index", S, check_values)
     kernel_opts = dict(cu_seqlens=cu_seqlens, token_weights=token_weights, ignore_index=ignore_index,
                        temperature=temperature, logit_scale=logit_scale, softcap=softcap, backend=backend,
                        check_values=check_values)
