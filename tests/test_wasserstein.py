@@ -227,6 +227,30 @@ def test_sliced_batched_seeded_and_differentiable():
                                     (X[:, :7].detach().clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [1.5, 2.0, 3.0])
+def test_sliced_gradient_at_zero_distance_is_zero(backend, p):
+    # d/dm m^(1/p) is inf at m = 0, and times W_p^p's zero gradient it gave NaN for SW(X, X).backward().
+    # Batch 0 is X = Y (subgradient 0); batch 1 is X != Y, checked against SW written out in plain torch
+    # (equal sizes, uniform weights: W_p^p of sorted projections).
+    X = torch.randn(2, 9, 3, dtype=torch.float64)
+    Y = torch.stack([X[0], torch.randn(9, 3, dtype=torch.float64)])
+    proj = torch.nn.functional.normalize(torch.randn(3, 5, dtype=torch.float64), dim=0)
+    Xg, Yg, Pg = (t.clone().requires_grad_(True) for t in (X, Y, proj))
+    got = alignops.sliced_wasserstein(Xg, Yg, projections=Pg, p=p, backend=backend)
+    got.sum().backward()
+    Xe, Ye, Pe = (t.clone().requires_grad_(True) for t in (X[1], Y[1], proj))
+    xs, ys = (Xe @ Pe).sort(0).values, (Ye @ Pe).sort(0).values
+    exp = ((xs - ys).abs().pow(p).mean(0).mean()) ** (1 / p)
+    exp.backward()
+    assert got[0] == 0
+    torch.testing.assert_close(got[1], exp.detach(), rtol=1e-10, atol=1e-12)
+    assert torch.equal(Xg.grad[0], torch.zeros_like(X[0])) and torch.equal(Yg.grad[0], torch.zeros_like(X[0]))
+    torch.testing.assert_close(Xg.grad[1], Xe.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(Yg.grad[1], Ye.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(Pg.grad, Pe.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_sliced_bad_input():
     with pytest.raises(ValueError, match="same dimension d"):
         alignops.sliced_wasserstein(torch.randn(5, 3), torch.randn(5, 4))

@@ -127,7 +127,8 @@ def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, n_projections: int = 50
         p: order >= 1 (POT's default 2). a [..., n], b [..., m]: optional weights of the points.
         backend: of the 1-D problems, see :func:`wasserstein_1d` (one problem per batch index and direction).
 
-    Returns: [...] in X's dtype, differentiable w.r.t. X, Y, a, b and projections.
+    Returns: [...] in X's dtype, differentiable w.r.t. X, Y, a, b and projections; where the distance is 0
+    (X = Y) the gradient is the subgradient 0 (the root's derivative is infinite there).
 
     Raises: ValueError for mismatched shapes / dtypes / devices, or as :func:`wasserstein_1d`.
     """
@@ -150,7 +151,7 @@ def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, n_projections: int = 50
     yp = (Y @ projections).transpose(-1, -2)
     aw = None if a is None else a.unsqueeze(-2).expand_as(xp)
     bw = None if b is None else b.unsqueeze(-2).expand_as(yp)
-    return wasserstein_1d(xp, yp, aw, bw, p, backend=backend).mean(-1).pow(1.0 / p)
+    return _ref.root(wasserstein_1d(xp, yp, aw, bw, p, backend=backend).mean(-1), p)
 
 
 def gaussian_w2(mu1: torch.Tensor, S1: torch.Tensor, mu2: torch.Tensor, S2: torch.Tensor) -> torch.Tensor:

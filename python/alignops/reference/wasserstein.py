@@ -36,6 +36,13 @@ def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, u_weights: torch.Tensor | N
     return (delta * diff.pow(p)).sum(-1).to(u.dtype)
 
 
+def root(m: torch.Tensor, p: float) -> torch.Tensor:
+    """m^(1/p) for m >= 0 with the subgradient 0 at m = 0 (SW_p's minimum, X = Y), where autograd's
+    (1/p) m^(1/p - 1) is inf and times the zero gradient of W_p^p gave NaN."""
+    pos = m > 0
+    return torch.where(pos, torch.where(pos, m, torch.ones_like(m)).pow(1.0 / p), torch.zeros_like(m))
+
+
 def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, projections: torch.Tensor, p: float = 2.0,
                        a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
     """POT's sliced_wasserstein_distance: (mean over projections of W_p^p(X theta, Y theta))^(1/p).
@@ -45,7 +52,7 @@ def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, projections: torch.Tens
     yp = (Y @ projections).transpose(-1, -2)
     aw = None if a is None else a.unsqueeze(-2).expand_as(xp)
     bw = None if b is None else b.unsqueeze(-2).expand_as(yp)
-    return wasserstein_1d(xp, yp, aw, bw, p).mean(-1).pow(1.0 / p)
+    return root(wasserstein_1d(xp, yp, aw, bw, p).mean(-1), p)
 
 
 def _sqrtm_eigh(S: torch.Tensor) -> torch.Tensor:
