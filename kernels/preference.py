@@ -326,7 +326,11 @@ def selective_logprobs_fwd_kernel(
 ):
     """One program per row: lse = logsumexp(z / T) by an online logsumexp over BLOCK_V chunks (a running
     max and sum per lane, combined at the end), logp = z_y / T - lse. Ignored rows write 0 and read
-    nothing; a target outside [0, V) is never read and gives logp = NaN."""
+    nothing; a target outside [0, V) is never read and gives logp = NaN.
+
+    The max is kept in the logits' units and every exponent is (z - max) / T, a product after the
+    difference: formed as z / T - max, FMA fusion subtracts the rounded max from the exact product, and at
+    T = 1e-10 that rounding gap (hundreds) made exp overflow or underflow (logp -inf / +inf)."""
     ACC = logp_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(targets_ptr + row).to(tl.int64)
@@ -345,16 +349,16 @@ def selective_logprobs_fwd_kernel(
         s = tl.zeros([BLOCK_V], ACC)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC) * inv_t
+            z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC)
             m_new = tl.maximum(m, z)
-            s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+            s = s * tl.exp((m - m_new) * inv_t) + tl.exp((z - m_new) * inv_t)
             m = m_new
         m_row = tl.max(m, axis=0)
-        lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+        log_sum = tl.log(tl.sum(s * tl.exp((m - m_row) * inv_t), axis=0))
         valid = (y >= 0) & (y < V)
         z_y = tl.load(row_ptr + y, mask=valid, other=float("nan")).to(ACC)
-        tl.store(logp_ptr + row, z_y * inv_t - lse)
-        tl.store(lse_ptr + row, lse)
+        tl.store(logp_ptr + row, (z_y - m_row) * inv_t - log_sum)
+        tl.store(lse_ptr + row, m_row * inv_t + log_sum)
 
 
 @triton.jit

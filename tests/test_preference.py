@@ -103,6 +103,55 @@ def test_f_divergences(loss_type, fdiv):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-10)
 
 
+def trl_scores(x, fdiv, alpha):
+    """TRL 1.16 DPOTrainer._compute_loss, written out: f'(t) with its additive constants (TRL 1.0 - 1.9
+    dropped them: -exp(-x), logsig(x), exp((a-1)x)/(a-1); they cancel in s(xc) - s(xr) but not after
+    dividing by unequal lengths)."""
+    if fdiv == "forward_kl":
+        return 1 - torch.exp(-x)
+    if fdiv == "js_divergence":
+        return math.log(2) + torch.nn.functional.logsigmoid(x)
+    return (torch.exp(torch.clamp((alpha - 1) * x, max=80.0)) - 1) / (alpha - 1)
+
+
+PREF_BACKENDS = ["native", "torch"] + (["triton"] if alignops._backend.triton_available() else [])
+
+
+@pytest.mark.parametrize("backend", PREF_BACKENDS)
+@pytest.mark.parametrize("fdiv", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", "ln_dpo", "sigmoid"])
+def test_f_divergence_length_normalised_matches_trl(backend, loss_type, fdiv):
+    logsig = torch.nn.functional.logsigmoid
+    pc, pr, rc, rr = make_logps(23, torch.float64, scale=0.3)
+    lc, lr = torch.randint(1, 60, (23,)), torch.randint(1, 60, (23,))
+    beta, alpha = 0.3, 0.4
+    sc, sr = trl_scores(pc - rc, fdiv, alpha), trl_scores(pr - rr, fdiv, alpha)
+    if loss_type == "ipo":
+        exp = (sc / lc - sr / lr - 1 / (2 * beta)) ** 2
+    elif loss_type == "sigmoid":
+        exp = -logsig(beta * (sc - sr))
+    else:
+        exp = -logsig(beta * (sc / lc - sr / lr))
+    got = alignops.preference_loss(pc, pr, rc, rr, loss_type=loss_type, beta=beta, chosen_lengths=lc,
+                                   rejected_lengths=lr, f_divergence_type=fdiv, f_alpha_divergence_coef=alpha,
+                                   reduction="none", backend=backend)
+    torch.testing.assert_close(got.loss, exp, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", PREF_BACKENDS)
+def test_sigmoid_label_smoothing_is_cdpo(backend):
+    # TRL 1.16 ignores label_smoothing for "sigmoid" (only robust / exo_pair read it); alignops applies cDPO,
+    # as Liger-Kernel and TRL < 1.0 do, so a value the caller sets is never silently dropped; 0 gives TRL's.
+    logsig = torch.nn.functional.logsigmoid
+    pc, pr, rc, rr = make_logps(17, torch.float64)
+    d = (pc - rc) - (pr - rr)
+    for eps in (0.0, 0.2):
+        got = alignops.preference_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=eps, reduction="none",
+                                       backend=backend)
+        torch.testing.assert_close(got.loss, -(1 - eps) * logsig(0.1 * d) - eps * logsig(-0.1 * d),
+                                   rtol=1e-10, atol=1e-12)
+
+
 def test_combined_loss_types_with_weights_and_aot():
     inputs = make_logps(29, torch.float64, requires_grad=True)
     kw = dict(loss_type=["sigmoid", "aot", "sppo_hard", "aot_unpaired"], loss_weights=[1.0, 0.5, 0.01, 2.0],
@@ -411,6 +460,27 @@ def test_selective_logprobs_matches_log_softmax_gather_at_vocab_scale(cpu_capabi
     targets = torch.randint(0, 32000, (16,))
     exp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
     torch.testing.assert_close(alignops.selective_logprobs(logits, targets), exp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("V, hot", [(11, None), (70, 69), (200, 130)])
+def test_selective_logprobs_tiny_temperature_stays_finite(cpu_capability, V, hot):
+    # At T = 1e-10, z / T ~ 1e10: an exponent formed as fma(z, 1/T, -max) was the product's rounding
+    # error (hundreds), so lse overflowed or underflowed (logp -inf, or +inf with the row max in the
+    # scalar tail of the vector loop: V = 70, max at column 69). Expected: torch in float64.
+    logits = torch.randn(5, V)
+    if hot is not None:
+        logits[:, hot] = 5.0
+    targets = torch.randint(0, V, (5,))
+    targets[0] = V - 1 if hot is None else hot
+    T = 1e-10
+    x64 = logits.double().requires_grad_(True)
+    exp = torch.log_softmax(x64 / T, -1).gather(-1, targets[:, None]).squeeze(-1)
+    exp.sum().backward()
+    x = logits.clone().requires_grad_(True)
+    got = alignops.selective_logprobs(x, targets, temperature=T, backend="native")
+    torch.testing.assert_close(got.double(), exp.detach(), rtol=1e-6, atol=1e-6)
+    got.sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-6, atol=1.0)
 
 
 def test_selective_logprobs_masked_vocab(cpu_capability):

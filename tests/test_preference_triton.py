@@ -237,6 +237,20 @@ def test_selective_logprobs_forward_backward(shape, dtype, temperature, target_d
         torch.testing.assert_close(g.to(acc), g_n.to(acc), **GRAD_TOL[dtype])
 
 
+@pytest.mark.parametrize("V, hot", [(11, None), (70, 69)])
+def test_selective_logprobs_tiny_temperature_stays_finite(V, hot):
+    # At T = 1e-10 an exponent formed as z / T - max under FMA fusion is the product's rounding error
+    # (hundreds): logp came out -inf / +inf. Expected: torch in float64.
+    logits = torch.randn(5, V)
+    if hot is not None:
+        logits[:, hot] = 5.0
+    targets = torch.randint(0, V, (5,))
+    targets[0] = V - 1 if hot is None else hot
+    exp = torch.log_softmax(logits.double() / 1e-10, -1).gather(-1, targets[:, None]).squeeze(-1)
+    got = alignops.selective_logprobs(logits.to(DEVICE), targets.to(DEVICE), temperature=1e-10, backend="triton")
+    torch.testing.assert_close(got.double().cpu(), exp, rtol=1e-6, atol=1e-6)
+
+
 def test_selective_logprobs_out_of_range_target_gives_nan_without_reading_it():
     logits, targets = _logits(6, 100, torch.float32)
     targets[1] = 100

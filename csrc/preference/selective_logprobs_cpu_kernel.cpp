@@ -4,6 +4,7 @@
 // Forward, per row: lse = logsumexp(z / T) in a single pass (blockwise online logsumexp: one exp per
 // element plus one rescale per block), logp = z_y / T - lse. Nothing of size V is written.
 // Backward, per row: dz_v = g / T * (1[v = y] - exp(z_v / T - lse)), written once.
+// Exponents are formed as (z - max) / T (see RowStats), so a tiny T stays finite as in torch.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -26,10 +27,22 @@ using vec::CPU_CAPABILITY::Vec;
 constexpr int64_t kUnroll = 4;
 constexpr int64_t kBlock = 2 * kW * kUnroll;  // elements consumed per step (two float vectors per load)
 
-// logsumexp(x * inv_t) over one row. The running max starts at the lowest finite float, not -inf, so
-// that rows with masked (-inf) logits never form -inf - -inf.
+// Row statistics in the logits' own units: max = max_v x_v and log_sum = log sum_v exp((x_v - max) / T),
+// so lse = max / T + log_sum and logp = (x_y - max) / T - log_sum. Every exponent is a product formed
+// after the difference, which a compiler cannot fuse into an FMA. Written as x * inv_t - M (M the scaled
+// max), -ffp-contract (on by default in the AVX2 and aarch64 builds) subtracts the rounded M from the
+// exact product; at T = 1e-10 that gap is the product's rounding error, hundreds, so exp overflowed or
+// underflowed and logp came out -inf or +inf.
+template <typename acc_t>
+struct RowStats {
+  acc_t max;
+  acc_t log_sum;
+};
+
+// The running max starts at the lowest finite float, not -inf, so that rows with masked (-inf) logits
+// never form -inf - -inf.
 template <typename scalar_t>
-float row_lse(const scalar_t* x, int64_t V, float inv_t) {
+RowStats<float> row_stats(const scalar_t* x, int64_t V, float inv_t) {
   const Vec scale(inv_t);
   Vec m(std::numeric_limits<float>::lowest());
   Vec s(0.f);
@@ -40,13 +53,12 @@ float row_lse(const scalar_t* x, int64_t V, float inv_t) {
       load2_float(x + v + 2 * kW * u, z[2 * u], z[2 * u + 1]);
     }
     Vec bm = m;
-    for (auto& zi : z) {
-      zi = zi * scale;
+    for (const auto& zi : z) {
       bm = at::vec::maximum(bm, zi);
     }
-    s = s * (m - bm).exp_u20();
+    s = s * ((m - bm) * scale).exp_u20();
     for (const auto& zi : z) {
-      s = s + (zi - bm).exp_u20();
+      s = s + ((zi - bm) * scale).exp_u20();
     }
     m = bm;
   }
@@ -58,51 +70,95 @@ float row_lse(const scalar_t* x, int64_t V, float inv_t) {
     M = std::max(M, lane_m[i]);
   }
   for (int64_t i = v; i < V; ++i) {
-    M = std::max(M, float(x[i]) * inv_t);
+    M = std::max(M, float(x[i]));
   }
   float S = 0.f;
   for (int64_t i = 0; i < kW; ++i) {
-    S += lane_s[i] * std::exp(lane_m[i] - M);
+    S += lane_s[i] * std::exp((lane_m[i] - M) * inv_t);
   }
   for (int64_t i = v; i < V; ++i) {
-    S += std::exp(float(x[i]) * inv_t - M);
+    S += std::exp((float(x[i]) - M) * inv_t);
   }
-  return M + std::log(S);
+  return {M, std::log(S)};
 }
 
 // fp64 keeps full precision with a plain two-pass loop.
-double row_lse(const double* x, int64_t V, double inv_t) {
+RowStats<double> row_stats(const double* x, int64_t V, double inv_t) {
   double M = -std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < V; ++i) {
-    M = std::max(M, x[i] * inv_t);
+    M = std::max(M, x[i]);
   }
   if (!std::isfinite(M)) {
-    return M;
+    return {M, 0.0};
   }
   double S = 0.0;
   for (int64_t i = 0; i < V; ++i) {
-    S += std::exp(x[i] * inv_t - M);
+    S += std::exp((x[i] - M) * inv_t);
   }
-  return M + std::log(S);
+  return {M, std::log(S)};
 }
 
 template <typename scalar_t>
-void row_grad(scalar_t* out, const scalar_t* x, int64_t V, float inv_t, float lse, float g) {
-  const Vec scale(inv_t), shift(lse), coef(-g * inv_t);
+float row_max(const scalar_t* x, int64_t V) {
+  Vec m(std::numeric_limits<float>::lowest());
   int64_t v = 0;
   for (; v + 2 * kW <= V; v += 2 * kW) {
     Vec a, b;
     load2_float(x + v, a, b);
-    store2_float(out + v, coef * (a * scale - shift).exp_u20(), coef * (b * scale - shift).exp_u20());
+    m = at::vec::maximum(m, at::vec::maximum(a, b));
+  }
+  float lane_m[kW];
+  m.store(lane_m);
+  float M = std::numeric_limits<float>::lowest();
+  for (int64_t i = 0; i < kW; ++i) {
+    M = std::max(M, lane_m[i]);
   }
   for (; v < V; ++v) {
-    out[v] = scalar_t(-g * inv_t * std::exp(float(x[v]) * inv_t - lse));
+    M = std::max(M, float(x[v]));
+  }
+  return M;
+}
+
+double row_max(const double* x, int64_t V) {
+  double M = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < V; ++i) {
+    M = std::max(M, x[i]);
+  }
+  return M;
+}
+
+// max / T rounded once (the volatile keeps it out of any FMA): lse = scaled_max + log_sum in forward, and
+// the backward recovers log_sum as lse - scaled_max with the same rounding.
+template <typename acc_t>
+acc_t scaled_max(acc_t max, acc_t inv_t) {
+  volatile acc_t r = max * inv_t;
+  return r;
+}
+
+// Above this |lse| the fp32 lse no longer resolves log_sum (its ulp passes 2^-6), so the backward anchors
+// the exponent at the row max: exp((x - max) / T - log_sum), one extra read of the row.
+template <typename acc_t>
+constexpr acc_t kAnchorAbove = acc_t(1 << 17);
+
+// dz_v = -g / T * exp((x_v - c) / T - r), with (c, r) = (0, lse) or (max, log_sum).
+template <typename scalar_t>
+void row_grad(scalar_t* out, const scalar_t* x, int64_t V, float inv_t, float c, float r, float g) {
+  const Vec scale(inv_t), anchor(c), shift(r), coef(-g * inv_t);
+  int64_t v = 0;
+  for (; v + 2 * kW <= V; v += 2 * kW) {
+    Vec a, b;
+    load2_float(x + v, a, b);
+    store2_float(out + v, coef * ((a - anchor) * scale - shift).exp_u20(),
+                 coef * ((b - anchor) * scale - shift).exp_u20());
+  }
+  for (; v < V; ++v) {
+    out[v] = scalar_t(-g * inv_t * std::exp((float(x[v]) - c) * inv_t - r));
   }
 }
 
-void row_grad(double* out, const double* x, int64_t V, double inv_t, double lse, double g) {
+void row_grad(double* out, const double* x, int64_t V, double inv_t, double c, double r, double g) {
   for (int64_t v = 0; v < V; ++v) {
-    out[v] = -g * inv_t * std::exp(x[v] * inv_t - lse);
+    out[v] = -g * inv_t * std::exp((x[v] - c) * inv_t - r);
   }
 }
 
@@ -135,9 +191,9 @@ void forward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore
           }
           check_target(t, V, n);
           const scalar_t* row = x + n * V;
-          const acc_t l = row_lse(row, V, inv_t);
-          lse_p[n] = l;
-          out[n] = acc_t(row[t]) * inv_t - l;
+          const RowStats<acc_t> st = row_stats(row, V, inv_t);
+          lse_p[n] = scaled_max(st.max, inv_t) + st.log_sum;
+          out[n] = (acc_t(row[t]) - st.max) * inv_t - st.log_sum;
         }
       });
     });
@@ -167,10 +223,15 @@ void backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor
           }
           check_target(t, V, n);
           const scalar_t* row = x + n * V;
-          const acc_t gn = g[n];
-          row_grad(row_out, row, V, inv_t, lse_p[n], gn);
+          const acc_t gn = g[n], l = lse_p[n];
+          acc_t c = acc_t(0), r = l;
+          if (std::abs(l) > kAnchorAbove<acc_t>) {
+            c = row_max(row, V);
+            r = l - scaled_max(c, inv_t);
+          }
+          row_grad(row_out, row, V, inv_t, c, r, gn);
           // Recomputed in the accumulation type: adding g/T to an already-rounded bf16 value would lose it.
-          row_out[t] = scalar_t(gn * inv_t * (acc_t(1) - std::exp(acc_t(row[t]) * inv_t - lse_p[n])));
+          row_out[t] = scalar_t(gn * inv_t * (acc_t(1) - std::exp((acc_t(row[t]) - c) * inv_t - r)));
         }
       });
     });

@@ -182,8 +182,15 @@ def preference_loss(
     multi-loss). ``beta`` may be a [B] tensor (Dynamic Reward Scaling: per-sample beta; CPU values
     are checked > 0, CUDA values are not, to avoid a device sync).
 
-    Note: TRL >= 1.0 ignores ``label_smoothing`` for ``"sigmoid"``; here it is cDPO, as in TRL < 1.0.
-    Everything else matches TRL's ``DPOTrainer`` for the same inputs.
+    f-divergence scores are TRL 1.16's, additive constants included: ``forward_kl`` ``1 - e^{-x}``,
+    ``js_divergence`` ``log 2 + logsig(x)``, ``alpha_divergence`` ``(e^{(a-1)x} - 1)/(a-1)`` (exponent
+    clamped at 80). The constants cancel in ``s(xc) - s(xr)`` but not after the division by unequal lengths
+    in ipo / sigmoid_norm / ln_dpo; TRL 1.0-1.9 dropped them and gives other numbers there.
+
+    Label smoothing with ``"sigmoid"`` is cDPO (as Liger-Kernel and TRL < 1.0). TRL 1.16 ignores
+    ``label_smoothing`` for ``"sigmoid"`` (it reads it only for robust, exo_pair and aot); we do not drop a
+    value the caller set, so ``label_smoothing=0`` (the default) reproduces TRL. Everything else matches
+    TRL 1.16's ``DPOTrainer`` for the same inputs.
 
     Returns :class:`PreferenceLossOutput` ``(loss, chosen_rewards, rejected_rewards)`` with
     ``.margins`` and ``.accuracy``; ``loss`` is [B] for ``reduction="none"``, else a scalar. All are
