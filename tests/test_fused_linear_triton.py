@@ -183,8 +183,11 @@ def test_non_contiguous_inputs_and_no_bias_grad():
     assert not h_nc.is_contiguous() and not w_nc.is_contiguous()
     out = torch.ops.alignops.fused_linear_logprobs_triton(h_nc, w_nc, y, b, IGNORE, 0.7, 0.5, 30.0, True)
     want = torch.ops.alignops.fused_linear_logprobs_triton(h, w, y, b, IGNORE, 0.7, 0.5, 30.0, True)
+    # Bit-identical in the interpreter; on a GPU cuBLAS picks other GEMM kernels for the transposed layouts
+    # (seen on an H200: 3.8e-6 absolute, 3.6e-7 relative), so there the contract is fp32 GEMM rounding.
+    exact = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=2e-6, atol=1e-5)
     for got, exp in zip(out, want):
-        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+        torch.testing.assert_close(got, exp, **exact)
     g = torch.randn(9, device=DEVICE)
     gh, gw, gb = torch.ops.alignops.fused_linear_logprobs_backward_triton(g, h_nc, w_nc, y, b, out[1], IGNORE, 0.7,
                                                                           0.5, 30.0, False)
