@@ -120,7 +120,7 @@ else
   echo "nvidia-smi: none" > "$W/nvidia-smi.txt"
 fi
 GPU="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)"
-SHA="$(git rev-parse --short HEAD 2>/dev/null || echo "${ALIGNOPS_GIT_SHA:-unknown}")"
+SHA="${ALIGNOPS_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"  # given: a copied tree can sit inside another checkout
 export ALIGNOPS_GIT_SHA="$SHA"
 DIRTY="$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l)"
 note "gpu: ${GPU:-none}; $(nproc) cores; dry run: $DRY"
