@@ -71,5 +71,9 @@ def launch_bootstrap_confusion(a: torch.Tensor, b: torch.Tensor, out: torch.Tens
     R1 = out.shape[1]
     stride_b = 0 if b.shape[0] == 1 else N
     cc_block = max(16, triton.next_power_of_2(num_classes * num_classes))
+    # the kernel reads only the low 32 bits: passed as a signed int32 with those bits, since an int argument
+    # of 2^31 or more becomes int64 and broke Inductor's launcher on torch 2.11 ("'int' object has no
+    # attribute 'xreplace'")
+    state32 = (int(state) & 0xFFFFFFFF) - ((int(state) & 0x80000000) << 1)
     launch(bootstrap_confusion_kernel, (P * R1,),
-        a, b, out, N, R1, stride_b, state, C=num_classes, CC_BLOCK=cc_block, BLOCK=BLOCK_N, num_warps=4)
+        a, b, out, N, R1, stride_b, state32, C=num_classes, CC_BLOCK=cc_block, BLOCK=BLOCK_N, num_warps=4)
