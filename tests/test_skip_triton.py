@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import alignops
+pytest.importorskip("triton", reason="needs the triton package")
+
+import alignops  # noqa: E402
 import alignops.ops.skip_triton  # noqa: F401  (registers alignops::skip_ffn_triton)
 from alignops.reference import skip as ref
 

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="needs the triton package")
+
 import alignops
 from alignops import ot as O
 from alignops.kernels import _launch

@@ -3,8 +3,10 @@ scipy and POT. Without a GPU they run in the Triton interpreter on CPU tensors (
 16-step blocks (kernels/wasserstein.py), so these small shapes span several blocks of the merge."""
 
 import numpy as np
-import ot
 import pytest
+
+ot = pytest.importorskip("ot")
+pytest.importorskip("triton", reason="needs the triton package")
 import scipy.stats
 import torch
 
