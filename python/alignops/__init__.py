@@ -8,6 +8,7 @@ compiled backends.
 import torch  # noqa: F401  (libc10 must be loaded before the extension)
 
 from . import _C  # noqa: F401  (registers the torch.ops.alignops schemas and kernels)
+from ._errors import AlignopsError
 from . import ops  # noqa: F401  (autograd, fake kernels and Triton ops)
 from .fused_linear import (
     FusedLinearLogprobs,
@@ -49,6 +50,7 @@ from .wasserstein import gaussian_w2, sliced_wasserstein, wasserstein_1d
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignopsError",
     "LOSS_TYPES",
     "PreferenceLossOutput",
     "FusedLinearLogprobs",

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from ._errors import AlignopsError
+
 BACKENDS = ("auto", "native", "triton", "torch")
 
 # Host buffers copied to a GPU while a CUDA graph was being captured: the graph reads them again at every
@@ -38,7 +40,7 @@ def triton_interpreting() -> bool:
 def resolve(backend: str, device: torch.device, op: str, *, native_cuda: bool = True) -> str:
     """The implementation for ``op`` on ``device``; ``native_cuda=False`` for ops whose GPU kernel is Triton only."""
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+        raise AlignopsError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if device.type not in ("cpu", "cuda"):
         if backend in ("auto", "torch"):
             return "torch"

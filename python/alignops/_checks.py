@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ._errors import AlignopsError
 from ._backend import triton_interpreting
 
 
@@ -14,37 +15,37 @@ def check_param(t: torch.Tensor | None, name: str, shape: tuple[int, ...], spell
     if t is None:
         return
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {spelled} = {list(shape)}, got {list(t.shape)}")
+        raise AlignopsError(f"{name} must have shape {spelled} = {list(shape)}, got {list(t.shape)}")
     if t.dtype != like.dtype:
-        raise ValueError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
+        raise AlignopsError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
     if t.device != like.device:
-        raise ValueError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
+        raise AlignopsError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
 
 
 def check_targets(targets: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
     """targets [N] int64/int32 on the device of ``like`` [N, ...]."""
     if targets.dim() != 1:
-        raise ValueError(f"targets must be a 1-D tensor of shape [N], got shape {tuple(targets.shape)}")
+        raise AlignopsError(f"targets must be a 1-D tensor of shape [N], got shape {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+        raise AlignopsError(f"targets must be int64 or int32, got {targets.dtype}")
     if targets.device != like.device:
-        raise ValueError(f"targets must be on the device of {like_name} ({like.device}), got {targets.device}")
+        raise AlignopsError(f"targets must be on the device of {like_name} ({like.device}), got {targets.device}")
     if targets.shape[0] != like.shape[0]:
-        raise ValueError(f"targets must have one entry per row of {like_name} [N={like.shape[0]}], "
-                         f"got {targets.shape[0]}")
+        raise AlignopsError(f"targets must have one entry per row of {like_name} [N={like.shape[0]}], "
+                            f"got {targets.shape[0]}")
 
 
 def check_temperature(temperature: float) -> None:
     if not (temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+        raise AlignopsError(f"temperature must be a finite value > 0, got {temperature}")
 
 
 def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
     """logits [N, V] float, targets [N] int64/int32 on the same device, a finite temperature > 0."""
     if logits.dim() != 2:
-        raise ValueError(f"logits must be a 2-D tensor of shape [N, V], got shape {tuple(logits.shape)}")
+        raise AlignopsError(f"logits must be a 2-D tensor of shape [N, V], got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
-        raise ValueError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
+        raise AlignopsError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
     check_targets(targets, logits, "logits")
     check_temperature(temperature)
 

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._errors import AlignopsError
 from . import _backend
 from .ctc_posteriors import CTCPosteriors, ctc_loss, ctc_posteriors
 from .ctc_segmentation import (
@@ -43,9 +44,9 @@ def _lengths(lengths: torch.Tensor | None, B: int, full: int, device: torch.devi
     if not isinstance(lengths, torch.Tensor):
         lengths = torch.as_tensor(lengths)
     if lengths.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be int64 or int32, got {lengths.dtype}")
+        raise AlignopsError(f"{name} must be int64 or int32, got {lengths.dtype}")
     if lengths.dim() != 1 or lengths.shape[0] != B:
-        raise ValueError(f"{name} must have shape [{B}], got {tuple(lengths.shape)}")
+        raise AlignopsError(f"{name} must have shape [{B}], got {tuple(lengths.shape)}")
     return _backend.to_device(lengths, device).long()
 
 
@@ -54,18 +55,18 @@ def _star_scores(log_probs: torch.Tensor, blank: int, star_scores, star_penalty:
     B, T, C = log_probs.shape
     if isinstance(star_scores, torch.Tensor):
         if star_scores.shape != (B, T):
-            raise ValueError(f"star_scores must have shape [{B}, {T}] (one score per frame), got "
-                             f"{tuple(star_scores.shape)}")
+            raise AlignopsError(f"star_scores must have shape [{B}, {T}] (one score per frame), got "
+                                f"{tuple(star_scores.shape)}")
         return (star_scores.to(device=log_probs.device, dtype=acc) + star_penalty).contiguous()
     if star_scores == "constant":
         return torch.full((B, T), star_penalty, dtype=acc, device=log_probs.device)
     if star_scores == "max":
         if C < 2:
-            raise ValueError("star_scores='max' needs a class besides blank")
+            raise AlignopsError("star_scores='max' needs a class besides blank")
         is_blank = torch.arange(C, device=log_probs.device) == blank  # no host-to-device copy of an index
         masked = torch.where(is_blank, float("-inf"), log_probs.to(acc))
         return (masked.amax(2) + star_penalty).contiguous()
-    raise ValueError(f"star_scores must be 'max', 'constant' or a [B, T] tensor, got {star_scores!r}")
+    raise AlignopsError(f"star_scores must be 'max', 'constant' or a [B, T] tensor, got {star_scores!r}")
 
 
 def forced_align(
@@ -132,13 +133,13 @@ def forced_align(
         [0, C), lengths outside [0, T] / [0, L], infeasible rows (with ``on_infeasible="raise"``).
     """
     if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 3:
-        raise ValueError(f"log_probs must be a 3-D tensor [B, T, C], got {getattr(log_probs, 'shape', type(log_probs))}")
+        raise AlignopsError(f"log_probs must be a 3-D tensor [B, T, C], got {getattr(log_probs, 'shape', type(log_probs))}")
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
-        raise ValueError(f"targets must be a 2-D tensor [B, L], got {getattr(targets, 'shape', type(targets))}")
+        raise AlignopsError(f"targets must be a 2-D tensor [B, L], got {getattr(targets, 'shape', type(targets))}")
     if memory not in MEMORY_MODES:
-        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        raise AlignopsError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
     if on_infeasible not in ("raise", "skip"):
-        raise ValueError(f"on_infeasible must be 'raise' or 'skip', got {on_infeasible!r}")
+        raise AlignopsError(f"on_infeasible must be 'raise' or 'skip', got {on_infeasible!r}")
     B, T, C = log_probs.shape
     dev = log_probs.device
     input_lengths = _lengths(input_lengths, B, T, dev, "input_lengths")
@@ -149,13 +150,13 @@ def forced_align(
     if star_token is not None:
         star_id = int(star_token)
         if star_id == blank:
-            raise ValueError(f"star_token must differ from blank ({blank})")
+            raise AlignopsError(f"star_token must differ from blank ({blank})")
         star = _star_scores(log_probs, blank, star_scores, float(star_penalty))
     checkpoint = 0
     if memory == "checkpointed":
         checkpoint = int(checkpoint_interval) if checkpoint_interval is not None else max(1, math.ceil(4.6 * math.sqrt(max(T, 1))))
         if checkpoint < 1:
-            raise ValueError(f"checkpoint_interval must be >= 1, got {checkpoint_interval}")
+            raise AlignopsError(f"checkpoint_interval must be >= 1, got {checkpoint_interval}")
     impl = _backend.resolve(backend, dev, "forced_align")
     if impl == "triton":
         raise RuntimeError("forced_align: there is no Triton kernel (its GPU kernel is CUDA C++); build alignops "
@@ -169,9 +170,9 @@ def forced_align(
             log_probs, targets, input_lengths, target_lengths, blank, star, star_id, checkpoint)
     if on_infeasible == "raise" and not bool(feasible.all()):
         rows = (~feasible).nonzero().flatten().tolist()
-        raise ValueError(f"forced_align: no alignment fits rows {rows[:10]}{'...' if len(rows) > 10 else ''}: "
-                         "they need input_lengths >= target_lengths + repeated neighbours, and a path of finite "
-                         "score (pass on_infeasible='skip' to get -1 paths for them instead)")
+        raise AlignopsError(f"forced_align: no alignment fits rows {rows[:10]}{'...' if len(rows) > 10 else ''}: "
+                            "they need input_lengths >= target_lengths + repeated neighbours, and a path of finite "
+                            "score (pass on_infeasible='skip' to get -1 paths for them instead)")
     return paths, scores
 
 
@@ -180,25 +181,25 @@ def _check_values_on_host(log_probs, targets, input_lengths, target_lengths, bla
     B, T, C = log_probs.shape
     L = targets.shape[1]
     if targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+        raise AlignopsError(f"targets must be int64 or int32, got {targets.dtype}")
     bad = (input_lengths < 0) | (input_lengths > T)
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
-        raise ValueError(f"input_lengths[{b}] must be in [0, {T}] (the time size of log_probs), got {int(input_lengths[b])}")
+        raise AlignopsError(f"input_lengths[{b}] must be in [0, {T}] (the time size of log_probs), got {int(input_lengths[b])}")
     bad = (target_lengths < 0) | (target_lengths > L)
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
-        raise ValueError(f"target_lengths[{b}] must be in [0, {L}] (the size of targets), got {int(target_lengths[b])}")
+        raise AlignopsError(f"target_lengths[{b}] must be in [0, {L}] (the size of targets), got {int(target_lengths[b])}")
     inside = torch.arange(L, device=targets.device)[None, :] < target_lengths[:, None]
     star = (targets == star_id) if star_id is not None else torch.zeros_like(inside)
     is_blank = inside & ~star & (targets == blank)
     if bool(is_blank.any()):
         b, j = is_blank.nonzero()[0].tolist()
-        raise ValueError(f"targets[{b}, {j}] is the blank id {blank}; targets must not contain blank")
+        raise AlignopsError(f"targets[{b}, {j}] is the blank id {blank}; targets must not contain blank")
     out = inside & ~star & ((targets < 0) | (targets >= C))
     if bool(out.any()):
         b, j = out.nonzero()[0].tolist()
-        raise ValueError(f"targets[{b}, {j}] = {int(targets[b, j])} is outside [0, {C}) (the classes of log_probs)")
+        raise AlignopsError(f"targets[{b}, {j}] = {int(targets[b, j])} is outside [0, {C}) (the classes of log_probs)")
 
 
 class TokenSpans(NamedTuple):
@@ -226,12 +227,12 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
     ``num_spans`` spans (``count`` still counts them all).
     """
     if not isinstance(paths, torch.Tensor) or paths.dim() != 2 or paths.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"paths must be a [B, T] int64 / int32 tensor, got {getattr(paths, 'shape', type(paths))}")
+        raise AlignopsError(f"paths must be a [B, T] int64 / int32 tensor, got {getattr(paths, 'shape', type(paths))}")
     B, T = paths.shape
     if frame_scores is None:
         frame_scores = torch.zeros(paths.shape, device=paths.device)
     if frame_scores.shape != paths.shape:
-        raise ValueError(f"frame_scores must have the shape of paths {tuple(paths.shape)}, got {tuple(frame_scores.shape)}")
+        raise AlignopsError(f"frame_scores must have the shape of paths {tuple(paths.shape)}, got {tuple(frame_scores.shape)}")
     paths = paths.long()
     pad = paths.new_full((B, 1), -1)
     valid = (paths >= 0) & (paths != blank)
@@ -240,7 +241,7 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
     count = starts.sum(1)
     K = int(count.max()) if num_spans is None and B > 0 and T > 0 else (num_spans or 0)
     if check_values and num_spans is not None and B > 0 and T > 0 and bool((count > num_spans).any()):
-        raise ValueError(f"num_spans={num_spans} is fewer than the spans of a row ({int(count.max())})")
+        raise AlignopsError(f"num_spans={num_spans} is fewer than the spans of a row ({int(count.max())})")
     k = torch.where(valid, (starts.long().cumsum(1) - 1).clamp(max=K), K)  # K: a dump column, cut below
     frames = torch.arange(T, device=paths.device).expand(B, T)
     acc = acc_dtype(frame_scores.dtype)
@@ -267,17 +268,17 @@ def word_spans(spans: TokenSpans, word_lengths: torch.Tensor, *, check_values: b
     """
     if not isinstance(word_lengths, torch.Tensor) or word_lengths.dim() != 2 or word_lengths.dtype not in (
             torch.int32, torch.int64):
-        raise ValueError(f"word_lengths must be a [B, W] int64 / int32 tensor, got "
-                         f"{getattr(word_lengths, 'shape', type(word_lengths))}")
+        raise AlignopsError(f"word_lengths must be a [B, W] int64 / int32 tensor, got "
+                            f"{getattr(word_lengths, 'shape', type(word_lengths))}")
     B, K = spans.start.shape
     if word_lengths.shape[0] != B:
-        raise ValueError(f"word_lengths must have one row per utterance (B = {B}), got {word_lengths.shape[0]}")
+        raise AlignopsError(f"word_lengths must have one row per utterance (B = {B}), got {word_lengths.shape[0]}")
     lengths = word_lengths.long().to(spans.start.device)
     if check_values and bool((lengths < 0).any()):
-        raise ValueError("word_lengths must be >= 0")
+        raise AlignopsError("word_lengths must be >= 0")
     last = lengths.cumsum(1)  # one past each word's last token
     if check_values and lengths.shape[1] > 0 and bool((last[:, -1] > spans.count).any()):
-        raise ValueError("word_lengths asks for more tokens than a row has spans")
+        raise AlignopsError("word_lengths asks for more tokens than a row has spans")
     first = last - lengths
     real = lengths > 0
     # [lo, hi): the word's tokens, padding words read column 0; clamped to the K columns, which only unchecked
@@ -311,12 +312,12 @@ def span_occupancy(spans: TokenSpans, token_occupancy: torch.Tensor) -> torch.Te
     fp64 (nan past ``spans.count``): near 1 where the whole posterior mass agrees with the Viterbi span.
     """
     if token_occupancy.dim() != 3 or token_occupancy.shape[0] != spans.start.shape[0]:
-        raise ValueError(f"token_occupancy must be [B, T, L] with B = {spans.start.shape[0]}, got "
-                         f"{tuple(token_occupancy.shape)}")
+        raise AlignopsError(f"token_occupancy must be [B, T, L] with B = {spans.start.shape[0]}, got "
+                            f"{tuple(token_occupancy.shape)}")
     B, T, L = token_occupancy.shape
     K = spans.start.shape[1]
     if K > L:
-        raise ValueError(f"spans has {K} columns but token_occupancy only {L} tokens")
+        raise AlignopsError(f"spans has {K} columns but token_occupancy only {L} tokens")
     occ = token_occupancy[..., :K].double()
     csum = torch.cat([occ.new_zeros(B, 1, K), occ.cumsum(1)], 1)  # [B, T + 1, K]
     real = spans.start >= 0

@@ -7,6 +7,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ._errors import AlignopsError
 from . import _backend
 from .ops.ctc_posteriors import check_shapes, check_values as _check_values
 from .ops.preference import acc_dtype
@@ -27,17 +28,17 @@ def _lengths(x, log_probs: torch.Tensor, name: str) -> torch.Tensor:
         return x
     if isinstance(x, (list, tuple)):
         return _backend.to_device(torch.tensor(x, dtype=torch.long), log_probs.device)
-    raise ValueError(f"{name} must be a tensor or a list of ints, got {type(x).__name__}")
+    raise AlignopsError(f"{name} must be a tensor or a list of ints, got {type(x).__name__}")
 
 
 def _padded(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
     """torch's concatenated 1-D layout -> [B, max(target_lengths)] padded (reads the lengths: one sync)."""
     if target_lengths.dim() != 1 or target_lengths.dtype not in (torch.int64, torch.int32):
-        raise ValueError("target_lengths must be an int64 or int32 tensor of shape [B]")
+        raise AlignopsError("target_lengths must be an int64 or int32 tensor of shape [B]")
     total = int(target_lengths.sum()) if target_lengths.numel() else 0
     if (target_lengths < 0).any() or total != targets.numel():
-        raise ValueError(f"concatenated 1-D targets need non-negative target_lengths summing to targets.numel() "
-                         f"= {targets.numel()}, got a sum of {total}")
+        raise AlignopsError(f"concatenated 1-D targets need non-negative target_lengths summing to targets.numel() "
+                            f"= {targets.numel()}, got a sum of {total}")
     L = int(target_lengths.max()) if target_lengths.numel() else 0
     start = torch.cumsum(target_lengths.long(), 0) - target_lengths.long()
     j = torch.arange(L, device=targets.device)
@@ -48,7 +49,7 @@ def _padded(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor
 
 def _prepare(log_probs, targets, input_lengths, target_lengths, blank, check_values):
     if not isinstance(log_probs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        raise ValueError("log_probs and targets must be tensors")
+        raise AlignopsError("log_probs and targets must be tensors")
     input_lengths = _lengths(input_lengths, log_probs, "input_lengths")
     target_lengths = _lengths(target_lengths, log_probs, "target_lengths")
     if targets.dim() == 1:
@@ -112,7 +113,7 @@ def ctc_posteriors(
     kernel would read and write out of bounds for lengths outside [0, T] / [0, L].
     """
     if output not in _OUTPUTS:
-        raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
+        raise AlignopsError(f"output must be one of {_OUTPUTS}, got {output!r}")
     targets, input_lengths, target_lengths = _prepare(log_probs, targets, input_lengths, target_lengths, blank,
                                                       check_values)
     want_states, want_tokens = output in ("states", "both"), output in ("tokens", "both")
@@ -161,10 +162,10 @@ def ctc_loss(
     ``check_values`` as :func:`ctc_posteriors`, plus ValueError for an unknown ``reduction``.
     """
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise AlignopsError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if isinstance(log_probs, torch.Tensor) and not batch_first:
         if log_probs.dim() != 3:
-            raise ValueError(f"log_probs must be a 3-D tensor of shape [T, B, C], got shape {list(log_probs.shape)}")
+            raise AlignopsError(f"log_probs must be a 3-D tensor of shape [T, B, C], got shape {list(log_probs.shape)}")
         log_probs = log_probs.transpose(0, 1)
     targets, input_lengths, target_lengths = _prepare(log_probs, targets, input_lengths, target_lengths, blank,
                                                       check_values)

@@ -22,6 +22,7 @@ from typing import IO, Sequence
 
 import torch
 
+from ._errors import AlignopsError
 from . import _backend
 from .reference import ctc_segmentation as _ref
 
@@ -82,24 +83,24 @@ def _as_batch(lpz, ground_truth, lpz_lengths, gt_lengths):
     """Lists of problems are padded; single problems get a batch dimension."""
     if isinstance(lpz, (list, tuple)):
         if not isinstance(ground_truth, (list, tuple)) or len(ground_truth) != len(lpz):
-            raise ValueError("ground_truth must be a list with one [C_i, S] tensor per lpz [T_i, V] in the list")
+            raise AlignopsError("ground_truth must be a list with one [C_i, S] tensor per lpz [T_i, V] in the list")
         if len(lpz) == 0:
-            raise ValueError("lpz is an empty list: give at least one problem")
+            raise AlignopsError("lpz is an empty list: give at least one problem")
         gts = [g.reshape(-1, 1) if g.dim() == 1 else g for g in ground_truth]
         lpz_lengths = torch.tensor([x.shape[0] for x in lpz], dtype=torch.int64)
         gt_lengths = torch.tensor([g.shape[0] for g in gts], dtype=torch.int64)
         lpz = torch.nn.utils.rnn.pad_sequence(list(lpz), batch_first=True)
         ground_truth = torch.nn.utils.rnn.pad_sequence(gts, batch_first=True, padding_value=-1)
     if not isinstance(lpz, torch.Tensor) or lpz.dim() not in (2, 3):
-        raise ValueError(f"lpz must be a [T, V] or [B, T, V] tensor (or a list of [T_i, V]), got "
-                         f"{tuple(lpz.shape) if isinstance(lpz, torch.Tensor) else type(lpz).__name__}")
+        raise AlignopsError(f"lpz must be a [T, V] or [B, T, V] tensor (or a list of [T_i, V]), got "
+                            f"{tuple(lpz.shape) if isinstance(lpz, torch.Tensor) else type(lpz).__name__}")
     if lpz.dim() == 2:  # one problem: ground_truth [C] or [C, S]
         lpz, ground_truth = lpz[None], ground_truth[None]
     if ground_truth.dim() == 2:  # token lists [B, C]
         ground_truth = ground_truth[..., None]
     if ground_truth.dim() != 3:
-        raise ValueError("ground_truth must have shape [C], [C, S], [B, C] or [B, C, S], got "
-                         f"{tuple(ground_truth.shape)}")
+        raise AlignopsError("ground_truth must have shape [C], [C, S], [B, C] or [B, C, S], got "
+                            f"{tuple(ground_truth.shape)}")
     B = lpz.shape[0]
     if lpz_lengths is None:
         lpz_lengths = torch.full((B,), lpz.shape[1], dtype=torch.int64)
@@ -148,7 +149,7 @@ def ctc_segmentation(lpz, ground_truth, *, lpz_lengths: torch.Tensor | None = No
     """
     lpz, ground_truth, lpz_lengths, gt_lengths = _as_batch(lpz, ground_truth, lpz_lengths, gt_lengths)
     if lpz.device.type != "cpu":
-        raise ValueError(f"ctc_segmentation: lpz must be a CPU tensor (a sequential DP per problem), got {lpz.device}")
+        raise AlignopsError(f"ctc_segmentation: lpz must be a CPU tensor (a sequential DP per problem), got {lpz.device}")
     impl = _backend.resolve(backend, lpz.device, "ctc_segmentation")
     flags = _flags(blank_transition_cost_zero, preamble_transition_cost_zero)
     if impl == "triton":
@@ -166,26 +167,26 @@ def ctc_segmentation(lpz, ground_truth, *, lpz_lengths: torch.Tensor | None = No
 def _check_reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank):
     """The native op's argument checks (csrc/ctc_segmentation), for backend='torch'."""
     if lpz.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"lpz must be float32 or float64, got {lpz.dtype}")
+        raise AlignopsError(f"lpz must be float32 or float64, got {lpz.dtype}")
     if gt.dtype != torch.int64 or gt.shape[0] != lpz.shape[0]:
-        raise ValueError(f"ground_truth must be int64 with B = {lpz.shape[0]} problems, got {gt.dtype} "
-                         f"{tuple(gt.shape)}")
+        raise AlignopsError(f"ground_truth must be int64 with B = {lpz.shape[0]} problems, got {gt.dtype} "
+                            f"{tuple(gt.shape)}")
     V = lpz.shape[2]
     if not 0 <= blank < V:
-        raise ValueError(f"blank must be in [0, V) = [0, {V}), got {blank}")
+        raise AlignopsError(f"blank must be in [0, V) = [0, {V}), got {blank}")
     for b in range(lpz.shape[0]):
         tl, cl = int(lpz_lengths[b]), int(gt_lengths[b])
         if not (1 <= tl <= lpz.shape[1] and 2 <= cl <= gt.shape[1]):
-            raise ValueError(f"lpz_lengths[{b}] must be in [1, T] and gt_lengths[{b}] in [2, C], got {tl}, {cl}")
+            raise AlignopsError(f"lpz_lengths[{b}] must be in [1, T] and gt_lengths[{b}] in [2, C], got {tl}, {cl}")
         if cl > tl:
-            raise ValueError(f"problem {b}: audio is shorter than text ({cl} ground-truth positions for {tl} frames)")
+            raise AlignopsError(f"problem {b}: audio is shorter than text ({cl} ground-truth positions for {tl} frames)")
         g = gt[b, :cl]
         s = torch.arange(g.shape[1])
         if bool(((g < -1) | (g >= V)).any()) or bool(((g != -1) & (s[None] >= torch.arange(cl)[:, None])).any()):
-            raise ValueError(f"ground_truth[{b}] must be -1 or a token in [0, {V}), and -1 where a span of s + 1 "
-                             "symbols would reach row 0 (the start-of-ground-truth marker)")
+            raise AlignopsError(f"ground_truth[{b}] must be -1 or a token in [0, {V}), and -1 where a span of s + 1 "
+                                "symbols would reach row 0 (the start-of-ground-truth marker)")
         if bool(torch.isnan(lpz[b, :tl]).any() or (lpz[b, :tl] == math.inf).any()):
-            raise ValueError(f"lpz[{b}] must hold log-probabilities: it has NaN or +inf")
+            raise AlignopsError(f"lpz[{b}] must hold log-probabilities: it has NaN or +inf")
 
 
 def _reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank, min_window_size, max_window_size, flags, from_max_t):
@@ -228,7 +229,7 @@ def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: to
         out = torch.ops.alignops.ctc_segmentation_utterance_score(frame_logprobs, starts, ends, window)
     else:
         if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+            raise AlignopsError(f"window must be >= 1, got {window}")
         out = _ref.utterance_score(frame_logprobs, starts, ends, window)
     return out[0] if squeeze else out
 
@@ -254,21 +255,21 @@ def utterance_segments(timings: torch.Tensor, char_probs: torch.Tensor, utt_begi
     if ragged:  # one list per problem: padded with copies of the row's first utterance, masked at the end
         n_utts = torch.tensor([len(r) - 1 for r in utt_begin_indices])
         if bool((n_utts < 1).any()):
-            raise ValueError("utt_begin_indices must hold U + 1 >= 2 indices per problem")
+            raise AlignopsError("utt_begin_indices must hold U + 1 >= 2 indices per problem")
         U = int(n_utts.max())
         b = torch.tensor([list(r[:-1]) + [r[0]] * (U + 1 - len(r)) for r in utt_begin_indices], dtype=torch.int64)
         e = torch.tensor([list(r[1:]) + [r[1]] * (U + 1 - len(r)) for r in utt_begin_indices], dtype=torch.int64)
     else:
         idx = torch.as_tensor(utt_begin_indices, dtype=torch.int64).reshape(timings.shape[0], -1)
         if idx.shape[1] < 2:
-            raise ValueError("utt_begin_indices must hold U + 1 >= 2 indices per problem")
+            raise AlignopsError("utt_begin_indices must hold U + 1 >= 2 indices per problem")
         b, e = idx[:, :-1], idx[:, 1:]
     C = timings.shape[1]
     # An utterance reads timings[b - 1 .. b + 1] and timings[e - 1 .. e]: the package's Python would wrap
     # or raise IndexError outside these ranges.
     if bool((b < 1).any() or (b > C - 2).any() or (e < 1).any() or (e > C - 1).any()):
-        raise ValueError(f"utt_begin_indices must lie in [1, C - 2] (the last one in [1, C - 1]) with C = {C}, "
-                         f"got {utt_begin_indices}")
+        raise AlignopsError(f"utt_begin_indices must lie in [1, C - 2] (the last one in [1, C - 1]) with C = {C}, "
+                            f"got {utt_begin_indices}")
     tim = timings.to(torch.float64) * index_duration
     at = lambda i: tim.gather(1, i)  # noqa: E731
     mid_b = (at(b) + at(b - 1)) / 2
@@ -358,15 +359,15 @@ def pseudo_forced_align(lpz: torch.Tensor, utterances: Sequence, *, texts: Seque
     Raises: ValueError on bad shapes / arguments (and the ctc_segmentation op's errors).
     """
     if not isinstance(lpz, torch.Tensor) or lpz.dim() != 2:
-        raise ValueError(f"lpz must be a [T, V] tensor, got {getattr(lpz, 'shape', type(lpz).__name__)}")
+        raise AlignopsError(f"lpz must be a [T, V] tensor, got {getattr(lpz, 'shape', type(lpz).__name__)}")
     toks = [torch.as_tensor(u, dtype=torch.int64).reshape(-1) for u in utterances]
     if texts is not None and len(texts) != len(toks):
-        raise ValueError(f"texts must have one string per utterance ({len(toks)}), got {len(texts)}")
+        raise AlignopsError(f"texts must have one string per utterance ({len(toks)}), got {len(texts)}")
     if any(u.numel() == 0 for u in toks):
-        raise ValueError("every utterance must have at least one token")
+        raise AlignopsError("every utterance must have at least one token")
     if group_size < 1 or max_window < 2 or growth <= 1.0 or index_duration <= 0:
-        raise ValueError(f"need group_size >= 1, max_window >= 2, growth > 1, index_duration > 0; got "
-                         f"{group_size}, {max_window}, {growth}, {index_duration}")
+        raise AlignopsError(f"need group_size >= 1, max_window >= 2, growth > 1, index_duration > 0; got "
+                            f"{group_size}, {max_window}, {growth}, {index_duration}")
     if lpz.dtype in (torch.float16, torch.bfloat16):
         lpz = lpz.float()
     T = lpz.shape[0]

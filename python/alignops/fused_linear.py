@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._errors import AlignopsError
 from . import _backend
 from .preference import (
     PreferenceLossOutput,
@@ -54,12 +55,12 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     nor breaks CUDA-graph capture; a target outside [0, V) then gives NaN.
     """
     if hidden.dim() != 2:
-        raise ValueError(f"hidden must be a 2-D tensor of shape [N, H], got shape {tuple(hidden.shape)}")
+        raise AlignopsError(f"hidden must be a 2-D tensor of shape [N, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must have shape [V, H] with H = {hidden.shape[1]} (hidden's last dimension), "
-                         f"got {tuple(weight.shape)}")
+        raise AlignopsError(f"weight must have shape [V, H] with H = {hidden.shape[1]} (hidden's last dimension), "
+                            f"got {tuple(weight.shape)}")
     if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0 (or None for no softcap), got {softcap}")
+        raise AlignopsError(f"softcap must be > 0 (or None for no softcap), got {softcap}")
     impl = _backend.resolve(backend, hidden.device, "fused_linear_logprobs", native_cuda=False)
     if impl == "torch":
         out = _ref.fused_linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index,
@@ -104,8 +105,8 @@ def _token_weights(targets, token_weights, ignore_index):
     weights = (targets.reshape(-1) != ignore_index).to(torch.float32)
     if token_weights is not None:
         if token_weights.shape != targets.shape:
-            raise ValueError(f"token_weights must have the shape of targets {tuple(targets.shape)}, "
-                             f"got {tuple(token_weights.shape)}")
+            raise AlignopsError(f"token_weights must have the shape of targets {tuple(targets.shape)}, "
+                                f"got {tuple(token_weights.shape)}")
         weights = weights * token_weights.reshape(-1).to(torch.float32)
     return weights
 
@@ -124,17 +125,17 @@ def fused_linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, t
     """
     if hidden.dim() == 3:
         if cu_seqlens is not None:
-            raise ValueError("cu_seqlens is for packed [N, H] hidden states; padded ones are [R, T, H]")
+            raise AlignopsError("cu_seqlens is for packed [N, H] hidden states; padded ones are [R, T, H]")
         if targets.shape != hidden.shape[:2]:
-            raise ValueError(f"targets must have shape [R, T] = {tuple(hidden.shape[:2])}, got {tuple(targets.shape)}")
+            raise AlignopsError(f"targets must have shape [R, T] = {tuple(hidden.shape[:2])}, got {tuple(targets.shape)}")
     elif hidden.dim() == 2:
         if cu_seqlens is None:
-            raise ValueError("packed [N, H] hidden states need cu_seqlens")
+            raise AlignopsError("packed [N, H] hidden states need cu_seqlens")
         if targets.shape != hidden.shape[:1]:
-            raise ValueError(f"targets must have shape [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
+            raise AlignopsError(f"targets must have shape [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
         check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device, check_values)
     else:
-        raise ValueError(f"hidden must be [R, T, H] (padded) or [N, H] (packed), got shape {tuple(hidden.shape)}")
+        raise AlignopsError(f"hidden must be [R, T, H] (padded) or [N, H] (packed), got shape {tuple(hidden.shape)}")
     weights = _token_weights(targets, token_weights, ignore_index)
     per_token = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias,
                                       ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
@@ -149,13 +150,13 @@ def _segment_ids(index: torch.Tensor, name: str, S: int | None, check_values: bo
     """``index`` as int64 segment ids in [0, S): a negative id would silently pick a segment from the end
     and a float id would be truncated."""
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor of segment ids, got dtype {index.dtype}")
+        raise AlignopsError(f"{name} must be an integer tensor of segment ids, got dtype {index.dtype}")
     if check_values and S is not None and index.numel():
         bad = (index < 0) | (index >= S)
         if bad.any():
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{name}[{i}] = {int(index[i])} is out of range: segment ids must lie in [0, {S}) "
-                             f"(S = len(cu_seqlens) - 1)")
+            raise AlignopsError(f"{name}[{i}] = {int(index[i])} is out of range: segment ids must lie in [0, {S}) "
+                                f"(S = len(cu_seqlens) - 1)")
     return index.long()
 
 
@@ -217,16 +218,16 @@ def fused_linear_preference_loss(
     """
     if hidden.dim() == 3:
         if hidden.shape[0] % 2:
-            raise ValueError(f"padded hidden must stack B chosen then B rejected rows ([2B, T, H]); "
-                             f"got {hidden.shape[0]} rows")
+            raise AlignopsError(f"padded hidden must stack B chosen then B rejected rows ([2B, T, H]); "
+                                f"got {hidden.shape[0]} rows")
         B = hidden.shape[0] // 2
         chosen, rejected = slice(0, B), slice(B, 2 * B)
     else:
         if hidden.dim() == 2 and (cu_seqlens is None or chosen_index is None or rejected_index is None):
-            raise ValueError("packed [N, H] hidden states need cu_seqlens, chosen_index and rejected_index")
+            raise AlignopsError("packed [N, H] hidden states need cu_seqlens, chosen_index and rejected_index")
         if chosen_index is not None and (chosen_index.shape != rejected_index.shape or chosen_index.dim() != 1):
-            raise ValueError(f"chosen_index and rejected_index must be [B] segment ids of the same shape, got "
-                             f"{tuple(chosen_index.shape)} and {tuple(rejected_index.shape)}")
+            raise AlignopsError(f"chosen_index and rejected_index must be [B] segment ids of the same shape, got "
+                                f"{tuple(chosen_index.shape)} and {tuple(rejected_index.shape)}")
         chosen, rejected = None, None
         if chosen_index is not None:
             S = cu_seqlens.shape[0] - 1 if cu_seqlens is not None and cu_seqlens.dim() == 1 else None
@@ -241,23 +242,23 @@ def fused_linear_preference_loss(
 
     if ref_hidden is not None:
         if ref_hidden.shape != hidden.shape:
-            raise ValueError(f"ref_hidden must have the shape of hidden {tuple(hidden.shape)}, "
-                             f"got {tuple(ref_hidden.shape)}")
+            raise AlignopsError(f"ref_hidden must have the shape of hidden {tuple(hidden.shape)}, "
+                                f"got {tuple(ref_hidden.shape)}")
         with torch.no_grad():
             ref_seq = fused_linear_sequence_logprobs(ref_hidden, weight if ref_weight is None else ref_weight,
                                                      targets, ref_bias, **kernel_opts).sum
         rc, rr = ref_seq[chosen], ref_seq[rejected]
     elif ref_per_token_logps is not None:
         if ref_per_token_logps.shape != targets.shape:
-            raise ValueError(f"ref_per_token_logps must have the shape of targets {tuple(targets.shape)}, "
-                             f"got {tuple(ref_per_token_logps.shape)}")
+            raise AlignopsError(f"ref_per_token_logps must have the shape of targets {tuple(targets.shape)}, "
+                                f"got {tuple(ref_per_token_logps.shape)}")
         weights = _token_weights(targets, token_weights, ignore_index).to(pc.dtype)
         ref_seq = _sequence_sums(ref_per_token_logps.reshape(-1).to(pc.dtype) * weights, cu_seqlens, targets.shape)
         rc, rr = ref_seq[chosen], ref_seq[rejected]
     else:
         rc, rr = ref_chosen_logps, ref_rejected_logps
         if (rc is None) != (rr is None):
-            raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
+            raise AlignopsError("give both ref_chosen_logps and ref_rejected_logps, or neither")
         if rc is not None:
             rc, rr = rc.to(pc.dtype), rr.to(pc.dtype)
 

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._errors import AlignopsError
 from . import _backend
 from .reference import metrics as _ref
 
@@ -43,9 +44,9 @@ class MetricResult(NamedTuple):
 
 def _check_bootstrap(n_bootstrap: int, confidence: float | None = None) -> None:
     if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
-        raise ValueError(f"n_bootstrap must be an int >= 0, got {n_bootstrap!r}")
+        raise AlignopsError(f"n_bootstrap must be an int >= 0, got {n_bootstrap!r}")
     if confidence is not None and not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        raise AlignopsError(f"confidence must be in (0, 1), got {confidence}")
 
 
 def _result(values: torch.Tensor, n_bootstrap: int, confidence: float) -> MetricResult:
@@ -63,7 +64,7 @@ def _result(values: torch.Tensor, n_bootstrap: int, confidence: float) -> Metric
 
 def _float(t: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        raise AlignopsError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
         t = t.to(torch.float32)
     return t.double() if t.dtype in (torch.float64, torch.int64, torch.int32) else t.float()
@@ -77,21 +78,21 @@ def _paired(tensors: dict[str, torch.Tensor], min_items: int = 1) -> list[torch.
     for name, t in items:
         t = _float(t, name)
         if t.dim() == 0:
-            raise ValueError(f"{name} must have shape [..., N] (items last), got a scalar")
+            raise AlignopsError(f"{name} must have shape [..., N] (items last), got a scalar")
         if t.device != first.device:
-            raise ValueError(f"{name} must be on the device of {first_name} ({first.device}), got {t.device}")
+            raise AlignopsError(f"{name} must be on the device of {first_name} ({first.device}), got {t.device}")
         out.append(t)
     n = out[0].shape[-1]
     for (name, _), t in zip(items, out):
         if t.shape[-1] != n:
-            raise ValueError(f"{name} must have N = {n} items in its last dimension (as {first_name}), "
-                             f"got shape {tuple(t.shape)}")
+            raise AlignopsError(f"{name} must have N = {n} items in its last dimension (as {first_name}), "
+                                f"got shape {tuple(t.shape)}")
     if n < min_items:
-        raise ValueError(f"{first_name} needs at least {min_items} items (N), got {n}")
+        raise AlignopsError(f"{first_name} needs at least {min_items} items (N), got {n}")
     try:
         shape = torch.broadcast_shapes(*(t.shape for t in out))
     except RuntimeError as e:
-        raise ValueError(f"the leading (batch) dimensions of {', '.join(tensors)} must broadcast: {e}") from None
+        raise AlignopsError(f"the leading (batch) dimensions of {', '.join(tensors)} must broadcast: {e}") from None
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in out) else torch.float32
     return [t.to(dtype).expand(shape) for t in out]
 
@@ -112,8 +113,8 @@ def _check_labels(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> None:
     values = torch.stack(ranges).tolist() if ranges else []
     for name, (lo, hi) in zip([name for name, t in (("a", a), ("b", b)) if t.numel()], values):
         if lo < 0 or hi >= num_classes:
-            raise ValueError(f"{name} must hold class labels in [0, num_classes) = [0, {num_classes}), got values "
-                             f"in [{lo}, {hi}]")
+            raise AlignopsError(f"{name} must hold class labels in [0, num_classes) = [0, {num_classes}), got values "
+                                f"in [{lo}, {hi}]")
 
 
 def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None, *, n_bootstrap: int = 0,
@@ -135,14 +136,14 @@ def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8,
                                                               torch.int8, torch.bool):
-            raise ValueError(f"{name} must be an integer (or bool) tensor of class labels, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)}")
+            raise AlignopsError(f"{name} must be an integer (or bool) tensor of class labels, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}")
         if t.dim() == 0:
-            raise ValueError(f"{name} must have shape [..., N] (items last), got a scalar")
+            raise AlignopsError(f"{name} must have shape [..., N] (items last), got a scalar")
     if a.device != b.device:
-        raise ValueError(f"b must be on the device of a ({a.device}), got {b.device}")
+        raise AlignopsError(f"b must be on the device of a ({a.device}), got {b.device}")
     if a.shape[-1] != b.shape[-1]:
-        raise ValueError(f"a and b must label the same N items: got N = {a.shape[-1]} and {b.shape[-1]}")
+        raise AlignopsError(f"a and b must label the same N items: got N = {a.shape[-1]} and {b.shape[-1]}")
     _check_bootstrap(n_bootstrap)
     lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
     N = a.shape[-1]
@@ -173,7 +174,7 @@ def kappa_from_confusion(confusion: torch.Tensor, weights: str | None = None,
     ``labels=range(C)``. Undefined (0 / 0: both raters used one and the same class only, or no items) ->
     ``undefined`` (NaN by default, scikit-learn's ``replace_undefined_by``)."""
     if weights not in _WEIGHTS:
-        raise ValueError(f"weights must be one of {_WEIGHTS}, got {weights!r}")
+        raise AlignopsError(f"weights must be one of {_WEIGHTS}, got {weights!r}")
     O = confusion.double()
     C = O.shape[-1]
     i = torch.arange(C, device=O.device, dtype=torch.float64)
@@ -198,7 +199,7 @@ def cohen_kappa(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None
     resamples are left out of the interval. See :func:`confusion_matrices` for backends, errors and
     ``check_values``."""
     if weights not in _WEIGHTS:
-        raise ValueError(f"weights must be one of {_WEIGHTS}, got {weights!r}")
+        raise AlignopsError(f"weights must be one of {_WEIGHTS}, got {weights!r}")
     _check_bootstrap(n_bootstrap, confidence)
     conf = confusion_matrices(a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend,
                               check_values=check_values)
@@ -253,10 +254,10 @@ def _idealized_correct(ref_c, ref_r, alpha, beta):
 
 def _check_pref(preference_prob: torch.Tensor, beta: float, check_values: bool) -> None:
     if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+        raise AlignopsError(f"beta must be > 0, got {beta}")
     if check_values and preference_prob.numel() and not torch.compiler.is_compiling():
         if bool(((preference_prob < 0) | (preference_prob > 1) | preference_prob.isnan()).any()):
-            raise ValueError("preference_prob must hold probabilities in [0, 1]")
+            raise AlignopsError("preference_prob must hold probabilities in [0, 1]")
 
 
 def idealized_ranking_accuracy(ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
@@ -343,12 +344,12 @@ def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
     call neither syncs nor breaks CUDA-graph capture (a confidence outside [0, 1] then counts in the first or
     last bin)."""
     if not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
+        raise AlignopsError(f"n_bins must be an int >= 1, got {n_bins!r}")
     _check_bootstrap(n_bootstrap, confidence)
     p, y = _paired({"confidences": confidences, "correct": correct})
     if check_values and p.numel() and not torch.compiler.is_compiling() and bool(
             ((p < 0) | (p > 1) | p.isnan()).any()):
-        raise ValueError("confidences must lie in [0, 1]")
+        raise AlignopsError("confidences must lie in [0, 1]")
     p, y = _resampled([p, y], n_bootstrap, seed)
     edges = torch.linspace(0, 1, n_bins + 1, dtype=p.dtype, device=p.device)[1:-1].contiguous()
     bins = torch.searchsorted(edges, p.contiguous())
@@ -362,15 +363,15 @@ def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
 def _check_games(winners, losers, num_players, draws, check_values):
     for name, t in (("winners", winners), ("losers", losers)):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be a 1-D int64/int32 tensor of player ids [G], got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            raise AlignopsError(f"{name} must be a 1-D int64/int32 tensor of player ids [G], got "
+                                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     if winners.shape != losers.shape:
-        raise ValueError(f"losers must have the shape of winners {tuple(winners.shape)}, got {tuple(losers.shape)}")
+        raise AlignopsError(f"losers must have the shape of winners {tuple(winners.shape)}, got {tuple(losers.shape)}")
     if draws is not None and (draws.shape != winners.shape or draws.dtype != torch.bool):
-        raise ValueError(f"draws must be a bool tensor of shape [G] = {tuple(winners.shape)}")
+        raise AlignopsError(f"draws must be a bool tensor of shape [G] = {tuple(winners.shape)}")
     if check_values and winners.numel() and (int(torch.minimum(winners.min(), losers.min())) < 0
                                              or int(torch.maximum(winners.max(), losers.max())) >= num_players):
-        raise ValueError(f"winners and losers must be player ids in [0, num_players) = [0, {num_players})")
+        raise AlignopsError(f"winners and losers must be player ids in [0, num_players) = [0, {num_players})")
 
 
 def elo_ratings(winners: torch.Tensor, losers: torch.Tensor, num_players: int, *, draws: torch.Tensor | None = None,
@@ -415,7 +416,7 @@ def bradley_terry(winners: torch.Tensor, losers: torch.Tensor, num_players: int,
     _check_games(winners, losers, num_players, draws, check_values)
     _check_bootstrap(n_bootstrap, confidence)
     if pseudo_count < 0:
-        raise ValueError(f"pseudo_count must be >= 0, got {pseudo_count}")
+        raise AlignopsError(f"pseudo_count must be >= 0, got {pseudo_count}")
     G, M = winners.shape[0], num_players
     idx = _ref.bootstrap_indices(seed, n_bootstrap, G, winners.device)
     w, l = winners.long()[idx], losers.long()[idx]
@@ -456,13 +457,13 @@ def conformal_pvalues(calib_scores: torch.Tensor, calib_labels: torch.Tensor, te
     calib_scores / calib_labels [..., n], test_scores [..., m]; returns fp64 [..., m]. Torch composite
     (sort + searchsorted). Raises ValueError for mismatched shapes."""
     if calib_scores.shape != calib_labels.shape:
-        raise ValueError(f"calib_labels must have the shape of calib_scores {tuple(calib_scores.shape)}, "
-                         f"got {tuple(calib_labels.shape)}")
+        raise AlignopsError(f"calib_labels must have the shape of calib_scores {tuple(calib_scores.shape)}, "
+                            f"got {tuple(calib_labels.shape)}")
     if calib_scores.dim() == 0 or test_scores.dim() == 0:
-        raise ValueError("calib_scores and test_scores must have shape [..., n] and [..., m]")
+        raise AlignopsError("calib_scores and test_scores must have shape [..., n] and [..., m]")
     if calib_scores.shape[:-1] != test_scores.shape[:-1]:
-        raise ValueError(f"test_scores must have the leading shape of calib_scores {tuple(calib_scores.shape[:-1])}, "
-                         f"got {tuple(test_scores.shape[:-1])}")
+        raise AlignopsError(f"test_scores must have the leading shape of calib_scores {tuple(calib_scores.shape[:-1])}, "
+                            f"got {tuple(test_scores.shape[:-1])}")
     s = calib_scores.double()
     null = calib_labels.double() <= threshold
     # Non-null calibration items never count: push them below every test score.
@@ -478,9 +479,9 @@ def benjamini_hochberg(pvalues: torch.Tensor, q: float) -> torch.Tensor:
     qualifies). Equivalent to scipy.stats.false_discovery_control(p) <= q. Raises ValueError for q outside
     (0, 1]."""
     if not 0 < q <= 1:
-        raise ValueError(f"q (the FDR level) must be in (0, 1], got {q}")
+        raise AlignopsError(f"q (the FDR level) must be in (0, 1], got {q}")
     if pvalues.dim() == 0:
-        raise ValueError("pvalues must have shape [..., m]")
+        raise AlignopsError("pvalues must have shape [..., m]")
     m = pvalues.shape[-1]
     p = pvalues.double()
     sorted_p = p.sort(-1).values

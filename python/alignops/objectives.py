@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ._errors import AlignopsError
 from .preference import preference_loss
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -42,9 +43,9 @@ def _check_float(name: str, t, ndim: int, shape: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dim() != ndim:
-        raise ValueError(f"{name} must be a {ndim}-D tensor of shape {shape}, got shape {tuple(t.shape)}")
+        raise AlignopsError(f"{name} must be a {ndim}-D tensor of shape {shape}, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
-        raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
 
 
 def _check_like(name: str, t, like: torch.Tensor, like_name: str, *, floating: bool = True) -> None:
@@ -52,11 +53,11 @@ def _check_like(name: str, t, like: torch.Tensor, like_name: str, *, floating: b
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.shape != like.shape:
-        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(t.shape)}")
+        raise AlignopsError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(t.shape)}")
     if floating and not t.is_floating_point():
-        raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
     if t.device != like.device:
-        raise ValueError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
+        raise AlignopsError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
 
 
 def _check_lengths(name: str, t, like: torch.Tensor, like_name: str) -> None:
@@ -64,29 +65,29 @@ def _check_lengths(name: str, t, like: torch.Tensor, like_name: str) -> None:
         return
     _check_like(name, t, like, like_name, floating=False)
     if t.dtype == torch.bool or t.is_complex():
-        raise ValueError(f"{name} must be an integer or float tensor of token counts, got {t.dtype}")
+        raise AlignopsError(f"{name} must be an integer or float tensor of token counts, got {t.dtype}")
 
 
 def _check_labels(name: str, t, like: torch.Tensor, like_name: str) -> torch.Tensor:
     _check_like(name, t, like, like_name, floating=False)
     if t.dtype != torch.bool and (t.is_floating_point() or t.is_complex()):
-        raise ValueError(f"{name} must be a bool (or integer 0/1) tensor, got {t.dtype}")
+        raise AlignopsError(f"{name} must be a bool (or integer 0/1) tensor, got {t.dtype}")
     return t.bool()
 
 
 def _check_positive(name: str, value) -> None:
     if isinstance(value, torch.Tensor) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+        raise AlignopsError(f"{name} must be a finite float > 0, got {value!r}")
 
 
 def _check_nonnegative(name: str, value) -> None:
     if isinstance(value, torch.Tensor) or not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+        raise AlignopsError(f"{name} must be a finite float >= 0, got {value!r}")
 
 
 def _check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise AlignopsError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
 def _values_checkable(t: torch.Tensor) -> bool:
@@ -112,7 +113,7 @@ def _all_reduce_sum(t: torch.Tensor, process_group) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=process_group)
     elif process_group is not None:
-        raise ValueError("process_group was given but torch.distributed is not initialised")
+        raise AlignopsError("process_group was given but torch.distributed is not initialised")
     return t
 
 
@@ -131,13 +132,13 @@ def _nll_term(nll, logps: torch.Tensor, lengths: torch.Tensor | None, name: str)
     if nll is None:
         return _per_token_nll(logps, lengths)
     if not isinstance(nll, torch.Tensor) or not nll.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor: [B] per pair, or a 0-d batch-level NLL")
+        raise AlignopsError(f"{name} must be a float tensor: [B] per pair, or a 0-d batch-level NLL")
     if nll.dim() == 0:
         return nll.to(logps.dtype).expand(logps.shape)
     if nll.shape != logps.shape:
-        raise ValueError(f"{name} must be [B] = {tuple(logps.shape)} or 0-d, got shape {tuple(nll.shape)}")
+        raise AlignopsError(f"{name} must be [B] = {tuple(logps.shape)} or 0-d, got shape {tuple(nll.shape)}")
     if nll.device != logps.device:
-        raise ValueError(f"{name} must be on the device of the log-probs ({logps.device}), got {nll.device}")
+        raise AlignopsError(f"{name} must be on the device of the log-probs ({logps.device}), got {nll.device}")
     return nll.to(logps.dtype)
 
 
@@ -237,7 +238,7 @@ def orpo_loss(
     a = pc if chosen_lengths is None else pc / chosen_lengths.to(acc).clamp(min=1.0)
     b = pr if rejected_lengths is None else pr / rejected_lengths.to(acc).clamp(min=1.0)
     if _values_checkable(a) and bool(((a > 0) | (b > 0)).any()):
-        raise ValueError("orpo_loss: the mean log-probs must be <= 0 (log of a probability); got a positive value")
+        raise AlignopsError("orpo_loss: the mean log-probs must be <= 0 (log of a probability); got a positive value")
 
     log_odds = (a - b) - (log1mexp(a) - log1mexp(b))
     ratio = F.logsigmoid(log_odds)
@@ -325,27 +326,27 @@ def kto_loss(
     _check_nonnegative("undesirable_weight", undesirable_weight)
     _check_reduction(reduction)
     if loss_type not in ("kto", "apo_zero_unpaired"):
-        raise ValueError(f"loss_type must be 'kto' or 'apo_zero_unpaired', got {loss_type!r}")
+        raise AlignopsError(f"loss_type must be 'kto' or 'apo_zero_unpaired', got {loss_type!r}")
     has_kl_logps = policy_kl_logps is not None or ref_kl_logps is not None
     if kl is not None and has_kl_logps:
-        raise ValueError("pass either kl or policy_kl_logps / ref_kl_logps, not both")
+        raise AlignopsError("pass either kl or policy_kl_logps / ref_kl_logps, not both")
     if loss_type == "apo_zero_unpaired" and (kl is not None or has_kl_logps):
-        raise ValueError("loss_type='apo_zero_unpaired' uses no KL estimate: drop kl / policy_kl_logps / ref_kl_logps")
+        raise AlignopsError("loss_type='apo_zero_unpaired' uses no KL estimate: drop kl / policy_kl_logps / ref_kl_logps")
     if has_kl_logps:
         if policy_kl_logps is None or ref_kl_logps is None:
-            raise ValueError("policy_kl_logps and ref_kl_logps go together: pass both or neither")
+            raise AlignopsError("policy_kl_logps and ref_kl_logps go together: pass both or neither")
         _check_float("policy_kl_logps", policy_kl_logps, 1, "[M] (one per KL completion)")
         _check_like("ref_kl_logps", ref_kl_logps, policy_kl_logps, "policy_kl_logps")
         if policy_kl_logps.device != policy_logps.device:
-            raise ValueError(f"policy_kl_logps must be on the device of policy_logps ({policy_logps.device}), "
-                             f"got {policy_kl_logps.device}")
+            raise AlignopsError(f"policy_kl_logps must be on the device of policy_logps ({policy_logps.device}), "
+                                f"got {policy_kl_logps.device}")
 
     acc = _acc_dtype(policy_logps, ref_logps)
     x = policy_logps.to(acc) if ref_logps is None else policy_logps.to(acc) - ref_logps.to(acc)
     if kl is not None:
         z0 = torch.as_tensor(kl, dtype=acc, device=x.device).detach()
         if z0.numel() != 1:
-            raise ValueError(f"kl must be a number or a one-element tensor, got shape {tuple(z0.shape)}")
+            raise AlignopsError(f"kl must be a number or a one-element tensor, got shape {tuple(z0.shape)}")
         z0 = z0.reshape(())
     elif has_kl_logps:
         with torch.no_grad():
@@ -470,9 +471,9 @@ def bco_loss(
     _check_positive("beta", beta)
     _check_reduction(reduction)
     if (running is None) == (delta is None):
-        raise ValueError("bco_loss needs exactly one of running (a RunningMoments kept across steps) or delta")
+        raise AlignopsError("bco_loss needs exactly one of running (a RunningMoments kept across steps) or delta")
     if running is not None and not isinstance(running, RunningMoments):
-        raise ValueError(f"running must be an alignops.objectives.RunningMoments, got {type(running).__name__}")
+        raise AlignopsError(f"running must be an alignops.objectives.RunningMoments, got {type(running).__name__}")
 
     acc = _acc_dtype(policy_logps, ref_logps)
     x = policy_logps.to(acc) if ref_logps is None else policy_logps.to(acc) - ref_logps.to(acc)
@@ -533,11 +534,11 @@ def _check_pair_args(fn, pc, pr, chosen_lengths, rejected_lengths, loss_type, ty
     _check_lengths("chosen_lengths", chosen_lengths, pc, "policy_chosen_logps")
     _check_lengths("rejected_lengths", rejected_lengths, pc, "policy_chosen_logps")
     if loss_type not in types:
-        raise ValueError(f"{fn}: loss_type must be one of {', '.join(types)}, got {loss_type!r}")
+        raise AlignopsError(f"{fn}: loss_type must be one of {', '.join(types)}, got {loss_type!r}")
     _check_positive("beta", beta)
     _check_nonnegative("alpha", alpha)
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        raise AlignopsError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
     _check_reduction(reduction)
 
 
@@ -580,7 +581,7 @@ def cpo_loss(
     _check_pair_args("cpo_loss", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
                      loss_type, tuple(_CPO_TYPES), beta, alpha, label_smoothing, reduction)
     if not math.isfinite(alphapo_alpha):
-        raise ValueError(f"alphapo_alpha must be finite, got {alphapo_alpha}")
+        raise AlignopsError(f"alphapo_alpha must be finite, got {alphapo_alpha}")
     acc = _acc_dtype(policy_chosen_logps, policy_rejected_logps, chosen_nll)
     pc, pr = policy_chosen_logps.to(acc), policy_rejected_logps.to(acc)
     average = loss_type in ("ipo", "simpo") if average_log_prob is None else average_log_prob
@@ -622,7 +623,7 @@ def tpo_loss(
                      loss_type, tuple(_TPO_TYPES), beta, alpha, label_smoothing, reduction)
     if alpha != 0.0:
         if gold_logps is None:
-            raise ValueError("tpo_loss needs gold_logps for its NLL term (or alpha=0 to drop it)")
+            raise AlignopsError("tpo_loss needs gold_logps for its NLL term (or alpha=0 to drop it)")
         _check_like("gold_logps", gold_logps, policy_chosen_logps, "policy_chosen_logps")
         _check_lengths("gold_lengths", gold_lengths, policy_chosen_logps, "policy_chosen_logps")
     acc = _acc_dtype(policy_chosen_logps, policy_rejected_logps, gold_logps)
@@ -682,7 +683,7 @@ def rrhf_loss(
     _check_candidates("rewards", rewards, logps)
     _check_candidates("lengths", lengths, logps)
     if lengths.dtype == torch.bool:
-        raise ValueError(f"lengths must be an integer or float tensor of token counts, got {lengths.dtype}")
+        raise AlignopsError(f"lengths must be an integer or float tensor of token counts, got {lengths.dtype}")
     _check_nonnegative("rank_weight", rank_weight)
     _check_nonnegative("length_penalty", length_penalty)
     _check_reduction(reduction)
@@ -756,15 +757,15 @@ def curry_pairs(rewards: torch.Tensor, *, mode: str = "best_vs_rest") -> CurryPa
     ``rewards`` [B, K] float or integer; no gradient.
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
-        raise ValueError(f"rewards must be a 2-D tensor of shape [B, K], got "
-                         f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}")
+        raise AlignopsError(f"rewards must be a 2-D tensor of shape [B, K], got "
+                            f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}")
     if rewards.dtype == torch.bool or rewards.is_complex():
-        raise ValueError(f"rewards must be a float or integer tensor, got {rewards.dtype}")
+        raise AlignopsError(f"rewards must be a float or integer tensor, got {rewards.dtype}")
     if mode not in ("best_vs_rest", "all_pairs"):
-        raise ValueError(f"mode must be 'best_vs_rest' or 'all_pairs', got {mode!r}")
+        raise AlignopsError(f"mode must be 'best_vs_rest' or 'all_pairs', got {mode!r}")
     B, K = rewards.shape
     if K < 2:
-        raise ValueError(f"rewards needs K >= 2 candidates per prompt to form a pair, got K={K}")
+        raise AlignopsError(f"rewards needs K >= 2 candidates per prompt to form a pair, got K={K}")
     r = rewards.to(torch.float64)
     dev = rewards.device
     if mode == "best_vs_rest":
@@ -804,8 +805,8 @@ class PairLogps(NamedTuple):
 def _check_per_token(per_token_logps, completion_mask):
     _check_float("per_token_logps", per_token_logps, 2, "[2B, T] (chosen rows, then rejected rows)")
     if per_token_logps.shape[0] % 2:
-        raise ValueError("per_token_logps must hold 2B rows (B chosen, then B rejected), "
-                         f"got {per_token_logps.shape[0]}")
+        raise AlignopsError("per_token_logps must hold 2B rows (B chosen, then B rejected), "
+                            f"got {per_token_logps.shape[0]}")
     _check_like("completion_mask", completion_mask, per_token_logps, "per_token_logps", floating=False)
     return completion_mask.bool()
 
@@ -826,7 +827,7 @@ def ld_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor, ld_al
     """
     mask = _check_per_token(per_token_logps, completion_mask)
     if not (0.0 <= ld_alpha <= 1.0):
-        raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha}")
+        raise AlignopsError(f"ld_alpha must lie in [0, 1], got {ld_alpha}")
     lp = per_token_logps.to(_acc_dtype(per_token_logps))
     position = mask.long().cumsum(dim=1)
     chosen_len, rejected_len = mask.sum(dim=1).chunk(2)
@@ -945,7 +946,7 @@ def dro_loss(
         _check_like("ref_mse", ref_mse, model_mse, "model_mse")
     _check_like("reward", reward, model_mse, "model_mse", floating=False)
     if reward.dtype == torch.bool:
-        raise ValueError("reward must be a float or integer tensor (+1 desirable, -1 undesirable), got torch.bool")
+        raise AlignopsError("reward must be a float or integer tensor (+1 desirable, -1 undesirable), got torch.bool")
     _check_positive("beta", beta)
     _check_reduction(reduction)
     acc = _acc_dtype(model_mse, ref_mse)

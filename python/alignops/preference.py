@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._errors import AlignopsError
 from . import _backend
 from ._checks import check_logits_targets
 from .reference import preference as _ref
@@ -53,70 +54,70 @@ def _check_logps(name: str, t: torch.Tensor, like: torch.Tensor | None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D tensor of shape [B], got shape {tuple(t.shape)}")
+        raise AlignopsError(f"{name} must be a 1-D tensor of shape [B], got shape {tuple(t.shape)}")
     if not t.is_floating_point():
-        raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
     if like is not None:
         if t.shape != like.shape:
-            raise ValueError(f"{name} must have the shape of policy_chosen_logps {tuple(like.shape)}, "
-                             f"got {tuple(t.shape)}")
+            raise AlignopsError(f"{name} must have the shape of policy_chosen_logps {tuple(like.shape)}, "
+                                f"got {tuple(t.shape)}")
         if t.dtype != like.dtype:
-            raise ValueError(f"{name} must have the dtype of policy_chosen_logps ({like.dtype}), got {t.dtype}")
+            raise AlignopsError(f"{name} must have the dtype of policy_chosen_logps ({like.dtype}), got {t.dtype}")
         if t.device != like.device:
-            raise ValueError(f"{name} must be on the device of policy_chosen_logps ({like.device}), got {t.device}")
+            raise AlignopsError(f"{name} must be on the device of policy_chosen_logps ({like.device}), got {t.device}")
 
 
 def _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, discopop_tau, reduction,
                      chosen_lengths, rejected_lengths, pc):
     for t in types:
         if t not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {t!r}; valid loss types: {', '.join(LOSS_TYPES)}")
+            raise AlignopsError(f"unknown loss_type {t!r}; valid loss types: {', '.join(LOSS_TYPES)}")
     if len(types) == 0:
-        raise ValueError("loss_type must name at least one loss type")
+        raise AlignopsError("loss_type must name at least one loss type")
     if len(weights) != len(types):
-        raise ValueError(f"loss_weights must have one weight per loss type: got {len(weights)} weights "
-                         f"for {len(types)} loss types")
+        raise AlignopsError(f"loss_weights must have one weight per loss type: got {len(weights)} weights "
+                            f"for {len(types)} loss types")
     if isinstance(beta, torch.Tensor):
         if beta.shape != pc.shape:
-            raise ValueError(f"beta as a tensor must be per pair, shape {tuple(pc.shape)}, got {tuple(beta.shape)}")
+            raise AlignopsError(f"beta as a tensor must be per pair, shape {tuple(pc.shape)}, got {tuple(beta.shape)}")
         if beta.device != pc.device:
-            raise ValueError(f"beta must be on the device of policy_chosen_logps ({pc.device}), got {beta.device}")
+            raise AlignopsError(f"beta must be on the device of policy_chosen_logps ({pc.device}), got {beta.device}")
         # Values are checked where that costs no device sync.
         if beta.device.type == "cpu" and not torch.compiler.is_compiling() and bool((beta <= 0).any()):
-            raise ValueError("beta must be > 0 for every pair")
+            raise AlignopsError("beta must be > 0 for every pair")
         if any(t in _SORTED_TYPES for t in types):
-            raise ValueError("a per-pair beta tensor is not defined for aot / aot_unpaired (they pair sorted "
-                             "ratios across the batch); pass a float beta")
+            raise AlignopsError("a per-pair beta tensor is not defined for aot / aot_unpaired (they pair sorted "
+                                "ratios across the batch); pass a float beta")
     elif not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+        raise AlignopsError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        raise AlignopsError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
     if "robust" in types and not label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing}")
+        raise AlignopsError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing}")
     if "exo_pair" in types and label_smoothing == 0.0:
-        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair' (the EXO paper uses 1e-3)")
+        raise AlignopsError("label_smoothing must be > 0 for loss_type='exo_pair' (the EXO paper uses 1e-3)")
     if f_divergence_type not in _F_DIVERGENCE_CODES:
-        raise ValueError(f"f_divergence_type must be one of {', '.join(_F_DIVERGENCE_CODES)}, "
-                         f"got {f_divergence_type!r}")
+        raise AlignopsError(f"f_divergence_type must be one of {', '.join(_F_DIVERGENCE_CODES)}, "
+                            f"got {f_divergence_type!r}")
     if f_divergence_type != "reverse_kl":
         unsupported = sorted(set(types) - _F_DIVERGENCE_TYPES)
         if unsupported:
-            raise ValueError(f"f_divergence_type={f_divergence_type!r} applies only to loss types "
-                             f"{sorted(_F_DIVERGENCE_TYPES)}; got {unsupported}")
+            raise AlignopsError(f"f_divergence_type={f_divergence_type!r} applies only to loss types "
+                                f"{sorted(_F_DIVERGENCE_TYPES)}; got {unsupported}")
     if not discopop_tau > 0:
-        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+        raise AlignopsError(f"discopop_tau must be > 0, got {discopop_tau}")
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise AlignopsError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
         if lengths is not None:
             if lengths.shape != pc.shape:
-                raise ValueError(f"{name} must have shape [B] = {tuple(pc.shape)}, got {tuple(lengths.shape)}")
+                raise AlignopsError(f"{name} must have shape [B] = {tuple(pc.shape)}, got {tuple(lengths.shape)}")
             if lengths.device != pc.device:
-                raise ValueError(f"{name} must be on the device of policy_chosen_logps ({pc.device}), "
-                                 f"got {lengths.device}")
+                raise AlignopsError(f"{name} must be on the device of policy_chosen_logps ({pc.device}), "
+                                    f"got {lengths.device}")
     if _NEEDS_LENGTHS & set(types) and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError(f"loss_type {sorted(_NEEDS_LENGTHS & set(types))[0]!r} normalises by completion length: "
-                         "pass chosen_lengths and rejected_lengths")
+        raise AlignopsError(f"loss_type {sorted(_NEEDS_LENGTHS & set(types))[0]!r} normalises by completion length: "
+                            "pass chosen_lengths and rejected_lengths")
 
 
 def _sort_pairs(t: str, pc, pr, rc, rr):
@@ -256,8 +257,8 @@ def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int)
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets[{first}] = {int(targets[first])} is out of range: targets must lie in "
-                         f"[0, {vocab}) or equal ignore_index")
+        raise AlignopsError(f"targets[{first}] = {int(targets[first])} is out of range: targets must lie in "
+                            f"[0, {vocab}) or equal ignore_index")
 
 
 def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -313,15 +314,15 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion
     """
     if logits.dim() == 3:
         if cu_seqlens is not None:
-            raise ValueError("cu_seqlens is for packed [N, V] logits; padded [B, T, V] logits take completion_mask")
+            raise AlignopsError("cu_seqlens is for packed [N, V] logits; padded [B, T, V] logits take completion_mask")
         B, T, V = logits.shape
         if targets.shape != (B, T):
-            raise ValueError(f"targets must have shape [B, T] = {(B, T)}, got {tuple(targets.shape)}")
+            raise AlignopsError(f"targets must have shape [B, T] = {(B, T)}, got {tuple(targets.shape)}")
         keep = targets != ignore_index
         if completion_mask is not None:
             if completion_mask.shape != (B, T):
-                raise ValueError(f"completion_mask must have shape [B, T] = {(B, T)}, "
-                                 f"got {tuple(completion_mask.shape)}")
+                raise AlignopsError(f"completion_mask must have shape [B, T] = {(B, T)}, "
+                                    f"got {tuple(completion_mask.shape)}")
             keep = keep & completion_mask.bool()
         flat_targets = torch.where(keep, targets, torch.full_like(targets, ignore_index)).reshape(B * T)
         per_token = selective_logprobs(logits.reshape(B * T, V), flat_targets, ignore_index, temperature,
@@ -330,17 +331,17 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion
         count = keep.sum(-1)
     elif logits.dim() == 2:
         if cu_seqlens is None:
-            raise ValueError("packed [N, V] logits need cu_seqlens [S+1]; padded logits are [B, T, V]")
+            raise AlignopsError("packed [N, V] logits need cu_seqlens [S+1]; padded logits are [B, T, V]")
         if completion_mask is not None:
-            raise ValueError("completion_mask is for padded [B, T, V] logits; for packed logits set the "
-                             "targets of non-completion tokens to ignore_index")
+            raise AlignopsError("completion_mask is for padded [B, T, V] logits; for packed logits set the "
+                                "targets of non-completion tokens to ignore_index")
         check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device, check_values)
         per_token = selective_logprobs(logits, targets, ignore_index, temperature, backend=backend,
                                        check_values=check_values)
         total = segment_sums(per_token, cu_seqlens)
         count = segment_sums((targets != ignore_index).long(), cu_seqlens)
     else:
-        raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
+        raise AlignopsError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
     return SequenceLogprobs(total, total / count.clamp(min=1).to(total.dtype), count, per_token)
 
 
@@ -359,12 +360,12 @@ def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int, device: torch.device, check_values: bool = True) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must be a 1-D tensor [S+1], got shape {tuple(cu_seqlens.shape)}")
+        raise AlignopsError(f"cu_seqlens must be a 1-D tensor [S+1], got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"cu_seqlens must be int64 or int32, got {cu_seqlens.dtype}")
+        raise AlignopsError(f"cu_seqlens must be int64 or int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens must be on the device of logits ({device}), got {cu_seqlens.device}")
+        raise AlignopsError(f"cu_seqlens must be on the device of logits ({device}), got {cu_seqlens.device}")
     if check_values and cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError(f"cu_seqlens must start at 0, end at N={n} and be non-decreasing, "
-                             f"got {cu_seqlens.tolist()[:8]}...")
+            raise AlignopsError(f"cu_seqlens must start at 0, end at N={n} and be non-decreasing, "
+                                f"got {cu_seqlens.tolist()[:8]}...")

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._errors import AlignopsError
+
 TOKEN_PAIR_MODES = ("mean", "max", "median")
 _EPS = 1e-12  # F.normalize's: a zero vector is its own unit vector, so it has cosine 0 with everything
 
@@ -67,39 +69,39 @@ class IMAScore(NamedTuple):
 def _as_layers(hidden_states) -> list[torch.Tensor]:
     if isinstance(hidden_states, torch.Tensor):
         if hidden_states.dim() != 4:
-            raise ValueError("hidden_states must be a 4-D tensor [L, B, T, H] or a sequence of L tensors "
-                             f"[B, T, H], got a tensor of shape {tuple(hidden_states.shape)}")
+            raise AlignopsError("hidden_states must be a 4-D tensor [L, B, T, H] or a sequence of L tensors "
+                                f"[B, T, H], got a tensor of shape {tuple(hidden_states.shape)}")
         layers = list(hidden_states.unbind(0))
     elif isinstance(hidden_states, (list, tuple)):
         layers = list(hidden_states)
         for i, h in enumerate(layers):
             if not isinstance(h, torch.Tensor) or h.dim() != 3:
                 got = f"shape {tuple(h.shape)}" if isinstance(h, torch.Tensor) else type(h).__name__
-                raise ValueError(f"hidden_states[{i}] must be a 3-D tensor [B, T, H], got {got}")
+                raise AlignopsError(f"hidden_states[{i}] must be a 3-D tensor [B, T, H], got {got}")
             first = layers[0]
             if h.shape != first.shape or h.dtype != first.dtype or h.device != first.device:
-                raise ValueError(f"hidden_states[{i}] must match hidden_states[0] (shape {tuple(first.shape)}, "
-                                 f"{first.dtype}, {first.device}), got shape {tuple(h.shape)}, {h.dtype}, {h.device}")
+                raise AlignopsError(f"hidden_states[{i}] must match hidden_states[0] (shape {tuple(first.shape)}, "
+                                    f"{first.dtype}, {first.device}), got shape {tuple(h.shape)}, {h.dtype}, {h.device}")
     else:
-        raise ValueError("hidden_states must be a 4-D tensor [L, B, T, H] or a sequence of L tensors [B, T, H], "
-                         f"got {type(hidden_states).__name__}")
+        raise AlignopsError("hidden_states must be a 4-D tensor [L, B, T, H] or a sequence of L tensors [B, T, H], "
+                            f"got {type(hidden_states).__name__}")
     if len(layers) < 1:
-        raise ValueError("hidden_states must hold at least one layer (L >= 1), got L = 0")
+        raise AlignopsError("hidden_states must hold at least one layer (L >= 1), got L = 0")
     if not layers[0].is_floating_point():
-        raise ValueError(f"hidden_states must be float32, float64, float16 or bfloat16, got {layers[0].dtype}")
+        raise AlignopsError(f"hidden_states must be float32, float64, float16 or bfloat16, got {layers[0].dtype}")
     return layers
 
 
 def _check_options(mode: str, layer_offset: int, fixed_perceptual_layer: int, L: int) -> None:
     if mode not in TOKEN_PAIR_MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(TOKEN_PAIR_MODES)}")
+        raise AlignopsError(f"unknown mode {mode!r}; valid modes: {', '.join(TOKEN_PAIR_MODES)}")
     if isinstance(layer_offset, bool) or not isinstance(layer_offset, int) or not 1 <= layer_offset < L:
-        raise ValueError(f"layer_offset must be an int with 1 <= layer_offset < L = {L} (the number of layers), "
-                         f"got {layer_offset!r}")
+        raise AlignopsError(f"layer_offset must be an int with 1 <= layer_offset < L = {L} (the number of layers), "
+                            f"got {layer_offset!r}")
     if (isinstance(fixed_perceptual_layer, bool) or not isinstance(fixed_perceptual_layer, int)
             or not -L <= fixed_perceptual_layer < L):
-        raise ValueError(f"fixed_perceptual_layer must be an int with -L <= fixed_perceptual_layer < L = {L}, "
-                         f"got {fixed_perceptual_layer!r}")
+        raise AlignopsError(f"fixed_perceptual_layer must be an int with -L <= fixed_perceptual_layer < L = {L}, "
+                            f"got {fixed_perceptual_layer!r}")
 
 
 def _check_masks(perceptual_mask, attention_mask) -> None:
@@ -107,23 +109,23 @@ def _check_masks(perceptual_mask, attention_mask) -> None:
     if not isinstance(perceptual_mask, torch.Tensor) or perceptual_mask.dim() != 2:
         got = f"shape {tuple(perceptual_mask.shape)}" if isinstance(perceptual_mask, torch.Tensor) \
             else type(perceptual_mask).__name__
-        raise ValueError(f"perceptual_mask must be a 2-D bool tensor [B, T], got {got}")
+        raise AlignopsError(f"perceptual_mask must be a 2-D bool tensor [B, T], got {got}")
     if perceptual_mask.dtype != torch.bool:
-        raise ValueError(f"perceptual_mask must be a bool tensor [B, T] (True = perceptual token), "
-                         f"got {perceptual_mask.dtype}")
+        raise AlignopsError(f"perceptual_mask must be a bool tensor [B, T] (True = perceptual token), "
+                            f"got {perceptual_mask.dtype}")
     if attention_mask is None:
         return
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != perceptual_mask.shape:
         got = f"shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor) \
             else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must have the shape of perceptual_mask [B, T] = "
-                         f"{tuple(perceptual_mask.shape)}, got {got}")
+        raise AlignopsError(f"attention_mask must have the shape of perceptual_mask [B, T] = "
+                            f"{tuple(perceptual_mask.shape)}, got {got}")
     if attention_mask.is_floating_point() or attention_mask.is_complex():
-        raise ValueError(f"attention_mask must be a bool or integer tensor (nonzero = real token), "
-                         f"got {attention_mask.dtype}")
+        raise AlignopsError(f"attention_mask must be a bool or integer tensor (nonzero = real token), "
+                            f"got {attention_mask.dtype}")
     if attention_mask.device != perceptual_mask.device:
-        raise ValueError(f"attention_mask must be on the device of perceptual_mask ({perceptual_mask.device}), "
-                         f"got {attention_mask.device}")
+        raise AlignopsError(f"attention_mask must be on the device of perceptual_mask ({perceptual_mask.device}), "
+                            f"got {attention_mask.device}")
 
 
 # ---- one batch, layer by layer ------------------------------------------------------------------------
@@ -148,11 +150,11 @@ class _Tokens(NamedTuple):
 def _tokens(perceptual_mask, attention_mask, h: torch.Tensor) -> _Tokens:
     B, T, _ = h.shape
     if perceptual_mask.shape != (B, T):
-        raise ValueError(f"perceptual_mask must have shape [B, T] = {(B, T)} (from the hidden states), "
-                         f"got {tuple(perceptual_mask.shape)}")
+        raise AlignopsError(f"perceptual_mask must have shape [B, T] = {(B, T)} (from the hidden states), "
+                            f"got {tuple(perceptual_mask.shape)}")
     if perceptual_mask.device != h.device:
-        raise ValueError(f"perceptual_mask must be on the device of the hidden states ({h.device}), "
-                         f"got {perceptual_mask.device}")
+        raise AlignopsError(f"perceptual_mask must be on the device of the hidden states ({h.device}), "
+                            f"got {perceptual_mask.device}")
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     keep = torch.ones_like(perceptual_mask) if attention_mask is None else attention_mask != 0
     p_bool = perceptual_mask & keep
@@ -384,11 +386,11 @@ class IMACollector:
                  perceptual_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  mode: str = "mean", layer_offset: int = 1, fixed_perceptual_layer: int = 0):
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise AlignopsError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._hooked = [self._resolve(model, i, layer) for i, layer in enumerate(layers)]
         self.num_layers = L = len(self._hooked)
         if L < 1:
-            raise ValueError("layers must name at least one module (L >= 1), got none")
+            raise AlignopsError("layers must name at least one module (L >= 1), got none")
         _check_options(mode, layer_offset, fixed_perceptual_layer, L)
         self.mode, self.layer_offset, self.fixed_layer = mode, layer_offset, fixed_perceptual_layer % L
         self._handles: list = []
@@ -401,7 +403,7 @@ class IMACollector:
         if perceptual_mask is not None:
             self.set_masks(perceptual_mask, attention_mask)
         elif attention_mask is not None:
-            raise ValueError("attention_mask was given without perceptual_mask")
+            raise AlignopsError("attention_mask was given without perceptual_mask")
 
     @staticmethod
     def _resolve(model: nn.Module, i: int, layer) -> nn.Module:
@@ -409,12 +411,12 @@ class IMACollector:
             try:
                 return model.get_submodule(layer)
             except AttributeError as e:
-                raise ValueError(f"layers[{i}] = {layer!r} is not a submodule of model: {e}") from None
+                raise AlignopsError(f"layers[{i}] = {layer!r} is not a submodule of model: {e}") from None
         if isinstance(layer, nn.Module):
             if not any(m is layer for m in model.modules()):
-                raise ValueError(f"layers[{i}] ({type(layer).__name__}) is not a submodule of model")
+                raise AlignopsError(f"layers[{i}] ({type(layer).__name__}) is not a submodule of model")
             return layer
-        raise ValueError(f"layers[{i}] must be an nn.Module or a submodule name, got {type(layer).__name__}")
+        raise AlignopsError(f"layers[{i}] must be an nn.Module or a submodule name, got {type(layer).__name__}")
 
     def set_masks(self, perceptual_mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Masks [B, T] of the next forward pass (as for :func:`ima_score`)."""
@@ -449,8 +451,8 @@ class IMACollector:
             h = output[0] if isinstance(output, (tuple, list)) else output
             if not isinstance(h, torch.Tensor) or h.dim() != 3 or not h.is_floating_point():
                 got = f"shape {tuple(h.shape)}, {h.dtype}" if isinstance(h, torch.Tensor) else type(h).__name__
-                raise ValueError(f"IMACollector: layers[{position}] must output a float tensor [B, T, H] "
-                                 f"(or a tuple starting with one), got {got}")
+                raise AlignopsError(f"IMACollector: layers[{position}] must output a float tensor [B, T, H] "
+                                    f"(or a tuple starting with one), got {got}")
             with torch.no_grad():
                 self._layer(position, h.detach())
         return hook
@@ -467,8 +469,8 @@ class IMACollector:
             tok = _tokens(*self._masks, h)
             self._masks = None
             if self._totals is not None and h.shape[-1] != self._totals["sum_unit_p"].shape[-1]:
-                raise ValueError(f"IMACollector: layers[0] output hidden size {h.shape[-1]}, expected "
-                                 f"{self._totals['sum_unit_p'].shape[-1]} (as in earlier passes)")
+                raise AlignopsError(f"IMACollector: layers[0] output hidden size {h.shape[-1]}, expected "
+                                    f"{self._totals['sum_unit_p'].shape[-1]} (as in earlier passes)")
             self._current = _new_sums(L, k, h.shape[-1], tok.acc, h.device)
             self._current["num_examples"] += h.shape[0]
             self._current["num_perceptual"] += tok.has_p.sum()
@@ -477,8 +479,8 @@ class IMACollector:
             self._pass = _BatchPass(tok, self.mode, k, self.fixed_layer)
         s = self._current
         if h.shape[-1] != s["sum_unit_p"].shape[-1]:
-            raise ValueError(f"IMACollector: layers[{l}] output hidden size {h.shape[-1]}, "
-                             f"expected {s['sum_unit_p'].shape[-1]} (as layers[0])")
+            raise AlignopsError(f"IMACollector: layers[{l}] output hidden size {h.shape[-1]}, "
+                                f"expected {s['sum_unit_p'].shape[-1]} (as layers[0])")
         terms = self._pass.layer(l, h)
 
         def add(name: str, index: int, value: torch.Tensor) -> None:
@@ -535,20 +537,20 @@ __all__ = ["TOKEN_PAIR_MODES", "IMADatasetScore", "IMAScore", "IMACollector", "i
 def _check_views(H1: torch.Tensor, H2: torch.Tensor, n1: str, n2: str, min_rows: int) -> None:
     for name, H in ((n1, H1), (n2, H2)):
         if H.dim() < 2:
-            raise ValueError(f"{name} must have shape [..., n, d] (n samples of d features), got {list(H.shape)}")
+            raise AlignopsError(f"{name} must have shape [..., n, d] (n samples of d features), got {list(H.shape)}")
         if not H.is_floating_point():
-            raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {H.dtype}")
+            raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {H.dtype}")
     if H2.device != H1.device:
-        raise ValueError(f"{n2} must be on the device of {n1} ({H1.device}), got {H2.device}")
+        raise AlignopsError(f"{n2} must be on the device of {n1} ({H1.device}), got {H2.device}")
     if H1.shape[-2] != H2.shape[-2]:
-        raise ValueError(f"{n1} and {n2} must have the same number of samples n, got {H1.shape[-2]} and "
-                         f"{H2.shape[-2]}")
+        raise AlignopsError(f"{n1} and {n2} must have the same number of samples n, got {H1.shape[-2]} and "
+                            f"{H2.shape[-2]}")
     if H1.shape[-2] < min_rows:
-        raise ValueError(f"{n1} and {n2} need n >= {min_rows} samples, got {H1.shape[-2]}")
+        raise AlignopsError(f"{n1} and {n2} need n >= {min_rows} samples, got {H1.shape[-2]}")
     try:
         torch.broadcast_shapes(H1.shape[:-2], H2.shape[:-2])
     except RuntimeError as e:
-        raise ValueError(f"the batch dimensions of {n1} {list(H1.shape)} and {n2} {list(H2.shape)} must broadcast") from e
+        raise AlignopsError(f"the batch dimensions of {n1} {list(H1.shape)} and {n2} {list(H2.shape)} must broadcast") from e
 
 
 def _out_dtype(*ts: torch.Tensor) -> torch.dtype:
@@ -591,9 +593,9 @@ def cca(H1: torch.Tensor, H2: torch.Tensor, k: int | None = None, reg: float = 1
     if k is None:
         k = kmax
     if not 1 <= k <= kmax:
-        raise ValueError(f"k must be in [1, min(d1, d2) = {kmax}], got {k}")
+        raise AlignopsError(f"k must be in [1, min(d1, d2) = {kmax}], got {k}")
     if not reg >= 0:
-        raise ValueError(f"reg must be >= 0, got {reg}")
+        raise AlignopsError(f"reg must be >= 0, got {reg}")
     out = _out_dtype(H1, H2)
     H1, H2 = H1.double(), H2.double()
     n = H1.shape[-2]
@@ -676,22 +678,22 @@ def ches_score(h_chosen: torch.Tensor, h_rejected: torch.Tensor, chosen_mask: to
     """
     for name, h in (("h_chosen", h_chosen), ("h_rejected", h_rejected)):
         if h.dim() != 3 or not h.is_floating_point():
-            raise ValueError(f"{name} must be a float tensor of shape [B, T, H], got {h.dtype} {list(h.shape)}")
+            raise AlignopsError(f"{name} must be a float tensor of shape [B, T, H], got {h.dtype} {list(h.shape)}")
     if h_rejected.shape[0] != h_chosen.shape[0] or h_rejected.shape[2] != h_chosen.shape[2]:
-        raise ValueError(f"h_rejected must have the batch size and hidden size of h_chosen {list(h_chosen.shape)}, "
-                         f"got {list(h_rejected.shape)}")
+        raise AlignopsError(f"h_rejected must have the batch size and hidden size of h_chosen {list(h_chosen.shape)}, "
+                            f"got {list(h_rejected.shape)}")
     if h_rejected.device != h_chosen.device:
-        raise ValueError(f"h_rejected must be on the device of h_chosen ({h_chosen.device}), got {h_rejected.device}")
+        raise AlignopsError(f"h_rejected must be on the device of h_chosen ({h_chosen.device}), got {h_rejected.device}")
     acc = _out_dtype(h_chosen, h_rejected)
 
     def pooled(h, mask, name):
         if mask is None:
             return h.to(acc).sum(1), torch.full(h.shape[:1], h.shape[1], dtype=acc, device=h.device)
         if mask.dtype != torch.bool or mask.shape != h.shape[:2]:
-            raise ValueError(f"{name} must be a bool tensor of shape {list(h.shape[:2])}, got {mask.dtype} "
-                             f"{list(mask.shape)}")
+            raise AlignopsError(f"{name} must be a bool tensor of shape {list(h.shape[:2])}, got {mask.dtype} "
+                                f"{list(mask.shape)}")
         if mask.device != h.device:
-            raise ValueError(f"{name} must be on the device of the hidden states ({h.device}), got {mask.device}")
+            raise AlignopsError(f"{name} must be on the device of the hidden states ({h.device}), got {mask.device}")
         m = mask.to(acc)
         return torch.einsum("bt,bth->bh", m, h.to(acc)), m.sum(1)
 

@@ -22,10 +22,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ._errors import AlignopsError
+
 
 def _tensor(t, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        raise AlignopsError(f"{name} must be a tensor, got {type(t).__name__}")
     return t
 
 
@@ -37,8 +39,8 @@ def bt_transform(rewards: torch.Tensor, reference_rewards: torch.Tensor) -> torc
     try:
         torch.broadcast_shapes(r.shape, ref.shape)
     except RuntimeError:
-        raise ValueError(f"reference_rewards {list(ref.shape)} must broadcast against rewards "
-                         f"{list(r.shape)}") from None
+        raise AlignopsError(f"reference_rewards {list(ref.shape)} must broadcast against rewards "
+                            f"{list(r.shape)}") from None
     return F.logsigmoid(r - ref)
 
 
@@ -49,8 +51,8 @@ def combine_rewards(rewards: torch.Tensor, reference_rewards: torch.Tensor,
     u = bt_transform(rewards, reference_rewards)
     if weights is not None:
         if weights.shape != (u.shape[-1],):
-            raise ValueError(f"weights must have shape [K] = [{u.shape[-1]}] (one per property), "
-                             f"got {list(weights.shape)}")
+            raise AlignopsError(f"weights must have shape [K] = [{u.shape[-1]}] (one per property), "
+                                f"got {list(weights.shape)}")
         u = u * weights
     return u.sum(-1)
 
@@ -62,10 +64,10 @@ def calibrate(rewards: torch.Tensor, reference_rewards: torch.Tensor) -> torch.T
     Raises ValueError for mismatched leading shapes or M = 0."""
     r, ref = _tensor(rewards, "rewards"), _tensor(reference_rewards, "reference_rewards")
     if r.dim() == 0 or ref.dim() == 0 or r.shape[:-1] != ref.shape[:-1]:
-        raise ValueError(f"rewards [..., K] and reference_rewards [..., M] must share their leading shape, got "
-                         f"{list(r.shape)} and {list(ref.shape)}")
+        raise AlignopsError(f"rewards [..., K] and reference_rewards [..., M] must share their leading shape, got "
+                            f"{list(r.shape)} and {list(ref.shape)}")
     if ref.shape[-1] == 0:
-        raise ValueError("reference_rewards must hold M >= 1 reference samples per prompt")
+        raise AlignopsError("reference_rewards must hold M >= 1 reference samples per prompt")
     dtype = torch.float64 if torch.float64 in (r.dtype, ref.dtype) else torch.float32
     s = ref.to(dtype).sort(-1).values.contiguous()
     q = r.to(dtype).contiguous()
@@ -94,7 +96,7 @@ def best_of_n(rewards: torch.Tensor) -> Selection:
     """(best reward, its index) over the last dimension [..., n]; ties go to the first. Raises ValueError for n = 0."""
     r = _tensor(rewards, "rewards")
     if r.dim() == 0 or r.shape[-1] == 0:
-        raise ValueError(f"rewards must have shape [..., n] with n >= 1, got {list(r.shape)}")
+        raise AlignopsError(f"rewards must have shape [..., n] with n >= 1, got {list(r.shape)}")
     idx = r.argmax(-1)
     return Selection(r.gather(-1, idx[..., None])[..., 0], idx)
 
@@ -103,7 +105,7 @@ def worst_of_n(rewards: torch.Tensor) -> Selection:
     """(lowest reward, its index) over the last dimension: the best-of-n jailbreaking adversary of InfAlign."""
     r = _tensor(rewards, "rewards")
     if r.dim() == 0 or r.shape[-1] == 0:
-        raise ValueError(f"rewards must have shape [..., n] with n >= 1, got {list(r.shape)}")
+        raise AlignopsError(f"rewards must have shape [..., n] with n >= 1, got {list(r.shape)}")
     idx = r.argmin(-1)
     return Selection(r.gather(-1, idx[..., None])[..., 0], idx)
 
@@ -119,16 +121,16 @@ def weighted_majority_vote(answers: torch.Tensor, weights: torch.Tensor | None =
     the scatter: a device-side assert on a GPU)."""
     a = _tensor(answers, "answers")
     if a.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8) or a.dim() == 0:
-        raise ValueError(f"answers must be an integer tensor of shape [..., n], got {a.dtype} {list(a.shape)}")
+        raise AlignopsError(f"answers must be an integer tensor of shape [..., n], got {a.dtype} {list(a.shape)}")
     if a.shape[-1] == 0:
-        raise ValueError("answers must hold n >= 1 answers per row")
+        raise AlignopsError("answers must hold n >= 1 answers per row")
     w = torch.ones(a.shape, dtype=torch.float32, device=a.device) if weights is None else weights
     if w.shape != a.shape:
-        raise ValueError(f"weights must have the shape of answers {list(a.shape)}, got {list(w.shape)}")
+        raise AlignopsError(f"weights must have the shape of answers {list(a.shape)}, got {list(w.shape)}")
     if num_classes is None:
         num_classes = int(a.max()) + 1
     if check_values and (int(a.min()) < 0 or int(a.max()) >= num_classes):
-        raise ValueError(f"answers must be labels in [0, num_classes) = [0, {num_classes})")
+        raise AlignopsError(f"answers must be labels in [0, num_classes) = [0, {num_classes})")
     dtype = w.dtype if w.is_floating_point() else torch.float32
     totals = torch.zeros(*a.shape[:-1], num_classes, dtype=dtype, device=a.device)
     totals.scatter_add_(-1, a.long(), w.to(dtype))

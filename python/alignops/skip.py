@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from ._errors import AlignopsError
 from . import _backend
 from ._checks import check_param
 from .reference import skip as _ref
@@ -30,22 +31,22 @@ def change_score(x: torch.Tensor, previous: torch.Tensor, criterion: str = "cosi
     ``delta=`` computes it inside the residual add instead (one pass, no extra read of the rows).
     """
     if criterion not in _CRITERIA:
-        raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
+        raise AlignopsError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
     if previous.shape != x.shape:
-        raise ValueError(f"previous must have the shape of x {tuple(x.shape)}, got {tuple(previous.shape)}")
+        raise AlignopsError(f"previous must have the shape of x {tuple(x.shape)}, got {tuple(previous.shape)}")
     return _ref.change_score(x, previous, criterion)
 
 
 def keep_from_spans(skip_spans: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[B, T] keep mask that is False inside any ``[start, end)`` span of ``skip_spans`` [B, S, 2]."""
     if skip_spans.dim() != 3 or skip_spans.shape[-1] != 2:
-        raise ValueError(f"skip_spans must have shape [B, S, 2] (start, end per span), got {tuple(skip_spans.shape)}")
+        raise AlignopsError(f"skip_spans must have shape [B, S, 2] (start, end per span), got {tuple(skip_spans.shape)}")
     if skip_spans.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"skip_spans must be int64 or int32, got {skip_spans.dtype}")
+        raise AlignopsError(f"skip_spans must be int64 or int32, got {skip_spans.dtype}")
     if skip_spans.device.type == "cpu" and not torch.compiler.is_compiling():
         start, end = skip_spans[..., 0], skip_spans[..., 1]
         if bool(((start < 0) | (end > seq_len) | (end < start)).any()):
-            raise ValueError(f"skip_spans must satisfy 0 <= start <= end <= T = {seq_len}")
+            raise AlignopsError(f"skip_spans must satisfy 0 <= start <= end <= T = {seq_len}")
     t = torch.arange(seq_len, device=skip_spans.device)
     inside = (t >= skip_spans[..., 0, None]) & (t < skip_spans[..., 1, None])  # [B, S, T]
     return ~inside.any(1)
@@ -56,7 +57,7 @@ def keep_top_k(score: torch.Tensor, capacity: int | float) -> torch.Tensor:
     T = score.shape[-1]
     k = int(round(capacity * T)) if isinstance(capacity, float) else int(capacity)
     if not 0 <= k <= T:
-        raise ValueError(f"capacity must give 0 <= k <= T = {T} rows per sequence, got {capacity}")
+        raise AlignopsError(f"capacity must give 0 <= k <= T = {T} rows per sequence, got {capacity}")
     keep = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
     return keep.scatter_(-1, score.topk(k, dim=-1).indices, True)
 
@@ -65,40 +66,40 @@ def _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion, sc
     given = [name for name, v in (("keep", keep), ("skip_spans", skip_spans), ("threshold", threshold),
                                   ("capacity", capacity)) if v is not None]
     if len(given) > 1:
-        raise ValueError(f"give one of keep, skip_spans, threshold, capacity; got {given}")
+        raise AlignopsError(f"give one of keep, skip_spans, threshold, capacity; got {given}")
     lead = x.shape[:-1]
     if not given:
         return torch.ones(lead, dtype=torch.bool, device=x.device)
     if keep is not None:
         if keep.dtype != torch.bool or keep.shape != lead:
-            raise ValueError(f"keep must be a bool tensor of shape {list(lead)} (the rows of x), "
-                             f"got {keep.dtype} {list(keep.shape)}")
+            raise AlignopsError(f"keep must be a bool tensor of shape {list(lead)} (the rows of x), "
+                                f"got {keep.dtype} {list(keep.shape)}")
         return keep
     if skip_spans is not None:
         if x.dim() != 3:
-            raise ValueError("skip_spans needs x of shape [B, T, H]")
+            raise AlignopsError("skip_spans needs x of shape [B, T, H]")
         keep = keep_from_spans(skip_spans, x.shape[1])
         if keep.shape[0] != x.shape[0]:
-            raise ValueError(f"skip_spans must have one row per sequence (B = {x.shape[0]}), got {keep.shape[0]}")
+            raise AlignopsError(f"skip_spans must have one row per sequence (B = {x.shape[0]}), got {keep.shape[0]}")
         return keep
     if score is None:
         if previous is None:
-            raise ValueError("threshold and capacity rank tokens by their change in this layer: pass previous "
-                             "(the residual stream before the attention add) or delta (the attention output)")
+            raise AlignopsError("threshold and capacity rank tokens by their change in this layer: pass previous "
+                                "(the residual stream before the attention add) or delta (the attention output)")
         score = change_score(x, previous, criterion)
     if threshold is not None:
         return score > threshold
     if x.dim() != 3:
-        raise ValueError("capacity is per sequence: it needs x of shape [B, T, H]")
+        raise AlignopsError("capacity is per sequence: it needs x of shape [B, T, H]")
     return keep_top_k(score, capacity)
 
 
 def _check_weights(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation):
     H = x.shape[-1]
     if not x.is_floating_point():
-        raise ValueError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+        raise AlignopsError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if w_down.dim() != 2 or w_down.shape[0] != H:
-        raise ValueError(f"w_down must have shape [H, I] with H = {H}, got {list(w_down.shape)}")
+        raise AlignopsError(f"w_down must have shape [H, I] with H = {H}, got {list(w_down.shape)}")
     I = w_down.shape[1]
     G, g_name, b_name = (2 * I, "[2I, H]", "[2I]") if activation == "swiglu" else (I, "[I, H]", "[I]")
     check_param(w_gate_up, "w_gate_up", (G, H), g_name, x)
@@ -166,28 +167,28 @@ def skip_ffn(
     gradient is needed.
     """
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
-        raise ValueError(f"x must be a tensor of shape [B, T, H] or [N, H], got {getattr(x, 'shape', type(x))}")
+        raise AlignopsError(f"x must be a tensor of shape [B, T, H] or [N, H], got {getattr(x, 'shape', type(x))}")
     if activation not in _ACTIVATION_CODES:
-        raise ValueError(f"activation must be one of {_ref.ACTIVATIONS}, got {activation!r}")
+        raise AlignopsError(f"activation must be one of {_ref.ACTIVATIONS}, got {activation!r}")
     if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+        raise AlignopsError(f"eps must be > 0, got {eps}")
     _check_weights(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation)
     if criterion not in _CRITERIA:
-        raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
+        raise AlignopsError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
     impl = _backend.resolve(backend, x.device, "skip_ffn", native_cuda=False)
     H = x.shape[-1]
     score = None
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, delta, w_gate_up, w_down, norm_weight, b_gate_up, b_down))
     if inplace and needs_grad:
-        raise ValueError("inplace=True overwrites x and records no gradient: use it under torch.no_grad() "
-                         "(or with inputs that do not require grad)")
+        raise AlignopsError("inplace=True overwrites x and records no gradient: use it under torch.no_grad() "
+                            "(or with inputs that do not require grad)")
     if delta is not None:
         if previous is not None:
-            raise ValueError("give previous (the stream before the add) or delta (the attention output), not both")
+            raise AlignopsError("give previous (the stream before the add) or delta (the attention output), not both")
         if delta.shape != x.shape or delta.dtype != x.dtype or delta.device != x.device:
-            raise ValueError(f"delta must match x: shape {tuple(x.shape)}, {x.dtype}, {x.device}; got "
-                             f"{tuple(delta.shape)}, {delta.dtype}, {delta.device}")
+            raise AlignopsError(f"delta must match x: shape {tuple(x.shape)}, {x.dtype}, {x.device}; got "
+                                f"{tuple(delta.shape)}, {delta.dtype}, {delta.device}")
         code = _CRITERIA.index(criterion)
         if impl == "torch":
             h, score = _ref.add_score(x, delta, criterion)
@@ -206,7 +207,7 @@ def skip_ffn(
     code = _ACTIVATION_CODES[activation]
     if target is not None:
         if not target.is_contiguous():
-            raise ValueError("inplace=True needs a contiguous x")
+            raise AlignopsError("inplace=True needs a contiguous x")
         op = torch.ops.alignops.skip_ffn_ if impl == "native" else torch.ops.alignops.skip_ffn_triton_
         op(target.view(-1, H), mask.reshape(-1), w_gate_up, w_down, norm_weight, b_gate_up, b_down, code, float(eps))
         return target
@@ -224,12 +225,12 @@ _PACKABLE = (torch.bfloat16, torch.float32)
 
 def _check_weights_to_pack(weights, on_cpu: bool = True) -> None:
     if not weights:
-        raise ValueError("give at least one weight")
+        raise AlignopsError("give at least one weight")
     for w in weights:
         if not isinstance(w, torch.Tensor):
-            raise ValueError(f"weights must be tensors, got {type(w).__name__}")
+            raise AlignopsError(f"weights must be tensors, got {type(w).__name__}")
         if on_cpu and w.device.type != "cpu":
-            raise ValueError(f"prepacked weights live on the CPU; got {w.device} (on a GPU the GEMMs need no packing)")
+            raise AlignopsError(f"prepacked weights live on the CPU; got {w.device} (on a GPU the GEMMs need no packing)")
 
 
 def prepack(*weights: torch.Tensor, batch_size: int | None = None) -> None:
@@ -277,7 +278,7 @@ class SkipSchedule:
 
     def __post_init__(self):
         if self.start < 0 or self.interval < 1 or (self.end is not None and self.end < self.start):
-            raise ValueError(f"SkipSchedule needs 0 <= start <= end and interval >= 1, got {self}")
+            raise AlignopsError(f"SkipSchedule needs 0 <= start <= end and interval >= 1, got {self}")
 
     def layers(self, num_layers: int) -> list[int]:
         end = num_layers if self.end is None else min(self.end, num_layers)
@@ -322,8 +323,8 @@ class _SkippingMLP(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = self.skipper.keep
         if keep is not None and keep.shape != x.shape[:-1]:
-            raise ValueError(f"the keep mask set on FFNSkipper has shape {list(keep.shape)}, but the layer sees "
-                             f"hidden states of shape {list(x.shape)}")
+            raise AlignopsError(f"the keep mask set on FFNSkipper has shape {list(keep.shape)}, but the layer sees "
+                                f"hidden states of shape {list(x.shape)}")
         eps = getattr(self.norm, "variance_epsilon", getattr(self.norm, "eps", 1e-6))
         y = skip_ffn(x, self._gate_up(), self.mlp.down_proj.weight, self.norm.weight, keep=keep,
                      b_gate_up=None, b_down=None, eps=eps)
@@ -356,14 +357,14 @@ class FFNSkipper:
             layer = layers[i]
             for name in ("mlp", "post_attention_layernorm"):
                 if not hasattr(layer, name):
-                    raise ValueError(f"layer {i} has no `{name}`: patch_ffn_skipping expects HF-style LLaMA/Qwen "
-                                     "decoder layers")
+                    raise AlignopsError(f"layer {i} has no `{name}`: patch_ffn_skipping expects HF-style LLaMA/Qwen "
+                                        "decoder layers")
             for name in ("gate_proj", "up_proj", "down_proj"):
                 proj = getattr(layer.mlp, name, None)
                 if proj is None or getattr(proj, "bias", None) is not None:
-                    raise ValueError(f"layer {i}'s mlp must have bias-free gate_proj, up_proj and down_proj")
+                    raise AlignopsError(f"layer {i}'s mlp must have bias-free gate_proj, up_proj and down_proj")
                 if prepack and (proj.weight.device.type != "cpu" or proj.weight.dtype not in _PACKABLE):
-                    raise ValueError(f"prepack=True needs layer {i}'s FFN weights on the CPU in bfloat16 or float32")
+                    raise AlignopsError(f"prepack=True needs layer {i}'s FFN weights on the CPU in bfloat16 or float32")
         for i in chosen:
             layer = layers[i]
             mlp, norm = layer.mlp, layer.post_attention_layernorm

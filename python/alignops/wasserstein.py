@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ._errors import AlignopsError
 from . import _backend
 from ._spectral import psd_sqrt
 from .reference import wasserstein as _ref
@@ -20,21 +21,21 @@ from .reference import wasserstein as _ref
 
 def _check_sample(x: torch.Tensor, name: str, like: torch.Tensor | None = None) -> None:
     if x.dim() < 1:
-        raise ValueError(f"{name} must have shape [..., n] (atoms on the last dimension), got a 0-D tensor")
+        raise AlignopsError(f"{name} must have shape [..., n] (atoms on the last dimension), got a 0-D tensor")
     if not x.is_floating_point():
-        raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if like is not None:
         if x.dtype != like.dtype:
-            raise ValueError(f"{name} must have the dtype of u ({like.dtype}), got {x.dtype}")
+            raise AlignopsError(f"{name} must have the dtype of u ({like.dtype}), got {x.dtype}")
         if x.device != like.device:
-            raise ValueError(f"{name} must be on the device of u ({like.device}), got {x.device}")
+            raise AlignopsError(f"{name} must be on the device of u ({like.device}), got {x.device}")
 
 
 def _check_weights(w: torch.Tensor | None, x: torch.Tensor, name: str, xname: str) -> None:
     if w is None:
         return
     if w.shape != x.shape:
-        raise ValueError(f"{name} must have the shape of {xname} {list(x.shape)}, got {list(w.shape)}")
+        raise AlignopsError(f"{name} must have the shape of {xname} {list(x.shape)}, got {list(w.shape)}")
     _check_sample(w, name, x)
 
 
@@ -75,14 +76,14 @@ def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, u_weights: torch.Tensor | N
     _check_weights(u_weights, u, "u_weights", "u")
     _check_weights(v_weights, v, "v_weights", "v")
     if not (p >= 1 and p != float("inf")):
-        raise ValueError(f"p must be a finite value >= 1, got {p}")
+        raise AlignopsError(f"p must be a finite value >= 1, got {p}")
     if u.shape[-1] == 0 or v.shape[-1] == 0:
-        raise ValueError(f"u and v need at least one atom each, got shapes {list(u.shape)} and {list(v.shape)}")
+        raise AlignopsError(f"u and v need at least one atom each, got shapes {list(u.shape)} and {list(v.shape)}")
     try:
         lead = torch.broadcast_shapes(u.shape[:-1], v.shape[:-1])
     except RuntimeError as e:
-        raise ValueError(f"the leading (batch) dimensions of u {list(u.shape)} and v {list(v.shape)} must "
-                         "broadcast") from e
+        raise AlignopsError(f"the leading (batch) dimensions of u {list(u.shape)} and v {list(v.shape)} must "
+                            "broadcast") from e
     impl = _backend.resolve(backend, u.device, "wasserstein_1d", native_cuda=False)
     if impl == "torch":
         u, v = u.expand(*lead, u.shape[-1]), v.expand(*lead, v.shape[-1])
@@ -133,20 +134,20 @@ def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, n_projections: int = 50
     Raises: ValueError for mismatched shapes / dtypes / devices, or as :func:`wasserstein_1d`.
     """
     if X.dim() < 2 or Y.dim() < 2:
-        raise ValueError(f"X and Y must have shape [..., n, d], got {list(X.shape)} and {list(Y.shape)}")
+        raise AlignopsError(f"X and Y must have shape [..., n, d], got {list(X.shape)} and {list(Y.shape)}")
     if X.shape[-1] != Y.shape[-1]:
-        raise ValueError(f"X and Y must have the same dimension d, got {X.shape[-1]} and {Y.shape[-1]}")
+        raise AlignopsError(f"X and Y must have the same dimension d, got {X.shape[-1]} and {Y.shape[-1]}")
     d = X.shape[-1]
     if projections is None:
         if n_projections < 1:
-            raise ValueError(f"n_projections must be >= 1, got {n_projections}")
+            raise AlignopsError(f"n_projections must be >= 1, got {n_projections}")
         projections = random_projections(d, n_projections, seed, dtype=X.dtype, device=X.device)
     elif projections.dim() != 2 or projections.shape[0] != d:
-        raise ValueError(f"projections must have shape [d, L] with d = {d}, got {list(projections.shape)}")
+        raise AlignopsError(f"projections must have shape [d, L] with d = {d}, got {list(projections.shape)}")
     for name, t in (("Y", Y), ("projections", projections)):
         if t.dtype != X.dtype or t.device != X.device:
-            raise ValueError(f"{name} must have the dtype and device of X ({X.dtype}, {X.device}), got "
-                             f"{t.dtype}, {t.device}")
+            raise AlignopsError(f"{name} must have the dtype and device of X ({X.dtype}, {X.device}), got "
+                                f"{t.dtype}, {t.device}")
     xp = (X @ projections).transpose(-1, -2)  # [..., L, n]
     yp = (Y @ projections).transpose(-1, -2)
     aw = None if a is None else a.unsqueeze(-2).expand_as(xp)
@@ -173,14 +174,14 @@ def gaussian_w2(mu1: torch.Tensor, S1: torch.Tensor, mu2: torch.Tensor, S2: torc
     """
     for name, t in (("mu1", mu1), ("S1", S1), ("mu2", mu2), ("S2", S2)):
         if t.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
+            raise AlignopsError(f"{name} must be float32 or float64, got {t.dtype}")
     d = mu1.shape[-1] if mu1.dim() >= 1 else -1
     if d < 0 or mu2.shape[-1:] != mu1.shape[-1:]:
-        raise ValueError(f"mu1 and mu2 must have shape [..., d] with the same d, got {list(mu1.shape)} and "
-                         f"{list(mu2.shape)}")
+        raise AlignopsError(f"mu1 and mu2 must have shape [..., d] with the same d, got {list(mu1.shape)} and "
+                            f"{list(mu2.shape)}")
     for name, S in (("S1", S1), ("S2", S2)):
         if S.dim() < 2 or S.shape[-2:] != (d, d):
-            raise ValueError(f"{name} must have shape [..., d, d] with d = {d}, got {list(S.shape)}")
+            raise AlignopsError(f"{name} must have shape [..., d, d] with d = {d}, got {list(S.shape)}")
     r1 = psd_sqrt(S1)
     M = r1 @ (0.5 * (S2 + S2.transpose(-1, -2))) @ r1
     mu_eig = torch.linalg.eigvalsh(0.5 * (M + M.transpose(-1, -2)))

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._errors import AlignopsError
 from . import _backend
 from .reference import metrics as _hash
 from .reference import watermark as _ref
@@ -43,12 +44,12 @@ from .reference import watermark as _ref
 
 def _check_key(key: int) -> None:
     if not isinstance(key, int) or not -(2**63) <= key < 2**63:
-        raise ValueError(f"key must be a Python int in the int64 range, got {key!r}")
+        raise AlignopsError(f"key must be a Python int in the int64 range, got {key!r}")
 
 
 def _op(name: str, logits: torch.Tensor, backend: str):
     if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"logits must be a tensor, got {type(logits).__name__}")
+        raise AlignopsError(f"logits must be a tensor, got {type(logits).__name__}")
     impl = _backend.resolve(backend, logits.device, name, native_cuda=False)
     if impl == "torch":
         return None
@@ -57,12 +58,12 @@ def _op(name: str, logits: torch.Tensor, backend: str):
 
 def _check_torch_args(logits, context):
     if logits.dim() != 2:
-        raise ValueError(f"logits must be a 2-D tensor of shape [B, V], got shape {list(logits.shape)}")
+        raise AlignopsError(f"logits must be a 2-D tensor of shape [B, V], got shape {list(logits.shape)}")
     if not logits.is_floating_point():
-        raise ValueError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
+        raise AlignopsError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
     if context.dim() != 2 or context.shape[0] != logits.shape[0] or context.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"context must be an int64/int32 tensor of shape [B, h] with B = {logits.shape[0]}, "
-                         f"got {context.dtype} {list(context.shape)}")
+        raise AlignopsError(f"context must be an int64/int32 tensor of shape [B, h] with B = {logits.shape[0]}, "
+                            f"got {context.dtype} {list(context.shape)}")
 
 
 def kgw_process(logits: torch.Tensor, context: torch.Tensor, key: int, *, gamma: float = 0.25, delta: float = 2.0,
@@ -95,7 +96,7 @@ def kgw_greedy(logits: torch.Tensor, context: torch.Tensor, key: int, *, gamma: 
         _check_torch_args(logits, context)
         _ref_threshold(gamma, delta)
         if logits.shape[0] and logits.shape[1] == 0:
-            raise ValueError("logits must have a vocabulary of V >= 1 entries")
+            raise AlignopsError("logits must have a vocabulary of V >= 1 entries")
         return _ref.kgw_argmax(logits, context, key, gamma, delta)
     return op(logits, context, key, float(gamma), float(delta))
 
@@ -111,16 +112,16 @@ def gumbel_sample(logits: torch.Tensor, context: torch.Tensor, key: int, *, temp
     if op is None:
         _check_torch_args(logits, context)
         if not (temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+            raise AlignopsError(f"temperature must be a finite value > 0, got {temperature}")
         return _ref.gumbel_argmax(logits, context, key, temperature)
     return op(logits, context, key, float(temperature))
 
 
 def _ref_threshold(gamma: float, delta: float) -> None:
     if not 0 <= gamma <= 1:
-        raise ValueError(f"gamma (the green fraction) must be in [0, 1], got {gamma}")
+        raise AlignopsError(f"gamma (the green fraction) must be in [0, 1], got {gamma}")
     if not math.isfinite(delta):
-        raise ValueError(f"delta must be finite, got {delta}")
+        raise AlignopsError(f"delta must be finite, got {delta}")
 
 
 class KGWLogitsProcessor:
@@ -132,12 +133,12 @@ class KGWLogitsProcessor:
         _check_key(key)
         _ref_threshold(gamma, delta)
         if context_width < 0:
-            raise ValueError(f"context_width must be >= 0, got {context_width}")
+            raise AlignopsError(f"context_width must be >= 0, got {context_width}")
         self.key, self.gamma, self.delta, self.h, self.backend = key, gamma, delta, context_width, backend
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] < self.h:
-            raise ValueError(f"input_ids must hold at least context_width = {self.h} tokens, got {input_ids.shape[-1]}")
+            raise AlignopsError(f"input_ids must hold at least context_width = {self.h} tokens, got {input_ids.shape[-1]}")
         context = input_ids[:, input_ids.shape[-1] - self.h:]
         return kgw_process(scores, context, self.key, gamma=self.gamma, delta=self.delta, backend=self.backend)
 
@@ -170,13 +171,13 @@ def _scored_words(tokens: torch.Tensor, key: int, salt: int, context_width: int,
     """(words [B, T - h] of tokens t >= h under their h-token context, bool mask of the scored ones)."""
     _check_key(key)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"tokens must be an int64/int32 tensor of shape [B, T], got "
-                         f"{getattr(tokens, 'dtype', type(tokens).__name__)} {list(getattr(tokens, 'shape', ()))}")
+        raise AlignopsError(f"tokens must be an int64/int32 tensor of shape [B, T], got "
+                            f"{getattr(tokens, 'dtype', type(tokens).__name__)} {list(getattr(tokens, 'shape', ()))}")
     if not isinstance(context_width, int) or context_width < 0:
-        raise ValueError(f"context_width must be an int >= 0, got {context_width!r}")
+        raise AlignopsError(f"context_width must be an int >= 0, got {context_width!r}")
     B, T = tokens.shape
     if mask is not None and (mask.shape != tokens.shape or mask.dtype != torch.bool):
-        raise ValueError(f"mask must be a bool tensor of the shape of tokens {list(tokens.shape)}")
+        raise AlignopsError(f"mask must be a bool tensor of the shape of tokens {list(tokens.shape)}")
     h = context_width
     n = max(T - h, 0)
     t = tokens.long()
@@ -198,7 +199,7 @@ def kgw_detect(tokens: torch.Tensor, key: int, *, gamma: float = 0.25, context_w
     :math:`z = (G - \gamma n)/\sqrt{n\gamma(1-\gamma)}`, one-sided normal p-value. n = 0 gives z = 0, p = 1.
     Hashes only the n scored tokens (torch composite). Raises ValueError for gamma outside (0, 1)."""
     if not 0 < gamma < 1:
-        raise ValueError(f"gamma must be in (0, 1) for detection, got {gamma}")
+        raise AlignopsError(f"gamma must be in (0, 1) for detection, got {gamma}")
     words, scored = _scored_words(tokens, key, _hash.SALT_KGW, context_width, mask, ignore_repeated)
     green = (words < _ref.green_threshold(gamma)) & scored
     n = scored.sum(-1)
@@ -233,7 +234,7 @@ def alignment_resampling(candidates: torch.Tensor, rewards: torch.Tensor) -> tup
     from .rewards import best_of_n
 
     if candidates.dim() < 2 or candidates.shape[:2] != rewards.shape:
-        raise ValueError(f"candidates must have shape [B, n, ...] matching rewards [B, n] = {list(rewards.shape)}, "
-                         f"got {list(candidates.shape)}")
+        raise AlignopsError(f"candidates must have shape [B, n, ...] matching rewards [B, n] = {list(rewards.shape)}, "
+                            f"got {list(candidates.shape)}")
     idx = best_of_n(rewards).indices
     return candidates[torch.arange(candidates.shape[0], device=candidates.device), idx], idx

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .._errors import AlignopsError
 from .._checks import check_triton_device
 from .preference import acc_dtype
 
@@ -24,26 +25,26 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def check_shapes(log_probs, targets, input_lengths, target_lengths, blank) -> None:
     """The shape / dtype / device checks of the native op (csrc/ctc/ctc_posteriors_cpu.cpp), its messages."""
     if log_probs.dim() != 3:
-        raise ValueError(f"log_probs must be a 3-D tensor of shape [B, T, C], got shape {list(log_probs.shape)}")
+        raise AlignopsError(f"log_probs must be a 3-D tensor of shape [B, T, C], got shape {list(log_probs.shape)}")
     if log_probs.dtype not in _FLOATS:
-        raise ValueError(f"log_probs must be float32, float64, float16 or bfloat16, got {log_probs.dtype}")
+        raise AlignopsError(f"log_probs must be float32, float64, float16 or bfloat16, got {log_probs.dtype}")
     B, T, C = log_probs.shape
     if targets.dim() != 2:
-        raise ValueError(f"targets must be a 2-D tensor of shape [B, L] (padded), got shape {list(targets.shape)}")
+        raise AlignopsError(f"targets must be a 2-D tensor of shape [B, L] (padded), got shape {list(targets.shape)}")
     for name, t in (("targets", targets), ("input_lengths", input_lengths), ("target_lengths", target_lengths)):
         if t.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be int64 or int32, got {t.dtype}")
+            raise AlignopsError(f"{name} must be int64 or int32, got {t.dtype}")
         if t.device != log_probs.device:
-            raise ValueError(f"{name} must be on the device of log_probs ({log_probs.device}), got {t.device}")
+            raise AlignopsError(f"{name} must be on the device of log_probs ({log_probs.device}), got {t.device}")
     if targets.shape[0] != B:
-        raise ValueError(f"targets must have one row per utterance (B = {B}), got {targets.shape[0]}")
+        raise AlignopsError(f"targets must have one row per utterance (B = {B}), got {targets.shape[0]}")
     for name, t in (("input_lengths", input_lengths), ("target_lengths", target_lengths)):
         if t.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D tensor of shape [B], got shape {list(t.shape)}")
+            raise AlignopsError(f"{name} must be a 1-D tensor of shape [B], got shape {list(t.shape)}")
         if t.shape[0] != B:
-            raise ValueError(f"{name} must have one entry per utterance (B = {B}), got {t.shape[0]}")
+            raise AlignopsError(f"{name} must have one entry per utterance (B = {B}), got {t.shape[0]}")
     if not 0 <= blank < C:
-        raise ValueError(f"blank must lie in [0, C = {C}), got {blank}")
+        raise AlignopsError(f"blank must lie in [0, C = {C}), got {blank}")
 
 
 def check_values(log_probs, targets, input_lengths, target_lengths, blank) -> None:
@@ -54,13 +55,13 @@ def check_values(log_probs, targets, input_lengths, target_lengths, blank) -> No
         bad = ((t < 0) | (t > top)).nonzero()
         if bad.numel():
             b = int(bad[0, 0])
-            raise ValueError(f"{name} must lie in [0, {dim} = {top}], got {int(t[b])} for utterance {b}")
+            raise AlignopsError(f"{name} must lie in [0, {dim} = {top}], got {int(t[b])} for utterance {b}")
     used = torch.arange(L, device=targets.device) < target_lengths[:, None]
     bad = (used & ((targets < 0) | (targets >= C) | (targets == blank))).nonzero()
     if bad.numel():
         b, j = (int(v) for v in bad[0])
-        raise ValueError(f"targets must be class ids in [0, C = {C}) other than blank = {blank}, got "
-                         f"{int(targets[b, j])} at targets[{b}, {j}]")
+        raise AlignopsError(f"targets must be class ids in [0, C = {C}) other than blank = {blank}, got "
+                            f"{int(targets[b, j])} at targets[{b}, {j}]")
 
 
 @torch.library.register_fake("alignops::ctc_posteriors")

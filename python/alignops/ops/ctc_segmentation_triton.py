@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .._errors import AlignopsError
 from .._checks import check_triton_device
 from ..kernels.ctc_segmentation import launch_utterance_score
 from ._registration import register_triton_op
@@ -17,25 +18,25 @@ _SCHEMA = "(Tensor frame_logprobs, Tensor starts, Tensor ends, int window) -> Te
 def _check_args(frame_logprobs, starts, ends, window):
     """The checks of the native op (csrc/ctc_segmentation/ctc_segmentation_cpu.cpp), with its messages."""
     if frame_logprobs.dim() != 2:
-        raise ValueError(f"frame_logprobs must be a 2-D tensor of shape [B, T], got shape {list(frame_logprobs.shape)}")
+        raise AlignopsError(f"frame_logprobs must be a 2-D tensor of shape [B, T], got shape {list(frame_logprobs.shape)}")
     if frame_logprobs.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"frame_logprobs must be float32 or float64, got {frame_logprobs.dtype}")
+        raise AlignopsError(f"frame_logprobs must be float32 or float64, got {frame_logprobs.dtype}")
     check_triton_device(frame_logprobs, "frame_logprobs")
     if starts.dim() != 2:
-        raise ValueError(f"starts must be a 2-D tensor of shape [B, U], got shape {list(starts.shape)}")
+        raise AlignopsError(f"starts must be a 2-D tensor of shape [B, U], got shape {list(starts.shape)}")
     if ends.shape != starts.shape:
-        raise ValueError(f"ends must have the shape of starts {list(starts.shape)}, got {list(ends.shape)}")
+        raise AlignopsError(f"ends must have the shape of starts {list(starts.shape)}, got {list(ends.shape)}")
     for t, name in ((starts, "starts"), (ends, "ends")):
         if t.dtype != torch.int64:
-            raise ValueError(f"{name} must be int64, got {t.dtype}")
+            raise AlignopsError(f"{name} must be int64, got {t.dtype}")
         if t.device != frame_logprobs.device:
-            raise ValueError(f"{name} must be on the device of frame_logprobs ({frame_logprobs.device}), "
-                             f"got {t.device}")
+            raise AlignopsError(f"{name} must be on the device of frame_logprobs ({frame_logprobs.device}), "
+                                f"got {t.device}")
     if starts.shape[0] != frame_logprobs.shape[0]:
-        raise ValueError(f"starts must have B = {frame_logprobs.shape[0]} rows (frame_logprobs'), "
-                         f"got {starts.shape[0]}")
+        raise AlignopsError(f"starts must have B = {frame_logprobs.shape[0]} rows (frame_logprobs'), "
+                            f"got {starts.shape[0]}")
     if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+        raise AlignopsError(f"window must be >= 1, got {window}")
 
 
 @register_triton_op("alignops::ctc_segmentation_utterance_score_triton", _SCHEMA)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .._errors import AlignopsError
 from .._checks import check_targets, check_temperature, check_triton_device
 
 from ..kernels.fused_linear import launch_fused_linear_backward, launch_fused_linear_forward
@@ -35,37 +36,37 @@ _BACKWARD_SCHEMA = (
 
 def _check_like_hidden(t: torch.Tensor, name: str, hidden: torch.Tensor) -> None:
     if t.dtype != hidden.dtype:
-        raise ValueError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {t.dtype}")
+        raise AlignopsError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {t.dtype}")
     if t.device != hidden.device:
-        raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
+        raise AlignopsError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
 
 
 def _check_args(hidden, weight, targets, bias, temperature, logit_scale) -> None:
     """The checks of the native op (csrc/preference/fused_linear_logprobs_cpu.cpp), with its messages, and
     V >= 1 (the native op returns NaN for an empty vocabulary)."""
     if hidden.dim() != 2:
-        raise ValueError(f"hidden must be a 2-D tensor of shape [N, H], got shape {list(hidden.shape)}")
+        raise AlignopsError(f"hidden must be a 2-D tensor of shape [N, H], got shape {list(hidden.shape)}")
     if hidden.dtype not in _DTYPES:
-        raise ValueError(f"hidden must be float32, float64, float16 or bfloat16, got {hidden.dtype}")
+        raise AlignopsError(f"hidden must be float32, float64, float16 or bfloat16, got {hidden.dtype}")
     check_triton_device(hidden, "hidden")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor of shape [V, H], got shape {list(weight.shape)}")
+        raise AlignopsError(f"weight must be a 2-D tensor of shape [V, H], got shape {list(weight.shape)}")
     H = hidden.shape[1]
     if weight.shape[1] != H:
-        raise ValueError(f"weight must have shape [V, H] with H = {H} (hidden's last dimension), "
-                         f"got {list(weight.shape)}")
+        raise AlignopsError(f"weight must have shape [V, H] with H = {H} (hidden's last dimension), "
+                            f"got {list(weight.shape)}")
     if weight.shape[0] == 0:
-        raise ValueError(f"weight must have at least one row (V >= 1), got shape {list(weight.shape)}")
+        raise AlignopsError(f"weight must have at least one row (V >= 1), got shape {list(weight.shape)}")
     _check_like_hidden(weight, "weight", hidden)
     check_targets(targets, hidden, "hidden")
     if bias is not None:
         V = weight.shape[0]
         if bias.dim() != 1 or bias.shape[0] != V:
-            raise ValueError(f"bias must have shape [V] = [{V}], got {list(bias.shape)}")
+            raise AlignopsError(f"bias must have shape [V] = [{V}], got {list(bias.shape)}")
         _check_like_hidden(bias, "bias", hidden)
     check_temperature(temperature)
     if not math.isfinite(logit_scale):
-        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+        raise AlignopsError(f"logit_scale must be finite, got {logit_scale}")
 
 
 @register_triton_op("alignops::fused_linear_logprobs_triton", _FORWARD_SCHEMA)
@@ -115,9 +116,9 @@ def fused_linear_logprobs_backward_triton(
     acc = acc_dtype(hidden.dtype)
     for name, t in (("grad_logp", grad_logp), ("lse", lse)):
         if t.dim() != 1 or t.shape[0] != N or t.dtype != acc:
-            raise ValueError(f"{name} must be a {acc} tensor of shape [N] = [{N}], got {t.dtype} {list(t.shape)}")
+            raise AlignopsError(f"{name} must be a {acc} tensor of shape [N] = [{N}], got {t.dtype} {list(t.shape)}")
         if t.device != hidden.device:
-            raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
+            raise AlignopsError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
     V = weight.shape[0]
     if N == 0:
         return (torch.empty_like(hidden, memory_format=torch.contiguous_format),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .._errors import AlignopsError
 from .._checks import check_triton_device
 from ..kernels.metrics import MAX_CLASSES, launch_bootstrap_confusion
 from ..reference.metrics import SALT_BOOTSTRAP, key_state
@@ -18,23 +19,23 @@ _SCHEMA = "(Tensor a, Tensor b, int num_classes, int num_resamples, int seed) ->
 
 def _check(a: torch.Tensor, b: torch.Tensor, num_classes: int, num_resamples: int) -> None:
     if a.dim() != 2:
-        raise ValueError(f"a must be a 2-D tensor of shape [P, N], got shape {list(a.shape)}")
+        raise AlignopsError(f"a must be a 2-D tensor of shape [P, N], got shape {list(a.shape)}")
     if b.dim() != 2:
-        raise ValueError(f"b must be a 2-D tensor of shape [P, N] or [1, N], got shape {list(b.shape)}")
+        raise AlignopsError(f"b must be a 2-D tensor of shape [P, N] or [1, N], got shape {list(b.shape)}")
     if a.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"a must be int64 or int32, got {a.dtype}")
+        raise AlignopsError(f"a must be int64 or int32, got {a.dtype}")
     if b.dtype != a.dtype:
-        raise ValueError(f"b must have the dtype of a ({a.dtype}), got {b.dtype}")
+        raise AlignopsError(f"b must have the dtype of a ({a.dtype}), got {b.dtype}")
     check_triton_device(a, "a")
     if b.device != a.device:
-        raise ValueError(f"b must be on the device of a ({a.device}), got {b.device}")
+        raise AlignopsError(f"b must be on the device of a ({a.device}), got {b.device}")
     P, N = a.shape
     if b.shape[1] != N or b.shape[0] not in (P, 1):
-        raise ValueError(f"b must have shape [P, N] = [{P}, {N}] or [1, N], got {list(b.shape)}")
+        raise AlignopsError(f"b must have shape [P, N] = [{P}, {N}] or [1, N], got {list(b.shape)}")
     if not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be in [1, {MAX_CLASSES}] for the Triton kernel, got {num_classes}")
+        raise AlignopsError(f"num_classes must be in [1, {MAX_CLASSES}] for the Triton kernel, got {num_classes}")
     if num_resamples < 0:
-        raise ValueError(f"num_resamples must be >= 0, got {num_resamples}")
+        raise AlignopsError(f"num_resamples must be >= 0, got {num_resamples}")
 
 
 @register_triton_op("alignops::bootstrap_confusion_triton", _SCHEMA)

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._errors import AlignopsError
 from .._checks import check_logits_targets, check_triton_device
 
 from ..kernels.preference import (
@@ -39,12 +40,12 @@ _SELECTIVE_LOGPROBS_BACKWARD_SCHEMA = (
 
 def _check_per_pair(t: torch.Tensor, pc: torch.Tensor, name: str) -> None:
     if t.dim() != 1 or t.shape != pc.shape:
-        raise ValueError(f"{name} must have the shape of policy_chosen_logps {tuple(pc.shape)}, "
-                         f"got {tuple(t.shape)}")
+        raise AlignopsError(f"{name} must have the shape of policy_chosen_logps {tuple(pc.shape)}, "
+                            f"got {tuple(t.shape)}")
     if t.device != pc.device:
-        raise ValueError(f"{name} must be on the device of policy_chosen_logps ({pc.device}), got {t.device}")
+        raise AlignopsError(f"{name} must be on the device of policy_chosen_logps ({pc.device}), got {t.device}")
     if t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be a real numeric tensor, got {t.dtype}")
+        raise AlignopsError(f"{name} must be a real numeric tensor, got {t.dtype}")
 
 
 @register_triton_op("alignops::preference_loss_triton", _PREFERENCE_LOSS_SCHEMA)
@@ -70,25 +71,25 @@ def preference_loss_triton(
     [0]), all in the accumulation dtype."""
     pc = policy_chosen_logps
     if pc.dim() != 1:
-        raise ValueError(f"policy_chosen_logps must be a 1-D tensor of shape [B], got shape {tuple(pc.shape)}")
+        raise AlignopsError(f"policy_chosen_logps must be a 1-D tensor of shape [B], got shape {tuple(pc.shape)}")
     if not pc.is_floating_point():
-        raise ValueError(f"policy_chosen_logps must be a floating-point tensor, got {pc.dtype}")
+        raise AlignopsError(f"policy_chosen_logps must be a floating-point tensor, got {pc.dtype}")
     check_triton_device(pc, "policy_chosen_logps")
     for name, t in (("policy_rejected_logps", policy_rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
                     ("ref_rejected_logps", ref_rejected_logps)):
         _check_per_pair(t, pc, name)
         if t.dtype != pc.dtype:
-            raise ValueError(f"{name} must have the dtype of policy_chosen_logps ({pc.dtype}), got {t.dtype}")
+            raise AlignopsError(f"{name} must have the dtype of policy_chosen_logps ({pc.dtype}), got {t.dtype}")
     if len(loss_types) != len(loss_weights):
-        raise ValueError(f"loss_weights must have one weight per loss type: got {len(loss_weights)} weights for "
-                         f"{len(loss_types)} loss types")
+        raise AlignopsError(f"loss_weights must have one weight per loss type: got {len(loss_weights)} weights for "
+                            f"{len(loss_types)} loss types")
     if len(loss_types) > _MAX_LOSS_TERMS:
-        raise ValueError(f"at most {_MAX_LOSS_TERMS} loss types can be combined, got {len(loss_types)}")
+        raise AlignopsError(f"at most {_MAX_LOSS_TERMS} loss types can be combined, got {len(loss_types)}")
     for code in loss_types:
         if not 0 <= code < _NUM_LOSS_TYPES:
-            raise ValueError(f"loss type code must be in [0, {_NUM_LOSS_TYPES}), got {code}")
+            raise AlignopsError(f"loss type code must be in [0, {_NUM_LOSS_TYPES}), got {code}")
     if not 0 <= f_divergence < _NUM_F_DIVERGENCES:
-        raise ValueError(f"f_divergence code must be in [0, 3], got {f_divergence}")
+        raise AlignopsError(f"f_divergence code must be in [0, 3], got {f_divergence}")
 
     acc = acc_dtype(pc.dtype)
     optional = {}
@@ -134,11 +135,11 @@ def selective_logprobs_backward_triton(grad_logp: torch.Tensor, logits: torch.Te
     acc = acc_dtype(logits.dtype)
     for name, t in (("grad_logp", grad_logp), ("lse", lse)):
         if t.dim() != 1 or t.shape != targets.shape:
-            raise ValueError(f"{name} must have the shape of targets {tuple(targets.shape)}, got {tuple(t.shape)}")
+            raise AlignopsError(f"{name} must have the shape of targets {tuple(targets.shape)}, got {tuple(t.shape)}")
         if t.device != logits.device:
-            raise ValueError(f"{name} must be on the device of logits ({logits.device}), got {t.device}")
+            raise AlignopsError(f"{name} must be on the device of logits ({logits.device}), got {t.device}")
         if t.dtype != acc:
-            raise ValueError(f"{name} must be {acc} for {logits.dtype} logits, got {t.dtype}")
+            raise AlignopsError(f"{name} must be {acc} for {logits.dtype} logits, got {t.dtype}")
     x = logits.contiguous()
     grad_logits = torch.empty_like(x)
     launch_selective_logprobs_backward(grad_logp.contiguous(), lse.contiguous(), x, targets.contiguous(),

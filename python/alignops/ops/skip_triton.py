@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .._errors import AlignopsError
 from .._checks import check_param, check_triton_device
 
 from ..kernels.skip import SWIGLU, launch_add_score, launch_skip_ffn
@@ -32,23 +33,23 @@ _SKIP_FFN_SCHEMA = (
 def _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps) -> int:
     """The checks of the native op (csrc/skip/skip_ffn_cpu.cpp), with its messages; returns the FFN width I."""
     if x.dim() != 2:
-        raise ValueError(f"x must be a 2-D tensor of shape [N, H], got shape {list(x.shape)}")
+        raise AlignopsError(f"x must be a 2-D tensor of shape [N, H], got shape {list(x.shape)}")
     if x.dtype not in _DTYPES:
-        raise ValueError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+        raise AlignopsError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     check_triton_device(x, "x")
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation code must be 0 (swiglu), 1 (gelu) or 2 (gelu_tanh), got {activation}")
+        raise AlignopsError(f"activation code must be 0 (swiglu), 1 (gelu) or 2 (gelu_tanh), got {activation}")
     if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+        raise AlignopsError(f"eps must be > 0, got {eps}")
     N, H = x.shape
     if keep.dtype != torch.bool or tuple(keep.shape) != (N,):
-        raise ValueError(f"keep must be a bool tensor of shape [N] = [{N}], got {keep.dtype} {list(keep.shape)}")
+        raise AlignopsError(f"keep must be a bool tensor of shape [N] = [{N}], got {keep.dtype} {list(keep.shape)}")
     if keep.device != x.device:
-        raise ValueError(f"keep must be on the device of x ({x.device}), got {keep.device}")
+        raise AlignopsError(f"keep must be on the device of x ({x.device}), got {keep.device}")
     if w_down.dim() != 2:
-        raise ValueError(f"w_down must be a 2-D tensor of shape [H, I], got shape {list(w_down.shape)}")
+        raise AlignopsError(f"w_down must be a 2-D tensor of shape [H, I], got shape {list(w_down.shape)}")
     if w_down.shape[0] != H:
-        raise ValueError(f"w_down must have shape [H, I] with H = {H}, got {list(w_down.shape)}")
+        raise AlignopsError(f"w_down must have shape [H, I] with H = {H}, got {list(w_down.shape)}")
     I = w_down.shape[1]
     swiglu = activation == SWIGLU
     G = 2 * I if swiglu else I
@@ -121,7 +122,7 @@ def skip_ffn_triton_(
     never written (each output tile of the second GEMM reads its residual elements before it stores them)."""
     I = _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps)
     if not x.is_contiguous():
-        raise ValueError("x must be contiguous to be updated in place")
+        raise AlignopsError("x must be contiguous to be updated in place")
     N, H = x.shape
     if N == 0:
         return
@@ -142,17 +143,17 @@ def skip_add_score_triton(residual: torch.Tensor, delta: torch.Tensor, criterion
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::skip_add_score``: (h = residual + delta, score [N] in the accumulation dtype)."""
     if residual.dim() != 2:
-        raise ValueError(f"residual must be a 2-D tensor of shape [N, H], got shape {list(residual.shape)}")
+        raise AlignopsError(f"residual must be a 2-D tensor of shape [N, H], got shape {list(residual.shape)}")
     if residual.dtype not in _DTYPES:
-        raise ValueError(f"residual must be float32, float64, float16 or bfloat16, got {residual.dtype}")
+        raise AlignopsError(f"residual must be float32, float64, float16 or bfloat16, got {residual.dtype}")
     check_triton_device(residual, "residual")
     if delta.shape != residual.shape:
-        raise ValueError(f"delta must have the shape of residual {list(residual.shape)}, got {list(delta.shape)}")
+        raise AlignopsError(f"delta must have the shape of residual {list(residual.shape)}, got {list(delta.shape)}")
     if delta.dtype != residual.dtype or delta.device != residual.device:
-        raise ValueError(f"delta must have the dtype and device of residual ({residual.dtype}, {residual.device}), "
-                         f"got {delta.dtype}, {delta.device}")
+        raise AlignopsError(f"delta must have the dtype and device of residual ({residual.dtype}, {residual.device}), "
+                            f"got {delta.dtype}, {delta.device}")
     if criterion not in (0, 1):
-        raise ValueError(f"criterion code must be 0 (cosine) or 1 (norm_ratio), got {criterion}")
+        raise AlignopsError(f"criterion code must be 0 (cosine) or 1 (norm_ratio), got {criterion}")
     r, d = residual.contiguous(), delta.contiguous()
     h = torch.empty_like(r)
     score = r.new_empty(r.shape[0], dtype=acc_dtype(r.dtype))

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from .._errors import AlignopsError
 from .._checks import check_triton_device
 from ..kernels.wasserstein import launch_merge
 from .wasserstein import register_wasserstein_1d_autograd
@@ -30,29 +31,29 @@ def _check_args(u, v, u_weights, v_weights, p) -> None:
     """The checks of the native op (csrc/wasserstein/wasserstein_1d_cpu.cpp), with its messages."""
     for name, x, shape in (("u", u, "[B, n]"), ("v", v, "[B, m]")):
         if x.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor of shape {shape}, got shape {list(x.shape)}")
+            raise AlignopsError(f"{name} must be a 2-D tensor of shape {shape}, got shape {list(x.shape)}")
     if u.dtype not in _DTYPES:
-        raise ValueError(f"u must be float32, float64, float16 or bfloat16, got {u.dtype}")
+        raise AlignopsError(f"u must be float32, float64, float16 or bfloat16, got {u.dtype}")
     check_triton_device(u, "u")
     if v.dtype != u.dtype:
-        raise ValueError(f"v must have the dtype of u ({u.dtype}), got {v.dtype}")
+        raise AlignopsError(f"v must have the dtype of u ({u.dtype}), got {v.dtype}")
     if v.device != u.device:
-        raise ValueError(f"v must be on the device of u ({u.device}), got {v.device}")
+        raise AlignopsError(f"v must be on the device of u ({u.device}), got {v.device}")
     if v.shape[0] != u.shape[0]:
-        raise ValueError(f"v must have as many problems as u (B = {u.shape[0]}), got shape {list(v.shape)}")
+        raise AlignopsError(f"v must have as many problems as u (B = {u.shape[0]}), got shape {list(v.shape)}")
     if u.shape[1] == 0 or v.shape[1] == 0:
-        raise ValueError(f"u and v need at least one atom each, got shapes {list(u.shape)} and {list(v.shape)}")
+        raise AlignopsError(f"u and v need at least one atom each, got shapes {list(u.shape)} and {list(v.shape)}")
     if not (p >= 1 and p != float("inf")):
-        raise ValueError(f"p must be a finite value >= 1, got {p}")
+        raise AlignopsError(f"p must be a finite value >= 1, got {p}")
     for name, w, x, xname in (("u_weights", u_weights, u, "u"), ("v_weights", v_weights, v, "v")):
         if w is None:
             continue
         if w.shape != x.shape:
-            raise ValueError(f"{name} must have the shape of {xname} {list(x.shape)}, got {list(w.shape)}")
+            raise AlignopsError(f"{name} must have the shape of {xname} {list(x.shape)}, got {list(w.shape)}")
         if w.dtype != x.dtype:
-            raise ValueError(f"{name} must have the dtype of {xname} ({x.dtype}), got {w.dtype}")
+            raise AlignopsError(f"{name} must have the dtype of {xname} ({x.dtype}), got {w.dtype}")
         if w.device != x.device:
-            raise ValueError(f"{name} must be on the device of {xname} ({x.device}), got {w.device}")
+            raise AlignopsError(f"{name} must be on the device of {xname} ({x.device}), got {w.device}")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -122,7 +123,7 @@ def wasserstein_1d_backward_triton(grad: torch.Tensor, u: torch.Tensor, v: torch
     B, n = u.shape
     m = v.shape[1]
     if grad.shape != (B,):
-        raise ValueError(f"grad must have shape [B] = [{B}], got {list(grad.shape)}")
+        raise AlignopsError(f"grad must have shape [B] = [{B}], got {list(grad.shape)}")
     xu, cu, ou, cu64, su = _sorted_cdf(u, u_weights)
     xv, cv, ov, cv64, sv = _sorted_cdf(v, v_weights)
     steps = u.new_empty((B, n + m), dtype=xu.dtype)

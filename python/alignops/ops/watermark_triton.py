@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from .._errors import AlignopsError
 from .._checks import check_triton_device
 from ..kernels.watermark import launch_gumbel_argmax, launch_kgw_argmax, launch_kgw_logits
 from ..reference.metrics import SALT_GUMBEL, SALT_KGW, key_state
@@ -22,28 +23,28 @@ _GUMBEL_SCHEMA = "(Tensor logits, Tensor context, int key, float temperature) ->
 def _check(logits: torch.Tensor, context: torch.Tensor) -> None:
     """The checks of csrc/watermark/watermark_cpu.cpp, with its messages."""
     if logits.dim() != 2:
-        raise ValueError(f"logits must be a 2-D tensor of shape [B, V], got shape {list(logits.shape)}")
+        raise AlignopsError(f"logits must be a 2-D tensor of shape [B, V], got shape {list(logits.shape)}")
     if logits.dtype not in _DTYPES:
-        raise ValueError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
+        raise AlignopsError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
     check_triton_device(logits, "logits")
     if context.dim() != 2:
-        raise ValueError(f"context must be a 2-D tensor of shape [B, h], got shape {list(context.shape)}")
+        raise AlignopsError(f"context must be a 2-D tensor of shape [B, h], got shape {list(context.shape)}")
     if context.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"context must be int64 or int32, got {context.dtype}")
+        raise AlignopsError(f"context must be int64 or int32, got {context.dtype}")
     if context.device != logits.device:
-        raise ValueError(f"context must be on the device of logits ({logits.device}), got {context.device}")
+        raise AlignopsError(f"context must be on the device of logits ({logits.device}), got {context.device}")
     if context.shape[0] != logits.shape[0]:
-        raise ValueError(f"context must have one row per row of logits [B = {logits.shape[0]}], got shape "
-                         f"{list(context.shape)}")
+        raise AlignopsError(f"context must have one row per row of logits [B = {logits.shape[0]}], got shape "
+                            f"{list(context.shape)}")
     if logits.shape[0] > 0 and logits.shape[1] < 1:
-        raise ValueError("logits must have a vocabulary of V >= 1 entries")
+        raise AlignopsError("logits must have a vocabulary of V >= 1 entries")
 
 
 def _threshold(gamma: float, delta: float) -> int:
     if not 0 <= gamma <= 1:
-        raise ValueError(f"gamma (the green fraction) must be in [0, 1], got {gamma}")
+        raise AlignopsError(f"gamma (the green fraction) must be in [0, 1], got {gamma}")
     if not math.isfinite(delta):
-        raise ValueError(f"delta must be finite, got {delta}")
+        raise AlignopsError(f"delta must be finite, got {delta}")
     return math.floor(gamma * 2**32)
 
 
@@ -78,7 +79,7 @@ def gumbel_argmax_triton(logits: torch.Tensor, context: torch.Tensor, key: int, 
     """Triton twin of ``alignops::gumbel_argmax``."""
     _check(logits, context)
     if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+        raise AlignopsError(f"temperature must be a finite value > 0, got {temperature}")
     out = logits.new_empty((logits.shape[0],), dtype=torch.int64)
     if logits.shape[0]:
         launch_gumbel_argmax(logits.contiguous(), context.long().contiguous(), out, key_state(SALT_GUMBEL, key),

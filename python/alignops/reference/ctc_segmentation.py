@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._errors import AlignopsError
+
 FILL_FLOOR = -1e9  # the fill's "prob_max"
 TABLE_FLOOR = -1e10  # the backtrace's "max_prob", the initial table value and the empty-utterance score
 STAY, NOT_ON_PATH = -1, -2
@@ -139,7 +141,7 @@ def ctc_segmentation(lpz: torch.Tensor, ground_truth: torch.Tensor, blank: int =
     raises AssertionError (text longer than audio) or IndexError (every window failed)."""
     T, C = lpz.shape[0], ground_truth.shape[0]
     if C > T:
-        raise ValueError(f"audio is shorter than text ({C} ground-truth positions for {T} frames)")
+        raise AlignopsError(f"audio is shorter than text ({C} ground-truth positions for {T} frames)")
     window = min_window_size
     while True:
         W = min(window, T)
@@ -151,7 +153,7 @@ def ctc_segmentation(lpz: torch.Tensor, ground_truth: torch.Tensor, blank: int =
             return (*out, window)
         window *= 2
         if not window < max_window_size:
-            raise ValueError(f"ctc_segmentation: backtracking failed with every window size up to {window // 2}")
+            raise AlignopsError(f"ctc_segmentation: backtracking failed with every window size up to {window // 2}")
 
 
 def prepare_token_list(utterances, blank: int = 0):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._errors import AlignopsError
+
 f64 = torch.float64
 
 
@@ -89,7 +91,7 @@ def _ref_free_losses(logits, loss_type, beta, eps, gamma):
         return torch.relu(1 - beta * logits)
     if loss_type == "ipo":
         return (logits - 1 / (2 * beta)) ** 2
-    raise ValueError(loss_type)
+    raise AlignopsError(loss_type)
 
 
 def cpo_loss(pc, pr, beta=0.1, cpo_alpha=1.0, loss_type="sigmoid", label_smoothing=0.0, simpo_gamma=0.5,

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._errors import AlignopsError
+
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
@@ -24,7 +26,7 @@ def _f_score(x: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
         return math.log(2) + F.logsigmoid(x)
     if kind == "alpha_divergence":
         return (torch.exp(torch.clamp((alpha - 1.0) * x, max=80.0)) - 1.0) / (alpha - 1.0)
-    raise ValueError(f"unknown f_divergence_type {kind!r}")
+    raise AlignopsError(f"unknown f_divergence_type {kind!r}")
 
 
 def _smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -112,7 +114,7 @@ def preference_loss(
         elif t == "cpo":
             loss = _smoothed_logistic(b * (pc - pr), eps)
         else:
-            raise ValueError(f"unknown loss_type {t!r}")
+            raise AlignopsError(f"unknown loss_type {t!r}")
         total = total + w * loss
 
     chosen_rewards = (b * xc).detach()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .._errors import AlignopsError
+
 EPS = 1e-12
 
 
@@ -74,7 +76,7 @@ def ima_score(hidden_states, perceptual_mask: torch.Tensor, attention_mask: torc
             elif mode == "median":  # numpy's median: the mean of the two middle values for an even count
                 out["token_pair"][l, b] = torch.quantile(pair_cos, 0.5)
             else:
-                raise ValueError(f"unknown mode {mode!r}")
+                raise AlignopsError(f"unknown mode {mode!r}")
     for l in range(L - k):
         for b in range(B):
             for name, idx in (("change_perceptual", p_idx[b]), ("change_textual", t_idx[b])):

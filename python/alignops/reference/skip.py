@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._errors import AlignopsError
+
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh")
 CRITERIA = ("cosine", "norm_ratio")
 
@@ -45,7 +47,7 @@ def activate(u: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(u)
     if activation == "gelu_tanh":
         return F.gelu(u, approximate="tanh")
-    raise ValueError(f"unknown activation {activation!r}")
+    raise AlignopsError(f"unknown activation {activation!r}")
 
 
 def ffn(x, w_gate_up, w_down, norm_weight=None, b_gate_up=None, b_down=None, activation="swiglu", eps=1e-6):
