@@ -4,6 +4,8 @@ no GPU; small shapes)."""
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="needs the triton package")
+
 import alignops  # noqa: F401
 from alignops import metrics as M
 from alignops.reference import metrics as ref

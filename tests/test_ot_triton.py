@@ -9,6 +9,7 @@ import torch
 from alignops import ot as O
 
 ot = pytest.importorskip("ot")
+pytest.importorskip("triton", reason="needs the triton package")
 from ot.bregman import sinkhorn_log as pot_sinkhorn_log  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="needs the triton package")
+
 import alignops  # noqa: F401
 from alignops import watermark as W
 from alignops.reference import watermark as ref
