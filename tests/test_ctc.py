@@ -309,3 +309,36 @@ def test_span_occupancy_is_the_mean_posterior_over_the_span():
             torch.testing.assert_close(occ[b, k], expected)
         assert occ[b, tl[b]:].isnan().all()
     assert ((occ[~occ.isnan()] > 0) & (occ[~occ.isnan()] <= 1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_paths_in_the_targets_dtype(dtype, backend):
+    # torchaudio.functional.forced_align returns the alignment in the dtype of its targets.
+    lp = torch.randn(2, 7, 4).log_softmax(-1)
+    paths, _ = ctc.forced_align(lp, torch.tensor([[1, 2], [3, 3]], dtype=dtype), backend=backend)
+    assert paths.dtype == dtype
+
+
+@pytest.mark.parametrize("targets, match", [
+    (torch.tensor([[0, 1]]), "targets\\[0, 0\\] is the blank id 0"),
+    (torch.tensor([[1, 7]]), "targets\\[0, 1\\] = 7 is outside \\[0, 3\\)"),
+])
+def test_kernel_argument_errors_are_runtime_errors_too(targets, match):
+    # torchaudio raises these as RuntimeError; the C++ check's ValueError comes back as an AlignopsError.
+    with pytest.raises(RuntimeError, match=match) as info:
+        ctc.forced_align(torch.randn(1, 5, 3).log_softmax(-1), targets, backend="native")
+    assert isinstance(info.value, alignops.AlignopsError)
+
+
+def test_negative_star_token_is_refused():
+    # -1 is the kernel's "no star" sentinel: a negative star_token used to drop the wildcard silently.
+    with pytest.raises(ValueError, match="star_token must be an id >= 0 .* got -1"):
+        ctc.forced_align(torch.randn(1, 5, 3).log_softmax(-1), torch.tensor([[1, -1]]), star_token=-1)
+
+
+def test_span_occupancy_of_fewer_frames_than_the_paths_is_refused():
+    paths = torch.tensor([[0, 1, 1, 0, 2, 2, 0, 0]])
+    spans = ctc.token_spans(paths)
+    with pytest.raises(ValueError, match="token_occupancy has T = 4 frames but spans reach frame 6"):
+        ctc.span_occupancy(spans, torch.rand(1, 4, 2))

@@ -119,9 +119,10 @@ def forced_align(
             infeasible (it reads nothing out of bounds), so it is reported as such.
 
     Returns:
-        ``(paths, scores)``: paths [B, T] int64 — the class id aligned to each frame (``star_token`` on
-        wildcard frames), -1 past ``input_lengths``; scores [B, T] in the dtype of ``log_probs`` — the
-        emission score of that class at that frame (torchaudio's second output), 0 past the length.
+        ``(paths, scores)``: paths [B, T] in the dtype of ``targets`` (torchaudio's contract) — the class id
+        aligned to each frame (``star_token`` on wildcard frames), -1 past ``input_lengths``; scores [B, T]
+        in the dtype of ``log_probs`` — the emission score of that class at that frame (torchaudio's second
+        output), 0 past the length.
 
     Devices: CPU (threaded over the batch; the trellis loop is vectorised over states) and CUDA (one
     block per utterance, the whole time loop and the backtrace inside one kernel launch). On CUDA the
@@ -129,8 +130,10 @@ def forced_align(
     (host syncs; ``check_values=False`` with ``on_infeasible="skip"`` reads none).
 
     Raises:
-        ValueError: wrong ranks / shapes / dtypes / devices, a target equal to ``blank`` or outside
-        [0, C), lengths outside [0, T] / [0, L], infeasible rows (with ``on_infeasible="raise"``).
+        AlignopsError (a ValueError and a RuntimeError, so torchaudio code that catches either keeps
+        working): wrong ranks / shapes / dtypes / devices, a target equal to ``blank`` or outside [0, C),
+        lengths outside [0, T] / [0, L], a negative ``star_token``, infeasible rows (with
+        ``on_infeasible="raise"``).
     """
     if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 3:
         raise AlignopsError(f"log_probs must be a 3-D tensor [B, T, C], got {getattr(log_probs, 'shape', type(log_probs))}")
@@ -149,6 +152,8 @@ def forced_align(
     star_id = -1
     if star_token is not None:
         star_id = int(star_token)
+        if star_id < 0:  # -1 is the op's "no star" sentinel: a negative id would silently drop the wildcard
+            raise AlignopsError(f"star_token must be an id >= 0 (e.g. C = {C}, one past the classes), got {star_id}")
         if star_id == blank:
             raise AlignopsError(f"star_token must differ from blank ({blank})")
         star = _star_scores(log_probs, blank, star_scores, float(star_penalty))
@@ -166,14 +171,17 @@ def forced_align(
     if impl == "torch":
         paths, scores, feasible = _ref.forced_align(log_probs, targets, input_lengths, target_lengths, blank, star, star_id)
     else:
-        paths, scores, feasible = torch.ops.alignops.forced_align(
-            log_probs, targets, input_lengths, target_lengths, blank, star, star_id, checkpoint)
+        try:
+            paths, scores, feasible = torch.ops.alignops.forced_align(
+                log_probs, targets, input_lengths, target_lengths, blank, star, star_id, checkpoint)
+        except ValueError as e:  # the C++ checks (csrc/common/checks.h) raise a plain ValueError
+            raise AlignopsError(str(e)) from None
     if on_infeasible == "raise" and not bool(feasible.all()):
         rows = (~feasible).nonzero().flatten().tolist()
         raise AlignopsError(f"forced_align: no alignment fits rows {rows[:10]}{'...' if len(rows) > 10 else ''}: "
                             "they need input_lengths >= target_lengths + repeated neighbours, and a path of finite "
                             "score (pass on_infeasible='skip' to get -1 paths for them instead)")
-    return paths, scores
+    return paths.to(targets.dtype), scores
 
 
 def _check_values_on_host(log_probs, targets, input_lengths, target_lengths, blank, star_id) -> None:
@@ -310,11 +318,18 @@ def span_occupancy(spans: TokenSpans, token_occupancy: torch.Tensor) -> torch.Te
     ``token_occupancy`` [B, T, L] is :func:`ctc_posteriors`'s ``output="tokens"`` (gamma of each token's
     state per frame); ``spans`` come from :func:`token_spans` on the same utterances. Returns [B, K] in
     fp64 (nan past ``spans.count``): near 1 where the whole posterior mass agrees with the Viterbi span.
+    A span that ends past T (an occupancy of fewer frames than the paths) raises AlignopsError; that check
+    reads one value (a host sync on a GPU).
     """
     if token_occupancy.dim() != 3 or token_occupancy.shape[0] != spans.start.shape[0]:
         raise AlignopsError(f"token_occupancy must be [B, T, L] with B = {spans.start.shape[0]}, got "
                             f"{tuple(token_occupancy.shape)}")
     B, T, L = token_occupancy.shape
+    if spans.end.numel() and not spans.end.is_meta:
+        last = int(spans.end.max())
+        if last > T:
+            raise AlignopsError(f"token_occupancy has T = {T} frames but spans reach frame {last}: the occupancy "
+                                "must come from the utterances the paths were aligned on")
     K = spans.start.shape[1]
     if K > L:
         raise AlignopsError(f"spans has {K} columns but token_occupancy only {L} tokens")
