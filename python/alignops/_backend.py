@@ -1,8 +1,9 @@
 """Which implementation serves a call: ``backend="auto" | "native" | "triton" | "torch"``.
 
 ``auto`` is the fastest implementation measured for the device (see bench/results/): the C++ kernel on
-the CPU, the CUDA C++ kernel on a GPU when it was compiled, else the Triton kernel. A backend that cannot
-serve the call raises instead of falling back silently.
+the CPU, the CUDA C++ kernel on a GPU when it was compiled, else the Triton kernel; on the meta device the
+native op, whose fake kernel gives the output shapes. A backend that cannot serve the call raises instead
+of falling back silently.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import torch
 
 from ._errors import AlignopsError
+
 
 BACKENDS = ("auto", "native", "triton", "torch")
 
@@ -41,6 +43,9 @@ def resolve(backend: str, device: torch.device, op: str, *, native_cuda: bool = 
     """The implementation for ``op`` on ``device``; ``native_cuda=False`` for ops whose GPU kernel is Triton only."""
     if backend not in BACKENDS:
         raise AlignopsError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if device.type == "meta" and backend in ("auto", "native"):
+        # The native op's fake kernel propagates shapes; the references read values a meta tensor lacks.
+        return "native"
     if device.type not in ("cpu", "cuda"):
         if backend in ("auto", "torch"):
             return "torch"

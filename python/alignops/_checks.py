@@ -3,6 +3,8 @@ Every message names the argument and what was expected."""
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from ._errors import AlignopsError
@@ -48,6 +50,37 @@ def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperatur
         raise AlignopsError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
     check_targets(targets, logits, "logits")
     check_temperature(temperature)
+
+
+def check_same_device(named: Iterable[tuple[str, object]]) -> None:
+    """Every tensor among the ``(name, value)`` pairs on the device of the first one (``None`` and non-tensors
+    skipped, a list of tensors checked entry by entry). A meta tensor among CPU tensors would otherwise make the
+    dispatcher run the op's fake kernel and return uninitialised memory; the message names the argument that
+    differs, as ``check_same_device`` in csrc/common/checks.h does."""
+    first: tuple[str, torch.Tensor] | None = None
+    for name, value in named:
+        items = enumerate(value) if isinstance(value, (list, tuple)) else ((None, value),)
+        for i, t in items:
+            if not isinstance(t, torch.Tensor):
+                continue
+            label = name if i is None else f"{name}[{i}]"
+            if first is None:
+                first = (label, t)
+            elif t.device != first[1].device:
+                raise AlignopsError(f"{label} must be on the device of {first[0]} ({first[1].device}), got {t.device}")
+
+
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether the checks that read ``t``'s values on the host run: not while torch.compile traces (a host
+    sync breaks the graph) and not for a meta tensor (it holds no values; its shapes still propagate)."""
+    return not t.is_meta and not torch.compiler.is_compiling()
+
+
+def check_has_values(fn: str, name: str, t: torch.Tensor, instead: str) -> None:
+    """For a result that depends on the values of ``t`` (read on the host): a meta tensor holds none, so it
+    gets an error that says what to pass ``instead`` rather than a failing ``.item()`` deep inside."""
+    if t.is_meta:
+        raise AlignopsError(f"{fn}: {name} is a meta tensor, which holds no values; {instead}")
 
 
 def check_triton_device(t: torch.Tensor, name: str) -> None:

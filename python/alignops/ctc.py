@@ -17,6 +17,7 @@ import torch
 
 from ._errors import AlignopsError
 from . import _backend
+from ._checks import check_has_values, check_same_device
 from .ctc_posteriors import CTCPosteriors, ctc_loss, ctc_posteriors
 from .ctc_segmentation import (
     CtcSegmentationOutput,
@@ -176,7 +177,7 @@ def forced_align(
                 log_probs, targets, input_lengths, target_lengths, blank, star, star_id, checkpoint)
         except ValueError as e:  # the C++ checks (csrc/common/checks.h) raise a plain ValueError
             raise AlignopsError(str(e)) from None
-    if on_infeasible == "raise" and not bool(feasible.all()):
+    if on_infeasible == "raise" and not feasible.is_meta and not bool(feasible.all()):
         rows = (~feasible).nonzero().flatten().tolist()
         raise AlignopsError(f"forced_align: no alignment fits rows {rows[:10]}{'...' if len(rows) > 10 else ''}: "
                             "they need input_lengths >= target_lengths + repeated neighbours, and a path of finite "
@@ -241,6 +242,9 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
         frame_scores = torch.zeros(paths.shape, device=paths.device)
     if frame_scores.shape != paths.shape:
         raise AlignopsError(f"frame_scores must have the shape of paths {tuple(paths.shape)}, got {tuple(frame_scores.shape)}")
+    check_same_device([("paths", paths), ("frame_scores", frame_scores)])
+    if num_spans is None:
+        check_has_values("token_spans", "paths", paths, "pass num_spans to fix the number of span columns")
     paths = paths.long()
     pad = paths.new_full((B, 1), -1)
     valid = (paths >= 0) & (paths != blank)
@@ -248,7 +252,8 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
     ends = valid & (paths != torch.cat([paths[:, 1:], pad], 1))
     count = starts.sum(1)
     K = int(count.max()) if num_spans is None and B > 0 and T > 0 else (num_spans or 0)
-    if check_values and num_spans is not None and B > 0 and T > 0 and bool((count > num_spans).any()):
+    if (check_values and num_spans is not None and B > 0 and T > 0 and not paths.is_meta
+            and bool((count > num_spans).any())):
         raise AlignopsError(f"num_spans={num_spans} is fewer than the spans of a row ({int(count.max())})")
     k = torch.where(valid, (starts.long().cumsum(1) - 1).clamp(max=K), K)  # K: a dump column, cut below
     frames = torch.arange(T, device=paths.device).expand(B, T)

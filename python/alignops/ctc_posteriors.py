@@ -9,6 +9,7 @@ import torch
 
 from ._errors import AlignopsError
 from . import _backend
+from ._checks import check_has_values, values_checkable
 from .ops.ctc_posteriors import check_shapes, check_values as _check_values
 from .ops.preference import acc_dtype
 from .reference import ctc_posteriors as _ref
@@ -35,6 +36,8 @@ def _padded(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor
     """torch's concatenated 1-D layout -> [B, max(target_lengths)] padded (reads the lengths: one sync)."""
     if target_lengths.dim() != 1 or target_lengths.dtype not in (torch.int64, torch.int32):
         raise AlignopsError("target_lengths must be an int64 or int32 tensor of shape [B]")
+    check_has_values("ctc_posteriors", "target_lengths", target_lengths,
+                     "concatenated 1-D targets are padded by their lengths: pass padded [B, L] targets")
     total = int(target_lengths.sum()) if target_lengths.numel() else 0
     if (target_lengths < 0).any() or total != targets.numel():
         raise AlignopsError(f"concatenated 1-D targets need non-negative target_lengths summing to targets.numel() "
@@ -55,7 +58,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, check_val
     if targets.dim() == 1:
         targets = _padded(targets, target_lengths)
     check_shapes(log_probs, targets, input_lengths, target_lengths, blank)
-    if check_values and not torch.compiler.is_compiling():
+    if check_values and values_checkable(log_probs):
         _check_values(log_probs, targets, input_lengths, target_lengths, blank)
     return targets, input_lengths, target_lengths
 

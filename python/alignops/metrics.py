@@ -27,6 +27,7 @@ import torch
 
 from ._errors import AlignopsError
 from . import _backend
+from ._checks import check_has_values, values_checkable
 from .reference import metrics as _ref
 
 _WEIGHTS = (None, "linear", "quadratic")
@@ -153,6 +154,7 @@ def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None
     shared_b = math.prod(b.shape[:-1]) == 1
     b2 = b.long().reshape(1, N) if shared_b else b.long().expand(*lead, N).reshape(P, N)
     if num_classes is None:
+        check_has_values("confusion_matrices", "a", a2, "pass num_classes")
         num_classes = int(max(int(a2.max()) if a2.numel() else 0, int(b2.max()) if b2.numel() else 0)) + 1
     impl = _backend.resolve(backend, a.device, "confusion_matrices", native_cuda=False)
     if impl != "native" and check_values:
@@ -347,7 +349,7 @@ def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
         raise AlignopsError(f"n_bins must be an int >= 1, got {n_bins!r}")
     _check_bootstrap(n_bootstrap, confidence)
     p, y = _paired({"confidences": confidences, "correct": correct})
-    if check_values and p.numel() and not torch.compiler.is_compiling() and bool(
+    if check_values and p.numel() and values_checkable(p) and bool(
             ((p < 0) | (p > 1) | p.isnan()).any()):
         raise AlignopsError("confidences must lie in [0, 1]")
     p, y = _resampled([p, y], n_bootstrap, seed)

@@ -1,4 +1,7 @@
-"""``register_triton_op(name, schema)``: ``torch.library.triton_op`` with the given schema on every torch that
+"""``register_fake(name)``: ``torch.library.register_fake`` whose fake kernel first checks that the op's tensors
+share one device (a meta tensor among CPU tensors dispatches to the fake kernel).
+
+``register_triton_op(name, schema)``: ``torch.library.triton_op`` with the given schema on every torch that
 alignops supports (torch >= 2.6), so that each Triton op has the schema of its native twin in
 csrc/registration.cpp.
 
@@ -12,11 +15,14 @@ under functionalization (so torch.compile traces into the kernels), export's han
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 import torch
 import torch._library.triton as _triton_library
 from torch.library import triton_op
+
+from .._checks import check_same_device
 
 # torch 2.14 is the first release whose triton_op uses schema=; a dev build of 2.14 takes the other path,
 # which gives the same registration.
@@ -36,5 +42,26 @@ def register_triton_op(name: str, schema: str, mutates_args: Iterable[str] = ())
             return triton_op(name, fn, mutates_args=mutates_args)
         finally:
             _triton_library.infer_schema = inferred
+
+    return define
+
+
+def register_fake(name: str) -> Callable:
+    """Decorator: the decorated function is the fake kernel of ``name`` (``"alignops::op"``), run after a check
+    that every tensor argument is on one device; the message names the argument by its schema name.
+
+    The dispatcher picks the Meta kernel, which is the fake kernel, whenever any argument is a meta tensor, so
+    without the check ``op(cpu_tensor, meta_tensor)`` would return uninitialised memory without an error."""
+    namespace, op = name.split("::")
+    arg_names = [a.name for a in getattr(getattr(torch.ops, namespace), op).default._schema.arguments]
+
+    def define(fn: Callable):
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            check_same_device([*zip(arg_names, args), *kwargs.items()])
+            return fn(*args, **kwargs)
+
+        torch.library.register_fake(name, fake)
+        return fn
 
     return define

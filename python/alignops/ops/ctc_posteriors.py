@@ -16,6 +16,7 @@ import torch
 from .._errors import AlignopsError
 from .._checks import check_triton_device
 from .preference import acc_dtype
+from ._registration import register_fake
 
 _SCHEMA = ("(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
            "bool return_states, bool return_tokens, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)")
@@ -64,7 +65,7 @@ def check_values(log_probs, targets, input_lengths, target_lengths, blank) -> No
                             f"{int(targets[b, j])} at targets[{b}, {j}]")
 
 
-@torch.library.register_fake("alignops::ctc_posteriors")
+@register_fake("alignops::ctc_posteriors")
 def _ctc_posteriors_fake(log_probs, targets, input_lengths, target_lengths, blank, return_states, return_tokens,
                          compute_grad):
     B, T, C = log_probs.shape

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from ._registration import register_fake
 
-@torch.library.register_fake("alignops::ctc_segmentation")
+
+@register_fake("alignops::ctc_segmentation")
 def _ctc_segmentation_fake(lpz, lpz_lengths, ground_truth, gt_lengths, blank, min_window_size, max_window_size,
                            flags, backtrack_from_max_t, block_columns):
     B, T, C = lpz.shape[0], lpz.shape[1], ground_truth.shape[1]
@@ -18,7 +20,7 @@ def _ctc_segmentation_fake(lpz, lpz_lengths, ground_truth, gt_lengths, blank, mi
             lpz.new_empty((B,), **long))
 
 
-@torch.library.register_fake("alignops::ctc_segmentation_prefixes")
+@register_fake("alignops::ctc_segmentation_prefixes")
 def _ctc_segmentation_prefixes_fake(lpz, lpz_lengths, ground_truth, gt_lengths, end_columns, blank, flags,
                                     backtrack_from_max_t, previous_table, previous_lengths, return_table):
     B, T, C, E = lpz.shape[0], lpz.shape[1], ground_truth.shape[1], end_columns.shape[1]
@@ -27,6 +29,6 @@ def _ctc_segmentation_prefixes_fake(lpz, lpz_lengths, ground_truth, gt_lengths, 
             lpz.new_empty((B if return_table else 0, C, T), dtype=torch.float32))
 
 
-@torch.library.register_fake("alignops::ctc_segmentation_utterance_score")
+@register_fake("alignops::ctc_segmentation_utterance_score")
 def _ctc_segmentation_utterance_score_fake(frame_logprobs, starts, ends, window):
     return frame_logprobs.new_empty(starts.shape, dtype=torch.float64)

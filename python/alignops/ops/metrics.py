@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from ._registration import register_fake
 
-@torch.library.register_fake("alignops::bootstrap_confusion")
+
+@register_fake("alignops::bootstrap_confusion")
 def bootstrap_confusion_fake(a, b, num_classes, num_resamples, seed):
     return a.new_empty((a.shape[0], num_resamples + 1, num_classes, num_classes), dtype=torch.int32)

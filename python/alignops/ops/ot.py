@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import torch
 
+from ._registration import register_fake
 
-@torch.library.register_fake("alignops::sinkhorn")
+
+@register_fake("alignops::sinkhorn")
 def sinkhorn_fake(cost, a, b, n_sizes, m_sizes, eps_schedule, eps, n_iters, tol, scores):
     B, N, M = cost.shape
     return (cost.new_empty(B, N), cost.new_empty(B, M), cost.new_empty(B, dtype=torch.long), cost.new_empty(B))
 
 
-@torch.library.register_fake("alignops::sinkhorn_points")
+@register_fake("alignops::sinkhorn_points")
 def sinkhorn_points_fake(x, y, a, b, n_sizes, m_sizes, p, eps_schedule, eps, n_iters, tol):
     B, N, M = x.shape[0], x.shape[1], y.shape[1]
     return (x.new_empty(B, N), x.new_empty(B, M), x.new_empty(B, dtype=torch.long), x.new_empty(B))
 
 
-@torch.library.register_fake("alignops::sinkhorn_normalize_pass")
+@register_fake("alignops::sinkhorn_normalize_pass")
 def sinkhorn_normalize_pass_fake(sim, col_bias, scale, row_update):
     L, N, M = sim.shape
     return sim.new_empty(L, N), sim.new_empty(L, M)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._registration import register_fake
+
 _acc = {torch.float64: torch.float64}
 
 
@@ -15,7 +17,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---- preference_loss --------------------------------------------------------------------------------
 
 
-@torch.library.register_fake("alignops::preference_loss")
+@register_fake("alignops::preference_loss")
 def _preference_loss_fake(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths, loss_types, loss_weights,
                           beta_value, label_smoothing, gamma, discopop_tau, f_divergence, f_alpha, compute_grad):
     acc = acc_dtype(pc.dtype)
@@ -55,14 +57,14 @@ register_preference_loss_autograd("alignops::preference_loss")
 # ---- selective_logprobs -----------------------------------------------------------------------------
 
 
-@torch.library.register_fake("alignops::selective_logprobs")
+@register_fake("alignops::selective_logprobs")
 def _selective_logprobs_fake(logits, targets, ignore_index, temperature):
     n = logits.shape[0]
     acc = acc_dtype(logits.dtype)
     return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc)
 
 
-@torch.library.register_fake("alignops::selective_logprobs_backward")
+@register_fake("alignops::selective_logprobs_backward")
 def _selective_logprobs_backward_fake(grad_logp, logits, targets, lse, ignore_index, temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
@@ -95,7 +97,7 @@ register_selective_logprobs_autograd(
 # ---- fused_linear_logprobs --------------------------------------------------------------------------
 
 
-@torch.library.register_fake("alignops::fused_linear_logprobs")
+@register_fake("alignops::fused_linear_logprobs")
 def _fused_linear_logprobs_fake(hidden, weight, targets, bias, ignore_index, temperature, logit_scale, softcap,
                                 return_entropy):
     n = hidden.shape[0]
@@ -104,7 +106,7 @@ def _fused_linear_logprobs_fake(hidden, weight, targets, bias, ignore_index, tem
             hidden.new_empty(n if return_entropy else 0, dtype=acc))
 
 
-@torch.library.register_fake("alignops::fused_linear_logprobs_backward")
+@register_fake("alignops::fused_linear_logprobs_backward")
 def _fused_linear_logprobs_backward_fake(grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
                                          logit_scale, softcap, bias_grad):
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format),

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ._registration import register_fake
 from .preference import acc_dtype
 
 _SWIGLU, _GELU, _GELU_TANH = 0, 1, 2
 
 
-@torch.library.register_fake("alignops::skip_ffn")
+@register_fake("alignops::skip_ffn")
 def skip_ffn_fake(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps, save_for_backward):
     N = x.shape[0]
     G = w_gate_up.shape[0]
@@ -18,12 +19,12 @@ def skip_ffn_fake(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, ac
             x.new_empty((1,), dtype=torch.long), rstd, x.new_empty((N if save_for_backward else 0, G)))
 
 
-@torch.library.register_fake("alignops::skip_ffn_")
+@register_fake("alignops::skip_ffn_")
 def skip_ffn_inplace_fake(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps):
     return None
 
 
-@torch.library.register_fake("alignops::skip_add_score")
+@register_fake("alignops::skip_add_score")
 def skip_add_score_fake(residual, delta, criterion):
     return (torch.empty_like(residual, memory_format=torch.contiguous_format),
             residual.new_empty((residual.shape[0],), dtype=acc_dtype(residual.dtype)))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from ._registration import register_fake
 
-@torch.library.register_fake("alignops::wasserstein_1d")
+
+@register_fake("alignops::wasserstein_1d")
 def _wasserstein_1d_fake(u, v, u_weights, v_weights, p):
     return u.new_empty((u.shape[0],))
 
 
-@torch.library.register_fake("alignops::wasserstein_1d_backward")
+@register_fake("alignops::wasserstein_1d_backward")
 def _wasserstein_1d_backward_fake(grad, u, v, u_weights, v_weights, p, weights_grad):
     gwu = torch.empty_like(u) if weights_grad and u_weights is not None else u.new_empty((0, 0))
     gwv = torch.empty_like(v) if weights_grad and v_weights is not None else v.new_empty((0, 0))

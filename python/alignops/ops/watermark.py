@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import torch
 
+from ._registration import register_fake
 
-@torch.library.register_fake("alignops::kgw_logits")
+
+@register_fake("alignops::kgw_logits")
 def kgw_logits_fake(logits, context, key, gamma, delta):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("alignops::kgw_argmax")
+@register_fake("alignops::kgw_argmax")
 def kgw_argmax_fake(logits, context, key, gamma, delta):
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
 
 
-@torch.library.register_fake("alignops::gumbel_argmax")
+@register_fake("alignops::gumbel_argmax")
 def gumbel_argmax_fake(logits, context, key, temperature):
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
 
