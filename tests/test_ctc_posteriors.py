@@ -354,3 +354,25 @@ def test_raw_op_checks_in_cpp():
         op(lp, targets.float(), il, tl, 0, True, False, False)
     with pytest.raises(ValueError, match=r"blank must lie in \[0, C = 5\), got -1"):
         op(lp, targets, il, tl, -1, True, False, False)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
+def test_nan_emission_gives_nan_loss_as_torch(backend):
+    """A NaN score the alignments read made the row's loss inf, which zero_infinity turned into 0 (issue 13,
+    item 5). torch's ctc_loss is the oracle: NaN for a NaN at a blank / target class within the input length,
+    the loss unchanged for a NaN at a class the row never reads."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    lp = torch.randn(3, 10, 5, dtype=torch.float64).log_softmax(-1)
+    lp[0, 4, 2] = math.nan  # a target class of row 0
+    lp[1, 3, 4] = math.nan  # class 4: not in row 1's targets, not blank
+    lp[2, 9, 0] = math.nan  # blank, but past row 2's input length
+    targets = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    il, tl = torch.tensor([10, 10, 9]), torch.tensor([3, 3, 3])
+    for zero_infinity in (False, True):
+        want = F.ctc_loss(lp.transpose(0, 1), targets, il, tl, reduction="none", zero_infinity=zero_infinity)
+        got = alignops.ctc_loss(lp, targets, il, tl, reduction="none", zero_infinity=zero_infinity, backend=backend)
+        assert torch.isnan(want[0]) and torch.isnan(got[0])
+        torch.testing.assert_close(got[1:], want[1:].to(got.dtype), rtol=1e-10, atol=1e-10)
+    post = alignops.ctc.ctc_posteriors(lp, targets, il, tl, backend=backend)
+    assert torch.isnan(post.loss[0]) and torch.isfinite(post.loss[1:]).all()

@@ -50,6 +50,18 @@ def _padded(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor
     return torch.where(used, targets[idx] if targets.numel() else torch.zeros_like(idx), 0).to(targets.dtype)
 
 
+def _nan_rows(log_probs, targets, input_lengths, target_lengths, blank) -> torch.Tensor:
+    """[B] bool: a NaN among the scores the row's alignments read (its blank and target classes at frames
+    before its input length). The kernels treat a NaN score as an impossible step, so such a row would come
+    back inf, which zero_infinity turns into 0: torch's ctc_loss returns NaN, and so does alignops."""
+    T, L = log_probs.shape[1], targets.shape[1]
+    frames = torch.arange(T, device=log_probs.device) < input_lengths[:, None]
+    used = torch.arange(L, device=targets.device) < target_lengths[:, None]
+    classes = torch.cat([torch.full_like(targets[:, :1], blank), torch.where(used, targets, blank)], 1).long()
+    read = log_probs.detach().gather(2, classes[:, None, :].expand(-1, T, -1))
+    return (read.isnan().any(2) & frames).any(1)
+
+
 def _prepare(log_probs, targets, input_lengths, target_lengths, blank, check_values):
     if not isinstance(log_probs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise AlignopsError("log_probs and targets must be tensors")
@@ -124,12 +136,14 @@ def ctc_posteriors(
     if impl == "torch":
         acc = acc_dtype(log_probs.dtype)
         loss, gamma = _ref.forward_backward(log_probs, targets, input_lengths, target_lengths, blank)
+        loss = torch.where(_nan_rows(log_probs, targets, input_lengths, target_lengths, blank), torch.nan, loss)
         return CTCPosteriors(loss.to(acc), gamma.to(acc) if want_states else None,
                              _ref.token_occupancy(gamma).to(acc) if want_tokens else None)
     op = torch.ops.alignops.ctc_posteriors if impl == "native" else torch.ops.alignops.ctc_posteriors_triton
     compute_grad = torch.is_grad_enabled() and log_probs.requires_grad
     loss, states, tokens, _ = op(log_probs, targets, input_lengths, target_lengths, blank, want_states, want_tokens,
                                  compute_grad)
+    loss = torch.where(_nan_rows(log_probs, targets, input_lengths, target_lengths, blank), torch.nan, loss)
     return CTCPosteriors(loss, states if want_states else None, tokens if want_tokens else None)
 
 
@@ -151,7 +165,8 @@ def ctc_loss(
     ``loss_b = -log sum over alignments of exp(sum of the aligned log_probs)``. ``reduction="none"`` -> [B];
     ``"sum"``; ``"mean"`` divides each loss by its target length (clamped to >= 1) and averages over the
     batch, as torch. ``zero_infinity`` replaces infinite losses (no alignment) by 0; their gradient is 0
-    either way.
+    either way. A NaN among the scores a row reads (its blank and target classes within its input length)
+    makes its loss NaN, as torch's, which ``zero_infinity`` keeps (the gradient of such a row is 0).
 
     The gradient is d loss_b / d log_probs[b, t, c] = -sum_{s: label(s) = c} gamma_t(s): the exact
     derivative with respect to the given scores, whether or not they are log-softmax outputs (torch's
@@ -180,6 +195,7 @@ def ctc_loss(
         op = torch.ops.alignops.ctc_posteriors if impl == "native" else torch.ops.alignops.ctc_posteriors_triton
         compute_grad = torch.is_grad_enabled() and log_probs.requires_grad
         loss = op(log_probs, targets, input_lengths, target_lengths, blank, False, False, compute_grad)[0]
+    loss = torch.where(_nan_rows(log_probs, targets, input_lengths, target_lengths, blank), torch.nan, loss)
     if zero_infinity:
         loss = torch.where(torch.isinf(loss), torch.zeros_like(loss), loss)
     if reduction == "none":
