@@ -342,3 +342,18 @@ def test_span_occupancy_of_fewer_frames_than_the_paths_is_refused():
     spans = ctc.token_spans(paths)
     with pytest.raises(ValueError, match="token_occupancy has T = 4 frames but spans reach frame 6"):
         ctc.span_occupancy(spans, torch.rand(1, 4, 2))
+
+
+def test_compile_fullgraph_with_on_infeasible_raise():
+    """The default on_infeasible="raise" branched on the feasibility flags, a data-dependent guard that
+    fullgraph=True refused (issue 13); compiled, the check is an assert in the graph."""
+    f = torch.compile(lambda lp, t: alignops.ctc.forced_align(lp, t), fullgraph=True)
+    lp = torch.randn(2, 12, 5).log_softmax(-1)
+    targets = torch.tensor([[1, 2, 3], [4, 4, 1]])
+    paths, scores = f(lp, targets)
+    want_paths, want_scores = alignops.reference.ctc.forced_align(
+        lp, targets, torch.tensor([12, 12]), torch.tensor([3, 3]), 0, None, -1)[:2]
+    torch.testing.assert_close(paths, want_paths.to(paths.dtype))
+    torch.testing.assert_close(scores, want_scores)
+    with pytest.raises(RuntimeError, match=r"forced_align: no alignment fits some rows \(on_infeasible='raise'\)"):
+        f(torch.randn(1, 4, 5).log_softmax(-1), torch.tensor([[1, 1, 1]]))

@@ -111,7 +111,8 @@ def forced_align(
             K-frame segments while tracing back: exact (same path), about 2x the time, memory
             O(S (T/K + K)); K = ``checkpoint_interval`` (default about 4.6 sqrt(T), the memory optimum).
         on_infeasible: ``"raise"`` (ValueError naming the rows with T_b < L_b + repeats or no finite
-            path) or ``"skip"`` (those rows come back as path -1, score -inf).
+            path) or ``"skip"`` (those rows come back as path -1, score -inf). Under
+            ``torch.compile(fullgraph=True)`` "raise" is an assert in the graph: RuntimeError, rows unnamed.
         backend: ``"auto"`` (C++ on the CPU, CUDA C++ on a GPU), ``"native"``, ``"torch"`` (reference).
         check_values: ``False`` skips the checks that read tensor values on the device (lengths and target
             ids in range), so the call neither syncs nor breaks CUDA-graph capture (with
@@ -177,7 +178,11 @@ def forced_align(
                 log_probs, targets, input_lengths, target_lengths, blank, star, star_id, checkpoint)
         except ValueError as e:  # the C++ checks (csrc/common/checks.h) raise a plain ValueError
             raise AlignopsError(str(e)) from None
-    if on_infeasible == "raise" and not feasible.is_meta and not bool(feasible.all()):
+    if on_infeasible == "raise" and torch.compiler.is_compiling():
+        # A traced graph cannot branch on the flags: the check becomes an assert in the graph, which raises
+        # RuntimeError at run time (it cannot say which rows; the eager call does).
+        torch._assert_async(feasible.all(), "forced_align: no alignment fits some rows (on_infeasible='raise')")
+    elif on_infeasible == "raise" and not feasible.is_meta and not bool(feasible.all()):
         rows = (~feasible).nonzero().flatten().tolist()
         raise AlignopsError(f"forced_align: no alignment fits rows {rows[:10]}{'...' if len(rows) > 10 else ''}: "
                             "they need input_lengths >= target_lengths + repeated neighbours, and a path of finite "
