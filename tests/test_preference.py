@@ -369,9 +369,9 @@ def test_bad_input_messages(backend):
         call(pc, pr, rc.double(), rr)
     with pytest.raises(ValueError, match="must be float32, float64, float16 or bfloat16, got torch.int64"):
         call(pc.long(), pr.long())
-    with pytest.raises(ValueError, match="beta must be > 0, got 0.0"):
+    with pytest.raises(ValueError, match="beta must be > 0 and finite, got 0.0"):
         call(pc, pr, rc, rr, beta=0.0)
-    with pytest.raises(ValueError, match="beta must be > 0 for every pair"):
+    with pytest.raises(ValueError, match=r"beta must be > 0 and finite for every pair, got beta\[7\] = -1.0"):
         call(pc, pr, rc, rr, beta=torch.tensor([0.1] * 7 + [-1.0]))
     with pytest.raises(ValueError, match="unknown loss_type 'dpo'; valid loss types: sigmoid, hinge, ipo"):
         call(pc, pr, rc, rr, loss_type="dpo")

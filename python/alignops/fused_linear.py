@@ -8,6 +8,7 @@ Liger-Kernel or the packed (padding-free) layout with ``cu_seqlens``.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -59,8 +60,9 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise AlignopsError(f"weight must have shape [V, H] with H = {hidden.shape[1]} (hidden's last dimension), "
                             f"got {tuple(weight.shape)}")
-    if softcap is not None and not softcap > 0:
-        raise AlignopsError(f"softcap must be > 0 (or None for no softcap), got {softcap}")
+    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+        # softcap = inf would compute inf * tanh(z / inf) = inf * 0 = NaN; None is the way to say "no softcap"
+        raise AlignopsError(f"softcap must be > 0 and finite (or None for no softcap), got {softcap}")
     impl = _backend.resolve(backend, hidden.device, "fused_linear_logprobs", native_cuda=False)
     if impl == "torch":
         out = _ref.fused_linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index,

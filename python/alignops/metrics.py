@@ -226,10 +226,12 @@ def percent_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int | None 
 def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor, *, tie_value: float = 0.5, n_bootstrap: int = 0,
              confidence: float = 0.95, seed: int = 0) -> MetricResult:
     """Win rate of a over b on paired scores [..., N]: mean(1[a > b] + tie_value * 1[a == b]) (ties count
-    half by default). Torch composite. Raises ValueError for N = 0 or shapes that do not broadcast."""
+    half by default). A NaN score is neither a win, a tie nor a loss: its row's win rate is NaN. Torch
+    composite. Raises ValueError for N = 0 or shapes that do not broadcast."""
     _check_bootstrap(n_bootstrap, confidence)
     a, b = _resampled(_paired({"scores_a": scores_a, "scores_b": scores_b}), n_bootstrap, seed)
     wins = (a > b).to(a.dtype) + tie_value * (a == b).to(a.dtype)
+    wins = torch.where(a.isnan() | b.isnan(), torch.nan, wins)
     return _result(wins.mean(-1), n_bootstrap, confidence)
 
 
@@ -299,9 +301,17 @@ def alignment_gap(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torc
 # ---- correlation and calibration -------------------------------------------------------------------------
 
 
+def _unit_scale(x: torch.Tensor) -> torch.Tensor:
+    """x / max|x| along the last dim (0 rows kept): r is scale-free, and the squares of values near 1e30
+    (or 1e-30) would overflow (underflow) fp32."""
+    m = x.abs().amax(-1, keepdim=True)
+    return x / torch.where(m > 0, m, torch.ones_like(m))
+
+
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    xc = x - x.mean(-1, keepdim=True)
-    yc = y - y.mean(-1, keepdim=True)
+    x, y = _unit_scale(x), _unit_scale(y)
+    xc = _unit_scale(x - x.mean(-1, keepdim=True))
+    yc = _unit_scale(y - y.mean(-1, keepdim=True))
     den = (xc.square().sum(-1) * yc.square().sum(-1)).sqrt()
     r = (xc * yc).sum(-1) / den
     return torch.where(den == 0, torch.full_like(r, float("nan")), r.clamp(-1, 1))
@@ -479,11 +489,15 @@ def benjamini_hochberg(pvalues: torch.Tensor, q: float) -> torch.Tensor:
     """Benjamini-Hochberg selection at FDR level q along the last dimension: with k* the largest k such that
     the k-th smallest p-value is <= q k / m, select every p <= q k* / m (bool [..., m]; none when no k
     qualifies). Equivalent to scipy.stats.false_discovery_control(p) <= q. Raises ValueError for q outside
-    (0, 1]."""
+    (0, 1] and for p-values outside [0, 1] or NaN (a NaN has no rank; that check reads one value back)."""
     if not 0 < q <= 1:
         raise AlignopsError(f"q (the FDR level) must be in (0, 1], got {q}")
     if pvalues.dim() == 0:
         raise AlignopsError("pvalues must have shape [..., m]")
+    if pvalues.numel() and not torch.compiler.is_compiling():
+        bad = ~((pvalues >= 0) & (pvalues <= 1))
+        if bool(bad.any()):
+            raise AlignopsError(f"pvalues must lie in [0, 1], got {pvalues[bad][0].item()}")
     m = pvalues.shape[-1]
     p = pvalues.double()
     sorted_p = p.sort(-1).values

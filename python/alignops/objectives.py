@@ -72,6 +72,10 @@ def _check_labels(name: str, t, like: torch.Tensor, like_name: str) -> torch.Ten
     _check_like(name, t, like, like_name, floating=False)
     if t.dtype != torch.bool and (t.is_floating_point() or t.is_complex()):
         raise AlignopsError(f"{name} must be a bool (or integer 0/1) tensor, got {t.dtype}")
+    if t.dtype != torch.bool and t.numel() and _values_checkable(t):
+        bad = (t != 0) & (t != 1)
+        if bool(bad.any()):
+            raise AlignopsError(f"{name} must hold 0 / 1 labels, got {t[bad][0].item()}")
     return t.bool()
 
 
@@ -169,13 +173,16 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     see ``-ln 2``), so the branch ``torch.where`` discards cannot leak ``0 * inf = NaN`` into the gradient
     as it does when both branches run on every element. ``x`` is clamped to ``<= -tiny``: ``x = 0``
     (probability 1 in the working precision) gives ``log(tiny)`` (-87.3 in fp32) instead of ``-inf``.
+    ``x > 0`` (1 - exp(x) < 0, no real log) and NaN give NaN, with a zero gradient.
     """
     tiny = torch.finfo(x.dtype).tiny
+    undefined = x > 0
     x = x.clamp(max=-tiny)
     near = x > -_LN2
     split = torch.full_like(x, -_LN2)
-    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, split))),
-                       torch.log1p(-torch.exp(torch.where(near, split, x))))
+    out = torch.where(near, torch.log(-torch.expm1(torch.where(near, x, split))),
+                      torch.log1p(-torch.exp(torch.where(near, split, x))))
+    return torch.where(undefined, torch.nan, out)
 
 
 class ORPOLossOutput(NamedTuple):
@@ -677,7 +684,8 @@ def rrhf_loss(
 
     The authors' ``RRHFTrainer`` (``rrhf_weight * rrhf_loss + sft_loss``; their default weight is 100,
     the paper's equation 1). Their SFT term averages the best response's token log-probs over the padded
-    length; this is the mean over its own tokens. Gradients flow to ``logps``.
+    length; this is the mean over its own tokens. Gradients flow to ``logps``. A prompt with a NaN reward
+    has no ranking: its loss, ``rank`` and ``nll`` are NaN (so a mean over the batch is NaN too).
     """
     _check_candidates("logps", logps)
     _check_candidates("rewards", rewards, logps)
@@ -698,6 +706,9 @@ def rrhf_loss(
     best = r.argmax(dim=1)
     idx = best.unsqueeze(1)
     nll = -(lp.gather(1, idx) / n.gather(1, idx)).squeeze(1)
+    unranked = r.isnan().any(1)  # a NaN compares false with everything: it would silently drop out of the hinge
+    rank = torch.where(unranked, torch.nan, rank)
+    nll = torch.where(unranked, torch.nan, nll)
     loss = _reduce(rank_weight * rank + nll, reduction)
     return RRHFLossOutput(loss, rank.detach(), nll.detach(), scores.detach(), best)
 
@@ -754,7 +765,8 @@ def curry_pairs(rewards: torch.Tensor, *, mode: str = "best_vs_rest") -> CurryPa
     ``"all_pairs"``: every pair with the higher-rated response chosen (P = K(K-1)/2). Column j of the
     result is the j-th easiest pair of each prompt (the paper's iteration j); ``order`` sorts all pairs of
     the batch. Ties: the first top-rated index is the best; equal ratings give ``valid=False``.
-    ``rewards`` [B, K] float or integer; no gradient.
+    ``rewards`` [B, K] float or integer; no gradient. A NaN rating (it has no order) raises ValueError on
+    CPU tensors; on a GPU it is not read back, and the pairs of its prompt get a NaN gap, ``valid=False``.
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
         raise AlignopsError(f"rewards must be a 2-D tensor of shape [B, K], got "
@@ -767,6 +779,9 @@ def curry_pairs(rewards: torch.Tensor, *, mode: str = "best_vs_rest") -> CurryPa
     if K < 2:
         raise AlignopsError(f"rewards needs K >= 2 candidates per prompt to form a pair, got K={K}")
     r = rewards.to(torch.float64)
+    if r.numel() and _values_checkable(r) and bool(r.isnan().any()):
+        b, k = r.isnan().nonzero()[0].tolist()
+        raise AlignopsError(f"rewards must not contain NaN (a NaN rating has no order), got NaN at rewards[{b}, {k}]")
     dev = rewards.device
     if mode == "best_vs_rest":
         best = r.argmax(dim=1, keepdim=True)

@@ -6,6 +6,7 @@ Public functions of the ``preference`` family. Every function takes ``backend="a
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -77,19 +78,25 @@ def _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, d
     if len(weights) != len(types):
         raise AlignopsError(f"loss_weights must have one weight per loss type: got {len(weights)} weights "
                             f"for {len(types)} loss types")
+    for i, w in enumerate(weights):
+        if not math.isfinite(w):
+            raise AlignopsError(f"loss_weights must be finite, got loss_weights[{i}] = {w}")
     if isinstance(beta, torch.Tensor):
         if beta.shape != pc.shape:
             raise AlignopsError(f"beta as a tensor must be per pair, shape {tuple(pc.shape)}, got {tuple(beta.shape)}")
         if beta.device != pc.device:
             raise AlignopsError(f"beta must be on the device of policy_chosen_logps ({pc.device}), got {beta.device}")
         # Values are checked where that costs no device sync.
-        if beta.device.type == "cpu" and not torch.compiler.is_compiling() and bool((beta <= 0).any()):
-            raise AlignopsError("beta must be > 0 for every pair")
+        if beta.device.type == "cpu" and not torch.compiler.is_compiling():
+            bad = ~((beta > 0) & beta.isfinite())
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise AlignopsError(f"beta must be > 0 and finite for every pair, got beta[{i}] = {beta[i].item()}")
         if any(t in _SORTED_TYPES for t in types):
             raise AlignopsError("a per-pair beta tensor is not defined for aot / aot_unpaired (they pair sorted "
                                 "ratios across the batch); pass a float beta")
-    elif not beta > 0:
-        raise AlignopsError(f"beta must be > 0, got {beta}")
+    elif not (beta > 0 and math.isfinite(beta)):
+        raise AlignopsError(f"beta must be > 0 and finite, got {beta}")
     if not 0.0 <= label_smoothing < 1.0:
         raise AlignopsError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
     if "robust" in types and not label_smoothing < 0.5:
@@ -104,8 +111,8 @@ def _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, d
         if unsupported:
             raise AlignopsError(f"f_divergence_type={f_divergence_type!r} applies only to loss types "
                                 f"{sorted(_F_DIVERGENCE_TYPES)}; got {unsupported}")
-    if not discopop_tau > 0:
-        raise AlignopsError(f"discopop_tau must be > 0, got {discopop_tau}")
+    if not (discopop_tau > 0 and math.isfinite(discopop_tau)):
+        raise AlignopsError(f"discopop_tau must be a finite value > 0, got {discopop_tau}")
     if reduction not in _REDUCTIONS:
         raise AlignopsError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):

@@ -61,7 +61,8 @@ def calibrate(rewards: torch.Tensor, reference_rewards: torch.Tensor) -> torch.T
     r"""InfAlign calibration: :math:`C(y) = P_{y' \sim \pi_{ref}}(r(y') < r(y)) + \tfrac12 P(r(y') = r(y))`,
     the mid-rank empirical CDF of the reward against M reference samples of the same prompt, in [0, 1].
     rewards [..., K], reference_rewards [..., M] (same leading shape); fp64 for fp64 inputs, else fp32.
-    Raises ValueError for mismatched leading shapes or M = 0."""
+    A NaN reward calibrates to NaN, and so does every reward of a prompt with a NaN among its reference
+    rewards (a NaN has no rank). Raises ValueError for mismatched leading shapes or M = 0."""
     r, ref = _tensor(rewards, "rewards"), _tensor(reference_rewards, "reference_rewards")
     if r.dim() == 0 or ref.dim() == 0 or r.shape[:-1] != ref.shape[:-1]:
         raise AlignopsError(f"rewards [..., K] and reference_rewards [..., M] must share their leading shape, got "
@@ -73,7 +74,8 @@ def calibrate(rewards: torch.Tensor, reference_rewards: torch.Tensor) -> torch.T
     q = r.to(dtype).contiguous()
     below = torch.searchsorted(s, q, right=False)
     upto = torch.searchsorted(s, q, right=True)
-    return (below + upto).to(dtype) / (2 * ref.shape[-1])
+    u = (below + upto).to(dtype) / (2 * ref.shape[-1])
+    return torch.where(q.isnan() | s[..., -1:].isnan(), torch.nan, u)  # sort() puts a NaN last
 
 
 def ctrl_transform(calibrated: torch.Tensor, t: float) -> torch.Tensor:
@@ -93,7 +95,9 @@ class Selection(NamedTuple):
 
 
 def best_of_n(rewards: torch.Tensor) -> Selection:
-    """(best reward, its index) over the last dimension [..., n]; ties go to the first. Raises ValueError for n = 0."""
+    """(best reward, its index) over the last dimension [..., n]; ties go to the first. A NaN reward wins, as in
+    ``torch.max``: the row's value is NaN and its index the first NaN's, so a diverged reward is never hidden
+    behind a finite pick. Raises ValueError for n = 0."""
     r = _tensor(rewards, "rewards")
     if r.dim() == 0 or r.shape[-1] == 0:
         raise AlignopsError(f"rewards must have shape [..., n] with n >= 1, got {list(r.shape)}")
@@ -102,7 +106,8 @@ def best_of_n(rewards: torch.Tensor) -> Selection:
 
 
 def worst_of_n(rewards: torch.Tensor) -> Selection:
-    """(lowest reward, its index) over the last dimension: the best-of-n jailbreaking adversary of InfAlign."""
+    """(lowest reward, its index) over the last dimension: the best-of-n jailbreaking adversary of InfAlign.
+    A NaN reward is picked, as in ``torch.min`` (see :func:`best_of_n`)."""
     r = _tensor(rewards, "rewards")
     if r.dim() == 0 or r.shape[-1] == 0:
         raise AlignopsError(f"rewards must have shape [..., n] with n >= 1, got {list(r.shape)}")
@@ -128,8 +133,11 @@ def weighted_majority_vote(answers: torch.Tensor, weights: torch.Tensor | None =
     if w.shape != a.shape:
         raise AlignopsError(f"weights must have the shape of answers {list(a.shape)}, got {list(w.shape)}")
     if num_classes is None:
+        if a.numel() == 0:
+            raise AlignopsError(f"answers is empty (shape {list(a.shape)}): pass num_classes to vote on an empty "
+                                "batch (the default, max + 1, needs at least one answer)")
         num_classes = int(a.max()) + 1
-    if check_values and (int(a.min()) < 0 or int(a.max()) >= num_classes):
+    if check_values and a.numel() and (int(a.min()) < 0 or int(a.max()) >= num_classes):
         raise AlignopsError(f"answers must be labels in [0, num_classes) = [0, {num_classes})")
     dtype = w.dtype if w.is_floating_point() else torch.float32
     totals = torch.zeros(*a.shape[:-1], num_classes, dtype=dtype, device=a.device)
