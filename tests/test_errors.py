@@ -122,3 +122,27 @@ def test_weighted_majority_vote_on_an_empty_batch():
         alignops.rewards.weighted_majority_vote(torch.zeros(0, 3, dtype=torch.long))
     out = alignops.rewards.weighted_majority_vote(torch.zeros(0, 3, dtype=torch.long), num_classes=4)
     assert out.values.shape == (0,) and out.indices.shape == (0,)
+
+
+def test_gaussian_w2_refuses_an_indefinite_covariance():
+    with pytest.raises(ValueError, match="S1 must be positive semi-definite .*got an eigenvalue -1"):
+        alignops.gaussian_w2(torch.zeros(2), torch.tensor([[1.0, 0.0], [0.0, -1.0]]), torch.zeros(2), torch.eye(2))
+    # a singular (rank-deficient) covariance is PSD: W2^2 between N(0, diag(1, 0)) and N(0, I) = (1 - 1)^2 + 1
+    out = alignops.gaussian_w2(torch.zeros(2), torch.diag(torch.tensor([1.0, 0.0])), torch.zeros(2), torch.eye(2))
+    torch.testing.assert_close(out, torch.tensor(1.0))
+
+
+def test_cca_names_a_nan_view():
+    with pytest.raises(ValueError, match="H1 must be finite, got NaN or inf entries"):
+        alignops.cca(torch.full((10, 3), float("nan")), torch.randn(10, 3))
+
+
+def test_prepack_names_an_impossible_batch_size():
+    w = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="batch_size=1099511627776: oneDNN found no weight layout"):
+        alignops.skip.prepack(w, batch_size=2**40)
+
+
+def test_skip_ffn_refuses_a_zero_hidden_size():
+    with pytest.raises(ValueError, match=r"x must have a hidden size H >= 1, got shape \(2, 3, 0\)"):
+        alignops.skip_ffn(torch.randn(2, 3, 0), torch.randn(8, 0), torch.randn(0, 4))

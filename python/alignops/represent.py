@@ -606,7 +606,13 @@ def cca(H1: torch.Tensor, H2: torch.Tensor, k: int | None = None, reg: float = 1
     S11 = H1.transpose(-1, -2) @ H1 / (n - 1) + reg * eye1
     S22 = H2.transpose(-1, -2) @ H2 / (n - 1) + reg * eye2
     S12 = H1.transpose(-1, -2) @ H2 / (n - 1)
-    L1, L2 = torch.linalg.cholesky(S11), torch.linalg.cholesky(S22)
+    try:
+        L1, L2 = torch.linalg.cholesky(S11), torch.linalg.cholesky(S22)
+    except torch.linalg.LinAlgError:  # a NaN / inf view fails here first: name it instead of the factorisation
+        for name, H in (("H1", H1), ("H2", H2)):
+            if not bool(H.isfinite().all()):
+                raise AlignopsError(f"{name} must be finite, got NaN or inf entries") from None
+        raise
     A = torch.linalg.solve_triangular(L1, S12, upper=False)  # L1^-1 S12
     T = torch.linalg.solve_triangular(L2, A.transpose(-1, -2), upper=False).transpose(-1, -2)  # (.) L2^-T
     return torch.linalg.svdvals(T)[..., :k].to(out)

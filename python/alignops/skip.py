@@ -168,6 +168,8 @@ def skip_ffn(
     """
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
         raise AlignopsError(f"x must be a tensor of shape [B, T, H] or [N, H], got {getattr(x, 'shape', type(x))}")
+    if x.shape[-1] == 0:
+        raise AlignopsError(f"x must have a hidden size H >= 1, got shape {tuple(x.shape)}")
     if activation not in _ACTIVATION_CODES:
         raise AlignopsError(f"activation must be one of {_ref.ACTIVATIONS}, got {activation!r}")
     if not eps > 0:
@@ -251,7 +253,13 @@ def prepack(*weights: torch.Tensor, batch_size: int | None = None) -> None:
     the layout for (default: its own choice).
     """
     _check_weights_to_pack(weights)
-    torch.ops.alignops.skip_ffn_prepack(list(weights), True, batch_size)
+    try:
+        torch.ops.alignops.skip_ffn_prepack(list(weights), True, batch_size)
+    except RuntimeError as e:  # oneDNN's own message names neither the argument nor the value
+        if batch_size is None:
+            raise
+        raise AlignopsError(f"batch_size={batch_size}: oneDNN found no weight layout for that many rows; pass "
+                            f"the batch size it will see, or None ({e})") from None
 
 
 def unprepack(*weights: torch.Tensor) -> None:

@@ -170,7 +170,9 @@ def gaussian_w2(mu1: torch.Tensor, S1: torch.Tensor, mu2: torch.Tensor, S2: torc
 
     Returns: [...] in the inputs' dtype (clamped at 0: rounding can make it slightly negative).
 
-    Raises: ValueError for shapes that do not match or non-float inputs.
+    Raises: ValueError for shapes that do not match or non-float inputs, and for an indefinite covariance
+    (an eigenvalue below ``-1000 d eps max|eig|``, more than rounding makes) on CPU tensors outside
+    torch.compile: an ``eigvalsh`` and a host read, skipped on a GPU (the root then clamps the negative part).
     """
     for name, t in (("mu1", mu1), ("S1", S1), ("mu2", mu2), ("S2", S2)):
         if t.dtype not in (torch.float32, torch.float64):
@@ -182,6 +184,14 @@ def gaussian_w2(mu1: torch.Tensor, S1: torch.Tensor, mu2: torch.Tensor, S2: torc
     for name, S in (("S1", S1), ("S2", S2)):
         if S.dim() < 2 or S.shape[-2:] != (d, d):
             raise AlignopsError(f"{name} must have shape [..., d, d] with d = {d}, got {list(S.shape)}")
+        if S.numel() and S.device.type == "cpu" and not torch.compiler.is_compiling():
+            lam = torch.linalg.eigvalsh(0.5 * (S + S.transpose(-1, -2))).detach()
+            scale = lam.abs().amax(-1).clamp_min(torch.finfo(S.dtype).tiny)
+            lowest = lam[..., 0]
+            bad = lowest < -1000 * d * torch.finfo(S.dtype).eps * scale
+            if bool(bad.any()):
+                raise AlignopsError(f"{name} must be positive semi-definite (a covariance), got an eigenvalue "
+                                    f"{lowest[bad][0].item():.6g}")
     r1 = psd_sqrt(S1)
     M = r1 @ (0.5 * (S2 + S2.transpose(-1, -2))) @ r1
     mu_eig = torch.linalg.eigvalsh(0.5 * (M + M.transpose(-1, -2)))
