@@ -164,7 +164,8 @@ def forced_align(
         checkpoint = int(checkpoint_interval) if checkpoint_interval is not None else max(1, math.ceil(4.6 * math.sqrt(max(T, 1))))
         if checkpoint < 1:
             raise AlignopsError(f"checkpoint_interval must be >= 1, got {checkpoint_interval}")
-    impl = _backend.resolve(backend, dev, "forced_align")
+    # asked before resolve(), which would first complain of a missing triton package
+    impl = "triton" if backend == "triton" else _backend.resolve(backend, dev, "forced_align")
     if impl == "triton":
         raise RuntimeError("forced_align: there is no Triton kernel (its GPU kernel is CUDA C++); build alignops "
                            "with ALIGNOPS_ENABLE_CUDA=ON, or use backend='torch'")
