@@ -6,7 +6,10 @@ half-step is a column logsumexp, the f half-step a row logsumexp, each an online
 the cost: nothing of size N x M is written. When the problem fits one [BLOCK_N, BLOCK_M] tile
 (``SINGLE``), the tile is loaded once and stays in registers for all iterations; otherwise the tiles are
 re-read each half-step (from L2 for matrices that fit there), with f, g and the column logsumexps kept
-in global scratch between the passes.
+in global scratch between the passes. The column pass of iteration t also measures the column error of
+iteration t - 1's potentials; a problem may stop on it only once a full (g, f) update at eps has run
+(t > K, K the epsilon-scaling steps): the starting potentials (0, or the last scaling step's) can fit the
+columns while the rows were never fitted.
 
 ``split_*_kernel`` (few large problems, see ``use_split``): each half-step is a launch over column or row
 blocks of every problem, from a host loop that never waits on the device; a per-problem ``done`` flag in
@@ -112,8 +115,9 @@ def sinkhorn_kernel(C, X, Y, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, D,
             inv = 1.0 / e
             Lc = _col_lse(tl.where(mask, f[:, None] * inv - (sign * inv) * c, float("-inf")))
             e_t = tl.sum(tl.where(cmask, tl.abs(tl.exp(g * inv + Lc) - bw), 0.0), 0)
-            conv = (t >= K) & (tol >= 0) & (e_t <= tol)
-            err = tl.where((t >= K) & (tol >= 0), e_t, err)
+            # t > K: the first check follows a full (g, f) update at eps (see the module docstring)
+            conv = (t > K) & (tol >= 0) & (e_t <= tol)
+            err = tl.where((t > K) & (tol >= 0), e_t, err)
             g_new = tl.where(cmask, e * (log_b - Lc), 0.0)
             Lr = _row_lse(tl.where(mask, g_new[None, :] * inv - (sign * inv) * c, float("-inf")))
             f_new = tl.where(rmask, e * (log_a - Lr), 0.0)
@@ -158,7 +162,7 @@ def sinkhorn_kernel(C, X, Y, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, D,
                 bw = tl.load(Bw + p * M + cols, mask=cmask, other=0.0)
                 e_t += tl.sum(tl.where(cmask, tl.abs(tl.exp(gc * inv + Lc) - bw), 0.0), 0)
             tl.debug_barrier()
-            check = ((t >= K) & (tol >= 0)) | last
+            check = ((t > K) & (tol >= 0)) | last
             conv = check & (e_t <= tol) & (tol >= 0)
             err = tl.where(check, e_t, err)
             done = conv | last
@@ -211,7 +215,8 @@ def normalize_rows_kernel(S, CB, RB, N, M, scale, BLOCK_R: tl.constexpr, BLOCK_M
         z = tl.where(mask, scale * x + cb[None, :], float("-inf"))
         bm = tl.maximum(tl.max(z, 1), NEG)
         mx, s = _merge(mx, s, bm, tl.sum(tl.exp(z - bm[:, None]), 1))
-    tl.store(RB + level * N + rows, -(mx + tl.log(s)), mask=rmask)
+    # a row of only -inf carries no mass: bias -inf (not +inf, which makes the column pass's terms NaN)
+    tl.store(RB + level * N + rows, tl.where(s > 0, -(mx + tl.log(s)), float("-inf")), mask=rmask)
 
 
 @triton.jit
@@ -418,7 +423,7 @@ def launch_sinkhorn_split(cost, a, b, n_sizes, m_sizes, schedule, eps, n_iters, 
                   num_warps=_warps(bn * bm * (bd if points is not None else 1), f.dtype))
     for t in range(n_iters + 1):
         last = t == n_iters
-        check = last or (t >= K and tol >= 0)
+        check = last or (t > K and tol >= 0)
         launch(split_cols_kernel, (n_cb, B), cost, x, y, b, n_sizes, m_sizes, f, g, scratch, errp, done, eps_t, t,
                                                    N, M, D, n_cb, sign, power, **common)
         launch(split_check_kernel, (B,), b, m_sizes, g, scratch, errp, done, iters, err, eps_t, M, n_cb, t, tol,

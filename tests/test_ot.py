@@ -478,3 +478,128 @@ def test_half_precision_costs_are_solved_in_float32():
     exp = O.sinkhorn(C.float(), eps=0.1, n_iters=30)
     assert got.f.dtype == torch.float32
     torch.testing.assert_close(got.f, exp.f, rtol=0, atol=0)
+
+
+# ---- silent wrong answers found by peers' suites and a fuzz campaign (issue 13, items 1 and 3) -------------
+
+
+def _pot_plan(C, a, b, eps):
+    """POT's sinkhorn_log run to convergence in float64 (3000 iterations at most): (plan, f, g)."""
+    P, log = pot_sinkhorn_log(a.double().numpy(), b.double().numpy(), C.double().numpy(), eps, numItermax=3000,
+                              stopThr=1e-12, log=True, warn=False)
+    return torch.from_numpy(P), torch.from_numpy(eps * log["log_u"]), torch.from_numpy(eps * log["log_v"])
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_convergence_is_checked_only_after_a_full_update(backend):
+    # The column sums of exp(-C / eps) already equal b: a check before the first f update stopped at
+    # iteration 0 with f = g = 0 and the rows never fitted (plan [[0], [1]] for a = [0.988, 0.012]).
+    C = torch.tensor([[8.336076], [0.0]])
+    a, b = torch.tensor([0.9881461, 0.01185385]), torch.tensor([1.0])
+    out = O.sinkhorn(C, a, b, eps=0.01, return_plan=True, backend=backend)
+    P, _, _ = _pot_plan(C, a, b, 0.01)
+    assert out.n_iters >= 1
+    # fp32 potentials near 8.3 with eps = 0.01: their rounding moves P by ~1e-5 relative
+    torch.testing.assert_close(out.plan.double(), P, rtol=0, atol=5e-5)
+    torch.testing.assert_close(out.plan[:, 0].double(), a.double(), rtol=0, atol=5e-5)  # M = 1: P = a
+    # the gauge-free closed form of M = 1: f_i + g = C_i + eps log a_i
+    torch.testing.assert_close((out.f + out.g).double(), C[:, 0].double() + 0.01 * a.double().log(), rtol=0,
+                               atol=2e-6)
+    # b = the column sums of exp(-C): the same trap on a 3 x 2 problem (row sums were 1.007, 1.007, 0.0996)
+    C = torch.tensor([[5.0, 0.0], [0.0, 5.0], [3.0, 3.0]])
+    b = torch.exp(-C).sum(0)
+    a = torch.full((3,), float(b.sum()) / 3)
+    out = O.sinkhorn(C, a, b, eps=1.0, return_plan=True, backend=backend)
+    P, _, _ = _pot_plan(C, a, b, 1.0)
+    torch.testing.assert_close(out.plan.sum(1).double(), a.double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.plan.double(), P, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_sinkhorn_distance_with_one_target_point_is_the_transport_cost(backend):
+    # M = 1: the plan is a, so OT_eps = <a, C> + eps KL(a | a) = 0.3 * 3^2 = 2.7 (was 0.0061: stopped at 0)
+    got = O.sinkhorn_distance(torch.tensor([[0.0], [3.0]]), torch.tensor([[0.0]]), 0.01, a=torch.tensor([0.7, 0.3]),
+                              b=torch.tensor([1.0]), debias=False, backend=backend)
+    torch.testing.assert_close(got.value, torch.tensor(2.7), rtol=1e-5, atol=0)
+    assert got.n_iters >= 1
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_zero_mass_marginals_raise(backend):
+    C = torch.rand(5, 6)
+    with pytest.raises(ValueError, match="a and b must have a positive total mass"):
+        O.sinkhorn(C, torch.zeros(5), torch.zeros(6), eps=0.1, backend=backend)
+    with pytest.raises(ValueError, match="a and b must have a positive total mass"):
+        O.sinkhorn_distance(torch.rand(5, 2), torch.rand(6, 2), 0.1, a=torch.zeros(5), b=torch.zeros(6),
+                            backend=backend)
+    # a ragged batch: only the non-empty problems need mass
+    C = torch.rand(2, 5, 6, dtype=torch.float64)
+    a = torch.tensor([[0.2] * 5, [0.0] * 5], dtype=torch.float64)
+    b = torch.tensor([[1 / 6] * 6, [0.0] * 6], dtype=torch.float64)
+    out = O.sinkhorn(C, a, b, eps=0.1, n_sizes=torch.tensor([5, 0]), m_sizes=torch.tensor([6, 6]), backend=backend)
+    assert torch.isfinite(out.f).all() and torch.isfinite(out.g).all() and out.n_iters[1] == 0
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_infinite_costs_forbidden_pairs_and_points(backend):
+    C = torch.rand(4, 5, dtype=torch.float64)
+    bad = C.clone()
+    bad[1, 2] = -math.inf
+    with pytest.raises(ValueError, match="cost contains -inf costs"):
+        O.sinkhorn(bad, eps=0.1, n_iters=5, backend=backend)
+    with pytest.raises(ValueError, match=r"cost contains \+inf scores"):
+        O.sinkhorn(-bad, eps=0.1, n_iters=5, scores=True, backend=backend)
+    # +inf costs (-inf scores) are forbidden pairs, as documented: POT's plan, 0 on them
+    C[0, :3] = math.inf
+    C[2, 4] = math.inf
+    P, _, _ = _pot_plan(C, torch.full((4,), 0.25), torch.full((5,), 0.2), 0.1)
+    for cost, scores in ((C, False), (-C, True)):
+        out = O.sinkhorn(cost, eps=0.1, n_iters=5000, tol=1e-12, scores=scores, return_plan=True, backend=backend)
+        torch.testing.assert_close(out.plan, P, rtol=1e-6, atol=1e-10)
+        assert (out.plan[0, :3] == 0).all() and out.plan[2, 4] == 0
+    x, y = torch.rand(5, 2), torch.rand(4, 2)
+    for value in (math.inf, -math.inf, math.nan):
+        xb = x.clone()
+        xb[3, 1] = value
+        with pytest.raises(ValueError, match="x and y must not contain NaN or inf"):
+            O.sinkhorn_distance(xb, y, 0.1, backend=backend)
+        with pytest.raises(ValueError, match="x and y must not contain NaN or inf"):
+            O.sinkhorn_distance(y, xb, 0.1, backend=backend)
+
+
+def _ucofia_numpy(S, n_iters):
+    """UCoFiA's probability-domain procedure in float64 numpy (independent of alignops)."""
+    K = np.exp(S - S.max())
+    b = 1 / K.sum(0)
+    a = np.ones(S.shape[0])
+    for _ in range(n_iters):
+        a = 1 / (K @ b)
+        b = 1 / (a @ K)
+    la, lb = np.log(a), np.log(b)
+    return la - np.log(np.exp(la).sum()), lb - np.log(np.exp(lb).sum())
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_sinkhorn_normalize_lines_of_only_minus_inf_carry_no_mass(backend):
+    # A column (or row) with no finite similarity made every row bias NaN; it now gets bias -inf and the other
+    # biases are UCoFiA's on the matrix without it.
+    S = torch.randn(2, 7, 5, dtype=torch.float64)
+    S[0, :, 1] = -math.inf  # a dead column
+    S[1, 3, :] = -math.inf  # a dead row
+    S[1, 0, 2] = -math.inf  # a single forbidden pair: an ordinary entry
+    out = O.sinkhorn_normalize(S, 4, backend=backend)
+    keep_c = [0, 2, 3, 4]
+    row, col = _ucofia_numpy(S[0][:, keep_c].numpy(), 4)
+    torch.testing.assert_close(out.row_bias[0], torch.from_numpy(row), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out.col_bias[0, keep_c], torch.from_numpy(col), rtol=1e-9, atol=1e-10)
+    assert out.col_bias[0, 1] == -math.inf
+    keep_r = [0, 1, 2, 4, 5, 6]
+    row, col = _ucofia_numpy(S[1][keep_r].numpy(), 4)
+    torch.testing.assert_close(out.row_bias[1, keep_r], torch.from_numpy(row), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out.col_bias[1], torch.from_numpy(col), rtol=1e-9, atol=1e-10)
+    assert out.row_bias[1, 3] == -math.inf
+    assert (O.sinkhorn_normalize(torch.full((3, 4), -math.inf), backend=backend).row_bias == -math.inf).all()
+    bad = torch.randn(5, 4)
+    bad[2, 1] = math.inf
+    with pytest.raises(ValueError, match=r"sim contains \+inf"):
+        O.sinkhorn_normalize(bad, backend=backend)

@@ -173,3 +173,18 @@ def test_bad_input():
         O.sinkhorn(C, eps=0.1, n_iters=10, newton_steps=2, log_domain=False)
     with pytest.raises(ValueError, match=r"min\(N, M\) must be <= 4096, got 4097"):
         O.sinkhorn(torch.zeros(1, 4097, 4097), eps=0.1, n_iters=10, newton_steps=2)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("eps_scaling", [0.9, 0.5])
+def test_newton_step_stays_finite_when_one_column_leaves_only_the_gauge(backend, eps_scaling):
+    # issue 13: M = 1 leaves the Schur complement only its gauge, scaled by a degree of 0; the fp32 rounding of
+    # the masses (a sums to 1 - 5e-8) became a step of 1e296 along it: f = -inf, g = +inf, NaN plan and error.
+    C = torch.tensor([[0.0834], [0.001]])
+    a, b = torch.tensor([0.9881461, 0.01185385]), torch.tensor([1.0])
+    out = O.sinkhorn(C, a, b, eps=1e-4, tol=1e-6, eps_scaling=eps_scaling, newton_steps=1, return_plan=True,
+                     backend=backend)
+    assert torch.isfinite(out.f).all() and torch.isfinite(out.g).all() and torch.isfinite(out.err)
+    # M = 1: the plan is a (closed form); fp32 potentials near 0.1 at eps = 1e-4 round P by ~1e-4 relative
+    torch.testing.assert_close(out.plan[:, 0].double(), a.double(), rtol=0, atol=5e-4)
+    assert out.err <= 1e-4  # the rounding of fp32 potentials with f / eps ~ 1000

@@ -74,7 +74,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
   check_problem(cost, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters);
   const auto x = cost.contiguous();
-  TORCH_CHECK_VALUE(!kernels().has_nan(x), "cost contains NaN");
+  const int bad = kernels().nonfinite(x);
+  TORCH_CHECK_VALUE(!(bad & kNaN), "cost contains NaN");
+  // +inf costs (-inf scores) are forbidden pairs (P_ij = 0); the opposite infinity is a pair of infinite
+  // value, which no finite plan has
+  TORCH_CHECK_VALUE(!(bad & (scores ? kPosInf : kNegInf)), "cost contains ", scores ? "+inf scores" : "-inf costs",
+                    ": no finite plan exists (", scores ? "-inf scores" : "+inf costs", " mark forbidden pairs)");
   auto f = at::zeros({B, N}, cost.options());
   auto g = at::zeros({B, M}, cost.options());
   auto iters = at::zeros({B}, cost.options().dtype(at::kLong));
@@ -102,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_points_cpu(
   check_problem(x, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters);
   const auto xc = x.contiguous();
   const auto yt = y.transpose(1, 2).contiguous();  // [B, d, M]: each coordinate contiguous over the points
-  TORCH_CHECK_VALUE(!kernels().has_nan(xc) && !kernels().has_nan(yt), "x and y must not contain NaN");
+  TORCH_CHECK_VALUE(kernels().nonfinite(xc) == 0 && kernels().nonfinite(yt) == 0,
+                    "x and y must not contain NaN or inf (an infinite point has infinite costs)");
   auto f = at::zeros({B, N}, x.options());
   auto g = at::zeros({B, M}, x.options());
   auto iters = at::zeros({B}, x.options().dtype(at::kLong));
@@ -125,7 +131,10 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_normalize_pass_cpu(const at::Tensor&
   check_same_device(col_bias, sim, "col_bias", "sim");
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
   const auto x = sim.contiguous();
-  TORCH_CHECK_VALUE(!kernels().has_nan(x), "sim contains NaN");
+  const int bad = kernels().nonfinite(x);
+  TORCH_CHECK_VALUE(!(bad & kNaN), "sim contains NaN");
+  // -inf marks pairs that never match (a row or column of only -inf carries no mass); +inf has no finite bias
+  TORCH_CHECK_VALUE(!(bad & kPosInf), "sim contains +inf");
   auto row_bias = at::zeros({L, N}, sim.options());
   auto col_lse = at::empty({L, M}, sim.options());
   kernels().normalize_pass(x, col_bias.contiguous(), scale, row_update, row_bias, col_lse);

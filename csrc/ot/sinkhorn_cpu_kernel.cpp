@@ -283,8 +283,10 @@ void solve_one(const Source& src, int64_t n, int64_t m, const T* a, const T* b,
       fs[i] = f[i] * inv;
     }
     col_lse_threaded(src, n, m, fs, -sign * inv, L);
-    if (t >= K && tol >= 0) {
-      // The column sums of the plan of the previous iteration come for free with this pass.
+    if (t > K && tol >= 0) {
+      // The column sums of the plan of the previous iteration come for free with this pass. Only after a full
+      // (g, f) update at eps: the starting potentials (0, or the last scaling step's) may fit the columns while
+      // the rows were never fitted.
       err = column_error(g, L, b, m, inv);
       if (err <= T(tol)) {
         converged = true;
@@ -414,7 +416,9 @@ T fused_row(const T* srow, const T* lb, int64_t m, T k, T* buf, T* acc) {
     sum += buf[j];
   }
   if (!(sum > T(0))) {
-    return std::numeric_limits<T>::infinity();  // every x_j = -inf: nothing to add
+    // every x_j = -inf: the row carries no mass, nothing to add; a bias of -inf (not +inf) keeps the column
+    // pass's terms k S_ij + la_i at -inf instead of -inf + inf = NaN
+    return -std::numeric_limits<T>::infinity();
   }
   const Vec<T> r(T(1) / sum);
   j = 0;
@@ -501,17 +505,21 @@ void normalize_pass(const at::Tensor& sim, const at::Tensor& col_bias, double sc
   });
 }
 
-bool has_nan(const at::Tensor& x) {
-  std::atomic<bool> found{false};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ot_has_nan_cpu", [&] {
+int nonfinite(const at::Tensor& x) {
+  std::atomic<int> found{0};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ot_nonfinite_cpu", [&] {
     const scalar_t* p = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
-      bool nan = false;
+      bool nan = false, pos = false, neg = false;
       for (int64_t i = i0; i < i1; ++i) {
-        nan |= std::isnan(p[i]);
+        const scalar_t v = p[i];
+        nan |= std::isnan(v);
+        pos |= v == std::numeric_limits<scalar_t>::infinity();
+        neg |= v == -std::numeric_limits<scalar_t>::infinity();
       }
-      if (nan) {
-        found = true;
+      const int bits = (nan ? kNaN : 0) | (pos ? kPosInf : 0) | (neg ? kNegInf : 0);
+      if (bits != 0) {
+        found.fetch_or(bits);
       }
     });
   });
@@ -520,7 +528,7 @@ bool has_nan(const at::Tensor& x) {
 
 }  // namespace
 
-const OtKernels ot_kernels{&sinkhorn, &sinkhorn_points, &normalize_pass, &has_nan};
+const OtKernels ot_kernels{&sinkhorn, &sinkhorn_points, &normalize_pass, &nonfinite};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace alignops::ot

@@ -13,9 +13,11 @@ side is eliminated (``df = (eps (a - r) - P dg) / r``), leaving the Schur comple
 ``S = diag c - P^T diag(1/r) P`` on the smaller side, a dense graph Laplacian (positive semi-definite; its
 diagonal is summed from the off-diagonal weights, without cancellation) with the gauge
 ``(f + t, g - t)`` as its null vector, which a rank-one term ``mean(diag S) 1 1^T`` removes (the right-hand
-side is orthogonal to 1 when the masses agree). A backtracking line search on D (Armijo, halving up to
-2^-30) keeps every step an ascent step; an exact row update (the f half-step of Sinkhorn) follows, so the
-rows stay exact and the error is the column violation, as for the Sinkhorn iterations.
+side is orthogonal to 1 when the masses agree, and is projected onto 1's complement so that the rounding of
+the masses never becomes a step along the gauge). A backtracking line search on D (Armijo up to D's own
+rounding, halving up to 2^-30) keeps every step an ascent step; a step whose potentials overflow the output
+dtype is dropped; an exact row update (the f half-step of Sinkhorn) follows, so the rows stay exact and the
+error is the column violation, as for the Sinkhorn iterations.
 
 Everything runs in float64 on chunks of the batch, whatever the cost dtype: a chunk's plan takes an
 eighth of the cost matrix's bytes (at least 2 MiB, or one problem), and a step holds a few such buffers.
@@ -85,6 +87,11 @@ def _direction(P, r, c, a, b, rows, cols, eps, ridge):
     # marginal error bounds the step along them and vanishes as the error does (quadratic convergence kept).
     S.diagonal(dim1=1, dim2=2).add_((ridge * scale)[:, None])
     rhs = rhs_g - (Pr.transpose(1, 2) @ (rhs_f / root)[:, :, None])[..., 0]
+    # 1^T rhs = eps (sum b - sum a) is 0 only up to the rounding of the masses (fp32 marginals: ~1e-8); the
+    # gauge term scaled by a degree that underflows (M = 1, or a plan that is a permutation in float64) would
+    # turn that rounding into a step of 1e296 along the gauge, which the line search accepts and fp32 turns
+    # into f = -inf, g = +inf. Projected off the gauge, the gauge part of the step is exactly 0.
+    rhs = torch.where(cols, rhs - (rhs.sum(-1, keepdim=True) / colf.sum(-1, keepdim=True).clamp_min(1)), 0)
     L, info = torch.linalg.cholesky_ex(S)
     dg = torch.cholesky_solve(rhs[:, :, None], L)[..., 0]
     dg = torch.where(cols & (info == 0)[:, None], dg, 0)  # a failed factorisation takes no step
@@ -114,6 +121,10 @@ def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo):
             break
         df, dg, rf, rg = _direction(P, r, c, a, b, rows, cols, eps, e.clamp(_RIDGE, 1.0))
         D0 = linear(f, g) - eps * r.sum(-1)
+        # the rounding of D itself: near the fixed point the gain t * slope falls below it and the comparison
+        # with D0 is noise (which, without this slack, halves a good step or rejects it)
+        noise = 64 * torch.finfo(C.dtype).eps * (torch.where(mass_rows, (a * f).abs(), 0).sum(-1)
+                                                  + torch.where(mass_cols, (b * g).abs(), 0).sum(-1) + eps * r.sum(-1))
         del P
         slope = ((rf * df).sum(-1) + (rg * dg).sum(-1)) / eps  # <grad D, d> >= 0
         t = torch.ones(B, dtype=C.dtype, device=C.device)
@@ -121,7 +132,7 @@ def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo):
         for _ in range(_HALVINGS + 1):
             ft, gt = f + t[:, None] * df, g + t[:, None] * dg
             trial = linear(ft, gt) - eps * _plan(C, ft, gt, eps).sum((1, 2))
-            ok = ok | (trial >= D0 + _ARMIJO * t * slope)
+            ok = ok | (trial >= D0 + _ARMIJO * t * slope - noise)
             if bool((ok | ~active).all()):
                 break
             t = torch.where(ok, t, t / 2)
@@ -178,7 +189,10 @@ def newton_polish(cost, a, b, f, g, n_sizes, m_sizes, eps: float, scores: bool, 
             continue
         fp, gp, tp, ep = _polish(cost[part], a[part], b[part], f[part], g[part], n_sizes[part], m_sizes[part], eps,
                                  scores, steps, tol, todo[part], f.dtype)
-        stepped = tp > 0
+        # a step whose rounded potentials give a non-finite error (f or g overflowing out_dtype) is not taken:
+        # Sinkhorn's finite potentials stay
+        stepped = (tp > 0) & torch.isfinite(ep)
+        tp = torch.where(stepped, tp, 0)
         f[part] = torch.where(stepped[:, None], fp, f[part])
         g[part] = torch.where(stepped[:, None], gp, g[part])
         err[part] = torch.where(stepped, ep, err[part])

@@ -75,14 +75,17 @@ def _marginal(w, sizes: torch.Tensor, B: int, K: int, like: torch.Tensor, name: 
 
 
 def _check_mass(a: torch.Tensor, b: torch.Tensor, ns: torch.Tensor, ms: torch.Tensor) -> None:
-    """Equal masses in every non-empty problem (one host read before the loop)."""
+    """Equal, positive masses in every non-empty problem (one host read before the loop)."""
     if torch.compiler.is_compiling():
         return
     ma, mb = a.sum(-1), b.sum(-1)
     tol = 1e-4 if a.dtype == torch.float32 else 1e-10
-    bad = ((ma - mb).abs() > tol * torch.maximum(ma, mb).clamp_min(1)) & (ns > 0) & (ms > 0)
-    if bool(bad.any()):
-        raise ValueError("a and b must have the same total mass in every problem, got sums "
+    live = (ns > 0) & (ms > 0)
+    bad = ((ma - mb).abs() > tol * torch.maximum(ma, mb).clamp_min(1)) & live
+    empty = ((ma <= 0) | (mb <= 0)) & live  # equal, but no plan carries zero mass: f = g = log 0
+    if bool((bad | empty).any()):
+        what = "the same total mass" if bool(bad.any()) else "a positive total mass"
+        raise ValueError(f"a and b must have {what} in every problem, got sums "
                          f"{ma.tolist()[:8]} and {mb.tolist()[:8]}")
 
 
@@ -215,14 +218,17 @@ def sinkhorn(
 
     Args:
         cost_or_scores: [B, N, M] (or [N, M], treated as B = 1) costs, or scores when ``scores=True``
-            (C = -scores). float32/float64; fp16/bf16 are converted to float32.
-        a, b: marginals [B, N] / [B, M] (or shared [N] / [M]), non-negative, same total mass per problem;
-            default uniform over each problem's (ragged) size.
+            (C = -scores). float32/float64; fp16/bf16 are converted to float32. A +inf cost (-inf score)
+            is a forbidden pair: P_ij = 0 there (the problem must stay feasible: every row and column with
+            mass needs an allowed pair); a -inf cost (+inf score) raises, as does NaN.
+        a, b: marginals [B, N] / [B, M] (or shared [N] / [M]), non-negative, same positive total mass per
+            non-empty problem; default uniform over each problem's (ragged) size.
         eps: entropic regularisation (> 0), in cost units.
         n_iters: most iterations (epsilon-scaling ones included); default 1000.
         tol: stop a problem once its L1 column-marginal error is <= tol, checked on the same pass that
-            computes the next g (no extra pass, no host sync); default 1e-6 when n_iters is None, else
-            no check (fixed n_iters, as POT with stopThr=0).
+            computes the next g (no extra pass, no host sync) and only after a full (g, f) update at eps,
+            as POT checks after its updates (so at least one iteration at eps runs); default 1e-6 when
+            n_iters is None, else no check (fixed n_iters, as POT with stopThr=0).
         log_domain: False runs the classical u = a / (K v) iterations (torch backend, no ragged, no
             scaling): it underflows at small eps, as POT's ot.sinkhorn; kept for comparison.
         return_plan: also return P [B, N, M] (0 on padding).
@@ -260,7 +266,8 @@ def sinkhorn(
         SinkhornOutput(f, g, plan, n_iters [B] int64, err [B]).
 
     Raises:
-        ValueError: bad shapes, eps <= 0, negative or unequal-mass marginals, NaN cost, bad sizes.
+        ValueError: bad shapes, eps <= 0, negative, zero-mass or unequal-mass marginals, a NaN or -inf cost
+            (+inf score), bad sizes.
     """
     x = cost_or_scores
     squeeze = x.dim() == 2
@@ -297,6 +304,8 @@ def sinkhorn(
         if n_sizes is not None or m_sizes is not None or eps_scaling is not None or backend not in ("auto", "torch"):
             raise ValueError("log_domain=False (the classical exp-domain iterations) runs on backend='torch' "
                              "without ragged sizes or eps_scaling")
+        if check_values and not torch.compiler.is_compiling():
+            _check_cost(x, scores)
         f, g = _ref.sinkhorn_exp(-x if scores else x, aw, bw, eps, n_iters)
         iters = torch.full((B,), n_iters, dtype=torch.long, device=x.device)
         err = (torch.exp((f[:, :, None] + g[:, None, :] - (-x if scores else x)) / eps).sum(1) - bw).abs().sum(-1)
@@ -311,8 +320,8 @@ def sinkhorn(
         be = "torch"
     else:
         be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn", native_cuda=False)
-    if check_values and be == "torch" and bool(torch.isnan(x).any()):
-        raise ValueError("cost contains NaN")
+    if check_values and be != "native" and not torch.compiler.is_compiling():  # the native op scans it itself
+        _check_cost(x, scores)
     if grad == "unrolled":
         f, g, iters, err = _ref.sinkhorn(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
         return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
@@ -327,6 +336,16 @@ def sinkhorn(
         if (be == "torch" or newton_steps) and x.requires_grad:  # these potentials carry no graph
             f, g = _Envelope.apply(x, aw, bw, f, g, ns, ms, eps, scores)
     return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
+
+
+def _check_cost(x: torch.Tensor, scores: bool) -> None:
+    """No NaN, and no infinity of the wrong sign: +inf costs (-inf scores) are forbidden pairs, the opposite
+    infinity a pair of infinite value that no finite plan has (the native op's messages)."""
+    if bool(torch.isnan(x).any()):
+        raise ValueError("cost contains NaN")
+    if bool((x == (math.inf if scores else -math.inf)).any()):
+        raise ValueError(f"cost contains {'+inf scores' if scores else '-inf costs'}: no finite plan exists "
+                         f"({'-inf scores' if scores else '+inf costs'} mark forbidden pairs)")
 
 
 def _with_newton(op, steps: int):
@@ -396,6 +415,8 @@ def _normalize_pass(sim, col_bias, scale, row_update, chunk_size, be):
         return torch.ops.alignops.sinkhorn_normalize_pass_triton(sim, col_bias, scale, row_update)
     if torch.isnan(sim).any():
         raise ValueError("sim contains NaN")
+    if (sim == math.inf).any():
+        raise ValueError("sim contains +inf")
     N = sim.shape[1]
     chunk = N if chunk_size is None else max(1, chunk_size)
     rows, lse = [], None
@@ -436,7 +457,10 @@ def sinkhorn_normalize(sim: torch.Tensor, n_iters: int = 4, *, temperature: floa
     The normalised test scores are ``test_sim / T + col_bias`` per level (UCoFiA averages the levels).
 
     Args:
-        sim: [N, M] or [L, N, M] (L granularity levels) bank-query x gallery similarities.
+        sim: [N, M] or [L, N, M] (L granularity levels) bank-query x gallery similarities. -inf marks a pair
+            that never matches; a row or column of only -inf (e.g. padding) carries no mass: its bias is
+            -inf and the other biases are those of the matrix without it. NaN and +inf raise (native and
+            torch backends).
         n_iters: alternating updates (UCoFiA: 4).
         temperature: S is divided by it.
         chunk_size: rows per step of the torch backend (bounds its [chunk, M] temporaries); the native and
@@ -458,14 +482,25 @@ def sinkhorn_normalize(sim: torch.Tensor, n_iters: int = 4, *, temperature: floa
     L, N, M = x.shape
     scale = 1.0 / temperature
     _, lse = _normalize_pass(x, x.new_zeros(L, M), scale, False, chunk_size, be)
-    lb = -_merge_lse(lse, process_group)
+    lb = _column_bias(_merge_lse(lse, process_group))
     la = x.new_zeros(L, N)
     for _ in range(n_iters):
         la, lse = _normalize_pass(x, lb, scale, True, chunk_size, be)
-        lb = -_merge_lse(lse, process_group)
-    row = la - _merge_lse(torch.logsumexp(la, -1), process_group)[:, None]
-    col = torch.log_softmax(lb, -1)
+        lb = _column_bias(_merge_lse(lse, process_group))
+    row = la - _finite_or_zero(_merge_lse(torch.logsumexp(la, -1), process_group))[:, None]
+    col = lb - _finite_or_zero(torch.logsumexp(lb, -1))[:, None]
     return NormalizeOutput(row[0], col[0]) if squeeze else NormalizeOutput(row, col)
+
+
+def _column_bias(lse: torch.Tensor) -> torch.Tensor:
+    """-lse, and -inf (no mass) for a column of only -inf similarities, whose bias would be +inf: the next row
+    pass would add it to their -inf (NaN in every row bias)."""
+    return torch.where(lse == -math.inf, -math.inf, -lse)
+
+
+def _finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
+    # a level with no finite similarity: every bias stays -inf instead of -inf - -inf = NaN
+    return torch.where(torch.isfinite(lse), lse, 0)
 
 
 def bank_column_lse(bank: torch.Tensor, *, temperature: float = 1.0, chunk_size: int | None = None,
@@ -633,7 +668,7 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
     envelope theorem (dOT/dC = P), streamed over row chunks of the plan; none w.r.t. a and b.
 
     Args:
-        x: [B, N, d] (or [N, d]); y: [B, M, d] (or [M, d]); float32/float64.
+        x: [B, N, d] (or [N, d]); y: [B, M, d] (or [M, d]); float32/float64, finite (NaN or inf raises).
         eps: entropic regularisation (> 0) in cost units; p: cost exponent (>= 1).
         a, b: weights [B, N] / [B, M] (or [N] / [M]), default uniform; same mass.
         n_iters, tol, eps_scaling, backend: as in :func:`sinkhorn`.
@@ -672,6 +707,9 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
     be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn_distance", native_cuda=False)
     op = {"native": torch.ops.alignops.sinkhorn_points, "triton": torch.ops.alignops.sinkhorn_points_triton,
           "torch": _points_reference}[be]
+    if check_values and be != "native" and not torch.compiler.is_compiling() and not bool(
+            torch.isfinite(x).all() & torch.isfinite(y).all()):  # the native op scans the points itself
+        raise ValueError("x and y must not contain NaN or inf (an infinite point has infinite costs)")
     if eps_scaling is not None and diameter is not None:
         schedule = _geometric_schedule(float(diameter) ** p, eps, eps_scaling)
     elif eps_scaling is not None:

@@ -35,7 +35,9 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_sizes: torc
 
     Returns (f [B, N], g [B, M], iterations [B] int64, err [B]). Iteration t runs at ``eps_schedule[t]``
     while t < len(eps_schedule), then at ``eps``; with ``tol >= 0`` a problem stops at the first iteration
-    at ``eps`` whose starting column-marginal error is <= tol. Padding of f and g is 0.
+    at ``eps`` whose starting column-marginal error is <= tol; the first such check comes after a full (g, f)
+    update at ``eps`` (as POT's checks follow its updates): the potentials f = g = 0, or those of the last
+    scaling step, may fit the columns while the rows were never fitted. Padding of f and g is 0.
     """
     B, N, M = cost.shape
     rows, cols = _masks(n_sizes, m_sizes, N, M)
@@ -55,7 +57,7 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_sizes: torc
 
     for t in range(n_iters):
         e = eps_schedule[t] if t < K else eps
-        if t >= K and tol >= 0:
+        if t > K and tol >= 0:
             e_t = column_error(f, g, e)
             err = torch.where(active, e_t, err)
             active = active & (e_t > tol)
@@ -120,9 +122,11 @@ def column_lse(sim: torch.Tensor, row_bias: torch.Tensor | None, scale: float) -
 
 
 def sinkhorn_normalize_pass(sim: torch.Tensor, col_bias: torch.Tensor, scale: float, row_update: bool):
-    """The semantics of ``torch.ops.alignops.sinkhorn_normalize_pass`` on sim [L, N, M]."""
+    """The semantics of ``torch.ops.alignops.sinkhorn_normalize_pass`` on sim [L, N, M]. A row with no term
+    above -inf carries no mass: its bias is -inf (not +inf, which would make every column's terms NaN)."""
     if row_update:
-        row_bias = -torch.logsumexp(scale * sim + col_bias[:, None, :], dim=-1)
+        lse = torch.logsumexp(scale * sim + col_bias[:, None, :], dim=-1)
+        row_bias = torch.where(lse == -math.inf, -math.inf, -lse)
     else:
         row_bias = sim.new_zeros(sim.shape[:2])
     return row_bias, column_lse(sim, row_bias, scale)
