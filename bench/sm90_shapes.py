@@ -32,7 +32,7 @@ def _ot() -> None:
             a, b = _e(B, N, dtype=dtype), _e(B, M, dtype=dtype)
             for points in (None, (_e(B, N, 64, dtype=dtype), _e(B, M, 64, dtype=dtype))):
                 if ot.use_split(torch.device("cuda"), B, N, M):
-                    ot.launch_sinkhorn_split(cost, a, b, *sizes, [1.0, 0.5], 0.05, 2, 1e-4, False, f, g, scratch,
+                    ot.launch_sinkhorn_split(cost, a, b, *sizes, _e(3, dtype=dtype), 2, 2, 1e-4, False, f, g, scratch,
                                              iters, err, points=points)
                 else:
                     ot.launch_sinkhorn(cost, a, b, *sizes, _e(3, dtype=dtype), 2, 50, 1e-4, False, f, g, scratch,

@@ -399,9 +399,11 @@ def use_split(device: torch.device, B: int, N: int, M: int) -> bool:
     return B < 32 and N * M >= 256 * 256
 
 
-def launch_sinkhorn_split(cost, a, b, n_sizes, m_sizes, schedule, eps, n_iters, tol, scores, f, g, scratch, iters,
+def launch_sinkhorn_split(cost, a, b, n_sizes, m_sizes, eps_t, K, n_iters, tol, scores, f, g, scratch, iters,
                           err, points=None, power=2.0):
-    """The host loop of the split path: 3 launches per iteration, no read of the device."""
+    """The host loop of the split path: 3 launches per iteration, no read of the device. ``eps_t`` [n_iters + 1]
+    holds the eps of every iteration (the K epsilon-scaling steps, then eps; the last entry serves the final
+    error pass) in the dtype of f, on its device: the caller builds it (without a host sync)."""
     B, N, M = f.shape[0], f.shape[1], g.shape[1]
     interp = interpreting(cost)
     bn = 16 if interp else (32 if f.dtype == torch.float64 else 64)
@@ -415,10 +417,6 @@ def launch_sinkhorn_split(cost, a, b, n_sizes, m_sizes, schedule, eps, n_iters, 
     errp = f.new_zeros(B, n_cb)
     done = torch.where((n_sizes == 0) | (m_sizes == 0), 1, 0).to(torch.int32)
     sign = -1.0 if scores else 1.0
-    K = len(schedule)
-    # eps of every iteration (the last entry: the final error pass) in the input dtype, read by the kernels
-    eps_t = torch.tensor([schedule[t] if t < K else eps for t in range(n_iters)] + [eps], dtype=f.dtype,
-                         device=f.device)
     common = dict(BLOCK_N=bn, BLOCK_M=bm, POINTS=points is not None, BLOCK_D=bd,
                   num_warps=_warps(bn * bm * (bd if points is not None else 1), f.dtype))
     for t in range(n_iters + 1):

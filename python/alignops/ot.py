@@ -28,6 +28,10 @@ from .reference import ot as _ref
 from .wasserstein import gaussian_w2, sliced_wasserstein, wasserstein_1d  # noqa: F401  (alignops.ot.* as well)
 
 _GRADS = ("envelope", "implicit", "unrolled")
+# op names per backend (torch.ops.alignops.<name>), looked up at call time: the Triton ops exist only where
+# the triton package is installed
+_OPS = {"sinkhorn": {"native": "sinkhorn", "triton": "sinkhorn_triton"},
+        "sinkhorn_points": {"native": "sinkhorn_points", "triton": "sinkhorn_points_triton"}}
 
 
 class SinkhornOutput(NamedTuple):
@@ -325,8 +329,8 @@ def sinkhorn(
     if grad == "unrolled":
         f, g, iters, err = _ref.sinkhorn(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
         return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
-    op = {"native": torch.ops.alignops.sinkhorn, "triton": torch.ops.alignops.sinkhorn_triton,
-          "torch": _reference_no_grad}[be]
+    # looked up by name: the Triton op exists only where the triton package is installed
+    op = _reference_no_grad if be == "torch" else getattr(torch.ops.alignops, _OPS["sinkhorn"][be])
     if newton_steps:
         op = _with_newton(op, newton_steps)
     if grad == "implicit":
@@ -705,8 +709,7 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
     if check_values:
         _check_mass(aw, bw, full(N), full(M))
     be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn_distance", native_cuda=False)
-    op = {"native": torch.ops.alignops.sinkhorn_points, "triton": torch.ops.alignops.sinkhorn_points_triton,
-          "torch": _points_reference}[be]
+    op = _points_reference if be == "torch" else getattr(torch.ops.alignops, _OPS["sinkhorn_points"][be])
     if check_values and be != "native" and not torch.compiler.is_compiling() and not bool(
             torch.isfinite(x).all() & torch.isfinite(y).all()):  # the native op scans the points itself
         raise ValueError("x and y must not contain NaN or inf (an infinite point has infinite costs)")

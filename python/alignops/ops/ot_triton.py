@@ -59,6 +59,12 @@ def schedule_on_device(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return to_device(torch.tensor(values, dtype=like.dtype), like.device)
 
 
+def _split_schedule(eps_schedule: list[float], eps: float, n_iters: int, like: torch.Tensor) -> torch.Tensor:
+    """The split path's eps per iteration (the schedule, then eps) and one more eps for the final error pass."""
+    K = len(eps_schedule)
+    return schedule_on_device([eps_schedule[t] if t < K else eps for t in range(n_iters)] + [eps], like)
+
+
 def _outputs(like, B, N, M):
     return (like.new_zeros(B, N), like.new_zeros(B, M), like.new_zeros(B, dtype=torch.int64), like.new_zeros(B))
 
@@ -78,7 +84,8 @@ def sinkhorn_triton(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_size
     f, g, iters, err = _outputs(cost, B, N, M)
     if B > 0 and use_split(cost.device, B, N, M):
         launch_sinkhorn_split(cost, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(),
-                              list(eps_schedule), eps, n_iters, tol, scores, f, g, cost.new_empty(B, M), iters, err)
+                              _split_schedule(eps_schedule, eps, n_iters, cost), len(eps_schedule), n_iters, tol,
+                              scores, f, g, cost.new_empty(B, M), iters, err)
     elif B > 0:
         sched = schedule_on_device([*eps_schedule, eps], cost)
         launch_sinkhorn(cost, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), sched,
@@ -108,7 +115,8 @@ def sinkhorn_points_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b:
     f, g, iters, err = _outputs(x, B, N, M)
     if B > 0 and use_split(x.device, B, N, M):
         launch_sinkhorn_split(x, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(),
-                              list(eps_schedule), eps, n_iters, tol, False, f, g, x.new_empty(B, M), iters, err,
+                              _split_schedule(eps_schedule, eps, n_iters, x), len(eps_schedule), n_iters, tol,
+                              False, f, g, x.new_empty(B, M), iters, err,
                               points=(x.contiguous(), y.contiguous()), power=p)
     elif B > 0:
         sched = schedule_on_device([*eps_schedule, eps], x)
