@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from ._errors import AlignopsError
 from .reference import ot as _ref
 
 MAX_SIDE = 4096
@@ -44,7 +45,7 @@ _RIDGE = 1e-10  # least Levenberg-Marquardt ridge, relative to the mean diagonal
 
 def check_newton(N: int, M: int) -> None:
     if min(N, M) > MAX_SIDE:
-        raise ValueError(f"newton_steps solves a dense min(N, M) x min(N, M) system per problem; min(N, M) must "
+        raise AlignopsError(f"newton_steps solves a dense min(N, M) x min(N, M) system per problem; min(N, M) must "
                          f"be <= {MAX_SIDE}, got {min(N, M)}: use more Sinkhorn iterations instead")
 
 

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from ._errors import AlignopsError
 from ._sinkhorn_newton import check_newton, newton_polish
 from .ops.ot import envelope_grad_cost
 from .reference import ot as _ref
@@ -44,9 +45,9 @@ class SinkhornOutput(NamedTuple):
 
 def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() != 3:
-        raise ValueError(f"{name} must be a 3-D tensor of shape [B, N, M], got shape {tuple(x.shape)}")
+        raise AlignopsError(f"{name} must be a 3-D tensor of shape [B, N, M], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
@@ -55,7 +56,7 @@ def _sizes(sizes, B: int, full: int, name: str, device) -> torch.Tensor:
         return torch.full((B,), full, dtype=torch.long, device=device)
     sizes = _backend.to_device(torch.as_tensor(sizes), device)
     if sizes.dtype not in (torch.int64, torch.int32) or tuple(sizes.shape) != (B,):
-        raise ValueError(f"{name} must be an int64 or int32 tensor of shape [B] = [{B}], got "
+        raise AlignopsError(f"{name} must be an int64 or int32 tensor of shape [B] = [{B}], got "
                          f"{sizes.dtype} {list(sizes.shape)}")
     return sizes.long()
 
@@ -68,13 +69,13 @@ def _marginal(w, sizes: torch.Tensor, B: int, K: int, like: torch.Tensor, name: 
     if w.dim() == 1:
         w = w.expand(B, -1)
     if tuple(w.shape) != (B, K):
-        raise ValueError(f"{name} must have shape [B, {'N' if name == 'a' else 'M'}] = [{B}, {K}] (or [{K}]), "
+        raise AlignopsError(f"{name} must have shape [B, {'N' if name == 'a' else 'M'}] = [{B}, {K}] (or [{K}]), "
                          f"got {list(w.shape)}")
     if w.device != like.device:
-        raise ValueError(f"{name} must be on the device of the cost ({like.device}), got {w.device}")
+        raise AlignopsError(f"{name} must be on the device of the cost ({like.device}), got {w.device}")
     w = torch.where(valid, w.to(like.dtype), 0)
     if check_values and not torch.compiler.is_compiling() and bool((w < 0).any() | ~torch.isfinite(w).all()):
-        raise ValueError(f"{name} must hold finite non-negative weights")
+        raise AlignopsError(f"{name} must hold finite non-negative weights")
     return w
 
 
@@ -89,7 +90,7 @@ def _check_mass(a: torch.Tensor, b: torch.Tensor, ns: torch.Tensor, ms: torch.Te
     empty = ((ma <= 0) | (mb <= 0)) & live  # equal, but no plan carries zero mass: f = g = log 0
     if bool((bad | empty).any()):
         what = "the same total mass" if bool(bad.any()) else "a positive total mass"
-        raise ValueError(f"a and b must have {what} in every problem, got sums "
+        raise AlignopsError(f"a and b must have {what} in every problem, got sums "
                          f"{ma.tolist()[:8]} and {mb.tolist()[:8]}")
 
 
@@ -108,13 +109,26 @@ def _geometric_schedule(R: float, eps: float, scaling: float | None) -> list[flo
     if scaling is None:
         return []
     if not 0 < scaling < 1:
-        raise ValueError(f"eps_scaling must lie in (0, 1), got {scaling}")
+        raise AlignopsError(f"eps_scaling must lie in (0, 1), got {scaling}")
     out = []
     e = R if math.isfinite(R) else 0.0
     while e > eps and len(out) < 10_000:
         out.append(e)
         e *= scaling
     return out
+
+
+def _not_nan(value: float | None, name: str) -> None:
+    if value is not None and math.isnan(float(value)):
+        raise AlignopsError(f"{name} must not be NaN, got {value}")
+
+
+def _tolerance(tol: float | None) -> float:
+    """The kernels' tol: -1 (never stop early) for None; NaN is refused (inf stops at the first check)."""
+    if tol is None:
+        return -1.0
+    _not_nan(tol, "tol")
+    return float(tol)
 
 
 def _cost_range(cost: torch.Tensor, n_sizes: torch.Tensor | None, m_sizes: torch.Tensor | None) -> float:
@@ -279,34 +293,34 @@ def sinkhorn(
         x = x[None]
     x = _as_batch(x, "cost_or_scores")
     if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite value > 0, got {eps}")
+        raise AlignopsError(f"eps must be a finite value > 0, got {eps}")
     if grad not in _GRADS:
-        raise ValueError(f"grad must be one of {_GRADS}, got {grad!r}")
+        raise AlignopsError(f"grad must be one of {_GRADS}, got {grad!r}")
     if n_iters is None:
         n_iters, tol = 1000, (1e-6 if tol is None else tol)
     if n_iters < 0:
-        raise ValueError(f"n_iters must be >= 0, got {n_iters}")
-    tol_v = -1.0 if tol is None else float(tol)
+        raise AlignopsError(f"n_iters must be >= 0, got {n_iters}")
+    tol_v = _tolerance(tol)
     B, N, M = x.shape
     if isinstance(newton_steps, bool) or not (isinstance(newton_steps, int) and 0 <= newton_steps <= n_iters):
-        raise ValueError(f"newton_steps must be an int in [0, n_iters = {n_iters}], got {newton_steps}")
+        raise AlignopsError(f"newton_steps must be an int in [0, n_iters = {n_iters}], got {newton_steps}")
     if newton_steps:
         check_newton(N, M)
         if grad == "unrolled" or not log_domain:
-            raise ValueError("newton_steps runs after the log-domain iterations and has no unrolled gradient: "
+            raise AlignopsError("newton_steps runs after the log-domain iterations and has no unrolled gradient: "
                              "use grad='envelope' or 'implicit' with log_domain=True")
     ns = _sizes(n_sizes, B, N, "n_sizes", x.device)
     ms = _sizes(m_sizes, B, M, "m_sizes", x.device)
     if check_values and not torch.compiler.is_compiling() and bool(
             ((ns < 0) | (ns > N) | (ms < 0) | (ms > M)).any()):
-        raise ValueError(f"n_sizes must lie in [0, {N}] and m_sizes in [0, {M}]")
+        raise AlignopsError(f"n_sizes must lie in [0, {N}] and m_sizes in [0, {M}]")
     aw = _marginal(a, ns, B, N, x, "a", check_values)
     bw = _marginal(b, ms, B, M, x, "b", check_values)
     if check_values:
         _check_mass(aw, bw, ns, ms)
     if not log_domain:
         if n_sizes is not None or m_sizes is not None or eps_scaling is not None or backend not in ("auto", "torch"):
-            raise ValueError("log_domain=False (the classical exp-domain iterations) runs on backend='torch' "
+            raise AlignopsError("log_domain=False (the classical exp-domain iterations) runs on backend='torch' "
                              "without ragged sizes or eps_scaling")
         if check_values and not torch.compiler.is_compiling():
             _check_cost(x, scores)
@@ -314,13 +328,14 @@ def sinkhorn(
         iters = torch.full((B,), n_iters, dtype=torch.long, device=x.device)
         err = (torch.exp((f[:, :, None] + g[:, None, :] - (-x if scores else x)) / eps).sum(1) - bw).abs().sum(-1)
         return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
+    _not_nan(cost_range, "cost_range")
     if cost_range is not None and eps_scaling is not None:
         schedule = _geometric_schedule(cost_range, eps, eps_scaling)
     else:
         schedule = eps_schedule(x, eps, eps_scaling, ns, ms)
     if grad == "unrolled":
         if backend not in ("auto", "torch"):
-            raise ValueError("grad='unrolled' differentiates the PyTorch reference: use backend='torch' or 'auto'")
+            raise AlignopsError("grad='unrolled' differentiates the PyTorch reference: use backend='torch' or 'auto'")
         be = "torch"
     else:
         be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn", native_cuda=False)
@@ -346,9 +361,9 @@ def _check_cost(x: torch.Tensor, scores: bool) -> None:
     """No NaN, and no infinity of the wrong sign: +inf costs (-inf scores) are forbidden pairs, the opposite
     infinity a pair of infinite value that no finite plan has (the native op's messages)."""
     if bool(torch.isnan(x).any()):
-        raise ValueError("cost contains NaN")
+        raise AlignopsError("cost contains NaN")
     if bool((x == (math.inf if scores else -math.inf)).any()):
-        raise ValueError(f"cost contains {'+inf scores' if scores else '-inf costs'}: no finite plan exists "
+        raise AlignopsError(f"cost contains {'+inf scores' if scores else '-inf costs'}: no finite plan exists "
                          f"({'-inf scores' if scores else '+inf costs'} mark forbidden pairs)")
 
 
@@ -404,9 +419,9 @@ class NormalizeOutput(NamedTuple):
 
 def _sim_batch(sim: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
     if sim.dim() not in (2, 3):
-        raise ValueError(f"{name} must have shape [N, M] or [L, N, M], got {tuple(sim.shape)}")
+        raise AlignopsError(f"{name} must have shape [N, M] or [L, N, M], got {tuple(sim.shape)}")
     if not sim.is_floating_point():
-        raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {sim.dtype}")
+        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {sim.dtype}")
     x = sim if sim.dtype in (torch.float32, torch.float64) else sim.float()
     return (x[None], True) if x.dim() == 2 else (x, False)
 
@@ -418,9 +433,9 @@ def _normalize_pass(sim, col_bias, scale, row_update, chunk_size, be):
     if be == "triton":
         return torch.ops.alignops.sinkhorn_normalize_pass_triton(sim, col_bias, scale, row_update)
     if torch.isnan(sim).any():
-        raise ValueError("sim contains NaN")
+        raise AlignopsError("sim contains NaN")
     if (sim == math.inf).any():
-        raise ValueError("sim contains +inf")
+        raise AlignopsError("sim contains +inf")
     N = sim.shape[1]
     chunk = N if chunk_size is None else max(1, chunk_size)
     rows, lse = [], None
@@ -479,9 +494,9 @@ def sinkhorn_normalize(sim: torch.Tensor, n_iters: int = 4, *, temperature: floa
     """
     x, squeeze = _sim_batch(sim, "sim")
     if n_iters < 0:
-        raise ValueError(f"n_iters must be >= 0, got {n_iters}")
+        raise AlignopsError(f"n_iters must be >= 0, got {n_iters}")
     if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+        raise AlignopsError(f"temperature must be a finite value > 0, got {temperature}")
     be = _resolve_normalize(backend, x, "alignops.ot.sinkhorn_normalize")
     L, N, M = x.shape
     scale = 1.0 / temperature
@@ -513,9 +528,9 @@ def bank_column_lse(bank: torch.Tensor, *, temperature: float = 1.0, chunk_size:
     normaliser behind inverted softmax, QB-Norm and DSL."""
     x, _ = _sim_batch(bank, "bank")
     if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite value > 0, got {temperature}")
+        raise AlignopsError(f"temperature must be a finite value > 0, got {temperature}")
     if x.shape[0] != 1:
-        raise ValueError(f"bank must be a 2-D tensor [N_bank, M], got {tuple(bank.shape)}")
+        raise AlignopsError(f"bank must be a 2-D tensor [N_bank, M], got {tuple(bank.shape)}")
     be = _resolve_normalize(backend, x, "alignops.ot.bank_column_lse")
     _, lse = _normalize_pass(x, x.new_zeros(1, x.shape[2]), 1.0 / temperature, False, chunk_size, be)
     return _merge_lse(lse, process_group)[0]
@@ -523,7 +538,7 @@ def bank_column_lse(bank: torch.Tensor, *, temperature: float = 1.0, chunk_size:
 
 def _check_pair(sim: torch.Tensor, bank: torch.Tensor) -> None:
     if sim.dim() != 2 or bank.dim() != 2 or sim.shape[1] != bank.shape[1]:
-        raise ValueError(f"sim [Q, M] and bank [N_bank, M] must share the gallery dimension M, got "
+        raise AlignopsError(f"sim [Q, M] and bank [N_bank, M] must share the gallery dimension M, got "
                          f"{tuple(sim.shape)} and {tuple(bank.shape)}")
 
 
@@ -545,7 +560,7 @@ def qb_norm(sim: torch.Tensor, bank: torch.Tensor, *, temperature: float = 1.0, 
     others keep their raw similarities. The activation set is merged over ranks (all-reduce MAX)."""
     _check_pair(sim, bank)
     if not 1 <= k <= bank.shape[1]:
-        raise ValueError(f"k must lie in [1, M = {bank.shape[1]}], got {k}")
+        raise AlignopsError(f"k must lie in [1, M = {bank.shape[1]}], got {k}")
     normed = inverted_softmax(sim, bank, temperature=temperature, chunk_size=chunk_size,
                               process_group=process_group, backend=backend)
     active = torch.zeros(bank.shape[1], dtype=torch.int32, device=bank.device)
@@ -563,7 +578,7 @@ def dual_softmax(sim: torch.Tensor, *, temperature: float = 1.0, chunk_size: int
     """DSL (Cheng et al.): ``S_ij * softmax_i(S / T)_ij``, the prior over the queries (all ranks' rows when
     sim is row-sharded) computed in the log domain."""
     if sim.dim() != 2:
-        raise ValueError(f"sim must be a 2-D tensor [Q, M], got {tuple(sim.shape)}")
+        raise AlignopsError(f"sim must be a 2-D tensor [Q, M], got {tuple(sim.shape)}")
     lse = bank_column_lse(sim, temperature=temperature, chunk_size=chunk_size, process_group=process_group,
                           backend=backend)
     return sim * torch.exp(sim / temperature - lse)
@@ -576,7 +591,7 @@ def nnn(sim: torch.Tensor, bank: torch.Tensor, *, k: int = 16, alpha: float = 1.
     torch composite (a top-k merge, no kernel of its own)."""
     _check_pair(sim, bank)
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise AlignopsError(f"k must be >= 1, got {k}")
     chunk = bank.shape[0] if chunk_size is None else max(1, chunk_size)
     top = bank.new_empty(0, bank.shape[1])
     for r0 in range(0, bank.shape[0], chunk):
@@ -590,7 +605,7 @@ def nnn(sim: torch.Tensor, bank: torch.Tensor, *, k: int = 16, alpha: float = 1.
         both = torch.cat(parts, 0)
         top = both.topk(min(k, both.shape[0]), dim=0).values
     if top.shape[0] < k:
-        raise ValueError(f"k = {k} exceeds the {top.shape[0]} bank queries")
+        raise AlignopsError(f"k = {k} exceeds the {top.shape[0]} bank queries")
     return sim - alpha * top.mean(0)
 
 
@@ -689,19 +704,19 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
     if squeeze:
         x, y = x[None], y[None] if y.dim() == 2 else y
     if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
-        raise ValueError(f"x and y must have shapes [B, N, d] and [B, M, d], got {tuple(x.shape)} and "
+        raise AlignopsError(f"x and y must have shapes [B, N, d] and [B, M, d], got {tuple(x.shape)} and "
                          f"{tuple(y.shape)}")
     if not x.is_floating_point() or not y.is_floating_point():
-        raise ValueError(f"x and y must be floating point, got {x.dtype} and {y.dtype}")
+        raise AlignopsError(f"x and y must be floating point, got {x.dtype} and {y.dtype}")
     if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite value > 0, got {eps}")
+        raise AlignopsError(f"eps must be a finite value > 0, got {eps}")
     if not p >= 1:
-        raise ValueError(f"p must be >= 1, got {p}")
+        raise AlignopsError(f"p must be >= 1, got {p}")
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     y = y.to(x.dtype)
     if n_iters is None:
         n_iters, tol = 1000, (1e-6 if tol is None else tol)
-    tol_v = -1.0 if tol is None else float(tol)
+    tol_v = _tolerance(tol)
     B, N, M = x.shape[0], x.shape[1], y.shape[1]
     full = lambda K: torch.full((B,), K, dtype=torch.long, device=x.device)  # noqa: E731
     aw = _marginal(a, full(N), B, N, x, "a", check_values)
@@ -712,7 +727,8 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
     op = _points_reference if be == "torch" else getattr(torch.ops.alignops, _OPS["sinkhorn_points"][be])
     if check_values and be != "native" and not torch.compiler.is_compiling() and not bool(
             torch.isfinite(x).all() & torch.isfinite(y).all()):  # the native op scans the points itself
-        raise ValueError("x and y must not contain NaN or inf (an infinite point has infinite costs)")
+        raise AlignopsError("x and y must not contain NaN or inf (an infinite point has infinite costs)")
+    _not_nan(diameter, "diameter")
     if eps_scaling is not None and diameter is not None:
         schedule = _geometric_schedule(float(diameter) ** p, eps, eps_scaling)
     elif eps_scaling is not None:
