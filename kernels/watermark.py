@@ -7,7 +7,8 @@ reference's, and no V-sized random tensor exists.
 The argmax kernels split each row over several programs (enough programs to fill the GPU at decode batch
 sizes), each keeping a per-lane running best (strict >, so a lane keeps its first maximum) and reducing its
 lanes to (max, smallest index among the maxima); a [B, splits] reduction in PyTorch then picks the smallest
-index holding the row maximum: torch.argmax's first-occurrence rule.
+index holding the row maximum: torch.argmax's first-occurrence rule, under which a NaN beats every number
+(the first NaN of a row wins).
 """
 
 from __future__ import annotations
@@ -55,16 +56,20 @@ def kgw_logits_kernel(x_ptr, ctx_ptr, out_ptr, V, h, base, threshold, delta, BLO
 
 @triton.jit
 def _fold(val, v, mask, best, best_idx, V):
-    # A lane's first valid value always counts, so a row of -inf still yields its first index.
-    take = (val > best) | (mask & (best_idx == V))
+    # A lane's first valid value always counts, so a row of -inf still yields its first index; a NaN replaces
+    # any number and is never replaced (no comparison with NaN is true), so a lane keeps its first NaN.
+    take = (val > best) | (mask & (best_idx == V)) | ((val != val) & (best == best))
     return tl.where(take, val, best), tl.where(take, v, best_idx)
 
 
 @triton.jit
 def _finish(val_ptr, idx_ptr, slot, best, best_idx, V):
-    m = tl.max(best, axis=0)
-    idx = tl.min(tl.where(best == m, best_idx, V), axis=0)
-    tl.store(val_ptr + slot, m)
+    # tl.max leaves NaN unspecified: lanes holding NaN are found with x != x and win, as in torch.argmax.
+    nan = best != best
+    any_nan = tl.max(nan.to(tl.int32), axis=0) > 0
+    m = tl.max(tl.where(nan, float("-inf"), best), axis=0)
+    idx = tl.min(tl.where(tl.where(any_nan, nan, best == m), best_idx, V), axis=0)
+    tl.store(val_ptr + slot, tl.where(any_nan, float("nan"), m))
     tl.store(idx_ptr + slot, idx)
 
 
@@ -125,9 +130,10 @@ def _split(V) -> tuple[int, int, int]:
 
 
 def _reduce(vals: torch.Tensor, idxs: torch.Tensor, out: torch.Tensor, V) -> None:
-    """out[b] = the smallest index among the splits holding the row maximum (first occurrence)."""
+    """out[b] = the smallest index among the splits holding the row maximum (first occurrence), or among the
+    splits holding a NaN (amax propagates it, so then nothing equals m): torch.argmax's rule."""
     m = vals.amax(-1, keepdim=True)
-    first = torch.where(vals == m, idxs, V).amin(-1)
+    first = torch.where((vals == m) | vals.isnan(), idxs, V).amin(-1)
     out.copy_(torch.where(first == V, 0, first))
 
 

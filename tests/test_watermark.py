@@ -60,6 +60,33 @@ def test_argmax_ties_and_infinities_follow_torch():
     assert W.kgw_greedy(x, ctx[:1], 3, gamma=0.0).tolist() == [700]  # first of equal maxima
 
 
+def nan_rows(V: int) -> torch.Tensor:
+    """Rows whose first NaN sits at the start, in a vector tail, behind a larger value / +inf, in a later
+    chunk than another NaN's duplicate, and a row without NaN (the control)."""
+    x = torch.randn(6, V) * 3
+    x[0, 0] = math.nan
+    x[1, V - 1] = math.nan
+    x[2, 5], x[2, V // 2] = 100.0, math.nan
+    x[3, 3], x[3, V - 2], x[3, V - 1] = math.inf, math.nan, math.nan
+    x[4, V // 3], x[4, 2 * V // 3] = math.nan, math.nan
+    return x
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("V", [7, 1037, 5000])
+def test_argmax_first_nan_wins_as_in_torch(cpu_capability, backend, V):
+    x = nan_rows(V)
+    ctx = torch.randint(0, 1000, (6, 1))
+    for dtype in DTYPES:
+        xd = x.to(dtype)
+        # gamma = 0: nothing green, so kgw_greedy is torch.argmax of the logits themselves.
+        assert torch.equal(W.kgw_greedy(xd, ctx, 3, gamma=0.0, backend=backend), xd.argmax(-1))
+        nan = xd.isnan().any(-1)
+        got = W.gumbel_sample(xd, ctx, 3, temperature=0.7, backend=backend)
+        assert torch.equal(got[nan], xd.argmax(-1)[nan])  # a NaN beats any noise
+        assert torch.equal(W.kgw_greedy(xd, ctx, 3, gamma=0.5, backend=backend)[nan], xd.argmax(-1)[nan])
+
+
 def test_gumbel_sampling_follows_softmax():
     # Over many contexts the keyed Gumbel-max samples are draws from softmax(logits / T).
     V, T = 6, 0.7

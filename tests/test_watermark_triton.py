@@ -45,6 +45,24 @@ def test_triton_first_of_equal_maxima_and_infinities():
     assert W.kgw_greedy(x, ctx, 3, gamma=0.0, backend="triton").tolist() == [1700, 0]
 
 
+@pytest.mark.parametrize("V", [77, 2100, 17000])  # 17000: three programs per row
+def test_triton_first_nan_wins_as_in_torch(V):
+    x = torch.randn(5, V) * 3
+    x[0, 0] = math.nan
+    x[1, V - 1] = math.nan
+    x[2, 5], x[2, V // 2] = 100.0, math.nan
+    x[3, 3], x[3, V - 2], x[3, V - 1] = math.inf, math.nan, math.nan
+    x[4, V // 3], x[4, 2 * V // 3] = math.nan, math.nan
+    x = torch.cat([x, torch.randn(1, V)])  # a row without NaN
+    ctx = torch.randint(0, 1000, (6, 1))
+    xd, cd = x.to(DEVICE), ctx.to(DEVICE)
+    assert torch.equal(W.kgw_greedy(xd, cd, 3, gamma=0.0, backend="triton").cpu(), x.argmax(-1))
+    nan = x.isnan().any(-1)
+    for got in (W.kgw_greedy(xd, cd, 3, gamma=0.5, backend="triton"),
+                W.gumbel_sample(xd, cd, 3, temperature=0.7, backend="triton")):
+        assert torch.equal(got.cpu()[nan], x.argmax(-1)[nan])
+
+
 def test_triton_gradient_and_bad_input():
     x = torch.randn(2, 40, device=DEVICE, requires_grad=True)
     ctx = torch.zeros(2, 1, dtype=torch.int64, device=DEVICE)

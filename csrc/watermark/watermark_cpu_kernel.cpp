@@ -49,13 +49,15 @@ inline void load_chunk(const scalar_t* x, int64_t len, float* xf) {
   }
 }
 
-// Folds a chunk into the running (best value, first index); NaN never wins (a row of NaN gives index 0).
+// Folds a chunk into the running (best value, first index). As in torch.argmax the first NaN wins: maximum
+// propagates NaN, so a chunk holding one has m = NaN and its first NaN becomes the best (the callers stop
+// scanning once best is NaN).
 inline void argmax_chunk(const float* val, int64_t len, int64_t v0, float& best, int64_t& best_idx) {
   const float m = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, val, len);
-  if (m > best) {
+  if (m > best || (std::isnan(m) && !std::isnan(best))) {
     for (int64_t j = 0; j < len; ++j) {
-      if (val[j] == m) {
-        best = m;
+      if (val[j] == m || std::isnan(val[j])) {
+        best = val[j];
         best_idx = v0 + j;
         break;
       }
@@ -116,6 +118,9 @@ void kgw_argmax_impl(const at::Tensor& logits, const uint32_t* state, uint64_t t
           seen = true;
         }
         argmax_chunk(val, len, v0, best, best_idx);
+        if (std::isnan(best)) {
+          break;
+        }
       }
       out[b] = best_idx;
     }
@@ -173,6 +178,9 @@ void gumbel_argmax_impl(const at::Tensor& logits, const uint32_t* state, float i
           seen = true;
         }
         argmax_chunk(val, len, v0, best, best_idx);
+        if (std::isnan(best)) {
+          break;
+        }
       }
       out[b] = best_idx;
     }

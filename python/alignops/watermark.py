@@ -38,13 +38,13 @@ import torch
 
 from ._errors import AlignopsError
 from . import _backend
+from ._checks import check_int64, check_same_device
 from .reference import metrics as _hash
 from .reference import watermark as _ref
 
 
 def _check_key(key: int) -> None:
-    if not isinstance(key, int) or not -(2**63) <= key < 2**63:
-        raise AlignopsError(f"key must be a Python int in the int64 range, got {key!r}")
+    check_int64(key, "key")
 
 
 def _op(name: str, logits: torch.Tensor, backend: str):
@@ -89,7 +89,8 @@ def kgw_process(logits: torch.Tensor, context: torch.Tensor, key: int, *, gamma:
 def kgw_greedy(logits: torch.Tensor, context: torch.Tensor, key: int, *, gamma: float = 0.25, delta: float = 2.0,
                backend: str = "auto") -> torch.Tensor:
     """int64 [B]: first argmax of :func:`kgw_process`'s logits (scored in fp32), fused: the processed logits
-    are never written. Same arguments, backends and errors as :func:`kgw_process`."""
+    are never written. NaN follows torch.argmax: a row holding NaN gives the index of its first NaN. Same
+    arguments, backends and errors as :func:`kgw_process`."""
     _check_key(key)
     op = _op("kgw_argmax", logits, backend)
     if op is None:
@@ -105,8 +106,9 @@ def gumbel_sample(logits: torch.Tensor, context: torch.Tensor, key: int, *, temp
                   backend: str = "auto") -> torch.Tensor:
     """Gumbel (Aaronson) watermarked sampling, int64 [B]: ``argmax_v u_v^(1 / p_v)`` with p = softmax(logits / T),
     computed as ``argmax_v logits_v * (1 / T) - log(-log u_v)`` in fp32 in one pass (see the module docstring
-    for the derivation). Backends as :func:`kgw_process`. Raises ValueError for a temperature that is not
-    finite and > 0, and for bad shapes / dtypes."""
+    for the derivation). As in torch.argmax, a row holding a NaN logit gives the index of its first NaN.
+    Backends as :func:`kgw_process`. Raises ValueError for a temperature that is not finite and > 0, and for
+    bad shapes / dtypes."""
     _check_key(key)
     op = _op("gumbel_argmax", logits, backend)
     if op is None:
@@ -230,9 +232,10 @@ def alignment_resampling(candidates: torch.Tensor, rewards: torch.Tensor) -> tup
     """Alignment Resampling (Verma et al.): of n watermarked candidates per prompt, keep the one with the
     highest reward. candidates [B, n, ...] (token ids or anything), rewards [B, n]; returns (the chosen
     candidates [B, ...], their index [B]). Ties go to the first candidate. Raises ValueError for
-    mismatched shapes or n = 0."""
+    mismatched shapes or devices and n = 0."""
     from .rewards import best_of_n
 
+    check_same_device([("candidates", candidates), ("rewards", rewards)])
     if candidates.dim() < 2 or candidates.shape[:2] != rewards.shape:
         raise AlignopsError(f"candidates must have shape [B, n, ...] matching rewards [B, n] = {list(rewards.shape)}, "
                             f"got {list(candidates.shape)}")
