@@ -394,6 +394,22 @@ def test_inplace_leaves_skipped_rows_untouched():
     torch.testing.assert_close(everything, ref.ffn(x, w1, w2, nw, b1, b2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arg", ["x", "w_gate_up", "w_down", "norm_weight"])
+def test_raw_inplace_op_refuses_inputs_that_require_grad(arg):
+    x = torch.randn(6, 16)
+    w1, w2, nw, _, _ = make_ffn(16, 8)
+    keep = torch.rand(6) > 0.5
+    args = dict(x=x.clone(), w_gate_up=w1, w_down=w2, norm_weight=nw)
+    args[arg] = args[arg].clone().requires_grad_() * 1  # a non-leaf: a leaf refuses in-place writes anyway
+    call = (args["x"], keep, args["w_gate_up"], args["w_down"], args["norm_weight"], None, None, 0, 1e-6)
+    with pytest.raises(RuntimeError, match=rf"alignops::skip_ffn_ updates x in place and records no gradient, "
+                                           rf"but {arg} requires grad: use the out-of-place alignops.skip_ffn"):
+        torch.ops.alignops.skip_ffn_(*call)
+    with torch.no_grad():  # no graph, nothing to refuse
+        torch.ops.alignops.skip_ffn_(*call)
+    torch.testing.assert_close(call[0], ref.skip_ffn(x, w1, w2, nw, keep), rtol=1e-5, atol=1e-5)
+
+
 def test_inplace_and_delta_bad_input():
     x = torch.randn(2, 5, 16, requires_grad=True)
     w1, w2, nw, _, _ = make_ffn(16, 8)

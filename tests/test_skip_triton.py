@@ -326,3 +326,21 @@ def test_inplace_skipped_rows_untouched():
                           test_utils=OPCHECK_UTILS)
     torch.library.opcheck(torch.ops.alignops.skip_add_score_triton, (x, 0.1 * torch.randn_like(x), 1),
                           test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("arg", ["x", "w_gate_up", "norm_weight"])
+def test_inplace_op_refuses_inputs_that_require_grad(arg):
+    x = torch.randn(9, 40, device=DEVICE)
+    args = dict(x=x.clone(), w_gate_up=torch.randn(48, 40, device=DEVICE) / 7,
+                norm_weight=torch.rand(40, device=DEVICE) + 0.5)
+    w2 = torch.randn(40, 24, device=DEVICE) / 5
+    keep = torch.rand(9, device=DEVICE) > 0.5
+    args[arg] = args[arg].clone().requires_grad_() * 1
+    call = (args["x"], keep, args["w_gate_up"], w2, args["norm_weight"], None, None, 0, EPS)
+    with pytest.raises(RuntimeError, match=rf"alignops::skip_ffn_triton_ updates x in place and records no "
+                                           rf"gradient, but {arg} requires grad: use the out-of-place"):
+        torch.ops.alignops.skip_ffn_triton_(*call)
+    with torch.no_grad():
+        torch.ops.alignops.skip_ffn_triton_(*call)
+    torch.testing.assert_close(call[0], ref.skip_ffn(x, args["w_gate_up"].detach(), w2,
+                                                     args["norm_weight"].detach(), keep), **TOL[torch.float32])

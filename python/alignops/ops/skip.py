@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._errors import AlignopsError
 from ._registration import register_fake
 from .preference import acc_dtype
 
@@ -145,3 +146,28 @@ def register_skip_ffn_autograd(op: str) -> None:
 
 
 register_skip_ffn_autograd("alignops::skip_ffn")
+
+_inplace_lib = torch.library.Library("alignops", "FRAGMENT")
+
+
+def register_skip_ffn_inplace_autograd(op: str) -> None:
+    """An Autograd kernel for the in-place op that refuses inputs requiring grad. The op returns nothing, so
+    autograd would not see the write: the gradient through x would silently be the identity."""
+    overload = getattr(torch.ops.alignops, op.split("::")[1]).default
+    arg_names = [a.name for a in overload._schema.arguments]
+
+    def refuse_grad(keyset, *args):
+        if torch.is_grad_enabled():
+            for name, a in zip(arg_names, args):
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    raise AlignopsError(
+                        f"{op} updates x in place and records no gradient, but {name} requires grad: use the "
+                        "out-of-place alignops.skip_ffn (torch.ops.alignops.skip_ffn) to differentiate, or call "
+                        "it under torch.no_grad()")
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _inplace_lib.impl(op.split("::")[1], refuse_grad, "Autograd", with_keyset=True)
+
+
+register_skip_ffn_inplace_autograd("alignops::skip_ffn_")

@@ -18,7 +18,7 @@ from .._checks import check_param, check_triton_device
 
 from ..kernels.skip import SWIGLU, launch_add_score, launch_skip_ffn
 from .preference import acc_dtype
-from .skip import register_add_score_autograd, register_skip_ffn_autograd
+from .skip import register_add_score_autograd, register_skip_ffn_autograd, register_skip_ffn_inplace_autograd
 from ._registration import register_triton_op
 
 _ACTIVATIONS = {0: "swiglu", 1: "gelu", 2: "gelu_tanh"}
@@ -135,6 +135,9 @@ def skip_ffn_triton_(
         activation, eps, x, x.new_empty(N, dtype=torch.int64), x.new_empty(1, dtype=torch.int64),
         x.new_empty(0, dtype=acc_dtype(x.dtype)), x.new_empty((0, G)),
         x.new_empty((N, H) if norm_weight is not None else (0, H)), x.new_empty((N, I)))
+
+
+register_skip_ffn_inplace_autograd("alignops::skip_ffn_triton_")
 
 
 @register_triton_op("alignops::skip_add_score_triton",
