@@ -283,6 +283,9 @@ def test_preference_loss_bad_layouts():
     targets = torch.randint(0, 10, (3, 4))
     with pytest.raises(ValueError, match=r"padded hidden must stack B chosen then B rejected rows"):
         alignops.fused_linear_preference_loss(hidden, weight, targets)
+    # Issue 13 (vague errors): the module blamed policy_rejected_logps' shape.
+    with pytest.raises(ValueError, match=r"_input must stack B chosen then B rejected rows \(\[2B, T, H\]\); got 3"):
+        alignops.nn.FusedLinearORPOLoss()(weight, hidden, targets)
     with pytest.raises(ValueError, match="packed .* need cu_seqlens, chosen_index and rejected_index"):
         alignops.fused_linear_preference_loss(hidden[0], weight, targets[0])
     with pytest.raises(ValueError, match=r"targets must have shape \[R, T\] = \(2, 4\)"):

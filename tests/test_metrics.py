@@ -370,3 +370,10 @@ def test_bad_input_messages():
         M.conformal_pvalues(torch.rand(4), torch.rand(5), torch.rand(3), 0.5)
     with pytest.raises(ValueError, match="backend must be one of"):
         M.cohen_kappa(a, a, 3, backend="cuda")
+    # Issue 13 (vague errors): the native op's cast said "Expected 'int' ... found 'int'"; the hash would alias it.
+    for call in (lambda: M.cohen_kappa(a, a, 3, n_bootstrap=2, seed=2**70),
+                 lambda: M.win_rate(torch.randn(5), torch.randn(5), n_bootstrap=2, seed=2**70)):
+        with pytest.raises(ValueError, match=r"seed must be a Python int that fits in 64 bits.*1180591620717411303424"):
+            call()
+    with pytest.raises(ValueError, match="scale must be > 0, got 0.0"):
+        M.elo_ratings(torch.tensor([0]), torch.tensor([1]), 2, scale=0.0)

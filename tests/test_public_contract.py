@@ -191,35 +191,12 @@ CASES: dict[str, Case] = {
 }
 
 # Entries that still break the contract today, with the defect (xfail strict: they fail loudly once fixed).
-_UNINIT = "issue 13 item 4: a meta {} runs the fake kernel and returns uninitialised values, no device check"
-_ITEM = "issue 13 item 4: a meta {} fails deep inside ({}), not with a device check"
-META_XFAIL: dict[str, str] = {
-    "alignment_resampling": _UNINIT.format("rewards"),
-    "conformal_pvalues": _UNINIT.format("test_scores"),
-    "gaussian_w2": _UNINIT.format("S2"),
-    "weighted_majority_vote": _UNINIT.format("weights"),
-    "bradley_terry": _ITEM.format("losers", "Tensor.item() cannot be called on meta tensors"),
-    "elo_ratings": _ITEM.format("losers", "Tensor.item() cannot be called on meta tensors"),
-    "forced_align": _ITEM.format("targets", "NotImplementedError: Cannot copy out of meta tensor"),
-}
+META_XFAIL: dict[str, str] = {}
 MUTATION_XFAIL: dict[str, str] = {}
 _ACCEPTS = "issue 13 item 10: a non-finite {} is accepted (no ValueError)"
-HYPER_XFAIL: dict[tuple[str, str], str] = {
-    (n, h): _ACCEPTS.format(h) for n, h in [
-        ("bradley_terry", "pseudo_count"),
-        ("bradley_terry", "tol"), ("conformal_pvalues", "threshold"), ("cpo_loss", "simpo_gamma"),
-        ("ctrl_transform", "t"), ("elo_ratings", "k"), ("elo_ratings", "scale"), ("elo_ratings", "initial"),
-        ("forced_align", "star_penalty"), ("fused_linear_preference_loss", "nll_weight"), ("nnn", "alpha"),
-        ("preference_loss", "gamma"), ("preference_loss", "f_alpha_divergence_coef"),
-        ("skip_ffn_threshold", "threshold"), ("tpo_loss", "gamma"), ("win_rate", "tie_value")]}
+HYPER_XFAIL: dict[tuple[str, str], str] = {(n, h): _ACCEPTS.format(h) for n, h in [("nnn", "alpha")]}
 # Only one of the two values breaks the contract for these.
-HYPER_VALUE_XFAIL: dict[tuple[str, str, str], str] = {
-    ("alignment_gap", "beta", "inf"): _ACCEPTS.format("beta (inf)"),
-    ("idealized_ranking_accuracy", "beta", "inf"): _ACCEPTS.format("beta (inf)"),
-    ("skip_ffn", "eps", "inf"): "eps = inf is accepted (RMSNorm then scales every row to 0)",
-    ("cca", "reg", "inf"): "issue 13 vague errors: reg = inf surfaces as a torch LinAlgError from Cholesky",
-    ("cca_loss", "reg", "inf"): "issue 13 vague errors: reg = inf surfaces as a torch LinAlgError from Cholesky",
-}
+HYPER_VALUE_XFAIL: dict[tuple[str, str, str], str] = {}
 
 
 def tensors_of(args, kwargs):

@@ -3,6 +3,8 @@ Every message names the argument and what was expected."""
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Iterable
 
 import torch
@@ -35,6 +37,35 @@ def check_targets(targets: torch.Tensor, like: torch.Tensor, like_name: str) -> 
     if targets.shape[0] != like.shape[0]:
         raise AlignopsError(f"targets must have one entry per row of {like_name} [N={like.shape[0]}], "
                             f"got {targets.shape[0]}")
+
+
+def check_finite(value: float, name: str) -> None:
+    """A float hyper-parameter with no meaning at NaN or inf: refused by name rather than carried into the kernels,
+    where it turns every output into NaN (or, as a reg or a penalty, fails somewhere further in)."""
+    if isinstance(value, torch.Tensor):
+        raise AlignopsError(f"{name} must be a Python float, got a tensor {value!r}")
+    if not math.isfinite(value):
+        raise AlignopsError(f"{name} must be finite, got {value!r}")
+
+
+def check_not_nan(value: float, name: str) -> None:
+    """A float hyper-parameter for which inf has a meaning (a threshold, a tolerance, a penalty) but NaN has none."""
+    if isinstance(value, torch.Tensor):
+        raise AlignopsError(f"{name} must be a Python float, got a tensor {value!r}")
+    if math.isnan(value):
+        raise AlignopsError(f"{name} must not be NaN, got {value!r}")
+
+
+def check_int64(value: int, name: str) -> None:
+    """A seed or key: an int that the native ops take as int64 and the hash reads as 64 bits. A wider one would
+    otherwise fail in the dispatcher's cast ("Expected 'int' ... found 'int'") or alias a smaller one."""
+    try:
+        ok = -(2**63) <= operator.index(value) < 2**63
+    except TypeError:
+        ok = False
+    if not ok:
+        raise AlignopsError(f"{name} must be a Python int that fits in 64 bits (the int64 range [-2**63, 2**63)), "
+                            f"got {value!r}")
 
 
 def check_temperature(temperature: float) -> None:

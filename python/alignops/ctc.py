@@ -17,7 +17,7 @@ import torch
 
 from ._errors import AlignopsError
 from . import _backend
-from ._checks import check_has_values, check_same_device
+from ._checks import check_has_values, check_not_nan, check_same_device
 from .ctc_posteriors import CTCPosteriors, ctc_loss, ctc_posteriors
 from .ctc_segmentation import (
     CtcSegmentationOutput,
@@ -39,6 +39,13 @@ from .reference import ctc as _ref
 MEMORY_MODES = ("full", "checkpointed")
 
 
+def _to_log_probs_device(t: torch.Tensor, device: torch.device, name: str) -> torch.Tensor:
+    """An index tensor on the device of log_probs, or on the CPU (copied over, as torchaudio takes lengths)."""
+    if t.device != device and t.device.type != "cpu":
+        raise AlignopsError(f"{name} must be on the device of log_probs ({device}) or the CPU, got {t.device}")
+    return _backend.to_device(t, device)
+
+
 def _lengths(lengths: torch.Tensor | None, B: int, full: int, device: torch.device, name: str) -> torch.Tensor:
     if lengths is None:
         return torch.full((B,), full, dtype=torch.long, device=device)
@@ -48,7 +55,7 @@ def _lengths(lengths: torch.Tensor | None, B: int, full: int, device: torch.devi
         raise AlignopsError(f"{name} must be int64 or int32, got {lengths.dtype}")
     if lengths.dim() != 1 or lengths.shape[0] != B:
         raise AlignopsError(f"{name} must have shape [{B}], got {tuple(lengths.shape)}")
-    return _backend.to_device(lengths, device).long()
+    return _to_log_probs_device(lengths, device, name).long()
 
 
 def _star_scores(log_probs: torch.Tensor, blank: int, star_scores, star_penalty: float) -> torch.Tensor:
@@ -58,7 +65,7 @@ def _star_scores(log_probs: torch.Tensor, blank: int, star_scores, star_penalty:
         if star_scores.shape != (B, T):
             raise AlignopsError(f"star_scores must have shape [{B}, {T}] (one score per frame), got "
                                 f"{tuple(star_scores.shape)}")
-        return (star_scores.to(device=log_probs.device, dtype=acc) + star_penalty).contiguous()
+        return (_to_log_probs_device(star_scores, log_probs.device, "star_scores").to(acc) + star_penalty).contiguous()
     if star_scores == "constant":
         return torch.full((B, T), star_penalty, dtype=acc, device=log_probs.device)
     if star_scores == "max":
@@ -99,12 +106,13 @@ def forced_align(
     Args:
         log_probs: [B, T, C] emission scores (log-softmax output, or any scores: the path maximises
             their sum), float32 / float64 / float16 / bfloat16.
-        targets: [B, L] int64 / int32 target ids, padded past ``target_lengths``; never ``blank``.
+        targets: [B, L] int64 / int32 target ids, padded past ``target_lengths``; never ``blank``. On the
+            device of ``log_probs`` or the CPU.
         input_lengths, target_lengths: [B] int lengths (default: T and L for every row). Like
             torchaudio, on the device of ``log_probs`` or the CPU.
         blank: the blank id.
         star_token: an id in ``targets`` that stands for a wildcard ``<star>`` state (any speech not
-            in the transcript), e.g. ``C``. Its score per frame is ``star_scores`` + ``star_penalty``:
+            in the transcript), e.g. ``C``. Its score per frame is ``star_scores`` + ``star_penalty`` (not NaN):
             ``"max"`` (the best non-blank class of the frame), ``"constant"`` (0), or a [B, T] tensor.
         memory: ``"full"`` keeps 1.5 bits of backpointers per trellis state (three bit planes; T*S*3/16
             bytes, torchaudio keeps T*S). ``"checkpointed"`` keeps every K-th row of scores and recomputes
@@ -149,7 +157,8 @@ def forced_align(
     dev = log_probs.device
     input_lengths = _lengths(input_lengths, B, T, dev, "input_lengths")
     target_lengths = _lengths(target_lengths, B, targets.shape[1], dev, "target_lengths")
-    targets = _backend.to_device(targets, dev)
+    targets = _to_log_probs_device(targets, dev, "targets")
+    check_not_nan(star_penalty, "star_penalty")
     star = None
     star_id = -1
     if star_token is not None:

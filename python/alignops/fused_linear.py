@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._checks import check_finite
 from ._errors import AlignopsError
 from . import _backend
 from .preference import (
@@ -213,11 +214,12 @@ def fused_linear_preference_loss(
     :func:`alignops.preference_loss` (``loss_weights``, ``f_divergence_type``, ``gamma``, ...).
 
     Extra memory: one [K, Vt] logits tile per call, independent of T and V (the per-token and
-    per-sequence vectors aside). Raises ValueError for layouts that do not fit together and for segment ids
-    that are not integers or lie outside [0, S).
+    per-sequence vectors aside). Raises ValueError for layouts that do not fit together, for segment ids
+    that are not integers or lie outside [0, S) and for a non-finite ``nll_weight``.
     ``check_values=False`` skips the checks that read tensor values on the device (targets in range,
     ``cu_seqlens``, the segment ids' range), so the call neither syncs nor breaks CUDA-graph capture (see :func:`fused_linear_logprobs`).
     """
+    check_finite(nll_weight, "nll_weight")
     if hidden.dim() == 3:
         if hidden.shape[0] % 2:
             raise AlignopsError(f"padded hidden must stack B chosen then B rejected rows ([2B, T, H]); "

@@ -27,7 +27,8 @@ import torch
 
 from ._errors import AlignopsError
 from . import _backend
-from ._checks import check_has_values, values_checkable
+from ._checks import (check_finite, check_has_values, check_int64, check_not_nan, check_same_device,
+                      values_checkable)
 from .reference import metrics as _ref
 
 _WEIGHTS = (None, "linear", "quadratic")
@@ -43,9 +44,10 @@ class MetricResult(NamedTuple):
     resamples: torch.Tensor | None = None
 
 
-def _check_bootstrap(n_bootstrap: int, confidence: float | None = None) -> None:
+def _check_bootstrap(n_bootstrap: int, seed: int, confidence: float | None = None) -> None:
     if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
         raise AlignopsError(f"n_bootstrap must be an int >= 0, got {n_bootstrap!r}")
+    check_int64(seed, "seed")
     if confidence is not None and not 0 < confidence < 1:
         raise AlignopsError(f"confidence must be in (0, 1), got {confidence}")
 
@@ -145,7 +147,7 @@ def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None
         raise AlignopsError(f"b must be on the device of a ({a.device}), got {b.device}")
     if a.shape[-1] != b.shape[-1]:
         raise AlignopsError(f"a and b must label the same N items: got N = {a.shape[-1]} and {b.shape[-1]}")
-    _check_bootstrap(n_bootstrap)
+    _check_bootstrap(n_bootstrap, seed)
     lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
     N = a.shape[-1]
     P = math.prod(lead)
@@ -202,7 +204,7 @@ def cohen_kappa(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None
     ``check_values``."""
     if weights not in _WEIGHTS:
         raise AlignopsError(f"weights must be one of {_WEIGHTS}, got {weights!r}")
-    _check_bootstrap(n_bootstrap, confidence)
+    _check_bootstrap(n_bootstrap, seed, confidence)
     conf = confusion_matrices(a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend,
                               check_values=check_values)
     return _result(kappa_from_confusion(conf, weights, undefined), n_bootstrap, confidence)
@@ -213,7 +215,7 @@ def percent_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int | None 
                       check_values: bool = True) -> MetricResult:
     """Fraction of items on which a and b give the same label (trace / N of the confusion matrix), fp64,
     with the bootstrap and the arguments of :func:`cohen_kappa`. N = 0 gives NaN."""
-    _check_bootstrap(n_bootstrap, confidence)
+    _check_bootstrap(n_bootstrap, seed, confidence)
     conf = confusion_matrices(a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend,
                               check_values=check_values).double()
     agree = conf.diagonal(dim1=-2, dim2=-1).sum(-1) / conf.sum((-1, -2))
@@ -227,8 +229,10 @@ def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor, *, tie_value: float
              confidence: float = 0.95, seed: int = 0) -> MetricResult:
     """Win rate of a over b on paired scores [..., N]: mean(1[a > b] + tie_value * 1[a == b]) (ties count
     half by default). A NaN score is neither a win, a tie nor a loss: its row's win rate is NaN. Torch
-    composite. Raises ValueError for N = 0 or shapes that do not broadcast."""
-    _check_bootstrap(n_bootstrap, confidence)
+    composite. Raises ValueError for N = 0, shapes that do not broadcast, a non-finite tie_value or a seed
+    outside the int64 range."""
+    _check_bootstrap(n_bootstrap, seed, confidence)
+    check_finite(tie_value, "tie_value")
     a, b = _resampled(_paired({"scores_a": scores_a, "scores_b": scores_b}), n_bootstrap, seed)
     wins = (a > b).to(a.dtype) + tie_value * (a == b).to(a.dtype)
     wins = torch.where(a.isnan() | b.isnan(), torch.nan, wins)
@@ -257,6 +261,7 @@ def _idealized_correct(ref_c, ref_r, alpha, beta):
 
 
 def _check_pref(preference_prob: torch.Tensor, beta: float, check_values: bool) -> None:
+    check_finite(beta, "beta")
     if not beta > 0:
         raise AlignopsError(f"beta must be > 0, got {beta}")
     if check_values and preference_prob.numel() and not torch.compiler.is_compiling():
@@ -272,9 +277,10 @@ def idealized_ranking_accuracy(ref_chosen_logps: torch.Tensor, ref_rejected_logp
     :math:`\pi^*(y_w)/\pi^*(y_l) = \pi_{ref}(y_w)/\pi_{ref}(y_l) \cdot (\alpha/(1-\alpha))^{1/\beta}`,
     i.e. mean(1[ref_w - ref_l + logit(alpha) / beta > 0]) with alpha = P(y_w > y_l) (``preference_prob``,
     e.g. the fraction of raters preferring y_w; alpha = 1 is always ranked correctly). Torch composite.
-    Raises ValueError for beta <= 0 or alpha outside [0, 1]. ``check_values=False`` skips the checks that read
-    tensor values on the device (alpha's range), so the call neither syncs nor breaks CUDA-graph capture."""
-    _check_bootstrap(n_bootstrap, confidence)
+    Raises ValueError for a beta that is not finite and > 0 or alpha outside [0, 1]. ``check_values=False``
+    skips the checks that read tensor values on the device (alpha's range), so the call neither syncs nor
+    breaks CUDA-graph capture."""
+    _check_bootstrap(n_bootstrap, seed, confidence)
     c, r, p = _paired({"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
                        "preference_prob": preference_prob})
     _check_pref(p, beta, check_values)
@@ -288,7 +294,7 @@ def alignment_gap(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torc
                   check_values: bool = True) -> MetricResult:
     """Idealized minus observed ranking accuracy (Chen et al. 2024), both on the same (paired) resamples.
     Errors and ``check_values`` as :func:`idealized_ranking_accuracy`."""
-    _check_bootstrap(n_bootstrap, confidence)
+    _check_bootstrap(n_bootstrap, seed, confidence)
     pc, pr, c, r, p = _paired({"policy_chosen_logps": policy_chosen_logps,
                                "policy_rejected_logps": policy_rejected_logps, "ref_chosen_logps": ref_chosen_logps,
                                "ref_rejected_logps": ref_rejected_logps, "preference_prob": preference_prob})
@@ -331,7 +337,7 @@ def pearson(x: torch.Tensor, y: torch.Tensor, *, n_bootstrap: int = 0, confidenc
     """Pearson correlation along the last dimension of x, y [..., N] (fp32, fp64 for fp64 / integer
     inputs), as scipy.stats.pearsonr; a constant input gives NaN (scipy's value, without a warning).
     Torch composite. Raises ValueError for N < 2."""
-    _check_bootstrap(n_bootstrap, confidence)
+    _check_bootstrap(n_bootstrap, seed, confidence)
     x, y = _resampled(_paired({"x": x, "y": y}, min_items=2), n_bootstrap, seed)
     return _result(_pearson(x, y), n_bootstrap, confidence)
 
@@ -340,7 +346,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor, *, n_bootstrap: int = 0, confiden
              seed: int = 0) -> MetricResult:
     """Spearman rank correlation (Pearson of average ranks, ties averaged) along the last dimension, as
     scipy.stats.spearmanr; a constant input gives NaN. Torch composite (sort + searchsorted)."""
-    _check_bootstrap(n_bootstrap, confidence)
+    _check_bootstrap(n_bootstrap, seed, confidence)
     x, y = _resampled(_paired({"x": x, "y": y}, min_items=2), n_bootstrap, seed)
     return _result(_pearson(_average_ranks(x), _average_ranks(y)), n_bootstrap, confidence)
 
@@ -357,7 +363,7 @@ def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
     last bin)."""
     if not isinstance(n_bins, int) or n_bins < 1:
         raise AlignopsError(f"n_bins must be an int >= 1, got {n_bins!r}")
-    _check_bootstrap(n_bootstrap, confidence)
+    _check_bootstrap(n_bootstrap, seed, confidence)
     p, y = _paired({"confidences": confidences, "correct": correct})
     if check_values and p.numel() and values_checkable(p) and bool(
             ((p < 0) | (p > 1) | p.isnan()).any()):
@@ -379,6 +385,7 @@ def _check_games(winners, losers, num_players, draws, check_values):
                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     if winners.shape != losers.shape:
         raise AlignopsError(f"losers must have the shape of winners {tuple(winners.shape)}, got {tuple(losers.shape)}")
+    check_same_device([("winners", winners), ("losers", losers), ("draws", draws)])
     if draws is not None and (draws.shape != winners.shape or draws.dtype != torch.bool):
         raise AlignopsError(f"draws must be a bool tensor of shape [G] = {tuple(winners.shape)}")
     if check_values and winners.numel() and (int(torch.minimum(winners.min(), losers.min())) < 0
@@ -393,11 +400,16 @@ def elo_ratings(winners: torch.Tensor, losers: torch.Tensor, num_players: int, *
     loser -= k (S - E), S = 1 (0.5 for a draw). Returns fp64 ratings [num_players]. With n_bootstrap, each
     resample replays the resampled games in resampled order (Chatbot Arena's bootstrap); the replays run in
     one loop over games vectorised over resamples. Sequential by nature: torch composite. Raises ValueError
-    for ids out of range or mismatched shapes. ``check_values=False`` skips the checks that read tensor values
-    on the device, so the call neither syncs nor breaks CUDA-graph capture (an id out of range then fails
-    inside the indexing: a device-side assert on a GPU)."""
+    for ids out of range, mismatched shapes or devices, non-finite k / scale / initial and scale <= 0.
+    ``check_values=False`` skips the checks that read tensor values on the device, so the call neither syncs
+    nor breaks CUDA-graph capture (an id out of range then fails inside the indexing: a device-side assert on
+    a GPU)."""
     _check_games(winners, losers, num_players, draws, check_values)
-    _check_bootstrap(n_bootstrap, confidence)
+    _check_bootstrap(n_bootstrap, seed, confidence)
+    for name, value in (("k", k), ("scale", scale), ("initial", initial)):
+        check_finite(value, name)
+    if not scale > 0:
+        raise AlignopsError(f"scale must be > 0, got {scale}")
     G = winners.shape[0]
     idx = _ref.bootstrap_indices(seed, n_bootstrap, G, winners.device)  # [R + 1, G]
     w, l = winners.long()[idx], losers.long()[idx]
@@ -426,9 +438,11 @@ def bradley_terry(winners: torch.Tensor, losers: torch.Tensor, num_players: int,
     The stopping test reads the device once per iteration; ``check_values=False`` skips only the id check
     of :func:`elo_ratings`."""
     _check_games(winners, losers, num_players, draws, check_values)
-    _check_bootstrap(n_bootstrap, confidence)
+    _check_bootstrap(n_bootstrap, seed, confidence)
+    check_finite(pseudo_count, "pseudo_count")
     if pseudo_count < 0:
         raise AlignopsError(f"pseudo_count must be >= 0, got {pseudo_count}")
+    check_not_nan(tol, "tol")
     G, M = winners.shape[0], num_players
     idx = _ref.bootstrap_indices(seed, n_bootstrap, G, winners.device)
     w, l = winners.long()[idx], losers.long()[idx]
@@ -467,7 +481,10 @@ def conformal_pvalues(calib_scores: torch.Tensor, calib_labels: torch.Tensor, te
     :math:`p_j = (1 + \#\{i : y_i \le c,\ s_i \ge s_j\}) / (n + 1)` -- the deterministic (conservative, ties
     counted) p-value of the clipped score :math:`V = M 1\{y > c\} + c 1\{y \le c\} - s`.
     calib_scores / calib_labels [..., n], test_scores [..., m]; returns fp64 [..., m]. Torch composite
-    (sort + searchsorted). Raises ValueError for mismatched shapes."""
+    (sort + searchsorted). Raises ValueError for mismatched shapes or devices and a NaN threshold (inf is
+    allowed: every calibration item is then null)."""
+    check_same_device([("calib_scores", calib_scores), ("calib_labels", calib_labels), ("test_scores", test_scores)])
+    check_not_nan(threshold, "threshold")
     if calib_scores.shape != calib_labels.shape:
         raise AlignopsError(f"calib_labels must have the shape of calib_scores {tuple(calib_scores.shape)}, "
                             f"got {tuple(calib_labels.shape)}")

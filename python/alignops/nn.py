@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._errors import AlignopsError
 from .preference import PreferenceLossOutput, preference_loss
 
 
@@ -117,6 +118,9 @@ class FusedLinearORPOLoss(torch.nn.Module):
         from .fused_linear import fused_linear_sequence_logprobs
         from .objectives import orpo_loss
 
+        if _input.dim() >= 1 and _input.shape[0] % 2:
+            raise AlignopsError(f"_input must stack B chosen then B rejected rows ([2B, T, H]); got "
+                                f"{_input.shape[0]} rows")
         seq = fused_linear_sequence_logprobs(_input, lin_weight, target, bias, ignore_index=self.ignore_index)
         B = _input.shape[0] // 2
         return orpo_loss(seq.sum[:B], seq.sum[B:], beta=self.beta, chosen_lengths=seq.num_tokens[:B],

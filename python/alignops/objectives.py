@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ._checks import check_finite
 from ._errors import AlignopsError
 from .preference import preference_loss
 
@@ -587,8 +588,8 @@ def cpo_loss(
     """
     _check_pair_args("cpo_loss", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
                      loss_type, tuple(_CPO_TYPES), beta, alpha, label_smoothing, reduction)
-    if not math.isfinite(alphapo_alpha):
-        raise AlignopsError(f"alphapo_alpha must be finite, got {alphapo_alpha}")
+    check_finite(simpo_gamma, "simpo_gamma")
+    check_finite(alphapo_alpha, "alphapo_alpha")
     acc = _acc_dtype(policy_chosen_logps, policy_rejected_logps, chosen_nll)
     pc, pr = policy_chosen_logps.to(acc), policy_rejected_logps.to(acc)
     average = loss_type in ("ipo", "simpo") if average_log_prob is None else average_log_prob
@@ -628,6 +629,7 @@ def tpo_loss(
     """
     _check_pair_args("tpo_loss", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
                      loss_type, tuple(_TPO_TYPES), beta, alpha, label_smoothing, reduction)
+    check_finite(gamma, "gamma")
     if alpha != 0.0:
         if gold_logps is None:
             raise AlignopsError("tpo_loss needs gold_logps for its NLL term (or alpha=0 to drop it)")

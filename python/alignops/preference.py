@@ -13,7 +13,7 @@ import torch
 
 from ._errors import AlignopsError
 from . import _backend
-from ._checks import check_logits_targets, values_checkable
+from ._checks import check_finite, check_logits_targets, values_checkable
 from .reference import preference as _ref
 
 # Codes of csrc/preference/preference_loss_math.h. "aot" and "aot_unpaired" run as code 8 on inputs
@@ -68,8 +68,8 @@ def _check_logps(name: str, t: torch.Tensor, like: torch.Tensor | None) -> None:
             raise AlignopsError(f"{name} must be on the device of policy_chosen_logps ({like.device}), got {t.device}")
 
 
-def _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, discopop_tau, reduction,
-                     chosen_lengths, rejected_lengths, pc):
+def _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+                     gamma, reduction, chosen_lengths, rejected_lengths, pc):
     for t in types:
         if t not in LOSS_TYPES:
             raise AlignopsError(f"unknown loss_type {t!r}; valid loss types: {', '.join(LOSS_TYPES)}")
@@ -113,6 +113,8 @@ def _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, d
                                 f"{sorted(_F_DIVERGENCE_TYPES)}; got {unsupported}")
     if not (discopop_tau > 0 and math.isfinite(discopop_tau)):
         raise AlignopsError(f"discopop_tau must be a finite value > 0, got {discopop_tau}")
+    check_finite(f_alpha_divergence_coef, "f_alpha_divergence_coef")
+    check_finite(gamma, "gamma")
     if reduction not in _REDUCTIONS:
         raise AlignopsError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
@@ -207,7 +209,8 @@ def preference_loss(
     log-prob inputs, not to ``beta`` or the lengths.
 
     Raises ValueError on shape/dtype/device mismatches, unknown loss types (listing the valid ones),
-    ``beta <= 0``, ``label_smoothing`` outside its range for the chosen types, and missing lengths.
+    ``beta <= 0``, a non-finite ``gamma`` or ``f_alpha_divergence_coef``, ``label_smoothing`` outside its
+    range for the chosen types, and missing lengths.
     """
     _check_logps("policy_chosen_logps", policy_chosen_logps, None)
     pc = policy_chosen_logps
@@ -218,8 +221,8 @@ def preference_loss(
         _check_logps("ref_rejected_logps", ref_rejected_logps, pc)
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
-    _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, discopop_tau, reduction,
-                     chosen_lengths, rejected_lengths, pc)
+    _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+                     gamma, reduction, chosen_lengths, rejected_lengths, pc)
     impl = _backend.resolve(backend, pc.device, "preference_loss")
 
     if impl == "torch":

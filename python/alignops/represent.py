@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_finite
 from ._errors import AlignopsError
 
 TOKEN_PAIR_MODES = ("mean", "max", "median")
@@ -585,7 +586,8 @@ def cca(H1: torch.Tensor, H2: torch.Tensor, k: int | None = None, reg: float = 1
 
     Returns: [..., k] correlations in fp32 (fp64 for fp64 inputs), differentiable w.r.t. H1 and H2.
 
-    Raises: ValueError for non-matching shapes / devices, n < 2, k out of range or reg < 0.
+    Raises: ValueError for non-matching shapes / devices, n < 2, k out of range or a reg that is not finite
+    and >= 0.
     """
     _check_views(H1, H2, "H1", "H2", 2)
     d1, d2 = H1.shape[-1], H2.shape[-1]
@@ -594,6 +596,7 @@ def cca(H1: torch.Tensor, H2: torch.Tensor, k: int | None = None, reg: float = 1
         k = kmax
     if not 1 <= k <= kmax:
         raise AlignopsError(f"k must be in [1, min(d1, d2) = {kmax}], got {k}")
+    check_finite(reg, "reg")
     if not reg >= 0:
         raise AlignopsError(f"reg must be >= 0, got {reg}")
     out = _out_dtype(H1, H2)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_finite, check_same_device
 from ._errors import AlignopsError
 
 
@@ -82,8 +83,9 @@ def ctrl_transform(calibrated: torch.Tensor, t: float) -> torch.Tensor:
     r"""InfAlign's exponential transform of a calibrated reward u in [0, 1]: :math:`e^{t u}` for t > 0 (the
     best-of-n family: it rewards the upper tail) and :math:`-e^{t u}` for t < 0 (worst-of-n / jailbreaking:
     it punishes the lower tail); increasing in u either way. t = 0 gives u (the identity). The paper tunes t
-    for the target n."""
+    for the target n. Raises ValueError for a non-finite t."""
     u = _tensor(calibrated, "calibrated")
+    check_finite(t, "t")
     if t == 0:
         return u
     return torch.exp(t * u) if t > 0 else -torch.exp(t * u)
@@ -120,7 +122,7 @@ def weighted_majority_vote(answers: torch.Tensor, weights: torch.Tensor | None =
     """Weighted majority vote over n answers per row: answers [..., n] int labels in [0, num_classes), weights
     [..., n] (e.g. reward-model scores or probabilities; default 1 = plain majority). Returns (total weight of
     the winner, winning label); ties go to the smallest label. ``num_classes`` defaults to max + 1 (one host
-    sync). Raises ValueError for non-integer answers, labels out of range, or mismatched shapes.
+    sync). Raises ValueError for non-integer answers, labels out of range, or mismatched shapes or devices.
     ``check_values=False`` skips the checks that read tensor values on the device, so the call (with
     ``num_classes`` given) neither syncs nor breaks CUDA-graph capture (a label out of range then fails in
     the scatter: a device-side assert on a GPU)."""
@@ -132,6 +134,7 @@ def weighted_majority_vote(answers: torch.Tensor, weights: torch.Tensor | None =
     w = torch.ones(a.shape, dtype=torch.float32, device=a.device) if weights is None else weights
     if w.shape != a.shape:
         raise AlignopsError(f"weights must have the shape of answers {list(a.shape)}, got {list(w.shape)}")
+    check_same_device([("answers", a), ("weights", w)])
     if num_classes is None:
         if a.numel() == 0:
             raise AlignopsError(f"answers is empty (shape {list(a.shape)}): pass num_classes to vote on an empty "

@@ -15,7 +15,7 @@ import torch
 
 from ._errors import AlignopsError
 from . import _backend
-from ._checks import check_param
+from ._checks import check_finite, check_not_nan, check_param
 from .reference import skip as _ref
 
 _ACTIVATION_CODES = {name: code for code, name in enumerate(_ref.ACTIVATIONS)}
@@ -163,8 +163,8 @@ def skip_ffn(
     once (the number of kept rows sizes its GEMMs).
 
     Raises ValueError for shape / dtype / device mismatches, a keep mask of the wrong shape, spans out
-    of range, more than one keep criterion, both ``previous`` and ``delta``, and ``inplace=True`` when a
-    gradient is needed.
+    of range, an ``eps`` that is not finite and > 0, a NaN ``threshold``, more than one keep criterion,
+    both ``previous`` and ``delta``, and ``inplace=True`` when a gradient is needed.
     """
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
         raise AlignopsError(f"x must be a tensor of shape [B, T, H] or [N, H], got {getattr(x, 'shape', type(x))}")
@@ -172,8 +172,11 @@ def skip_ffn(
         raise AlignopsError(f"x must have a hidden size H >= 1, got shape {tuple(x.shape)}")
     if activation not in _ACTIVATION_CODES:
         raise AlignopsError(f"activation must be one of {_ref.ACTIVATIONS}, got {activation!r}")
+    check_finite(eps, "eps")
     if not eps > 0:
         raise AlignopsError(f"eps must be > 0, got {eps}")
+    if threshold is not None:
+        check_not_nan(threshold, "threshold")
     _check_weights(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation)
     if criterion not in _CRITERIA:
         raise AlignopsError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_same_device
 from ._errors import AlignopsError
 from . import _backend
 from ._spectral import psd_sqrt
@@ -170,13 +171,14 @@ def gaussian_w2(mu1: torch.Tensor, S1: torch.Tensor, mu2: torch.Tensor, S2: torc
 
     Returns: [...] in the inputs' dtype (clamped at 0: rounding can make it slightly negative).
 
-    Raises: ValueError for shapes that do not match or non-float inputs, and for an indefinite covariance
+    Raises: ValueError for shapes or devices that do not match or non-float inputs, and for an indefinite covariance
     (an eigenvalue below ``-1000 d eps max|eig|``, more than rounding makes) on CPU tensors outside
     torch.compile: an ``eigvalsh`` and a host read, skipped on a GPU (the root then clamps the negative part).
     """
     for name, t in (("mu1", mu1), ("S1", S1), ("mu2", mu2), ("S2", S2)):
         if t.dtype not in (torch.float32, torch.float64):
             raise AlignopsError(f"{name} must be float32 or float64, got {t.dtype}")
+    check_same_device([("mu1", mu1), ("S1", S1), ("mu2", mu2), ("S2", S2)])
     d = mu1.shape[-1] if mu1.dim() >= 1 else -1
     if d < 0 or mu2.shape[-1:] != mu1.shape[-1:]:
         raise AlignopsError(f"mu1 and mu2 must have shape [..., d] with the same d, got {list(mu1.shape)} and "
