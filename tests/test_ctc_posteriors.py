@@ -376,3 +376,37 @@ def test_nan_emission_gives_nan_loss_as_torch(backend):
         torch.testing.assert_close(got[1:], want[1:].to(got.dtype), rtol=1e-10, atol=1e-10)
     post = alignops.ctc.ctc_posteriors(lp, targets, il, tl, backend=backend)
     assert torch.isnan(post.loss[0]) and torch.isfinite(post.loss[1:]).all()
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_nan_emission_gives_nan_gradient_as_torch(backend, reduction):
+    """The gradient of a row that reads a NaN was 0 (issue 13, item 5). torch's ctc_loss is the oracle: NaN
+    at every class of the frames within the row's input length, 0 past it; rows that read no NaN keep their
+    gradient. (A NaN at a class the row never reads is NaN in torch's logit gradient, which adds exp(log_probs);
+    the exact gradient there is 0, so that row is only checked to stay finite.)"""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    lp = torch.randn(4, 10, 5, dtype=torch.float64).log_softmax(-1)
+    lp[0, 4, 2] = math.nan  # a target class of row 0
+    lp[1, 3, 4] = math.nan  # class 4: not in row 1's targets, not blank
+    lp[2, 7, 0] = math.nan  # blank within row 2's input length (8)
+    lp[3, 9, 1] = math.nan  # a target class past row 3's input length
+    targets = torch.tensor([[1, 2, 3]] * 4)
+    il, tl = torch.tensor([10, 10, 8, 9]), torch.tensor([3, 3, 3, 3])
+    for zero_infinity in (False, True):
+        x, y = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+        F.ctc_loss(x.transpose(0, 1), targets, il, tl, reduction=reduction, zero_infinity=zero_infinity).sum().backward()
+        alignops.ctc_loss(y, targets, il, tl, reduction=reduction, zero_infinity=zero_infinity,
+                          backend=backend).sum().backward()
+        nan_rows = [0, 2]
+        assert torch.equal(y.grad[nan_rows].isnan(), x.grad[nan_rows].isnan())
+        assert y.grad[nan_rows].isnan().sum() == 10 * 5 + 8 * 5
+        assert torch.isfinite(y.grad[[1, 3]]).all()
+        # a row that reads no NaN: torch's logit gradient is ours (the score gradient) + exp(lp) * d total / d loss
+        scale = 1 / (3 * 4) if reduction == "mean" else 1.0
+        torch.testing.assert_close(y.grad[3, :9], x.grad[3, :9] - lp[3, :9].exp() * scale, rtol=1e-7, atol=1e-7)
+        assert (y.grad[3, 9:] == 0).all()
+    y = lp.clone().requires_grad_()
+    alignops.ctc.ctc_posteriors(y, targets, il, tl, backend=backend).loss[1:].sum().backward()
+    assert y.grad[0, :10].isnan().all() and y.grad[2, :8].isnan().all() and not y.grad[2, 8:].isnan().any()

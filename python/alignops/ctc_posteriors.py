@@ -50,16 +50,38 @@ def _padded(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor
     return torch.where(used, targets[idx] if targets.numel() else torch.zeros_like(idx), 0).to(targets.dtype)
 
 
-def _nan_rows(log_probs, targets, input_lengths, target_lengths, blank) -> torch.Tensor:
-    """[B] bool: a NaN among the scores the row's alignments read (its blank and target classes at frames
-    before its input length). The kernels treat a NaN score as an impossible step, so such a row would come
-    back inf, which zero_infinity turns into 0: torch's ctc_loss returns NaN, and so does alignops."""
+def _nan_frames(log_probs, targets, input_lengths, target_lengths, blank) -> torch.Tensor:
+    """[B, T] bool: the frames before the input length of the rows whose alignments read a NaN (a NaN at the
+    row's blank or target classes at such a frame). The kernels treat a NaN score as an impossible step, so
+    such a row would come back inf, which zero_infinity turns into 0, with a gradient of 0: torch's ctc_loss
+    returns NaN for the loss and for the gradient at every class of these frames, and so does alignops."""
     T, L = log_probs.shape[1], targets.shape[1]
     frames = torch.arange(T, device=log_probs.device) < input_lengths[:, None]
     used = torch.arange(L, device=targets.device) < target_lengths[:, None]
     classes = torch.cat([torch.full_like(targets[:, :1], blank), torch.where(used, targets, blank)], 1).long()
     read = log_probs.detach().gather(2, classes[:, None, :].expand(-1, T, -1))
-    return (read.isnan().any(2) & frames).any(1)
+    return (read.isnan().any(2) & frames).any(1, keepdim=True) & frames
+
+
+class _NaNFramesGrad(torch.autograd.Function):
+    """Identity on log_probs whose backward sets the gradient of the given [B, T] frames to NaN (every class),
+    as torch's ctc_loss does for a row that reads a NaN score."""
+
+    @staticmethod
+    def forward(ctx, log_probs, frames):
+        ctx.save_for_backward(frames)
+        return log_probs.view_as(log_probs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (frames,) = ctx.saved_tensors
+        return torch.where(frames[:, :, None], torch.nan, grad), None
+
+
+def _with_nan_grad(log_probs: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and log_probs.requires_grad:
+        return _NaNFramesGrad.apply(log_probs, frames)
+    return log_probs
 
 
 def _prepare(log_probs, targets, input_lengths, target_lengths, blank, check_values):
@@ -133,17 +155,19 @@ def ctc_posteriors(
                                                       check_values)
     want_states, want_tokens = output in ("states", "both"), output in ("tokens", "both")
     impl = _backend.resolve(backend, log_probs.device, "ctc_posteriors", native_cuda=False)
+    nan_frames = _nan_frames(log_probs, targets, input_lengths, target_lengths, blank)
+    log_probs = _with_nan_grad(log_probs, nan_frames)
     if impl == "torch":
         acc = acc_dtype(log_probs.dtype)
         loss, gamma = _ref.forward_backward(log_probs, targets, input_lengths, target_lengths, blank)
-        loss = torch.where(_nan_rows(log_probs, targets, input_lengths, target_lengths, blank), torch.nan, loss)
+        loss = torch.where(nan_frames.any(1), torch.nan, loss)
         return CTCPosteriors(loss.to(acc), gamma.to(acc) if want_states else None,
                              _ref.token_occupancy(gamma).to(acc) if want_tokens else None)
     op = torch.ops.alignops.ctc_posteriors if impl == "native" else torch.ops.alignops.ctc_posteriors_triton
     compute_grad = torch.is_grad_enabled() and log_probs.requires_grad
     loss, states, tokens, _ = op(log_probs, targets, input_lengths, target_lengths, blank, want_states, want_tokens,
                                  compute_grad)
-    loss = torch.where(_nan_rows(log_probs, targets, input_lengths, target_lengths, blank), torch.nan, loss)
+    loss = torch.where(nan_frames.any(1), torch.nan, loss)
     return CTCPosteriors(loss, states if want_states else None, tokens if want_tokens else None)
 
 
@@ -166,7 +190,9 @@ def ctc_loss(
     ``"sum"``; ``"mean"`` divides each loss by its target length (clamped to >= 1) and averages over the
     batch, as torch. ``zero_infinity`` replaces infinite losses (no alignment) by 0; their gradient is 0
     either way. A NaN among the scores a row reads (its blank and target classes within its input length)
-    makes its loss NaN, as torch's, which ``zero_infinity`` keeps (the gradient of such a row is 0).
+    makes its loss NaN, as torch's, which ``zero_infinity`` keeps, and its gradient NaN at every class of
+    every frame within its input length, as torch's (a NaN at a class the row never reads leaves its loss and
+    gradient as they are: the exact derivative there is 0, where torch's logit gradient reads exp(NaN)).
 
     The gradient is d loss_b / d log_probs[b, t, c] = -sum_{s: label(s) = c} gamma_t(s): the exact
     derivative with respect to the given scores, whether or not they are log-softmax outputs (torch's
@@ -188,6 +214,8 @@ def ctc_loss(
     targets, input_lengths, target_lengths = _prepare(log_probs, targets, input_lengths, target_lengths, blank,
                                                       check_values)
     impl = _backend.resolve(backend, log_probs.device, "ctc_loss", native_cuda=False)
+    nan_frames = _nan_frames(log_probs, targets, input_lengths, target_lengths, blank)
+    log_probs = _with_nan_grad(log_probs, nan_frames)
     if impl == "torch":
         loss = _ref.forward_backward(log_probs, targets, input_lengths, target_lengths, blank)[0]
         loss = loss.to(acc_dtype(log_probs.dtype))
@@ -195,7 +223,7 @@ def ctc_loss(
         op = torch.ops.alignops.ctc_posteriors if impl == "native" else torch.ops.alignops.ctc_posteriors_triton
         compute_grad = torch.is_grad_enabled() and log_probs.requires_grad
         loss = op(log_probs, targets, input_lengths, target_lengths, blank, False, False, compute_grad)[0]
-    loss = torch.where(_nan_rows(log_probs, targets, input_lengths, target_lengths, blank), torch.nan, loss)
+    loss = torch.where(nan_frames.any(1), torch.nan, loss)
     if zero_infinity:
         loss = torch.where(torch.isinf(loss), torch.zeros_like(loss), loss)
     if reduction == "none":
