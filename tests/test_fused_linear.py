@@ -296,3 +296,52 @@ def test_preference_loss_bad_layouts():
         alignops.fused_linear_preference_loss(hidden[:2], weight, targets[:2], ref_hidden=hidden)
     with pytest.raises(ValueError, match="token_weights must have the shape of targets"):
         alignops.fused_linear_preference_loss(hidden[:2], weight, targets[:2], token_weights=torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("name", ["dpo", "dpo_nll", "simpo", "simpo_no_nll", "cpo", "orpo", "orpo_no_nll"])
+def test_liger_modules_return_liger_structure(name):
+    """``loss, aux = module(...)`` as with Liger-Kernel: aux element for element (log-probs, logits means computed
+    without the logits, NLL 0 when it is off, rewards, ORPO's odds metrics) equal to Liger's own."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    B, T, H, V = 2, 9, 16, 48
+    hidden = torch.randn(2 * B, T, H)
+    weight = torch.randn(V, H) / 4
+    bias = torch.randn(V) / 10
+    targets = torch.randint(0, V, (2 * B, T))
+    targets[:, :2] = -100
+    ref = dict(ref_input=hidden + 0.05 * torch.randn_like(hidden), ref_weight=weight, ref_bias=bias)
+    peer, ours, kw = {
+        "dpo": (liger.LigerFusedLinearDPOLoss(beta=0.1, compiled=False), alignops.nn.FusedLinearDPOLoss(beta=0.1), ref),
+        "dpo_nll": (liger.LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=True, compiled=False),
+                    alignops.nn.FusedLinearDPOLoss(beta=0.1, compute_nll_loss=True), ref),
+        "simpo": (liger.LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.5, compiled=False),
+                  alignops.nn.FusedLinearSimPOLoss(beta=2.0, gamma=0.5), {}),
+        "simpo_no_nll": (liger.LigerFusedLinearSimPOLoss(beta=2.0, compute_nll_loss=False, compiled=False),
+                         alignops.nn.FusedLinearSimPOLoss(beta=2.0, compute_nll_loss=False), {}),
+        "cpo": (liger.LigerFusedLinearCPOLoss(beta=0.1, compiled=False), alignops.nn.FusedLinearCPOLoss(beta=0.1), {}),
+        "orpo": (liger.LigerFusedLinearORPOLoss(beta=0.1, compiled=False), alignops.nn.FusedLinearORPOLoss(beta=0.1), {}),
+        "orpo_no_nll": (liger.LigerFusedLinearORPOLoss(beta=0.1, compute_nll_loss=False, compiled=False),
+                        alignops.nn.FusedLinearORPOLoss(beta=0.1, compute_nll_loss=False), {}),
+    }[name]
+    exp_loss, exp_aux = peer(weight, hidden, targets, bias, **kw)
+    loss, aux = ours(weight, hidden, targets, bias, **kw)
+    torch.testing.assert_close(loss, exp_loss, rtol=1e-5, atol=1e-6)
+    assert len(aux) == len(exp_aux)
+    for got, exp in zip(aux, exp_aux):
+        torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(exp).to(torch.as_tensor(got).dtype),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_liger_modules_check_arguments_at_construction():
+    with pytest.raises(ValueError, match="unknown loss_type 'nope'"):
+        alignops.nn.FusedLinearDPOLoss(loss_type="nope")
+    with pytest.raises(ValueError, match="beta must be > 0 and finite, got nan"):
+        alignops.nn.FusedLinearDPOLoss(beta=float("nan"))
+    with pytest.raises(ValueError, match="alpha must be finite, got inf"):
+        alignops.nn.FusedLinearCPOLoss(alpha=float("inf"))
+    with pytest.raises(ValueError, match="ignore_index must be an int, got 1.5"):
+        alignops.nn.FusedLinearSimPOLoss(ignore_index=1.5)
+    with pytest.raises(ValueError, match="beta must be finite, got nan"):
+        alignops.nn.FusedLinearORPOLoss(beta=float("nan"))
+    with pytest.raises(ValueError, match=r"_input must be \[2B, T, H\]"):
+        alignops.nn.FusedLinearDPOLoss()(torch.randn(8, 4), torch.randn(6, 4), torch.zeros(6, dtype=torch.long))

@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from ._checks import check_finite
 from ._errors import AlignopsError
 from .preference import PreferenceLossOutput, preference_loss
+
+
+class LigerLossOutput(NamedTuple):
+    """What Liger-Kernel's fused losses return, so that ``loss, aux = module(...)`` and ``module(...)[0]`` work
+    as with Liger: ``aux`` = (chosen_logps [B], rejected_logps [B], chosen_logits_mean, rejected_logits_mean,
+    nll_loss, then the loss's own metrics: chosen_rewards [B], rejected_rewards [B]; ORPO adds log_odds_ratio
+    and log_odds_chosen, both batch means). ``nll_loss`` is 0 when ``compute_nll_loss=False``, as in Liger."""
+
+    loss: torch.Tensor
+    aux: tuple
+
+
+def _logits_means(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: int):
+    """Liger's chosen / rejected logits means, sum over every position and vocabulary entry / (B T V), from
+    hidden [2B, T, H] without the logits: sum_{t,v} z = (sum_t h_t) . (sum_v w_v) + (#positions) sum_v b_v."""
+    with torch.no_grad():
+        T, V = hidden.shape[1], weight.shape[0]
+        w_sum = weight.sum(0, dtype=torch.float32)
+        b_sum = bias.sum(dtype=torch.float32) if bias is not None else w_sum.new_zeros(())
+
+        def mean(rows: torch.Tensor) -> torch.Tensor:
+            return (rows.sum((0, 1), dtype=torch.float32) @ w_sum + rows.shape[0] * T * b_sum) / max(B * T * V, 1)
+
+        return mean(hidden[:B]), mean(hidden[B:])
+
+
+def _check_liger_input(_input: torch.Tensor) -> int:
+    if _input.dim() != 3 or _input.shape[0] % 2:
+        raise AlignopsError(f"_input must be [2B, T, H]: B chosen rows, then B rejected rows; got shape "
+                            f"{list(_input.shape)}")
+    return _input.shape[0] // 2
 
 
 class PreferenceLoss(torch.nn.Module):
@@ -57,6 +91,15 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         self.label_smoothing, self.average_log_prob, self.nll_weight = label_smoothing, average_log_prob, nll_weight
         self.use_ref_model = use_ref_model
         self.options = options
+        # Fail at construction, not at the first batch: one call on a 2-token problem checks every argument.
+        from .fused_linear import fused_linear_preference_loss
+
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise AlignopsError(f"ignore_index must be an int, got {ignore_index!r}")
+        probe = torch.zeros(2, 1, 1)
+        fused_linear_preference_loss(probe, torch.zeros(1, 1), torch.zeros(2, 1, dtype=torch.long), loss_type=loss_type,
+                                     beta=beta, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                                     average_log_prob=average_log_prob, nll_weight=nll_weight, **options)
 
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
                 **per_batch):
@@ -73,7 +116,22 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         return f"loss_type={self.loss_type!r}, beta={self.beta}"
 
 
-class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
+class _LigerFusedLinearLoss(FusedLinearPreferenceLoss):
+    """The base module with Liger-Kernel's return structure (:class:`LigerLossOutput`)."""
+
+    compute_nll_loss = True
+
+    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
+                **per_batch) -> LigerLossOutput:
+        B = _check_liger_input(_input)
+        out = super().forward(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, **per_batch)
+        chosen_mean, rejected_mean = _logits_means(_input, lin_weight, bias, B)
+        nll = out.nll if self.compute_nll_loss else torch.zeros_like(out.nll)
+        return LigerLossOutput(out.loss, (out.chosen_logps, out.rejected_logps, chosen_mean, rejected_mean, nll,
+                                          out.chosen_rewards, out.rejected_rewards))
+
+
+class FusedLinearDPOLoss(_LigerFusedLinearLoss):
     """Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearDPOLoss`` (same constructor arguments;
     ``compiled`` and ``chunk_size`` are accepted and unused: nothing here recompiles per shape)."""
 
@@ -81,37 +139,48 @@ class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
                  compiled: bool = True, use_ref_model: bool = True, average_log_prob: bool = False,
                  chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  discopop_tau: float = 0.05):
+        check_finite(alpha, "alpha")  # the NLL weight, by Liger's name
         super().__init__(loss_type, beta, ignore_index, label_smoothing, average_log_prob,
                          alpha if compute_nll_loss else 0.0, use_ref_model, discopop_tau=discopop_tau)
+        self.compute_nll_loss = compute_nll_loss
 
 
-class FusedLinearSimPOLoss(FusedLinearPreferenceLoss):
+class FusedLinearSimPOLoss(_LigerFusedLinearLoss):
     """Drop-in for ``LigerFusedLinearSimPOLoss``: reference-free, length-averaged log-probs, margin ``gamma``."""
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
                  compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1):
+        check_finite(alpha, "alpha")  # the NLL weight, by Liger's name
         super().__init__("simpo", beta, ignore_index, label_smoothing, True, alpha if compute_nll_loss else 0.0,
                          False, gamma=gamma)
+        self.compute_nll_loss = compute_nll_loss
 
 
-class FusedLinearCPOLoss(FusedLinearPreferenceLoss):
+class FusedLinearCPOLoss(_LigerFusedLinearLoss):
     """Drop-in for ``LigerFusedLinearCPOLoss``: reference-free CPO plus ``alpha`` x NLL of the chosen tokens."""
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
                  compute_nll_loss: bool = True, compiled: bool = True, average_log_prob: bool = False,
                  chunk_size: int = 1):
+        check_finite(alpha, "alpha")  # the NLL weight, by Liger's name
         super().__init__("cpo", beta, ignore_index, label_smoothing, average_log_prob,
                          alpha if compute_nll_loss else 0.0, False)
+        self.compute_nll_loss = compute_nll_loss
 
 
 class FusedLinearORPOLoss(torch.nn.Module):
     """Drop-in for ``LigerFusedLinearORPOLoss``: ORPO from LM-head inputs (``_input`` [2B, T, H], chosen rows
     first), NLL on the chosen tokens plus ``beta`` x the odds-ratio loss with a stable ``log1mexp``.
-    Returns :class:`alignops.objectives.ORPOLossOutput` (a NamedTuple whose first field is the loss)."""
+    Returns :class:`LigerLossOutput`, Liger's ``(loss, aux)``: aux = (chosen / rejected mean log-probs [B],
+    logits means, the chosen tokens' mean NLL (0 when ``compute_nll_loss=False``), rewards ``beta`` x mean logp
+    [B], the batch means of ``log_odds_ratio`` and ``log_odds_chosen``)."""
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
                  compiled: bool = True, chunk_size: int = 1):
         super().__init__()
+        check_finite(beta, "beta")
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise AlignopsError(f"ignore_index must be an int, got {ignore_index!r}")
         self.ignore_index, self.beta, self.compute_nll_loss = ignore_index, beta, compute_nll_loss
 
     def forward(self, lin_weight, _input, target, bias=None):
@@ -122,6 +191,12 @@ class FusedLinearORPOLoss(torch.nn.Module):
             raise AlignopsError(f"_input must stack B chosen then B rejected rows ([2B, T, H]); got "
                                 f"{_input.shape[0]} rows")
         seq = fused_linear_sequence_logprobs(_input, lin_weight, target, bias, ignore_index=self.ignore_index)
-        B = _input.shape[0] // 2
-        return orpo_loss(seq.sum[:B], seq.sum[B:], beta=self.beta, chosen_lengths=seq.num_tokens[:B],
-                         rejected_lengths=seq.num_tokens[B:], compute_nll=self.compute_nll_loss)
+        B = _check_liger_input(_input)
+        out = orpo_loss(seq.sum[:B], seq.sum[B:], beta=self.beta, chosen_lengths=seq.num_tokens[:B],
+                        rejected_lengths=seq.num_tokens[B:], compute_nll=self.compute_nll_loss)
+        mean = seq.sum / seq.num_tokens.clamp(min=1)
+        chosen_mean, rejected_mean = _logits_means(_input, lin_weight, bias, B)
+        nll = (-seq.sum[:B].sum() / seq.num_tokens[:B].sum().clamp(min=1) if self.compute_nll_loss
+               else out.loss.new_zeros(()))
+        return LigerLossOutput(out.loss, (mean[:B], mean[B:], chosen_mean, rejected_mean, nll, out.chosen_rewards,
+                                          out.rejected_rewards, out.log_odds_ratio.mean(), out.log_odds_chosen.mean()))
