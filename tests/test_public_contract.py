@@ -193,8 +193,7 @@ CASES: dict[str, Case] = {
 # Entries that still break the contract today, with the defect (xfail strict: they fail loudly once fixed).
 META_XFAIL: dict[str, str] = {}
 MUTATION_XFAIL: dict[str, str] = {}
-_ACCEPTS = "issue 13 item 10: a non-finite {} is accepted (no ValueError)"
-HYPER_XFAIL: dict[tuple[str, str], str] = {(n, h): _ACCEPTS.format(h) for n, h in [("nnn", "alpha")]}
+HYPER_XFAIL: dict[tuple[str, str], str] = {}
 # Only one of the two values breaks the contract for these.
 HYPER_VALUE_XFAIL: dict[tuple[str, str, str], str] = {}
 

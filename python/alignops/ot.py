@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from ._checks import check_finite
 from ._errors import AlignopsError
 from ._sinkhorn_newton import check_newton, newton_polish
 from .ops.ot import envelope_grad_cost
@@ -592,6 +593,7 @@ def nnn(sim: torch.Tensor, bank: torch.Tensor, *, k: int = 16, alpha: float = 1.
     _check_pair(sim, bank)
     if k < 1:
         raise AlignopsError(f"k must be >= 1, got {k}")
+    check_finite(alpha, "alpha")
     chunk = bank.shape[0] if chunk_size is None else max(1, chunk_size)
     top = bank.new_empty(0, bank.shape[1])
     for r0 in range(0, bank.shape[0], chunk):
