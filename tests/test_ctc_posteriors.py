@@ -410,3 +410,13 @@ def test_nan_emission_gives_nan_gradient_as_torch(backend, reduction):
     y = lp.clone().requires_grad_()
     alignops.ctc.ctc_posteriors(y, targets, il, tl, backend=backend).loss[1:].sum().backward()
     assert y.grad[0, :10].isnan().all() and y.grad[2, :8].isnan().all() and not y.grad[2, 8:].isnan().any()
+
+
+def test_double_backward_is_refused_with_a_clear_message():
+    lp = torch.randn(2, 10, 5, dtype=torch.float64).log_softmax(-1).requires_grad_()
+    args = (torch.randint(1, 5, (2, 3)), torch.tensor([10, 10]), torch.tensor([3, 3]))
+    (g,) = torch.autograd.grad(alignops.ctc_loss(lp, *args), lp, create_graph=True)
+    (g1,) = torch.autograd.grad(alignops.ctc_loss(lp, *args), lp)
+    assert torch.equal(g.detach(), g1)  # the first-order gradient is unchanged
+    with pytest.raises(RuntimeError, match="ctc_loss / ctc_posteriors: double backward is not supported"):
+        g.sum().backward()

@@ -282,6 +282,8 @@ def test_bad_input():
     C = torch.rand(2, 4, 5)
     with pytest.raises(ValueError, match="eps must be a finite value > 0"):
         O.sinkhorn(C, eps=-0.1)
+    with pytest.raises(ValueError, match=r"eps must be a Python float, got a tensor tensor\(0.1000\)"):
+        O.sinkhorn(C, eps=torch.tensor(0.1))
     with pytest.raises(ValueError, match="same total mass"):
         O.sinkhorn(C, torch.full((4,), 0.25), torch.full((5,), 0.5), eps=0.1)
     with pytest.raises(ValueError, match=r"b must have shape \[B, M\]"):

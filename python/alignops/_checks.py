@@ -48,6 +48,13 @@ def check_finite(value: float, name: str) -> None:
         raise AlignopsError(f"{name} must be finite, got {value!r}")
 
 
+def check_positive(value: float, name: str) -> None:
+    """A float hyper-parameter that must be finite and > 0 (eps, a temperature), named when it is not."""
+    check_finite(value, name)
+    if not value > 0:
+        raise AlignopsError(f"{name} must be a finite value > 0, got {value!r}")
+
+
 def check_not_nan(value: float, name: str) -> None:
     """A float hyper-parameter for which inf has a meaning (a threshold, a tolerance, a penalty) but NaN has none."""
     if isinstance(value, torch.Tensor):

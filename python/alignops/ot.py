@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
-from ._checks import check_finite
+from ._checks import check_finite, check_positive
 from ._errors import AlignopsError
 from ._sinkhorn_newton import check_newton, newton_polish
 from .ops.ot import envelope_grad_cost
@@ -293,8 +293,7 @@ def sinkhorn(
     if squeeze:
         x = x[None]
     x = _as_batch(x, "cost_or_scores")
-    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-        raise AlignopsError(f"eps must be a finite value > 0, got {eps}")
+    check_positive(eps, "eps")
     if grad not in _GRADS:
         raise AlignopsError(f"grad must be one of {_GRADS}, got {grad!r}")
     if n_iters is None:
@@ -710,8 +709,7 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
                          f"{tuple(y.shape)}")
     if not x.is_floating_point() or not y.is_floating_point():
         raise AlignopsError(f"x and y must be floating point, got {x.dtype} and {y.dtype}")
-    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-        raise AlignopsError(f"eps must be a finite value > 0, got {eps}")
+    check_positive(eps, "eps")
     if not p >= 1:
         raise AlignopsError(f"p must be >= 1, got {p}")
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()

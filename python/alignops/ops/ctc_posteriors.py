@@ -77,21 +77,39 @@ def _ctc_posteriors_fake(log_probs, targets, input_lengths, target_lengths, blan
             log_probs.new_empty((B, T, C) if compute_grad else (0,)))
 
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on the first-order gradient, attached to log_probs when the backward builds a graph
+    (create_graph=True), so that differentiating it again raises a clear error instead of torch's "element 0
+    of tensors does not require grad"."""
+
+    @staticmethod
+    def forward(ctx, grad, log_probs):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("ctc_loss / ctc_posteriors: double backward is not supported; the kernel computes the "
+                           "gradient in closed form, without a graph to differentiate again")
+
+
 def _setup(ctx, inputs, output):
     _, states, tokens, grad = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(states, tokens, grad)
-    ctx.save_for_backward(grad)
+    ctx.save_for_backward(grad, inputs[0])
 
 
 def _backward(ctx, grad_loss, _grad_states, _grad_tokens, _grad_grad):
     if grad_loss is None:
         return (None,) * 8
-    (grad,) = ctx.saved_tensors
+    grad, log_probs = ctx.saved_tensors
     if grad.dim() != 3:  # the empty [0] placeholder
         raise RuntimeError("alignops::ctc_posteriors was called with compute_grad=False; call it through "
                            "alignops.ctc_posteriors.ctc_loss (which sets it) to differentiate")
-    return (grad * grad_loss.to(grad.dtype)[:, None, None], *([None] * 7))
+    out = grad * grad_loss.to(grad.dtype)[:, None, None]
+    if torch.is_grad_enabled() and log_probs.requires_grad:  # backward with create_graph=True
+        out = _NoDoubleBackward.apply(out, log_probs)
+    return (out, *([None] * 7))
 
 
 def register_ctc_posteriors_autograd(op: str) -> None:
