@@ -30,10 +30,11 @@ def utterance_score_kernel(cp_ptr, starts_ptr, ends_ptr, out_ptr, T, U, window, 
     span = e - s
     x = tl.load(row + s + offs, mask=offs < span, other=0.0).to(tl.float64)
     short = tl.sum(x, axis=0) / tl.maximum(span, 1).to(tl.float64)
-    m = short * 0.0  # an fp64 scalar 0, the package's initial min
+    m = tl.full([], 0.0, tl.float64)  # the package's initial min (not short * 0: NaN for a span with a NaN)
     for t in range(s, e - window):
         w = tl.load(row + t + offs, mask=offs < window, other=0.0).to(tl.float64)
-        m = tl.minimum(m, tl.sum(w, axis=0) / window)
+        mean = tl.sum(w, axis=0) / window
+        m = tl.where(mean < m, mean, m)  # the package's min(m, mean): a NaN window never wins
     res = tl.where(span <= window, short, m)
     res = tl.where(span <= 0, EMPTY_SCORE, res)
     tl.store(out_ptr + pid, res)

@@ -506,3 +506,29 @@ def test_bad_input_ops_and_failure():
         else:
             cseg.ctc_segmentation(lpz, gt, min_window_size=8, max_window_size=12)
     assert failures > 0
+
+
+def _package_min_mean(cp, s, e, n):
+    """ctc-segmentation's determine_utterance_segments score, transcribed: Python's min fold from 0."""
+    if e <= s:
+        return -1e10
+    if e - s <= n:
+        return cp[s:e].mean()
+    m = np.float64(0.0)
+    for t in range(s, e - n):
+        m = min(m, cp[t:t + n].mean())
+    return m
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_utterance_score_nan_frame_as_the_package(backend):
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        cp = -rng.random(40) * 3
+        cp[rng.integers(0, 40)] = np.nan
+        s = int(rng.integers(0, 39))
+        e, n = int(rng.integers(s, 41)), int(rng.integers(1, 10))
+        got = float(cseg.utterance_score(torch.from_numpy(cp), torch.tensor([s]), torch.tensor([e]), n,
+                                       backend=backend)[0])
+        exp = _package_min_mean(cp, s, e, n)
+        assert (np.isnan(got) and np.isnan(exp)) or got == pytest.approx(exp, rel=1e-12, abs=0), (s, e, n)

@@ -210,7 +210,8 @@ def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: to
 
     With n = ``window`` frames: ``score = mean(cp[s:e])`` if ``e - s <= n``, else ``min(0, min over t in
     [s, e - n) of mean(cp[t:t+n]))`` (the package's range: the last full window is left out); ``e <= s``
-    gives -1e10. Sums in fp64 in numpy's pairwise order, so values equal ``determine_utterance_segments``'s
+    gives -1e10. A window whose mean is NaN is skipped, as the package's ``min(running, mean)`` fold skips
+    it; a short span (``e - s <= n``) containing a NaN frame scores NaN. Sums in fp64 in numpy's pairwise order, so values equal ``determine_utterance_segments``'s
     bit for bit (the Triton kernel, for CUDA tensors, sums in a tree order: a few fp64 ulp apart).
 
     Args:

@@ -173,7 +173,8 @@ def prepare_token_list(utterances, blank: int = 0):
 
 def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, window: int = 30):
     """The package's confidence of frames [s, e): mean(cp[s:e]) if e - s <= n, else min(0, min over t in
-    [s, e - n) of mean(cp[t:t+n])); e <= s gives -1e10. [..., T] x [..., U] -> [..., U] fp64."""
+    [s, e - n) of mean(cp[t:t+n])), NaN windows skipped as the package's fold skips them; e <= s gives -1e10.
+    [..., T] x [..., U] -> [..., U] fp64."""
     cp = frame_logprobs.to(torch.float64)
     lead = starts.shape[:-1]
     cp2 = cp.reshape(-1, cp.shape[-1])
@@ -188,7 +189,10 @@ def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: to
                 out[b, u] = cp2[b, s:e].mean()
             else:
                 means = cp2[b, s:e - 1].unfold(0, window, 1).mean(-1)  # windows starting at s .. e - n - 1
-                out[b, u] = min(0.0, float(means.min()))
+                # the package folds min(running, mean) from 0: a NaN window never compares lower, so it is
+                # skipped (a short span's plain mean keeps its NaN)
+                means = means[~means.isnan()]
+                out[b, u] = min(0.0, float(means.min())) if means.numel() else 0.0
     return out.reshape(*lead, -1)
 
 
