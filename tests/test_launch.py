@@ -24,6 +24,7 @@ def test_launch_makes_the_tensors_device_current(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", device)
     monkeypatch.setattr(_launch, "wrap_triton", lambda kernel: Wrapped())
+    monkeypatch.setattr(_launch, "_CAPTURE", None)  # CI records launches; these stand-in kernels are not ones
     with FakeTensorMode():  # a cuda:1 tensor without a GPU
         x = torch.empty(4, device="cuda:1")
     _launch.launch(object(), (3,), 7, x, BLOCK=16)
