@@ -520,15 +520,20 @@ def _package_min_mean(cp, s, e, n):
     return m
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
-def test_utterance_score_nan_frame_as_the_package(backend):
-    rng = np.random.default_rng(3)
-    for _ in range(200):
-        cp = -rng.random(40) * 3
-        cp[rng.integers(0, 40)] = np.nan
-        s = int(rng.integers(0, 39))
-        e, n = int(rng.integers(s, 41)), int(rng.integers(1, 10))
-        got = float(cseg.utterance_score(torch.from_numpy(cp), torch.tensor([s]), torch.tensor([e]), n,
-                                       backend=backend)[0])
+def check_nan_frame_as_the_package(backend, device, seed, trials, T, max_window):
+    """utterance_score on T frames with one NaN, random spans and windows, against the package's loop."""
+    rng = np.random.default_rng(seed)
+    for _ in range(trials):
+        cp = -rng.random(T) * 3
+        cp[rng.integers(0, T)] = np.nan
+        s = int(rng.integers(0, T - 1))
+        e, n = int(rng.integers(s, T + 1)), int(rng.integers(1, max_window))
+        got = float(cseg.utterance_score(torch.from_numpy(cp).to(device), torch.tensor([s], device=device),
+                                         torch.tensor([e], device=device), n, backend=backend)[0])
         exp = _package_min_mean(cp, s, e, n)
         assert (np.isnan(got) and np.isnan(exp)) or got == pytest.approx(exp, rel=1e-12, abs=0), (s, e, n)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_utterance_score_nan_frame_as_the_package(backend):
+    check_nan_frame_as_the_package(backend, "cpu", seed=3, trials=200, T=40, max_window=10)

@@ -1,12 +1,10 @@
 """The Triton utterance-score op against the native op and the reference. Without a GPU it runs in the
 Triton interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1); shapes are small."""
 
-import numpy as np
 import pytest
 import torch
 
 import alignops
-from alignops import ctc_segmentation as cseg
 from alignops.reference import ctc_segmentation as ref
 
 pytestmark = [
@@ -70,15 +68,6 @@ def test_utterance_score_triton_opcheck():
 
 
 def test_utterance_score_triton_nan_frame_as_the_package():
-    from test_ctc_segmentation import _package_min_mean
+    from test_ctc_segmentation import check_nan_frame_as_the_package
 
-    rng = np.random.default_rng(4)
-    for _ in range(12):
-        cp = -rng.random(30) * 3
-        cp[rng.integers(0, 30)] = np.nan
-        s = int(rng.integers(0, 29))
-        e, n = int(rng.integers(s, 31)), int(rng.integers(1, 8))
-        got = float(cseg.utterance_score(torch.from_numpy(cp).to(DEVICE), torch.tensor([s], device=DEVICE),
-                                         torch.tensor([e], device=DEVICE), n, backend="triton")[0])
-        exp = _package_min_mean(cp, s, e, n)
-        assert (np.isnan(got) and np.isnan(exp)) or got == pytest.approx(exp, rel=1e-12, abs=0), (s, e, n)
+    check_nan_frame_as_the_package("triton", DEVICE, seed=4, trials=12, T=30, max_window=8)

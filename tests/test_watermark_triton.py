@@ -47,13 +47,9 @@ def test_triton_first_of_equal_maxima_and_infinities():
 
 @pytest.mark.parametrize("V", [77, 2100, 17000])  # 17000: three programs per row
 def test_triton_first_nan_wins_as_in_torch(V):
-    x = torch.randn(5, V) * 3
-    x[0, 0] = math.nan
-    x[1, V - 1] = math.nan
-    x[2, 5], x[2, V // 2] = 100.0, math.nan
-    x[3, 3], x[3, V - 2], x[3, V - 1] = math.inf, math.nan, math.nan
-    x[4, V // 3], x[4, 2 * V // 3] = math.nan, math.nan
-    x = torch.cat([x, torch.randn(1, V)])  # a row without NaN
+    from test_watermark import nan_rows
+
+    x = nan_rows(V)
     ctx = torch.randint(0, 1000, (6, 1))
     xd, cd = x.to(DEVICE), ctx.to(DEVICE)
     assert torch.equal(W.kgw_greedy(xd, cd, 3, gamma=0.0, backend="triton").cpu(), x.argmax(-1))
