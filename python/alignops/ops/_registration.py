@@ -5,6 +5,9 @@ share one device (a meta tensor among CPU tensors dispatches to the fake kernel)
 alignops supports (torch >= 2.6), so that each Triton op has the schema of its native twin in
 csrc/registration.cpp.
 
+``register_triton_twin(native)``: ``register_triton_op(native + "_triton", native_schema(native))`` — the Triton
+op of a native op takes its schema from the native op's registration, so a schema is written once (in C++).
+
 ``triton_op(..., schema=...)`` hands the schema on to ``custom_op`` from torch 2.14 on. Before, it infers the
 schema from the function's annotations whatever it is given: an ``int`` argument becomes ``SymInt``, so the
 same op would be registered differently on torch 2.11-2.13 than on 2.14 (and differently from its native twin).
@@ -44,6 +47,19 @@ def register_triton_op(name: str, schema: str, mutates_args: Iterable[str] = ())
             _triton_library.infer_schema = inferred
 
     return define
+
+
+def native_schema(name: str) -> str:
+    """The schema of the registered op ``name`` (``"alignops::op"``) without its name: ``"(Tensor x, ...) -> Tensor"``."""
+    namespace, op = name.split("::")
+    schema = str(getattr(getattr(torch.ops, namespace), op).default._schema)
+    return schema[schema.index("("):]
+
+
+def register_triton_twin(native: str, mutates_args: Iterable[str] = ()) -> Callable:
+    """Decorator: the decorated function is ``<native>_triton``, a Triton op with the schema of the native op
+    ``native`` (``"alignops::op"``, defined in csrc/registration.cpp)."""
+    return register_triton_op(native + "_triton", native_schema(native), mutates_args)
 
 
 def register_fake(name: str) -> Callable:
