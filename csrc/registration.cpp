@@ -66,6 +66,17 @@ TORCH_LIBRARY(alignops, m) {
       "Tensor lse, int ignore_index, float temperature, float logit_scale, float softcap, bool bias_grad) "
       "-> (Tensor, Tensor, Tensor)");
 
+  // ---- distillation: teacher-student divergence from both LM heads, no [N, V] logits ---------------
+  // divergence: "jsd" (coef = beta; 0 forward KL, 1 reverse KL), "tv", "skew_kl" / "skew_reverse_kl"
+  // (coef = skew). softcap <= 0 means none. Rows with weights == 0 are dropped before any GEMM. Returns
+  // (loss = sum_n weights_n d_n [], per_token d [N], student entropy [N], and when compute_grad the
+  // gradients of loss w.r.t. student_hidden [N, Hs], student_weight [V, Hs], student_bias [V] (else empty)).
+  m.def(
+      "fused_linear_distillation(Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, "
+      "Tensor teacher_weight, Tensor? student_bias, Tensor? teacher_bias, Tensor weights, str divergence, "
+      "float coef, float temperature, float student_logit_scale, float teacher_logit_scale, float student_softcap, "
+      "float teacher_softcap, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // ---- skip: FFN on the kept rows only, skipped rows bit-identical ----------------------------------
   // y = x + FFN(RMSNorm(x)) on rows with keep, y = x elsewhere. activation: 0 swiglu (w_gate_up [2I, H],
   // gate rows first), 1 gelu (erf), 2 gelu_tanh (w_gate_up [I, H]). Returns (y [N, H], index [N] int64

@@ -25,6 +25,7 @@ from .preference import (
     sequence_logprobs,
 )
 from . import ctc, nn, objectives, ot, reference, represent, skip  # noqa: E402
+from .distillation import DistillationOutput, fused_linear_distillation_loss  # noqa: E402
 from .objectives import (
     RunningMoments,
     bco_loss,
@@ -56,6 +57,8 @@ __all__ = [
     "FusedLinearLogprobs",
     "FusedLinearPreferenceOutput",
     "fused_linear_logprobs",
+    "DistillationOutput",
+    "fused_linear_distillation_loss",
     "fused_linear_preference_loss",
     "fused_linear_sequence_logprobs",
     "preference_loss",

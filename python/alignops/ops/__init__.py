@@ -1,6 +1,6 @@
 """Fake kernels, autograd formulas and Triton ops of every family, registered on import."""
 
-from . import ctc, ctc_posteriors, ctc_segmentation, metrics, ot, preference, skip, wasserstein, watermark  # noqa: F401
+from . import ctc, ctc_posteriors, ctc_segmentation, distillation, metrics, ot, preference, skip, wasserstein, watermark  # noqa: F401
 
 try:
     import triton

@@ -1,0 +1,217 @@
+// CPU kernel of alignops::fused_linear_distillation: a teacher-student divergence from both models' LM-head
+// inputs without the [N, V] logits of either. Rows with weight 0 (prompt, padding) are dropped before any
+// GEMM. The kept rows are walked in blocks of R rows; one GEMM per model gives the block's [R, V] logits
+// (R chosen so that a block is about 16 MB per model), both softmaxes, the divergence and, when asked, the
+// closed-form d loss / d student logits are taken from that block, and grad_hidden[rows] = dz @ W_s,
+// grad_weight += dz^T @ h_s. Each logit is thus computed once per model (a vocabulary-tiled scheme would
+// recompute both heads in a second forward pass, since the JSD's gradient needs the per-row sum
+// sum_v p_s G only known after every tile, and again in the backward).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+#include "common/checks.h"
+
+namespace alignops::distillation {
+namespace {
+
+enum class Mode { ForwardKL, ReverseKL, JSD, TV, SkewKL, SkewReverseKL };
+
+Mode parse_mode(const std::string& divergence, double coef) {
+  if (divergence == "jsd") {
+    TORCH_CHECK_VALUE(coef >= 0.0 && coef <= 1.0, "beta must lie in [0, 1], got ", coef);
+    return coef == 0.0 ? Mode::ForwardKL : coef == 1.0 ? Mode::ReverseKL : Mode::JSD;
+  }
+  if (divergence == "tv") {
+    return Mode::TV;
+  }
+  if (divergence == "skew_kl" || divergence == "skew_reverse_kl") {
+    TORCH_CHECK_VALUE(coef >= 0.0 && coef <= 1.0, "skew must lie in [0, 1], got ", coef);
+    return divergence == "skew_kl" ? Mode::SkewKL : Mode::SkewReverseKL;
+  }
+  TORCH_CHECK_VALUE(false, "divergence must be one of 'jsd', 'tv', 'skew_kl', 'skew_reverse_kl', got '", divergence,
+                    "'");
+}
+
+// Kept rows per block: an [R, V] block of about 4M elements per model, at least 16 rows.
+// ALIGNOPS_DISTILLATION_ROWS overrides it (the tests use it to cover several blocks on small shapes).
+int64_t block_rows(int64_t V) {
+  if (const char* forced = std::getenv("ALIGNOPS_DISTILLATION_ROWS")) {
+    return std::max<int64_t>(1, std::atoll(forced));
+  }
+  return std::max<int64_t>(16, (int64_t(1) << 22) / std::max<int64_t>(V, 1));
+}
+
+void check_head(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const char* h, const char* w, const char* b, const at::Tensor& like) {
+  check_dim(hidden, 2, h, "[N, H]");
+  check_floating(hidden, h);
+  check_same_device(hidden, like, h, "student_hidden");
+  check_dim(weight, 2, w, "[V, H]");
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), w, " must have shape [V, H] with H = ", hidden.size(1), " (",
+                    h, "'s last dimension), got ", weight.sizes());
+  check_same_dtype(weight, hidden, w, h);
+  check_same_device(weight, hidden, w, h);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), b, " must have shape [V] = [",
+                      weight.size(0), "], got ", bias->sizes());
+    check_same_dtype(*bias, hidden, b, h);
+    check_same_device(*bias, hidden, b, h);
+  }
+}
+
+struct Transform {
+  double scale, softcap, inv_t;
+  // z = softcap tanh(scale u / softcap) / T (scale u / T when softcap <= 0), in place; returns dz/du when
+  // `grad` (only used for the student).
+  at::Tensor apply(at::Tensor& u, bool grad) const {
+    at::Tensor dzdu;
+    if (softcap > 0) {
+      auto th = (u * (scale / softcap)).tanh_();
+      if (grad) {
+        dzdu = (1 - th * th).mul_(scale * inv_t);
+      }
+      u = th.mul_(softcap * inv_t);
+    } else {
+      u.mul_(scale * inv_t);
+    }
+    return dzdu;
+  }
+};
+
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Result fused_linear_distillation_cpu(const at::Tensor& student_hidden, const at::Tensor& student_weight,
+                                     const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight,
+                                     const std::optional<at::Tensor>& student_bias,
+                                     const std::optional<at::Tensor>& teacher_bias, const at::Tensor& weights,
+                                     std::string divergence, double coef, double temperature,
+                                     double student_logit_scale, double teacher_logit_scale, double student_softcap,
+                                     double teacher_softcap, bool compute_grad) {
+  check_device(student_hidden, c10::DeviceType::CPU, "student_hidden");
+  check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias",
+             student_hidden);
+  check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias",
+             student_hidden);
+  const int64_t N = student_hidden.size(0), V = student_weight.size(0);
+  TORCH_CHECK_VALUE(teacher_hidden.size(0) == N, "teacher_hidden must have one row per row of student_hidden [N=", N,
+                    "], got ", teacher_hidden.size(0));
+  TORCH_CHECK_VALUE(teacher_weight.size(0) == V, "teacher_weight must have the vocabulary of student_weight [V=", V,
+                    "], got ", teacher_weight.size(0));
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == N, "weights must have shape [N] = [", N, "], got ",
+                    weights.sizes());
+  check_same_device(weights, student_hidden, "weights", "student_hidden");
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
+                    temperature);
+  const Mode mode = parse_mode(divergence, coef);
+  const auto acc = acc_type_of(student_hidden);
+  const auto opts = student_hidden.options().dtype(acc);
+  const int64_t Hs = student_hidden.size(1);
+  auto loss = at::zeros({}, opts);
+  auto per_token = at::zeros({N}, opts);
+  auto entropy = at::zeros({N}, opts);
+  const bool bias_grad = compute_grad && student_bias.has_value();
+  auto grad_hidden = compute_grad ? at::zeros({N, Hs}, opts) : at::empty({0}, opts);
+  auto grad_weight = compute_grad ? at::zeros({V, Hs}, opts) : at::empty({0}, opts);
+  auto grad_bias = bias_grad ? at::zeros({V}, opts) : at::empty({0}, opts);
+  const auto w_all = weights.to(acc);
+  const auto index = w_all.ne(0).nonzero().view(-1);
+  const int64_t K = index.numel();
+  if (K > 0 && V > 0) {
+    const auto ws = student_weight.to(acc);
+    const auto wt = teacher_weight.to(acc);
+    const auto bs = student_bias.has_value() ? student_bias->to(acc) : at::Tensor();
+    const auto bt = teacher_bias.has_value() ? teacher_bias->to(acc) : at::Tensor();
+    const Transform fs{student_logit_scale, student_softcap, 1.0 / temperature};
+    const Transform ft{teacher_logit_scale, teacher_softcap, 1.0 / temperature};
+    const int64_t R = block_rows(V);
+    const double log_a = std::log(1.0 - coef), log_b = std::log(coef);
+    for (int64_t r0 = 0; r0 < K; r0 += R) {
+      const auto rows = index.narrow(0, r0, std::min(R, K - r0));
+      const auto hs = student_hidden.index_select(0, rows).to(acc);
+      const auto ht = teacher_hidden.index_select(0, rows).to(acc);
+      const auto w = w_all.index_select(0, rows).unsqueeze(1);
+      auto zs = bs.defined() ? at::addmm(bs, hs, ws.t()) : at::mm(hs, ws.t());
+      auto zt = bt.defined() ? at::addmm(bt, ht, wt.t()) : at::mm(ht, wt.t());
+      const auto dzdu = fs.apply(zs, compute_grad);
+      ft.apply(zt, false);
+      // log p in place of z: the logits themselves are not needed again.
+      auto log_ps = zs.sub_(zs.logsumexp(1, true));
+      auto log_pt = zt.sub_(zt.logsumexp(1, true));
+      const auto ps = log_ps.exp();
+      const auto pt = log_pt.exp();
+      entropy.index_copy_(0, rows, -(ps * log_ps).sum(1));
+      at::Tensor d, G;  // per-row divergence; dz = ps (G - sum_v ps G) (ForwardKL: ps - pt)
+      switch (mode) {
+        case Mode::ForwardKL:
+          d = (pt * (log_pt - log_ps)).sum(1);
+          break;
+        case Mode::ReverseKL:
+          G = log_ps - log_pt;
+          d = (ps * G).sum(1);
+          break;
+        case Mode::JSD: {
+          const auto log_m = at::logaddexp(log_ps + log_a, log_pt + log_b);
+          G = log_ps - log_m;
+          d = (coef * pt * (log_pt - log_m) + (1 - coef) * ps * G).sum(1);
+          G.mul_(1 - coef);
+          break;
+        }
+        case Mode::TV: {
+          const auto diff = ps - pt;
+          d = 0.5 * diff.abs().sum(1);
+          G = 0.5 * diff.sign();
+          break;
+        }
+        case Mode::SkewKL: {
+          const auto log_m = at::logaddexp(log_pt + log_b, log_ps + log_a);
+          const auto log_ratio = log_pt - log_m;
+          d = (pt * log_ratio).sum(1);
+          G = log_ratio.exp().mul_(-(1 - coef));
+          break;
+        }
+        case Mode::SkewReverseKL: {
+          const auto log_m = at::logaddexp(log_ps + log_b, log_pt + log_a);
+          const auto log_ratio = log_ps - log_m;
+          d = (ps * log_ratio).sum(1);
+          G = log_ratio - log_ratio.exp().mul_(coef);
+          break;
+        }
+      }
+      per_token.index_copy_(0, rows, d);
+      loss.add_((d * w.squeeze(1)).sum());
+      if (!compute_grad) {
+        continue;
+      }
+      auto dz = mode == Mode::ForwardKL ? ps - pt : ps * (G - (ps * G).sum(1, true));
+      dz.mul_(w);
+      if (dzdu.defined()) {
+        dz.mul_(dzdu);
+      } else {
+        dz.mul_(student_logit_scale / temperature);
+      }
+      grad_hidden.index_copy_(0, rows, at::mm(dz, ws));
+      grad_weight.addmm_(dz.t(), hs);
+      if (bias_grad) {
+        grad_bias.add_(dz.sum(0));
+      }
+    }
+  }
+  if (compute_grad) {
+    grad_hidden = grad_hidden.to(student_hidden.scalar_type());
+    grad_weight = grad_weight.to(student_weight.scalar_type());
+    if (bias_grad) {
+      grad_bias = grad_bias.to(student_bias->scalar_type());
+    }
+  }
+  return {loss, per_token, entropy, grad_hidden, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("fused_linear_distillation", &fused_linear_distillation_cpu); }
+
+}  // namespace alignops::distillation
