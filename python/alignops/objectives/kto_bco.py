@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ._checks import check_finite
-from ._errors import AlignopsError
-from .preference import preference_loss
+from .._checks import check_finite
+from .._errors import AlignopsError
+from ..preference import preference_loss
 
 _REDUCTIONS = ("none", "mean", "sum")
 _LN2 = math.log(2.0)
