@@ -18,8 +18,6 @@ from .._checks import check_triton_device
 from .preference import acc_dtype
 from ._registration import register_fake
 
-_SCHEMA = ("(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
-           "bool return_states, bool return_tokens, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)")
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -124,11 +122,11 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from ._registration import register_triton_op
+    from ._registration import register_triton_twin
 
     from ..kernels.ctc import launch_ctc_posteriors
 
-    @register_triton_op("alignops::ctc_posteriors_triton", _SCHEMA)
+    @register_triton_twin("alignops::ctc_posteriors")
     def ctc_posteriors_triton(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
                               target_lengths: torch.Tensor, blank: int, return_states: bool, return_tokens: bool,
                               compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

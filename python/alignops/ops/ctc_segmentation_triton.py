@@ -10,9 +10,7 @@ import torch
 from .._errors import AlignopsError
 from .._checks import check_triton_device
 from ..kernels.ctc_segmentation import launch_utterance_score
-from ._registration import register_triton_op
-
-_SCHEMA = "(Tensor frame_logprobs, Tensor starts, Tensor ends, int window) -> Tensor"
+from ._registration import register_triton_twin
 
 
 def _check_args(frame_logprobs, starts, ends, window):
@@ -39,7 +37,7 @@ def _check_args(frame_logprobs, starts, ends, window):
         raise AlignopsError(f"window must be >= 1, got {window}")
 
 
-@register_triton_op("alignops::ctc_segmentation_utterance_score_triton", _SCHEMA)
+@register_triton_twin("alignops::ctc_segmentation_utterance_score")
 def ctc_segmentation_utterance_score_triton(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
                                             window: int) -> torch.Tensor:
     """Triton twin of ``alignops::ctc_segmentation_utterance_score``: [B, U] fp64.

@@ -21,17 +21,11 @@ from .._checks import check_targets, check_temperature, check_triton_device
 
 from ..kernels.fused_linear import launch_fused_linear_backward, launch_fused_linear_forward
 from .preference import acc_dtype, register_fused_linear_logprobs_autograd
-from ._registration import register_triton_op
+from ._registration import register_triton_twin
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # The native schemas of csrc/registration.cpp, spelled out: an inferred schema would make the ints SymInts.
-_FORWARD_SCHEMA = (
-    "(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, float temperature, "
-    "float logit_scale, float softcap, bool return_entropy) -> (Tensor, Tensor, Tensor)")
-_BACKWARD_SCHEMA = (
-    "(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor lse, int ignore_index, "
-    "float temperature, float logit_scale, float softcap, bool bias_grad) -> (Tensor, Tensor, Tensor)")
 
 
 def _check_like_hidden(t: torch.Tensor, name: str, hidden: torch.Tensor) -> None:
@@ -69,7 +63,7 @@ def _check_args(hidden, weight, targets, bias, temperature, logit_scale) -> None
         raise AlignopsError(f"logit_scale must be finite, got {logit_scale}")
 
 
-@register_triton_op("alignops::fused_linear_logprobs_triton", _FORWARD_SCHEMA)
+@register_triton_twin("alignops::fused_linear_logprobs")
 def fused_linear_logprobs_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -94,7 +88,7 @@ def fused_linear_logprobs_triton(
     return logp, lse, entropy
 
 
-@register_triton_op("alignops::fused_linear_logprobs_backward_triton", _BACKWARD_SCHEMA)
+@register_triton_twin("alignops::fused_linear_logprobs_backward")
 def fused_linear_logprobs_backward_triton(
     grad_logp: torch.Tensor,
     hidden: torch.Tensor,

@@ -12,9 +12,7 @@ from .._errors import AlignopsError
 from .._checks import check_triton_device
 from ..kernels.metrics import MAX_CLASSES, launch_bootstrap_confusion
 from ..reference.metrics import SALT_BOOTSTRAP, key_state
-from ._registration import register_triton_op
-
-_SCHEMA = "(Tensor a, Tensor b, int num_classes, int num_resamples, int seed) -> Tensor"
+from ._registration import register_triton_twin
 
 
 def _check(a: torch.Tensor, b: torch.Tensor, num_classes: int, num_resamples: int) -> None:
@@ -38,7 +36,7 @@ def _check(a: torch.Tensor, b: torch.Tensor, num_classes: int, num_resamples: in
         raise AlignopsError(f"num_resamples must be >= 0, got {num_resamples}")
 
 
-@register_triton_op("alignops::bootstrap_confusion_triton", _SCHEMA)
+@register_triton_twin("alignops::bootstrap_confusion")
 def bootstrap_confusion_triton(a: torch.Tensor, b: torch.Tensor, num_classes: int, num_resamples: int,
                                seed: int) -> torch.Tensor:
     """Triton twin of ``alignops::bootstrap_confusion``: int32 [P, R + 1, C, C], identical counts."""

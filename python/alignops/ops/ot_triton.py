@@ -13,13 +13,7 @@ from .._backend import to_device
 from .._checks import check_triton_device
 from ..kernels.ot import launch_normalize_pass, launch_sinkhorn, launch_sinkhorn_split, use_split
 from .ot import register_sinkhorn_autograd
-from ._registration import register_triton_op
-
-_SINKHORN_SCHEMA = ("(Tensor cost, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float[] eps_schedule, "
-                    "float eps, int n_iters, float tol, bool scores) -> (Tensor, Tensor, Tensor, Tensor)")
-_POINTS_SCHEMA = ("(Tensor x, Tensor y, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float p, "
-                  "float[] eps_schedule, float eps, int n_iters, float tol) -> (Tensor, Tensor, Tensor, Tensor)")
-_NORMALIZE_SCHEMA = "(Tensor sim, Tensor col_bias, float scale, bool row_update) -> (Tensor, Tensor)"
+from ._registration import register_triton_twin
 
 
 def _check_real(t: torch.Tensor, name: str) -> None:
@@ -69,7 +63,7 @@ def _outputs(like, B, N, M):
     return (like.new_zeros(B, N), like.new_zeros(B, M), like.new_zeros(B, dtype=torch.int64), like.new_zeros(B))
 
 
-@register_triton_op("alignops::sinkhorn_triton", _SINKHORN_SCHEMA)
+@register_triton_twin("alignops::sinkhorn")
 def sinkhorn_triton(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_sizes: torch.Tensor,
                     m_sizes: torch.Tensor, eps_schedule: list[float], eps: float, n_iters: int, tol: float,
                     scores: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,7 +90,7 @@ def sinkhorn_triton(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_size
 register_sinkhorn_autograd("alignops::sinkhorn_triton")
 
 
-@register_triton_op("alignops::sinkhorn_points_triton", _POINTS_SCHEMA)
+@register_triton_twin("alignops::sinkhorn_points")
 def sinkhorn_points_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_sizes: torch.Tensor,
                            m_sizes: torch.Tensor, p: float, eps_schedule: list[float], eps: float, n_iters: int,
                            tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,7 +120,7 @@ def sinkhorn_points_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b:
     return f, g, iters, err
 
 
-@register_triton_op("alignops::sinkhorn_normalize_pass_triton", _NORMALIZE_SCHEMA)
+@register_triton_twin("alignops::sinkhorn_normalize_pass")
 def sinkhorn_normalize_pass_triton(sim: torch.Tensor, col_bias: torch.Tensor, scale: float,
                                    row_update: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::sinkhorn_normalize_pass``: (row_bias [L, N], col_lse [L, M])."""

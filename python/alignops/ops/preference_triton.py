@@ -21,21 +21,13 @@ from ..kernels.preference import (
     launch_selective_logprobs_forward,
 )
 from .preference import acc_dtype, register_preference_loss_autograd, register_selective_logprobs_autograd
-from ._registration import register_triton_op
+from ._registration import register_triton_twin
 
 _NUM_LOSS_TYPES = 15  # codes of csrc/preference/preference_loss_math.h
 _MAX_LOSS_TERMS = 16
 _NUM_F_DIVERGENCES = 4
 
 # The native schemas of csrc/registration.cpp, spelled out: an inferred schema would make the ints SymInts.
-_PREFERENCE_LOSS_SCHEMA = (
-    "(Tensor policy_chosen_logps, Tensor policy_rejected_logps, Tensor ref_chosen_logps, Tensor ref_rejected_logps, "
-    "Tensor? beta, Tensor? chosen_lengths, Tensor? rejected_lengths, int[] loss_types, float[] loss_weights, "
-    "float beta_value, float label_smoothing, float gamma, float discopop_tau, int f_divergence, float f_alpha, "
-    "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)")
-_SELECTIVE_LOGPROBS_SCHEMA = "(Tensor logits, Tensor targets, int ignore_index, float temperature) -> (Tensor, Tensor)"
-_SELECTIVE_LOGPROBS_BACKWARD_SCHEMA = (
-    "(Tensor grad_logp, Tensor logits, Tensor targets, Tensor lse, int ignore_index, float temperature) -> Tensor")
 
 
 def _check_per_pair(t: torch.Tensor, pc: torch.Tensor, name: str) -> None:
@@ -48,7 +40,7 @@ def _check_per_pair(t: torch.Tensor, pc: torch.Tensor, name: str) -> None:
         raise AlignopsError(f"{name} must be a real numeric tensor, got {t.dtype}")
 
 
-@register_triton_op("alignops::preference_loss_triton", _PREFERENCE_LOSS_SCHEMA)
+@register_triton_twin("alignops::preference_loss")
 def preference_loss_triton(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -111,7 +103,7 @@ def preference_loss_triton(
     return loss, chosen_rewards, rejected_rewards, grad
 
 
-@register_triton_op("alignops::selective_logprobs_triton", _SELECTIVE_LOGPROBS_SCHEMA)
+@register_triton_twin("alignops::selective_logprobs")
 def selective_logprobs_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::selective_logprobs``: (logp [N], lse [N]) in the accumulation dtype.
@@ -126,7 +118,7 @@ def selective_logprobs_triton(logits: torch.Tensor, targets: torch.Tensor, ignor
     return logp, lse
 
 
-@register_triton_op("alignops::selective_logprobs_backward_triton", _SELECTIVE_LOGPROBS_BACKWARD_SCHEMA)
+@register_triton_twin("alignops::selective_logprobs_backward")
 def selective_logprobs_backward_triton(grad_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                                        lse: torch.Tensor, ignore_index: int, temperature: float) -> torch.Tensor:
     """Triton twin of ``alignops::selective_logprobs_backward``: d logits in the logits dtype."""

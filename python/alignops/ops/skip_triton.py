@@ -19,15 +19,12 @@ from .._checks import check_param, check_triton_device
 from ..kernels.skip import SWIGLU, launch_add_score, launch_skip_ffn
 from .preference import acc_dtype
 from .skip import register_add_score_autograd, register_skip_ffn_autograd, register_skip_ffn_inplace_autograd
-from ._registration import register_triton_op
+from ._registration import native_schema, register_triton_op, register_triton_twin
 
 _ACTIVATIONS = {0: "swiglu", 1: "gelu", 2: "gelu_tanh"}
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # The native schema of csrc/registration.cpp, spelled out: an inferred schema would make the ints SymInts.
-_SKIP_FFN_SCHEMA = (
-    "(Tensor x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
-    "Tensor? b_down, int activation, float eps, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps) -> int:
@@ -61,7 +58,7 @@ def _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, acti
     return I
 
 
-@register_triton_op("alignops::skip_ffn_triton", _SKIP_FFN_SCHEMA)
+@register_triton_twin("alignops::skip_ffn")
 def skip_ffn_triton(
     x: torch.Tensor,
     keep: torch.Tensor,
@@ -104,9 +101,7 @@ def skip_ffn_triton(
 register_skip_ffn_autograd("alignops::skip_ffn_triton")
 
 
-@register_triton_op("alignops::skip_ffn_triton_", (
-    "(Tensor(a!) x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
-    "Tensor? b_down, int activation, float eps) -> ()"), mutates_args=("x",))
+@register_triton_op("alignops::skip_ffn_triton_", native_schema("alignops::skip_ffn_"), mutates_args=("x",))
 def skip_ffn_triton_(
     x: torch.Tensor,
     keep: torch.Tensor,
@@ -140,8 +135,7 @@ def skip_ffn_triton_(
 register_skip_ffn_inplace_autograd("alignops::skip_ffn_triton_")
 
 
-@register_triton_op("alignops::skip_add_score_triton",
-                    "(Tensor residual, Tensor delta, int criterion) -> (Tensor, Tensor)")
+@register_triton_twin("alignops::skip_add_score")
 def skip_add_score_triton(residual: torch.Tensor, delta: torch.Tensor, criterion: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::skip_add_score``: (h = residual + delta, score [N] in the accumulation dtype)."""

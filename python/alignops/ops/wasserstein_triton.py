@@ -19,12 +19,9 @@ from .._errors import AlignopsError
 from .._checks import check_triton_device
 from ..kernels.wasserstein import launch_merge
 from .wasserstein import register_wasserstein_1d_autograd
-from ._registration import register_triton_op
+from ._registration import register_triton_twin
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_FWD_SCHEMA = "(Tensor u, Tensor v, Tensor? u_weights, Tensor? v_weights, float p) -> Tensor"
-_BWD_SCHEMA = ("(Tensor grad, Tensor u, Tensor v, Tensor? u_weights, Tensor? v_weights, float p, "
-               "bool weights_grad) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
 def _check_args(u, v, u_weights, v_weights, p) -> None:
@@ -75,7 +72,7 @@ def _sorted_cdf(x: torch.Tensor, w: torch.Tensor | None):
     return xs, c.to(acc).contiguous(), order, c, total
 
 
-@register_triton_op("alignops::wasserstein_1d_triton", _FWD_SCHEMA)
+@register_triton_twin("alignops::wasserstein_1d")
 def wasserstein_1d_triton(u: torch.Tensor, v: torch.Tensor, u_weights: Optional[torch.Tensor],
                           v_weights: Optional[torch.Tensor], p: float) -> torch.Tensor:
     """Triton twin of ``alignops::wasserstein_1d``: W_p^p [B] in u's dtype."""
@@ -114,7 +111,7 @@ def _weight_grad(gc: torch.Tensor, c64: torch.Tensor, total: torch.Tensor, order
     return torch.empty_like(gw, dtype=dtype).scatter_(-1, order, gw.to(dtype))
 
 
-@register_triton_op("alignops::wasserstein_1d_backward_triton", _BWD_SCHEMA)
+@register_triton_twin("alignops::wasserstein_1d_backward")
 def wasserstein_1d_backward_triton(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                                    u_weights: Optional[torch.Tensor], v_weights: Optional[torch.Tensor], p: float,
                                    weights_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,11 +13,9 @@ from .._checks import check_triton_device
 from ..kernels.watermark import launch_gumbel_argmax, launch_kgw_argmax, launch_kgw_logits
 from ..reference.metrics import SALT_GUMBEL, SALT_KGW, key_state
 from .watermark import register_kgw_logits_autograd
-from ._registration import register_triton_op
+from ._registration import register_triton_twin
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_KGW_SCHEMA = "(Tensor logits, Tensor context, int key, float gamma, float delta) -> Tensor"
-_GUMBEL_SCHEMA = "(Tensor logits, Tensor context, int key, float temperature) -> Tensor"
 
 
 def _check(logits: torch.Tensor, context: torch.Tensor) -> None:
@@ -48,7 +46,7 @@ def _threshold(gamma: float, delta: float) -> int:
     return math.floor(gamma * 2**32)
 
 
-@register_triton_op("alignops::kgw_logits_triton", _KGW_SCHEMA)
+@register_triton_twin("alignops::kgw_logits")
 def kgw_logits_triton(logits: torch.Tensor, context: torch.Tensor, key: int, gamma: float,
                       delta: float) -> torch.Tensor:
     """Triton twin of ``alignops::kgw_logits``."""
@@ -61,7 +59,7 @@ def kgw_logits_triton(logits: torch.Tensor, context: torch.Tensor, key: int, gam
     return out
 
 
-@register_triton_op("alignops::kgw_argmax_triton", _KGW_SCHEMA)
+@register_triton_twin("alignops::kgw_argmax")
 def kgw_argmax_triton(logits: torch.Tensor, context: torch.Tensor, key: int, gamma: float,
                       delta: float) -> torch.Tensor:
     """Triton twin of ``alignops::kgw_argmax``."""
@@ -74,7 +72,7 @@ def kgw_argmax_triton(logits: torch.Tensor, context: torch.Tensor, key: int, gam
     return out
 
 
-@register_triton_op("alignops::gumbel_argmax_triton", _GUMBEL_SCHEMA)
+@register_triton_twin("alignops::gumbel_argmax")
 def gumbel_argmax_triton(logits: torch.Tensor, context: torch.Tensor, key: int, temperature: float) -> torch.Tensor:
     """Triton twin of ``alignops::gumbel_argmax``."""
     _check(logits, context)
