@@ -1,0 +1,237 @@
+"""alignops.fused_linear_distillation_loss against the materialised reference, TRL 1.16's own chunked
+divergence, Liger-Kernel's LigerFusedLinearJSDLoss; opcheck, gradcheck, torch.compile, bad input."""
+
+import importlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import alignops
+from alignops import AlignopsError, fused_linear_distillation_loss as fld
+from alignops.reference import distillation as ref
+
+CASES = [("jsd", 0.0), ("jsd", 1.0), ("jsd", 0.5), ("jsd", 0.9), ("tv", 0.5), ("skew_kl", 0.5),
+         ("skew_reverse_kl", 0.5)]
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+@pytest.fixture(autouse=True, params=["1", None], ids=["rows1", "rows_default"])
+def _blocks(request, monkeypatch):
+    # Blocks of 3 kept rows on these small shapes: several blocks, the last one ragged.
+    if request.param:
+        monkeypatch.setenv("ALIGNOPS_DISTILLATION_ROWS", "3")
+
+
+def _inputs(B=3, T=7, Hs=12, Ht=20, V=53, dtype=torch.float32, bias=False, scale=1.0):
+    sh = (torch.randn(B, T, Hs, dtype=dtype) * scale).requires_grad_()
+    sw = (torch.randn(V, Hs, dtype=dtype) / math.sqrt(Hs)).requires_grad_()
+    th = torch.randn(B, T, Ht, dtype=dtype) * scale
+    tw = torch.randn(V, Ht, dtype=dtype) / math.sqrt(Ht)
+    mask = torch.rand(B, T) > 0.3
+    mask[:1, :2] = False  # a prompt
+    sb = torch.randn(V, dtype=dtype).requires_grad_() if bias else None
+    tb = torch.randn(V, dtype=dtype) if bias else None
+    return sh, sw, th, tw, mask, sb, tb
+
+
+def _import_trl_distillation():
+    """TRL's distillation module. transformers imports the Hub's ``kernels`` package when it is installed, and
+    this repository's own ``kernels/`` folder (on sys.path when pytest runs from the root) would shadow it."""
+    pytest.importorskip("trl")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved_path, saved_module = sys.path[:], sys.modules.pop("kernels", None)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
+    try:
+        return importlib.import_module("trl.trainer.distillation_trainer")
+    finally:
+        sys.path[:] = saved_path
+        if saved_module is not None:
+            sys.modules["kernels"] = saved_module
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+
+
+@pytest.mark.parametrize("divergence,beta", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_reference(divergence, beta, dtype, bias):
+    sh, sw, th, tw, mask, sb, tb = _inputs(dtype=dtype, bias=bias)
+    kw = dict(divergence=divergence, beta=beta, skew=0.3, temperature=1.7, student_bias=sb, teacher_bias=tb)
+    out = fld(sh, sw, th, tw, mask, **kw)
+    exp = ref.fused_linear_distillation_loss(sh, sw, th, tw, mask, **kw)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.loss, exp[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(out.per_token, exp[1].detach().view(3, 7), rtol=tol, atol=tol)
+    torch.testing.assert_close(out.entropy, exp[2].view(3, 7), rtol=tol, atol=tol)
+    assert int(out.num_tokens) == int(mask.sum())
+    assert (out.per_token[~mask] == 0).all()
+    for g, e in zip(_grads(out.loss, (sh, sw, sb)), _grads(exp[0], (sh, sw, sb))):
+        torch.testing.assert_close(g, e, rtol=10 * tol, atol=10 * tol)
+
+
+def test_softcap_logit_scale_num_items_sum():
+    sh, sw, th, tw, mask, sb, tb = _inputs(dtype=torch.float64, bias=True, scale=3.0)
+    kw = dict(beta=0.3, temperature=0.7, student_bias=sb, teacher_bias=tb, student_softcap=2.5, teacher_softcap=4.0,
+              student_logit_scale=1.5, teacher_logit_scale=0.5, num_items_in_batch=40)
+    out = fld(sh, sw, th, tw, mask, **kw)
+    exp = ref.fused_linear_distillation_loss(sh, sw, th, tw, mask, **kw)
+    torch.testing.assert_close(out.loss, exp[0])
+    for g, e in zip(_grads(out.loss, (sh, sw, sb)), _grads(exp[0], (sh, sw, sb))):
+        torch.testing.assert_close(g, e)
+    total = fld(sh, sw, th, tw, mask, beta=0.3, reduction="sum").loss
+    per_token = ref.fused_linear_distillation_loss(sh, sw, th, tw, mask, beta=0.3)[1]
+    torch.testing.assert_close(total, per_token.sum())
+
+
+def test_masked_rows_do_not_matter_and_teacher_gets_no_grad():
+    sh, sw, th, tw, mask, _, _ = _inputs()
+    th.requires_grad_()
+    sh2 = sh.detach().clone()
+    sh2[~mask] = float("nan")  # dropped before any GEMM: NaN there cannot reach the loss or the weight's grad
+    sh2.requires_grad_()
+    a = fld(sh, sw, th, tw, mask)
+    b = fld(sh2, sw, th, tw, mask)
+    torch.testing.assert_close(a.loss, b.loss)
+    ga = _grads(a.loss, (sh, sw))
+    gb = _grads(b.loss, (sh2, sw))
+    torch.testing.assert_close(ga[1], gb[1])
+    assert (gb[0][~mask] == 0).all()
+    assert torch.autograd.grad(b.loss, th, allow_unused=True)[0] is None
+
+
+def test_empty_batch_and_all_masked():
+    sh, sw, th, tw, mask, _, _ = _inputs(B=0)
+    out = fld(sh, sw, th, tw, mask)
+    assert out.loss.item() == 0 and out.per_token.shape == (0, 7)
+    gh, gw = _grads(out.loss, (sh, sw))
+    assert gh.shape == sh.shape and (gw == 0).all()
+    sh, sw, th, tw, mask, _, _ = _inputs()
+    out = fld(sh, sw, th, tw, torch.zeros_like(mask))
+    assert out.loss.item() == 0 and int(out.num_tokens) == 0
+
+
+def test_identical_models_give_zero():
+    sh, sw, _, _, mask, _, _ = _inputs(Ht=12)
+    for divergence, beta in CASES:
+        out = fld(sh, sw, sh.detach(), sw.detach(), mask, divergence=divergence, beta=beta)
+        assert abs(out.loss.item()) < 1e-6, divergence
+
+
+def test_bf16_error_within_twice_torch_bf16():
+    sh, sw, th, tw, mask, _, _ = _inputs(Hs=64, Ht=64, V=301)
+    exact = ref.fused_linear_distillation_loss(sh, sw, th, tw, mask)[0].detach()
+    bf = [t.detach().bfloat16() for t in (sh, sw, th, tw)]
+    ours = fld(*bf, mask).loss
+    # The same materialised computation with bf16 logits, as a bf16 PyTorch user would write it.
+    zs = (bf[0].reshape(-1, 64) @ bf[1].T).float()
+    zt = (bf[2].reshape(-1, 64) @ bf[3].T).float()
+    torch_bf16 = ref.per_token_divergence(zs, zt)[mask.reshape(-1)].mean()
+    assert abs(ours.item() - exact.item()) <= 2 * abs(torch_bf16.item() - exact.item()) + 1e-3
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_matches_trl_chunked_divergence(beta, temperature):
+    trl_distillation = _import_trl_distillation()
+    sh, sw, th, tw, mask, sb, tb = _inputs(bias=True)
+    loss_trl, entropy_sum, n_valid = trl_distillation._chunked_divergence_loss(
+        sh, th, sw, tw, mask.long(), beta, student_lm_head_bias=sb, teacher_lm_head_bias=tb,
+        temperature=temperature)
+    out = fld(sh, sw, th, tw, mask, beta=beta, temperature=temperature, student_bias=sb, teacher_bias=tb)
+    torch.testing.assert_close(out.loss, loss_trl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.entropy.sum(), entropy_sum, rtol=1e-5, atol=1e-5)
+    assert int(out.num_tokens) == int(n_valid)
+    for g, e in zip(_grads(out.loss, (sh, sw, sb)), _grads(loss_trl, (sh, sw, sb))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_matches_liger_jsd(beta):
+    chunked = pytest.importorskip("liger_kernel.chunked_loss")
+    sh, sw, th, tw, mask, _, _ = _inputs(Ht=12)
+    labels = torch.where(mask, 1, -100).reshape(-1)
+    # Liger 0.x's beta is TRL's: 0 forward KL(teacher || student), 1 reverse KL, mixture (1 - beta) p_s + beta p_t
+    # (older releases had it flipped). Its soft loss is the masked mean, as TRL's reduction.
+    liger = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, temperature=2.0,
+                                            compiled=False)
+    expected = liger(sh.reshape(-1, 12), sw, th.reshape(-1, 12), tw, labels)
+    out = fld(sh, sw, th, tw, mask, beta=beta, temperature=2.0)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(_grads(out.loss, (sh, sw)), _grads(expected, (sh, sw))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def _op_args(compute_grad=True, bias=True):
+    sh, sw, th, tw, mask, sb, tb = _inputs(B=1, T=5, Hs=4, Ht=6, V=11, dtype=torch.float64, bias=bias)
+    # Without compute_grad the op has no gradient to give: its inputs do not require one.
+    sw = sw if compute_grad else sw.detach()
+    return (sh.detach().reshape(5, 4).requires_grad_(compute_grad), sw, th.reshape(5, 6), tw, sb, tb,
+            mask.reshape(-1).double(),
+            "jsd", 0.4, 1.3, 1.0, 1.0, 0.0, 0.0, compute_grad)
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "tv"])
+def test_opcheck(divergence):
+    args = list(_op_args())
+    args[7] = divergence
+    torch.library.opcheck(torch.ops.alignops.fused_linear_distillation.default, tuple(args))
+    torch.library.opcheck(torch.ops.alignops.fused_linear_distillation.default, _op_args(False, False))
+
+
+@pytest.mark.parametrize("divergence,beta", CASES)
+def test_gradcheck(divergence, beta):
+    sh, sw, th, tw, mask, sb, tb = _inputs(B=1, T=4, Hs=3, Ht=5, V=7, dtype=torch.float64, bias=True)
+
+    def f(h, w, b):
+        return fld(h, w, th, tw, mask, divergence=divergence, beta=beta, skew=0.3, temperature=1.3,
+                   student_bias=b, teacher_bias=tb).loss
+
+    assert torch.autograd.gradcheck(f, (sh, sw, sb))
+
+
+def test_compile_fullgraph():
+    sh, sw, th, tw, mask, _, _ = _inputs()
+    compiled = torch.compile(lambda *a: fld(*a, beta=0.5).loss, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(sh, sw, th, tw, mask), fld(sh, sw, th, tw, mask).loss)
+
+
+def test_backend_torch_is_the_reference():
+    sh, sw, th, tw, mask, _, _ = _inputs()
+    torch.testing.assert_close(fld(sh, sw, th, tw, mask, backend="torch").loss, fld(sh, sw, th, tw, mask).loss)
+
+
+def test_bad_inputs():
+    sh, sw, th, tw, mask, _, _ = _inputs()
+    with pytest.raises(AlignopsError, match="teacher_weight must have the vocabulary of student_weight"):
+        fld(sh, sw, th, tw[:-1], mask)
+    with pytest.raises(AlignopsError, match="student_weight must have shape \\[V, H\\] with H = 12"):
+        fld(sh, sw[:, :-1], th, tw, mask)
+    with pytest.raises(AlignopsError, match="teacher_hidden must be on the device of student_hidden"):
+        fld(sh, sw, th.to("meta"), tw, mask)
+    with pytest.raises(AlignopsError, match="completion_mask must be on the device of student_hidden"):
+        fld(sh, sw, th, tw, mask.to("meta"))
+    with pytest.raises(AlignopsError, match="beta must be finite, got nan"):
+        fld(sh, sw, th, tw, mask, beta=float("nan"))
+    with pytest.raises(AlignopsError, match="beta must lie in \\[0, 1\\], got 1.5"):
+        fld(sh, sw, th, tw, mask, beta=1.5)
+    with pytest.raises(AlignopsError, match="skew must lie in \\[0, 1\\], got -0.1"):
+        fld(sh, sw, th, tw, mask, divergence="skew_kl", skew=-0.1)
+    with pytest.raises(AlignopsError, match="temperature must be a finite value > 0, got 0.0"):
+        fld(sh, sw, th, tw, mask, temperature=0.0)
+    with pytest.raises(AlignopsError, match="temperature must be finite, got nan"):
+        fld(sh, sw, th, tw, mask, temperature=float("nan"))
+    with pytest.raises(AlignopsError, match="divergence must be one of"):
+        fld(sh, sw, th, tw, mask, divergence="kl")
+    with pytest.raises(AlignopsError, match="teacher_hidden and completion_mask must have the token layout"):
+        fld(sh, sw, th[:, :-1], tw, mask)
+    with pytest.raises(AlignopsError, match="student_weight must have the dtype of student_hidden"):
+        fld(sh, sw.double(), th, tw, mask)
+    with pytest.raises(AlignopsError, match="student_softcap must be > 0 and finite"):
+        fld(sh, sw, th, tw, mask, student_softcap=float("inf"))
+    with pytest.raises(ValueError, match="beta must lie in \\[0, 1\\], got 2"):
+        torch.ops.alignops.fused_linear_distillation(*_op_args()[:8], 2.0, *_op_args()[9:])
