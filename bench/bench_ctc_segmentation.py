@@ -2,7 +2,8 @@
 package (baseline: ctc_segmentation + determine_utterance_segments, its default 8000-frame window), on
 synthetic CTC log-probs at 50 frames/s with ~15 characters/s transcripts split into utterances; and
 pseudo_forced_align over the longest recording, against the same loop whose steps the package aligns
-(one package call per candidate drop and window: what the loop costs without the shared trellis). Target (issue, item 4): >= 10x the package on the CPU.
+(one package call per candidate drop and window: what the loop costs without the shared trellis).
+Target (issue, item 4): >= 10x the package on the CPU.
 The pure-Python reference is left out: it runs the trellis cell by cell in Python (hours at these sizes)."""
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
-import inspect
 import json
 import os
 import re
@@ -192,7 +191,8 @@ def gate_triton(paths: list[str], csv_path: str | None) -> int:
     worst = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -r["spill_store_bytes"])[:5]
     for r in worst:
         if r["spill_store_bytes"]:
-            print(f"  spill {r['spill_store_bytes']:>6} B  regs {r['registers']:>3}  {r['kernel']} [{r['specialisation']}]")
+            print(f"  spill {r['spill_store_bytes']:>6} B  regs {r['registers']:>3}  {r['kernel']} "
+                  f"[{r['specialisation']}]")
     for f in failures:
         print("FAIL", f)
     return 1 if failures or not rows else 0

@@ -12,8 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import _launch
-from ..kernels import ctc, ctc_segmentation, fused_linear, metrics, ot, preference, skip, wasserstein, watermark
+from ..kernels import (
+    _launch,
+    ctc,
+    ctc_segmentation,
+    fused_linear,
+    metrics,
+    ot,
+    preference,
+    skip,
+    wasserstein,
+    watermark,
+)
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -97,7 +107,8 @@ def _ctc() -> None:
             ctc.launch_ctc_posteriors(_e(B, T, C, dtype=dtype), torch.empty(B, L, dtype=torch.int64),
                                       torch.empty(B, dtype=torch.int64), torch.empty(B, dtype=torch.int64), 0, acc)
     for window in (35, 400):
-        ctc_segmentation.launch_utterance_score(_e(4, 15000, dtype=torch.float64), torch.empty(4, 145, dtype=torch.int64),
+        ctc_segmentation.launch_utterance_score(_e(4, 15000, dtype=torch.float64),
+                                                torch.empty(4, 145, dtype=torch.int64),
                                                 torch.empty(4, 145, dtype=torch.int64), window,
                                                 _e(4, 145, dtype=torch.float64))
 

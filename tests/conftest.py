@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import alignops  # noqa: E402,F401
+import alignops  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

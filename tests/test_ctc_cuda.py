@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from test_ctc import random_batch
 
 from alignops import ctc
-
-from test_ctc import random_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

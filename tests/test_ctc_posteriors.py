@@ -396,7 +396,8 @@ def test_nan_emission_gives_nan_gradient_as_torch(backend, reduction):
     il, tl = torch.tensor([10, 10, 8, 9]), torch.tensor([3, 3, 3, 3])
     for zero_infinity in (False, True):
         x, y = lp.clone().requires_grad_(), lp.clone().requires_grad_()
-        F.ctc_loss(x.transpose(0, 1), targets, il, tl, reduction=reduction, zero_infinity=zero_infinity).sum().backward()
+        F.ctc_loss(x.transpose(0, 1), targets, il, tl, reduction=reduction,
+                   zero_infinity=zero_infinity).sum().backward()
         alignops.ctc_loss(y, targets, il, tl, reduction=reduction, zero_infinity=zero_infinity,
                           backend=backend).sum().backward()
         nan_rows = [0, 2]

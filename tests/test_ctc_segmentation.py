@@ -216,7 +216,7 @@ def test_batch_of_problems_matches_package_one_by_one():
     lpzs = [torch.from_numpy(lpz) for lpz, _ in problems]
     gts = [torch.from_numpy(token_gt(u, 9)[0]) for _, u in problems]
     out = cseg.ctc_segmentation(lpzs, gts, min_window_size=50)
-    for b, (lpz, utts) in enumerate(problems):
+    for b, (lpz, _) in enumerate(problems):
         pk = package(lpz, gts[b].numpy(), min_window_size=50)
         assert_same_as_package(out, b, pk, lpz.shape[0], gts[b].shape[0])
         # padding past the lengths stays untouched
@@ -442,7 +442,8 @@ def test_opcheck():
 def test_utterance_score_compiles_fullgraph():
     cp = torch.randn(2, 90, dtype=torch.float64)
     s, e = torch.tensor([[0, 30], [5, 60]]), torch.tensor([[40, 50], [80, 90]])
-    fn = torch.compile(lambda c, a, b: alignops.ctc.utterance_score(c, a, b, 30) * 2, fullgraph=True, backend="aot_eager")
+    fn = torch.compile(lambda c, a, b: alignops.ctc.utterance_score(c, a, b, 30) * 2, fullgraph=True,
+                       backend="aot_eager")
     torch.testing.assert_close(fn(cp, s, e), alignops.ctc.utterance_score(cp, s, e, 30) * 2)
 
 

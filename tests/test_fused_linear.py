@@ -319,7 +319,8 @@ def test_liger_modules_return_liger_structure(name):
         "simpo_no_nll": (liger.LigerFusedLinearSimPOLoss(beta=2.0, compute_nll_loss=False, compiled=False),
                          alignops.nn.FusedLinearSimPOLoss(beta=2.0, compute_nll_loss=False), {}),
         "cpo": (liger.LigerFusedLinearCPOLoss(beta=0.1, compiled=False), alignops.nn.FusedLinearCPOLoss(beta=0.1), {}),
-        "orpo": (liger.LigerFusedLinearORPOLoss(beta=0.1, compiled=False), alignops.nn.FusedLinearORPOLoss(beta=0.1), {}),
+        "orpo": (liger.LigerFusedLinearORPOLoss(beta=0.1, compiled=False), alignops.nn.FusedLinearORPOLoss(beta=0.1),
+                 {}),
         "orpo_no_nll": (liger.LigerFusedLinearORPOLoss(beta=0.1, compute_nll_loss=False, compiled=False),
                         alignops.nn.FusedLinearORPOLoss(beta=0.1, compute_nll_loss=False), {}),
     }[name]

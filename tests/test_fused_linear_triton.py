@@ -55,7 +55,10 @@ def _data(N, H, V, dtype, bias=True):
     if N > 3:
         y[2] = IGNORE
         y[N - 1] = IGNORE
-    cast = (lambda t: None if t is None else t.to(dtype).to(DEVICE))
+
+    def cast(t):
+        return None if t is None else t.to(dtype).to(DEVICE)
+
     return cast(h), cast(w), y.to(DEVICE), cast(b)
 
 

@@ -12,7 +12,6 @@ import torch
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import cohen_kappa_score
 
-import alignops
 from alignops import metrics as M
 from alignops.reference import metrics as ref
 

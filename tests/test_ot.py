@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import alignops
 from alignops import ot as O
 from alignops.reference import ot as R
 

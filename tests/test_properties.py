@@ -153,7 +153,8 @@ _SIMPLE_TYPES = ["sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "s
 
 @fast(40)
 @given(B=st.integers(0, 9), loss_type=st.sampled_from(_SIMPLE_TYPES), beta=st.sampled_from([0.01, 0.1, 2.5]),
-       smoothing=st.sampled_from([0.0, 0.1, 0.3]), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+       smoothing=st.sampled_from([0.0, 0.1, 0.3]),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
        scale=st.sampled_from([1.0, 50.0, 1e3]), reduction=st.sampled_from(["none", "mean", "sum"]),
        fdiv=st.sampled_from(["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]), seed=seeds)
 def test_preference_loss_matches_reference(B, loss_type, beta, smoothing, dtype, scale, reduction, fdiv, seed):
@@ -183,7 +184,8 @@ def test_preference_loss_matches_reference(B, loss_type, beta, smoothing, dtype,
 
 
 @fast(20)
-@given(B=st.integers(1, 6), loss_type=st.sampled_from(["sigmoid", "hinge", "ipo", "robust", "apo_zero", "discopop", "cpo"]),
+@given(B=st.integers(1, 6),
+       loss_type=st.sampled_from(["sigmoid", "hinge", "ipo", "robust", "apo_zero", "discopop", "cpo"]),
        which=st.integers(0, 3), dtype=fdtypes, seed=seeds)
 def test_preference_loss_nan_propagates(B, loss_type, which, dtype, seed):
     ins = [randn((B,), dtype, seed + i) for i in range(4)]

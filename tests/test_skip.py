@@ -286,7 +286,8 @@ def test_patcher_equals_dense_when_nothing_skipped_and_skips_when_asked():
         # The same computation by hand: the FFN of layers 2 and 4 leaves perceptual rows unchanged.
         x = h
         for i, layer in enumerate(model.layers):
-            mlp, norm = skipper._patched[[2, 4].index(i)][1:] if i in (2, 4) else (layer.mlp, layer.post_attention_layernorm)
+            mlp, norm = (skipper._patched[[2, 4].index(i)][1:] if i in (2, 4)
+                         else (layer.mlp, layer.post_attention_layernorm))
             residual = x
             q, k, v = layer.qkv(layer.input_layernorm(x)).chunk(3, -1)
             x = residual + layer.o_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))

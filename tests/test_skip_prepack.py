@@ -7,12 +7,11 @@ import gc
 
 import pytest
 import torch
+from test_skip import TinyLlama, make_ffn
 
 import alignops
 from alignops.reference import skip as ref
 from alignops.skip import SkipSchedule, is_prepacked, patch_ffn_skipping, prepack, unprepack
-
-from test_skip import TinyLlama, make_ffn
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 

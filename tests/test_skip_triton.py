@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="needs the triton package")
 
-import alignops  # noqa: E402
-import alignops.ops.skip_triton  # noqa: F401  (registers alignops::skip_ffn_triton)
+import alignops
+import alignops.ops.skip_triton  # registers alignops::skip_ffn_triton
 from alignops.reference import skip as ref
 
 pytestmark = [

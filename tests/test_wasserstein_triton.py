@@ -2,7 +2,6 @@
 scipy and POT. Without a GPU they run in the Triton interpreter on CPU tensors (tests/conftest.py), with
 16-step blocks (kernels/wasserstein.py), so these small shapes span several blocks of the merge."""
 
-import numpy as np
 import pytest
 
 ot = pytest.importorskip("ot")
@@ -11,7 +10,7 @@ import scipy.stats
 import torch
 
 import alignops
-import alignops.ops.wasserstein_triton  # noqa: F401  (registers alignops::wasserstein_1d_triton)
+import alignops.ops.wasserstein_triton  # registers alignops::wasserstein_1d_triton
 
 pytestmark = [
     pytest.mark.triton,

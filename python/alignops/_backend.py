@@ -14,7 +14,6 @@ import torch
 
 from ._errors import AlignopsError
 
-
 BACKENDS = ("auto", "native", "triton", "torch")
 
 # Host buffers copied to a GPU while a CUDA graph was being captured: the graph reads them again at every
@@ -55,7 +54,8 @@ def resolve(backend: str, device: torch.device, op: str, *, native_cuda: bool = 
             return "native"
         return "native" if native_cuda and cuda_compiled() else "triton"
     if backend == "native" and device.type == "cuda" and not native_cuda:
-        raise RuntimeError(f"{op}: there is no CUDA C++ kernel (its GPU kernel is Triton); use backend='triton' or 'auto'")
+        raise RuntimeError(f"{op}: there is no CUDA C++ kernel (its GPU kernel is Triton); "
+                           "use backend='triton' or 'auto'")
     if backend == "native" and device.type == "cuda" and not cuda_compiled():
         raise RuntimeError(f"{op}: backend='native' on CUDA needs alignops built with CUDA kernels "
                            "(ALIGNOPS_ENABLE_CUDA=ON); this build has none (see `alignops info`)")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
-from ._errors import AlignopsError
 from ._backend import triton_interpreting
+from ._errors import AlignopsError
 
 
 def check_param(t: torch.Tensor | None, name: str, shape: tuple[int, ...], spelled: str, like: torch.Tensor,

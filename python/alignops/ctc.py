@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._errors import AlignopsError
 from . import _backend
 from ._checks import check_has_values, check_not_nan, check_same_device
+from ._errors import AlignopsError
 from .ctc_posteriors import CTCPosteriors, ctc_loss, ctc_posteriors
 from .ctc_segmentation import (
     CtcSegmentationOutput,
@@ -146,7 +146,8 @@ def forced_align(
         ``on_infeasible="raise"``).
     """
     if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 3:
-        raise AlignopsError(f"log_probs must be a 3-D tensor [B, T, C], got {getattr(log_probs, 'shape', type(log_probs))}")
+        raise AlignopsError("log_probs must be a 3-D tensor [B, T, C], got "
+                            f"{getattr(log_probs, 'shape', type(log_probs))}")
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
         raise AlignopsError(f"targets must be a 2-D tensor [B, L], got {getattr(targets, 'shape', type(targets))}")
     if memory not in MEMORY_MODES:
@@ -170,7 +171,8 @@ def forced_align(
         star = _star_scores(log_probs, blank, star_scores, float(star_penalty))
     checkpoint = 0
     if memory == "checkpointed":
-        checkpoint = int(checkpoint_interval) if checkpoint_interval is not None else max(1, math.ceil(4.6 * math.sqrt(max(T, 1))))
+        checkpoint = (int(checkpoint_interval) if checkpoint_interval is not None
+                      else max(1, math.ceil(4.6 * math.sqrt(max(T, 1)))))
         if checkpoint < 1:
             raise AlignopsError(f"checkpoint_interval must be >= 1, got {checkpoint_interval}")
     # asked before resolve(), which would first complain of a missing triton package
@@ -179,9 +181,11 @@ def forced_align(
         raise RuntimeError("forced_align: there is no Triton kernel (its GPU kernel is CUDA C++); build alignops "
                            "with ALIGNOPS_ENABLE_CUDA=ON, or use backend='torch'")
     if check_values and (dev.type == "cuda" or impl == "torch"):
-        _check_values_on_host(log_probs, targets, input_lengths, target_lengths, blank, star_id if star is not None else None)
+        _check_values_on_host(log_probs, targets, input_lengths, target_lengths, blank,
+                              star_id if star is not None else None)
     if impl == "torch":
-        paths, scores, feasible = _ref.forced_align(log_probs, targets, input_lengths, target_lengths, blank, star, star_id)
+        paths, scores, feasible = _ref.forced_align(log_probs, targets, input_lengths, target_lengths, blank, star,
+                                                    star_id)
     else:
         try:
             paths, scores, feasible = torch.ops.alignops.forced_align(
@@ -209,11 +213,13 @@ def _check_values_on_host(log_probs, targets, input_lengths, target_lengths, bla
     bad = (input_lengths < 0) | (input_lengths > T)
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
-        raise AlignopsError(f"input_lengths[{b}] must be in [0, {T}] (the time size of log_probs), got {int(input_lengths[b])}")
+        raise AlignopsError(f"input_lengths[{b}] must be in [0, {T}] (the time size of log_probs), "
+                            f"got {int(input_lengths[b])}")
     bad = (target_lengths < 0) | (target_lengths > L)
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
-        raise AlignopsError(f"target_lengths[{b}] must be in [0, {L}] (the size of targets), got {int(target_lengths[b])}")
+        raise AlignopsError(f"target_lengths[{b}] must be in [0, {L}] (the size of targets), "
+                            f"got {int(target_lengths[b])}")
     inside = torch.arange(L, device=targets.device)[None, :] < target_lengths[:, None]
     star = (targets == star_id) if star_id is not None else torch.zeros_like(inside)
     is_blank = inside & ~star & (targets == blank)
@@ -256,7 +262,8 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
     if frame_scores is None:
         frame_scores = torch.zeros(paths.shape, device=paths.device)
     if frame_scores.shape != paths.shape:
-        raise AlignopsError(f"frame_scores must have the shape of paths {tuple(paths.shape)}, got {tuple(frame_scores.shape)}")
+        raise AlignopsError(f"frame_scores must have the shape of paths {tuple(paths.shape)}, "
+                            f"got {tuple(frame_scores.shape)}")
     check_same_device([("paths", paths), ("frame_scores", frame_scores)])
     if num_spans is None:
         check_has_values("token_spans", "paths", paths, "pass num_spans to fix the number of span columns")

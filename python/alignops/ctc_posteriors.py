@@ -3,14 +3,16 @@ the exact gradient for any scores (re-exported by ``alignops.ctc``)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-from ._errors import AlignopsError
 from . import _backend
 from ._checks import check_has_values, values_checkable
-from .ops.ctc_posteriors import check_shapes, check_values as _check_values
+from ._errors import AlignopsError
+from .ops.ctc_posteriors import check_shapes
+from .ops.ctc_posteriors import check_values as _check_values
 from .ops.preference import acc_dtype
 from .reference import ctc_posteriors as _ref
 
@@ -133,8 +135,8 @@ def ctc_posteriors(
     fp64 alpha of its utterance while T (2L+1) * 8 bytes <= 64 MB; beyond that alpha is checkpointed every
     ceil(sqrt(T)) frames and recomputed block by block (one extra alpha pass), O((2L+1) sqrt(T)) fp64:
     92 MB for T = 45000, L = 13500 (twice that when a single utterance runs on two threads), where a stored
-    alpha takes T (2L+1) cells (4.9 GB in fp32, as torch's ctc_loss does, plus as much for beta). The Triton kernel (GPU) stores the fp64 log-alpha of every frame
-    and the [B, T, 2L+1] occupancy in every mode.
+    alpha takes T (2L+1) cells (4.9 GB in fp32, as torch's ctc_loss does, plus as much for beta). The Triton
+    kernel (GPU) stores the fp64 log-alpha of every frame and the [B, T, 2L+1] occupancy in every mode.
 
     Devices / backends: ``"native"`` C++ CPU kernel (threads over the batch; a single long utterance runs
     alpha and beta concurrently on two threads; states vectorised);

@@ -18,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 import torch
 
-from ._errors import AlignopsError
 from . import _backend
+from ._errors import AlignopsError
 from .reference import ctc_segmentation as _ref
 
 __all__ = [
@@ -149,7 +150,8 @@ def ctc_segmentation(lpz, ground_truth, *, lpz_lengths: torch.Tensor | None = No
     """
     lpz, ground_truth, lpz_lengths, gt_lengths = _as_batch(lpz, ground_truth, lpz_lengths, gt_lengths)
     if lpz.device.type != "cpu":
-        raise AlignopsError(f"ctc_segmentation: lpz must be a CPU tensor (a sequential DP per problem), got {lpz.device}")
+        raise AlignopsError("ctc_segmentation: lpz must be a CPU tensor (a sequential DP per problem), "
+                            f"got {lpz.device}")
     impl = _backend.resolve(backend, lpz.device, "ctc_segmentation")
     flags = _flags(blank_transition_cost_zero, preamble_transition_cost_zero)
     if impl == "triton":
@@ -179,7 +181,8 @@ def _check_reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank):
         if not (1 <= tl <= lpz.shape[1] and 2 <= cl <= gt.shape[1]):
             raise AlignopsError(f"lpz_lengths[{b}] must be in [1, T] and gt_lengths[{b}] in [2, C], got {tl}, {cl}")
         if cl > tl:
-            raise AlignopsError(f"problem {b}: audio is shorter than text ({cl} ground-truth positions for {tl} frames)")
+            raise AlignopsError(f"problem {b}: audio is shorter than text ({cl} ground-truth positions "
+                                f"for {tl} frames)")
         g = gt[b, :cl]
         s = torch.arange(g.shape[1])
         if bool(((g < -1) | (g >= V)).any()) or bool(((g != -1) & (s[None] >= torch.arange(cl)[:, None])).any()):
@@ -211,8 +214,9 @@ def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: to
     With n = ``window`` frames: ``score = mean(cp[s:e])`` if ``e - s <= n``, else ``min(0, min over t in
     [s, e - n) of mean(cp[t:t+n]))`` (the package's range: the last full window is left out); ``e <= s``
     gives -1e10. A window whose mean is NaN is skipped, as the package's ``min(running, mean)`` fold skips
-    it; a short span (``e - s <= n``) containing a NaN frame scores NaN. Sums in fp64 in numpy's pairwise order, so values equal ``determine_utterance_segments``'s
-    bit for bit (the Triton kernel, for CUDA tensors, sums in a tree order: a few fp64 ulp apart).
+    it; a short span (``e - s <= n``) containing a NaN frame scores NaN. Sums in fp64 in numpy's pairwise
+    order, so values equal ``determine_utterance_segments``'s bit for bit (the Triton kernel, for CUDA tensors,
+    sums in a tree order: a few fp64 ulp apart).
 
     Args:
         frame_logprobs: [T] or [B, T] fp32 / fp64 (e.g. ``char_probs``); CPU (C++) or CUDA (Triton).

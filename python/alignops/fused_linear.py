@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 import torch
 
+from . import _backend
 from ._checks import check_finite
 from ._errors import AlignopsError
-from . import _backend
 from .preference import (
     PreferenceLossOutput,
     SequenceLogprobs,
@@ -130,7 +130,8 @@ def fused_linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, t
         if cu_seqlens is not None:
             raise AlignopsError("cu_seqlens is for packed [N, H] hidden states; padded ones are [R, T, H]")
         if targets.shape != hidden.shape[:2]:
-            raise AlignopsError(f"targets must have shape [R, T] = {tuple(hidden.shape[:2])}, got {tuple(targets.shape)}")
+            raise AlignopsError(f"targets must have shape [R, T] = {tuple(hidden.shape[:2])}, "
+                                f"got {tuple(targets.shape)}")
     elif hidden.dim() == 2:
         if cu_seqlens is None:
             raise AlignopsError("packed [N, H] hidden states need cu_seqlens")
@@ -217,7 +218,8 @@ def fused_linear_preference_loss(
     per-sequence vectors aside). Raises ValueError for layouts that do not fit together, for segment ids
     that are not integers or lie outside [0, S) and for a non-finite ``nll_weight``.
     ``check_values=False`` skips the checks that read tensor values on the device (targets in range,
-    ``cu_seqlens``, the segment ids' range), so the call neither syncs nor breaks CUDA-graph capture (see :func:`fused_linear_logprobs`).
+    ``cu_seqlens``, the segment ids' range), so the call neither syncs nor breaks CUDA-graph capture (see
+    :func:`fused_linear_logprobs`).
     """
     check_finite(nll_weight, "nll_weight")
     if hidden.dim() == 3:

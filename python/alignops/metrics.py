@@ -25,10 +25,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._errors import AlignopsError
 from . import _backend
-from ._checks import (check_finite, check_has_values, check_int64, check_not_nan, check_same_device,
-                      values_checkable)
+from ._checks import check_finite, check_has_values, check_int64, check_not_nan, check_same_device, values_checkable
+from ._errors import AlignopsError
 from .reference import metrics as _ref
 
 _WEIGHTS = (None, "linear", "quadratic")
@@ -491,8 +490,8 @@ def conformal_pvalues(calib_scores: torch.Tensor, calib_labels: torch.Tensor, te
     if calib_scores.dim() == 0 or test_scores.dim() == 0:
         raise AlignopsError("calib_scores and test_scores must have shape [..., n] and [..., m]")
     if calib_scores.shape[:-1] != test_scores.shape[:-1]:
-        raise AlignopsError(f"test_scores must have the leading shape of calib_scores {tuple(calib_scores.shape[:-1])}, "
-                            f"got {tuple(test_scores.shape[:-1])}")
+        raise AlignopsError("test_scores must have the leading shape of calib_scores "
+                            f"{tuple(calib_scores.shape[:-1])}, got {tuple(test_scores.shape[:-1])}")
     s = calib_scores.double()
     null = calib_labels.double() <= threshold
     # Non-null calibration items never count: push them below every test score.

@@ -82,7 +82,8 @@ def _as_layers(hidden_states) -> list[torch.Tensor]:
             first = layers[0]
             if h.shape != first.shape or h.dtype != first.dtype or h.device != first.device:
                 raise AlignopsError(f"hidden_states[{i}] must match hidden_states[0] (shape {tuple(first.shape)}, "
-                                    f"{first.dtype}, {first.device}), got shape {tuple(h.shape)}, {h.dtype}, {h.device}")
+                                    f"{first.dtype}, {first.device}), got shape {tuple(h.shape)}, {h.dtype}, "
+                                    f"{h.device}")
     else:
         raise AlignopsError("hidden_states must be a 4-D tensor [L, B, T, H] or a sequence of L tensors [B, T, H], "
                             f"got {type(hidden_states).__name__}")
@@ -551,7 +552,8 @@ def _check_views(H1: torch.Tensor, H2: torch.Tensor, n1: str, n2: str, min_rows:
     try:
         torch.broadcast_shapes(H1.shape[:-2], H2.shape[:-2])
     except RuntimeError as e:
-        raise AlignopsError(f"the batch dimensions of {n1} {list(H1.shape)} and {n2} {list(H2.shape)} must broadcast") from e
+        raise AlignopsError(f"the batch dimensions of {n1} {list(H1.shape)} and {n2} {list(H2.shape)} "
+                            "must broadcast") from e
 
 
 def _out_dtype(*ts: torch.Tensor) -> torch.dtype:
@@ -692,7 +694,8 @@ def ches_score(h_chosen: torch.Tensor, h_rejected: torch.Tensor, chosen_mask: to
         raise AlignopsError(f"h_rejected must have the batch size and hidden size of h_chosen {list(h_chosen.shape)}, "
                             f"got {list(h_rejected.shape)}")
     if h_rejected.device != h_chosen.device:
-        raise AlignopsError(f"h_rejected must be on the device of h_chosen ({h_chosen.device}), got {h_rejected.device}")
+        raise AlignopsError(f"h_rejected must be on the device of h_chosen ({h_chosen.device}), "
+                            f"got {h_rejected.device}")
     acc = _out_dtype(h_chosen, h_rejected)
 
     def pooled(h, mask, name):

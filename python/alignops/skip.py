@@ -9,13 +9,13 @@ apply it to HF-style (LLaMA / Qwen) decoder layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ._errors import AlignopsError
 from . import _backend
 from ._checks import check_finite, check_not_nan, check_param
+from ._errors import AlignopsError
 from .reference import skip as _ref
 
 _ACTIVATION_CODES = {name: code for code, name in enumerate(_ref.ACTIVATIONS)}
@@ -40,7 +40,8 @@ def change_score(x: torch.Tensor, previous: torch.Tensor, criterion: str = "cosi
 def keep_from_spans(skip_spans: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[B, T] keep mask that is False inside any ``[start, end)`` span of ``skip_spans`` [B, S, 2]."""
     if skip_spans.dim() != 3 or skip_spans.shape[-1] != 2:
-        raise AlignopsError(f"skip_spans must have shape [B, S, 2] (start, end per span), got {tuple(skip_spans.shape)}")
+        raise AlignopsError("skip_spans must have shape [B, S, 2] (start, end per span), "
+                            f"got {tuple(skip_spans.shape)}")
     if skip_spans.dtype not in (torch.int64, torch.int32):
         raise AlignopsError(f"skip_spans must be int64 or int32, got {skip_spans.dtype}")
     if skip_spans.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -235,7 +236,8 @@ def _check_weights_to_pack(weights, on_cpu: bool = True) -> None:
         if not isinstance(w, torch.Tensor):
             raise AlignopsError(f"weights must be tensors, got {type(w).__name__}")
         if on_cpu and w.device.type != "cpu":
-            raise AlignopsError(f"prepacked weights live on the CPU; got {w.device} (on a GPU the GEMMs need no packing)")
+            raise AlignopsError(f"prepacked weights live on the CPU; got {w.device} "
+                                "(on a GPU the GEMMs need no packing)")
 
 
 def prepack(*weights: torch.Tensor, batch_size: int | None = None) -> None:
@@ -306,7 +308,7 @@ class _Passthrough(torch.nn.Module):
 class _SkippingMLP(torch.nn.Module):
     """Replaces a LLaMA-style MLP (gate_proj, up_proj, down_proj, SiLU) and the norm before it."""
 
-    def __init__(self, mlp: torch.nn.Module, norm: torch.nn.Module, skipper: "FFNSkipper"):
+    def __init__(self, mlp: torch.nn.Module, norm: torch.nn.Module, skipper: FFNSkipper):
         super().__init__()
         self.mlp, self.norm, self.skipper = mlp, norm, skipper
         self._fused: tuple | None = None

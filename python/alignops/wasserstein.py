@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from . import _backend
 from ._checks import check_same_device
 from ._errors import AlignopsError
-from . import _backend
 from ._spectral import psd_sqrt
 from .reference import wasserstein as _ref
 

@@ -36,9 +36,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._errors import AlignopsError
 from . import _backend
 from ._checks import check_int64, check_same_device
+from ._errors import AlignopsError
 from .reference import metrics as _hash
 from .reference import watermark as _ref
 
@@ -140,7 +140,8 @@ class KGWLogitsProcessor:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] < self.h:
-            raise AlignopsError(f"input_ids must hold at least context_width = {self.h} tokens, got {input_ids.shape[-1]}")
+            raise AlignopsError(f"input_ids must hold at least context_width = {self.h} tokens, "
+                                f"got {input_ids.shape[-1]}")
         context = input_ids[:, input_ids.shape[-1] - self.h:]
         return kgw_process(scores, context, self.key, gamma=self.gamma, delta=self.delta, backend=self.backend)
 
@@ -216,8 +217,9 @@ def gumbel_detect(tokens: torch.Tensor, key: int, *, context_width: int = 1, mas
                   ignore_repeated: bool = False) -> Detection:
     r"""Gumbel (Aaronson) detector on token ids [B, T]: :math:`S = \sum_t -\log(1 - u_t)` over the scored
     tokens (as :func:`kgw_detect`, with its ``mask`` and ``ignore_repeated``: deterministic Gumbel decoding
-    repeats n-grams, whose repeats carry no new evidence), Gamma(n, 1) without the watermark: :math:`z = (S - n)/\sqrt n`,
-    p = Q(n, S) (regularised upper incomplete gamma). n = 0 gives z = 0, p = 1. Torch composite, fp64."""
+    repeats n-grams, whose repeats carry no new evidence), Gamma(n, 1) without the watermark:
+    :math:`z = (S - n)/\sqrt n`, p = Q(n, S) (regularised upper incomplete gamma). n = 0 gives z = 0, p = 1.
+    Torch composite, fp64."""
     words, scored = _scored_words(tokens, key, _hash.SALT_GUMBEL, context_width, mask, ignore_repeated)
     u = ((words >> 8).double() + 0.5) * 2.0**-24
     s = torch.where(scored, -torch.log1p(-u), 0.0).sum(-1)

@@ -10,7 +10,7 @@ gives the *unrolled* gradient.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

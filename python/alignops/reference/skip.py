@@ -1,8 +1,8 @@
 """Pure-PyTorch FFN skipping: the dense FFN, then the skipped rows put back (the spec and test oracle).
 
 FFN(x) = W_down act(W_gate_up RMSNorm(x) + b_gate_up) + b_down, with RMSNorm as HF's LlamaRMSNorm:
-n = w * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype) (fp64 inputs stay fp64). SwiGLU splits W_gate_up [2I, H] into the gate
-(first I rows) and the up projection: act = silu(gate) * up.
+n = w * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype) (fp64 inputs stay fp64). SwiGLU splits W_gate_up [2I, H]
+into the gate (first I rows) and the up projection: act = silu(gate) * up.
 """
 
 from __future__ import annotations
