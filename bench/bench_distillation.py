@@ -8,7 +8,10 @@ Baseline: TRL. Shapes: 8 sequences x 256 completion tokens, H = 1024, V = 32000,
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
+import sys
 
 import torch
 
@@ -17,6 +20,20 @@ import alignops
 from .common import Case, annotate, nbytes
 
 FAMILY = "distillation"
+
+
+def _trl_chunked_divergence_loss():
+    """TRL's loss function. transformers imports the Hub's ``kernels`` package when it is installed; this
+    repository's ``kernels/`` folder, on sys.path when the bench runs from the root, would shadow it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved_path, saved_module = sys.path[:], sys.modules.pop("kernels", None)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
+    try:
+        return importlib.import_module("trl.trainer.distillation_trainer")._chunked_divergence_loss
+    finally:
+        sys.path[:] = saved_path
+        if saved_module is not None:
+            sys.modules["kernels"] = saved_module
 
 
 def _groups(device: str, quick: bool):
@@ -40,8 +57,7 @@ def _groups(device: str, quick: bool):
     shape = f"B={B} T={T} H={H} V={V} beta={beta}"
     cases = []
     if importlib.util.find_spec("trl") is not None:
-        from trl.trainer.distillation_trainer import _chunked_divergence_loss
-
+        _chunked_divergence_loss = _trl_chunked_divergence_loss()
         cases.append(Case(FAMILY, "fused_linear_distillation", shape, "float32", "trl chunked_divergence", "fwd+bwd",
                           lambda: fwd_bwd(lambda: _chunked_divergence_loss(sh, th, sw, tw, mask, beta)[0]),
                           baseline=True, reset=reset))

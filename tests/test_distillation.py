@@ -235,3 +235,48 @@ def test_bad_inputs():
         fld(sh, sw, th, tw, mask, student_softcap=float("inf"))
     with pytest.raises(ValueError, match="beta must lie in \\[0, 1\\], got 2"):
         torch.ops.alignops.fused_linear_distillation(*_op_args()[:8], 2.0, *_op_args()[9:])
+
+
+# ---- the Triton op (in the interpreter on CPU tensors; tiny shapes) -------------------------------------------
+
+
+
+@pytest.fixture
+def _triton_blocks(monkeypatch):
+    import alignops.kernels.distillation as kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_ROWS", 2)  # several row blocks, the last one ragged
+
+
+@pytest.mark.parametrize("divergence,beta", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.usefixtures("_triton_blocks")
+@pytest.mark.triton
+@pytest.mark.skipif(not alignops._backend.triton_available(), reason="needs the triton package")
+def test_triton_matches_reference(divergence, beta, dtype, softcap):
+    sh, sw, th, tw, mask, sb, tb = _inputs(B=1, T=5, Hs=4, Ht=6, V=45, dtype=dtype, bias=True)
+    kw = dict(divergence=divergence, beta=beta, skew=0.3, temperature=1.7, student_bias=sb, teacher_bias=tb,
+              student_softcap=softcap, teacher_softcap=softcap)
+    out = fld(sh, sw, th, tw, mask, backend="triton", **kw)
+    exp = ref.fused_linear_distillation_loss(sh, sw, th, tw, mask, **kw)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.loss, exp[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(out.entropy.reshape(-1), exp[2], rtol=tol, atol=tol)
+    for g, e in zip(_grads(out.loss, (sh, sw, sb)), _grads(exp[0], (sh, sw, sb))):
+        torch.testing.assert_close(g, e, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.usefixtures("_triton_blocks")
+@pytest.mark.triton
+@pytest.mark.skipif(not alignops._backend.triton_available(), reason="needs the triton package")
+def test_triton_opcheck_and_native_parity():
+    args = _op_args()
+    # In the interpreter the kernel would run on fake tensors: the fake-tensor and AOT checks need a GPU.
+    utils = ("test_schema", "test_autograd_registration") if not torch.cuda.is_available() else \
+        ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.alignops.fused_linear_distillation_triton.default, args, test_utils=utils)
+    native = torch.ops.alignops.fused_linear_distillation(*args)
+    triton_out = torch.ops.alignops.fused_linear_distillation_triton(*args)
+    for a, b in zip(native, triton_out):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,81 @@
+"""Triton op ``alignops::fused_linear_distillation_triton``: the native op's schema and outputs, computed by
+torch.mm GEMMs over row blocks and the epilogue kernel of kernels/distillation.py. Autograd is the native op's
+(ops/distillation.py). Nothing here waits on the device. On CPU tensors the kernel runs only in the Triton
+interpreter (TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._checks import check_triton_device
+from .._errors import AlignopsError
+from ..kernels.distillation import launch_distillation
+from ._registration import register_triton_twin
+from .distillation import register_fused_linear_distillation_autograd
+from .preference import acc_dtype
+
+
+def _mode(divergence: str, coef: float) -> str:
+    if divergence == "jsd":
+        if not 0.0 <= coef <= 1.0:
+            raise AlignopsError(f"beta must lie in [0, 1], got {coef}")
+        return "forward_kl" if coef == 0.0 else "reverse_kl" if coef == 1.0 else "jsd"
+    if divergence in ("skew_kl", "skew_reverse_kl"):
+        if not 0.0 <= coef <= 1.0:
+            raise AlignopsError(f"skew must lie in [0, 1], got {coef}")
+        return divergence
+    if divergence == "tv":
+        return divergence
+    raise AlignopsError(f"divergence must be one of 'jsd', 'tv', 'skew_kl', 'skew_reverse_kl', got '{divergence}'")
+
+
+@register_triton_twin("alignops::fused_linear_distillation")
+def fused_linear_distillation_triton(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_bias: Optional[torch.Tensor],
+    teacher_bias: Optional[torch.Tensor],
+    weights: torch.Tensor,
+    divergence: str,
+    coef: float,
+    temperature: float,
+    student_logit_scale: float,
+    teacher_logit_scale: float,
+    student_softcap: float,
+    teacher_softcap: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``alignops::fused_linear_distillation`` (shapes and checks: the public function)."""
+    check_triton_device(student_hidden, "student_hidden")
+    if not temperature > 0:
+        raise AlignopsError(f"temperature must be a finite value > 0, got {temperature}")
+    mode = _mode(divergence, coef)
+    N, Hs = student_hidden.shape
+    V = student_weight.shape[0]
+    acc = acc_dtype(student_hidden.dtype)
+    new = student_hidden.new_zeros
+    per_token, entropy = new(N, dtype=acc), new(N, dtype=acc)
+    bias_grad = compute_grad and student_bias is not None
+    grad_hidden = new((N, Hs) if compute_grad else 0, dtype=acc)
+    grad_weight = new((V, Hs) if compute_grad else 0, dtype=acc)
+    grad_bias = new(V if bias_grad else 0, dtype=acc)
+    w = weights.to(acc).contiguous()
+    if N > 0 and V > 0:
+        launch_distillation(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                            teacher_bias, w, mode, coef, temperature, student_logit_scale, teacher_logit_scale,
+                            student_softcap, teacher_softcap, per_token, entropy, grad_hidden, grad_weight,
+                            grad_bias)
+    loss = (per_token * w).sum()
+    if compute_grad:
+        grad_hidden = grad_hidden.to(student_hidden.dtype)
+        grad_weight = grad_weight.to(student_weight.dtype)
+        if bias_grad:
+            grad_bias = grad_bias.to(student_bias.dtype)
+    return loss, per_token, entropy, grad_hidden, grad_weight, grad_bias
+
+
+register_fused_linear_distillation_autograd("alignops::fused_linear_distillation_triton")
