@@ -188,6 +188,15 @@ CASES: dict[str, Case] = {
                                hyper=("beta",)),
     "dro_loss": case(alignops.dro_loss, lambda: [rn(4).abs(), rn(4, seed=1).abs(), rn(4, seed=2)], hyper=("beta",)),
     "log1mexp": case(alignops.log1mexp, lambda: [-rn(6).abs() - 1e-3]),
+    "bradley_terry_loss": case(alignops.bradley_terry_loss, lambda: [rn(4), rn(4, seed=1), rn(4, seed=2).abs()],
+                               hyper=("center_rewards_coefficient",)),
+    "reward_centering_loss": case(alignops.reward_centering_loss, lambda: [rn(4), rn(4, seed=1)],
+                                  hyper=("center_rewards_coefficient",)),
+    "rating_regression_loss": case(alignops.rating_regression_loss,
+                                   lambda: [rn(3, 2), rn(3, 2, seed=1), torch.ones(3, 2, dtype=torch.bool)]),
+    "helpsteer2_preference_loss": case(alignops.helpsteer2_preference_loss,
+                                      lambda: [rn(4), rn(4, seed=1), torch.tensor([1.0, 2.0, 3.0, 1.0])],
+                                      hyper=("regression_weight",)),
 }
 
 # Entries that still break the contract today, with the defect (xfail strict: they fail loudly once fixed).

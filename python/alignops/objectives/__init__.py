@@ -14,7 +14,8 @@ prompt). Metric fields of the returned NamedTuples are detached.
 
 One module per family: :mod:`.orpo`, :mod:`.kto_bco` (unpaired, with :class:`RunningMoments`),
 :mod:`.reference_free` (CPO / SimPO / AlphaPO, TPO), :mod:`.ranking` (RRHF, PRO, Curry-DPO pairs),
-:mod:`.length` (LD-DPO, WPO), :mod:`.diffusion` (Diffusion-DPO, DRO); what they share is in
+:mod:`.length` (LD-DPO, WPO), :mod:`.diffusion` (Diffusion-DPO, DRO), :mod:`.reward_model` (Bradley-Terry,
+reward centring, rating regression, HelpSteer2-Preference); what they share is in
 :mod:`._common`.
 """
 
@@ -24,10 +25,22 @@ from .length import PairLogps, ld_logps, wpo_weights
 from .orpo import ORPOLossOutput, log1mexp, orpo_loss
 from .ranking import CurryPairs, PROLossOutput, RRHFLossOutput, curry_pairs, pro_loss, rrhf_loss
 from .reference_free import RefFreeLossOutput, cpo_loss, tpo_loss
+from .reward_model import (
+    BradleyTerryLossOutput,
+    HelpSteer2PreferenceOutput,
+    RatingRegressionOutput,
+    RewardCenteringOutput,
+    bradley_terry_loss,
+    helpsteer2_preference_loss,
+    rating_regression_loss,
+    reward_centering_loss,
+)
 
 __all__ = [
     "log1mexp", "orpo_loss", "kto_loss", "RunningMoments", "bco_loss", "cpo_loss", "tpo_loss", "rrhf_loss",
     "pro_loss", "curry_pairs", "ld_logps", "wpo_weights", "diffusion_dpo_loss", "dro_loss",
     "ORPOLossOutput", "KTOLossOutput", "BCOLossOutput", "RefFreeLossOutput", "RRHFLossOutput", "PROLossOutput",
     "CurryPairs", "PairLogps", "DiffusionDPOLossOutput", "DROLossOutput",
+    "bradley_terry_loss", "reward_centering_loss", "rating_regression_loss", "helpsteer2_preference_loss",
+    "BradleyTerryLossOutput", "RewardCenteringOutput", "RatingRegressionOutput", "HelpSteer2PreferenceOutput",
 ]

@@ -196,3 +196,35 @@ def diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, beta):
 def dro_loss_paired(mse_win, mse_loss):
     """The DSO authors' ``forward_dro_loss`` on the two halves of a batch: ``mean(mse_win - mse_loss)``."""
     return (_d(mse_win) - _d(mse_loss)).mean()
+
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_rewards_coefficient=None):
+    """Per-pair ``log(1 + exp(-(r_c - r_r - m)))`` plus ``c * (r_c + r_r)^2``, one pair at a time (Llama 2's Eq. 2;
+    TRL's centring). Returns the per-pair losses [B] in fp64; their mean is TRL's RewardTrainer loss."""
+    rc, rr = _d(chosen_rewards), _d(rejected_rewards)
+    out = []
+    for i in range(rc.shape[0]):
+        z = rc[i] - rr[i] - (0.0 if margin is None else _d(margin)[i])
+        nll = torch.log1p(torch.exp(-z)) if z > -30 else -z + torch.log1p(torch.exp(z))
+        centre = 0.0 if center_rewards_coefficient is None else center_rewards_coefficient * (rc[i] + rr[i]) ** 2
+        out.append(nll + centre)
+    return torch.stack(out) if out else rc.new_zeros(0)
+
+
+def rating_regression_loss(predicted, ratings, rating_mask=None):
+    """Mean squared error over the rated entries, a double loop; 0 when nothing is rated. Returns (mean, sum)."""
+    p, y = _d(predicted), _d(ratings)
+    total, count = p.new_zeros(()), 0
+    for n in range(p.shape[0]):
+        for a in range(p.shape[1]):
+            if rating_mask is None or bool(rating_mask[n, a]):
+                total = total + (p[n, a] - y[n, a]) ** 2
+                count += 1
+    return total / max(count, 1), total
+
+
+def scaled_bradley_terry_loss(chosen_rewards, rejected_rewards, preference_strength=None):
+    """HelpSteer2-Preference's Scaled BT per pair: the pair's BT negative log-likelihood repeated ``m`` times
+    (``m`` the preference magnitude), i.e. ``m * log(1 + exp(-(r_c - r_r)))``."""
+    nll = bradley_terry_loss(chosen_rewards, rejected_rewards)
+    return nll if preference_strength is None else _d(preference_strength) * nll
