@@ -34,7 +34,7 @@ if [ "$DRY" = 1 ]; then
   TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-25}" TEST_JOBS="${GPU_CHECK_TEST_JOBS:-1}"
   export ALIGNOPS_ENABLE_CUDA="${ALIGNOPS_ENABLE_CUDA:-OFF}" ALIGNOPS_BENCH_MIN_RUN_S=0.02
 else
-  DEVICE=cuda QUICK=""
+  DEVICE=cuda QUICK="--full"  # the default plan is the representative one: the card gets the README's sizes
   # The GPU targets first (selective_logprobs, fused linear DPO, forced_align, Sinkhorn, skip_ffn);
   # the other families only with the time left over.
   PLAN="${GPU_CHECK_FAMILIES:-preference:60 fused_linear:80 ctc:50 ot:60 skip:50}"

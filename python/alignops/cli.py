@@ -41,18 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, compiled backends, devices")
-    bench = sub.add_parser("bench", help="benchmark every family against the reference and installed peers")
+    bench = sub.add_parser(
+        "bench", help="benchmark every family against the reference and installed peers",
+        description="Default: a representative run of every family (a few minutes on a 2-core CPU) into a new "
+                    "folder ./alignops-bench-<UTC time>/ (table, CSVs, plots, report.txt); --full: the README's "
+                    "sizes (over an hour on a 2-core CPU).")
     bench.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     bench.add_argument("--family", action="append", help="run only these families (default: all)")
-    bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
-    bench.add_argument("--out", default=None, help="folder for the CSV and plots (default: bench/results)")
+    plan = bench.add_mutually_exclusive_group()
+    plan.add_argument("--full", action="store_true", help="the README's sizes and 1 s timings (long)")
+    plan.add_argument("--quick", action="store_true", help="the default plan (kept for old scripts)")
+    bench.add_argument("--out", default=None,
+                       help="folder for the CSVs, plots and report (default: ./alignops-bench-<UTC time>/; "
+                            "--full --out bench/results appends to the README's tables)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
     from alignops.bench import run
 
-    return run.main(device=args.device, families=args.family, quick=args.quick, out=args.out)
-
+    return run.main(device=args.device, families=args.family, full=args.full, out=args.out)
 
 if __name__ == "__main__":
     sys.exit(main())
