@@ -1,0 +1,46 @@
+"""Triton kernel of the ppo family: GAE as one reverse scan per row. Each program owns BLOCK_B rows and walks
+t = T-1 .. 0, loading one element of each of its rows per step (the scan is sequential in t; the rows are
+the parallelism). The running advantage and next value stay in registers in fp32 (fp64 for fp64 inputs)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import interpreting, launch
+
+
+@triton.jit
+def gae_kernel(r_ptr, v_ptr, m_ptr, last_ptr, adv_ptr, ret_ptr, B, T, gamma, gamma_lam,
+               HAS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    live = rows < B
+    base = rows * T
+    if HAS_LAST:
+        next_value = tl.load(last_ptr + rows, mask=live, other=0.0).to(ACC)
+    else:
+        next_value = tl.zeros([BLOCK_B], dtype=ACC)
+    gae = tl.zeros([BLOCK_B], dtype=ACC)
+    for i in range(0, T):
+        offs = base + (T - 1 - i)
+        keep = tl.load(m_ptr + offs, mask=live, other=0) != 0
+        r = tl.load(r_ptr + offs, mask=live, other=0.0).to(ACC)
+        v = tl.load(v_ptr + offs, mask=live, other=0.0).to(ACC)
+        # A position outside the mask ends the episode: A = R = 0 there, no bootstrap into the one before.
+        gae = tl.where(keep, r + gamma * next_value - v + gamma_lam * gae, 0.0)
+        next_value = tl.where(keep, v, 0.0)
+        tl.store(adv_ptr + offs, gae.to(adv_ptr.dtype.element_ty), mask=live)
+        tl.store(ret_ptr + offs, tl.where(keep, gae + v, 0.0).to(ret_ptr.dtype.element_ty), mask=live)
+
+
+def launch_gae(r: torch.Tensor, v: torch.Tensor, m: torch.Tensor, last: torch.Tensor | None, adv: torch.Tensor,
+               ret: torch.Tensor, gamma: float, lam: float) -> None:
+    """r, v, adv, ret [B, T] contiguous of one float dtype; m [B, T] uint8 (the bool mask's bytes); last [B]."""
+    B, T = r.shape
+    # 32 rows per program keep a warp's loads of one step in one instruction; the interpreter takes 4 so that
+    # the tests' few rows span several programs and a partial last block.
+    block = 4 if interpreting(r) else 32
+    acc = tl.float64 if r.dtype == torch.float64 else tl.float32
+    launch(gae_kernel, (triton.cdiv(B, block),), r, v, m, last if last is not None else r, adv, ret, B, T,
+           gamma, gamma * lam, HAS_LAST=last is not None, ACC=acc, BLOCK_B=block, num_warps=1)
