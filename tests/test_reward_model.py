@@ -264,3 +264,15 @@ def test_bad_inputs():
         obj.helpsteer2_preference_loss(rc, rr, None, pred.to("meta"), y.to("meta"))
     with pytest.raises(ValueError, match="regression_weight must be finite, got inf"):
         obj.helpsteer2_preference_loss(rc, rr, regression_weight=float("inf"))
+
+
+def test_compiles_fullgraph():
+    a, b, s = rewards(5, 20), rewards(5, 21), torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0])
+    pred, y, mask = ratings_case(4, 3, seed=22)
+
+    def step(a, b, s, pred, y, mask):
+        return (obj.bradley_terry_loss(a, b, s, center_rewards_coefficient=0.01).loss
+                + obj.helpsteer2_preference_loss(a, b, s, pred, y, mask, regression_weight=0.5).loss)
+
+    args = (a, b, s, pred, y, mask)
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(*args), step(*args))
