@@ -149,6 +149,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.t0 = time.monotonic()
         self.width = 0
+        self.cut: list[str] = []  # families whose time budget stopped them before their last case
 
     def _line(self, text: str) -> str:
         filled = round(20 * self.done / max(self.n, 1))
@@ -174,6 +175,8 @@ class Progress:
 
     def log(self, text: str) -> None:
         """run_groups' log: measured cases update the line, anything else is a note."""
+        if "budget" in text:
+            self.cut.append(self.family)
         if "FAILED" in text or "budget" in text:
             self.note(f"{self.family}: {text.strip()}")
         else:
@@ -314,6 +317,9 @@ def main(device: str = "cpu", families: list[str] | None = None, full: bool = Fa
          "fastest other provider of the same case in this run; speed-up = peer ms / our ms; memory = our peak / "
          "peer peak ==")
     emit(format_summary(everything))
+    if progress.cut:
+        emit(f"\nstopped by the time budget ({budget_s:.0f} s per family; ALIGNOPS_BENCH_BUDGET_S), later cases "
+             f"not run: {', '.join(progress.cut)}")
     (out_dir / "report.txt").write_text("\n".join(report) + "\n")
     emit(f"\nreport: {out_dir / 'report.txt'}")
     return int(status)

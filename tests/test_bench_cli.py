@@ -88,6 +88,16 @@ def test_out_and_env_choose_the_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["from_env", "given"]
 
 
+def test_a_spent_budget_is_reported(tmp_path, monkeypatch, capsys):
+    _tiny_family(monkeypatch)
+    monkeypatch.setenv("ALIGNOPS_BENCH_MIN_RUN_S", "0.001")
+    monkeypatch.setenv("ALIGNOPS_BENCH_BUDGET_S", "-1")  # spent before the first case
+    assert cli.main(["bench", "--family", "tiny", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "stopped by the time budget (-1 s per family; ALIGNOPS_BENCH_BUDGET_S), later cases not run: tiny" in out.out
+    assert "tiny: time budget spent" in out.err
+
+
 def test_flags_choose_the_plan(monkeypatch):
     seen = []
     monkeypatch.setattr(run, "main", lambda **kw: seen.append(kw) or 0)
