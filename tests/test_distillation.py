@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import alignops
-from alignops import AlignopsError, fused_linear_distillation_loss as fld
+from alignops import AlignopsError
+from alignops import fused_linear_distillation_loss as fld
 from alignops.reference import distillation as ref
 
 CASES = [("jsd", 0.0), ("jsd", 1.0), ("jsd", 0.5), ("jsd", 0.9), ("tv", 0.5), ("skew_kl", 0.5),

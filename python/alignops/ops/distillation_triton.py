@@ -5,8 +5,6 @@ interpreter (TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .._checks import check_triton_device
@@ -37,8 +35,8 @@ def fused_linear_distillation_triton(
     student_weight: torch.Tensor,
     teacher_hidden: torch.Tensor,
     teacher_weight: torch.Tensor,
-    student_bias: Optional[torch.Tensor],
-    teacher_bias: Optional[torch.Tensor],
+    student_bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
     weights: torch.Tensor,
     divergence: str,
     coef: float,

@@ -1,7 +1,19 @@
 """Pure-PyTorch references of every op: the spec, the CPU fallback (``backend="torch"``), the test oracle."""
 
-from . import (ctc, ctc_posteriors, ctc_segmentation, distillation, metrics, objectives, ot, preference, represent, skip, wasserstein,
-               watermark)
+from . import (
+    ctc,
+    ctc_posteriors,
+    ctc_segmentation,
+    distillation,
+    metrics,
+    objectives,
+    ot,
+    preference,
+    represent,
+    skip,
+    wasserstein,
+    watermark,
+)
 
-__all__ = ["ctc", "ctc_posteriors", "ctc_segmentation", "distillation", "metrics", "objectives", "ot", "preference", "represent",
-           "skip", "wasserstein", "watermark"]
+__all__ = ["ctc", "ctc_posteriors", "ctc_segmentation", "distillation", "metrics", "objectives", "ot", "preference",
+           "represent", "skip", "wasserstein", "watermark"]
