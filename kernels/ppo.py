@@ -4,6 +4,8 @@ the parallelism). The running advantage and next value stay in registers in fp32
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -12,7 +14,7 @@ from ._launch import interpreting, launch
 
 
 @triton.jit
-def gae_kernel(r_ptr, v_ptr, m_ptr, last_ptr, adv_ptr, ret_ptr, B, T, gamma, gamma_lam,
+def gae_kernel(r_ptr, v_ptr, m_ptr, last_ptr, adv_ptr, ret_ptr, B, T, gamma_hi, gamma_lo, gl_hi, gl_lo,
                HAS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     live = rows < B
@@ -22,6 +24,10 @@ def gae_kernel(r_ptr, v_ptr, m_ptr, last_ptr, adv_ptr, ret_ptr, B, T, gamma, gam
     else:
         next_value = tl.zeros([BLOCK_B], dtype=ACC)
     gae = tl.zeros([BLOCK_B], dtype=ACC)
+    # Float arguments reach a kernel as fp32: gamma and gamma * lam come as two fp32 parts each, summed in ACC,
+    # so that fp64 inputs get gamma to ~48 bits instead of 24.
+    gamma = gae + gamma_hi + gamma_lo
+    gamma_lam = gae + gl_hi + gl_lo
     for i in range(0, T):
         offs = base + (T - 1 - i)
         keep = tl.load(m_ptr + offs, mask=live, other=0) != 0
@@ -38,9 +44,17 @@ def launch_gae(r: torch.Tensor, v: torch.Tensor, m: torch.Tensor, last: torch.Te
                ret: torch.Tensor, gamma: float, lam: float) -> None:
     """r, v, adv, ret [B, T] contiguous of one float dtype; m [B, T] uint8 (the bool mask's bytes); last [B]."""
     B, T = r.shape
-    # 32 rows per program keep a warp's loads of one step in one instruction; the interpreter takes 4 so that
-    # the tests' few rows span several programs and a partial last block.
+    # 32 rows per program: one row per lane of a single warp, so B / 32 programs fill the GPU from B ~ 4k rows
+    # on (the rows are the only parallelism); the interpreter takes 4 so that the tests' few rows span several
+    # programs and a partial last block.
     block = 4 if interpreting(r) else 32
     acc = tl.float64 if r.dtype == torch.float64 else tl.float32
     launch(gae_kernel, (triton.cdiv(B, block),), r, v, m, last if last is not None else r, adv, ret, B, T,
-           gamma, gamma * lam, HAS_LAST=last is not None, ACC=acc, BLOCK_B=block, num_warps=1)
+           *_split_fp32(gamma), *_split_fp32(gamma * lam), HAS_LAST=last is not None, ACC=acc, BLOCK_B=block,
+           num_warps=1)
+
+
+def _split_fp32(x: float) -> tuple[float, float]:
+    """(hi, lo), both exact in fp32, with hi + lo = x to about 48 bits."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
