@@ -76,14 +76,15 @@ def _gae_groups(device: str, quick: bool):
         r, v, m = rollout(B, T, device)
         shape = f"B={B} T={T}"
         cases = [Case(FAMILY, "gae_advantages", shape, "float32", "TRL loop", "fwd",
-                      lambda: trl_gae(r, v, GAMMA, LAM), baseline=True),
+                      lambda r=r, v=v: trl_gae(r, v, GAMMA, LAM), baseline=True),
                  Case(FAMILY, "gae_advantages", shape, "float32", "vectorised torch (fp64 cumsum)", "fwd",
-                      lambda: vectorised_gae(r, v, GAMMA, LAM)),
+                      lambda r=r, v=v: vectorised_gae(r, v, GAMMA, LAM)),
                  Case(FAMILY, "gae_advantages", shape, "float32", "reference (Python loop)", "fwd",
-                      lambda: ref.gae_advantages(r, v, m, None, GAMMA, LAM))]
+                      lambda r=r, v=v, m=m: ref.gae_advantages(r, v, m, None, GAMMA, LAM))]
         for p in _providers(device):
             cases.append(Case(FAMILY, "gae_advantages", shape, "float32", p, "fwd",
-                              lambda b=_backend(p): alignops.gae_advantages(r, v, m, gamma=GAMMA, lam=LAM, backend=b)))
+                              lambda r=r, v=v, m=m, b=_backend(p):
+                              alignops.gae_advantages(r, v, m, gamma=GAMMA, lam=LAM, backend=b)))
         # rewards, values, mask read once; advantages and returns written once. ~6 flops per token.
         yield annotate(cases, nbytes(r, v, m) + 2 * nbytes(r), 6 * B * T)
         del cases, r, v, m

@@ -5,10 +5,10 @@
 // are held in the accumulation type (fp32 for fp32 / bf16 / fp16 inputs, fp64 for fp64) and rounded once
 // per output element.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -45,8 +45,8 @@ void check_gae_inputs(const at::Tensor& rewards, const at::Tensor& values, const
 }
 
 template <typename scalar_t>
-void gae_rows(const scalar_t* r, const scalar_t* v, const bool* m, const scalar_t* last, scalar_t* adv,
-              scalar_t* ret, int64_t B, int64_t T, double gamma_d, double lam_d) {
+void gae_rows(const scalar_t* r, const scalar_t* v, const bool* m, const scalar_t* last, scalar_t* adv, scalar_t* ret,
+              int64_t B, int64_t T, double gamma_d, double lam_d) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t gamma = static_cast<acc_t>(gamma_d);
   const acc_t gamma_lam = static_cast<acc_t>(gamma_d * lam_d);

@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._errors import AlignopsError
 from . import _backend
 from ._checks import check_finite
+from ._errors import AlignopsError
 from .ops.ppo import check_gae_args
 from .reference import ppo as _ref
 

@@ -36,7 +36,8 @@ def check_gae_args(rewards: torch.Tensor, values: torch.Tensor, completion_mask:
             shape = list(last_values.shape) if isinstance(last_values, torch.Tensor) else type(last_values).__name__
             raise AlignopsError(f"last_values must have shape [B] = [{rewards.shape[0]}], got {shape}")
         if last_values.dtype != rewards.dtype:
-            raise AlignopsError(f"last_values must have the dtype of rewards ({rewards.dtype}), got {last_values.dtype}")
+            raise AlignopsError(f"last_values must have the dtype of rewards ({rewards.dtype}), "
+                                f"got {last_values.dtype}")
         if last_values.device != rewards.device:
             raise AlignopsError(f"last_values must be on the device of rewards ({rewards.device}), "
                                 f"got {last_values.device}")
