@@ -58,22 +58,51 @@ def _groups(device: str, quick: bool):
     cases = []
     if importlib.util.find_spec("trl") is not None:
         _chunked_divergence_loss = _trl_chunked_divergence_loss()
-        cases.append(Case(FAMILY, "fused_linear_distillation", shape, "float32", "trl chunked_divergence", "fwd+bwd",
-                          lambda: fwd_bwd(lambda: _chunked_divergence_loss(sh, th, sw, tw, mask, beta)[0]),
-                          baseline=True, reset=reset))
-    cases.append(Case(FAMILY, "fused_linear_distillation", shape, "float32", "alignops", "fwd+bwd",
-                      lambda: fwd_bwd(lambda: alignops.fused_linear_distillation_loss(sh, sw, th, tw, mask,
-                                                                                      beta=beta).loss),
-                      baseline=not cases, reset=reset))
+        cases.append(
+            Case(
+                FAMILY,
+                "fused_linear_distillation",
+                shape,
+                "float32",
+                "trl chunked_divergence",
+                "fwd+bwd",
+                lambda: fwd_bwd(lambda: _chunked_divergence_loss(sh, th, sw, tw, mask, beta)[0]),
+                baseline=True,
+                reset=reset,
+            )
+        )
+    cases.append(
+        Case(
+            FAMILY,
+            "fused_linear_distillation",
+            shape,
+            "float32",
+            "alignops",
+            "fwd+bwd",
+            lambda: fwd_bwd(lambda: alignops.fused_linear_distillation_loss(sh, sw, th, tw, mask, beta=beta).loss),
+            baseline=not cases,
+            reset=reset,
+        )
+    )
     if importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
-                                        compiled=device == "cuda")
+        liger = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=device == "cuda"
+        )
         labels = torch.zeros(B * T, dtype=torch.long, device=device)
-        cases.append(Case(FAMILY, "fused_linear_distillation", shape, "float32", "liger-kernel", "fwd+bwd",
-                          lambda: fwd_bwd(lambda: liger(sh.reshape(-1, H), sw, th.reshape(-1, H), tw, labels)),
-                          reset=reset))
+        cases.append(
+            Case(
+                FAMILY,
+                "fused_linear_distillation",
+                shape,
+                "float32",
+                "liger-kernel",
+                "fwd+bwd",
+                lambda: fwd_bwd(lambda: liger(sh.reshape(-1, H), sw, th.reshape(-1, H), tw, labels)),
+                reset=reset,
+            )
+        )
     # Both heads and hidden states read, the student's gradients written; two [N, V] GEMMs forward and two
     # backward (grad_hidden, grad_weight).
     yield annotate(cases, nbytes(sh, sw, th, tw) + nbytes(sh, sw), 4 * 2 * B * T * H * V)

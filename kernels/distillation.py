@@ -93,7 +93,8 @@ def distillation_rows_kernel(
     us_ptr,  # [R, V] student raw logits (bias added), accumulation dtype; becomes dz with GRAD
     ut_ptr,  # [R, V] teacher raw logits
     w_ptr,  # [R] row weights (0: skipped)
-    d_ptr, ent_ptr,  # [R] outputs: divergence, student entropy
+    d_ptr,
+    ent_ptr,  # [R] outputs: divergence, student entropy
     V,
     coef: tl.float64,
     temperature: tl.float64,
@@ -170,8 +171,27 @@ def block_rows(V: int, acc: torch.dtype) -> int:
     return max(16, BLOCK_BYTES // (acc.itemsize * max(V, 1)))
 
 
-def launch_distillation(hs, ws, ht, wt, bs, bt, weights, mode, coef, temperature, s_scale, t_scale, s_cap, t_cap,
-                        per_token, entropy, grad_hidden, grad_weight, grad_bias):
+def launch_distillation(
+    hs,
+    ws,
+    ht,
+    wt,
+    bs,
+    bt,
+    weights,
+    mode,
+    coef,
+    temperature,
+    s_scale,
+    t_scale,
+    s_cap,
+    t_cap,
+    per_token,
+    entropy,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     """Fills per_token / entropy [N] and, when grad_hidden is non-empty, the accumulation-dtype gradients."""
     N = hs.shape[0]
     V = ws.shape[0]
@@ -183,11 +203,28 @@ def launch_distillation(hs, ws, ht, wt, bs, bt, weights, mode, coef, temperature
         r1 = min(N, r0 + R)
         us = _mm(hs[r0:r1], ws, bs, acc)
         ut = _mm(ht[r0:r1], wt, bt, acc)
-        launch(distillation_rows_kernel, (r1 - r0,),
-               us, ut, weights[r0:r1], per_token[r0:r1], entropy[r0:r1], V, float(coef), float(temperature),
-               float(s_scale), float(s_cap), float(t_scale), float(t_cap),
-               MODE=MODES[mode], S_SOFTCAP=s_cap > 0, T_SOFTCAP=t_cap > 0, GRAD=grad, BLOCK_V=block_v,
-               num_warps=num_warps)
+        launch(
+            distillation_rows_kernel,
+            (r1 - r0,),
+            us,
+            ut,
+            weights[r0:r1],
+            per_token[r0:r1],
+            entropy[r0:r1],
+            V,
+            float(coef),
+            float(temperature),
+            float(s_scale),
+            float(s_cap),
+            float(t_scale),
+            float(t_cap),
+            MODE=MODES[mode],
+            S_SOFTCAP=s_cap > 0,
+            T_SOFTCAP=t_cap > 0,
+            GRAD=grad,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
         if grad:
             grad_hidden[r0:r1] = us @ ws.to(acc)
             grad_weight.addmm_(us.t(), hs[r0:r1].to(acc))

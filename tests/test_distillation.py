@@ -14,8 +14,15 @@ from alignops import AlignopsError
 from alignops import fused_linear_distillation_loss as fld
 from alignops.reference import distillation as ref
 
-CASES = [("jsd", 0.0), ("jsd", 1.0), ("jsd", 0.5), ("jsd", 0.9), ("tv", 0.5), ("skew_kl", 0.5),
-         ("skew_reverse_kl", 0.5)]
+CASES = [
+    ("jsd", 0.0),
+    ("jsd", 1.0),
+    ("jsd", 0.5),
+    ("jsd", 0.9),
+    ("tv", 0.5),
+    ("skew_kl", 0.5),
+    ("skew_reverse_kl", 0.5),
+]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
@@ -77,8 +84,17 @@ def test_matches_reference(divergence, beta, dtype, bias):
 
 def test_softcap_logit_scale_num_items_sum():
     sh, sw, th, tw, mask, sb, tb = _inputs(dtype=torch.float64, bias=True, scale=3.0)
-    kw = dict(beta=0.3, temperature=0.7, student_bias=sb, teacher_bias=tb, student_softcap=2.5, teacher_softcap=4.0,
-              student_logit_scale=1.5, teacher_logit_scale=0.5, num_items_in_batch=40)
+    kw = dict(
+        beta=0.3,
+        temperature=0.7,
+        student_bias=sb,
+        teacher_bias=tb,
+        student_softcap=2.5,
+        teacher_softcap=4.0,
+        student_logit_scale=1.5,
+        teacher_logit_scale=0.5,
+        num_items_in_batch=40,
+    )
     out = fld(sh, sw, th, tw, mask, **kw)
     exp = ref.fused_linear_distillation_loss(sh, sw, th, tw, mask, **kw)
     torch.testing.assert_close(out.loss, exp[0])
@@ -141,8 +157,8 @@ def test_matches_trl_chunked_divergence(beta, temperature):
     trl_distillation = _import_trl_distillation()
     sh, sw, th, tw, mask, sb, tb = _inputs(bias=True)
     loss_trl, entropy_sum, n_valid = trl_distillation._chunked_divergence_loss(
-        sh, th, sw, tw, mask.long(), beta, student_lm_head_bias=sb, teacher_lm_head_bias=tb,
-        temperature=temperature)
+        sh, th, sw, tw, mask.long(), beta, student_lm_head_bias=sb, teacher_lm_head_bias=tb, temperature=temperature
+    )
     out = fld(sh, sw, th, tw, mask, beta=beta, temperature=temperature, student_bias=sb, teacher_bias=tb)
     torch.testing.assert_close(out.loss, loss_trl, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.entropy.sum(), entropy_sum, rtol=1e-5, atol=1e-5)
@@ -158,8 +174,9 @@ def test_matches_liger_jsd(beta):
     labels = torch.where(mask, 1, -100).reshape(-1)
     # Liger 0.x's beta is TRL's: 0 forward KL(teacher || student), 1 reverse KL, mixture (1 - beta) p_s + beta p_t
     # (older releases had it flipped). Its soft loss is the masked mean, as TRL's reduction.
-    liger = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, temperature=2.0,
-                                            compiled=False)
+    liger = chunked.LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, temperature=2.0, compiled=False
+    )
     expected = liger(sh.reshape(-1, 12), sw, th.reshape(-1, 12), tw, labels)
     out = fld(sh, sw, th, tw, mask, beta=beta, temperature=2.0)
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
@@ -171,9 +188,23 @@ def _op_args(compute_grad=True, bias=True):
     sh, sw, th, tw, mask, sb, tb = _inputs(B=1, T=5, Hs=4, Ht=6, V=11, dtype=torch.float64, bias=bias)
     # Without compute_grad the op has no gradient to give: its inputs do not require one.
     sw = sw if compute_grad else sw.detach()
-    return (sh.detach().reshape(5, 4).requires_grad_(compute_grad), sw, th.reshape(5, 6), tw, sb, tb,
-            mask.reshape(-1).double(),
-            "jsd", 0.4, 1.3, 1.0, 1.0, 0.0, 0.0, compute_grad)
+    return (
+        sh.detach().reshape(5, 4).requires_grad_(compute_grad),
+        sw,
+        th.reshape(5, 6),
+        tw,
+        sb,
+        tb,
+        mask.reshape(-1).double(),
+        "jsd",
+        0.4,
+        1.3,
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+        compute_grad,
+    )
 
 
 @pytest.mark.parametrize("divergence", ["jsd", "tv"])
@@ -189,8 +220,19 @@ def test_gradcheck(divergence, beta):
     sh, sw, th, tw, mask, sb, tb = _inputs(B=1, T=4, Hs=3, Ht=5, V=7, dtype=torch.float64, bias=True)
 
     def f(h, w, b):
-        return fld(h, w, th, tw, mask, divergence=divergence, beta=beta, skew=0.3, temperature=1.3,
-                   student_bias=b, teacher_bias=tb).loss
+        return fld(
+            h,
+            w,
+            th,
+            tw,
+            mask,
+            divergence=divergence,
+            beta=beta,
+            skew=0.3,
+            temperature=1.3,
+            student_bias=b,
+            teacher_bias=tb,
+        ).loss
 
     assert torch.autograd.gradcheck(f, (sh, sw, sb))
 
@@ -241,7 +283,6 @@ def test_bad_inputs():
 # ---- the Triton op (in the interpreter on CPU tensors; tiny shapes) -------------------------------------------
 
 
-
 @pytest.fixture
 def _triton_blocks(monkeypatch):
     import alignops.kernels.distillation as kernels
@@ -257,8 +298,16 @@ def _triton_blocks(monkeypatch):
 @pytest.mark.skipif(not alignops._backend.triton_available(), reason="needs the triton package")
 def test_triton_matches_reference(divergence, beta, dtype, softcap):
     sh, sw, th, tw, mask, sb, tb = _inputs(B=1, T=5, Hs=4, Ht=6, V=45, dtype=dtype, bias=True)
-    kw = dict(divergence=divergence, beta=beta, skew=0.3, temperature=1.7, student_bias=sb, teacher_bias=tb,
-              student_softcap=softcap, teacher_softcap=softcap)
+    kw = dict(
+        divergence=divergence,
+        beta=beta,
+        skew=0.3,
+        temperature=1.7,
+        student_bias=sb,
+        teacher_bias=tb,
+        student_softcap=softcap,
+        teacher_softcap=softcap,
+    )
     out = fld(sh, sw, th, tw, mask, backend="triton", **kw)
     exp = ref.fused_linear_distillation_loss(sh, sw, th, tw, mask, **kw)
     tol = TOL[dtype]
@@ -274,8 +323,11 @@ def test_triton_matches_reference(divergence, beta, dtype, softcap):
 def test_triton_opcheck_and_native_parity():
     args = _op_args()
     # In the interpreter the kernel would run on fake tensors: the fake-tensor and AOT checks need a GPU.
-    utils = ("test_schema", "test_autograd_registration") if not torch.cuda.is_available() else \
-        ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    utils = (
+        ("test_schema", "test_autograd_registration")
+        if not torch.cuda.is_available()
+        else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    )
     torch.library.opcheck(torch.ops.alignops.fused_linear_distillation_triton.default, args, test_utils=utils)
     native = torch.ops.alignops.fused_linear_distillation(*args)
     triton_out = torch.ops.alignops.fused_linear_distillation_triton(*args)

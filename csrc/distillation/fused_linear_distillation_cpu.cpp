@@ -51,8 +51,8 @@ void check_head(const at::Tensor& hidden, const at::Tensor& weight, const std::o
   check_floating(hidden, h);
   check_same_device(hidden, like, h, "student_hidden");
   check_dim(weight, 2, w, "[V, H]");
-  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), w, " must have shape [V, H] with H = ", hidden.size(1), " (",
-                    h, "'s last dimension), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), w, " must have shape [V, H] with H = ", hidden.size(1), " (", h,
+                    "'s last dimension), got ", weight.sizes());
   check_same_dtype(weight, hidden, w, h);
   check_same_device(weight, hidden, w, h);
   if (bias.has_value()) {

@@ -29,16 +29,20 @@ class DistillationOutput(NamedTuple):
 
 def _check_head(hidden, weight, bias, h: str, w: str, b: str) -> None:
     if hidden.dim() not in (2, 3) or not hidden.is_floating_point():
-        raise AlignopsError(f"{h} must be a floating [N, H] or [B, T, H] tensor, got {hidden.dtype} "
-                            f"{tuple(hidden.shape)}")
+        raise AlignopsError(
+            f"{h} must be a floating [N, H] or [B, T, H] tensor, got {hidden.dtype} {tuple(hidden.shape)}"
+        )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise AlignopsError(f"{w} must have shape [V, H] with H = {hidden.shape[-1]} ({h}'s last dimension), "
-                            f"got {tuple(weight.shape)}")
+        raise AlignopsError(
+            f"{w} must have shape [V, H] with H = {hidden.shape[-1]} ({h}'s last dimension), got {tuple(weight.shape)}"
+        )
     if weight.dtype != hidden.dtype:
         raise AlignopsError(f"{w} must have the dtype of {h} ({hidden.dtype}), got {weight.dtype}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0] or bias.dtype != hidden.dtype):
-        raise AlignopsError(f"{b} must be a {hidden.dtype} tensor of shape [V] = [{weight.shape[0]}], got "
-                            f"{bias.dtype} {tuple(bias.shape)}")
+        raise AlignopsError(
+            f"{b} must be a {hidden.dtype} tensor of shape [V] = [{weight.shape[0]}], got "
+            f"{bias.dtype} {tuple(bias.shape)}"
+        )
 
 
 def _check_softcap(softcap, name: str) -> None:
@@ -97,18 +101,30 @@ def fused_linear_distillation_loss(
     """
     _check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias")
     _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias")
-    check_same_device([("student_hidden", student_hidden), ("student_weight", student_weight),
-                       ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                       ("completion_mask", completion_mask), ("student_bias", student_bias),
-                       ("teacher_bias", teacher_bias), ("num_items_in_batch", num_items_in_batch)])
+    check_same_device(
+        [
+            ("student_hidden", student_hidden),
+            ("student_weight", student_weight),
+            ("teacher_hidden", teacher_hidden),
+            ("teacher_weight", teacher_weight),
+            ("completion_mask", completion_mask),
+            ("student_bias", student_bias),
+            ("teacher_bias", teacher_bias),
+            ("num_items_in_batch", num_items_in_batch),
+        ]
+    )
     if teacher_weight.shape[0] != student_weight.shape[0]:
-        raise AlignopsError(f"teacher_weight must have the vocabulary of student_weight (V = "
-                            f"{student_weight.shape[0]}), got {tuple(teacher_weight.shape)}")
+        raise AlignopsError(
+            f"teacher_weight must have the vocabulary of student_weight (V = "
+            f"{student_weight.shape[0]}), got {tuple(teacher_weight.shape)}"
+        )
     layout = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != layout or completion_mask.shape != layout:
-        raise AlignopsError(f"teacher_hidden and completion_mask must have the token layout of student_hidden "
-                            f"{tuple(layout)}, got {tuple(teacher_hidden.shape[:-1])} and "
-                            f"{tuple(completion_mask.shape)}")
+        raise AlignopsError(
+            f"teacher_hidden and completion_mask must have the token layout of student_hidden "
+            f"{tuple(layout)}, got {tuple(teacher_hidden.shape[:-1])} and "
+            f"{tuple(completion_mask.shape)}"
+        )
     if divergence not in DIVERGENCES:
         raise AlignopsError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if reduction not in REDUCTIONS:
@@ -125,25 +141,54 @@ def fused_linear_distillation_loss(
     impl = _backend.resolve(backend, student_hidden.device, "fused_linear_distillation_loss", native_cuda=False)
     if impl == "torch":
         loss, per_token, entropy, count = _ref.fused_linear_distillation_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, completion_mask, beta=beta, skew=skew,
-            temperature=temperature, divergence=divergence, student_bias=student_bias, teacher_bias=teacher_bias,
-            student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-            num_items_in_batch=num_items_in_batch, reduction=reduction)
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            completion_mask,
+            beta=beta,
+            skew=skew,
+            temperature=temperature,
+            divergence=divergence,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
+            num_items_in_batch=num_items_in_batch,
+            reduction=reduction,
+        )
         return DistillationOutput(loss, per_token.detach().view(layout), entropy.view(layout), count)
-    op = torch.ops.alignops.fused_linear_distillation if impl == "native" else \
-        torch.ops.alignops.fused_linear_distillation_triton
+    op = (
+        torch.ops.alignops.fused_linear_distillation
+        if impl == "native"
+        else torch.ops.alignops.fused_linear_distillation_triton
+    )
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
     weights = (completion_mask.reshape(-1) != 0).to(acc)
     compute_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias))
+        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
+    )
     total, per_token, entropy, *_ = op(
-        hs, student_weight, ht.detach(), teacher_weight.detach(), student_bias,
-        None if teacher_bias is None else teacher_bias.detach(), weights, divergence,
-        float(beta if divergence == "jsd" else skew), float(temperature), float(student_logit_scale),
-        float(teacher_logit_scale), float(student_softcap or 0.0), float(teacher_softcap or 0.0), compute_grad)
+        hs,
+        student_weight,
+        ht.detach(),
+        teacher_weight.detach(),
+        student_bias,
+        None if teacher_bias is None else teacher_bias.detach(),
+        weights,
+        divergence,
+        float(beta if divergence == "jsd" else skew),
+        float(temperature),
+        float(student_logit_scale),
+        float(teacher_logit_scale),
+        float(student_softcap or 0.0),
+        float(teacher_softcap or 0.0),
+        compute_grad,
+    )
     count = weights.sum().to(torch.int64)
     if reduction == "sum":
         loss = total

@@ -13,20 +13,47 @@ from .preference import acc_dtype
 
 
 @register_fake("alignops::fused_linear_distillation")
-def _fused_linear_distillation_fake(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                                    teacher_bias, weights, divergence, coef, temperature, student_logit_scale,
-                                    teacher_logit_scale, student_softcap, teacher_softcap, compute_grad):
+def _fused_linear_distillation_fake(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    student_bias,
+    teacher_bias,
+    weights,
+    divergence,
+    coef,
+    temperature,
+    student_logit_scale,
+    teacher_logit_scale,
+    student_softcap,
+    teacher_softcap,
+    compute_grad,
+):
     acc = acc_dtype(student_hidden.dtype)
     n = student_hidden.shape[0]
     new = student_hidden.new_empty
     if not compute_grad:
-        return new((), dtype=acc), new(n, dtype=acc), new(n, dtype=acc), new(0, dtype=acc), new(0, dtype=acc), \
-            new(0, dtype=acc)
-    grad_bias = new(student_weight.shape[0] if student_bias is not None else 0,
-                    dtype=student_bias.dtype if student_bias is not None else acc)
-    return (new((), dtype=acc), new(n, dtype=acc), new(n, dtype=acc),
-            torch.empty_like(student_hidden, memory_format=torch.contiguous_format),
-            torch.empty_like(student_weight, memory_format=torch.contiguous_format), grad_bias)
+        return (
+            new((), dtype=acc),
+            new(n, dtype=acc),
+            new(n, dtype=acc),
+            new(0, dtype=acc),
+            new(0, dtype=acc),
+            new(0, dtype=acc),
+        )
+    grad_bias = new(
+        student_weight.shape[0] if student_bias is not None else 0,
+        dtype=student_bias.dtype if student_bias is not None else acc,
+    )
+    return (
+        new((), dtype=acc),
+        new(n, dtype=acc),
+        new(n, dtype=acc),
+        torch.empty_like(student_hidden, memory_format=torch.contiguous_format),
+        torch.empty_like(student_weight, memory_format=torch.contiguous_format),
+        grad_bias,
+    )
 
 
 def _setup(ctx, inputs, output):
@@ -40,14 +67,19 @@ def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
         return (None,) * 15
     if not ctx.compute_grad:
-        raise RuntimeError("alignops::fused_linear_distillation was called with compute_grad=False; call it through "
-                           "alignops.fused_linear_distillation_loss (which sets it) to differentiate")
+        raise RuntimeError(
+            "alignops::fused_linear_distillation was called with compute_grad=False; call it through "
+            "alignops.fused_linear_distillation_loss (which sets it) to differentiate"
+        )
     needs = ctx.needs_input_grad
-    return (grad_hidden * grad_loss.to(grad_hidden.dtype) if needs[0] else None,
-            grad_weight * grad_loss.to(grad_weight.dtype) if needs[1] else None,
-            None, None,
-            grad_bias * grad_loss.to(grad_bias.dtype) if needs[4] and grad_bias.numel() else None,
-            *(None,) * 10)
+    return (
+        grad_hidden * grad_loss.to(grad_hidden.dtype) if needs[0] else None,
+        grad_weight * grad_loss.to(grad_weight.dtype) if needs[1] else None,
+        None,
+        None,
+        grad_bias * grad_loss.to(grad_bias.dtype) if needs[4] and grad_bias.numel() else None,
+        *(None,) * 10,
+    )
 
 
 def register_fused_linear_distillation_autograd(op: str) -> None:

@@ -63,10 +63,27 @@ def fused_linear_distillation_triton(
     grad_bias = new(V if bias_grad else 0, dtype=acc)
     w = weights.to(acc).contiguous()
     if N > 0 and V > 0:
-        launch_distillation(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                            teacher_bias, w, mode, coef, temperature, student_logit_scale, teacher_logit_scale,
-                            student_softcap, teacher_softcap, per_token, entropy, grad_hidden, grad_weight,
-                            grad_bias)
+        launch_distillation(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            student_bias,
+            teacher_bias,
+            w,
+            mode,
+            coef,
+            temperature,
+            student_logit_scale,
+            teacher_logit_scale,
+            student_softcap,
+            teacher_softcap,
+            per_token,
+            entropy,
+            grad_hidden,
+            grad_weight,
+            grad_bias,
+        )
     loss = (per_token * w).sum()
     if compute_grad:
         grad_hidden = grad_hidden.to(student_hidden.dtype)

@@ -22,8 +22,15 @@ import torch
 DIVERGENCES = ("jsd", "tv", "skew_kl", "skew_reverse_kl")
 
 
-def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, temperature: float = 1.0,
-           logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+def logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """[N, V] logits in fp32 (fp64 for fp64 inputs), transformed and divided by the temperature."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     u = hidden.to(acc) @ weight.to(acc).T
@@ -35,8 +42,14 @@ def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return u / temperature
 
 
-def per_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, divergence: str = "jsd",
-                         beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+def per_token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "jsd",
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
     """[N] divergence of every row of two [N, V] logits matrices (already divided by the temperature)."""
     log_ps = torch.log_softmax(student_logits, -1)
     log_pt = torch.log_softmax(teacher_logits, -1)
@@ -57,21 +70,47 @@ def per_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Ten
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
 
 
-def fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, completion_mask,
-                                   *, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
-                                   divergence: str = "jsd", student_bias=None, teacher_bias=None,
-                                   student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
-                                   student_softcap: float | None = None, teacher_softcap: float | None = None,
-                                   num_items_in_batch=None, reduction: str = "mean"):
+def fused_linear_distillation_loss(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    completion_mask,
+    *,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    divergence: str = "jsd",
+    student_bias=None,
+    teacher_bias=None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    num_items_in_batch=None,
+    reduction: str = "mean",
+):
     """(loss, per_token [N] (0 on masked rows), entropy [N] of the student, num_tokens); hidden [N, H] or
     [B, T, H], completion_mask [N] or [B, T]."""
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     mask = completion_mask.reshape(-1) != 0
-    zs = logits(hs, student_weight, student_bias, temperature=temperature, logit_scale=student_logit_scale,
-                softcap=student_softcap)
-    zt = logits(ht, teacher_weight, teacher_bias, temperature=temperature, logit_scale=teacher_logit_scale,
-                softcap=teacher_softcap).detach()
+    zs = logits(
+        hs,
+        student_weight,
+        student_bias,
+        temperature=temperature,
+        logit_scale=student_logit_scale,
+        softcap=student_softcap,
+    )
+    zt = logits(
+        ht,
+        teacher_weight,
+        teacher_bias,
+        temperature=temperature,
+        logit_scale=teacher_logit_scale,
+        softcap=teacher_softcap,
+    ).detach()
     d = per_token_divergence(zs, zt, divergence=divergence, beta=beta, skew=skew)
     d = torch.where(mask, d, torch.zeros_like(d))
     log_ps = torch.log_softmax(zs.detach(), -1)
