@@ -75,16 +75,50 @@ def _gae_groups(device: str, quick: bool):
     for B, T in shapes:
         r, v, m = rollout(B, T, device)
         shape = f"B={B} T={T}"
-        cases = [Case(FAMILY, "gae_advantages", shape, "float32", "TRL loop", "fwd",
-                      lambda r=r, v=v: trl_gae(r, v, GAMMA, LAM), baseline=True),
-                 Case(FAMILY, "gae_advantages", shape, "float32", "vectorised torch (fp64 cumsum)", "fwd",
-                      lambda r=r, v=v: vectorised_gae(r, v, GAMMA, LAM)),
-                 Case(FAMILY, "gae_advantages", shape, "float32", "reference (Python loop)", "fwd",
-                      lambda r=r, v=v, m=m: ref.gae_advantages(r, v, m, None, GAMMA, LAM))]
+        cases = [
+            Case(
+                FAMILY,
+                "gae_advantages",
+                shape,
+                "float32",
+                "TRL loop",
+                "fwd",
+                lambda r=r, v=v: trl_gae(r, v, GAMMA, LAM),
+                baseline=True,
+            ),
+            Case(
+                FAMILY,
+                "gae_advantages",
+                shape,
+                "float32",
+                "vectorised torch (fp64 cumsum)",
+                "fwd",
+                lambda r=r, v=v: vectorised_gae(r, v, GAMMA, LAM),
+            ),
+            Case(
+                FAMILY,
+                "gae_advantages",
+                shape,
+                "float32",
+                "reference (Python loop)",
+                "fwd",
+                lambda r=r, v=v, m=m: ref.gae_advantages(r, v, m, None, GAMMA, LAM),
+            ),
+        ]
         for p in _providers(device):
-            cases.append(Case(FAMILY, "gae_advantages", shape, "float32", p, "fwd",
-                              lambda r=r, v=v, m=m, b=_backend(p):
-                              alignops.gae_advantages(r, v, m, gamma=GAMMA, lam=LAM, backend=b)))
+            cases.append(
+                Case(
+                    FAMILY,
+                    "gae_advantages",
+                    shape,
+                    "float32",
+                    p,
+                    "fwd",
+                    lambda r=r, v=v, m=m, b=_backend(p): alignops.gae_advantages(
+                        r, v, m, gamma=GAMMA, lam=LAM, backend=b
+                    ),
+                )
+            )
         # rewards, values, mask read once; advantages and returns written once. ~6 flops per token.
         yield annotate(cases, nbytes(r, v, m) + 2 * nbytes(r), 6 * B * T)
         del cases, r, v, m
@@ -110,10 +144,29 @@ def _value_loss_groups(device: str, quick: bool):
 
     shape = f"B={B} T={T}"
     reset = lambda: setattr(new, "grad", None)  # noqa: E731
-    cases = [Case(FAMILY, "ppo_value_loss", shape, "float32", "TRL formula", "fwd+bwd",
-                  lambda: fwd_bwd(trl), baseline=True, reset=reset),
-             Case(FAMILY, "ppo_value_loss", shape, "float32", "alignops", "fwd+bwd",
-                  lambda: fwd_bwd(lambda: alignops.ppo_value_loss(new, old, returns, m).loss), reset=reset)]
+    cases = [
+        Case(
+            FAMILY,
+            "ppo_value_loss",
+            shape,
+            "float32",
+            "TRL formula",
+            "fwd+bwd",
+            lambda: fwd_bwd(trl),
+            baseline=True,
+            reset=reset,
+        ),
+        Case(
+            FAMILY,
+            "ppo_value_loss",
+            shape,
+            "float32",
+            "alignops",
+            "fwd+bwd",
+            lambda: fwd_bwd(lambda: alignops.ppo_value_loss(new, old, returns, m).loss),
+            reset=reset,
+        ),
+    ]
     yield annotate(cases, nbytes(new, old, returns, m) + nbytes(new))
 
 

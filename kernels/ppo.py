@@ -14,8 +14,23 @@ from ._launch import interpreting, launch
 
 
 @triton.jit
-def gae_kernel(r_ptr, v_ptr, m_ptr, last_ptr, adv_ptr, ret_ptr, B, T, gamma_hi, gamma_lo, gl_hi, gl_lo,
-               HAS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+def gae_kernel(
+    r_ptr,
+    v_ptr,
+    m_ptr,
+    last_ptr,
+    adv_ptr,
+    ret_ptr,
+    B,
+    T,
+    gamma_hi,
+    gamma_lo,
+    gl_hi,
+    gl_lo,
+    HAS_LAST: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     live = rows < B
     base = rows * T
@@ -40,8 +55,16 @@ def gae_kernel(r_ptr, v_ptr, m_ptr, last_ptr, adv_ptr, ret_ptr, B, T, gamma_hi, 
         tl.store(ret_ptr + offs, tl.where(keep, gae + v, 0.0).to(ret_ptr.dtype.element_ty), mask=live)
 
 
-def launch_gae(r: torch.Tensor, v: torch.Tensor, m: torch.Tensor, last: torch.Tensor | None, adv: torch.Tensor,
-               ret: torch.Tensor, gamma: float, lam: float) -> None:
+def launch_gae(
+    r: torch.Tensor,
+    v: torch.Tensor,
+    m: torch.Tensor,
+    last: torch.Tensor | None,
+    adv: torch.Tensor,
+    ret: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> None:
     """r, v, adv, ret [B, T] contiguous of one float dtype; m [B, T] uint8 (the bool mask's bytes); last [B]."""
     B, T = r.shape
     # 32 rows per program: one row per lane of a single warp, so B / 32 programs fill the GPU from B ~ 4k rows
@@ -49,9 +72,24 @@ def launch_gae(r: torch.Tensor, v: torch.Tensor, m: torch.Tensor, last: torch.Te
     # programs and a partial last block.
     block = 4 if interpreting(r) else 32
     acc = tl.float64 if r.dtype == torch.float64 else tl.float32
-    launch(gae_kernel, (triton.cdiv(B, block),), r, v, m, last if last is not None else r, adv, ret, B, T,
-           *_split_fp32(gamma), *_split_fp32(gamma * lam), HAS_LAST=last is not None, ACC=acc, BLOCK_B=block,
-           num_warps=1)
+    launch(
+        gae_kernel,
+        (triton.cdiv(B, block),),
+        r,
+        v,
+        m,
+        last if last is not None else r,
+        adv,
+        ret,
+        B,
+        T,
+        *_split_fp32(gamma),
+        *_split_fp32(gamma * lam),
+        HAS_LAST=last is not None,
+        ACC=acc,
+        BLOCK_B=block,
+        num_warps=1,
+    )
 
 
 def _split_fp32(x: float) -> tuple[float, float]:

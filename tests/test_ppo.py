@@ -25,6 +25,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12
 
 # ---- TRL's formulas, transcribed ----------------------------------------------------------------------------
 
+
 def _trl_masked_mean(values, mask):
     return (values * mask).sum() / mask.sum()
 
@@ -71,6 +72,7 @@ def _trl_value_loss(vpred, mb_values, mb_return, padding_mask_p1, cliprange_valu
 
 # ---- inputs -------------------------------------------------------------------------------------------------
 
+
 def _rollout(B, T, dtype=torch.float32, padded=True, device="cpu"):
     """Rewards (a KL-like term per token plus a score on the last valid token), values, and a mask with
     padding at the end of each row (TRL's layout; one row fully padded and one full when B >= 3)."""
@@ -85,8 +87,13 @@ def _rollout(B, T, dtype=torch.float32, padded=True, device="cpu"):
     return r.to(dtype).to(device), v.to(dtype).to(device), mask.to(device)
 
 
-BACKENDS = ["native", "torch", pytest.param("triton", marks=[
-    pytest.mark.triton, pytest.mark.skipif(not TRITON, reason="needs the triton package")])]
+BACKENDS = [
+    "native",
+    "torch",
+    pytest.param(
+        "triton", marks=[pytest.mark.triton, pytest.mark.skipif(not TRITON, reason="needs the triton package")]
+    ),
+]
 
 
 def _device(backend):
@@ -95,14 +102,19 @@ def _device(backend):
 
 # ---- GAE ----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("B,T,padded", [(3, 47, True), (1, 1, True), (6, 33, False), (5, 130, True)])
 def test_gae_matches_reference(backend, dtype, B, T, padded):
     r, v, m = _rollout(B, T, dtype, padded, _device(backend))
     last = torch.randn(B, dtype=dtype, device=r.device)
-    for kwargs in (dict(), dict(gamma=0.9, lam=0.8, last_values=last), dict(gamma=0.0, lam=1.0),
-                   dict(gamma=1.0, lam=0.0, last_values=last)):
+    for kwargs in (
+        dict(),
+        dict(gamma=0.9, lam=0.8, last_values=last),
+        dict(gamma=0.0, lam=1.0),
+        dict(gamma=1.0, lam=0.0, last_values=last),
+    ):
         out = gae_advantages(r, v, m, backend=backend, **kwargs)
         assert isinstance(out, GAEOutput) and out.advantages.dtype == dtype and out.returns.shape == (B, T)
         lv = kwargs["last_values"].cpu() if "last_values" in kwargs else None
@@ -215,10 +227,14 @@ def test_gae_triton_opcheck_and_bf16():
     r, v, m = _rollout(5, 9, device=DEVICE)
     # In the interpreter, wrap_triton hands back the plain interpreted kernel, which would run on fake tensors:
     # the fake-tensor and AOT-dispatch checks need a GPU, where all of opcheck runs.
-    utils = (("test_schema", "test_autograd_registration") if DEVICE == "cpu"
-             else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
-    torch.library.opcheck(torch.ops.alignops.gae_advantages_triton.default, (r, v, m, None, 0.9, 0.95),
-                          test_utils=utils)
+    utils = (
+        ("test_schema", "test_autograd_registration")
+        if DEVICE == "cpu"
+        else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    )
+    torch.library.opcheck(
+        torch.ops.alignops.gae_advantages_triton.default, (r, v, m, None, 0.9, 0.95), test_utils=utils
+    )
     rb, vb = r.bfloat16(), v.bfloat16()
     got = gae_advantages(rb, vb, m, backend="triton").advantages.cpu().float()
     exp = ref.gae_advantages(rb.cpu(), vb.cpu(), m.cpu())[0].float()
@@ -229,8 +245,11 @@ def test_gae_triton_opcheck_and_bf16():
 def test_gae_compile_fullgraph():
     r, v, m = _rollout(4, 23)
     last = torch.randn(4)
-    fn = torch.compile(lambda r, v, m, last: gae_advantages(r, v, m, gamma=0.9, last_values=last, whiten=True),
-                       fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda r, v, m, last: gae_advantages(r, v, m, gamma=0.9, last_values=last, whiten=True),
+        fullgraph=True,
+        backend="aot_eager",
+    )
     got = fn(r, v, m, last)
     exp = gae_advantages(r, v, m, gamma=0.9, last_values=last, whiten=True)
     torch.testing.assert_close(got.advantages, exp.advantages)
@@ -293,6 +312,7 @@ def test_gae_bad_backend():
 
 # ---- value loss ---------------------------------------------------------------------------------------------
 
+
 def _value_inputs(B, T, dtype=torch.float64):
     r, old, m = _rollout(B, T, dtype)
     returns = old + 0.3 * torch.randn_like(old)
@@ -331,8 +351,7 @@ def test_value_loss_closed_form_and_reductions():
     assert out.loss.item() == pytest.approx(0.5 * (0.25 + 1.0 + 2.25) / 3)
     assert out.clipfrac.item() == 0.0
     # V = 0, V_old = 1, R = -2: unclipped (0 + 2)^2 = 4, clipped (0.8 + 2)^2 = 7.84, the larger: clipfrac 1.
-    out2 = ppo_value_loss(torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.tensor([[-2.0]]),
-                          torch.tensor([[True]]))
+    out2 = ppo_value_loss(torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.tensor([[-2.0]]), torch.tensor([[True]]))
     assert out2.loss.item() == pytest.approx(0.5 * 2.8**2) and out2.clipfrac.item() == 1.0
     s = ppo_value_loss(v, vo, R, m, reduction="sum")
     assert s.loss.item() == pytest.approx(0.5 * 3.5)
@@ -346,8 +365,9 @@ def test_value_loss_gradcheck_and_dtypes():
     assert torch.autograd.gradcheck(lambda x: ppo_value_loss(x, old, returns, m).loss, (new,))
     for dtype in (torch.float32, torch.bfloat16):
         out = ppo_value_loss(new.detach().to(dtype), old.to(dtype), returns.to(dtype), m)
-        exp = ref.ppo_value_loss(new.detach().to(dtype).double(), old.to(dtype).double(),
-                                 returns.to(dtype).double(), m)[0]
+        exp = ref.ppo_value_loss(
+            new.detach().to(dtype).double(), old.to(dtype).double(), returns.to(dtype).double(), m
+        )[0]
         assert out.loss.dtype == torch.float32
         torch.testing.assert_close(out.loss.double(), exp, rtol=1e-5, atol=1e-6)
 

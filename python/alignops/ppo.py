@@ -39,9 +39,17 @@ def _as_mask(completion_mask: torch.Tensor) -> torch.Tensor:
     return completion_mask if completion_mask.dtype == torch.bool else completion_mask != 0
 
 
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, completion_mask: torch.Tensor, *,
-                   gamma: float = 1.0, lam: float = 0.95, last_values: torch.Tensor | None = None,
-                   whiten: bool = False, backend: str = "auto") -> GAEOutput:
+def gae_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    last_values: torch.Tensor | None = None,
+    whiten: bool = False,
+    backend: str = "auto",
+) -> GAEOutput:
     """Generalised advantage estimation, batched: one reverse scan per row.
 
     delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1};  R_t = A_t + V_t.
@@ -85,9 +93,15 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, completion_mask:
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   completion_mask: torch.Tensor, *, cliprange_value: float = 0.2,
-                   reduction: str = "mean") -> ValueLossOutput:
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    cliprange_value: float = 0.2,
+    reduction: str = "mean",
+) -> ValueLossOutput:
     """PPO's clipped value loss, as TRL's PPOTrainer:
 
     per_token = 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2),   c = cliprange_value,

@@ -11,8 +11,14 @@ from ._registration import register_fake
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_gae_args(rewards: torch.Tensor, values: torch.Tensor, completion_mask: torch.Tensor,
-                   last_values: torch.Tensor | None, gamma: float, lam: float) -> None:
+def check_gae_args(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    completion_mask: torch.Tensor,
+    last_values: torch.Tensor | None,
+    gamma: float,
+    lam: float,
+) -> None:
     """rewards / values [B, T] of one float dtype, completion_mask [B, T] bool, last_values [B] or None, all on
     one device; gamma and lam in [0, 1] (NaN refused)."""
     for name, t in (("rewards", rewards), ("values", values), ("completion_mask", completion_mask)):
@@ -36,11 +42,13 @@ def check_gae_args(rewards: torch.Tensor, values: torch.Tensor, completion_mask:
             shape = list(last_values.shape) if isinstance(last_values, torch.Tensor) else type(last_values).__name__
             raise AlignopsError(f"last_values must have shape [B] = [{rewards.shape[0]}], got {shape}")
         if last_values.dtype != rewards.dtype:
-            raise AlignopsError(f"last_values must have the dtype of rewards ({rewards.dtype}), "
-                                f"got {last_values.dtype}")
+            raise AlignopsError(
+                f"last_values must have the dtype of rewards ({rewards.dtype}), got {last_values.dtype}"
+            )
         if last_values.device != rewards.device:
-            raise AlignopsError(f"last_values must be on the device of rewards ({rewards.device}), "
-                                f"got {last_values.device}")
+            raise AlignopsError(
+                f"last_values must be on the device of rewards ({rewards.device}), got {last_values.device}"
+            )
     for name, x in (("gamma", gamma), ("lam", lam)):
         if isinstance(x, torch.Tensor) or not (0.0 <= x <= 1.0):
             raise AlignopsError(f"{name} must be a float in [0, 1], got {x!r}")
@@ -49,8 +57,10 @@ def check_gae_args(rewards: torch.Tensor, values: torch.Tensor, completion_mask:
 @register_fake("alignops::gae_advantages")
 def _gae_advantages_fake(rewards, values, completion_mask, last_values, gamma, lam):
     check_gae_args(rewards, values, completion_mask, last_values, gamma, lam)
-    return (torch.empty_like(rewards, memory_format=torch.contiguous_format),
-            torch.empty_like(rewards, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(rewards, memory_format=torch.contiguous_format),
+        torch.empty_like(rewards, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -58,9 +68,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_advantages, grad_returns):
-    raise AlignopsError("gae_advantages is not differentiable: PPO uses the advantages and returns as fixed "
-                        "targets (TRL computes them under torch.no_grad()); pass rewards.detach() and "
-                        "values.detach(), or differentiate ppo_value_loss with respect to the new values")
+    raise AlignopsError(
+        "gae_advantages is not differentiable: PPO uses the advantages and returns as fixed "
+        "targets (TRL computes them under torch.no_grad()); pass rewards.detach() and "
+        "values.detach(), or differentiate ppo_value_loss with respect to the new values"
+    )
 
 
 def register_gae_autograd(name: str) -> None:

@@ -12,9 +12,14 @@ from .ppo import check_gae_args, register_gae_autograd
 
 
 @register_triton_twin("alignops::gae_advantages")
-def gae_advantages_triton(rewards: torch.Tensor, values: torch.Tensor, completion_mask: torch.Tensor,
-                          last_values: torch.Tensor | None, gamma: float,
-                          lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_advantages_triton(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    completion_mask: torch.Tensor,
+    last_values: torch.Tensor | None,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::gae_advantages``."""
     check_gae_args(rewards, values, completion_mask, last_values, gamma, lam)
     check_triton_device(rewards, "rewards")

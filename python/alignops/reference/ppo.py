@@ -20,9 +20,14 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, completion_mask: torch.Tensor,
-                   last_values: torch.Tensor | None = None, gamma: float = 1.0,
-                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    completion_mask: torch.Tensor,
+    last_values: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) [B, T] in the dtype of ``rewards``; the scan runs in fp32 (fp64 for fp64)."""
     acc = _acc(rewards)
     r, v = rewards.to(acc), values.to(acc)
@@ -54,9 +59,14 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), out, 0.0).to(values.dtype)
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   completion_mask: torch.Tensor, cliprange_value: float = 0.2,
-                   reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    completion_mask: torch.Tensor,
+    cliprange_value: float = 0.2,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TRL PPOTrainer's value loss: 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), its masked mean,
     and vf_clipfrac = masked mean of [clipped term > unclipped term]. In fp32 (fp64 for fp64)."""
     acc = _acc(values)
