@@ -15,14 +15,13 @@ namespace alignops {
 inline std::string dtype_name(at::ScalarType s) { return "torch." + std::string(c10::getDtypeNames(s).first); }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, std::string_view name, std::string_view shape) {
-  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be a ", dim, "-D tensor of shape ", shape, ", got shape ",
-                    t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be a ", dim, "-D tensor of shape ", shape, ", got shape ", t.sizes());
 }
 
 inline void check_same_shape(const at::Tensor& t, const at::Tensor& like, std::string_view name,
                              std::string_view like_name) {
-  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ", like.sizes(),
-                    ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ", like.sizes(), ", got ",
+                    t.sizes());
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& like, std::string_view name,
@@ -44,13 +43,13 @@ inline void check_floating(const at::Tensor& t, std::string_view name) {
 }
 
 inline void check_integer(const at::Tensor& t, std::string_view name) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
-                    " must be int64 or int32, got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name, " must be int64 or int32, got ",
+                    dtype_name(t.scalar_type()));
 }
 
 inline void check_device(const at::Tensor& t, c10::DeviceType type, std::string_view name) {
-  TORCH_CHECK_VALUE(t.device().type() == type, name, " must be a ", c10::DeviceTypeName(type, true),
-                    " tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.device().type() == type, name, " must be a ", c10::DeviceTypeName(type, true), " tensor, got ",
+                    t.device());
 }
 
 // fp32 accumulation for every floating input, fp64 kept as fp64.

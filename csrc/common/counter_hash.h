@@ -34,9 +34,7 @@ inline uint32_t key_state(uint32_t salt, int64_t key) {
 }
 
 // floor(h * n / 2^32): an index in [0, n) (Lemire's multiply-shift; bias below n / 2^32).
-inline uint32_t bounded(uint32_t h, uint32_t n) {
-  return static_cast<uint32_t>((static_cast<uint64_t>(h) * n) >> 32);
-}
+inline uint32_t bounded(uint32_t h, uint32_t n) { return static_cast<uint32_t>((static_cast<uint64_t>(h) * n) >> 32); }
 
 // (top 24 bits + 0.5) / 2^24: a float in (0, 1), exact in fp32, never 0 or 1.
 inline float unit_float(uint32_t h) { return (static_cast<float>(h >> 8) + 0.5f) * 5.9604644775390625e-08f; }

@@ -84,12 +84,7 @@ void lse3_row(double* out, const double* x, const double* skip, const double* ad
 struct Scratch {
   std::vector<double> em, ring, beta, bb, g, gbuf, blk;
   Scratch(int64_t W, int64_t C, int64_t block_rows)
-      : em(W, kNegInf),
-        ring(2 * W, kNegInf),
-        beta(W, kNegInf),
-        bb(W, kNegInf),
-        g(W, 0.0),
-        gbuf(C, 0.0),
+      : em(W, kNegInf), ring(2 * W, kNegInf), beta(W, kNegInf), bb(W, kNegInf), g(W, 0.0), gbuf(C, 0.0),
         blk(block_rows * W, kNegInf) {}
 };
 

@@ -10,8 +10,8 @@ namespace alignops::ctc {
 // and grad [B, T, C] are written where defined, and must come in zero-filled (only reachable cells are written).
 struct CtcPosteriorsKernels {
   void (*run)(const at::Tensor& log_probs, const at::Tensor& targets, const at::Tensor& input_lengths,
-              const at::Tensor& target_lengths, int64_t blank, at::Tensor& loss, at::Tensor& states,
-              at::Tensor& tokens, at::Tensor& grad);
+              const at::Tensor& target_lengths, int64_t blank, at::Tensor& loss, at::Tensor& states, at::Tensor& tokens,
+              at::Tensor& grad);
 };
 
 namespace DEFAULT {

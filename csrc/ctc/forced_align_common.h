@@ -11,8 +11,7 @@ namespace alignops::ctc {
 // by each backend where it can read them.
 inline void check_forced_align_args(const at::Tensor& log_probs, const at::Tensor& targets,
                                     const at::Tensor& input_lengths, const at::Tensor& target_lengths, int64_t blank,
-                                    const c10::optional<at::Tensor>& star_scores, int64_t star_id,
-                                    int64_t checkpoint) {
+                                    const c10::optional<at::Tensor>& star_scores, int64_t star_id, int64_t checkpoint) {
   check_dim(log_probs, 3, "log_probs", "[B, T, C]");
   check_floating(log_probs, "log_probs");
   check_dim(targets, 2, "targets", "[B, L]");
@@ -24,8 +23,7 @@ inline void check_forced_align_args(const at::Tensor& log_probs, const at::Tenso
   const int64_t B = log_probs.size(0);
   TORCH_CHECK_VALUE(targets.size(0) == B, "targets must have the batch size of log_probs (", B, "), got shape ",
                     targets.sizes());
-  TORCH_CHECK_VALUE(input_lengths.size(0) == B, "input_lengths must have shape [", B, "], got ",
-                    input_lengths.sizes());
+  TORCH_CHECK_VALUE(input_lengths.size(0) == B, "input_lengths must have shape [", B, "], got ", input_lengths.sizes());
   TORCH_CHECK_VALUE(target_lengths.size(0) == B, "target_lengths must have shape [", B, "], got ",
                     target_lengths.sizes());
   check_same_device(targets, log_probs, "targets", "log_probs");

@@ -14,8 +14,8 @@
 // then computes hold garbage that no position in the band ever reads (see step()).
 //
 // Backpointers are three bit planes per frame over j (blank from token j-1; token from blank j; token
-// from token j-1): 1.5 bits per state, T * 3 * ceil((L+9)/64) words (8 positions of padding). The checkpointed mode keeps only
-// every K-th row of scores, then recomputes one K-frame segment at a time with its bit planes while it
+// from token j-1): 1.5 bits per state, T * 3 * ceil((L+9)/64) words (8 positions of padding). The checkpointed mode
+// keeps only every K-th row of scores, then recomputes one K-frame segment at a time with its bit planes while it
 // traces back: exact, about twice the work, memory O(S * (T/K + K)).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

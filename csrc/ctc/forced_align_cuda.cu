@@ -88,8 +88,7 @@ __device__ void copy_row(const acc_t* src, Row<acc_t> dst) {
 
 // Frame t from prev into cur; bits (3 planes of u.W words) when non-null. Ends with a block barrier.
 template <typename scalar_t, typename acc_t>
-__device__ void step(const Utterance<scalar_t, acc_t>& u, int64_t t, Row<acc_t> prev, Row<acc_t> cur,
-                     uint32_t* bits) {
+__device__ void step(const Utterance<scalar_t, acc_t>& u, int64_t t, Row<acc_t> prev, Row<acc_t> cur, uint32_t* bits) {
   const int64_t lo = u.band_lo(t), end = u.band_end(t);
   const acc_t* pb = prev.blank();
   const acc_t* pk = prev.token();
@@ -155,21 +154,27 @@ __device__ __forceinline__ void back(const uint32_t* bits, int64_t W, int64_t& j
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads) forced_align_kernel(const scalar_t* __restrict__ log_probs, const int64_t* __restrict__ targets,
-                                    const int64_t* __restrict__ input_lengths,
-                                    const int64_t* __restrict__ target_lengths, const acc_t* __restrict__ star_scores,
-                                    int64_t Tmax, int64_t C, int64_t Lmax, int64_t blank, int64_t star_id,
-                                    int64_t checkpoint, int64_t n_ckpt, acc_t* rows, acc_t* ckpt, uint32_t* bits,
-                                    int64_t bits_frames, int64_t* paths, scalar_t* scores, bool* feasible) {
+__global__ void __launch_bounds__(kMaxThreads)
+    forced_align_kernel(const scalar_t* __restrict__ log_probs, const int64_t* __restrict__ targets,
+                        const int64_t* __restrict__ input_lengths, const int64_t* __restrict__ target_lengths,
+                        const acc_t* __restrict__ star_scores, int64_t Tmax, int64_t C, int64_t Lmax, int64_t blank,
+                        int64_t star_id, int64_t checkpoint, int64_t n_ckpt, acc_t* rows, acc_t* ckpt, uint32_t* bits,
+                        int64_t bits_frames, int64_t* paths, scalar_t* scores, bool* feasible) {
   const int64_t b = blockIdx.x;
   // Lengths are checked by the Python wrapper; out-of-range ones that still arrive make the row infeasible
   // and are clamped so that nothing is read or written out of bounds.
-  const bool lengths_ok = input_lengths[b] >= 0 && input_lengths[b] <= Tmax && target_lengths[b] >= 0 &&
-                          target_lengths[b] <= Lmax;
+  const bool lengths_ok =
+      input_lengths[b] >= 0 && input_lengths[b] <= Tmax && target_lengths[b] >= 0 && target_lengths[b] <= Lmax;
   const int64_t T = lengths_ok ? input_lengths[b] : 0, L = lengths_ok ? target_lengths[b] : 0;
-  Utterance<scalar_t, acc_t> u{log_probs + b * Tmax * C, targets + b * Lmax,
+  Utterance<scalar_t, acc_t> u{log_probs + b * Tmax * C,
+                               targets + b * Lmax,
                                star_scores != nullptr ? star_scores + b * Tmax : nullptr,
-                               T, C, L, blank, star_id, (Lmax + 1 + kWarp - 1) / kWarp};
+                               T,
+                               C,
+                               L,
+                               blank,
+                               star_id,
+                               (Lmax + 1 + kWarp - 1) / kWarp};
   int64_t* path = paths + b * Tmax;
   scalar_t* score = scores + b * Tmax;
   const int64_t row_size = 2 * (Lmax + 2);
@@ -329,7 +334,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forced_align_cuda(const at::Tenso
   auto rows = at::empty({B, 2, 2 * (L + 2)}, lp.options().dtype(acc));
   auto ckpt = at::empty({full ? 0 : B, n_ckpt, 2 * (L + 2)}, lp.options().dtype(acc));
   auto bits = at::empty({B, bits_frames, 3 * W}, lp.options().dtype(at::kInt));
-  const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(2 * kWarp, (L + kWarp) / kWarp * kWarp)));
+  const int threads =
+      static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(2 * kWarp, (L + kWarp) / kWarp * kWarp)));
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "forced_align_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

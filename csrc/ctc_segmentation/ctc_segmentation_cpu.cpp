@@ -10,9 +10,9 @@
 
 #include <atomic>
 #include <cmath>
-#include <numeric>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <vector>
 
 #include "common/checks.h"
@@ -81,8 +81,7 @@ template <typename scalar_t>
 class Trellis {
  public:
   Trellis(const Problem<scalar_t>& p, int64_t W, int64_t block, const Emissions& em)
-      : p_(p), W_(W), K_(block == 0 ? p.C : std::max(block, p.S)), em_(em), offsets_(p.C), ptrs_(p.C),
-        cur_(p.S) {
+      : p_(p), W_(W), K_(block == 0 ? p.C : std::max(block, p.S)), em_(em), offsets_(p.C), ptrs_(p.C), cur_(p.S) {
     nb_ = (p.C + K_ - 1) / K_;
     store_.reset(new float[W * (nb_ == 1 ? p.C : K_)]);
     if (nb_ > 1) {
@@ -177,14 +176,16 @@ inline bool py_index(int64_t i, int64_t n, int64_t& out) {
 }
 
 template <typename acc_t>
-inline acc_t py_max(acc_t a, acc_t b) { return b > a ? b : a; }
+inline acc_t py_max(acc_t a, acc_t b) {
+  return b > a ? b : a;
+}
 
 // The package's backtracking loop from (t, c), over a [W, C] table stored column-major. Arithmetic in
 // lpz's dtype (numpy's promotion of an fp32 table difference with an lpz scalar); false where the
 // package raises IndexError. timings hold frame indices (the package multiplies them by the duration).
 template <typename scalar_t>
-bool backtrace(const Problem<scalar_t>& p, int64_t W, Trellis<scalar_t>& table, int64_t t, int64_t c,
-               int64_t* timings, double* char_probs, int64_t* states) {
+bool backtrace(const Problem<scalar_t>& p, int64_t W, Trellis<scalar_t>& table, int64_t t, int64_t c, int64_t* timings,
+               double* char_probs, int64_t* states) {
   const int64_t* offsets = table.offsets();
   using acc_t = scalar_t;
   const int64_t T = p.T, V = p.V, S = p.S;
@@ -311,8 +312,7 @@ Batch check_batch(const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at
   check_device(ground_truth, c10::DeviceType::CPU, "ground_truth");
   TORCH_CHECK_VALUE(ground_truth.scalar_type() == at::kLong, "ground_truth must be int64, got ",
                     dtype_name(ground_truth.scalar_type()));
-  const int64_t B = lpz.size(0), T = lpz.size(1), V = lpz.size(2), C = ground_truth.size(1),
-                S = ground_truth.size(2);
+  const int64_t B = lpz.size(0), T = lpz.size(1), V = lpz.size(2), C = ground_truth.size(1), S = ground_truth.size(2);
   TORCH_CHECK_VALUE(ground_truth.size(0) == B, "ground_truth must have B = ", B, " problems (lpz's), got ",
                     ground_truth.size(0));
   TORCH_CHECK_VALUE(S >= 1, "ground_truth must have S >= 1 symbol spans per position, got shape ",
@@ -324,14 +324,13 @@ Batch check_batch(const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at
                       len.sizes());
     check_device(len, c10::DeviceType::CPU, name);
   }
-  Batch b{lpz.contiguous(), lpz_lengths.contiguous(), ground_truth.contiguous(), gt_lengths.contiguous(), B, T,
-          V, C, S};
+  Batch b{
+      lpz.contiguous(), lpz_lengths.contiguous(), ground_truth.contiguous(), gt_lengths.contiguous(), B, T, V, C, S};
   const int64_t* tl = b.lpz_lengths.data_ptr<int64_t>();
   const int64_t* cl = b.gt_lengths.data_ptr<int64_t>();
   const int64_t* gt = b.gt.data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK_VALUE(tl[i] >= 1 && tl[i] <= T, "lpz_lengths[", i, "] must be in [1, T] = [1, ", T, "], got ",
-                      tl[i]);
+    TORCH_CHECK_VALUE(tl[i] >= 1 && tl[i] <= T, "lpz_lengths[", i, "] must be in [1, T] = [1, ", T, "], got ", tl[i]);
     TORCH_CHECK_VALUE(cl[i] >= 2 && cl[i] <= C, "gt_lengths[", i, "] must be in [2, C] = [2, ", C,
                       "] (the start row and at least one symbol), got ", cl[i]);
     TORCH_CHECK_VALUE(!text_fits || cl[i] <= tl[i], "problem ", i, ": audio is shorter than text (", cl[i],
@@ -345,11 +344,12 @@ Batch check_batch(const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at
     for (int64_t c = 0; c < cl[i]; ++c) {
       for (int64_t s = 0; s < S; ++s) {
         const int64_t v = g[c * S + s];
-        TORCH_CHECK_VALUE(v >= -1 && v < V, "ground_truth[", i, ", ", c, ", ", s, "] must be -1 or a token in [0, ",
-                          V, "), got ", v);
+        TORCH_CHECK_VALUE(v >= -1 && v < V, "ground_truth[", i, ", ", c, ", ", s, "] must be -1 or a token in [0, ", V,
+                          "), got ", v);
         TORCH_CHECK_VALUE(v == -1 || s < c, "ground_truth[", i, ", ", c, ", ", s,
                           "] must be -1: row 0 is the start-of-ground-truth marker and a span of s + 1 symbols "
-                          "cannot reach it (got token ", v, ")");
+                          "cannot reach it (got token ",
+                          v, ")");
       }
     }
   }
@@ -370,9 +370,8 @@ void for_each_problem(const Batch& b, const F& f) {
   }
   std::vector<int64_t> order(B);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) {
-    return lengths_t[i] * lengths_c[i] > lengths_t[j] * lengths_c[j];
-  });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t i, int64_t j) { return lengths_t[i] * lengths_c[i] > lengths_t[j] * lengths_c[j]; });
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(B, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     for (int64_t k = next++; k < B; k = next++) f(order[k], order[k] + 1);
@@ -381,8 +380,14 @@ void for_each_problem(const Batch& b, const F& f) {
 
 template <typename scalar_t>
 Problem<scalar_t> problem(const Batch& b, int64_t i, int64_t blank, int64_t flags) {
-  return {b.lpz.data_ptr<scalar_t>() + i * b.T * b.V, b.lpz_lengths.data_ptr<int64_t>()[i], b.V,
-          b.gt.data_ptr<int64_t>() + i * b.C * b.S, b.gt_lengths.data_ptr<int64_t>()[i], b.S, blank, flags};
+  return {b.lpz.data_ptr<scalar_t>() + i * b.T * b.V,
+          b.lpz_lengths.data_ptr<int64_t>()[i],
+          b.V,
+          b.gt.data_ptr<int64_t>() + i * b.C * b.S,
+          b.gt_lengths.data_ptr<int64_t>()[i],
+          b.S,
+          blank,
+          flags};
 }
 
 void check_flags(int64_t flags) {
@@ -391,9 +396,9 @@ void check_flags(int64_t flags) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_cpu(
-    const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth,
-    const at::Tensor& gt_lengths, int64_t blank, int64_t min_window_size, int64_t max_window_size, int64_t flags,
-    bool backtrack_from_max_t, int64_t block_columns) {
+    const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth, const at::Tensor& gt_lengths,
+    int64_t blank, int64_t min_window_size, int64_t max_window_size, int64_t flags, bool backtrack_from_max_t,
+    int64_t block_columns) {
   const Batch b = check_batch(lpz, lpz_lengths, ground_truth, gt_lengths, blank);
   check_flags(flags);
   TORCH_CHECK_VALUE(min_window_size >= 1, "min_window_size must be >= 1, got ", min_window_size);
@@ -425,10 +430,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_prefixes_cpu(
-    const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth,
-    const at::Tensor& gt_lengths, const at::Tensor& end_columns, int64_t blank, int64_t flags,
-    bool backtrack_from_max_t, const std::optional<at::Tensor>& previous_table,
-    const std::optional<at::Tensor>& previous_lengths, bool return_table) {
+    const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth, const at::Tensor& gt_lengths,
+    const at::Tensor& end_columns, int64_t blank, int64_t flags, bool backtrack_from_max_t,
+    const std::optional<at::Tensor>& previous_table, const std::optional<at::Tensor>& previous_lengths,
+    bool return_table) {
   // The ground truth may outgrow the audio here: only the prefixes that are backtracked must fit.
   const Batch b = check_batch(lpz, lpz_lengths, ground_truth, gt_lengths, blank, false);
   check_flags(flags);
@@ -456,8 +461,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segme
     prev = previous_table->contiguous();
     prev_len = previous_lengths->contiguous();
     TORCH_CHECK_VALUE(prev.dim() == 3 && prev.size(0) == b.B && prev.size(1) == b.C && prev.scalar_type() == at::kFloat,
-                      "previous_table must be a float32 tensor of shape [B, C, T'] = [", b.B, ", ", b.C,
-                      ", T'], got ", dtype_name(prev.scalar_type()), " ", prev.sizes());
+                      "previous_table must be a float32 tensor of shape [B, C, T'] = [", b.B, ", ", b.C, ", T'], got ",
+                      dtype_name(prev.scalar_type()), " ", prev.sizes());
     TORCH_CHECK_VALUE(prev_len.dim() == 1 && prev_len.size(0) == b.B && prev_len.scalar_type() == at::kLong,
                       "previous_lengths must be an int64 tensor of shape [B] = [", b.B, "], got ",
                       dtype_name(prev_len.scalar_type()), " ", prev_len.sizes());
@@ -481,7 +486,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segme
         const auto p = problem<scalar_t>(b, i, blank, flags);
         for (int64_t j = 0; j < E; ++j) {
           reset({timings.data_ptr<int64_t>() + (i * E + j) * b.C, char_probs.data_ptr<double>() + (i * E + j) * b.T,
-                 states.data_ptr<int64_t>() + (i * E + j) * b.T}, b.C, b.T);
+                 states.data_ptr<int64_t>() + (i * E + j) * b.T},
+                b.C, b.T);
           okp[i * E + j] = false;
         }
         // The whole lpz in one window: offsets stay 0, so a cell depends on no later column and no later

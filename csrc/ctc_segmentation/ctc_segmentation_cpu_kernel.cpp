@@ -99,10 +99,9 @@ void fill(const Problem<scalar_t>& p, int64_t W, float* const* columns, int64_t 
   for (int64_t c = c_begin; c < c_end; ++c) {
     if (c > 0) {
       // A replay (row_end given) re-runs columns whose offsets are known.
-      const int64_t offset =
-          row_end != nullptr
-              ? offsets[c] - offset_sum
-              : std::min(std::max<int64_t>(0, last_arg_max - W / 2), std::min(higher_offset, (T - W) - offset_sum));
+      const int64_t offset = row_end != nullptr ? offsets[c] - offset_sum
+                                                : std::min(std::max<int64_t>(0, last_arg_max - W / 2),
+                                                           std::min(higher_offset, (T - W) - offset_sum));
       // The package's recurrence, kept as is: entry s + 1 reads the entry s it has just updated.
       for (int64_t s = 0; s + 1 < S; ++s) cur_offset[s + 1] = cur_offset[s] + offset;
       cur_offset[0] = offset;

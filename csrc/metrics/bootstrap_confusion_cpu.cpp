@@ -132,8 +132,8 @@ void accumulate(const std::vector<code_t>& codes, int64_t P, int64_t N, int64_t 
   });
 }
 
-at::Tensor bootstrap_confusion_cpu(const at::Tensor& a, const at::Tensor& b, int64_t num_classes,
-                                   int64_t num_resamples, int64_t seed) {
+at::Tensor bootstrap_confusion_cpu(const at::Tensor& a, const at::Tensor& b, int64_t num_classes, int64_t num_resamples,
+                                   int64_t seed) {
   check_dim(a, 2, "a", "[P, N]");
   check_dim(b, 2, "b", "[P, N] or [1, N]");
   check_integer(a, "a");
@@ -141,8 +141,8 @@ at::Tensor bootstrap_confusion_cpu(const at::Tensor& a, const at::Tensor& b, int
   check_device(a, c10::DeviceType::CPU, "a");
   check_same_device(b, a, "b", "a");
   const int64_t P = a.size(0), N = a.size(1);
-  TORCH_CHECK_VALUE(b.size(1) == N && (b.size(0) == P || b.size(0) == 1),
-                    "b must have shape [P, N] = [", P, ", ", N, "] or [1, N], got ", b.sizes());
+  TORCH_CHECK_VALUE(b.size(1) == N && (b.size(0) == P || b.size(0) == 1), "b must have shape [P, N] = [", P, ", ", N,
+                    "] or [1, N], got ", b.sizes());
   TORCH_CHECK_VALUE(num_classes >= 1 && num_classes <= kMaxClasses, "num_classes must be in [1, ", kMaxClasses,
                     "], got ", num_classes);
   TORCH_CHECK_VALUE(num_resamples >= 0, "num_resamples must be >= 0, got ", num_resamples);

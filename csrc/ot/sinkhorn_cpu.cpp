@@ -47,10 +47,8 @@ void check_problem(const at::Tensor& like, const at::Tensor& a, const at::Tensor
                    double eps, int64_t n_iters) {
   check_dim(a, 2, "a", "[B, N]");
   check_dim(b, 2, "b", "[B, M]");
-  TORCH_CHECK_VALUE(a.size(0) == B && a.size(1) == N, "a must have shape [B, N] = [", B, ", ", N, "], got ",
-                    a.sizes());
-  TORCH_CHECK_VALUE(b.size(0) == B && b.size(1) == M, "b must have shape [B, M] = [", B, ", ", M, "], got ",
-                    b.sizes());
+  TORCH_CHECK_VALUE(a.size(0) == B && a.size(1) == N, "a must have shape [B, N] = [", B, ", ", N, "], got ", a.sizes());
+  TORCH_CHECK_VALUE(b.size(0) == B && b.size(1) == M, "b must have shape [B, M] = [", B, ", ", M, "], got ", b.sizes());
   check_same_dtype(a, like, "a", "cost");
   check_same_dtype(b, like, "b", "cost");
   check_same_device(a, like, "a", "cost");
@@ -64,10 +62,11 @@ void check_problem(const at::Tensor& like, const at::Tensor& a, const at::Tensor
   TORCH_CHECK_VALUE(n_iters >= 0, "n_iters must be >= 0, got ", n_iters);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
-    const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
-    const at::Tensor& m_sizes, at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters, double tol,
-    bool scores) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& cost, const at::Tensor& a,
+                                                                        const at::Tensor& b, const at::Tensor& n_sizes,
+                                                                        const at::Tensor& m_sizes,
+                                                                        at::ArrayRef<double> eps_schedule, double eps,
+                                                                        int64_t n_iters, double tol, bool scores) {
   check_dim(cost, 3, "cost", "[B, N, M]");
   check_real(cost, "cost");
   check_device(cost, c10::DeviceType::CPU, "cost");
@@ -92,8 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_points_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
-    const at::Tensor& m_sizes, double p, at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters,
-    double tol) {
+    const at::Tensor& m_sizes, double p, at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters, double tol) {
   check_dim(x, 3, "x", "[B, N, d]");
   check_dim(y, 3, "y", "[B, M, d]");
   check_real(x, "x");

@@ -252,9 +252,8 @@ T column_error(const T* g, const T* L, const T* b, int64_t m, T inv_eps) {
 }
 
 template <typename T, typename Source>
-void solve_one(const Source& src, int64_t n, int64_t m, const T* a, const T* b,
-               const std::vector<double>& schedule, double eps, int64_t n_iters, double tol, bool scores, T* f, T* g,
-               int64_t& iters, T& err) {
+void solve_one(const Source& src, int64_t n, int64_t m, const T* a, const T* b, const std::vector<double>& schedule,
+               double eps, int64_t n_iters, double tol, bool scores, T* f, T* g, int64_t& iters, T& err) {
   iters = 0;
   err = T(0);
   if (n == 0 || m == 0) {
@@ -352,9 +351,9 @@ void sinkhorn(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, 
 }
 
 void sinkhorn_points(const at::Tensor& x, const at::Tensor& yt, const at::Tensor& a, const at::Tensor& b,
-                     const at::Tensor& n_sizes, const at::Tensor& m_sizes, double p, const std::vector<double>& eps_schedule,
-                     double eps, int64_t n_iters, double tol, at::Tensor& f, at::Tensor& g, at::Tensor& iters,
-                     at::Tensor& err) {
+                     const at::Tensor& n_sizes, const at::Tensor& m_sizes, double p,
+                     const std::vector<double>& eps_schedule, double eps, int64_t n_iters, double tol, at::Tensor& f,
+                     at::Tensor& g, at::Tensor& iters, at::Tensor& err) {
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), M = yt.size(2);
   const int64_t* ns = n_sizes.const_data_ptr<int64_t>();
   const int64_t* ms = m_sizes.const_data_ptr<int64_t>();
@@ -444,8 +443,8 @@ void normalize_pass(const at::Tensor& sim, const at::Tensor& col_bias, double sc
     scalar_t* la = row_bias.mutable_data_ptr<scalar_t>();
     scalar_t* out = col_lse_out.mutable_data_ptr<scalar_t>();
     const scalar_t k = scalar_t(scale);
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((N + kRowChunk - 1) / kRowChunk,
-                                                                  4 * at::get_num_threads()));
+    const int64_t chunks =
+        std::max<int64_t>(1, std::min<int64_t>((N + kRowChunk - 1) / kRowChunk, 4 * at::get_num_threads()));
     std::vector<char> redo(L, row_update ? 0 : 1);
     if (row_update) {
       // Fused sweep: la_i = -logsumexp_j (k S_ij + lb_j) and, from the same exps, the column sums

@@ -41,8 +41,12 @@ bool same_storage(const Entry& e, const at::Tensor& w) {
 }
 
 Entry make_entry(const at::Tensor& w, std::optional<int64_t> batch_size, at::Tensor packed) {
-  return Entry{c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w.storage().getWeakStorageImpl(),
-               w.storage_offset(), static_cast<int64_t>(w._version()), batch_size, std::move(packed)};
+  return Entry{c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()),
+               w.storage().getWeakStorageImpl(),
+               w.storage_offset(),
+               static_cast<int64_t>(w._version()),
+               batch_size,
+               std::move(packed)};
 }
 
 // Boxed calls: the mkldnn ops' unboxed C++ signatures are internal to PyTorch. The handles are looked up
@@ -78,8 +82,7 @@ void check_packable(const at::Tensor& w) {
 }
 
 void skip_ffn_prepack_cpu(at::TensorList weights, bool enable, std::optional<int64_t> batch_size) {
-  TORCH_CHECK_VALUE(!batch_size.has_value() || *batch_size > 0, "batch_size must be > 0, got ",
-                    batch_size.value_or(0));
+  TORCH_CHECK_VALUE(!batch_size.has_value() || *batch_size > 0, "batch_size must be > 0, got ", batch_size.value_or(0));
   // Pack first (outside the lock, and so that a failure leaves the registry as it was).
   std::vector<Entry> fresh;
   if (enable) {
@@ -124,9 +127,8 @@ std::optional<at::Tensor> prepacked(const at::Tensor& w) {
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
   static const auto linear = mkldnn_op("mkldnn::_linear_pointwise", "");
-  return call(linear,
-              {x, packed, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), std::string("none"),
-               c10::List<std::optional<at::Scalar>>(), c10::IValue()});
+  return call(linear, {x, packed, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), std::string("none"),
+                       c10::List<std::optional<at::Scalar>>(), c10::IValue()});
 }
 
 at::Tensor packed_linear_add(const at::Tensor& x, const at::Tensor& other, const at::Tensor& packed,

@@ -116,7 +116,8 @@ void sort_sample(const scalar_t* values, const scalar_t* weights, int64_t n, boo
     if (n >= kRadixMin && n <= int64_t(0xffffffff)) {  // the index must fit the low 32 bits
       s.packed.resize(n);
       for (int64_t i = 0; i < n; ++i) {
-        s.packed[i] = (static_cast<uint64_t>(float_key(static_cast<float>(values[i]))) << 32) | static_cast<uint64_t>(i);
+        s.packed[i] =
+            (static_cast<uint64_t>(float_key(static_cast<float>(values[i]))) << 32) | static_cast<uint64_t>(i);
       }
       radix_sort_packed(s.packed, s.scratch);
       s.order.resize(n);
@@ -183,7 +184,8 @@ double merge_cost(const Sorted<acc_t>& u, const Sorted<acc_t>& v, double p) {
 // one-sided derivative of the merge order above (u first) is returned there.
 template <typename acc_t>
 void merge_grad(const Sorted<acc_t>& u, const Sorted<acc_t>& v, double p, double g, bool breakpoints,
-                std::vector<double>& gxu, std::vector<double>& gxv, std::vector<double>& gcu, std::vector<double>& gcv) {
+                std::vector<double>& gxu, std::vector<double>& gxv, std::vector<double>& gcu,
+                std::vector<double>& gcv) {
   const int64_t n = static_cast<int64_t>(u.x.size()), m = static_cast<int64_t>(v.x.size());
   gxu.assign(n, 0.0);
   gxv.assign(m, 0.0);
@@ -245,7 +247,8 @@ void check_inputs(const at::Tensor& u, const at::Tensor& v, const std::optional<
   TORCH_CHECK_VALUE(u.size(1) > 0 && v.size(1) > 0, "u and v need at least one atom each, got shapes ", u.sizes(),
                     " and ", v.sizes());
   TORCH_CHECK_VALUE(p >= 1.0 && std::isfinite(p), "p must be a finite value >= 1, got ", p);
-  for (const auto& [w, x, name, xname] : {std::tuple{&uw, &u, "u_weights", "u"}, std::tuple{&vw, &v, "v_weights", "v"}}) {
+  for (const auto& [w, x, name, xname] :
+       {std::tuple{&uw, &u, "u_weights", "u"}, std::tuple{&vw, &v, "v_weights", "v"}}) {
     if (!w->has_value()) {
       continue;
     }

@@ -29,8 +29,9 @@ void check_logits_context(const at::Tensor& logits, const at::Tensor& context) {
   check_dim(context, 2, "context", "[B, h]");
   check_integer(context, "context");
   check_same_device(context, logits, "context", "logits");
-  TORCH_CHECK_VALUE(context.size(0) == logits.size(0), "context must have one row per row of logits [B = ",
-                    logits.size(0), "], got shape ", context.sizes());
+  TORCH_CHECK_VALUE(context.size(0) == logits.size(0),
+                    "context must have one row per row of logits [B = ", logits.size(0), "], got shape ",
+                    context.sizes());
   TORCH_CHECK_VALUE(logits.size(0) == 0 || logits.size(1) >= 1, "logits must have a vocabulary of V >= 1 entries");
   TORCH_CHECK_VALUE(logits.size(1) <= (int64_t(1) << 32), "the vocabulary V must be <= 2^32, got ", logits.size(1));
 }

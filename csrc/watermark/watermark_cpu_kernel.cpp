@@ -92,8 +92,7 @@ void kgw_logits_impl(const at::Tensor& logits, const uint32_t* state, uint64_t t
 }
 
 template <typename scalar_t>
-void kgw_argmax_impl(const at::Tensor& logits, const uint32_t* state, uint64_t threshold, float delta,
-                     int64_t* out) {
+void kgw_argmax_impl(const at::Tensor& logits, const uint32_t* state, uint64_t threshold, float delta, int64_t* out) {
   const int64_t B = logits.size(0), V = logits.size(1);
   const scalar_t* xp = logits.const_data_ptr<scalar_t>();
   const Green green(threshold, delta);
@@ -155,8 +154,7 @@ void gumbel_argmax_impl(const at::Tensor& logits, const uint32_t* state, float i
         // cannot hold the argmax (later chunks only replace on >), so its hashes and logs are skipped -- most
         // of the vocabulary for a peaked LLM distribution. The relative slack covers the rounding of the sum.
         if (seen) {
-          const float m =
-              at::vec::reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, val, len);
+          const float m = at::vec::reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, val, len);
           if (m + kMaxNoise + std::fabs(m) * 1e-6f < best) {
             continue;
           }
