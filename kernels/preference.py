@@ -17,7 +17,30 @@ import struct
 
 import triton
 import triton.language as tl
+
+from .._codes import FDivergence, LossType
 from ._launch import launch
+
+# ---- codes: alignops._codes as constexpr globals (a plain module global is a NameError for the compiler) ----
+
+SIGMOID = tl.constexpr(int(LossType.SIGMOID))
+HINGE = tl.constexpr(int(LossType.HINGE))
+IPO = tl.constexpr(int(LossType.IPO))
+EXO_PAIR = tl.constexpr(int(LossType.EXO_PAIR))
+NCA_PAIR = tl.constexpr(int(LossType.NCA_PAIR))
+ROBUST = tl.constexpr(int(LossType.ROBUST))
+BCO_PAIR = tl.constexpr(int(LossType.BCO_PAIR))
+SPPO_HARD = tl.constexpr(int(LossType.SPPO_HARD))
+AOT = tl.constexpr(int(LossType.AOT))
+APO_ZERO = tl.constexpr(int(LossType.APO_ZERO))
+APO_DOWN = tl.constexpr(int(LossType.APO_DOWN))
+DISCOPOP = tl.constexpr(int(LossType.DISCOPOP))
+SIGMOID_NORM = tl.constexpr(int(LossType.SIGMOID_NORM))
+SIMPO = tl.constexpr(int(LossType.SIMPO))
+CPO = tl.constexpr(int(LossType.CPO))
+FORWARD_KL = tl.constexpr(int(FDivergence.FORWARD_KL))
+JS_DIVERGENCE = tl.constexpr(int(FDivergence.JS_DIVERGENCE))
+ALPHA_DIVERGENCE = tl.constexpr(int(FDivergence.ALPHA_DIVERGENCE))
 
 # ---- block sizes ------------------------------------------------------------------------------------
 
@@ -71,16 +94,16 @@ def _smoothed_logistic(z, e):
 
 @triton.jit
 def _f_score(x, alpha, F_DIVERGENCE: tl.constexpr):
-    """f-divergence score s(x) and s'(x); codes 0..3 as in preference_loss_math.h."""
-    if F_DIVERGENCE == 1:  # forward KL: f'(t) = 1 - 1/t
+    """f-divergence score s(x) and s'(x) for the FDivergence code F_DIVERGENCE."""
+    if F_DIVERGENCE == FORWARD_KL:  # forward KL: f'(t) = 1 - 1/t
         e = tl.exp(-x)
         s = 1 - e
         ds = e
-    elif F_DIVERGENCE == 2:  # Jensen-Shannon: f'(t) = log 2 + logsig(log t)
+    elif F_DIVERGENCE == JS_DIVERGENCE:  # Jensen-Shannon: f'(t) = log 2 + logsig(log t)
         _, sig_neg, log_sig, _ = _logistic(x)
         s = 0.69314718055994530942 + log_sig
         ds = sig_neg
-    elif F_DIVERGENCE == 3:  # alpha divergence, exponent clamped at 80 (TRL); alpha ~ 1 is reverse KL
+    elif F_DIVERGENCE == ALPHA_DIVERGENCE:  # alpha divergence, exponent clamped at 80 (TRL); alpha ~ 1 is reverse KL
         t = (alpha - 1) * x
         e = tl.exp(tl.minimum(t, 80))
         on = (alpha - 1 > 1e-6) | (1 - alpha > 1e-6)
@@ -106,64 +129,64 @@ def _loss_term(CODE: tl.constexpr, W, pc, pr, xc, xr, sc, sr, dsc, dsr, delta, b
     d_xr = zero
     d_pc = zero
     d_pr = zero
-    if CODE == 0:  # sigmoid
+    if CODE == SIGMOID:
         l, dz = _smoothed_logistic(beta * delta, e)
         d_delta = beta * dz
-    elif CODE == 1:  # hinge
+    elif CODE == HINGE:
         m = 1 - beta * delta
         l = tl.where(m > 0, m, 0)
         d_delta = tl.where(m > 0, -beta, 0)
-    elif CODE == 2:  # ipo
+    elif CODE == IPO:
         r = sc / nc - sr / nr - 1 / (2 * beta)
         l = r * r
         d_xc = 2 * r * dsc / nc
         d_xr = -2 * r * dsr / nr
-    elif CODE == 3:  # exo_pair
+    elif CODE == EXO_PAIR:
         z = beta * delta
         sig, sig_neg, log_sig, log_sig_neg = _logistic(z)
         log_e = tl.log(e)
         log_1me = _log1p(-e)
         l = sig * (log_sig - log_1me) + sig_neg * (log_sig_neg - log_e)
         d_delta = beta * sig * sig_neg * (z + log_e - log_1me)
-    elif CODE == 4:  # nca_pair
+    elif CODE == NCA_PAIR:
         a_sig, a_sig_neg, a_log_sig, a_log_sig_neg = _logistic(beta * xc)
         b_sig, _, _, b_log_sig_neg = _logistic(beta * xr)
         l = -a_log_sig - 0.5 * a_log_sig_neg - 0.5 * b_log_sig_neg
         d_xc = beta * (-a_sig_neg + 0.5 * a_sig)
         d_xr = beta * 0.5 * b_sig
-    elif CODE == 5:  # robust
+    elif CODE == ROBUST:
         sig, sig_neg, log_sig, log_sig_neg = _logistic(beta * delta)
         l = (-(1 - e) * log_sig + e * log_sig_neg) / (1 - 2 * e)
         d_delta = beta * (-(1 - e) * sig_neg - e * sig) / (1 - 2 * e)
-    elif CODE == 6:  # bco_pair
+    elif CODE == BCO_PAIR:
         _, a_sig_neg, a_log_sig, _ = _logistic(beta * xc)
         b_sig, _, _, b_log_sig_neg = _logistic(beta * xr)
         l = -a_log_sig - b_log_sig_neg
         d_xc = -beta * a_sig_neg
         d_xr = beta * b_sig
-    elif CODE == 7:  # sppo_hard
+    elif CODE == SPPO_HARD:
         u = xc - 0.5 / beta
         v = xr + 0.5 / beta
         l = u * u + v * v
         d_xc = 2 * u
         d_xr = 2 * v
-    elif CODE == 8:  # aot / aot_unpaired, on inputs the caller has sorted
+    elif CODE == AOT:  # aot / aot_unpaired, on inputs the caller has sorted
         l, dz = _smoothed_logistic(beta * (xc - xr), e)
         d_xc = beta * dz
         d_xr = -beta * dz
-    elif CODE == 9:  # apo_zero
+    elif CODE == APO_ZERO:
         a = _sigmoid(beta * xc)
         b = _sigmoid(beta * xr)
         l = 1 - a + b
         d_xc = -beta * a * (1 - a)
         d_xr = beta * b * (1 - b)
-    elif CODE == 10:  # apo_down
+    elif CODE == APO_DOWN:
         a = _sigmoid(beta * xc)
         c = _sigmoid(beta * (xc - xr))
         l = a + 1 - c
         d_xc = beta * (a * (1 - a) - c * (1 - c))
         d_xr = beta * c * (1 - c)
-    elif CODE == 11:  # discopop: l = A (1 - m) + E m, E m formed as exp(-z + logsig(z / tau)), never 0 * inf
+    elif CODE == DISCOPOP:  # l = A (1 - m) + E m, E m formed as exp(-z + logsig(z / tau)), never 0 * inf
         z = beta * delta
         inv_tau = 1 / tau
         _, g_sig_neg, g_log_sig, _ = _logistic(z)
@@ -173,16 +196,16 @@ def _loss_term(CODE: tl.constexpr, W, pc, pr, xc, xr, sc, sr, dsc, dsr, delta, b
         dm = m * m_sig_neg * inv_tau
         l = A * (1 - m) + Em
         d_delta = beta * (-g_sig_neg * (1 - m) - A * dm + Em * m_sig_neg * inv_tau - Em)
-    elif CODE == 12:  # sigmoid_norm (ln_dpo)
+    elif CODE == SIGMOID_NORM:  # ln_dpo
         _, sig_neg, log_sig, _ = _logistic(beta * (sc / nc - sr / nr))
         l = -log_sig
         d_xc = -beta * sig_neg * dsc / nc
         d_xr = beta * sig_neg * dsr / nr
-    elif CODE == 13:  # simpo (reference-free)
+    elif CODE == SIMPO:  # reference-free
         l, dz = _smoothed_logistic(beta * (pc / nc - pr / nr) - gam, e)
         d_pc = beta * dz / nc
         d_pr = -beta * dz / nr
-    elif CODE == 14:  # cpo (reference-free)
+    elif CODE == CPO:  # reference-free
         l, dz = _smoothed_logistic(beta * (pc - pr), e)
         d_pc = beta * dz
         d_pr = -beta * dz

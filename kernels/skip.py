@@ -34,11 +34,15 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from ._launch import interpreting, launch
 
+from .._codes import Activation, Criterion
+from ._launch import interpreting, launch
 from .preference import launch_config
 
-SWIGLU = 0  # activation code of csrc/skip/skip_ffn_cpu_kernel.h (1 gelu, 2 gelu_tanh)
+# alignops._codes as constexpr globals (a plain module global is a NameError for the compiler)
+SWIGLU = tl.constexpr(int(Activation.SWIGLU))
+GELU = tl.constexpr(int(Activation.GELU))
+COSINE = tl.constexpr(int(Criterion.COSINE))
 
 # ---- block sizes ------------------------------------------------------------------------------------
 
@@ -87,7 +91,7 @@ def skip_blocks(device: torch.device, dtype: torch.dtype, N, H, I, activation: i
         return SkipBlocks(16, 1, 16, 1, gemm, gemm)
     rows, rows_warps = launch_config(N, MAX_BLOCK_ROWS)
     hidden, hidden_warps = launch_config(H, MAX_BLOCK_H)
-    up = _gemm_blocks(dtype, N, I, H, 2 if activation == SWIGLU else 1)
+    up = _gemm_blocks(dtype, N, I, H, 2 if activation == Activation.SWIGLU else 1)
     down = _gemm_blocks(dtype, N, H, I, 1)
     return SkipBlocks(rows, rows_warps, hidden, hidden_warps, up, down)
 
@@ -203,7 +207,7 @@ def add_score_kernel(r_ptr, d_ptr, h_ptr, score_ptr, H, CRITERION: tl.constexpr,
         dd += (hf - r) * (hf - r)
     eps = tl.full([], 1e-12, ACC)
     nr = tl.maximum(tl.sqrt(tl.sum(rr, axis=0)), eps)
-    if CRITERION == 0:
+    if CRITERION == COSINE:
         score = 1 - tl.sum(hr, axis=0) / (tl.maximum(tl.sqrt(tl.sum(hh, axis=0)), eps) * nr)
     else:
         score = tl.sqrt(tl.sum(dd, axis=0)) / nr
@@ -264,7 +268,7 @@ def ffn_up_kernel(
     count = tl.load(count_ptr)
     pid_m, pid_n, live = _live_tile(count, I, BLOCK_M, BLOCK_N, GROUP_M)
     DT = act_ptr.dtype.element_ty
-    SWI: tl.constexpr = ACTIVATION == 0
+    SWI: tl.constexpr = ACTIVATION == SWIGLU
     G = 2 * I if SWI else I
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -320,7 +324,7 @@ def ffn_up_kernel(
         if SAVE_PRE:
             tl.store(pre_ptrs + I, tl.where(m_mask[:, None], up, 0), mask=pre_mask)
         act = g / (1 + tl.exp(-g)) * up.to(ACC)
-    elif ACTIVATION == 1:
+    elif ACTIVATION == GELU:
         act = 0.5 * g * (1 + tl.erf(g * 0.7071067811865476))
     else:
         # 0.5 g (1 + tanh(z)) = g sigmoid(2z), z = sqrt(2 / pi) (g + 0.044715 g^3): no tanh, no cancellation.
@@ -435,6 +439,6 @@ def launch_add_score(residual, delta, criterion: int, h, score):
     N, H = residual.shape
     if N == 0:
         return
-    blocks = skip_blocks(residual.device, residual.dtype, N, H, 1, SWIGLU)
+    blocks = skip_blocks(residual.device, residual.dtype, N, H, 1, Activation.SWIGLU)
     launch(add_score_kernel, (N,), residual, delta, h, score, H, CRITERION=int(criterion),
                                         BLOCK_H=blocks.hidden, num_warps=blocks.hidden_warps)

@@ -17,7 +17,9 @@
 
 namespace alignops::preference {
 
-// Codes of the loss types, in the order of alignops.preference.LOSS_TYPE_CODES.
+// Codes of the loss types and f-divergences: python/alignops/_codes.py (LossType, FDivergence) holds the same
+// names and values for Python and Triton; tests/test_codes.py compares them through alignops::codes
+// (csrc/common/codes_cpu.cpp).
 enum LossType : int {
   kSigmoid = 0,      // -(1-e) logsig(b d) - e logsig(-b d)            (DPO; e > 0 is cDPO)
   kHinge = 1,        // relu(1 - b d)                                   (SLiC)

@@ -24,6 +24,7 @@ from typing import IO
 import torch
 
 from . import _backend
+from ._codes import CtcSegmentationFlag
 from ._errors import AlignopsError
 from .reference import ctc_segmentation as _ref
 
@@ -77,7 +78,8 @@ def prepare_token_list(utterances: Sequence, blank: int = 0) -> tuple[torch.Tens
 
 
 def _flags(blank_transition_cost_zero: bool, preamble_transition_cost_zero: bool) -> int:
-    return int(blank_transition_cost_zero) + 2 * int(preamble_transition_cost_zero)
+    return int(CtcSegmentationFlag.BLANK_TRANSITION_COST_ZERO * blank_transition_cost_zero
+               | CtcSegmentationFlag.PREAMBLE_TRANSITION_COST_ZERO * preamble_transition_cost_zero)
 
 
 def _as_batch(lpz, ground_truth, lpz_lengths, gt_lengths):

@@ -11,22 +11,20 @@ from typing import NamedTuple
 
 import torch
 
-from ._errors import AlignopsError
 from . import _backend
 from ._checks import check_finite, check_logits_targets, values_checkable
+from ._codes import FDivergence, LossType, lower_name
+from ._errors import AlignopsError
 from .reference import preference as _ref
 
-# Codes of csrc/preference/preference_loss_math.h. "aot" and "aot_unpaired" run as code 8 on inputs
-# sorted here; "ln_dpo" (length-normalised DPO) is TRL's "sigmoid_norm".
-_CODES = {
-    "sigmoid": 0, "hinge": 1, "ipo": 2, "exo_pair": 3, "nca_pair": 4, "robust": 5, "bco_pair": 6,
-    "sppo_hard": 7, "apo_zero": 9, "apo_down": 10, "discopop": 11, "sigmoid_norm": 12, "ln_dpo": 12,
-    "simpo": 13, "cpo": 14,
-}
-_AOT_CODE = 8
+# "aot" and "aot_unpaired" run as LossType.AOT on inputs sorted here; "ln_dpo" (length-normalised DPO) is
+# TRL's "sigmoid_norm".
+_ALIASES = {"ln_dpo": LossType.SIGMOID_NORM}
+_CODES = {name: code for code in LossType if code is not LossType.AOT
+          for name in (lower_name(code), *(a for a, c in _ALIASES.items() if c is code))}
 _SORTED_TYPES = ("aot", "aot_unpaired")
 LOSS_TYPES = tuple(_CODES) + _SORTED_TYPES
-_F_DIVERGENCE_CODES = {name: code for code, name in enumerate(_ref.F_DIVERGENCES)}
+_F_DIVERGENCE_CODES = {lower_name(code): code for code in FDivergence}
 # TRL applies an f-divergence only to the loss types built on delta = s(xc) - s(xr).
 _F_DIVERGENCE_TYPES = {"sigmoid", "sigmoid_norm", "ln_dpo", "hinge", "ipo", "exo_pair", "robust", "discopop"}
 _NEEDS_LENGTHS = {"sigmoid_norm", "ln_dpo"}
@@ -240,15 +238,16 @@ def preference_loss(
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (pc, pr, rc, rr))
     beta_t = beta if isinstance(beta, torch.Tensor) else None
     beta_v = 0.0 if beta_t is not None else float(beta)
-    fdiv = _F_DIVERGENCE_CODES[f_divergence_type]
+    fdiv = int(_F_DIVERGENCE_CODES[f_divergence_type])
     common = (label_smoothing, gamma, discopop_tau, fdiv, f_alpha_divergence_coef, compute_grad)
 
-    direct = [(_CODES[t], w) for t, w in zip(types, weights) if t not in _SORTED_TYPES]
+    direct = [(int(_CODES[t]), w) for t, w in zip(types, weights) if t not in _SORTED_TYPES]
     loss, cr, rj, _ = op(pc, pr, rc, rr, beta_t, chosen_lengths, rejected_lengths,
                          [c for c, _ in direct], [w for _, w in direct], beta_v, *common)
     for t, w in zip(types, weights):
         if t in _SORTED_TYPES:
-            sorted_loss = op(*_sort_pairs(t, pc, pr, rc, rr), None, None, None, [_AOT_CODE], [w], beta_v, *common)[0]
+            sorted_loss = op(*_sort_pairs(t, pc, pr, rc, rr), None, None, None, [int(LossType.AOT)], [w], beta_v,
+                             *common)[0]
             loss = loss + sorted_loss
     if reduction == "mean":
         loss = loss.mean()

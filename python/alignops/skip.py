@@ -15,11 +15,13 @@ import torch
 
 from . import _backend
 from ._checks import check_finite, check_not_nan, check_param
+from ._codes import Activation, Criterion, lower_name
 from ._errors import AlignopsError
 from .reference import skip as _ref
 
-_ACTIVATION_CODES = {name: code for code, name in enumerate(_ref.ACTIVATIONS)}
-_CRITERIA = _ref.CRITERIA
+_ACTIVATION_CODES = {lower_name(code): code for code in Activation}
+_CRITERION_CODES = {lower_name(code): code for code in Criterion}
+_CRITERIA = tuple(_CRITERION_CODES)
 
 
 def change_score(x: torch.Tensor, previous: torch.Tensor, criterion: str = "cosine") -> torch.Tensor:
@@ -172,7 +174,7 @@ def skip_ffn(
     if x.shape[-1] == 0:
         raise AlignopsError(f"x must have a hidden size H >= 1, got shape {tuple(x.shape)}")
     if activation not in _ACTIVATION_CODES:
-        raise AlignopsError(f"activation must be one of {_ref.ACTIVATIONS}, got {activation!r}")
+        raise AlignopsError(f"activation must be one of {tuple(_ACTIVATION_CODES)}, got {activation!r}")
     check_finite(eps, "eps")
     if not eps > 0:
         raise AlignopsError(f"eps must be > 0, got {eps}")
@@ -195,7 +197,7 @@ def skip_ffn(
         if delta.shape != x.shape or delta.dtype != x.dtype or delta.device != x.device:
             raise AlignopsError(f"delta must match x: shape {tuple(x.shape)}, {x.dtype}, {x.device}; got "
                                 f"{tuple(delta.shape)}, {delta.dtype}, {delta.device}")
-        code = _CRITERIA.index(criterion)
+        code = int(_CRITERION_CODES[criterion])
         if impl == "torch":
             h, score = _ref.add_score(x, delta, criterion)
         else:
@@ -210,7 +212,7 @@ def skip_ffn(
     if impl == "torch":
         y = _ref.skip_ffn(x, w_gate_up, w_down, norm_weight, mask, b_gate_up, b_down, activation, eps)
         return target.copy_(y) if target is not None else y
-    code = _ACTIVATION_CODES[activation]
+    code = int(_ACTIVATION_CODES[activation])
     if target is not None:
         if not target.is_contiguous():
             raise AlignopsError("inplace=True needs a contiguous x")

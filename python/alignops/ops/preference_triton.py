@@ -8,26 +8,22 @@ only in the Triton interpreter (TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .._errors import AlignopsError
 from .._checks import check_logits_targets, check_triton_device
-
+from .._codes import FDivergence, LossType
+from .._errors import AlignopsError
 from ..kernels.preference import (
     launch_preference_loss,
     launch_selective_logprobs_backward,
     launch_selective_logprobs_forward,
 )
-from .preference import acc_dtype, register_preference_loss_autograd, register_selective_logprobs_autograd
 from ._registration import register_triton_twin
+from .preference import acc_dtype, register_preference_loss_autograd, register_selective_logprobs_autograd
 
-_NUM_LOSS_TYPES = 15  # codes of csrc/preference/preference_loss_math.h
 _MAX_LOSS_TERMS = 16
-_NUM_F_DIVERGENCES = 4
-
-# The native schemas of csrc/registration.cpp, spelled out: an inferred schema would make the ints SymInts.
 
 
 def _check_per_pair(t: torch.Tensor, pc: torch.Tensor, name: str) -> None:
@@ -46,9 +42,9 @@ def preference_loss_triton(
     policy_rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
-    beta: Optional[torch.Tensor],
-    chosen_lengths: Optional[torch.Tensor],
-    rejected_lengths: Optional[torch.Tensor],
+    beta: torch.Tensor | None,
+    chosen_lengths: torch.Tensor | None,
+    rejected_lengths: torch.Tensor | None,
     loss_types: Sequence[int],
     loss_weights: Sequence[float],
     beta_value: float,
@@ -78,10 +74,10 @@ def preference_loss_triton(
     if len(loss_types) > _MAX_LOSS_TERMS:
         raise AlignopsError(f"at most {_MAX_LOSS_TERMS} loss types can be combined, got {len(loss_types)}")
     for code in loss_types:
-        if not 0 <= code < _NUM_LOSS_TYPES:
-            raise AlignopsError(f"loss type code must be in [0, {_NUM_LOSS_TYPES}), got {code}")
-    if not 0 <= f_divergence < _NUM_F_DIVERGENCES:
-        raise AlignopsError(f"f_divergence code must be in [0, 3], got {f_divergence}")
+        if not 0 <= code < len(LossType):
+            raise AlignopsError(f"loss type code must be in [0, {len(LossType)}), got {code}")
+    if not 0 <= f_divergence < len(FDivergence):
+        raise AlignopsError(f"f_divergence code must be in [0, {len(FDivergence) - 1}], got {f_divergence}")
 
     acc = acc_dtype(pc.dtype)
     optional = {}

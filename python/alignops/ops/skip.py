@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .._codes import Activation
 from .._errors import AlignopsError
 from ._registration import register_fake
 from .preference import acc_dtype
-
-_SWIGLU, _GELU, _GELU_TANH = 0, 1, 2
 
 
 @register_fake("alignops::skip_ffn")
@@ -59,13 +58,13 @@ def _setup(ctx, inputs, output):
 def _act_and_grad(pre: torch.Tensor, activation: int, grad_act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(activation(pre), d loss / d pre) in fp32 for a [K, G] pre-activation, in closed form."""
     p = pre.float()
-    if activation == _SWIGLU:
+    if activation == Activation.SWIGLU:
         gate, up = p.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
         silu = gate * sig
         d_gate = grad_act * up * sig * (1 + gate * (1 - sig))
         return silu * up, torch.cat([d_gate, grad_act * silu], dim=-1)
-    if activation == _GELU:
+    if activation == Activation.GELU:
         cdf = 0.5 * (1 + torch.erf(p * 0.7071067811865476))
         pdf = torch.exp(-0.5 * p * p) * 0.3989422804014327
         return p * cdf, grad_act * (cdf + p * pdf)

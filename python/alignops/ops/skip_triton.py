@@ -9,22 +9,17 @@ and every buffer is sized by the capacity N. On CPU tensors the kernels run only
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .._errors import AlignopsError
 from .._checks import check_param, check_triton_device
-
-from ..kernels.skip import SWIGLU, launch_add_score, launch_skip_ffn
+from .._codes import Activation, Criterion
+from .._errors import AlignopsError
+from ..kernels.skip import launch_add_score, launch_skip_ffn
+from ._registration import native_schema, register_triton_op, register_triton_twin
 from .preference import acc_dtype
 from .skip import register_add_score_autograd, register_skip_ffn_autograd, register_skip_ffn_inplace_autograd
-from ._registration import native_schema, register_triton_op, register_triton_twin
 
-_ACTIVATIONS = {0: "swiglu", 1: "gelu", 2: "gelu_tanh"}
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-# The native schema of csrc/registration.cpp, spelled out: an inferred schema would make the ints SymInts.
 
 
 def _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps) -> int:
@@ -34,7 +29,7 @@ def _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, acti
     if x.dtype not in _DTYPES:
         raise AlignopsError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     check_triton_device(x, "x")
-    if activation not in _ACTIVATIONS:
+    if activation not in {int(a) for a in Activation}:
         raise AlignopsError(f"activation code must be 0 (swiglu), 1 (gelu) or 2 (gelu_tanh), got {activation}")
     if not eps > 0:
         raise AlignopsError(f"eps must be > 0, got {eps}")
@@ -48,7 +43,7 @@ def _check_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, acti
     if w_down.shape[0] != H:
         raise AlignopsError(f"w_down must have shape [H, I] with H = {H}, got {list(w_down.shape)}")
     I = w_down.shape[1]
-    swiglu = activation == SWIGLU
+    swiglu = activation == Activation.SWIGLU
     G = 2 * I if swiglu else I
     check_param(w_gate_up, "w_gate_up", (G, H), "[2I, H]" if swiglu else "[I, H]", x)
     check_param(w_down, "w_down", (H, I), "[H, I]", x)
@@ -64,9 +59,9 @@ def skip_ffn_triton(
     keep: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
-    norm_weight: Optional[torch.Tensor],
-    b_gate_up: Optional[torch.Tensor],
-    b_down: Optional[torch.Tensor],
+    norm_weight: torch.Tensor | None,
+    b_gate_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
     activation: int,
     eps: float,
     save_for_backward: bool,
@@ -107,9 +102,9 @@ def skip_ffn_triton_(
     keep: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
-    norm_weight: Optional[torch.Tensor],
-    b_gate_up: Optional[torch.Tensor],
-    b_down: Optional[torch.Tensor],
+    norm_weight: torch.Tensor | None,
+    b_gate_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
     activation: int,
     eps: float,
 ) -> None:
@@ -149,7 +144,7 @@ def skip_add_score_triton(residual: torch.Tensor, delta: torch.Tensor, criterion
     if delta.dtype != residual.dtype or delta.device != residual.device:
         raise AlignopsError(f"delta must have the dtype and device of residual ({residual.dtype}, {residual.device}), "
                             f"got {delta.dtype}, {delta.device}")
-    if criterion not in (0, 1):
+    if criterion not in {int(c) for c in Criterion}:
         raise AlignopsError(f"criterion code must be 0 (cosine) or 1 (norm_ratio), got {criterion}")
     r, d = residual.contiguous(), delta.contiguous()
     h = torch.empty_like(r)

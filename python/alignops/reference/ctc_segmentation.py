@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._codes import CtcSegmentationFlag
 from .._errors import AlignopsError
 
 FILL_FLOOR = -1e9  # the fill's "prob_max"
@@ -54,8 +55,8 @@ def fill_table(lpz: torch.Tensor, gt: torch.Tensor, window: int, blank: int, fla
             offset_sum += offset
         offsets[c] = offset_sum
         toks = gt[c].tolist()
-        stay_zero = (flags & 1) and any(v == 0 for v in toks)
-        preamble = (flags & 2) and c == 0
+        stay_zero = (flags & CtcSegmentationFlag.BLANK_TRANSITION_COST_ZERO) and any(v == 0 for v in toks)
+        preamble = (flags & CtcSegmentationFlag.PREAMBLE_TRANSITION_COST_ZERO) and c == 0
         frames = lpz32[offset_sum:offset_sum + W]
         switch = torch.full((W,), FILL_FLOOR, dtype=torch.float32)
         sym = torch.full((W,), FILL_FLOOR, dtype=torch.float32)

@@ -1,0 +1,64 @@
+// alignops::codes(family): the names and values of one family of the integer codes the kernels take, read
+// from the C++ enums themselves, so that tests/test_codes.py can hold python/alignops/_codes.py (the Python
+// and Triton side) to them. Names are the enumerators without their `k` prefix.
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "ctc_segmentation/ctc_segmentation_cpu_kernel.h"
+#include "preference/preference_loss_math.h"
+#include "skip/skip_ffn_cpu_kernel.h"
+
+namespace {
+
+using Codes = std::vector<std::pair<std::string, int64_t>>;
+
+Codes family_codes(const std::string& family) {
+  namespace pref = alignops::preference;
+  namespace skip = alignops::skip;
+  namespace seg = alignops::ctc_segmentation;
+  if (family == "loss_type") {
+    static_assert(pref::kCpo + 1 == pref::kNumLossTypes, "list every loss type below");
+    return {{"Sigmoid", pref::kSigmoid},     {"Hinge", pref::kHinge},       {"Ipo", pref::kIpo},
+            {"ExoPair", pref::kExoPair},     {"NcaPair", pref::kNcaPair},   {"Robust", pref::kRobust},
+            {"BcoPair", pref::kBcoPair},     {"SppoHard", pref::kSppoHard}, {"Aot", pref::kAot},
+            {"ApoZero", pref::kApoZero},     {"ApoDown", pref::kApoDown},   {"Discopop", pref::kDiscopop},
+            {"SigmoidNorm", pref::kSigmoidNorm}, {"Simpo", pref::kSimpo},   {"Cpo", pref::kCpo}};
+  }
+  if (family == "f_divergence") {
+    return {{"ReverseKl", pref::kReverseKl},
+            {"ForwardKl", pref::kForwardKl},
+            {"JsDivergence", pref::kJsDivergence},
+            {"AlphaDivergence", pref::kAlphaDivergence}};
+  }
+  if (family == "activation") {
+    return {{"Swiglu", skip::kSwiglu}, {"Gelu", skip::kGelu}, {"GeluTanh", skip::kGeluTanh}};
+  }
+  if (family == "criterion") {
+    return {{"Cosine", skip::kCosine}, {"NormRatio", skip::kNormRatio}};
+  }
+  if (family == "ctc_segmentation_flag") {
+    return {{"BlankTransitionCostZero", seg::kBlankTransitionCostZero},
+            {"PreambleTransitionCostZero", seg::kPreambleTransitionCostZero}};
+  }
+  TORCH_CHECK_VALUE(false, "family must be one of loss_type, f_divergence, activation, criterion, "
+                    "ctc_segmentation_flag, got '", family, "'");
+}
+
+std::tuple<std::vector<std::string>, std::vector<int64_t>> codes(const std::string& family) {
+  std::vector<std::string> names;
+  std::vector<int64_t> values;
+  for (const auto& [name, value] : family_codes(family)) {
+    names.push_back(name);
+    values.push_back(value);
+  }
+  return {names, values};
+}
+
+}  // namespace
+
+// No tensor argument, so no backend key: the CompositeExplicitAutograd kernel also serves calls without one.
+TORCH_LIBRARY_IMPL(alignops, CompositeExplicitAutograd, m) { m.impl("codes", &codes); }

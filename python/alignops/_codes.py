@@ -1,0 +1,84 @@
+"""The integer codes that cross from Python into the C++ and Triton kernels, one ``IntEnum`` per family.
+
+This module is the single Python source of these numbers: the public modules, the ops' argument checks and
+the Triton kernels (as ``tl.constexpr`` globals) import them from here. The C++ side keeps its own enums
+(C++ cannot import Python); ``torch.ops.alignops.codes(family)`` reports them and tests/test_codes.py checks
+that every C++ enum and every Triton constant has the names and values below.
+
+Member names are the C++ enumerators without their ``k`` prefix, in upper snake case
+(``kSigmoidNorm`` -> ``SIGMOID_NORM``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class LossType(enum.IntEnum):
+    """``loss_types`` of ``alignops::preference_loss`` (csrc/preference/preference_loss_math.h).
+
+    The public names map onto these in alignops.preference: ``"ln_dpo"`` is ``SIGMOID_NORM``, ``"aot"`` and
+    ``"aot_unpaired"`` are ``AOT`` on inputs sorted there."""
+
+    SIGMOID = 0
+    HINGE = 1
+    IPO = 2
+    EXO_PAIR = 3
+    NCA_PAIR = 4
+    ROBUST = 5
+    BCO_PAIR = 6
+    SPPO_HARD = 7
+    AOT = 8
+    APO_ZERO = 9
+    APO_DOWN = 10
+    DISCOPOP = 11
+    SIGMOID_NORM = 12
+    SIMPO = 13
+    CPO = 14
+
+
+class FDivergence(enum.IntEnum):
+    """``f_divergence`` of ``alignops::preference_loss``; the names are TRL's ``f_divergence_type`` values."""
+
+    REVERSE_KL = 0
+    FORWARD_KL = 1
+    JS_DIVERGENCE = 2
+    ALPHA_DIVERGENCE = 3
+
+
+class Activation(enum.IntEnum):
+    """``activation`` of ``alignops::skip_ffn`` / ``skip_ffn_`` (csrc/skip/skip_ffn_cpu_kernel.h)."""
+
+    SWIGLU = 0
+    GELU = 1
+    GELU_TANH = 2
+
+
+class Criterion(enum.IntEnum):
+    """``criterion`` of ``alignops::skip_add_score``: 1 - cos(h, residual), or |h - residual| / |residual|."""
+
+    COSINE = 0
+    NORM_RATIO = 1
+
+
+class CtcSegmentationFlag(enum.IntFlag):
+    """Bits of ``flags`` of ``alignops::ctc_segmentation`` / ``ctc_segmentation_prefixes``
+    (csrc/ctc_segmentation/ctc_segmentation_cpu_kernel.h), as the ctc-segmentation package builds them."""
+
+    BLANK_TRANSITION_COST_ZERO = 1
+    PREAMBLE_TRANSITION_COST_ZERO = 2
+
+
+# family name of torch.ops.alignops.codes -> enum
+FAMILIES: dict[str, type[enum.Enum]] = {
+    "loss_type": LossType,
+    "f_divergence": FDivergence,
+    "activation": Activation,
+    "criterion": Criterion,
+    "ctc_segmentation_flag": CtcSegmentationFlag,
+}
+
+
+def lower_name(code: enum.IntEnum) -> str:
+    """The user-facing spelling of a code: ``LossType.SIGMOID_NORM`` -> ``"sigmoid_norm"``."""
+    return code.name.lower()
