@@ -7,7 +7,9 @@ compiled backends.
 
 import torch  # noqa: F401  (libc10 must be loaded before the extension)
 
-from . import _C  # noqa: F401  (registers the torch.ops.alignops schemas and kernels)
+# _C registers the torch.ops.alignops schemas and kernels; _torch_check loads it only after comparing the running
+# torch with the one it was built against (under another torch the load fails with an undefined symbol).
+from ._torch_check import _C  # noqa: F401
 from ._errors import AlignopsError
 from . import ops  # noqa: F401  (autograd, fake kernels and Triton ops)
 from .fused_linear import (
