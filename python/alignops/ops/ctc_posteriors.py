@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from .._errors import AlignopsError
 from .._checks import check_triton_device
-from .preference import acc_dtype
+from .._errors import AlignopsError
 from ._registration import register_fake
+from .preference import acc_dtype
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -117,14 +117,13 @@ def register_ctc_posteriors_autograd(op: str) -> None:
 register_ctc_posteriors_autograd("alignops::ctc_posteriors")
 
 try:
-    import triton  # noqa: F401
+    import triton
 except ImportError:
     triton = None
 
 if triton is not None:
-    from ._registration import register_triton_twin
-
     from ..kernels.ctc import launch_ctc_posteriors
+    from ._registration import register_triton_twin
 
     @register_triton_twin("alignops::ctc_posteriors")
     def ctc_posteriors_triton(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,

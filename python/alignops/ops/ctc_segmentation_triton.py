@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .._errors import AlignopsError
 from .._checks import check_triton_device
+from .._errors import AlignopsError
 from ..kernels.ctc_segmentation import launch_utterance_score
 from ._registration import register_triton_twin
 

@@ -12,20 +12,16 @@ in the Triton interpreter (TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
-from .._errors import AlignopsError
 from .._checks import check_targets, check_temperature, check_triton_device
-
+from .._errors import AlignopsError
 from ..kernels.fused_linear import launch_fused_linear_backward, launch_fused_linear_forward
-from .preference import acc_dtype, register_fused_linear_logprobs_autograd
 from ._registration import register_triton_twin
+from .preference import acc_dtype, register_fused_linear_logprobs_autograd
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-# The native schemas of csrc/registration.cpp, spelled out: an inferred schema would make the ints SymInts.
 
 
 def _check_like_hidden(t: torch.Tensor, name: str, hidden: torch.Tensor) -> None:
@@ -68,7 +64,7 @@ def fused_linear_logprobs_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     ignore_index: int,
     temperature: float,
     logit_scale: float,
@@ -94,7 +90,7 @@ def fused_linear_logprobs_backward_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lse: torch.Tensor,
     ignore_index: int,
     temperature: float,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .._errors import AlignopsError
 from .._checks import check_triton_device
+from .._errors import AlignopsError
 from ..kernels.metrics import MAX_CLASSES, launch_bootstrap_confusion
 from ..reference.metrics import SALT_BOOTSTRAP, key_state
 from ._registration import register_triton_twin

@@ -8,12 +8,12 @@ import math
 
 import torch
 
-from .._errors import AlignopsError
 from .._backend import to_device
 from .._checks import check_triton_device
+from .._errors import AlignopsError
 from ..kernels.ot import launch_normalize_pass, launch_sinkhorn, launch_sinkhorn_split, use_split
-from .ot import register_sinkhorn_autograd
 from ._registration import register_triton_twin
+from .ot import register_sinkhorn_autograd
 
 
 def _check_real(t: torch.Tensor, name: str) -> None:

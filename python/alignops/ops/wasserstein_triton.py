@@ -11,15 +11,13 @@ positive sum) are not checked here, unlike the native op.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .._errors import AlignopsError
 from .._checks import check_triton_device
+from .._errors import AlignopsError
 from ..kernels.wasserstein import launch_merge
-from .wasserstein import register_wasserstein_1d_autograd
 from ._registration import register_triton_twin
+from .wasserstein import register_wasserstein_1d_autograd
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -73,8 +71,8 @@ def _sorted_cdf(x: torch.Tensor, w: torch.Tensor | None):
 
 
 @register_triton_twin("alignops::wasserstein_1d")
-def wasserstein_1d_triton(u: torch.Tensor, v: torch.Tensor, u_weights: Optional[torch.Tensor],
-                          v_weights: Optional[torch.Tensor], p: float) -> torch.Tensor:
+def wasserstein_1d_triton(u: torch.Tensor, v: torch.Tensor, u_weights: torch.Tensor | None,
+                          v_weights: torch.Tensor | None, p: float) -> torch.Tensor:
     """Triton twin of ``alignops::wasserstein_1d``: W_p^p [B] in u's dtype."""
     _check_args(u, v, u_weights, v_weights, p)
     xu, cu, _, _, _ = _sorted_cdf(u, u_weights)
@@ -113,7 +111,7 @@ def _weight_grad(gc: torch.Tensor, c64: torch.Tensor, total: torch.Tensor, order
 
 @register_triton_twin("alignops::wasserstein_1d_backward")
 def wasserstein_1d_backward_triton(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                                   u_weights: Optional[torch.Tensor], v_weights: Optional[torch.Tensor], p: float,
+                                   u_weights: torch.Tensor | None, v_weights: torch.Tensor | None, p: float,
                                    weights_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::wasserstein_1d_backward``: (grad_u, grad_v, grad_u_weights, grad_v_weights)."""
     _check_args(u, v, u_weights, v_weights, p)

@@ -8,12 +8,12 @@ import math
 
 import torch
 
-from .._errors import AlignopsError
 from .._checks import check_triton_device
+from .._errors import AlignopsError
 from ..kernels.watermark import launch_gumbel_argmax, launch_kgw_argmax, launch_kgw_logits
 from ..reference.metrics import SALT_GUMBEL, SALT_KGW, key_state
-from .watermark import register_kgw_logits_autograd
 from ._registration import register_triton_twin
+from .watermark import register_kgw_logits_autograd
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
