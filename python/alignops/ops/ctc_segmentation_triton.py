@@ -16,7 +16,8 @@ from ._registration import register_triton_twin
 def _check_args(frame_logprobs, starts, ends, window):
     """The checks of the native op (csrc/ctc_segmentation/ctc_segmentation_cpu.cpp), with its messages."""
     if frame_logprobs.dim() != 2:
-        raise AlignopsError(f"frame_logprobs must be a 2-D tensor of shape [B, T], got shape {list(frame_logprobs.shape)}")
+        raise AlignopsError(f"frame_logprobs must be a 2-D tensor of shape [B, T], got shape "
+                            f"{list(frame_logprobs.shape)}")
     if frame_logprobs.dtype not in (torch.float32, torch.float64):
         raise AlignopsError(f"frame_logprobs must be float32 or float64, got {frame_logprobs.dtype}")
     check_triton_device(frame_logprobs, "frame_logprobs")
