@@ -35,6 +35,9 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(alignops, m) {
   m.def("cuda_archs() -> int[]", &cuda_archs);
+  // The names (C++ enumerators without `k`) and values of one family of integer codes the kernels take:
+  // loss_type, f_divergence, activation, criterion, ctc_segmentation_flag (python/alignops/_codes.py).
+  m.def("codes(str family) -> (str[], int[])");
 
   // ---- preference: closed-form DPO-family losses on per-sequence log-probs -------------------------
   // Returns (loss [B], chosen_rewards [B], rejected_rewards [B], grad [4, B]): grad holds d loss_i /
@@ -187,4 +190,12 @@ TORCH_LIBRARY(alignops, m) {
       "Tensor? previous_lengths, bool return_table) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The package's utterance score over [start, end) frame spans: [B, T] x [B, U] -> [B, U] fp64.
   m.def("ctc_segmentation_utterance_score(Tensor frame_logprobs, Tensor starts, Tensor ends, int window) -> Tensor");
+
+  // ---- ppo: generalised advantage estimation, one reverse scan per row -----------------------------
+  // rewards, values [B, T] float, completion_mask [B, T] bool (a False position ends the episode),
+  // last_values [B] (bootstrap after position T-1; None = 0). Returns (advantages, returns) [B, T] in the
+  // dtype of rewards, 0 outside the mask. Not differentiable (PPO detaches advantages).
+  m.def(
+      "gae_advantages(Tensor rewards, Tensor values, Tensor completion_mask, Tensor? last_values, float gamma, "
+      "float lam) -> (Tensor, Tensor)");
 }

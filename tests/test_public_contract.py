@@ -197,6 +197,13 @@ CASES: dict[str, Case] = {
     "helpsteer2_preference_loss": case(alignops.helpsteer2_preference_loss,
                                       lambda: [rn(4), rn(4, seed=1), torch.tensor([1.0, 2.0, 3.0, 1.0])],
                                       hyper=("regression_weight",)),
+    # ppo
+    "gae_advantages": case(alignops.gae_advantages,
+                           lambda: [rn(3, 6), rn(3, 6, seed=1), torch.ones(3, 6, dtype=torch.bool)],
+                           lambda: dict(last_values=rn(3, seed=2)), hyper=("gamma", "lam")),
+    "ppo_value_loss": case(alignops.ppo_value_loss,
+                           lambda: [rn(3, 6), rn(3, 6, seed=1), rn(3, 6, seed=2), torch.ones(3, 6, dtype=torch.bool)],
+                           hyper=("cliprange_value",)),
 }
 
 # Entries that still break the contract today, with the defect (xfail strict: they fail loudly once fixed).
@@ -287,7 +294,7 @@ def test_the_table_covers_every_public_function():
     import inspect
     missing = []
     for m in ("preference", "fused_linear", "ctc", "ctc_posteriors", "ctc_segmentation", "ot", "skip", "wasserstein",
-              "metrics", "watermark", "represent", "rewards", "objectives"):
+              "metrics", "watermark", "represent", "rewards", "objectives", "ppo"):
         mod = importlib.import_module(f"alignops.{m}")
         for n, f in vars(mod).items():
             if (not n.startswith("_") and inspect.isfunction(f) and f not in listed

@@ -51,7 +51,8 @@ def test_native_schemas_are_registration_cpp():
 @triton_only
 def test_every_triton_op_has_its_native_twins_schema():
     triton_ops = [n for n in _alignops_ops() if "_triton" in n]
-    assert len(triton_ops) == 19, triton_ops
+    # A floor, not a count: every family added since brings its twin (a drop means one was lost).
+    assert len(triton_ops) >= 21, triton_ops
     native = _native_schemas()
     for name in triton_ops:
         twin = name.replace("_triton", "")

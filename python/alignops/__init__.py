@@ -31,15 +31,19 @@ from .distillation import DistillationOutput, fused_linear_distillation_loss  # 
 from .objectives import (
     RunningMoments,
     bco_loss,
+    bradley_terry_loss,
     cpo_loss,
     curry_pairs,
     diffusion_dpo_loss,
     dro_loss,
+    helpsteer2_preference_loss,
     kto_loss,
     ld_logps,
     log1mexp,
     orpo_loss,
     pro_loss,
+    rating_regression_loss,
+    reward_centering_loss,
     rrhf_loss,
     tpo_loss,
     wpo_weights,
@@ -85,6 +89,10 @@ __all__ = [
     "rrhf_loss",
     "tpo_loss",
     "wpo_weights",
+    "bradley_terry_loss",
+    "reward_centering_loss",
+    "rating_regression_loss",
+    "helpsteer2_preference_loss",
     "ctc",
     "nn",
     "objectives",
@@ -109,3 +117,8 @@ __all__ = [
 from .ctc import ctc_loss, forced_align, pseudo_forced_align  # noqa: E402
 
 __all__ += ["ctc_loss", "forced_align", "pseudo_forced_align"]
+
+from . import ppo  # noqa: E402
+from .ppo import GAEOutput, ValueLossOutput, gae_advantages, ppo_value_loss  # noqa: E402
+
+__all__ += ["ppo", "GAEOutput", "ValueLossOutput", "gae_advantages", "ppo_value_loss"]

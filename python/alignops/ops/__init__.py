@@ -1,6 +1,18 @@
 """Fake kernels, autograd formulas and Triton ops of every family, registered on import."""
 
-from . import ctc, ctc_posteriors, ctc_segmentation, distillation, metrics, ot, preference, skip, wasserstein, watermark  # noqa: F401
+from . import (  # noqa: F401
+    ctc,
+    ctc_posteriors,
+    ctc_segmentation,
+    distillation,
+    metrics,
+    ot,
+    ppo,
+    preference,
+    skip,
+    wasserstein,
+    watermark,
+)
 
 try:
     import triton
@@ -9,3 +21,4 @@ except ImportError:
 if triton is not None:
     from . import distillation_triton, fused_linear_triton, ot_triton, preference_triton, skip_triton  # noqa: F401
     from . import ctc_segmentation_triton, metrics_triton, wasserstein_triton, watermark_triton  # noqa: F401
+    from . import ppo_triton  # noqa: F401
