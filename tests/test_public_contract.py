@@ -294,7 +294,7 @@ def test_the_table_covers_every_public_function():
     import inspect
     missing = []
     for m in ("preference", "fused_linear", "ctc", "ctc_posteriors", "ctc_segmentation", "ot", "skip", "wasserstein",
-              "metrics", "watermark", "represent", "rewards", "objectives", "ppo"):
+              "metrics", "watermark", "ima", "similarity", "rewards", "objectives", "ppo"):
         mod = importlib.import_module(f"alignops.{m}")
         for n, f in vars(mod).items():
             if (not n.startswith("_") and inspect.isfunction(f) and f not in listed

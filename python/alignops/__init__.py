@@ -26,7 +26,7 @@ from .preference import (
     selective_logprobs,
     sequence_logprobs,
 )
-from . import ctc, nn, objectives, ot, reference, represent, skip  # noqa: E402
+from . import ctc, ima, nn, objectives, ot, reference, represent, similarity, skip  # noqa: E402
 from .distillation import DistillationOutput, fused_linear_distillation_loss  # noqa: E402
 from .objectives import (
     RunningMoments,
@@ -48,8 +48,8 @@ from .objectives import (
     tpo_loss,
     wpo_weights,
 )
-from .represent import IMACollector, IMADatasetScore, IMAScore, ima_score
-from .represent import cca, cca_loss, ches_score, linear_cka
+from .ima import IMACollector, IMADatasetScore, IMAScore, ima_score
+from .similarity import cca, cca_loss, ches_score, linear_cka
 from .skip import skip_ffn
 from . import metrics, rewards, wasserstein, watermark  # noqa: E402
 from .wasserstein import gaussian_w2, sliced_wasserstein, wasserstein_1d
@@ -98,6 +98,8 @@ __all__ = [
     "objectives",
     "ot",
     "represent",
+    "ima",
+    "similarity",
     "skip",
     "reference",
     "wasserstein",
