@@ -200,3 +200,54 @@ class FusedLinearORPOLoss(torch.nn.Module):
                else out.loss.new_zeros(()))
         return LigerLossOutput(out.loss, (mean[:B], mean[B:], chosen_mean, rejected_mean, nll, out.chosen_rewards,
                                           out.rejected_rewards, out.log_odds_ratio.mean(), out.log_odds_chosen.mean()))
+
+
+class FusedLinearGRPOLoss(torch.nn.Module):
+    """Drop-in for ``LigerFusedLinearGRPOLoss``: :func:`alignops.fused_linear_policy_loss` with Liger-Kernel's
+    constructor and ``forward`` argument names (``_input`` [B, T, H] first, then ``lin_weight``). Returns Liger's
+    ``(loss, metrics)``: metrics = [mean k3 KL to the reference (only when ``beta != 0``), the fraction of clipped
+    tokens (TRL's ``clip_ratio/region_mean``)]. ``compiled`` and ``chunk_size`` are accepted and unused (there is
+    nothing to compile and no chunk: the kernel walks the vocabulary); ``use_ref_model=False`` ignores the
+    reference inputs. Keyword arguments beyond Liger's go to :func:`alignops.fused_linear_policy_loss`."""
+
+    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
+                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
+                 max_completion_length: int | None = None, importance_sampling_level: str = "token",
+                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
+                 delta: float | None = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
+                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+                 **options):
+        super().__init__()
+        check_finite(beta, "beta")
+        self.use_ref_model, self.temperature = use_ref_model, temperature
+        self.options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+                            max_completion_length=max_completion_length,
+                            importance_sampling_level=importance_sampling_level,
+                            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                            delta=delta, use_bias_correction_kl=use_bias_correction_kl, vespo_k_pos=vespo_k_pos,
+                            vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                            vespo_lambda_neg=vespo_lambda_neg, **options)
+
+    def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
+                ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
+                vllm_is_ratio=None, num_items_in_batch=None):
+        from .fused_linear_policy import fused_linear_policy_loss
+
+        ref = dict(ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias,
+                   ref_per_token_logps=ref_per_token_logps) if self.use_ref_model else {}
+        options = self.options
+        if options["beta"] == 0.0 or not any(v is not None for k, v in ref.items() if k != "ref_weight"):
+            # Liger: without a reference the KL is taken to the policy itself, i.e. 0
+            ref, options = {}, {**options, "beta": 0.0}
+        out = fused_linear_policy_loss(_input, lin_weight, selected_token_ids, advantages, attention_mask, bias=bias,
+                                       old_per_token_logps=old_per_token_logps, temperature=self.temperature,
+                                       importance_sampling_ratio=vllm_is_ratio, num_items_in_batch=num_items_in_batch,
+                                       **ref, **options)
+        if self.options["beta"] == 0.0:
+            metrics = []
+        else:
+            metrics = [out.metrics["kl"] if options["beta"] != 0.0 else out.loss.new_zeros(())]
+        return out.loss, metrics + [out.metrics["clip_ratio_region"]]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.options.items())
