@@ -15,6 +15,7 @@ import torch
 
 from . import _backend
 from ._checks import check_finite
+from ._distributed import gathered_weight, refuse_dtensor
 from ._errors import AlignopsError
 from .preference import (
     PreferenceLossOutput,
@@ -55,7 +56,12 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     temperature / logit_scale / softcap. The targets' range is read on the host (one sync on a GPU);
     ``check_values=False`` skips the checks that read tensor values on the device, so the call neither syncs
     nor breaks CUDA-graph capture; a target outside [0, V) then gives NaN.
+
+    A ``DTensor`` weight / bias (FSDP2, HSDP, tensor parallel) is all-gathered once, before the tiles, and its
+    gradient reduce-scattered back averaged over the ranks (``alignops._distributed.gathered_weight``).
     """
+    refuse_dtensor("fused_linear_logprobs", hidden=hidden, targets=targets)
+    weight, bias = gathered_weight(weight, "weight"), gathered_weight(bias, "bias")
     if hidden.dim() != 2:
         raise AlignopsError(f"hidden must be a 2-D tensor of shape [N, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -219,8 +225,12 @@ def fused_linear_preference_loss(
     that are not integers or lie outside [0, S) and for a non-finite ``nll_weight``.
     ``check_values=False`` skips the checks that read tensor values on the device (targets in range,
     ``cu_seqlens``, the segment ids' range), so the call neither syncs nor breaks CUDA-graph capture (see
-    :func:`fused_linear_logprobs`).
+    :func:`fused_linear_logprobs`). DTensor weights and biases (FSDP2): gathered once for the policy and the
+    reference, as :func:`fused_linear_logprobs` says.
     """
+    refuse_dtensor("fused_linear_preference_loss", hidden=hidden, ref_hidden=ref_hidden, targets=targets)
+    weight, bias = gathered_weight(weight, "weight"), gathered_weight(bias, "bias")
+    ref_weight, ref_bias = gathered_weight(ref_weight, "ref_weight"), gathered_weight(ref_bias, "ref_bias")
     check_finite(nll_weight, "nll_weight")
     if hidden.dim() == 3:
         if hidden.shape[0] % 2:
