@@ -30,7 +30,7 @@ def import_without_repo_kernels(name: str):
             sys.modules["kernels"] = saved_module
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def import_peer():
     """:func:`import_without_repo_kernels` as a fixture: ``trl = import_peer("trl.trainer.dpo_trainer")``."""
     return import_without_repo_kernels
