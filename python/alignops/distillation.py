@@ -10,6 +10,7 @@ import torch
 
 from . import _backend
 from ._checks import check_finite, check_positive, check_same_device
+from ._distributed import gathered_weight, refuse_dtensor
 from ._errors import AlignopsError
 from .reference import distillation as _ref
 
@@ -98,7 +99,22 @@ def fused_linear_distillation_loss(
 
     Raises AlignopsError for shape / dtype / device mismatches (the meta device included), a vocabulary
     mismatch, beta or skew outside [0, 1], temperature <= 0, NaN / inf hyper-parameters.
+
+    DTensor weights and biases (FSDP2, HSDP, tensor parallel) are all-gathered once per call and the student's
+    gradient reduce-scattered back, averaged over the ranks (``alignops._distributed.gathered_weight``); the hidden
+    states and the mask are this rank's plain tensors.
     """
+    refuse_dtensor(
+        "fused_linear_distillation_loss",
+        student_hidden=student_hidden,
+        teacher_hidden=teacher_hidden,
+        completion_mask=completion_mask,
+    )
+    student_weight = gathered_weight(student_weight, "student_weight")
+    student_bias = gathered_weight(student_bias, "student_bias")
+    with torch.no_grad():  # the teacher is not trained: its gather needs no backward
+        teacher_weight = gathered_weight(teacher_weight, "teacher_weight")
+        teacher_bias = gathered_weight(teacher_bias, "teacher_bias")
     _check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias")
     _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias")
     check_same_device(

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._distributed import gathered_weight, refuse_dtensor
 from ._errors import AlignopsError
 from .fused_linear import fused_linear_logprobs
 from .preference import check_cu_seqlens
@@ -149,7 +150,12 @@ def fused_linear_policy_loss(
     ``top_entropy_quantile`` outside (0, 1], ``beta != 0`` without a reference, and what
     :func:`alignops.fused_linear_logprobs` and :func:`alignops.policy_loss` reject. ``check_values=False``: as
     :func:`alignops.fused_linear_logprobs` (the packed layout still reads the longest segment on the host).
+    DTensor weights and biases (FSDP2): gathered once for the policy and the reference, as
+    :func:`alignops.fused_linear_logprobs` says.
     """
+    refuse_dtensor("fused_linear_policy_loss", hidden=hidden, ref_hidden=ref_hidden, completion_ids=completion_ids)
+    weight, bias = gathered_weight(weight, "weight"), gathered_weight(bias, "bias")
+    ref_weight, ref_bias = gathered_weight(ref_weight, "ref_weight"), gathered_weight(ref_bias, "ref_bias")
     if entropy_coef != 0.0:
         raise AlignopsError(
             f"entropy_coef must be 0 (an entropy bonus needs the entropy's gradient, which the fused "
