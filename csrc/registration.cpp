@@ -36,7 +36,8 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(alignops, m) {
   m.def("cuda_archs() -> int[]", &cuda_archs);
   // The names (C++ enumerators without `k`) and values of one family of integer codes the kernels take:
-  // loss_type, f_divergence, activation, criterion, ctc_segmentation_flag (python/alignops/_codes.py).
+  // loss_type, f_divergence, activation, criterion, ctc_segmentation_flag, policy_loss_type,
+  // importance_sampling_level (python/alignops/_codes.py).
   m.def("codes(str family) -> (str[], int[])");
 
   // ---- preference: closed-form DPO-family losses on per-sequence log-probs -------------------------

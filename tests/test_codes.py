@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from alignops import _codes
+from alignops.reference import policy as ref_policy
 from alignops.reference import preference as ref_preference
 from alignops.reference import skip as ref_skip
 
@@ -34,7 +35,11 @@ def test_unknown_family_is_an_error_naming_the_argument():
 
 def test_upper_snake():
     assert [_upper_snake(n) for n in ("Sigmoid", "SigmoidNorm", "JsDivergence", "GeluTanh")] == [
-        "SIGMOID", "SIGMOID_NORM", "JS_DIVERGENCE", "GELU_TANH"]
+        "SIGMOID",
+        "SIGMOID_NORM",
+        "JS_DIVERGENCE",
+        "GELU_TANH",
+    ]
 
 
 def test_reference_names_are_the_enum_names():
@@ -42,13 +47,21 @@ def test_reference_names_are_the_enum_names():
     assert ref_preference.F_DIVERGENCES == tuple(map(_codes.lower_name, _codes.FDivergence))
     assert ref_skip.ACTIVATIONS == tuple(map(_codes.lower_name, _codes.Activation))
     assert ref_skip.CRITERIA == tuple(map(_codes.lower_name, _codes.Criterion))
+    assert ref_policy.LOSS_TYPES == tuple(map(_codes.lower_name, _codes.PolicyLossType))
+    assert ("token", "sequence") == tuple(map(_codes.lower_name, _codes.ImportanceSamplingLevel))
 
 
-@pytest.mark.parametrize("module, enums, names", [
-    ("preference", (_codes.LossType, _codes.FDivergence),
-     [c.name for c in _codes.LossType] + ["FORWARD_KL", "JS_DIVERGENCE", "ALPHA_DIVERGENCE"]),
-    ("skip", (_codes.Activation, _codes.Criterion), ["SWIGLU", "GELU", "COSINE"]),
-])
+@pytest.mark.parametrize(
+    "module, enums, names",
+    [
+        (
+            "preference",
+            (_codes.LossType, _codes.FDivergence),
+            [c.name for c in _codes.LossType] + ["FORWARD_KL", "JS_DIVERGENCE", "ALPHA_DIVERGENCE"],
+        ),
+        ("skip", (_codes.Activation, _codes.Criterion), ["SWIGLU", "GELU", "COSINE"]),
+    ],
+)
 def test_triton_constants_are_the_enum(module, enums, names):
     pytest.importorskip("triton", reason="needs the triton package")
     import triton.language as tl
@@ -64,6 +77,10 @@ def test_triton_constants_are_the_enum(module, enums, names):
 def test_no_kernel_compares_a_code_with_a_literal():
     """Branches on a code name the enum member, so a renumbering cannot leave a kernel behind."""
     literal = re.compile(r"\b(CODE|ACTIVATION|CRITERION|F_DIVERGENCE)\s*[=!]=\s*\d")
-    hits = [f"{path.name}:{i}" for path in sorted(KERNELS.glob("*.py"))
-            for i, line in enumerate(path.read_text().splitlines(), 1) if literal.search(line)]
+    hits = [
+        f"{path.name}:{i}"
+        for path in sorted(KERNELS.glob("*.py"))
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if literal.search(line)
+    ]
     assert hits == []

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "ctc_segmentation/ctc_segmentation_cpu_kernel.h"
+#include "policy/policy_codes.h"
 #include "preference/preference_loss_math.h"
 #include "skip/skip_ffn_cpu_kernel.h"
 
@@ -22,11 +23,11 @@ Codes family_codes(const std::string& family) {
   namespace seg = alignops::ctc_segmentation;
   if (family == "loss_type") {
     static_assert(pref::kCpo + 1 == pref::kNumLossTypes, "list every loss type below");
-    return {{"Sigmoid", pref::kSigmoid},     {"Hinge", pref::kHinge},       {"Ipo", pref::kIpo},
-            {"ExoPair", pref::kExoPair},     {"NcaPair", pref::kNcaPair},   {"Robust", pref::kRobust},
-            {"BcoPair", pref::kBcoPair},     {"SppoHard", pref::kSppoHard}, {"Aot", pref::kAot},
-            {"ApoZero", pref::kApoZero},     {"ApoDown", pref::kApoDown},   {"Discopop", pref::kDiscopop},
-            {"SigmoidNorm", pref::kSigmoidNorm}, {"Simpo", pref::kSimpo},   {"Cpo", pref::kCpo}};
+    return {{"Sigmoid", pref::kSigmoid},         {"Hinge", pref::kHinge},       {"Ipo", pref::kIpo},
+            {"ExoPair", pref::kExoPair},         {"NcaPair", pref::kNcaPair},   {"Robust", pref::kRobust},
+            {"BcoPair", pref::kBcoPair},         {"SppoHard", pref::kSppoHard}, {"Aot", pref::kAot},
+            {"ApoZero", pref::kApoZero},         {"ApoDown", pref::kApoDown},   {"Discopop", pref::kDiscopop},
+            {"SigmoidNorm", pref::kSigmoidNorm}, {"Simpo", pref::kSimpo},       {"Cpo", pref::kCpo}};
   }
   if (family == "f_divergence") {
     return {{"ReverseKl", pref::kReverseKl},
@@ -44,8 +45,19 @@ Codes family_codes(const std::string& family) {
     return {{"BlankTransitionCostZero", seg::kBlankTransitionCostZero},
             {"PreambleTransitionCostZero", seg::kPreambleTransitionCostZero}};
   }
-  TORCH_CHECK_VALUE(false, "family must be one of loss_type, f_divergence, activation, criterion, "
-                    "ctc_segmentation_flag, got '", family, "'");
+  if (family == "policy_loss_type") {
+    namespace pol = alignops::policy;
+    static_assert(pol::kVespo + 1 == pol::kNumPolicyLossTypes, "list every policy loss type below");
+    return {{"Grpo", pol::kGrpo},   {"Bnpo", pol::kBnpo}, {"DrGrpo", pol::kDrGrpo}, {"Dapo", pol::kDapo},
+            {"Cispo", pol::kCispo}, {"Sapo", pol::kSapo}, {"Luspo", pol::kLuspo},   {"Vespo", pol::kVespo}};
+  }
+  if (family == "importance_sampling_level") {
+    return {{"Token", alignops::policy::kToken}, {"Sequence", alignops::policy::kSequence}};
+  }
+  TORCH_CHECK_VALUE(false,
+                    "family must be one of loss_type, f_divergence, activation, criterion, "
+                    "ctc_segmentation_flag, policy_loss_type, importance_sampling_level, got '",
+                    family, "'");
 }
 
 std::tuple<std::vector<std::string>, std::vector<int64_t>> codes(const std::string& family) {

@@ -69,6 +69,26 @@ class CtcSegmentationFlag(enum.IntFlag):
     PREAMBLE_TRANSITION_COST_ZERO = 2
 
 
+class PolicyLossType(enum.IntEnum):
+    """``loss_type`` of ``alignops::policy_loss`` (csrc/policy/policy_codes.h): TRL GRPOConfig's loss types."""
+
+    GRPO = 0
+    BNPO = 1
+    DR_GRPO = 2
+    DAPO = 3
+    CISPO = 4
+    SAPO = 5
+    LUSPO = 6
+    VESPO = 7
+
+
+class ImportanceSamplingLevel(enum.IntEnum):
+    """``importance_sampling_level`` of ``alignops::policy_loss``: one ratio per token or one per sequence."""
+
+    TOKEN = 0
+    SEQUENCE = 1
+
+
 # family name of torch.ops.alignops.codes -> enum
 FAMILIES: dict[str, type[enum.Enum]] = {
     "loss_type": LossType,
@@ -76,6 +96,8 @@ FAMILIES: dict[str, type[enum.Enum]] = {
     "activation": Activation,
     "criterion": Criterion,
     "ctc_segmentation_flag": CtcSegmentationFlag,
+    "policy_loss_type": PolicyLossType,
+    "importance_sampling_level": ImportanceSamplingLevel,
 }
 
 

@@ -8,6 +8,7 @@ from . import (
     metrics,
     objectives,
     ot,
+    policy,
     preference,
     represent,
     skip,
@@ -15,5 +16,18 @@ from . import (
     watermark,
 )
 
-__all__ = ["ctc", "ctc_posteriors", "ctc_segmentation", "distillation", "metrics", "objectives", "ot", "preference",
-           "represent", "skip", "wasserstein", "watermark"]
+__all__ = [
+    "ctc",
+    "ctc_posteriors",
+    "ctc_segmentation",
+    "distillation",
+    "metrics",
+    "objectives",
+    "ot",
+    "policy",
+    "preference",
+    "represent",
+    "skip",
+    "wasserstein",
+    "watermark",
+]
