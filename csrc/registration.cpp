@@ -220,7 +220,8 @@ TORCH_LIBRARY(alignops, m) {
   //     2 clip high (coef_1 > 1 + eps_high and A > 0; cispo: coef_1 > eps_high and A > 0), token sum;
   //     3 clip region (1 or 2), token sum;  4 sum_t m_bt kl_bt (k3 KL, times coef_1 when bias-corrected;
   //     0 when beta = 0);  5 coef_1 (after the delta clamp), token sum of coef_1's own shape ([B, 1] at
-  //     sequence level whatever A's shape);  6 vespo's phi_b (0 for other loss types);
+  //     sequence level whatever A's shape);  6 vespo's phi (0 for other loss types): phi_b when A is [B] /
+  //     [B, 1] (at either level: TRL's gamma weights are a row value), its masked sum when A is [B, T];
   //     7 the row's loss rs_b sum_t m_bt ptl_bt.  Clip columns are 0 for sapo / vespo (and 1, 3 for cispo).
   m.def(
       "policy_loss(Tensor per_token_logps, Tensor advantages, Tensor completion_mask, Tensor? old_per_token_logps, "
