@@ -62,7 +62,7 @@ def test_native_matches_reference_with_scores_and_ragged(cpu_capability):
     ns = torch.tensor([33, 1, 17, 0, 30])
     ms = torch.tensor([21, 21, 3, 4, 1])
     got = O.sinkhorn(S, eps=0.1, n_iters=500, tol=1e-9, scores=True, n_sizes=ns, m_sizes=ms, return_plan=True)
-    ref = R.sinkhorn(S, *[O._marginal(None, s, B, K, S, n) for s, K, n in ((ns, N, "a"), (ms, M, "b"))],
+    ref = R.sinkhorn(S, *[O.solver._marginal(None, s, B, K, S, n) for s, K, n in ((ns, N, "a"), (ms, M, "b"))],
                      ns, ms, [], 0.1, 500, 1e-9, True)
     torch.testing.assert_close(got.f, ref[0], **TOL[torch.float64])
     torch.testing.assert_close(got.g, ref[1], **TOL[torch.float64])

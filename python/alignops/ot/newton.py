@@ -33,8 +33,8 @@ import math
 
 import torch
 
-from ._errors import AlignopsError
-from .reference import ot as _ref
+from .._errors import AlignopsError
+from ..reference import ot as _ref
 
 MAX_SIDE = 4096
 _MIN_CHUNK_BYTES = 1 << 21
