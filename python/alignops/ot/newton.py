@@ -45,8 +45,10 @@ _RIDGE = 1e-10  # least Levenberg-Marquardt ridge, relative to the mean diagonal
 
 def check_newton(N: int, M: int) -> None:
     if min(N, M) > MAX_SIDE:
-        raise AlignopsError(f"newton_steps solves a dense min(N, M) x min(N, M) system per problem; min(N, M) must "
-                         f"be <= {MAX_SIDE}, got {min(N, M)}: use more Sinkhorn iterations instead")
+        raise AlignopsError(
+            f"newton_steps solves a dense min(N, M) x min(N, M) system per problem; min(N, M) must "
+            f"be <= {MAX_SIDE}, got {min(N, M)}: use more Sinkhorn iterations instead"
+        )
 
 
 def _plan(C, f, g, eps):
@@ -107,8 +109,10 @@ def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo):
     log_a = torch.where(rows, a.log(), -math.inf)
     # <a, f> + <b, g> over the mass-carrying entries: a zero weight has a -inf potential (0 * -inf = NaN)
     mass_rows, mass_cols = rows & (a > 0), cols & (b > 0)
-    linear = lambda f, g: (torch.where(mass_rows, a * f, 0).sum(-1)  # noqa: E731
-                           + torch.where(mass_cols, b * g, 0).sum(-1))
+
+    def linear(f, g):
+        return torch.where(mass_rows, a * f, 0).sum(-1) + torch.where(mass_cols, b * g, 0).sum(-1)
+
     taken = torch.zeros(B, dtype=torch.long, device=C.device)
     active = (ns > 0) & (ms > 0) & todo
     for k in range(steps + 1):
@@ -124,8 +128,15 @@ def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo):
         D0 = linear(f, g) - eps * r.sum(-1)
         # the rounding of D itself: near the fixed point the gain t * slope falls below it and the comparison
         # with D0 is noise (which, without this slack, halves a good step or rejects it)
-        noise = 64 * torch.finfo(C.dtype).eps * (torch.where(mass_rows, (a * f).abs(), 0).sum(-1)
-                                                  + torch.where(mass_cols, (b * g).abs(), 0).sum(-1) + eps * r.sum(-1))
+        noise = (
+            64
+            * torch.finfo(C.dtype).eps
+            * (
+                torch.where(mass_rows, (a * f).abs(), 0).sum(-1)
+                + torch.where(mass_cols, (b * g).abs(), 0).sum(-1)
+                + eps * r.sum(-1)
+            )
+        )
         del P
         slope = ((rf * df).sum(-1) + (rg * dg).sum(-1)) / eps  # <grad D, d> >= 0
         t = torch.ones(B, dtype=C.dtype, device=C.device)
@@ -167,8 +178,9 @@ def _polish(cost, a, b, f, g, ns, ms, eps, scores, steps, tol, todo, out_dtype):
     return f, g, taken, _column_error(C, b, f.double(), g.double(), cols, eps).to(out_dtype)
 
 
-def newton_polish(cost, a, b, f, g, n_sizes, m_sizes, eps: float, scores: bool, steps: int, tol: float,
-                  err: torch.Tensor):
+def newton_polish(
+    cost, a, b, f, g, n_sizes, m_sizes, eps: float, scores: bool, steps: int, tol: float, err: torch.Tensor
+):
     """Up to ``steps`` Sinkhorn-Newton steps on each problem whose column error ``err`` (the Sinkhorn
     iterations' figure) exceeds ``tol`` (on all of them when tol < 0). Returns (f, g) in f's dtype, the
     steps each problem took [B] int64 and the column error [B]: recomputed, for the returned potentials,
@@ -188,8 +200,21 @@ def newton_polish(cost, a, b, f, g, n_sizes, m_sizes, eps: float, scores: bool, 
         part = slice(s, s + chunk)
         if not bool(todo[part].any()):
             continue
-        fp, gp, tp, ep = _polish(cost[part], a[part], b[part], f[part], g[part], n_sizes[part], m_sizes[part], eps,
-                                 scores, steps, tol, todo[part], f.dtype)
+        fp, gp, tp, ep = _polish(
+            cost[part],
+            a[part],
+            b[part],
+            f[part],
+            g[part],
+            n_sizes[part],
+            m_sizes[part],
+            eps,
+            scores,
+            steps,
+            tol,
+            todo[part],
+            f.dtype,
+        )
         # a step whose rounded potentials give a non-finite error (f or g overflowing out_dtype) is not taken:
         # Sinkhorn's finite potentials stay
         stepped = (tp > 0) & torch.isfinite(ep)

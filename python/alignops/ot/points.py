@@ -16,8 +16,9 @@ from .solver import _OPS, _check_mass, _geometric_schedule, _marginal, _not_nan,
 def _points_reference(x, y, a, b, n_sizes, m_sizes, p, schedule, eps, n_iters, tol):
     """The torch backend: the reference solver on the materialised cost (no autograd through it)."""
     C = _ref.point_cost(x, y, p)
-    return tuple(t.detach() for t in _ref.sinkhorn(C.detach(), a, b, n_sizes, m_sizes, schedule, eps, n_iters, tol,
-                                                   False))
+    return tuple(
+        t.detach() for t in _ref.sinkhorn(C.detach(), a, b, n_sizes, m_sizes, schedule, eps, n_iters, tol, False)
+    )
 
 
 def _cost_grad_chunks(x, y, f, g, eps, p, grad):
@@ -29,17 +30,17 @@ def _cost_grad_chunks(x, y, f, g, eps, p, grad):
     gy = torch.zeros_like(y)
     chunk = max(1, (1 << 20) // max(M, 1))
     for r0 in range(0, N, chunk):
-        xs = x[:, r0:r0 + chunk]
+        xs = x[:, r0 : r0 + chunk]
         diff = xs[:, :, None, :] - y[:, None, :, :] if p != 2 else None
         C = _ref.point_cost(xs, y, p)
-        P = torch.exp((f[:, r0:r0 + chunk, None] + g[:, None, :] - C) / eps)
+        P = torch.exp((f[:, r0 : r0 + chunk, None] + g[:, None, :] - C) / eps)
         if p == 2:
             W = 2 * P
         else:
             dist = diff.norm(dim=-1)
             W = torch.where(dist > 0, p * P * dist.clamp_min(1e-300) ** (p - 2), 0)
         W = W * grad[:, None, None]
-        gx[:, r0:r0 + chunk] = xs * W.sum(-1, keepdim=True) - W @ y
+        gx[:, r0 : r0 + chunk] = xs * W.sum(-1, keepdim=True) - W @ y
         gy += y * W.sum(1)[..., None] - W.transpose(1, 2) @ xs
     return gx, gy
 
@@ -53,8 +54,9 @@ class _PointsOT(torch.autograd.Function):
         ns = torch.full((B,), N, dtype=torch.long, device=x.device)
         ms = torch.full((B,), M, dtype=torch.long, device=x.device)
         f, g, iters, err = op(x, y, a, b, ns, ms, float(p), schedule, eps, n_iters, tol)
-        value = (torch.where(a > 0, a * (f - eps * a.log()), 0).sum(-1)
-                 + torch.where(b > 0, b * (g - eps * b.log()), 0).sum(-1))
+        value = torch.where(a > 0, a * (f - eps * a.log()), 0).sum(-1) + torch.where(
+            b > 0, b * (g - eps * b.log()), 0
+        ).sum(-1)
         ctx.p, ctx.eps = p, eps
         ctx.save_for_backward(x, y, f, g)
         ctx.mark_non_differentiable(iters, err)
@@ -73,10 +75,22 @@ class DistanceOutput(NamedTuple):
     err: torch.Tensor  # [B] its L1 column-marginal error
 
 
-def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2, a: torch.Tensor | None = None,
-                      b: torch.Tensor | None = None, *, debias: bool = True, n_iters: int | None = None,
-                      tol: float | None = None, eps_scaling: float | None = None, diameter: float | None = None,
-                      backend: str = "auto", check_values: bool = True) -> DistanceOutput:
+def sinkhorn_distance(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    p: float = 2,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    debias: bool = True,
+    n_iters: int | None = None,
+    tol: float | None = None,
+    eps_scaling: float | None = None,
+    diameter: float | None = None,
+    backend: str = "auto",
+    check_values: bool = True,
+) -> DistanceOutput:
     r"""Entropic OT between point clouds and the debiased Sinkhorn divergence, without the cost matrix.
 
     ``C_ij = |x_i - y_j|_2^p`` (p = 2: squared Euclidean, POT's ``ot.dist`` default; GeomLoss's p = 2 cost is
@@ -105,8 +119,9 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
     if squeeze:
         x, y = x[None], y[None] if y.dim() == 2 else y
     if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
-        raise AlignopsError(f"x and y must have shapes [B, N, d] and [B, M, d], got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
+        raise AlignopsError(
+            f"x and y must have shapes [B, N, d] and [B, M, d], got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if not x.is_floating_point() or not y.is_floating_point():
         raise AlignopsError(f"x and y must be floating point, got {x.dtype} and {y.dtype}")
     check_positive(eps, "eps")
@@ -125,8 +140,12 @@ def sinkhorn_distance(x: torch.Tensor, y: torch.Tensor, eps: float, p: float = 2
         _check_mass(aw, bw, full(N), full(M))
     be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn_distance", native_cuda=False)
     op = _points_reference if be == "torch" else getattr(torch.ops.alignops, _OPS["sinkhorn_points"][be])
-    if check_values and be != "native" and not torch.compiler.is_compiling() and not bool(
-            torch.isfinite(x).all() & torch.isfinite(y).all()):  # the native op scans the points itself
+    if (
+        check_values
+        and be != "native"
+        and not torch.compiler.is_compiling()
+        and not bool(torch.isfinite(x).all() & torch.isfinite(y).all())
+    ):  # the native op scans the points itself
         raise AlignopsError("x and y must not contain NaN or inf (an infinite point has infinite costs)")
     _not_nan(diameter, "diameter")
     if eps_scaling is not None and diameter is not None:

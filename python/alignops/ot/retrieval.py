@@ -42,7 +42,7 @@ def _normalize_pass(sim, col_bias, scale, row_update, chunk_size, be):
     chunk = N if chunk_size is None else max(1, chunk_size)
     rows, lse = [], None
     for r0 in range(0, max(N, 1), chunk):
-        rb, cl = _ref.sinkhorn_normalize_pass(sim[:, r0:r0 + chunk], col_bias, scale, row_update)
+        rb, cl = _ref.sinkhorn_normalize_pass(sim[:, r0 : r0 + chunk], col_bias, scale, row_update)
         rows.append(rb)
         lse = cl if lse is None else torch.logaddexp(lse, cl)
     return torch.cat(rows, 1), lse
@@ -66,8 +66,15 @@ def _resolve_normalize(backend: str, sim: torch.Tensor, op: str) -> str:
     return _backend.resolve(backend, sim.device, op, native_cuda=False)
 
 
-def sinkhorn_normalize(sim: torch.Tensor, n_iters: int = 4, *, temperature: float = 1.0,
-                       chunk_size: int | None = None, process_group=None, backend: str = "auto") -> NormalizeOutput:
+def sinkhorn_normalize(
+    sim: torch.Tensor,
+    n_iters: int = 4,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    process_group=None,
+    backend: str = "auto",
+) -> NormalizeOutput:
     r"""UCoFiA's Sinkhorn normalisation of a bank similarity matrix, in the log domain.
 
     UCoFiA (probability domain): ``K = exp(S / T - max)``, ``b = 1 / K.sum(0)``, then ``n_iters`` times
@@ -124,8 +131,14 @@ def _finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(lse), lse, 0)
 
 
-def bank_column_lse(bank: torch.Tensor, *, temperature: float = 1.0, chunk_size: int | None = None,
-                    process_group=None, backend: str = "auto") -> torch.Tensor:
+def bank_column_lse(
+    bank: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    process_group=None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """``LSE_k(bank_kj / T)`` over the bank queries k (all ranks' rows), [M]: the streaming column
     normaliser behind inverted softmax, QB-Norm and DSL."""
     x, _ = _sim_batch(bank, "bank")
@@ -140,31 +153,50 @@ def bank_column_lse(bank: torch.Tensor, *, temperature: float = 1.0, chunk_size:
 
 def _check_pair(sim: torch.Tensor, bank: torch.Tensor) -> None:
     if sim.dim() != 2 or bank.dim() != 2 or sim.shape[1] != bank.shape[1]:
-        raise AlignopsError(f"sim [Q, M] and bank [N_bank, M] must share the gallery dimension M, got "
-                         f"{tuple(sim.shape)} and {tuple(bank.shape)}")
+        raise AlignopsError(
+            f"sim [Q, M] and bank [N_bank, M] must share the gallery dimension M, got "
+            f"{tuple(sim.shape)} and {tuple(bank.shape)}"
+        )
 
 
-def inverted_softmax(sim: torch.Tensor, bank: torch.Tensor | None = None, *, temperature: float = 1.0,
-                     chunk_size: int | None = None, process_group=None, backend: str = "auto") -> torch.Tensor:
+def inverted_softmax(
+    sim: torch.Tensor,
+    bank: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    process_group=None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Smith et al.'s inverted softmax, log domain: ``S_ij / T - LSE_k(bank_kj / T)`` (the bank defaults to
     the test queries themselves). Same ranking per query as the probability form, without overflow."""
     bank = sim if bank is None else bank
     _check_pair(sim, bank)
-    lse = bank_column_lse(bank, temperature=temperature, chunk_size=chunk_size, process_group=process_group,
-                          backend=backend)
+    lse = bank_column_lse(
+        bank, temperature=temperature, chunk_size=chunk_size, process_group=process_group, backend=backend
+    )
     return sim / temperature - lse
 
 
-def qb_norm(sim: torch.Tensor, bank: torch.Tensor, *, temperature: float = 1.0, k: int = 1,
-            chunk_size: int | None = None, process_group=None, backend: str = "auto") -> torch.Tensor:
+def qb_norm(
+    sim: torch.Tensor,
+    bank: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    k: int = 1,
+    chunk_size: int | None = None,
+    process_group=None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """QB-Norm with the dynamic inverted softmax (Bogolin et al.): a test query whose top-1 gallery item is
     in the activation set (items in some bank query's top-k) gets the inverted softmax (log domain), the
     others keep their raw similarities. The activation set is merged over ranks (all-reduce MAX)."""
     _check_pair(sim, bank)
     if not 1 <= k <= bank.shape[1]:
         raise AlignopsError(f"k must lie in [1, M = {bank.shape[1]}], got {k}")
-    normed = inverted_softmax(sim, bank, temperature=temperature, chunk_size=chunk_size,
-                              process_group=process_group, backend=backend)
+    normed = inverted_softmax(
+        sim, bank, temperature=temperature, chunk_size=chunk_size, process_group=process_group, backend=backend
+    )
     active = torch.zeros(bank.shape[1], dtype=torch.int32, device=bank.device)
     active[bank.topk(k, dim=1).indices.flatten()] = 1
     if process_group is not None:
@@ -175,19 +207,33 @@ def qb_norm(sim: torch.Tensor, bank: torch.Tensor, *, temperature: float = 1.0, 
     return torch.where(use[:, None], normed, sim)
 
 
-def dual_softmax(sim: torch.Tensor, *, temperature: float = 1.0, chunk_size: int | None = None,
-                 process_group=None, backend: str = "auto") -> torch.Tensor:
+def dual_softmax(
+    sim: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    process_group=None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """DSL (Cheng et al.): ``S_ij * softmax_i(S / T)_ij``, the prior over the queries (all ranks' rows when
     sim is row-sharded) computed in the log domain."""
     if sim.dim() != 2:
         raise AlignopsError(f"sim must be a 2-D tensor [Q, M], got {tuple(sim.shape)}")
-    lse = bank_column_lse(sim, temperature=temperature, chunk_size=chunk_size, process_group=process_group,
-                          backend=backend)
+    lse = bank_column_lse(
+        sim, temperature=temperature, chunk_size=chunk_size, process_group=process_group, backend=backend
+    )
     return sim * torch.exp(sim / temperature - lse)
 
 
-def nnn(sim: torch.Tensor, bank: torch.Tensor, *, k: int = 16, alpha: float = 1.0, chunk_size: int | None = None,
-        process_group=None) -> torch.Tensor:
+def nnn(
+    sim: torch.Tensor,
+    bank: torch.Tensor,
+    *,
+    k: int = 16,
+    alpha: float = 1.0,
+    chunk_size: int | None = None,
+    process_group=None,
+) -> torch.Tensor:
     """NNN (Chowdhury et al.): ``S_ij - alpha * mean of the k largest bank similarities of item j``. The
     per-column top-k streams over bank chunks and merges over ranks (all-gather of [k, M] per rank);
     torch composite (a top-k merge, no kernel of its own)."""
@@ -198,7 +244,7 @@ def nnn(sim: torch.Tensor, bank: torch.Tensor, *, k: int = 16, alpha: float = 1.
     chunk = bank.shape[0] if chunk_size is None else max(1, chunk_size)
     top = bank.new_empty(0, bank.shape[1])
     for r0 in range(0, bank.shape[0], chunk):
-        both = torch.cat([top, bank[r0:r0 + chunk]], 0)
+        both = torch.cat([top, bank[r0 : r0 + chunk]], 0)
         top = both.topk(min(k, both.shape[0]), dim=0).values
     if process_group is not None:
         import torch.distributed as dist
@@ -210,5 +256,3 @@ def nnn(sim: torch.Tensor, bank: torch.Tensor, *, k: int = 16, alpha: float = 1.
     if top.shape[0] < k:
         raise AlignopsError(f"k = {k} exceeds the {top.shape[0]} bank queries")
     return sim - alpha * top.mean(0)
-
-

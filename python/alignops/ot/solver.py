@@ -18,8 +18,10 @@ from .newton import check_newton, newton_polish
 _GRADS = ("envelope", "implicit", "unrolled")
 # op names per backend (torch.ops.alignops.<name>), looked up at call time: the Triton ops exist only where
 # the triton package is installed
-_OPS = {"sinkhorn": {"native": "sinkhorn", "triton": "sinkhorn_triton"},
-        "sinkhorn_points": {"native": "sinkhorn_points", "triton": "sinkhorn_points_triton"}}
+_OPS = {
+    "sinkhorn": {"native": "sinkhorn", "triton": "sinkhorn_triton"},
+    "sinkhorn_points": {"native": "sinkhorn_points", "triton": "sinkhorn_points_triton"},
+}
 
 
 class SinkhornOutput(NamedTuple):
@@ -43,21 +45,24 @@ def _sizes(sizes, B: int, full: int, name: str, device) -> torch.Tensor:
         return torch.full((B,), full, dtype=torch.long, device=device)
     sizes = _backend.to_device(torch.as_tensor(sizes), device)
     if sizes.dtype not in (torch.int64, torch.int32) or tuple(sizes.shape) != (B,):
-        raise AlignopsError(f"{name} must be an int64 or int32 tensor of shape [B] = [{B}], got "
-                         f"{sizes.dtype} {list(sizes.shape)}")
+        raise AlignopsError(
+            f"{name} must be an int64 or int32 tensor of shape [B] = [{B}], got {sizes.dtype} {list(sizes.shape)}"
+        )
     return sizes.long()
 
 
-def _marginal(w, sizes: torch.Tensor, B: int, K: int, like: torch.Tensor, name: str,
-              check_values: bool = True) -> torch.Tensor:
+def _marginal(
+    w, sizes: torch.Tensor, B: int, K: int, like: torch.Tensor, name: str, check_values: bool = True
+) -> torch.Tensor:
     valid = torch.arange(K, device=like.device) < sizes[:, None]
     if w is None:
         return torch.where(valid, 1.0 / sizes.clamp_min(1)[:, None].to(like.dtype), 0).to(like.dtype)
     if w.dim() == 1:
         w = w.expand(B, -1)
     if tuple(w.shape) != (B, K):
-        raise AlignopsError(f"{name} must have shape [B, {'N' if name == 'a' else 'M'}] = [{B}, {K}] (or [{K}]), "
-                         f"got {list(w.shape)}")
+        raise AlignopsError(
+            f"{name} must have shape [B, {'N' if name == 'a' else 'M'}] = [{B}, {K}] (or [{K}]), got {list(w.shape)}"
+        )
     if w.device != like.device:
         raise AlignopsError(f"{name} must be on the device of the cost ({like.device}), got {w.device}")
     w = torch.where(valid, w.to(like.dtype), 0)
@@ -77,12 +82,18 @@ def _check_mass(a: torch.Tensor, b: torch.Tensor, ns: torch.Tensor, ms: torch.Te
     empty = ((ma <= 0) | (mb <= 0)) & live  # equal, but no plan carries zero mass: f = g = log 0
     if bool((bad | empty).any()):
         what = "the same total mass" if bool(bad.any()) else "a positive total mass"
-        raise AlignopsError(f"a and b must have {what} in every problem, got sums "
-                         f"{ma.tolist()[:8]} and {mb.tolist()[:8]}")
+        raise AlignopsError(
+            f"a and b must have {what} in every problem, got sums {ma.tolist()[:8]} and {mb.tolist()[:8]}"
+        )
 
 
-def eps_schedule(cost: torch.Tensor, eps: float, scaling: float | None, n_sizes: torch.Tensor | None = None,
-                 m_sizes: torch.Tensor | None = None) -> list[float]:
+def eps_schedule(
+    cost: torch.Tensor,
+    eps: float,
+    scaling: float | None,
+    n_sizes: torch.Tensor | None = None,
+    m_sizes: torch.Tensor | None = None,
+) -> list[float]:
     """Epsilon scaling: eps_t = R * scaling^t while above eps, R the largest cost range of the batch
     (one host read before the loop; padding of a ragged batch excluded). Each value runs one iteration,
     warm-starting the next."""
@@ -135,8 +146,8 @@ def _cost_range(cost: torch.Tensor, n_sizes: torch.Tensor | None, m_sizes: torch
     hi = torch.full((), -math.inf, dtype=cost.dtype, device=cost.device)
     step = max(1, B // 8)
     for p in range(0, B, step):
-        c = cost[p:p + step]
-        valid = rows[p:p + step, :, None] & cols[p:p + step, None, :] & torch.isfinite(c)
+        c = cost[p : p + step]
+        valid = rows[p : p + step, :, None] & cols[p : p + step, None, :] & torch.isfinite(c)
         lo = torch.minimum(lo, torch.where(valid, c, math.inf).amin())
         hi = torch.maximum(hi, torch.where(valid, c, -math.inf).amax())
     return float(hi - lo)  # inf when no cost is finite: no schedule
@@ -165,8 +176,9 @@ class _Implicit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_f, grad_g, _gi, _ge):
         cost, a, b, f, g, n_sizes, m_sizes = ctx.saved_tensors
-        grad_cost, grad_a, grad_b = implicit_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, ctx.eps,
-                                                       ctx.scores)
+        grad_cost, grad_a, grad_b = implicit_grad_cost(
+            grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, ctx.eps, ctx.scores
+        )
         return grad_cost, grad_a, grad_b, None, None, None, None, None, None, None, None
 
 
@@ -183,9 +195,13 @@ def implicit_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, eps, 
     c = (gf.sum(-1, keepdim=True) - gg.sum(-1, keepdim=True)) / (n + m).clamp_min(1)
     rhs = torch.cat([torch.where(rows, gf - c, 0), torch.where(cols, gg + c, 0)], -1)
     eye = torch.eye(N + M, dtype=cost.dtype, device=cost.device).expand(B, -1, -1)
-    At = eye + torch.cat([torch.cat([torch.zeros(B, N, N, dtype=cost.dtype, device=cost.device), S], -1),
-                          torch.cat([R.transpose(1, 2), torch.zeros(B, M, M, dtype=cost.dtype, device=cost.device)],
-                                    -1)], 1)
+    At = eye + torch.cat(
+        [
+            torch.cat([torch.zeros(B, N, N, dtype=cost.dtype, device=cost.device), S], -1),
+            torch.cat([R.transpose(1, 2), torch.zeros(B, M, M, dtype=cost.dtype, device=cost.device)], -1),
+        ],
+        1,
+    )
     left = torch.cat([rows.to(cost.dtype), -cols.to(cost.dtype)], -1)  # (1, -1): A's null vector
     right = torch.cat([-a * rows, b * cols], -1)  # (-a, b): A^T's null vector
     w = torch.linalg.solve(At + left[:, :, None] * right[:, None, :], rhs)
@@ -293,12 +309,13 @@ def sinkhorn(
     if newton_steps:
         check_newton(N, M)
         if grad == "unrolled" or not log_domain:
-            raise AlignopsError("newton_steps runs after the log-domain iterations and has no unrolled gradient: "
-                             "use grad='envelope' or 'implicit' with log_domain=True")
+            raise AlignopsError(
+                "newton_steps runs after the log-domain iterations and has no unrolled gradient: "
+                "use grad='envelope' or 'implicit' with log_domain=True"
+            )
     ns = _sizes(n_sizes, B, N, "n_sizes", x.device)
     ms = _sizes(m_sizes, B, M, "m_sizes", x.device)
-    if check_values and not torch.compiler.is_compiling() and bool(
-            ((ns < 0) | (ns > N) | (ms < 0) | (ms > M)).any()):
+    if check_values and not torch.compiler.is_compiling() and bool(((ns < 0) | (ns > N) | (ms < 0) | (ms > M)).any()):
         raise AlignopsError(f"n_sizes must lie in [0, {N}] and m_sizes in [0, {M}]")
     aw = _marginal(a, ns, B, N, x, "a", check_values)
     bw = _marginal(b, ms, B, M, x, "b", check_values)
@@ -306,8 +323,10 @@ def sinkhorn(
         _check_mass(aw, bw, ns, ms)
     if not log_domain:
         if n_sizes is not None or m_sizes is not None or eps_scaling is not None or backend not in ("auto", "torch"):
-            raise AlignopsError("log_domain=False (the classical exp-domain iterations) runs on backend='torch' "
-                             "without ragged sizes or eps_scaling")
+            raise AlignopsError(
+                "log_domain=False (the classical exp-domain iterations) runs on backend='torch' "
+                "without ragged sizes or eps_scaling"
+            )
         if check_values and not torch.compiler.is_compiling():
             _check_cost(x, scores)
         f, g = _ref.sinkhorn_exp(-x if scores else x, aw, bw, eps, n_iters)
@@ -349,8 +368,10 @@ def _check_cost(x: torch.Tensor, scores: bool) -> None:
     if bool(torch.isnan(x).any()):
         raise AlignopsError("cost contains NaN")
     if bool((x == (math.inf if scores else -math.inf)).any()):
-        raise AlignopsError(f"cost contains {'+inf scores' if scores else '-inf costs'}: no finite plan exists "
-                         f"({'-inf scores' if scores else '+inf costs'} mark forbidden pairs)")
+        raise AlignopsError(
+            f"cost contains {'+inf scores' if scores else '-inf costs'}: no finite plan exists "
+            f"({'-inf scores' if scores else '+inf costs'} mark forbidden pairs)"
+        )
 
 
 def _with_newton(op, steps: int):
@@ -383,8 +404,17 @@ class _Envelope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_f, grad_g):
         cost, a, b, f, g, n_sizes, m_sizes = ctx.saved_tensors
-        return (envelope_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, ctx.eps, ctx.scores),
-                None, None, None, None, None, None, None, None)
+        return (
+            envelope_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, ctx.eps, ctx.scores),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze):
@@ -393,5 +423,3 @@ def _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze):
         f, g, iters, err = f[0], g[0], iters[0], err[0]
         P = P[0] if P is not None else None
     return SinkhornOutput(f, g, P, iters, err)
-
-
