@@ -127,3 +127,8 @@ from . import ppo  # noqa: E402
 from .ppo import GAEOutput, ValueLossOutput, gae_advantages, ppo_value_loss  # noqa: E402
 
 __all__ += ["ppo", "GAEOutput", "ValueLossOutput", "gae_advantages", "ppo_value_loss"]
+
+from . import policy  # noqa: E402
+from .policy import PolicyLossOutput, policy_loss  # noqa: E402
+
+__all__ += ["policy", "PolicyLossOutput", "policy_loss"]

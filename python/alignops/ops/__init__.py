@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     distillation,
     metrics,
     ot,
+    policy,
     ppo,
     preference,
     skip,

@@ -69,8 +69,11 @@ def policy_loss(
     off_policy_mask_threshold=None,
     sampling_per_token_logps=None,
     entropy_mask=None,
+    reduction="mean",
 ):
-    """(loss, metrics dict) of TRL's GRPO loss; ``metrics`` holds the masked means TRL logs (clip_ratio_low,
+    """(loss, metrics dict) of TRL's GRPO loss (``reduction="mean"``; ``"sum"`` drops the loss type's global
+    normaliser, ``"none"`` gives the per-sequence terms [B], 1/max(M_b, 1)-scaled for grpo / sapo); ``metrics``
+    holds the masked means TRL logs (clip_ratio_low,
     clip_ratio_high, clip_ratio_region — cispo's clip fraction as clip_ratio_high —, kl, mean_ratio, phi_mean)."""
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     acc = torch.float64 if per_token_logps.dtype == torch.float64 else torch.float32
@@ -129,7 +132,14 @@ def policy_loss(
         per_token_loss = per_token_loss + beta * per_token_kl
 
     per_token_loss = per_token_loss.expand(B, T)
-    if B == 0:
+    rows = (per_token_loss * mask).sum(-1)
+    if loss_type in ("grpo", "sapo"):
+        rows = rows / mask.sum(-1).clamp(min=1.0)
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    elif B == 0:
         loss = lp.sum() * 0
     elif loss_type in ("grpo", "sapo"):
         loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
