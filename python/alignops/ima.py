@@ -404,6 +404,18 @@ def ima_score(
     return IMAScore(**per_example, dataset=dataset)
 
 
+class InputOf(NamedTuple):
+    """An :class:`IMACollector` layer read from a module's input instead of its output.
+
+    The hook reads the module's first positional argument (or its ``hidden_states=`` keyword) as
+    [B, T, H]. For a VLM, ``InputOf(<decoder>.layers[0])`` is the language model's input: the text
+    embeddings with the image features merged in, which no module outputs (entry 0 of HF's
+    ``output_hidden_states``).
+    """
+
+    module: nn.Module | str
+
+
 class IMACollector:
     r"""Dataset-level IMA scores from forward hooks, over any number of forward passes.
 
@@ -417,7 +429,12 @@ class IMACollector:
 
     ``layers`` are modules of ``model`` (or their dotted names), listed in the order the forward pass
     runs them; layer ``l`` is position ``l`` in the list. Each hook reads the module's output (its first
-    element when it is a tuple, as HF decoder layers return) as [B, T, H]. The masks are those of
+    element when it is a tuple, as HF decoder layers return) as [B, T, H], or its input for an entry
+    wrapped in :class:`InputOf`. HF's ``output_hidden_states`` is ``(input of layers[0], layers[0], ...,
+    layers[L-2], norm(layers[L-1]))``; the same list of hooks, e.g. for a Qwen2-VL
+    ``[InputOf("model.language_model.layers.0"), *(f"model.language_model.layers.{i}" for i in
+    range(L - 1)), "model.language_model.norm"]``, gives the scores of ``ima_score`` on that tuple
+    (on a text model ``"model.embed_tokens"`` outputs entry 0). The masks are those of
     :func:`ima_score`; ``set_masks`` (or the constructor's masks) applies to the next forward pass only,
     so a stale mask is never reused: set them before every pass.
 
@@ -439,7 +456,7 @@ class IMACollector:
     def __init__(
         self,
         model: nn.Module,
-        layers: Sequence[nn.Module | str],
+        layers: Sequence[nn.Module | str | InputOf],
         *,
         perceptual_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -449,7 +466,11 @@ class IMACollector:
     ):
         if not isinstance(model, nn.Module):
             raise AlignopsError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self._hooked = [self._resolve(model, i, layer) for i, layer in enumerate(layers)]
+        self._reads_input = [isinstance(layer, InputOf) for layer in layers]
+        self._hooked = [
+            self._resolve(model, i, layer.module if isinstance(layer, InputOf) else layer)
+            for i, layer in enumerate(layers)
+        ]
         self.num_layers = L = len(self._hooked)
         if L < 1:
             raise AlignopsError("layers must name at least one module (L >= 1), got none")
@@ -495,7 +516,12 @@ class IMACollector:
     def attach(self) -> IMACollector:
         """Register the forward hooks (idempotent); returns self."""
         if not self._handles:
-            self._handles = [m.register_forward_hook(self._hook_for(i)) for i, m in enumerate(self._hooked)]
+            self._handles = [
+                m.register_forward_pre_hook(self._input_hook_for(i), with_kwargs=True)
+                if self._reads_input[i]
+                else m.register_forward_hook(self._hook_for(i))
+                for i, m in enumerate(self._hooked)
+            ]
         return self
 
     def detach(self) -> None:
@@ -513,16 +539,23 @@ class IMACollector:
     def _hook_for(self, position: int):
         def hook(module, args, output):
             h = output[0] if isinstance(output, (tuple, list)) else output
-            if not isinstance(h, torch.Tensor) or h.dim() != 3 or not h.is_floating_point():
-                got = f"shape {tuple(h.shape)}, {h.dtype}" if isinstance(h, torch.Tensor) else type(h).__name__
-                raise AlignopsError(
-                    f"IMACollector: layers[{position}] must output a float tensor [B, T, H] "
-                    f"(or a tuple starting with one), got {got}"
-                )
-            with torch.no_grad():
-                self._layer(position, h.detach())
+            self._read(position, h, "output a float tensor [B, T, H] (or a tuple starting with one)")
 
         return hook
+
+    def _input_hook_for(self, position: int):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            self._read(position, h, "take a float tensor [B, T, H] as its first argument (or hidden_states=)")
+
+        return hook
+
+    def _read(self, position: int, h, expected: str) -> None:
+        if not isinstance(h, torch.Tensor) or h.dim() != 3 or not h.is_floating_point():
+            got = f"shape {tuple(h.shape)}, {h.dtype}" if isinstance(h, torch.Tensor) else type(h).__name__
+            raise AlignopsError(f"IMACollector: layers[{position}] must {expected}, got {got}")
+        with torch.no_grad():
+            self._layer(position, h.detach())
 
     def _layer(self, l: int, h: torch.Tensor) -> None:
         L, k = self.num_layers, self.layer_offset
@@ -620,4 +653,4 @@ class IMACollector:
         )
 
 
-__all__ = ["TOKEN_PAIR_MODES", "IMADatasetScore", "IMAScore", "IMACollector", "ima_score"]
+__all__ = ["TOKEN_PAIR_MODES", "IMADatasetScore", "IMAScore", "IMACollector", "InputOf", "ima_score"]

@@ -3,7 +3,8 @@
 Perceptual (image / video / audio) tokens change little across the layers of a frozen LLM, so a
 decoder layer can skip their FFN: ``y = x + FFN(RMSNorm(x))`` on kept rows, ``y = x`` (bit-identical)
 on skipped rows. :func:`skip_ffn` is the op; :class:`SkipSchedule` and :func:`patch_ffn_skipping`
-apply it to HF-style (LLaMA / Qwen) decoder layers.
+apply it to HF-style (LLaMA / Qwen) decoder layers, including the language model of a VLM (Qwen2-VL,
+LLaVA), whose image tokens :meth:`FFNSkipper.skipping_tokens` skips through ``generate()``.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def change_score(x: torch.Tensor, previous: torch.Tensor, criterion: str = "cosi
 def keep_from_spans(skip_spans: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[B, T] keep mask that is False inside any ``[start, end)`` span of ``skip_spans`` [B, S, 2]."""
     if skip_spans.dim() != 3 or skip_spans.shape[-1] != 2:
-        raise AlignopsError("skip_spans must have shape [B, S, 2] (start, end per span), "
-                            f"got {tuple(skip_spans.shape)}")
+        raise AlignopsError(
+            f"skip_spans must have shape [B, S, 2] (start, end per span), got {tuple(skip_spans.shape)}"
+        )
     if skip_spans.dtype not in (torch.int64, torch.int32):
         raise AlignopsError(f"skip_spans must be int64 or int32, got {skip_spans.dtype}")
     if skip_spans.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -66,8 +68,11 @@ def keep_top_k(score: torch.Tensor, capacity: int | float) -> torch.Tensor:
 
 
 def _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion, score=None):
-    given = [name for name, v in (("keep", keep), ("skip_spans", skip_spans), ("threshold", threshold),
-                                  ("capacity", capacity)) if v is not None]
+    given = [
+        name
+        for name, v in (("keep", keep), ("skip_spans", skip_spans), ("threshold", threshold), ("capacity", capacity))
+        if v is not None
+    ]
     if len(given) > 1:
         raise AlignopsError(f"give one of keep, skip_spans, threshold, capacity; got {given}")
     lead = x.shape[:-1]
@@ -75,8 +80,9 @@ def _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion, sc
         return torch.ones(lead, dtype=torch.bool, device=x.device)
     if keep is not None:
         if keep.dtype != torch.bool or keep.shape != lead:
-            raise AlignopsError(f"keep must be a bool tensor of shape {list(lead)} (the rows of x), "
-                                f"got {keep.dtype} {list(keep.shape)}")
+            raise AlignopsError(
+                f"keep must be a bool tensor of shape {list(lead)} (the rows of x), got {keep.dtype} {list(keep.shape)}"
+            )
         return keep
     if skip_spans is not None:
         if x.dim() != 3:
@@ -87,8 +93,10 @@ def _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion, sc
         return keep
     if score is None:
         if previous is None:
-            raise AlignopsError("threshold and capacity rank tokens by their change in this layer: pass previous "
-                                "(the residual stream before the attention add) or delta (the attention output)")
+            raise AlignopsError(
+                "threshold and capacity rank tokens by their change in this layer: pass previous "
+                "(the residual stream before the attention add) or delta (the attention output)"
+            )
         score = change_score(x, previous, criterion)
     if threshold is not None:
         return score > threshold
@@ -187,16 +195,21 @@ def skip_ffn(
     H = x.shape[-1]
     score = None
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, delta, w_gate_up, w_down, norm_weight, b_gate_up, b_down))
+        t is not None and t.requires_grad for t in (x, delta, w_gate_up, w_down, norm_weight, b_gate_up, b_down)
+    )
     if inplace and needs_grad:
-        raise AlignopsError("inplace=True overwrites x and records no gradient: use it under torch.no_grad() "
-                            "(or with inputs that do not require grad)")
+        raise AlignopsError(
+            "inplace=True overwrites x and records no gradient: use it under torch.no_grad() "
+            "(or with inputs that do not require grad)"
+        )
     if delta is not None:
         if previous is not None:
             raise AlignopsError("give previous (the stream before the add) or delta (the attention output), not both")
         if delta.shape != x.shape or delta.dtype != x.dtype or delta.device != x.device:
-            raise AlignopsError(f"delta must match x: shape {tuple(x.shape)}, {x.dtype}, {x.device}; got "
-                                f"{tuple(delta.shape)}, {delta.dtype}, {delta.device}")
+            raise AlignopsError(
+                f"delta must match x: shape {tuple(x.shape)}, {x.dtype}, {x.device}; got "
+                f"{tuple(delta.shape)}, {delta.dtype}, {delta.device}"
+            )
         code = int(_CRITERION_CODES[criterion])
         if impl == "torch":
             h, score = _ref.add_score(x, delta, criterion)
@@ -220,8 +233,18 @@ def skip_ffn(
         op(target.view(-1, H), mask.reshape(-1), w_gate_up, w_down, norm_weight, b_gate_up, b_down, code, float(eps))
         return target
     op = torch.ops.alignops.skip_ffn if impl == "native" else torch.ops.alignops.skip_ffn_triton
-    y = op(x.reshape(-1, H), mask.reshape(-1), w_gate_up, w_down, norm_weight, b_gate_up, b_down,
-           code, float(eps), needs_grad)[0]
+    y = op(
+        x.reshape(-1, H),
+        mask.reshape(-1),
+        w_gate_up,
+        w_down,
+        norm_weight,
+        b_gate_up,
+        b_down,
+        code,
+        float(eps),
+        needs_grad,
+    )[0]
     return y.reshape(x.shape)
 
 
@@ -238,8 +261,9 @@ def _check_weights_to_pack(weights, on_cpu: bool = True) -> None:
         if not isinstance(w, torch.Tensor):
             raise AlignopsError(f"weights must be tensors, got {type(w).__name__}")
         if on_cpu and w.device.type != "cpu":
-            raise AlignopsError(f"prepacked weights live on the CPU; got {w.device} "
-                                "(on a GPU the GEMMs need no packing)")
+            raise AlignopsError(
+                f"prepacked weights live on the CPU; got {w.device} (on a GPU the GEMMs need no packing)"
+            )
 
 
 def prepack(*weights: torch.Tensor, batch_size: int | None = None) -> None:
@@ -265,8 +289,10 @@ def prepack(*weights: torch.Tensor, batch_size: int | None = None) -> None:
     except RuntimeError as e:  # oneDNN's own message names neither the argument nor the value
         if batch_size is None:
             raise
-        raise AlignopsError(f"batch_size={batch_size}: oneDNN found no weight layout for that many rows; pass "
-                            f"the batch size it will see, or None ({e})") from None
+        raise AlignopsError(
+            f"batch_size={batch_size}: oneDNN found no weight layout for that many rows; pass "
+            f"the batch size it will see, or None ({e})"
+        ) from None
 
 
 def unprepack(*weights: torch.Tensor) -> None:
@@ -307,13 +333,107 @@ class _Passthrough(torch.nn.Module):
         return x
 
 
+# Decoder layers that norm around the FFN more than once (Gemma 2 / 3: post_attention_layernorm is applied to
+# the attention output, then pre_feedforward_layernorm feeds the MLP) do not have the LLaMA block skip_ffn fuses.
+_FOREIGN_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+def _probe(module: torch.nn.Module, H: int, like: torch.Tensor, expected) -> bool:
+    """Runs ``module`` on a fixed probe [3, H] and compares it with ``expected(probe)``.
+
+    The patcher fuses a norm and an MLP it cannot read the code of: a probe tells a LLaMA RMSNorm from
+    Gemma's ``(1 + w)`` one, and SiLU from the GELU of a ``hidden_act="gelu"`` config, before the model
+    silently computes something else. Skipped (True) on the meta device, which holds no values.
+    """
+    if like.device.type == "meta":
+        return True
+    probe = torch.linspace(-3, 3, 3 * H, dtype=torch.float64).reshape(3, H).to(like.dtype).to(like.device)
+    with torch.no_grad():
+        got, exp = module(probe), expected(probe)
+    tol = 1e-4 if like.dtype in (torch.float32, torch.float64) else 2e-2
+    return isinstance(got, torch.Tensor) and got.shape == exp.shape and torch.allclose(got, exp, rtol=tol, atol=tol)
+
+
+def _norm_eps(norm: torch.nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def _check_layer(i: int, layer: torch.nn.Module, prepack: bool) -> None:
+    """Refuses, before anything is patched, a layer whose FFN block is not ``x + down(silu(gate(n)) * up(n))``
+    with ``n`` a LLaMA RMSNorm of the residual stream ``x`` (biases allowed)."""
+    for name in ("mlp", "post_attention_layernorm"):
+        if not hasattr(layer, name):
+            raise AlignopsError(
+                f"layer {i} has no `{name}`: patch_ffn_skipping expects HF-style LLaMA/Qwen decoder layers"
+            )
+    for name in _FOREIGN_NORMS:
+        if hasattr(layer, name):
+            raise AlignopsError(
+                f"layer {i} has a `{name}` (Gemma-style norms around the FFN): patch_ffn_skipping "
+                "fuses one RMSNorm before the FFN, as LLaMA / Qwen decoder layers have"
+            )
+    mlp, norm = layer.mlp, layer.post_attention_layernorm
+    projs = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if any(not isinstance(getattr(p, "weight", None), torch.Tensor) for p in projs):
+        raise AlignopsError(
+            f"layer {i}'s mlp must have gate_proj, up_proj and down_proj linear layers "
+            f"(LLaMA / Qwen MLP), got {type(mlp).__name__}"
+        )
+    gate, up, down = projs
+    H, I = down.weight.shape
+    if gate.weight.shape != (I, H) or up.weight.shape != (I, H):
+        raise AlignopsError(
+            f"layer {i}'s gate_proj and up_proj must have weights [I, H] = {[I, H]} "
+            f"(down_proj is {[H, I]}), got {list(gate.weight.shape)} and {list(up.weight.shape)}"
+        )
+    w = down.weight
+    act = getattr(mlp, "act_fn", None)
+    if not isinstance(act, torch.nn.Module) or not _probe(act, H, w, torch.nn.functional.silu):
+        raise AlignopsError(
+            f"layer {i}'s mlp.act_fn must be SiLU (SwiGLU: down(silu(gate(x)) * up(x))), got "
+            f"{type(act).__name__}: skip_ffn fuses SwiGLU only for gated MLPs"
+        )
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (H,):
+        raise AlignopsError(
+            f"layer {i}'s post_attention_layernorm must be an RMSNorm with a weight [H] = [{H}], "
+            f"got {type(norm).__name__}"
+        )
+    if not _probe(norm, H, w, lambda x: _ref.rms_norm(x, weight, _norm_eps(norm))):
+        raise AlignopsError(
+            f"layer {i}'s post_attention_layernorm ({type(norm).__name__}) does not compute "
+            "LLaMA's RMSNorm weight * x / sqrt(mean(x^2) + eps) (Gemma's (1 + weight) form, or a "
+            "LayerNorm, cannot be fused)"
+        )
+    for name, p in zip(("gate_proj", "up_proj", "down_proj"), projs):
+        if prepack and (p.weight.device.type != "cpu" or p.weight.dtype not in _PACKABLE):
+            raise AlignopsError(f"prepack=True needs layer {i}'s FFN weights on the CPU in bfloat16 or float32")
+        if p.weight.dtype != w.dtype or p.weight.device != w.device:
+            raise AlignopsError(
+                f"layer {i}'s {name} must have the dtype and device of down_proj "
+                f"({w.dtype}, {w.device}), got {p.weight.dtype}, {p.weight.device}"
+            )
+
+
 class _SkippingMLP(torch.nn.Module):
-    """Replaces a LLaMA-style MLP (gate_proj, up_proj, down_proj, SiLU) and the norm before it."""
+    """Replaces a LLaMA-style MLP (gate_proj, up_proj, down_proj, SiLU; biases optional) and the norm before it.
+
+    With no keep mask set it runs the original norm and MLP (bit-identical to the unpatched layer); with one,
+    :func:`skip_ffn` on the residual stream it receives in place of the norm's output.
+    """
 
     def __init__(self, mlp: torch.nn.Module, norm: torch.nn.Module, skipper: FFNSkipper):
         super().__init__()
         self.mlp, self.norm, self.skipper = mlp, norm, skipper
         self._fused: tuple | None = None
+
+    def _gate_up_bias(self) -> torch.Tensor | None:
+        gb, ub = self.mlp.gate_proj.bias, self.mlp.up_proj.bias
+        if gb is None and ub is None:
+            return None
+        gate_w = self.mlp.gate_proj.weight
+        zeros = gate_w.new_zeros(gate_w.shape[0])  # a config may bias one projection only
+        return torch.cat([zeros if gb is None else gb, zeros if ub is None else ub])
 
     def _gate_up(self) -> torch.Tensor:
         g, u = self.mlp.gate_proj.weight, self.mlp.up_proj.weight
@@ -337,14 +457,39 @@ class _SkippingMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = self.skipper.keep
-        if keep is not None and keep.shape != x.shape[:-1]:
-            raise AlignopsError(f"the keep mask set on FFNSkipper has shape {list(keep.shape)}, but the layer sees "
-                                f"hidden states of shape {list(x.shape)}")
-        eps = getattr(self.norm, "variance_epsilon", getattr(self.norm, "eps", 1e-6))
-        y = skip_ffn(x, self._gate_up(), self.mlp.down_proj.weight, self.norm.weight, keep=keep,
-                     b_gate_up=None, b_down=None, eps=eps)
+        if keep is None:
+            # Nothing to skip: the layer's own modules, so the patched model equals the unpatched one bit for bit.
+            return self.mlp(self.norm(x))
+        if keep.shape != x.shape[:-1]:
+            raise AlignopsError(
+                f"the keep mask set on FFNSkipper has shape {list(keep.shape)}, but the layer sees "
+                f"hidden states of shape {list(x.shape)} (a decode step of generate() sees only the "
+                "new tokens: use skipper.skipping_tokens(model, token_ids) there)"
+            )
+        y = skip_ffn(
+            x,
+            self._gate_up(),
+            self.mlp.down_proj.weight,
+            self.norm.weight,
+            keep=keep.to(x.device),
+            b_gate_up=self._gate_up_bias(),
+            b_down=self.mlp.down_proj.bias,
+            eps=_norm_eps(self.norm),
+            backend=self.skipper.backend,
+        )
         # The decoder layer adds the residual back: return the delta. Skipped rows give exactly 0 (y == x).
         return y - x
+
+
+def _input_ids(args, kwargs) -> torch.Tensor:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        got = f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise AlignopsError(
+            f"skipping_tokens reads the model's input_ids [B, T] (int64) at each forward call, got "
+            f"{got}: call the model with input_ids, not inputs_embeds"
+        )
+    return ids
 
 
 class FFNSkipper:
@@ -352,34 +497,33 @@ class FFNSkipper:
 
     Example::
 
-        skipper = patch_ffn_skipping(model.model.layers, SkipSchedule(start=8, interval=1))
-        with skipper.skipping(~perceptual_mask):   # [B, T] True = text tokens (computed)
+        skipper = patch_ffn_skipping(model, SkipSchedule(start=8, interval=1))
+        with skipper.skipping_tokens(model, perceptual_token_ids(model.config)):  # a VLM's image tokens
+            out = model.generate(**inputs)      # prefill and every decode step, KV cache included
+        with skipper.skipping(~perceptual_mask):  # or a fixed [B, T] mask (True = computed), one shape
             out = model(**inputs)
         skipper.remove()
 
-    With no mask set, every row is computed (the model equals the dense one up to rounding).
+    With no mask set the scheduled layers run their own modules: the model equals the unpatched one bit for
+    bit. With a mask, :func:`skip_ffn` runs the norm and the FFN on the kept rows (the kept rows equal the
+    dense layer up to the GEMMs' rounding; the skipped rows leave the FFN's residual add unchanged).
     ``prepack=True`` (CPU inference, bf16 / fp32 weights) keeps oneDNN-prepacked copies of the scheduled
     layers' FFN weights (see :func:`prepack`; one more copy of those weights in memory), dropped by
-    :meth:`remove`.
+    :meth:`remove`. ``backend`` is :func:`skip_ffn`'s.
     """
 
-    def __init__(self, layers: Sequence[torch.nn.Module], schedule: SkipSchedule, prepack: bool = False):
+    def __init__(
+        self, layers: Sequence[torch.nn.Module], schedule: SkipSchedule, prepack: bool = False, backend: str = "auto"
+    ):
+        if backend not in _backend.BACKENDS:
+            raise AlignopsError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
         self.keep: torch.Tensor | None = None
-        self.prepack = prepack
+        self.prepack, self.backend = prepack, backend
         self._patched = []
+        self._hooks = []
         chosen = schedule.layers(len(layers))
         for i in chosen:  # every layer is checked before any is patched
-            layer = layers[i]
-            for name in ("mlp", "post_attention_layernorm"):
-                if not hasattr(layer, name):
-                    raise AlignopsError(f"layer {i} has no `{name}`: patch_ffn_skipping expects HF-style LLaMA/Qwen "
-                                        "decoder layers")
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                proj = getattr(layer.mlp, name, None)
-                if proj is None or getattr(proj, "bias", None) is not None:
-                    raise AlignopsError(f"layer {i}'s mlp must have bias-free gate_proj, up_proj and down_proj")
-                if prepack and (proj.weight.device.type != "cpu" or proj.weight.dtype not in _PACKABLE):
-                    raise AlignopsError(f"prepack=True needs layer {i}'s FFN weights on the CPU in bfloat16 or float32")
+            _check_layer(i, layers[i], prepack)
         for i in chosen:
             layer = layers[i]
             mlp, norm = layer.mlp, layer.post_attention_layernorm
@@ -387,8 +531,17 @@ class FFNSkipper:
             layer.mlp = _SkippingMLP(mlp, norm, self)
             layer.post_attention_layernorm = _Passthrough()
 
+    @property
+    def patched_layers(self) -> list[torch.nn.Module]:
+        """The decoder layers whose FFN skips, in order."""
+        return [layer for layer, _, _ in self._patched]
+
     def skipping(self, keep: torch.Tensor | None):
-        """Context manager: rows with ``keep`` False skip the FFN of every scheduled layer."""
+        """Context manager: rows with ``keep`` False skip the FFN of every scheduled layer.
+
+        ``keep`` [B, T] bool must match every forward pass inside (one prompt length); ``None`` computes
+        every row with the original modules. For ``generate()`` use :meth:`skipping_tokens`.
+        """
         skipper = self
 
         class _Ctx:
@@ -403,15 +556,117 @@ class FFNSkipper:
 
         return _Ctx()
 
+    def skipping_tokens(self, model: torch.nn.Module, token_ids: int | Sequence[int] | torch.Tensor):
+        """Context manager: at every forward call of ``model``, the tokens whose id is in ``token_ids`` skip.
+
+        A forward pre-hook on ``model`` reads its ``input_ids`` [B, T] and sets ``keep = ~isin(input_ids,
+        token_ids)`` for that call (cleared when it returns), so the mask follows the tokens through
+        ``generate()``: the prefill skips the image tokens of the prompt, and each decode step (only the new
+        tokens, with the KV cache) computes its text tokens. ``model`` must be called with ``input_ids``
+        (the module that receives them: the ``...ForConditionalGeneration`` of a VLM, which merges the image
+        features in). ``token_ids``: e.g. ``perceptual_token_ids(model.config)``.
+        """
+        ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
+        if ids.numel() == 0:
+            raise AlignopsError("token_ids must name at least one token id to skip, got none")
+        if not isinstance(model, torch.nn.Module):
+            raise AlignopsError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        skipper = self
+        outer: list[torch.Tensor | None] = []  # the mask each running call replaced (calls may nest)
+
+        def before(module, args, kwargs):
+            input_ids = _input_ids(args, kwargs)
+            outer.append(skipper.keep)
+            skipper.keep = ~torch.isin(input_ids, ids.to(input_ids.device))
+
+        def after(module, args, kwargs, output):
+            if outer:  # empty when the pre-hook itself raised
+                skipper.keep = outer.pop()
+
+        class _Ctx:
+            def __enter__(self):
+                self.previous = skipper.keep
+                self.handles = [
+                    model.register_forward_pre_hook(before, with_kwargs=True),
+                    model.register_forward_hook(after, with_kwargs=True, always_call=True),
+                ]
+                skipper._hooks.extend(self.handles)
+                return skipper
+
+            def __exit__(self, *exc):
+                for handle in self.handles:
+                    handle.remove()
+                    skipper._hooks.remove(handle)
+                skipper.keep = self.previous
+                return False
+
+        return _Ctx()
+
     def remove(self) -> None:
-        """Restores the original modules."""
+        """Restores the original modules (and removes the hooks of an open :meth:`skipping_tokens`)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self.keep = None
         for layer, mlp, norm in self._patched:
             layer.mlp.release()
             layer.mlp, layer.post_attention_layernorm = mlp, norm
         self._patched = []
 
 
-def patch_ffn_skipping(layers: Sequence[torch.nn.Module], schedule: SkipSchedule = SkipSchedule(),
-                       prepack: bool = False) -> FFNSkipper:
-    """Patch the scheduled decoder layers to use :func:`skip_ffn`; see :class:`FFNSkipper`."""
-    return FFNSkipper(layers, schedule, prepack)
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of an HF causal LM or VLM: the one ``nn.ModuleList`` whose layers all have an ``mlp``
+    and a ``post_attention_layernorm`` (``model.model.layers`` of LLaMA / Qwen2,
+    ``model.model.language_model.layers`` of Qwen2-VL / LLaVA; a vision tower's blocks do not qualify)."""
+    if not isinstance(model, torch.nn.Module):
+        raise AlignopsError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.ModuleList)
+        and len(m) > 0
+        and all(hasattr(layer, "mlp") and hasattr(layer, "post_attention_layernorm") for layer in m)
+    ]
+    if len(found) != 1:
+        names = [name for name, _ in found]
+        raise AlignopsError(
+            f"model must hold exactly one list of decoder layers (modules with `mlp` and "
+            f"`post_attention_layernorm`), found {len(found)}{': ' + str(names) if names else ''}; "
+            "pass the layers to patch_ffn_skipping instead"
+        )
+    return found[0][1]
+
+
+# The config attributes HF multimodal models name their placeholder tokens by (LLaVA: image_token_index, with
+# image_token_id as its alias; Qwen2-VL: image_token_id / video_token_id; Qwen2-Audio: audio_token_index).
+_PERCEPTUAL_TOKEN_ATTRS = tuple(f"{m}_token_{k}" for m in ("image", "video", "audio") for k in ("id", "index"))
+
+
+def perceptual_token_ids(config) -> list[int]:
+    """The ids of the placeholder tokens an HF multimodal config marks perceptual inputs with (its
+    ``image_token_id`` / ``image_token_index``, and the video / audio ones when present), sorted."""
+    ids = {getattr(config, a) for a in _PERCEPTUAL_TOKEN_ATTRS if isinstance(getattr(config, a, None), int)}
+    if not ids:
+        raise AlignopsError(
+            f"config ({type(config).__name__}) names no perceptual token id (none of "
+            f"{_PERCEPTUAL_TOKEN_ATTRS}): pass the token ids to skipping_tokens yourself"
+        )
+    return sorted(ids)
+
+
+def patch_ffn_skipping(
+    layers: Sequence[torch.nn.Module] | torch.nn.Module,
+    schedule: SkipSchedule = SkipSchedule(),
+    prepack: bool = False,
+    backend: str = "auto",
+) -> FFNSkipper:
+    """Patch the scheduled decoder layers to use :func:`skip_ffn`; see :class:`FFNSkipper`.
+
+    ``layers``: the decoder layers (``model.model.layers``), or a whole model, whose layers
+    :func:`decoder_layers` finds. Every scheduled layer is checked before any is patched: a LLaMA-style FFN
+    block (``post_attention_layernorm`` an RMSNorm, ``mlp`` with gate / up / down projections, SiLU; biases
+    allowed), as LLaMA, Qwen2 and the language models of Qwen2-VL and LLaVA have.
+    """
+    if isinstance(layers, torch.nn.Module) and not isinstance(layers, (torch.nn.ModuleList, torch.nn.Sequential)):
+        layers = decoder_layers(layers)
+    return FFNSkipper(layers, schedule, prepack, backend)
