@@ -288,6 +288,7 @@ def test_the_table_covers_every_public_function():
     exempt = {"prepare_token_list", "write_kaldi_segments", "write_ctm", "to_json", "random_projections",
               "eps_schedule", "implicit_grad_cost", "bank_column_lse", "check_cu_seqlens", "check_targets_in_range",
               "segment_sums", "patch_ffn_skipping", "prepack", "unprepack", "is_prepacked", "keep_from_spans",
+              "decoder_layers", "perceptual_token_ids",
               "keep_top_k", "span_occupancy", "word_spans", "ctc_segmentation", "utterance_segments",
               "pseudo_forced_align", "kappa_from_confusion", "conformal_selection", "worst_of_n", "percent_agreement"}
     import importlib
