@@ -1,5 +1,5 @@
-"""FFN skipping and IMA on real transformers models (issue 15 §2): tiny LLaMA, Qwen2 and Qwen2-VL built from
-configs with random weights (fp32, eval mode; nothing is downloaded).
+"""FFN skipping and IMA on real transformers models (issue 15 §2): tiny LLaMA, Qwen2, Qwen2-VL and LLaVA built
+from configs with random weights (fp32, eval mode; nothing is downloaded).
 
 The oracle of the skip schedule is independent of alignops: the *unpatched* HF model with forward hooks that
 zero the FFN output (``mlp``) of the scheduled layers on the rows whose input id is a perceptual token, so that
@@ -22,6 +22,9 @@ TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: skip_ffn's fused GEMMs against HF's th
 VOCAB = 128
 IMAGE, VIDEO, VISION_START, VISION_END = 100, 101, 102, 103  # Qwen2-VL's placeholder ids, moved into VOCAB
 PLACEHOLDER = 120  # the "perceptual" token id of the text-only models (a stand-in for an image span)
+
+
+VLMS = ("qwen2_vl", "llava")
 
 
 def _import_transformers():
@@ -79,6 +82,25 @@ class Case:
                     for layer in self.model.model.layers:
                         for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
                             proj.bias.normal_()
+        elif name == "llava":
+            config = tf.LlavaConfig(
+                text_config=dict(model_type="llama", **TEXT),
+                vision_config=dict(
+                    model_type="clip_vision_model",
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    image_size=8,
+                    patch_size=4,
+                ),
+                image_token_index=IMAGE,
+            )
+            self.model = tf.LlavaForConditionalGeneration(config).eval()
+            ids[0, 2:6] = IMAGE  # one 8x8 image per sequence: 2x2 patches of 4 pixels (CLS dropped) = 4 tokens
+            ids[1, 5:9] = IMAGE
+            self.skip_ids = perceptual_token_ids(config)
+            self.inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 8, 8))
         else:
             config = tf.Qwen2VLConfig(
                 text_config=dict(
@@ -139,7 +161,7 @@ class Case:
 _CASES = {}
 
 
-@pytest.fixture(params=["llama", "qwen2", "qwen2_vl"])
+@pytest.fixture(params=["llama", "qwen2", "qwen2_vl", "llava"])
 def case(request):
     if request.param not in _CASES:
         _CASES[request.param] = Case(request.param)
@@ -186,11 +208,9 @@ def _mlp_calls(skipper):
 
 
 def test_decoder_layers_and_token_ids(case):
-    assert case.layers is (
-        case.model.model.language_model.layers if case.name == "qwen2_vl" else case.model.model.layers
-    )
-    if case.name == "qwen2_vl":
-        assert case.skip_ids == [IMAGE, VIDEO]
+    assert case.layers is (case.model.model.language_model.layers if case.name in VLMS else case.model.model.layers)
+    if case.name in VLMS:
+        assert case.skip_ids == ([IMAGE, VIDEO] if case.name == "qwen2_vl" else [IMAGE])
     llava = tf.LlavaConfig(text_config=dict(model_type="llama"), image_token_index=7)
     assert perceptual_token_ids(llava) == [7]
     with pytest.raises(ValueError, match="names no perceptual token id"):
@@ -345,8 +365,8 @@ def test_ima_collector_on_real_module_names(case):
     """HF's output_hidden_states is (input of layers.0, layers.0, ..., layers.L-2, norm(layers.L-1)): the
     collector hooked on those modules gives ima_score's dataset terms on that tuple. Entry 0 is embed_tokens'
     output on a text model; on a VLM (image features merged in) no module outputs it: InputOf(layers.0)."""
-    prefix = "model.language_model" if case.name == "qwen2_vl" else "model"
-    first = InputOf(f"{prefix}.layers.0") if case.name == "qwen2_vl" else f"{prefix}.embed_tokens"
+    prefix = "model.language_model" if case.name in VLMS else "model"
+    first = InputOf(f"{prefix}.layers.0") if case.name in VLMS else f"{prefix}.embed_tokens"
     names = [first] + [f"{prefix}.layers.{i}" for i in range(len(case.layers) - 1)] + [f"{prefix}.norm"]
     with torch.no_grad():
         states = case.model(**case.inputs, output_hidden_states=True).hidden_states
@@ -371,9 +391,11 @@ def test_ima_collector_on_real_module_names(case):
 
 def _row(case, b):
     row = {k: v[b : b + 1] for k, v in case.inputs.items() if k not in ("pixel_values", "image_grid_thw")}
-    if "pixel_values" in case.inputs:
+    if case.name == "qwen2_vl":  # 16 patches per image, flattened
         row["pixel_values"] = case.inputs["pixel_values"][16 * b : 16 * (b + 1)]
         row["image_grid_thw"] = case.inputs["image_grid_thw"][b : b + 1]
+    elif case.name == "llava":
+        row["pixel_values"] = case.inputs["pixel_values"][b : b + 1]
     return row
 
 
@@ -395,3 +417,31 @@ def test_readme_example_skipping_a_vlms_image_tokens():
     skipper.remove()  # the original modules are back
     # ---- README ends
     assert torch.equal(out, expected)
+
+
+def test_readme_example_ima_of_a_vlm():
+    """The README's IMA example, verbatim; it must equal ima_score on the model's own output_hidden_states."""
+    case = _CASES.get("qwen2_vl") or Case("qwen2_vl")
+    model = case.model
+    batches = [_row(case, 0), _row(case, 1)]
+    # ---- README begins
+    from alignops.ima import IMACollector, InputOf
+
+    lm = "model.language_model"  # the decoder of a Qwen2-VL / LLaVA; "model" for a text-only LLM
+    L = model.config.text_config.num_hidden_layers
+    layers = [InputOf(f"{lm}.layers.0"), *(f"{lm}.layers.{i}" for i in range(L))]  # LLM input, every layer
+    with torch.no_grad(), IMACollector(model, layers) as col:
+        for inputs in batches:  # processor outputs, any number
+            col.set_masks(inputs["input_ids"] == model.config.image_token_id, inputs["attention_mask"])
+            model(**inputs)
+    score = col.result()  # IMADatasetScore: cross, token_pair [L + 1], change_perceptual / _textual [L], ...
+    # ---- README ends
+    last = []  # the last layer's own output: HF's last hidden state is after the final norm
+    handle = case.layers[-1].register_forward_hook(lambda module, args, output: last.append(output))
+    with torch.no_grad():
+        states = list(model(**case.inputs, output_hidden_states=True).hidden_states)
+    handle.remove()
+    states[-1] = last[0]
+    expected = ima_score(states, case.inputs["input_ids"] == IMAGE).dataset
+    for name in expected._fields:
+        torch.testing.assert_close(getattr(score, name), getattr(expected, name), rtol=1e-5, atol=1e-6)

@@ -562,7 +562,9 @@ class FFNSkipper:
         A forward pre-hook on ``model`` reads its ``input_ids`` [B, T] and sets ``keep = ~isin(input_ids,
         token_ids)`` for that call (cleared when it returns), so the mask follows the tokens through
         ``generate()``: the prefill skips the image tokens of the prompt, and each decode step (only the new
-        tokens, with the KV cache) computes its text tokens. ``model`` must be called with ``input_ids``
+        tokens, with the KV cache) computes its text tokens. The mask lives for the call only: with gradient
+        checkpointing (which re-runs the layers in the backward) use :meth:`skipping` around the forward and
+        the backward instead. ``model`` must be called with ``input_ids``
         (the module that receives them: the ``...ForConditionalGeneration`` of a VLM, which merges the image
         features in). ``token_ids``: e.g. ``perceptual_token_ids(model.config)``.
         """
