@@ -22,4 +22,4 @@ except ImportError:
 if triton is not None:
     from . import distillation_triton, fused_linear_triton, ot_triton, preference_triton, skip_triton  # noqa: F401
     from . import ctc_segmentation_triton, metrics_triton, wasserstein_triton, watermark_triton  # noqa: F401
-    from . import ppo_triton  # noqa: F401
+    from . import policy_triton, ppo_triton  # noqa: F401
