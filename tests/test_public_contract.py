@@ -204,6 +204,14 @@ CASES: dict[str, Case] = {
     "ppo_value_loss": case(alignops.ppo_value_loss,
                            lambda: [rn(3, 6), rn(3, 6, seed=1), rn(3, 6, seed=2), torch.ones(3, 6, dtype=torch.bool)],
                            hyper=("cliprange_value",)),
+    # policy
+    "policy_loss": case(alignops.policy_loss,
+                        lambda: [rn(3, 6), rn(3, seed=1), torch.ones(3, 6, dtype=torch.bool)],
+                        lambda: dict(old_per_token_logps=rn(3, 6, seed=2), ref_per_token_logps=rn(3, 6, seed=3),
+                                     beta=0.04, importance_sampling_ratio=rn(3, 6, seed=4).abs()),
+                        meta="ref_per_token_logps",
+                        hyper=("epsilon_low", "epsilon_high", "delta", "beta", "sapo_temperature_pos",
+                               "vespo_lambda_neg", "off_policy_mask_threshold:nan")),
 }
 
 # Entries that still break the contract today, with the defect (xfail strict: they fail loudly once fixed).
@@ -295,7 +303,8 @@ def test_the_table_covers_every_public_function():
     import inspect
     missing = []
     for m in ("preference", "fused_linear", "ctc", "ctc_posteriors", "ctc_segmentation", "ot", "skip", "wasserstein",
-              "metrics", "watermark", "ima", "similarity", "rewards", "objectives", "ppo"):
+              "metrics", "watermark", "ima", "similarity", "rewards", "objectives", "ppo",
+              "policy"):
         mod = importlib.import_module(f"alignops.{m}")
         for n, f in vars(mod).items():
             if (not n.startswith("_") and inspect.isfunction(f) and f not in listed
