@@ -3,9 +3,10 @@ global batch, end with the loss and the gradients (trunk and LM head, gathered t
 whole batch.
 
 The losses read ``lm_head.weight`` outside the head's forward, so under FSDP2 it arrives as a ``Shard(0)``
-DTensor: the fused functions all-gather it once per call and reduce-scatter its gradient, averaged over the
-ranks like every FSDP / DDP gradient. Token-normalised losses pass ``num_items_in_batch`` = the global token
-count / world size (TRL's normaliser), so that the averaged gradients are those of the global mean.
+DTensor (``(Replicate(), Shard(0))`` under HSDP): the fused functions all-gather it once per call and
+reduce-scatter its gradient, averaged over the ranks like every FSDP / DDP gradient. Token-normalised losses
+pass ``num_items_in_batch`` = the global token count / world size (TRL's normaliser), so that the averaged
+gradients are those of the global mean.
 
 One ``mp.spawn`` runs every case (process start-up dominates); the tests compare its saved results.
 """
@@ -29,6 +30,7 @@ CASES = [
     ("fsdp", "distillation"),
     ("fsdp", "policy"),
     ("fsdp_in_forward", "preference"),
+    ("hsdp", "preference"),
     ("ddp", "distillation"),
     ("ddp", "policy"),
 ]
@@ -164,6 +166,13 @@ def _worker(rank, init_file, out_dir):
             if scheme == "ddp":
                 wrapped = DDP(model)
                 view = _View(wrapped, wrapped.module.head)
+            elif scheme == "hsdp":
+                # 2 replicas of 1 shard: the head's gradient is averaged over the mesh's replicate dimension
+                mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+                fully_shard(model.head, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+                view = _View(model, model.head)
+                assert model.head.weight.placements == (Replicate(), Shard(0))
             else:
                 if scheme == "fsdp":
                     fully_shard(model.head)  # its own unit: its weight stays a Shard(0) DTensor outside forward
