@@ -61,14 +61,15 @@ TORCH_LIBRARY(alignops, m) {
   // z = logit_scale * (hidden @ weight^T + bias); z = softcap * tanh(z / softcap) when softcap > 0; z /= T.
   // Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32 (empty unless return_entropy)); rows whose
   // target is ignore_index give 0 and are dropped before any GEMM. The backward recomputes the logits
-  // tile by tile and returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or empty).
+  // tile by tile and returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or empty); with grad_entropy
+  // and the forward's entropy it adds the entropy's gradient (an entropy bonus) in the same pass.
   m.def(
       "fused_linear_logprobs(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
       "float temperature, float logit_scale, float softcap, bool return_entropy) -> (Tensor, Tensor, Tensor)");
   m.def(
       "fused_linear_logprobs_backward(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
-      "Tensor lse, int ignore_index, float temperature, float logit_scale, float softcap, bool bias_grad) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor lse, int ignore_index, float temperature, float logit_scale, float softcap, bool bias_grad, "
+      "Tensor? grad_entropy=None, Tensor? entropy=None) -> (Tensor, Tensor, Tensor)");
 
   // ---- distillation: teacher-student divergence from both LM heads, no [N, V] logits ---------------
   // divergence: "jsd" (coef = beta; 0 forward KL, 1 reverse KL), "tv", "skew_kl" / "skew_reverse_kl"

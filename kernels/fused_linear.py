@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from ._launch import interpreting, launch
 
+from ._launch import interpreting, launch
 from .preference import launch_config
 
 # ---- tile and block sizes ---------------------------------------------------------------------------------
@@ -281,6 +281,7 @@ def fused_linear_bwd_tile_kernel(
     bias_ptr,  # [V], read when HAS_BIAS
     targets_ptr,  # [N] int32 / int64
     grad_logp_ptr, lse_ptr,  # [N] accumulation dtype
+    grad_entropy_ptr, entropy_ptr,  # [N] accumulation dtype, read when ENTROPY
     dz_ptr,  # [N, W] in the GEMM operand dtype; may be u_ptr (each element is read before it is written)
     W,
     V,
@@ -291,11 +292,12 @@ def fused_linear_bwd_tile_kernel(
     softcap: tl.float64,
     HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Grid (rows, column blocks): dz = g dz/du (1[v = y] - exp(z - lse)), rounded once to dz's dtype.
-    Ignored rows and rows with g = 0 write zeros without reading the tile; a target outside [0, V) writes
-    NaN."""
+    """Grid (rows, column blocks): dz = g dz/du (1[v = y] - exp(z - lse)), rounded once to dz's dtype; with
+    ENTROPY the entropy's gradient ge dH/dz = -ge p (z - lse + H) is added. Ignored rows and rows with
+    g = 0 (and ge = 0) write zeros without reading the tile; a target outside [0, V) writes NaN."""
     ACC = lse_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -303,7 +305,11 @@ def fused_linear_bwd_tile_kernel(
     out_ptrs = dz_ptr + row * W + offs
     y = tl.load(targets_ptr + row).to(tl.int64)
     g = tl.load(grad_logp_ptr + row)
-    if (y == ignore_index) | (g == 0):
+    if ENTROPY:
+        ge = tl.load(grad_entropy_ptr + row)
+    else:
+        ge = tl.zeros([], g.dtype)
+    if (y == ignore_index) | ((g == 0) & (ge == 0)):
         tl.store(out_ptrs, tl.zeros([BLOCK_V], dz_ptr.dtype.element_ty), mask=mask)
     else:
         inv_t = 1 / tl.full([], temperature, ACC)
@@ -311,16 +317,20 @@ def fused_linear_bwd_tile_kernel(
         if HAS_BIAS:
             u += tl.load(bias_ptr + v0 + offs, mask=mask, other=0).to(ACC)
         z, dzdu = _logits(u, tl.full([], logit_scale, ACC), tl.full([], softcap, ACC), inv_t, SOFTCAP)
-        p = tl.exp(z - tl.load(lse_ptr + row))
+        logp = z - tl.load(lse_ptr + row)
+        p = tl.exp(logp)
         dz = g * dzdu * tl.where(offs == y - v0, 1 - p, -p)
+        if ENTROPY:
+            dz -= ge * dzdu * p * (logp + tl.load(entropy_ptr + row))
         dz = tl.where((y >= 0) & (y < V), dz, float("nan"))
         tl.store(out_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 def launch_fused_linear_backward(grad_logp, hidden, weight, targets, bias, lse, grad_hidden, grad_weight, grad_bias,
-                                 ignore_index, temperature, logit_scale, softcap):
+                                 ignore_index, temperature, logit_scale, softcap, grad_entropy=None, entropy=None):
     """The vocabulary loop of the backward; fills the preallocated contiguous ``grad_hidden`` [N, H],
-    ``grad_weight`` [V, H] and ``grad_bias`` ([V], or empty to skip it). Needs N > 0."""
+    ``grad_weight`` [V, H] and ``grad_bias`` ([V], or empty to skip it). ``grad_entropy`` and ``entropy`` ([N],
+    both or neither) add the entropy's gradient. Needs N > 0."""
     N, H = hidden.shape
     V = weight.shape[0]
     acc = lse.dtype
@@ -336,9 +346,11 @@ def launch_fused_linear_backward(grad_logp, hidden, weight, targets, bias, lse, 
         u = _mm(hidden, w_tile.t(), acc)
         dz = u if direct else torch.empty_like(u, dtype=hidden.dtype)
         launch(fused_linear_bwd_tile_kernel, (N, triton.cdiv(w, block_v)),
-            u, u if bias is None else bias, targets, grad_logp, lse, dz, w, V, v0, int(ignore_index),
-            float(temperature), float(logit_scale), float(softcap),
-            HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_V=block_v, num_warps=num_warps)
+            u, u if bias is None else bias, targets, grad_logp, lse,
+            lse if grad_entropy is None else grad_entropy, lse if entropy is None else entropy,
+            dz, w, V, v0, int(ignore_index), float(temperature), float(logit_scale), float(softcap),
+            HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, ENTROPY=grad_entropy is not None, BLOCK_V=block_v,
+            num_warps=num_warps)
         gh = _addmm(gh, dz, w_tile)
         if direct:
             torch.mm(dz.t(), hidden, out=grad_weight[v0:v0 + w])

@@ -45,6 +45,41 @@ def test_logprobs_and_grads_match_reference(vocab_tiles, dtype, opts, bias):
         torch.testing.assert_close(a, e, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("opts", [{}, {"temperature": 0.7, "logit_scale": 0.5, "softcap": 2.0}])
+@pytest.mark.parametrize("use_logp", [True, False])
+def test_entropy_gradient_matches_reference(vocab_tiles, dtype, opts, use_logp):
+    """An entropy bonus: the entropy's gradient -p (log p + H) rides in the log-probs' backward pass (or alone)."""
+    hidden, weight, b, targets = make(23, 16, 301, dtype, bias=True)
+    out = alignops.fused_linear_logprobs(hidden, weight, targets, b, return_entropy=True, **opts)
+    clones = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, b)]
+    exp_logp, exp_ent = ref.fused_linear_logprobs(*clones[:2], targets, clones[2], return_entropy=True, **opts)
+    g, ge = torch.randn(23, dtype=out.logp.dtype), torch.randn(23, dtype=out.logp.dtype)
+    ge[3] = 0.0  # a row with only the log-prob term
+    got = torch.autograd.grad((out.logp * g).sum() * use_logp + (out.entropy * ge).sum(), (hidden, weight, b))
+    exp = torch.autograd.grad((exp_logp * g).sum() * use_logp + (exp_ent * ge).sum(), clones)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for a, e in zip(got, exp):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, e, **tol)
+    assert torch.all(got[0][targets == -100] == 0)
+
+
+def test_entropy_gradcheck_and_opcheck():
+    hidden, weight, b, targets = make(7, 5, 13, torch.float64, bias=True)
+    assert torch.autograd.gradcheck(
+        lambda h, w, bb: alignops.fused_linear_logprobs(h, w, targets, bb, softcap=3.0, temperature=0.9,
+                                                        return_entropy=True).entropy, (hidden, weight, b))
+    out = torch.ops.alignops.fused_linear_logprobs(hidden, weight, targets, b, -100, 0.9, 1.0, 0.0, True)
+    # The backward op itself has no autograd: its inputs are plain tensors.
+    args = (torch.randn(7, dtype=torch.float64), hidden.detach(), weight.detach(), targets, b.detach(),
+            out[1].detach(), -100, 0.9, 1.0, 0.0,
+            True, torch.randn(7, dtype=torch.float64), out[2].detach())
+    torch.library.opcheck(torch.ops.alignops.fused_linear_logprobs_backward.default, args)
+    with pytest.raises(ValueError, match="grad_entropy and entropy go together"):
+        torch.ops.alignops.fused_linear_logprobs_backward(*args[:-1])
+
+
 def test_bf16_within_twice_torch_error():
     hidden, weight, _, targets = make(64, 32, 500, torch.float32)
     h16, w16 = hidden.detach().bfloat16(), weight.detach().bfloat16()

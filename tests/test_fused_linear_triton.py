@@ -180,6 +180,28 @@ def test_largest_shape_many_tiles_public_api(vocab_tile):
         torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("transform", ["plain", "softcap2"])
+def test_entropy_gradient_matches_reference_and_native(vocab_tile, transform):
+    """The entropy's gradient (an entropy bonus) in the Triton backward, with and without the log-probs' term."""
+    vocab_tile(64)
+    T, ls, sc = TRANSFORMS[transform]
+    h, w, y, b = _data(9, 16, 150, torch.float64)
+    g = _upstream(9, torch.float64)
+    ge = torch.randn(9, dtype=torch.float64, device=DEVICE)
+    ge[1] = 0.0
+    grads = {}
+    for name, backend in (("triton", "triton"), ("native", "native"), ("ref", "torch")):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (h, w, b)]
+        out = alignops.fused_linear_logprobs(*leaves[:2], y, leaves[2], temperature=T, logit_scale=ls,
+                                             softcap=sc or None, return_entropy=True, backend=backend)
+        both = torch.autograd.grad((out.logp * g).sum() + (out.entropy * ge).sum(), leaves, retain_graph=True)
+        alone = torch.autograd.grad((out.entropy * ge).sum(), leaves)
+        grads[name] = both + alone
+    for got, want, nat in zip(grads["triton"], grads["ref"], grads["native"]):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+        torch.testing.assert_close(got, nat, **TOL[torch.float64])
+
+
 def test_non_contiguous_inputs_and_no_bias_grad():
     h, w, y, b = _data(9, 20, 150, torch.float32)
     h_nc = h.t().contiguous().t()  # column-major

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_capability.h"
@@ -49,8 +50,8 @@ void check_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Te
   check_dim(targets, 1, "targets", "[N]");
   check_integer(targets, "targets");
   check_same_device(targets, hidden, "targets", "hidden");
-  TORCH_CHECK_VALUE(targets.size(0) == hidden.size(0), "targets must have one entry per row of hidden [N=",
-                    hidden.size(0), "], got ", targets.size(0));
+  TORCH_CHECK_VALUE(targets.size(0) == hidden.size(0),
+                    "targets must have one entry per row of hidden [N=", hidden.size(0), "], got ", targets.size(0));
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape [V] = [",
                       weight.size(0), "], got ", bias->sizes());
@@ -81,8 +82,8 @@ std::pair<at::Tensor, at::Tensor> kept_rows(const at::Tensor& targets, int64_t i
 }
 
 // u = h @ w[v0:v0+vt]^T (+ bias) into the first K * vt elements of `buffer`, as a contiguous [K, vt].
-at::Tensor gemm_tile(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     int64_t v0, int64_t vt, at::Tensor& buffer, at::ScalarType acc) {
+at::Tensor gemm_tile(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t v0,
+                     int64_t vt, at::Tensor& buffer, at::ScalarType acc) {
   const int64_t K = h.size(0);
   auto tile = buffer.narrow(0, 0, K * vt).view({K, vt});
   const auto w = weight.narrow(0, v0, vt).to(acc);
@@ -95,8 +96,9 @@ at::Tensor gemm_tile(const at::Tensor& h, const at::Tensor& weight, const std::o
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const std::optional<at::Tensor>& bias,
-    int64_t ignore_index, double temperature, double logit_scale, double softcap, bool return_entropy) {
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, double temperature, double logit_scale, double softcap,
+    bool return_entropy) {
   check_args(hidden, weight, targets, bias, temperature, logit_scale);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const auto acc = acc_type_of(hidden);
@@ -111,8 +113,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_cpu(
   }
   const auto h = hidden.index_select(0, index).to(acc).contiguous();
   // The running max starts at the lowest finite value, not -inf: masked (-inf) logits never form -inf - -inf.
-  auto m = at::full({K}, acc == at::kDouble ? std::numeric_limits<double>::lowest()
-                                            : double(std::numeric_limits<float>::lowest()), opts);
+  auto m = at::full(
+      {K}, acc == at::kDouble ? std::numeric_limits<double>::lowest() : double(std::numeric_limits<float>::lowest()),
+      opts);
   auto s = at::zeros({K}, opts);
   auto zt = at::zeros({K}, opts);
   auto ez = return_entropy ? at::zeros({K}, opts) : at::Tensor();
@@ -137,14 +140,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cpu(
     const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index, double temperature,
-    double logit_scale, double softcap, bool bias_grad) {
+    double logit_scale, double softcap, bool bias_grad, const std::optional<at::Tensor>& grad_entropy,
+    const std::optional<at::Tensor>& entropy) {
   check_args(hidden, weight, targets, bias, temperature, logit_scale);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto acc = acc_type_of(hidden);
-  for (const auto& [t, name] : {std::pair{&grad_logp, "grad_logp"}, std::pair{&lse, "lse"}}) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == N && t->scalar_type() == acc, name, " must be a ",
-                      dtype_name(acc), " tensor of shape [N] = [", N, "], got ", dtype_name(t->scalar_type()), " ",
-                      t->sizes());
+  TORCH_CHECK_VALUE(grad_entropy.has_value() == entropy.has_value(),
+                    "grad_entropy and entropy go together: give both or neither");
+  std::vector<std::pair<const at::Tensor*, const char*>> vectors{{&grad_logp, "grad_logp"}, {&lse, "lse"}};
+  if (grad_entropy.has_value()) {
+    vectors.insert(vectors.end(), {{&*grad_entropy, "grad_entropy"}, {&*entropy, "entropy"}});
+  }
+  for (const auto& [t, name] : vectors) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == N && t->scalar_type() == acc, name, " must be a ", dtype_name(acc),
+                      " tensor of shape [N] = [", N, "], got ", dtype_name(t->scalar_type()), " ", t->sizes());
   }
   auto grad_hidden = at::zeros_like(hidden, at::MemoryFormat::Contiguous);
   auto grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
@@ -157,6 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cp
   const auto h = hidden.index_select(0, index).to(acc).contiguous();
   const auto g = grad_logp.index_select(0, index).contiguous();
   const auto lse_k = lse.index_select(0, index).contiguous();
+  // The entropy's gradient (an entropy bonus) rides in the same pass over the recomputed tiles.
+  const auto ge = grad_entropy.has_value() ? grad_entropy->index_select(0, index).contiguous() : at::Tensor();
+  const auto ent = entropy.has_value() ? entropy->index_select(0, index).contiguous() : at::Tensor();
   auto gh = at::zeros({K, H}, hidden.options().dtype(acc));
   const LogitTransform f{logit_scale, softcap, 1.0 / temperature};
   const int64_t Vt = vocab_tile(K, V);
@@ -166,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cp
   for (int64_t v0 = 0; v0 < V; v0 += Vt) {
     const int64_t vt = std::min(Vt, V - v0);
     auto tile = gemm_tile(h, weight, bias, v0, vt, buffer, acc);
-    k.backward_tile(tile, v0, y, g, lse_k, f);
+    k.backward_tile(tile, v0, y, g, lse_k, ge, ent, f);
     const auto w = weight.narrow(0, v0, vt).to(acc);
     gh.addmm_(tile, w);
     auto gw = grad_weight.narrow(0, v0, vt);

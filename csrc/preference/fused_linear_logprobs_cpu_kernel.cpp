@@ -105,7 +105,8 @@ void forward_tile_impl(const at::Tensor& tile, int64_t v0, const at::Tensor& tar
 
 template <typename T>
 void backward_tile_impl(at::Tensor& tile, int64_t v0, const at::Tensor& targets, const at::Tensor& grad,
-                        const at::Tensor& lse, const LogitTransform& f) {
+                        const at::Tensor& lse, const at::Tensor& grad_entropy, const at::Tensor& entropy,
+                        const LogitTransform& f) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t W = V::size();
   const int64_t K = tile.size(0), vt = tile.size(1);
@@ -113,46 +114,69 @@ void backward_tile_impl(at::Tensor& tile, int64_t v0, const at::Tensor& targets,
   const int64_t* y = targets.const_data_ptr<int64_t>();
   const T* gp = grad.const_data_ptr<T>();
   const T* lp = lse.const_data_ptr<T>();
+  const T* gep = grad_entropy.defined() ? grad_entropy.const_data_ptr<T>() : nullptr;
+  const T* hp = gep ? entropy.const_data_ptr<T>() : nullptr;
   const bool plain = f.softcap <= 0;
   at::parallel_for(0, K, std::max<int64_t>(1, 8192 / std::max<int64_t>(vt, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* row = up + r * vt;
       const T g = gp[r];
-      if (g == T(0)) {
+      const T ge = gep ? gep[r] : T(0);
+      if (g == T(0) && ge == T(0)) {
         std::fill(row, row + vt, T(0));
         continue;
       }
       const int64_t c = y[r] - v0;
       const T target_u = (c >= 0 && c < vt) ? row[c] : T(0);
       int64_t j = 0;
-      if (plain) {
-        const V coef(-g * T(f.logit_scale * f.inv_temperature)), shift(lp[r]);
-        for (; j + W <= vt; j += W) {
-          (coef * (transform_vec<T>(V::loadu(row + j), f) - shift).exp()).store(row + j);
+      if (ge == T(0)) {
+        if (plain) {
+          const V coef(-g * T(f.logit_scale * f.inv_temperature)), shift(lp[r]);
+          for (; j + W <= vt; j += W) {
+            (coef * (transform_vec<T>(V::loadu(row + j), f) - shift).exp()).store(row + j);
+          }
         }
-      }
-      for (; j < vt; ++j) {
-        row[j] = -g * transform_grad_scalar<T>(row[j], f) * std::exp(transform_scalar<T>(row[j], f) - lp[r]);
+        for (; j < vt; ++j) {
+          row[j] = -g * transform_grad_scalar<T>(row[j], f) * std::exp(transform_scalar<T>(row[j], f) - lp[r]);
+        }
+      } else {
+        // With the entropy term: -p_v (g + ge (z_v - lse + H)) dz/du; (z_v - lse) is log p_v.
+        const T offset = g + ge * hp[r];
+        if (plain) {
+          const V coef(-T(f.logit_scale * f.inv_temperature)), shift(lp[r]), vge(ge), voff(offset);
+          for (; j + W <= vt; j += W) {
+            const V logp = transform_vec<T>(V::loadu(row + j), f) - shift;
+            (coef * logp.exp() * at::vec::fmadd(vge, logp, voff)).store(row + j);
+          }
+        }
+        for (; j < vt; ++j) {
+          const T logp = transform_scalar<T>(row[j], f) - lp[r];
+          row[j] = -transform_grad_scalar<T>(row[j], f) * std::exp(logp) * (offset + ge * logp);
+        }
       }
       if (c >= 0 && c < vt) {
         // Recomputed from the saved raw logit: one rounding, however small p_target is.
         const T d = transform_grad_scalar<T>(target_u, f);
-        row[c] = g * d * (T(1) - std::exp(transform_scalar<T>(target_u, f) - lp[r]));
+        const T logp = transform_scalar<T>(target_u, f) - lp[r];
+        const T p = std::exp(logp);
+        row[c] = ge == T(0) ? g * d * (T(1) - p) : d * (g * (T(1) - p) - ge * p * (logp + hp[r]));
       }
     }
   });
 }
 
-void forward_tile(const at::Tensor& tile, int64_t v0, const at::Tensor& targets, const LogitTransform& f,
-                  at::Tensor& m, at::Tensor& s, at::Tensor& zt, at::Tensor& ez) {
+void forward_tile(const at::Tensor& tile, int64_t v0, const at::Tensor& targets, const LogitTransform& f, at::Tensor& m,
+                  at::Tensor& s, at::Tensor& zt, at::Tensor& ez) {
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "fused_linear_forward_tile",
                              [&] { forward_tile_impl<scalar_t>(tile, v0, targets, f, m, s, zt, ez); });
 }
 
 void backward_tile(at::Tensor& tile, int64_t v0, const at::Tensor& targets, const at::Tensor& grad,
-                   const at::Tensor& lse, const LogitTransform& f) {
-  AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "fused_linear_backward_tile",
-                             [&] { backward_tile_impl<scalar_t>(tile, v0, targets, grad, lse, f); });
+                   const at::Tensor& lse, const at::Tensor& grad_entropy, const at::Tensor& entropy,
+                   const LogitTransform& f) {
+  AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "fused_linear_backward_tile", [&] {
+    backward_tile_impl<scalar_t>(tile, v0, targets, grad, lse, grad_entropy, entropy, f);
+  });
 }
 
 }  // namespace

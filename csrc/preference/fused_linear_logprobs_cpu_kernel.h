@@ -17,9 +17,12 @@ struct FusedLinearKernels {
   // ez = sum exp(z - m) z (for the entropy). All state is in the tile's dtype (fp32 or fp64).
   void (*forward_tile)(const at::Tensor& tile, int64_t v0, const at::Tensor& targets, const LogitTransform& f,
                        at::Tensor& m, at::Tensor& s, at::Tensor& zt, at::Tensor& ez);
-  // In place: tile (u) becomes dz = g dz/du (1[v = y] - exp(z - lse)).
+  // In place: tile (u) becomes dz = g dz/du (1[v = y] - exp(z - lse)). When grad_entropy (ge) and entropy (H)
+  // are defined, the entropy's gradient is added: dH/dz_v = -p_v (z_v - lse + H), so
+  // dz = dz/du (g 1[v = y] - p_v (g + ge (z_v - lse + H))).
   void (*backward_tile)(at::Tensor& tile, int64_t v0, const at::Tensor& targets, const at::Tensor& grad,
-                        const at::Tensor& lse, const LogitTransform& f);
+                        const at::Tensor& lse, const at::Tensor& grad_entropy, const at::Tensor& entropy,
+                        const LogitTransform& f);
 };
 
 namespace DEFAULT {

@@ -45,7 +45,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     rows give 0 and are dropped before any GEMM), optional ``bias`` [V]. Logits
     ``z = logit_scale (hidden W^T + b)``, then ``z = softcap tanh(z / softcap)`` when ``softcap`` is set
     (Gemma-2), then ``z / temperature``; ``logp = z_y - logsumexp(z)``; ``entropy = lse - sum p z``
-    (a metric: not differentiated).
+    (differentiable too, ``dH/dz_v = -p_v (log p_v + H)``: an entropy bonus; its gradient is added in the same
+    backward pass over the recomputed tiles).
 
     The vocabulary is walked in tiles (one GEMM over all kept rows per tile, fp32 accumulation, fp64 for
     fp64) with an online logsumexp: the extra memory is one [K, Vt] tile (~32 MB on the CPU) whatever V
@@ -82,7 +83,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         torch.ops.alignops.fused_linear_logprobs_triton
     logp, _, entropy = op(hidden, weight, targets, bias, ignore_index, float(temperature), float(logit_scale),
                           float(softcap or 0.0), return_entropy)
-    return FusedLinearLogprobs(logp, entropy.detach() if return_entropy else None)
+    return FusedLinearLogprobs(logp, entropy if return_entropy else None)
 
 
 

@@ -97,14 +97,22 @@ def fused_linear_logprobs_backward_triton(
     logit_scale: float,
     softcap: float,
     bias_grad: bool,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::fused_linear_logprobs_backward``: (grad_hidden [N, H], grad_weight [V, H],
     grad_bias [V] or [0]) in the input dtype, from the forward's lse. grad_hidden is summed over the tiles in
-    fp32 and rounded once; each tile of grad_weight is one GEMM, so the result is deterministic."""
+    fp32 and rounded once; each tile of grad_weight is one GEMM, so the result is deterministic. With
+    ``grad_entropy`` and the forward's ``entropy`` the entropy's gradient is added in the same pass."""
     _check_args(hidden, weight, targets, bias, temperature, logit_scale)
     N = hidden.shape[0]
     acc = acc_dtype(hidden.dtype)
-    for name, t in (("grad_logp", grad_logp), ("lse", lse)):
+    if (grad_entropy is None) != (entropy is None):
+        raise AlignopsError("grad_entropy and entropy go together: give both or neither")
+    vectors = [("grad_logp", grad_logp), ("lse", lse)]
+    if grad_entropy is not None:
+        vectors += [("grad_entropy", grad_entropy), ("entropy", entropy)]
+    for name, t in vectors:
         if t.dim() != 1 or t.shape[0] != N or t.dtype != acc:
             raise AlignopsError(f"{name} must be a {acc} tensor of shape [N] = [{N}], got {t.dtype} {list(t.shape)}")
         if t.device != hidden.device:
@@ -119,7 +127,9 @@ def fused_linear_logprobs_backward_triton(
     grad_bias = hidden.new_empty(V if bias_grad else 0)
     launch_fused_linear_backward(grad_logp.contiguous(), hidden, weight, targets.contiguous(),
                                  None if bias is None else bias.contiguous(), lse.contiguous(), grad_hidden,
-                                 grad_weight, grad_bias, ignore_index, temperature, logit_scale, softcap)
+                                 grad_weight, grad_bias, ignore_index, temperature, logit_scale, softcap,
+                                 None if grad_entropy is None else grad_entropy.contiguous(),
+                                 None if entropy is None else entropy.contiguous())
     return grad_hidden, grad_weight, grad_bias
 
 

@@ -108,7 +108,7 @@ def _fused_linear_logprobs_fake(hidden, weight, targets, bias, ignore_index, tem
 
 @register_fake("alignops::fused_linear_logprobs_backward")
 def _fused_linear_logprobs_backward_fake(grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
-                                         logit_scale, softcap, bias_grad):
+                                         logit_scale, softcap, bias_grad, grad_entropy=None, entropy=None):
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
             hidden.new_empty(weight.shape[0] if bias_grad else 0))
@@ -116,20 +116,27 @@ def _fused_linear_logprobs_backward_fake(grad_logp, hidden, weight, targets, bia
 
 def _fused_linear_setup(ctx, inputs, output):
     hidden, weight, targets, bias, ignore_index, temperature, logit_scale, softcap, _ = inputs
-    ctx.set_materialize_grads(False)  # lse and entropy are never differentiated
-    ctx.save_for_backward(hidden, weight, targets, bias, output[1])
+    ctx.set_materialize_grads(False)  # lse is never differentiated; logp and entropy only when used
+    ctx.save_for_backward(hidden, weight, targets, bias, output[1], output[2])
     ctx.options = (ignore_index, temperature, logit_scale, softcap)
 
 
 def register_fused_linear_logprobs_autograd(op: str, backward_op) -> None:
-    """Backward is ``backward_op``, which recomputes the logits tile by tile (native and Triton)."""
+    """Backward is ``backward_op``, which recomputes the logits tile by tile (native and Triton); the entropy's
+    gradient (when the entropy was returned and is used) rides in the same pass."""
 
-    def backward(ctx, grad_logp, _grad_lse, _grad_entropy):
-        hidden, weight, targets, bias, lse = ctx.saved_tensors
-        if grad_logp is None:
+    def backward(ctx, grad_logp, _grad_lse, grad_entropy):
+        hidden, weight, targets, bias, lse, entropy = ctx.saved_tensors
+        if entropy.numel() == 0:
+            grad_entropy = None
+        if grad_logp is None and grad_entropy is None:
             return (None,) * 9
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        gh, gw, gb = backward_op(grad_logp.contiguous(), hidden, weight, targets, bias, lse, *ctx.options, bias_grad)
+        extra = () if grad_entropy is None else (grad_entropy.contiguous(), entropy)
+        gh, gw, gb = backward_op(grad_logp.contiguous(), hidden, weight, targets, bias, lse, *ctx.options, bias_grad,
+                                 *extra)
         return (gh if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None, None,
                 gb if bias_grad else None, None, None, None, None, None)
 
