@@ -1,10 +1,7 @@
 """alignops.fused_linear_distillation_loss against the materialised reference, TRL 1.16's own chunked
 divergence, Liger-Kernel's LigerFusedLinearJSDLoss; opcheck, gradcheck, torch.compile, bad input."""
 
-import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -43,21 +40,6 @@ def _inputs(B=3, T=7, Hs=12, Ht=20, V=53, dtype=torch.float32, bias=False, scale
     sb = torch.randn(V, dtype=dtype).requires_grad_() if bias else None
     tb = torch.randn(V, dtype=dtype) if bias else None
     return sh, sw, th, tw, mask, sb, tb
-
-
-def _import_trl_distillation():
-    """TRL's distillation module. transformers imports the Hub's ``kernels`` package when it is installed, and
-    this repository's own ``kernels/`` folder (on sys.path when pytest runs from the root) would shadow it."""
-    pytest.importorskip("trl")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved_path, saved_module = sys.path[:], sys.modules.pop("kernels", None)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        return importlib.import_module("trl.trainer.distillation_trainer")
-    finally:
-        sys.path[:] = saved_path
-        if saved_module is not None:
-            sys.modules["kernels"] = saved_module
 
 
 def _grads(loss, tensors):
@@ -153,8 +135,8 @@ def test_bf16_error_within_twice_torch_bf16():
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_matches_trl_chunked_divergence(beta, temperature):
-    trl_distillation = _import_trl_distillation()
+def test_matches_trl_chunked_divergence(beta, temperature, import_peer):
+    trl_distillation = import_peer("trl.trainer.distillation_trainer")
     sh, sw, th, tw, mask, sb, tb = _inputs(bias=True)
     loss_trl, entropy_sum, n_valid = trl_distillation._chunked_divergence_loss(
         sh, th, sw, tw, mask.long(), beta, student_lm_head_bias=sb, teacher_lm_head_bias=tb, temperature=temperature

@@ -3,10 +3,7 @@ loss (its own compute_loss, called on a stand-in trainer), gradcheck in fp64 and
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import sys
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -140,25 +137,9 @@ class _RewardHead(torch.nn.Module):
         return SimpleNamespace(logits=self.logits.unsqueeze(-1))
 
 
-def _import_trl_reward_trainer():
-    """TRL's reward_trainer module, imported with this checkout's kernels/ folder off sys.path: transformers
-    imports the Hub's ``kernels`` package, which that folder would shadow (as in test_distillation.py)."""
-    pytest.importorskip("trl")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved_path, saved_module = sys.path[:], sys.modules.pop("kernels", None)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        return importlib.import_module("trl.trainer.reward_trainer")
-    finally:
-        sys.path[:] = saved_path
-        if saved_module is not None:
-            sys.modules["kernels"] = saved_module
-
-
-def _trl_compute_loss(rc, rr, margin, coef):
+def _trl_compute_loss(trainer_mod, rc, rr, margin, coef):
     """TRL 1.16's own RewardTrainer.compute_loss on a stand-in trainer (eval mode: no token counting, the
     accelerator's gathers are the identity on one process). Returns (loss, grad of [rc; rr], logged metrics)."""
-    trainer_mod = _import_trl_reward_trainer()
     head = _RewardHead(torch.cat([rc, rr]).clone()).eval()
     identity = SimpleNamespace(gather_for_metrics=lambda t: t, gather=lambda t: t)
     stub = SimpleNamespace(model=head, args=SimpleNamespace(center_rewards_coefficient=coef), accelerator=identity,
@@ -171,11 +152,12 @@ def _trl_compute_loss(rc, rr, margin, coef):
 
 @pytest.mark.parametrize("with_margin", [False, True])
 @pytest.mark.parametrize("coef", [None, 0.01])
-def test_equals_trl_reward_trainer_loss(with_margin, coef):
+def test_equals_trl_reward_trainer_loss(with_margin, coef, import_peer):
     B = 9
     rc, rr = rewards(B, 6), rewards(B, 7)
     m = rewards(B, 8, scale=1.0).abs() if with_margin else None
-    trl_loss, trl_grad, metrics = _trl_compute_loss(rc, rr, m, coef)
+    trainer_mod = import_peer("trl.trainer.reward_trainer")
+    trl_loss, trl_grad, metrics = _trl_compute_loss(trainer_mod, rc, rr, m, coef)
     x = torch.cat([rc, rr]).requires_grad_()
     out = obj.bradley_terry_loss(*x.chunk(2), m, center_rewards_coefficient=coef)
     out.loss.backward()
