@@ -40,7 +40,7 @@ else
   PLAN="${GPU_CHECK_FAMILIES:-preference:60 fused_linear:80 ctc:50 ot:60 skip:50}"
   EXTRA=""
   [ -z "${GPU_CHECK_FAMILIES:-}" ] \
-    && EXTRA="ctc_posteriors:25 wasserstein:20 metrics:20 watermark:15 ctc_segmentation:20"
+    && EXTRA="policy:25 ctc_posteriors:25 wasserstein:20 metrics:20 watermark:15 ctc_segmentation:20 ppo:15"
   TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-90}" TEST_JOBS="${GPU_CHECK_TEST_JOBS:-4}"
   export ALIGNOPS_ENABLE_CUDA="${ALIGNOPS_ENABLE_CUDA:-ON}" ALIGNOPS_BENCH_MIN_RUN_S=0.2
 fi

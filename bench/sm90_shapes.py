@@ -4,14 +4,16 @@
 kernels/_launch.py in dry-run mode: the helpers choose their GPU tiles, warps and stages as on a device, and
 each launch is written to ALIGNOPS_TRITON_CAPTURE instead of running. Shapes: Sinkhorn 64^2 / 512^2 /
 8192^2 (one tile, tiled, split) in fp32 and fp64, point clouds; V = 32000 and 128256 at H = 4096; skip_ffn at
-H = 4096, I = 11008 in fp32 / bf16 / fp16 / fp64; CTC at 15 minutes of speech; the other families' bench
-sizes. Nothing here is timed or checked: the gate compiles what is recorded.
+H = 4096, I = 11008 in fp32 / bf16 / fp16 / fp64; CTC at 15 minutes of speech; GRPO micro-batches of 8 x 4096
+and 64 x 1024 tokens for the policy loss; the other families' bench sizes. Nothing here is timed or checked: the
+gate compiles what is recorded.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._codes import PolicyLossType
 from ..kernels import (
     _launch,
     ctc,
@@ -19,6 +21,7 @@ from ..kernels import (
     fused_linear,
     metrics,
     ot,
+    policy,
     preference,
     skip,
     wasserstein,
@@ -133,11 +136,39 @@ def _others() -> None:
         watermark.launch_gumbel_argmax(x, ctx, torch.empty(B, dtype=torch.int64), 15485863, 1.0)
 
 
+def _policy() -> None:
+    # TRL GRPO micro-batches: 8 x 4096 and 64 x 1024 tokens; bf16 / fp32 log-probs (fp32 arithmetic) and fp64; the
+    # configurations TRL users run: dapo token-level (the default), grpo sequence-level (GSPO) with the KL term,
+    # vLLM IS ratios and the off-policy mask, cispo / sapo, vespo with token advantages, the no-gradient forward.
+    P = PolicyLossType
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for B, T in ((8, 4096), (64, 1024)):
+            lp, full, mask = _e(B, T, dtype=dtype), _e(B, T, dtype=acc), torch.empty(B, T, dtype=torch.uint8)
+            rows, stats = _e(B, dtype=acc), _e(B, policy.N_STATS, dtype=acc)
+            cases = (
+                dict(loss_type=P.DAPO, sequence=False, adv=rows, isr=None, beta=0.0, opm=None, em=None, grad=True),
+                dict(loss_type=P.GRPO, sequence=True, adv=rows, isr=full, beta=0.04, opm=0.5, em=full, grad=True),
+                dict(loss_type=P.CISPO, sequence=False, adv=rows, isr=rows, beta=0.04, opm=None, em=None, grad=True),
+                dict(loss_type=P.SAPO, sequence=False, adv=full, isr=None, beta=0.0, opm=0.5, em=None, grad=True),
+                dict(loss_type=P.VESPO, sequence=False, adv=full, isr=full, beta=0.0, opm=None, em=None, grad=True),
+                dict(loss_type=P.DAPO, sequence=False, adv=rows, isr=None, beta=0.04, opm=None, em=None, grad=False),
+            )
+            for c in cases:
+                policy.launch_policy_loss(
+                    lp, c["adv"], mask, full, full, c["isr"], full, c["em"], lp if c["grad"] else None, stats,
+                    loss_type=c["loss_type"], sequence=c["sequence"], epsilon_low=0.2, epsilon_high=0.28,
+                    delta=1.5 if c["sequence"] else None, beta=c["beta"], use_bias_correction_kl=True,
+                    off_policy_mask_threshold=c["opm"], sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+                    vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
+                )  # fmt: skip
+
+
 def record(path: str) -> None:
     """Append the GPU launches of every family at the bench's shapes to the capture file ``path``."""
     _launch._CAPTURE, _launch._dry_run = path, True
     try:
-        for family in (_ot, _preference, _fused_linear, _skip, _ctc, _others):
+        for family in (_ot, _preference, _fused_linear, _skip, _ctc, _policy, _others):
             family()
     finally:
         _launch._dry_run = False

@@ -49,20 +49,19 @@ VESPO = tl.constexpr(int(PolicyLossType.VESPO))
 
 N_STATS = 8  # columns of row_stats (csrc/registration.cpp, csrc/policy/policy_codes.h RowStat)
 _N_STATS = tl.constexpr(N_STATS)
-MAX_BLOCK_T = 1024  # tokens per tile on a GPU: 8 per thread at 4 warps
+MAX_BLOCK_T = 1024  # tokens per tile on a GPU: 8 per thread at 4 warps (fp32: 56-96 registers, no spills)
 BLOCK_T_INTERPRETER = 4  # the tests' T <= 16 then spans several tiles and a partial last one
 _LOG_1E8 = math.log(1e-8)  # VESPO's lower clamp of log w (TRL's get_gamma_weights)
-_NAN = tl.PropagateNan.ALL
 
 
 @triton.jit
 def _min(x, y):
-    return tl.minimum(x, y, propagate_nan=_NAN)
+    return tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def _clamp(x, lo, hi):
-    return tl.minimum(tl.maximum(x, lo, propagate_nan=_NAN), hi, propagate_nan=_NAN)
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -447,7 +446,8 @@ def launch_policy_loss(
     """Fills stats [B, N_STATS] (and grad [B, T] when given). lp, mask and the [B, T] inputs contiguous; adv and
     isr contiguous, [B] (a value per row) or [B, T]; mask uint8 or of stats' dtype; sampling None: old's."""
     B, T = lp.shape
-    block, num_warps = launch_config(T, MAX_BLOCK_T)
+    # fp64 tiles of half the width: the same registers per thread (~240 at 1024 fp64 tokens, near the cap)
+    block, num_warps = launch_config(T, MAX_BLOCK_T // 2 if lp.dtype == torch.float64 else MAX_BLOCK_T)
     if interpreting(lp):
         block = BLOCK_T_INTERPRETER
     has_kl = beta != 0.0
