@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
+from torch.distributed.tensor.debug import CommDebugMode
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import alignops
@@ -188,9 +189,34 @@ def _worker(rank, init_file, out_dir):
             dist.all_reduce(avg)
             grads = {name: _full(p.grad) for name, p in model.named_parameters()}
             results[scheme, family] = {"loss": avg / WORLD, "grads": grads}
+        results["collectives"] = count_collectives(batch, rows)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def count_collectives(batch, rows):
+    """The collectives of one loss call and its backward, with a sharded head (and teacher): the policy and its
+    reference share one all-gather, and one reduce-scatter returns the gradient."""
+    head = torch.nn.Linear(H, V, bias=False, dtype=torch.float64)
+    teacher = torch.nn.Linear(HT, V, bias=False, dtype=torch.float64).requires_grad_(False)
+    fully_shard(head)
+    fully_shard(teacher)
+
+    def no_trunk(x):  # the batch's inputs are the hidden states: no FSDP collective before the loss
+        return x.detach().requires_grad_()
+
+    view = _View(no_trunk, head)
+    counts = {}
+    for family in ("preference", "distillation", "policy"):
+        with CommDebugMode() as forward:
+            loss = loss_of(family, view, batch, rows, teacher.weight, WORLD)
+        with CommDebugMode() as backward:
+            loss.backward()
+        counts[family] = {
+            str(op).split(".")[-1]: n for mode in (forward, backward) for op, n in mode.get_comm_counts().items()
+        }
+    return counts
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +244,14 @@ def test_sharded_matches_one_process(sharded_runs, scheme, family):
         for name, grad in grads.items():
             assert grad.abs().max() > 0, name  # the comparison below would be vacuous otherwise
             torch.testing.assert_close(got["grads"][name], grad, rtol=1e-10, atol=1e-12, msg=f"rank {rank} {name}")
+
+
+@pytest.mark.parametrize(
+    ("family", "gathers"), [("preference", 1), ("distillation", 2), ("policy", 1)]
+)  # distillation: the student's and the teacher's head
+def test_weight_gathered_once_per_call(sharded_runs, family, gathers):
+    for results in sharded_runs:
+        assert results["collectives"][family] == {"all_gather_into_tensor": gathers, "reduce_scatter_tensor": 1}
 
 
 @pytest.fixture(scope="module")
