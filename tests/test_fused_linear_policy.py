@@ -138,6 +138,28 @@ def test_logit_transforms_match(opts):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_entropy_bonus_matches_materialised_path(vocab_tiles, num_items):
+    """entropy_coef: loss - coef * sum(m H) / n, its gradient through the fused backward (dH/dz = -p (log p + H))."""
+    hidden, weight, bias, ids, mask, adv = make(bias=True)
+    kw = dict(loss_type="dapo", num_items_in_batch=num_items)
+    out = fused_linear_policy_loss(hidden, weight, ids, adv, mask, bias=bias, entropy_coef=0.05, temperature=0.8, **kw)
+    h2, w2, b2 = clones(hidden, weight, bias)
+    lp, ent = materialised(h2, w2, b2, ids, temperature=0.8)
+    base, _ = trl_policy_loss(lp, adv, mask, **kw)
+    n = mask.sum() if num_items is None else num_items
+    exp = base - 0.05 * (ent * mask).sum() / n
+    torch.testing.assert_close(out.loss, exp, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.metrics["entropy"], (ent * mask).sum().detach() / mask.sum(), rtol=1e-10, atol=0)
+    assert not out.entropies.requires_grad
+    got = torch.autograd.grad(out.loss, [hidden, weight, bias])
+    want = torch.autograd.grad(exp, [h2, w2, b2], retain_graph=True)
+    without = torch.autograd.grad(base, [h2, w2, b2])
+    for a, e, w0 in zip(got, want, without):
+        assert (e - w0).abs().max() > 1e-3  # the bonus moves the gradient: the test can see it missing
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+
+
 def test_prompt_and_padding_tokens_are_dropped():
     """Masked rows never reach a GEMM: NaN hidden states there change nothing and get a zero gradient."""
     hidden, weight, _, ids, mask, adv = make()
@@ -263,7 +285,7 @@ def test_public_exports():
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(entropy_coef=0.01), "entropy_coef must be 0"),
+        (dict(entropy_coef=float("nan")), "entropy_coef must be finite"),
         (dict(top_entropy_quantile=0.0), r"top_entropy_quantile must lie in \(0, 1\]"),
         (dict(top_entropy_quantile=1.5), r"top_entropy_quantile must lie in \(0, 1\]"),
         (dict(beta=0.1), "beta = 0.1 needs the reference model"),

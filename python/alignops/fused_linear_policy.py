@@ -14,9 +14,11 @@ from typing import NamedTuple
 
 import torch
 
+from ._checks import check_finite
 from ._distributed import gathered_weight, refuse_dtensor
 from ._errors import AlignopsError
 from .fused_linear import fused_linear_logprobs
+from .policy import policy_loss
 from .preference import check_cu_seqlens
 
 # Per-token options of the epilogue: in the packed layout they come as [N] and are padded like the log-probs.
@@ -33,23 +35,6 @@ class FusedLinearPolicyOutput(NamedTuple):
     entropies: torch.Tensor
     entropy_mask: torch.Tensor | None
     metrics: dict
-
-
-def _epilogue():
-    """alignops.policy_loss once it exists; until then its specification, TRL's loss transcribed (same call)."""
-    try:
-        from .policy import policy_loss
-    except ImportError:
-        from .reference.policy import policy_loss
-    return policy_loss
-
-
-def _split_output(out):
-    if hasattr(out, "_fields"):
-        fields = out._asdict()
-        loss = fields.pop("loss")
-        return loss, fields.pop("metrics", fields)
-    return out[0], out[1]
 
 
 def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -137,16 +122,18 @@ def fused_linear_policy_loss(
     them. Remaining keyword arguments go to :func:`alignops.policy_loss` (``epsilon_low``, ``epsilon_high``,
     ``delta``, ``importance_sampling_level``, ``num_items_in_batch``, ``importance_sampling_ratio``, ...).
 
-    ``entropy_coef`` must be 0: an entropy bonus (``- entropy_coef * H``) needs the gradient of the entropy, which
-    the fused kernel's backward does not compute (entropies are a metric and the ``top_entropy_quantile`` mask,
-    neither differentiated, as in TRL, whose GRPO loss has no entropy bonus).
+    ``entropy_coef`` (not in TRL's GRPO; veRL's ``entropy_coeff`` with token-mean aggregation) subtracts an entropy
+    bonus ``entropy_coef * sum_t m_t H_t / n`` (n = ``num_items_in_batch`` when given, else the completion-token
+    count: DDP-correct like dapo); its gradient ``dH/dz_v = -p_v (log p_v + H)`` is added in the same backward pass
+    over the recomputed tiles. With ``entropy_coef = 0`` the entropies are a metric (``metrics["entropy"]``, the
+    completion-token mean TRL logs) and the input of the ``top_entropy_quantile`` mask, never differentiated.
 
     Dtypes: ``hidden``, ``weight``, ``bias`` fp32 / bf16 / fp16 / fp64 (one dtype); the log-probs, entropies and loss
     are fp32 (fp64 for fp64 inputs), accumulated in fp32 inside the GEMMs. Extra memory: one [K, Vt] logits tile
     (K = completion tokens), independent of V, plus [B, T] vectors. CPU (C++) and CUDA (Triton) through
     :func:`alignops.fused_linear_logprobs`'s ``backend``.
 
-    Raises AlignopsError for layouts that do not fit together, a non-zero ``entropy_coef``, a
+    Raises AlignopsError for layouts that do not fit together, a non-finite ``entropy_coef``, a
     ``top_entropy_quantile`` outside (0, 1], ``beta != 0`` without a reference, and what
     :func:`alignops.fused_linear_logprobs` and :func:`alignops.policy_loss` reject. ``check_values=False``: as
     :func:`alignops.fused_linear_logprobs` (the packed layout still reads the longest segment on the host).
@@ -156,11 +143,7 @@ def fused_linear_policy_loss(
     refuse_dtensor("fused_linear_policy_loss", hidden=hidden, ref_hidden=ref_hidden, completion_ids=completion_ids)
     weight, bias = gathered_weight(weight, "weight"), gathered_weight(bias, "bias")
     ref_weight, ref_bias = gathered_weight(ref_weight, "ref_weight"), gathered_weight(ref_bias, "ref_bias")
-    if entropy_coef != 0.0:
-        raise AlignopsError(
-            f"entropy_coef must be 0 (an entropy bonus needs the entropy's gradient, which the fused "
-            f"kernel does not compute), got {entropy_coef}"
-        )
+    check_finite(entropy_coef, "entropy_coef")
     if not (0.0 < top_entropy_quantile <= 1.0) or math.isnan(top_entropy_quantile):
         raise AlignopsError(f"top_entropy_quantile must lie in (0, 1], got {top_entropy_quantile}")
     if completion_mask is None:
@@ -225,6 +208,8 @@ def fused_linear_policy_loss(
     H = hidden.shape[-1]
     out = fused_linear_logprobs(hidden.reshape(-1, H), weight, targets, bias, return_entropy=True, **kernel)
     logp, entropy = out.logp, out.entropy
+    if entropy_coef == 0.0:
+        entropy = entropy.detach()  # a metric and the entropy mask's input: the backward skips its gradient
 
     ref = None
     if ref_hidden is not None:
@@ -267,9 +252,9 @@ def fused_linear_policy_loss(
     logp_p, entropy_p = to_padded(logp), to_padded(entropy)
     entropy_mask = None
     if top_entropy_quantile < 1.0:
-        entropy_mask = high_entropy_mask(entropy_p, mask_p, 1.0 - top_entropy_quantile)
+        entropy_mask = high_entropy_mask(entropy_p.detach(), mask_p, 1.0 - top_entropy_quantile)
     extra = {k: to_padded(v.reshape(-1).to(logp.dtype).masked_fill(~keep.reshape(-1), 0.0)) for k, v in extra.items()}
-    result = _epilogue()(
+    result = policy_loss(
         logp_p,
         advantages,
         mask_p,
@@ -278,12 +263,24 @@ def fused_linear_policy_loss(
         loss_type=loss_type,
         beta=beta,
         entropy_mask=entropy_mask,
+        backend=backend,
         **extra,
         **policy_options,
     )
-    loss, metrics = _split_output(result)
+    loss, metrics = result.loss, {k: v for k, v in result._asdict().items() if k != "loss"}
+    num_items = policy_options.get("num_items_in_batch")
+    tokens = keep.sum().clamp(min=1).to(entropy.dtype)
+    metrics["entropy"] = entropy.detach().sum() / tokens
+    if entropy_coef != 0.0:
+        # entropy is 0 off the mask; the bonus is normalised like dapo (the global token count when given)
+        count = tokens if num_items is None else torch.as_tensor(num_items, dtype=entropy.dtype).clamp(min=1)
+        loss = loss - entropy_coef * entropy.sum() / count
     if hidden.dim() == 2 and entropy_mask is not None:
         entropy_mask = entropy_mask[seg, pos]
     return FusedLinearPolicyOutput(
-        loss, logp.detach().reshape(completion_ids.shape), entropy.reshape(completion_ids.shape), entropy_mask, metrics
+        loss,
+        logp.detach().reshape(completion_ids.shape),
+        entropy.detach().reshape(completion_ids.shape),
+        entropy_mask,
+        metrics,
     )
