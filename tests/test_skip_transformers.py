@@ -312,6 +312,23 @@ def test_training_gradients_equal_the_reference():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_checkpointing_with_a_fixed_mask():
+    """Checkpointing re-runs the layers in the backward: skipping(keep) spans both, and the gradients equal the
+    reference's (skipping_tokens' mask is gone by then, which torch.utils.checkpoint reports as a CheckpointError)."""
+    case = Case("llama")
+    model, weight = case.model, case.layers[1].mlp.gate_proj.weight
+    with ReferenceSchedule(case, [0, 1, 2]):
+        model(**case.inputs).logits.square().mean().backward()
+    expected, weight.grad = weight.grad.clone(), None
+    model.activation_checkpointing_enable()
+    model.train()
+    skipper = patch_ffn_skipping(model, SkipSchedule())
+    with skipper.skipping(~case.perceptual):
+        model(**case.inputs).logits.square().mean().backward()
+    skipper.remove()
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_refuses_layers_it_cannot_fuse():
     small = dict(TEXT, num_hidden_layers=2)
     gelu = tf.LlamaForCausalLM(tf.LlamaConfig(**small, hidden_act="gelu"))

@@ -509,7 +509,8 @@ class FFNSkipper:
     dense layer up to the GEMMs' rounding; the skipped rows leave the FFN's residual add unchanged).
     ``prepack=True`` (CPU inference, bf16 / fp32 weights) keeps oneDNN-prepacked copies of the scheduled
     layers' FFN weights (see :func:`prepack`; one more copy of those weights in memory), dropped by
-    :meth:`remove`. ``backend`` is :func:`skip_ffn`'s.
+    :meth:`remove`. ``backend`` is :func:`skip_ffn`'s. While patched, a layer's FFN parameters sit under
+    ``mlp.mlp.*`` and its norm under ``mlp.norm.*``: :meth:`remove` before saving a checkpoint.
     """
 
     def __init__(
