@@ -217,16 +217,13 @@ def test_grpo_sequence_level_importance_sampling_matches_trl(env):
     )
 
 
-def test_grpo_refuses_the_entropy_bonus(env):
-    args = _args(env, env["trl"].GRPOConfig, per_device_train_batch_size=2, num_generations=2, entropy_coef=0.01)
-    with pytest.raises(ValueError, match="does not support the entropy bonus"):
-        env["ours"].GRPOTrainer(
-            model=env["paths"]["llama"],
-            reward_funcs=_reward,
-            args=args,
-            train_dataset=env["prompts"],
-            processing_class=env["tokenizer"],
-        )
+def test_grpo_entropy_bonus_matches_trl(env):
+    # the bonus differentiates the head's entropy: the gradient goes through the kernel's entropy backward
+    kw = dict(loss_type="dapo", beta=0.0, entropy_coef=0.5)
+    _assert_same_logs(
+        _logs(_grpo(env, env["trl"].GRPOTrainer, "llama", **kw)),
+        _logs(_grpo(env, env["ours"].GRPOTrainer, "llama", **kw)),
+    )
 
 
 def test_distillation_matches_trl(env):

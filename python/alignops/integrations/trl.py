@@ -7,9 +7,9 @@ hidden state into per-token numbers over the vocabulary:
 - DPO and GRPO call ``model(..., labels=labels, fused_lm_head=True)``, a forward TRL adds to the model
   (``trl.trainer.utils.add_fused_lm_head``). These trainers replace it by :func:`add_fused_lm_head`, which runs
   the model body and hands the last hidden state of the scored tokens and ``lm_head.weight`` to
-  :func:`alignops.fused_linear_logprobs` (``log p(label)`` and the entropy, the [N, V] logits never stored).
-  The metric-only fields TRL's DPO logs (``mean_logits``, ``is_top1``, and WPO's ``log_sum_sq_probs``) come
-  from one more pass over vocabulary tiles without gradient.
+  :func:`alignops.fused_linear_logprobs` (``log p(label)`` and the entropy, both differentiable; the [N, V]
+  logits never stored). The metric-only fields TRL's DPO logs (``mean_logits``, ``is_top1``, and WPO's
+  ``log_sum_sq_probs``) come from one more pass over vocabulary tiles without gradient.
 - DistillationTrainer's loss, TRL's ``_chunked_divergence_loss``, is replaced by
   :func:`alignops.fused_linear_distillation_loss` (generalised JSD from both LM heads).
 
@@ -17,9 +17,7 @@ Usage: replace ``from trl import DPOTrainer`` by ``from alignops.integrations.tr
 stay TRL's (``trl.DPOConfig``, ...).
 
 Supported: TRL 1.16.x (:data:`SUPPORTED_TRL`); importing this module with another TRL raises ImportError, since
-the override points are TRL-internal. Not supported (ValueError at construction): GRPO's entropy bonus
-(``entropy_coef != 0`` or ``use_adaptive_entropy``), which differentiates the entropy; alignops' entropy is a
-metric without gradient.
+the override points are TRL-internal.
 """
 
 from __future__ import annotations
@@ -147,11 +145,12 @@ def add_fused_lm_head(
 
     ``model(..., labels=labels, fused_lm_head=True)`` runs the body, keeps the K positions whose next-token label
     is not -100 and returns ``trl.trainer.utils.FusedCausalLMOutput``: ``log_probs`` [B, T-1] (differentiable,
-    0 at ignored positions), ``entropy`` (a metric), ``mean_logits`` / ``is_top1`` / ``log_sum_sq_probs`` when in
-    ``outputs`` (no gradient), ``loss = -sum log_probs / num_items_in_batch`` (the label count by default) and the
-    MoE ``aux_loss``. Logits ``z = softcap tanh(logit_scale (h W^T + b) / softcap) / temperature`` with the
-    model's ``logit_scale`` and ``final_logit_softcapping``. Under autocast the head runs in the autocast dtype,
-    with ``cast_lm_head_to_fp32`` in fp32 (as TRL). Extra memory: the kernel's logits tile plus, for the metric
+    0 at ignored positions), ``entropy`` (differentiable: GRPO's entropy bonus), ``mean_logits``, ``is_top1`` and
+    ``log_sum_sq_probs`` when in ``outputs`` (no gradient), ``loss = -sum log_probs / num_items_in_batch`` (the
+    label count by default) and the MoE ``aux_loss``. Logits
+    ``z = softcap tanh(logit_scale (h W^T + b) / softcap) / temperature`` with the model's ``logit_scale`` and
+    ``final_logit_softcapping``. Under autocast the head runs in the autocast dtype, with
+    ``cast_lm_head_to_fp32`` in fp32 (as TRL). Extra memory: the kernel's logits tile plus, for the metric
     fields, one [K, Vt] fp32 tile of at most 16 MB. Without ``fused_lm_head`` the forward is the previous one.
     """
     previous_forward = model.forward
@@ -277,21 +276,10 @@ class GRPOTrainer(_trl.GRPOTrainer):
     """TRL's ``GRPOTrainer`` (same arguments, config, rewards, generation, loss types and logged metrics) with the
     per-token log-probabilities and entropies of the policy, the old policy and the reference from
     :func:`add_fused_lm_head` (alignops' fused kernel, at ``args.temperature``). The policy loss itself is
-    TRL's (``_compute_loss``: grpo, dapo, dr_grpo, bnpo, sapo, ... and ``importance_sampling_level``).
-
-    Raises ValueError for the entropy bonus (``entropy_coef != 0`` or ``use_adaptive_entropy``): it needs the
-    entropy's gradient, which the fused kernel does not compute."""
+    TRL's (``_compute_loss``: grpo, dapo, dr_grpo, bnpo, sapo, ... and ``importance_sampling_level``); the entropy
+    bonus (``entropy_coef``, ``use_adaptive_entropy``) differentiates the kernel's entropy."""
 
     def __init__(self, *args, **kwargs):
-        args_ = kwargs.get("args", args[2] if len(args) > 2 else None)
-        if args_ is not None and (
-            getattr(args_, "entropy_coef", 0.0) != 0.0 or getattr(args_, "use_adaptive_entropy", False)
-        ):
-            raise ValueError(
-                "alignops.integrations.trl.GRPOTrainer does not support the entropy bonus "
-                "(entropy_coef != 0 or use_adaptive_entropy=True): alignops' fused log-prob kernel "
-                "returns the entropy as a metric without gradient; use trl.GRPOTrainer for it"
-            )
         super().__init__(*args, **kwargs)
         add_fused_lm_head(
             _patch_target(self, self.model),
