@@ -7,12 +7,9 @@ the decoder layer's own residual add leaves those rows as they were. The patched
 logits (prefill) and the same generated ids (``generate()`` with the KV cache), and with no mask set, the
 unpatched model's logits bit for bit."""
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
+from conftest import import_without_repo_kernels
 
 import alignops
 from alignops.ima import IMACollector, InputOf, ima_score
@@ -28,20 +25,12 @@ VLMS = ("qwen2_vl", "llava")
 
 
 def _import_transformers():
-    """transformers with this checkout's kernels/ folder off sys.path: transformers imports the Hub's
-    ``kernels`` package, which that folder would shadow (as tests/test_reward_model.py does for TRL)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved_path, saved_module = sys.path[:], sys.modules.pop("kernels", None)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        tf = pytest.importorskip("transformers")
-        for name in ("llama", "qwen2", "qwen2_vl", "gemma", "gemma2", "llava"):  # modeling modules import kernels
-            importlib.import_module(f"transformers.models.{name}.modeling_{name}")
-        return tf
-    finally:
-        sys.path[:] = saved_path
-        if saved_module is not None:
-            sys.modules["kernels"] = saved_module
+    """transformers and the modeling modules used here (they import the Hub's ``kernels`` package) through
+    conftest's helper, which keeps this checkout's kernels/ folder from shadowing it."""
+    tf = import_without_repo_kernels("transformers")
+    for name in ("llama", "qwen2", "qwen2_vl", "gemma", "gemma2", "llava"):
+        import_without_repo_kernels(f"transformers.models.{name}.modeling_{name}")
+    return tf
 
 
 tf = _import_transformers()
