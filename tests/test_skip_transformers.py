@@ -301,6 +301,24 @@ def test_training_gradients_equal_the_reference():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_prepacked_within_twice_the_reference_error():
+    """CPU inference in bf16 with oneDNN-prepacked weights: against the fp32 reference schedule, the patched
+    model's error is at most twice that of the reference schedule run in bf16."""
+    case = Case("llama")
+    with ReferenceSchedule(case, [0, 1, 2]):
+        exact = case.logits()
+        case.model.to(torch.bfloat16)
+        theirs = case.logits()
+    skipper = patch_ffn_skipping(case.model, SkipSchedule(), prepack=True)
+    with skipper.skipping_tokens(case.model, case.skip_ids):
+        ours = case.logits()
+    assert alignops.skip.is_prepacked(case.layers[0].mlp.mlp.down_proj.weight)
+    skipper.remove()
+    assert not alignops.skip.is_prepacked(case.layers[0].mlp.down_proj.weight)
+    err_ours, err_theirs = (ours.float() - exact).abs().max(), (theirs.float() - exact).abs().max()
+    assert err_ours <= 2 * err_theirs, (err_ours, err_theirs)
+
+
 def test_gradient_checkpointing_with_a_fixed_mask():
     """Checkpointing re-runs the layers in the backward: skipping(keep) spans both, and the gradients equal the
     reference's (skipping_tokens' mask is gone by then, which torch.utils.checkpoint reports as a CheckpointError)."""
