@@ -212,6 +212,17 @@ CASES: dict[str, Case] = {
                         meta="ref_per_token_logps",
                         hyper=("epsilon_low", "epsilon_high", "delta", "beta", "sapo_temperature_pos",
                                "vespo_lambda_neg", "off_policy_mask_threshold:nan")),
+    # fused_linear_policy
+    "fused_linear_policy_loss": case(
+        alignops.fused_linear_policy_loss,
+        lambda: [rn(2, 4, 8), rn(11, 8, seed=1), torch.randint(0, 11, (2, 4), generator=g()), rn(2, seed=2),
+                 torch.ones(2, 4, dtype=torch.bool)],
+        lambda: dict(old_per_token_logps=rn(2, 4, seed=3), ref_per_token_logps=rn(2, 4, seed=4), beta=0.04,
+                     top_entropy_quantile=0.5),
+        meta="ref_per_token_logps",
+        hyper=("temperature", "logit_scale", "entropy_coef", "top_entropy_quantile", "beta", "epsilon_low")),
+    "high_entropy_mask": case(alignops.fused_linear_policy.high_entropy_mask,
+                              lambda: [rn(2, 4).abs(), torch.ones(2, 4, dtype=torch.bool), 0.5]),
 }
 
 # Entries that still break the contract today, with the defect (xfail strict: they fail loudly once fixed).
@@ -304,7 +315,7 @@ def test_the_table_covers_every_public_function():
     missing = []
     for m in ("preference", "fused_linear", "ctc", "ctc_posteriors", "ctc_segmentation", "ot", "skip", "wasserstein",
               "metrics", "watermark", "ima", "similarity", "rewards", "objectives", "ppo",
-              "policy"):
+              "policy", "fused_linear_policy"):
         mod = importlib.import_module(f"alignops.{m}")
         for n, f in vars(mod).items():
             if (not n.startswith("_") and inspect.isfunction(f) and f not in listed

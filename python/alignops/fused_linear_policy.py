@@ -40,7 +40,14 @@ class FusedLinearPolicyOutput(NamedTuple):
 def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
     """TRL's ``get_high_entropy_mask``: ``entropy >= torch.quantile(completion entropies, quantile)`` on completion
     tokens. Under ``torch.distributed`` the quantile is taken over every rank's completion tokens (all_gather), as
-    TRL does through accelerate."""
+    TRL does through accelerate. ``entropies`` [B, T] float and ``mask`` [B, T] on one device, ``quantile`` in [0, 1];
+    returns a bool [B, T] mask."""
+    if not 0.0 <= quantile <= 1.0:
+        raise AlignopsError(f"quantile must lie in [0, 1], got {quantile}")
+    if mask.shape != entropies.shape:
+        raise AlignopsError(f"mask must have the shape of entropies {tuple(entropies.shape)}, got {tuple(mask.shape)}")
+    if mask.device != entropies.device:
+        raise AlignopsError(f"mask must be on the device of entropies ({entropies.device}), got {mask.device}")
     local = entropies[mask.bool()].float()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
