@@ -1,9 +1,11 @@
 """The Triton policy_loss op (alignops::policy_loss_triton) against the native C++ op (every output), and
 through alignops.policy_loss(backend="triton") against the reference (alignops.reference.policy, TRL 1.16's
-GRPOTrainer._compute_loss differentiated by autograd): every loss type x IS level x KL / IS ratio / masks,
-clip-boundary ties, bf16 input, empty batches, opcheck, bad input. Without a GPU it runs in the Triton
-interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1): shapes are at most 8 x 16, and the
-interpreter's tile is 4 tokens, so a row spans several tiles and a partial last one."""
+GRPOTrainer._compute_loss differentiated by autograd) and TRL's own _compute_loss: every loss type x IS
+level x KL / IS ratio / masks, clip-boundary ties, bf16 input, empty batches, opcheck, bad input. Without a
+GPU it runs in the Triton interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1): shapes are
+at most 8 x 16, and the interpreter's tile is 4 tokens, so a row spans several tiles and a partial last one."""
+
+import math
 
 import pytest
 import torch
@@ -344,3 +346,57 @@ def test_bad_input_messages():
         call(a9=2)
     with pytest.raises(AlignopsError, match=r"per_token_logps must be a 2-D float tensor \[B, T\]"):
         call(a0=inputs["per_token_logps"][0])
+
+
+@pytest.mark.parametrize(
+    "trl_kw",
+    [
+        dict(loss_type="dapo", beta=0.04, isr=True),
+        dict(loss_type="grpo", level="sequence", beta=0.04, opm=0.02),
+        dict(loss_type="bnpo", delta=1.3, bias=False, beta=0.04),
+        dict(loss_type="dr_grpo", level="sequence", isr=True),
+        dict(loss_type="cispo", beta=0.04),
+        dict(loss_type="sapo", isr=True, opm=-1.0, beta=0.04),
+        dict(loss_type="luspo", level="sequence", delta=1.3),
+        dict(loss_type="vespo", level="sequence", isr=True, beta=0.04),
+    ],
+)
+def test_matches_trl(trl_kw, import_peer):
+    """TRL 1.16's own GRPOTrainer._compute_loss on a stand-in trainer (tests/test_policy.py's harness): loss,
+    autograd's gradient through TRL's lines, and the metrics TRL logs."""
+    import test_policy
+
+    grpo = import_peer("trl.trainer.grpo_trainer")
+    inputs = _batch(B=5, T=12)
+    keys = ["per_token_logps", "advantages", "completion_mask", "old_per_token_logps", "ref_per_token_logps"]
+    kw = dict(trl_kw)
+    if kw.pop("isr", False):
+        keys.append("importance_sampling_ratio")
+    if "opm" in kw:
+        keys.append("sampling_per_token_logps")
+    trl_inputs = {k: inputs[k].cpu() for k in keys}
+    exp_loss, exp_grad, exp_metrics = test_policy.trl_compute_loss(grpo, trl_inputs, **kw)
+
+    opts = dict(
+        loss_type=kw["loss_type"],
+        importance_sampling_level=kw.get("level", "token"),
+        beta=kw.get("beta", 0.0),
+        use_bias_correction_kl=kw.get("bias", True),
+        epsilon_high=0.28,
+        delta=kw.get("delta"),
+        off_policy_mask_threshold=kw.get("opm"),
+    )
+    lp = inputs["per_token_logps"].clone().requires_grad_()
+    rest = {k: inputs[k] for k in keys[3:]}
+    out = policy_loss(lp, inputs["advantages"], inputs["completion_mask"], backend="triton", **rest, **opts)
+    (grad,) = torch.autograd.grad(out.loss, lp)
+    torch.testing.assert_close(out.loss.cpu(), exp_loss, **TOL[torch.float64])
+    torch.testing.assert_close(grad.cpu(), exp_grad, **TOL[torch.float64])
+    assert exp_metrics  # TRL logged something for every configuration here
+    for name in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "kl", "phi_mean"):
+        ours = getattr(out, name).item()
+        if name in exp_metrics:
+            # TRL averages its clip flags in fp32 (``.float()``): fp32 agreement
+            assert ours == pytest.approx(exp_metrics[name], rel=1e-6, abs=1e-9), name
+        else:
+            assert math.isnan(ours), f"{name}: TRL logs nothing here, ours is {ours}"
