@@ -234,7 +234,7 @@ def policy_loss(
         compute_grad,
     )
 
-    n_tokens = row_stats[:, _ops.MASK_COUNT].sum()
+    n_tokens = row_stats[:, _ops.MASK_COUNT].detach().sum()  # a count: no gradient to route back
     if reduction == "none":
         loss = row_stats[:, _ops.ROW_LOSS]
     elif reduction == "sum":
