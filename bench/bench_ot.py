@@ -99,9 +99,9 @@ def groups(device: str, quick: bool):
         Case(FAMILY, "sinkhorn_normalize", shape, "float32", "torch (UCoFiA, prob. domain)", "fwd",
              lambda: [ref.sinkhorn_normalize_ucofia(S[i], 4) for i in range(L)], baseline=True),
         Case(FAMILY, "sinkhorn_normalize", shape, "float32", "alignops", "fwd",
-             lambda: alignops.ot.sinkhorn_normalize(S, 4)),
+             lambda: alignops.ot.sinkhorn_normalize(S, n_iters=4)),
         Case(FAMILY, "sinkhorn_normalize", shape, "float32", "torch log domain (chunks of 4096)", "fwd",
-             lambda: alignops.ot.sinkhorn_normalize(S, 4, chunk_size=4096, backend="torch")),
+             lambda: alignops.ot.sinkhorn_normalize(S, n_iters=4, chunk_size=4096, backend="torch")),
     ]
 
 

@@ -130,7 +130,7 @@ def _cca_groups(device, B, n, d, B_sklearn):
              lambda: [CCA(n_components=k).fit(s1[i], s2[i]).transform(s1[i], s2[i]) for i in range(B_sklearn)],
              baseline=True),
         Case("represent", "cca", shape, "float32", "alignops (batched)", "fwd",
-             lambda: _no_grad(alignops.cca, H1[:B_sklearn], H2[:B_sklearn], k)),
+             lambda: _no_grad(alignops.cca, H1[:B_sklearn], H2[:B_sklearn], k=k)),
     ]
 
 
@@ -158,7 +158,7 @@ def _cka_group(device, B, n, d):
         Case("represent", "linear_cka(debiased)", shape, "float32", "numpy loop (Kornblith)", "fwd",
              lambda: [_np_debiased_cka(Xn[i], Yn[i]) for i in range(B)], baseline=True),
         Case("represent", "linear_cka(debiased)", shape, "float32", "alignops (batched)", "fwd",
-             lambda: _no_grad(alignops.linear_cka, X, Y, True)),
+             lambda: _no_grad(alignops.linear_cka, X, Y, debiased=True)),
     ]
 
 

@@ -326,7 +326,7 @@ def test_cpo_matches_reference(dtype, loss_type, alphapo):
         pc, pr = leaf(pc.detach() / 10), leaf(pr.detach() / 10)
     eps = 0.1 if loss_type in ("sigmoid", "simpo") else 0.0
     kw = dict(beta=0.2, loss_type=loss_type, label_smoothing=eps)
-    out = obj.cpo_loss(pc, pr, alpha=0.7, simpo_gamma=0.4, alphapo_alpha=alphapo, chosen_lengths=nc,
+    out = obj.cpo_loss(pc, pr, alpha=0.7, gamma=0.4, alphapo_alpha=alphapo, chosen_lengths=nc,
                        rejected_lengths=nr, **kw)
     rc, rr = leaf(pc), leaf(pr)
     exp, _, cr, rj = ref.cpo_loss(rc, rr, cpo_alpha=0.7, simpo_gamma=0.4, alpha=alphapo, chosen_lengths=nc,
@@ -352,7 +352,7 @@ def test_cpo_and_simpo_match_liger():
         torch.testing.assert_close(out.rejected_rewards, rr)
         loss = simpo.LigerFusedLinearSimPOFunction.preference_loss_fn(a, b, target, beta=2.0, gamma=0.5,
                                                                      label_smoothing=eps)[0]
-        out = obj.cpo_loss(a, b, beta=2.0, alpha=0.0, loss_type="simpo", simpo_gamma=0.5, label_smoothing=eps)
+        out = obj.cpo_loss(a, b, beta=2.0, alpha=0.0, loss_type="simpo", gamma=0.5, label_smoothing=eps)
         torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
 
 

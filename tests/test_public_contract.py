@@ -175,7 +175,7 @@ CASES: dict[str, Case] = {
                      hyper=("beta", "desirable_weight", "undesirable_weight")),
     "bco_loss": case(alignops.bco_loss, lambda: [logps(), logps(seed=1), torch.tensor([True, False, True, False])],
                      lambda: dict(delta=0.0), hyper=("beta",)),
-    "cpo_loss": case(alignops.cpo_loss, lambda: [logps(), logps(seed=1)], hyper=("beta", "alpha", "simpo_gamma", "alphapo_alpha")),
+    "cpo_loss": case(alignops.cpo_loss, lambda: [logps(), logps(seed=1)], hyper=("beta", "alpha", "gamma", "alphapo_alpha")),
     "tpo_loss": case(alignops.tpo_loss, lambda: [logps(), logps(seed=1), logps(seed=2)], hyper=("beta", "alpha", "gamma")),
     "rrhf_loss": case(alignops.rrhf_loss, lambda: [rn(2, 3), rn(2, 3, seed=1), torch.randint(1, 9, (2, 3), generator=g())],
                       hyper=("rank_weight", "length_penalty")),

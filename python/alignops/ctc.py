@@ -77,6 +77,13 @@ def _star_scores(log_probs: torch.Tensor, blank: int, star_scores, star_penalty:
     raise AlignopsError(f"star_scores must be 'max', 'constant' or a [B, T] tensor, got {star_scores!r}")
 
 
+class ForcedAlignOutput(NamedTuple):
+    """torchaudio.functional.forced_align's ``(alignments, scores)``, named; unpacks as the same pair."""
+
+    alignments: torch.Tensor  # [B, T] class id per frame, in the dtype of targets; -1 past the length
+    scores: torch.Tensor  # [B, T] emission score of that class, in the dtype of log_probs; 0 past the length
+
+
 def forced_align(
     log_probs: torch.Tensor,
     targets: torch.Tensor,
@@ -92,7 +99,7 @@ def forced_align(
     on_infeasible: str = "raise",
     backend: str = "auto",
     check_values: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> ForcedAlignOutput:
     r"""Batched CTC forced alignment: the best path through the 2L+1 trellis of each utterance.
 
     Over states (blank, y_1, blank, ..., y_L, blank), with fp32 accumulation (fp64 for fp64 input):
@@ -129,10 +136,11 @@ def forced_align(
             infeasible (it reads nothing out of bounds), so it is reported as such.
 
     Returns:
-        ``(paths, scores)``: paths [B, T] in the dtype of ``targets`` (torchaudio's contract) — the class id
-        aligned to each frame (``star_token`` on wildcard frames), -1 past ``input_lengths``; scores [B, T]
-        in the dtype of ``log_probs`` — the emission score of that class at that frame (torchaudio's second
-        output), 0 past the length.
+        ``ForcedAlignOutput(alignments, scores)``, which unpacks like torchaudio's pair: alignments [B, T]
+        in the dtype of ``targets`` (torchaudio's contract) — the class id aligned to each frame
+        (``star_token`` on wildcard frames), -1 past ``input_lengths``; scores [B, T] in the dtype of
+        ``log_probs`` — the emission score of that class at that frame (torchaudio's second output), 0 past
+        the length.
 
     Devices: CPU (threaded over the batch; the trellis loop is vectorised over states) and CUDA (one
     block per utterance, the whole time loop and the backtrace inside one kernel launch). On CUDA the
@@ -201,7 +209,7 @@ def forced_align(
         raise AlignopsError(f"forced_align: no alignment fits rows {rows[:10]}{'...' if len(rows) > 10 else ''}: "
                             "they need input_lengths >= target_lengths + repeated neighbours, and a path of finite "
                             "score (pass on_infeasible='skip' to get -1 paths for them instead)")
-    return paths.to(targets.dtype), scores
+    return ForcedAlignOutput(paths.to(targets.dtype), scores)
 
 
 def _check_values_on_host(log_probs, targets, input_lengths, target_lengths, blank, star_id) -> None:
@@ -370,8 +378,8 @@ def span_occupancy(spans: TokenSpans, token_occupancy: torch.Tensor) -> torch.Te
 
 
 __all__ = [
-    "MEMORY_MODES", "CTCPosteriors", "CtcSegmentationOutput", "PseudoAlignedSegment", "PseudoForcedAlignment",
-    "TokenSpans", "UtteranceSegments", "ctc_loss", "ctc_posteriors", "ctc_segmentation", "forced_align",
-    "prepare_token_list", "pseudo_forced_align", "span_occupancy", "to_json", "token_spans", "utterance_score",
-    "utterance_segments", "word_spans", "write_ctm", "write_kaldi_segments",
+    "MEMORY_MODES", "ForcedAlignOutput", "CTCPosteriors", "CtcSegmentationOutput", "PseudoAlignedSegment",
+    "PseudoForcedAlignment", "TokenSpans", "UtteranceSegments", "ctc_loss", "ctc_posteriors", "ctc_segmentation",
+    "forced_align", "prepare_token_list", "pseudo_forced_align", "span_occupancy", "to_json", "token_spans",
+    "utterance_score", "utterance_segments", "word_spans", "write_ctm", "write_kaldi_segments",
 ]

@@ -24,6 +24,7 @@ from typing import IO
 import torch
 
 from . import _backend
+from ._api import keyword_only
 from ._codes import CtcSegmentationFlag
 from ._errors import AlignopsError
 from .reference import ctc_segmentation as _ref
@@ -209,7 +210,8 @@ def _reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank, min_window_size, m
     return CtcSegmentationOutput(timings, char_probs, states, windows)
 
 
-def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, window: int = 30, *,
+@keyword_only("window")
+def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, *, window: int = 30,
                     backend: str = "auto") -> torch.Tensor:
     r"""The ctc-segmentation confidence of utterances spanning frames [start, end).
 
@@ -287,7 +289,7 @@ def utterance_segments(timings: torch.Tensor, char_probs: torch.Tensor, utt_begi
     end = torch.where(mid_e < hi, mid_e, hi)  # Python's min(hi, mid)
     start_f = torch.round(start / index_duration).to(torch.int64)
     end_f = torch.round(end / index_duration).to(torch.int64)
-    score = utterance_score(char_probs, start_f, end_f, window, backend=backend)
+    score = utterance_score(char_probs, start_f, end_f, window=window, backend=backend)
     out = UtteranceSegments(start, end, score, start_f, end_f)
     if ragged:
         pad = torch.arange(U)[None] >= n_utts[:, None]

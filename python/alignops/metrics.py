@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from ._api import keyword_only
 from ._checks import check_finite, check_has_values, check_int64, check_not_nan, check_same_device, values_checkable
 from ._errors import AlignopsError
 from .reference import metrics as _ref
@@ -41,6 +42,14 @@ class MetricResult(NamedTuple):
     low: torch.Tensor | None = None
     high: torch.Tensor | None = None
     resamples: torch.Tensor | None = None
+
+
+class ConformalSelection(NamedTuple):
+    """``selected`` bool [..., m]: the test items selected at FDR level q; ``pvalues`` [..., m]: their conformal
+    p-values."""
+
+    selected: torch.Tensor
+    pvalues: torch.Tensor
 
 
 def _check_bootstrap(n_bootstrap: int, seed: int, confidence: float | None = None) -> None:
@@ -169,7 +178,8 @@ def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None
     return out.view(*lead, n_bootstrap + 1, num_classes, num_classes)
 
 
-def kappa_from_confusion(confusion: torch.Tensor, weights: str | None = None,
+@keyword_only("weights", "undefined")
+def kappa_from_confusion(confusion: torch.Tensor, *, weights: str | None = None,
                          undefined: float = float("nan")) -> torch.Tensor:
     r"""Cohen's kappa of confusion matrices [..., C, C] (fp64): :math:`1 - \sum w_{ij} O_{ij} / \sum w_{ij}
     E_{ij}` with :math:`E = \text{rowsum} \otimes \text{colsum} / n` and :math:`w_{ij}` = 1[i != j]
@@ -206,7 +216,7 @@ def cohen_kappa(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None
     _check_bootstrap(n_bootstrap, seed, confidence)
     conf = confusion_matrices(a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend,
                               check_values=check_values)
-    return _result(kappa_from_confusion(conf, weights, undefined), n_bootstrap, confidence)
+    return _result(kappa_from_confusion(conf, weights=weights, undefined=undefined), n_bootstrap, confidence)
 
 
 def percent_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None, *, n_bootstrap: int = 0,
@@ -268,8 +278,9 @@ def _check_pref(preference_prob: torch.Tensor, beta: float, check_values: bool) 
             raise AlignopsError("preference_prob must hold probabilities in [0, 1]")
 
 
+@keyword_only("beta")
 def idealized_ranking_accuracy(ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-                               preference_prob: torch.Tensor, beta: float, *, n_bootstrap: int = 0,
+                               preference_prob: torch.Tensor, *, beta: float, n_bootstrap: int = 0,
                                confidence: float = 0.95, seed: int = 0, check_values: bool = True) -> MetricResult:
     r"""Idealized ranking accuracy (Chen et al. 2024, Thm. 3.1): the ranking accuracy of the exact optimum of
     the DPO / RLHF objective, whose likelihood ratio is
@@ -287,9 +298,10 @@ def idealized_ranking_accuracy(ref_chosen_logps: torch.Tensor, ref_rejected_logp
     return _result(_idealized_correct(c, r, p, beta).mean(-1), n_bootstrap, confidence)
 
 
+@keyword_only("beta")
 def alignment_gap(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                   ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, preference_prob: torch.Tensor,
-                  beta: float, *, n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0,
+                  *, beta: float, n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0,
                   check_values: bool = True) -> MetricResult:
     """Idealized minus observed ranking accuracy (Chen et al. 2024), both on the same (paired) resamples.
     Errors and ``check_values`` as :func:`idealized_ranking_accuracy`."""
@@ -472,8 +484,9 @@ def bradley_terry(winners: torch.Tensor, losers: torch.Tensor, num_players: int,
 # ---- conformal selection -----------------------------------------------------------------------------------
 
 
+@keyword_only("threshold")
 def conformal_pvalues(calib_scores: torch.Tensor, calib_labels: torch.Tensor, test_scores: torch.Tensor,
-                      threshold: float) -> torch.Tensor:
+                      *, threshold: float) -> torch.Tensor:
     r"""Conformal p-values for selecting test items whose unseen label exceeds ``threshold`` c (Jin &
     Candès's conformal selection, the null H_j: Y_j <= c, with the clipped score that OptCS builds on).
     With predicted scores s (higher = more likely interesting), calibration items (s_i, y_i):
@@ -501,7 +514,8 @@ def conformal_pvalues(calib_scores: torch.Tensor, calib_labels: torch.Tensor, te
     return (1 + count).double() / (s.shape[-1] + 1)
 
 
-def benjamini_hochberg(pvalues: torch.Tensor, q: float) -> torch.Tensor:
+@keyword_only("q")
+def benjamini_hochberg(pvalues: torch.Tensor, *, q: float) -> torch.Tensor:
     """Benjamini-Hochberg selection at FDR level q along the last dimension: with k* the largest k such that
     the k-th smallest p-value is <= q k / m, select every p <= q k* / m (bool [..., m]; none when no k
     qualifies). Equivalent to scipy.stats.false_discovery_control(p) <= q. Raises ValueError for q outside
@@ -523,9 +537,10 @@ def benjamini_hochberg(pvalues: torch.Tensor, q: float) -> torch.Tensor:
     return p <= q * kstar / m
 
 
+@keyword_only("threshold", "q")
 def conformal_selection(calib_scores: torch.Tensor, calib_labels: torch.Tensor, test_scores: torch.Tensor,
-                        threshold: float, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        *, threshold: float, q: float) -> ConformalSelection:
     """(selected bool [..., m], p-values [..., m]): :func:`conformal_pvalues` then :func:`benjamini_hochberg`
     at level q, which controls the FDR of selecting items with label > threshold in finite samples."""
-    pv = conformal_pvalues(calib_scores, calib_labels, test_scores, threshold)
-    return benjamini_hochberg(pv, q), pv
+    pv = conformal_pvalues(calib_scores, calib_labels, test_scores, threshold=threshold)
+    return ConformalSelection(benjamini_hochberg(pv, q=q), pv)

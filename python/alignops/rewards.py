@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ._api import keyword_only
 from ._checks import check_finite, check_same_device
 from ._errors import AlignopsError
 
@@ -79,7 +80,8 @@ def calibrate(rewards: torch.Tensor, reference_rewards: torch.Tensor) -> torch.T
     return torch.where(q.isnan() | s[..., -1:].isnan(), torch.nan, u)  # sort() puts a NaN last
 
 
-def ctrl_transform(calibrated: torch.Tensor, t: float) -> torch.Tensor:
+@keyword_only("t")
+def ctrl_transform(calibrated: torch.Tensor, *, t: float) -> torch.Tensor:
     r"""InfAlign's exponential transform of a calibrated reward u in [0, 1]: :math:`e^{t u}` for t > 0 (the
     best-of-n family: it rewards the upper tail) and :math:`-e^{t u}` for t < 0 (worst-of-n / jailbreaking:
     it punishes the lower tail); increasing in u either way. t = 0 gives u (the identity). The paper tunes t

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ._api import keyword_only
 from ._checks import check_finite
 from ._errors import AlignopsError
 
@@ -42,7 +43,8 @@ def _out_dtype(*ts: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
-def cca(H1: torch.Tensor, H2: torch.Tensor, k: int | None = None, reg: float = 1e-3) -> torch.Tensor:
+@keyword_only("k", "reg")
+def cca(H1: torch.Tensor, H2: torch.Tensor, *, k: int | None = None, reg: float = 1e-3) -> torch.Tensor:
     r"""Canonical correlations of two views, batched over many small problems (Deep CCA, Andrew et al. 2013).
 
     .. math::
@@ -105,12 +107,14 @@ def cca(H1: torch.Tensor, H2: torch.Tensor, k: int | None = None, reg: float = 1
     return torch.linalg.svdvals(T)[..., :k].to(out)
 
 
-def cca_loss(H1: torch.Tensor, H2: torch.Tensor, k: int | None = None, reg: float = 1e-3) -> torch.Tensor:
+@keyword_only("k", "reg")
+def cca_loss(H1: torch.Tensor, H2: torch.Tensor, *, k: int | None = None, reg: float = 1e-3) -> torch.Tensor:
     """Deep CCA loss: ``-(sum of the top-k canonical correlations)`` [...] (see :func:`cca`, same arguments)."""
-    return -cca(H1, H2, k, reg).sum(-1)
+    return -cca(H1, H2, k=k, reg=reg).sum(-1)
 
 
-def linear_cka(X: torch.Tensor, Y: torch.Tensor, debiased: bool = False) -> torch.Tensor:
+@keyword_only("debiased")
+def linear_cka(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False) -> torch.Tensor:
     r"""Linear centred kernel alignment (Kornblith et al. 2019), batched; ``debiased=True`` uses the unbiased
     HSIC estimator of Song et al. (2012) in the numerator and in both normalisers, as Kornblith's colab does.
 

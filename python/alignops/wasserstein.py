@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
+from ._api import keyword_only
 from ._checks import check_same_device
 from ._errors import AlignopsError
 from ._spectral import psd_sqrt
@@ -113,7 +114,8 @@ def random_projections(d: int, n_projections: int, seed: int | None = None, *, d
     return _backend.to_device((theta / theta.norm(dim=0, keepdim=True)).to(dtype), device or "cpu")
 
 
-def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, n_projections: int = 50, seed: int | None = None, *,
+@keyword_only("n_projections", "seed")
+def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, *, n_projections: int = 50, seed: int | None = None,
                        projections: torch.Tensor | None = None, p: float = 2.0, a: torch.Tensor | None = None,
                        b: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     r"""Sliced p-Wasserstein distance, POT's ``ot.sliced_wasserstein_distance`` convention.

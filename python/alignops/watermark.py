@@ -230,11 +230,18 @@ def gumbel_detect(tokens: torch.Tensor, key: int, *, context_width: int = 1, mas
     return Detection(z, p, s, n)
 
 
-def alignment_resampling(candidates: torch.Tensor, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class Resampled(NamedTuple):
+    """The chosen candidates [B, ...] and their index [B] (int64) among the n."""
+
+    candidates: torch.Tensor
+    indices: torch.Tensor
+
+
+def alignment_resampling(candidates: torch.Tensor, rewards: torch.Tensor) -> Resampled:
     """Alignment Resampling (Verma et al.): of n watermarked candidates per prompt, keep the one with the
-    highest reward. candidates [B, n, ...] (token ids or anything), rewards [B, n]; returns (the chosen
-    candidates [B, ...], their index [B]). Ties go to the first candidate. Raises ValueError for
-    mismatched shapes or devices and n = 0."""
+    highest reward. candidates [B, n, ...] (token ids or anything), rewards [B, n]; returns
+    ``Resampled(candidates [B, ...], indices [B])``, which unpacks as the pair it was. Ties go to the first
+    candidate. Raises ValueError for mismatched shapes or devices and n = 0."""
     from .rewards import best_of_n
 
     check_same_device([("candidates", candidates), ("rewards", rewards)])
@@ -242,4 +249,4 @@ def alignment_resampling(candidates: torch.Tensor, rewards: torch.Tensor) -> tup
         raise AlignopsError(f"candidates must have shape [B, n, ...] matching rewards [B, n] = {list(rewards.shape)}, "
                             f"got {list(candidates.shape)}")
     idx = best_of_n(rewards).indices
-    return candidates[torch.arange(candidates.shape[0], device=candidates.device), idx], idx
+    return Resampled(candidates[torch.arange(candidates.shape[0], device=candidates.device), idx], idx)

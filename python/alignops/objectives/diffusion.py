@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._api import keyword_only
 from .._errors import AlignopsError
 from ._common import _acc_dtype, _check_float, _check_like, _check_positive, _check_reduction, _reduce
 
@@ -22,13 +23,14 @@ class DiffusionDPOLossOutput(NamedTuple):
     ref_diff: torch.Tensor
 
 
+@keyword_only("beta")
 def diffusion_dpo_loss(
     model_mse_w: torch.Tensor,
     model_mse_l: torch.Tensor,
     ref_mse_w: torch.Tensor,
     ref_mse_l: torch.Tensor,
-    beta: float,
     *,
+    beta: float,
     reduction: str = "mean",
 ) -> DiffusionDPOLossOutput:
     r"""Diffusion-DPO (Wallace et al. 2024) from per-sample denoising MSEs (flow matching alike).
@@ -65,12 +67,13 @@ class DROLossOutput(NamedTuple):
     advantage: torch.Tensor
 
 
+@keyword_only("beta")
 def dro_loss(
     model_mse: torch.Tensor,
     ref_mse: torch.Tensor | None,
     reward: torch.Tensor,
-    beta: float = 1.0,
     *,
+    beta: float = 1.0,
     reduction: str = "mean",
 ) -> DROLossOutput:
     r"""DSO's direct reward optimisation (DRO, Li et al. 2025) for diffusion / flow models, unpaired.

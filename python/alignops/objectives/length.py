@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._api import keyword_only
 from .._errors import AlignopsError
 from ._common import _acc_dtype, _check_float, _check_like
 
@@ -31,7 +32,8 @@ def _check_per_token(per_token_logps, completion_mask):
     return completion_mask.bool()
 
 
-def ld_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor, ld_alpha: float) -> PairLogps:
+@keyword_only("ld_alpha")
+def ld_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor, *, ld_alpha: float) -> PairLogps:
     r"""LD-DPO's length-desensitised sequence log-probs (Liu et al. 2024), TRL's ``ld_alpha``.
 
     ``per_token_logps`` [2B, T] of a ``[chosen; rejected]`` batch and its ``completion_mask`` (aligned

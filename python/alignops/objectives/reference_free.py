@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._api import renamed
 from .._checks import check_finite
 from .._errors import AlignopsError
 from ..preference import preference_loss
@@ -42,7 +43,7 @@ _TPO_TYPES = {"sigmoid": "cpo", "hinge": "hinge", "ipo": "ipo", "tpo-l": "simpo"
 
 
 def _ref_free_pair(pc, pr, chosen_lengths, rejected_lengths, average, code, beta, label_smoothing, gamma,
-                   alphapo_alpha):
+                   alphapo_alpha, backend):
     """Per-pair loss of ``preference_loss`` on the (averaged, AlphaPO-transformed) scores; and the scores."""
     if average:
         pc = pc if chosen_lengths is None else pc / chosen_lengths.to(pc.dtype).clamp(min=1.0)
@@ -52,7 +53,7 @@ def _ref_free_pair(pc, pr, chosen_lengths, rejected_lengths, average, code, beta
         pc = -torch.expm1(-alphapo_alpha * pc) / alphapo_alpha
         pr = -torch.expm1(-alphapo_alpha * pr) / alphapo_alpha
     out = preference_loss(pc, pr, loss_type=code, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
-                          reduction="none")
+                          reduction="none", backend=backend)
     return out.loss, pc, pr
 
 
@@ -71,6 +72,7 @@ def _check_pair_args(fn, pc, pr, chosen_lengths, rejected_lengths, loss_type, ty
     _check_reduction(reduction)
 
 
+@renamed(simpo_gamma="gamma")  # TRL's CPOConfig field; gamma is the margin's name across the family
 def cpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -80,12 +82,13 @@ def cpo_loss(
     alpha: float = 1.0,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-    simpo_gamma: float = 0.5,
+    gamma: float = 0.5,
     alphapo_alpha: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     average_log_prob: bool | None = None,
     reduction: str = "mean",
+    backend: str = "auto",
 ) -> RefFreeLossOutput:
     r"""CPO (Xu et al. 2024): a reference-free preference loss plus ``alpha`` times the NLL on the chosen.
 
@@ -97,7 +100,7 @@ def cpo_loss(
     sigmoid  ``-(1-e) logsig(b d) - e logsig(-b d)`` (:func:`preference_loss` ``"cpo"``)
     hinge    ``relu(1 - b d)``
     ipo      ``(d - 1/(2b))^2``
-    simpo    ``-(1-e) logsig(b d - simpo_gamma) - e logsig(-(b d - simpo_gamma))`` (SimPO;
+    simpo    ``-(1-e) logsig(b d - gamma) - e logsig(-(b d - gamma))`` (SimPO;
              AlphaPO with ``alphapo_alpha``, ``alpha=0``: TRL's ``loss_type="alphapo"``)
     ======== =============================================================================
 
@@ -105,17 +108,19 @@ def cpo_loss(
     derives the token-mean NLL from ``policy_chosen_logps`` (summed) and ``chosen_lengths`` (TRL's
     ``cpo_alpha * CrossEntropyLoss``), [B] per pair, 0-d batch-level. ``reduction="mean"`` is TRL's
     ``losses.mean() + cpo_alpha * nll`` and Liger's ``LigerFusedLinearCPOFunction``. Rewards are
-    ``beta * s`` as TRL logs them. The pair loss runs in :func:`preference_loss` (closed-form kernel).
+    ``beta * s`` as TRL logs them. The pair loss runs in :func:`preference_loss` (closed-form kernel) on
+    ``backend`` (``"auto" | "native" | "triton" | "torch"``). ``gamma`` is TRL's ``simpo_gamma``: that keyword
+    still works, with a DeprecationWarning, until the next release.
     """
     _check_pair_args("cpo_loss", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
                      loss_type, tuple(_CPO_TYPES), beta, alpha, label_smoothing, reduction)
-    check_finite(simpo_gamma, "simpo_gamma")
+    check_finite(gamma, "gamma")
     check_finite(alphapo_alpha, "alphapo_alpha")
     acc = _acc_dtype(policy_chosen_logps, policy_rejected_logps, chosen_nll)
     pc, pr = policy_chosen_logps.to(acc), policy_rejected_logps.to(acc)
     average = loss_type in ("ipo", "simpo") if average_log_prob is None else average_log_prob
     pair, sc, sr = _ref_free_pair(pc, pr, chosen_lengths, rejected_lengths, average, _CPO_TYPES[loss_type], beta,
-                                  label_smoothing, simpo_gamma, alphapo_alpha)
+                                  label_smoothing, gamma, alphapo_alpha, backend)
     nll = _nll_term(chosen_nll, pc, chosen_lengths, "chosen_nll") if alpha != 0.0 else torch.zeros_like(pair)
     loss = _reduce(pair + alpha * nll, reduction)
     return RefFreeLossOutput(loss, (beta * sc).detach(), (beta * sr).detach(), nll.detach())
@@ -136,6 +141,7 @@ def tpo_loss(
     gold_lengths: torch.Tensor | None = None,
     average_log_prob: bool | None = None,
     reduction: str = "mean",
+    backend: str = "auto",
 ) -> RefFreeLossOutput:
     r"""TPO (Triple Preference Optimisation): reference-free DPO on (chosen, rejected) plus ``alpha`` times
     the cross-entropy on a gold (reference) response, as TRL's ``experimental.tpo.TPOTrainer``.
@@ -146,7 +152,8 @@ def tpo_loss(
     The NLL is on ``gold_logps`` (summed log-probs of the gold response): with ``gold_lengths``,
     ``-gold_i / mean(n_gold)`` per pair, whose mean is TRL's ``F.cross_entropy`` over the gold
     completion tokens; without lengths ``-gold_i``. ``alpha=0`` needs no gold response.
-    ``loss = reduce(pair_loss + alpha * nll)``; rewards ``beta * s`` as TRL logs them.
+    ``loss = reduce(pair_loss + alpha * nll)``; rewards ``beta * s`` as TRL logs them. The pair loss runs in
+    :func:`preference_loss` on ``backend`` (``"auto" | "native" | "triton" | "torch"``).
     """
     _check_pair_args("tpo_loss", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
                      loss_type, tuple(_TPO_TYPES), beta, alpha, label_smoothing, reduction)
@@ -160,7 +167,7 @@ def tpo_loss(
     pc, pr = policy_chosen_logps.to(acc), policy_rejected_logps.to(acc)
     average = loss_type in ("ipo", "tpo-l") if average_log_prob is None else average_log_prob
     pair, sc, sr = _ref_free_pair(pc, pr, chosen_lengths, rejected_lengths, average, _TPO_TYPES[loss_type], beta,
-                                  label_smoothing, gamma, 0.0)
+                                  label_smoothing, gamma, 0.0, backend)
     nll = _per_token_nll(gold_logps.to(acc), gold_lengths) if alpha != 0.0 else torch.zeros_like(pair)
     loss = _reduce(pair + alpha * nll, reduction)
     return RefFreeLossOutput(loss, (beta * sc).detach(), (beta * sr).detach(), nll.detach())

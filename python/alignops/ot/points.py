@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _backend
+from .._api import legacy_order
 from .._checks import check_positive
 from .._errors import AlignopsError
 from ..reference import ot as _ref
@@ -75,14 +76,15 @@ class DistanceOutput(NamedTuple):
     err: torch.Tensor  # [B] its L1 column-marginal error
 
 
+@legacy_order(2, "eps", "p", "a", "b")  # was (x, y, eps, p=2, a=None, b=None): eps is keyword-only in sinkhorn
 def sinkhorn_distance(
     x: torch.Tensor,
     y: torch.Tensor,
-    eps: float,
-    p: float = 2,
     a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
     *,
+    eps: float,
+    p: float = 2,
     debias: bool = True,
     n_iters: int | None = None,
     tol: float | None = None,
@@ -103,7 +105,9 @@ def sinkhorn_distance(
 
     Args:
         x: [B, N, d] (or [N, d]); y: [B, M, d] (or [M, d]); float32/float64, finite (NaN or inf raises).
-        eps: entropic regularisation (> 0) in cost units; p: cost exponent (>= 1).
+        eps: entropic regularisation (> 0) in cost units; p: cost exponent (>= 1). Keyword-only, as in
+            :func:`sinkhorn`; the old order ``(x, y, eps, p, a, b)`` still works, with a DeprecationWarning,
+            until the next release.
         a, b: weights [B, N] / [B, M] (or [N] / [M]), default uniform; same mass.
         n_iters, tol, eps_scaling, backend: as in :func:`sinkhorn`.
         diameter: a bound of the distances |x_i - y_j| (GeomLoss's ``diameter``): ``eps_scaling`` starts at

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _backend
+from .._api import keyword_only
 from .._checks import check_finite
 from .._errors import AlignopsError
 from ..reference import ot as _ref
@@ -66,10 +67,11 @@ def _resolve_normalize(backend: str, sim: torch.Tensor, op: str) -> str:
     return _backend.resolve(backend, sim.device, op, native_cuda=False)
 
 
+@keyword_only("n_iters")
 def sinkhorn_normalize(
     sim: torch.Tensor,
-    n_iters: int = 4,
     *,
+    n_iters: int = 4,
     temperature: float = 1.0,
     chunk_size: int | None = None,
     process_group=None,
