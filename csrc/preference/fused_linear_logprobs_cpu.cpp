@@ -1,7 +1,7 @@
 // CPU launcher of alignops::fused_linear_logprobs(_backward): the LM head and log p(target) without the
 // [N, V] logits. Ignored rows are dropped before any GEMM; the vocabulary is walked in tiles of Vt columns
 // (one ATen/BLAS GEMM per tile over all kept rows) with an online logsumexp, so the extra memory is one
-// [K, Vt] tile (about 32 MB) whatever V is. Backward recomputes each tile, turns it into dz in place,
+// [K, Vt] tile (about 16 MB) whatever V is. Backward recomputes each tile, turns it into dz in place,
 // and writes grad_weight[v0:v1] once from it (deterministic, fp32 accumulation inside the GEMM).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -26,13 +26,14 @@ const FusedLinearKernels& kernels() {
 #endif
 }
 
-// Columns per vocabulary tile: a [K, Vt] tile of about 8M elements, at least 64 columns.
+// Columns per vocabulary tile: a [K, Vt] tile of about 4M elements (16 MB in fp32), at least 64 columns: at
+// K = 2048 rows that is still ~2000 columns per GEMM, and the tile is the extra memory next to grad_weight.
 // ALIGNOPS_FUSED_LINEAR_TILE overrides it (the tests use it to cover several tiles on small shapes).
 int64_t vocab_tile(int64_t K, int64_t V) {
   if (const char* forced = std::getenv("ALIGNOPS_FUSED_LINEAR_TILE")) {
     return std::min(V, std::max<int64_t>(1, std::atoll(forced)));
   }
-  const int64_t budget = int64_t(1) << 23;
+  const int64_t budget = int64_t(1) << 22;
   const int64_t vt = std::max<int64_t>(64, budget / std::max<int64_t>(K, 1));
   return std::min(V, (vt + 15) / 16 * 16);
 }

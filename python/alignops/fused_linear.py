@@ -49,7 +49,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     backward pass over the recomputed tiles).
 
     The vocabulary is walked in tiles (one GEMM over all kept rows per tile, fp32 accumulation, fp64 for
-    fp64) with an online logsumexp: the extra memory is one [K, Vt] tile (~32 MB on the CPU) whatever V
+    fp64) with an online logsumexp: the extra memory is one [K, Vt] tile (~16 MB on the CPU) whatever V
     and the number of tokens. Backward recomputes each tile and writes ``grad_weight[v0:v1]`` once
     (deterministic), ``grad_hidden`` accumulated in fp32. Outputs are fp32 (fp64 for fp64 inputs).
 
@@ -286,8 +286,10 @@ def fused_linear_preference_loss(
         lengths = {}
     else:
         lengths = {"chosen_lengths": nc, "rejected_lengths": nr}
-    out: PreferenceLossOutput = preference_loss(pc, pr, rc, rr, loss_type, beta, label_smoothing,
-                                                reduction=reduction, backend="auto", **lengths, **loss_options)
+    # the caller's backend for the pair loss too (it was "auto" whatever the caller chose)
+    out: PreferenceLossOutput = preference_loss(pc, pr, rc, rr, loss_type=loss_type, beta=beta,
+                                                label_smoothing=label_smoothing, reduction=reduction, backend=backend,
+                                                **lengths, **loss_options)
     nll = -pc.sum() / nc.sum().clamp(min=1) if not average_log_prob else -(pc * nc).sum() / nc.sum().clamp(min=1)
     loss = out.loss + nll_weight * nll if nll_weight else out.loss
     return FusedLinearPreferenceOutput(loss, pc.detach(), pr.detach(), out.chosen_rewards, out.rejected_rewards,
