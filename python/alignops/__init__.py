@@ -132,3 +132,8 @@ from . import policy  # noqa: E402
 from .policy import PolicyLossOutput, policy_loss  # noqa: E402
 
 __all__ += ["policy", "PolicyLossOutput", "policy_loss"]
+
+from . import adpa  # noqa: E402
+from .adpa import ADPAOutput, DCKDOutput, adpa_loss, dckd_loss  # noqa: E402
+
+__all__ += ["adpa", "ADPAOutput", "DCKDOutput", "adpa_loss", "dckd_loss"]

@@ -1,6 +1,7 @@
 """Fake kernels, autograd formulas and Triton ops of every family, registered on import."""
 
 from . import (  # noqa: F401
+    adpa,
     ctc,
     ctc_posteriors,
     ctc_segmentation,

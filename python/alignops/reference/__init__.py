@@ -1,6 +1,7 @@
 """Pure-PyTorch references of every op: the spec, the CPU fallback (``backend="torch"``), the test oracle."""
 
 from . import (
+    adpa,
     ctc,
     ctc_posteriors,
     ctc_segmentation,
@@ -17,6 +18,7 @@ from . import (
 )
 
 __all__ = [
+    "adpa",
     "ctc",
     "ctc_posteriors",
     "ctc_segmentation",
