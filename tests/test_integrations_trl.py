@@ -6,6 +6,7 @@ every logged number: the loss and the gradient norm at rtol 1e-5, the metrics TR
 """
 
 import copy
+import hashlib
 import importlib.util
 import math
 import os
@@ -113,7 +114,11 @@ def _dpo(env, cls, model, **kw):
     policy = transformers.AutoModelForCausalLM.from_pretrained(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path)
     args = _args(env, env["trl"].DPOConfig, per_device_train_batch_size=2, max_steps=3, **kw)
-    trainer = cls(model=policy, ref_model=ref, args=args, train_dataset=env["pref"], processing_class=env["tokenizer"])
+    # TRL caches precomputed reference log-probs under (dataset fingerprint, model hash): a fingerprint of each
+    # trainer's own, so that each computes them with its own head instead of reading the other's cache
+    key = hashlib.sha1(f"{cls.__module__} {model} {sorted(kw.items())}".encode()).hexdigest()
+    data = env["pref"].map(lambda example: example, new_fingerprint=key)
+    trainer = cls(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=env["tokenizer"])
     trainer.train()
     return trainer
 
