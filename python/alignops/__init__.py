@@ -27,7 +27,7 @@ from .preference import (
     sequence_logprobs,
 )
 from . import ctc, ima, nn, objectives, ot, reference, represent, similarity, skip  # noqa: E402
-from .distillation import DistillationOutput, fused_linear_distillation_loss  # noqa: E402
+from .distillation import DistillationOutput, fused_linear_distillation_loss, topk_distillation_loss  # noqa: E402
 from .fused_linear_policy import FusedLinearPolicyOutput, fused_linear_policy_loss  # noqa: E402
 from .objectives import (
     RunningMoments,
@@ -66,6 +66,7 @@ __all__ = [
     "fused_linear_logprobs",
     "DistillationOutput",
     "fused_linear_distillation_loss",
+    "topk_distillation_loss",
     "FusedLinearPolicyOutput",
     "fused_linear_policy_loss",
     "fused_linear_preference_loss",
