@@ -231,6 +231,15 @@ def test_grpo_entropy_bonus_matches_trl(env):
     )
 
 
+def test_grpo_accumulation_delta_entropy_mask_matches_trl(env):
+    # bnpo's accumulation divisor, two-sided clipping (delta) and the high-entropy token mask
+    kw = dict(loss_type="bnpo", beta=0.0, delta=1.5, top_entropy_quantile=0.5, gradient_accumulation_steps=2)
+    _assert_same_logs(
+        _logs(_grpo(env, env["trl"].GRPOTrainer, "qwen2", **kw)),
+        _logs(_grpo(env, env["ours"].GRPOTrainer, "qwen2", **kw)),
+    )
+
+
 def test_distillation_matches_trl(env):
     def run(cls):
         args = _args(

@@ -30,6 +30,7 @@ import torch
 
 from ..distillation import fused_linear_distillation_loss
 from ..fused_linear import fused_linear_logprobs
+from ..policy import policy_loss
 
 SUPPORTED_TRL = ("1.16",)
 """The TRL minor versions whose trainers these subclasses are tested against."""
@@ -59,6 +60,7 @@ check_trl_version(_trl.__version__)
 import transformers  # noqa: E402  (after the version check, so an unsupported TRL fails with its own message)
 from packaging.version import Version  # noqa: E402
 from trl.trainer import distillation_trainer as _trl_distillation  # noqa: E402
+from trl.trainer import grpo_trainer as _trl_grpo  # noqa: E402
 from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402
 
 __all__ = [
@@ -275,9 +277,11 @@ class DPOTrainer(_trl.DPOTrainer):
 class GRPOTrainer(_trl.GRPOTrainer):
     """TRL's ``GRPOTrainer`` (same arguments, config, rewards, generation, loss types and logged metrics) with the
     per-token log-probabilities and entropies of the policy, the old policy and the reference from
-    :func:`add_fused_lm_head` (alignops' fused kernel, at ``args.temperature``). The policy loss itself is
-    TRL's (``_compute_loss``: grpo, dapo, dr_grpo, bnpo, sapo, ... and ``importance_sampling_level``); the entropy
-    bonus (``entropy_coef``, ``use_adaptive_entropy``) differentiates the kernel's entropy."""
+    :func:`add_fused_lm_head` (alignops' fused kernel, at ``args.temperature``; the entropy differentiable for
+    the entropy bonus) and the policy loss from :func:`alignops.policy_loss` (every TRL loss type, token or
+    sequence importance sampling, the KL term, delta, the off-policy and entropy masks, vLLM's importance
+    ratios), normalised for gradient accumulation and logged as TRL does. With ``use_adaptive_entropy`` or a
+    MoE load-balancing loss the loss is TRL's own ``_compute_loss`` (on alignops' log-probabilities)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -293,6 +297,133 @@ class GRPOTrainer(_trl.GRPOTrainer):
                 temperature=self.temperature,
                 cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
             )
+
+    def _compute_loss(self, model, inputs):
+        if self.use_adaptive_entropy or self.aux_loss_enabled:
+            return super()._compute_loss(model, inputs)
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        multimodal = (
+            "pixel_values",
+            "image_grid_thw",
+            "num_images",
+            "pixel_attention_mask",
+            "spatial_shapes",
+            "num_tiles",
+            "image_sizes",
+            "token_type_ids",
+            "mm_token_type_ids",
+            "image_position_ids",
+        )
+        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            **{k: inputs.get(k) for k in multimodal},
+        )
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        num_items = None
+        if self.loss_type in ("dapo", "cispo", "vespo"):
+            # TRL's normaliser: `num_items_in_batch` spans the generation batch, rescaled to one accumulation window
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        importance_ratio = None
+        if (self.use_vllm and self.vllm_importance_sampling_correction) or self.loss_type == "vespo":
+            importance_ratio = inputs.get("importance_sampling_ratio")
+        out = policy_loss(
+            per_token_logps,
+            advantages,
+            mask,
+            old_per_token_logps=inputs.get("old_per_token_logps"),
+            ref_per_token_logps=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
+            loss_type=self.loss_type,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=self.args.delta,
+            importance_sampling_level=self.importance_sampling_level,
+            beta=self.beta,
+            use_bias_correction_kl=self.args.use_bias_correction_kl,
+            importance_sampling_ratio=importance_ratio,
+            num_items_in_batch=num_items,
+            max_completion_length=self.max_completion_length,
+            sapo_temperature_pos=self.args.sapo_temperature_pos,
+            sapo_temperature_neg=self.args.sapo_temperature_neg,
+            vespo_k_pos=self.args.vespo_k_pos,
+            vespo_lambda_pos=self.args.vespo_lambda_pos,
+            vespo_k_neg=self.args.vespo_k_neg,
+            vespo_lambda_neg=self.args.vespo_lambda_neg,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            sampling_per_token_logps=inputs.get("sampling_per_token_logps"),
+            entropy_mask=entropy_mask,
+        )
+        # dapo / cispo / vespo carry the accumulation in their normaliser; the others are divided here, as TRL
+        loss = out.loss if num_items is not None else out.loss / accumulation
+        if self._entropy_bonus_enabled:
+            effective_mask = mask if entropy_mask is None else mask * entropy_mask
+            entropy_loss = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / accumulation
+            loss = loss - self.entropy_coef * entropy_loss
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.loss.detach()).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        self._log_policy_metrics(mode, out, per_token_logps, inputs, advantages, mask, entropies)
+        return loss
+
+    def _log_policy_metrics(self, mode, out, per_token_logps, inputs, advantages, mask, entropies):
+        """TRL's metrics: policy_loss's masked means summed over processes (weighted by their counts), the
+        entropy, and the per-sequence extremes of the clipped fractions, which need the ratios per row."""
+        sequence = self.importance_sampling_level == "sequence"
+        tokens = mask.sum().float()
+
+        def global_mean(local_mean, count):
+            totals = self.accelerator.reduce(torch.stack([local_mean * count, count]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        rows = torch.tensor(float(mask.shape[0]), device=mask.device)
+        if self.beta != 0.0:
+            self._metrics[mode]["kl"].append(global_mean(out.kl, tokens))
+        entropy_sum = self.accelerator.reduce(torch.stack([(entropies * mask).sum(), tokens]), reduction="sum")
+        self._metrics[mode]["entropy"].append((entropy_sum[0] / entropy_sum[1].clamp(min=1.0)).item())
+        count = rows if sequence else tokens
+        if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+            self._metrics[mode]["clip_ratio/low_mean"].append(global_mean(out.clip_ratio_low, count))
+            self._metrics[mode]["clip_ratio/high_mean"].append(global_mean(out.clip_ratio_high, count))
+            self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(out.clip_ratio_region, count))
+            with torch.no_grad():
+                old = inputs.get("old_per_token_logps")
+                log_ratio = per_token_logps - (per_token_logps if old is None else old)
+                if sequence:
+                    log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+                coef = log_ratio.exp()
+                if self.args.delta is not None:
+                    coef = coef.clamp(max=self.args.delta)
+                low = ((coef < 1 - self.epsilon_low) & (advantages < 0)).float()
+                high = ((coef > 1 + self.epsilon_high) & (advantages > 0)).float()
+
+                def per_row(x):
+                    return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+                self._metrics[mode]["clip_ratio/low_min"].append(
+                    _trl_grpo.nanmin(self.accelerator.gather(per_row(low))).item()
+                )
+                self._metrics[mode]["clip_ratio/high_max"].append(
+                    _trl_grpo.nanmax(self.accelerator.gather(per_row(high))).item()
+                )
+        elif self.loss_type == "cispo":
+            self._metrics[mode]["cispo_clip_ratio"].append(global_mean(out.clip_ratio_high, count))
+        elif self.loss_type == "vespo":
+            phi_rows = advantages.shape[1] == 1
+            self._metrics[mode]["vespo/phi_seq_mean"].append(global_mean(out.phi_mean, rows if phi_rows else tokens))
 
 
 def _alignops_divergence_loss(
