@@ -315,3 +315,289 @@ def test_triton_opcheck_and_native_parity():
     triton_out = torch.ops.alignops.fused_linear_distillation_triton(*args)
     for a, b in zip(native, triton_out):
         torch.testing.assert_close(a, b)
+
+
+# ---- hard labels, reduction="none" -----------------------------------------------------------------------------
+
+
+def _targets(mask, V=53):
+    t = torch.randint(0, V, mask.shape)
+    t[~mask] = -100
+    return t
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_hard_labels_and_reductions_match_reference(reduction, temperature):
+    sh, sw, th, tw, mask, sb, tb = _inputs(dtype=torch.float64, bias=True)
+    targets = _targets(mask)
+    targets[2, 6] = -100  # a kept token without a label: divergence only
+    kw = dict(
+        beta=0.3,
+        temperature=temperature,
+        student_bias=sb,
+        teacher_bias=tb,
+        student_softcap=3.0,
+        student_logit_scale=1.2,
+        hard_label_weight=0.4,
+        soft_label_weight=0.7,
+        targets=targets,
+        reduction=reduction,
+    )
+    out = fld(sh, sw, th, tw, mask, **kw)
+    exp = ref.fused_linear_distillation_loss(sh, sw, th, tw, mask, **kw)
+    expected_loss = exp[0].view(3, 7) if reduction == "none" else exp[0]
+    torch.testing.assert_close(out.loss, expected_loss)
+    torch.testing.assert_close(out.per_token, exp[1].detach().view(3, 7))
+    # A weighting of the per-token losses that is not uniform: the backward of reduction="none" must use it.
+    w = torch.randn(3, 7, dtype=torch.float64) if reduction == "none" else 1.0
+    for g, e in zip(_grads((out.loss * w).sum(), (sh, sw, sb)), _grads((expected_loss * w).sum(), (sh, sw, sb))):
+        torch.testing.assert_close(g, e)
+
+
+def test_reduction_none_sums_to_sum_and_is_zero_when_masked():
+    sh, sw, th, tw, mask, _, _ = _inputs()
+    none = fld(sh, sw, th, tw, mask, reduction="none", divergence="tv").loss
+    assert none.shape == (3, 7) and (none[~mask] == 0).all()
+    torch.testing.assert_close(none.sum(), fld(sh, sw, th, tw, mask, reduction="sum", divergence="tv").loss)
+
+
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (0.2, 1.0)])
+def test_hard_labels_match_liger(weights):
+    chunked = pytest.importorskip("liger_kernel.chunked_loss")
+    sh, sw, th, tw, mask, _, _ = _inputs(Ht=12)
+    labels = _targets(mask)
+    hard, soft = weights
+    liger = chunked.LigerFusedLinearJSDLoss(
+        weight_hard_loss=hard, weight_soft_loss=soft, beta=0.3, temperature=2.0, compiled=False
+    )
+    expected = liger(sh.reshape(-1, 12), sw, th.reshape(-1, 12), tw, labels.reshape(-1))
+    out = fld(
+        sh, sw, th, tw, mask, beta=0.3, temperature=2.0, hard_label_weight=hard, soft_label_weight=soft, targets=labels
+    )
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(_grads(out.loss, (sh, sw)), _grads(expected, (sh, sw))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_hard_label_bad_inputs():
+    sh, sw, th, tw, mask, _, _ = _inputs()
+    with pytest.raises(AlignopsError, match="hard_label_weight != 0 needs targets"):
+        fld(sh, sw, th, tw, mask, hard_label_weight=0.5)
+    with pytest.raises(AlignopsError, match="targets must be an int64 tensor in the token layout"):
+        fld(sh, sw, th, tw, mask, hard_label_weight=0.5, targets=_targets(mask).int())
+    with pytest.raises(AlignopsError, match="targets must be an int64 tensor in the token layout"):
+        fld(sh, sw, th, tw, mask, hard_label_weight=0.5, targets=_targets(mask)[:, :-1])
+    with pytest.raises(AlignopsError, match="hard_label_weight must be finite"):
+        fld(sh, sw, th, tw, mask, hard_label_weight=float("inf"), targets=_targets(mask))
+    with pytest.raises(AlignopsError, match="reduction must be one of"):
+        fld(sh, sw, th, tw, mask, reduction="batchmean")
+
+
+# ---- topk_distillation_loss -------------------------------------------------------------------------------------
+
+
+def _topk_inputs(B=3, T=7, H=12, V=53, k=5, dtype=torch.float64, bias=True):
+    sh, sw, _, _, mask, sb, _ = _inputs(B=B, T=T, Hs=H, V=V, dtype=dtype, bias=bias)
+    teacher = torch.log_softmax(torch.randn(B, T, V, dtype=dtype) * 2, -1)
+    values, ids = teacher.topk(k, -1)
+    if B and T > 3:
+        values[0, 3, k - 2 :] = float("-inf")  # padding entries (vLLM returned fewer than k)
+        ids[0, 3, k - 2 :] = 0
+    if B:
+        values[~mask] = float("nan")  # masked tokens may hold anything
+        ids[~mask] = -7
+    return sh, sw, values, ids, mask, sb
+
+
+@pytest.mark.parametrize("support", ["teacher", "tail", "renormalize"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_topk_matches_reference(support, dtype, temperature):
+    sh, sw, values, ids, mask, sb = _topk_inputs(dtype=dtype)
+    targets = _targets(mask)
+    kw = dict(
+        support=support,
+        temperature=temperature,
+        student_bias=sb,
+        student_softcap=4.0,
+        student_logit_scale=1.3,
+        hard_label_weight=0.3,
+        targets=targets,
+    )
+    out = alignops.topk_distillation_loss(sh, sw, values, ids, mask, **kw)
+    exp = ref.topk_distillation_loss(sh, sw, values, ids, mask, **kw)
+    tol = TOL[dtype]
+    assert torch.isfinite(exp[0])
+    torch.testing.assert_close(out.loss, exp[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(out.per_token, exp[1].detach().view(3, 7), rtol=tol, atol=tol)
+    torch.testing.assert_close(out.entropy, exp[2].view(3, 7), rtol=tol, atol=tol)
+    assert int(out.num_tokens) == int(mask.sum()) and (out.per_token[~mask] == 0).all()
+    for g, e in zip(_grads(out.loss, (sh, sw, sb)), _grads(exp[0], (sh, sw, sb))):
+        torch.testing.assert_close(g, e, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_topk_reductions_and_num_items(reduction):
+    sh, sw, values, ids, mask, sb = _topk_inputs()
+    kw = dict(student_bias=sb, reduction=reduction, num_items_in_batch=40)
+    out = alignops.topk_distillation_loss(sh, sw, values, ids, mask, **kw)
+    exp = ref.topk_distillation_loss(sh, sw, values, ids, mask, **kw)[0]
+    exp = exp.view(3, 7) if reduction == "none" else exp
+    torch.testing.assert_close(out.loss, exp)
+    w = torch.randn(3, 7, dtype=torch.float64) if reduction == "none" else 1.0
+    for g, e in zip(_grads((out.loss * w).sum(), (sh, sw, sb)), _grads((exp * w).sum(), (sh, sw, sb))):
+        torch.testing.assert_close(g, e)
+    mean = alignops.topk_distillation_loss(sh, sw, values, ids, mask, student_bias=sb, num_items_in_batch=40).loss
+    torch.testing.assert_close(
+        mean, ref.topk_distillation_loss(sh, sw, values, ids, mask, student_bias=sb)[1].sum() / 40
+    )
+
+
+def test_topk_of_the_whole_vocabulary_is_the_forward_kl():
+    # k = V: the teacher's top-k is its whole distribution, so every support is fused_linear_distillation_loss's
+    # forward KL (beta = 0) with the teacher head that produced the log-probs (an independent implementation).
+    sh, sw, th, tw, mask, _, _ = _inputs(dtype=torch.float64, Ht=20)
+    temperature = 1.5
+    teacher = torch.log_softmax(ref.logits(th.reshape(-1, 20), tw, temperature=temperature), -1).view(3, 7, 53)
+    values, ids = teacher.topk(53, -1)
+    full = fld(sh, sw, th, tw, mask, beta=0.0, temperature=temperature)
+    full_grads = _grads(full.loss, (sh, sw))
+    for support in ("teacher", "tail", "renormalize"):
+        out = alignops.topk_distillation_loss(sh, sw, values, ids, mask, temperature=temperature, support=support)
+        torch.testing.assert_close(out.loss, full.loss, rtol=1e-6, atol=1e-6)
+        for g, e in zip(_grads(out.loss, (sh, sw)), full_grads):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+def _trl_server_forward_kl(trainer_cls, add_tail, teacher_values, teacher_ids, student_log_probs, labels):
+    # TRL's own method, on a stand-in trainer holding the only attributes it reads.
+    from types import SimpleNamespace
+
+    stand_in = SimpleNamespace(loss_add_tail=add_tail, _reduce_divergence_loss=trainer_cls._reduce_divergence_loss)
+    return trainer_cls._compute_server_forward_kl_loss(
+        stand_in, {"topk_logprobs": teacher_values, "topk_token_ids": teacher_ids}, student_log_probs, labels
+    )
+
+
+@pytest.mark.parametrize("support,add_tail", [("tail", True), ("renormalize", False)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_matches_trl_server_distillation(support, add_tail, temperature, import_peer):
+    server = import_peer("trl.experimental.server_distillation.server_distillation_trainer")
+    sh, sw, values, ids, mask, sb = _topk_inputs(dtype=torch.float32)
+    # TRL's layout: padding is -inf with id 0, every token carries a top-k (the labels say which count).
+    values = torch.where(torch.isnan(values), torch.full_like(values, -1.0), values)
+    ids = ids.clamp(min=0)
+    labels = _targets(mask)
+    logits = ref.logits(sh.reshape(-1, 12), sw, sb, temperature=temperature).view(3, 7, 53)
+    expected = _trl_server_forward_kl(
+        server.ServerDistillationTrainer, add_tail, values, ids, torch.log_softmax(logits, -1), labels
+    )
+    out = alignops.topk_distillation_loss(
+        sh, sw, values, ids, mask, temperature=temperature, support=support, student_bias=sb
+    )
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(_grads(out.loss, (sh, sw, sb)), _grads(expected, (sh, sw, sb))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("support", ["teacher", "tail", "renormalize"])
+def test_topk_gradcheck(support):
+    sh, sw, values, ids, mask, sb = _topk_inputs(B=1, T=5, H=3, V=9, k=3)
+    targets = _targets(mask, V=9)
+
+    def f(h, w, b):
+        return alignops.topk_distillation_loss(
+            h,
+            w,
+            values,
+            ids,
+            mask,
+            support=support,
+            temperature=1.3,
+            student_bias=b,
+            student_softcap=2.0,
+            hard_label_weight=0.5,
+            targets=targets,
+        ).loss
+
+    assert torch.autograd.gradcheck(f, (sh, sw, sb))
+
+
+def test_topk_identical_teacher_gives_zero_and_teacher_gets_no_grad():
+    sh, sw, _, _, mask, _, _ = _inputs(dtype=torch.float64)
+    teacher = torch.log_softmax(ref.logits(sh.detach().reshape(-1, 12), sw.detach()), -1).view(3, 7, 53)
+    values, ids = teacher.topk(53, -1)
+    values.requires_grad_()
+    out = alignops.topk_distillation_loss(sh, sw, values, ids, mask)
+    assert abs(out.loss.item()) < 1e-12
+    assert torch.autograd.grad(out.loss, [sh, values], allow_unused=True)[1] is None
+
+
+def test_topk_empty_and_all_masked():
+    sh, sw, values, ids, mask, _ = _topk_inputs(B=0)
+    out = alignops.topk_distillation_loss(sh, sw, values, ids, mask)
+    assert out.loss.item() == 0 and out.per_token.shape == (0, 7)
+    gh, gw = _grads(out.loss, (sh, sw))
+    assert gh.shape == sh.shape and (gw == 0).all()
+    sh, sw, values, ids, mask, _ = _topk_inputs()
+    out = alignops.topk_distillation_loss(sh, sw, values, ids, torch.zeros_like(mask))
+    assert out.loss.item() == 0 and int(out.num_tokens) == 0
+
+
+def test_topk_bad_inputs():
+    sh, sw, values, ids, mask, _ = _topk_inputs()
+    tk = alignops.topk_distillation_loss
+    with pytest.raises(AlignopsError, match="teacher_topk_logprobs and teacher_topk_ids must both have shape"):
+        tk(sh, sw, values[..., :-1], ids, mask)
+    with pytest.raises(AlignopsError, match="teacher_topk_logprobs and teacher_topk_ids must both have shape"):
+        tk(sh, sw, values[:, :-1], ids[:, :-1], mask)
+    with pytest.raises(AlignopsError, match="teacher_topk_ids must be int64"):
+        tk(sh, sw, values, ids.int(), mask)
+    bad = ids.clone()
+    bad[mask] = 53
+    with pytest.raises(AlignopsError, match="teacher_topk_ids must lie in \\[0, V\\) = \\[0, 53\\)"):
+        tk(sh, sw, values, bad, mask)
+    with pytest.raises(AlignopsError, match="support must be one of"):
+        tk(sh, sw, values, ids, mask, support="both")
+    with pytest.raises(AlignopsError, match="completion_mask must have the token layout"):
+        tk(sh, sw, values, ids, mask[:, :-1])
+    with pytest.raises(AlignopsError, match="teacher_topk_ids must be on the device of student_hidden"):
+        tk(sh, sw, values, ids.to("meta"), mask)
+    with pytest.raises(AlignopsError, match="temperature must be a finite value > 0"):
+        tk(sh, sw, values, ids, mask, temperature=-1.0)
+    with pytest.raises(AlignopsError, match="hard_label_weight != 0 needs targets"):
+        tk(sh, sw, values, ids, mask, hard_label_weight=1.0)
+    targets = _targets(mask)
+    targets[mask] = 99
+    with pytest.raises(AlignopsError, match="targets must lie in \\[0, V\\)"):
+        tk(sh, sw, values, ids, mask, hard_label_weight=1.0, targets=targets)
+
+
+def test_topk_backend_torch_is_the_reference():
+    sh, sw, values, ids, mask, sb = _topk_inputs()
+    a = alignops.topk_distillation_loss(sh, sw, values, ids, mask, student_bias=sb, backend="torch").loss
+    b = alignops.topk_distillation_loss(sh, sw, values, ids, mask, student_bias=sb).loss
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.usefixtures("_triton_blocks")
+@pytest.mark.triton
+@pytest.mark.skipif(not alignops._backend.triton_available(), reason="needs the triton package")
+def test_triton_hard_labels_reduction_none_and_topk():
+    sh, sw, th, tw, mask, sb, tb = _inputs(B=1, T=5, Hs=4, Ht=6, V=45, dtype=torch.float64, bias=True)
+    targets = _targets(mask, V=45)
+    kw = dict(beta=0.4, student_bias=sb, teacher_bias=tb, hard_label_weight=0.5, targets=targets, reduction="none")
+    out = fld(sh, sw, th, tw, mask, backend="triton", **kw)
+    exp = ref.fused_linear_distillation_loss(sh, sw, th, tw, mask, **kw)[0].view(1, 5)
+    torch.testing.assert_close(out.loss, exp)
+    w = torch.randn(1, 5, dtype=torch.float64)
+    for g, e in zip(_grads((out.loss * w).sum(), (sh, sw, sb)), _grads((exp * w).sum(), (sh, sw, sb))):
+        torch.testing.assert_close(g, e)
+    sh, sw, values, ids, mask, sb = _topk_inputs(B=1, T=5, H=4, V=45, k=3)
+    kw = dict(student_bias=sb, temperature=1.5, support="tail")
+    out = alignops.topk_distillation_loss(sh, sw, values, ids, mask, backend="triton", **kw)
+    exp = ref.topk_distillation_loss(sh, sw, values, ids, mask, **kw)[0]
+    torch.testing.assert_close(out.loss, exp)
+    for g, e in zip(_grads(out.loss, (sh, sw, sb)), _grads(exp, (sh, sw, sb))):
+        torch.testing.assert_close(g, e)

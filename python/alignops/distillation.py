@@ -372,7 +372,8 @@ def topk_distillation_loss(
     rows = keep.nonzero().view(-1)  # dropped before anything: masked rows may hold padding
     K = rows.numel()
     hs = student_hidden.reshape(-1, H).index_select(0, rows)
-    t = teacher_topk_logprobs.reshape(-1, k).index_select(0, rows).to(acc)
+    # The teacher is not trained: no gradient to its values (as the teacher head gets none).
+    t = teacher_topk_logprobs.detach().reshape(-1, k).index_select(0, rows).to(acc)
     ids = teacher_topk_ids.reshape(-1, k).index_select(0, rows)
     valid = t > float("-inf")
     if K and bool(((ids < 0) | (ids >= V)).logical_and(valid).any()):

@@ -234,7 +234,7 @@ def topk_distillation_loss(
         softcap=student_softcap,
     )
     log_ps = torch.log_softmax(zs, -1)
-    t = teacher_topk_logprobs.reshape(-1, k).to(acc)
+    t = teacher_topk_logprobs.detach().reshape(-1, k).to(acc)
     ids = teacher_topk_ids.reshape(-1, k)
     # Masked rows may hold anything (padding): give them a harmless support before the divergence.
     t = torch.where(mask.unsqueeze(1), t, torch.zeros_like(t))
