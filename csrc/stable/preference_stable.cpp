@@ -1,0 +1,247 @@
+// alignops_stable::preference_loss: the CPU preference_loss written against the LibTorch stable ABI only
+// (torch/csrc/stable/*, torch/headeronly/*), so one .so built against torch 2.14 headers with
+// -DTORCH_TARGET_VERSION=<2.10> loads into every torch >= 2.10. Not part of the package build: see
+// .ci/stable_abi.sh (build + tests under two torches) and docs/stable-abi.md (what it took, what blocks the rest).
+//
+// The per-pair math is the shared, ATen-free preference_loss_math.h, evaluated on scalars (MathOps<T>): the
+// main kernel's at::vec::Vectorized specialisation has no stable counterpart (torch/headeronly/cpu/vec has
+// only vec_half.h and intrinsics.h in 2.14). Checks mirror csrc/common/checks.h word for word, but raise
+// RuntimeError: STD_TORCH_CHECK (torch/headeronly/util/Exception.h) throws std::runtime_error and the stable
+// headers have no TORCH_CHECK_VALUE counterpart.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "preference/preference_loss_math.h"
+
+namespace alignops_stable {
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+using namespace alignops::preference;  // LossType / FDivergence codes, Params, pair_loss
+
+// "torch.float32", as Python prints a dtype and as csrc/common/checks.h words it.
+std::string dtype_name(ScalarType s) {
+  switch (s) {
+    case ScalarType::Float:
+      return "torch.float32";
+    case ScalarType::Double:
+      return "torch.float64";
+    case ScalarType::Half:
+      return "torch.float16";
+    case ScalarType::BFloat16:
+      return "torch.bfloat16";
+    case ScalarType::Long:
+      return "torch.int64";
+    case ScalarType::Int:
+      return "torch.int32";
+    case ScalarType::Bool:
+      return "torch.bool";
+    default:
+      return std::string("torch.") + torch::headeronly::toString(s);
+  }
+}
+
+std::string shape_str(const Tensor& t) {
+  std::ostringstream os;
+  os << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    os << (d ? ", " : "") << t.size(d);
+  }
+  os << "]";
+  return os.str();
+}
+
+bool same_shape(const Tensor& a, const Tensor& b) {
+  if (a.dim() != b.dim()) {
+    return false;
+  }
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != b.size(d)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool is_floating(ScalarType s) {
+  return s == ScalarType::Float || s == ScalarType::Double || s == ScalarType::Half || s == ScalarType::BFloat16;
+}
+
+// Every tensor here is CPU (checked first), so "same device" reduces to is_cpu().
+void check_cpu(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.is_cpu(), name, " must be a CPU tensor (alignops_stable has only a CPU kernel)");
+}
+
+Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+// beta / chosen_lengths / rejected_lengths: [B], any real dtype, read in the accumulation dtype.
+std::optional<Tensor> optional_per_pair(const std::optional<Tensor>& t, const Tensor& like, ScalarType acc,
+                                        const char* name) {
+  if (!t.has_value()) {
+    return std::nullopt;
+  }
+  STD_TORCH_CHECK(t->dim() == 1, name, " must be a 1-D tensor of shape [B], got shape ", shape_str(*t));
+  STD_TORCH_CHECK(same_shape(*t, like), name, " must have the shape of policy_chosen_logps ", shape_str(like), ", got ",
+                  shape_str(*t));
+  check_cpu(*t, name);
+  const auto s = t->scalar_type();
+  STD_TORCH_CHECK(s != ScalarType::Bool && s != ScalarType::ComplexFloat && s != ScalarType::ComplexDouble &&
+                      s != ScalarType::ComplexHalf,
+                  name, " must be a real numeric tensor, got ", dtype_name(s));
+  return as_contiguous(s == acc ? *t : torch::stable::to(*t, acc));
+}
+
+template <typename acc_t, typename scalar_t>
+void pair_loop(const Tensor& pc_t, const Tensor& pr_t, const Tensor& rc_t, const Tensor& rr_t,
+               const std::optional<Tensor>& beta_t, const std::optional<Tensor>& lc_t,
+               const std::optional<Tensor>& lr_t, const Params<double>& p64, Tensor& loss_t, Tensor& cr_t, Tensor& rj_t,
+               Tensor& grad_t, bool compute_grad) {
+  const int64_t B = pc_t.size(0);
+  Params<acc_t> p;
+  p.beta_value = acc_t(p64.beta_value);
+  p.label_smoothing = acc_t(p64.label_smoothing);
+  p.gamma = acc_t(p64.gamma);
+  p.discopop_tau = acc_t(p64.discopop_tau);
+  p.f_alpha = acc_t(p64.f_alpha);
+  p.f_divergence = p64.f_divergence;
+  p.terms = p64.terms;
+  // Untyped pointers: the typed const_data_ptr<T>() of tensor_inl.h checks the dtype on each call, and
+  // has no specialisation for the headeronly Half / BFloat16 spelling on every torch we target.
+  const auto* pc = static_cast<const scalar_t*>(pc_t.const_data_ptr());
+  const auto* pr = static_cast<const scalar_t*>(pr_t.const_data_ptr());
+  const auto* rc = static_cast<const scalar_t*>(rc_t.const_data_ptr());
+  const auto* rr = static_cast<const scalar_t*>(rr_t.const_data_ptr());
+  const auto* beta = beta_t ? static_cast<const acc_t*>(beta_t->const_data_ptr()) : nullptr;
+  const auto* lc = lc_t ? static_cast<const acc_t*>(lc_t->const_data_ptr()) : nullptr;
+  const auto* lr = lr_t ? static_cast<const acc_t*>(lr_t->const_data_ptr()) : nullptr;
+  auto* loss = static_cast<acc_t*>(loss_t.mutable_data_ptr());
+  auto* cr = static_cast<acc_t*>(cr_t.mutable_data_ptr());
+  auto* rj = static_cast<acc_t*>(rj_t.mutable_data_ptr());
+  auto* grad = compute_grad ? static_cast<acc_t*>(grad_t.mutable_data_ptr()) : nullptr;
+  // torch::stable::parallel_for (ops.h, >= 2.10) calls at::parallel_for through the C shim: same thread
+  // pool and the same grain (2048 pairs) as the main kernel.
+  torch::stable::parallel_for(0, B, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t c = static_cast<acc_t>(pc[i]), r = static_cast<acc_t>(pr[i]);
+      const acc_t c0 = static_cast<acc_t>(rc[i]), r0 = static_cast<acc_t>(rr[i]);
+      const acc_t b = beta ? beta[i] : p.beta_value;
+      const acc_t nc = lc ? lc[i] : acc_t(1), nr = lr ? lr[i] : acc_t(1);
+      acc_t g[4];
+      loss[i] = pair_loss<acc_t, acc_t>(c, r, c0, r0, b, nc, nr, p, g);
+      cr[i] = b * (c - c0);
+      rj[i] = b * (r - r0);
+      if (grad) {
+        for (int k = 0; k < 4; ++k) {
+          grad[k * B + i] = g[k];
+        }
+      }
+    }
+  });
+}
+
+// The schema and semantics of alignops::preference_loss (csrc/registration.cpp); loss_types are codes of
+// preference_loss_math.h.
+std::tuple<Tensor, Tensor, Tensor, Tensor> preference_loss(
+    Tensor pc, Tensor pr, Tensor rc, Tensor rr, std::optional<Tensor> beta, std::optional<Tensor> chosen_lengths,
+    std::optional<Tensor> rejected_lengths, torch::headeronly::HeaderOnlyArrayRef<int64_t> loss_types,
+    torch::headeronly::HeaderOnlyArrayRef<double> loss_weights, double beta_value, double label_smoothing, double gamma,
+    double discopop_tau, int64_t f_divergence, double f_alpha, bool compute_grad) {
+  check_cpu(pc, "policy_chosen_logps");
+  STD_TORCH_CHECK(pc.dim() == 1, "policy_chosen_logps must be a 1-D tensor of shape [B], got shape ", shape_str(pc));
+  const auto dt = pc.scalar_type();
+  STD_TORCH_CHECK(is_floating(dt), "policy_chosen_logps must be float32, float64, float16 or bfloat16, got ",
+                  dtype_name(dt));
+  const std::pair<const Tensor*, const char*> others[] = {
+      {&pr, "policy_rejected_logps"}, {&rc, "ref_chosen_logps"}, {&rr, "ref_rejected_logps"}};
+  for (const auto& [t, name] : others) {
+    STD_TORCH_CHECK(same_shape(*t, pc), name, " must have the shape of policy_chosen_logps ", shape_str(pc), ", got ",
+                    shape_str(*t));
+    STD_TORCH_CHECK(t->scalar_type() == dt, name, " must have the dtype of policy_chosen_logps (", dtype_name(dt),
+                    "), got ", dtype_name(t->scalar_type()));
+    check_cpu(*t, name);
+  }
+  STD_TORCH_CHECK(loss_types.size() == loss_weights.size(), "loss_weights must have one weight per loss type: got ",
+                  loss_weights.size(), " weights for ", loss_types.size(), " loss types");
+  STD_TORCH_CHECK(loss_types.size() <= static_cast<size_t>(kMaxLossTerms), "at most ", kMaxLossTerms,
+                  " loss types can be combined, got ", loss_types.size());
+  STD_TORCH_CHECK(f_divergence >= kReverseKl && f_divergence <= kAlphaDivergence,
+                  "f_divergence code must be in [0, 3], got ", f_divergence);
+  Params<double> params;
+  params.beta_value = beta_value;
+  params.label_smoothing = label_smoothing;
+  params.gamma = gamma;
+  params.discopop_tau = discopop_tau;
+  params.f_alpha = f_alpha;
+  params.f_divergence = static_cast<int>(f_divergence);
+  params.terms.n = static_cast<int>(loss_types.size());
+  for (size_t k = 0; k < loss_types.size(); ++k) {
+    STD_TORCH_CHECK(loss_types[k] >= 0 && loss_types[k] < kNumLossTypes, "loss type code must be in [0, ",
+                    static_cast<int>(kNumLossTypes), "), got ", loss_types[k]);
+    params.terms.type[k] = static_cast<int>(loss_types[k]);
+    params.terms.weight[k] = loss_weights[k];
+  }
+
+  const ScalarType acc = dt == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const Tensor pcc = as_contiguous(pc), prc = as_contiguous(pr), rcc = as_contiguous(rc), rrc = as_contiguous(rr);
+  const auto beta_c = optional_per_pair(beta, pc, acc, "beta");
+  const auto lc_c = optional_per_pair(chosen_lengths, pc, acc, "chosen_lengths");
+  const auto lr_c = optional_per_pair(rejected_lengths, pc, acc, "rejected_lengths");
+  const int64_t B = pc.size(0);
+  const std::vector<int64_t> b_shape{B};
+  const std::vector<int64_t> g_shape = compute_grad ? std::vector<int64_t>{4, B} : std::vector<int64_t>{0};
+  Tensor loss = torch::stable::empty(b_shape, acc);
+  Tensor cr = torch::stable::empty(b_shape, acc);
+  Tensor rj = torch::stable::empty(b_shape, acc);
+  Tensor grad = torch::stable::empty(g_shape, acc);
+
+  switch (dt) {
+    case ScalarType::Float:
+      pair_loop<float, float>(pcc, prc, rcc, rrc, beta_c, lc_c, lr_c, params, loss, cr, rj, grad, compute_grad);
+      break;
+    case ScalarType::Double:
+      pair_loop<double, double>(pcc, prc, rcc, rrc, beta_c, lc_c, lr_c, params, loss, cr, rj, grad, compute_grad);
+      break;
+    case ScalarType::Half:
+      pair_loop<float, torch::headeronly::Half>(pcc, prc, rcc, rrc, beta_c, lc_c, lr_c, params, loss, cr, rj, grad,
+                                                compute_grad);
+      break;
+    case ScalarType::BFloat16:
+      pair_loop<float, torch::headeronly::BFloat16>(pcc, prc, rcc, rrc, beta_c, lc_c, lr_c, params, loss, cr, rj, grad,
+                                                    compute_grad);
+      break;
+    default:
+      STD_TORCH_CHECK(false, "unreachable dtype ", dtype_name(dt));
+  }
+  return {loss, cr, rj, grad};
+}
+
+}  // namespace
+}  // namespace alignops_stable
+
+STABLE_TORCH_LIBRARY(alignops_stable, m) {
+  // The schema of alignops::preference_loss (csrc/registration.cpp), in a namespace of its own so this .so and
+  // the main _C never register the same name.
+  m.def(
+      "preference_loss(Tensor policy_chosen_logps, Tensor policy_rejected_logps, Tensor ref_chosen_logps, "
+      "Tensor ref_rejected_logps, Tensor? beta, Tensor? chosen_lengths, Tensor? rejected_lengths, "
+      "int[] loss_types, float[] loss_weights, float beta_value, float label_smoothing, float gamma, "
+      "float discopop_tau, int f_divergence, float f_alpha, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(alignops_stable, CPU, m) {
+  m.impl("preference_loss", TORCH_BOX(&alignops_stable::preference_loss));
+}
