@@ -204,6 +204,15 @@ CASES: dict[str, Case] = {
     "ppo_value_loss": case(alignops.ppo_value_loss,
                            lambda: [rn(3, 6), rn(3, 6, seed=1), rn(3, 6, seed=2), torch.ones(3, 6, dtype=torch.bool)],
                            hyper=("cliprange_value",)),
+    # adpa
+    "adpa_loss": case(alignops.adpa_loss,
+                      lambda: [rn(2, 3, 4), rn(7, 4, seed=1), rn(2, 3, 5, seed=2), rn(7, 5, seed=3), rn(2, 3, 4, seed=4),
+                               rn(7, 4, seed=5), torch.ones(2, 3, dtype=torch.bool)]),
+    "dckd_loss": case(alignops.dckd_loss,
+                      lambda: [rn(2, 3, 4), rn(7, 4, seed=1), rn(2, 3, 5, seed=2), rn(7, 5, seed=3),
+                               torch.tensor([[True, True, False], [False, False, False]]),
+                               torch.tensor([[False, False, False], [True, True, True]])],
+                      hyper=("chosen_weight", "rejected_weight")),
     # policy
     "policy_loss": case(alignops.policy_loss,
                         lambda: [rn(3, 6), rn(3, seed=1), torch.ones(3, 6, dtype=torch.bool)],
@@ -315,7 +324,7 @@ def test_the_table_covers_every_public_function():
     missing = []
     for m in ("preference", "fused_linear", "ctc", "ctc_posteriors", "ctc_segmentation", "ot", "skip", "wasserstein",
               "metrics", "watermark", "ima", "similarity", "rewards", "objectives", "ppo",
-              "policy", "fused_linear_policy"):
+              "policy", "fused_linear_policy", "adpa"):
         mod = importlib.import_module(f"alignops.{m}")
         for n, f in vars(mod).items():
             if (not n.startswith("_") and inspect.isfunction(f) and f not in listed
