@@ -6,13 +6,12 @@
 // log weight, the off-policy mask's mean KL) is a row sum, so one row is read twice: a pass for the sums, then a
 // pass for the per-token loss, the metrics and the direct part of the gradient. At sequence level coef_1 is a row
 // value, so the gradient through it is a row accumulator G_b = sum_t d loss / d coef_1, spread back in a third
-// pass over the row (d coef_1 / d lp_t = coef_1 m_t / max(M_b, 1)). The second pass works in chunks whose
-// exponentials (the token ratio exp(lp - old) and the KL's exp(ref - lp)) are computed first as vectors: they are
-// most of the scalar loop's cost otherwise. Arithmetic runs in the accumulation type (fp32 for bf16 / fp16 / fp32
-// input, fp64 for fp64). The expressions are TRL's, including where they produce NaN (a non-finite log-prob
-// anywhere in a row, even under the mask, makes that row's loss NaN as in TRL). Gradient conventions are torch
-// autograd's: torch.min at a tie splits the gradient in half, torch.clamp passes it only strictly inside its
-// bounds.
+// pass over the row (d coef_1 / d lp_t = coef_1 m_t / max(M_b, 1)). The second pass, where the work is, runs on
+// at::vec vectors (branches as blends), its sums in vector accumulators added up at the row's end. Arithmetic runs in
+// the accumulation type (fp32 for bf16 / fp16 / fp32 input, fp64 for fp64). The expressions are TRL's, including where
+// they produce NaN (a non-finite log-prob anywhere in a row, even under the mask, makes that row's loss NaN as in TRL).
+// Gradient conventions are torch autograd's: torch.min at a tie splits the gradient in half, torch.clamp passes it only
+// strictly inside its bounds.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -23,6 +22,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "policy/policy_codes.h"
 #include "policy/policy_loss_cpu_kernel.h"
@@ -31,7 +31,7 @@ namespace alignops::policy {
 namespace CPU_CAPABILITY {
 namespace {
 
-constexpr int64_t kChunk = 256;  // tokens whose exponentials are computed as one vector batch
+constexpr int64_t kChunk = 256;  // tokens converted to acc_t per chunk (a multiple of every vector width)
 
 // torch.clamp: NaN passes through (std::min / std::max would drop it on one side).
 template <typename T>
@@ -66,6 +66,7 @@ void policy_rows(const scalar_t* lp_p, const mask_t* m_p, Operand<at::opmath_typ
                  int64_t T, const PolicyLossParams& P) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
   const bool seq = P.level == kSequence;
   const bool clip = P.loss_type == kGrpo || P.loss_type == kBnpo || P.loss_type == kDrGrpo || P.loss_type == kDapo ||
                     P.loss_type == kLuspo;
@@ -100,25 +101,46 @@ void policy_rows(const scalar_t* lp_p, const mask_t* m_p, Operand<at::opmath_typ
       const scalar_t* lp = lp_p + b * T;
       const mask_t* mk = m_p + b * T;
       const acc_t* old = old_p ? old_p + b * T : nullptr;
-      auto lpv = [&](int64_t t) { return static_cast<acc_t>(lp[t]); };
-      // old None is lp.detach(): lp - lp, NaN where lp is infinite, as in TRL.
-      auto oldv = [&](int64_t t) { return old ? old[t] : lpv(t); };
 
-      // Pass 1: the row sums.
-      acc_t M = 0, S = 0, V = 0, K = 0;
-      for (int64_t t = 0; t < T; ++t) {
-        const acc_t m = static_cast<acc_t>(mk[t]);
-        const acc_t r = lpv(t) - oldv(t);
-        M += m;
-        if (seq) S += r * m;
-        if (vespo) V += clamp_nan(r, acc_t(-20), acc_t(20)) * m;
-        if (opm_on) {
-          acc_t d = (samp_p ? samp_p[b * T + t] : oldv(t)) - lpv(t);
-          // torch.nan_to_num(nan=0): infinities become the largest finite values.
-          d = std::isnan(d) ? acc_t(0) : clamp_nan(d, -big, big);
-          K += d * m;
+      // Pass 1: the row sums, in vectors over the same zero-padded chunk buffers as pass 2.
+      alignas(64) acc_t xb[kChunk], mb[kChunk], gb[W];
+      auto fill = [&](int64_t t0, int64_t n, int64_t nv) {
+        for (int64_t i = 0; i < n; ++i) {
+          xb[i] = static_cast<acc_t>(lp[t0 + i]);
+          mb[i] = static_cast<acc_t>(mk[t0 + i]);
+        }
+        for (int64_t i = n; i < nv; ++i) xb[i] = mb[i] = 0;
+      };
+      auto hsum = [&](const Vec& v) {
+        v.store(gb);
+        acc_t total = 0;
+        for (int64_t k = 0; k < W; ++k) total += gb[k];
+        return total;
+      };
+      const Vec big_v(big), twenty(20);
+      Vec M_v(0), S_v(0), V_v(0), K_v(0);
+      for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+        const int64_t n = std::min(kChunk, T - t0), nv = (n + W - 1) / W * W;
+        fill(t0, n, nv);
+        for (int64_t i = 0; i < nv; i += W) {
+          const int64_t t = t0 + i, cnt = std::min(W, n - i);
+          auto ld = [&](const acc_t* q) { return cnt == W ? Vec::loadu(q) : Vec::loadu(q, cnt); };
+          const Vec x = Vec::loadu(xb + i), m = Vec::loadu(mb + i);
+          const Vec o = old ? ld(old + t) : x;
+          const Vec r = x - o;
+          M_v = M_v + m;
+          if (seq) S_v = S_v + r * m;
+          if (vespo) V_v = V_v + at::vec::minimum(at::vec::maximum(r, twenty.neg()), twenty) * m;
+          if (opm_on) {
+            Vec d = (samp_p ? ld(samp_p + b * T + t) : o) - x;
+            // torch.nan_to_num(nan=0): infinities become the largest finite values.
+            d = at::vec::minimum(at::vec::maximum(Vec::blendv(d, Vec(0), d.isnan()), big_v.neg()), big_v);
+            K_v = K_v + d * m;
+          }
         }
       }
+      const acc_t M = hsum(M_v), S = hsum(S_v), K = hsum(K_v);
+      acc_t V = hsum(V_v);
       const acc_t Mc = std::max(M, acc_t(1));
       const acc_t rs = per_row_rs ? acc_t(1) / Mc : acc_t(1);
       const acc_t c_seq = seq ? std::exp(S / Mc) : acc_t(0);
@@ -139,100 +161,101 @@ void policy_rows(const scalar_t* lp_p, const mask_t* m_p, Operand<at::opmath_typ
         return std::isfinite(phi) ? phi : acc_t(0);
       };
 
-      // Pass 2: per-token loss, metrics and the direct part of the gradient (G: the part through a row coef_1).
-      acc_t loss = 0, n_low = 0, n_high = 0, n_region = 0, kl_sum = 0, ratio_sum = 0, phi_sum = 0, G = 0;
+      // Pass 2, in vectors of W tokens: per-token loss, metrics and the direct part of the gradient (G: the part
+      // through a row coef_1). Log-probs and mask are first converted to acc_t chunk buffers zero-padded to
+      // whole vectors; padded lanes (m = 0, every operand 0) add exactly 0 to every sum and are not stored.
+      const acc_t a_row = adv_per_token ? acc_t(0) : adv.at(b, 0);
+      const Vec zero(0), one(1), half(0.5), four(4), nan(std::numeric_limits<acc_t>::quiet_NaN());
+      const Vec v_lo(lo), v_hi(hi), v_eps_high(eps_high), v_delta(delta), v_beta(beta), v_tpos(t_pos), v_tneg(t_neg);
+      // VESPO's phi depends on the token only through the sign of its advantage.
+      const Vec v_phi_pos(vespo ? phi_of(acc_t(1)) : acc_t(0)), v_phi_neg(vespo ? phi_of(acc_t(-1)) : acc_t(0));
+      const Vec opm_row_keep = Vec(opm_on && avg_kl <= opm_thr ? acc_t(1) : acc_t(0)) > zero;
+      const bool w_on = opm_on || ent_p != nullptr || isr_on;
+      Vec loss_v(0), low_v(0), high_v(0), region_v(0), kl_v(0), ratio_v(0), phi_v(0), G_v(0);
       scalar_t* grad = grad_p ? grad_p + b * T : nullptr;
-      acc_t ratio_buf[kChunk], kl_buf[kChunk];
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t j = t % kChunk;
-        if (j == 0) {
-          // The chunk's exponentials as vectors: exp(lp - old) (token level) and exp(ref - lp) (KL term).
-          const int64_t n = std::min(kChunk, T - t);
-          if (!seq) {
-            for (int64_t i = 0; i < n; ++i) ratio_buf[i] = lpv(t + i) - oldv(t + i);
-            at::vec::map([](Vec v) { return v.exp(); }, ratio_buf, ratio_buf, n);
+      for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+        const int64_t n = std::min(kChunk, T - t0), nv = (n + W - 1) / W * W;
+        fill(t0, n, nv);
+        for (int64_t i = 0; i < nv; i += W) {
+          const int64_t t = t0 + i, cnt = std::min(W, n - i);
+          auto ld = [&](const acc_t* q) { return cnt == W ? Vec::loadu(q) : Vec::loadu(q, cnt); };
+          const Vec x = Vec::loadu(xb + i), m = Vec::loadu(mb + i);
+          const Vec a = adv_per_token ? ld(adv.p + b * T + t) : Vec(a_row);
+          // old None is lp.detach(): lp - lp, NaN where lp is infinite, as in TRL.
+          const Vec c = seq ? Vec(c_seq) : (x - (old ? ld(old + t) : x)).exp();
+          Vec ptl, d_direct = zero, d_c = zero, ratio = c, low = zero, high = zero;
+          if (cispo) {
+            const Vec cl = at::vec::minimum(c, v_eps_high);  // NaN-propagating, as torch.clamp
+            ptl = cl.neg() * a * x;
+            d_direct = cl.neg() * a;
+            high = Vec::blendv(zero, one, (c > v_eps_high) & (a > zero));
+          } else if (clip) {
+            const Vec c2 = at::vec::minimum(at::vec::maximum(c, v_lo), v_hi);
+            const Vec g2 = Vec::blendv(zero, one, (c > v_lo) & (c < v_hi));
+            Vec c1 = c, g1 = one;
+            if (has_delta) {
+              c1 = at::vec::minimum(c, v_delta);
+              g1 = Vec::blendv(zero, one, c < v_delta);
+            }
+            const Vec p1 = c1 * a, p2 = c2 * a;
+            const Vec lt = p1 < p2, gt = p2 < p1;
+            const Vec bad = p1.isnan() | p2.isnan();
+            ptl = Vec::blendv(Vec::blendv(p1, p2, gt).neg(), nan, bad);
+            // torch.min's gradient: all to the smaller branch, half to each at a tie.
+            const Vec g = Vec::blendv(Vec::blendv(half * (g1 + g2), g2, gt), g1, lt);
+            d_c = Vec::blendv(a.neg() * g, nan, bad);
+            ratio = c1;
+            low = Vec::blendv(zero, one, (c1 < v_lo) & (a < zero));
+            high = Vec::blendv(zero, one, (c1 > v_hi) & (a > zero));
+          } else if (sapo) {
+            const Vec temp = Vec::blendv(v_tneg, v_tpos, a > zero);
+            const Vec sg = one / (one + (temp.neg() * (c - one)).exp());
+            ptl = sg.neg() * four / temp * a;
+            d_c = four.neg() * a * sg * (one - sg);
+          } else {  // vespo: phi is detached
+            const Vec phi = Vec::blendv(v_phi_neg, v_phi_pos, a >= zero);
+            ptl = phi.neg() * a * x;
+            d_direct = phi.neg() * a;
+            phi_v = phi_v + phi * m;
+          }
+          if (w_on) {
+            Vec w = one;
+            if (opm_on) w = Vec::blendv(zero, one, (a >= zero) | opm_row_keep);
+            if (ent_p) w = w * ld(ent_p + b * T + t);
+            if (isr_on) w = w * (isr.col != 0 ? ld(isr.p + b * T + t) : Vec(isr.at(b, 0)));
+            ptl = ptl * w;
+            d_direct = d_direct * w;
+            d_c = d_c * w;
           }
           if (kl_on) {
-            const acc_t* rf = ref_p + b * T + t;
-            for (int64_t i = 0; i < n; ++i) kl_buf[i] = rf[i] - lpv(t + i);
-            at::vec::map([](Vec v) { return v.exp(); }, kl_buf, kl_buf, n);
+            const Vec dref = ld(ref_p + b * T + t) - x;
+            const Vec e = dref.exp();
+            const Vec kl0 = e - dref - one;
+            const Vec kl = P.bias_kl ? kl0 * c : kl0;
+            ptl = ptl + v_beta * kl;
+            d_direct = d_direct + v_beta * (one - e) * (P.bias_kl ? c : one);
+            if (P.bias_kl) d_c = d_c + v_beta * kl0;
+            kl_v = kl_v + kl * m;
+          }
+          loss_v = loss_v + ptl * m;
+          low_v = low_v + low * m;
+          high_v = high_v + high * m;
+          region_v = region_v + at::vec::maximum(low, high) * m;
+          ratio_v = ratio_v + ratio * m;
+          if (seq) G_v = G_v + m * d_c;
+          if (grad) {
+            const Vec gv = Vec(rs) * (seq ? m * d_direct : m * (d_direct + d_c * c));
+            if constexpr (std::is_same_v<scalar_t, acc_t>) {
+              gv.store(grad + t, cnt);
+            } else {
+              gv.store(gb);
+              for (int64_t k = 0; k < cnt; ++k) grad[t + k] = static_cast<scalar_t>(gb[k]);
+            }
           }
         }
-        const acc_t m = static_cast<acc_t>(mk[t]);
-        const acc_t a = adv.at(b, t);
-        const acc_t x = lpv(t);
-        const acc_t c = seq ? c_seq : ratio_buf[j];
-        acc_t ptl, d_direct = 0, d_c = 0, ratio = c;
-        bool low = false, high = false;
-        if (cispo) {
-          const acc_t cl = std::isnan(c) ? c : std::min(c, eps_high);
-          ptl = -cl * a * x;
-          d_direct = -cl * a;
-          high = c > eps_high && a > 0;
-        } else if (clip) {
-          const acc_t c2 = clamp_nan(c, lo, hi);
-          const acc_t g2 = (c > lo && c < hi) ? acc_t(1) : acc_t(0);
-          acc_t c1 = c, g1 = 1;
-          if (has_delta) {
-            c1 = std::isnan(c) ? c : std::min(c, delta);
-            g1 = c < delta ? acc_t(1) : acc_t(0);
-          }
-          const acc_t p1 = c1 * a, p2 = c2 * a;
-          if (std::isnan(p1) || std::isnan(p2)) {
-            ptl = std::numeric_limits<acc_t>::quiet_NaN();
-            d_c = ptl;
-          } else if (p1 < p2) {
-            ptl = -p1;
-            d_c = -a * g1;
-          } else if (p2 < p1) {
-            ptl = -p2;
-            d_c = -a * g2;
-          } else {
-            ptl = -p1;
-            d_c = acc_t(-0.5) * a * (g1 + g2);
-          }
-          ratio = c1;
-          low = c1 < lo && a < 0;
-          high = c1 > hi && a > 0;
-        } else if (sapo) {
-          const acc_t temp = a > 0 ? t_pos : t_neg;
-          const acc_t s = acc_t(1) / (acc_t(1) + std::exp(-temp * (c - 1)));
-          ptl = -s * 4 / temp * a;
-          d_c = -4 * a * s * (1 - s);
-        } else {  // vespo: phi is detached
-          const acc_t phi = phi_of(a);
-          ptl = -phi * a * x;
-          d_direct = -phi * a;
-          phi_sum += phi * m;
-        }
-        acc_t w = 1;
-        if (opm_on) w *= (a >= 0 || avg_kl <= opm_thr) ? acc_t(1) : acc_t(0);
-        if (ent_p) w *= ent_p[b * T + t];
-        if (isr_on) w *= isr.at(b, t);
-        ptl *= w;
-        d_direct *= w;
-        d_c *= w;
-        if (kl_on) {
-          const acc_t dref = ref_p[b * T + t] - x;
-          const acc_t e = kl_buf[j];
-          const acc_t kl0 = e - dref - 1;
-          const acc_t kl = P.bias_kl ? kl0 * c : kl0;
-          ptl += beta * kl;
-          d_direct += beta * (1 - e) * (P.bias_kl ? c : acc_t(1));
-          if (P.bias_kl) d_c += beta * kl0;
-          kl_sum += kl * m;
-        }
-        loss += ptl * m;
-        n_low += static_cast<acc_t>(low) * m;
-        n_high += static_cast<acc_t>(high) * m;
-        n_region += static_cast<acc_t>(low || high) * m;
-        ratio_sum += ratio * m;
-        if (grad) {
-          const acc_t g = seq ? m * d_direct : m * (d_direct + d_c * c);
-          grad[t] = static_cast<scalar_t>(rs * g);
-        }
-        if (seq) G += m * d_c;
       }
+      const acc_t loss = hsum(loss_v), n_low = hsum(low_v), n_high = hsum(high_v), n_region = hsum(region_v);
+      const acc_t kl_sum = hsum(kl_v), ratio_sum = hsum(ratio_v), phi_sum = hsum(phi_v), G = hsum(G_v);
       if (grad && seq) {
         // d coef_1 / d lp_t = coef_1 m_t / max(M, 1); grad[t] was rounded once already, so add in acc_t.
         const acc_t spread = rs * G * c_seq / Mc;
