@@ -1,8 +1,8 @@
 r"""TRL's trainers with their LM-head work done by alignops: one import, the same constructor and config.
 
-``DPOTrainer``, ``GRPOTrainer`` and ``DistillationTrainer`` subclass TRL's and keep everything TRL does (data
-preparation, generation, the loss formulas, the metrics and their names) except the step that turns the last
-hidden state into per-token numbers over the vocabulary:
+``DPOTrainer``, ``GRPOTrainer`` and ``DistillationTrainer`` subclass TRL's and keep what TRL does (data
+preparation, generation, the metrics and their names) except the step that turns the last hidden state into
+per-token numbers over the vocabulary, and GRPO's policy loss:
 
 - DPO and GRPO call ``model(..., labels=labels, fused_lm_head=True)``, a forward TRL adds to the model
   (``trl.trainer.utils.add_fused_lm_head``). These trainers replace it by :func:`add_fused_lm_head`, which runs
@@ -10,6 +10,8 @@ hidden state into per-token numbers over the vocabulary:
   :func:`alignops.fused_linear_logprobs` (``log p(label)`` and the entropy, both differentiable; the [N, V]
   logits never stored). The metric-only fields TRL's DPO logs (``mean_logits``, ``is_top1``, and WPO's
   ``log_sum_sq_probs``) come from one more pass over vocabulary tiles without gradient.
+- GRPO's policy loss (TRL's ``_compute_loss``) is :func:`alignops.policy_loss` on those log-probabilities. DPO's
+  loss epilogue (loss types, ``loss_weights``, f-divergences, ``ld_alpha``, WPO) stays TRL's code.
 - DistillationTrainer's loss, TRL's ``_chunked_divergence_loss``, is replaced by
   :func:`alignops.fused_linear_distillation_loss` (generalised JSD from both LM heads).
 
