@@ -223,6 +223,11 @@ def test_compile_fullgraph():
     sh, sw, th, tw, mask, _, _ = _inputs()
     compiled = torch.compile(lambda *a: fld(*a, beta=0.5).loss, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(sh, sw, th, tw, mask), fld(sh, sw, th, tw, mask).loss)
+    # reduction="none" (its backward reruns the op) with the hard-label term: still one graph.
+    targets = _targets(mask)
+    kw = dict(reduction="none", hard_label_weight=0.3, targets=targets)
+    compiled = torch.compile(lambda *a: fld(*a, **kw).loss, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(sh, sw, th, tw, mask), fld(sh, sw, th, tw, mask, **kw).loss)
 
 
 def test_backend_torch_is_the_reference():
