@@ -108,13 +108,6 @@ POSITIONAL_ALLOWED = {
     ("kgw_detect", "key"): "the watermark key",
     ("kgw_greedy", "key"): "the watermark key",
     ("kgw_process", "key"): "the watermark key",
-    # Pending (issue 16 §4): preference_loss's positional (loss_type, beta, label_smoothing) are passed
-    # positionally by fused_linear.py and nn.py, which other work is rewriting; deprecate them with
-    # alignops._api.keyword_only once those calls use keywords.
-    ("preference_loss", "loss_type"): "pending: positional callers in fused_linear.py / nn.py",
-    ("preference_loss", "label_smoothing"): "pending: positional callers in fused_linear.py / nn.py",
-    ("selective_logprobs", "ignore_index"): "pending: deprecate with preference_loss's",
-    ("selective_logprobs", "temperature"): "pending: deprecate with preference_loss's",
     # skip.py is being edited by another work stream
     ("change_score", "criterion"): "pending: skip.py under other work",
     ("keep_top_k", "capacity"): "pending: skip.py under other work",
@@ -127,11 +120,7 @@ BACKEND_ALLOWED: dict[str, str] = {}
 TUPLE_ALLOWED: dict[str, str] = {}
 
 # Calls that pass backend= a literal instead of the caller's choice, and why.
-LITERAL_BACKEND_ALLOWED = {
-    # Pending (issue 16 §4): fused_linear.py is being rewritten by another work stream; the fix is one word,
-    # preference_loss(..., backend=backend) instead of backend="auto" (honour the caller's backend).
-    "fused_linear_preference_loss": "pending: fused_linear.py under other work",
-}
+LITERAL_BACKEND_ALLOWED: dict[str, str] = {}
 
 # Names retired in favour of the family's one name (TRL / torchaudio / POT spelling): they may only survive as
 # deprecated aliases (alignops._api.renamed), never as a parameter.
@@ -386,3 +375,21 @@ def test_renamed_keywords():
 def test_lpz_only_where_the_peer_spells_it():
     have = {n for n, f in FUNCTIONS.items() if "lpz" in inspect.signature(f).parameters}
     assert have == LPZ_FUNCTIONS, have
+
+
+def test_fused_linear_preference_loss_forwards_the_backend(monkeypatch):
+    # it used to call preference_loss with backend="auto" whatever the caller chose
+    seen = []
+    real = alignops.fused_linear.preference_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(alignops.fused_linear, "preference_loss", spy)
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(4, 3, 8, generator=g), torch.randn(11, 8, generator=g)
+    targets = torch.randint(0, 11, (4, 3), generator=g)
+    for backend in ("torch", "native"):
+        alignops.fused_linear_preference_loss(hidden, weight, targets, backend=backend)
+    assert seen == ["torch", "native"]

@@ -61,14 +61,15 @@ class PreferenceLoss(torch.nn.Module):
         self.options = options
         # Fail at construction, not at the first batch.
         probe = torch.zeros(1)
-        preference_loss(probe, probe, probe, probe, loss_type, beta, label_smoothing,
+        preference_loss(probe, probe, probe, probe, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
                         **{**options, **({"chosen_lengths": torch.ones(1), "rejected_lengths": torch.ones(1)}
                                          if "chosen_lengths" not in options else {})})
 
     def forward(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
                 **per_batch) -> PreferenceLossOutput:
         return preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                               self.loss_type, self.beta, self.label_smoothing, **{**self.options, **per_batch})
+                               loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
+                               **{**self.options, **per_batch})
 
     def extra_repr(self) -> str:
         return f"loss_type={self.loss_type!r}, beta={self.beta}, label_smoothing={self.label_smoothing}"

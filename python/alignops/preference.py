@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from ._api import keyword_only
 from ._checks import check_finite, check_logits_targets, values_checkable
 from ._codes import FDivergence, LossType, lower_name
 from ._errors import AlignopsError
@@ -138,15 +139,16 @@ def _sort_pairs(t: str, pc, pr, rc, rr):
     return pc[i], pr[j], rc[i], rr[j]
 
 
+@keyword_only("loss_type", "beta", "label_smoothing")
 def preference_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
+    *,
     loss_type: str | list[str] = "sigmoid",
     beta: float | torch.Tensor = 0.1,
     label_smoothing: float = 0.0,
-    *,
     loss_weights: list[float] | None = None,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
@@ -270,8 +272,9 @@ def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int)
                             f"[0, {vocab}) or equal ignore_index")
 
 
-def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                       temperature: float = 1.0, *, backend: str = "auto", check_values: bool = True) -> torch.Tensor:
+@keyword_only("ignore_index", "temperature")
+def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
+                       temperature: float = 1.0, backend: str = "auto", check_values: bool = True) -> torch.Tensor:
     r"""Per-row ``log softmax(logits / T)[target]`` without materialising ``log_softmax``.
 
     ``logits`` [N, V] (fp32, fp64, bf16 or fp16), ``targets`` [N] int64/int32 -> [N] log-probs in fp32
@@ -334,8 +337,9 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion
                                     f"got {tuple(completion_mask.shape)}")
             keep = keep & completion_mask.bool()
         flat_targets = torch.where(keep, targets, torch.full_like(targets, ignore_index)).reshape(B * T)
-        per_token = selective_logprobs(logits.reshape(B * T, V), flat_targets, ignore_index, temperature,
-                                       backend=backend, check_values=check_values).reshape(B, T)
+        per_token = selective_logprobs(logits.reshape(B * T, V), flat_targets, ignore_index=ignore_index,
+                                       temperature=temperature, backend=backend,
+                                       check_values=check_values).reshape(B, T)
         total = per_token.sum(-1)
         count = keep.sum(-1)
     elif logits.dim() == 2:
@@ -345,8 +349,8 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion
             raise AlignopsError("completion_mask is for padded [B, T, V] logits; for packed logits set the "
                                 "targets of non-completion tokens to ignore_index")
         check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device, check_values)
-        per_token = selective_logprobs(logits, targets, ignore_index, temperature, backend=backend,
-                                       check_values=check_values)
+        per_token = selective_logprobs(logits, targets, ignore_index=ignore_index, temperature=temperature,
+                                       backend=backend, check_values=check_values)
         total = segment_sums(per_token, cu_seqlens)
         count = segment_sums((targets != ignore_index).long(), cu_seqlens)
     else:
