@@ -1,13 +1,14 @@
 // CPU launcher of alignops::fused_linear_logprobs(_backward): the LM head and log p(target) without the
 // [N, V] logits. Ignored rows are dropped before any GEMM; the vocabulary is walked in tiles of Vt columns
 // (one ATen/BLAS GEMM per tile over all kept rows) with an online logsumexp, so the extra memory is one
-// [K, Vt] tile (about 16 MB) whatever V is. Backward recomputes each tile, turns it into dz in place,
+// [K, Vt] tile (about 8 MB) whatever V is. Backward recomputes each tile, turns it into dz in place,
 // and writes grad_weight[v0:v1] once from it (deterministic, fp32 accumulation inside the GEMM).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -26,14 +27,15 @@ const FusedLinearKernels& kernels() {
 #endif
 }
 
-// Columns per vocabulary tile: a [K, Vt] tile of about 4M elements (16 MB in fp32), at least 64 columns: at
-// K = 2048 rows that is still ~2000 columns per GEMM, and the tile is the extra memory next to grad_weight.
+// Columns per vocabulary tile: a [K, Vt] tile of about 2M elements (8 MB in fp32), at least 64 columns. The tile is
+// the extra memory next to grad_weight; at K = 1792 rows (the GRPO bench step) a 4M-element tile took 0.53x
+// Liger's peak memory and this one about 0.5x, for ~10% more CPU time (the GEMMs repack hidden once per tile).
 // ALIGNOPS_FUSED_LINEAR_TILE overrides it (the tests use it to cover several tiles on small shapes).
 int64_t vocab_tile(int64_t K, int64_t V) {
   if (const char* forced = std::getenv("ALIGNOPS_FUSED_LINEAR_TILE")) {
     return std::min(V, std::max<int64_t>(1, std::atoll(forced)));
   }
-  const int64_t budget = int64_t(1) << 22;
+  const int64_t budget = int64_t(1) << 21;
   const int64_t vt = std::max<int64_t>(64, budget / std::max<int64_t>(K, 1));
   return std::min(V, (vt + 15) / 16 * 16);
 }
@@ -170,7 +172,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cp
   // The entropy's gradient (an entropy bonus) rides in the same pass over the recomputed tiles.
   const auto ge = grad_entropy.has_value() ? grad_entropy->index_select(0, index).contiguous() : at::Tensor();
   const auto ent = entropy.has_value() ? entropy->index_select(0, index).contiguous() : at::Tensor();
-  auto gh = at::zeros({K, H}, hidden.options().dtype(acc));
+  // fp32 / fp64 inputs: the first K rows of grad_hidden (zeros) hold the [K, H] accumulator, moved into place at the
+  // end, so the backward allocates no second [K, H] buffer (the tile and the kept rows of hidden are its only
+  // extra memory beside grad_weight).
+  const bool in_place = hidden.scalar_type() == acc;
+  auto gh = in_place ? grad_hidden.narrow(0, 0, K) : at::zeros({K, H}, hidden.options().dtype(acc));
   const LogitTransform f{logit_scale, softcap, 1.0 / temperature};
   const int64_t Vt = vocab_tile(K, V);
   auto buffer = at::empty({K * Vt}, hidden.options().dtype(acc));
@@ -192,7 +198,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cp
       grad_bias.narrow(0, v0, vt).copy_(tile.sum(0));
     }
   }
-  grad_hidden.index_copy_(0, index, gh.to(hidden.scalar_type()));
+  if (!in_place) {
+    grad_hidden.index_copy_(0, index, gh.to(hidden.scalar_type()));
+  } else if (K < N) {
+    // Row k goes to index[k] >= k (index ascends): from the last row down, every destination lies at or above
+    // the rows still to move, so no source is overwritten before it moves; a vacated row is zeroed (it is
+    // written again if it is a later destination).
+    const int64_t* ip = index.const_data_ptr<int64_t>();
+    const int64_t row_bytes = H * grad_hidden.element_size();
+    char* base = static_cast<char*>(grad_hidden.data_ptr());
+    for (int64_t k = K - 1; k >= 0; --k) {
+      if (ip[k] != k) {
+        std::memcpy(base + ip[k] * row_bytes, base + k * row_bytes, row_bytes);
+        std::memset(base + k * row_bytes, 0, row_bytes);
+      }
+    }
+  }
   return {grad_hidden, grad_weight, grad_bias};
 }
 

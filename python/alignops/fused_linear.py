@@ -49,7 +49,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     backward pass over the recomputed tiles).
 
     The vocabulary is walked in tiles (one GEMM over all kept rows per tile, fp32 accumulation, fp64 for
-    fp64) with an online logsumexp: the extra memory is one [K, Vt] tile (~16 MB on the CPU) whatever V
+    fp64) with an online logsumexp: the extra memory is one [K, Vt] tile (~8 MB on the CPU) whatever V
     and the number of tokens. Backward recomputes each tile and writes ``grad_weight[v0:v1]`` once
     (deterministic), ``grad_hidden`` accumulated in fp32. Outputs are fp32 (fp64 for fp64 inputs).
 
