@@ -15,12 +15,11 @@ from alignops.reference import adpa as ref
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
-@pytest.fixture(autouse=True, params=["small", None], ids=["tiles_small", "tiles_default"])
-def _tiles(request, monkeypatch):
-    # Blocks of 3 rows and vocabulary tiles of 7 on these shapes: several of each, the last ones ragged.
+@pytest.fixture(autouse=True, params=["small", None], ids=["rows3", "rows_default"])
+def _blocks(request, monkeypatch):
+    # Blocks of 3 kept rows on these small shapes: several blocks, the last one ragged.
     if request.param:
         monkeypatch.setenv("ALIGNOPS_ADPA_ROWS", "3")
-        monkeypatch.setenv("ALIGNOPS_ADPA_VOCAB_TILE", "7")
 
 
 def _inputs(B=3, T=7, Hs=12, Ht=20, Hr=16, V=53, dtype=torch.float32, bias=False):

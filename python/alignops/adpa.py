@@ -107,10 +107,11 @@ def adpa_loss(
     clamp). Its optional sequence importance weight ``exp(logp_s - logp_ref)`` and the ADPA+ schedule (DCKD
     first) are left to the caller.
 
-    ``backend``: "auto" / "native" (a vocab-tiled op, ``alignops::fused_linear_adpa``, of torch GEMMs on tiles of
-    ``ALIGNOPS_ADPA_ROWS`` x ``ALIGNOPS_ADPA_VOCAB_TILE`` = 1024 x 4096: it runs on any device, the CPU dropping
-    masked rows first), "torch" (the reference, which materialises the three [N, V] logits). There is no Triton
-    kernel.
+    The fused op (``alignops::fused_linear_adpa``, torch GEMMs on blocks of rows) keeps a few [R, V] fp32 blocks
+    (~16 MB each on the CPU) and the student's fp32 weight gradient, computed with the loss and scaled in
+    backward: five GEMMs per block, as the materialised loss. ``backend``: "auto" / "native" (that op, on any
+    device; the CPU drops masked rows first), "torch" (the reference, which materialises the three [N, V]
+    logits). There is no Triton kernel.
 
     Raises AlignopsError for shape / dtype / device mismatches, a vocabulary mismatch, a bad ``advantage_clip``
     (NaN, or lo > hi), an unknown reduction.
@@ -164,7 +165,9 @@ def adpa_loss(
             raise AlignopsError(f"advantage_clip must be (lo, hi) with lo <= hi and no NaN, got {advantage_clip!r}")
     impl = _backend.resolve(backend, student_hidden.device, "adpa_loss")
     if impl == "triton":
-        raise RuntimeError("adpa_loss has no Triton kernel (its fused op is torch GEMMs on tiles); use backend='auto'")
+        raise RuntimeError(
+            "adpa_loss has no Triton kernel (its fused op is torch GEMMs on blocks of rows); use backend='auto'"
+        )
     if impl == "torch":
         loss, e, count = _ref.adpa_loss(
             student_hidden,

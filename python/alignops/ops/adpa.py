@@ -1,21 +1,19 @@
 """alignops::fused_linear_adpa: ADPA's loss from three LM heads' inputs (student, aligned teacher, teacher
-reference), vocab-tiled, with its fake kernel and autograd.
+reference), in blocks of rows, with its fake kernel and autograd.
 
-The op is written with torch GEMMs on tiles (rows x vocabulary), so it serves every device torch does; no model's
-[N, V] logits exist at once, only a few [R, V_tile] tiles. Per block of R rows:
+The op is written with torch GEMMs, so it serves every device torch does; no model's [N, V] logits exist at once.
+It walks the rows in blocks of R (R x V x 4 bytes ~ 16 MB on the CPU, as the distillation kernel's blocks; ~128 MB
+on a GPU; ``ALIGNOPS_ADPA_ROWS`` forces R). Per block: one GEMM per head, ``A = log_softmax(z_d) -
+log_softmax(z_r)`` (clipped when asked), ``p_s = softmax(z_s)``, ``E = sum_v p_s A`` and, when the student needs
+gradients, ``dL/dz_s = -w p_s (A - E)`` contracted at once into the student's hidden, weight and bias gradients:
+five GEMMs in all, as the materialised loss's forward and backward, and a few [R, V] fp32 matrices of memory.
+Arithmetic in fp32 (fp64 for fp64 students); bf16 / fp16 heads are converted to fp32 once per call (a copy of
+each head's weight).
 
-1. one pass over the vocabulary tiles: the three heads' running log-sum-exps and, without a clip, the running
-   ``p_s``-weighted mean of ``z_d - z_r`` (``sum_v p_s (log p_d - log p_r) = sum_v p_s (z_d - z_r) - (lse_d -
-   lse_r)`` because ``sum_v p_s = 1``), merged across tiles as a running softmax-weighted mean;
-2. with a clip, a second pass for ``E = sum_v p_s clip(A)`` (the clip needs ``A`` itself, known once the
-   log-sum-exps are);
-3. when the student needs gradients, a last pass: ``dL/dz_s = -w p_s (A - E)`` per tile, contracted at once
-   into the student's hidden, weight and bias gradients (fp32, fp64 for fp64 students).
-
-It returns the gradient of its summed loss with the loss (the tiles are not recomputed in backward); backward
-scales it by the incoming gradient. The teachers get no gradient. On the CPU the masked rows are dropped before
-any GEMM (one host sync, harmless there); on a GPU every row is computed and weighted, to keep the call free of
-host syncs.
+It returns the gradient of its summed loss with the loss (nothing is recomputed in backward); backward scales
+it by the incoming gradient. The teachers get no gradient. On the CPU the masked rows are dropped before any
+GEMM (one host sync, harmless there); on a GPU every row is computed and weighted, to keep the call free of host
+syncs.
 """
 
 from __future__ import annotations
@@ -35,18 +33,18 @@ _SCHEMA = (
 )
 
 
-def _sizes() -> tuple[int, int]:
-    # Read per call so that tests can force several ragged blocks and tiles on small shapes.
-    rows = int(os.environ.get("ALIGNOPS_ADPA_ROWS", "1024"))
-    tile = int(os.environ.get("ALIGNOPS_ADPA_VOCAB_TILE", "4096"))
-    return max(rows, 1), max(tile, 1)
+def _rows_per_block(vocab: int, device: torch.device) -> int:
+    # A block holds a few [R, V] fp32 matrices: ~16 MB each on the CPU (the distillation kernel's size), ~128 MB
+    # on a GPU, whose GEMMs want more rows. Read per call so that tests can force several ragged blocks.
+    forced = os.environ.get("ALIGNOPS_ADPA_ROWS")
+    if forced:
+        return max(int(forced), 1)
+    budget = (128 if device.type == "cuda" else 16) * 2**20
+    return max(budget // (4 * max(vocab, 1)), 1)
 
 
-def _head(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, v0: int, v1: int) -> torch.Tensor:
-    z = h @ w[v0:v1].to(h.dtype).T
-    if b is not None:
-        z = z + b[v0:v1].to(h.dtype)
-    return z
+def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
 
 
 @torch.library.custom_op("alignops::fused_linear_adpa", mutates_args=(), schema=_SCHEMA)
@@ -68,88 +66,64 @@ def fused_linear_adpa(
     """(summed loss ``-sum_n w_n E_n``, ``E`` [N], grad of the summed loss w.r.t. student_hidden [N, Hs],
     student_weight [V, Hs], student_bias [V] (empty [0] tensors without compute_grad / bias))."""
     acc = acc_dtype(student_hidden.dtype)
+    dev = student_hidden.device
     n, vocab = student_hidden.shape[0], student_weight.shape[0]
     clip = clip_low > float("-inf") or clip_high < float("inf")
-    rows_per_block, tile = _sizes()
+    rows = _rows_per_block(vocab, dev)
     w_all = weights.to(acc)
-    if student_hidden.device.type == "cpu":
-        kept = torch.nonzero(w_all).flatten()
-    else:
-        kept = None
-    hs_all = student_hidden if kept is None else student_hidden.index_select(0, kept)
-    ht_all = teacher_hidden if kept is None else teacher_hidden.index_select(0, kept)
-    hr_all = ref_hidden if kept is None else ref_hidden.index_select(0, kept)
-    wk = w_all if kept is None else w_all.index_select(0, kept)
-    m = hs_all.shape[0]
+    kept = torch.nonzero(w_all).flatten() if dev.type == "cpu" else None
 
-    e_kept = torch.zeros(m, dtype=acc, device=student_hidden.device)
+    def pick(t):
+        return t if kept is None else t.index_select(0, kept)
+
+    hs_all, ht_all, hr_all, wk = pick(student_hidden), pick(teacher_hidden), pick(ref_hidden), pick(w_all)
+    # The heads in the accumulation dtype once per call (no copy for fp32 / fp64 models), not once per block.
+    heads = [
+        (w.to(acc), None if b is None else b.to(acc))
+        for w, b in ((student_weight, student_bias), (teacher_weight, teacher_bias), (ref_weight, ref_bias))
+    ]
+    m = hs_all.shape[0]
+    e_kept = torch.zeros(m, dtype=acc, device=dev)
     if compute_grad:
-        g_hidden_kept = torch.zeros(m, student_hidden.shape[1], dtype=acc, device=student_hidden.device)
-        g_weight = torch.zeros(vocab, student_weight.shape[1], dtype=acc, device=student_weight.device)
-        g_bias = torch.zeros(vocab if student_bias is not None else 0, dtype=acc, device=student_weight.device)
-    tiles = [(v0, min(v0 + tile, vocab)) for v0 in range(0, vocab, tile)]
-    for r0 in range(0, m, rows_per_block):
-        r1 = min(r0 + rows_per_block, m)
+        g_hidden_kept = torch.empty(m, student_hidden.shape[1], dtype=acc, device=dev)
+        g_weight = torch.zeros(vocab, student_weight.shape[1], dtype=acc, device=dev)
+        g_bias = torch.zeros(vocab if student_bias is not None else 0, dtype=acc, device=dev)
+    for r0 in range(0, m, rows):
+        r1 = min(r0 + rows, m)
         hs = hs_all[r0:r1].to(acc)
-        ht = ht_all[r0:r1].to(acc)
-        hr = hr_all[r0:r1].to(acc)
-        neg_inf = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=hs.device)
-        lse_s, lse_d, lse_r = neg_inf, neg_inf.clone(), neg_inf.clone()
-        mean_gap = torch.zeros(r1 - r0, dtype=acc, device=hs.device)
-        for v0, v1 in tiles:
-            zs = _head(hs, student_weight, student_bias, v0, v1)
-            zd = _head(ht, teacher_weight, teacher_bias, v0, v1)
-            zr = _head(hr, ref_weight, ref_bias, v0, v1)
-            ls = torch.logsumexp(zs, -1)
-            new = torch.logaddexp(lse_s, ls)
-            if not clip:
-                gap = (torch.exp(zs - ls[:, None]) * (zd - zr)).sum(-1)
-                mean_gap = mean_gap * torch.exp(lse_s - new) + gap * torch.exp(ls - new)
-            lse_s = new
-            lse_d = torch.logaddexp(lse_d, torch.logsumexp(zd, -1))
-            lse_r = torch.logaddexp(lse_r, torch.logsumexp(zr, -1))
-        shift = lse_d - lse_r
-        if not clip:
-            e = mean_gap - shift
-        else:
-            e = torch.zeros(r1 - r0, dtype=acc, device=hs.device)
-            for v0, v1 in tiles:
-                zs = _head(hs, student_weight, student_bias, v0, v1)
-                adv = (
-                    _head(ht, teacher_weight, teacher_bias, v0, v1)
-                    - _head(hr, ref_weight, ref_bias, v0, v1)
-                    - shift[:, None]
-                ).clamp(clip_low, clip_high)
-                e = e + (torch.exp(zs - lse_s[:, None]) * adv).sum(-1)
+        zs, zd, zr = (
+            torch.addmm(b, h, w.T) if b is not None else h @ w.T
+            for h, (w, b) in zip((hs, ht_all[r0:r1].to(acc), hr_all[r0:r1].to(acc)), heads)
+        )
+        adv = _log_softmax_(zd).sub_(_log_softmax_(zr))  # A = log p_d - log p_r, in zd's storage
+        del zr
+        if clip:
+            adv.clamp_(clip_low, clip_high)
+        ps = _log_softmax_(zs).exp_()
+        e = (ps * adv).sum(-1)
         e_kept[r0:r1] = e
         if not compute_grad:
             continue
-        w = wk[r0:r1, None]
-        for v0, v1 in tiles:
-            zs = _head(hs, student_weight, student_bias, v0, v1)
-            adv = _head(ht, teacher_weight, teacher_bias, v0, v1) - _head(hr, ref_weight, ref_bias, v0, v1)
-            adv = adv - shift[:, None]
-            if clip:
-                adv = adv.clamp(clip_low, clip_high)
-            dz = -w * torch.exp(zs - lse_s[:, None]) * (adv - e[:, None])
-            g_hidden_kept[r0:r1] += dz @ student_weight[v0:v1].to(acc)
-            g_weight[v0:v1] += dz.T @ hs
-            if student_bias is not None:
-                g_bias[v0:v1] += dz.sum(0)
+        # dL/dz_s = -w p_s (A - E), built in adv's storage.
+        dz = adv.sub_(e[:, None]).mul_(ps).mul_(-wk[r0:r1, None])
+        del ps
+        g_hidden_kept[r0:r1] = dz @ heads[0][0]
+        g_weight.addmm_(dz.T, hs)
+        if student_bias is not None:
+            g_bias += dz.sum(0)
 
     total = -(e_kept * wk).sum()
     if kept is None:
         per_token = e_kept
     else:
-        per_token = torch.zeros(n, dtype=acc, device=student_hidden.device).index_copy_(0, kept, e_kept)
+        per_token = torch.zeros(n, dtype=acc, device=dev).index_copy_(0, kept, e_kept)
     if not compute_grad:
         empty = student_hidden.new_empty(0, dtype=acc)
         return total, per_token, empty, empty.clone(), empty.clone()
     if kept is None:
         g_hidden = g_hidden_kept
     else:
-        g_hidden = torch.zeros(n, student_hidden.shape[1], dtype=acc, device=student_hidden.device)
-        g_hidden.index_copy_(0, kept, g_hidden_kept)
+        g_hidden = torch.zeros(n, student_hidden.shape[1], dtype=acc, device=dev).index_copy_(0, kept, g_hidden_kept)
     return (
         total,
         per_token,
