@@ -137,6 +137,23 @@ def test_adpa_masked_rows_do_not_matter_and_teachers_get_no_grad():
     assert torch.autograd.grad(b.loss, [th, rw], allow_unused=True) == (None, None)
 
 
+def test_adpa_every_row_path(monkeypatch):
+    """The GPU's path (every row computed and weighted, no host sync), run on the CPU."""
+    import alignops.ops.adpa as op_module
+
+    args = _inputs(dtype=torch.float64, bias=True)
+    dropped = _call(args, advantage_clip=(-0.5, 0.5))
+    monkeypatch.setattr(op_module, "DROP_MASKED_ROWS_ON", ())
+    every = _call(args, advantage_clip=(-0.5, 0.5))
+    exp = _ref(args, advantage_clip=(-0.5, 0.5))[0]
+    torch.testing.assert_close(every.loss, exp)
+    torch.testing.assert_close(every.expected_advantage, dropped.expected_advantage)
+    trained = (args[0], args[1], args[7])
+    for g, d, e in zip(_grads(every.loss, trained), _grads(dropped.loss, trained), _grads(exp, trained)):
+        torch.testing.assert_close(g, e)
+        torch.testing.assert_close(g, d)
+
+
 def test_adpa_empty_batch_and_all_masked():
     args = _inputs(B=0)
     out = _call(args)

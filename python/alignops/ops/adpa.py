@@ -33,6 +33,10 @@ _SCHEMA = (
 )
 
 
+# Devices whose masked rows are dropped before any GEMM (the nonzero is a host sync: harmless on the CPU only).
+DROP_MASKED_ROWS_ON = ("cpu",)
+
+
 def _rows_per_block(vocab: int, device: torch.device) -> int:
     # A block holds a few [R, V] fp32 matrices: ~16 MB each on the CPU (the distillation kernel's size), ~128 MB
     # on a GPU, whose GEMMs want more rows. Read per call so that tests can force several ragged blocks.
@@ -71,7 +75,7 @@ def fused_linear_adpa(
     clip = clip_low > float("-inf") or clip_high < float("inf")
     rows = _rows_per_block(vocab, dev)
     w_all = weights.to(acc)
-    kept = torch.nonzero(w_all).flatten() if dev.type == "cpu" else None
+    kept = torch.nonzero(w_all).flatten() if dev.type in DROP_MASKED_ROWS_ON else None
 
     def pick(t):
         return t if kept is None else t.index_select(0, kept)
