@@ -108,9 +108,6 @@ POSITIONAL_ALLOWED = {
     ("kgw_detect", "key"): "the watermark key",
     ("kgw_greedy", "key"): "the watermark key",
     ("kgw_process", "key"): "the watermark key",
-    # skip.py is being edited by another work stream
-    ("change_score", "criterion"): "pending: skip.py under other work",
-    ("keep_top_k", "capacity"): "pending: skip.py under other work",
 }
 
 # Functions that reach an op with a twin (or a public function taking backend=) without taking backend=.

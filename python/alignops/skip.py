@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend
+from ._api import keyword_only
 from ._checks import check_finite, check_not_nan, check_param
 from ._codes import Activation, Criterion, lower_name
 from ._errors import AlignopsError
@@ -25,7 +26,8 @@ _CRITERION_CODES = {lower_name(code): code for code in Criterion}
 _CRITERIA = tuple(_CRITERION_CODES)
 
 
-def change_score(x: torch.Tensor, previous: torch.Tensor, criterion: str = "cosine") -> torch.Tensor:
+@keyword_only("criterion")
+def change_score(x: torch.Tensor, previous: torch.Tensor, *, criterion: str = "cosine") -> torch.Tensor:
     r"""How much each token changed in this layer, per row (fp32; fp64 for fp64).
 
     ``"cosine"``: ``1 - cos(x, previous)``; ``"norm_ratio"``: ``|x - previous| / |previous|`` (the norm
@@ -57,7 +59,8 @@ def keep_from_spans(skip_spans: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ~inside.any(1)
 
 
-def keep_top_k(score: torch.Tensor, capacity: int | float) -> torch.Tensor:
+@keyword_only("capacity")
+def keep_top_k(score: torch.Tensor, *, capacity: int | float) -> torch.Tensor:
     """[B, T] mask keeping, per sequence, the ``capacity`` rows (a count, or a fraction of T) that changed most."""
     T = score.shape[-1]
     k = int(round(capacity * T)) if isinstance(capacity, float) else int(capacity)
@@ -97,12 +100,12 @@ def _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion, sc
                 "threshold and capacity rank tokens by their change in this layer: pass previous "
                 "(the residual stream before the attention add) or delta (the attention output)"
             )
-        score = change_score(x, previous, criterion)
+        score = change_score(x, previous, criterion=criterion)
     if threshold is not None:
         return score > threshold
     if x.dim() != 3:
         raise AlignopsError("capacity is per sequence: it needs x of shape [B, T, H]")
-    return keep_top_k(score, capacity)
+    return keep_top_k(score, capacity=capacity)
 
 
 def _check_weights(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation):
