@@ -346,3 +346,38 @@ def test_dckd_bad_inputs():
         dckd_loss(sh, sw, th, tw, chosen, None)
     with pytest.raises(AlignopsError, match="teacher_weight must have the vocabulary of student_weight"):
         dckd_loss(sh, sw, th, tw[:-1], chosen, rejected)
+
+
+# ---- DTensor heads (FSDP2): a one-rank gloo mesh in this process -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mesh1(tmp_path_factory):
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.tensor import init_device_mesh
+
+    init = tmp_path_factory.mktemp("adpa_mesh1") / "init"
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_adpa_sharded_heads_are_the_plain_heads(mesh1):
+    """Shard(0) DTensor heads on one rank are the whole heads: the same loss and, through the gather's backward,
+    the same student gradient (as a DTensor); a DTensor mask is refused by name."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    sh, sw, th, tw, rh, rw, mask, *_ = _inputs(dtype=torch.float64)
+    plain = adpa_loss(sh, sw, th, tw, rh, rw, mask).loss
+    (expected,) = torch.autograd.grad(plain, sw)
+    sw_d = distribute_tensor(sw.detach(), mesh1, [Shard(0)]).requires_grad_()
+    tw_d, rw_d = (distribute_tensor(w, mesh1, [Shard(0)]) for w in (tw, rw))
+    sharded = adpa_loss(sh, sw_d, th, tw_d, rh, rw_d, mask).loss
+    torch.testing.assert_close(sharded, plain)
+    (got,) = torch.autograd.grad(sharded, sw_d)
+    assert isinstance(got, DTensor)
+    torch.testing.assert_close(got.full_tensor(), expected)
+    with pytest.raises(AlignopsError, match=r"adpa_loss: completion_mask is a DTensor with placements \(Replicate"):
+        adpa_loss(sh, sw, th, tw, rh, rw, distribute_tensor(mask, mesh1, [Replicate()]))

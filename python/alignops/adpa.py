@@ -15,7 +15,7 @@ import torch
 
 from . import _backend
 from ._checks import check_finite, check_same_device
-from ._distributed import refuse_dtensor
+from ._distributed import gathered_weight, refuse_dtensor
 from ._errors import AlignopsError
 from .distillation import _check_head, fused_linear_distillation_loss
 from .ops import adpa as _ops  # noqa: F401  (registers alignops::fused_linear_adpa)
@@ -115,17 +115,25 @@ def adpa_loss(
 
     Raises AlignopsError for shape / dtype / device mismatches, a vocabulary mismatch, a bad ``advantage_clip``
     (NaN, or lo > hi), an unknown reduction.
+
+    DTensor weights and biases (FSDP2, HSDP, tensor parallel) are all-gathered once per call and the student's
+    gradient reduce-scattered back, as :func:`alignops.fused_linear_distillation_loss` does
+    (``alignops._distributed.gathered_weight``); the hidden states and the mask are this rank's plain tensors.
     """
     refuse_dtensor(
         "adpa_loss",
         student_hidden=student_hidden,
-        student_weight=student_weight,
         teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_weight,
         ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
         completion_mask=completion_mask,
     )
+    student_weight = gathered_weight(student_weight, "student_weight")
+    student_bias = gathered_weight(student_bias, "student_bias")
+    with torch.no_grad():  # the teachers are not trained: their gathers need no backward
+        teacher_weight = gathered_weight(teacher_weight, "teacher_weight")
+        teacher_bias = gathered_weight(teacher_bias, "teacher_bias")
+        ref_weight = gathered_weight(ref_weight, "ref_weight")
+        ref_bias = gathered_weight(ref_bias, "ref_bias")
     _check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias")
     _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias")
     _check_head(ref_hidden, ref_weight, ref_bias, "ref_hidden", "ref_weight", "ref_bias")
