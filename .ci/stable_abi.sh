@@ -44,3 +44,33 @@ if [ ! -x "$OUT/venv213/bin/python" ]; then
 fi
 "$OUT/venv213/bin/python" -c "import torch; assert torch.__version__.startswith('2.13'), torch.__version__"
 "$OUT/venv213/bin/python" -m pytest -q -p no:cacheprovider --noconftest tests/test_stable_abi.py
+
+# 5. Optional (STABLE_ABI_BENCH=1, ~6 minutes): per-call cost against today's registration under both torches
+# (bench/stable_abi_overhead.py; numbers in docs/stable-abi.md). Also builds the variant that allocates its
+# outputs with torch::stable::empty (a boxed dispatcher call) instead of aoti_torch_empty_strided, and, for
+# torch 2.13 (no alignops build), today's registration of the same op (csrc/preference/preference_loss_cpu*.cpp
+# + csrc/stable/native_baseline_def.cpp) compiled against that torch.
+if [ "${STABLE_ABI_BENCH:-0}" = 1 ]; then
+  "${CXX:-g++}" -std=c++17 -O3 -fPIC -shared -fvisibility=hidden -DALIGNOPS_STABLE_DISPATCHER_EMPTY \
+    -DTORCH_TARGET_VERSION=0x020a000000000000 -I"$TORCH_DIR/include" -Icsrc \
+    csrc/stable/preference_stable.cpp -o "$OUT/_alignops_stable_dispatcher_empty.so" \
+    -Wl,--no-undefined -L"$TORCH_DIR/lib" -ltorch_cpu
+  T13="$("$OUT/venv213/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+  N="$OUT/native213"
+  mkdir -p "$N"
+  F=(-std=c++20 -O3 -fPIC -fopenmp -DALIGNOPS_X86=1 -D_GLIBCXX_USE_CXX11_ABI=1 -isystem "$T13/include"
+     -isystem "$T13/include/torch/csrc/api/include" -Icsrc)
+  g++ "${F[@]}" -c csrc/stable/native_baseline_def.cpp -o "$N/def.o"
+  g++ "${F[@]}" -c csrc/preference/preference_loss_cpu.cpp -o "$N/launch.o"
+  g++ "${F[@]}" -DCPU_CAPABILITY=DEFAULT -DCPU_CAPABILITY_DEFAULT -c csrc/preference/preference_loss_cpu_kernel.cpp \
+    -o "$N/k_default.o"
+  g++ "${F[@]}" -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 -mfma -mf16c \
+    -c csrc/preference/preference_loss_cpu_kernel.cpp -o "$N/k_avx2.o"
+  g++ -shared -fopenmp "$N"/def.o "$N"/launch.o "$N"/k_default.o "$N"/k_avx2.o -o "$N/_native_preference.so" \
+    -Wl,--no-undefined -L"$T13/lib" -ltorch_cpu -lc10
+  for so in "$SO" "$OUT/_alignops_stable_dispatcher_empty.so"; do
+    ALIGNOPS_STABLE_SO="$so" "$PY" bench/stable_abi_overhead.py
+    ALIGNOPS_STABLE_SO="$so" "$OUT/venv213/bin/python" bench/stable_abi_overhead.py \
+      --native-so "$N/_native_preference.so"
+  done
+fi

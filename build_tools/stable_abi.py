@@ -73,6 +73,14 @@ def _backward(ctx, grad_loss, _grad_cr, _grad_rj, _grad_grad):
     return (*grads, *([None] * 12))
 
 
+def register_python_layer(op: str) -> None:
+    """The fake kernel and the Python autograd of python/alignops/ops/preference.py, on ``op`` (this op, or in
+    bench/stable_abi_overhead.py the native baseline built for a torch without alignops, so both carry the same
+    Python layer)."""
+    torch.library.register_fake(op, _fake)
+    torch.library.register_autograd(op, _backward, setup_context=_setup)
+
+
 def load(path: str | os.PathLike | None = None):
     """Loads the .so once (torch.ops.load_library), registers fake + autograd; returns the op."""
     global _loaded
@@ -81,7 +89,6 @@ def load(path: str | os.PathLike | None = None):
         if not p.exists():
             raise FileNotFoundError(f"{p} is not built: run .ci/stable_abi.sh (or its build step)")
         torch.ops.load_library(str(p))
-        torch.library.register_fake(OP, _fake)
-        torch.library.register_autograd(OP, _backward, setup_context=_setup)
+        register_python_layer(OP)
         _loaded = True
     return torch.ops.alignops_stable.preference_loss

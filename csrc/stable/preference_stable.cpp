@@ -88,6 +88,28 @@ void check_cpu(const Tensor& t, const char* name) {
 
 Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
+// A contiguous CPU tensor of the accumulation dtype, from the AOTI shim's aoti_torch_empty_strided: a direct C
+// call into at::empty_strided, ABI-stable like the rest of the shim. torch::stable::empty (ops.h) is a boxed
+// dispatcher call (torch_call_dispatcher "aten::empty.memory_format"): ~5-7 us more per call for the four
+// outputs (bench/stable_abi_overhead.py, docs/stable-abi.md). -DALIGNOPS_STABLE_DISPATCHER_EMPTY builds that
+// variant for the comparison.
+Tensor new_empty_cpu(const std::vector<int64_t>& sizes, ScalarType acc) {
+#ifdef ALIGNOPS_STABLE_DISPATCHER_EMPTY
+  return torch::stable::empty(sizes, acc);
+#else
+  std::vector<int64_t> strides(sizes.size(), 1);
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) {
+    strides[d] = strides[d + 1] * std::max<int64_t>(sizes[d + 1], 1);
+  }
+  const int32_t dtype = acc == ScalarType::Double ? aoti_torch_dtype_float64() : aoti_torch_dtype_float32();
+  AtenTensorHandle handle = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(),
+                                                         strides.data(), dtype, aoti_torch_device_type_cpu(), 0,
+                                                         &handle));
+  return Tensor(handle);
+#endif
+}
+
 // beta / chosen_lengths / rejected_lengths: [B], any real dtype, read in the accumulation dtype.
 std::optional<Tensor> optional_per_pair(const std::optional<Tensor>& t, const Tensor& like, ScalarType acc,
                                         const char* name) {
@@ -203,10 +225,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> preference_loss(
   const int64_t B = pc.size(0);
   const std::vector<int64_t> b_shape{B};
   const std::vector<int64_t> g_shape = compute_grad ? std::vector<int64_t>{4, B} : std::vector<int64_t>{0};
-  Tensor loss = torch::stable::empty(b_shape, acc);
-  Tensor cr = torch::stable::empty(b_shape, acc);
-  Tensor rj = torch::stable::empty(b_shape, acc);
-  Tensor grad = torch::stable::empty(g_shape, acc);
+  Tensor loss = new_empty_cpu(b_shape, acc);
+  Tensor cr = new_empty_cpu(b_shape, acc);
+  Tensor rj = new_empty_cpu(b_shape, acc);
+  Tensor grad = new_empty_cpu(g_shape, acc);
 
   switch (dt) {
     case ScalarType::Float:
