@@ -71,10 +71,10 @@ def fused_linear_distillation_loss(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
-    reduction: str = "mean",
     hard_label_weight: float = 0.0,
     soft_label_weight: float = 1.0,
     targets: torch.Tensor | None = None,
+    reduction: str = "mean",
     backend: str = "auto",
 ) -> DistillationOutput:
     r"""Teacher-student divergence from LM-head inputs, the loss of TRL 1.16's ``DistillationTrainer``.
@@ -253,10 +253,10 @@ def topk_distillation_loss(
     student_logit_scale: float = 1.0,
     student_softcap: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
-    reduction: str = "mean",
     hard_label_weight: float = 0.0,
     soft_label_weight: float = 1.0,
     targets: torch.Tensor | None = None,
+    reduction: str = "mean",
     backend: str = "auto",
 ) -> DistillationOutput:
     r"""Offline distillation: the teacher given as its top-k (log-probs + token ids), the student from its LM-head

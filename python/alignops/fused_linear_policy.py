@@ -37,7 +37,7 @@ class FusedLinearPolicyOutput(NamedTuple):
     metrics: dict
 
 
-def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, *, quantile: float) -> torch.Tensor:
     """TRL's ``get_high_entropy_mask``: ``entropy >= torch.quantile(completion entropies, quantile)`` on completion
     tokens. Under ``torch.distributed`` the quantile is taken over every rank's completion tokens (all_gather), as
     TRL does through accelerate. ``entropies`` [B, T] float and ``mask`` [B, T] on one device, ``quantile`` in [0, 1];
@@ -260,7 +260,7 @@ def fused_linear_policy_loss(
     logp_p, entropy_p = to_padded(logp), to_padded(entropy)
     entropy_mask = None
     if top_entropy_quantile < 1.0:
-        entropy_mask = high_entropy_mask(entropy_p.detach(), mask_p, 1.0 - top_entropy_quantile)
+        entropy_mask = high_entropy_mask(entropy_p.detach(), mask_p, quantile=1.0 - top_entropy_quantile)
     extra = {k: to_padded(v.reshape(-1).to(logp.dtype).masked_fill(~keep.reshape(-1), 0.0)) for k, v in extra.items()}
     result = policy_loss(
         logp_p,
