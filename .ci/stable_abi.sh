@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One .so for every torch >= 2.10: builds csrc/stable/preference_stable.cpp ONCE against the main venv's torch
-# (2.14) headers with TORCH_TARGET_VERSION = 2.10, checks that it needs no C++ symbol of libtorch (only the
-# extern "C" stable shim), then runs tests/test_stable_abi.py with that same file under torch 2.14 (the main
-# venv, against alignops too) and under torch 2.13.0+cpu (its own venv under build/stable_abi/venv213, made on
-# the first run from the local wheel, no alignops build: --noconftest, as the suite's conftest imports
-# alignops). Not part of the package build (docs/stable-abi.md). About 1 minute once the 2.13 venv exists
-# (~2 more minutes to make it).
+# One .so for every torch >= 2.10: builds csrc/stable/preference_stable.cpp (preference_loss, selective_logprobs)
+# ONCE against the main venv's torch (2.14) headers with TORCH_TARGET_VERSION = 2.10, checks that it needs no
+# C++ symbol of libtorch (only the extern "C" stable shim), then runs tests/test_stable_abi.py with that same
+# file under torch 2.14 (the main venv, against alignops too) and under torch 2.13.0+cpu (its own venv under
+# build/stable_abi/venv213, made on the first run from the local wheel, no alignops build: --noconftest, as the
+# suite's conftest imports alignops). Not part of the package build (docs/stable-abi.md). About 1 minute once
+# the 2.13 venv exists (~2 more minutes to make it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,11 +45,11 @@ fi
 "$OUT/venv213/bin/python" -c "import torch; assert torch.__version__.startswith('2.13'), torch.__version__"
 "$OUT/venv213/bin/python" -m pytest -q -p no:cacheprovider --noconftest tests/test_stable_abi.py
 
-# 5. Optional (STABLE_ABI_BENCH=1, ~6 minutes): per-call cost against today's registration under both torches
+# 5. Optional (STABLE_ABI_BENCH=1, ~10 minutes): per-call cost against today's registration under both torches
 # (bench/stable_abi_overhead.py; numbers in docs/stable-abi.md). Also builds the variant that allocates its
 # outputs with torch::stable::empty (a boxed dispatcher call) instead of aoti_torch_empty_strided, and, for
-# torch 2.13 (no alignops build), today's registration of the same op (csrc/preference/preference_loss_cpu*.cpp
-# + csrc/stable/native_baseline_def.cpp) compiled against that torch.
+# torch 2.13 (no alignops build), today's registration of the same ops (csrc/preference/{preference_loss,
+# selective_logprobs}_cpu*.cpp + csrc/stable/native_baseline_def.cpp) compiled against that torch.
 if [ "${STABLE_ABI_BENCH:-0}" = 1 ]; then
   "${CXX:-g++}" -std=c++17 -O3 -fPIC -shared -fvisibility=hidden -DALIGNOPS_STABLE_DISPATCHER_EMPTY \
     -DTORCH_TARGET_VERSION=0x020a000000000000 -I"$TORCH_DIR/include" -Icsrc \
@@ -61,12 +61,14 @@ if [ "${STABLE_ABI_BENCH:-0}" = 1 ]; then
   F=(-std=c++20 -O3 -fPIC -fopenmp -DALIGNOPS_X86=1 -D_GLIBCXX_USE_CXX11_ABI=1 -isystem "$T13/include"
      -isystem "$T13/include/torch/csrc/api/include" -Icsrc)
   g++ "${F[@]}" -c csrc/stable/native_baseline_def.cpp -o "$N/def.o"
-  g++ "${F[@]}" -c csrc/preference/preference_loss_cpu.cpp -o "$N/launch.o"
-  g++ "${F[@]}" -DCPU_CAPABILITY=DEFAULT -DCPU_CAPABILITY_DEFAULT -c csrc/preference/preference_loss_cpu_kernel.cpp \
-    -o "$N/k_default.o"
-  g++ "${F[@]}" -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 -mfma -mf16c \
-    -c csrc/preference/preference_loss_cpu_kernel.cpp -o "$N/k_avx2.o"
-  g++ -shared -fopenmp "$N"/def.o "$N"/launch.o "$N"/k_default.o "$N"/k_avx2.o -o "$N/_native_preference.so" \
+  for op in preference_loss selective_logprobs; do
+    g++ "${F[@]}" -c "csrc/preference/${op}_cpu.cpp" -o "$N/${op}.o"
+    g++ "${F[@]}" -DCPU_CAPABILITY=DEFAULT -DCPU_CAPABILITY_DEFAULT -c "csrc/preference/${op}_cpu_kernel.cpp" \
+      -o "$N/${op}_k_default.o"
+    g++ "${F[@]}" -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 -mfma -mf16c \
+      -c "csrc/preference/${op}_cpu_kernel.cpp" -o "$N/${op}_k_avx2.o"
+  done
+  g++ -shared -fopenmp "$N"/def.o "$N"/preference_loss*.o "$N"/selective_logprobs*.o -o "$N/_native_preference.so" \
     -Wl,--no-undefined -L"$T13/lib" -ltorch_cpu -lc10
   for so in "$SO" "$OUT/_alignops_stable_dispatcher_empty.so"; do
     ALIGNOPS_STABLE_SO="$so" "$PY" bench/stable_abi_overhead.py

@@ -306,3 +306,101 @@ def test_matches_public_preference_loss_and_its_gradients(loss_type):
     expected = torch.autograd.grad(out.loss.mean(), (pc, pr, rc, rr))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+# ---- selective_logprobs ----------------------------------------------------------------------------------------
+
+SEL = torch.ops.alignops_stable.selective_logprobs
+SEL_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.bfloat16: dict(rtol=1e-5, atol=1e-5),  # logp in fp32 from the same bf16 logits
+}
+
+
+def _logits(N=13, V=301, dtype=torch.float32, grad=True):
+    x = (torch.randn(N, V, dtype=torch.float64) * 3).to(dtype)
+    y = torch.randint(0, V, (N,))
+    y[3] = -100  # one ignored row
+    return x.requires_grad_(grad), y
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1e-3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_selective_logprobs_matches_reference(dtype, temperature):
+    x, y = _logits(dtype=dtype)
+    logp, lse = SEL(x, y, -100, temperature)
+    assert logp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want = ref.selective_logprobs(x, y, -100, temperature)
+    torch.testing.assert_close(logp, want, **SEL_TOL[dtype])
+    keep = y != -100
+    torch.testing.assert_close(
+        lse[keep], torch.logsumexp(x.detach()[keep].to(lse.dtype) / temperature, -1), **SEL_TOL[dtype]
+    )
+    w = torch.randn(x.shape[0], dtype=logp.dtype)
+    (got,) = torch.autograd.grad((logp * w).sum(), x)
+    (expected,) = torch.autograd.grad((want * w).sum(), x)
+    assert got.dtype == dtype
+    # bf16 gradients: both round the same fp32 values to bf16, at most one bf16 ulp apart.
+    tol = dict(rtol=1e-2, atol=1e-5) if dtype == torch.bfloat16 else SEL_TOL[dtype]
+    torch.testing.assert_close(got, expected, **tol)
+
+
+def test_selective_logprobs_int32_targets_and_non_contiguous_logits():
+    x = torch.randn(40, 17, dtype=torch.float64).t()  # [17, 40], not contiguous
+    y = torch.randint(0, 40, (17,), dtype=torch.int32)
+    logp, _ = SEL(x, y, -1, 1.0)
+    torch.testing.assert_close(logp, ref.selective_logprobs(x, y, -1, 1.0), **SEL_TOL[torch.float64])
+
+
+def test_selective_logprobs_gradcheck_and_opcheck():
+    x, y = _logits(N=4, V=9, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z: SEL(z, y, -100, 0.5)[0], (x,))
+    torch.library.opcheck(SEL, (x, y, -100, 0.5))
+    torch.library.opcheck(
+        torch.ops.alignops_stable.selective_logprobs_backward,
+        (torch.randn(4, dtype=torch.float64), x.detach(), y, torch.randn(4, dtype=torch.float64), -100, 0.5),
+    )
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (
+            (torch.zeros(3, 4), torch.tensor([0, 4, 1]), -100, 1.0),
+            r"targets\[1\] = 4 is out of range: targets must "
+            r"lie in \[0, 4\) or equal ignore_index",
+        ),
+        (
+            (torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), -100, 1.0),
+            r"targets must have one entry per row of "
+            r"logits \[N=3\], got 2",
+        ),
+        ((torch.zeros(3, 4), torch.zeros(3), -100, 1.0), "targets must be int64 or int32, got torch.float32"),
+        (
+            (torch.zeros(3), torch.zeros(3, dtype=torch.long), -100, 1.0),
+            r"logits must be a 2-D tensor of shape "
+            r"\[N, V\], got shape \[3\]",
+        ),
+        ((torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), -100, 0.0), "temperature must be a finite value > 0"),
+    ],
+)
+def test_selective_logprobs_bad_inputs(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        SEL(*args)
+
+
+@needs_alignops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_selective_logprobs_matches_native_op(dtype):
+    x, y = _logits(N=33, V=1000, dtype=dtype, grad=False)
+    got = SEL(x, y, -100, 0.9)
+    want = torch.ops.alignops.selective_logprobs(x, y, -100, 0.9)
+    tol = SEL_TOL.get(dtype, SEL_TOL[torch.float32])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+    grad = torch.randn(33, dtype=got[0].dtype)
+    g_stable = torch.ops.alignops_stable.selective_logprobs_backward(grad, x, y, got[1], -100, 0.9)
+    g_native = torch.ops.alignops.selective_logprobs_backward(grad, x, y, want[1], -100, 0.9)
+    low = dtype in (torch.float16, torch.bfloat16)  # one ulp of the output dtype apart at most
+    torch.testing.assert_close(g_stable, g_native, **(dict(rtol=1e-2, atol=1e-5) if low else tol))

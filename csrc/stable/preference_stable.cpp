@@ -17,7 +17,9 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -101,7 +103,20 @@ Tensor new_empty_cpu(const std::vector<int64_t>& sizes, ScalarType acc) {
   for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) {
     strides[d] = strides[d + 1] * std::max<int64_t>(sizes[d + 1], 1);
   }
-  const int32_t dtype = acc == ScalarType::Double ? aoti_torch_dtype_float64() : aoti_torch_dtype_float32();
+  int32_t dtype = aoti_torch_dtype_float32();
+  switch (acc) {
+    case ScalarType::Double:
+      dtype = aoti_torch_dtype_float64();
+      break;
+    case ScalarType::Half:
+      dtype = aoti_torch_dtype_float16();
+      break;
+    case ScalarType::BFloat16:
+      dtype = aoti_torch_dtype_bfloat16();
+      break;
+    default:
+      break;
+  }
   AtenTensorHandle handle = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(),
                                                          strides.data(), dtype, aoti_torch_device_type_cpu(), 0,
@@ -251,6 +266,173 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> preference_loss(
   return {loss, cr, rj, grad};
 }
 
+// ---- selective_logprobs: log softmax(logits / T)[target] per row, and its backward -----------------------
+// Scalar two-pass rows (max, then sum of exp((x - max) / T)) in place of the main kernel's one-pass Vectorized
+// online logsumexp; the backward always anchors the exponent at the row max, which the main kernel does only
+// for |lse| > 2^17 (the two differ by rounding). Formulas and checks: csrc/preference/selective_logprobs_*.
+
+bool is_index(ScalarType s) { return s == ScalarType::Long || s == ScalarType::Int; }
+
+void check_selective_args(const Tensor& logits, const Tensor& targets, double temperature) {
+  check_cpu(logits, "logits");
+  STD_TORCH_CHECK(logits.dim() == 2, "logits must be a 2-D tensor of shape [N, V], got shape ", shape_str(logits));
+  STD_TORCH_CHECK(is_floating(logits.scalar_type()), "logits must be float32, float64, float16 or bfloat16, got ",
+                  dtype_name(logits.scalar_type()));
+  STD_TORCH_CHECK(targets.dim() == 1, "targets must be a 1-D tensor of shape [N], got shape ", shape_str(targets));
+  STD_TORCH_CHECK(is_index(targets.scalar_type()), "targets must be int64 or int32, got ",
+                  dtype_name(targets.scalar_type()));
+  check_cpu(targets, "targets");
+  STD_TORCH_CHECK(targets.size(0) == logits.size(0),
+                  "targets must have one entry per row of logits [N=", logits.size(0), "], got ", targets.size(0));
+  STD_TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
+                  temperature);
+}
+
+// Read once, serially, before the parallel rows: an exception thrown inside torch::stable::parallel_for's callback
+// would have to cross the C shim.
+std::vector<int64_t> read_targets(const Tensor& targets, int64_t V, int64_t ignore_index) {
+  const int64_t N = targets.size(0);
+  std::vector<int64_t> y(N);
+  for (int64_t n = 0; n < N; ++n) {
+    y[n] = targets.scalar_type() == ScalarType::Long ? static_cast<const int64_t*>(targets.const_data_ptr())[n]
+                                                     : static_cast<const int32_t*>(targets.const_data_ptr())[n];
+    STD_TORCH_CHECK(y[n] == ignore_index || (y[n] >= 0 && y[n] < V), "targets[", n, "] = ", y[n],
+                    " is out of range: targets must lie in [0, ", V, ") or equal ignore_index");
+  }
+  return y;
+}
+
+int64_t rows_per_task(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+// max / T rounded once, as in the main kernel: lse = scaled_max + log_sum, and the backward recovers log_sum.
+template <typename acc_t>
+acc_t scaled_max(acc_t max, acc_t inv_t) {
+  volatile acc_t r = max * inv_t;
+  return r;
+}
+
+template <typename acc_t, typename scalar_t>
+acc_t row_max(const scalar_t* x, int64_t V) {
+  acc_t m = std::numeric_limits<acc_t>::lowest();  // not -inf: a row of -inf never forms -inf - -inf
+  for (int64_t v = 0; v < V; ++v) {
+    m = std::max(m, static_cast<acc_t>(x[v]));
+  }
+  return m;
+}
+
+template <typename acc_t, typename scalar_t>
+void selective_forward_rows(const Tensor& logits, const std::vector<int64_t>& y, int64_t ignore_index, acc_t inv_t,
+                            Tensor& logp, Tensor& lse) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto* x = static_cast<const scalar_t*>(logits.const_data_ptr());
+  auto* out = static_cast<acc_t*>(logp.mutable_data_ptr());
+  auto* lse_p = static_cast<acc_t*>(lse.mutable_data_ptr());
+  torch::stable::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (y[n] == ignore_index) {
+        out[n] = lse_p[n] = acc_t(0);
+        continue;
+      }
+      const scalar_t* row = x + n * V;
+      const acc_t m = row_max<acc_t>(row, V);
+      acc_t s = acc_t(0);
+      for (int64_t v = 0; v < V; ++v) {
+        s += std::exp((static_cast<acc_t>(row[v]) - m) * inv_t);
+      }
+      const acc_t log_sum = std::log(s);
+      lse_p[n] = scaled_max(m, inv_t) + log_sum;
+      out[n] = (static_cast<acc_t>(row[y[n]]) - m) * inv_t - log_sum;
+    }
+  });
+}
+
+template <typename acc_t, typename scalar_t>
+void selective_backward_rows(const Tensor& grad, const Tensor& logits, const std::vector<int64_t>& y, const Tensor& lse,
+                             int64_t ignore_index, acc_t inv_t, Tensor& grad_logits) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto* x = static_cast<const scalar_t*>(logits.const_data_ptr());
+  const auto* g = static_cast<const acc_t*>(grad.const_data_ptr());
+  const auto* lse_p = static_cast<const acc_t*>(lse.const_data_ptr());
+  auto* out = static_cast<scalar_t*>(grad_logits.mutable_data_ptr());
+  torch::stable::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      scalar_t* row_out = out + n * V;
+      if (y[n] == ignore_index || g[n] == acc_t(0)) {
+        std::fill(row_out, row_out + V, scalar_t(0));
+        continue;
+      }
+      const scalar_t* row = x + n * V;
+      const acc_t c = row_max<acc_t>(row, V), r = lse_p[n] - scaled_max(c, inv_t), gn = g[n];
+      for (int64_t v = 0; v < V; ++v) {
+        row_out[v] = static_cast<scalar_t>(-gn * inv_t * std::exp((static_cast<acc_t>(row[v]) - c) * inv_t - r));
+      }
+      // In the accumulation type: adding g/T to an already-rounded bf16 value would lose it.
+      row_out[y[n]] =
+          static_cast<scalar_t>(gn * inv_t * (acc_t(1) - std::exp((static_cast<acc_t>(row[y[n]]) - c) * inv_t - r)));
+    }
+  });
+}
+
+// Calls f<acc_t, scalar_t>() for the logits dtype (the four checked by is_floating).
+template <typename F>
+void dispatch_floating(ScalarType dt, F&& f) {
+  switch (dt) {
+    case ScalarType::Float:
+      f(float{}, float{});
+      break;
+    case ScalarType::Double:
+      f(double{}, double{});
+      break;
+    case ScalarType::Half:
+      f(float{}, torch::headeronly::Half{});
+      break;
+    case ScalarType::BFloat16:
+      f(float{}, torch::headeronly::BFloat16{});
+      break;
+    default:
+      STD_TORCH_CHECK(false, "unreachable dtype ", dtype_name(dt));
+  }
+}
+
+std::tuple<Tensor, Tensor> selective_logprobs(Tensor logits, Tensor targets, int64_t ignore_index, double temperature) {
+  check_selective_args(logits, targets, temperature);
+  const Tensor x = as_contiguous(logits), t = as_contiguous(targets);
+  const auto y = read_targets(t, x.size(1), ignore_index);
+  const ScalarType acc = x.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const std::vector<int64_t> shape{x.size(0)};
+  Tensor logp = new_empty_cpu(shape, acc), lse = new_empty_cpu(shape, acc);
+  dispatch_floating(x.scalar_type(), [&](auto acc_v, auto scalar_v) {
+    using acc_t = decltype(acc_v);
+    selective_forward_rows<acc_t, decltype(scalar_v)>(x, y, ignore_index, acc_t(1) / acc_t(temperature), logp, lse);
+  });
+  return {logp, lse};
+}
+
+Tensor selective_logprobs_backward(Tensor grad, Tensor logits, Tensor targets, Tensor lse, int64_t ignore_index,
+                                   double temperature) {
+  check_selective_args(logits, targets, temperature);
+  const ScalarType acc = logits.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const std::pair<const Tensor*, const char*> stats[] = {{&grad, "grad_logp"}, {&lse, "lse"}};
+  for (const auto& [s, name] : stats) {
+    STD_TORCH_CHECK(s->dim() == 1, name, " must be a 1-D tensor of shape [N], got shape ", shape_str(*s));
+    STD_TORCH_CHECK(same_shape(*s, targets), name, " must have the shape of targets ", shape_str(targets), ", got ",
+                    shape_str(*s));
+    check_cpu(*s, name);
+    STD_TORCH_CHECK(s->scalar_type() == acc, name, " must be ", dtype_name(acc), " for ",
+                    dtype_name(logits.scalar_type()), " logits, got ", dtype_name(s->scalar_type()));
+  }
+  const Tensor x = as_contiguous(logits), t = as_contiguous(targets);
+  const Tensor g = as_contiguous(grad), l = as_contiguous(lse);
+  const auto y = read_targets(t, x.size(1), ignore_index);
+  Tensor grad_logits = new_empty_cpu({x.size(0), x.size(1)}, x.scalar_type());
+  dispatch_floating(x.scalar_type(), [&](auto acc_v, auto scalar_v) {
+    using acc_t = decltype(acc_v);
+    selective_backward_rows<acc_t, decltype(scalar_v)>(g, x, y, l, ignore_index, acc_t(1) / acc_t(temperature),
+                                                       grad_logits);
+  });
+  return grad_logits;
+}
+
 }  // namespace
 }  // namespace alignops_stable
 
@@ -262,8 +444,14 @@ STABLE_TORCH_LIBRARY(alignops_stable, m) {
       "Tensor ref_rejected_logps, Tensor? beta, Tensor? chosen_lengths, Tensor? rejected_lengths, "
       "int[] loss_types, float[] loss_weights, float beta_value, float label_smoothing, float gamma, "
       "float discopop_tau, int f_divergence, float f_alpha, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("selective_logprobs(Tensor logits, Tensor targets, int ignore_index, float temperature) -> (Tensor, Tensor)");
+  m.def(
+      "selective_logprobs_backward(Tensor grad_logp, Tensor logits, Tensor targets, Tensor lse, int ignore_index, "
+      "float temperature) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(alignops_stable, CPU, m) {
   m.impl("preference_loss", TORCH_BOX(&alignops_stable::preference_loss));
+  m.impl("selective_logprobs", TORCH_BOX(&alignops_stable::selective_logprobs));
+  m.impl("selective_logprobs_backward", TORCH_BOX(&alignops_stable::selective_logprobs_backward));
 }
