@@ -92,9 +92,9 @@ Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::st
 
 // A contiguous CPU tensor of the accumulation dtype, from the AOTI shim's aoti_torch_empty_strided: a direct C
 // call into at::empty_strided, ABI-stable like the rest of the shim. torch::stable::empty (ops.h) is a boxed
-// dispatcher call (torch_call_dispatcher "aten::empty.memory_format"): ~5-7 us more per call for the four
-// outputs (bench/stable_abi_overhead.py, docs/stable-abi.md). -DALIGNOPS_STABLE_DISPATCHER_EMPTY builds that
-// variant for the comparison.
+// dispatcher call (torch_call_dispatcher "aten::empty.memory_format"): 2.2-2.8 us more per call for the four
+// outputs on a quiet machine, 5-7 us on a loaded one (bench/stable_abi_overhead.py, docs/stable-abi.md).
+// -DALIGNOPS_STABLE_DISPATCHER_EMPTY builds that variant for the comparison.
 Tensor new_empty_cpu(const std::vector<int64_t>& sizes, ScalarType acc) {
 #ifdef ALIGNOPS_STABLE_DISPATCHER_EMPTY
   return torch::stable::empty(sizes, acc);
