@@ -1,4 +1,5 @@
-// alignops_stable::preference_loss: the CPU preference_loss written against the LibTorch stable ABI only
+// alignops_stable::preference_loss, ::selective_logprobs and ::selective_logprobs_backward: the CPU kernels of
+// the preference family written against the LibTorch stable ABI only
 // (torch/csrc/stable/*, torch/headeronly/*), so one .so built against torch 2.14 headers with
 // -DTORCH_TARGET_VERSION=<2.10> loads into every torch >= 2.10. Not part of the package build: see
 // .ci/stable_abi.sh (build + tests under two torches) and docs/stable-abi.md (what it took, what blocks the rest).
@@ -90,7 +91,7 @@ void check_cpu(const Tensor& t, const char* name) {
 
 Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
-// A contiguous CPU tensor of the accumulation dtype, from the AOTI shim's aoti_torch_empty_strided: a direct C
+// A contiguous CPU tensor of the given dtype, from the AOTI shim's aoti_torch_empty_strided: a direct C
 // call into at::empty_strided, ABI-stable like the rest of the shim. torch::stable::empty (ops.h) is a boxed
 // dispatcher call (torch_call_dispatcher "aten::empty.memory_format"): 2.2-2.8 us more per call for the four
 // outputs on a quiet machine, 5-7 us on a loaded one (bench/stable_abi_overhead.py, docs/stable-abi.md).
