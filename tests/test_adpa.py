@@ -72,6 +72,24 @@ def test_adpa_matches_reference(dtype, bias, clip):
         torch.testing.assert_close(g, e, rtol=10 * tol, atol=10 * tol)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_adpa_backward_into_grad_and_retain_graph_accumulates(reduction):
+    # loss.backward() hands the op a gradient of exactly 1, so its backward returns the weight gradient it saved
+    # without a product (ops/_closed_form_grad.py): .grad must equal the reference's, and the saved gradient must
+    # stay unchanged under retain_graph (each further backward adds one more copy).
+    args = _inputs(dtype=torch.float64, bias=True)
+    sh, sw, sb = args[0], args[1], args[7]
+    exp = _grads(_ref(args, reduction=reduction)[0], (sh, sw, sb))
+    loss = _call(args, reduction=reduction).loss
+    for k in (1, 2, 3):
+        loss.backward(retain_graph=k < 3)
+        for t, e in zip((sh, sw, sb), exp):
+            torch.testing.assert_close(t.grad, k * e, rtol=1e-10, atol=1e-10)
+    sw.grad = None
+    (2.5 * _call(args, reduction=reduction).loss).backward()
+    torch.testing.assert_close(sw.grad, 2.5 * exp[1], rtol=1e-10, atol=1e-10)
+
+
 def test_adpa_released_code_formula():
     """The released code's loss written out with F (its get_reverse_ce on log(p_dpo / p_ref), full vocabulary)."""
     args = _inputs(dtype=torch.float64)

@@ -64,6 +64,35 @@ def test_matches_reference(divergence, beta, dtype, bias):
         torch.testing.assert_close(g, e, rtol=10 * tol, atol=10 * tol)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_into_grad_and_retain_graph_accumulates(reduction):
+    # loss.backward() hands the op a gradient of exactly 1, so its backward returns the weight gradient it saved
+    # without a product (ops/_closed_form_grad.py): .grad must equal the reference's, and the saved gradient must
+    # stay unchanged under retain_graph (each further backward adds one more copy).
+    sh, sw, th, tw, mask, sb, tb = _inputs(dtype=torch.float64, bias=True)
+    kw = dict(divergence="jsd", beta=0.5, temperature=1.3, student_bias=sb, teacher_bias=tb, reduction=reduction)
+    exp = _grads(ref.fused_linear_distillation_loss(sh, sw, th, tw, mask, **kw)[0], (sh, sw, sb))
+    loss = fld(sh, sw, th, tw, mask, **kw).loss
+    for k in (1, 2, 3):
+        loss.backward(retain_graph=k < 3)
+        for t, e in zip((sh, sw, sb), exp):
+            torch.testing.assert_close(t.grad, k * e, rtol=1e-10, atol=1e-10)
+    # Without retain_graph the saved weight gradient becomes .grad itself (no [V, H] copy).
+    sw.grad = None
+    out = torch.ops.alignops.fused_linear_distillation(
+        sh.detach().reshape(-1, 12), sw, th.reshape(-1, 20), tw, None, None, mask.reshape(-1).double(),
+        "jsd", 0.5, 1.0, 1.0, 1.0, 0.0, 0.0, True,
+    )  # fmt: skip
+    ptr = out[4].data_ptr()
+    out[0].backward()
+    assert sw.grad.data_ptr() == ptr
+    # Any other incoming gradient scales it.
+    sw.grad = None
+    out = fld(sh, sw, th, tw, mask, **kw)
+    (2.5 * out.loss).backward()
+    torch.testing.assert_close(sw.grad, 2.5 * exp[1], rtol=1e-10, atol=1e-10)
+
+
 def test_softcap_logit_scale_num_items_sum():
     sh, sw, th, tw, mask, sb, tb = _inputs(dtype=torch.float64, bias=True, scale=3.0)
     kw = dict(

@@ -200,7 +200,15 @@ def adpa_loss(
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
     )
-    total, e, *_ = torch.ops.alignops.fused_linear_adpa(
+    count = weights.sum().to(torch.int64)
+    # The mean's denominator goes into the row weights, so that the op's summed loss is the loss itself and
+    # loss.backward() hands it a gradient of exactly 1: its backward then returns the weight gradient it computed
+    # without a second [V, H] product (ops/_closed_form_grad.py).
+    if reduction == "sum":
+        row_weights = weights
+    else:
+        row_weights = weights / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+    loss, e, *_ = torch.ops.alignops.fused_linear_adpa(
         hs,
         student_weight,
         teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach(),
@@ -210,18 +218,11 @@ def adpa_loss(
         student_bias,
         None if teacher_bias is None else teacher_bias.detach(),
         None if ref_bias is None else ref_bias.detach(),
-        weights,
+        row_weights,
         lo,
         hi,
         compute_grad,
     )
-    count = weights.sum().to(torch.int64)
-    if reduction == "sum":
-        loss = total
-    elif num_items_in_batch is not None:
-        loss = total / num_items_in_batch
-    else:
-        loss = total / count.clamp(min=1)
     e = e * weights  # the GPU path computes every row: masked ones read 0 like the CPU's dropped rows
     return ADPAOutput(loss, e.detach().view(layout), count)
 

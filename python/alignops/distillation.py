@@ -224,18 +224,28 @@ def fused_linear_distillation_loss(
         d = per_token.detach()
         loss = per_token * soft_label_weight
     else:
+        # The reduction's scale (soft_label_weight / denominator) goes into the row weights, so that the op's
+        # summed loss is the loss itself and loss.backward() hands it a gradient of exactly 1: its backward then
+        # returns the weight gradient it computed without a second [V, H] product (ops/_closed_form_grad.py).
+        denom = None
+        if reduction == "mean":
+            denom = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+        row_weights = weights * soft_label_weight if soft_label_weight not in (0.0, 1.0) else weights
+        if denom is not None and soft_label_weight != 0.0:
+            row_weights = row_weights / denom  # in the weights' dtype (an int64 count would give fp32 via 1 / count)
         total, d, entropy, *_ = op(
-            hs, student_weight, teacher[0], teacher[1], student_bias, teacher[2], weights, *options, compute_grad
+            hs, student_weight, teacher[0], teacher[1], student_bias, teacher[2], row_weights, *options, compute_grad
         )
-        loss = total * soft_label_weight if soft_label_weight != 1.0 else total
+        loss = total if soft_label_weight != 0.0 else total * 0.0
     if hard_label_weight != 0.0:
         ce = _cross_entropy(
             hs, student_weight, student_bias, targets, weights != 0, student_logit_scale, student_softcap, impl
         )
-        loss = loss + hard_label_weight * (ce if reduction == "none" else ce.sum())
-    if reduction == "mean":
-        loss = loss / num_items_in_batch if num_items_in_batch is not None else loss / count.clamp(min=1)
-    elif reduction == "none":
+        if reduction == "none":
+            loss = loss + hard_label_weight * ce
+        else:
+            loss = loss + hard_label_weight * (ce.sum() if denom is None else ce.sum() / denom)
+    if reduction == "none":
         loss = loss.view(layout)
     return DistillationOutput(loss, d.detach().view(layout), entropy.detach().view(layout), count)
 

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from ._closed_form_grad import register_closed_form_autograd
 from ._registration import register_fake
 from .preference import acc_dtype
 
@@ -171,32 +172,4 @@ def _fused_linear_adpa_fake(
     )
 
 
-def _setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)
-    ctx.compute_grad = inputs[-1]
-    ctx.save_for_backward(*output[2:])
-
-
-def _backward(ctx, grad_loss, *_unused):
-    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-    if grad_loss is None:
-        return (None,) * 13
-    if not ctx.compute_grad:
-        raise RuntimeError(
-            "alignops::fused_linear_adpa was called with compute_grad=False; call it through alignops.adpa_loss "
-            "(which sets it) to differentiate"
-        )
-    needs = ctx.needs_input_grad
-    return (
-        grad_hidden * grad_loss.to(grad_hidden.dtype) if needs[0] else None,
-        grad_weight * grad_loss.to(grad_weight.dtype) if needs[1] else None,
-        None,
-        None,
-        None,
-        None,
-        grad_bias * grad_loss.to(grad_bias.dtype) if needs[6] and grad_bias.numel() else None,
-        *(None,) * 6,
-    )
-
-
-torch.library.register_autograd("alignops::fused_linear_adpa", _backward, setup_context=_setup)
+register_closed_form_autograd("alignops::fused_linear_adpa", 13, 2, 6, "alignops.adpa_loss")

@@ -1,13 +1,15 @@
 """Fake kernel and autograd of alignops::fused_linear_distillation (schema in csrc/registration.cpp).
 
 The op returns the gradient of its summed loss w.r.t. the student (computed from the same logits as the loss,
-so the heads are never recomputed); backward scales it by the incoming gradient of the loss. Per-token values
-and the entropy are metrics, not differentiated. The teacher gets no gradient."""
+so the heads are never recomputed); backward scales it by the incoming gradient of the loss
+(ops/_closed_form_grad.py). Per-token values and the entropy are metrics, not differentiated. The teacher gets no
+gradient."""
 
 from __future__ import annotations
 
 import torch
 
+from ._closed_form_grad import register_closed_form_autograd
 from ._registration import register_fake
 from .preference import acc_dtype
 
@@ -56,35 +58,9 @@ def _fused_linear_distillation_fake(
     )
 
 
-def _setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)
-    ctx.compute_grad = inputs[-1]
-    ctx.save_for_backward(*output[3:])
-
-
-def _backward(ctx, grad_loss, *_unused):
-    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-    if grad_loss is None:
-        return (None,) * 15
-    if not ctx.compute_grad:
-        raise RuntimeError(
-            "alignops::fused_linear_distillation was called with compute_grad=False; call it through "
-            "alignops.fused_linear_distillation_loss (which sets it) to differentiate"
-        )
-    needs = ctx.needs_input_grad
-    return (
-        grad_hidden * grad_loss.to(grad_hidden.dtype) if needs[0] else None,
-        grad_weight * grad_loss.to(grad_weight.dtype) if needs[1] else None,
-        None,
-        None,
-        grad_bias * grad_loss.to(grad_bias.dtype) if needs[4] and grad_bias.numel() else None,
-        *(None,) * 10,
-    )
-
-
 def register_fused_linear_distillation_autograd(op: str) -> None:
     """The kernels return the closed-form gradient of the summed loss (shared by native and Triton)."""
-    torch.library.register_autograd(op, _backward, setup_context=_setup)
+    register_closed_form_autograd(op, 15, 3, 4, "alignops.fused_linear_distillation_loss")
 
 
 register_fused_linear_distillation_autograd("alignops::fused_linear_distillation")
