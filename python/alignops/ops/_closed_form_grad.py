@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .preference import acc_dtype
+
 
 def _is_one(grad_loss: torch.Tensor) -> bool:
     # Traced (fake / functional tensor subclasses, torch.compile) the value is unknown: always the product there.
@@ -29,6 +31,24 @@ def _is_one(grad_loss: torch.Tensor) -> bool:
 
 def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor, one: bool) -> torch.Tensor:
     return saved if one else saved * grad_loss.to(saved.dtype)
+
+
+def fake_grad_outputs(student_hidden, student_weight, student_bias, compute_grad):
+    """Fake (grad_hidden, grad_weight, grad_bias) outputs of such an op: the inputs' shapes and dtypes with
+    compute_grad (grad_bias [V] in the bias's dtype, [0] without a bias), else three empty [0] tensors."""
+    acc = acc_dtype(student_hidden.dtype)
+    new = student_hidden.new_empty
+    if not compute_grad:
+        return new(0, dtype=acc), new(0, dtype=acc), new(0, dtype=acc)
+    grad_bias = new(
+        student_weight.shape[0] if student_bias is not None else 0,
+        dtype=student_bias.dtype if student_bias is not None else acc,
+    )
+    return (
+        torch.empty_like(student_hidden, memory_format=torch.contiguous_format),
+        torch.empty_like(student_weight, memory_format=torch.contiguous_format),
+        grad_bias,
+    )
 
 
 def register_closed_form_autograd(

@@ -7,9 +7,7 @@ gradient."""
 
 from __future__ import annotations
 
-import torch
-
-from ._closed_form_grad import register_closed_form_autograd
+from ._closed_form_grad import fake_grad_outputs, register_closed_form_autograd
 from ._registration import register_fake
 from .preference import acc_dtype
 
@@ -35,26 +33,11 @@ def _fused_linear_distillation_fake(
     acc = acc_dtype(student_hidden.dtype)
     n = student_hidden.shape[0]
     new = student_hidden.new_empty
-    if not compute_grad:
-        return (
-            new((), dtype=acc),
-            new(n, dtype=acc),
-            new(n, dtype=acc),
-            new(0, dtype=acc),
-            new(0, dtype=acc),
-            new(0, dtype=acc),
-        )
-    grad_bias = new(
-        student_weight.shape[0] if student_bias is not None else 0,
-        dtype=student_bias.dtype if student_bias is not None else acc,
-    )
     return (
         new((), dtype=acc),
         new(n, dtype=acc),
         new(n, dtype=acc),
-        torch.empty_like(student_hidden, memory_format=torch.contiguous_format),
-        torch.empty_like(student_weight, memory_format=torch.contiguous_format),
-        grad_bias,
+        *fake_grad_outputs(student_hidden, student_weight, student_bias, compute_grad),
     )
 
 
