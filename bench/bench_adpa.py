@@ -14,7 +14,7 @@ import torch
 import alignops
 from alignops.reference import adpa as ref
 
-from .common import Case, annotate, nbytes
+from .common import Case, annotate, grad_closures, nbytes
 
 FAMILY = "adpa"
 
@@ -29,14 +29,7 @@ def _groups(device: str, quick: bool):
     chosen = mask.clone()
     chosen[B // 2 :] = False
 
-    def fwd_bwd(f):
-        sh.grad = sw.grad = None
-        loss = f()
-        loss.backward()
-        return loss
-
-    def reset():
-        sh.grad = sw.grad = None
+    fwd_bwd, reset = grad_closures(sh, sw)
 
     shape = f"B={B} T={T} H={H} V={V}"
     cases = [

@@ -24,7 +24,7 @@ import torch
 
 import alignops
 
-from .common import Case, annotate, nbytes
+from .common import Case, annotate, grad_closures, nbytes
 
 FAMILY = "distillation"
 
@@ -52,14 +52,7 @@ def _groups(device: str, quick: bool):
     tw = torch.randn(V, H, device=device) / H**0.5
     mask = torch.ones(B, T, dtype=torch.long, device=device)
 
-    def fwd_bwd(f):
-        sh.grad = sw.grad = None
-        loss = f()
-        loss.backward()
-        return loss
-
-    def reset():
-        sh.grad = sw.grad = None
+    fwd_bwd, reset = grad_closures(sh, sw)
 
     shape = f"B={B} T={T} H={H} V={V} beta={beta}"
     cases = []
@@ -139,14 +132,7 @@ def _topk_groups(device: str, quick: bool):
     mask = torch.ones(B, T, dtype=torch.long, device=device)
     labels = torch.zeros(B, T, dtype=torch.long, device=device)
 
-    def fwd_bwd(f):
-        sh.grad = sw.grad = None
-        loss = f()
-        loss.backward()
-        return loss
-
-    def reset():
-        sh.grad = sw.grad = None
+    fwd_bwd, reset = grad_closures(sh, sw)
 
     shape = f"B={B} T={T} H={H} V={V} k={k}"
     cases = []
@@ -206,14 +192,7 @@ def _large_vocabulary_groups(device: str):
     tw = torch.randn(V, H, device=device) / H**0.5
     mask = torch.ones(B, T, dtype=torch.long, device=device)
 
-    def fwd_bwd(f):
-        sh.grad = sw.grad = None
-        loss = f()
-        loss.backward()
-        return loss
-
-    def reset():
-        sh.grad = sw.grad = None
+    fwd_bwd, reset = grad_closures(sh, sw)
 
     shape = f"B={B} T={T} H={H} V={V} beta={beta}"
     cases = []

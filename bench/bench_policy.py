@@ -8,14 +8,12 @@ token level and grpo at sequence level, both with beta = 0.04 and off-policy old
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 import alignops
 from alignops.reference import policy as ref
 
-from .common import Case, annotate, nbytes
+from .common import Case, annotate, grad_closures, nbytes, providers
 
 FAMILY = "policy"
 EPS_LOW, EPS_HIGH, BETA = 0.2, 0.28, 0.04
@@ -52,13 +50,6 @@ def trl_formula(lp, old, ref_lp, adv, mask, loss_type, level):
     return loss, metrics
 
 
-def _providers(device: str) -> list[str]:
-    names = ["alignops"]
-    if device == "cuda" and importlib.util.find_spec("triton") is not None:
-        names.append("alignops-triton")
-    return names
-
-
 def _group(device, B, T, loss_type, level, g):
     lengths = torch.randint(T // 2, T + 1, (B,), device=device, generator=g)
     mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
@@ -78,14 +69,7 @@ def _group(device, B, T, loss_type, level, g):
         epsilon_high=EPS_HIGH,
     )
 
-    def fwd_bwd(f):
-        lp.grad = None
-        loss = f()
-        loss.backward()
-        return loss
-
-    def reset():
-        lp.grad = None
+    fwd_bwd, reset = grad_closures(lp)
 
     def row(provider, fn, baseline=False):
         shape = f"B={B} T={T} {loss_type} {level}"
@@ -105,7 +89,7 @@ def _group(device, B, T, loss_type, level, g):
         row("TRL formula", lambda: trl_formula(lp, old, ref_lp, adv, maskf, loss_type, level)[0], baseline=True),
         row("reference", lambda: ref.policy_loss(lp, adv, mask, **kw)[0]),
     ]
-    for p in _providers(device):
+    for p in providers(device):
         backend = "triton" if p == "alignops-triton" else "native"
         cases.append(row(p, lambda b=backend: alignops.policy_loss(lp, adv, mask, **kw, backend=b).loss))
     # lp, old, ref, mask read (twice at sequence level, counted once), the gradient written; ~40 flops a token.

@@ -10,14 +10,12 @@ zero-filled padding, not a general mask.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 import alignops
 from alignops.reference import ppo as ref
 
-from .common import Case, annotate, nbytes
+from .common import Case, annotate, nbytes, provider_backend, providers
 
 FAMILY = "ppo"
 GAMMA, LAM = 1.0, 0.95
@@ -46,17 +44,6 @@ def vectorised_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, la
     w = (gamma * lam) ** torch.arange(r.shape[1], dtype=torch.float64, device=r.device)
     adv = (delta * w).flip(1).cumsum(1).flip(1) / w
     return adv.to(rewards.dtype), (adv + v).to(rewards.dtype)
-
-
-def _providers(device: str) -> list[str]:
-    names = ["alignops"]
-    if device == "cuda" and importlib.util.find_spec("triton") is not None:
-        names.append("alignops-triton")
-    return names
-
-
-def _backend(provider: str) -> str:
-    return "triton" if provider == "alignops-triton" else "native"
 
 
 def rollout(B: int, T: int, device: str):
@@ -105,7 +92,7 @@ def _gae_groups(device: str, quick: bool):
                 lambda r=r, v=v, m=m: ref.gae_advantages(r, v, m, None, GAMMA, LAM),
             ),
         ]
-        for p in _providers(device):
+        for p in providers(device):
             cases.append(
                 Case(
                     FAMILY,
@@ -114,7 +101,7 @@ def _gae_groups(device: str, quick: bool):
                     "float32",
                     p,
                     "fwd",
-                    lambda r=r, v=v, m=m, b=_backend(p): alignops.gae_advantages(
+                    lambda r=r, v=v, m=m, b=provider_backend(p): alignops.gae_advantages(
                         r, v, m, gamma=GAMMA, lam=LAM, backend=b
                     ),
                 )

@@ -14,20 +14,9 @@ import torch
 import alignops
 from alignops.reference import preference as ref
 
-from .common import Case, annotate, nbytes
+from .common import Case, annotate, nbytes, provider_backend, providers
 
 FAMILY = "preference"
-
-
-def _providers(device: str) -> list[str]:
-    names = ["alignops"]
-    if device == "cuda" and importlib.util.find_spec("triton") is not None:
-        names.append("alignops-triton")
-    return names
-
-
-def _backend(provider: str) -> str:
-    return "triton" if provider == "alignops-triton" else "native"
 
 
 def _log_softmax_gather(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,17 +50,32 @@ def _selective_groups(device: str, quick: bool):
             shape = f"N={N} V={V}"
             dt = str(dtype).replace("torch.", "")
             reset = lambda logits=logits: setattr(logits, "grad", None)  # noqa: E731
-            cases.append(Case(FAMILY, "selective_logprobs", shape, dt, "torch log_softmax+gather", mode,
-                              lambda run=run: run(_log_softmax_gather), baseline=True, reset=reset))
-            for p in _providers(device):
-                fn = lambda x, y, b=_backend(p): alignops.selective_logprobs(x, y, backend=b)  # noqa: E731
-                cases.append(Case(FAMILY, "selective_logprobs", shape, dt, p, mode, lambda run=run, fn=fn: run(fn),
-                                  reset=reset))
+            cases.append(
+                Case(
+                    FAMILY,
+                    "selective_logprobs",
+                    shape,
+                    dt,
+                    "torch log_softmax+gather",
+                    mode,
+                    lambda run=run: run(_log_softmax_gather),
+                    baseline=True,
+                    reset=reset,
+                )
+            )
+            for p in providers(device):
+                fn = lambda x, y, b=provider_backend(p): alignops.selective_logprobs(x, y, backend=b)  # noqa: E731
+                cases.append(
+                    Case(FAMILY, "selective_logprobs", shape, dt, p, mode, lambda run=run, fn=fn: run(fn), reset=reset)
+                )
             # Logits and targets read once, fp32 log-probs written; backward reads g and writes the logits'
             # gradient. About 4 fp32 operations per logit forward (max, subtract, exp, add), 4 more backward.
             fwd_bwd = mode == "fwd+bwd"
-            yield annotate(cases, nbytes(logits, targets) + 4 * N + fwd_bwd * (nbytes(g) + nbytes(logits)),
-                           (8 if fwd_bwd else 4) * N * V)
+            yield annotate(
+                cases,
+                nbytes(logits, targets) + 4 * N + fwd_bwd * (nbytes(g) + nbytes(logits)),
+                (8 if fwd_bwd else 4) * N * V,
+            )
             del cases, logits, targets, g, run, reset
 
 
@@ -93,20 +97,51 @@ def _loss_groups(device: str, quick: bool):
             return loss
 
         shape = f"B={B} {loss_type}"
-        cases.append(Case(FAMILY, "preference_loss", shape, "float32", "reference (TRL formulas)", "fwd+bwd",
-                          lambda fb=fwd_bwd, kw=kw: fb(lambda *x: ref.preference_loss(*x, **kw)[0]), baseline=True))
-        for p in _providers(device):
-            cases.append(Case(FAMILY, "preference_loss", shape, "float32", p, "fwd+bwd",
-                              lambda fb=fwd_bwd, kw=kw, b=_backend(p):
-                              fb(lambda *x: alignops.preference_loss(*x, **kw, backend=b).loss)))
+        cases.append(
+            Case(
+                FAMILY,
+                "preference_loss",
+                shape,
+                "float32",
+                "reference (TRL formulas)",
+                "fwd+bwd",
+                lambda fb=fwd_bwd, kw=kw: fb(lambda *x: ref.preference_loss(*x, **kw)[0]),
+                baseline=True,
+            )
+        )
+        for p in providers(device):
+            cases.append(
+                Case(
+                    FAMILY,
+                    "preference_loss",
+                    shape,
+                    "float32",
+                    p,
+                    "fwd+bwd",
+                    lambda fb=fwd_bwd, kw=kw, b=provider_backend(p): fb(
+                        lambda *x: alignops.preference_loss(*x, **kw, backend=b).loss
+                    ),
+                )
+            )
         if liger and loss_type in ("sigmoid", "discopop"):  # Liger has no IPO (it needs lengths)
             from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
 
             target = torch.empty(2 * B, 1, device=device)
-            cases.append(Case(FAMILY, "preference_loss", shape, "float32", "liger-kernel", "fwd+bwd",
-                              lambda fb=fwd_bwd, lt=loss_type, target=target: fb(
-                                  lambda pc, pr, rc, rr: LigerFusedLinearDPOFunction.preference_loss_fn(
-                                      pc, pr, target, rc, rr, beta=0.1, loss_type=lt)[0])))
+            cases.append(
+                Case(
+                    FAMILY,
+                    "preference_loss",
+                    shape,
+                    "float32",
+                    "liger-kernel",
+                    "fwd+bwd",
+                    lambda fb=fwd_bwd, lt=loss_type, target=target: fb(
+                        lambda pc, pr, rc, rr: LigerFusedLinearDPOFunction.preference_loss_fn(
+                            pc, pr, target, rc, rr, beta=0.1, loss_type=lt
+                        )[0]
+                    ),
+                )
+            )
         # Four log-prob vectors and the lengths read, their four gradients written (the loss is a scalar).
         yield annotate(cases, 9 * 4 * B)
 

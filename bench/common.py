@@ -14,10 +14,11 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import importlib.util
 import math
 import statistics
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils.benchmark import Timer
@@ -68,6 +69,38 @@ GPU_FIELDS = ("hbm_frac", "peak_frac", "error")
 # (tensor cores for bf16 / fp16 / tf32 matmuls, the plain fp32 pipes otherwise).
 HBM_BYTES_PER_S = 4.8e12
 PEAK_FLOPS = {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}
+
+
+def providers(device: str) -> list[str]:
+    """The alignops providers a family with a native and a Triton kernel benches on ``device``."""
+    names = ["alignops"]
+    if device == "cuda" and importlib.util.find_spec("triton") is not None:
+        names.append("alignops-triton")
+    return names
+
+
+def provider_backend(provider: str) -> str:
+    """The ``backend=`` argument of a provider named by :func:`providers`."""
+    return "triton" if provider == "alignops-triton" else "native"
+
+
+def grad_closures(
+    *leaves: torch.Tensor,
+) -> tuple[Callable[[Callable[[], torch.Tensor]], torch.Tensor], Callable[[], None]]:
+    """(fwd_bwd, reset) over the leaves a case differentiates: ``fwd_bwd(f)`` clears their ``.grad``, runs
+    ``f().backward()`` and returns the loss; ``reset()`` clears their ``.grad`` (so a peak starts without them)."""
+
+    def reset() -> None:
+        for t in leaves:
+            t.grad = None
+
+    def fwd_bwd(f: Callable[[], torch.Tensor]) -> torch.Tensor:
+        reset()
+        loss = f()
+        loss.backward()
+        return loss
+
+    return fwd_bwd, reset
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
@@ -171,7 +204,9 @@ def time_ms(fn: Callable[[], object], device: str, min_run_time: float) -> tuple
         try:
             import triton.testing
 
-            q = triton.testing.do_bench(fn, quantiles=[0.25, 0.5, 0.75], warmup=25, rep=max(100, int(min_run_time * 1e3)))
+            q = triton.testing.do_bench(
+                fn, quantiles=[0.25, 0.5, 0.75], warmup=25, rep=max(100, int(min_run_time * 1e3))
+            )
             return q[1], q[2] - q[0]
         except ImportError:
             pass
@@ -180,7 +215,8 @@ def time_ms(fn: Callable[[], object], device: str, min_run_time: float) -> tuple
         return statistics.median(times), q[2] - q[0]
     # Timer defaults to one thread; every provider gets all of the machine's threads.
     m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time)
+        min_run_time=min_run_time
+    )
     times = [t * 1e3 for t in m.times]
     if len(times) >= 2:
         q = statistics.quantiles(times, n=4)
@@ -217,8 +253,18 @@ def _failed(c: Case, device: str, err: BaseException, log) -> Result:
     msg = "out of GPU memory" if oom else f"{type(err).__name__}: {first_line}"
     log(f"  {c.op} {c.shape} {c.dtype} {c.mode} {c.provider}: FAILED {msg[:300]}")
     # A provider that cannot run the shape at all (out of memory) is a result too: infinite peak.
-    return Result(c.family, c.op, c.shape, c.dtype, c.provider, c.mode, float("nan"), float("nan"),
-                  float("inf") if oom else float("nan"), error=msg[:300])
+    return Result(
+        c.family,
+        c.op,
+        c.shape,
+        c.dtype,
+        c.provider,
+        c.mode,
+        float("nan"),
+        float("nan"),
+        float("inf") if oom else float("nan"),
+        error=msg[:300],
+    )
 
 
 def _set_ratios(group: list[tuple[Case, Result]]) -> bool:
@@ -232,9 +278,14 @@ def _set_ratios(group: list[tuple[Case, Result]]) -> bool:
     return True
 
 
-def run_groups(groups: Iterable[list[Case]], device: str, min_run_time: float, log=print,
-               deadline: float | None = None,
-               on_rows: Callable[[list[Result]], None] | None = None) -> list[Result]:
+def run_groups(
+    groups: Iterable[list[Case]],
+    device: str,
+    min_run_time: float,
+    log=print,
+    deadline: float | None = None,
+    on_rows: Callable[[list[Result]], None] | None = None,
+) -> list[Result]:
     """Runs each group of cases (sharing inputs) and fills in the ratios against its baseline row.
 
     A case that raises gives a NaN row with its error. deadline (time.monotonic()): no case starts after it
