@@ -49,6 +49,13 @@ def gathered_weight(weight: torch.Tensor | None, name: str) -> torch.Tensor | No
     return full.to_local(grad_placements=[Partial("avg")] * len(placements))
 
 
+def gathered_frozen(**heads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """:func:`gathered_weight` of each named tensor (in order) under no_grad: a frozen model's head (a teacher,
+    a reference) is not trained, so its gather needs no backward."""
+    with torch.no_grad():
+        return tuple(gathered_weight(t, name) for name, t in heads.items())
+
+
 def refuse_dtensor(fn: str, **named: torch.Tensor | None) -> None:
     """Raise AlignopsError naming the first DTensor among ``named``: hidden states, targets and masks are this
     rank's local batch, plain tensors (an obscure "mixed torch.Tensor and DTensor" dispatch error otherwise)."""

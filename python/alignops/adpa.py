@@ -15,7 +15,7 @@ import torch
 
 from . import _backend
 from ._checks import check_finite, check_same_device
-from ._distributed import gathered_weight, refuse_dtensor
+from ._distributed import gathered_frozen, gathered_weight, refuse_dtensor
 from ._errors import AlignopsError
 from .distillation import _check_head, fused_linear_distillation_loss
 from .ops import adpa as _ops  # noqa: F401  (registers alignops::fused_linear_adpa)
@@ -129,11 +129,9 @@ def adpa_loss(
     )
     student_weight = gathered_weight(student_weight, "student_weight")
     student_bias = gathered_weight(student_bias, "student_bias")
-    with torch.no_grad():  # the teachers are not trained: their gathers need no backward
-        teacher_weight = gathered_weight(teacher_weight, "teacher_weight")
-        teacher_bias = gathered_weight(teacher_bias, "teacher_bias")
-        ref_weight = gathered_weight(ref_weight, "ref_weight")
-        ref_bias = gathered_weight(ref_bias, "ref_bias")
+    teacher_weight, teacher_bias, ref_weight, ref_bias = gathered_frozen(
+        teacher_weight=teacher_weight, teacher_bias=teacher_bias, ref_weight=ref_weight, ref_bias=ref_bias
+    )
     _check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias")
     _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias")
     _check_head(ref_hidden, ref_weight, ref_bias, "ref_hidden", "ref_weight", "ref_bias")

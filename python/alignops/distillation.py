@@ -10,7 +10,7 @@ import torch
 
 from . import _backend
 from ._checks import check_finite, check_positive, check_same_device
-from ._distributed import gathered_weight, refuse_dtensor
+from ._distributed import gathered_frozen, gathered_weight, refuse_dtensor
 from ._errors import AlignopsError
 from .fused_linear import fused_linear_logprobs
 from .reference import distillation as _ref
@@ -124,9 +124,7 @@ def fused_linear_distillation_loss(
     )
     student_weight = gathered_weight(student_weight, "student_weight")
     student_bias = gathered_weight(student_bias, "student_bias")
-    with torch.no_grad():  # the teacher is not trained: its gather needs no backward
-        teacher_weight = gathered_weight(teacher_weight, "teacher_weight")
-        teacher_bias = gathered_weight(teacher_bias, "teacher_bias")
+    teacher_weight, teacher_bias = gathered_frozen(teacher_weight=teacher_weight, teacher_bias=teacher_bias)
     _check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias")
     _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias")
     check_same_device(
