@@ -231,7 +231,8 @@ CASES: dict[str, Case] = {
         meta="ref_per_token_logps",
         hyper=("temperature", "logit_scale", "entropy_coef", "top_entropy_quantile", "beta", "epsilon_low")),
     "high_entropy_mask": case(alignops.fused_linear_policy.high_entropy_mask,
-                              lambda: [rn(2, 4).abs(), torch.ones(2, 4, dtype=torch.bool), 0.5]),
+                              lambda: [rn(2, 4).abs(), torch.ones(2, 4, dtype=torch.bool)], lambda: dict(quantile=0.5),
+                              hyper=("quantile",)),
 }
 
 # Entries that still break the contract today, with the defect (xfail strict: they fail loudly once fixed).
