@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from ._launch import interpreting, launch
 
+from ._launch import interpreting, launch
 from .preference import launch_config
 
 
@@ -30,8 +30,21 @@ def _lse3(a, b, c):
 
 
 @triton.jit
-def ctc_posteriors_kernel(lp_ptr, tgt_ptr, il_ptr, tl_ptr, alpha_ptr, bb_ptr, gamma_ptr, loss_ptr, T, C, L, blank,
-                          BLOCK_S: tl.constexpr):
+def _emission(tgt_b, lp_b, t, C, blank, s, S):
+    """For extended-label states s (even: blank, odd: the target (s - 1) / 2): (live, odd, j, token, e_t(s) in
+    fp64), shared by the forward and the backward recursions."""
+    live = s < S
+    odd = (s % 2) == 1
+    j = tl.maximum(s - 1, 0) // 2
+    tok = tl.load(tgt_b + j, mask=live & odd, other=0)
+    em = tl.load(lp_b + t * C + tl.where(odd, tok, blank), mask=live, other=float("-inf")).to(tl.float64)
+    return live, odd, j, tok, em
+
+
+@triton.jit
+def ctc_posteriors_kernel(
+    lp_ptr, tgt_ptr, il_ptr, tl_ptr, alpha_ptr, bb_ptr, gamma_ptr, loss_ptr, T, C, L, blank, BLOCK_S: tl.constexpr
+):
     NEG = float("-inf")
     b = tl.program_id(0).to(tl.int64)
     Tb = tl.load(il_ptr + b).to(tl.int64)
@@ -49,11 +62,7 @@ def ctc_posteriors_kernel(lp_ptr, tgt_ptr, il_ptr, tl_ptr, alpha_ptr, bb_ptr, ga
     for t in range(0, Tb):
         for s0 in range(0, S, BLOCK_S):
             s = s0 + offs
-            live = s < S
-            odd = (s % 2) == 1
-            j = tl.maximum(s - 1, 0) // 2
-            tok = tl.load(tgt_b + j, mask=live & odd, other=0)
-            em = tl.load(lp_b + t * C + tl.where(odd, tok, blank), mask=live, other=NEG).to(tl.float64)
+            live, odd, j, tok, em = _emission(tgt_b, lp_b, t, C, blank, s, S)
             before = tl.load(tgt_b + j - 1, mask=live & odd & (s >= 3), other=0)
             skip = live & odd & (s >= 3) & (tok != before)
             pa = alpha_b + (t - 1) * SF + s
@@ -81,11 +90,7 @@ def ctc_posteriors_kernel(lp_ptr, tgt_ptr, il_ptr, tl_ptr, alpha_ptr, bb_ptr, ga
         cur = t % 2
         for s0 in range(0, S, BLOCK_S):
             s = s0 + offs
-            live = s < S
-            odd = (s % 2) == 1
-            j = tl.maximum(s - 1, 0) // 2
-            tok = tl.load(tgt_b + j, mask=live & odd, other=0)
-            em = tl.load(lp_b + t * C + tl.where(odd, tok, blank), mask=live, other=NEG).to(tl.float64)
+            live, odd, j, tok, em = _emission(tgt_b, lp_b, t, C, blank, s, S)
             after = tl.load(tgt_b + j + 1, mask=live & odd & (s + 2 < S), other=0)
             skip2 = live & odd & (s + 2 < S) & (after != tok)
             inner = t < Tb - 1
@@ -103,9 +108,14 @@ def ctc_posteriors_kernel(lp_ptr, tgt_ptr, il_ptr, tl_ptr, alpha_ptr, bb_ptr, ga
         tl.debug_barrier()
 
 
-def launch_ctc_posteriors(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
-                          target_lengths: torch.Tensor, blank: int, acc: torch.dtype
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_ctc_posteriors(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int,
+    acc: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [B], gamma [B, T, 2L+1]) in ``acc``, from contiguous inputs already checked."""
     B, T, C = log_probs.shape
     L = targets.shape[1]
@@ -121,6 +131,22 @@ def launch_ctc_posteriors(log_probs: torch.Tensor, targets: torch.Tensor, input_
         block, warps = 16, 1
     else:
         block, warps = launch_config(SF, 1024)
-    launch(ctc_posteriors_kernel, (B,), log_probs, targets, input_lengths, target_lengths, alpha, bb, gamma,
-                                             loss, T, C, L, blank, BLOCK_S=block, num_warps=warps)
+    launch(
+        ctc_posteriors_kernel,
+        (B,),
+        log_probs,
+        targets,
+        input_lengths,
+        target_lengths,
+        alpha,
+        bb,
+        gamma,
+        loss,
+        T,
+        C,
+        L,
+        blank,
+        BLOCK_S=block,
+        num_warps=warps,
+    )
     return loss, gamma
