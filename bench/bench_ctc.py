@@ -34,7 +34,7 @@ def _inputs(B, T, L, device, seed=0):
 
 def _looped(F, lp, tg):
     for b in range(lp.shape[0]):
-        F.forced_align(lp[b:b + 1], tg[b:b + 1], blank=0)
+        F.forced_align(lp[b : b + 1], tg[b : b + 1], blank=0)
     if lp.is_cuda:
         torch.cuda.synchronize()
 
@@ -54,15 +54,44 @@ def groups(device: str, quick: bool):
     shape = f"B={B} T={T} L={L} C={C}"
     cases = []
     if F is not None:
-        cases.append(Case(FAMILY, "forced_align", shape, "float32", f"torchaudio {device} (looped)", "fwd",
-                          lambda: _looped(F, lp, tg), baseline=True))
-    cases.append(Case(FAMILY, "forced_align", shape, "float32", "alignops", "fwd",
-                      lambda: ctc.forced_align(lp, tg), baseline=F is None))
+        cases.append(
+            Case(
+                FAMILY,
+                "forced_align",
+                shape,
+                "float32",
+                f"torchaudio {device} (looped)",
+                "fwd",
+                lambda: _looped(F, lp, tg),
+                baseline=True,
+            )
+        )
+    cases.append(
+        Case(
+            FAMILY,
+            "forced_align",
+            shape,
+            "float32",
+            "alignops",
+            "fwd",
+            lambda: ctc.forced_align(lp, tg),
+            baseline=F is None,
+        )
+    )
     if device == "cpu":
         il = torch.full((B,), T)
         tl = torch.full((B,), L)
-        cases.append(Case(FAMILY, "forced_align", shape, "float32", "reference (torch)", "fwd",
-                          lambda: ref.forced_align(lp, tg, il, tl)))
+        cases.append(
+            Case(
+                FAMILY,
+                "forced_align",
+                shape,
+                "float32",
+                "reference (torch)",
+                "fwd",
+                lambda: ref.forced_align(lp, tg, il, tl),
+            )
+        )
     yield _work(cases, lp, tg)
     minutes = (0.5,) if quick else (5, 15, 30)
     for m in minutes:
@@ -74,12 +103,41 @@ def groups(device: str, quick: bool):
         # torchaudio's CPU kernel indexes its T*S int8 backpointers with int: past 2^31 it crashes.
         runs_torchaudio = F is not None and T * (2 * L + 1) < 2**31
         if runs_torchaudio:
-            cases.append(Case(FAMILY, "forced_align", shape, "float32", f"torchaudio {device}", "fwd",
-                              lambda lp=lp, tg=tg: _looped(F, lp, tg), baseline=True))
-        cases.append(Case(FAMILY, "forced_align", shape, "float32", "alignops full", "fwd",
-                          lambda lp=lp, tg=tg: ctc.forced_align(lp, tg), baseline=not runs_torchaudio))
-        cases.append(Case(FAMILY, "forced_align", shape, "float32", "alignops checkpointed", "fwd",
-                          lambda lp=lp, tg=tg: ctc.forced_align(lp, tg, memory="checkpointed")))
+            cases.append(
+                Case(
+                    FAMILY,
+                    "forced_align",
+                    shape,
+                    "float32",
+                    f"torchaudio {device}",
+                    "fwd",
+                    lambda lp=lp, tg=tg: _looped(F, lp, tg),
+                    baseline=True,
+                )
+            )
+        cases.append(
+            Case(
+                FAMILY,
+                "forced_align",
+                shape,
+                "float32",
+                "alignops full",
+                "fwd",
+                lambda lp=lp, tg=tg: ctc.forced_align(lp, tg),
+                baseline=not runs_torchaudio,
+            )
+        )
+        cases.append(
+            Case(
+                FAMILY,
+                "forced_align",
+                shape,
+                "float32",
+                "alignops checkpointed",
+                "fwd",
+                lambda lp=lp, tg=tg: ctc.forced_align(lp, tg, memory="checkpointed"),
+            )
+        )
         yield _work(cases, lp, tg)
 
 
@@ -107,6 +165,7 @@ def summary(results) -> list[str]:
             elif r.shape.startswith("30 min"):
                 lines.append(f"{r.shape} checkpointed: peak {r.peak_mb:.0f} MB (target <= 100 MB)")
     if not any("torchaudio" in r.provider and "30 min" in r.shape for r in results) and any(
-            "30 min" in r.shape for r in results):
+        "30 min" in r.shape for r in results
+    ):
         lines.append("30 min: torchaudio not run (T*S = 4.9e9 int8 backpointers, indexed with int: it crashes)")
     return lines

@@ -46,10 +46,27 @@ def groups(device: str, quick: bool):
             _GRADS[(shape, "alignops")] = (x.grad, False)
 
         yield [
-            Case(FAMILY, "ctc_loss", shape, "float32", "torch ctc_loss", "fwd+bwd", torch_run, baseline=True,
-                 reset=lambda x=lp_tbc: setattr(x, "grad", None)),
-            Case(FAMILY, "ctc_loss", shape, "float32", "alignops", "fwd+bwd", ours_run,
-                 reset=lambda x=lp: setattr(x, "grad", None)),
+            Case(
+                FAMILY,
+                "ctc_loss",
+                shape,
+                "float32",
+                "torch ctc_loss",
+                "fwd+bwd",
+                torch_run,
+                baseline=True,
+                reset=lambda x=lp_tbc: setattr(x, "grad", None),
+            ),
+            Case(
+                FAMILY,
+                "ctc_loss",
+                shape,
+                "float32",
+                "alignops",
+                "fwd+bwd",
+                ours_run,
+                reset=lambda x=lp: setattr(x, "grad", None),
+            ),
         ]
 
 
@@ -64,9 +81,12 @@ def summary(results) -> list[str]:
         key = (r.shape, r.provider)
         if key in _GRADS:
             err = row_sum_error(*_GRADS[key])
-            lines.append(f"{r.shape} {r.provider}: max |occupancy row sum - 1| = {err:.2e}; "
-                         f"{r.ratio:.2f}x torch's speed, peak {r.peak_mb:.0f} MB")
-    lines.append("target: rows sum to 1 within 1e-4 (fp32 inputs); alignops accumulates alpha/beta in fp64 "
-                 "(log domain)")
+            lines.append(
+                f"{r.shape} {r.provider}: max |occupancy row sum - 1| = {err:.2e}; "
+                f"{r.ratio:.2f}x torch's speed, peak {r.peak_mb:.0f} MB"
+            )
+    lines.append(
+        "target: rows sum to 1 within 1e-4 (fp32 inputs); alignops accumulates alpha/beta in fp64 (log domain)"
+    )
     _GRADS.clear()
     return lines

@@ -30,6 +30,7 @@ def _cpu_timed(shape: str, provider: str, fn):
         out = fn()
         _CPU.setdefault((shape, provider), []).append(time.process_time() - c0)
         return out
+
     return run
 
 
@@ -41,6 +42,7 @@ def _one_thread(fn):
             return fn()
         finally:
             torch.set_num_threads(n)
+
     return run
 
 
@@ -93,8 +95,11 @@ def groups(device: str, quick: bool):
         import ctc_segmentation as cs
     except ImportError:
         cs = None
-    shapes = [("1 x 60 s", 1, 60.0), ("4 x 20 s", 4, 20.0)] if quick else \
-        [("1 x 5 min", 1, 300.0), ("1 x 15 min", 1, 900.0), ("32 x 20 s", 32, 20.0)]
+    shapes = (
+        [("1 x 60 s", 1, 60.0), ("4 x 20 s", 4, 20.0)]
+        if quick
+        else [("1 x 5 min", 1, 300.0), ("1 x 15 min", 1, 900.0), ("32 x 20 s", 32, 20.0)]
+    )
     for name, B, seconds in shapes:
         recs = [recording(seconds, seed) for seed in range(B)]
         lpzs = [lpz for lpz, _ in recs]
@@ -107,15 +112,46 @@ def groups(device: str, quick: bool):
             config = cs.CtcSegmentationParameters(char_list=[str(i) for i in range(V)])
             np_recs = [(lpz.numpy(), [u.numpy() for u in utts]) for lpz, utts in recs]
             pkg = "ctc-segmentation (package)"
-            cases.append(Case(FAMILY, "ctc_segmentation+segments", shape, "float32", pkg, "fwd",
-                              _cpu_timed(shape, pkg, lambda np_recs=np_recs, config=config:
-                                         [_package(cs, config, lp, u) for lp, u in np_recs]), baseline=True))
+            cases.append(
+                Case(
+                    FAMILY,
+                    "ctc_segmentation+segments",
+                    shape,
+                    "float32",
+                    pkg,
+                    "fwd",
+                    _cpu_timed(
+                        shape,
+                        pkg,
+                        lambda np_recs=np_recs, config=config: [_package(cs, config, lp, u) for lp, u in np_recs],
+                    ),
+                    baseline=True,
+                )
+            )
         run = lambda batch=_padded(lpzs, gts), begins=begins: _alignops(batch, begins)  # noqa: E731
-        cases.append(Case(FAMILY, "ctc_segmentation+segments", shape, "float32", "alignops", "fwd",
-                          _cpu_timed(shape, "alignops", run)))
+        cases.append(
+            Case(
+                FAMILY,
+                "ctc_segmentation+segments",
+                shape,
+                "float32",
+                "alignops",
+                "fwd",
+                _cpu_timed(shape, "alignops", run),
+            )
+        )
         if B > 1:
-            cases.append(Case(FAMILY, "ctc_segmentation+segments", shape, "float32", "alignops (1 thread)", "fwd",
-                              _cpu_timed(shape, "alignops (1 thread)", _one_thread(run))))
+            cases.append(
+                Case(
+                    FAMILY,
+                    "ctc_segmentation+segments",
+                    shape,
+                    "float32",
+                    "alignops (1 thread)",
+                    "fwd",
+                    _cpu_timed(shape, "alignops (1 thread)", _one_thread(run)),
+                )
+            )
         yield cases
     lpz, utts = recording(60.0 if quick else 900.0, 99)
     # A transcript with captions that were never spoken, as TV captions have.
@@ -127,10 +163,21 @@ def groups(device: str, quick: bool):
     cases = []
     if cs is not None:
         pkg = "ctc-segmentation (package) steps"
-        cases.append(Case(FAMILY, "pseudo_forced_align", shape, "float32", pkg, "fwd",
-                          _cpu_timed(shape, pkg, lambda: _with_package_steps(cs, run)), baseline=True))
-    cases.append(Case(FAMILY, "pseudo_forced_align", shape, "float32", "alignops", "fwd",
-                      _cpu_timed(shape, "alignops", run)))
+        cases.append(
+            Case(
+                FAMILY,
+                "pseudo_forced_align",
+                shape,
+                "float32",
+                pkg,
+                "fwd",
+                _cpu_timed(shape, pkg, lambda: _with_package_steps(cs, run)),
+                baseline=True,
+            )
+        )
+    cases.append(
+        Case(FAMILY, "pseudo_forced_align", shape, "float32", "alignops", "fwd", _cpu_timed(shape, "alignops", run))
+    )
     yield cases
 
 
@@ -139,15 +186,19 @@ def _with_package_steps(cs, run):
     window size, as a loop over the package would do it (min_window_size = the chunk: no re-centring)."""
 
     def best_prefix(lpz, gt, begins, limits, blank, flags, index_duration, score_window, impl, table, filled):
-        config = cs.CtcSegmentationParameters(char_list=[str(i) for i in range(V)], index_duration=index_duration,
-                                              min_window_size=lpz.shape[0], score_min_mean_over_L=score_window)
+        config = cs.CtcSegmentationParameters(
+            char_list=[str(i) for i in range(V)],
+            index_duration=index_duration,
+            min_window_size=lpz.shape[0],
+            score_min_mean_over_L=score_window,
+        )
         lpz_np = lpz.numpy()
         for k in range(len(limits), 0, -1):
             if begins[k] + 1 > lpz.shape[0]:
                 continue
-            gt_k = gt[:begins[k] + 1].numpy()
+            gt_k = gt[: begins[k] + 1].numpy()
             timings, char_probs, _ = cs.ctc_segmentation(config, lpz_np, gt_k)
-            segs = cs.determine_utterance_segments(config, begins[:k + 1], char_probs, timings, [None] * k)
+            segs = cs.determine_utterance_segments(config, begins[: k + 1], char_probs, timings, [None] * k)
             if segs[-1][2] >= limits[k - 1]:
                 start, end, score = (torch.tensor([x[j] for x in segs], dtype=torch.float64) for j in range(3))
                 frames = torch.round(end / index_duration).long()
@@ -171,8 +222,14 @@ def summary(results) -> list[str]:
         frames = int(r.shape.split("T=")[1].split()[0])
         line = f"{r.op} {r.shape} {r.provider}: {frames / (r.median_ms / 1e3):,.0f} frames/s, peak {r.peak_mb:.0f} MB"
         c = cpu.get((r.shape, r.provider))
-        base = next((v for (shape, provider), v in cpu.items()
-                     if shape == r.shape and provider.startswith("ctc-segmentation (package)")), None)
+        base = next(
+            (
+                v
+                for (shape, provider), v in cpu.items()
+                if shape == r.shape and provider.startswith("ctc-segmentation (package)")
+            ),
+            None,
+        )
         if c:
             line += f"; CPU {c:.3f} s/call ({frames / c:,.0f} frames per CPU-s)"
         if r.provider.startswith("alignops") and r.ratio == r.ratio:

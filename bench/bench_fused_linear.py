@@ -50,23 +50,60 @@ def groups(device: str, quick: bool):
 
         shape = f"{B} pairs T={T} H={H} V={V} prompt={prompt:.0%}"
         dt = str(dtype).replace("torch.", "")
-        cases = [Case(FAMILY, "dpo_step", shape, dt, "reference (TRL materialised)", "fwd+bwd",
-                      lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden: s(
-                          lambda: ref.fused_linear_preference_loss(h, w, t, r)), baseline=True, reset=reset)]
+        cases = [
+            Case(
+                FAMILY,
+                "dpo_step",
+                shape,
+                dt,
+                "reference (TRL materialised)",
+                "fwd+bwd",
+                lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden: s(
+                    lambda: ref.fused_linear_preference_loss(h, w, t, r)
+                ),
+                baseline=True,
+                reset=reset,
+            )
+        ]
         for b in backends:
-            cases.append(Case(FAMILY, "dpo_step", shape, dt, "alignops" if b == "native" else "alignops-triton",
-                              "fwd+bwd", lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden, b=b: s(
-                                  lambda: alignops.fused_linear_preference_loss(h, w, t, ref_hidden=r,
-                                                                                backend=b).loss), reset=reset))
+            cases.append(
+                Case(
+                    FAMILY,
+                    "dpo_step",
+                    shape,
+                    dt,
+                    "alignops" if b == "native" else "alignops-triton",
+                    "fwd+bwd",
+                    lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden, b=b: s(
+                        lambda: alignops.fused_linear_preference_loss(h, w, t, ref_hidden=r, backend=b).loss
+                    ),
+                    reset=reset,
+                )
+            )
         if liger is not None:
-            cases.append(Case(FAMILY, "dpo_step", shape, dt, "liger-kernel", "fwd+bwd",
-                              lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden: s(
-                                  lambda: liger(w, h, t, ref_input=r, ref_weight=w.detach())[0]), reset=reset))
+            cases.append(
+                Case(
+                    FAMILY,
+                    "dpo_step",
+                    shape,
+                    dt,
+                    "liger-kernel",
+                    "fwd+bwd",
+                    lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden: s(
+                        lambda: liger(w, h, t, ref_input=r, ref_weight=w.detach())[0]
+                    ),
+                    reset=reset,
+                )
+            )
         # Minimum: inputs read once, the gradients of hidden and weight written once; the LM-head matmuls of
         # the scored (non-prompt) tokens: policy forward 2nHV, its backward 4nHV, the reference forward 2nHV.
         n = 2 * B * (T - int(prompt * T))
-        yield annotate(cases, nbytes(hidden, ref_hidden, weight, targets) + nbytes(hidden, weight), 8 * n * H * V,
-                       matmul_unit(dtype))
+        yield annotate(
+            cases,
+            nbytes(hidden, ref_hidden, weight, targets) + nbytes(hidden, weight),
+            8 * n * H * V,
+            matmul_unit(dtype),
+        )
         del cases, hidden, ref_hidden, weight, targets
 
 
@@ -76,11 +113,15 @@ def summary(results) -> list[str]:
         rows = {r.provider: r for r in results if r.shape == shape}
         ours = rows.get("alignops") or rows.get("alignops-triton")
         base = rows["reference (TRL materialised)"]
-        line = (f"{shape}: time {ours.median_ms / base.median_ms:.2f}x the reference (target <= 1.0), "
-                f"peak memory {ours.peak_mb / base.peak_mb:.2f}x (target <= 0.25)")
+        line = (
+            f"{shape}: time {ours.median_ms / base.median_ms:.2f}x the reference (target <= 1.0), "
+            f"peak memory {ours.peak_mb / base.peak_mb:.2f}x (target <= 0.25)"
+        )
         if "liger-kernel" in rows:
             lg = rows["liger-kernel"]
-            line += (f"; {lg.median_ms / ours.median_ms:.2f}x Liger's speed (target > 1), "
-                     f"memory {ours.peak_mb / lg.peak_mb:.2f}x Liger's (target <= 0.5)")
+            line += (
+                f"; {lg.median_ms / ours.median_ms:.2f}x Liger's speed (target > 1), "
+                f"memory {ours.peak_mb / lg.peak_mb:.2f}x Liger's (target <= 0.5)"
+            )
         lines.append(line)
     return lines

@@ -29,8 +29,16 @@ def _materialised(hidden, weight, ids, mask, adv, old, ref_hidden):
     with torch.no_grad():
         _entropies = -(logp.exp() * logp).sum(-1)
         ref = torch.log_softmax(ref_hidden @ weight.t(), -1).gather(-1, ids[..., None]).squeeze(-1)
-    return policy_loss(per_token, adv, mask, old_per_token_logps=old, ref_per_token_logps=ref, beta=BETA,
-                       loss_type="dapo", epsilon_high=0.28)[0]
+    return policy_loss(
+        per_token,
+        adv,
+        mask,
+        old_per_token_logps=old,
+        ref_per_token_logps=ref,
+        beta=BETA,
+        loss_type="dapo",
+        epsilon_high=0.28,
+    )[0]
 
 
 def groups(device: str, quick: bool):
@@ -45,8 +53,9 @@ def groups(device: str, quick: bool):
     if importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        liger = LigerFusedLinearGRPOLoss(beta=BETA, loss_type="dapo", epsilon_high=0.28, use_ref_model=True,
-                                         compiled=device == "cuda")
+        liger = LigerFusedLinearGRPOLoss(
+            beta=BETA, loss_type="dapo", epsilon_high=0.28, use_ref_model=True, compiled=device == "cuda"
+        )
     backends = ["native"] if device == "cpu" else ["triton"]
     for B, T, H, V in configs:
         hidden = torch.randn(B, T, H, device=device, dtype=dtype, requires_grad=True)
@@ -71,25 +80,74 @@ def groups(device: str, quick: bool):
 
         shape = f"B={B} T={T} H={H} V={V} dapo beta={BETA}"
         dt = str(dtype).replace("torch.", "")
-        cases = [Case(FAMILY, "grpo_step", shape, dt, "reference (TRL materialised)", "fwd+bwd",
-                      lambda s=step, h=hidden, w=weight, i=ids, m=mask, a=adv, o=old, r=ref_hidden: s(
-                          lambda: _materialised(h, w, i, m, a, o, r)), baseline=True, reset=reset)]
+        cases = [
+            Case(
+                FAMILY,
+                "grpo_step",
+                shape,
+                dt,
+                "reference (TRL materialised)",
+                "fwd+bwd",
+                lambda s=step, h=hidden, w=weight, i=ids, m=mask, a=adv, o=old, r=ref_hidden: s(
+                    lambda: _materialised(h, w, i, m, a, o, r)
+                ),
+                baseline=True,
+                reset=reset,
+            )
+        ]
         for b in backends:
-            cases.append(Case(FAMILY, "grpo_step", shape, dt, "alignops" if b == "native" else "alignops-triton",
-                              "fwd+bwd", lambda s=step, b=b, h=hidden, w=weight, i=ids, m=mask, a=adv, o=old,
-                              r=ref_hidden: s(lambda: alignops.fused_linear_policy_loss(
-                                  h, w, i, a, m, ref_hidden=r, old_per_token_logps=o, beta=BETA, loss_type="dapo",
-                                  epsilon_high=0.28, backend=b).loss), reset=reset))
+            cases.append(
+                Case(
+                    FAMILY,
+                    "grpo_step",
+                    shape,
+                    dt,
+                    "alignops" if b == "native" else "alignops-triton",
+                    "fwd+bwd",
+                    lambda s=step, b=b, h=hidden, w=weight, i=ids, m=mask, a=adv, o=old, r=ref_hidden: s(
+                        lambda: (
+                            alignops.fused_linear_policy_loss(
+                                h,
+                                w,
+                                i,
+                                a,
+                                m,
+                                ref_hidden=r,
+                                old_per_token_logps=o,
+                                beta=BETA,
+                                loss_type="dapo",
+                                epsilon_high=0.28,
+                                backend=b,
+                            ).loss
+                        )
+                    ),
+                    reset=reset,
+                )
+            )
         if liger is not None:
-            cases.append(Case(FAMILY, "grpo_step", shape, dt, "liger-kernel", "fwd+bwd",
-                              lambda s=step, h=hidden, w=weight, i=ids, m=mask, a=adv, o=old, r=ref_hidden: s(
-                                  lambda: liger(h, w, i, m, a, old_per_token_logps=o, ref_input=r,
-                                                ref_weight=w.detach())[0]), reset=reset))
+            cases.append(
+                Case(
+                    FAMILY,
+                    "grpo_step",
+                    shape,
+                    dt,
+                    "liger-kernel",
+                    "fwd+bwd",
+                    lambda s=step, h=hidden, w=weight, i=ids, m=mask, a=adv, o=old, r=ref_hidden: s(
+                        lambda: liger(h, w, i, m, a, old_per_token_logps=o, ref_input=r, ref_weight=w.detach())[0]
+                    ),
+                    reset=reset,
+                )
+            )
         # Minimum: inputs read once, the gradients of hidden and weight written once; the LM-head matmuls of the
         # completion tokens: policy forward 2nHV, its backward 4nHV, the reference forward 2nHV.
         n = int(mask.sum())
-        yield annotate(cases, nbytes(hidden, ref_hidden, weight, ids, old) + nbytes(hidden, weight), 8 * n * H * V,
-                       matmul_unit(dtype))
+        yield annotate(
+            cases,
+            nbytes(hidden, ref_hidden, weight, ids, old) + nbytes(hidden, weight),
+            8 * n * H * V,
+            matmul_unit(dtype),
+        )
         del cases, hidden, ref_hidden, weight, ids, old
 
 
@@ -99,11 +157,15 @@ def summary(results) -> list[str]:
         rows = {r.provider: r for r in results if r.shape == shape}
         ours = rows.get("alignops") or rows.get("alignops-triton")
         base = rows["reference (TRL materialised)"]
-        line = (f"{shape}: time {ours.median_ms / base.median_ms:.2f}x the materialised path, "
-                f"peak memory {ours.peak_mb / base.peak_mb:.2f}x")
+        line = (
+            f"{shape}: time {ours.median_ms / base.median_ms:.2f}x the materialised path, "
+            f"peak memory {ours.peak_mb / base.peak_mb:.2f}x"
+        )
         if "liger-kernel" in rows:
             lg = rows["liger-kernel"]
-            line += (f"; time {ours.median_ms / lg.median_ms:.2f}x Liger's (target <= 1.0), "
-                     f"memory {ours.peak_mb / lg.peak_mb:.2f}x Liger's (target <= 0.5)")
+            line += (
+                f"; time {ours.median_ms / lg.median_ms:.2f}x Liger's (target <= 1.0), "
+                f"memory {ours.peak_mb / lg.peak_mb:.2f}x Liger's (target <= 0.5)"
+            )
         lines.append(line)
     return lines

@@ -48,19 +48,58 @@ def groups(device: str, quick: bool):
 
     idx = ref.bootstrap_indices(0, R, N).numpy()
     jn, hn = judges.cpu().numpy(), human.cpu().numpy()
-    cases = [Case(FAMILY, "cohen_kappa+bootstrap", shape, "int64", f"scikit-learn loop ({P * (R + 1)} calls)", "fwd",
-                  lambda: _sklearn_loop(jn, hn, idx), baseline=True)]
-    cases += [Case(FAMILY, "cohen_kappa+bootstrap", shape, "int64", name, "fwd",
-                   lambda b=b: M.cohen_kappa(judges, human, 2, n_bootstrap=R, backend=b)) for name, b in providers]
-    cases.append(Case(FAMILY, "cohen_kappa+bootstrap", shape, "int64", "torch reference ([P, R+1, N] gather)", "fwd",
-                      lambda: M.cohen_kappa(judges, human, 2, n_bootstrap=R, backend="torch")))
+    cases = [
+        Case(
+            FAMILY,
+            "cohen_kappa+bootstrap",
+            shape,
+            "int64",
+            f"scikit-learn loop ({P * (R + 1)} calls)",
+            "fwd",
+            lambda: _sklearn_loop(jn, hn, idx),
+            baseline=True,
+        )
+    ]
+    cases += [
+        Case(
+            FAMILY,
+            "cohen_kappa+bootstrap",
+            shape,
+            "int64",
+            name,
+            "fwd",
+            lambda b=b: M.cohen_kappa(judges, human, 2, n_bootstrap=R, backend=b),
+        )
+        for name, b in providers
+    ]
+    cases.append(
+        Case(
+            FAMILY,
+            "cohen_kappa+bootstrap",
+            shape,
+            "int64",
+            "torch reference ([P, R+1, N] gather)",
+            "fwd",
+            lambda: M.cohen_kappa(judges, human, 2, n_bootstrap=R, backend="torch"),
+        )
+    )
     yield cases
     P, N, R = full
     judges, human = _data(P, N, device)
     shape = f"judges={P} N={N} R={R}"
-    yield [Case(FAMILY, "cohen_kappa+bootstrap", shape, "int64", name, "fwd",
-                lambda b=b: M.cohen_kappa(judges, human, 2, n_bootstrap=R, backend=b), baseline=True)
-           for name, b in providers]
+    yield [
+        Case(
+            FAMILY,
+            "cohen_kappa+bootstrap",
+            shape,
+            "int64",
+            name,
+            "fwd",
+            lambda b=b: M.cohen_kappa(judges, human, 2, n_bootstrap=R, backend=b),
+            baseline=True,
+        )
+        for name, b in providers
+    ]
 
 
 def summary(results: list[Result]) -> list[str]:
@@ -76,12 +115,26 @@ def summary(results: list[Result]) -> list[str]:
         R = int(r.shape.split("R=")[1])
         calls = P * (R + 1)
         est = per_call * calls
-        results.append(Result(r.family, r.op, r.shape, r.dtype,
-                              f"scikit-learn loop (extrapolated: {calls} calls x {per_call:.3f} ms)", r.mode, est,
-                              float("nan"), float("nan"), r.median_ms / est, float("nan")))
+        results.append(
+            Result(
+                r.family,
+                r.op,
+                r.shape,
+                r.dtype,
+                f"scikit-learn loop (extrapolated: {calls} calls x {per_call:.3f} ms)",
+                r.mode,
+                est,
+                float("nan"),
+                float("nan"),
+                r.median_ms / est,
+                float("nan"),
+            )
+        )
         speedup = est / r.median_ms
-        lines.append(f"{r.shape}: {r.provider} {r.median_ms / 1e3:.2f} s vs scikit-learn loop {est / 1e3:.0f} s "
-                     f"(extrapolated) = {speedup:.0f}x (target >= 50x) {'ok' if speedup >= 50 else 'MISSED'}")
+        lines.append(
+            f"{r.shape}: {r.provider} {r.median_ms / 1e3:.2f} s vs scikit-learn loop {est / 1e3:.0f} s "
+            f"(extrapolated) = {speedup:.0f}x (target >= 50x) {'ok' if speedup >= 50 else 'MISSED'}"
+        )
     for r in results:
         if r.shape == small.shape and r.provider.startswith("alignops"):
             lines.append(f"{r.shape}: {r.provider} {r.ratio:.0f}x the measured scikit-learn loop")

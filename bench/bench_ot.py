@@ -75,8 +75,16 @@ def groups(device: str, quick: bool):
         C = torch.rand(B, N, M, device=device)
         shape = f"B={B} N={N} M={M} iters={ITERS}"
         cases = [
-            Case(FAMILY, "sinkhorn", shape, "float32", "torch batched loop", "fwd", lambda C=C: _torch_loop(C),
-                 baseline=True),
+            Case(
+                FAMILY,
+                "sinkhorn",
+                shape,
+                "float32",
+                "torch batched loop",
+                "fwd",
+                lambda C=C: _torch_loop(C),
+                baseline=True,
+            ),
             Case(FAMILY, "sinkhorn", shape, "float32", "alignops", "fwd", lambda C=C: _alignops(C)),
         ]
         if has_pot:
@@ -84,10 +92,18 @@ def groups(device: str, quick: bool):
                 C_np = C.numpy().astype(np.float32)
                 w_a = np.full(N, 1 / N, dtype=np.float32)
                 w_b = np.full(M, 1 / M, dtype=np.float32)
-                cases.append(Case(FAMILY, "sinkhorn", shape, "float32", "POT sinkhorn_log loop", "fwd",
-                                  lambda C_np=C_np, w_a=w_a, w_b=w_b: _pot_loop(C_np, w_a, w_b)))
-            cases.append(Case(FAMILY, "sinkhorn", shape, "float32", "POT ot.batch", "fwd",
-                              lambda C=C: _pot_batch(C)))
+                cases.append(
+                    Case(
+                        FAMILY,
+                        "sinkhorn",
+                        shape,
+                        "float32",
+                        "POT sinkhorn_log loop",
+                        "fwd",
+                        lambda C_np=C_np, w_a=w_a, w_b=w_b: _pot_loop(C_np, w_a, w_b),
+                    )
+                )
+            cases.append(Case(FAMILY, "sinkhorn", shape, "float32", "POT ot.batch", "fwd", lambda C=C: _pot_batch(C)))
         # About 10 fp32 operations per entry and iteration (two log-sum-exps: add, subtract, max, exp, sum).
         yield annotate(cases, _min_bytes(C), 10 * ITERS * C.numel())
     yield _small_eps_cases(device, quick)
@@ -96,12 +112,34 @@ def groups(device: str, quick: bool):
     S = torch.randn(L, Nb, M, device=device)
     shape = f"L={L} N={Nb} M={M} iters=4"
     yield [
-        Case(FAMILY, "sinkhorn_normalize", shape, "float32", "torch (UCoFiA, prob. domain)", "fwd",
-             lambda: [ref.sinkhorn_normalize_ucofia(S[i], 4) for i in range(L)], baseline=True),
-        Case(FAMILY, "sinkhorn_normalize", shape, "float32", "alignops", "fwd",
-             lambda: alignops.ot.sinkhorn_normalize(S, n_iters=4)),
-        Case(FAMILY, "sinkhorn_normalize", shape, "float32", "torch log domain (chunks of 4096)", "fwd",
-             lambda: alignops.ot.sinkhorn_normalize(S, n_iters=4, chunk_size=4096, backend="torch")),
+        Case(
+            FAMILY,
+            "sinkhorn_normalize",
+            shape,
+            "float32",
+            "torch (UCoFiA, prob. domain)",
+            "fwd",
+            lambda: [ref.sinkhorn_normalize_ucofia(S[i], 4) for i in range(L)],
+            baseline=True,
+        ),
+        Case(
+            FAMILY,
+            "sinkhorn_normalize",
+            shape,
+            "float32",
+            "alignops",
+            "fwd",
+            lambda: alignops.ot.sinkhorn_normalize(S, n_iters=4),
+        ),
+        Case(
+            FAMILY,
+            "sinkhorn_normalize",
+            shape,
+            "float32",
+            "torch log domain (chunks of 4096)",
+            "fwd",
+            lambda: alignops.ot.sinkhorn_normalize(S, n_iters=4, chunk_size=4096, backend="torch"),
+        ),
     ]
 
 
@@ -117,8 +155,10 @@ def _small_eps_cases(device: str, quick: bool):
     B = 64 if quick else 1024
     C = torch.rand(B, 64, 64, device=device)
     shape = f"B={B} N=64 M=64 eps=1e-3 cost~U[0,1) n_iters<=300"
-    runs = {"alignops (Sinkhorn only)": dict(SMALL_EPS),
-            "alignops (+ 10 Newton steps)": dict(SMALL_EPS, newton_steps=10)}
+    runs = {
+        "alignops (Sinkhorn only)": dict(SMALL_EPS),
+        "alignops (+ 10 Newton steps)": dict(SMALL_EPS, newton_steps=10),
+    }
     for name, kw in runs.items():
         try:
             out = alignops.ot.sinkhorn(C, **kw)
@@ -126,9 +166,19 @@ def _small_eps_cases(device: str, quick: bool):
             _small_eps_errors[name + " iters"] = int(out.n_iters.max())
         except Exception:  # noqa: BLE001  (the timed case below fails too and reports why)
             _small_eps_errors[name], _small_eps_errors[name + " iters"] = float("nan"), -1
-    return [Case(FAMILY, "sinkhorn eps=1e-3", shape, "float32", name, "fwd",
-                 lambda C=C, kw=kw: alignops.ot.sinkhorn(C, **kw), baseline=i == 0)
-            for i, (name, kw) in enumerate(runs.items())]
+    return [
+        Case(
+            FAMILY,
+            "sinkhorn eps=1e-3",
+            shape,
+            "float32",
+            name,
+            "fwd",
+            lambda C=C, kw=kw: alignops.ot.sinkhorn(C, **kw),
+            baseline=i == 0,
+        )
+        for i, (name, kw) in enumerate(runs.items())
+    ]
 
 
 def summary(results) -> list[str]:
@@ -152,7 +202,9 @@ def summary(results) -> list[str]:
         lines.append(line)
     for name in ("alignops (Sinkhorn only)", "alignops (+ 10 Newton steps)"):
         if name in _small_eps_errors:
-            lines.append(f"eps=1e-3, costs U[0,1), 64x64, {name}: max L1 marginal error "
-                         f"{_small_eps_errors[name]:.3e} after <= {_small_eps_errors[name + ' iters']} iterations "
-                         "(target <= 1e-4 within 300)")
+            lines.append(
+                f"eps=1e-3, costs U[0,1), 64x64, {name}: max L1 marginal error "
+                f"{_small_eps_errors[name]:.3e} after <= {_small_eps_errors[name + ' iters']} iterations "
+                "(target <= 1e-4 within 300)"
+            )
     return lines

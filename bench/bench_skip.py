@@ -40,31 +40,76 @@ def groups(device: str, quick: bool):
         for s in FRACTIONS:
             k = int(round(s * T))
             keep = torch.ones(T, dtype=torch.bool, device=device)
-            keep[5:5 + k] = False  # a perceptual span after a short text prefix, as in LLaVA prompts
+            keep[5 : 5 + k] = False  # a perceptual span after a short text prefix, as in LLaVA prompts
             keeps[s] = keep
             shape = f"T={T} H={H} I={I} s={s:.3f}"
             with torch.no_grad():
                 cases = [
-                    Case(FAMILY, "skip_ffn", shape, dt, "dense FFN (torch)", "fwd",
-                         lambda x=x: _no_grad(ref.ffn, x, w_gate_up, w_down, norm_weight), baseline=True),
-                    Case(FAMILY, "skip_ffn", shape, dt, "alignops", "fwd",
-                         lambda x=x, keep=keep: _no_grad(alignops.skip_ffn, x, w_gate_up, w_down, norm_weight,
-                                                         keep=keep)),
-                    Case(FAMILY, "skip_ffn", shape, dt, "naive nonzero/index_add", "fwd",
-                         lambda x=x, keep=keep: _no_grad(ref.naive_skip_ffn, x, w_gate_up, w_down, norm_weight,
-                                                         keep)),
+                    Case(
+                        FAMILY,
+                        "skip_ffn",
+                        shape,
+                        dt,
+                        "dense FFN (torch)",
+                        "fwd",
+                        lambda x=x: _no_grad(ref.ffn, x, w_gate_up, w_down, norm_weight),
+                        baseline=True,
+                    ),
+                    Case(
+                        FAMILY,
+                        "skip_ffn",
+                        shape,
+                        dt,
+                        "alignops",
+                        "fwd",
+                        lambda x=x, keep=keep: _no_grad(
+                            alignops.skip_ffn, x, w_gate_up, w_down, norm_weight, keep=keep
+                        ),
+                    ),
+                    Case(
+                        FAMILY,
+                        "skip_ffn",
+                        shape,
+                        dt,
+                        "naive nonzero/index_add",
+                        "fwd",
+                        lambda x=x, keep=keep: _no_grad(ref.naive_skip_ffn, x, w_gate_up, w_down, norm_weight, keep),
+                    ),
                     # In place on a scratch copy refreshed outside the timed call (no clone of x inside).
-                    Case(FAMILY, "skip_ffn", shape, dt, "alignops in place", "fwd",
-                         lambda buf=x.clone(), keep=keep: _no_grad(alignops.skip_ffn, buf, w_gate_up, w_down,
-                                                                   norm_weight, keep=keep, inplace=True)),
+                    Case(
+                        FAMILY,
+                        "skip_ffn",
+                        shape,
+                        dt,
+                        "alignops in place",
+                        "fwd",
+                        lambda buf=x.clone(), keep=keep: _no_grad(
+                            alignops.skip_ffn, buf, w_gate_up, w_down, norm_weight, keep=keep, inplace=True
+                        ),
+                    ),
                 ]
                 if packed is not None:
                     cases += [
-                        Case(FAMILY, "skip_ffn", shape, dt, "alignops prepacked", "fwd",
-                             lambda x=x, keep=keep: _no_grad(alignops.skip_ffn, x, *packed, norm_weight, keep=keep)),
-                        Case(FAMILY, "skip_ffn", shape, dt, "alignops prepacked in place", "fwd",
-                             lambda buf=x.clone(), keep=keep: _no_grad(alignops.skip_ffn, buf, *packed, norm_weight,
-                                                                       keep=keep, inplace=True)),
+                        Case(
+                            FAMILY,
+                            "skip_ffn",
+                            shape,
+                            dt,
+                            "alignops prepacked",
+                            "fwd",
+                            lambda x=x, keep=keep: _no_grad(alignops.skip_ffn, x, *packed, norm_weight, keep=keep),
+                        ),
+                        Case(
+                            FAMILY,
+                            "skip_ffn",
+                            shape,
+                            dt,
+                            "alignops prepacked in place",
+                            "fwd",
+                            lambda buf=x.clone(), keep=keep: _no_grad(
+                                alignops.skip_ffn, buf, *packed, norm_weight, keep=keep, inplace=True
+                            ),
+                        ),
                     ]
             # x and the weights read once, the output written once; the FFN's matmuls on the kept rows only
             # (2 x H x 2I gate/up, then I x H down: 6 H I FLOPs per row).
@@ -74,21 +119,26 @@ def groups(device: str, quick: bool):
         # load of a shared machine drifting between the table's rows does not enter t(s) / t(0).
         buf = x.clone()
         _paired[(dt, "alignops")] = _paired_ratios(
-            lambda s: alignops.skip_ffn(x, w_gate_up, w_down, norm_weight, keep=keeps[s]), device, quick)
+            lambda s: alignops.skip_ffn(x, w_gate_up, w_down, norm_weight, keep=keeps[s]), device, quick
+        )
         if packed is not None:
             _paired[(dt, "alignops prepacked in place")] = _paired_ratios(
-                lambda s: alignops.skip_ffn(buf, *packed, norm_weight, keep=keeps[s], inplace=True), device, quick)
+                lambda s: alignops.skip_ffn(buf, *packed, norm_weight, keep=keeps[s], inplace=True), device, quick
+            )
         if packed is not None and dtype == torch.bfloat16 and not quick:
             # A model's layers each bring their own weights: with one layer's 69 MB repeated, the weights stay
             # in this machine's 480 MB L3, which flatters the few-row GEMMs. Eight layers in turn (552 MB)
             # stream them from memory, as a model does.
-            layers = [((torch.randn(2 * I, H) / H**0.5).to(dtype), (torch.randn(H, I) / I**0.5).to(dtype))
-                      for _ in range(8)]
+            layers = [
+                ((torch.randn(2 * I, H) / H**0.5).to(dtype), (torch.randn(H, I) / I**0.5).to(dtype)) for _ in range(8)
+            ]
             for w in layers:
                 alignops.skip.prepack(*w)
             _paired[(dt, "alignops prepacked in place, 8 layers in turn")] = _paired_ratios(
                 lambda s: [alignops.skip_ffn(buf, *w, norm_weight, keep=keeps[s], inplace=True) for w in layers],
-                device, quick)
+                device,
+                quick,
+            )
             for w in layers:
                 alignops.skip.unprepack(*w)
             del layers
@@ -97,15 +147,36 @@ def groups(device: str, quick: bool):
         # vs the same steps in PyTorch ops around skip_ffn.
         k = int(round(576 / 650 * T))
         delta = 0.5 * torch.randn(T, H, device=device).to(dtype)
-        delta[5:5 + k] *= 0.01
+        delta[5 : 5 + k] *= 0.01
         shape = f"T={T} H={H} I={I} add+criterion+FFN, s={k / T:.3f}"
-        yield annotate([
-            Case(FAMILY, "skip_ffn(delta=)", shape, dt, "torch add + change_score + skip_ffn", "fwd",
-                 lambda x=x, delta=delta: _unfused_layer(x, delta, w_gate_up, w_down, norm_weight), baseline=True),
-            Case(FAMILY, "skip_ffn(delta=)", shape, dt, "alignops fused", "fwd",
-                 lambda x=x, delta=delta: _no_grad(alignops.skip_ffn, x, w_gate_up, w_down, norm_weight,
-                                                   delta=delta, threshold=THRESHOLD)),
-        ], weights + 3 * nbytes(x), 6 * (T - k) * H * I, matmul_unit(dtype))
+        yield annotate(
+            [
+                Case(
+                    FAMILY,
+                    "skip_ffn(delta=)",
+                    shape,
+                    dt,
+                    "torch add + change_score + skip_ffn",
+                    "fwd",
+                    lambda x=x, delta=delta: _unfused_layer(x, delta, w_gate_up, w_down, norm_weight),
+                    baseline=True,
+                ),
+                Case(
+                    FAMILY,
+                    "skip_ffn(delta=)",
+                    shape,
+                    dt,
+                    "alignops fused",
+                    "fwd",
+                    lambda x=x, delta=delta: _no_grad(
+                        alignops.skip_ffn, x, w_gate_up, w_down, norm_weight, delta=delta, threshold=THRESHOLD
+                    ),
+                ),
+            ],
+            weights + 3 * nbytes(x),
+            6 * (T - k) * H * I,
+            matmul_unit(dtype),
+        )
         if packed is not None:
             alignops.skip.unprepack(*packed)  # this dtype's rows are measured: drop the copies
 
@@ -166,13 +237,17 @@ def summary(results) -> list[str]:
                 dense = by[(r.shape, r.dtype, "dense FFN (torch)")].median_ms
                 naive = by[(r.shape, r.dtype, "naive nonzero/index_add")].median_ms
                 rel, target = r.median_ms / t0, 1 - s + 0.05
-                lines.append(f"{dtype} {provider} s={s:.3f}: t(s)/t(0) = {rel:.3f} (target <= {target:.3f}) "
-                             f"{'ok' if rel <= target else 'MISSED'}; t(s)/t_dense = {r.median_ms / dense:.3f}; "
-                             f"vs naive {naive / r.median_ms:.2f}x {'ok' if r.median_ms < naive else 'MISSED'}"
-                             + (f"; overhead vs dense {100 * (r.median_ms / dense - 1):+.1f}% (target <= 5%)"
-                                if s == 0 else ""))
+                lines.append(
+                    f"{dtype} {provider} s={s:.3f}: t(s)/t(0) = {rel:.3f} (target <= {target:.3f}) "
+                    f"{'ok' if rel <= target else 'MISSED'}; t(s)/t_dense = {r.median_ms / dense:.3f}; "
+                    f"vs naive {naive / r.median_ms:.2f}x {'ok' if r.median_ms < naive else 'MISSED'}"
+                    + (f"; overhead vs dense {100 * (r.median_ms / dense - 1):+.1f}% (target <= 5%)" if s == 0 else "")
+                )
     for (dtype, provider), ratios in sorted(_paired.items()):
-        parts = [f"s={s:.3f}: {r:.3f} (<= {1 - s + 0.05:.3f}{'' if r <= 1 - s + 0.05 else ' MISSED'})"
-                 for s, r in ratios.items() if s > 0]
+        parts = [
+            f"s={s:.3f}: {r:.3f} (<= {1 - s + 0.05:.3f}{'' if r <= 1 - s + 0.05 else ' MISSED'})"
+            for s, r in ratios.items()
+            if s > 0
+        ]
         lines.append(f"{dtype} {provider}, paired t(s)/t(0) (fractions interleaved): " + "; ".join(parts))
     return lines

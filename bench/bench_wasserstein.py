@@ -32,6 +32,7 @@ def _clear(*ts):
     def reset():
         for t in ts:
             t.grad = None
+
     return reset
 
 
@@ -40,17 +41,41 @@ def _w1d_groups(device, B, n, m):
     v = torch.randn(B, m, device=device) * 1.5 + 0.3
     shape = f"B={B} n={n} m={m}"
     cases = [
-        Case(FAMILY, "wasserstein_1d", shape, "float32", "torch reference", "fwd",
-             lambda: _no_grad(ref.wasserstein_1d, u, v), baseline=True),
-        Case(FAMILY, "wasserstein_1d", shape, "float32", "alignops", "fwd",
-             lambda: _no_grad(alignops.wasserstein_1d, u, v)),
+        Case(
+            FAMILY,
+            "wasserstein_1d",
+            shape,
+            "float32",
+            "torch reference",
+            "fwd",
+            lambda: _no_grad(ref.wasserstein_1d, u, v),
+            baseline=True,
+        ),
+        Case(
+            FAMILY,
+            "wasserstein_1d",
+            shape,
+            "float32",
+            "alignops",
+            "fwd",
+            lambda: _no_grad(alignops.wasserstein_1d, u, v),
+        ),
     ]
     try:
         import ot
 
         ut, vt = u.T.contiguous(), v.T.contiguous()
-        cases.append(Case(FAMILY, "wasserstein_1d", shape, "float32", "POT ot.wasserstein_1d (torch)", "fwd",
-                          lambda: _no_grad(ot.wasserstein_1d, ut, vt)))
+        cases.append(
+            Case(
+                FAMILY,
+                "wasserstein_1d",
+                shape,
+                "float32",
+                "POT ot.wasserstein_1d (torch)",
+                "fwd",
+                lambda: _no_grad(ot.wasserstein_1d, ut, vt),
+            )
+        )
     except ImportError:
         pass
     if device == "cpu":
@@ -58,17 +83,43 @@ def _w1d_groups(device, B, n, m):
             from scipy.stats import wasserstein_distance
 
             un, vn = u.numpy(), v.numpy()
-            cases.append(Case(FAMILY, "wasserstein_1d", shape, "float32", "scipy loop", "fwd",
-                              lambda: [wasserstein_distance(un[i], vn[i]) for i in range(B)]))
+            cases.append(
+                Case(
+                    FAMILY,
+                    "wasserstein_1d",
+                    shape,
+                    "float32",
+                    "scipy loop",
+                    "fwd",
+                    lambda: [wasserstein_distance(un[i], vn[i]) for i in range(B)],
+                )
+            )
         except ImportError:
             pass
     yield cases
     ug, vg = u.clone().requires_grad_(), v.clone().requires_grad_()
     yield [
-        Case(FAMILY, "wasserstein_1d", shape, "float32", "torch reference", "fwd+bwd",
-             lambda: _fwd_bwd(ref.wasserstein_1d, ug, vg), baseline=True, reset=_clear(ug, vg)),
-        Case(FAMILY, "wasserstein_1d", shape, "float32", "alignops", "fwd+bwd",
-             lambda: _fwd_bwd(alignops.wasserstein_1d, ug, vg), reset=_clear(ug, vg)),
+        Case(
+            FAMILY,
+            "wasserstein_1d",
+            shape,
+            "float32",
+            "torch reference",
+            "fwd+bwd",
+            lambda: _fwd_bwd(ref.wasserstein_1d, ug, vg),
+            baseline=True,
+            reset=_clear(ug, vg),
+        ),
+        Case(
+            FAMILY,
+            "wasserstein_1d",
+            shape,
+            "float32",
+            "alignops",
+            "fwd+bwd",
+            lambda: _fwd_bwd(alignops.wasserstein_1d, ug, vg),
+            reset=_clear(ug, vg),
+        ),
     ]
 
 
@@ -82,15 +133,40 @@ def _sliced_group(device, n, d, L):
         import ot
 
         Xn, Yn, Pn = X.cpu().numpy(), Y.cpu().numpy(), proj.cpu().numpy()
-        cases.append(Case(FAMILY, "sliced_wasserstein", shape, "float32", "POT (numpy)", "fwd",
-                          lambda: ot.sliced_wasserstein_distance(Xn, Yn, projections=Pn), baseline=True))
+        cases.append(
+            Case(
+                FAMILY,
+                "sliced_wasserstein",
+                shape,
+                "float32",
+                "POT (numpy)",
+                "fwd",
+                lambda: ot.sliced_wasserstein_distance(Xn, Yn, projections=Pn),
+                baseline=True,
+            )
+        )
     except ImportError:
         pass
     cases += [
-        Case(FAMILY, "sliced_wasserstein", shape, "float32", "alignops", "fwd",
-             lambda: _no_grad(alignops.sliced_wasserstein, X, Y, projections=proj), baseline=not cases),
-        Case(FAMILY, "sliced_wasserstein", shape, "float32", "torch reference", "fwd",
-             lambda: _no_grad(ref.sliced_wasserstein, X, Y, proj)),
+        Case(
+            FAMILY,
+            "sliced_wasserstein",
+            shape,
+            "float32",
+            "alignops",
+            "fwd",
+            lambda: _no_grad(alignops.sliced_wasserstein, X, Y, projections=proj),
+            baseline=not cases,
+        ),
+        Case(
+            FAMILY,
+            "sliced_wasserstein",
+            shape,
+            "float32",
+            "torch reference",
+            "fwd",
+            lambda: _no_grad(ref.sliced_wasserstein, X, Y, proj),
+        ),
     ]
     yield cases
 
@@ -106,17 +182,41 @@ def _cca_groups(device, B, n, d, B_sklearn):
     H1, H2 = _views(B, n, d, device)
     shape = f"B={B} n={n} d={d}"
     yield [
-        Case("represent", "cca", shape, "float32", "torch reference loop (eigh)", "fwd",
-             lambda: _no_grad(lambda: [rref.cca(H1[i], H2[i]) for i in range(B)]), baseline=True),
+        Case(
+            "represent",
+            "cca",
+            shape,
+            "float32",
+            "torch reference loop (eigh)",
+            "fwd",
+            lambda: _no_grad(lambda: [rref.cca(H1[i], H2[i]) for i in range(B)]),
+            baseline=True,
+        ),
         Case("represent", "cca", shape, "float32", "alignops (batched)", "fwd", lambda: _no_grad(alignops.cca, H1, H2)),
     ]
     g1, g2 = H1.clone().requires_grad_(), H2.clone().requires_grad_()
     yield [
-        Case("represent", "cca_loss", shape, "float32", "torch reference loop (eigh)", "fwd+bwd",
-             lambda: _fwd_bwd(lambda a, b: torch.stack([-rref.cca(a[i], b[i]).sum() for i in range(B)]), g1, g2),
-             baseline=True, reset=_clear(g1, g2)),
-        Case("represent", "cca_loss", shape, "float32", "alignops (batched)", "fwd+bwd",
-             lambda: _fwd_bwd(alignops.cca_loss, g1, g2), reset=_clear(g1, g2)),
+        Case(
+            "represent",
+            "cca_loss",
+            shape,
+            "float32",
+            "torch reference loop (eigh)",
+            "fwd+bwd",
+            lambda: _fwd_bwd(lambda a, b: torch.stack([-rref.cca(a[i], b[i]).sum() for i in range(B)]), g1, g2),
+            baseline=True,
+            reset=_clear(g1, g2),
+        ),
+        Case(
+            "represent",
+            "cca_loss",
+            shape,
+            "float32",
+            "alignops (batched)",
+            "fwd+bwd",
+            lambda: _fwd_bwd(alignops.cca_loss, g1, g2),
+            reset=_clear(g1, g2),
+        ),
     ]
     try:
         from sklearn.cross_decomposition import CCA
@@ -126,11 +226,25 @@ def _cca_groups(device, B, n, d, B_sklearn):
     s1, s2 = H1[:B_sklearn].cpu().numpy(), H2[:B_sklearn].cpu().numpy()
     shape = f"B={B_sklearn} n={n} d={d} k={k}"
     yield [
-        Case("represent", "cca", shape, "float32", "scikit-learn CCA loop", "fwd",
-             lambda: [CCA(n_components=k).fit(s1[i], s2[i]).transform(s1[i], s2[i]) for i in range(B_sklearn)],
-             baseline=True),
-        Case("represent", "cca", shape, "float32", "alignops (batched)", "fwd",
-             lambda: _no_grad(alignops.cca, H1[:B_sklearn], H2[:B_sklearn], k=k)),
+        Case(
+            "represent",
+            "cca",
+            shape,
+            "float32",
+            "scikit-learn CCA loop",
+            "fwd",
+            lambda: [CCA(n_components=k).fit(s1[i], s2[i]).transform(s1[i], s2[i]) for i in range(B_sklearn)],
+            baseline=True,
+        ),
+        Case(
+            "represent",
+            "cca",
+            shape,
+            "float32",
+            "alignops (batched)",
+            "fwd",
+            lambda: _no_grad(alignops.cca, H1[:B_sklearn], H2[:B_sklearn], k=k),
+        ),
     ]
 
 
@@ -155,10 +269,25 @@ def _cka_group(device, B, n, d):
     Xn, Yn = X.cpu().double().numpy(), Y.cpu().double().numpy()
     shape = f"B={B} n={n} d={d}"
     yield [
-        Case("represent", "linear_cka(debiased)", shape, "float32", "numpy loop (Kornblith)", "fwd",
-             lambda: [_np_debiased_cka(Xn[i], Yn[i]) for i in range(B)], baseline=True),
-        Case("represent", "linear_cka(debiased)", shape, "float32", "alignops (batched)", "fwd",
-             lambda: _no_grad(alignops.linear_cka, X, Y, debiased=True)),
+        Case(
+            "represent",
+            "linear_cka(debiased)",
+            shape,
+            "float32",
+            "numpy loop (Kornblith)",
+            "fwd",
+            lambda: [_np_debiased_cka(Xn[i], Yn[i]) for i in range(B)],
+            baseline=True,
+        ),
+        Case(
+            "represent",
+            "linear_cka(debiased)",
+            shape,
+            "float32",
+            "alignops (batched)",
+            "fwd",
+            lambda: _no_grad(alignops.linear_cka, X, Y, debiased=True),
+        ),
     ]
 
 
@@ -183,6 +312,8 @@ def summary(results) -> list[str]:
             continue
         for o in results:
             if (o.op, o.shape, o.mode) == (r.op, r.shape, r.mode) and o is not r and o.median_ms == o.median_ms:
-                lines.append(f"{r.op} {r.shape} {r.mode}: alignops {r.median_ms:.1f} ms, "
-                             f"{o.median_ms / r.median_ms:.1f}x faster than {o.provider} ({o.median_ms:.1f} ms)")
+                lines.append(
+                    f"{r.op} {r.shape} {r.mode}: alignops {r.median_ms:.1f} ms, "
+                    f"{o.median_ms / r.median_ms:.1f}x faster than {o.provider} ({o.median_ms:.1f} ms)"
+                )
     return lines

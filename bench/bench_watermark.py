@@ -39,20 +39,70 @@ def groups(device: str, quick: bool):
         shape = f"B={B} V={V}"
         dt = str(dtype).replace("torch.", "")
         yield [
-            Case(FAMILY, "decode step", shape, dt, "plain torch.argmax", "fwd", lambda x=logits: x.argmax(-1),
-                 baseline=True),
-            Case(FAMILY, "decode step", shape, dt, f"alignops kgw_greedy ({backend})", "fwd",
-                 lambda x=logits, c=context: W.kgw_greedy(x, c, KEY, gamma=GAMMA, delta=DELTA, backend=backend)),
-            Case(FAMILY, "decode step", shape, dt, f"alignops kgw_process ({backend})", "fwd",
-                 lambda x=logits, c=context: W.kgw_process(x, c, KEY, gamma=GAMMA, delta=DELTA, backend=backend)),
-            Case(FAMILY, "decode step", shape, dt, f"alignops gumbel_sample ({backend})", "fwd",
-                 lambda x=logits, c=context: W.gumbel_sample(x, c, KEY, backend=backend)),
-            Case(FAMILY, "decode step", shape, dt, "torch kgw_process (hash tensor [B, V])", "fwd",
-                 lambda x=logits, c=context: W.kgw_process(x, c, KEY, gamma=GAMMA, delta=DELTA, backend="torch")),
-            Case(FAMILY, "decode step", shape, dt, "torch KGW greedy (randperm green lists)", "fwd",
-                 lambda x=logits, c=context: _randperm_kgw_greedy(x, c)),
-            Case(FAMILY, "decode step", shape, dt, "torch Gumbel (torch.rand [B, V])", "fwd",
-                 lambda x=logits, g=gen: _rand_gumbel(x, g)),
+            Case(
+                FAMILY,
+                "decode step",
+                shape,
+                dt,
+                "plain torch.argmax",
+                "fwd",
+                lambda x=logits: x.argmax(-1),
+                baseline=True,
+            ),
+            Case(
+                FAMILY,
+                "decode step",
+                shape,
+                dt,
+                f"alignops kgw_greedy ({backend})",
+                "fwd",
+                lambda x=logits, c=context: W.kgw_greedy(x, c, KEY, gamma=GAMMA, delta=DELTA, backend=backend),
+            ),
+            Case(
+                FAMILY,
+                "decode step",
+                shape,
+                dt,
+                f"alignops kgw_process ({backend})",
+                "fwd",
+                lambda x=logits, c=context: W.kgw_process(x, c, KEY, gamma=GAMMA, delta=DELTA, backend=backend),
+            ),
+            Case(
+                FAMILY,
+                "decode step",
+                shape,
+                dt,
+                f"alignops gumbel_sample ({backend})",
+                "fwd",
+                lambda x=logits, c=context: W.gumbel_sample(x, c, KEY, backend=backend),
+            ),
+            Case(
+                FAMILY,
+                "decode step",
+                shape,
+                dt,
+                "torch kgw_process (hash tensor [B, V])",
+                "fwd",
+                lambda x=logits, c=context: W.kgw_process(x, c, KEY, gamma=GAMMA, delta=DELTA, backend="torch"),
+            ),
+            Case(
+                FAMILY,
+                "decode step",
+                shape,
+                dt,
+                "torch KGW greedy (randperm green lists)",
+                "fwd",
+                lambda x=logits, c=context: _randperm_kgw_greedy(x, c),
+            ),
+            Case(
+                FAMILY,
+                "decode step",
+                shape,
+                dt,
+                "torch Gumbel (torch.rand [B, V])",
+                "fwd",
+                lambda x=logits, g=gen: _rand_gumbel(x, g),
+            ),
         ]
 
 
@@ -61,6 +111,8 @@ def summary(results) -> list[str]:
     for r in results:
         if r.provider.startswith("alignops"):
             slow = 1 / r.ratio
-            lines.append(f"{r.dtype} {r.shape} {r.provider}: {slow:.2f}x the time of a plain argmax "
-                         f"(GPU target <= 1.2x; this run: {'cpu' if '(native)' in r.provider else 'gpu'})")
+            lines.append(
+                f"{r.dtype} {r.shape} {r.provider}: {slow:.2f}x the time of a plain argmax "
+                f"(GPU target <= 1.2x; this run: {'cpu' if '(native)' in r.provider else 'gpu'})"
+            )
     return lines

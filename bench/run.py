@@ -46,15 +46,28 @@ from .common import GPU_FIELDS, Result, run_groups
 
 _BENCH_DIR = Path(__file__).resolve().parent
 # Run order of the families known when this was written; any other bench_<family>.py follows, sorted.
-_ORDER = ("preference", "fused_linear", "skip", "ctc", "ctc_posteriors", "ctc_segmentation", "ot", "wasserstein",
-          "metrics", "watermark", "policy", "ppo", "distillation")
+_ORDER = (
+    "preference",
+    "fused_linear",
+    "skip",
+    "ctc",
+    "ctc_posteriors",
+    "ctc_segmentation",
+    "ot",
+    "wasserstein",
+    "metrics",
+    "watermark",
+    "policy",
+    "ppo",
+    "distillation",
+)
 # The default plan's per-family cap (seconds after which no case starts): a family whose quick plan grew,
 # or a loaded machine, cannot push the whole run past a few minutes.
 QUICK_BUDGET_S = 45.0
 
 
 def _discover() -> dict[str, str]:
-    found = sorted(p.stem[len("bench_"):] for p in _BENCH_DIR.glob("bench_*.py"))
+    found = sorted(p.stem[len("bench_") :] for p in _BENCH_DIR.glob("bench_*.py"))
     order = [n for n in _ORDER if n in found] + [n for n in found if n not in _ORDER]
     return {name: f"bench_{name}" for name in order}
 
@@ -65,8 +78,9 @@ FAMILIES = _discover()
 def _git_sha() -> str:
     try:
         here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("ALIGNOPS_GIT_SHA", "unknown")
 
@@ -89,8 +103,21 @@ def _pct(x: float) -> str:
 
 def format_table(results: list[Result]) -> str:
     head = ("op", "shape", "dtype", "mode", "provider", "median ms", "IQR ms", "vs ref", "peak MB", "mem vs ref")
-    rows = [(r.op, r.shape, r.dtype, r.mode, r.provider, f"{r.median_ms:.2f}", f"{r.iqr_ms:.2f}",
-             f"{r.ratio:.2f}x", f"{r.peak_mb:.0f}", f"{r.mem_ratio:.2f}x") for r in results]
+    rows = [
+        (
+            r.op,
+            r.shape,
+            r.dtype,
+            r.mode,
+            r.provider,
+            f"{r.median_ms:.2f}",
+            f"{r.iqr_ms:.2f}",
+            f"{r.ratio:.2f}x",
+            f"{r.peak_mb:.0f}",
+            f"{r.mem_ratio:.2f}x",
+        )
+        for r in results
+    ]
     if any(r.hbm_frac == r.hbm_frac or r.peak_frac == r.peak_frac for r in results):
         # GPU rows: share of the H200's HBM bandwidth and of the math unit's peak (common.efficiency).
         head += ("HBM BW", "peak FLOP")
@@ -103,8 +130,12 @@ def format_table(results: list[Result]) -> str:
 
 
 def write_csv(results: list[Result], path: Path, device: str) -> None:
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name(device), "torch": torch.__version__, "git_sha": _git_sha()}
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "git_sha": _git_sha(),
+    }
     # The efficiency and error columns are the GPU CSVs' alone: CPU CSVs keep the columns they always had.
     names = [f.name for f in dataclasses.fields(Result) if device == "cuda" or f.name not in GPU_FIELDS]
     new = not path.exists()
@@ -154,13 +185,15 @@ class Progress:
     def _line(self, text: str) -> str:
         filled = round(20 * self.done / max(self.n, 1))
         elapsed = int(time.monotonic() - self.t0)
-        return (f"[{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.n} families {elapsed // 60}:"
-                f"{elapsed % 60:02d} {self.family}: {text}")
+        return (
+            f"[{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.n} families {elapsed // 60}:"
+            f"{elapsed % 60:02d} {self.family}: {text}"
+        )
 
     def update(self, text: str) -> None:
         line = self._line(text)
         if self.tty:
-            line = line[:max(20, _terminal_columns() - 1)]
+            line = line[: max(20, _terminal_columns() - 1)]
             self.stream.write("\r" + line.ljust(self.width))
             self.width = len(line)
         else:
@@ -222,8 +255,19 @@ def summary_rows(results: list[Result]) -> list[tuple[str, ...]]:
             mem = f"<{1 / peer.peak_mb:.2f}x"
         else:
             mem = f"{us.peak_mb / peer.peak_mb:.2f}x"
-        rows.append((family, op, f"{shape} {dtype} {mode}", us.provider, _fmt_ms(us.median_ms), peer.provider,
-                     _fmt_ms(peer.median_ms), f"{peer.median_ms / us.median_ms:.2f}x", mem))
+        rows.append(
+            (
+                family,
+                op,
+                f"{shape} {dtype} {mode}",
+                us.provider,
+                _fmt_ms(us.median_ms),
+                peer.provider,
+                _fmt_ms(peer.median_ms),
+                f"{peer.median_ms / us.median_ms:.2f}x",
+                mem,
+            )
+        )
     return rows
 
 
@@ -266,9 +310,11 @@ def main(device: str = "cpu", families: list[str] | None = None, full: bool = Fa
         report.append(text)
 
     progress = Progress(len(names))
-    emit(f"alignops bench on {device_name(device)}, torch {torch.__version__}, "
-         f"{'representative (quick) plan; --full for the README sizes' if quick else 'full plan'}; "
-         f"results in {out_dir}; ratios are baseline median / provider median in this run")
+    emit(
+        f"alignops bench on {device_name(device)}, torch {torch.__version__}, "
+        f"{'representative (quick) plan; --full for the README sizes' if quick else 'full plan'}; "
+        f"results in {out_dir}; ratios are baseline median / provider median in this run"
+    )
     status = 0
     everything: list[Result] = []
     for name in names:
@@ -281,8 +327,14 @@ def main(device: str = "cpu", families: list[str] | None = None, full: bool = Fa
         try:
             module = importlib.import_module(f".{FAMILIES[name]}", __package__)
             torch.manual_seed(0)
-            results = run_groups(module.groups(device, quick), device, min_run_time, log=progress.log,
-                                 deadline=deadline, on_rows=lambda rows, p=csv_path: write_csv(rows, p, device))
+            results = run_groups(
+                module.groups(device, quick),
+                device,
+                min_run_time,
+                log=progress.log,
+                deadline=deadline,
+                on_rows=lambda rows, p=csv_path: write_csv(rows, p, device),
+            )
         except Exception:  # noqa: BLE001  (a family that cannot even start: the next one still runs)
             emit(f"\n== {name}: FAILED ==\n{traceback.format_exc()}")
             status = 1
@@ -313,13 +365,17 @@ def main(device: str = "cpu", families: list[str] | None = None, full: bool = Fa
     if progress.tty:
         progress.stream.write("\n")
     elapsed = time.monotonic() - progress.t0
-    emit(f"\n== summary: {len(names)} families in {elapsed:.0f} s; ours = fastest alignops provider, best peer = "
-         "fastest other provider of the same case in this run; speed-up = peer ms / our ms; memory = our peak / "
-         "peer peak ==")
+    emit(
+        f"\n== summary: {len(names)} families in {elapsed:.0f} s; ours = fastest alignops provider, best peer = "
+        "fastest other provider of the same case in this run; speed-up = peer ms / our ms; memory = our peak / "
+        "peer peak =="
+    )
     emit(format_summary(everything))
     if progress.cut:
-        emit(f"\nstopped by the time budget ({budget_s:.0f} s per family; ALIGNOPS_BENCH_BUDGET_S), later cases "
-             f"not run: {', '.join(progress.cut)}")
+        emit(
+            f"\nstopped by the time budget ({budget_s:.0f} s per family; ALIGNOPS_BENCH_BUDGET_S), later cases "
+            f"not run: {', '.join(progress.cut)}"
+        )
     (out_dir / "report.txt").write_text("\n".join(report) + "\n")
     emit(f"\nreport: {out_dir / 'report.txt'}")
     return int(status)

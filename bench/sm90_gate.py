@@ -84,19 +84,22 @@ def _ptxas_report(ptxas: str, ptx: str) -> dict:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True
+        )
     text = out.stdout + out.stderr
     if out.returncode != 0:
         raise RuntimeError(f"ptxas failed: {text[-2000:]}")
     regs = _PTXAS.search(text)
     spill = _SPILL.search(text)
     smem = _SMEM.search(text)
-    return {"registers": int(regs.group(1)) if regs else -1,
-            "stack_bytes": int(spill.group(1)) if spill else 0,
-            "spill_store_bytes": int(spill.group(2)) if spill else 0,
-            "spill_load_bytes": int(spill.group(3)) if spill else 0,
-            "ptxas_smem_bytes": int(smem.group(1)) if smem else 0}
+    return {
+        "registers": int(regs.group(1)) if regs else -1,
+        "stack_bytes": int(spill.group(1)) if spill else 0,
+        "spill_store_bytes": int(spill.group(2)) if spill else 0,
+        "spill_load_bytes": int(spill.group(3)) if spill else 0,
+        "ptxas_smem_bytes": int(smem.group(1)) if smem else 0,
+    }
 
 
 def _prepare(entry: dict, torch):
@@ -118,8 +121,9 @@ def _prepare(entry: dict, torch):
     key = repr((entry["kernel"], specialization, sorted(options.items())))
 
     def compile_it() -> dict:
-        opts, signature, constexprs, attrs = fn._pack_args(backend, entry["options"], bound_args, specialization,
-                                                           options)
+        opts, signature, constexprs, attrs = fn._pack_args(
+            backend, entry["options"], bound_args, specialization, options
+        )
         compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts.__dict__)
         ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
         report = _ptxas_report(ptxas, compiled.asm["ptx"])
@@ -174,25 +178,31 @@ def gate_triton(paths: list[str], csv_path: str | None) -> int:
             row.update(compile_it(), status="ok")
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the gate fails
             text = " ".join(str(e).split())
-            msg = text[text.rfind("^") + 1:].strip()[:400] if "^" in text else text[-400:]  # the error, not the source
+            msg = text[text.rfind("^") + 1 :].strip()[:400] if "^" in text else text[-400:]  # the error, not the source
             row.update(status=f"error: {type(e).__name__}: {msg}")
             failures.append(f"{row['kernel']} [{spec}]: {type(e).__name__}: {msg}")
         else:
             spill = row["spill_store_bytes"]
             if spill > SPILL_LIMIT and row["kernel"] not in ALLOWED_SPILLS:
                 row["status"] = f"spill {spill} B > {SPILL_LIMIT} B"
-                failures.append(f"{row['kernel']} [{spec}]: spills {spill} bytes (limit {SPILL_LIMIT}; list it in "
-                                "ALLOWED_SPILLS with a reason, or retune)")
+                failures.append(
+                    f"{row['kernel']} [{spec}]: spills {spill} bytes (limit {SPILL_LIMIT}; list it in "
+                    "ALLOWED_SPILLS with a reason, or retune)"
+                )
         rows.append(row)
     _write_csv(csv_path, rows)
     kernels = len({r["kernel"] for r in rows})
-    print(f"triton {triton.__version__}: {len(rows)} specialisations of {kernels} kernels compiled for sm_90 "
-          f"in {time.time() - start:.0f} s; {len(failures)} failures")
+    print(
+        f"triton {triton.__version__}: {len(rows)} specialisations of {kernels} kernels compiled for sm_90 "
+        f"in {time.time() - start:.0f} s; {len(failures)} failures"
+    )
     worst = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -r["spill_store_bytes"])[:5]
     for r in worst:
         if r["spill_store_bytes"]:
-            print(f"  spill {r['spill_store_bytes']:>6} B  regs {r['registers']:>3}  {r['kernel']} "
-                  f"[{r['specialisation']}]")
+            print(
+                f"  spill {r['spill_store_bytes']:>6} B  regs {r['registers']:>3}  {r['kernel']} "
+                f"[{r['specialisation']}]"
+            )
     for f in failures:
         print("FAIL", f)
     return 1 if failures or not rows else 0
@@ -201,8 +211,18 @@ def gate_triton(paths: list[str], csv_path: str | None) -> int:
 def _write_csv(path: str | None, rows: list[dict]) -> None:
     if not path:
         return
-    fields = ["triton", "kernel", "specialisation", "registers", "spill_store_bytes", "spill_load_bytes",
-              "stack_bytes", "shared_bytes", "ptxas_smem_bytes", "status"]
+    fields = [
+        "triton",
+        "kernel",
+        "specialisation",
+        "registers",
+        "spill_store_bytes",
+        "spill_load_bytes",
+        "stack_bytes",
+        "shared_bytes",
+        "ptxas_smem_bytes",
+        "status",
+    ]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -235,15 +255,22 @@ def gate_cuda(lib: str, csv_path: str | None) -> int:
         r = _RES.search(line)
         if r and name:
             demangled = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
-            row = {"arch": arch, "kernel": demangled, "registers": int(r.group(1)), "stack_bytes": int(r.group(2)),
-                   "shared_bytes": int(r.group(3)), "local_bytes": int(r.group(4))}
+            row = {
+                "arch": arch,
+                "kernel": demangled,
+                "registers": int(r.group(1)),
+                "stack_bytes": int(r.group(2)),
+                "shared_bytes": int(r.group(3)),
+                "local_bytes": int(r.group(4)),
+            }
             if row["local_bytes"] > SPILL_LIMIT and demangled not in ALLOWED_SPILLS:
                 failures.append(f"{demangled}: {row['local_bytes']} bytes of local memory (limit {SPILL_LIMIT})")
             rows.append(row)
     if csv_path:
         with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["arch", "kernel", "registers", "stack_bytes", "shared_bytes",
-                                              "local_bytes"])
+            w = csv.DictWriter(
+                f, fieldnames=["arch", "kernel", "registers", "stack_bytes", "shared_bytes", "local_bytes"]
+            )
             w.writeheader()
             w.writerows(rows)
     archs = sorted({r["arch"] for r in rows})
@@ -277,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "cuda":
         return gate_cuda(a.lib, a.csv)
     from . import sm90_shapes
+
     sm90_shapes.record(os.path.abspath(a.capture))
     return 0
 

@@ -45,14 +45,50 @@ def _ot() -> None:
             a, b = _e(B, N, dtype=dtype), _e(B, M, dtype=dtype)
             for points in (None, (_e(B, N, 64, dtype=dtype), _e(B, M, 64, dtype=dtype))):
                 if ot.use_split(torch.device("cuda"), B, N, M):
-                    ot.launch_sinkhorn_split(cost, a, b, *sizes, _e(3, dtype=dtype), 2, 2, 1e-4, False, f, g, scratch,
-                                             iters, err, points=points)
+                    ot.launch_sinkhorn_split(
+                        cost,
+                        a,
+                        b,
+                        *sizes,
+                        _e(3, dtype=dtype),
+                        2,
+                        2,
+                        1e-4,
+                        False,
+                        f,
+                        g,
+                        scratch,
+                        iters,
+                        err,
+                        points=points,
+                    )
                 else:
-                    ot.launch_sinkhorn(cost, a, b, *sizes, _e(3, dtype=dtype), 2, 50, 1e-4, False, f, g, scratch,
-                                       iters, err, points=points)
+                    ot.launch_sinkhorn(
+                        cost,
+                        a,
+                        b,
+                        *sizes,
+                        _e(3, dtype=dtype),
+                        2,
+                        50,
+                        1e-4,
+                        False,
+                        f,
+                        g,
+                        scratch,
+                        iters,
+                        err,
+                        points=points,
+                    )
         L, N, M = 3, 20000, 1000
-        ot.launch_normalize_pass(_e(1, 1, 1, dtype=dtype).expand(L, N, M), _e(L, M, dtype=dtype), 20.0, True,
-                                 _e(L, N, dtype=dtype), _e(L, M, dtype=dtype))
+        ot.launch_normalize_pass(
+            _e(1, 1, 1, dtype=dtype).expand(L, N, M),
+            _e(L, M, dtype=dtype),
+            20.0,
+            True,
+            _e(L, N, dtype=dtype),
+            _e(L, M, dtype=dtype),
+        )
 
 
 def _preference() -> None:
@@ -63,8 +99,21 @@ def _preference() -> None:
         outs = [_e(B, dtype=acc) for _ in range(3)]
         for terms, lengths in (((0,), False), ((2,), True), ((12,), False), ((0, 3), False)):
             ln = _e(B, dtype=acc) if lengths else None
-            preference.launch_preference_loss(*lp, None, ln, ln, *outs, _e(4, B, dtype=acc),
-                                              tuple((c, 1.0) for c in terms), 0.1, 0.0, 0.0, 0.05, 0, 0.5)
+            preference.launch_preference_loss(
+                *lp,
+                None,
+                ln,
+                ln,
+                *outs,
+                _e(4, B, dtype=acc),
+                tuple((c, 1.0) for c in terms),
+                0.1,
+                0.0,
+                0.0,
+                0.05,
+                0,
+                0.5,
+            )
         for V in (32000, 128256):
             N = 4096
             logits, t = _e(N, V, dtype=dtype), torch.empty(N, dtype=torch.int64)
@@ -79,10 +128,24 @@ def _fused_linear() -> None:
             N = 16
             h, w, t = _e(N, H, dtype=dtype), _e(V, H, dtype=dtype), torch.zeros(N, dtype=torch.int64)
             for softcap, entropy in ((0.0, False), (30.0, True)):
-                fused_linear.launch_fused_linear_forward(h, w, t, None, _e(N), _e(N), _e(N if entropy else 0),
-                                                         -100, 1.0, 1.0, softcap)
-                fused_linear.launch_fused_linear_backward(_e(N), h, w, t, None, _e(N), _e(N, H, dtype=dtype),
-                                                          _e(V, H, dtype=dtype), _e(0), -100, 1.0, 1.0, softcap)
+                fused_linear.launch_fused_linear_forward(
+                    h, w, t, None, _e(N), _e(N), _e(N if entropy else 0), -100, 1.0, 1.0, softcap
+                )
+                fused_linear.launch_fused_linear_backward(
+                    _e(N),
+                    h,
+                    w,
+                    t,
+                    None,
+                    _e(N),
+                    _e(N, H, dtype=dtype),
+                    _e(V, H, dtype=dtype),
+                    _e(0),
+                    -100,
+                    1.0,
+                    1.0,
+                    softcap,
+                )
 
 
 def _skip() -> None:
@@ -93,27 +156,53 @@ def _skip() -> None:
                 G = 2 * I if activation == 0 else I
                 x = _e(N, H, dtype=dtype)
                 for save, norm in ((True, True), (False, False)):
-                    skip.launch_skip_ffn(x, torch.empty(N, dtype=torch.uint8), _e(G, H, dtype=dtype),
-                                         _e(H, I, dtype=dtype), _e(H, dtype=dtype) if norm else None, None, None,
-                                         activation, 1e-6, _e(N, H, dtype=dtype), torch.empty(N, dtype=torch.int64),
-                                         torch.empty(1, dtype=torch.int64), _e(N if save else 0, dtype=acc),
-                                         _e(N if save else 0, G, dtype=dtype), _e(N, H, dtype=dtype),
-                                         _e(N, I, dtype=dtype))
+                    skip.launch_skip_ffn(
+                        x,
+                        torch.empty(N, dtype=torch.uint8),
+                        _e(G, H, dtype=dtype),
+                        _e(H, I, dtype=dtype),
+                        _e(H, dtype=dtype) if norm else None,
+                        None,
+                        None,
+                        activation,
+                        1e-6,
+                        _e(N, H, dtype=dtype),
+                        torch.empty(N, dtype=torch.int64),
+                        torch.empty(1, dtype=torch.int64),
+                        _e(N if save else 0, dtype=acc),
+                        _e(N if save else 0, G, dtype=dtype),
+                        _e(N, H, dtype=dtype),
+                        _e(N, I, dtype=dtype),
+                    )
         for criterion in (0, 1):
-            skip.launch_add_score(_e(650, 4096, dtype=dtype), _e(650, 4096, dtype=dtype), criterion,
-                                  _e(650, 4096, dtype=dtype), _e(650, dtype=acc))
+            skip.launch_add_score(
+                _e(650, 4096, dtype=dtype),
+                _e(650, 4096, dtype=dtype),
+                criterion,
+                _e(650, 4096, dtype=dtype),
+                _e(650, dtype=acc),
+            )
 
 
 def _ctc() -> None:
     for dtype, acc in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
         for B, T, L, C in ((32, 1000, 300, 32), (1, 45000, 13500, 32), (256, 500, 150, 1000)):
-            ctc.launch_ctc_posteriors(_e(B, T, C, dtype=dtype), torch.empty(B, L, dtype=torch.int64),
-                                      torch.empty(B, dtype=torch.int64), torch.empty(B, dtype=torch.int64), 0, acc)
+            ctc.launch_ctc_posteriors(
+                _e(B, T, C, dtype=dtype),
+                torch.empty(B, L, dtype=torch.int64),
+                torch.empty(B, dtype=torch.int64),
+                torch.empty(B, dtype=torch.int64),
+                0,
+                acc,
+            )
     for window in (35, 400):
-        ctc_segmentation.launch_utterance_score(_e(4, 15000, dtype=torch.float64),
-                                                torch.empty(4, 145, dtype=torch.int64),
-                                                torch.empty(4, 145, dtype=torch.int64), window,
-                                                _e(4, 145, dtype=torch.float64))
+        ctc_segmentation.launch_utterance_score(
+            _e(4, 15000, dtype=torch.float64),
+            torch.empty(4, 145, dtype=torch.int64),
+            torch.empty(4, 145, dtype=torch.int64),
+            window,
+            _e(4, 145, dtype=torch.float64),
+        )
 
 
 def _others() -> None:
@@ -125,9 +214,13 @@ def _others() -> None:
                 wasserstein.launch_merge(xu, cu, xv, cv, p, _e(B, dtype=dtype))
                 wasserstein.launch_merge(xu, cu, xv, cv, p, _e(B, n + m, dtype=dtype), g=_e(B, dtype=dtype))
     for C in (2, 5, 16):
-        metrics.launch_bootstrap_confusion(torch.empty(1000, 10000, dtype=torch.int64),
-                                           torch.empty(1, 10000, dtype=torch.int64),
-                                           torch.empty(1000, 1001, C, C, dtype=torch.int32), C, 12345)
+        metrics.launch_bootstrap_confusion(
+            torch.empty(1000, 10000, dtype=torch.int64),
+            torch.empty(1, 10000, dtype=torch.int64),
+            torch.empty(1000, 1001, C, C, dtype=torch.int32),
+            C,
+            12345,
+        )
     for dtype in (torch.float32, torch.bfloat16):
         B, V = 64, 128256
         x, ctx = _e(B, V, dtype=dtype), torch.empty(B, 4, dtype=torch.int64)

@@ -85,10 +85,10 @@ TORCH_LIBRARY(alignops, m) {
   // ---- skip: FFN on the kept rows only, skipped rows bit-identical ----------------------------------
   // y = x + FFN(RMSNorm(x)) on rows with keep, y = x elsewhere. activation: 0 swiglu (w_gate_up [2I, H],
   // gate rows first), 1 gelu (erf), 2 gelu_tanh (w_gate_up [I, H]). Returns (y [N, H], index [N] int64
-  // whose first `count` entries are the kept rows in ascending order, count [1] int64, rstd [N] (fp32; fp64 for fp64 x) and
-  // pre_act [N, G] (first `count` rows valid, saved for backward; empty unless save_for_backward)); past
-  // `count`, index holds -1 and rstd / pre_act hold 0.
-  // Capacity-sized outputs keep the shapes static: no host sync is needed to size them.
+  // whose first `count` entries are the kept rows in ascending order, count [1] int64, rstd [N] (fp32; fp64 for fp64 x)
+  // and pre_act [N, G] (first `count` rows valid, saved for backward; empty unless save_for_backward)); past `count`,
+  // index holds -1 and rstd / pre_act hold 0. Capacity-sized outputs keep the shapes static: no host sync is needed to
+  // size them.
   m.def(
       "skip_ffn(Tensor x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
       "Tensor? b_down, int activation, float eps, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

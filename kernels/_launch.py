@@ -75,8 +75,9 @@ def _record(kernel, grid, args, kwargs) -> None:
         constexpr = "constexpr" in str(sig.parameters[name].annotation)
         params[name] = _encode(value, constexpr)
     options = {k: v for k, v in kwargs.items() if k not in sig.parameters}
-    line = json.dumps({"kernel": f"{fn.__module__}:{fn.__qualname__}", "args": params, "options": options},
-                      sort_keys=True)
+    line = json.dumps(
+        {"kernel": f"{fn.__module__}:{fn.__qualname__}", "args": params, "options": options}, sort_keys=True
+    )
     if line in _seen:
         return
     _seen.add(line)

@@ -15,9 +15,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from ._launch import launch
 
-EMPTY_SCORE = tl.constexpr(-10000000000.0)  # a constexpr (plain globals do not compile): the package's score of an empty span
+EMPTY_SCORE = tl.constexpr(
+    -10000000000.0
+)  # a constexpr (plain globals do not compile): the package's score of an empty span
 
 
 @triton.jit
@@ -40,8 +43,9 @@ def utterance_score_kernel(cp_ptr, starts_ptr, ends_ptr, out_ptr, T, U, window, 
     tl.store(out_ptr + pid, res)
 
 
-def launch_utterance_score(cp: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, window: int,
-                           out: torch.Tensor) -> None:
+def launch_utterance_score(
+    cp: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, window: int, out: torch.Tensor
+) -> None:
     """out [B, U] fp64 from cp [B, T] and starts / ends [B, U] (all contiguous)."""
     B, T = cp.shape
     U = starts.shape[1]

@@ -148,8 +148,13 @@ def fused_linear_fwd_tile_kernel(
     u_ptr,  # [N, W] raw logits of columns [v0, v0 + W), accumulation dtype, contiguous
     bias_ptr,  # [V], read when HAS_BIAS
     targets_ptr,  # [N] int32 / int64
-    m_ptr, s_ptr, a_ptr, zy_ptr,  # [N] online state between tiles (a only with ENTROPY), accumulation dtype
-    logp_ptr, lse_ptr, entropy_ptr,  # [N] outputs, written by the LAST tile (entropy only with ENTROPY)
+    m_ptr,
+    s_ptr,
+    a_ptr,
+    zy_ptr,  # [N] online state between tiles (a only with ENTROPY), accumulation dtype
+    logp_ptr,
+    lse_ptr,
+    entropy_ptr,  # [N] outputs, written by the LAST tile (entropy only with ENTROPY)
     W,
     v0,
     ignore_index,
@@ -244,8 +249,9 @@ def fused_linear_fwd_tile_kernel(
                 tl.store(a_ptr + row, a_row)
 
 
-def launch_fused_linear_forward(hidden, weight, targets, bias, logp, lse, entropy, ignore_index, temperature,
-                                logit_scale, softcap):
+def launch_fused_linear_forward(
+    hidden, weight, targets, bias, logp, lse, entropy, ignore_index, temperature, logit_scale, softcap
+):
     """The vocabulary loop of the forward: one GEMM and one epilogue launch per tile. ``entropy`` is [N], or
     empty to skip it; softcap <= 0 means no softcap."""
     N, H = hidden.shape
@@ -264,12 +270,34 @@ def launch_fused_linear_forward(hidden, weight, targets, bias, logp, lse, entrop
         m = s = zy = a = logp
     for v0 in range(0, V, vt):
         w = min(vt, V - v0)
-        u = _mm(hidden, weight[v0:v0 + w].t(), acc)
-        launch(fused_linear_fwd_tile_kernel, (N,),
-            u, u if bias is None else bias, targets, m, s, a, zy, logp, lse, entropy if entropy_on else logp,
-            w, v0, int(ignore_index), float(temperature), float(logit_scale), float(softcap),
-            HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, ENTROPY=entropy_on, FIRST=v0 == 0, LAST=v0 + w >= V,
-            BLOCK_V=block_v, num_warps=num_warps)
+        u = _mm(hidden, weight[v0 : v0 + w].t(), acc)
+        launch(
+            fused_linear_fwd_tile_kernel,
+            (N,),
+            u,
+            u if bias is None else bias,
+            targets,
+            m,
+            s,
+            a,
+            zy,
+            logp,
+            lse,
+            entropy if entropy_on else logp,
+            w,
+            v0,
+            int(ignore_index),
+            float(temperature),
+            float(logit_scale),
+            float(softcap),
+            HAS_BIAS=bias is not None,
+            SOFTCAP=softcap > 0,
+            ENTROPY=entropy_on,
+            FIRST=v0 == 0,
+            LAST=v0 + w >= V,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
 
 
 # ---- backward --------------------------------------------------------------------------------------------
@@ -280,8 +308,10 @@ def fused_linear_bwd_tile_kernel(
     u_ptr,  # [N, W] raw logits of columns [v0, v0 + W), accumulation dtype, contiguous
     bias_ptr,  # [V], read when HAS_BIAS
     targets_ptr,  # [N] int32 / int64
-    grad_logp_ptr, lse_ptr,  # [N] accumulation dtype
-    grad_entropy_ptr, entropy_ptr,  # [N] accumulation dtype, read when ENTROPY
+    grad_logp_ptr,
+    lse_ptr,  # [N] accumulation dtype
+    grad_entropy_ptr,
+    entropy_ptr,  # [N] accumulation dtype, read when ENTROPY
     dz_ptr,  # [N, W] in the GEMM operand dtype; may be u_ptr (each element is read before it is written)
     W,
     V,
@@ -326,8 +356,23 @@ def fused_linear_bwd_tile_kernel(
         tl.store(out_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_fused_linear_backward(grad_logp, hidden, weight, targets, bias, lse, grad_hidden, grad_weight, grad_bias,
-                                 ignore_index, temperature, logit_scale, softcap, grad_entropy=None, entropy=None):
+def launch_fused_linear_backward(
+    grad_logp,
+    hidden,
+    weight,
+    targets,
+    bias,
+    lse,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+    ignore_index,
+    temperature,
+    logit_scale,
+    softcap,
+    grad_entropy=None,
+    entropy=None,
+):
     """The vocabulary loop of the backward; fills the preallocated contiguous ``grad_hidden`` [N, H],
     ``grad_weight`` [V, H] and ``grad_bias`` ([V], or empty to skip it). ``grad_entropy`` and ``entropy`` ([N],
     both or neither) add the entropy's gradient. Needs N > 0."""
@@ -342,21 +387,39 @@ def launch_fused_linear_backward(grad_logp, hidden, weight, targets, bias, lse, 
     gh = grad_hidden.zero_() if direct else hidden.new_zeros((N, H), dtype=acc)
     for v0 in range(0, V, vt):
         w = min(vt, V - v0)
-        w_tile = weight[v0:v0 + w]
+        w_tile = weight[v0 : v0 + w]
         u = _mm(hidden, w_tile.t(), acc)
         dz = u if direct else torch.empty_like(u, dtype=hidden.dtype)
-        launch(fused_linear_bwd_tile_kernel, (N, triton.cdiv(w, block_v)),
-            u, u if bias is None else bias, targets, grad_logp, lse,
-            lse if grad_entropy is None else grad_entropy, lse if entropy is None else entropy,
-            dz, w, V, v0, int(ignore_index), float(temperature), float(logit_scale), float(softcap),
-            HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, ENTROPY=grad_entropy is not None, BLOCK_V=block_v,
-            num_warps=num_warps)
+        launch(
+            fused_linear_bwd_tile_kernel,
+            (N, triton.cdiv(w, block_v)),
+            u,
+            u if bias is None else bias,
+            targets,
+            grad_logp,
+            lse,
+            lse if grad_entropy is None else grad_entropy,
+            lse if entropy is None else entropy,
+            dz,
+            w,
+            V,
+            v0,
+            int(ignore_index),
+            float(temperature),
+            float(logit_scale),
+            float(softcap),
+            HAS_BIAS=bias is not None,
+            SOFTCAP=softcap > 0,
+            ENTROPY=grad_entropy is not None,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
         gh = _addmm(gh, dz, w_tile)
         if direct:
-            torch.mm(dz.t(), hidden, out=grad_weight[v0:v0 + w])
+            torch.mm(dz.t(), hidden, out=grad_weight[v0 : v0 + w])
         else:
-            grad_weight[v0:v0 + w].copy_(_mm(dz.t(), hidden, acc))
+            grad_weight[v0 : v0 + w].copy_(_mm(dz.t(), hidden, acc))
         if grad_bias.numel() > 0:
-            grad_bias[v0:v0 + w].copy_(dz.sum(0, dtype=acc))
+            grad_bias[v0 : v0 + w].copy_(dz.sum(0, dtype=acc))
     if not direct:
         grad_hidden.copy_(gh)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from ._launch import launch
 
 MAX_CLASSES = 16  # the one-hot tile is [BLOCK_N, C * C]
@@ -42,8 +43,9 @@ def bounded(h, n):
 
 # Never specialised: a value of 1 would turn them into constexprs, which have no .to().
 @triton.jit(do_not_specialize=["N", "state"])
-def bootstrap_confusion_kernel(a_ptr, b_ptr, out_ptr, N, R1, stride_b, state, C: tl.constexpr,
-                               CC_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+def bootstrap_confusion_kernel(
+    a_ptr, b_ptr, out_ptr, N, R1, stride_b, state, C: tl.constexpr, CC_BLOCK: tl.constexpr, BLOCK: tl.constexpr
+):
     # one flat grid axis (2^31 - 1 programs): grid.y and grid.z allow only 65535 resamples or pairs
     pid = tl.program_id(0).to(tl.int64)
     p = pid // R1
@@ -64,8 +66,9 @@ def bootstrap_confusion_kernel(a_ptr, b_ptr, out_ptr, N, R1, stride_b, state, C:
     tl.store(out_ptr + (p * R1 + r) * (C * C) + k, counts, mask=k < C * C)
 
 
-def launch_bootstrap_confusion(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, num_classes: int,
-                               state: int) -> None:
+def launch_bootstrap_confusion(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, num_classes: int, state: int
+) -> None:
     """a [P, N] int64, b [P or 1, N] int64 (contiguous), out [P, R + 1, C, C] int32; state the seed's hash state."""
     P, N = a.shape
     R1 = out.shape[1]
@@ -75,5 +78,18 @@ def launch_bootstrap_confusion(a: torch.Tensor, b: torch.Tensor, out: torch.Tens
     # of 2^31 or more becomes int64 and broke Inductor's launcher on torch 2.11 ("'int' object has no
     # attribute 'xreplace'")
     state32 = (int(state) & 0xFFFFFFFF) - ((int(state) & 0x80000000) << 1)
-    launch(bootstrap_confusion_kernel, (P * R1,),
-        a, b, out, N, R1, stride_b, state32, C=num_classes, CC_BLOCK=cc_block, BLOCK=BLOCK_N, num_warps=4)
+    launch(
+        bootstrap_confusion_kernel,
+        (P * R1,),
+        a,
+        b,
+        out,
+        N,
+        R1,
+        stride_b,
+        state32,
+        C=num_classes,
+        CC_BLOCK=cc_block,
+        BLOCK=BLOCK_N,
+        num_warps=4,
+    )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from ._launch import interpreting, launch
 
 NEG = tl.constexpr(-1e30)  # a constexpr: a plain module global is a NameError for the compiler
@@ -62,10 +63,12 @@ def _cost_tile(Cp, Xp, Yp, rows, cols, rmask, cmask, M, D, power, POINTS: tl.con
         d2 = tl.zeros([rows.shape[0], cols.shape[0]], dtype=Xp.dtype.element_ty)
         for k0 in range(0, D, BLOCK_D):
             kmask = (k0 + ks) < D
-            xv = tl.load(Xp + rows[:, None].to(tl.int64) * D + k0 + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                         other=0.0)
-            yv = tl.load(Yp + cols[:, None].to(tl.int64) * D + k0 + ks[None, :], mask=cmask[:, None] & kmask[None, :],
-                         other=0.0)
+            xv = tl.load(
+                Xp + rows[:, None].to(tl.int64) * D + k0 + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
+            )
+            yv = tl.load(
+                Yp + cols[:, None].to(tl.int64) * D + k0 + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0
+            )
             diff = xv[:, None, :] - yv[None, :, :]
             d2 += tl.sum(diff * diff, 2)
         # one exit: a run-time return inside a helper that loops call does not compile on Triton 3.6
@@ -73,17 +76,43 @@ def _cost_tile(Cp, Xp, Yp, rows, cols, rmask, cmask, M, D, power, POINTS: tl.con
         c = tl.where(power == 2.0, d2, powered)
     else:
         # int64: one problem of N x M > 2^31 entries (50k x 50k fits an H200) overflows int32 offsets
-        c = tl.load(Cp + rows[:, None].to(tl.int64) * M + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                    other=0.0)
+        c = tl.load(
+            Cp + rows[:, None].to(tl.int64) * M + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+        )
     return c
 
 
 # Sizes and counts not specialised (one compile serves every batch); M stays: as a row stride its divisibility
 # by 16 lets the loads vectorise, and it has at most three versions.
 @triton.jit(do_not_specialize=["N", "D", "K", "n_iters"])
-def sinkhorn_kernel(C, X, Y, A, Bw, NS, MS, SCHED, F, G, L, ITERS, ERR, N, M, D, K, n_iters, tol, sign, power,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SINGLE: tl.constexpr, POINTS: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+def sinkhorn_kernel(
+    C,
+    X,
+    Y,
+    A,
+    Bw,
+    NS,
+    MS,
+    SCHED,
+    F,
+    G,
+    L,
+    ITERS,
+    ERR,
+    N,
+    M,
+    D,
+    K,
+    n_iters,
+    tol,
+    sign,
+    power,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SINGLE: tl.constexpr,
+    POINTS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     p = tl.program_id(0).to(tl.int64)
     n = tl.load(NS + p).to(tl.int32)  # int32 like N: the loops over n and N share their variables
     m = tl.load(MS + p).to(tl.int32)
@@ -259,8 +288,9 @@ def _blocks(C: torch.Tensor, N: int, M: int, points: bool) -> tuple[int, int, bo
     return bn, bm, single
 
 
-def launch_sinkhorn(cost, a, b, n_sizes, m_sizes, sched, K, n_iters, tol, scores, f, g, scratch, iters, err,
-                    points=None, power=2.0):
+def launch_sinkhorn(
+    cost, a, b, n_sizes, m_sizes, sched, K, n_iters, tol, scores, f, g, scratch, iters, err, points=None, power=2.0
+):
     """sched holds the K epsilon-scaling values then eps, in the dtype of f. With points = (x, y)
     ([B, N, d], [B, M, d]) the costs |x_i - y_j|^power are computed per tile and ``cost`` only gives the dtype."""
     B, N, M = f.shape[0], f.shape[1], g.shape[1]
@@ -268,11 +298,37 @@ def launch_sinkhorn(cost, a, b, n_sizes, m_sizes, sched, K, n_iters, tol, scores
     x, y = points if points is not None else (cost, cost)
     D = x.shape[2] if points is not None else 1
     bd = max(2, min(8, triton.next_power_of_2(D)))
-    launch(sinkhorn_kernel, (B,),
-        cost, x, y, a, b, n_sizes, m_sizes, sched, f, g, scratch, iters, err, N, M, D,
-        K, n_iters, tol, -1.0 if scores else 1.0, power,
-        BLOCK_N=bn, BLOCK_M=bm, SINGLE=single, POINTS=points is not None, BLOCK_D=bd,
-        num_warps=_warps(bn * bm * (bd if points is not None else 1), cost.dtype))
+    launch(
+        sinkhorn_kernel,
+        (B,),
+        cost,
+        x,
+        y,
+        a,
+        b,
+        n_sizes,
+        m_sizes,
+        sched,
+        f,
+        g,
+        scratch,
+        iters,
+        err,
+        N,
+        M,
+        D,
+        K,
+        n_iters,
+        tol,
+        -1.0 if scores else 1.0,
+        power,
+        BLOCK_N=bn,
+        BLOCK_M=bm,
+        SINGLE=single,
+        POINTS=points is not None,
+        BLOCK_D=bd,
+        num_warps=_warps(bn * bm * (bd if points is not None else 1), cost.dtype),
+    )
 
 
 def launch_normalize_pass(sim, col_bias, scale, row_update, row_bias, col_lse):
@@ -282,11 +338,33 @@ def launch_normalize_pass(sim, col_bias, scale, row_update, row_bias, col_lse):
     bm = 16 if interp else 128
     warps = _warps(br * bm, sim.dtype)
     if row_update and N > 0:
-        launch(normalize_rows_kernel, (triton.cdiv(N, br), L), sim, col_bias, row_bias, N, M, scale,
-               BLOCK_R=br, BLOCK_M=bm, num_warps=warps)
+        launch(
+            normalize_rows_kernel,
+            (triton.cdiv(N, br), L),
+            sim,
+            col_bias,
+            row_bias,
+            N,
+            M,
+            scale,
+            BLOCK_R=br,
+            BLOCK_M=bm,
+            num_warps=warps,
+        )
     if M > 0:
-        launch(normalize_cols_kernel, (triton.cdiv(M, bm), L), sim, row_bias, col_lse, N, M, scale,
-               BLOCK_N=br, BLOCK_M=bm, num_warps=warps)
+        launch(
+            normalize_cols_kernel,
+            (triton.cdiv(M, bm), L),
+            sim,
+            row_bias,
+            col_lse,
+            N,
+            M,
+            scale,
+            BLOCK_N=br,
+            BLOCK_M=bm,
+            num_warps=warps,
+        )
 
 
 # ---- the split path: a few big problems, spread over many programs ---------------------------------------
@@ -298,8 +376,31 @@ def launch_normalize_pass(sim, col_bias, scale, row_update, row_bias, col_lse):
 
 # The iteration number t and the flags change every launch of the host loop: never specialised.
 @triton.jit(do_not_specialize=["t", "N", "D", "n_col_blocks"])
-def split_cols_kernel(C, X, Y, Bw, NS, MS, F, G, L, ERRP, DONE, EPS_T, t, N, M, D, n_col_blocks, sign, power,
-                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, POINTS: tl.constexpr, BLOCK_D: tl.constexpr):
+def split_cols_kernel(
+    C,
+    X,
+    Y,
+    Bw,
+    NS,
+    MS,
+    F,
+    G,
+    L,
+    ERRP,
+    DONE,
+    EPS_T,
+    t,
+    N,
+    M,
+    D,
+    n_col_blocks,
+    sign,
+    power,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    POINTS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """L_j = LSE_i((f_i - C_ij) / e) for one column block of one problem, and its part of the column error."""
     cb = tl.program_id(0)
     p = tl.program_id(1).to(tl.int64)
@@ -318,8 +419,9 @@ def split_cols_kernel(C, X, Y, Bw, NS, MS, F, G, L, ERRP, DONE, EPS_T, t, N, M, 
         rows = r0 + ri
         rmask = rows < n
         mask = rmask[:, None] & cmask[None, :]
-        c = _cost_tile(C + p * N * M, X + p * N * D, Y + p * M * D, rows, cols, rmask, cmask, M, D, power, POINTS,
-                       BLOCK_D)
+        c = _cost_tile(
+            C + p * N * M, X + p * N * D, Y + p * M * D, rows, cols, rmask, cmask, M, D, power, POINTS, BLOCK_D
+        )
         fr = tl.load(F + p * N + rows, mask=rmask, other=0.0)
         z = tl.where(mask, fr[:, None] * inv - (sign * inv) * c, float("-inf"))
         bm = tl.maximum(tl.max(z, 0), NEG)
@@ -332,8 +434,25 @@ def split_cols_kernel(C, X, Y, Bw, NS, MS, F, G, L, ERRP, DONE, EPS_T, t, N, M, 
 
 
 @triton.jit(do_not_specialize=["t", "check", "last", "n_col_blocks"])
-def split_check_kernel(Bw, MS, G, L, ERRP, DONE, ITERS, ERR, EPS_T, M, n_col_blocks, t, tol, check, last,
-                       BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+def split_check_kernel(
+    Bw,
+    MS,
+    G,
+    L,
+    ERRP,
+    DONE,
+    ITERS,
+    ERR,
+    EPS_T,
+    M,
+    n_col_blocks,
+    t,
+    tol,
+    check,
+    last,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     """Per problem: the column error of this iteration, the stop decision, then g = e (log b - L)."""
     p = tl.program_id(0).to(tl.int64)
     if tl.load(DONE + p) != 0:
@@ -361,8 +480,28 @@ def split_check_kernel(Bw, MS, G, L, ERRP, DONE, ITERS, ERR, EPS_T, M, n_col_blo
 
 
 @triton.jit(do_not_specialize=["t", "N", "D"])
-def split_rows_kernel(C, X, Y, A, NS, MS, F, G, DONE, EPS_T, t, N, M, D, sign, power,
-                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, POINTS: tl.constexpr, BLOCK_D: tl.constexpr):
+def split_rows_kernel(
+    C,
+    X,
+    Y,
+    A,
+    NS,
+    MS,
+    F,
+    G,
+    DONE,
+    EPS_T,
+    t,
+    N,
+    M,
+    D,
+    sign,
+    power,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    POINTS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """f_i = e (log a_i - LSE_j((g_j - C_ij) / e)) for one row block of one problem."""
     rb = tl.program_id(0)
     p = tl.program_id(1).to(tl.int64)
@@ -382,8 +521,9 @@ def split_rows_kernel(C, X, Y, A, NS, MS, F, G, DONE, EPS_T, t, N, M, D, sign, p
         cols = c0 + cj
         cmask = cols < m
         mask = rmask[:, None] & cmask[None, :]
-        c = _cost_tile(C + p * N * M, X + p * N * D, Y + p * M * D, rows, cols, rmask, cmask, M, D, power, POINTS,
-                       BLOCK_D)
+        c = _cost_tile(
+            C + p * N * M, X + p * N * D, Y + p * M * D, rows, cols, rmask, cmask, M, D, power, POINTS, BLOCK_D
+        )
         gc = tl.load(G + p * M + cols, mask=cmask, other=0.0)
         z = tl.where(mask, gc[None, :] * inv - (sign * inv) * c, float("-inf"))
         bm = tl.maximum(tl.max(z, 1), NEG)
@@ -399,8 +539,9 @@ def use_split(device: torch.device, B: int, N: int, M: int) -> bool:
     return B < 32 and N * M >= 256 * 256
 
 
-def launch_sinkhorn_split(cost, a, b, n_sizes, m_sizes, eps_t, K, n_iters, tol, scores, f, g, scratch, iters,
-                          err, points=None, power=2.0):
+def launch_sinkhorn_split(
+    cost, a, b, n_sizes, m_sizes, eps_t, K, n_iters, tol, scores, f, g, scratch, iters, err, points=None, power=2.0
+):
     """The host loop of the split path: 3 launches per iteration, no read of the device. ``eps_t`` [n_iters + 1]
     holds the eps of every iteration (the K epsilon-scaling steps, then eps; the last entry serves the final
     error pass) in the dtype of f, on its device: the caller builds it (without a host sync)."""
@@ -417,15 +558,81 @@ def launch_sinkhorn_split(cost, a, b, n_sizes, m_sizes, eps_t, K, n_iters, tol, 
     errp = f.new_zeros(B, n_cb)
     done = torch.where((n_sizes == 0) | (m_sizes == 0), 1, 0).to(torch.int32)
     sign = -1.0 if scores else 1.0
-    common = dict(BLOCK_N=bn, BLOCK_M=bm, POINTS=points is not None, BLOCK_D=bd,
-                  num_warps=_warps(bn * bm * (bd if points is not None else 1), f.dtype))
+    common = dict(
+        BLOCK_N=bn,
+        BLOCK_M=bm,
+        POINTS=points is not None,
+        BLOCK_D=bd,
+        num_warps=_warps(bn * bm * (bd if points is not None else 1), f.dtype),
+    )
     for t in range(n_iters + 1):
         last = t == n_iters
         check = last or (t > K and tol >= 0)
-        launch(split_cols_kernel, (n_cb, B), cost, x, y, b, n_sizes, m_sizes, f, g, scratch, errp, done, eps_t, t,
-                                                   N, M, D, n_cb, sign, power, **common)
-        launch(split_check_kernel, (B,), b, m_sizes, g, scratch, errp, done, iters, err, eps_t, M, n_cb, t, tol,
-                                              int(check), int(last), BLOCK_M=bm, BLOCK_E=128, num_warps=4)
+        launch(
+            split_cols_kernel,
+            (n_cb, B),
+            cost,
+            x,
+            y,
+            b,
+            n_sizes,
+            m_sizes,
+            f,
+            g,
+            scratch,
+            errp,
+            done,
+            eps_t,
+            t,
+            N,
+            M,
+            D,
+            n_cb,
+            sign,
+            power,
+            **common,
+        )
+        launch(
+            split_check_kernel,
+            (B,),
+            b,
+            m_sizes,
+            g,
+            scratch,
+            errp,
+            done,
+            iters,
+            err,
+            eps_t,
+            M,
+            n_cb,
+            t,
+            tol,
+            int(check),
+            int(last),
+            BLOCK_M=bm,
+            BLOCK_E=128,
+            num_warps=4,
+        )
         if not last:
-            launch(split_rows_kernel, (triton.cdiv(max(N, 1), bn), B),
-                cost, x, y, a, n_sizes, m_sizes, f, g, done, eps_t, t, N, M, D, sign, power, **common)
+            launch(
+                split_rows_kernel,
+                (triton.cdiv(max(N, 1), bn), B),
+                cost,
+                x,
+                y,
+                a,
+                n_sizes,
+                m_sizes,
+                f,
+                g,
+                done,
+                eps_t,
+                t,
+                N,
+                M,
+                D,
+                sign,
+                power,
+                **common,
+            )

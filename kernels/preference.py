@@ -216,9 +216,17 @@ def _loss_term(CODE: tl.constexpr, W, pc, pr, xc, xr, sc, sr, dsc, dsr, delta, b
 
 @triton.jit
 def preference_loss_kernel(
-    pc_ptr, pr_ptr, rc_ptr, rr_ptr,  # [B] log-probs, input dtype
-    beta_ptr, lc_ptr, lr_ptr,  # [B] in the accumulation dtype; read only when HAS_* is set
-    loss_ptr, chosen_rewards_ptr, rejected_rewards_ptr, grad_ptr,  # [B], [B], [B], [4, B] (accumulation dtype)
+    pc_ptr,
+    pr_ptr,
+    rc_ptr,
+    rr_ptr,  # [B] log-probs, input dtype
+    beta_ptr,
+    lc_ptr,
+    lr_ptr,  # [B] in the accumulation dtype; read only when HAS_* is set
+    loss_ptr,
+    chosen_rewards_ptr,
+    rejected_rewards_ptr,
+    grad_ptr,  # [B], [B], [B], [4, B] (accumulation dtype)
     B,
     beta_value: tl.float64,
     label_smoothing: tl.float64,
@@ -275,8 +283,9 @@ def preference_loss_kernel(
     g_pr = zero
     for k in tl.static_range(len(LOSS_CODES)):
         w = (tl.zeros([], ACC) + weights_hi[k]) + weights_lo[k]  # fp32 parts (Python floats in the interpreter)
-        l, t_xc, t_xr, t_pc, t_pr = _loss_term(LOSS_CODES[k], w, pc, pr, xc, xr, sc, sr, dsc, dsr,
-                                               delta, beta, nc, nr, e, gam, tau)
+        l, t_xc, t_xr, t_pc, t_pr = _loss_term(
+            LOSS_CODES[k], w, pc, pr, xc, xr, sc, sr, dsc, dsr, delta, beta, nc, nr, e, gam, tau
+        )
         loss += l
         g_xc += t_xc
         g_xr += t_xr
@@ -303,9 +312,26 @@ def _split_fp32(w: float) -> tuple[float, float]:
     return hi, float(w) - hi
 
 
-def launch_preference_loss(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths, loss, chosen_rewards,
-                           rejected_rewards, grad, loss_terms, beta_value, label_smoothing, gamma, discopop_tau,
-                           f_divergence, f_alpha):
+def launch_preference_loss(
+    pc,
+    pr,
+    rc,
+    rr,
+    beta,
+    chosen_lengths,
+    rejected_lengths,
+    loss,
+    chosen_rewards,
+    rejected_rewards,
+    grad,
+    loss_terms,
+    beta_value,
+    label_smoothing,
+    gamma,
+    discopop_tau,
+    f_divergence,
+    f_alpha,
+):
     """Launch over B pairs. ``loss_terms`` is a tuple of (code, weight) pairs; the codes are compile-time
     constants of the kernel (one specialisation per combination of types, only its branches compiled), the
     weights run-time arguments. Optional
@@ -314,13 +340,26 @@ def launch_preference_loss(pc, pr, rc, rr, beta, chosen_lengths, rejected_length
     if B == 0:
         return
     block, num_warps = launch_config(B, MAX_BLOCK_PAIRS)
-    launch(preference_loss_kernel, (triton.cdiv(B, block),),
-        pc, pr, rc, rr,
+    launch(
+        preference_loss_kernel,
+        (triton.cdiv(B, block),),
+        pc,
+        pr,
+        rc,
+        rr,
         pc if beta is None else beta,
         pc if chosen_lengths is None else chosen_lengths,
         pc if rejected_lengths is None else rejected_lengths,
-        loss, chosen_rewards, rejected_rewards, grad, B,
-        float(beta_value), float(label_smoothing), float(gamma), float(discopop_tau), float(f_alpha),
+        loss,
+        chosen_rewards,
+        rejected_rewards,
+        grad,
+        B,
+        float(beta_value),
+        float(label_smoothing),
+        float(gamma),
+        float(discopop_tau),
+        float(f_alpha),
         weights_hi=tuple(_split_fp32(w)[0] for _, w in loss_terms),
         weights_lo=tuple(_split_fp32(w)[1] for _, w in loss_terms),
         LOSS_CODES=tuple(int(c) for c, _ in loss_terms),
@@ -341,7 +380,8 @@ def launch_preference_loss(pc, pr, rc, rr, beta, chosen_lengths, rejected_length
 def selective_logprobs_fwd_kernel(
     logits_ptr,  # [N, V] contiguous, any float dtype
     targets_ptr,  # [N] int32 / int64
-    logp_ptr, lse_ptr,  # [N] accumulation dtype
+    logp_ptr,
+    lse_ptr,  # [N] accumulation dtype
     V,
     ignore_index,
     temperature: tl.float64,
@@ -386,7 +426,8 @@ def selective_logprobs_fwd_kernel(
 
 @triton.jit
 def selective_logprobs_bwd_kernel(
-    grad_logp_ptr, lse_ptr,  # [N] accumulation dtype
+    grad_logp_ptr,
+    lse_ptr,  # [N] accumulation dtype
     logits_ptr,  # [N, V] contiguous
     targets_ptr,  # [N] int32 / int64
     grad_logits_ptr,  # [N, V] logits dtype, written once
@@ -423,9 +464,19 @@ def launch_selective_logprobs_forward(logits, targets, logp, lse, ignore_index, 
     if N == 0:
         return
     block_v, num_warps = launch_config(V, MAX_BLOCK_V)
-    launch(selective_logprobs_fwd_kernel, (N,),
-        logits, targets, logp, lse, V, int(ignore_index), float(temperature), BLOCK_V=block_v,
-        num_warps=num_warps)
+    launch(
+        selective_logprobs_fwd_kernel,
+        (N,),
+        logits,
+        targets,
+        logp,
+        lse,
+        V,
+        int(ignore_index),
+        float(temperature),
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
 
 
 def launch_selective_logprobs_backward(grad_logp, lse, logits, targets, grad_logits, ignore_index, temperature):
@@ -434,6 +485,17 @@ def launch_selective_logprobs_backward(grad_logp, lse, logits, targets, grad_log
     if N == 0 or V == 0:
         return
     block_v, num_warps = launch_config(V, MAX_BLOCK_V)
-    launch(selective_logprobs_bwd_kernel, (N, triton.cdiv(V, block_v)),
-        grad_logp, lse, logits, targets, grad_logits, V, int(ignore_index), float(temperature),
-        BLOCK_V=block_v, num_warps=num_warps)
+    launch(
+        selective_logprobs_bwd_kernel,
+        (N, triton.cdiv(V, block_v)),
+        grad_logp,
+        lse,
+        logits,
+        targets,
+        grad_logits,
+        V,
+        int(ignore_index),
+        float(temperature),
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )

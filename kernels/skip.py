@@ -109,8 +109,17 @@ def keep_count_kernel(keep_ptr, partial_ptr, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def compact_kernel(keep_ptr, partial_ptr, index_ptr, count_ptr, N, num_blocks, BLOCK: tl.constexpr,
-                   BLOCK_P: tl.constexpr, SINGLE: tl.constexpr):
+def compact_kernel(
+    keep_ptr,
+    partial_ptr,
+    index_ptr,
+    count_ptr,
+    N,
+    num_blocks,
+    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
     """Block b writes its kept rows to index[kept rows before them] and -1 to index[count + skipped rows
     before them], so that index is fully written, as by the native op. Program 0 writes count. SINGLE: one
     block, which counts itself (no partial sums)."""
@@ -146,8 +155,18 @@ def compact_kernel(keep_ptr, partial_ptr, index_ptr, count_ptr, N, num_blocks, B
 
 
 @triton.jit
-def gather_rms_norm_kernel(x_ptr, index_ptr, count_ptr, w_ptr, out_ptr, rstd_ptr, H, eps: tl.float64,
-                           SAVE_RSTD: tl.constexpr, BLOCK_H: tl.constexpr):
+def gather_rms_norm_kernel(
+    x_ptr,
+    index_ptr,
+    count_ptr,
+    w_ptr,
+    out_ptr,
+    rstd_ptr,
+    H,
+    eps: tl.float64,
+    SAVE_RSTD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """Program r < count: out[r] = w * (x_f * rstd).to(dtype), rstd = rsqrt(mean(x_f^2) + eps) for the row
     x[index[r]], x_f in the accumulation dtype (HF LlamaRMSNorm). Programs r >= count write rstd = 0."""
     r = tl.program_id(0).to(tl.int64)
@@ -248,19 +267,25 @@ def _acc_dot(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 @triton.jit
 def ffn_up_kernel(
     a_ptr,  # [N, H]: xn (rows r), or x itself (rows index[r]) when GATHER
-    index_ptr, count_ptr,  # [N] int64, [1] int64
+    index_ptr,
+    count_ptr,  # [N] int64, [1] int64
     w_ptr,  # [G, H], G = 2I (gate rows, then up rows) for SwiGLU, else I
     b_ptr,  # [G]; read only when HAS_BIAS
     act_ptr,  # [N, I] in x's dtype: rows [0, count) written
     pre_ptr,  # [N, G] in x's dtype, written when SAVE_PRE: rows [0, count), zeros after
-    N, H, I,
+    N,
+    H,
+    I,
     ACTIVATION: tl.constexpr,
     GATHER: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SAVE_PRE: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of act = act(a @ w^T + b) over the rows r < count; SwiGLU accumulates the
     gate columns j and the up columns I + j of the same tile side by side. A tile past count writes zero
@@ -335,15 +360,21 @@ def ffn_up_kernel(
 @triton.jit
 def ffn_down_kernel(
     act_ptr,  # [N, I]: rows [0, count) valid
-    index_ptr, count_ptr,  # [N] int64, [1] int64
+    index_ptr,
+    count_ptr,  # [N] int64, [1] int64
     w_ptr,  # [H, I]
     b_ptr,  # [H]; read only when HAS_BIAS
-    x_ptr, y_ptr,  # [N, H]; y holds a copy of x, its rows index[r < count] are overwritten
-    H, I,
+    x_ptr,
+    y_ptr,  # [N, H]; y holds a copy of x, its rows index[r < count] are overwritten
+    H,
+    I,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of y[index[r]] = x[index[r]] + (act[r] @ w^T + b) over the rows r < count."""
     count = tl.load(count_ptr)
@@ -389,13 +420,18 @@ def _gemm_options(dtype: torch.dtype, device: torch.device, blocks: GemmBlocks) 
     return dict(
         UPCAST=interpreting(device) and dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
-        BLOCK_M=blocks.BLOCK_M, BLOCK_N=blocks.BLOCK_N, BLOCK_K=blocks.BLOCK_K, GROUP_M=blocks.GROUP_M,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        BLOCK_M=blocks.BLOCK_M,
+        BLOCK_N=blocks.BLOCK_N,
+        BLOCK_K=blocks.BLOCK_K,
+        GROUP_M=blocks.GROUP_M,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
     )
 
 
-def launch_skip_ffn(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps,
-                    y, index, count, rstd, pre_act, xn, act):
+def launch_skip_ffn(
+    x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps, y, index, count, rstd, pre_act, xn, act
+):
     """Launch the skip_ffn pipeline on contiguous inputs and preallocated buffers: ``y`` a copy of x [N, H],
     ``index`` [N] int64, ``count`` [1] int64, ``rstd`` [N] (or empty: not saved), ``pre_act`` [N, G] (or
     [0, G]: not saved), ``xn`` [N, H] (used only with ``norm_weight``), ``act`` [N, I]. ``keep`` is the
@@ -407,31 +443,79 @@ def launch_skip_ffn(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, 
     num_blocks = triton.cdiv(N, blocks.rows)
     partial = index.new_empty(num_blocks)
     if num_blocks > 1:
-        launch(keep_count_kernel, (num_blocks,), keep, partial, N, BLOCK=blocks.rows,
-                                                      num_warps=blocks.rows_warps)
+        launch(keep_count_kernel, (num_blocks,), keep, partial, N, BLOCK=blocks.rows, num_warps=blocks.rows_warps)
     block_p, _ = launch_config(num_blocks, 1024)
-    launch(compact_kernel, (num_blocks,),
-        keep, partial, index, count, N, num_blocks, BLOCK=blocks.rows, BLOCK_P=block_p, SINGLE=num_blocks == 1,
-        num_warps=blocks.rows_warps)
+    launch(
+        compact_kernel,
+        (num_blocks,),
+        keep,
+        partial,
+        index,
+        count,
+        N,
+        num_blocks,
+        BLOCK=blocks.rows,
+        BLOCK_P=block_p,
+        SINGLE=num_blocks == 1,
+        num_warps=blocks.rows_warps,
+    )
 
     if norm_weight is not None:
-        launch(gather_rms_norm_kernel, (N,),
-            x, index, count, norm_weight, xn, rstd, H, float(eps), SAVE_RSTD=rstd.numel() > 0,
-            BLOCK_H=blocks.hidden, num_warps=blocks.hidden_warps)
+        launch(
+            gather_rms_norm_kernel,
+            (N,),
+            x,
+            index,
+            count,
+            norm_weight,
+            xn,
+            rstd,
+            H,
+            float(eps),
+            SAVE_RSTD=rstd.numel() > 0,
+            BLOCK_H=blocks.hidden,
+            num_warps=blocks.hidden_warps,
+        )
 
     up, down = blocks.up, blocks.down
     if I > 0:
         grid = (triton.cdiv(N, up.BLOCK_M) * triton.cdiv(I, up.BLOCK_N),)
-        launch(ffn_up_kernel, grid,
-            x if norm_weight is None else xn, index, count, w_gate_up,
-            w_gate_up if b_gate_up is None else b_gate_up, act, pre_act, N, H, I,
-            ACTIVATION=int(activation), GATHER=norm_weight is None, HAS_BIAS=b_gate_up is not None,
-            SAVE_PRE=pre_act.numel() > 0, **_gemm_options(x.dtype, x.device, up))
+        launch(
+            ffn_up_kernel,
+            grid,
+            x if norm_weight is None else xn,
+            index,
+            count,
+            w_gate_up,
+            w_gate_up if b_gate_up is None else b_gate_up,
+            act,
+            pre_act,
+            N,
+            H,
+            I,
+            ACTIVATION=int(activation),
+            GATHER=norm_weight is None,
+            HAS_BIAS=b_gate_up is not None,
+            SAVE_PRE=pre_act.numel() > 0,
+            **_gemm_options(x.dtype, x.device, up),
+        )
     if H > 0:
         grid = (triton.cdiv(N, down.BLOCK_M) * triton.cdiv(H, down.BLOCK_N),)
-        launch(ffn_down_kernel, grid,
-            act, index, count, w_down, w_down if b_down is None else b_down, x, y, H, I,
-            HAS_BIAS=b_down is not None, **_gemm_options(x.dtype, x.device, down))
+        launch(
+            ffn_down_kernel,
+            grid,
+            act,
+            index,
+            count,
+            w_down,
+            w_down if b_down is None else b_down,
+            x,
+            y,
+            H,
+            I,
+            HAS_BIAS=b_down is not None,
+            **_gemm_options(x.dtype, x.device, down),
+        )
 
 
 def launch_add_score(residual, delta, criterion: int, h, score):
@@ -440,5 +524,15 @@ def launch_add_score(residual, delta, criterion: int, h, score):
     if N == 0:
         return
     blocks = skip_blocks(residual.device, residual.dtype, N, H, 1, Activation.SWIGLU)
-    launch(add_score_kernel, (N,), residual, delta, h, score, H, CRITERION=int(criterion),
-                                        BLOCK_H=blocks.hidden, num_warps=blocks.hidden_warps)
+    launch(
+        add_score_kernel,
+        (N,),
+        residual,
+        delta,
+        h,
+        score,
+        H,
+        CRITERION=int(criterion),
+        BLOCK_H=blocks.hidden,
+        num_warps=blocks.hidden_warps,
+    )

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from ._launch import interpreting, launch
 
+from ._launch import interpreting, launch
 from .preference import launch_config
 
 MAX_BLOCK_STEPS = 1024  # merge steps per block of a program
@@ -45,9 +45,21 @@ def _cost_and_slope(d, p, P_MODE: tl.constexpr):
 
 # log_steps is a run-time loop count (it grows with the sizes): one compile serves every size
 @triton.jit(do_not_specialize=["log_steps"])
-def wasserstein_merge_kernel(xu_ptr, cu_ptr, xv_ptr, cv_ptr, g_ptr, out_ptr, n, m, p_value: tl.float64,
-                             log_steps,
-                             BLOCK: tl.constexpr, P_MODE: tl.constexpr, STEP_GRAD: tl.constexpr):
+def wasserstein_merge_kernel(
+    xu_ptr,
+    cu_ptr,
+    xv_ptr,
+    cv_ptr,
+    g_ptr,
+    out_ptr,
+    n,
+    m,
+    p_value: tl.float64,
+    log_steps,
+    BLOCK: tl.constexpr,
+    P_MODE: tl.constexpr,
+    STEP_GRAD: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     xu_ptr += b * n
     cu_ptr += b * n
@@ -102,6 +114,21 @@ def launch_merge(xu, cu, xv, cv, p: float, out, g=None) -> None:
     block, warps = launch_config(n + m, cap)
     p_mode = 1 if p == 1.0 else (2 if p == 2.0 else 0)
     log_steps = max(1, int(min(n, m) + 1).bit_length())
-    launch(wasserstein_merge_kernel, (B,),
-        xu, cu, xv, cv, g if g is not None else out, out, n, m, float(p), log_steps=log_steps, BLOCK=block,
-        P_MODE=p_mode, STEP_GRAD=g is not None, num_warps=warps)
+    launch(
+        wasserstein_merge_kernel,
+        (B,),
+        xu,
+        cu,
+        xv,
+        cv,
+        g if g is not None else out,
+        out,
+        n,
+        m,
+        float(p),
+        log_steps=log_steps,
+        BLOCK=block,
+        P_MODE=p_mode,
+        STEP_GRAD=g is not None,
+        num_warps=warps,
+    )

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from ._launch import launch
 
+from ._launch import launch
 from .metrics import combine
 
 BLOCK_V = 1024
@@ -74,8 +74,9 @@ def _finish(val_ptr, idx_ptr, slot, best, best_idx, V):
 
 
 @triton.jit(do_not_specialize=["base"])  # a base of 1 would be a constexpr (no .to())
-def kgw_argmax_kernel(x_ptr, ctx_ptr, val_ptr, idx_ptr, V, h, base, threshold, delta, SPAN: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def kgw_argmax_kernel(
+    x_ptr, ctx_ptr, val_ptr, idx_ptr, V, h, base, threshold, delta, SPAN: tl.constexpr, BLOCK: tl.constexpr
+):
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     state = _row_state(ctx_ptr, b, h, base)
@@ -92,8 +93,9 @@ def kgw_argmax_kernel(x_ptr, ctx_ptr, val_ptr, idx_ptr, V, h, base, threshold, d
 
 
 @triton.jit(do_not_specialize=["base"])  # a base of 1 would be a constexpr (no .to())
-def gumbel_argmax_kernel(x_ptr, ctx_ptr, val_ptr, idx_ptr, V, h, base, inv_temperature, SPAN: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def gumbel_argmax_kernel(
+    x_ptr, ctx_ptr, val_ptr, idx_ptr, V, h, base, inv_temperature, SPAN: tl.constexpr, BLOCK: tl.constexpr
+):
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     state = _row_state(ctx_ptr, b, h, base)
@@ -117,8 +119,20 @@ def _block(V: int) -> int:
 def launch_kgw_logits(x, ctx, out, base: int, threshold: int, delta: float) -> None:
     B, V = x.shape
     block = _block(V)
-    launch(kgw_logits_kernel, (B, triton.cdiv(V, block)), x, ctx, out, V, ctx.shape[1], base, threshold,
-                                                               delta, BLOCK=block, num_warps=4)
+    launch(
+        kgw_logits_kernel,
+        (B, triton.cdiv(V, block)),
+        x,
+        ctx,
+        out,
+        V,
+        ctx.shape[1],
+        base,
+        threshold,
+        delta,
+        BLOCK=block,
+        num_warps=4,
+    )
 
 
 def _split(V) -> tuple[int, int, int]:
@@ -142,8 +156,22 @@ def launch_kgw_argmax(x, ctx, out, base: int, threshold: int, delta: float) -> N
     block, span, splits = _split(V)
     vals = x.new_empty((B, splits), dtype=torch.float32)
     idxs = x.new_empty((B, splits), dtype=torch.int64)
-    launch(kgw_argmax_kernel, (B, splits), x, ctx, vals, idxs, V, ctx.shape[1], base, threshold, delta,
-                                                SPAN=span, BLOCK=block, num_warps=4)
+    launch(
+        kgw_argmax_kernel,
+        (B, splits),
+        x,
+        ctx,
+        vals,
+        idxs,
+        V,
+        ctx.shape[1],
+        base,
+        threshold,
+        delta,
+        SPAN=span,
+        BLOCK=block,
+        num_warps=4,
+    )
     _reduce(vals, idxs, out, V)
 
 
@@ -152,6 +180,19 @@ def launch_gumbel_argmax(x, ctx, out, base: int, inv_temperature: float) -> None
     block, span, splits = _split(V)
     vals = x.new_empty((B, splits), dtype=torch.float32)
     idxs = x.new_empty((B, splits), dtype=torch.int64)
-    launch(gumbel_argmax_kernel, (B, splits), x, ctx, vals, idxs, V, ctx.shape[1], base, inv_temperature,
-                                                   SPAN=span, BLOCK=block, num_warps=4)
+    launch(
+        gumbel_argmax_kernel,
+        (B, splits),
+        x,
+        ctx,
+        vals,
+        idxs,
+        V,
+        ctx.shape[1],
+        base,
+        inv_temperature,
+        SPAN=span,
+        BLOCK=block,
+        num_warps=4,
+    )
     _reduce(vals, idxs, out, V)

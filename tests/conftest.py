@@ -40,12 +40,12 @@ def import_peer():
 def _seed():
     torch.manual_seed(0)
 
+
 try:
     from hypothesis import settings as _hypothesis_settings
 except ImportError:  # the property tests skip themselves without hypothesis
     pass
 else:
     # Reproducible CI: the same examples every run, no example database, no deadline (first calls load kernels).
-    _hypothesis_settings.register_profile("alignops", derandomize=True, database=None, deadline=None,
-                                          print_blob=True)
+    _hypothesis_settings.register_profile("alignops", derandomize=True, database=None, deadline=None, print_blob=True)
     _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "alignops"))

@@ -21,7 +21,7 @@ def _tree(root: Path) -> dict[str, float]:
 
 
 def test_every_bench_module_is_a_family():
-    modules = sorted(p.stem[len("bench_"):] for p in BENCH_DIR.glob("bench_*.py"))
+    modules = sorted(p.stem[len("bench_") :] for p in BENCH_DIR.glob("bench_*.py"))
     assert sorted(run.FAMILIES) == modules
     assert list(run.FAMILIES)[:3] == ["preference", "fused_linear", "skip"]
 
@@ -67,10 +67,14 @@ def test_default_run_writes_only_into_a_new_folder_of_the_cwd(tmp_path, monkeypa
 def _tiny_family(monkeypatch):
     """A family of two trivial cases, registered as bench_tiny, so a CLI run takes a fraction of a second."""
     module = types.ModuleType("alignops.bench.bench_tiny")
-    module.groups = lambda device, quick: iter([[
-        common.Case("tiny", "sum", "n=8", "float32", "torch", "fwd", lambda: sum(range(8)), baseline=True),
-        common.Case("tiny", "sum", "n=8", "float32", "alignops", "fwd", lambda: 28),
-    ]])
+    module.groups = lambda device, quick: iter(
+        [
+            [
+                common.Case("tiny", "sum", "n=8", "float32", "torch", "fwd", lambda: sum(range(8)), baseline=True),
+                common.Case("tiny", "sum", "n=8", "float32", "alignops", "fwd", lambda: 28),
+            ]
+        ]
+    )
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(run.FAMILIES, "tiny", "bench_tiny")
 
@@ -120,18 +124,20 @@ def _r(op, provider, ms, mb, family="f"):
 
 
 def test_summary_takes_our_fastest_against_the_fastest_peer():
-    rows = run.summary_rows([
-        _r("a", "torch reference", 10.0, 40.0),
-        _r("a", "alignops", 4.0, 10.0),
-        _r("a", "alignops in place", 2.0, 5.0),
-        _r("a", "peer X", 6.0, 20.0),
-        _r("b", "alignops", 1.0, 0.2),  # no peer timed: no row
-        _r("b", "peer Y", math.nan, math.nan),
-        _r("c", "peer Z", 3.0, 0.5),
-        _r("c", "alignops", 1.5, 8.0),  # the peer's peak is under 1 MB: no memory ratio
-        _r("d", "torch", 8.0, 40.0),
-        _r("d", "alignops", 4.0, 0.0),  # ours under 1 MB: bounded by 1 MB / 40 MB
-    ])
+    rows = run.summary_rows(
+        [
+            _r("a", "torch reference", 10.0, 40.0),
+            _r("a", "alignops", 4.0, 10.0),
+            _r("a", "alignops in place", 2.0, 5.0),
+            _r("a", "peer X", 6.0, 20.0),
+            _r("b", "alignops", 1.0, 0.2),  # no peer timed: no row
+            _r("b", "peer Y", math.nan, math.nan),
+            _r("c", "peer Z", 3.0, 0.5),
+            _r("c", "alignops", 1.5, 8.0),  # the peer's peak is under 1 MB: no memory ratio
+            _r("d", "torch", 8.0, 40.0),
+            _r("d", "alignops", 4.0, 0.0),  # ours under 1 MB: bounded by 1 MB / 40 MB
+        ]
+    )
     assert rows == [
         ("f", "a", "n=1 float32 fwd", "alignops in place", "2", "peer X", "6", "3.00x", "0.25x"),
         ("f", "c", "n=1 float32 fwd", "alignops", "1.5", "peer Z", "3", "2.00x", "-"),

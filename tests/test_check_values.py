@@ -47,8 +47,11 @@ def test_confusion_labels_out_of_range():
     a = torch.randint(0, 3, (2, 12), device=DEVICE)
     b = torch.randint(0, 3, (12,), device=DEVICE)
     for backend in ("triton", "torch"):
-        with pytest.raises(ValueError, match=r"a must hold class labels in \[0, num_classes\) = \[0, 3\), got "
-                                             r"values in \[0, 3\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"a must hold class labels in \[0, num_classes\) = \[0, 3\), got "
+            r"values in \[0, 3\]",
+        ):
             M.confusion_matrices(a + (a == 2), b, 3, backend=backend)
     # The Triton kernel miscounts such labels and touches nothing out of bounds.
     out = M.confusion_matrices(a + (a == 2), b, 3, n_bootstrap=2, backend="triton", check_values=False)
@@ -128,8 +131,9 @@ def test_forced_align_skips_the_value_check(spy):
     spy(alignops.ctc, "_check_values_on_host")
     with pytest.raises(AssertionError, match="_check_values_on_host ran"):
         alignops.ctc.forced_align(lp, targets, target_lengths=torch.tensor([3, 2]), backend="torch")
-    paths, _ = alignops.ctc.forced_align(lp, targets, target_lengths=torch.tensor([3, 2]), backend="torch",
-                                         check_values=False, on_infeasible="skip")
+    paths, _ = alignops.ctc.forced_align(
+        lp, targets, target_lengths=torch.tensor([3, 2]), backend="torch", check_values=False, on_infeasible="skip"
+    )
     assert paths.shape == (2, 9)
 
 
@@ -166,8 +170,7 @@ def test_compile_fullgraph_without_value_reads():
     cost = torch.rand(2, 6, 5, dtype=torch.float64)
 
     def ot(c):  # eps scaling read the cost range
-        return alignops.ot.sinkhorn(c, eps=0.05, n_iters=30, eps_scaling=0.5, cost_range=1.0,
-                                    check_values=False).f
+        return alignops.ot.sinkhorn(c, eps=0.05, n_iters=30, eps_scaling=0.5, cost_range=1.0, check_values=False).f
 
     torch.testing.assert_close(torch.compile(ot, fullgraph=True, backend="aot_eager")(cost), ot(cost))
 

@@ -60,7 +60,7 @@ def test_matches_reference_varlen(cpu_capability, dtype, blank):
     assert scores.dtype == dtype and paths.dtype == torch.int64
     for b in range(6):
         assert collapse(paths[b, : il[b]].tolist(), blank) == tg[b, : tl[b]].tolist()
-        assert (paths[b, il[b]:] == -1).all() and (scores[b, il[b]:] == 0).all()
+        assert (paths[b, il[b] :] == -1).all() and (scores[b, il[b] :] == 0).all()
 
 
 @pytest.mark.parametrize("interval", [1, 2, 7, 56, 57, None])
@@ -113,8 +113,13 @@ def test_matches_torchaudio(peaky, blank):
     paths, scores = ctc.forced_align(lp, tg, il, tl, blank=blank)
     for b in range(8):
         T, L = int(il[b]), int(tl[b])
-        ta_paths, ta_scores = F.forced_align(lp[b : b + 1, :T].contiguous(), tg[b : b + 1, :L].contiguous(),
-                                             torch.tensor([T]), torch.tensor([L]), blank=blank)
+        ta_paths, ta_scores = F.forced_align(
+            lp[b : b + 1, :T].contiguous(),
+            tg[b : b + 1, :L].contiguous(),
+            torch.tensor([T]),
+            torch.tensor([L]),
+            blank=blank,
+        )
         assert torch.equal(paths[b, :T], ta_paths[0].long())
         assert torch.equal(scores[b, :T], ta_scores[0])
 
@@ -169,25 +174,33 @@ def test_empty_targets_and_empty_batch():
     assert p.shape == (0, 6) and s.shape == (0, 6)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(targets=torch.tensor([[1, 0, 2]])), r"targets\[0, 1\] is the blank id 0"),
-    (dict(targets=torch.tensor([[1, 7, 2]])), r"targets\[0, 1\] = 7 is outside \[0, 5\)"),
-    (dict(input_lengths=torch.tensor([31])), r"input_lengths\[0\] must be in \[0, 30\]"),
-    (dict(input_lengths=torch.tensor([-1])), r"input_lengths\[0\] must be in \[0, 30\]"),
-    (dict(target_lengths=torch.tensor([4])), r"target_lengths\[0\] must be in \[0, 3\]"),
-    (dict(target_lengths=torch.tensor([-2])), r"target_lengths\[0\] must be in \[0, 3\]"),
-    (dict(input_lengths=torch.tensor([3.0])), "input_lengths must be int64 or int32"),
-    (dict(targets=torch.tensor([[1.0, 2.0, 3.0]])), "targets must be int64 or int32"),
-    (dict(log_probs=torch.randn(1, 30, 5).int()), "log_probs must be float32, float64, float16 or bfloat16"),
-    (dict(log_probs=torch.randn(30, 5)), r"log_probs must be a 3-D tensor \[B, T, C\]"),
-    (dict(targets=torch.tensor([[1, 2, 3]] * 2)), "targets must have the batch size of log_probs"),
-    (dict(blank=5), r"blank must be in \[0, 5\)"),
-    (dict(memory="band"), "memory must be one of"),
-    (dict(input_lengths=torch.tensor([2])), r"no alignment fits rows \[0\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(targets=torch.tensor([[1, 0, 2]])), r"targets\[0, 1\] is the blank id 0"),
+        (dict(targets=torch.tensor([[1, 7, 2]])), r"targets\[0, 1\] = 7 is outside \[0, 5\)"),
+        (dict(input_lengths=torch.tensor([31])), r"input_lengths\[0\] must be in \[0, 30\]"),
+        (dict(input_lengths=torch.tensor([-1])), r"input_lengths\[0\] must be in \[0, 30\]"),
+        (dict(target_lengths=torch.tensor([4])), r"target_lengths\[0\] must be in \[0, 3\]"),
+        (dict(target_lengths=torch.tensor([-2])), r"target_lengths\[0\] must be in \[0, 3\]"),
+        (dict(input_lengths=torch.tensor([3.0])), "input_lengths must be int64 or int32"),
+        (dict(targets=torch.tensor([[1.0, 2.0, 3.0]])), "targets must be int64 or int32"),
+        (dict(log_probs=torch.randn(1, 30, 5).int()), "log_probs must be float32, float64, float16 or bfloat16"),
+        (dict(log_probs=torch.randn(30, 5)), r"log_probs must be a 3-D tensor \[B, T, C\]"),
+        (dict(targets=torch.tensor([[1, 2, 3]] * 2)), "targets must have the batch size of log_probs"),
+        (dict(blank=5), r"blank must be in \[0, 5\)"),
+        (dict(memory="band"), "memory must be one of"),
+        (dict(input_lengths=torch.tensor([2])), r"no alignment fits rows \[0\]"),
+    ],
+)
 def test_bad_input(kwargs, match):
-    args = dict(log_probs=torch.randn(1, 30, 5).log_softmax(-1), targets=torch.tensor([[1, 2, 3]]),
-                input_lengths=None, target_lengths=None, blank=0)
+    args = dict(
+        log_probs=torch.randn(1, 30, 5).log_softmax(-1),
+        targets=torch.tensor([[1, 2, 3]]),
+        input_lengths=None,
+        target_lengths=None,
+        blank=0,
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         ctc.forced_align(**args)
@@ -242,7 +255,7 @@ def test_token_spans_match_torchaudio_merge_tokens():
             assert (int(spans.token[b, k]), int(spans.start[b, k]), int(spans.end[b, k])) == (s.token, s.start, s.end)
             assert math.isclose(float(spans.score[b, k]), s.score, rel_tol=1e-6)
         assert torch.equal(spans.token[b, : tl[b]], tg[b, : tl[b]])
-        assert (spans.start[b, tl[b]:] == -1).all() and spans.score[b, tl[b]:].isnan().all()
+        assert (spans.start[b, tl[b] :] == -1).all() and spans.score[b, tl[b] :].isnan().all()
 
 
 def test_token_spans_mean_logprob_and_bad_input():
@@ -307,7 +320,7 @@ def test_span_occupancy_is_the_mean_posterior_over_the_span():
             s, e = int(spans.start[b, k]), int(spans.end[b, k])
             expected = post.tokens[b, s:e, k].double().mean()
             torch.testing.assert_close(occ[b, k], expected)
-        assert occ[b, tl[b]:].isnan().all()
+        assert occ[b, tl[b] :].isnan().all()
     assert ((occ[~occ.isnan()] > 0) & (occ[~occ.isnan()] <= 1 + 1e-6)).all()
 
 
@@ -320,10 +333,13 @@ def test_paths_in_the_targets_dtype(dtype, backend):
     assert paths.dtype == dtype
 
 
-@pytest.mark.parametrize("targets, match", [
-    (torch.tensor([[0, 1]]), "targets\\[0, 0\\] is the blank id 0"),
-    (torch.tensor([[1, 7]]), "targets\\[0, 1\\] = 7 is outside \\[0, 3\\)"),
-])
+@pytest.mark.parametrize(
+    "targets, match",
+    [
+        (torch.tensor([[0, 1]]), "targets\\[0, 0\\] is the blank id 0"),
+        (torch.tensor([[1, 7]]), "targets\\[0, 1\\] = 7 is outside \\[0, 3\\)"),
+    ],
+)
 def test_kernel_argument_errors_are_runtime_errors_too(targets, match):
     # torchaudio raises these as RuntimeError; the C++ check's ValueError comes back as an AlignopsError.
     with pytest.raises(RuntimeError, match=match) as info:
@@ -352,7 +368,8 @@ def test_compile_fullgraph_with_on_infeasible_raise():
     targets = torch.tensor([[1, 2, 3], [4, 4, 1]])
     paths, scores = f(lp, targets)
     want_paths, want_scores = alignops.reference.ctc.forced_align(
-        lp, targets, torch.tensor([12, 12]), torch.tensor([3, 3]), 0, None, -1)[:2]
+        lp, targets, torch.tensor([12, 12]), torch.tensor([3, 3]), 0, None, -1
+    )[:2]
     torch.testing.assert_close(paths, want_paths.to(paths.dtype))
     torch.testing.assert_close(scores, want_scores)
     with pytest.raises(RuntimeError, match=r"forced_align: no alignment fits some rows \(on_infeasible='raise'\)"):

@@ -34,8 +34,9 @@ def make_batch(B, T, C, L, blank=0, dtype=torch.float64, normalised=True, repeat
 
 
 def torch_ctc(lp, targets, il, tl, blank=0, reduction="none", zero_infinity=False):
-    return F.ctc_loss(lp.transpose(0, 1), targets, il, tl, blank=blank, reduction=reduction,
-                      zero_infinity=zero_infinity)
+    return F.ctc_loss(
+        lp.transpose(0, 1), targets, il, tl, blank=blank, reduction=reduction, zero_infinity=zero_infinity
+    )
 
 
 def brute_force(lp, targets, T, L, blank):
@@ -100,14 +101,17 @@ def test_torch_layout_and_concatenated_targets():
 # ---- occupancy and gradient vs brute force ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", [
-    # (T, C, blank, tokens)
-    (6, 3, 0, [1, 2]),
-    (6, 3, 0, [1, 1]),  # a repeat: a blank must separate them
-    (5, 4, 2, [3, 0, 3]),  # blank != 0
-    (4, 3, 0, []),  # empty target: all blank
-    (3, 3, 1, [0, 0]),  # exactly feasible
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (T, C, blank, tokens)
+        (6, 3, 0, [1, 2]),
+        (6, 3, 0, [1, 1]),  # a repeat: a blank must separate them
+        (5, 4, 2, [3, 0, 3]),  # blank != 0
+        (4, 3, 0, []),  # empty target: all blank
+        (3, 3, 1, [0, 0]),  # exactly feasible
+    ],
+)
 def test_occupancy_and_gradient_vs_brute_force(cpu_capability, case):
     T, C, blank, tok = case
     L = len(tok)
@@ -131,8 +135,12 @@ def test_batch_matches_reference(cpu_capability, dtype):
     out = alignops.ctc.ctc_posteriors(lp, targets, il, tl, output="both")
     r_loss, r_gamma = ref.forward_backward(lp, targets, il, tl)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-6)
-    assert out.loss.dtype == out.states.dtype == out.tokens.dtype == (torch.float64 if dtype == torch.float64
-                                                                       else torch.float32)
+    assert (
+        out.loss.dtype
+        == out.states.dtype
+        == out.tokens.dtype
+        == (torch.float64 if dtype == torch.float64 else torch.float32)
+    )
     torch.testing.assert_close(out.loss, r_loss.to(dtype), **tol)
     torch.testing.assert_close(out.states, r_gamma.to(dtype), **tol)
     torch.testing.assert_close(out.tokens, ref.token_occupancy(r_gamma).to(dtype), **tol)
@@ -273,8 +281,9 @@ def test_opcheck():
     lp, targets, il, tl = make_batch(3, 10, 5, 4, normalised=False)
     x = lp.clone().requires_grad_()
     torch.library.opcheck(torch.ops.alignops.ctc_posteriors.default, (x, targets, il, tl, 0, True, True, True))
-    torch.library.opcheck(torch.ops.alignops.ctc_posteriors.default,
-                          (lp.float(), targets.int(), il, tl, 0, False, True, False))
+    torch.library.opcheck(
+        torch.ops.alignops.ctc_posteriors.default, (lp.float(), targets.int(), il, tl, 0, False, True, False)
+    )
 
 
 def test_compile_fullgraph():
@@ -304,8 +313,11 @@ def test_bad_input_messages():
     bad = targets.clone()
     bad[1, 0] = 0
     tl_full = torch.tensor([3, 3])
-    with pytest.raises(ValueError, match=r"targets must be class ids in \[0, C = 5\) other than blank = 0, got 0 "
-                                         r"at targets\[1, 0\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"targets must be class ids in \[0, C = 5\) other than blank = 0, got 0 "
+        r"at targets\[1, 0\]",
+    ):
         f(lp, bad, il, tl_full)
     bad[1, 0] = 5
     with pytest.raises(ValueError, match=r"other than blank = 0, got 5 at targets\[1, 0\]"):
@@ -343,8 +355,11 @@ def test_raw_op_checks_in_cpp():
     op = torch.ops.alignops.ctc_posteriors
     bad = targets.clone()
     bad[0, 0] = 0
-    with pytest.raises(ValueError, match=r"targets must be class ids in \[0, C = 5\) other than blank = 0, got 0 "
-                                         r"at targets\[0, 0\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"targets must be class ids in \[0, C = 5\) other than blank = 0, got 0 "
+        r"at targets\[0, 0\]",
+    ):
         op(lp, bad, il, torch.tensor([3, 3]), 0, True, False, False)
     with pytest.raises(ValueError, match=r"input_lengths must lie in \[0, T = 8\], got 10 for utterance 0"):
         op(lp, targets, torch.tensor([10, 1]), tl, 0, True, False, False)
@@ -396,10 +411,12 @@ def test_nan_emission_gives_nan_gradient_as_torch(backend, reduction):
     il, tl = torch.tensor([10, 10, 8, 9]), torch.tensor([3, 3, 3, 3])
     for zero_infinity in (False, True):
         x, y = lp.clone().requires_grad_(), lp.clone().requires_grad_()
-        F.ctc_loss(x.transpose(0, 1), targets, il, tl, reduction=reduction,
-                   zero_infinity=zero_infinity).sum().backward()
-        alignops.ctc_loss(y, targets, il, tl, reduction=reduction, zero_infinity=zero_infinity,
-                          backend=backend).sum().backward()
+        F.ctc_loss(
+            x.transpose(0, 1), targets, il, tl, reduction=reduction, zero_infinity=zero_infinity
+        ).sum().backward()
+        alignops.ctc_loss(
+            y, targets, il, tl, reduction=reduction, zero_infinity=zero_infinity, backend=backend
+        ).sum().backward()
         nan_rows = [0, 2]
         assert torch.equal(y.grad[nan_rows].isnan(), x.grad[nan_rows].isnan())
         assert y.grad[nan_rows].isnan().sum() == 10 * 5 + 8 * 5

@@ -45,8 +45,9 @@ def test_loss_and_gradient_vs_torch_and_native(reduction):
     x = lp.clone().requires_grad_()
     y = lp.detach().cpu().clone().requires_grad_()
     lx = alignops.ctc_loss(x, targets, il, tl, reduction=reduction, zero_infinity=True, backend="triton")
-    ly = alignops.ctc_loss(y, targets.cpu(), il.cpu(), tl.cpu(), reduction=reduction, zero_infinity=True,
-                           backend="native")
+    ly = alignops.ctc_loss(
+        y, targets.cpu(), il.cpu(), tl.cpu(), reduction=reduction, zero_infinity=True, backend="native"
+    )
     theirs = F.ctc_loss(lp.transpose(0, 1), targets, il, tl, reduction=reduction, zero_infinity=True)
     torch.testing.assert_close(lx, theirs, rtol=1e-10, atol=1e-10)
     lx.sum().backward()
@@ -66,16 +67,25 @@ def test_low_precision_inputs(dtype):
 
 # In the interpreter, wrap_triton hands back the plain interpreted kernel, so under FakeTensorMode it would run
 # on fake tensors: the fake-tensor and AOT-dispatch checks need a GPU. On a GPU every check of opcheck runs.
-OPCHECK_UTILS = (("test_schema", "test_autograd_registration") if DEVICE == "cpu"
-                 else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+OPCHECK_UTILS = (
+    ("test_schema", "test_autograd_registration")
+    if DEVICE == "cpu"
+    else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+)
 
 
 def test_opcheck():
     lp, targets, il, tl = make_batch(2, 6, 4, 3)
-    torch.library.opcheck(torch.ops.alignops.ctc_posteriors_triton.default,
-                          (lp.clone().requires_grad_(), targets, il, tl, 0, True, True, True), test_utils=OPCHECK_UTILS)
-    torch.library.opcheck(torch.ops.alignops.ctc_posteriors_triton.default,
-                          (lp.float(), targets, il, tl, 0, False, True, False), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.alignops.ctc_posteriors_triton.default,
+        (lp.clone().requires_grad_(), targets, il, tl, 0, True, True, True),
+        test_utils=OPCHECK_UTILS,
+    )
+    torch.library.opcheck(
+        torch.ops.alignops.ctc_posteriors_triton.default,
+        (lp.float(), targets, il, tl, 0, False, True, False),
+        test_utils=OPCHECK_UTILS,
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiling the Triton op needs a GPU")

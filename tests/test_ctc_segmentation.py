@@ -54,8 +54,9 @@ def random_problem(seed, dtype=np.float32, V=None, n_utt=None, noise=None):
     V = V or int(rng.integers(4, 14))
     n_utt = n_utt or int(rng.integers(1, 6))
     utts = [rng.integers(1, V, size=int(rng.integers(1, 14))) for _ in range(n_utt)]
-    lpz, _ = speech(seed, utts, V, noise=noise if noise is not None else float(rng.choice([0.5, 1.5, 3.0])),
-                    dtype=dtype)
+    lpz, _ = speech(
+        seed, utts, V, noise=noise if noise is not None else float(rng.choice([0.5, 1.5, 3.0])), dtype=dtype
+    )
     return lpz, utts
 
 
@@ -94,8 +95,12 @@ def test_utterance_score_definition():
     assert got[1] == cp[10:40].mean()
     assert got[2] == cp[10:40].mean()
     assert got[3] == -1e10 and got[4] == -1e10
-    assert alignops.ctc.utterance_score(torch.full((60,), 0.5, dtype=torch.float64), torch.tensor([0]),
-                                    torch.tensor([60]))[0] == 0.0  # min(0, ...) clamps positive means
+    assert (
+        alignops.ctc.utterance_score(
+            torch.full((60,), 0.5, dtype=torch.float64), torch.tensor([0]), torch.tensor([60])
+        )[0]
+        == 0.0
+    )  # min(0, ...) clamps positive means
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -107,8 +112,12 @@ def test_utterance_score_batched_matches_reference(dtype):
     want = ref.utterance_score(cp, starts, ends, window=30)
     assert got.dtype == torch.float64 and got.shape == (3, 11)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(alignops.ctc.utterance_score(cp, starts, ends, window=7, backend="torch"),
-                               alignops.ctc.utterance_score(cp, starts, ends, window=7), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        alignops.ctc.utterance_score(cp, starts, ends, window=7, backend="torch"),
+        alignops.ctc.utterance_score(cp, starts, ends, window=7),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 # ---- ctc_segmentation vs the package --------------------------------------------------------------
@@ -121,9 +130,13 @@ def test_ctc_segmentation_matches_package(seed, dtype, block_columns, capability
     lpz, utts = random_problem(seed, dtype)
     gt, _ = token_gt(utts, lpz.shape[1])
     rng = np.random.default_rng(seed)
-    cfg = dict(min_window_size=int(rng.choice([8000, 24, 60])), max_window_size=int(rng.choice([100000, 300])),
-               blank_transition_cost_zero=bool(seed % 3 == 0), preamble_transition_cost_zero=bool(seed % 4 != 1),
-               backtrack_from_max_t=bool(seed % 5 == 2))
+    cfg = dict(
+        min_window_size=int(rng.choice([8000, 24, 60])),
+        max_window_size=int(rng.choice([100000, 300])),
+        blank_transition_cost_zero=bool(seed % 3 == 0),
+        preamble_transition_cost_zero=bool(seed % 4 != 1),
+        backtrack_from_max_t=bool(seed % 5 == 2),
+    )
     pk = package(lpz, gt, **cfg)
     kw = dict(cfg, block_columns=block_columns)  # 3: the checkpointed table, refilled block by block
     if pk is None:
@@ -146,8 +159,9 @@ def test_window_recentring_and_retries_match_package(capability):
             if pk is None:
                 continue
             for block_columns in (0, 7):
-                out = cseg.ctc_segmentation(torch.from_numpy(lpz), torch.from_numpy(gt), min_window_size=window,
-                                            block_columns=block_columns)
+                out = cseg.ctc_segmentation(
+                    torch.from_numpy(lpz), torch.from_numpy(gt), min_window_size=window, block_columns=block_columns
+                )
                 assert_same_as_package(out, 0, pk, lpz.shape[0], gt.shape[0])
             hits += int(out.window_sizes[0] > window)
     assert hits > 0  # some problems needed a doubled window
@@ -160,8 +174,9 @@ def test_multi_character_symbols_match_package(replace_spaces, capability):
     for seed in range(10):
         rng = np.random.default_rng(seed)
         text = ["".join(rng.choice(list("abcde "), size=int(rng.integers(2, 12)))) for _ in range(3)]
-        config = cs.CtcSegmentationParameters(char_list=chars, replace_spaces_with_blanks=replace_spaces,
-                                              min_window_size=int(rng.choice([8000, 50])))
+        config = cs.CtcSegmentationParameters(
+            char_list=chars, replace_spaces_with_blanks=replace_spaces, min_window_size=int(rng.choice([8000, 50]))
+        )
         gt, _ = cs.prepare_text(config, text)
         assert gt.shape[1] == 3
         T = int(rng.integers(gt.shape[0] + 5, 200))
@@ -171,8 +186,12 @@ def test_multi_character_symbols_match_package(replace_spaces, capability):
         except IndexError:
             continue
         for block_columns in (0, 2, 5):  # S = 3: blocks narrower than S widen to S
-            out = cseg.ctc_segmentation(torch.from_numpy(lpz), torch.from_numpy(gt),
-                                        min_window_size=config.min_window_size, block_columns=block_columns)
+            out = cseg.ctc_segmentation(
+                torch.from_numpy(lpz),
+                torch.from_numpy(gt),
+                min_window_size=config.min_window_size,
+                block_columns=block_columns,
+            )
             assert_same_as_package(out, 0, (timings, char_probs), T, gt.shape[0])
 
 
@@ -189,18 +208,21 @@ def test_minus_inf_log_probs_match_package(dtype):
         pk = package(lpz, gt, min_window_size=30)
         assert pk is not None  # seeds whose problems align
         for block_columns in (0, 3):
-            out = cseg.ctc_segmentation(torch.from_numpy(lpz), torch.from_numpy(gt), min_window_size=30,
-                                        block_columns=block_columns)
+            out = cseg.ctc_segmentation(
+                torch.from_numpy(lpz), torch.from_numpy(gt), min_window_size=30, block_columns=block_columns
+            )
             assert_same_as_package(out, 0, pk, lpz.shape[0], gt.shape[0])
 
 
 def test_empty_batches_and_half_precision_inputs():
     none = torch.zeros(0, dtype=torch.int64)
-    out = torch.ops.alignops.ctc_segmentation(torch.zeros(0, 5, 3), none, torch.zeros(0, 3, 1, dtype=torch.int64), none,
-                                              0, 8000, 100000, 2, False, -1)
+    out = torch.ops.alignops.ctc_segmentation(
+        torch.zeros(0, 5, 3), none, torch.zeros(0, 3, 1, dtype=torch.int64), none, 0, 8000, 100000, 2, False, -1
+    )
     assert [tuple(o.shape) for o in out] == [(0, 3), (0, 5), (0, 5), (0,)]
-    assert alignops.ctc.utterance_score(torch.zeros(2, 10), torch.zeros(2, 0, dtype=torch.int64),
-                                    torch.zeros(2, 0, dtype=torch.int64)).shape == (2, 0)
+    assert alignops.ctc.utterance_score(
+        torch.zeros(2, 10), torch.zeros(2, 0, dtype=torch.int64), torch.zeros(2, 0, dtype=torch.int64)
+    ).shape == (2, 0)
     # bf16 / fp16 log-probs are read as fp32: the package's result on the same (widened) values.
     lpz, utts = random_problem(800, V=8, n_utt=3)
     gt, _ = token_gt(utts, 8)
@@ -220,7 +242,7 @@ def test_batch_of_problems_matches_package_one_by_one():
         pk = package(lpz, gts[b].numpy(), min_window_size=50)
         assert_same_as_package(out, b, pk, lpz.shape[0], gts[b].shape[0])
         # padding past the lengths stays untouched
-        assert (out.states[b, lpz.shape[0]:] == cseg.NOT_ON_PATH).all()
+        assert (out.states[b, lpz.shape[0] :] == cseg.NOT_ON_PATH).all()
     # segments of the whole batch at once (ragged utterance counts), as the package's one by one
     begins = [token_gt(u, 9)[1] for _, u in problems]
     seg = cseg.utterance_segments(out.timings, out.char_probs, begins)
@@ -229,8 +251,9 @@ def test_batch_of_problems_matches_package_one_by_one():
         pk = package(lpz, gts[b].numpy(), min_window_size=50)
         want = cs.determine_utterance_segments(config, begins[b], pk[1], pk[0], utts)
         U = len(utts)
-        assert list(zip(seg.start[b, :U].tolist(), seg.end[b, :U].tolist(), seg.score[b, :U].tolist())) == \
-            [tuple(float(v) for v in w) for w in want]
+        assert list(zip(seg.start[b, :U].tolist(), seg.end[b, :U].tolist(), seg.score[b, :U].tolist())) == [
+            tuple(float(v) for v in w) for w in want
+        ]
         assert seg.score[b, U:].isnan().all() and (seg.start_frame[b, U:] == -1).all()
 
 
@@ -249,18 +272,26 @@ def test_reference_matches_package_and_native(seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_utterance_segments_match_package(seed):
     lpz, utts = random_problem(400 + seed, V=10, n_utt=5)
-    config = cs.CtcSegmentationParameters(char_list=[str(i) for i in range(10)], index_duration=0.02,
-                                          score_min_mean_over_L=int(4 + 7 * seed))
+    config = cs.CtcSegmentationParameters(
+        char_list=[str(i) for i in range(10)], index_duration=0.02, score_min_mean_over_L=int(4 + 7 * seed)
+    )
     gt, begins = cs.prepare_token_list(config, utts)
     timings, char_probs, _ = cs.ctc_segmentation(config, lpz, gt)
     want = cs.determine_utterance_segments(config, begins, char_probs, timings, utts)
     out = cseg.ctc_segmentation(torch.from_numpy(lpz), torch.from_numpy(gt))
-    seg = cseg.utterance_segments(out.timings[0], out.char_probs[0], begins, index_duration=0.02,
-                                  window=config.score_min_mean_over_L)
+    seg = cseg.utterance_segments(
+        out.timings[0], out.char_probs[0], begins, index_duration=0.02, window=config.score_min_mean_over_L
+    )
     got = list(zip(seg.start.tolist(), seg.end.tolist(), seg.score.tolist()))
     assert got == [tuple(float(v) for v in s) for s in want]  # bit for bit, scores included
-    seg_ref = cseg.utterance_segments(out.timings[0], out.char_probs[0], begins, index_duration=0.02,
-                                      window=config.score_min_mean_over_L, backend="torch")
+    seg_ref = cseg.utterance_segments(
+        out.timings[0],
+        out.char_probs[0],
+        begins,
+        index_duration=0.02,
+        window=config.score_min_mean_over_L,
+        backend="torch",
+    )
     torch.testing.assert_close(seg_ref.score, seg.score, rtol=1e-12, atol=1e-12)
 
 
@@ -270,13 +301,23 @@ def test_prefixes_equal_package_on_each_prefix():
     T = lpz.shape[0]
     ends = torch.tensor([begins[1:]])
     tim, cp, _, ok, table = torch.ops.alignops.ctc_segmentation_prefixes(
-        torch.from_numpy(lpz)[None], torch.tensor([T]), torch.from_numpy(gt)[None], torch.tensor([gt.shape[0]]),
-        ends, 0, 2, False, None, None, True)
+        torch.from_numpy(lpz)[None],
+        torch.tensor([T]),
+        torch.from_numpy(gt)[None],
+        torch.tensor([gt.shape[0]]),
+        ends,
+        0,
+        2,
+        False,
+        None,
+        None,
+        True,
+    )
     for j, k in enumerate(range(1, len(utts) + 1)):
         gt_k, _ = token_gt(utts[:k], 7)
         pk = package(lpz, gt_k, min_window_size=T)
         assert ok[0, j]
-        np.testing.assert_array_equal(tim[0, j, :gt_k.shape[0]].numpy() * 0.025, pk[0])
+        np.testing.assert_array_equal(tim[0, j, : gt_k.shape[0]].numpy() * 0.025, pk[0])
         np.testing.assert_array_equal(cp[0, j].numpy(), pk[1])
     # The full-window table is the reference's, column by column.
     ref_table, _, _ = ref.fill_table(torch.from_numpy(lpz), torch.from_numpy(gt), T, 0, 2)
@@ -294,14 +335,17 @@ def test_prefixes_extend_a_shorter_table(dtype):
     x, g = torch.from_numpy(lpz)[None], torch.from_numpy(gt)[None]
     C = torch.tensor([gt.shape[0]])
     ends_short = torch.tensor([[b if b + 1 <= T1 else -1 for b in begins[1:]]])
-    _, _, _, ok1, t1 = torch.ops.alignops.ctc_segmentation_prefixes(x[:, :T1], torch.tensor([T1]), g, C, ends_short,
-                                                                     0, 2, False, None, None, True)
+    _, _, _, ok1, t1 = torch.ops.alignops.ctc_segmentation_prefixes(
+        x[:, :T1], torch.tensor([T1]), g, C, ends_short, 0, 2, False, None, None, True
+    )
     assert ok1[0, :3].all() and not ok1[0, 4]
     ends = torch.tensor([begins[1:]])
-    fresh = torch.ops.alignops.ctc_segmentation_prefixes(x, torch.tensor([T]), g, C, ends, 0, 2, False, None, None,
-                                                         True)
-    grown = torch.ops.alignops.ctc_segmentation_prefixes(x, torch.tensor([T]), g, C, ends, 0, 2, False, t1,
-                                                         torch.tensor([T1]), True)
+    fresh = torch.ops.alignops.ctc_segmentation_prefixes(
+        x, torch.tensor([T]), g, C, ends, 0, 2, False, None, None, True
+    )
+    grown = torch.ops.alignops.ctc_segmentation_prefixes(
+        x, torch.tensor([T]), g, C, ends, 0, 2, False, t1, torch.tensor([T1]), True
+    )
     for a, b in zip(fresh, grown):
         assert torch.equal(a, b)
     pk = package(lpz, gt, min_window_size=T)
@@ -348,7 +392,7 @@ def test_pseudo_forced_align_step_is_the_package_on_the_chunk():
     first = res.segments[:3]
     assert all(s.aligned for s in first) and res.anchors[0] == 0
     k = sum(1 for s in first if s.aligned)
-    chunk = lpz[:min(600, lpz.shape[0])].numpy()
+    chunk = lpz[: min(600, lpz.shape[0])].numpy()
     config = cs.CtcSegmentationParameters(char_list=[str(i) for i in range(12)], min_window_size=8000)
     gt, begins = cs.prepare_token_list(config, transcript[:k])
     timings, char_probs, _ = cs.ctc_segmentation(config, chunk, gt)
@@ -361,8 +405,9 @@ def test_pseudo_forced_align_backends_agree_and_writers():
     kw = dict(group_size=4, max_window=900, texts=["x" * 40] * len(transcript))
     nat = cseg.pseudo_forced_align(lpz, transcript, **kw)
     tor = cseg.pseudo_forced_align(lpz, transcript, backend="torch", **kw)
-    assert [(s.start, s.end, s.aligned, s.kept) for s in nat.segments] == \
-        [(s.start, s.end, s.aligned, s.kept) for s in tor.segments]
+    assert [(s.start, s.end, s.aligned, s.kept) for s in nat.segments] == [
+        (s.start, s.end, s.aligned, s.kept) for s in tor.segments
+    ]
     np.testing.assert_allclose([s.score for s in nat.segments], [s.score for s in tor.segments], rtol=1e-12)
     f = io.StringIO()
     cseg.write_kaldi_segments(nat, f, "rec", utt_ids=[f"u{i}" for i in range(len(transcript))])
@@ -387,8 +432,9 @@ def test_pseudo_forced_align_grown_windows_extend_the_table():
     nat = cseg.pseudo_forced_align(lpz, transcript, **kw)
     tor = cseg.pseudo_forced_align(lpz, transcript, backend="torch", **kw)
     assert nat.fills > len(nat.anchors)  # windows grew
-    assert [(s.start, s.end, s.aligned, s.kept, s.token_frames) for s in nat.segments] == \
-        [(s.start, s.end, s.aligned, s.kept, s.token_frames) for s in tor.segments]
+    assert [(s.start, s.end, s.aligned, s.kept, s.token_frames) for s in nat.segments] == [
+        (s.start, s.end, s.aligned, s.kept, s.token_frames) for s in tor.segments
+    ]
     np.testing.assert_allclose([s.score for s in nat.segments], [s.score for s in tor.segments], rtol=1e-12)
     assert sum(s.kept for s in nat.segments) >= 8
 
@@ -405,8 +451,9 @@ def test_pseudo_forced_align_equals_the_loop_driven_by_the_package():
     run = lambda: cseg.pseudo_forced_align(lpz, transcript, index_duration=0.02, window=150, group_size=5)  # noqa
     ours, theirs = run(), _with_package_steps(cs, run)
     assert ours.fills > len(ours.anchors)  # windows grew
-    assert [(s.start, s.end, s.score, s.aligned, s.kept, s.token_frames) for s in ours.segments] == \
-        [(s.start, s.end, s.score, s.aligned, s.kept, s.token_frames) for s in theirs.segments]
+    assert [(s.start, s.end, s.score, s.aligned, s.kept, s.token_frames) for s in ours.segments] == [
+        (s.start, s.end, s.score, s.aligned, s.kept, s.token_frames) for s in theirs.segments
+    ]
     assert sum(s.kept for s in ours.segments) > 0
 
 
@@ -424,26 +471,42 @@ def test_short_utterances_use_the_stricter_threshold():
 def test_opcheck():
     lpz, utts = random_problem(600, V=6, n_utt=2)
     gt, begins = token_gt(utts, 6)
-    args = (torch.from_numpy(lpz)[None], torch.tensor([lpz.shape[0]]), torch.from_numpy(gt)[None],
-            torch.tensor([gt.shape[0]]))
+    args = (
+        torch.from_numpy(lpz)[None],
+        torch.tensor([lpz.shape[0]]),
+        torch.from_numpy(gt)[None],
+        torch.tensor([gt.shape[0]]),
+    )
     torch.library.opcheck(torch.ops.alignops.ctc_segmentation.default, (*args, 0, 8000, 100000, 2, False, -1))
     torch.library.opcheck(torch.ops.alignops.ctc_segmentation.default, (*args, 0, 8000, 100000, 2, False, 2))
-    torch.library.opcheck(torch.ops.alignops.ctc_segmentation_prefixes.default,
-                          (*args, torch.tensor([begins[1:]]), 0, 2, False, None, None, False))
-    _, _, _, _, table = torch.ops.alignops.ctc_segmentation_prefixes(*args, torch.tensor([begins[1:]]), 0, 2, False,
-                                                                     None, None, True)
-    torch.library.opcheck(torch.ops.alignops.ctc_segmentation_prefixes.default,
-                          (*args, torch.tensor([begins[1:]]), 0, 2, False, table[:, :, :20], torch.tensor([20]), True))
-    torch.library.opcheck(torch.ops.alignops.ctc_segmentation_utterance_score.default,
-                          (torch.randn(2, 50, dtype=torch.float64), torch.tensor([[0, 3], [10, 5]]),
-                           torch.tensor([[40, 20], [50, 2]]), 30))
+    torch.library.opcheck(
+        torch.ops.alignops.ctc_segmentation_prefixes.default,
+        (*args, torch.tensor([begins[1:]]), 0, 2, False, None, None, False),
+    )
+    _, _, _, _, table = torch.ops.alignops.ctc_segmentation_prefixes(
+        *args, torch.tensor([begins[1:]]), 0, 2, False, None, None, True
+    )
+    torch.library.opcheck(
+        torch.ops.alignops.ctc_segmentation_prefixes.default,
+        (*args, torch.tensor([begins[1:]]), 0, 2, False, table[:, :, :20], torch.tensor([20]), True),
+    )
+    torch.library.opcheck(
+        torch.ops.alignops.ctc_segmentation_utterance_score.default,
+        (
+            torch.randn(2, 50, dtype=torch.float64),
+            torch.tensor([[0, 3], [10, 5]]),
+            torch.tensor([[40, 20], [50, 2]]),
+            30,
+        ),
+    )
 
 
 def test_utterance_score_compiles_fullgraph():
     cp = torch.randn(2, 90, dtype=torch.float64)
     s, e = torch.tensor([[0, 30], [5, 60]]), torch.tensor([[40, 50], [80, 90]])
-    fn = torch.compile(lambda c, a, b: alignops.ctc.utterance_score(c, a, b, 30) * 2, fullgraph=True,
-                       backend="aot_eager")
+    fn = torch.compile(
+        lambda c, a, b: alignops.ctc.utterance_score(c, a, b, 30) * 2, fullgraph=True, backend="aot_eager"
+    )
     torch.testing.assert_close(fn(cp, s, e), alignops.ctc.utterance_score(cp, s, e, 30) * 2)
 
 
@@ -517,7 +580,7 @@ def _package_min_mean(cp, s, e, n):
         return cp[s:e].mean()
     m = np.float64(0.0)
     for t in range(s, e - n):
-        m = min(m, cp[t:t + n].mean())
+        m = min(m, cp[t : t + n].mean())
     return m
 
 
@@ -529,8 +592,15 @@ def check_nan_frame_as_the_package(backend, device, seed, trials, T, max_window)
         cp[rng.integers(0, T)] = np.nan
         s = int(rng.integers(0, T - 1))
         e, n = int(rng.integers(s, T + 1)), int(rng.integers(1, max_window))
-        got = float(cseg.utterance_score(torch.from_numpy(cp).to(device), torch.tensor([s], device=device),
-                                         torch.tensor([e], device=device), n, backend=backend)[0])
+        got = float(
+            cseg.utterance_score(
+                torch.from_numpy(cp).to(device),
+                torch.tensor([s], device=device),
+                torch.tensor([e], device=device),
+                n,
+                backend=backend,
+            )[0]
+        )
         exp = _package_min_mean(cp, s, e, n)
         assert (np.isnan(got) and np.isnan(exp)) or got == pytest.approx(exp, rel=1e-12, abs=0), (s, e, n)
 

@@ -55,16 +55,20 @@ def test_utterance_score_triton_bad_input():
 
 
 # The interpreter cannot run on fake tensors, so on CPU the fake-tensor checks are left to the GPU run.
-OPCHECK_UTILS = (("test_schema", "test_autograd_registration") if DEVICE == "cpu"
-                 else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+OPCHECK_UTILS = (
+    ("test_schema", "test_autograd_registration")
+    if DEVICE == "cpu"
+    else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+)
 
 
 def test_utterance_score_triton_opcheck():
     cp = torch.randn(2, 50, dtype=torch.float64, device=DEVICE)
     s = torch.tensor([[0, 3], [10, 5]], device=DEVICE)
     e = torch.tensor([[40, 20], [50, 2]], device=DEVICE)
-    torch.library.opcheck(torch.ops.alignops.ctc_segmentation_utterance_score_triton.default, (cp, s, e, 30),
-                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.alignops.ctc_segmentation_utterance_score_triton.default, (cp, s, e, 30), test_utils=OPCHECK_UTILS
+    )
 
 
 def test_utterance_score_triton_nan_frame_as_the_package():

@@ -19,8 +19,9 @@ def _fused_linear(meta):
     b = torch.randn(11)
     args = dict(hidden=h, weight=w, targets=t, bias=b)
     args[meta] = args[meta].to(M)
-    return lambda: torch.ops.alignops.fused_linear_logprobs(args["hidden"], args["weight"], args["targets"],
-                                                            args["bias"], -100, 1.0, 1.0, 0.0, False)
+    return lambda: torch.ops.alignops.fused_linear_logprobs(
+        args["hidden"], args["weight"], args["targets"], args["bias"], -100, 1.0, 1.0, 0.0, False
+    )
 
 
 def _skip_ffn_keep():
@@ -58,19 +59,33 @@ def _wasserstein_weights():
     return lambda: torch.ops.alignops.wasserstein_1d(u, v, None, torch.rand(2, 9, device=M), 1.0)
 
 
-@pytest.mark.parametrize("call, message", [
-    (_fused_linear("weight"), r"weight must be on the device of hidden \(cpu\), got meta"),
-    (_fused_linear("bias"), r"bias must be on the device of hidden \(cpu\), got meta"),
-    (_fused_linear("targets"), r"targets must be on the device of hidden \(cpu\), got meta"),
-    (_fused_linear("hidden"), r"weight must be on the device of hidden \(meta\), got cpu"),
-    (_skip_ffn_keep(), r"keep must be on the device of x \(cpu\), got meta"),
-    (_kgw_context(), r"context must be on the device of logits \(cpu\), got meta"),
-    (_utterance_score_starts(), r"starts must be on the device of frame_logprobs \(cpu\), got meta"),
-    (_forced_align_targets(), r"targets must be on the device of log_probs \(cpu\), got meta"),
-    (_ctc_posteriors_lengths(), r"target_lengths must be on the device of log_probs \(cpu\), got meta"),
-    (_wasserstein_weights(), r"v_weights must be on the device of u \(cpu\), got meta"),
-], ids=["fll-weight", "fll-bias", "fll-targets", "fll-hidden", "skip-keep", "kgw-context", "utt-starts",
-        "forced-align-targets", "ctc-posteriors-lengths", "w1d-weights"])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (_fused_linear("weight"), r"weight must be on the device of hidden \(cpu\), got meta"),
+        (_fused_linear("bias"), r"bias must be on the device of hidden \(cpu\), got meta"),
+        (_fused_linear("targets"), r"targets must be on the device of hidden \(cpu\), got meta"),
+        (_fused_linear("hidden"), r"weight must be on the device of hidden \(meta\), got cpu"),
+        (_skip_ffn_keep(), r"keep must be on the device of x \(cpu\), got meta"),
+        (_kgw_context(), r"context must be on the device of logits \(cpu\), got meta"),
+        (_utterance_score_starts(), r"starts must be on the device of frame_logprobs \(cpu\), got meta"),
+        (_forced_align_targets(), r"targets must be on the device of log_probs \(cpu\), got meta"),
+        (_ctc_posteriors_lengths(), r"target_lengths must be on the device of log_probs \(cpu\), got meta"),
+        (_wasserstein_weights(), r"v_weights must be on the device of u \(cpu\), got meta"),
+    ],
+    ids=[
+        "fll-weight",
+        "fll-bias",
+        "fll-targets",
+        "fll-hidden",
+        "skip-keep",
+        "kgw-context",
+        "utt-starts",
+        "forced-align-targets",
+        "ctc-posteriors-lengths",
+        "w1d-weights",
+    ],
+)
 def test_raw_op_names_the_argument_on_another_device(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -107,8 +122,12 @@ def test_meta_inputs_propagate_shapes():
     assert (loss.device, loss.shape) == (M, (B,))
     post = ctc.ctc_posteriors(lp, targets, il, tl)
     assert post.loss.shape == (B,) and post.states.device == M
-    score = ctc.utterance_score(torch.empty(B, T, device=M), torch.zeros(B, 4, dtype=torch.long, device=M),
-                                torch.zeros(B, 4, dtype=torch.long, device=M), window=3)
+    score = ctc.utterance_score(
+        torch.empty(B, T, device=M),
+        torch.zeros(B, 4, dtype=torch.long, device=M),
+        torch.zeros(B, 4, dtype=torch.long, device=M),
+        window=3,
+    )
     assert (score.device, score.shape) == (M, (B, 4))
     logp = alignops.selective_logprobs(torch.empty(4, 11, device=M), torch.zeros(4, dtype=torch.long, device=M))
     assert (logp.device, logp.shape) == (M, (4,))
@@ -125,11 +144,15 @@ def test_meta_inputs_that_need_values_say_what_to_pass():
     with pytest.raises(ValueError, match="token_spans: paths is a meta tensor, which holds no values; pass num_spans"):
         ctc.token_spans(torch.empty(2, 12, dtype=torch.long, device=M))
     a = torch.empty(2, 50, dtype=torch.long, device=M)
-    with pytest.raises(ValueError, match="confusion_matrices: a is a meta tensor, which holds no values; "
-                                         "pass num_classes"):
+    with pytest.raises(
+        ValueError, match="confusion_matrices: a is a meta tensor, which holds no values; pass num_classes"
+    ):
         metrics.cohen_kappa(a, a)
     lp = torch.empty(2, 12, 5, device=M)
-    with pytest.raises(ValueError, match="ctc_posteriors: target_lengths is a meta tensor, which holds no values; "
-                                         "concatenated 1-D targets"):
-        ctc.ctc_loss(lp, torch.empty(6, dtype=torch.long, device=M), [12, 12],
-                     torch.empty(2, dtype=torch.long, device=M))
+    with pytest.raises(
+        ValueError,
+        match="ctc_posteriors: target_lengths is a meta tensor, which holds no values; concatenated 1-D targets",
+    ):
+        ctc.ctc_loss(
+            lp, torch.empty(6, dtype=torch.long, device=M), [12, 12], torch.empty(2, dtype=torch.long, device=M)
+        )

@@ -14,12 +14,16 @@ def test_error_class_is_both_value_and_runtime_error():
     assert issubclass(AlignopsError, ValueError) and issubclass(AlignopsError, RuntimeError)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: alignops.preference_loss(*torch.randn(4, 3), beta=-1.0),
-    lambda: alignops.selective_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=0.0),
-    lambda: alignops.skip_ffn(torch.randn(2, 3, 4), torch.randn(8, 3), torch.randn(4, 4)),
-    lambda: alignops.ctc.forced_align(torch.randn(1, 4, 3), torch.zeros(3)),
-], ids=["preference", "selective_logprobs", "skip_ffn", "forced_align"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: alignops.preference_loss(*torch.randn(4, 3), beta=-1.0),
+        lambda: alignops.selective_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=0.0),
+        lambda: alignops.skip_ffn(torch.randn(2, 3, 4), torch.randn(8, 3), torch.randn(4, 4)),
+        lambda: alignops.ctc.forced_align(torch.randn(1, 4, 3), torch.zeros(3)),
+    ],
+    ids=["preference", "selective_logprobs", "skip_ffn", "forced_align"],
+)
 def test_argument_errors_caught_as_runtime_error(call):
     # torch's / torchaudio's TORCH_CHECK argument errors are RuntimeErrors; code that catches them keeps working.
     with pytest.raises(RuntimeError, match="must") as info:
@@ -28,6 +32,7 @@ def test_argument_errors_caught_as_runtime_error(call):
 
 
 # ---- non-finite hyper-parameters -------------------------------------------------------------------------
+
 
 def _pairs():
     return torch.randn(4), torch.randn(4), torch.randn(4), torch.randn(4)
@@ -57,6 +62,7 @@ def test_fused_linear_refuses_an_infinite_softcap():
 
 # ---- NaN data: a documented value or an error -----------------------------------------------------------
 
+
 def test_best_and_worst_of_n_pick_the_nan_as_torch_max_does():
     r = torch.tensor([[1.0, float("nan"), 3.0], [0.0, 2.0, 1.0]])
     best, worst = alignops.rewards.best_of_n(r), alignops.rewards.worst_of_n(r)
@@ -65,8 +71,9 @@ def test_best_and_worst_of_n_pick_the_nan_as_torch_max_does():
 
 
 def test_calibrate_gives_nan_for_a_nan_reward_or_reference():
-    out = alignops.rewards.calibrate(torch.tensor([[float("nan"), 0.5], [0.5, 0.5]]),
-                                     torch.tensor([[0.0, 1.0], [0.0, float("nan")]]))
+    out = alignops.rewards.calibrate(
+        torch.tensor([[float("nan"), 0.5], [0.5, 0.5]]), torch.tensor([[0.0, 1.0], [0.0, float("nan")]])
+    )
     assert out[0, 0].isnan() and out[0, 1] == 0.5 and out[1].isnan().all()
 
 
@@ -81,9 +88,11 @@ def test_benjamini_hochberg_refuses_nan_pvalues():
 
 
 def test_rrhf_loss_is_nan_for_a_prompt_with_a_nan_reward():
-    out = alignops.rrhf_loss(torch.tensor([[-1.0, -2.0, -3.0]] * 2), torch.tensor([[1.0, float("nan"), 0.0],
-                                                                                   [1.0, 2.0, 3.0]]),
-                             torch.ones(2, 3))
+    out = alignops.rrhf_loss(
+        torch.tensor([[-1.0, -2.0, -3.0]] * 2),
+        torch.tensor([[1.0, float("nan"), 0.0], [1.0, 2.0, 3.0]]),
+        torch.ones(2, 3),
+    )
     assert out.loss.isnan() and out.rank_loss[0].isnan() and out.nll_loss[0].isnan()
     # the finite prompt is untouched: best = candidate 2, hinge over (0 < 2), (1 < 2), (0 < 1) pairs
     assert out.nll_loss[1] == 3.0 and out.rank_loss[1] == 1.0 + 1.0 + 2.0

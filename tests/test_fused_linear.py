@@ -32,8 +32,9 @@ def test_logprobs_and_grads_match_reference(vocab_tiles, dtype, opts, bias):
     out = alignops.fused_linear_logprobs(hidden, weight, targets, b, return_entropy=True, **opts)
     params = [t for t in (hidden, weight, b) if t is not None]
     clones = [t.detach().clone().requires_grad_(True) for t in params]
-    exp_logp, exp_ent = ref.fused_linear_logprobs(clones[0], clones[1], targets, clones[2] if bias else None,
-                                                  return_entropy=True, **opts)
+    exp_logp, exp_ent = ref.fused_linear_logprobs(
+        clones[0], clones[1], targets, clones[2] if bias else None, return_entropy=True, **opts
+    )
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.logp, exp_logp, **tol)
     torch.testing.assert_close(out.entropy, exp_ent, **tol)
@@ -68,13 +69,28 @@ def test_entropy_gradient_matches_reference(vocab_tiles, dtype, opts, use_logp):
 def test_entropy_gradcheck_and_opcheck():
     hidden, weight, b, targets = make(7, 5, 13, torch.float64, bias=True)
     assert torch.autograd.gradcheck(
-        lambda h, w, bb: alignops.fused_linear_logprobs(h, w, targets, bb, softcap=3.0, temperature=0.9,
-                                                        return_entropy=True).entropy, (hidden, weight, b))
+        lambda h, w, bb: (
+            alignops.fused_linear_logprobs(h, w, targets, bb, softcap=3.0, temperature=0.9, return_entropy=True).entropy
+        ),
+        (hidden, weight, b),
+    )
     out = torch.ops.alignops.fused_linear_logprobs(hidden, weight, targets, b, -100, 0.9, 1.0, 0.0, True)
     # The backward op itself has no autograd: its inputs are plain tensors.
-    args = (torch.randn(7, dtype=torch.float64), hidden.detach(), weight.detach(), targets, b.detach(),
-            out[1].detach(), -100, 0.9, 1.0, 0.0,
-            True, torch.randn(7, dtype=torch.float64), out[2].detach())
+    args = (
+        torch.randn(7, dtype=torch.float64),
+        hidden.detach(),
+        weight.detach(),
+        targets,
+        b.detach(),
+        out[1].detach(),
+        -100,
+        0.9,
+        1.0,
+        0.0,
+        True,
+        torch.randn(7, dtype=torch.float64),
+        out[2].detach(),
+    )
     torch.library.opcheck(torch.ops.alignops.fused_linear_logprobs_backward.default, args)
     with pytest.raises(ValueError, match="grad_entropy and entropy go together"):
         torch.ops.alignops.fused_linear_logprobs_backward(*args[:-1])
@@ -94,15 +110,19 @@ def test_bf16_within_twice_torch_error():
 
 def test_opcheck_gradcheck_compile():
     hidden, weight, b, targets = make(7, 5, 13, torch.float64, bias=True)
-    torch.library.opcheck(torch.ops.alignops.fused_linear_logprobs.default,
-                          (hidden, weight, targets, b, -100, 0.9, 1.0, 0.0, True))
-    torch.library.opcheck(torch.ops.alignops.fused_linear_logprobs.default,
-                          (hidden, weight, targets, None, -100, 1.0, 0.5, 3.0, False))
+    torch.library.opcheck(
+        torch.ops.alignops.fused_linear_logprobs.default, (hidden, weight, targets, b, -100, 0.9, 1.0, 0.0, True)
+    )
+    torch.library.opcheck(
+        torch.ops.alignops.fused_linear_logprobs.default, (hidden, weight, targets, None, -100, 1.0, 0.5, 3.0, False)
+    )
     assert torch.autograd.gradcheck(
         lambda h, w, bb: alignops.fused_linear_logprobs(h, w, targets, bb, softcap=3.0, temperature=0.9).logp,
-        (hidden, weight, b))
-    fn = torch.compile(lambda h, w: alignops.fused_linear_logprobs(h, w, targets).logp.sum(), fullgraph=True,
-                       backend="aot_eager")
+        (hidden, weight, b),
+    )
+    fn = torch.compile(
+        lambda h, w: alignops.fused_linear_logprobs(h, w, targets).logp.sum(), fullgraph=True, backend="aot_eager"
+    )
     grads = torch.autograd.grad(fn(hidden, weight), (hidden, weight))
     exp = torch.autograd.grad(ref.fused_linear_logprobs(hidden, weight, targets).sum(), (hidden, weight))
     for a, e in zip(grads, exp):
@@ -170,8 +190,15 @@ def test_packed_layout_equals_padded():
     padded = alignops.fused_linear_preference_loss(hidden, weight, targets, ref_hidden=hidden * 0.9, loss_type="ipo")
     cu = torch.arange(0, 2 * B * T + 1, T)
     packed = alignops.fused_linear_preference_loss(
-        hidden.reshape(-1, H), weight, targets.reshape(-1), ref_hidden=hidden.reshape(-1, H) * 0.9, cu_seqlens=cu,
-        chosen_index=torch.arange(B), rejected_index=torch.arange(B, 2 * B), loss_type="ipo")
+        hidden.reshape(-1, H),
+        weight,
+        targets.reshape(-1),
+        ref_hidden=hidden.reshape(-1, H) * 0.9,
+        cu_seqlens=cu,
+        chosen_index=torch.arange(B),
+        rejected_index=torch.arange(B, 2 * B),
+        loss_type="ipo",
+    )
     torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(packed.chosen_logps, padded.chosen_logps, rtol=1e-12, atol=1e-12)
 
@@ -184,9 +211,16 @@ def test_packed_varlen_and_shared_rejected():
     hidden = torch.randn(15, H, dtype=torch.float64)
     weight = torch.randn(V, H, dtype=torch.float64)
     targets = torch.randint(0, V, (15,))
-    out = alignops.fused_linear_preference_loss(hidden, weight, targets, cu_seqlens=cu,
-                                                chosen_index=torch.tensor([0, 0]), rejected_index=torch.tensor([1, 2]),
-                                                loss_type="cpo", reduction="none")
+    out = alignops.fused_linear_preference_loss(
+        hidden,
+        weight,
+        targets,
+        cu_seqlens=cu,
+        chosen_index=torch.tensor([0, 0]),
+        rejected_index=torch.tensor([1, 2]),
+        loss_type="cpo",
+        reduction="none",
+    )
     tok = ref.fused_linear_logprobs(hidden, weight, targets)
     seqs = torch.stack([tok[s:e].sum() for s, e in zip([0, 5, 8], [5, 8, 15])])
     torch.testing.assert_close(out.chosen_logps, seqs[[0, 0]])
@@ -223,8 +257,7 @@ def test_policy_equal_reference_is_exactly_zero():
     hidden = torch.randn(2 * B, T, H)
     weight = torch.randn(V, H)
     targets = torch.randint(0, V, (2 * B, T))
-    out = alignops.fused_linear_preference_loss(hidden, weight, targets, ref_hidden=hidden.clone(),
-                                                reduction="none")
+    out = alignops.fused_linear_preference_loss(hidden, weight, targets, ref_hidden=hidden.clone(), reduction="none")
     assert torch.equal(out.chosen_rewards, torch.zeros(B)) and torch.equal(out.rejected_rewards, torch.zeros(B))
 
 
@@ -236,14 +269,16 @@ def test_reference_as_precomputed_logps_and_mask_dpo():
     ref_tok = -torch.rand(2 * B, T, dtype=torch.float64)
     by_tokens = alignops.fused_linear_preference_loss(hidden, weight, targets, ref_per_token_logps=ref_tok)
     r = ref_tok.sum(-1)
-    by_seq = alignops.fused_linear_preference_loss(hidden, weight, targets, ref_chosen_logps=r[:B],
-                                                   ref_rejected_logps=r[B:])
+    by_seq = alignops.fused_linear_preference_loss(
+        hidden, weight, targets, ref_chosen_logps=r[:B], ref_rejected_logps=r[B:]
+    )
     torch.testing.assert_close(by_tokens.loss, by_seq.loss, rtol=1e-12, atol=1e-12)
     # Mask-DPO: a token weight of 0 removes the token from both sums.
     mask = torch.ones(2 * B, T, dtype=torch.float64)
     mask[:, 4] = 0
-    masked = alignops.fused_linear_preference_loss(hidden, weight, targets, ref_per_token_logps=ref_tok,
-                                                   token_weights=mask)
+    masked = alignops.fused_linear_preference_loss(
+        hidden, weight, targets, ref_per_token_logps=ref_tok, token_weights=mask
+    )
     t2 = targets.clone()
     t2[:, 4] = -100
     dropped = alignops.fused_linear_preference_loss(hidden, weight, t2, ref_per_token_logps=ref_tok * mask)
@@ -347,25 +382,41 @@ def test_liger_modules_return_liger_structure(name):
     ref = dict(ref_input=hidden + 0.05 * torch.randn_like(hidden), ref_weight=weight, ref_bias=bias)
     peer, ours, kw = {
         "dpo": (liger.LigerFusedLinearDPOLoss(beta=0.1, compiled=False), alignops.nn.FusedLinearDPOLoss(beta=0.1), ref),
-        "dpo_nll": (liger.LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=True, compiled=False),
-                    alignops.nn.FusedLinearDPOLoss(beta=0.1, compute_nll_loss=True), ref),
-        "simpo": (liger.LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.5, compiled=False),
-                  alignops.nn.FusedLinearSimPOLoss(beta=2.0, gamma=0.5), {}),
-        "simpo_no_nll": (liger.LigerFusedLinearSimPOLoss(beta=2.0, compute_nll_loss=False, compiled=False),
-                         alignops.nn.FusedLinearSimPOLoss(beta=2.0, compute_nll_loss=False), {}),
+        "dpo_nll": (
+            liger.LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=True, compiled=False),
+            alignops.nn.FusedLinearDPOLoss(beta=0.1, compute_nll_loss=True),
+            ref,
+        ),
+        "simpo": (
+            liger.LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.5, compiled=False),
+            alignops.nn.FusedLinearSimPOLoss(beta=2.0, gamma=0.5),
+            {},
+        ),
+        "simpo_no_nll": (
+            liger.LigerFusedLinearSimPOLoss(beta=2.0, compute_nll_loss=False, compiled=False),
+            alignops.nn.FusedLinearSimPOLoss(beta=2.0, compute_nll_loss=False),
+            {},
+        ),
         "cpo": (liger.LigerFusedLinearCPOLoss(beta=0.1, compiled=False), alignops.nn.FusedLinearCPOLoss(beta=0.1), {}),
-        "orpo": (liger.LigerFusedLinearORPOLoss(beta=0.1, compiled=False), alignops.nn.FusedLinearORPOLoss(beta=0.1),
-                 {}),
-        "orpo_no_nll": (liger.LigerFusedLinearORPOLoss(beta=0.1, compute_nll_loss=False, compiled=False),
-                        alignops.nn.FusedLinearORPOLoss(beta=0.1, compute_nll_loss=False), {}),
+        "orpo": (
+            liger.LigerFusedLinearORPOLoss(beta=0.1, compiled=False),
+            alignops.nn.FusedLinearORPOLoss(beta=0.1),
+            {},
+        ),
+        "orpo_no_nll": (
+            liger.LigerFusedLinearORPOLoss(beta=0.1, compute_nll_loss=False, compiled=False),
+            alignops.nn.FusedLinearORPOLoss(beta=0.1, compute_nll_loss=False),
+            {},
+        ),
     }[name]
     exp_loss, exp_aux = peer(weight, hidden, targets, bias, **kw)
     loss, aux = ours(weight, hidden, targets, bias, **kw)
     torch.testing.assert_close(loss, exp_loss, rtol=1e-5, atol=1e-6)
     assert len(aux) == len(exp_aux)
     for got, exp in zip(aux, exp_aux):
-        torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(exp).to(torch.as_tensor(got).dtype),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            torch.as_tensor(got), torch.as_tensor(exp).to(torch.as_tensor(got).dtype), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_liger_modules_check_arguments_at_construction():

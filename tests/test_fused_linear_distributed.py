@@ -29,8 +29,9 @@ class TinyPolicy(torch.nn.Module):
 
     def forward(self, x, targets, ref_hidden):
         h = torch.tanh(self.trunk(x))
-        return alignops.fused_linear_preference_loss(h, self.head.weight, targets, ref_hidden=ref_hidden,
-                                                     loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.1]).loss
+        return alignops.fused_linear_preference_loss(
+            h, self.head.weight, targets, ref_hidden=ref_hidden, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.1]
+        ).loss
 
 
 def make_batch():
@@ -60,8 +61,10 @@ def _worker(rank, init_file, out_dir):
         loss.backward()
         avg = loss.detach().clone()
         dist.all_reduce(avg)
-        torch.save({"loss": avg / WORLD, "grads": {n: p.grad for n, p in model.module.named_parameters()}},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"loss": avg / WORLD, "grads": {n: p.grad for n, p in model.module.named_parameters()}},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

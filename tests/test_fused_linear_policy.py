@@ -260,7 +260,8 @@ def test_high_entropy_mask_matches_trl_rule():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     # completion entropies 0.1, 2, 3, 1, 5: the 0.6 quantile is 2.6 (linear interpolation) -> 3 and 5 kept
     assert torch.equal(
-        high_entropy_mask(ent, mask, quantile=0.6), torch.tensor([[False, False, True, False], [False, True, False, False]])
+        high_entropy_mask(ent, mask, quantile=0.6),
+        torch.tensor([[False, False, True, False], [False, True, False, False]]),
     )
 
 

@@ -23,14 +23,22 @@ pytestmark = [
 ]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ACC = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32,
-       torch.float16: torch.float32}
+ACC = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.bfloat16: torch.float32,
+    torch.float16: torch.float32,
+}
 # fp32 / fp64 inputs against the reference in the same dtype. Half-precision inputs: the forward outputs are
 # held to the fp32 reference of the same values (the GEMM products are exact in fp32); their gradients, which
 # go through dz rounded to the input dtype, to twice the error of the same computation done by PyTorch in that
 # dtype (see _torch_in_dtype).
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10),
-       torch.bfloat16: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-5, atol=1e-5)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.bfloat16: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-5, atol=1e-5),
+}
 # The interpreter's fp32 -> bf16 cast truncates (a GPU rounds to nearest even), so the bf16 dz it hands to the
 # GEMMs is biased towards 0 by up to one ulp: up to one more bf16 ulp of the largest gradient entry.
 INTERPRETER_SLACK = 2.0**-7 if DEVICE == "cpu" else 0.0
@@ -82,22 +90,26 @@ def _triton(T, ls, sc):
     def fn(h, w, y, b):
         logp, lse, entropy = torch.ops.alignops.fused_linear_logprobs_triton(h, w, y, b, IGNORE, T, ls, sc, True)
         return logp, entropy, lse
+
     return fn
 
 
 def _reference(T, ls, sc, acc):
     def fn(h, w, y, b):
         hh, ww, bb = h.to(acc), w.to(acc), None if b is None else b.to(acc)
-        logp, entropy = ref.fused_linear_logprobs(hh, ww, y, bb, ignore_index=IGNORE, temperature=T, logit_scale=ls,
-                                                  softcap=sc or None, return_entropy=True)
+        logp, entropy = ref.fused_linear_logprobs(
+            hh, ww, y, bb, ignore_index=IGNORE, temperature=T, logit_scale=ls, softcap=sc or None, return_entropy=True
+        )
         z = ref.lm_head_logits(hh, ww, bb, temperature=T, logit_scale=ls, softcap=sc or None)
         lse = torch.where(y != IGNORE, torch.logsumexp(z, -1), 0.0)
         return logp, entropy, lse
+
     return fn
 
 
 def _torch_in_dtype(T, ls, sc):
     """The TRL path computed by PyTorch in the input dtype (logits, softmax and gradients all half precision)."""
+
     def fn(h, w, y, b):
         z = h @ w.t()
         if b is not None:
@@ -109,6 +121,7 @@ def _torch_in_dtype(T, ls, sc):
         keep = y != IGNORE
         logp = logp_all.gather(-1, torch.where(keep, y, 0).unsqueeze(-1)).squeeze(-1)
         return torch.where(keep, logp, 0), None, None
+
     return fn
 
 
@@ -168,8 +181,9 @@ def test_largest_shape_many_tiles_public_api(vocab_tile):
     g = _upstream(64, torch.float32)
 
     def public(h_, w_, y_, b_):
-        out = alignops.fused_linear_logprobs(h_, w_, y_, b_, temperature=T, logit_scale=ls, softcap=sc,
-                                             return_entropy=True, backend="triton")
+        out = alignops.fused_linear_logprobs(
+            h_, w_, y_, b_, temperature=T, logit_scale=ls, softcap=sc, return_entropy=True, backend="triton"
+        )
         return out.logp, out.entropy
 
     (logp, entropy), grads = _grads(public, h, w, y, b, g)
@@ -192,8 +206,16 @@ def test_entropy_gradient_matches_reference_and_native(vocab_tile, transform):
     grads = {}
     for name, backend in (("triton", "triton"), ("native", "native"), ("ref", "torch")):
         leaves = [t.detach().clone().requires_grad_(True) for t in (h, w, b)]
-        out = alignops.fused_linear_logprobs(*leaves[:2], y, leaves[2], temperature=T, logit_scale=ls,
-                                             softcap=sc or None, return_entropy=True, backend=backend)
+        out = alignops.fused_linear_logprobs(
+            *leaves[:2],
+            y,
+            leaves[2],
+            temperature=T,
+            logit_scale=ls,
+            softcap=sc or None,
+            return_entropy=True,
+            backend=backend,
+        )
         both = torch.autograd.grad((out.logp * g).sum() + (out.entropy * ge).sum(), leaves, retain_graph=True)
         alone = torch.autograd.grad((out.entropy * ge).sum(), leaves)
         grads[name] = both + alone
@@ -215,8 +237,9 @@ def test_non_contiguous_inputs_and_no_bias_grad():
     for got, exp in zip(out, want):
         torch.testing.assert_close(got, exp, **exact)
     g = torch.randn(9, device=DEVICE)
-    gh, gw, gb = torch.ops.alignops.fused_linear_logprobs_backward_triton(g, h_nc, w_nc, y, b, out[1], IGNORE, 0.7,
-                                                                          0.5, 30.0, False)
+    gh, gw, gb = torch.ops.alignops.fused_linear_logprobs_backward_triton(
+        g, h_nc, w_nc, y, b, out[1], IGNORE, 0.7, 0.5, 30.0, False
+    )
     assert gh.is_contiguous() and gw.is_contiguous() and gb.shape == (0,)
     # Autograd asks for no bias gradient when the bias does not require grad.
     hh = h.clone().requires_grad_(True)
@@ -229,8 +252,9 @@ def test_non_contiguous_inputs_and_no_bias_grad():
 def test_empty_batch(dtype):
     h, w, y, b = _data(0, 16, 50, dtype)
     leaves = [t.requires_grad_(True) for t in (h, w, b)]
-    logp, lse, entropy = torch.ops.alignops.fused_linear_logprobs_triton(*leaves[:2], y, leaves[2], IGNORE, 1.0,
-                                                                         1.0, 0.0, True)
+    logp, lse, entropy = torch.ops.alignops.fused_linear_logprobs_triton(
+        *leaves[:2], y, leaves[2], IGNORE, 1.0, 1.0, 0.0, True
+    )
     assert logp.shape == lse.shape == entropy.shape == (0,) and logp.dtype == ACC[dtype]
     logp.sum().backward()
     assert leaves[0].grad.shape == (0, 16)
@@ -244,8 +268,9 @@ def test_all_rows_ignored_give_zeros(vocab_tile):
     y = torch.full((6,), IGNORE, device=DEVICE)
     logp, lse, entropy = torch.ops.alignops.fused_linear_logprobs_triton(h, w, y, b, IGNORE, 1.0, 1.0, 2.0, True)
     assert (logp == 0).all() and (lse == 0).all() and (entropy == 0).all()
-    grads = torch.ops.alignops.fused_linear_logprobs_backward_triton(torch.ones(6, device=DEVICE), h, w, y, b, lse,
-                                                                     IGNORE, 1.0, 1.0, 2.0, True)
+    grads = torch.ops.alignops.fused_linear_logprobs_backward_triton(
+        torch.ones(6, device=DEVICE), h, w, y, b, lse, IGNORE, 1.0, 1.0, 2.0, True
+    )
     assert all((t == 0).all() for t in grads)
 
 
@@ -315,11 +340,17 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="logit_scale must be finite, got inf"):
         op(h, w, y, b, IGNORE, 1.0, float("inf"), 0.0, False)
     lse = torch.zeros(5, device=DEVICE)
-    with pytest.raises(ValueError, match=r"lse must be a torch.float32 tensor of shape \[N\] = \[5\], got "
-                                         r"torch.float64 \[5\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"lse must be a torch.float32 tensor of shape \[N\] = \[5\], got "
+        r"torch.float64 \[5\]",
+    ):
         bwd(lse, h, w, y, b, lse.double(), IGNORE, 1.0, 1.0, 0.0, True)
-    with pytest.raises(ValueError, match=r"grad_logp must be a torch.float32 tensor of shape \[N\] = \[5\], got "
-                                         r"torch.float32 \[4\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"grad_logp must be a torch.float32 tensor of shape \[N\] = \[5\], got "
+        r"torch.float32 \[4\]",
+    ):
         bwd(lse[:4], h, w, y, b, lse, IGNORE, 1.0, 1.0, 0.0, True)
 
 
@@ -327,20 +358,36 @@ def test_bad_arguments():
 
 # In the interpreter, wrap_triton hands back the plain interpreted kernel, so under FakeTensorMode it would run
 # on fake tensors: the fake-tensor and AOT-dispatch checks need a GPU. On a GPU every check of opcheck runs.
-OPCHECK_UTILS = (("test_schema", "test_autograd_registration") if DEVICE == "cpu"
-                 else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+OPCHECK_UTILS = (
+    ("test_schema", "test_autograd_registration")
+    if DEVICE == "cpu"
+    else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+)
 
 
 def _opcheck_samples():
     h, w, y, b = _data(7, 16, 90, torch.float32)
     logp, lse, _ = torch.ops.alignops.fused_linear_logprobs_triton(h, w, y, b, IGNORE, 0.7, 0.5, 2.0, False)
     return [
-        (torch.ops.alignops.fused_linear_logprobs_triton,
-         (h.clone().requires_grad_(True), w.clone().requires_grad_(True), y, b.clone().requires_grad_(True),
-          IGNORE, 0.7, 0.5, 2.0, True)),
+        (
+            torch.ops.alignops.fused_linear_logprobs_triton,
+            (
+                h.clone().requires_grad_(True),
+                w.clone().requires_grad_(True),
+                y,
+                b.clone().requires_grad_(True),
+                IGNORE,
+                0.7,
+                0.5,
+                2.0,
+                True,
+            ),
+        ),
         (torch.ops.alignops.fused_linear_logprobs_triton, (h, w, y, None, IGNORE, 1.0, 1.0, 0.0, False)),
-        (torch.ops.alignops.fused_linear_logprobs_backward_triton,
-         (torch.randn(7, device=DEVICE), h, w, y, b, lse, IGNORE, 0.7, 0.5, 2.0, True)),
+        (
+            torch.ops.alignops.fused_linear_logprobs_backward_triton,
+            (torch.randn(7, device=DEVICE), h, w, y, b, lse, IGNORE, 0.7, 0.5, 2.0, True),
+        ),
     ]
 
 
@@ -363,8 +410,9 @@ def _tanh_kernel(x_ptr, th_ptr, sech2_ptr, n, BLOCK: tl.constexpr):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_tanh_is_accurate_on_both_branches(dtype):
     # Both sides of the series / exp switch at |x| = 1/4, tiny and saturated arguments, and the signs.
-    mag = torch.cat([torch.logspace(-30, 2, 200, dtype=torch.float64), torch.linspace(0.2, 0.3, 56,
-                                                                                      dtype=torch.float64)])
+    mag = torch.cat(
+        [torch.logspace(-30, 2, 200, dtype=torch.float64), torch.linspace(0.2, 0.3, 56, dtype=torch.float64)]
+    )
     x = torch.cat([mag, -mag, torch.zeros(1, dtype=torch.float64)]).to(dtype).to(DEVICE)
     th, sech2 = torch.empty_like(x), torch.empty_like(x)
     wrap_triton(_tanh_kernel)[(1,)](x, th, sech2, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))

@@ -46,8 +46,17 @@ def cpu_capability(request, monkeypatch):
 
 # C <= 4 with N < 2^16 takes the vectorised per-code path, the others the scalar histogram.
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-@pytest.mark.parametrize("P,N,C,R,shared", [(3, 47, 2, 17, False), (5, 123, 5, 9, True), (1, 1, 1, 3, False),
-                                              (40, 31, 3, 4, True), (35, 200, 4, 3, False), (2, 70000, 2, 2, True)])
+@pytest.mark.parametrize(
+    "P,N,C,R,shared",
+    [
+        (3, 47, 2, 17, False),
+        (5, 123, 5, 9, True),
+        (1, 1, 1, 3, False),
+        (40, 31, 3, 4, True),
+        (35, 200, 4, 3, False),
+        (2, 70000, 2, 2, True),
+    ],
+)
 def test_bootstrap_confusion_native_matches_reference(cpu_capability, dtype, P, N, C, R, shared):
     a = labels((P, N), C).to(dtype)
     b = labels((1 if shared else P, N), C).to(dtype)
@@ -128,7 +137,8 @@ def test_kappa_degenerate_cases_are_documented_values():
     other = labels((30,), 2)
     other[0], other[1] = 0, 1
     assert M.cohen_kappa(ones, other, 2).value.item() == pytest.approx(
-        cohen_kappa_score(ones.numpy(), other.numpy(), labels=[0, 1]), abs=1e-15)
+        cohen_kappa_score(ones.numpy(), other.numpy(), labels=[0, 1]), abs=1e-15
+    )
     assert M.cohen_kappa(ones, other, 2).value.item() == pytest.approx(0.0, abs=1e-15)
     # perfect disagreement on two balanced classes
     a = torch.tensor([0, 1] * 10)
@@ -182,8 +192,9 @@ def test_spearman_pearson_match_scipy(ties):
 def test_correlation_fp32_and_constant_input():
     x, y = torch.randn(3, 40), torch.randn(3, 40)
     assert M.pearson(x, y).value.dtype == torch.float32
-    np.testing.assert_allclose(M.pearson(x, y).value.numpy(),
-                               [scipy.stats.pearsonr(x[i], y[i]).statistic for i in range(3)], atol=1e-6)
+    np.testing.assert_allclose(
+        M.pearson(x, y).value.numpy(), [scipy.stats.pearsonr(x[i], y[i]).statistic for i in range(3)], atol=1e-6
+    )
     const = torch.ones(40)
     assert math.isnan(M.pearson(const, y[0]).value.item())
     assert math.isnan(M.spearman(const, y[0]).value.item())
@@ -233,8 +244,12 @@ def test_idealized_ranking_accuracy_and_gap():
     alpha = torch.tensor([0.5, 1.0, 0.51, 0.9], dtype=torch.float64)
     beta = 0.1
     # written out: log-ratio + log(alpha / (1 - alpha)) / beta > 0
-    exp = np.mean([(c - r + (np.inf if a == 1 else np.log(a / (1 - a)) / beta)) > 0
-                   for c, r, a in zip(ref_c.tolist(), ref_r.tolist(), alpha.tolist())])
+    exp = np.mean(
+        [
+            (c - r + (np.inf if a == 1 else np.log(a / (1 - a)) / beta)) > 0
+            for c, r, a in zip(ref_c.tolist(), ref_r.tolist(), alpha.tolist())
+        ]
+    )
     assert exp == 0.75
     assert M.idealized_ranking_accuracy(ref_c, ref_r, alpha, beta).value.item() == pytest.approx(exp)
     pol_c, pol_r = torch.tensor([-5.0, -6.0, -7.0, -8.0]), torch.tensor([-6.0, -5.0, -8.0, -7.0])
@@ -297,8 +312,10 @@ def test_conformal_pvalues_brute_force_and_bh_vs_scipy():
     y_cal = s_cal + torch.randn(n, dtype=torch.float64)
     s_test = torch.randn(m, dtype=torch.float64).round(decimals=1)
     p = M.conformal_pvalues(s_cal, y_cal, s_test, c)
-    exp = [(1 + sum(1 for si, yi in zip(s_cal.tolist(), y_cal.tolist()) if yi <= c and si >= sj)) / (n + 1)
-           for sj in s_test.tolist()]
+    exp = [
+        (1 + sum(1 for si, yi in zip(s_cal.tolist(), y_cal.tolist()) if yi <= c and si >= sj)) / (n + 1)
+        for sj in s_test.tolist()
+    ]
     np.testing.assert_allclose(p.numpy(), exp, rtol=0, atol=1e-15)
     for q in (0.05, 0.2, 0.5):
         sel = M.benjamini_hochberg(p, q)
@@ -370,8 +387,10 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="backend must be one of"):
         M.cohen_kappa(a, a, 3, backend="cuda")
     # Issue 13 (vague errors): the native op's cast said "Expected 'int' ... found 'int'"; the hash would alias it.
-    for call in (lambda: M.cohen_kappa(a, a, 3, n_bootstrap=2, seed=2**70),
-                 lambda: M.win_rate(torch.randn(5), torch.randn(5), n_bootstrap=2, seed=2**70)):
+    for call in (
+        lambda: M.cohen_kappa(a, a, 3, n_bootstrap=2, seed=2**70),
+        lambda: M.win_rate(torch.randn(5), torch.randn(5), n_bootstrap=2, seed=2**70),
+    ):
         with pytest.raises(ValueError, match=r"seed must be a Python int that fits in 64 bits.*1180591620717411303424"):
             call()
     with pytest.raises(ValueError, match="scale must be > 0, got 0.0"):

@@ -60,8 +60,9 @@ def test_orpo_matches_reference(dtype, with_lengths):
     # the per-pair terms sum to B times the mean: NLL is spread token-weighted over the pairs
     none = obj.orpo_loss(pc, pr, beta=0.25, chosen_lengths=nc, rejected_lengths=nr, reduction="none").loss
     assert_close(none.mean(), exp, dtype)
-    assert_close(obj.orpo_loss(pc, pr, beta=0.25, chosen_lengths=nc, rejected_lengths=nr, reduction="sum").loss,
-                  exp * B, dtype)
+    assert_close(
+        obj.orpo_loss(pc, pr, beta=0.25, chosen_lengths=nc, rejected_lengths=nr, reduction="sum").loss, exp * B, dtype
+    )
     got = grads_of(out.loss, (pc, pr))
     want = grads_of(exp, (rc, rr))
     for g, w in zip(got, want):
@@ -111,8 +112,7 @@ def test_log1mexp_is_accurate_and_has_finite_gradients():
     mpmath = pytest.importorskip("mpmath")
     mpmath.mp.dps = 480  # 1 - exp(x) must resolve exp(-1000) ~ 1e-435 and x = -1e-30
     x64 = -torch.logspace(-30, 3, 400, dtype=torch.float64)
-    exact = torch.tensor([float(mpmath.log(1 - mpmath.exp(mpmath.mpf(v)))) for v in x64.tolist()],
-                         dtype=torch.float64)
+    exact = torch.tensor([float(mpmath.log(1 - mpmath.exp(mpmath.mpf(v)))) for v in x64.tolist()], dtype=torch.float64)
     torch.testing.assert_close(obj.log1mexp(x64), exact, rtol=4e-16, atol=0)
     x32 = leaf(x64.float())
     y = obj.log1mexp(x32)
@@ -165,9 +165,11 @@ def test_orpo_gradcheck():
     pr = leaf(-torch.rand(B, dtype=torch.float64) * 20 - 0.01)
     nll = leaf(torch.rand(B, dtype=torch.float64))
     assert torch.autograd.gradcheck(
-        lambda c, r: obj.orpo_loss(c, r, beta=0.7, chosen_lengths=nc, rejected_lengths=nr).loss, (pc, pr))
-    assert torch.autograd.gradcheck(lambda c, r, n: obj.orpo_loss(c, r, n, reduction="none").loss,
-                                    (pc / 20, pr / 20, nll))
+        lambda c, r: obj.orpo_loss(c, r, beta=0.7, chosen_lengths=nc, rejected_lengths=nr).loss, (pc, pr)
+    )
+    assert torch.autograd.gradcheck(
+        lambda c, r, n: obj.orpo_loss(c, r, n, reduction="none").loss, (pc / 20, pr / 20, nll)
+    )
 
 
 # ---- KTO ---------------------------------------------------------------------------------------------
@@ -196,8 +198,9 @@ def test_kto_matches_reference(dtype):
     assert_close(out.chosen_rewards_sum, rewards[desirable].sum(), dtype)
     assert_close(out.rejected_rewards_sum, rewards[~desirable].sum(), dtype)
     assert int(out.num_chosen) == int(desirable.sum()) and int(out.num_rejected) == int((~desirable).sum())
-    torch.testing.assert_close(out.margins.double(),
-                               rewards[desirable].mean() - rewards[~desirable].mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        out.margins.double(), rewards[desirable].mean() - rewards[~desirable].mean(), rtol=1e-4, atol=1e-6
+    )
     mean = obj.kto_loss(policy, refp, desirable, policy_kl_logps=klp, ref_kl_logps=klr, **kw).loss
     assert_close(mean, exp.mean(), dtype)
 
@@ -213,21 +216,24 @@ def test_kto_matches_trl_formula_and_liger():
     ci, ri = torch.nonzero(desirable).view(-1), torch.nonzero(~desirable).view(-1)
     chosen_lr = policy.index_select(0, ci) - refp.index_select(0, ci)
     rejected_lr = policy.index_select(0, ri) - refp.index_select(0, ri)
-    trl = torch.cat((dw * (1 - F.sigmoid(beta * (chosen_lr - kl))),
-                     uw * (1 - F.sigmoid(beta * (kl - rejected_lr)))), 0).nanmean()
+    trl = torch.cat(
+        (dw * (1 - F.sigmoid(beta * (chosen_lr - kl))), uw * (1 - F.sigmoid(beta * (kl - rejected_lr)))), 0
+    ).nanmean()
     out = obj.kto_loss(policy, refp, desirable, beta=beta, policy_kl_logps=klp, ref_kl_logps=klr)
     torch.testing.assert_close(out.loss, trl, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out.kl, kl)
 
     liger_loss, liger_cr, liger_rr = kto.LigerFusedLinearKTOFunction.preference_loss_fn(
-        policy, desirable, torch.zeros(B, 3), refp, beta=beta, kl=kl)
+        policy, desirable, torch.zeros(B, 3), refp, beta=beta, kl=kl
+    )
     torch.testing.assert_close(out.loss, liger_loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out.chosen_rewards_sum, liger_cr, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.rejected_rewards_sum, liger_rr, rtol=1e-6, atol=1e-6)
     # precomputed kl, and the reference-free form (Liger's ref_log_prob_chunk=None)
     torch.testing.assert_close(obj.kto_loss(policy, refp, desirable, beta=beta, kl=kl).loss, trl)
-    liger_free = kto.LigerFusedLinearKTOFunction.preference_loss_fn(policy / 50, desirable, torch.zeros(B, 3),
-                                                                    None, beta=beta)[0]
+    liger_free = kto.LigerFusedLinearKTOFunction.preference_loss_fn(
+        policy / 50, desirable, torch.zeros(B, 3), None, beta=beta
+    )[0]
     torch.testing.assert_close(obj.kto_loss(policy / 50, None, desirable, beta=beta).loss, liger_free)
 
 
@@ -251,8 +257,13 @@ def test_kto_gradcheck_and_extremes():
     B = 8
     policy, refp, desirable, klp, klr = kto_inputs(B, torch.float64)
     assert torch.autograd.gradcheck(
-        lambda p, r: obj.kto_loss(p, r, desirable, beta=0.3, desirable_weight=2.0, policy_kl_logps=klp,
-                                  ref_kl_logps=klr, reduction="none").loss, (leaf(policy), leaf(refp)))
+        lambda p, r: (
+            obj.kto_loss(
+                p, r, desirable, beta=0.3, desirable_weight=2.0, policy_kl_logps=klp, ref_kl_logps=klr, reduction="none"
+            ).loss
+        ),
+        (leaf(policy), leaf(refp)),
+    )
     huge = leaf(torch.tensor([1e30, -1e30, 3e38, -3e38]))
     out = obj.kto_loss(huge, None, torch.tensor([True, False, False, True]), beta=10.0, reduction="sum")
     out.loss.backward()
@@ -316,8 +327,10 @@ def test_bco_gradcheck_and_extremes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("loss_type,alphapo", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("simpo", 0.0),
-                                               ("simpo", 0.3), ("sigmoid", -0.2)])
+@pytest.mark.parametrize(
+    "loss_type,alphapo",
+    [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("simpo", 0.0), ("simpo", 0.3), ("sigmoid", -0.2)],
+)
 def test_cpo_matches_reference(dtype, loss_type, alphapo):
     B = 23
     nc, nr = torch.randint(1, 60, (B,)), torch.randint(1, 60, (B,))
@@ -326,11 +339,13 @@ def test_cpo_matches_reference(dtype, loss_type, alphapo):
         pc, pr = leaf(pc.detach() / 10), leaf(pr.detach() / 10)
     eps = 0.1 if loss_type in ("sigmoid", "simpo") else 0.0
     kw = dict(beta=0.2, loss_type=loss_type, label_smoothing=eps)
-    out = obj.cpo_loss(pc, pr, alpha=0.7, gamma=0.4, alphapo_alpha=alphapo, chosen_lengths=nc,
-                       rejected_lengths=nr, **kw)
+    out = obj.cpo_loss(
+        pc, pr, alpha=0.7, gamma=0.4, alphapo_alpha=alphapo, chosen_lengths=nc, rejected_lengths=nr, **kw
+    )
     rc, rr = leaf(pc), leaf(pr)
-    exp, _, cr, rj = ref.cpo_loss(rc, rr, cpo_alpha=0.7, simpo_gamma=0.4, alpha=alphapo, chosen_lengths=nc,
-                                  rejected_lengths=nr, **kw)
+    exp, _, cr, rj = ref.cpo_loss(
+        rc, rr, cpo_alpha=0.7, simpo_gamma=0.4, alpha=alphapo, chosen_lengths=nc, rejected_lengths=nr, **kw
+    )
     assert_close(out.loss, exp, dtype)
     assert_close(out.chosen_rewards, cr, dtype)
     assert_close(out.rejected_rewards, rj, dtype)
@@ -350,8 +365,9 @@ def test_cpo_and_simpo_match_liger():
         torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.chosen_rewards, cr)
         torch.testing.assert_close(out.rejected_rewards, rr)
-        loss = simpo.LigerFusedLinearSimPOFunction.preference_loss_fn(a, b, target, beta=2.0, gamma=0.5,
-                                                                     label_smoothing=eps)[0]
+        loss = simpo.LigerFusedLinearSimPOFunction.preference_loss_fn(
+            a, b, target, beta=2.0, gamma=0.5, label_smoothing=eps
+        )[0]
         out = obj.cpo_loss(a, b, beta=2.0, alpha=0.0, loss_type="simpo", gamma=0.5, label_smoothing=eps)
         torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
 
@@ -376,8 +392,14 @@ def test_tpo_matches_reference(loss_type):
     B = 19
     nc, nr, ng = (torch.randint(1, 60, (B,)) for _ in range(3))
     pc, pr, gold = (seq_logps(B, torch.float64, True) for _ in range(3))
-    kw = dict(beta=0.05, loss_type=loss_type, label_smoothing=0.05 if loss_type in ("sigmoid", "tpo-l") else 0.0,
-              chosen_lengths=nc, rejected_lengths=nr, gold_lengths=ng)
+    kw = dict(
+        beta=0.05,
+        loss_type=loss_type,
+        label_smoothing=0.05 if loss_type in ("sigmoid", "tpo-l") else 0.0,
+        chosen_lengths=nc,
+        rejected_lengths=nr,
+        gold_lengths=ng,
+    )
     out = obj.tpo_loss(pc, pr, gold, alpha=0.8, gamma=0.3, **kw)
     rin = [leaf(t) for t in (pc, pr, gold)]
     exp, _ = ref.tpo_loss(*rin, tpo_alpha=0.8, tpo_l_gamma=0.3, **kw)
@@ -392,8 +414,13 @@ def test_cpo_tpo_gradcheck():
     nc, nr = torch.randint(1, 9, (B,)), torch.randint(1, 9, (B,))
     pc, pr, gold = (leaf(-torch.rand(B, dtype=torch.float64) * 10) for _ in range(3))
     assert torch.autograd.gradcheck(
-        lambda c, r: obj.cpo_loss(c, r, loss_type="simpo", alphapo_alpha=0.2, chosen_lengths=nc,
-                                  rejected_lengths=nr, reduction="none").loss, (pc, pr))
+        lambda c, r: (
+            obj.cpo_loss(
+                c, r, loss_type="simpo", alphapo_alpha=0.2, chosen_lengths=nc, rejected_lengths=nr, reduction="none"
+            ).loss
+        ),
+        (pc, pr),
+    )
     assert torch.autograd.gradcheck(lambda c, r, g: obj.tpo_loss(c, r, g, beta=0.5).loss, (pc, pr, gold))
 
 
@@ -411,8 +438,8 @@ def test_rrhf_matches_reference(dtype):
     exp = ref.rrhf_loss(rl, rewards, lengths, 3.0, 0.8)
     assert_close(out.loss, exp, dtype)
     torch.testing.assert_close(out.best, rewards.argmax(1))
-    g, = grads_of(out.loss.sum(), (logps,))
-    w, = grads_of(exp.sum(), (rl,))
+    (g,) = grads_of(out.loss.sum(), (logps,))
+    (w,) = grads_of(exp.sum(), (rl,))
     if dtype == torch.bfloat16:
         torch.testing.assert_close(g.double(), w.to(dtype).double(), rtol=1e-2, atol=1e-6)
     else:
@@ -434,8 +461,8 @@ def test_pro_matches_reference(dtype):
     rs = leaf(scores)
     exp = ref.pro_loss(rs)
     assert_close(out.loss, exp, dtype)
-    g, = grads_of(out.loss.sum(), (scores,))
-    w, = grads_of(exp.sum(), (rs,))
+    (g,) = grads_of(out.loss.sum(), (scores,))
+    (w,) = grads_of(exp.sum(), (rs,))
     if dtype == torch.bfloat16:
         torch.testing.assert_close(g.double(), w.to(dtype).double(), rtol=1e-2, atol=1e-6)
     else:
@@ -536,8 +563,9 @@ def test_diffusion_dpo_matches_reference(dtype):
     if dtype != torch.bfloat16:
         for g, w in zip(grads_of(out.loss.sum(), mse), grads_of(exp.sum(), rin)):
             assert_close(g, w, dtype)
-    huge = obj.diffusion_dpo_loss(torch.tensor([1e6]), torch.tensor([0.0]), torch.tensor([0.0]),
-                                  torch.tensor([0.0]), 5000.0)
+    huge = obj.diffusion_dpo_loss(
+        torch.tensor([1e6]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 5000.0
+    )
     assert torch.isfinite(huge.loss)
 
 
@@ -578,8 +606,7 @@ def test_compile_fullgraph_traces_without_breaks():
         "bco": lambda a, b: obj.bco_loss(a, b, lab, delta=0.1).loss,
         "cpo": lambda a, b: obj.cpo_loss(a, b).loss,
         "pro": lambda a, b: obj.pro_loss(torch.stack([a, b], 1)).loss,
-        "rrhf": lambda a, b: obj.rrhf_loss(torch.stack([a, b], 1), torch.stack([b, a], 1),
-                                           torch.ones(8, 2)).loss,
+        "rrhf": lambda a, b: obj.rrhf_loss(torch.stack([a, b], 1), torch.stack([b, a], 1), torch.ones(8, 2)).loss,
     }
     for name, fn in calls.items():
         torch._dynamo.reset()

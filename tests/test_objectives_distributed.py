@@ -33,17 +33,25 @@ def run_objectives(data, rows, kl_rows, process_group):
     """KTO then BCO on the given rows; returns losses, gradients and the statistics they used."""
     out = {}
     policy = data["policy"][rows].clone().requires_grad_(True)
-    kto = obj.kto_loss(policy, data["ref"][rows], data["desirable"][rows], beta=0.3, desirable_weight=1.2,
-                       policy_kl_logps=data["kl_policy"][kl_rows], ref_kl_logps=data["kl_ref"][kl_rows],
-                       process_group=process_group)
+    kto = obj.kto_loss(
+        policy,
+        data["ref"][rows],
+        data["desirable"][rows],
+        beta=0.3,
+        desirable_weight=1.2,
+        policy_kl_logps=data["kl_policy"][kl_rows],
+        ref_kl_logps=data["kl_ref"][kl_rows],
+        process_group=process_group,
+    )
     kto.loss.backward()
     out["kto_loss"], out["kto_grad"], out["kl"] = kto.loss.detach(), policy.grad.clone(), kto.kl
 
     running = obj.RunningMoments()
     for step, noise in enumerate(data["steps"]):
         policy = (data["policy"][rows] + noise[rows]).requires_grad_(True)
-        bco = obj.bco_loss(policy, data["ref"][rows], data["desirable"][rows], beta=0.2, running=running,
-                           process_group=process_group)
+        bco = obj.bco_loss(
+            policy, data["ref"][rows], data["desirable"][rows], beta=0.2, running=running, process_group=process_group
+        )
         bco.loss.backward()
         out[f"bco_loss{step}"], out[f"bco_grad{step}"], out[f"delta{step}"] = bco.loss.detach(), policy.grad, bco.delta
     out["running"] = running.state_dict()
@@ -83,9 +91,8 @@ def test_kto_and_bco_across_two_ranks_match_one_process(tmp_path):
         assert got["running"] == pytest.approx(single["running"], rel=1e-12, abs=1e-12)
     torch.testing.assert_close(sum(g["kto_loss"] for g in ranks) / WORLD, single["kto_loss"], **tight)
     for step in range(STEPS):
-        torch.testing.assert_close(sum(g[f"bco_loss{step}"] for g in ranks) / WORLD, single[f"bco_loss{step}"],
-                                   **tight)
+        torch.testing.assert_close(sum(g[f"bco_loss{step}"] for g in ranks) / WORLD, single[f"bco_loss{step}"], **tight)
     # a mean of the per-rank KL means (what gathering per-rank means gives) would differ here
     kl = data["kl_policy"] - data["kl_ref"]
-    mean_of_means = (kl[: KL_SPLIT[0]].mean() + kl[KL_SPLIT[0]:].mean()) / 2
+    mean_of_means = (kl[: KL_SPLIT[0]].mean() + kl[KL_SPLIT[0] :].mean()) / 2
     assert abs(float(mean_of_means) - float(single["kl"])) > 1e-3

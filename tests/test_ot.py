@@ -26,8 +26,16 @@ def cpu_capability(request, monkeypatch):
 
 def pot_potentials(C, a, b, eps, n_iters):
     """POT's sinkhorn_log on one matrix in fp64, fixed iterations: (f, g) = eps * (log_u, log_v)."""
-    _, log = pot_sinkhorn_log(a.double().numpy(), b.double().numpy(), C.double().numpy(), eps,
-                              numItermax=n_iters, stopThr=0.0, log=True, warn=False)
+    _, log = pot_sinkhorn_log(
+        a.double().numpy(),
+        b.double().numpy(),
+        C.double().numpy(),
+        eps,
+        numItermax=n_iters,
+        stopThr=0.0,
+        log=True,
+        warn=False,
+    )
     return torch.from_numpy(eps * log["log_u"]), torch.from_numpy(eps * log["log_v"])
 
 
@@ -47,8 +55,9 @@ def test_sinkhorn_matches_pot_sinkhorn_log(cpu_capability, dtype, backend, shape
         f, g = pot_potentials(C[p], a[p], b[p], eps, 40)
         torch.testing.assert_close(out.f[p].double(), f, **TOL[dtype])
         torch.testing.assert_close(out.g[p].double(), g, **TOL[dtype])
-        P = ot.sinkhorn(a[p].numpy(), b[p].numpy(), C[p].numpy(), eps, method="sinkhorn_log", numItermax=40,
-                        stopThr=0.0, warn=False)
+        P = ot.sinkhorn(
+            a[p].numpy(), b[p].numpy(), C[p].numpy(), eps, method="sinkhorn_log", numItermax=40, stopThr=0.0, warn=False
+        )
         torch.testing.assert_close(out.plan[p].double(), torch.from_numpy(P), **TOL[dtype])
         # the reported error is the L1 column violation of the returned plan
         col = out.plan[p].double().sum(0)
@@ -62,8 +71,17 @@ def test_native_matches_reference_with_scores_and_ragged(cpu_capability):
     ns = torch.tensor([33, 1, 17, 0, 30])
     ms = torch.tensor([21, 21, 3, 4, 1])
     got = O.sinkhorn(S, eps=0.1, n_iters=500, tol=1e-9, scores=True, n_sizes=ns, m_sizes=ms, return_plan=True)
-    ref = R.sinkhorn(S, *[O.solver._marginal(None, s, B, K, S, n) for s, K, n in ((ns, N, "a"), (ms, M, "b"))],
-                     ns, ms, [], 0.1, 500, 1e-9, True)
+    ref = R.sinkhorn(
+        S,
+        *[O.solver._marginal(None, s, B, K, S, n) for s, K, n in ((ns, N, "a"), (ms, M, "b"))],
+        ns,
+        ms,
+        [],
+        0.1,
+        500,
+        1e-9,
+        True,
+    )
     torch.testing.assert_close(got.f, ref[0], **TOL[torch.float64])
     torch.testing.assert_close(got.g, ref[1], **TOL[torch.float64])
     assert torch.equal(got.n_iters, ref[2])
@@ -74,8 +92,13 @@ def test_native_matches_reference_with_scores_and_ragged(cpu_capability):
             assert got.n_iters[p] == 0
             continue
         # each ragged problem is POT's problem on its own block (cost = -scores)
-        f, g = pot_potentials(-S[p, :n, :m], torch.full((n,), 1 / n, dtype=torch.float64),
-                              torch.full((m,), 1 / m, dtype=torch.float64), 0.1, int(got.n_iters[p]))
+        f, g = pot_potentials(
+            -S[p, :n, :m],
+            torch.full((n,), 1 / n, dtype=torch.float64),
+            torch.full((m,), 1 / m, dtype=torch.float64),
+            0.1,
+            int(got.n_iters[p]),
+        )
         torch.testing.assert_close(got.f[p, :n], f, **TOL[torch.float64])
         torch.testing.assert_close(got.g[p, :m], g, **TOL[torch.float64])
         assert got.err[p] <= 1e-9
@@ -109,8 +132,9 @@ def test_fp32_stays_finite(eps, scale):
         assert torch.isfinite(out.f).all() and torch.isfinite(out.g).all() and torch.isfinite(out.plan).all()
         assert torch.isfinite(out.err).all()
         # the rows are exact after the f update, up to the fp32 rounding of f / eps (f ~ scale)
-        torch.testing.assert_close(out.plan.sum(-1), torch.full((4, 24), 1 / 24), rtol=1e-3 + 1e-7 * scale / eps,
-                                   atol=1e-5)
+        torch.testing.assert_close(
+            out.plan.sum(-1), torch.full((4, 24), 1 / 24), rtol=1e-3 + 1e-7 * scale / eps, atol=1e-5
+        )
 
 
 def test_pot_exp_domain_underflows_where_log_domain_does_not():
@@ -139,8 +163,9 @@ def test_eps_scaling_reaches_tolerance_faster():
     scaled = O.sinkhorn(C, eps=1e-2, n_iters=5000, tol=1e-6, eps_scaling=0.5)
     assert (scaled.err <= 1e-6).all() and (plain.err <= 1e-6).all()
     assert scaled.n_iters.sum() < plain.n_iters.sum()
-    torch.testing.assert_close(scaled.f - scaled.f.mean(-1, keepdim=True), plain.f - plain.f.mean(-1, keepdim=True),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        scaled.f - scaled.f.mean(-1, keepdim=True), plain.f - plain.f.mean(-1, keepdim=True), rtol=0, atol=1e-4
+    )
 
 
 # ---- gradients -------------------------------------------------------------------------------------
@@ -158,8 +183,9 @@ def test_envelope_gradient_of_the_dual_value_is_the_plan(backend):
     out = O.sinkhorn(C, eps=0.1, n_iters=3000, tol=1e-12, backend=backend)
     _value(out, a, b).backward()
     for p in range(3):
-        P = ot.sinkhorn(a.numpy(), b.numpy(), C[p].detach().numpy(), 0.1, method="sinkhorn_log",
-                        numItermax=3000, stopThr=1e-13)
+        P = ot.sinkhorn(
+            a.numpy(), b.numpy(), C[p].detach().numpy(), 0.1, method="sinkhorn_log", numItermax=3000, stopThr=1e-13
+        )
         torch.testing.assert_close(C.grad[p], torch.from_numpy(P), rtol=1e-6, atol=1e-9)
 
 
@@ -214,8 +240,16 @@ def test_implicit_gradient_through_the_marginals():
     w = torch.randn(2, 5, 6, dtype=torch.float64)
 
     def loss(theta, phi):
-        out = O.sinkhorn(C, torch.softmax(theta, -1), torch.softmax(phi, -1), eps=0.3, n_iters=5000, tol=1e-13,
-                         grad="implicit", return_plan=True)
+        out = O.sinkhorn(
+            C,
+            torch.softmax(theta, -1),
+            torch.softmax(phi, -1),
+            eps=0.3,
+            n_iters=5000,
+            tol=1e-13,
+            grad="implicit",
+            return_plan=True,
+        )
         return (out.plan * w).sum()
 
     theta = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
@@ -238,7 +272,7 @@ def test_implicit_matches_unrolled_at_convergence():
 def test_unrolled_gradcheck():
     def loss(C):
         out = O.sinkhorn(C, eps=0.5, n_iters=7, grad="unrolled", return_plan=True)
-        return out.f.sum() + (out.plan ** 2).sum()
+        return out.f.sum() + (out.plan**2).sum()
 
     C = torch.rand(2, 4, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(loss, (C,))
@@ -250,8 +284,18 @@ def test_unrolled_gradcheck():
 def _op_args(dtype=torch.float32, tol=1e-6):
     B, N, M = 3, 6, 5
     C = torch.rand(B, N, M, dtype=dtype)
-    return (C, torch.full((B, N), 1 / N, dtype=dtype), torch.full((B, M), 1 / M, dtype=dtype),
-            torch.tensor([6, 4, 6]), torch.tensor([5, 5, 2]), [1.0, 0.5], 0.2, 50, tol, False)
+    return (
+        C,
+        torch.full((B, N), 1 / N, dtype=dtype),
+        torch.full((B, M), 1 / M, dtype=dtype),
+        torch.tensor([6, 4, 6]),
+        torch.tensor([5, 5, 2]),
+        [1.0, 0.5],
+        0.2,
+        50,
+        tol,
+        False,
+    )
 
 
 def test_opcheck():
@@ -343,8 +387,7 @@ def test_column_normalisers_match_their_formulas(backend):
     sim = torch.randn(23, 31, dtype=torch.float64)
     bank = torch.randn(57, 31, dtype=torch.float64)
     kw = dict(chunk_size=10, backend=backend)
-    torch.testing.assert_close(O.inverted_softmax(sim, bank, temperature=0.1, **kw),
-                               R.inverted_softmax(sim, bank, 0.1))
+    torch.testing.assert_close(O.inverted_softmax(sim, bank, temperature=0.1, **kw), R.inverted_softmax(sim, bank, 0.1))
     # the probability form of Smith et al., where it does not overflow
     prob = torch.exp(sim / 0.5) / torch.exp(bank / 0.5).sum(0)
     torch.testing.assert_close(O.inverted_softmax(sim, bank, temperature=0.5, **kw).exp(), prob)
@@ -396,9 +439,8 @@ def test_normalize_bad_input():
 def _geomloss(x, y, eps, debias):
     geomloss = pytest.importorskip("geomloss")
     # GeomLoss's p = 2 cost is |x - y|^2 / 2: scaling the points by sqrt(2) gives ours; blur^2 = eps.
-    loss = geomloss.SamplesLoss("sinkhorn", p=2, blur=eps ** 0.5, debias=debias, scaling=0.995,
-                                backend="tensorized")
-    return loss(x * 2 ** 0.5, y * 2 ** 0.5)
+    loss = geomloss.SamplesLoss("sinkhorn", p=2, blur=eps**0.5, debias=debias, scaling=0.995, backend="tensorized")
+    return loss(x * 2**0.5, y * 2**0.5)
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
@@ -448,8 +490,19 @@ def test_sinkhorn_distance_is_zero_on_identical_clouds_and_gradchecks():
 
 def test_sinkhorn_points_opcheck_and_bad_input():
     B, N, M, d = 2, 5, 4, 3
-    args = (torch.rand(B, N, d), torch.rand(B, M, d), torch.full((B, N), 1 / N), torch.full((B, M), 1 / M),
-            torch.tensor([5, 3]), torch.tensor([4, 4]), 2.0, [1.0], 0.2, 20, 1e-6)
+    args = (
+        torch.rand(B, N, d),
+        torch.rand(B, M, d),
+        torch.full((B, N), 1 / N),
+        torch.full((B, M), 1 / M),
+        torch.tensor([5, 3]),
+        torch.tensor([4, 4]),
+        2.0,
+        [1.0],
+        0.2,
+        20,
+        1e-6,
+    )
     torch.library.opcheck(torch.ops.alignops.sinkhorn_points.default, args)
     with pytest.raises(ValueError, match="p must be a finite value >= 1"):
         torch.ops.alignops.sinkhorn_points(*args[:6], 0.5, *args[7:])
@@ -486,8 +539,16 @@ def test_half_precision_costs_are_solved_in_float32():
 
 def _pot_plan(C, a, b, eps):
     """POT's sinkhorn_log run to convergence in float64 (3000 iterations at most): (plan, f, g)."""
-    P, log = pot_sinkhorn_log(a.double().numpy(), b.double().numpy(), C.double().numpy(), eps, numItermax=3000,
-                              stopThr=1e-12, log=True, warn=False)
+    P, log = pot_sinkhorn_log(
+        a.double().numpy(),
+        b.double().numpy(),
+        C.double().numpy(),
+        eps,
+        numItermax=3000,
+        stopThr=1e-12,
+        log=True,
+        warn=False,
+    )
     return torch.from_numpy(P), torch.from_numpy(eps * log["log_u"]), torch.from_numpy(eps * log["log_v"])
 
 
@@ -504,8 +565,7 @@ def test_convergence_is_checked_only_after_a_full_update(backend):
     torch.testing.assert_close(out.plan.double(), P, rtol=0, atol=5e-5)
     torch.testing.assert_close(out.plan[:, 0].double(), a.double(), rtol=0, atol=5e-5)  # M = 1: P = a
     # the gauge-free closed form of M = 1: f_i + g = C_i + eps log a_i
-    torch.testing.assert_close((out.f + out.g).double(), C[:, 0].double() + 0.01 * a.double().log(), rtol=0,
-                               atol=2e-6)
+    torch.testing.assert_close((out.f + out.g).double(), C[:, 0].double() + 0.01 * a.double().log(), rtol=0, atol=2e-6)
     # b = the column sums of exp(-C): the same trap on a 3 x 2 problem (row sums were 1.007, 1.007, 0.0996)
     C = torch.tensor([[5.0, 0.0], [0.0, 5.0], [3.0, 3.0]])
     b = torch.exp(-C).sum(0)
@@ -519,8 +579,15 @@ def test_convergence_is_checked_only_after_a_full_update(backend):
 @pytest.mark.parametrize("backend", ["native", "torch"])
 def test_sinkhorn_distance_with_one_target_point_is_the_transport_cost(backend):
     # M = 1: the plan is a, so OT_eps = <a, C> + eps KL(a | a) = 0.3 * 3^2 = 2.7 (was 0.0061: stopped at 0)
-    got = O.sinkhorn_distance(torch.tensor([[0.0], [3.0]]), torch.tensor([[0.0]]), 0.01, a=torch.tensor([0.7, 0.3]),
-                              b=torch.tensor([1.0]), debias=False, backend=backend)
+    got = O.sinkhorn_distance(
+        torch.tensor([[0.0], [3.0]]),
+        torch.tensor([[0.0]]),
+        0.01,
+        a=torch.tensor([0.7, 0.3]),
+        b=torch.tensor([1.0]),
+        debias=False,
+        backend=backend,
+    )
     torch.testing.assert_close(got.value, torch.tensor(2.7), rtol=1e-5, atol=0)
     assert got.n_iters >= 1
 
@@ -531,8 +598,9 @@ def test_zero_mass_marginals_raise(backend):
     with pytest.raises(ValueError, match="a and b must have a positive total mass"):
         O.sinkhorn(C, torch.zeros(5), torch.zeros(6), eps=0.1, backend=backend)
     with pytest.raises(ValueError, match="a and b must have a positive total mass"):
-        O.sinkhorn_distance(torch.rand(5, 2), torch.rand(6, 2), 0.1, a=torch.zeros(5), b=torch.zeros(6),
-                            backend=backend)
+        O.sinkhorn_distance(
+            torch.rand(5, 2), torch.rand(6, 2), 0.1, a=torch.zeros(5), b=torch.zeros(6), backend=backend
+        )
     # a ragged batch: only the non-empty problems need mass
     C = torch.rand(2, 5, 6, dtype=torch.float64)
     a = torch.tensor([[0.2] * 5, [0.0] * 5], dtype=torch.float64)

@@ -17,8 +17,10 @@ SPLIT = (37, 24)  # unequal shards: the statistics must be global, not means of 
 def make_data():
     g = torch.Generator().manual_seed(4321)
     n = sum(SPLIT)
-    return {"bank": 3 * torch.randn(2, n, 19, dtype=torch.float64, generator=g),
-            "test": 3 * torch.randn(11, 19, dtype=torch.float64, generator=g)}
+    return {
+        "bank": 3 * torch.randn(2, n, 19, dtype=torch.float64, generator=g),
+        "test": 3 * torch.randn(11, 19, dtype=torch.float64, generator=g),
+    }
 
 
 def run_all(data, rows, group):

@@ -20,12 +20,16 @@ def test_eps_1e_3_reaches_1e_4_within_300_iterations_on_costs_over_0_1(shape, ba
     torch.manual_seed(0)
     B, N, M = shape
     C = torch.rand(B, N, M)
-    out = O.sinkhorn(C, eps=1e-3, n_iters=300, tol=1e-4, eps_scaling=0.9, newton_steps=10, return_plan=True,
-                     backend=backend)
+    out = O.sinkhorn(
+        C, eps=1e-3, n_iters=300, tol=1e-4, eps_scaling=0.9, newton_steps=10, return_plan=True, backend=backend
+    )
     assert (out.n_iters <= 300).all()
     # the error measured here from the returned plan, not the solver's own figure
-    rows, cols = _marginal_errors(out.plan.double(), torch.full((B, N), 1 / N, dtype=torch.float64),
-                                  torch.full((B, M), 1 / M, dtype=torch.float64))
+    rows, cols = _marginal_errors(
+        out.plan.double(),
+        torch.full((B, N), 1 / N, dtype=torch.float64),
+        torch.full((B, M), 1 / M, dtype=torch.float64),
+    )
     assert cols.max() <= 1.05e-4 and rows.max() <= 1.05e-4, (rows.max(), cols.max())
     torch.testing.assert_close(out.err.double(), cols, rtol=1e-3, atol=1e-6)
     plain = O.sinkhorn(C, eps=1e-3, n_iters=300, tol=1e-4, eps_scaling=0.9, backend=backend)
@@ -53,8 +57,9 @@ def test_newton_converges_to_pots_solution(shape):
     out = O.sinkhorn(C, eps=0.02, n_iters=60, tol=1e-12, newton_steps=20, return_plan=True)
     assert (out.err <= 1e-12).all() and (out.n_iters <= 60).all()
     for p in range(B):
-        P = ot.sinkhorn(a.numpy(), b.numpy(), C[p].numpy(), 0.02, method="sinkhorn_log", numItermax=200_000,
-                        stopThr=1e-14)
+        P = ot.sinkhorn(
+            a.numpy(), b.numpy(), C[p].numpy(), 0.02, method="sinkhorn_log", numItermax=200_000, stopThr=1e-14
+        )
         torch.testing.assert_close(out.plan[p], torch.from_numpy(P), rtol=1e-7, atol=1e-12)
 
 
@@ -68,7 +73,7 @@ def test_ragged_batch_equals_each_problem_alone():
     got = O.sinkhorn(C, n_sizes=ns, m_sizes=ms, **kw)
     for p in range(3):
         n, m = int(ns[p]), int(ms[p])
-        alone = O.sinkhorn(C[p:p + 1, :n, :m], **kw)
+        alone = O.sinkhorn(C[p : p + 1, :n, :m], **kw)
         # both stop once their error is <= 1e-9; rounding (padded vs not) moves the last step a little
         assert got.err[p] <= 1e-9 and got.n_iters[p] == alone.n_iters[0]
         torch.testing.assert_close(got.f[p, :n], alone.f[0], rtol=0, atol=1e-8)
@@ -153,8 +158,15 @@ def test_implicit_gradient_gradcheck():
 def test_fp32_stays_finite_at_extreme_ratios():
     for scale in (1e-2, 1.0, 1e2):
         for eps in (1e-3, 1e-4):
-            out = O.sinkhorn(torch.rand(4, 24, 24) * scale, eps=eps, n_iters=100, tol=1e-6, eps_scaling=0.8,
-                             newton_steps=10, return_plan=True)
+            out = O.sinkhorn(
+                torch.rand(4, 24, 24) * scale,
+                eps=eps,
+                n_iters=100,
+                tol=1e-6,
+                eps_scaling=0.8,
+                newton_steps=10,
+                return_plan=True,
+            )
             assert torch.isfinite(out.f).all() and torch.isfinite(out.g).all() and torch.isfinite(out.plan).all()
             assert torch.isfinite(out.err).all()
 
@@ -182,8 +194,9 @@ def test_newton_step_stays_finite_when_one_column_leaves_only_the_gauge(backend,
     # the masses (a sums to 1 - 5e-8) became a step of 1e296 along it: f = -inf, g = +inf, NaN plan and error.
     C = torch.tensor([[0.0834], [0.001]])
     a, b = torch.tensor([0.9881461, 0.01185385]), torch.tensor([1.0])
-    out = O.sinkhorn(C, a, b, eps=1e-4, tol=1e-6, eps_scaling=eps_scaling, newton_steps=1, return_plan=True,
-                     backend=backend)
+    out = O.sinkhorn(
+        C, a, b, eps=1e-4, tol=1e-6, eps_scaling=eps_scaling, newton_steps=1, return_plan=True, backend=backend
+    )
     assert torch.isfinite(out.f).all() and torch.isfinite(out.g).all() and torch.isfinite(out.err)
     # M = 1: the plan is a (closed form); fp32 potentials near 0.1 at eps = 1e-4 round P by ~1e-4 relative
     torch.testing.assert_close(out.plan[:, 0].double(), a.double(), rtol=0, atol=5e-4)

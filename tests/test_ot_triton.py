@@ -25,8 +25,9 @@ def test_sinkhorn_triton_matches_native_ragged(dtype, shape, kw):
     ns = torch.tensor([N] + [N - 3] * (B - 1))
     ms = torch.tensor([M] * (B - 1) + [2])
     ref = O.sinkhorn(C, eps=0.1, n_sizes=ns, m_sizes=ms, backend="native", scores=True, **kw)
-    got = O.sinkhorn(C.to(DEVICE), eps=0.1, n_sizes=ns.to(DEVICE), m_sizes=ms.to(DEVICE), backend="triton",
-                     scores=True, **kw)
+    got = O.sinkhorn(
+        C.to(DEVICE), eps=0.1, n_sizes=ns.to(DEVICE), m_sizes=ms.to(DEVICE), backend="triton", scores=True, **kw
+    )
     if dtype == torch.float32 and "tol" in kw:
         # in fp32 the error crosses tol within a few iterations of the native kernel's (other exp rounding)
         assert ((got.n_iters.cpu() - ref.n_iters).abs() <= 3).all()
@@ -43,13 +44,13 @@ def test_sinkhorn_triton_matches_native_ragged(dtype, shape, kw):
 def test_sinkhorn_triton_matches_pot_and_empty_problems():
     C = torch.rand(3, 20, 18, dtype=torch.float64)
     ns, ms = torch.tensor([20, 0, 20]), torch.tensor([18, 18, 18])
-    got = O.sinkhorn(C.to(DEVICE), eps=0.2, n_iters=30, n_sizes=ns.to(DEVICE), m_sizes=ms.to(DEVICE),
-                     backend="triton")
+    got = O.sinkhorn(C.to(DEVICE), eps=0.2, n_iters=30, n_sizes=ns.to(DEVICE), m_sizes=ms.to(DEVICE), backend="triton")
     assert got.n_iters.tolist() == [30, 0, 30] and float(got.err[1]) == 0
     w_a, w_b = torch.full((20,), 1 / 20, dtype=torch.float64), torch.full((18,), 1 / 18, dtype=torch.float64)
     for p in (0, 2):
-        _, log = pot_sinkhorn_log(w_a.numpy(), w_b.numpy(), C[p].numpy(), 0.2, numItermax=30, stopThr=0.0, log=True,
-                                  warn=False)
+        _, log = pot_sinkhorn_log(
+            w_a.numpy(), w_b.numpy(), C[p].numpy(), 0.2, numItermax=30, stopThr=0.0, log=True, warn=False
+        )
         torch.testing.assert_close(got.f[p].cpu(), torch.from_numpy(0.2 * log["log_u"]), **TOL[torch.float64])
 
 
@@ -71,14 +72,27 @@ def test_normalize_triton_matches_native(dtype):
 
 # As for the other families: in the interpreter wrap_triton hands back the plain interpreted kernel, so the
 # fake-tensor and AOT-dispatch checks need a GPU.
-OPCHECK_UTILS = (("test_schema", "test_autograd_registration") if DEVICE == "cpu"
-                 else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+OPCHECK_UTILS = (
+    ("test_schema", "test_autograd_registration")
+    if DEVICE == "cpu"
+    else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+)
 
 
 def test_triton_opcheck_and_bad_input():
     C = torch.rand(2, 5, 6, device=DEVICE)
-    args = (C, torch.full((2, 5), 0.2, device=DEVICE), torch.full((2, 6), 1 / 6, device=DEVICE),
-            torch.tensor([5, 3], device=DEVICE), torch.tensor([6, 6], device=DEVICE), [1.0], 0.3, 10, -1.0, False)
+    args = (
+        C,
+        torch.full((2, 5), 0.2, device=DEVICE),
+        torch.full((2, 6), 1 / 6, device=DEVICE),
+        torch.tensor([5, 3], device=DEVICE),
+        torch.tensor([6, 6], device=DEVICE),
+        [1.0],
+        0.3,
+        10,
+        -1.0,
+        False,
+    )
     torch.library.opcheck(torch.ops.alignops.sinkhorn_triton.default, args, test_utils=OPCHECK_UTILS)
     with pytest.raises(ValueError, match="eps must be a finite value > 0"):
         torch.ops.alignops.sinkhorn_triton(*args[:6], -1.0, *args[7:])
@@ -147,10 +161,26 @@ def test_sinkhorn_triton_checks_convergence_after_a_full_update(shape):
     cases.append((C0, torch.full((3,), float(b0.sum()) / 3), b0, 1.0))
     for C0, a0, b0, eps in cases:
         C, a, b, ns, ms = _trap_batch(B, N, M, C0, a0, b0)
-        out = O.sinkhorn(C.to(DEVICE), a.to(DEVICE), b.to(DEVICE), eps=eps, n_sizes=ns.to(DEVICE),
-                         m_sizes=ms.to(DEVICE), return_plan=True, backend="triton")
-        P, _ = pot_sinkhorn_log(a0.double().numpy(), b0.double().numpy(), C0.double().numpy(), eps, numItermax=3000,
-                                stopThr=1e-12, log=True, warn=False)
+        out = O.sinkhorn(
+            C.to(DEVICE),
+            a.to(DEVICE),
+            b.to(DEVICE),
+            eps=eps,
+            n_sizes=ns.to(DEVICE),
+            m_sizes=ms.to(DEVICE),
+            return_plan=True,
+            backend="triton",
+        )
+        P, _ = pot_sinkhorn_log(
+            a0.double().numpy(),
+            b0.double().numpy(),
+            C0.double().numpy(),
+            eps,
+            numItermax=3000,
+            stopThr=1e-12,
+            log=True,
+            warn=False,
+        )
         n, m = C0.shape
         assert out.n_iters[0] >= 1
         torch.testing.assert_close(out.plan[0, :n, :m].cpu().double(), torch.from_numpy(P), rtol=0, atol=5e-5)
@@ -159,9 +189,15 @@ def test_sinkhorn_triton_checks_convergence_after_a_full_update(shape):
 
 def test_sinkhorn_distance_triton_with_one_target_point_is_the_transport_cost():
     # M = 1: OT_eps = <a, C> = 0.3 * 3^2 = 2.7 (was 0.0061)
-    got = O.sinkhorn_distance(torch.tensor([[0.0], [3.0]], device=DEVICE), torch.tensor([[0.0]], device=DEVICE),
-                              0.01, a=torch.tensor([0.7, 0.3], device=DEVICE), b=torch.tensor([1.0], device=DEVICE),
-                              debias=False, backend="triton")
+    got = O.sinkhorn_distance(
+        torch.tensor([[0.0], [3.0]], device=DEVICE),
+        torch.tensor([[0.0]], device=DEVICE),
+        0.01,
+        a=torch.tensor([0.7, 0.3], device=DEVICE),
+        b=torch.tensor([1.0], device=DEVICE),
+        debias=False,
+        backend="triton",
+    )
     torch.testing.assert_close(got.value.cpu(), torch.tensor(2.7), rtol=1e-5, atol=0)
 
 
@@ -169,16 +205,22 @@ def test_sinkhorn_distance_triton_with_one_target_point_is_the_transport_cost():
 def test_sinkhorn_triton_newton_step_stays_finite(eps_scaling):
     C = torch.tensor([[0.0834], [0.001]], device=DEVICE)
     a, b = torch.tensor([0.9881461, 0.01185385], device=DEVICE), torch.tensor([1.0], device=DEVICE)
-    out = O.sinkhorn(C, a, b, eps=1e-4, tol=1e-6, eps_scaling=eps_scaling, newton_steps=1, return_plan=True,
-                     backend="triton")
+    out = O.sinkhorn(
+        C, a, b, eps=1e-4, tol=1e-6, eps_scaling=eps_scaling, newton_steps=1, return_plan=True, backend="triton"
+    )
     assert torch.isfinite(out.f).all() and torch.isfinite(out.g).all() and torch.isfinite(out.err)
     torch.testing.assert_close(out.plan[:, 0].cpu().double(), a.cpu().double(), rtol=0, atol=5e-4)
 
 
 def test_sinkhorn_triton_bad_and_infinite_inputs():
     with pytest.raises(ValueError, match="a and b must have a positive total mass"):
-        O.sinkhorn(torch.rand(5, 6, device=DEVICE), torch.zeros(5, device=DEVICE), torch.zeros(6, device=DEVICE),
-                   eps=0.1, backend="triton")
+        O.sinkhorn(
+            torch.rand(5, 6, device=DEVICE),
+            torch.zeros(5, device=DEVICE),
+            torch.zeros(6, device=DEVICE),
+            eps=0.1,
+            backend="triton",
+        )
     C = torch.rand(4, 5, device=DEVICE)
     C[1, 2] = -float("inf")
     with pytest.raises(ValueError, match="cost contains -inf costs"):

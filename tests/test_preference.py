@@ -13,8 +13,12 @@ import alignops
 from alignops.reference import preference as ref
 
 # Per-dtype tolerances (rtol, atol) against the reference computed on the same input values.
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5),
-       torch.float16: (2e-5, 2e-5)}
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-5, 2e-5),
+    torch.float16: (2e-5, 2e-5),
+}
 
 SMOOTHING = {"exo_pair": 1e-3, "robust": 0.1}  # types that need / accept a label_smoothing
 
@@ -54,8 +58,14 @@ def test_preference_loss_matches_reference(cpu_capability, loss_type, dtype):
     B = 67  # not a multiple of the vector width: the tail lanes are exercised
     inputs = make_logps(B, dtype, requires_grad=True)
     lc, lr = lengths(B)
-    kw = dict(loss_type=loss_type, beta=0.2, label_smoothing=SMOOTHING.get(loss_type, 0.0),
-              chosen_lengths=lc, rejected_lengths=lr, reduction="none")
+    kw = dict(
+        loss_type=loss_type,
+        beta=0.2,
+        label_smoothing=SMOOTHING.get(loss_type, 0.0),
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+        reduction="none",
+    )
     out = alignops.preference_loss(*inputs, **kw, backend="native")
     ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     exp_loss, exp_cr, exp_rj = ref.preference_loss(*ref_inputs, **kw)
@@ -91,8 +101,16 @@ def test_reductions_and_backends_agree(backend, reduction):
 def test_f_divergences(loss_type, fdiv):
     inputs = make_logps(41, torch.float64, requires_grad=True, scale=0.3)
     lc, lr = lengths(41)
-    kw = dict(loss_type=loss_type, beta=0.5, label_smoothing=SMOOTHING.get(loss_type, 0.0), chosen_lengths=lc,
-              rejected_lengths=lr, f_divergence_type=fdiv, f_alpha_divergence_coef=0.3, reduction="sum")
+    kw = dict(
+        loss_type=loss_type,
+        beta=0.5,
+        label_smoothing=SMOOTHING.get(loss_type, 0.0),
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+        f_divergence_type=fdiv,
+        f_alpha_divergence_coef=0.3,
+        reduction="sum",
+    )
     out = alignops.preference_loss(*inputs, **kw)
     ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     exp = ref.preference_loss(*ref_inputs, **kw)[0]
@@ -132,9 +150,20 @@ def test_f_divergence_length_normalised_matches_trl(backend, loss_type, fdiv):
         exp = -logsig(beta * (sc - sr))
     else:
         exp = -logsig(beta * (sc / lc - sr / lr))
-    got = alignops.preference_loss(pc, pr, rc, rr, loss_type=loss_type, beta=beta, chosen_lengths=lc,
-                                   rejected_lengths=lr, f_divergence_type=fdiv, f_alpha_divergence_coef=alpha,
-                                   reduction="none", backend=backend)
+    got = alignops.preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        loss_type=loss_type,
+        beta=beta,
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+        f_divergence_type=fdiv,
+        f_alpha_divergence_coef=alpha,
+        reduction="none",
+        backend=backend,
+    )
     torch.testing.assert_close(got.loss, exp, rtol=1e-10, atol=1e-12)
 
 
@@ -146,16 +175,20 @@ def test_sigmoid_label_smoothing_is_cdpo(backend):
     pc, pr, rc, rr = make_logps(17, torch.float64)
     d = (pc - rc) - (pr - rr)
     for eps in (0.0, 0.2):
-        got = alignops.preference_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=eps, reduction="none",
-                                       backend=backend)
-        torch.testing.assert_close(got.loss, -(1 - eps) * logsig(0.1 * d) - eps * logsig(-0.1 * d),
-                                   rtol=1e-10, atol=1e-12)
+        got = alignops.preference_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=eps, reduction="none", backend=backend)
+        torch.testing.assert_close(
+            got.loss, -(1 - eps) * logsig(0.1 * d) - eps * logsig(-0.1 * d), rtol=1e-10, atol=1e-12
+        )
 
 
 def test_combined_loss_types_with_weights_and_aot():
     inputs = make_logps(29, torch.float64, requires_grad=True)
-    kw = dict(loss_type=["sigmoid", "aot", "sppo_hard", "aot_unpaired"], loss_weights=[1.0, 0.5, 0.01, 2.0],
-              beta=0.1, label_smoothing=0.05)
+    kw = dict(
+        loss_type=["sigmoid", "aot", "sppo_hard", "aot_unpaired"],
+        loss_weights=[1.0, 0.5, 0.01, 2.0],
+        beta=0.1,
+        label_smoothing=0.05,
+    )
     out = alignops.preference_loss(*inputs, **kw)
     ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     exp = ref.preference_loss(*ref_inputs, **kw)[0]
@@ -170,8 +203,9 @@ def test_weights_scale_each_term():
     inputs = make_logps(16, torch.float64)
     a = alignops.preference_loss(*inputs, loss_type="sigmoid", reduction="none").loss
     b = alignops.preference_loss(*inputs, loss_type="hinge", reduction="none").loss
-    both = alignops.preference_loss(*inputs, loss_type=["sigmoid", "hinge"], loss_weights=[0.25, 3.0],
-                                    reduction="none").loss
+    both = alignops.preference_loss(
+        *inputs, loss_type=["sigmoid", "hinge"], loss_weights=[0.25, 3.0], reduction="none"
+    ).loss
     torch.testing.assert_close(both, 0.25 * a + 3.0 * b, rtol=1e-12, atol=1e-12)
 
 
@@ -185,8 +219,8 @@ def test_per_sample_beta():
     torch.testing.assert_close(out.chosen_rewards, cr, rtol=1e-12, atol=1e-12)
     # Per pair: pair i's loss equals a scalar-beta call with beta[i].
     i = 7
-    single = alignops.preference_loss(*[t[i:i + 1] for t in inputs], beta=float(beta[i]), reduction="none").loss
-    torch.testing.assert_close(out.loss[i:i + 1], single, rtol=1e-12, atol=1e-12)
+    single = alignops.preference_loss(*[t[i : i + 1] for t in inputs], beta=float(beta[i]), reduction="none").loss
+    torch.testing.assert_close(out.loss[i : i + 1], single, rtol=1e-12, atol=1e-12)
 
 
 def test_simpo_cpo_ignore_the_reference():
@@ -218,9 +252,18 @@ def test_stable_for_huge_margins(loss_type):
     pc = torch.tensor([0.0, -1e5, -3.0, -1e5], dtype=torch.float32, requires_grad=True)
     pr = torch.tensor([-1e5, 0.0, -3.0, -2e5], dtype=torch.float32, requires_grad=True)
     zeros = torch.zeros(4)
-    out = alignops.preference_loss(pc, pr, zeros, zeros, loss_type=loss_type, beta=0.1,
-                                   label_smoothing=SMOOTHING.get(loss_type, 0.0), chosen_lengths=torch.ones(4),
-                                   rejected_lengths=torch.ones(4), reduction="sum")
+    out = alignops.preference_loss(
+        pc,
+        pr,
+        zeros,
+        zeros,
+        loss_type=loss_type,
+        beta=0.1,
+        label_smoothing=SMOOTHING.get(loss_type, 0.0),
+        chosen_lengths=torch.ones(4),
+        rejected_lengths=torch.ones(4),
+        reduction="sum",
+    )
     out.loss.backward()
     assert torch.isfinite(out.loss), out.loss
     assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
@@ -231,8 +274,7 @@ def test_discopop_finite_where_the_naive_form_is_nan():
     # is -logsig(z) (1 - m) + exp(-z) m with m = sig(z / 0.05) ~ e^-1800, i.e. 90 to fp32 precision.
     pc, pr, z = torch.tensor([-1000.0]), torch.tensor([-100.0]), torch.zeros(1)
     assert torch.isnan(ref.preference_loss(pc, pr, z, z, "discopop", beta=0.1)[0])
-    torch.testing.assert_close(alignops.preference_loss(pc, pr, z, z, "discopop", beta=0.1).loss,
-                               torch.tensor(90.0))
+    torch.testing.assert_close(alignops.preference_loss(pc, pr, z, z, "discopop", beta=0.1).loss, torch.tensor(90.0))
 
 
 def test_empty_batch():
@@ -251,8 +293,18 @@ def test_no_grad_path_skips_gradient_buffer():
 
 # ---- peers: Liger-Kernel's loss functions (TRL's formulas) -----------------------------------------
 
-LIGER_DPO_TYPES = ["sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
-                   "apo_down", "discopop"]
+LIGER_DPO_TYPES = [
+    "sigmoid",
+    "hinge",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+]
 
 
 @pytest.mark.parametrize("loss_type", LIGER_DPO_TYPES)
@@ -263,9 +315,11 @@ def test_dpo_types_match_liger(loss_type):
     eps = SMOOTHING.get(loss_type, 0.0)
     target = torch.zeros(2 * B, 4)  # Liger divides the summed loss by full_target.shape[0] // 2 pairs
     exp_loss, exp_cr, exp_rj = dpo.LigerFusedLinearDPOFunction.preference_loss_fn(
-        pc, pr, target, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, discopop_tau=0.05)
-    out = alignops.preference_loss(pc, pr, rc, rr, loss_type=loss_type, beta=0.1, label_smoothing=eps,
-                                   discopop_tau=0.05, reduction="mean")
+        pc, pr, target, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, discopop_tau=0.05
+    )
+    out = alignops.preference_loss(
+        pc, pr, rc, rr, loss_type=loss_type, beta=0.1, label_smoothing=eps, discopop_tau=0.05, reduction="mean"
+    )
     torch.testing.assert_close(out.loss, exp_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.chosen_rewards, exp_cr, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.rejected_rewards, exp_rj, rtol=1e-6, atol=1e-6)
@@ -279,8 +333,9 @@ def test_simpo_and_cpo_match_liger(eps):
     # Liger's SimPO takes already-averaged log-probs: pass those, no lengths.
     pc, pr = -torch.rand(B) * 3, -torch.rand(B) * 3
     target = torch.zeros(2 * B, 4)
-    exp = simpo.LigerFusedLinearSimPOFunction.preference_loss_fn(pc, pr, target, beta=2.0, gamma=0.5,
-                                                                 label_smoothing=eps)[0]
+    exp = simpo.LigerFusedLinearSimPOFunction.preference_loss_fn(
+        pc, pr, target, beta=2.0, gamma=0.5, label_smoothing=eps
+    )[0]
     out = alignops.preference_loss(pc, pr, loss_type="simpo", beta=2.0, gamma=0.5, label_smoothing=eps)
     torch.testing.assert_close(out.loss, exp, rtol=1e-5, atol=1e-6)
     exp = cpo.LigerFusedLinearCPOFunction.preference_loss_fn(pc, pr, target, beta=0.1, label_smoothing=eps)[0]
@@ -294,28 +349,66 @@ def test_simpo_and_cpo_match_liger(eps):
 def _op_args(B, dtype, compute_grad=True, **over):
     pc, pr, rc, rr = make_logps(B, dtype, requires_grad=compute_grad)
     lc, lr = lengths(B)
-    args = dict(beta=None, lc=lc.to(dtype), lr=lr.to(dtype), types=[0, 2, 5, 11, 13], weights=[1.0, 0.1, 0.5, 0.2, 0.3],
-                beta_value=0.3, ls=0.1, gamma=0.5, tau=0.05, fdiv=0, alpha=0.5)
+    args = dict(
+        beta=None,
+        lc=lc.to(dtype),
+        lr=lr.to(dtype),
+        types=[0, 2, 5, 11, 13],
+        weights=[1.0, 0.1, 0.5, 0.2, 0.3],
+        beta_value=0.3,
+        ls=0.1,
+        gamma=0.5,
+        tau=0.05,
+        fdiv=0,
+        alpha=0.5,
+    )
     args.update(over)
-    return (pc, pr, rc, rr, args["beta"], args["lc"], args["lr"], args["types"], args["weights"], args["beta_value"],
-            args["ls"], args["gamma"], args["tau"], args["fdiv"], args["alpha"], compute_grad)
+    return (
+        pc,
+        pr,
+        rc,
+        rr,
+        args["beta"],
+        args["lc"],
+        args["lr"],
+        args["types"],
+        args["weights"],
+        args["beta_value"],
+        args["ls"],
+        args["gamma"],
+        args["tau"],
+        args["fdiv"],
+        args["alpha"],
+        compute_grad,
+    )
 
 
 @pytest.mark.parametrize("fdiv", [0, 2])
 def test_opcheck_preference_loss(fdiv):
     torch.library.opcheck(torch.ops.alignops.preference_loss.default, _op_args(9, torch.float32, fdiv=fdiv))
     torch.library.opcheck(torch.ops.alignops.preference_loss.default, _op_args(9, torch.float32, False))
-    torch.library.opcheck(torch.ops.alignops.preference_loss.default,
-                          _op_args(5, torch.float64, beta=torch.rand(5, dtype=torch.float64) + 0.1))
+    torch.library.opcheck(
+        torch.ops.alignops.preference_loss.default,
+        _op_args(5, torch.float64, beta=torch.rand(5, dtype=torch.float64) + 0.1),
+    )
 
 
 @pytest.mark.parametrize("loss_type", alignops.LOSS_TYPES)
 def test_gradcheck(loss_type):
     inputs = make_logps(6, torch.float64, requires_grad=True, scale=0.3)
     lc, lr = lengths(6)
-    fn = lambda *x: alignops.preference_loss(  # noqa: E731
-        *x, loss_type=loss_type, beta=0.7, label_smoothing=SMOOTHING.get(loss_type, 0.0), chosen_lengths=lc,
-        rejected_lengths=lr, reduction="none").loss
+
+    def fn(*x):
+        return alignops.preference_loss(
+            *x,
+            loss_type=loss_type,
+            beta=0.7,
+            label_smoothing=SMOOTHING.get(loss_type, 0.0),
+            chosen_lengths=lc,
+            rejected_lengths=lr,
+            reduction="none",
+        ).loss
+
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 
@@ -324,8 +417,9 @@ def test_torch_compile_fullgraph():
     lc, lr = lengths(16)
 
     def step(pc, pr, rc, rr):
-        out = alignops.preference_loss(pc, pr, rc, rr, loss_type=["sigmoid", "ipo"], beta=0.1,
-                                       chosen_lengths=lc, rejected_lengths=lr)
+        out = alignops.preference_loss(
+            pc, pr, rc, rr, loss_type=["sigmoid", "ipo"], beta=0.1, chosen_lengths=lc, rejected_lengths=lr
+        )
         return out.loss, out.margins
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -344,9 +438,9 @@ def test_module_wrapper():
     inputs = make_logps(12, torch.float32)
     module = alignops.nn.PreferenceLoss(loss_type="robust", beta=0.2, label_smoothing=0.1)
     assert "robust" in repr(module)
-    torch.testing.assert_close(module(*inputs).loss,
-                               alignops.preference_loss(*inputs, loss_type="robust", beta=0.2,
-                                                        label_smoothing=0.1).loss)
+    torch.testing.assert_close(
+        module(*inputs).loss, alignops.preference_loss(*inputs, loss_type="robust", beta=0.2, label_smoothing=0.1).loss
+    )
     with pytest.raises(ValueError, match="label_smoothing must lie in \\[0, 0.5\\) for loss_type='robust'"):
         alignops.nn.PreferenceLoss(loss_type="robust", label_smoothing=0.6)
 
@@ -437,8 +531,12 @@ def test_selective_logprobs_matches_reference(cpu_capability, shape, dtype, temp
     g = torch.randn(N, dtype=got.dtype)
     (got * g).sum().backward()
     (exp * g).sum().backward()
-    gtol = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-5),
-            torch.float16: (1e-3, 1e-6)}[dtype]
+    gtol = {
+        torch.float64: (1e-12, 1e-12),
+        torch.float32: (1e-5, 1e-6),
+        torch.bfloat16: (1e-2, 1e-5),
+        torch.float16: (1e-3, 1e-6),
+    }[dtype]
     torch.testing.assert_close(logits.grad.double(), ref_logits.grad.double(), rtol=gtol[0], atol=gtol[1])
     assert torch.all(logits.grad[N // 2] == 0)
 
@@ -449,8 +547,9 @@ def test_selective_logprobs_low_precision_beats_torch_in_that_dtype(dtype):
     targets = torch.randint(0, 32000, (64,))
     exact = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None]).squeeze(-1)
     ours = (alignops.selective_logprobs(logits, targets).double() - exact).abs().max()
-    torch_same_dtype = (torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1).double()
-                        - exact).abs().max()
+    torch_same_dtype = (
+        (torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1).double() - exact).abs().max()
+    )
     assert ours <= 2 * torch_same_dtype
     assert ours < 1e-4
 
@@ -500,8 +599,9 @@ def test_selective_logprobs_non_contiguous_and_int32():
     base = torch.randn(10, 64)
     logits = base.t().contiguous().t()  # same values, column-major
     targets = torch.randint(0, 64, (10,), dtype=torch.int32)
-    torch.testing.assert_close(alignops.selective_logprobs(logits, targets),
-                               ref.selective_logprobs(base, targets.long()))
+    torch.testing.assert_close(
+        alignops.selective_logprobs(logits, targets), ref.selective_logprobs(base, targets.long())
+    )
 
 
 def test_selective_logprobs_empty():
@@ -514,11 +614,15 @@ def test_selective_logprobs_gradcheck_and_opcheck():
     targets = torch.tensor([3, -100, 18, 0])
     assert torch.autograd.gradcheck(lambda x: alignops.selective_logprobs(x, targets, temperature=0.8), (logits,))
     torch.library.opcheck(torch.ops.alignops.selective_logprobs.default, (logits, targets, -100, 0.8))
-    torch.library.opcheck(torch.ops.alignops.selective_logprobs.default,
-                          (torch.randn(6, 33, requires_grad=True), torch.randint(0, 33, (6,)), -100, 1.0))
+    torch.library.opcheck(
+        torch.ops.alignops.selective_logprobs.default,
+        (torch.randn(6, 33, requires_grad=True), torch.randint(0, 33, (6,)), -100, 1.0),
+    )
     lse = torch.logsumexp(logits.detach() / 0.8, -1)
-    torch.library.opcheck(torch.ops.alignops.selective_logprobs_backward.default,
-                          (torch.randn(4, dtype=torch.float64), logits.detach(), targets, lse, -100, 0.8))
+    torch.library.opcheck(
+        torch.ops.alignops.selective_logprobs_backward.default,
+        (torch.randn(4, dtype=torch.float64), logits.detach(), targets, lse, -100, 0.8),
+    )
 
 
 def test_selective_logprobs_compile():
@@ -556,8 +660,9 @@ def test_raw_selective_logprobs_op_checks_targets():
     with pytest.raises(ValueError, match=r"targets\[0\] = 99 is out of range"):
         torch.ops.alignops.selective_logprobs(torch.randn(2, 10), torch.tensor([99, 1]), -100, 1.0)
     with pytest.raises(ValueError, match=r"lse must be torch.float32 for torch.float32 logits, got torch.float64"):
-        torch.ops.alignops.selective_logprobs_backward(torch.zeros(2), torch.randn(2, 10), torch.tensor([1, 1]),
-                                                       torch.zeros(2, dtype=torch.float64), -100, 1.0)
+        torch.ops.alignops.selective_logprobs_backward(
+            torch.zeros(2), torch.randn(2, 10), torch.tensor([1, 1]), torch.zeros(2, dtype=torch.float64), -100, 1.0
+        )
 
 
 # ---- sequence_logprobs -------------------------------------------------------------------------------
@@ -612,8 +717,9 @@ def test_sequence_logprobs_bad_input():
 
 
 def test_cli_info():
-    res = subprocess.run([sys.executable, "-m", "alignops.cli", "info"], capture_output=True, text=True,
-                         env={**os.environ}, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "alignops.cli", "info"], capture_output=True, text=True, env={**os.environ}, check=True
+    )
     assert "CPU kernels" in res.stdout and "CUDA kernels" in res.stdout
     archs = torch.ops.alignops.cuda_archs()
     assert (f"sm_{archs[0]}" in res.stdout) if archs else ("not built" in res.stdout)
@@ -621,8 +727,12 @@ def test_cli_info():
 
 def test_cli_bench_quick_writes_table_and_csv(tmp_path):
     # The main job end to end on small shapes: table on stdout, CSV rows, ratios against the reference.
-    res = subprocess.run([sys.executable, "-m", "alignops.cli", "bench", "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "alignops.cli", "bench", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "selective_logprobs" in res.stdout and "torch log_softmax+gather" in res.stdout
     rows = (tmp_path / "preference_cpu_quick.csv").read_text().splitlines()
     assert rows[0].startswith("date,device,torch,git_sha,family,op,shape")

@@ -27,8 +27,10 @@ def backends():
 
 def make_logps(B, dtype):
     base = -60 + 10 * torch.randn(B, dtype=torch.float64)
-    return [(base + off + torch.randn(B, dtype=torch.float64)).to(dtype).cuda().requires_grad_(True)
-            for off in (0.0, -3.0, 0.5, -2.0)]
+    return [
+        (base + off + torch.randn(B, dtype=torch.float64)).to(dtype).cuda().requires_grad_(True)
+        for off in (0.0, -3.0, 0.5, -2.0)
+    ]
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -39,8 +41,14 @@ def test_preference_loss_cuda(backend, dtype, loss_type):
     inputs = make_logps(B, dtype)
     lc = torch.randint(1, 100, (B,), device="cuda")
     lr = torch.randint(1, 100, (B,), device="cuda")
-    kw = dict(loss_type=loss_type, beta=0.2, label_smoothing=SMOOTHING.get(loss_type, 0.0), chosen_lengths=lc,
-              rejected_lengths=lr, reduction="none")
+    kw = dict(
+        loss_type=loss_type,
+        beta=0.2,
+        label_smoothing=SMOOTHING.get(loss_type, 0.0),
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+        reduction="none",
+    )
     out = alignops.preference_loss(*inputs, **kw, backend=backend)
     ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     exp, cr, rj = ref.preference_loss(*ref_inputs, **kw)
@@ -59,9 +67,14 @@ def test_preference_loss_cuda(backend, dtype, loss_type):
 def test_preference_loss_cuda_matches_cpu_kernel_fp64(backend):
     inputs = [t.double() for t in make_logps(513, torch.float32)]
     beta = torch.rand(513, device="cuda", dtype=torch.float64) + 0.05
-    kw = dict(loss_type=["sigmoid", "ipo", "discopop"], loss_weights=[1, 0.1, 0.5], beta=beta,
-              chosen_lengths=torch.full((513,), 7.0, device="cuda", dtype=torch.float64),
-              rejected_lengths=torch.full((513,), 9.0, device="cuda", dtype=torch.float64), reduction="none")
+    kw = dict(
+        loss_type=["sigmoid", "ipo", "discopop"],
+        loss_weights=[1, 0.1, 0.5],
+        beta=beta,
+        chosen_lengths=torch.full((513,), 7.0, device="cuda", dtype=torch.float64),
+        rejected_lengths=torch.full((513,), 9.0, device="cuda", dtype=torch.float64),
+        reduction="none",
+    )
     gpu = alignops.preference_loss(*inputs, **kw, backend=backend).loss
     cpu_kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     cpu = alignops.preference_loss(*[t.detach().cpu() for t in inputs], **cpu_kw, backend="native").loss
@@ -113,11 +126,14 @@ def test_selective_logprobs_cuda_no_vocab_sized_temporary():
 
 def test_opcheck_cuda():
     inputs = make_logps(9, torch.float32)
-    torch.library.opcheck(torch.ops.alignops.preference_loss.default,
-                          (*inputs, None, None, None, [0, 2], [1.0, 0.5], 0.1, 0.0, 0.5, 0.05, 0, 0.5, True))
+    torch.library.opcheck(
+        torch.ops.alignops.preference_loss.default,
+        (*inputs, None, None, None, [0, 2], [1.0, 0.5], 0.1, 0.0, 0.5, 0.05, 0, 0.5, True),
+    )
     logits = torch.randn(6, 33, device="cuda", requires_grad=True)
-    torch.library.opcheck(torch.ops.alignops.selective_logprobs.default,
-                          (logits, torch.randint(0, 33, (6,), device="cuda"), -100, 1.0))
+    torch.library.opcheck(
+        torch.ops.alignops.selective_logprobs.default, (logits, torch.randint(0, 33, (6,), device="cuda"), -100, 1.0)
+    )
 
 
 def test_compile_inductor_cuda():

@@ -18,8 +18,11 @@ ACC = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat1
 # Outputs are in the accumulation dtype; bf16 inputs are compared with the fp32 reference of the same bf16
 # values. Gradients for bf16 inputs are rounded to bf16 once, so they lie within one bf16 ulp (2^-7 relative)
 # of the fp32 reference: the interpreter's fp32 -> bf16 cast truncates, a GPU rounds to nearest even.
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12),
-       torch.bfloat16: dict(rtol=1e-5, atol=1e-6)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.bfloat16: dict(rtol=1e-5, atol=1e-6),
+}
 GRAD_TOL = {**TOL, torch.bfloat16: dict(rtol=2**-7, atol=1e-6)}
 SMOOTHED_TYPES = ("sigmoid", "exo_pair", "robust", "aot", "aot_unpaired", "simpo", "cpo")
 SORTED_TYPES = ("aot", "aot_unpaired")
@@ -55,10 +58,12 @@ def _check(loss_type, dtype, B=13, **kwargs):
     out, grads = _run(alignops.preference_loss, inputs, upstream, loss_type=loss_type, backend="triton", **kwargs)
     assert all(t.dtype == acc for t in out)
     assert all(g.dtype == dtype for g in grads)
-    ref_kwargs = {k: (v.to(acc) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                  for k, v in kwargs.items()}
-    ref_out, ref_grads = _run(ref.preference_loss, [t.to(acc) for t in inputs], upstream, loss_type=loss_type,
-                              **ref_kwargs)
+    ref_kwargs = {
+        k: (v.to(acc) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kwargs.items()
+    }
+    ref_out, ref_grads = _run(
+        ref.preference_loss, [t.to(acc) for t in inputs], upstream, loss_type=loss_type, **ref_kwargs
+    )
     for got, want in zip(out, ref_out):
         torch.testing.assert_close(got, want, **TOL[dtype])
     for got, want in zip(grads, ref_grads):
@@ -66,8 +71,9 @@ def _check(loss_type, dtype, B=13, **kwargs):
         want = torch.zeros_like(got, dtype=acc) if want is None else want
         torch.testing.assert_close(got.to(acc), want, **GRAD_TOL[dtype])
     if DEVICE == "cpu":
-        nat_out, nat_grads = _run(alignops.preference_loss, inputs, upstream, loss_type=loss_type,
-                                  backend="native", **kwargs)
+        nat_out, nat_grads = _run(
+            alignops.preference_loss, inputs, upstream, loss_type=loss_type, backend="native", **kwargs
+        )
         for got, want in zip(out, nat_out):
             torch.testing.assert_close(got, want, **TOL[dtype])
         for got, want in zip(grads, nat_grads):
@@ -82,8 +88,14 @@ def _check(loss_type, dtype, B=13, **kwargs):
 def test_loss_type_matches_reference_and_native(loss_type, dtype):
     lc, lr = _lengths(13)
     # exo_pair is undefined without label smoothing; every other type runs unsmoothed here.
-    _check(loss_type, dtype, beta=0.3, label_smoothing=0.01 if loss_type == "exo_pair" else 0.0,
-           chosen_lengths=lc, rejected_lengths=lr)
+    _check(
+        loss_type,
+        dtype,
+        beta=0.3,
+        label_smoothing=0.01 if loss_type == "exo_pair" else 0.0,
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+    )
 
 
 @pytest.mark.parametrize("loss_type", SMOOTHED_TYPES)
@@ -96,8 +108,14 @@ def test_per_pair_beta(dtype):
     lc, lr = _lengths(13)
     beta = (0.05 + 0.5 * torch.rand(13, dtype=torch.float64)).to(dtype).to(DEVICE)
     for loss_type in sorted(set(alignops.LOSS_TYPES) - set(SORTED_TYPES)):
-        _check(loss_type, dtype, beta=beta, label_smoothing=0.1 if loss_type == "exo_pair" else 0.0,
-               chosen_lengths=lc, rejected_lengths=lr)
+        _check(
+            loss_type,
+            dtype,
+            beta=beta,
+            label_smoothing=0.1 if loss_type == "exo_pair" else 0.0,
+            chosen_lengths=lc,
+            rejected_lengths=lr,
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -105,20 +123,35 @@ def test_per_pair_beta(dtype):
 def test_f_divergence(f_divergence, dtype):
     lc, lr = _lengths(13)
     for loss_type in ("sigmoid", "ipo", "sigmoid_norm"):
-        _check(loss_type, dtype, beta=0.3, f_divergence_type=f_divergence, f_alpha_divergence_coef=0.5,
-               chosen_lengths=lc, rejected_lengths=lr)
+        _check(
+            loss_type,
+            dtype,
+            beta=0.3,
+            f_divergence_type=f_divergence,
+            f_alpha_divergence_coef=0.5,
+            chosen_lengths=lc,
+            rejected_lengths=lr,
+        )
 
 
 def test_alpha_divergence_near_one_is_reverse_kl():
-    _check("sigmoid", torch.float64, beta=0.3, f_divergence_type="alpha_divergence",
-           f_alpha_divergence_coef=1.0 + 1e-7)
+    _check("sigmoid", torch.float64, beta=0.3, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0 + 1e-7)
 
 
 def test_weighted_loss_types_across_blocks():
     # 300 pairs: more than one program of the pair kernel, the last one masked.
     lc, lr = _lengths(300)
-    _check(["sigmoid", "bco_pair", "simpo", "aot"], torch.float32, B=300, beta=0.2, label_smoothing=0.05,
-           loss_weights=[1.0, 0.5, 0.3, 0.2], chosen_lengths=lc, rejected_lengths=lr, gamma=0.3)
+    _check(
+        ["sigmoid", "bco_pair", "simpo", "aot"],
+        torch.float32,
+        B=300,
+        beta=0.2,
+        label_smoothing=0.05,
+        loss_weights=[1.0, 0.5, 0.3, 0.2],
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+        gamma=0.3,
+    )
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="compares with the native CPU op")
@@ -157,8 +190,16 @@ def test_raw_op_outputs_bf16_accumulate_in_fp32():
     assert grad.shape == (4, B) and grad.dtype == torch.float32
     # d loss / d (pc, pr, rc, rr) from the fp32 reference of the same bf16 values, before any rounding.
     leaves = [t.float().requires_grad_(True) for t in inputs]
-    want, _, _ = ref.preference_loss(*leaves, ["sigmoid", "ipo", "simpo"], 0.3, 0.05, loss_weights=[1.0, 0.25, 0.5],
-                                     chosen_lengths=lc, rejected_lengths=lr, reduction="none")
+    want, _, _ = ref.preference_loss(
+        *leaves,
+        ["sigmoid", "ipo", "simpo"],
+        0.3,
+        0.05,
+        loss_weights=[1.0, 0.25, 0.5],
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+        reduction="none",
+    )
     want.sum().backward()
     torch.testing.assert_close(loss, want.detach(), **TOL[torch.bfloat16])
     torch.testing.assert_close(grad, torch.stack([t.grad for t in leaves]), **TOL[torch.bfloat16])
@@ -169,8 +210,9 @@ def test_raw_op_outputs_bf16_accumulate_in_fp32():
 
 def test_raw_op_without_grad_has_empty_grad_and_refuses_backward():
     inputs = [t.requires_grad_(True) for t in _pairs(5, torch.float32)]
-    loss, _, _, grad = torch.ops.alignops.preference_loss_triton(*inputs, None, None, None, [0], [1.0], 0.1, 0.0,
-                                                                 0.5, 0.05, 0, 0.5, False)
+    loss, _, _, grad = torch.ops.alignops.preference_loss_triton(
+        *inputs, None, None, None, [0], [1.0], 0.1, 0.0, 0.5, 0.05, 0, 0.5, False
+    )
     assert grad.shape == (0,)
     with pytest.raises(RuntimeError, match="compute_grad=False"):
         loss.sum().backward()
@@ -184,8 +226,9 @@ def test_raw_op_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"loss type code must be in \[0, 15\), got 15"):
         torch.ops.alignops.preference_loss_triton(*inputs, None, None, None, [15], [1.0], *common)
     with pytest.raises(ValueError, match="ref_chosen_logps must have the dtype"):
-        torch.ops.alignops.preference_loss_triton(inputs[0], inputs[1], inputs[2].double(), inputs[3], None, None,
-                                                  None, [0], [1.0], *common)
+        torch.ops.alignops.preference_loss_triton(
+            inputs[0], inputs[1], inputs[2].double(), inputs[3], None, None, None, [0], [1.0], *common
+        )
 
 
 # ---- selective_logprobs ---------------------------------------------------------------------------------
@@ -231,8 +274,7 @@ def test_selective_logprobs_forward_backward(shape, dtype, temperature, target_d
         torch.testing.assert_close(logp_t, logp_n, **TOL[dtype])
         torch.testing.assert_close(lse_t, lse_n, **TOL[dtype])
         assert lse_t[2] == 0
-        g = torch.ops.alignops.selective_logprobs_backward_triton(upstream, logits, targets, lse_t, -100,
-                                                                  temperature)
+        g = torch.ops.alignops.selective_logprobs_backward_triton(upstream, logits, targets, lse_t, -100, temperature)
         g_n = torch.ops.alignops.selective_logprobs_backward(upstream, logits, targets, lse_n, -100, temperature)
         torch.testing.assert_close(g.to(acc), g_n.to(acc), **GRAD_TOL[dtype])
 
@@ -259,8 +301,9 @@ def test_selective_logprobs_out_of_range_target_gives_nan_without_reading_it():
     assert torch.isnan(logp[[1, 3]]).all() and torch.isfinite(lse[[1, 3]]).all()
     keep = torch.tensor([0, 4, 5])
     torch.testing.assert_close(logp[keep], ref.selective_logprobs(logits, targets.clamp(0, 99))[keep])
-    g = torch.ops.alignops.selective_logprobs_backward_triton(torch.ones(6, device=DEVICE), logits, targets, lse,
-                                                              -100, 1.0)
+    g = torch.ops.alignops.selective_logprobs_backward_triton(
+        torch.ones(6, device=DEVICE), logits, targets, lse, -100, 1.0
+    )
     assert torch.isnan(g[[1, 3]]).all() and torch.isfinite(g[keep]).all()
 
 
@@ -271,9 +314,14 @@ def test_selective_logprobs_raw_op_rejects_bad_arguments():
     with pytest.raises(ValueError, match="targets must be int64 or int32"):
         torch.ops.alignops.selective_logprobs_triton(logits, targets.float(), -100, 1.0)
     with pytest.raises(ValueError, match="lse must be torch.float32 for torch.bfloat16 logits"):
-        torch.ops.alignops.selective_logprobs_backward_triton(torch.ones(6, device=DEVICE), logits.bfloat16(), targets,
-                                                              torch.ones(6, dtype=torch.float64, device=DEVICE),
-                                                              -100, 1.0)
+        torch.ops.alignops.selective_logprobs_backward_triton(
+            torch.ones(6, device=DEVICE),
+            logits.bfloat16(),
+            targets,
+            torch.ones(6, dtype=torch.float64, device=DEVICE),
+            -100,
+            1.0,
+        )
 
 
 # ---- opcheck ----------------------------------------------------------------------------------------------
@@ -287,22 +335,31 @@ def _opcheck_samples():
     logits, targets = _logits(7, 50, torch.float32)
     logp, lse = torch.ops.alignops.selective_logprobs_triton(logits, targets, -100, 0.7)
     return [
-        (torch.ops.alignops.preference_loss_triton,
-         (*inputs, beta, lc, lr, [0, 12, 14], [1.0, 0.5, 0.25], 0.0, 0.0, 0.5, 0.05, 0, 0.5, True)),
+        (
+            torch.ops.alignops.preference_loss_triton,
+            (*inputs, beta, lc, lr, [0, 12, 14], [1.0, 0.5, 0.25], 0.0, 0.0, 0.5, 0.05, 0, 0.5, True),
+        ),
         # compute_grad=False refuses backward by design, hence inputs that do not require grad.
-        (torch.ops.alignops.preference_loss_triton,
-         (*plain, None, None, None, [11], [1.0], 0.1, 0.0, 0.5, 0.05, 2, 0.5, False)),
+        (
+            torch.ops.alignops.preference_loss_triton,
+            (*plain, None, None, None, [11], [1.0], 0.1, 0.0, 0.5, 0.05, 2, 0.5, False),
+        ),
         (torch.ops.alignops.selective_logprobs_triton, (logits.requires_grad_(True), targets, -100, 0.7)),
-        (torch.ops.alignops.selective_logprobs_backward_triton,
-         (torch.randn(7, device=DEVICE), logits.detach(), targets, lse, -100, 0.7)),
+        (
+            torch.ops.alignops.selective_logprobs_backward_triton,
+            (torch.randn(7, device=DEVICE), logits.detach(), targets, lse, -100, 0.7),
+        ),
     ]
 
 
 # In the interpreter, wrap_triton hands back the plain interpreted kernel (there is no JITFunction to trace),
 # so under FakeTensorMode the kernel would run on fake tensors: the fake-tensor and AOT-dispatch checks need
 # a GPU. On a GPU every check of opcheck runs.
-OPCHECK_UTILS = (("test_schema", "test_autograd_registration") if DEVICE == "cpu"
-                 else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+OPCHECK_UTILS = (
+    ("test_schema", "test_autograd_registration")
+    if DEVICE == "cpu"
+    else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+)
 
 
 @pytest.mark.parametrize("case", range(4))

@@ -39,8 +39,13 @@ TOL = {
 
 def fast(n: int):
     """A per-test budget: n examples, no deadline (the first call of an op loads its kernels)."""
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 def gen(seed: int) -> torch.Generator:
@@ -53,8 +58,9 @@ def randn(shape, dtype, seed, scale=1.0):
 
 def close(got, exp, dtype, scale=1.0):
     tol = TOL[dtype]
-    torch.testing.assert_close(got.double(), exp.double(), rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0),
-                               equal_nan=True)
+    torch.testing.assert_close(
+        got.double(), exp.double(), rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0), equal_nan=True
+    )
 
 
 def nan_or_raises(fn, what):
@@ -76,8 +82,15 @@ magnitudes = st.sampled_from([1e-3, 1.0, 30.0, 1e4])
 
 
 @fast(40)
-@given(N=st.integers(0, 9), V=st.integers(1, 80), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-       scale=magnitudes, temperature=st.sampled_from([1.0, 0.7, 3.0, 1e-3]), ignore_p=st.floats(0, 1), seed=seeds)
+@given(
+    N=st.integers(0, 9),
+    V=st.integers(1, 80),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    scale=magnitudes,
+    temperature=st.sampled_from([1.0, 0.7, 3.0, 1e-3]),
+    ignore_p=st.floats(0, 1),
+    seed=seeds,
+)
 def test_selective_logprobs_matches_reference(N, V, dtype, scale, temperature, ignore_p, seed):
     logits = randn((N, V), dtype, seed, scale)
     targets = torch.randint(0, V, (N,), generator=gen(seed + 1))
@@ -95,8 +108,14 @@ def test_selective_logprobs_matches_reference(N, V, dtype, scale, temperature, i
 
 
 @fast(25)
-@given(N=st.integers(1, 6), V=st.integers(1, 70), where=st.sampled_from(["target", "other", "last"]),
-       value=st.sampled_from([math.nan, math.inf, -math.inf]), dtype=fdtypes, seed=seeds)
+@given(
+    N=st.integers(1, 6),
+    V=st.integers(1, 70),
+    where=st.sampled_from(["target", "other", "last"]),
+    value=st.sampled_from([math.nan, math.inf, -math.inf]),
+    dtype=fdtypes,
+    seed=seeds,
+)
 def test_selective_logprobs_non_finite_logits(N, V, where, value, dtype, seed):
     logits = randn((N, V), dtype, seed)
     targets = torch.randint(0, V, (N,), generator=gen(seed + 1))
@@ -114,8 +133,9 @@ def test_selective_logprobs_non_finite_logits(N, V, where, value, dtype, seed):
     else:
         # torch's log_softmax is the contract here: +inf on the target gives NaN (inf - inf), -inf on the
         # target gives -inf, an infinity elsewhere gives -inf (+inf) or the finite value (-inf).
-        assert torch.equal(out[row].isnan(), exp[row].isnan()) and (exp[row].isnan() or out[row] == exp[row]
-                                                                    or torch.isclose(out[row], exp[row].to(out.dtype)))
+        assert torch.equal(out[row].isnan(), exp[row].isnan()) and (
+            exp[row].isnan() or out[row] == exp[row] or torch.isclose(out[row], exp[row].to(out.dtype))
+        )
 
 
 @fast(20)
@@ -147,16 +167,38 @@ def test_sequence_logprobs_packed_matches_reference(lengths, V, seed):
     assert got.num_tokens.tolist() == lengths
 
 
-_SIMPLE_TYPES = ["sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
-                 "discopop", "simpo", "cpo", "aot", "aot_unpaired", "exo_pair", "sigmoid_norm"]
+_SIMPLE_TYPES = [
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "simpo",
+    "cpo",
+    "aot",
+    "aot_unpaired",
+    "exo_pair",
+    "sigmoid_norm",
+]
 
 
 @fast(40)
-@given(B=st.integers(0, 9), loss_type=st.sampled_from(_SIMPLE_TYPES), beta=st.sampled_from([0.01, 0.1, 2.5]),
-       smoothing=st.sampled_from([0.0, 0.1, 0.3]),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-       scale=st.sampled_from([1.0, 50.0, 1e3]), reduction=st.sampled_from(["none", "mean", "sum"]),
-       fdiv=st.sampled_from(["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]), seed=seeds)
+@given(
+    B=st.integers(0, 9),
+    loss_type=st.sampled_from(_SIMPLE_TYPES),
+    beta=st.sampled_from([0.01, 0.1, 2.5]),
+    smoothing=st.sampled_from([0.0, 0.1, 0.3]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    scale=st.sampled_from([1.0, 50.0, 1e3]),
+    reduction=st.sampled_from(["none", "mean", "sum"]),
+    fdiv=st.sampled_from(["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]),
+    seed=seeds,
+)
 def test_preference_loss_matches_reference(B, loss_type, beta, smoothing, dtype, scale, reduction, fdiv, seed):
     if loss_type == "exo_pair" and smoothing == 0.0:
         smoothing = 1e-3
@@ -167,10 +209,18 @@ def test_preference_loss_matches_reference(B, loss_type, beta, smoothing, dtype,
     pc, pr, rc, rr = (randn((B,), dtype, seed + i, scale) for i in range(4))
     lengths = {}
     if loss_type in ("sigmoid_norm", "simpo") or (loss_type == "ipo" and seed % 2):
-        lengths = dict(chosen_lengths=torch.randint(1, 40, (B,), generator=gen(seed + 5)),
-                       rejected_lengths=torch.randint(1, 40, (B,), generator=gen(seed + 6)))
-    kw = dict(loss_type=loss_type, beta=beta, label_smoothing=smoothing, f_divergence_type=fdiv, reduction=reduction,
-              **lengths)
+        lengths = dict(
+            chosen_lengths=torch.randint(1, 40, (B,), generator=gen(seed + 5)),
+            rejected_lengths=torch.randint(1, 40, (B,), generator=gen(seed + 6)),
+        )
+    kw = dict(
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=smoothing,
+        f_divergence_type=fdiv,
+        reduction=reduction,
+        **lengths,
+    )
     got = alignops.preference_loss(pc, pr, rc, rr, backend="native", **kw)
     exp = ref_pref.preference_loss(pc, pr, rc, rr, **kw)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -184,35 +234,54 @@ def test_preference_loss_matches_reference(B, loss_type, beta, smoothing, dtype,
 
 
 @fast(20)
-@given(B=st.integers(1, 6),
-       loss_type=st.sampled_from(["sigmoid", "hinge", "ipo", "robust", "apo_zero", "discopop", "cpo"]),
-       which=st.integers(0, 3), dtype=fdtypes, seed=seeds)
+@given(
+    B=st.integers(1, 6),
+    loss_type=st.sampled_from(["sigmoid", "hinge", "ipo", "robust", "apo_zero", "discopop", "cpo"]),
+    which=st.integers(0, 3),
+    dtype=fdtypes,
+    seed=seeds,
+)
 def test_preference_loss_nan_propagates(B, loss_type, which, dtype, seed):
     ins = [randn((B,), dtype, seed + i) for i in range(4)]
     if loss_type == "cpo":
         which = which % 2  # reference-free: the ref log-probs do not enter
     row = seed % B
     ins[which][row] = math.nan
-    out = nan_or_raises(lambda: alignops.preference_loss(*ins, loss_type=loss_type, reduction="none",
-                                                         label_smoothing=0.1 if loss_type == "robust" else 0.0,
-                                                         backend="native"), "preference_loss")
+    out = nan_or_raises(
+        lambda: alignops.preference_loss(
+            *ins,
+            loss_type=loss_type,
+            reduction="none",
+            label_smoothing=0.1 if loss_type == "robust" else 0.0,
+            backend="native",
+        ),
+        "preference_loss",
+    )
     if out is not None:
         assert out.loss[row].isnan(), f"a NaN log-prob gave loss {out.loss[row]}"
         assert not out.loss[torch.arange(B) != row].isnan().any()
 
 
 @fast(20)
-@given(N=st.integers(0, 7), H=st.integers(1, 19), V=st.integers(1, 41), dtype=fdtypes,
-       temperature=st.sampled_from([1.0, 0.5]), softcap=st.sampled_from([None, 5.0]), entropy=st.booleans(),
-       seed=seeds)
+@given(
+    N=st.integers(0, 7),
+    H=st.integers(1, 19),
+    V=st.integers(1, 41),
+    dtype=fdtypes,
+    temperature=st.sampled_from([1.0, 0.5]),
+    softcap=st.sampled_from([None, 5.0]),
+    entropy=st.booleans(),
+    seed=seeds,
+)
 def test_fused_linear_logprobs_matches_reference(N, H, V, dtype, temperature, softcap, entropy, seed):
     h = randn((N, H), dtype, seed)
     w = randn((V, H), dtype, seed + 1, 1 / math.sqrt(H))
     t = torch.randint(0, V, (N,), generator=gen(seed + 2))
     if N:
         t[0] = -100
-    got = alignops.fused_linear_logprobs(h, w, t, temperature=temperature, softcap=softcap, return_entropy=entropy,
-                                         backend="native")
+    got = alignops.fused_linear_logprobs(
+        h, w, t, temperature=temperature, softcap=softcap, return_entropy=entropy, backend="native"
+    )
     exp = ref_pref.fused_linear_logprobs(h, w, t, temperature=temperature, softcap=softcap, return_entropy=entropy)
     if entropy:
         close(got.logp, exp[0], dtype, 10)
@@ -236,8 +305,15 @@ def ctc_batch(B, T, C, L, seed, dtype=torch.float32, scale=1.0):
 
 
 @fast(25)
-@given(B=st.integers(0, 4), T=st.integers(0, 13), C=st.integers(2, 7), L=st.integers(0, 5), dtype=fdtypes,
-       scale=st.sampled_from([1.0, 10.0]), seed=seeds)
+@given(
+    B=st.integers(0, 4),
+    T=st.integers(0, 13),
+    C=st.integers(2, 7),
+    L=st.integers(0, 5),
+    dtype=fdtypes,
+    scale=st.sampled_from([1.0, 10.0]),
+    seed=seeds,
+)
 def test_forced_align_matches_reference(B, T, C, L, dtype, scale, seed):
     L = min(L, T // 2)
     lp, targets, il, tl = ctc_batch(B, T, C, L, seed, dtype, scale)
@@ -257,8 +333,10 @@ def test_forced_align_matches_reference(B, T, C, L, dtype, scale, seed):
     for b in range(B):
         n = int(il[b])
         p = paths[b, :n]
-        assert torch.equal(p[p != 0].unique_consecutive(), targets[b, :int(tl[b])].unique_consecutive()) or \
-            int(tl[b]) != targets[b, :int(tl[b])].unique_consecutive().numel()
+        assert (
+            torch.equal(p[p != 0].unique_consecutive(), targets[b, : int(tl[b])].unique_consecutive())
+            or int(tl[b]) != targets[b, : int(tl[b])].unique_consecutive().numel()
+        )
         assert (paths[b, n:] == -1).all()
 
 
@@ -279,8 +357,17 @@ def test_forced_align_matches_torchaudio(T, C, L, seed):
 
 
 @fast(20)
-@given(B=st.integers(1, 3), T=st.integers(1, 9), C=st.integers(2, 6), L=st.integers(0, 4), row=st.integers(0, 2),
-       frame=st.integers(0, 8), cls=st.integers(0, 5), dtype=fdtypes, seed=seeds)
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 9),
+    C=st.integers(2, 6),
+    L=st.integers(0, 4),
+    row=st.integers(0, 2),
+    frame=st.integers(0, 8),
+    cls=st.integers(0, 5),
+    dtype=fdtypes,
+    seed=seeds,
+)
 def test_forced_align_nan_emission(B, T, C, L, row, frame, cls, dtype, seed):
     """A NaN emission on a frame that every path crosses: NaN scores (no argmax over NaN is right) or an error."""
     L = min(L, T // 2)
@@ -296,8 +383,15 @@ def test_forced_align_nan_emission(B, T, C, L, row, frame, cls, dtype, seed):
 
 
 @fast(20)
-@given(B=st.integers(0, 4), T=st.integers(0, 11), C=st.integers(2, 6), L=st.integers(0, 4), dtype=fdtypes,
-       reduction=st.sampled_from(["none", "sum", "mean"]), seed=seeds)
+@given(
+    B=st.integers(0, 4),
+    T=st.integers(0, 11),
+    C=st.integers(2, 6),
+    L=st.integers(0, 4),
+    dtype=fdtypes,
+    reduction=st.sampled_from(["none", "sum", "mean"]),
+    seed=seeds,
+)
 def test_ctc_loss_matches_reference_and_torch(B, T, C, L, dtype, reduction, seed):
     lp, targets, il, tl = ctc_batch(B, T, C, L, seed, dtype)
     got = alignops.ctc_loss(lp, targets, il, tl, reduction=reduction, backend="native")
@@ -329,8 +423,10 @@ def test_ctc_loss_nan_emission_gives_nan():
     """Issue 13 item 5: NaN in, NaN out, and zero_infinity must not hide it."""
     lp, targets, il, tl = ctc_batch(2, 8, 5, 3, 7)
     lp[0, 3, :] = math.nan
-    out = nan_or_raises(lambda: alignops.ctc_loss(lp, targets, il.fill_(8), tl, reduction="none",
-                                                  zero_infinity=True, backend="native"), "ctc_loss")
+    out = nan_or_raises(
+        lambda: alignops.ctc_loss(lp, targets, il.fill_(8), tl, reduction="none", zero_infinity=True, backend="native"),
+        "ctc_loss",
+    )
     assert out is None or (out[0].isnan() and not out[1].isnan())
 
 
@@ -353,7 +449,7 @@ def merge_tokens(path, frame_scores, blank=0):
 def test_token_spans_match_merge_tokens(B, T, C, pad, seed):
     paths = torch.randint(0, C, (B, T), generator=gen(seed))
     if T:
-        paths[:, T - min(pad, T):] = -1
+        paths[:, T - min(pad, T) :] = -1
     fs = randn((B, T), torch.float64, seed + 1)
     spans = alignops.ctc.token_spans(paths, fs)
     for b in range(B):
@@ -376,23 +472,41 @@ def marginal(n, seed, mass=1.0):
 
 
 @fast(12)
-@given(N=st.integers(1, 7), M=st.integers(1, 7), eps=st.sampled_from([0.2, 0.5, 2.0]), dtype=fdtypes,
-       scale=st.sampled_from([1.0, 3.0]), seed=seeds)
+@given(
+    N=st.integers(1, 7),
+    M=st.integers(1, 7),
+    eps=st.sampled_from([0.2, 0.5, 2.0]),
+    dtype=fdtypes,
+    scale=st.sampled_from([1.0, 3.0]),
+    seed=seeds,
+)
 def test_sinkhorn_matches_reference_and_pot(N, M, eps, dtype, scale, seed):
     C = (torch.rand(N, M, generator=gen(seed), dtype=torch.float64) * scale).to(dtype)
     a, b = marginal(N, seed + 1).to(dtype), marginal(M, seed + 2).to(dtype)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-7, atol=1e-9)
     kw = dict(eps=eps, n_iters=30, tol=0.0, return_plan=True)
-    torch.testing.assert_close(O.sinkhorn(C, a, b, backend="native", **kw).plan.double(),
-                               O.sinkhorn(C, a, b, backend="torch", **kw).plan.double(), **tol)
-    got = O.sinkhorn(C, a, b, backend="native", eps=eps, n_iters=20000,
-                     tol=1e-12 if dtype == torch.float64 else 1e-6, return_plan=True)
+    torch.testing.assert_close(
+        O.sinkhorn(C, a, b, backend="native", **kw).plan.double(),
+        O.sinkhorn(C, a, b, backend="torch", **kw).plan.double(),
+        **tol,
+    )
+    got = O.sinkhorn(
+        C,
+        a,
+        b,
+        backend="native",
+        eps=eps,
+        n_iters=20000,
+        tol=1e-12 if dtype == torch.float64 else 1e-6,
+        return_plan=True,
+    )
     # Both marginals fitted (the check runs after a full (f, g) update).
     torch.testing.assert_close(got.plan.double().sum(1), a.double(), **tol)
     torch.testing.assert_close(got.plan.double().sum(0), b.double(), **tol)
     pot = pytest.importorskip("ot")
-    P = pot.bregman.sinkhorn_log(a.double().numpy(), b.double().numpy(), C.double().numpy(), eps, numItermax=20000,
-                                 stopThr=1e-13)
+    P = pot.bregman.sinkhorn_log(
+        a.double().numpy(), b.double().numpy(), C.double().numpy(), eps, numItermax=20000, stopThr=1e-13
+    )
     torch.testing.assert_close(got.plan.double(), torch.from_numpy(P), **tol)
 
 
@@ -420,8 +534,15 @@ def test_sinkhorn_fits_rows_when_columns_start_fitted(backend):
 
 
 @fast(8)
-@given(N=st.integers(1, 6), M=st.integers(1, 6), d=st.integers(1, 4), p=st.sampled_from([1, 2]),
-       eps=st.sampled_from([0.1, 1.0]), debias=st.booleans(), seed=seeds)
+@given(
+    N=st.integers(1, 6),
+    M=st.integers(1, 6),
+    d=st.integers(1, 4),
+    p=st.sampled_from([1, 2]),
+    eps=st.sampled_from([0.1, 1.0]),
+    debias=st.booleans(),
+    seed=seeds,
+)
 def test_sinkhorn_distance_matches_reference(N, M, d, p, eps, debias, seed):
     x, y = randn((N, d), torch.float64, seed), randn((M, d), torch.float64, seed + 1)
     kw = dict(eps=eps, p=p, debias=debias, n_iters=30, tol=0.0)
@@ -443,9 +564,18 @@ def test_sinkhorn_distance_non_finite_points_raise(N, M, value, seed):
 
 
 @fast(20)
-@given(B=st.integers(0, 3), T=st.integers(0, 9), H=st.integers(1, 24), I=st.integers(1, 20),
-       activation=st.sampled_from(["swiglu", "gelu", "gelu_tanh"]), norm=st.booleans(), bias=st.booleans(),
-       keep_p=st.floats(0, 1), dtype=fdtypes, seed=seeds)
+@given(
+    B=st.integers(0, 3),
+    T=st.integers(0, 9),
+    H=st.integers(1, 24),
+    I=st.integers(1, 20),
+    activation=st.sampled_from(["swiglu", "gelu", "gelu_tanh"]),
+    norm=st.booleans(),
+    bias=st.booleans(),
+    keep_p=st.floats(0, 1),
+    dtype=fdtypes,
+    seed=seeds,
+)
 def test_skip_ffn_matches_reference(B, T, H, I, activation, norm, bias, keep_p, dtype, seed):
     G = 2 * I if activation == "swiglu" else I
     x = randn((B, T, H), dtype, seed)
@@ -463,9 +593,17 @@ def test_skip_ffn_matches_reference(B, T, H, I, activation, norm, bias, keep_p, 
 
 
 @fast(30)
-@given(lead=st.sampled_from([(), (3,), (2, 1)]), n=st.integers(1, 9), m=st.integers(1, 9),
-       p=st.sampled_from([1.0, 1.5, 2.0, 3.0]), weighted=st.booleans(), ties=st.booleans(), dtype=fdtypes,
-       scale=magnitudes, seed=seeds)
+@given(
+    lead=st.sampled_from([(), (3,), (2, 1)]),
+    n=st.integers(1, 9),
+    m=st.integers(1, 9),
+    p=st.sampled_from([1.0, 1.5, 2.0, 3.0]),
+    weighted=st.booleans(),
+    ties=st.booleans(),
+    dtype=fdtypes,
+    scale=magnitudes,
+    seed=seeds,
+)
 def test_wasserstein_1d_matches_reference_and_scipy(lead, n, m, p, weighted, ties, dtype, scale, seed):
     u, v = randn((*lead, n), dtype, seed, scale), randn((*lead, m), dtype, seed + 1, scale)
     if ties:  # repeated atoms, shared between u and v
@@ -473,21 +611,30 @@ def test_wasserstein_1d_matches_reference_and_scipy(lead, n, m, p, weighted, tie
     uw = (torch.rand(u.shape, generator=gen(seed + 2), dtype=torch.float64) + 0.01).to(dtype) if weighted else None
     vw = (torch.rand(v.shape, generator=gen(seed + 3), dtype=torch.float64) + 0.01).to(dtype) if weighted else None
     got = alignops.wasserstein_1d(u, v, uw, vw, p, backend="native")
-    exp = ref_w.wasserstein_1d(u.double(), v.double(), None if uw is None else uw.double(),
-                               None if vw is None else vw.double(), p)
+    exp = ref_w.wasserstein_1d(
+        u.double(), v.double(), None if uw is None else uw.double(), None if vw is None else vw.double(), p
+    )
     mag = (2 * scale + 1) ** p
     close(got, exp, dtype, mag * (1e-1 if dtype == torch.float32 else 1e-4))
     if p == 1.0 and lead == ():
         sps = pytest.importorskip("scipy.stats")
-        theirs = sps.wasserstein_distance(u.double().numpy(), v.double().numpy(),
-                                          None if uw is None else uw.double().numpy(),
-                                          None if vw is None else vw.double().numpy())
+        theirs = sps.wasserstein_distance(
+            u.double().numpy(),
+            v.double().numpy(),
+            None if uw is None else uw.double().numpy(),
+            None if vw is None else vw.double().numpy(),
+        )
         close(got, torch.tensor(theirs, dtype=torch.float64), dtype, mag * (1e-1 if dtype == torch.float32 else 1e-4))
 
 
 @fast(15)
-@given(n=st.integers(1, 7), m=st.integers(1, 7), which=st.sampled_from(["u", "v"]),
-       value=st.sampled_from([math.nan, math.inf, -math.inf]), seed=seeds)
+@given(
+    n=st.integers(1, 7),
+    m=st.integers(1, 7),
+    which=st.sampled_from(["u", "v"]),
+    value=st.sampled_from([math.nan, math.inf, -math.inf]),
+    seed=seeds,
+)
 def test_wasserstein_1d_non_finite_atoms(n, m, which, value, seed):
     """NaN or an infinite atom: NaN / inf out, or a clear error; never a finite distance."""
     u, v = randn((n,), torch.float64, seed), randn((m,), torch.float64, seed + 1)
@@ -508,16 +655,24 @@ def test_wasserstein_1d_nan_weight_raises(n, m, seed):
 
 
 @fast(15)
-@given(n=st.integers(1, 8), m=st.integers(1, 8), d=st.integers(1, 5), L=st.integers(1, 6),
-       p=st.sampled_from([1.0, 2.0]), dtype=fdtypes, seed=seeds)
+@given(
+    n=st.integers(1, 8),
+    m=st.integers(1, 8),
+    d=st.integers(1, 5),
+    L=st.integers(1, 6),
+    p=st.sampled_from([1.0, 2.0]),
+    dtype=fdtypes,
+    seed=seeds,
+)
 def test_sliced_wasserstein_matches_reference_and_pot(n, m, d, L, p, dtype, seed):
     X, Y = randn((n, d), dtype, seed), randn((m, d), dtype, seed + 1)
     th = alignops.wasserstein.random_projections(d, L, seed, dtype=dtype)
     got = alignops.sliced_wasserstein(X, Y, projections=th, p=p, backend="native")
     close(got, ref_w.sliced_wasserstein(X, Y, th, p), dtype, 10)
     pot = pytest.importorskip("ot")
-    theirs = pot.sliced_wasserstein_distance(X.double().numpy(), Y.double().numpy(), n_projections=L, p=p,
-                                             projections=th.double().numpy())
+    theirs = pot.sliced_wasserstein_distance(
+        X.double().numpy(), Y.double().numpy(), n_projections=L, p=p, projections=th.double().numpy()
+    )
     close(got, torch.tensor(float(theirs), dtype=torch.float64), dtype, 10)
 
 
@@ -539,8 +694,12 @@ def test_gaussian_w2_matches_reference(lead, d, dtype, seed):
     S2 = (A2 @ A2.transpose(-1, -2) + 0.1 * torch.eye(d, dtype=torch.float64)).to(dtype)
     mu1, mu2 = randn((*lead, d), dtype, seed + 2), randn((*lead, d), dtype, seed + 3)
     got = alignops.gaussian_w2(mu1, S1, mu2, S2)
-    close(got, ref_w.gaussian_w2(mu1.double(), S1.double(), mu2.double(), S2.double()), dtype,
-          1e3 if dtype == torch.float32 else 1e2)
+    close(
+        got,
+        ref_w.gaussian_w2(mu1.double(), S1.double(), mu2.double(), S2.double()),
+        dtype,
+        1e3 if dtype == torch.float32 else 1e2,
+    )
 
 
 # ---- metrics / watermark / represent / rewards / objectives --------------------------------------------
@@ -563,8 +722,15 @@ def test_pearson_spearman_match_scipy(n, ties, scale, seed):
 
 
 @fast(15)
-@given(N=st.integers(0, 5), V=st.integers(2, 50), width=st.integers(1, 3), gamma=st.sampled_from([0.1, 0.25, 0.5]),
-       delta=st.sampled_from([0.0, 2.0]), key=st.integers(0, 2**40), seed=seeds)
+@given(
+    N=st.integers(0, 5),
+    V=st.integers(2, 50),
+    width=st.integers(1, 3),
+    gamma=st.sampled_from([0.1, 0.25, 0.5]),
+    delta=st.sampled_from([0.0, 2.0]),
+    key=st.integers(0, 2**40),
+    seed=seeds,
+)
 def test_kgw_process_and_gumbel_sample_match_reference(N, V, width, gamma, delta, key, seed):
     logits = randn((N, V), torch.float32, seed, 3.0)
     context = torch.randint(0, V, (N, width), generator=gen(seed + 1))
@@ -575,14 +741,14 @@ def test_kgw_process_and_gumbel_sample_match_reference(N, V, width, gamma, delta
 
 
 @fast(15)
-@given(n=st.integers(2, 12), d1=st.integers(1, 6), d2=st.integers(1, 6), debiased=st.booleans(), dtype=fdtypes,
-       seed=seeds)
+@given(
+    n=st.integers(2, 12), d1=st.integers(1, 6), d2=st.integers(1, 6), debiased=st.booleans(), dtype=fdtypes, seed=seeds
+)
 def test_linear_cka_matches_reference(n, d1, d2, debiased, dtype, seed):
     if debiased and n < 4:
         n = 4
     X, Y = randn((n, d1), dtype, seed), randn((n, d2), dtype, seed + 1)
-    close(alignops.linear_cka(X, Y, debiased=debiased), ref_rep.linear_cka(X.double(), Y.double(), debiased),
-          dtype, 10)
+    close(alignops.linear_cka(X, Y, debiased=debiased), ref_rep.linear_cka(X.double(), Y.double(), debiased), dtype, 10)
 
 
 @fast(15)
@@ -600,15 +766,22 @@ def test_best_of_n_matches_argmax(B, N, nan_at, seed):
 
 
 @fast(20)
-@given(B=st.integers(0, 8), beta=st.sampled_from([0.05, 0.5, 3.0]), lengths=st.booleans(), dtype=fdtypes,
-       scale=st.sampled_from([0.1, 1.0, 30.0]), seed=seeds)
+@given(
+    B=st.integers(0, 8),
+    beta=st.sampled_from([0.05, 0.5, 3.0]),
+    lengths=st.booleans(),
+    dtype=fdtypes,
+    scale=st.sampled_from([0.1, 1.0, 30.0]),
+    seed=seeds,
+)
 def test_orpo_loss_matches_reference(B, beta, lengths, dtype, scale, seed):
     pc = -randn((B,), dtype, seed, scale).abs() - 1e-3
     pr = -randn((B,), dtype, seed + 1, scale).abs() - 1e-3
     nc = torch.randint(1, 30, (B,), generator=gen(seed + 2)) if lengths else None
     nr = torch.randint(1, 30, (B,), generator=gen(seed + 3)) if lengths else None
-    got = alignops.orpo_loss(pc, pr, beta=beta, chosen_lengths=nc, rejected_lengths=nr, compute_nll=False,
-                             reduction="none")
+    got = alignops.orpo_loss(
+        pc, pr, beta=beta, chosen_lengths=nc, rejected_lengths=nr, compute_nll=False, reduction="none"
+    )
     exp = ref_obj.orpo_loss(pc.double(), pr.double(), beta, nc, nr)
     close(got.log_odds_chosen, exp[2], dtype, 10 * scale)
     close(got.loss, exp[1], dtype, 10 * scale)

@@ -69,8 +69,11 @@ def test_no_op_takes_symint():
 
 # In the interpreter the Triton kernels run on real tensors only: the fake-tensor and AOT-dispatch checks of
 # opcheck need a GPU (see tests/test_ctc_posteriors_triton.py).
-OPCHECK_UTILS = (("test_schema", "test_autograd_registration") if not torch.cuda.is_available()
-                 else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+OPCHECK_UTILS = (
+    ("test_schema", "test_autograd_registration")
+    if not torch.cuda.is_available()
+    else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -78,15 +81,21 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_opcheck_triton_ops():
     logits = torch.randn(5, 37, device=DEVICE, requires_grad=True)
     targets = torch.tensor([3, 0, 36, -100, 7], device=DEVICE)
-    torch.library.opcheck(torch.ops.alignops.selective_logprobs_triton.default, (logits, targets, -100, 0.7),
-                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.alignops.selective_logprobs_triton.default, (logits, targets, -100, 0.7), test_utils=OPCHECK_UTILS
+    )
     pc, pr, rc, rr = (torch.randn(6, device=DEVICE, dtype=torch.float64) for _ in range(4))
-    torch.library.opcheck(torch.ops.alignops.preference_loss_triton.default,
-                          (pc.requires_grad_(), pr, rc, rr, None, None, None, [0, 2], [1.0, 0.5], 0.1, 0.0, 0.5, 0.05,
-                           0, 0.5, True), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.alignops.preference_loss_triton.default,
+        (pc.requires_grad_(), pr, rc, rr, None, None, None, [0, 2], [1.0, 0.5], 0.1, 0.0, 0.5, 0.05, 0, 0.5, True),
+        test_utils=OPCHECK_UTILS,
+    )
     context = torch.randint(0, 50, (3, 2), device=DEVICE)
-    torch.library.opcheck(torch.ops.alignops.kgw_logits_triton.default,
-                          (torch.randn(3, 50, device=DEVICE), context, 12345, 0.25, 2.0), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.alignops.kgw_logits_triton.default,
+        (torch.randn(3, 50, device=DEVICE), context, 12345, 0.25, 2.0),
+        test_utils=OPCHECK_UTILS,
+    )
 
 
 # ---- register_triton_op on both of its paths ------------------------------------------------------------

@@ -30,18 +30,20 @@ def make_batch(L=3, B=4, T=13, H=17, dtype=torch.float32):
         elif b >= 2:  # a span of 1 .. n-1 of the n real tokens
             length = int(torch.randint(1, hi - lo, ()))
             start = lo + int(torch.randint(0, hi - lo - length + 1, ()))
-            perceptual[b, start:start + length] = True
+            perceptual[b, start : start + length] = True
     return h, perceptual, attention
 
 
 def assert_matches_reference(out, expected, dtype):
     for name in PER_EXAMPLE:
         torch.testing.assert_close(getattr(out, name), expected[name], equal_nan=True, **TOL[dtype])
-        torch.testing.assert_close(getattr(out.dataset, name), expected["dataset_" + name], equal_nan=True,
-                                   **TOL[dtype])
+        torch.testing.assert_close(
+            getattr(out.dataset, name), expected["dataset_" + name], equal_nan=True, **TOL[dtype]
+        )
     for name in ("cross_all_pairs", "cross_fixed_all_pairs"):
-        torch.testing.assert_close(getattr(out.dataset, name), expected["dataset_" + name], equal_nan=True,
-                                   **TOL[dtype])
+        torch.testing.assert_close(
+            getattr(out.dataset, name), expected["dataset_" + name], equal_nan=True, **TOL[dtype]
+        )
 
 
 # ---- ima_score vs the reference -------------------------------------------------------------------
@@ -52,8 +54,9 @@ def assert_matches_reference(out, expected, dtype):
 @pytest.mark.parametrize("layer_offset,fixed", [(1, 0), (2, -1)])
 def test_ima_score_matches_reference(mode, layer_offset, fixed, dtype):
     h, perceptual, attention = make_batch(dtype=dtype)
-    out = represent.ima_score(h, perceptual, attention_mask=attention, mode=mode, layer_offset=layer_offset,
-                              fixed_perceptual_layer=fixed)
+    out = represent.ima_score(
+        h, perceptual, attention_mask=attention, mode=mode, layer_offset=layer_offset, fixed_perceptual_layer=fixed
+    )
     expected = ref.ima_score(h, perceptual, attention, mode, layer_offset, fixed)
     assert out.cross.shape == out.cross_fixed.shape == out.token_pair.shape == (3, 4)
     assert out.change_perceptual.shape == out.change_textual.shape == (3 - layer_offset, 4)
@@ -156,8 +159,11 @@ def test_bf16_accumulates_in_fp32():
         same_values = represent.ima_score(h.bfloat16().float(), perceptual, attention_mask=attention, mode=mode)
         exact = represent.ima_score(h, perceptual, attention_mask=attention, mode=mode)
         assert low.cross.dtype == low.dataset.cross_all_pairs.dtype == torch.float32
-        for a, b, c in zip(low[:5] + tuple(low.dataset)[:7], same_values[:5] + tuple(same_values.dataset)[:7],
-                           exact[:5] + tuple(exact.dataset)[:7]):
+        for a, b, c in zip(
+            low[:5] + tuple(low.dataset)[:7],
+            same_values[:5] + tuple(same_values.dataset)[:7],
+            exact[:5] + tuple(exact.dataset)[:7],
+        ):
             torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(a, c, equal_nan=True, rtol=0, atol=2e-2)  # bf16 rounding of the input
 
@@ -213,7 +219,7 @@ def batches():
         perceptual[:, 1:4] = True
         perceptual[-1] = False  # an example without perceptual tokens
         attention = torch.ones(B, T, dtype=torch.long)
-        attention[0, T - 2:] = 0
+        attention[0, T - 2 :] = 0
         out.append((ids, perceptual, attention))
     return out
 
@@ -251,8 +257,10 @@ def test_collector_by_name_with_constructor_masks():
     model = TinyLM(n_layers=2).eval()
     ids, perceptual, attention = batches()[1]
     names = ["embed", "layers.0", "layers.1"]
-    with torch.no_grad(), represent.IMACollector(model, names, perceptual_mask=perceptual,
-                                                 attention_mask=attention) as col:
+    with (
+        torch.no_grad(),
+        represent.IMACollector(model, names, perceptual_mask=perceptual, attention_mask=attention) as col,
+    ):
         states = model(ids)
     expected = represent.ima_score(states, perceptual, attention_mask=attention).dataset
     for name, a, b in zip(represent.IMADatasetScore._fields, col.result(), expected):
@@ -315,12 +323,18 @@ def _bad_inputs():
         (dict(hidden_states=h, perceptual_mask=pm.long()), r"perceptual_mask must be a bool tensor.*int64"),
         (dict(hidden_states=h, perceptual_mask=pm[0]), r"perceptual_mask must be a 2-D bool tensor \[B, T\]"),
         (dict(hidden_states=h, perceptual_mask=pm[:, :4]), r"perceptual_mask must have shape \[B, T\] = \(2, 5\)"),
-        (dict(hidden_states=h, perceptual_mask=pm, attention_mask=torch.ones(2, 4)),
-         r"attention_mask must have the shape of perceptual_mask \[B, T\] = \(2, 5\), got shape \(2, 4\)"),
-        (dict(hidden_states=h, perceptual_mask=pm, attention_mask=torch.ones(2, 5)),
-         "attention_mask must be a bool or integer tensor"),
-        (dict(hidden_states=h, perceptual_mask=pm, mode="mean_cosine"),
-         "unknown mode 'mean_cosine'; valid modes: mean, max, median"),
+        (
+            dict(hidden_states=h, perceptual_mask=pm, attention_mask=torch.ones(2, 4)),
+            r"attention_mask must have the shape of perceptual_mask \[B, T\] = \(2, 5\), got shape \(2, 4\)",
+        ),
+        (
+            dict(hidden_states=h, perceptual_mask=pm, attention_mask=torch.ones(2, 5)),
+            "attention_mask must be a bool or integer tensor",
+        ),
+        (
+            dict(hidden_states=h, perceptual_mask=pm, mode="mean_cosine"),
+            "unknown mode 'mean_cosine'; valid modes: mean, max, median",
+        ),
         (dict(hidden_states=h, perceptual_mask=pm, layer_offset=3), r"1 <= layer_offset < L = 3.*got 3"),
         (dict(hidden_states=h, perceptual_mask=pm, layer_offset=0), r"1 <= layer_offset < L = 3.*got 0"),
         (dict(hidden_states=h[:1], perceptual_mask=pm), r"1 <= layer_offset < L = 1"),

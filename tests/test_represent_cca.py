@@ -63,8 +63,9 @@ def test_cca_broadcast_and_identical_views():
 
 def test_cca_loss_gradcheck():
     H1, H2 = views(12, 3, 4, 2)
-    assert torch.autograd.gradcheck(lambda a, b: alignops.cca_loss(a, b, k=2, reg=1e-2),
-                                    (H1.requires_grad_(), H2.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda a, b: alignops.cca_loss(a, b, k=2, reg=1e-2), (H1.requires_grad_(), H2.requires_grad_())
+    )
 
 
 def test_cca_loss_gradients_at_repeated_eigenvalues():
@@ -85,8 +86,9 @@ def test_cca_loss_gradients_at_repeated_eigenvalues():
         x, y = X.clone().requires_grad_(), H2.clone().requires_grad_()
         alignops.cca_loss(x, y, reg=1e-3).backward()
         assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
-        assert torch.autograd.gradcheck(lambda p, q: alignops.cca_loss(p, q, reg=1e-3),
-                                        (X.clone().requires_grad_(), H2.clone().requires_grad_()))
+        assert torch.autograd.gradcheck(
+            lambda p, q: alignops.cca_loss(p, q, reg=1e-3), (X.clone().requires_grad_(), H2.clone().requires_grad_())
+        )
 
 
 def test_cca_loss_gradient_with_all_correlations_equal():
@@ -158,8 +160,9 @@ def test_linear_cka_matches_numpy(debiased, n, d1, d2):
     got = alignops.linear_cka(X, Y, debiased=debiased)
     exp = [np_cka(X[i].numpy(), Y[i].numpy(), debiased) for i in range(4)]
     torch.testing.assert_close(got, torch.tensor(exp, dtype=torch.float64), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got, torch.stack([ref.linear_cka(X[i], Y[i], debiased) for i in range(4)]),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        got, torch.stack([ref.linear_cka(X[i], Y[i], debiased) for i in range(4)]), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_debiased_normaliser_is_debiased():
@@ -188,8 +191,10 @@ def test_linear_cka_invariances_and_dtypes():
 def test_linear_cka_gradcheck_and_compile():
     X, Y = views(8, 3, 2, 2)
     for debiased in (False, True):
-        assert torch.autograd.gradcheck(lambda a, b, debiased=debiased: alignops.linear_cka(a, b, debiased),
-                                        (X.clone().requires_grad_(), Y.clone().requires_grad_()))
+        assert torch.autograd.gradcheck(
+            lambda a, b, debiased=debiased: alignops.linear_cka(a, b, debiased),
+            (X.clone().requires_grad_(), Y.clone().requires_grad_()),
+        )
     fn = torch.compile(lambda a, b: alignops.linear_cka(a, b, True), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(X, Y), alignops.linear_cka(X, Y, True))
 

@@ -61,8 +61,9 @@ def test_rating_regression_matches_reference(dtype):
     mean, total = ref.rating_regression_loss(pred, y, mask)
     out = obj.rating_regression_loss(pred, y, mask)
     torch.testing.assert_close(out.loss.double(), mean, **tol(dtype))
-    torch.testing.assert_close(obj.rating_regression_loss(pred, y, mask, reduction="sum").loss.double(), total,
-                               **tol(dtype))
+    torch.testing.assert_close(
+        obj.rating_regression_loss(pred, y, mask, reduction="sum").loss.double(), total, **tol(dtype)
+    )
     none = obj.rating_regression_loss(pred, y, mask, reduction="none").loss
     assert none.shape == pred.shape and bool((none[~mask] == 0).all())
     assert int(out.num_rated) == int(mask.sum())
@@ -108,8 +109,11 @@ def test_closed_forms_by_hand():
 
     # (1 - 1.5)^2 + (0 - 1)^2 + (0 - 1)^2 over 3 rated entries; the NaN sits at an unrated entry.
     nan = float("nan")
-    reg = obj.rating_regression_loss(torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[1.5, nan], [1.0, 1.0]]),
-                                     torch.tensor([[True, False], [True, True]]))
+    reg = obj.rating_regression_loss(
+        torch.tensor([[1.0, 2.0], [0.0, 0.0]]),
+        torch.tensor([[1.5, nan], [1.0, 1.0]]),
+        torch.tensor([[True, False], [True, True]]),
+    )
     assert float(reg.loss) == pytest.approx(2.25 / 3, rel=1e-6) and int(reg.num_rated) == 3
 
     hs = obj.helpsteer2_preference_loss(rc, rr, torch.tensor([3, 1]))
@@ -142,8 +146,14 @@ def _trl_compute_loss(trainer_mod, rc, rr, margin, coef):
     accelerator's gathers are the identity on one process). Returns (loss, grad of [rc; rr], logged metrics)."""
     head = _RewardHead(torch.cat([rc, rr]).clone()).eval()
     identity = SimpleNamespace(gather_for_metrics=lambda t: t, gather=lambda t: t)
-    stub = SimpleNamespace(model=head, args=SimpleNamespace(center_rewards_coefficient=coef), accelerator=identity,
-                           _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+    stub = SimpleNamespace(
+        model=head,
+        args=SimpleNamespace(center_rewards_coefficient=coef),
+        accelerator=identity,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     inputs = {} if margin is None else {"margin": margin}
     loss = trainer_mod.RewardTrainer.compute_loss(stub, head, inputs)
     loss.backward()
@@ -178,12 +188,15 @@ def test_gradcheck_fp64():
     s = torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0], dtype=torch.float64)
     pred, y, mask = ratings_case(4, 3, seed=12, dtype=torch.float64)
     pred.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b, c: obj.bradley_terry_loss(
-        a, b, c, center_rewards_coefficient=0.05, reduction="none").loss, (rc, rr, m))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: obj.bradley_terry_loss(a, b, c, center_rewards_coefficient=0.05, reduction="none").loss,
+        (rc, rr, m),
+    )
     assert torch.autograd.gradcheck(lambda a, b: obj.reward_centering_loss(a, b).loss, (rc, rr))
     assert torch.autograd.gradcheck(lambda p: obj.rating_regression_loss(p, y, mask).loss, (pred,))
-    assert torch.autograd.gradcheck(lambda a, b, p: obj.helpsteer2_preference_loss(
-        a, b, s, p, y, mask, regression_weight=0.3).loss, (rc, rr, pred))
+    assert torch.autograd.gradcheck(
+        lambda a, b, p: obj.helpsteer2_preference_loss(a, b, s, p, y, mask, regression_weight=0.3).loss, (rc, rr, pred)
+    )
 
 
 def test_metrics_are_detached_and_exported():
@@ -253,8 +266,10 @@ def test_compiles_fullgraph():
     pred, y, mask = ratings_case(4, 3, seed=22)
 
     def step(a, b, s, pred, y, mask):
-        return (obj.bradley_terry_loss(a, b, s, center_rewards_coefficient=0.01).loss
-                + obj.helpsteer2_preference_loss(a, b, s, pred, y, mask, regression_weight=0.5).loss)
+        return (
+            obj.bradley_terry_loss(a, b, s, center_rewards_coefficient=0.01).loss
+            + obj.helpsteer2_preference_loss(a, b, s, pred, y, mask, regression_weight=0.5).loss
+        )
 
     args = (a, b, s, pred, y, mask)
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(*args), step(*args))

@@ -27,8 +27,11 @@ def test_combine_rewards_sums_log_probabilities():
     exp = np.log(scipy.special.expit(r.numpy() - ref.numpy())).sum(-1)
     np.testing.assert_allclose(u.numpy(), exp, rtol=1e-12)
     w = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    np.testing.assert_allclose(Rw.combine_rewards(r, ref, w).numpy(),
-                               (np.log(scipy.special.expit(r.numpy() - ref.numpy())) * [1.0, 0.5]).sum(-1), rtol=1e-12)
+    np.testing.assert_allclose(
+        Rw.combine_rewards(r, ref, w).numpy(),
+        (np.log(scipy.special.expit(r.numpy() - ref.numpy())) * [1.0, 0.5]).sum(-1),
+        rtol=1e-12,
+    )
 
 
 def test_calibrate_is_midrank_percentile():

@@ -68,8 +68,9 @@ def test_flat_rows_and_naive_path_agree():
     x = torch.randn(50, 32)
     w1, w2, nw, _, _ = make_ffn(32, 16)
     keep = torch.rand(50) > 0.5
-    torch.testing.assert_close(alignops.skip_ffn(x, w1, w2, nw, keep=keep),
-                               ref.naive_skip_ffn(x, w1, w2, nw, keep), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        alignops.skip_ffn(x, w1, w2, nw, keep=keep), ref.naive_skip_ffn(x, w1, w2, nw, keep), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_skip_spans():
@@ -79,8 +80,9 @@ def test_skip_spans():
     keep = keep_from_spans(spans, 10)
     assert keep[0].tolist() == [True, False, False, False, True, True, False, True, True, True]
     assert keep[1].tolist() == [True] * 5 + [False] * 5
-    torch.testing.assert_close(alignops.skip_ffn(x, w1, w2, nw, skip_spans=spans),
-                               ref.skip_ffn(x, w1, w2, nw, keep), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        alignops.skip_ffn(x, w1, w2, nw, skip_spans=spans), ref.skip_ffn(x, w1, w2, nw, keep), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("criterion", ["cosine", "norm_ratio"])
@@ -111,8 +113,9 @@ def test_gradients_match_reference(activation):
     x = torch.randn(3, 11, H, requires_grad=True)
     params = [t.requires_grad_(True) for t in make_ffn(H, I, activation, bias=True)]
     keep = torch.rand(3, 11) > 0.4
-    y = alignops.skip_ffn(x, params[0], params[1], params[2], keep=keep, b_gate_up=params[3], b_down=params[4],
-                          activation=activation)
+    y = alignops.skip_ffn(
+        x, params[0], params[1], params[2], keep=keep, b_gate_up=params[3], b_down=params[4], activation=activation
+    )
     g = torch.randn_like(y)
     grads = torch.autograd.grad((y * g).sum(), [x, *params])
     xr = x.detach().clone().requires_grad_(True)
@@ -131,7 +134,8 @@ def test_gradcheck_fp64():
     keep = torch.tensor([[True, False, True, True], [False, True, True, False]])
     assert torch.autograd.gradcheck(
         lambda *a: alignops.skip_ffn(a[0], a[1], a[2], a[3], keep=keep, b_gate_up=a[4], b_down=a[5]),
-        (x, w1, w2, nw, b1, b2))
+        (x, w1, w2, nw, b1, b2),
+    )
 
 
 def test_opcheck():
@@ -147,8 +151,7 @@ def test_compile_fullgraph():
     x = torch.randn(2, 7, 16, requires_grad=True)
     w1, w2, nw, _, _ = make_ffn(16, 8)
     keep = torch.rand(2, 7) > 0.5
-    fn = torch.compile(lambda x: alignops.skip_ffn(x, w1, w2, nw, keep=keep).sum(), fullgraph=True,
-                       backend="aot_eager")
+    fn = torch.compile(lambda x: alignops.skip_ffn(x, w1, w2, nw, keep=keep).sum(), fullgraph=True, backend="aot_eager")
     fn(x).backward()
     xr = x.detach().clone().requires_grad_(True)
     ref.skip_ffn(xr, w1, w2, nw, keep).sum().backward()
@@ -286,8 +289,9 @@ def test_patcher_equals_dense_when_nothing_skipped_and_skips_when_asked():
         # The same computation by hand: the FFN of layers 2 and 4 leaves perceptual rows unchanged.
         x = h
         for i, layer in enumerate(model.layers):
-            mlp, norm = (skipper._patched[[2, 4].index(i)][1:] if i in (2, 4)
-                         else (layer.mlp, layer.post_attention_layernorm))
+            mlp, norm = (
+                skipper._patched[[2, 4].index(i)][1:] if i in (2, 4) else (layer.mlp, layer.post_attention_layernorm)
+            )
             residual = x
             q, k, v = layer.qkv(layer.input_layernorm(x)).chunk(3, -1)
             x = residual + layer.o_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
@@ -350,8 +354,11 @@ def test_delta_path_equals_add_then_skip(criterion, mode):
     w1, w2, nw, _, _ = make_ffn(H, 40)
     h = x + d
     score = alignops.skip.change_score(h, x, criterion)
-    kwargs = {"threshold": dict(threshold=float(score.median())), "capacity": dict(capacity=0.4),
-              "keep": dict(keep=torch.rand(B, T) > 0.5)}[mode]
+    kwargs = {
+        "threshold": dict(threshold=float(score.median())),
+        "capacity": dict(capacity=0.4),
+        "keep": dict(keep=torch.rand(B, T) > 0.5),
+    }[mode]
     if mode == "threshold":
         keep = score > kwargs["threshold"]
     elif mode == "capacity":
@@ -384,8 +391,9 @@ def test_inplace_leaves_skipped_rows_untouched():
         target = x.clone()
         ptr = target.data_ptr()
         with torch.no_grad():
-            out = alignops.skip_ffn(target, w1, w2, nw, keep=keep, b_gate_up=b1, b_down=b2, inplace=True,
-                                    backend=backend)
+            out = alignops.skip_ffn(
+                target, w1, w2, nw, keep=keep, b_gate_up=b1, b_down=b2, inplace=True, backend=backend
+            )
         assert out.data_ptr() == ptr and out is target
         assert torch.equal(target[~keep], x[~keep])
         torch.testing.assert_close(target, exp, rtol=1e-5, atol=1e-5)
@@ -403,8 +411,11 @@ def test_raw_inplace_op_refuses_inputs_that_require_grad(arg):
     args = dict(x=x.clone(), w_gate_up=w1, w_down=w2, norm_weight=nw)
     args[arg] = args[arg].clone().requires_grad_() * 1  # a non-leaf: a leaf refuses in-place writes anyway
     call = (args["x"], keep, args["w_gate_up"], args["w_down"], args["norm_weight"], None, None, 0, 1e-6)
-    with pytest.raises(RuntimeError, match=rf"alignops::skip_ffn_ updates x in place and records no gradient, "
-                                           rf"but {arg} requires grad: use the out-of-place alignops.skip_ffn"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"alignops::skip_ffn_ updates x in place and records no gradient, "
+        rf"but {arg} requires grad: use the out-of-place alignops.skip_ffn",
+    ):
         torch.ops.alignops.skip_ffn_(*call)
     with torch.no_grad():  # no graph, nothing to refuse
         torch.ops.alignops.skip_ffn_(*call)
@@ -424,8 +435,9 @@ def test_inplace_and_delta_bad_input():
         with pytest.raises(ValueError, match="delta must match x"):
             alignops.skip_ffn(x, w1, w2, nw, delta=x[:, :3], threshold=0.1)
     with pytest.raises(ValueError, match="x must be contiguous to be updated in place"):
-        torch.ops.alignops.skip_ffn_(torch.randn(5, 2, 16).transpose(0, 1)[0], torch.ones(5, dtype=torch.bool),
-                                     w1, w2, nw, None, None, 0, 1e-6)
+        torch.ops.alignops.skip_ffn_(
+            torch.randn(5, 2, 16).transpose(0, 1)[0], torch.ones(5, dtype=torch.bool), w1, w2, nw, None, None, 0, 1e-6
+        )
     with pytest.raises(ValueError, match=r"delta must have the shape of residual"):
         torch.ops.alignops.skip_add_score(torch.randn(4, 8), torch.randn(4, 9), 0)
     with pytest.raises(ValueError, match="criterion code must be 0 \\(cosine\\) or 1 \\(norm_ratio\\), got 2"):

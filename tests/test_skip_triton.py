@@ -59,19 +59,23 @@ def _params(N, H, I, activation, dtype, norm=True, bias=True):
     norm_weight = 1 + 0.1 * torch.randn(H, dtype=torch.float64) if norm else None
     b_gate_up = 0.1 * torch.randn(G, dtype=torch.float64) if bias else None
     b_down = 0.1 * torch.randn(H, dtype=torch.float64) if bias else None
-    return [None if t is None else t.to(DEVICE) if t.dtype == torch.bool else t.to(dtype).to(DEVICE)
-            for t in (x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down)]
+    return [
+        None if t is None else t.to(DEVICE) if t.dtype == torch.bool else t.to(dtype).to(DEVICE)
+        for t in (x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down)
+    ]
 
 
 def _triton(params, activation, save=True):
     x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down = params
-    return torch.ops.alignops.skip_ffn_triton(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down,
-                                              ACT_CODES[activation], EPS, save)
+    return torch.ops.alignops.skip_ffn_triton(
+        x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, ACT_CODES[activation], EPS, save
+    )
 
 
 def _reference(params, activation, dtype=None):
     x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down = [
-        None if t is None else t if dtype is None or t.dtype == torch.bool else t.to(dtype) for t in params]
+        None if t is None else t if dtype is None or t.dtype == torch.bool else t.to(dtype) for t in params
+    ]
     return ref.skip_ffn(x, w_gate_up, w_down, norm_weight, keep, b_gate_up, b_down, activation, EPS)
 
 
@@ -127,14 +131,19 @@ def _check_outputs(params, activation, outputs, save=True):
         if x.dtype in TOL:
             torch.testing.assert_close(pre_act[:k], want, **TOL[x.dtype])
         else:  # one rounding of the same fp32 sums, in another order
-            torch.testing.assert_close(pre_act[:k].double(), want.double(), rtol=2 * torch.finfo(x.dtype).eps,
-                                       atol=torch.finfo(x.dtype).eps)
+            torch.testing.assert_close(
+                pre_act[:k].double(), want.double(), rtol=2 * torch.finfo(x.dtype).eps, atol=torch.finfo(x.dtype).eps
+            )
     else:
         assert pre_act.shape == (0, G) and pre_act.dtype == x.dtype
 
 
-VARIANTS = {"norm_bias": dict(norm=True, bias=True), "norm": dict(norm=True, bias=False),
-            "bias": dict(norm=False, bias=True), "plain": dict(norm=False, bias=False)}
+VARIANTS = {
+    "norm_bias": dict(norm=True, bias=True),
+    "norm": dict(norm=True, bias=False),
+    "bias": dict(norm=False, bias=True),
+    "plain": dict(norm=False, bias=False),
+}
 
 
 @pytest.mark.usefixtures("bf16_rounds_to_nearest")
@@ -162,8 +171,9 @@ def test_keep_all_is_the_dense_ffn(activation):
     outputs = _triton(params, activation)
     _check_outputs(params, activation, outputs)
     x, _, w_gate_up, w_down, norm_weight, b_gate_up, b_down = params
-    torch.testing.assert_close(outputs[0], ref.ffn(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down,
-                                                   activation, EPS), **TOL[torch.float32])
+    torch.testing.assert_close(
+        outputs[0], ref.ffn(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, EPS), **TOL[torch.float32]
+    )
     assert torch.equal(outputs[1], torch.arange(33, device=DEVICE))
 
 
@@ -223,8 +233,11 @@ def test_rejects_bad_arguments():
         call(x, keep.float(), wgu, wd, nw, bgu, bd)
     with pytest.raises(ValueError, match=r"keep must be a bool tensor of shape \[N\] = \[6\], got torch.bool \[5\]"):
         call(x, keep[:5], wgu, wd, nw, bgu, bd)
-    with pytest.raises(ValueError, match=r"activation code must be 0 \(swiglu\), 1 \(gelu\) or 2 \(gelu_tanh\), "
-                                         r"got 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"activation code must be 0 \(swiglu\), 1 \(gelu\) or 2 \(gelu_tanh\), "
+        r"got 3",
+    ):
         call(x, keep, wgu, wd, nw, bgu, bd, activation=3)
     with pytest.raises(ValueError, match=r"eps must be > 0, got 0.0"):
         call(x, keep, wgu, wd, nw, bgu, bd, eps=0.0)
@@ -244,8 +257,11 @@ def test_rejects_bad_arguments():
         call(x, keep, wgu, wd, nw, bgu, bd[:, None])
     with pytest.raises(ValueError, match=r"w_down must have the dtype of x \(torch.float32\), got torch.bfloat16"):
         call(x, keep, wgu, wd.bfloat16(), nw, bgu, bd)
-    with pytest.raises(ValueError, match=r"norm_weight must have the dtype of x \(torch.float32\), got "
-                                         r"torch.float64"):
+    with pytest.raises(
+        ValueError,
+        match=r"norm_weight must have the dtype of x \(torch.float32\), got "
+        r"torch.float64",
+    ):
         call(x, keep, wgu, wd, nw.double(), bgu, bd)
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match=r"w_down must be on the device of x \(cuda:0\), got cpu"):
@@ -291,8 +307,11 @@ def _opcheck_samples():
 # As for the preference ops: in the interpreter wrap_triton hands back the plain interpreted kernel, so the
 # fake-tensor and AOT-dispatch checks need a GPU. Autograd is registered elsewhere (one backward for the native
 # and the Triton op), so the samples do not require grad.
-OPCHECK_UTILS = (("test_schema", "test_autograd_registration") if DEVICE == "cpu"
-                 else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+OPCHECK_UTILS = (
+    ("test_schema", "test_autograd_registration")
+    if DEVICE == "cpu"
+    else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+)
 
 
 @pytest.mark.parametrize("case", range(4))
@@ -322,25 +341,34 @@ def test_inplace_skipped_rows_untouched():
     torch.ops.alignops.skip_ffn_triton_(target, keep, w1, w2, nw, None, None, 0, EPS)
     assert torch.equal(target[~keep], x[~keep])
     torch.testing.assert_close(target, ref.skip_ffn(x, w1, w2, nw, keep), **TOL[torch.float32])
-    torch.library.opcheck(torch.ops.alignops.skip_ffn_triton_, (x.clone(), keep, w1, w2, nw, None, None, 0, EPS),
-                          test_utils=OPCHECK_UTILS)
-    torch.library.opcheck(torch.ops.alignops.skip_add_score_triton, (x, 0.1 * torch.randn_like(x), 1),
-                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.alignops.skip_ffn_triton_, (x.clone(), keep, w1, w2, nw, None, None, 0, EPS), test_utils=OPCHECK_UTILS
+    )
+    torch.library.opcheck(
+        torch.ops.alignops.skip_add_score_triton, (x, 0.1 * torch.randn_like(x), 1), test_utils=OPCHECK_UTILS
+    )
 
 
 @pytest.mark.parametrize("arg", ["x", "w_gate_up", "norm_weight"])
 def test_inplace_op_refuses_inputs_that_require_grad(arg):
     x = torch.randn(9, 40, device=DEVICE)
-    args = dict(x=x.clone(), w_gate_up=torch.randn(48, 40, device=DEVICE) / 7,
-                norm_weight=torch.rand(40, device=DEVICE) + 0.5)
+    args = dict(
+        x=x.clone(), w_gate_up=torch.randn(48, 40, device=DEVICE) / 7, norm_weight=torch.rand(40, device=DEVICE) + 0.5
+    )
     w2 = torch.randn(40, 24, device=DEVICE) / 5
     keep = torch.rand(9, device=DEVICE) > 0.5
     args[arg] = args[arg].clone().requires_grad_() * 1
     call = (args["x"], keep, args["w_gate_up"], w2, args["norm_weight"], None, None, 0, EPS)
-    with pytest.raises(RuntimeError, match=rf"alignops::skip_ffn_triton_ updates x in place and records no "
-                                           rf"gradient, but {arg} requires grad: use the out-of-place"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"alignops::skip_ffn_triton_ updates x in place and records no "
+        rf"gradient, but {arg} requires grad: use the out-of-place",
+    ):
         torch.ops.alignops.skip_ffn_triton_(*call)
     with torch.no_grad():
         torch.ops.alignops.skip_ffn_triton_(*call)
-    torch.testing.assert_close(call[0], ref.skip_ffn(x, args["w_gate_up"].detach(), w2,
-                                                     args["norm_weight"].detach(), keep), **TOL[torch.float32])
+    torch.testing.assert_close(
+        call[0],
+        ref.skip_ffn(x, args["w_gate_up"].detach(), w2, args["norm_weight"].detach(), keep),
+        **TOL[torch.float32],
+    )

@@ -28,8 +28,13 @@ def capture(tmp_path, monkeypatch):
 
     def binaries() -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ALIGNOPS_TRITON_CAPTURE")}
-        out = subprocess.run([sys.executable, "-m", "alignops.bench.sm90_gate", "triton", str(path), "--count"],
-                             capture_output=True, text=True, env=env, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "alignops.bench.sm90_gate", "triton", str(path), "--count"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     return binaries

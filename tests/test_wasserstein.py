@@ -23,14 +23,22 @@ def sample(B, n, dtype=torch.float64, weights=False, scale=1.0, shift=0.0):
 
 
 def scipy_w1(u, v, uw, vw):
-    return np.array([scipy.stats.wasserstein_distance(u[i].double().numpy(), v[i].double().numpy(),
-                                                      None if uw is None else uw[i].double().numpy(),
-                                                      None if vw is None else vw[i].double().numpy())
-                     for i in range(u.shape[0])])
+    return np.array(
+        [
+            scipy.stats.wasserstein_distance(
+                u[i].double().numpy(),
+                v[i].double().numpy(),
+                None if uw is None else uw[i].double().numpy(),
+                None if vw is None else vw[i].double().numpy(),
+            )
+            for i in range(u.shape[0])
+        ]
+    )
 
 
 def pot_wp(u, v, uw, vw, p):
     """ot.wasserstein_1d takes atoms on dim 0 and assumes normalised weights."""
+
     def norm(w):
         return None if w is None else (w / w.sum(-1, keepdim=True)).double().T.contiguous()
 
@@ -65,18 +73,24 @@ def test_native_matches_reference_large_and_ties():
     uw = torch.rand(64, 300, dtype=torch.float64)
     uw[:, ::3] = 0  # atoms of zero mass
     for p in (1.0, 2.0):
-        torch.testing.assert_close(alignops.wasserstein_1d(u, v, uw, None, p=p, backend="native"),
-                                   ref.wasserstein_1d(u, v, uw, None, p=p), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(alignops.wasserstein_1d(u, v, uw, None), torch.from_numpy(scipy_w1(u, v, uw, None)),
-                               rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            alignops.wasserstein_1d(u, v, uw, None, p=p, backend="native"),
+            ref.wasserstein_1d(u, v, uw, None, p=p),
+            rtol=1e-10,
+            atol=1e-10,
+        )
+    torch.testing.assert_close(
+        alignops.wasserstein_1d(u, v, uw, None), torch.from_numpy(scipy_w1(u, v, uw, None)), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_identical_measures_give_zero_and_translation_gives_shift():
     u = torch.randn(4, 33, dtype=torch.float64)
     assert torch.equal(alignops.wasserstein_1d(u, u[:, torch.randperm(33)]), torch.zeros(4, dtype=torch.float64))
     torch.testing.assert_close(alignops.wasserstein_1d(u, u + 0.75), torch.full((4,), 0.75, dtype=torch.float64))
-    torch.testing.assert_close(alignops.wasserstein_1d(u, u + 0.75, p=2.0),
-                               torch.full((4,), 0.5625, dtype=torch.float64))
+    torch.testing.assert_close(
+        alignops.wasserstein_1d(u, u + 0.75, p=2.0), torch.full((4,), 0.5625, dtype=torch.float64)
+    )
 
 
 def test_batch_shapes_broadcast_and_empty_batch():
@@ -113,8 +127,7 @@ def test_gradcheck_values_and_weights(p):
     u, uw = sample(3, 6, weights=True)
     v, vw = sample(3, 5, weights=True, shift=0.2)
     args = [t.requires_grad_() for t in (u, v, uw, vw)]
-    assert torch.autograd.gradcheck(lambda a, b, c, d: alignops.wasserstein_1d(a, b, c, d, p=p, backend="native"),
-                                    args)
+    assert torch.autograd.gradcheck(lambda a, b, c, d: alignops.wasserstein_1d(a, b, c, d, p=p, backend="native"), args)
 
 
 def test_gradients_match_reference_autograd():
@@ -160,8 +173,7 @@ def test_opcheck():
     v, vw = sample(4, 6, torch.float32, weights=True)
     torch.library.opcheck(torch.ops.alignops.wasserstein_1d, (u, v, uw, vw, 2.0))
     torch.library.opcheck(torch.ops.alignops.wasserstein_1d, (u.double().requires_grad_(), v.double(), None, None, 1.0))
-    torch.library.opcheck(torch.ops.alignops.wasserstein_1d_backward,
-                          (torch.randn(4), u, v, uw, vw, 1.0, True))
+    torch.library.opcheck(torch.ops.alignops.wasserstein_1d_backward, (torch.randn(4), u, v, uw, vw, 1.0, True))
 
 
 def test_compile_fullgraph():
@@ -207,8 +219,14 @@ def test_sliced_matches_pot_with_same_projections(backend, p, weights):
     a = torch.rand(40, dtype=torch.float64) if weights else None
     b = torch.rand(27, dtype=torch.float64) if weights else None
     proj = ot.sliced.get_random_projections(5, 30, seed=3)
-    exp = ot.sliced_wasserstein_distance(X.numpy(), Y.numpy(), None if a is None else (a / a.sum()).numpy(),
-                                         None if b is None else (b / b.sum()).numpy(), projections=proj, p=p)
+    exp = ot.sliced_wasserstein_distance(
+        X.numpy(),
+        Y.numpy(),
+        None if a is None else (a / a.sum()).numpy(),
+        None if b is None else (b / b.sum()).numpy(),
+        projections=proj,
+        p=p,
+    )
     got = alignops.sliced_wasserstein(X, Y, projections=torch.from_numpy(proj), p=p, a=a, b=b, backend=backend)
     torch.testing.assert_close(got, torch.tensor(exp, dtype=torch.float64), rtol=1e-10, atol=1e-10)
 
@@ -226,8 +244,10 @@ def test_sliced_batched_seeded_and_differentiable():
         torch.testing.assert_close(d1[i], torch.tensor(exp, dtype=torch.float64), rtol=1e-10, atol=1e-10)
     d1.sum().backward()
     assert torch.isfinite(X.grad).all() and X.grad.abs().sum() > 0
-    assert torch.autograd.gradcheck(lambda x: alignops.sliced_wasserstein(x, Y[:, :6], projections=proj[:, :3]),
-                                    (X[:, :7].detach().clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda x: alignops.sliced_wasserstein(x, Y[:, :6], projections=proj[:, :3]),
+        (X[:, :7].detach().clone().requires_grad_(),),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -286,8 +306,10 @@ def test_gaussian_w2_matches_scipy_sqrtm_and_pot(d):
     got = alignops.gaussian_w2(mu1, S1, mu2, S2)
     exp = [closed_form(mu1[i].numpy(), S1[i].numpy(), mu2[i].numpy(), S2[i].numpy()) for i in range(4)]
     torch.testing.assert_close(got, torch.tensor(exp, dtype=torch.float64), rtol=1e-8, atol=1e-10)
-    pot = [float(ot.gaussian.bures_wasserstein_distance(mu1[i].numpy(), mu2[i].numpy(), S1[i].numpy(),
-                                                         S2[i].numpy())) ** 2 for i in range(4)]
+    pot = [
+        float(ot.gaussian.bures_wasserstein_distance(mu1[i].numpy(), mu2[i].numpy(), S1[i].numpy(), S2[i].numpy())) ** 2
+        for i in range(4)
+    ]
     torch.testing.assert_close(got, torch.tensor(pot, dtype=torch.float64), rtol=1e-7, atol=1e-10)
     torch.testing.assert_close(got, ref.gaussian_w2(mu1, S1, mu2, S2), rtol=1e-9, atol=1e-10)
     f32 = alignops.gaussian_w2(mu1.float(), S1.float(), mu2.float(), S2.float())
@@ -312,8 +334,9 @@ def test_gaussian_w2_gradients_stable_at_repeated_eigenvalues():
 
 def test_gaussian_w2_identical_is_zero_and_compiles():
     mu, S = torch.randn(2, 3, dtype=torch.float64), random_spd(2, d=3)
-    torch.testing.assert_close(alignops.gaussian_w2(mu, S, mu, S), torch.zeros(2, dtype=torch.float64),
-                               rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        alignops.gaussian_w2(mu, S, mu, S), torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-10
+    )
     fn = torch.compile(alignops.gaussian_w2, fullgraph=True, backend="aot_eager")
     S2 = random_spd(2, d=3)
     torch.testing.assert_close(fn(mu, S, mu + 1, S2), alignops.gaussian_w2(mu, S, mu + 1, S2))
@@ -330,5 +353,6 @@ def test_gaussian_w2_bad_input():
 
 def test_empty_batches_sliced_and_gaussian():
     assert alignops.sliced_wasserstein(torch.randn(0, 10, 3), torch.randn(0, 7, 3), 5, seed=0).shape == (0,)
-    assert alignops.gaussian_w2(torch.randn(0, 3), torch.randn(0, 3, 3), torch.randn(0, 3),
-                                torch.randn(0, 3, 3)).shape == (0,)
+    assert alignops.gaussian_w2(
+        torch.randn(0, 3), torch.randn(0, 3, 3), torch.randn(0, 3), torch.randn(0, 3, 3)
+    ).shape == (0,)

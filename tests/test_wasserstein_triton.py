@@ -38,9 +38,15 @@ def test_w1_matches_scipy_and_native(dtype, weights, n, m):
     u, uw = sample(5, n, dtype, weights)
     v, vw = sample(5, m, dtype, weights, scale=2.0, shift=0.4)
     got = alignops.wasserstein_1d(*on(u, v, uw, vw), backend="triton").cpu()
-    exp = [scipy.stats.wasserstein_distance(u[i].double().numpy(), v[i].double().numpy(),
-                                            None if uw is None else uw[i].double().numpy(),
-                                            None if vw is None else vw[i].double().numpy()) for i in range(5)]
+    exp = [
+        scipy.stats.wasserstein_distance(
+            u[i].double().numpy(),
+            v[i].double().numpy(),
+            None if uw is None else uw[i].double().numpy(),
+            None if vw is None else vw[i].double().numpy(),
+        )
+        for i in range(5)
+    ]
     assert got.dtype == dtype
     torch.testing.assert_close(got, torch.tensor(exp, dtype=dtype), **TOL[dtype])
     torch.testing.assert_close(got, alignops.wasserstein_1d(u, v, uw, vw, backend="native"), **TOL[dtype])
@@ -51,8 +57,9 @@ def test_wp_matches_pot(p):
     u, uw = sample(4, 23, weights=True)
     v, vw = sample(4, 19, scale=0.5)
     got = alignops.wasserstein_1d(*on(u, v, uw, vw), p=p, backend="triton").cpu()
-    exp = ot.wasserstein_1d(u.T.contiguous(), v.T.contiguous(), (uw / uw.sum(-1, keepdim=True)).T.contiguous(),
-                            None, p=p)
+    exp = ot.wasserstein_1d(
+        u.T.contiguous(), v.T.contiguous(), (uw / uw.sum(-1, keepdim=True)).T.contiguous(), None, p=p
+    )
     torch.testing.assert_close(got, exp, **TOL[torch.float64])
 
 
@@ -62,8 +69,11 @@ def test_ties_zero_weights_and_empty_batch():
     uw = torch.rand(3, 37, dtype=torch.float64)
     uw[:, ::4] = 0
     for p in (1.0, 2.0):
-        torch.testing.assert_close(alignops.wasserstein_1d(*on(u, v, uw), p=p, backend="triton").cpu(),
-                                   alignops.wasserstein_1d(u, v, uw, p=p, backend="native"), **TOL[torch.float64])
+        torch.testing.assert_close(
+            alignops.wasserstein_1d(*on(u, v, uw), p=p, backend="triton").cpu(),
+            alignops.wasserstein_1d(u, v, uw, p=p, backend="native"),
+            **TOL[torch.float64],
+        )
     assert alignops.wasserstein_1d(*on(torch.randn(0, 5), torch.randn(0, 3)), backend="triton").shape == (0,)
 
 
@@ -106,20 +116,27 @@ def test_gradcheck():
     u, uw = sample(2, 5, weights=True)
     v, vw = sample(2, 7, weights=True, shift=0.3)
     args = [t.requires_grad_() for t in on(u, v, uw, vw)]
-    assert torch.autograd.gradcheck(lambda a, b, c, d: alignops.wasserstein_1d(a, b, c, d, p=2.0, backend="triton"),
-                                    args)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, d: alignops.wasserstein_1d(a, b, c, d, p=2.0, backend="triton"), args
+    )
 
 
-OPCHECK_UTILS = (("test_schema", "test_autograd_registration") if DEVICE == "cpu"
-                 else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+OPCHECK_UTILS = (
+    ("test_schema", "test_autograd_registration")
+    if DEVICE == "cpu"
+    else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+)
 
 
 def test_opcheck():
     u, uw = on(*sample(3, 9, torch.float32, weights=True))
     v, vw = on(*sample(3, 6, torch.float32, weights=True))
     torch.library.opcheck(torch.ops.alignops.wasserstein_1d_triton, (u, v, uw, vw, 1.0), test_utils=OPCHECK_UTILS)
-    torch.library.opcheck(torch.ops.alignops.wasserstein_1d_backward_triton,
-                          (torch.randn(3, device=DEVICE), u, v, uw, vw, 2.0, True), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.alignops.wasserstein_1d_backward_triton,
+        (torch.randn(3, device=DEVICE), u, v, uw, vw, 2.0, True),
+        test_utils=OPCHECK_UTILS,
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor compiles Triton ops only for the GPU")

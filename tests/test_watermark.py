@@ -25,8 +25,7 @@ def test_native_matches_reference(cpu_capability, dtype, B, V, h):
     x = (torch.randn(B, V) * 3).to(dtype)
     ctx = torch.randint(0, 128256, (B, h))
     for key in (0, 15485863, -7, 2**62 + 3):
-        assert torch.equal(W.kgw_process(x, ctx, key, gamma=0.3, delta=1.7),
-                           ref.kgw_logits(x, ctx, key, 0.3, 1.7))
+        assert torch.equal(W.kgw_process(x, ctx, key, gamma=0.3, delta=1.7), ref.kgw_logits(x, ctx, key, 0.3, 1.7))
         assert torch.equal(W.kgw_greedy(x, ctx, key, gamma=0.3, delta=1.7), ref.kgw_argmax(x, ctx, key, 0.3, 1.7))
         assert torch.equal(W.gumbel_sample(x, ctx, key, temperature=0.8), ref.gumbel_argmax(x, ctx, key, 0.8))
 
@@ -159,8 +158,15 @@ def test_gumbel_detector_separates_watermarked_text(lm):
 def test_detector_z_by_hand():
     # gamma = 0.5, one context token: count greens directly from the processor's output
     toks = torch.randint(0, 500, (1, 41))
-    green = torch.stack([W.kgw_process(torch.zeros(1, 500), toks[:, t - 1:t], 9, gamma=0.5, delta=1.0)[0, toks[0, t]]
-                         for t in range(1, 41)]) == 1.0
+    green = (
+        torch.stack(
+            [
+                W.kgw_process(torch.zeros(1, 500), toks[:, t - 1 : t], 9, gamma=0.5, delta=1.0)[0, toks[0, t]]
+                for t in range(1, 41)
+            ]
+        )
+        == 1.0
+    )
     det = W.kgw_detect(toks, 9, gamma=0.5)
     G = green.sum().item()
     assert det.score.item() == G and det.num_scored.item() == 40
@@ -172,8 +178,10 @@ def test_detector_z_by_hand():
 def test_alignment_resampling_raises_reward_and_keeps_the_watermark(lm):
     key, n = 31337, 4
     good = torch.randn(lm.V)  # a per-token "reward model"
-    cands = torch.stack([lm.generate(16, 200, lambda x, t, g: _sample(W.kgw_process(x, t[:, -1:], key), g), 10 + s)
-                         for s in range(n)], dim=1)  # [B, n, T]
+    cands = torch.stack(
+        [lm.generate(16, 200, lambda x, t, g: _sample(W.kgw_process(x, t[:, -1:], key), g), 10 + s) for s in range(n)],
+        dim=1,
+    )  # [B, n, T]
     rewards = good[cands].mean(-1)
     chosen, idx = W.alignment_resampling(cands, rewards)
     assert torch.equal(chosen, cands[torch.arange(16), rewards.argmax(-1)])
@@ -257,8 +265,10 @@ def test_detectors_can_ignore_repeated_pairs():
         assert detect(toks, 4, ignore_repeated=True, mask=mask).num_scored.tolist() == [4, 9]
         mask[0, [3, 5, 9]] = False  # no (5, 6) left
         assert detect(toks, 4, ignore_repeated=True, mask=mask).num_scored.tolist() == [3, 9]
-    green = [W.kgw_process(torch.zeros(1, 11), toks[:1, t - 1:t], 4, gamma=0.25, delta=1.0)[0, toks[0, t]].item()
-             for t in (1, 2, 7, 8)]
+    green = [
+        W.kgw_process(torch.zeros(1, 11), toks[:1, t - 1 : t], 4, gamma=0.25, delta=1.0)[0, toks[0, t]].item()
+        for t in (1, 2, 7, 8)
+    ]
     assert W.kgw_detect(toks, 4, ignore_repeated=True).score[0].item() == sum(green)
 
 

@@ -30,10 +30,13 @@ def test_triton_matches_reference(dtype, B, V, h):
         else:
             ulp = torch.finfo(dtype).eps * exp.float().abs().clamp_min(1)
             assert ((got.float() - exp.float()).abs() <= ulp).all()
-        assert torch.equal(W.kgw_greedy(xd, cd, key, gamma=0.4, delta=1.3, backend="triton").cpu(),
-                           ref.kgw_argmax(x, ctx, key, 0.4, 1.3))
-        assert torch.equal(W.gumbel_sample(xd, cd, key, temperature=1.3, backend="triton").cpu(),
-                           ref.gumbel_argmax(x, ctx, key, 1.3))
+        assert torch.equal(
+            W.kgw_greedy(xd, cd, key, gamma=0.4, delta=1.3, backend="triton").cpu(),
+            ref.kgw_argmax(x, ctx, key, 0.4, 1.3),
+        )
+        assert torch.equal(
+            W.gumbel_sample(xd, cd, key, temperature=1.3, backend="triton").cpu(), ref.gumbel_argmax(x, ctx, key, 1.3)
+        )
 
 
 def test_triton_first_of_equal_maxima_and_infinities():
@@ -54,8 +57,10 @@ def test_triton_first_nan_wins_as_in_torch(V):
     xd, cd = x.to(DEVICE), ctx.to(DEVICE)
     assert torch.equal(W.kgw_greedy(xd, cd, 3, gamma=0.0, backend="triton").cpu(), x.argmax(-1))
     nan = x.isnan().any(-1)
-    for got in (W.kgw_greedy(xd, cd, 3, gamma=0.5, backend="triton"),
-                W.gumbel_sample(xd, cd, 3, temperature=0.7, backend="triton")):
+    for got in (
+        W.kgw_greedy(xd, cd, 3, gamma=0.5, backend="triton"),
+        W.gumbel_sample(xd, cd, 3, temperature=0.7, backend="triton"),
+    ):
         assert torch.equal(got.cpu()[nan], x.argmax(-1)[nan])
 
 

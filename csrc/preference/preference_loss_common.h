@@ -32,8 +32,7 @@ inline at::Tensor optional_per_pair(const std::optional<at::Tensor>& t, const at
 
 template <typename T>
 Params<T> make_params(c10::IntArrayRef loss_types, c10::ArrayRef<double> loss_weights, double beta_value,
-                      double label_smoothing, double gamma, double discopop_tau, int64_t f_divergence,
-                      double f_alpha) {
+                      double label_smoothing, double gamma, double discopop_tau, int64_t f_divergence, double f_alpha) {
   TORCH_CHECK_VALUE(loss_types.size() == loss_weights.size(), "loss_weights must have one weight per loss type: got ",
                     loss_weights.size(), " weights for ", loss_types.size(), " loss types");
   TORCH_CHECK_VALUE(loss_types.size() <= static_cast<size_t>(kMaxLossTerms), "at most ", kMaxLossTerms,

@@ -24,8 +24,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     preference_loss_kernel(const scalar_t* __restrict__ pc, const scalar_t* __restrict__ pr,
                            const scalar_t* __restrict__ rc, const scalar_t* __restrict__ rr,
-                           const acc_t* __restrict__ beta, const acc_t* __restrict__ lc,
-                           const acc_t* __restrict__ lr, acc_t* __restrict__ loss, acc_t* __restrict__ chosen_rewards,
+                           const acc_t* __restrict__ beta, const acc_t* __restrict__ lc, const acc_t* __restrict__ lr,
+                           acc_t* __restrict__ loss, acc_t* __restrict__ chosen_rewards,
                            acc_t* __restrict__ rejected_rewards, acc_t* __restrict__ grad, int64_t B,
                            const Params<acc_t> p) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -34,8 +34,8 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t c = static_cast<acc_t>(pc[i]), r = static_cast<acc_t>(pr[i]);
     const acc_t c0 = static_cast<acc_t>(rc[i]), r0 = static_cast<acc_t>(rr[i]);
     acc_t g[4];
-    loss[i] = pair_loss<acc_t>(c, r, c0, r0, b, lc != nullptr ? lc[i] : acc_t(1), lr != nullptr ? lr[i] : acc_t(1),
-                               p, g);
+    loss[i] =
+        pair_loss<acc_t>(c, r, c0, r0, b, lc != nullptr ? lc[i] : acc_t(1), lr != nullptr ? lr[i] : acc_t(1), p, g);
     chosen_rewards[i] = b * (c - c0);
     rejected_rewards[i] = b * (r - r0);
     if (grad != nullptr) {
@@ -66,14 +66,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_cuda(
       return;
     }
     const int64_t blocks = std::min((B + kThreads - 1) / kThreads, kMaxBlocks);
-    preference_loss_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(blocks), kThreads, 0,
-                                              c10::cuda::getCurrentCUDAStream()>>>(
-        in.pc.const_data_ptr<scalar_t>(), in.pr.const_data_ptr<scalar_t>(), in.rc.const_data_ptr<scalar_t>(),
-        in.rr.const_data_ptr<scalar_t>(), in.beta.defined() ? in.beta.const_data_ptr<acc_t>() : nullptr,
-        in.lc.defined() ? in.lc.const_data_ptr<acc_t>() : nullptr,
-        in.lr.defined() ? in.lr.const_data_ptr<acc_t>() : nullptr, in.loss.mutable_data_ptr<acc_t>(),
-        in.chosen_rewards.mutable_data_ptr<acc_t>(), in.rejected_rewards.mutable_data_ptr<acc_t>(),
-        compute_grad ? in.grad.mutable_data_ptr<acc_t>() : nullptr, B, p);
+    preference_loss_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned int>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            in.pc.const_data_ptr<scalar_t>(), in.pr.const_data_ptr<scalar_t>(), in.rc.const_data_ptr<scalar_t>(),
+            in.rr.const_data_ptr<scalar_t>(), in.beta.defined() ? in.beta.const_data_ptr<acc_t>() : nullptr,
+            in.lc.defined() ? in.lc.const_data_ptr<acc_t>() : nullptr,
+            in.lr.defined() ? in.lr.const_data_ptr<acc_t>() : nullptr, in.loss.mutable_data_ptr<acc_t>(),
+            in.chosen_rewards.mutable_data_ptr<acc_t>(), in.rejected_rewards.mutable_data_ptr<acc_t>(),
+            compute_grad ? in.grad.mutable_data_ptr<acc_t>() : nullptr, B, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {in.loss, in.chosen_rewards, in.rejected_rewards, in.grad};

@@ -203,39 +203,39 @@ void forward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore
 void backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
               int64_t ignore_index, double temperature, at::Tensor& grad_logits) {
   const int64_t N = logits.size(0), V = logits.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "selective_logprobs_backward_cpu",
-                                  [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "selective_logprobs_backward_cpu_targets", [&] {
-      const scalar_t* x = logits.const_data_ptr<scalar_t>();
-      const index_t* y = targets.const_data_ptr<index_t>();
-      const acc_t* g = grad.const_data_ptr<acc_t>();
-      const acc_t* lse_p = lse.const_data_ptr<acc_t>();
-      scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
-      const acc_t inv_t = acc_t(1) / acc_t(temperature);
-      at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          scalar_t* row_out = out + n * V;
-          const index_t t = y[n];
-          if (static_cast<int64_t>(t) == ignore_index || g[n] == acc_t(0)) {
-            std::fill(row_out, row_out + V, scalar_t(0));
-            continue;
-          }
-          check_target(t, V, n);
-          const scalar_t* row = x + n * V;
-          const acc_t gn = g[n], l = lse_p[n];
-          acc_t c = acc_t(0), r = l;
-          if (std::abs(l) > kAnchorAbove<acc_t>) {
-            c = row_max(row, V);
-            r = l - scaled_max(c, inv_t);
-          }
-          row_grad(row_out, row, V, inv_t, c, r, gn);
-          // Recomputed in the accumulation type: adding g/T to an already-rounded bf16 value would lose it.
-          row_out[t] = scalar_t(gn * inv_t * (acc_t(1) - std::exp((acc_t(row[t]) - c) * inv_t - r)));
-        }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "selective_logprobs_backward_cpu", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "selective_logprobs_backward_cpu_targets", [&] {
+          const scalar_t* x = logits.const_data_ptr<scalar_t>();
+          const index_t* y = targets.const_data_ptr<index_t>();
+          const acc_t* g = grad.const_data_ptr<acc_t>();
+          const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+          scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
+          const acc_t inv_t = acc_t(1) / acc_t(temperature);
+          at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+            for (int64_t n = begin; n < end; ++n) {
+              scalar_t* row_out = out + n * V;
+              const index_t t = y[n];
+              if (static_cast<int64_t>(t) == ignore_index || g[n] == acc_t(0)) {
+                std::fill(row_out, row_out + V, scalar_t(0));
+                continue;
+              }
+              check_target(t, V, n);
+              const scalar_t* row = x + n * V;
+              const acc_t gn = g[n], l = lse_p[n];
+              acc_t c = acc_t(0), r = l;
+              if (std::abs(l) > kAnchorAbove<acc_t>) {
+                c = row_max(row, V);
+                r = l - scaled_max(c, inv_t);
+              }
+              row_grad(row_out, row, V, inv_t, c, r, gn);
+              // Recomputed in the accumulation type: adding g/T to an already-rounded bf16 value would lose it.
+              row_out[t] = scalar_t(gn * inv_t * (acc_t(1) - std::exp((acc_t(row[t]) - c) * inv_t - r)));
+            }
+          });
+        });
       });
-    });
-  });
 }
 
 }  // namespace

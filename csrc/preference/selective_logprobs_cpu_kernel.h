@@ -8,8 +8,8 @@ namespace alignops::preference {
 struct SelectiveLogprobsKernels {
   void (*forward)(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index, double temperature,
                   at::Tensor& logp, at::Tensor& lse);
-  void (*backward)(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
-                   const at::Tensor& lse, int64_t ignore_index, double temperature, at::Tensor& grad_logits);
+  void (*backward)(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                   int64_t ignore_index, double temperature, at::Tensor& grad_logits);
 };
 
 namespace DEFAULT {

@@ -295,9 +295,8 @@ std::tuple<at::Tensor, at::Tensor> selective_logprobs_cuda(const at::Tensor& log
   return {logp, lse};
 }
 
-at::Tensor selective_logprobs_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
-                                            const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index,
-                                            double temperature) {
+at::Tensor selective_logprobs_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
+                                            const at::Tensor& lse, int64_t ignore_index, double temperature) {
   check_selective_logprobs_backward_args(grad, logits, targets, lse, temperature);
   check_device(logits, c10::DeviceType::CUDA, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -317,8 +316,7 @@ at::Tensor selective_logprobs_backward_cuda(const at::Tensor& grad, const at::Te
       // Upper bound on any row's pack count; the chunk is widened if a huge V would exceed grid.y.
       const int64_t packs = (V + kSize - 1) / kSize;
       constexpr int64_t kMaxGridY = 65535;
-      const int64_t packs_per_chunk =
-          std::max(kBackwardPacksPerChunk, (packs + kMaxGridY - 1) / kMaxGridY);
+      const int64_t packs_per_chunk = std::max(kBackwardPacksPerChunk, (packs + kMaxGridY - 1) / kMaxGridY);
       const int64_t chunks = std::max<int64_t>(1, (packs + packs_per_chunk - 1) / packs_per_chunk);
       const dim3 blocks(static_cast<unsigned int>(std::min(N, kMaxGridX)), static_cast<unsigned int>(chunks));
       const scalar_t* x_p = x.const_data_ptr<scalar_t>();

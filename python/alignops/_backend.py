@@ -54,17 +54,22 @@ def resolve(backend: str, device: torch.device, op: str, *, native_cuda: bool = 
             return "native"
         return "native" if native_cuda and cuda_compiled() else "triton"
     if backend == "native" and device.type == "cuda" and not native_cuda:
-        raise RuntimeError(f"{op}: there is no CUDA C++ kernel (its GPU kernel is Triton); "
-                           "use backend='triton' or 'auto'")
+        raise RuntimeError(
+            f"{op}: there is no CUDA C++ kernel (its GPU kernel is Triton); use backend='triton' or 'auto'"
+        )
     if backend == "native" and device.type == "cuda" and not cuda_compiled():
-        raise RuntimeError(f"{op}: backend='native' on CUDA needs alignops built with CUDA kernels "
-                           "(ALIGNOPS_ENABLE_CUDA=ON); this build has none (see `alignops info`)")
+        raise RuntimeError(
+            f"{op}: backend='native' on CUDA needs alignops built with CUDA kernels "
+            "(ALIGNOPS_ENABLE_CUDA=ON); this build has none (see `alignops info`)"
+        )
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend='triton' needs the triton package")
         if device.type == "cpu" and not triton_interpreting():
-            raise RuntimeError(f"{op}: backend='triton' runs on CPU tensors only in the Triton interpreter "
-                               "(set TRITON_INTERPRET=1 before importing triton)")
+            raise RuntimeError(
+                f"{op}: backend='triton' runs on CPU tensors only in the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before importing triton)"
+            )
     return backend
 
 

@@ -13,8 +13,9 @@ from ._backend import triton_interpreting
 from ._errors import AlignopsError
 
 
-def check_param(t: torch.Tensor | None, name: str, shape: tuple[int, ...], spelled: str, like: torch.Tensor,
-                like_name: str = "x") -> None:
+def check_param(
+    t: torch.Tensor | None, name: str, shape: tuple[int, ...], spelled: str, like: torch.Tensor, like_name: str = "x"
+) -> None:
     """An optional parameter of a given shape, with the dtype and device of ``like``."""
     if t is None:
         return
@@ -35,8 +36,9 @@ def check_targets(targets: torch.Tensor, like: torch.Tensor, like_name: str) -> 
     if targets.device != like.device:
         raise AlignopsError(f"targets must be on the device of {like_name} ({like.device}), got {targets.device}")
     if targets.shape[0] != like.shape[0]:
-        raise AlignopsError(f"targets must have one entry per row of {like_name} [N={like.shape[0]}], "
-                            f"got {targets.shape[0]}")
+        raise AlignopsError(
+            f"targets must have one entry per row of {like_name} [N={like.shape[0]}], got {targets.shape[0]}"
+        )
 
 
 def check_finite(value: float, name: str) -> None:
@@ -71,8 +73,9 @@ def check_int64(value: int, name: str) -> None:
     except TypeError:
         ok = False
     if not ok:
-        raise AlignopsError(f"{name} must be a Python int that fits in 64 bits (the int64 range [-2**63, 2**63)), "
-                            f"got {value!r}")
+        raise AlignopsError(
+            f"{name} must be a Python int that fits in 64 bits (the int64 range [-2**63, 2**63)), got {value!r}"
+        )
 
 
 def check_temperature(temperature: float) -> None:
@@ -124,5 +127,7 @@ def check_has_values(fn: str, name: str, t: torch.Tensor, instead: str) -> None:
 def check_triton_device(t: torch.Tensor, name: str) -> None:
     """The Triton ops run on GPU tensors, and on CPU tensors only in the Triton interpreter."""
     if t.device.type == "cpu" and not triton_interpreting():
-        raise RuntimeError(f"{name} is on the CPU: the Triton ops run on CPU tensors only in the Triton "
-                           "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+        raise RuntimeError(
+            f"{name} is on the CPU: the Triton ops run on CPU tensors only in the Triton "
+            "interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        )

@@ -63,8 +63,9 @@ def _star_scores(log_probs: torch.Tensor, blank: int, star_scores, star_penalty:
     B, T, C = log_probs.shape
     if isinstance(star_scores, torch.Tensor):
         if star_scores.shape != (B, T):
-            raise AlignopsError(f"star_scores must have shape [{B}, {T}] (one score per frame), got "
-                                f"{tuple(star_scores.shape)}")
+            raise AlignopsError(
+                f"star_scores must have shape [{B}, {T}] (one score per frame), got {tuple(star_scores.shape)}"
+            )
         return (_to_log_probs_device(star_scores, log_probs.device, "star_scores").to(acc) + star_penalty).contiguous()
     if star_scores == "constant":
         return torch.full((B, T), star_penalty, dtype=acc, device=log_probs.device)
@@ -154,8 +155,9 @@ def forced_align(
         ``on_infeasible="raise"``).
     """
     if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 3:
-        raise AlignopsError("log_probs must be a 3-D tensor [B, T, C], got "
-                            f"{getattr(log_probs, 'shape', type(log_probs))}")
+        raise AlignopsError(
+            f"log_probs must be a 3-D tensor [B, T, C], got {getattr(log_probs, 'shape', type(log_probs))}"
+        )
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
         raise AlignopsError(f"targets must be a 2-D tensor [B, L], got {getattr(targets, 'shape', type(targets))}")
     if memory not in MEMORY_MODES:
@@ -179,25 +181,33 @@ def forced_align(
         star = _star_scores(log_probs, blank, star_scores, float(star_penalty))
     checkpoint = 0
     if memory == "checkpointed":
-        checkpoint = (int(checkpoint_interval) if checkpoint_interval is not None
-                      else max(1, math.ceil(4.6 * math.sqrt(max(T, 1)))))
+        checkpoint = (
+            int(checkpoint_interval)
+            if checkpoint_interval is not None
+            else max(1, math.ceil(4.6 * math.sqrt(max(T, 1))))
+        )
         if checkpoint < 1:
             raise AlignopsError(f"checkpoint_interval must be >= 1, got {checkpoint_interval}")
     # asked before resolve(), which would first complain of a missing triton package
     impl = "triton" if backend == "triton" else _backend.resolve(backend, dev, "forced_align")
     if impl == "triton":
-        raise RuntimeError("forced_align: there is no Triton kernel (its GPU kernel is CUDA C++); build alignops "
-                           "with ALIGNOPS_ENABLE_CUDA=ON, or use backend='torch'")
+        raise RuntimeError(
+            "forced_align: there is no Triton kernel (its GPU kernel is CUDA C++); build alignops "
+            "with ALIGNOPS_ENABLE_CUDA=ON, or use backend='torch'"
+        )
     if check_values and (dev.type == "cuda" or impl == "torch"):
-        _check_values_on_host(log_probs, targets, input_lengths, target_lengths, blank,
-                              star_id if star is not None else None)
+        _check_values_on_host(
+            log_probs, targets, input_lengths, target_lengths, blank, star_id if star is not None else None
+        )
     if impl == "torch":
-        paths, scores, feasible = _ref.forced_align(log_probs, targets, input_lengths, target_lengths, blank, star,
-                                                    star_id)
+        paths, scores, feasible = _ref.forced_align(
+            log_probs, targets, input_lengths, target_lengths, blank, star, star_id
+        )
     else:
         try:
             paths, scores, feasible = torch.ops.alignops.forced_align(
-                log_probs, targets, input_lengths, target_lengths, blank, star, star_id, checkpoint)
+                log_probs, targets, input_lengths, target_lengths, blank, star, star_id, checkpoint
+            )
         except ValueError as e:  # the C++ checks (csrc/common/checks.h) raise a plain ValueError
             raise AlignopsError(str(e)) from None
     if on_infeasible == "raise" and torch.compiler.is_compiling():
@@ -206,9 +216,11 @@ def forced_align(
         torch._assert_async(feasible.all(), "forced_align: no alignment fits some rows (on_infeasible='raise')")
     elif on_infeasible == "raise" and not feasible.is_meta and not bool(feasible.all()):
         rows = (~feasible).nonzero().flatten().tolist()
-        raise AlignopsError(f"forced_align: no alignment fits rows {rows[:10]}{'...' if len(rows) > 10 else ''}: "
-                            "they need input_lengths >= target_lengths + repeated neighbours, and a path of finite "
-                            "score (pass on_infeasible='skip' to get -1 paths for them instead)")
+        raise AlignopsError(
+            f"forced_align: no alignment fits rows {rows[:10]}{'...' if len(rows) > 10 else ''}: "
+            "they need input_lengths >= target_lengths + repeated neighbours, and a path of finite "
+            "score (pass on_infeasible='skip' to get -1 paths for them instead)"
+        )
     return ForcedAlignOutput(paths.to(targets.dtype), scores)
 
 
@@ -221,13 +233,15 @@ def _check_values_on_host(log_probs, targets, input_lengths, target_lengths, bla
     bad = (input_lengths < 0) | (input_lengths > T)
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
-        raise AlignopsError(f"input_lengths[{b}] must be in [0, {T}] (the time size of log_probs), "
-                            f"got {int(input_lengths[b])}")
+        raise AlignopsError(
+            f"input_lengths[{b}] must be in [0, {T}] (the time size of log_probs), got {int(input_lengths[b])}"
+        )
     bad = (target_lengths < 0) | (target_lengths > L)
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
-        raise AlignopsError(f"target_lengths[{b}] must be in [0, {L}] (the size of targets), "
-                            f"got {int(target_lengths[b])}")
+        raise AlignopsError(
+            f"target_lengths[{b}] must be in [0, {L}] (the size of targets), got {int(target_lengths[b])}"
+        )
     inside = torch.arange(L, device=targets.device)[None, :] < target_lengths[:, None]
     star = (targets == star_id) if star_id is not None else torch.zeros_like(inside)
     is_blank = inside & ~star & (targets == blank)
@@ -250,8 +264,14 @@ class TokenSpans(NamedTuple):
     count: torch.Tensor  # [B] int64, spans in each row
 
 
-def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, blank: int = 0,
-                num_spans: int | None = None, *, check_values: bool = True) -> TokenSpans:
+def token_spans(
+    paths: torch.Tensor,
+    frame_scores: torch.Tensor | None = None,
+    blank: int = 0,
+    num_spans: int | None = None,
+    *,
+    check_values: bool = True,
+) -> TokenSpans:
     """Merge aligned paths into one span per target token, batched (torchaudio's ``merge_tokens``).
 
     A span is a maximal run of frames with the same non-blank id; in a CTC path the k-th run is the k-th
@@ -270,8 +290,9 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
     if frame_scores is None:
         frame_scores = torch.zeros(paths.shape, device=paths.device)
     if frame_scores.shape != paths.shape:
-        raise AlignopsError(f"frame_scores must have the shape of paths {tuple(paths.shape)}, "
-                            f"got {tuple(frame_scores.shape)}")
+        raise AlignopsError(
+            f"frame_scores must have the shape of paths {tuple(paths.shape)}, got {tuple(frame_scores.shape)}"
+        )
     check_same_device([("paths", paths), ("frame_scores", frame_scores)])
     if num_spans is None:
         check_has_values("token_spans", "paths", paths, "pass num_spans to fix the number of span columns")
@@ -282,8 +303,14 @@ def token_spans(paths: torch.Tensor, frame_scores: torch.Tensor | None = None, b
     ends = valid & (paths != torch.cat([paths[:, 1:], pad], 1))
     count = starts.sum(1)
     K = int(count.max()) if num_spans is None and B > 0 and T > 0 else (num_spans or 0)
-    if (check_values and num_spans is not None and B > 0 and T > 0 and not paths.is_meta
-            and bool((count > num_spans).any())):
+    if (
+        check_values
+        and num_spans is not None
+        and B > 0
+        and T > 0
+        and not paths.is_meta
+        and bool((count > num_spans).any())
+    ):
         raise AlignopsError(f"num_spans={num_spans} is fewer than the spans of a row ({int(count.max())})")
     k = torch.where(valid, (starts.long().cumsum(1) - 1).clamp(max=K), K)  # K: a dump column, cut below
     frames = torch.arange(T, device=paths.device).expand(B, T)
@@ -309,10 +336,15 @@ def word_spans(spans: TokenSpans, word_lengths: torch.Tensor, *, check_values: b
     spans), so the call neither syncs nor breaks CUDA-graph capture; words past a row's spans then get
     meaningless values (never an index out of bounds).
     """
-    if not isinstance(word_lengths, torch.Tensor) or word_lengths.dim() != 2 or word_lengths.dtype not in (
-            torch.int32, torch.int64):
-        raise AlignopsError(f"word_lengths must be a [B, W] int64 / int32 tensor, got "
-                            f"{getattr(word_lengths, 'shape', type(word_lengths))}")
+    if (
+        not isinstance(word_lengths, torch.Tensor)
+        or word_lengths.dim() != 2
+        or word_lengths.dtype not in (torch.int32, torch.int64)
+    ):
+        raise AlignopsError(
+            f"word_lengths must be a [B, W] int64 / int32 tensor, got "
+            f"{getattr(word_lengths, 'shape', type(word_lengths))}"
+        )
     B, K = spans.start.shape
     if word_lengths.shape[0] != B:
         raise AlignopsError(f"word_lengths must have one row per utterance (B = {B}), got {word_lengths.shape[0]}")
@@ -357,14 +389,17 @@ def span_occupancy(spans: TokenSpans, token_occupancy: torch.Tensor) -> torch.Te
     reads one value (a host sync on a GPU).
     """
     if token_occupancy.dim() != 3 or token_occupancy.shape[0] != spans.start.shape[0]:
-        raise AlignopsError(f"token_occupancy must be [B, T, L] with B = {spans.start.shape[0]}, got "
-                            f"{tuple(token_occupancy.shape)}")
+        raise AlignopsError(
+            f"token_occupancy must be [B, T, L] with B = {spans.start.shape[0]}, got {tuple(token_occupancy.shape)}"
+        )
     B, T, L = token_occupancy.shape
     if spans.end.numel() and not spans.end.is_meta:
         last = int(spans.end.max())
         if last > T:
-            raise AlignopsError(f"token_occupancy has T = {T} frames but spans reach frame {last}: the occupancy "
-                                "must come from the utterances the paths were aligned on")
+            raise AlignopsError(
+                f"token_occupancy has T = {T} frames but spans reach frame {last}: the occupancy "
+                "must come from the utterances the paths were aligned on"
+            )
     K = spans.start.shape[1]
     if K > L:
         raise AlignopsError(f"spans has {K} columns but token_occupancy only {L} tokens")
@@ -378,8 +413,26 @@ def span_occupancy(spans: TokenSpans, token_occupancy: torch.Tensor) -> torch.Te
 
 
 __all__ = [
-    "MEMORY_MODES", "ForcedAlignOutput", "CTCPosteriors", "CtcSegmentationOutput", "PseudoAlignedSegment",
-    "PseudoForcedAlignment", "TokenSpans", "UtteranceSegments", "ctc_loss", "ctc_posteriors", "ctc_segmentation",
-    "forced_align", "prepare_token_list", "pseudo_forced_align", "span_occupancy", "to_json", "token_spans",
-    "utterance_score", "utterance_segments", "word_spans", "write_ctm", "write_kaldi_segments",
+    "MEMORY_MODES",
+    "ForcedAlignOutput",
+    "CTCPosteriors",
+    "CtcSegmentationOutput",
+    "PseudoAlignedSegment",
+    "PseudoForcedAlignment",
+    "TokenSpans",
+    "UtteranceSegments",
+    "ctc_loss",
+    "ctc_posteriors",
+    "ctc_segmentation",
+    "forced_align",
+    "prepare_token_list",
+    "pseudo_forced_align",
+    "span_occupancy",
+    "to_json",
+    "token_spans",
+    "utterance_score",
+    "utterance_segments",
+    "word_spans",
+    "write_ctm",
+    "write_kaldi_segments",
 ]

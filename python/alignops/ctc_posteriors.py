@@ -38,12 +38,18 @@ def _padded(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor
     """torch's concatenated 1-D layout -> [B, max(target_lengths)] padded (reads the lengths: one sync)."""
     if target_lengths.dim() != 1 or target_lengths.dtype not in (torch.int64, torch.int32):
         raise AlignopsError("target_lengths must be an int64 or int32 tensor of shape [B]")
-    check_has_values("ctc_posteriors", "target_lengths", target_lengths,
-                     "concatenated 1-D targets are padded by their lengths: pass padded [B, L] targets")
+    check_has_values(
+        "ctc_posteriors",
+        "target_lengths",
+        target_lengths,
+        "concatenated 1-D targets are padded by their lengths: pass padded [B, L] targets",
+    )
     total = int(target_lengths.sum()) if target_lengths.numel() else 0
     if (target_lengths < 0).any() or total != targets.numel():
-        raise AlignopsError(f"concatenated 1-D targets need non-negative target_lengths summing to targets.numel() "
-                            f"= {targets.numel()}, got a sum of {total}")
+        raise AlignopsError(
+            f"concatenated 1-D targets need non-negative target_lengths summing to targets.numel() "
+            f"= {targets.numel()}, got a sum of {total}"
+        )
     L = int(target_lengths.max()) if target_lengths.numel() else 0
     start = torch.cumsum(target_lengths.long(), 0) - target_lengths.long()
     j = torch.arange(L, device=targets.device)
@@ -153,8 +159,9 @@ def ctc_posteriors(
     """
     if output not in _OUTPUTS:
         raise AlignopsError(f"output must be one of {_OUTPUTS}, got {output!r}")
-    targets, input_lengths, target_lengths = _prepare(log_probs, targets, input_lengths, target_lengths, blank,
-                                                      check_values)
+    targets, input_lengths, target_lengths = _prepare(
+        log_probs, targets, input_lengths, target_lengths, blank, check_values
+    )
     want_states, want_tokens = output in ("states", "both"), output in ("tokens", "both")
     impl = _backend.resolve(backend, log_probs.device, "ctc_posteriors", native_cuda=False)
     nan_frames = _nan_frames(log_probs, targets, input_lengths, target_lengths, blank)
@@ -163,12 +170,16 @@ def ctc_posteriors(
         acc = acc_dtype(log_probs.dtype)
         loss, gamma = _ref.forward_backward(log_probs, targets, input_lengths, target_lengths, blank)
         loss = torch.where(nan_frames.any(1), torch.nan, loss)
-        return CTCPosteriors(loss.to(acc), gamma.to(acc) if want_states else None,
-                             _ref.token_occupancy(gamma).to(acc) if want_tokens else None)
+        return CTCPosteriors(
+            loss.to(acc),
+            gamma.to(acc) if want_states else None,
+            _ref.token_occupancy(gamma).to(acc) if want_tokens else None,
+        )
     op = torch.ops.alignops.ctc_posteriors if impl == "native" else torch.ops.alignops.ctc_posteriors_triton
     compute_grad = torch.is_grad_enabled() and log_probs.requires_grad
-    loss, states, tokens, _ = op(log_probs, targets, input_lengths, target_lengths, blank, want_states, want_tokens,
-                                 compute_grad)
+    loss, states, tokens, _ = op(
+        log_probs, targets, input_lengths, target_lengths, blank, want_states, want_tokens, compute_grad
+    )
     loss = torch.where(nan_frames.any(1), torch.nan, loss)
     return CTCPosteriors(loss, states if want_states else None, tokens if want_tokens else None)
 
@@ -213,8 +224,9 @@ def ctc_loss(
         if log_probs.dim() != 3:
             raise AlignopsError(f"log_probs must be a 3-D tensor of shape [T, B, C], got shape {list(log_probs.shape)}")
         log_probs = log_probs.transpose(0, 1)
-    targets, input_lengths, target_lengths = _prepare(log_probs, targets, input_lengths, target_lengths, blank,
-                                                      check_values)
+    targets, input_lengths, target_lengths = _prepare(
+        log_probs, targets, input_lengths, target_lengths, blank, check_values
+    )
     impl = _backend.resolve(backend, log_probs.device, "ctc_loss", native_cuda=False)
     nan_frames = _nan_frames(log_probs, targets, input_lengths, target_lengths, blank)
     log_probs = _with_nan_grad(log_probs, nan_frames)

@@ -79,8 +79,10 @@ def prepare_token_list(utterances: Sequence, blank: int = 0) -> tuple[torch.Tens
 
 
 def _flags(blank_transition_cost_zero: bool, preamble_transition_cost_zero: bool) -> int:
-    return int(CtcSegmentationFlag.BLANK_TRANSITION_COST_ZERO * blank_transition_cost_zero
-               | CtcSegmentationFlag.PREAMBLE_TRANSITION_COST_ZERO * preamble_transition_cost_zero)
+    return int(
+        CtcSegmentationFlag.BLANK_TRANSITION_COST_ZERO * blank_transition_cost_zero
+        | CtcSegmentationFlag.PREAMBLE_TRANSITION_COST_ZERO * preamble_transition_cost_zero
+    )
 
 
 def _as_batch(lpz, ground_truth, lpz_lengths, gt_lengths):
@@ -96,15 +98,18 @@ def _as_batch(lpz, ground_truth, lpz_lengths, gt_lengths):
         lpz = torch.nn.utils.rnn.pad_sequence(list(lpz), batch_first=True)
         ground_truth = torch.nn.utils.rnn.pad_sequence(gts, batch_first=True, padding_value=-1)
     if not isinstance(lpz, torch.Tensor) or lpz.dim() not in (2, 3):
-        raise AlignopsError(f"lpz must be a [T, V] or [B, T, V] tensor (or a list of [T_i, V]), got "
-                            f"{tuple(lpz.shape) if isinstance(lpz, torch.Tensor) else type(lpz).__name__}")
+        raise AlignopsError(
+            f"lpz must be a [T, V] or [B, T, V] tensor (or a list of [T_i, V]), got "
+            f"{tuple(lpz.shape) if isinstance(lpz, torch.Tensor) else type(lpz).__name__}"
+        )
     if lpz.dim() == 2:  # one problem: ground_truth [C] or [C, S]
         lpz, ground_truth = lpz[None], ground_truth[None]
     if ground_truth.dim() == 2:  # token lists [B, C]
         ground_truth = ground_truth[..., None]
     if ground_truth.dim() != 3:
-        raise AlignopsError("ground_truth must have shape [C], [C, S], [B, C] or [B, C, S], got "
-                            f"{tuple(ground_truth.shape)}")
+        raise AlignopsError(
+            f"ground_truth must have shape [C], [C, S], [B, C] or [B, C, S], got {tuple(ground_truth.shape)}"
+        )
     B = lpz.shape[0]
     if lpz_lengths is None:
         lpz_lengths = torch.full((B,), lpz.shape[1], dtype=torch.int64)
@@ -115,11 +120,21 @@ def _as_batch(lpz, ground_truth, lpz_lengths, gt_lengths):
     return lpz, ground_truth, lpz_lengths, gt_lengths
 
 
-def ctc_segmentation(lpz, ground_truth, *, lpz_lengths: torch.Tensor | None = None,
-                     gt_lengths: torch.Tensor | None = None, blank: int = 0, min_window_size: int = 8000,
-                     max_window_size: int = 100000, blank_transition_cost_zero: bool = False,
-                     preamble_transition_cost_zero: bool = True, backtrack_from_max_t: bool = False,
-                     block_columns: int = -1, backend: str = "auto") -> CtcSegmentationOutput:
+def ctc_segmentation(
+    lpz,
+    ground_truth,
+    *,
+    lpz_lengths: torch.Tensor | None = None,
+    gt_lengths: torch.Tensor | None = None,
+    blank: int = 0,
+    min_window_size: int = 8000,
+    max_window_size: int = 100000,
+    blank_transition_cost_zero: bool = False,
+    preamble_transition_cost_zero: bool = True,
+    backtrack_from_max_t: bool = False,
+    block_columns: int = -1,
+    backend: str = "auto",
+) -> CtcSegmentationOutput:
     r"""The ``ctc-segmentation`` package's ``ctc_segmentation(config, lpz, ground_truth)``, batched.
 
     Trellis (fp32, as the package): ``k[0, 0] = 0``; for position c over a window of W = min(window, T)
@@ -153,20 +168,33 @@ def ctc_segmentation(lpz, ground_truth, *, lpz_lengths: torch.Tensor | None = No
     """
     lpz, ground_truth, lpz_lengths, gt_lengths = _as_batch(lpz, ground_truth, lpz_lengths, gt_lengths)
     if lpz.device.type != "cpu":
-        raise AlignopsError("ctc_segmentation: lpz must be a CPU tensor (a sequential DP per problem), "
-                            f"got {lpz.device}")
+        raise AlignopsError(
+            f"ctc_segmentation: lpz must be a CPU tensor (a sequential DP per problem), got {lpz.device}"
+        )
     impl = _backend.resolve(backend, lpz.device, "ctc_segmentation")
     flags = _flags(blank_transition_cost_zero, preamble_transition_cost_zero)
     if impl == "triton":
-        raise RuntimeError("ctc_segmentation: there is no Triton kernel (the DP and its backtrace are sequential "
-                           "per problem; the C++ kernel runs one problem per CPU thread); use backend='native'")
+        raise RuntimeError(
+            "ctc_segmentation: there is no Triton kernel (the DP and its backtrace are sequential "
+            "per problem; the C++ kernel runs one problem per CPU thread); use backend='native'"
+        )
     if impl == "native":
-        out = torch.ops.alignops.ctc_segmentation(lpz, lpz_lengths, ground_truth, gt_lengths, blank,
-                                                  min_window_size, max_window_size, flags, backtrack_from_max_t,
-                                                  block_columns)
+        out = torch.ops.alignops.ctc_segmentation(
+            lpz,
+            lpz_lengths,
+            ground_truth,
+            gt_lengths,
+            blank,
+            min_window_size,
+            max_window_size,
+            flags,
+            backtrack_from_max_t,
+            block_columns,
+        )
         return CtcSegmentationOutput(*out)
-    return _reference_batch(lpz, ground_truth, lpz_lengths, gt_lengths, blank, min_window_size, max_window_size,
-                            flags, backtrack_from_max_t)
+    return _reference_batch(
+        lpz, ground_truth, lpz_lengths, gt_lengths, blank, min_window_size, max_window_size, flags, backtrack_from_max_t
+    )
 
 
 def _check_reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank):
@@ -174,8 +202,9 @@ def _check_reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank):
     if lpz.dtype not in (torch.float32, torch.float64):
         raise AlignopsError(f"lpz must be float32 or float64, got {lpz.dtype}")
     if gt.dtype != torch.int64 or gt.shape[0] != lpz.shape[0]:
-        raise AlignopsError(f"ground_truth must be int64 with B = {lpz.shape[0]} problems, got {gt.dtype} "
-                            f"{tuple(gt.shape)}")
+        raise AlignopsError(
+            f"ground_truth must be int64 with B = {lpz.shape[0]} problems, got {gt.dtype} {tuple(gt.shape)}"
+        )
     V = lpz.shape[2]
     if not 0 <= blank < V:
         raise AlignopsError(f"blank must be in [0, V) = [0, {V}), got {blank}")
@@ -184,13 +213,16 @@ def _check_reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank):
         if not (1 <= tl <= lpz.shape[1] and 2 <= cl <= gt.shape[1]):
             raise AlignopsError(f"lpz_lengths[{b}] must be in [1, T] and gt_lengths[{b}] in [2, C], got {tl}, {cl}")
         if cl > tl:
-            raise AlignopsError(f"problem {b}: audio is shorter than text ({cl} ground-truth positions "
-                                f"for {tl} frames)")
+            raise AlignopsError(
+                f"problem {b}: audio is shorter than text ({cl} ground-truth positions for {tl} frames)"
+            )
         g = gt[b, :cl]
         s = torch.arange(g.shape[1])
         if bool(((g < -1) | (g >= V)).any()) or bool(((g != -1) & (s[None] >= torch.arange(cl)[:, None])).any()):
-            raise AlignopsError(f"ground_truth[{b}] must be -1 or a token in [0, {V}), and -1 where a span of s + 1 "
-                                "symbols would reach row 0 (the start-of-ground-truth marker)")
+            raise AlignopsError(
+                f"ground_truth[{b}] must be -1 or a token in [0, {V}), and -1 where a span of s + 1 "
+                "symbols would reach row 0 (the start-of-ground-truth marker)"
+            )
         if bool(torch.isnan(lpz[b, :tl]).any() or (lpz[b, :tl] == math.inf).any()):
             raise AlignopsError(f"lpz[{b}] must hold log-probabilities: it has NaN or +inf")
 
@@ -204,15 +236,17 @@ def _reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank, min_window_size, m
     windows = torch.empty(B, dtype=torch.int64)
     for b in range(B):
         tl, cl = int(lpz_lengths[b]), int(gt_lengths[b])
-        tim, cp, st, win = _ref.ctc_segmentation(lpz[b, :tl], gt[b, :cl], blank, min_window_size, max_window_size,
-                                                 flags, from_max_t)
+        tim, cp, st, win = _ref.ctc_segmentation(
+            lpz[b, :tl], gt[b, :cl], blank, min_window_size, max_window_size, flags, from_max_t
+        )
         timings[b, :cl], char_probs[b, :tl], states[b, :tl], windows[b] = tim, cp, st, win
     return CtcSegmentationOutput(timings, char_probs, states, windows)
 
 
 @keyword_only("window")
-def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, *, window: int = 30,
-                    backend: str = "auto") -> torch.Tensor:
+def utterance_score(
+    frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, *, window: int = 30, backend: str = "auto"
+) -> torch.Tensor:
     r"""The ctc-segmentation confidence of utterances spanning frames [start, end).
 
     With n = ``window`` frames: ``score = mean(cp[s:e])`` if ``e - s <= n``, else ``min(0, min over t in
@@ -243,8 +277,15 @@ def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: to
     return out[0] if squeeze else out
 
 
-def utterance_segments(timings: torch.Tensor, char_probs: torch.Tensor, utt_begin_indices, *,
-                       index_duration: float = 0.025, window: int = 30, backend: str = "auto") -> UtteranceSegments:
+def utterance_segments(
+    timings: torch.Tensor,
+    char_probs: torch.Tensor,
+    utt_begin_indices,
+    *,
+    index_duration: float = 0.025,
+    window: int = 30,
+    backend: str = "auto",
+) -> UtteranceSegments:
     """The package's ``determine_utterance_segments`` on frame timings, batched.
 
     ``utt_begin_indices`` [U + 1] (or [B, U + 1], or one list per problem: then outputs are padded to the
@@ -259,8 +300,11 @@ def utterance_segments(timings: torch.Tensor, char_probs: torch.Tensor, utt_begi
     squeeze = timings.dim() == 1
     if squeeze:
         timings, char_probs = timings[None], char_probs[None]
-    ragged = (isinstance(utt_begin_indices, (list, tuple)) and len(utt_begin_indices) > 0
-              and isinstance(utt_begin_indices[0], (list, tuple)))
+    ragged = (
+        isinstance(utt_begin_indices, (list, tuple))
+        and len(utt_begin_indices) > 0
+        and isinstance(utt_begin_indices[0], (list, tuple))
+    )
     if ragged:  # one list per problem: padded with copies of the row's first utterance, masked at the end
         n_utts = torch.tensor([len(r) - 1 for r in utt_begin_indices])
         if bool((n_utts < 1).any()):
@@ -277,8 +321,10 @@ def utterance_segments(timings: torch.Tensor, char_probs: torch.Tensor, utt_begi
     # An utterance reads timings[b - 1 .. b + 1] and timings[e - 1 .. e]: the package's Python would wrap
     # or raise IndexError outside these ranges.
     if bool((b < 1).any() or (b > C - 2).any() or (e < 1).any() or (e > C - 1).any()):
-        raise AlignopsError(f"utt_begin_indices must lie in [1, C - 2] (the last one in [1, C - 1]) with C = {C}, "
-                            f"got {utt_begin_indices}")
+        raise AlignopsError(
+            f"utt_begin_indices must lie in [1, C - 2] (the last one in [1, C - 1]) with C = {C}, "
+            f"got {utt_begin_indices}"
+        )
     tim = timings.to(torch.float64) * index_duration
     at = lambda i: tim.gather(1, i)  # noqa: E731
     mid_b = (at(b) + at(b - 1)) / 2
@@ -293,8 +339,9 @@ def utterance_segments(timings: torch.Tensor, char_probs: torch.Tensor, utt_begi
     out = UtteranceSegments(start, end, score, start_f, end_f)
     if ragged:
         pad = torch.arange(U)[None] >= n_utts[:, None]
-        out = UtteranceSegments(*(x.masked_fill(pad, float("nan") if x.is_floating_point() else -1)
-                                  for x in dataclasses.astuple(out)))
+        out = UtteranceSegments(
+            *(x.masked_fill(pad, float("nan") if x.is_floating_point() else -1) for x in dataclasses.astuple(out))
+        )
     if squeeze:
         out = UtteranceSegments(*(x[0] for x in dataclasses.astuple(out)))
     return out
@@ -334,12 +381,25 @@ class PseudoForcedAlignment:
         return [s for s in self.segments if s.aligned and s.kept]
 
 
-def pseudo_forced_align(lpz: torch.Tensor, utterances: Sequence, *, texts: Sequence[str] | None = None,
-                        blank: int = 0, index_duration: float = 0.025, threshold: float = -2.0,
-                        short_threshold: float = -1.0, short_length: int = 30, group_size: int = 8,
-                        window: int | None = None, max_window: int = 8000, growth: float = 2.0,
-                        score_window: int = 30, blank_transition_cost_zero: bool = False,
-                        preamble_transition_cost_zero: bool = True, backend: str = "auto") -> PseudoForcedAlignment:
+def pseudo_forced_align(
+    lpz: torch.Tensor,
+    utterances: Sequence,
+    *,
+    texts: Sequence[str] | None = None,
+    blank: int = 0,
+    index_duration: float = 0.025,
+    threshold: float = -2.0,
+    short_threshold: float = -1.0,
+    short_length: int = 30,
+    group_size: int = 8,
+    window: int | None = None,
+    max_window: int = 8000,
+    growth: float = 2.0,
+    score_window: int = 30,
+    blank_transition_cost_zero: bool = False,
+    preamble_transition_cost_zero: bool = True,
+    backend: str = "auto",
+) -> PseudoForcedAlignment:
     r"""Iterative pseudo-forced alignment of a long recording with a low-quality transcript (López & Luque).
 
     From the last anchor frame a, align the next ``group_size`` utterances to ``lpz[a : a + window]`` with
@@ -375,8 +435,10 @@ def pseudo_forced_align(lpz: torch.Tensor, utterances: Sequence, *, texts: Seque
     if any(u.numel() == 0 for u in toks):
         raise AlignopsError("every utterance must have at least one token")
     if group_size < 1 or max_window < 2 or growth <= 1.0 or index_duration <= 0:
-        raise AlignopsError(f"need group_size >= 1, max_window >= 2, growth > 1, index_duration > 0; got "
-                            f"{group_size}, {max_window}, {growth}, {index_duration}")
+        raise AlignopsError(
+            f"need group_size >= 1, max_window >= 2, growth > 1, index_duration > 0; got "
+            f"{group_size}, {max_window}, {growth}, {index_duration}"
+        )
     if lpz.dtype in (torch.float16, torch.bfloat16):
         lpz = lpz.float()
     T = lpz.shape[0]
@@ -393,8 +455,8 @@ def pseudo_forced_align(lpz: torch.Tensor, utterances: Sequence, *, texts: Seque
     anchor, i = 0, 0
     while i < len(toks):
         K = min(group_size, len(toks) - i)
-        gt, begins = prepare_token_list(toks[i:i + K], blank)
-        default = max(2.0, 2.0 * frames_per_token) * sum(u.numel() + 1 for u in toks[i:i + K])
+        gt, begins = prepare_token_list(toks[i : i + K], blank)
+        default = max(2.0, 2.0 * frames_per_token) * sum(u.numel() + 1 for u in toks[i : i + K])
         win = min(max_window, int(window if window is not None else default) or 2)
         anchors.append(anchor)
         table, filled = None, 0  # the step's trellis and the frames it covers, kept while the window grows
@@ -403,23 +465,41 @@ def pseudo_forced_align(lpz: torch.Tensor, utterances: Sequence, *, texts: Seque
             best = None
             if begins[1] + 1 <= chunk:  # the first utterance fits in the chunk
                 fills += 1
-                best, table = _best_prefix(lpz[anchor:anchor + chunk], gt, begins, [limit[i + k] for k in range(K)],
-                                           blank, flags, index_duration, score_window, impl, table, filled)
+                best, table = _best_prefix(
+                    lpz[anchor : anchor + chunk],
+                    gt,
+                    begins,
+                    [limit[i + k] for k in range(K)],
+                    blank,
+                    flags,
+                    index_duration,
+                    score_window,
+                    impl,
+                    table,
+                    filled,
+                )
                 filled = chunk
             if best is not None or chunk >= T - anchor or win >= max_window:
                 break
             win = min(max_window, max(win + 1, int(win * growth)))
         if best is None:  # nothing fits or passes even in the largest window: skip one utterance
-            segments[i] = PseudoAlignedSegment(i, anchor * index_duration, anchor * index_duration, _ref.TABLE_FLOOR,
-                                               False, False, [])
+            segments[i] = PseudoAlignedSegment(
+                i, anchor * index_duration, anchor * index_duration, _ref.TABLE_FLOOR, False, False, []
+            )
             i += 1
             continue
         k, seg, timings = best
         for j in range(k):
-            frames = [anchor + int(f) for f in timings[begins[j] + 1:begins[j + 1]]]
+            frames = [anchor + int(f) for f in timings[begins[j] + 1 : begins[j + 1]]]
             segments[i + j] = PseudoAlignedSegment(
-                i + j, anchor * index_duration + float(seg.start[j]), anchor * index_duration + float(seg.end[j]),
-                float(seg.score[j]), True, float(seg.score[j]) >= limit[i + j], frames)
+                i + j,
+                anchor * index_duration + float(seg.start[j]),
+                anchor * index_duration + float(seg.end[j]),
+                float(seg.score[j]),
+                True,
+                float(seg.score[j]) >= limit[i + j],
+                frames,
+            )
         anchor = min(T - 1, anchor + max(int(seg.end_frame[k - 1]), 1))
         i += k
     return PseudoForcedAlignment(segments, anchors, fills, index_duration)
@@ -433,39 +513,70 @@ def _best_prefix(lpz, gt, begins, limits, blank, flags, index_duration, score_wi
     ends = [begins[k] if begins[k] + 1 <= T else -1 for k in range(1, K + 1)]
     if impl == "torch":
         ref_table, offsets, _ = _ref.fill_table(lpz, gt, T, blank, flags)
-        results = [None if c == -1 else _ref.backtrace(lpz, gt, ref_table, offsets, int(ref_table[:, c].argmax()), c,
-                                                       blank) for c in ends]
+        results = [
+            None if c == -1 else _ref.backtrace(lpz, gt, ref_table, offsets, int(ref_table[:, c].argmax()), c, blank)
+            for c in ends
+        ]
     else:
         prev = (table, torch.tensor([filled])) if table is not None else (None, None)
         tim, cp, _, ok, table = torch.ops.alignops.ctc_segmentation_prefixes(
-            lpz[None], torch.tensor([T]), gt[None], torch.tensor([gt.shape[0]]), torch.tensor([ends]), blank, flags,
-            False, *prev, True)
+            lpz[None],
+            torch.tensor([T]),
+            gt[None],
+            torch.tensor([gt.shape[0]]),
+            torch.tensor([ends]),
+            blank,
+            flags,
+            False,
+            *prev,
+            True,
+        )
         results = [(tim[0, j], cp[0, j], None) if ok[0, j] else None for j in range(K)]
     for k in range(K, 0, -1):
         r = results[k - 1]
         if r is None:
             continue
         timings, char_probs = r[0], r[1]
-        seg = utterance_segments(timings[:begins[k] + 1], char_probs, begins[:k + 1], index_duration=index_duration,
-                                 window=score_window, backend="torch" if impl == "torch" else "native")
+        seg = utterance_segments(
+            timings[: begins[k] + 1],
+            char_probs,
+            begins[: k + 1],
+            index_duration=index_duration,
+            window=score_window,
+            backend="torch" if impl == "torch" else "native",
+        )
         if float(seg.score[k - 1]) >= limits[k - 1]:
             return (k, seg, timings), table
     return None, table
 
 
-def write_kaldi_segments(result: PseudoForcedAlignment, file: IO[str], recording_id: str,
-                         utt_ids: Sequence[str] | None = None, *, only_kept: bool = True) -> None:
+def write_kaldi_segments(
+    result: PseudoForcedAlignment,
+    file: IO[str],
+    recording_id: str,
+    utt_ids: Sequence[str] | None = None,
+    *,
+    only_kept: bool = True,
+) -> None:
     """Kaldi ``segments`` lines ``<utt-id> <recording-id> <start> <end>`` (seconds, 2 decimals)."""
-    for s in (result.kept() if only_kept else [s for s in result.segments if s.aligned]):
+    for s in result.kept() if only_kept else [s for s in result.segments if s.aligned]:
         uid = utt_ids[s.index] if utt_ids is not None else f"{recording_id}_{s.index:05d}"
         file.write(f"{uid} {recording_id} {s.start:.2f} {s.end:.2f}\n")
 
 
-def write_ctm(result: PseudoForcedAlignment, file: IO[str], recording_id: str, token_names: Sequence[str],
-              utterances: Sequence, *, channel: str = "1", only_kept: bool = True) -> None:
+def write_ctm(
+    result: PseudoForcedAlignment,
+    file: IO[str],
+    recording_id: str,
+    token_names: Sequence[str],
+    utterances: Sequence,
+    *,
+    channel: str = "1",
+    only_kept: bool = True,
+) -> None:
     """Token-level CTM lines ``<recording> <channel> <start> <duration> <token>``: a token lasts until the
     next token of its utterance starts, the last one one frame."""
-    for s in (result.kept() if only_kept else [s for s in result.segments if s.aligned]):
+    for s in result.kept() if only_kept else [s for s in result.segments if s.aligned]:
         toks = torch.as_tensor(utterances[s.index]).reshape(-1).tolist()
         for j, (tok, f) in enumerate(zip(toks, s.token_frames)):
             nxt = s.token_frames[j + 1] if j + 1 < len(s.token_frames) else f + 1
@@ -475,7 +586,9 @@ def write_ctm(result: PseudoForcedAlignment, file: IO[str], recording_id: str, t
 
 def to_json(result: PseudoForcedAlignment, utt_ids: Sequence[str] | None = None) -> str:
     """The whole result as JSON: segments (id, start, end, score, aligned, kept, token_frames), anchors, fills."""
-    segs = [dict(dataclasses.asdict(s), id=utt_ids[s.index] if utt_ids is not None else s.index)
-            for s in result.segments]
-    return json.dumps({"index_duration": result.index_duration, "anchors": result.anchors, "fills": result.fills,
-                       "segments": segs})
+    segs = [
+        dict(dataclasses.asdict(s), id=utt_ids[s.index] if utt_ids is not None else s.index) for s in result.segments
+    ]
+    return json.dumps(
+        {"index_duration": result.index_duration, "anchors": result.anchors, "fills": result.fills, "segments": segs}
+    )

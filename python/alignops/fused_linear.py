@@ -35,10 +35,20 @@ class FusedLinearLogprobs(NamedTuple):
     entropy: torch.Tensor | None
 
 
-def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          bias: torch.Tensor | None = None, *, ignore_index: int = -100, temperature: float = 1.0,
-                          logit_scale: float = 1.0, softcap: float | None = None, return_entropy: bool = False,
-                          backend: str = "auto", check_values: bool = True) -> FusedLinearLogprobs:
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    check_values: bool = True,
+) -> FusedLinearLogprobs:
     r"""Per-token ``log p(target)`` straight from LM-head inputs, never materialising the [N, V] logits.
 
     ``hidden`` [N, H], ``weight`` [V, H] (the LM head, same dtype), ``targets`` [N] int (``ignore_index``
@@ -66,26 +76,46 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if hidden.dim() != 2:
         raise AlignopsError(f"hidden must be a 2-D tensor of shape [N, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise AlignopsError(f"weight must have shape [V, H] with H = {hidden.shape[1]} (hidden's last dimension), "
-                            f"got {tuple(weight.shape)}")
+        raise AlignopsError(
+            f"weight must have shape [V, H] with H = {hidden.shape[1]} (hidden's last dimension), "
+            f"got {tuple(weight.shape)}"
+        )
     if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
         # softcap = inf would compute inf * tanh(z / inf) = inf * 0 = NaN; None is the way to say "no softcap"
         raise AlignopsError(f"softcap must be > 0 and finite (or None for no softcap), got {softcap}")
     impl = _backend.resolve(backend, hidden.device, "fused_linear_logprobs", native_cuda=False)
     if impl == "torch":
-        out = _ref.fused_linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index,
-                                         temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                                         return_entropy=return_entropy)
+        out = _ref.fused_linear_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            return_entropy=return_entropy,
+        )
         return FusedLinearLogprobs(*out) if return_entropy else FusedLinearLogprobs(out, None)
     if impl == "triton" and check_values:
         check_targets_in_range(targets, weight.shape[0], ignore_index)
-    op = torch.ops.alignops.fused_linear_logprobs if impl == "native" else \
-        torch.ops.alignops.fused_linear_logprobs_triton
-    logp, _, entropy = op(hidden, weight, targets, bias, ignore_index, float(temperature), float(logit_scale),
-                          float(softcap or 0.0), return_entropy)
+    op = (
+        torch.ops.alignops.fused_linear_logprobs
+        if impl == "native"
+        else torch.ops.alignops.fused_linear_logprobs_triton
+    )
+    logp, _, entropy = op(
+        hidden,
+        weight,
+        targets,
+        bias,
+        ignore_index,
+        float(temperature),
+        float(logit_scale),
+        float(softcap or 0.0),
+        return_entropy,
+    )
     return FusedLinearLogprobs(logp, entropy if return_entropy else None)
-
-
 
 
 class FusedLinearPreferenceOutput(NamedTuple):
@@ -115,17 +145,28 @@ def _token_weights(targets, token_weights, ignore_index):
     weights = (targets.reshape(-1) != ignore_index).to(torch.float32)
     if token_weights is not None:
         if token_weights.shape != targets.shape:
-            raise AlignopsError(f"token_weights must have the shape of targets {tuple(targets.shape)}, "
-                                f"got {tuple(token_weights.shape)}")
+            raise AlignopsError(
+                f"token_weights must have the shape of targets {tuple(targets.shape)}, got {tuple(token_weights.shape)}"
+            )
         weights = weights * token_weights.reshape(-1).to(torch.float32)
     return weights
 
 
-def fused_linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                   bias: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None = None,
-                                   token_weights: torch.Tensor | None = None, ignore_index: int = -100,
-                                   temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
-                                   backend: str = "auto", check_values: bool = True):
+def fused_linear_sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+    check_values: bool = True,
+):
     """Per-sequence ``sum``, ``mean``, ``num_tokens`` and ``per_token`` log-probs from LM-head inputs.
 
     Padded: ``hidden`` [R, T, H], ``targets`` [R, T]; packed: ``hidden`` [N, H], ``targets`` [N] and
@@ -137,8 +178,9 @@ def fused_linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, t
         if cu_seqlens is not None:
             raise AlignopsError("cu_seqlens is for packed [N, H] hidden states; padded ones are [R, T, H]")
         if targets.shape != hidden.shape[:2]:
-            raise AlignopsError(f"targets must have shape [R, T] = {tuple(hidden.shape[:2])}, "
-                                f"got {tuple(targets.shape)}")
+            raise AlignopsError(
+                f"targets must have shape [R, T] = {tuple(hidden.shape[:2])}, got {tuple(targets.shape)}"
+            )
     elif hidden.dim() == 2:
         if cu_seqlens is None:
             raise AlignopsError("packed [N, H] hidden states need cu_seqlens")
@@ -148,9 +190,18 @@ def fused_linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, t
     else:
         raise AlignopsError(f"hidden must be [R, T, H] (padded) or [N, H] (packed), got shape {tuple(hidden.shape)}")
     weights = _token_weights(targets, token_weights, ignore_index)
-    per_token = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias,
-                                      ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
-                                      softcap=softcap, backend=backend, check_values=check_values).logp
+    per_token = fused_linear_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        targets.reshape(-1),
+        bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        backend=backend,
+        check_values=check_values,
+    ).logp
     total = _sequence_sums(per_token * weights.to(per_token.dtype), cu_seqlens, targets.shape)
     count = _sequence_sums((targets.reshape(-1) != ignore_index).long(), cu_seqlens, targets.shape)
     per_token = per_token.view(targets.shape)
@@ -166,8 +217,10 @@ def _segment_ids(index: torch.Tensor, name: str, S: int | None, check_values: bo
         bad = (index < 0) | (index >= S)
         if bad.any():
             i = int(bad.nonzero()[0, 0])
-            raise AlignopsError(f"{name}[{i}] = {int(index[i])} is out of range: segment ids must lie in [0, {S}) "
-                                f"(S = len(cu_seqlens) - 1)")
+            raise AlignopsError(
+                f"{name}[{i}] = {int(index[i])} is out of range: segment ids must lie in [0, {S}) "
+                f"(S = len(cu_seqlens) - 1)"
+            )
     return index.long()
 
 
@@ -235,40 +288,54 @@ def fused_linear_preference_loss(
     check_finite(nll_weight, "nll_weight")
     if hidden.dim() == 3:
         if hidden.shape[0] % 2:
-            raise AlignopsError(f"padded hidden must stack B chosen then B rejected rows ([2B, T, H]); "
-                                f"got {hidden.shape[0]} rows")
+            raise AlignopsError(
+                f"padded hidden must stack B chosen then B rejected rows ([2B, T, H]); got {hidden.shape[0]} rows"
+            )
         B = hidden.shape[0] // 2
         chosen, rejected = slice(0, B), slice(B, 2 * B)
     else:
         if hidden.dim() == 2 and (cu_seqlens is None or chosen_index is None or rejected_index is None):
             raise AlignopsError("packed [N, H] hidden states need cu_seqlens, chosen_index and rejected_index")
         if chosen_index is not None and (chosen_index.shape != rejected_index.shape or chosen_index.dim() != 1):
-            raise AlignopsError(f"chosen_index and rejected_index must be [B] segment ids of the same shape, got "
-                                f"{tuple(chosen_index.shape)} and {tuple(rejected_index.shape)}")
+            raise AlignopsError(
+                f"chosen_index and rejected_index must be [B] segment ids of the same shape, got "
+                f"{tuple(chosen_index.shape)} and {tuple(rejected_index.shape)}"
+            )
         chosen, rejected = None, None
         if chosen_index is not None:
             S = cu_seqlens.shape[0] - 1 if cu_seqlens is not None and cu_seqlens.dim() == 1 else None
             chosen = _segment_ids(chosen_index, "chosen_index", S, check_values)
             rejected = _segment_ids(rejected_index, "rejected_index", S, check_values)
-    kernel_opts = dict(cu_seqlens=cu_seqlens, token_weights=token_weights, ignore_index=ignore_index,
-                       temperature=temperature, logit_scale=logit_scale, softcap=softcap, backend=backend,
-                       check_values=check_values)
+    kernel_opts = dict(
+        cu_seqlens=cu_seqlens,
+        token_weights=token_weights,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        backend=backend,
+        check_values=check_values,
+    )
     seq = fused_linear_sequence_logprobs(hidden, weight, targets, bias, **kernel_opts)
     pc, pr = seq.sum[chosen], seq.sum[rejected]
     nc, nr = seq.num_tokens[chosen], seq.num_tokens[rejected]
 
     if ref_hidden is not None:
         if ref_hidden.shape != hidden.shape:
-            raise AlignopsError(f"ref_hidden must have the shape of hidden {tuple(hidden.shape)}, "
-                                f"got {tuple(ref_hidden.shape)}")
+            raise AlignopsError(
+                f"ref_hidden must have the shape of hidden {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}"
+            )
         with torch.no_grad():
-            ref_seq = fused_linear_sequence_logprobs(ref_hidden, weight if ref_weight is None else ref_weight,
-                                                     targets, ref_bias, **kernel_opts).sum
+            ref_seq = fused_linear_sequence_logprobs(
+                ref_hidden, weight if ref_weight is None else ref_weight, targets, ref_bias, **kernel_opts
+            ).sum
         rc, rr = ref_seq[chosen], ref_seq[rejected]
     elif ref_per_token_logps is not None:
         if ref_per_token_logps.shape != targets.shape:
-            raise AlignopsError(f"ref_per_token_logps must have the shape of targets {tuple(targets.shape)}, "
-                                f"got {tuple(ref_per_token_logps.shape)}")
+            raise AlignopsError(
+                f"ref_per_token_logps must have the shape of targets {tuple(targets.shape)}, "
+                f"got {tuple(ref_per_token_logps.shape)}"
+            )
         weights = _token_weights(targets, token_weights, ignore_index).to(pc.dtype)
         ref_seq = _sequence_sums(ref_per_token_logps.reshape(-1).to(pc.dtype) * weights, cu_seqlens, targets.shape)
         rc, rr = ref_seq[chosen], ref_seq[rejected]
@@ -287,10 +354,21 @@ def fused_linear_preference_loss(
     else:
         lengths = {"chosen_lengths": nc, "rejected_lengths": nr}
     # the caller's backend for the pair loss too (it was "auto" whatever the caller chose)
-    out: PreferenceLossOutput = preference_loss(pc, pr, rc, rr, loss_type=loss_type, beta=beta,
-                                                label_smoothing=label_smoothing, reduction=reduction, backend=backend,
-                                                **lengths, **loss_options)
+    out: PreferenceLossOutput = preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+        backend=backend,
+        **lengths,
+        **loss_options,
+    )
     nll = -pc.sum() / nc.sum().clamp(min=1) if not average_log_prob else -(pc * nc).sum() / nc.sum().clamp(min=1)
     loss = out.loss + nll_weight * nll if nll_weight else out.loss
-    return FusedLinearPreferenceOutput(loss, pc.detach(), pr.detach(), out.chosen_rewards, out.rejected_rewards,
-                                       nll.detach())
+    return FusedLinearPreferenceOutput(
+        loss, pc.detach(), pr.detach(), out.chosen_rewards, out.rejected_rewards, nll.detach()
+    )

@@ -96,8 +96,9 @@ def _paired(tensors: dict[str, torch.Tensor], min_items: int = 1) -> list[torch.
     n = out[0].shape[-1]
     for (name, _), t in zip(items, out):
         if t.shape[-1] != n:
-            raise AlignopsError(f"{name} must have N = {n} items in its last dimension (as {first_name}), "
-                                f"got shape {tuple(t.shape)}")
+            raise AlignopsError(
+                f"{name} must have N = {n} items in its last dimension (as {first_name}), got shape {tuple(t.shape)}"
+            )
     if n < min_items:
         raise AlignopsError(f"{first_name} needs at least {min_items} items (N), got {n}")
     try:
@@ -124,12 +125,21 @@ def _check_labels(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> None:
     values = torch.stack(ranges).tolist() if ranges else []
     for name, (lo, hi) in zip([name for name, t in (("a", a), ("b", b)) if t.numel()], values):
         if lo < 0 or hi >= num_classes:
-            raise AlignopsError(f"{name} must hold class labels in [0, num_classes) = [0, {num_classes}), got values "
-                                f"in [{lo}, {hi}]")
+            raise AlignopsError(
+                f"{name} must hold class labels in [0, num_classes) = [0, {num_classes}), got values in [{lo}, {hi}]"
+            )
 
 
-def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None, *, n_bootstrap: int = 0,
-                       seed: int = 0, backend: str = "auto", check_values: bool = True) -> torch.Tensor:
+def confusion_matrices(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    num_classes: int | None = None,
+    *,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+    backend: str = "auto",
+    check_values: bool = True,
+) -> torch.Tensor:
     """int32 [..., R + 1, C, C] confusion matrices of label tensors a [..., N] and b [..., N] (b's leading
     dimensions broadcast to a's): entry [.., r, i, j] counts items labelled i by a and j by b in resample r
     (r = 0: the sample). Labels are ints in [0, num_classes); ``num_classes`` defaults to max label + 1
@@ -145,10 +155,18 @@ def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None
     reads or writes out of bounds), the torch backend fails on them.
     """
     for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8,
-                                                              torch.int8, torch.bool):
-            raise AlignopsError(f"{name} must be an integer (or bool) tensor of class labels, got "
-                                f"{getattr(t, 'dtype', type(t).__name__)}")
+        if not isinstance(t, torch.Tensor) or t.dtype not in (
+            torch.int64,
+            torch.int32,
+            torch.int16,
+            torch.uint8,
+            torch.int8,
+            torch.bool,
+        ):
+            raise AlignopsError(
+                f"{name} must be an integer (or bool) tensor of class labels, got "
+                f"{getattr(t, 'dtype', type(t).__name__)}"
+            )
         if t.dim() == 0:
             raise AlignopsError(f"{name} must have shape [..., N] (items last), got a scalar")
     if a.device != b.device:
@@ -179,8 +197,9 @@ def confusion_matrices(a: torch.Tensor, b: torch.Tensor, num_classes: int | None
 
 
 @keyword_only("weights", "undefined")
-def kappa_from_confusion(confusion: torch.Tensor, *, weights: str | None = None,
-                         undefined: float = float("nan")) -> torch.Tensor:
+def kappa_from_confusion(
+    confusion: torch.Tensor, *, weights: str | None = None, undefined: float = float("nan")
+) -> torch.Tensor:
     r"""Cohen's kappa of confusion matrices [..., C, C] (fp64): :math:`1 - \sum w_{ij} O_{ij} / \sum w_{ij}
     E_{ij}` with :math:`E = \text{rowsum} \otimes \text{colsum} / n` and :math:`w_{ij}` = 1[i != j]
     (unweighted), |i - j| (linear) or (i - j)^2 (quadratic), as scikit-learn's ``cohen_kappa_score`` with
@@ -201,9 +220,19 @@ def kappa_from_confusion(confusion: torch.Tensor, *, weights: str | None = None,
     return torch.where(den == 0, torch.full_like(kappa, undefined), kappa)
 
 
-def cohen_kappa(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None, *, weights: str | None = None,
-                n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0, undefined: float = float("nan"),
-                backend: str = "auto", check_values: bool = True) -> MetricResult:
+def cohen_kappa(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    num_classes: int | None = None,
+    *,
+    weights: str | None = None,
+    n_bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+    undefined: float = float("nan"),
+    backend: str = "auto",
+    check_values: bool = True,
+) -> MetricResult:
     """Cohen's kappa between label tensors a [..., N] and b [..., N] (e.g. 1000 judges [1000, N] against
     one human reference [N]), unweighted / ``"linear"`` / ``"quadratic"``, with an optional seeded paired
     bootstrap CI. Returns fp64 values of the broadcast leading shape. The labels are the integers
@@ -214,19 +243,29 @@ def cohen_kappa(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None
     if weights not in _WEIGHTS:
         raise AlignopsError(f"weights must be one of {_WEIGHTS}, got {weights!r}")
     _check_bootstrap(n_bootstrap, seed, confidence)
-    conf = confusion_matrices(a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend,
-                              check_values=check_values)
+    conf = confusion_matrices(
+        a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend, check_values=check_values
+    )
     return _result(kappa_from_confusion(conf, weights=weights, undefined=undefined), n_bootstrap, confidence)
 
 
-def percent_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int | None = None, *, n_bootstrap: int = 0,
-                      confidence: float = 0.95, seed: int = 0, backend: str = "auto",
-                      check_values: bool = True) -> MetricResult:
+def percent_agreement(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    num_classes: int | None = None,
+    *,
+    n_bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+    backend: str = "auto",
+    check_values: bool = True,
+) -> MetricResult:
     """Fraction of items on which a and b give the same label (trace / N of the confusion matrix), fp64,
     with the bootstrap and the arguments of :func:`cohen_kappa`. N = 0 gives NaN."""
     _check_bootstrap(n_bootstrap, seed, confidence)
-    conf = confusion_matrices(a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend,
-                              check_values=check_values).double()
+    conf = confusion_matrices(
+        a, b, num_classes, n_bootstrap=n_bootstrap, seed=seed, backend=backend, check_values=check_values
+    ).double()
     agree = conf.diagonal(dim1=-2, dim2=-1).sum(-1) / conf.sum((-1, -2))
     return _result(agree, n_bootstrap, confidence)
 
@@ -234,8 +273,15 @@ def percent_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int | None 
 # ---- pairwise outcomes --------------------------------------------------------------------------------
 
 
-def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor, *, tie_value: float = 0.5, n_bootstrap: int = 0,
-             confidence: float = 0.95, seed: int = 0) -> MetricResult:
+def win_rate(
+    scores_a: torch.Tensor,
+    scores_b: torch.Tensor,
+    *,
+    tie_value: float = 0.5,
+    n_bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> MetricResult:
     """Win rate of a over b on paired scores [..., N]: mean(1[a > b] + tie_value * 1[a == b]) (ties count
     half by default). A NaN score is neither a win, a tie nor a loss: its row's win rate is NaN. Torch
     composite. Raises ValueError for N = 0, shapes that do not broadcast, a non-finite tie_value or a seed
@@ -248,20 +294,39 @@ def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor, *, tie_value: float
     return _result(wins.mean(-1), n_bootstrap, confidence)
 
 
-def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, *, n_bootstrap: int = 0,
-                    confidence: float = 0.95, seed: int = 0) -> MetricResult:
+def reward_accuracy(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    n_bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> MetricResult:
     """mean(1[chosen > rejected]) over the last dimension (TRL's rewards/accuracies: a tie counts as wrong).
     Torch composite."""
-    return win_rate(chosen_rewards, rejected_rewards, tie_value=0.0, n_bootstrap=n_bootstrap,
-                    confidence=confidence, seed=seed)
+    return win_rate(
+        chosen_rewards, rejected_rewards, tie_value=0.0, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed
+    )
 
 
-def ranking_accuracy(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, *,
-                     n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0) -> MetricResult:
+def ranking_accuracy(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    n_bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> MetricResult:
     """Ranking accuracy (Chen et al. 2024): mean(1[log pi(y_w | x) > log pi(y_l | x)]) on per-sequence
     log-probs [..., N]; a tie counts as wrong. Torch composite."""
-    return win_rate(policy_chosen_logps, policy_rejected_logps, tie_value=0.0, n_bootstrap=n_bootstrap,
-                    confidence=confidence, seed=seed)
+    return win_rate(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        tie_value=0.0,
+        n_bootstrap=n_bootstrap,
+        confidence=confidence,
+        seed=seed,
+    )
 
 
 def _idealized_correct(ref_c, ref_r, alpha, beta):
@@ -279,9 +344,17 @@ def _check_pref(preference_prob: torch.Tensor, beta: float, check_values: bool) 
 
 
 @keyword_only("beta")
-def idealized_ranking_accuracy(ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-                               preference_prob: torch.Tensor, *, beta: float, n_bootstrap: int = 0,
-                               confidence: float = 0.95, seed: int = 0, check_values: bool = True) -> MetricResult:
+def idealized_ranking_accuracy(
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    preference_prob: torch.Tensor,
+    *,
+    beta: float,
+    n_bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+    check_values: bool = True,
+) -> MetricResult:
     r"""Idealized ranking accuracy (Chen et al. 2024, Thm. 3.1): the ranking accuracy of the exact optimum of
     the DPO / RLHF objective, whose likelihood ratio is
     :math:`\pi^*(y_w)/\pi^*(y_l) = \pi_{ref}(y_w)/\pi_{ref}(y_l) \cdot (\alpha/(1-\alpha))^{1/\beta}`,
@@ -291,24 +364,44 @@ def idealized_ranking_accuracy(ref_chosen_logps: torch.Tensor, ref_rejected_logp
     skips the checks that read tensor values on the device (alpha's range), so the call neither syncs nor
     breaks CUDA-graph capture."""
     _check_bootstrap(n_bootstrap, seed, confidence)
-    c, r, p = _paired({"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
-                       "preference_prob": preference_prob})
+    c, r, p = _paired(
+        {
+            "ref_chosen_logps": ref_chosen_logps,
+            "ref_rejected_logps": ref_rejected_logps,
+            "preference_prob": preference_prob,
+        }
+    )
     _check_pref(p, beta, check_values)
     c, r, p = _resampled([c, r, p], n_bootstrap, seed)
     return _result(_idealized_correct(c, r, p, beta).mean(-1), n_bootstrap, confidence)
 
 
 @keyword_only("beta")
-def alignment_gap(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-                  ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, preference_prob: torch.Tensor,
-                  *, beta: float, n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0,
-                  check_values: bool = True) -> MetricResult:
+def alignment_gap(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    preference_prob: torch.Tensor,
+    *,
+    beta: float,
+    n_bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+    check_values: bool = True,
+) -> MetricResult:
     """Idealized minus observed ranking accuracy (Chen et al. 2024), both on the same (paired) resamples.
     Errors and ``check_values`` as :func:`idealized_ranking_accuracy`."""
     _check_bootstrap(n_bootstrap, seed, confidence)
-    pc, pr, c, r, p = _paired({"policy_chosen_logps": policy_chosen_logps,
-                               "policy_rejected_logps": policy_rejected_logps, "ref_chosen_logps": ref_chosen_logps,
-                               "ref_rejected_logps": ref_rejected_logps, "preference_prob": preference_prob})
+    pc, pr, c, r, p = _paired(
+        {
+            "policy_chosen_logps": policy_chosen_logps,
+            "policy_rejected_logps": policy_rejected_logps,
+            "ref_chosen_logps": ref_chosen_logps,
+            "ref_rejected_logps": ref_rejected_logps,
+            "preference_prob": preference_prob,
+        }
+    )
     _check_pref(p, beta, check_values)
     pc, pr, c, r, p = _resampled([pc, pr, c, r, p], n_bootstrap, seed)
     gap = _idealized_correct(c, r, p, beta).mean(-1) - (pc > pr).to(pc.dtype).mean(-1)
@@ -343,8 +436,9 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     return (lower + upper + 1).to(x.dtype) / 2
 
 
-def pearson(x: torch.Tensor, y: torch.Tensor, *, n_bootstrap: int = 0, confidence: float = 0.95,
-            seed: int = 0) -> MetricResult:
+def pearson(
+    x: torch.Tensor, y: torch.Tensor, *, n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0
+) -> MetricResult:
     """Pearson correlation along the last dimension of x, y [..., N] (fp32, fp64 for fp64 / integer
     inputs), as scipy.stats.pearsonr; a constant input gives NaN (scipy's value, without a warning).
     Torch composite. Raises ValueError for N < 2."""
@@ -353,8 +447,9 @@ def pearson(x: torch.Tensor, y: torch.Tensor, *, n_bootstrap: int = 0, confidenc
     return _result(_pearson(x, y), n_bootstrap, confidence)
 
 
-def spearman(x: torch.Tensor, y: torch.Tensor, *, n_bootstrap: int = 0, confidence: float = 0.95,
-             seed: int = 0) -> MetricResult:
+def spearman(
+    x: torch.Tensor, y: torch.Tensor, *, n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0
+) -> MetricResult:
     """Spearman rank correlation (Pearson of average ranks, ties averaged) along the last dimension, as
     scipy.stats.spearmanr; a constant input gives NaN. Torch composite (sort + searchsorted)."""
     _check_bootstrap(n_bootstrap, seed, confidence)
@@ -362,9 +457,16 @@ def spearman(x: torch.Tensor, y: torch.Tensor, *, n_bootstrap: int = 0, confiden
     return _result(_pearson(_average_ranks(x), _average_ranks(y)), n_bootstrap, confidence)
 
 
-def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor, *, n_bins: int = 10,
-                               n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0,
-                               check_values: bool = True) -> MetricResult:
+def expected_calibration_error(
+    confidences: torch.Tensor,
+    correct: torch.Tensor,
+    *,
+    n_bins: int = 10,
+    n_bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+    check_values: bool = True,
+) -> MetricResult:
     r"""ECE = :math:`\sum_b (n_b / N) |acc_b - conf_b|` over ``n_bins`` uniform bins of [0, 1]; a
     confidence on an inner edge goes to the lower bin (scikit-learn's ``calibration_curve(strategy="uniform")``
     binning, whose per-bin means it reproduces). confidences [..., N] in [0, 1], correct [..., N] bool or
@@ -376,8 +478,7 @@ def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
         raise AlignopsError(f"n_bins must be an int >= 1, got {n_bins!r}")
     _check_bootstrap(n_bootstrap, seed, confidence)
     p, y = _paired({"confidences": confidences, "correct": correct})
-    if check_values and p.numel() and values_checkable(p) and bool(
-            ((p < 0) | (p > 1) | p.isnan()).any()):
+    if check_values and p.numel() and values_checkable(p) and bool(((p < 0) | (p > 1) | p.isnan()).any()):
         raise AlignopsError("confidences must lie in [0, 1]")
     p, y = _resampled([p, y], n_bootstrap, seed)
     edges = torch.linspace(0, 1, n_bins + 1, dtype=p.dtype, device=p.device)[1:-1].contiguous()
@@ -392,21 +493,40 @@ def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
 def _check_games(winners, losers, num_players, draws, check_values):
     for name, t in (("winners", winners), ("losers", losers)):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32):
-            raise AlignopsError(f"{name} must be a 1-D int64/int32 tensor of player ids [G], got "
-                                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            raise AlignopsError(
+                f"{name} must be a 1-D int64/int32 tensor of player ids [G], got "
+                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+            )
     if winners.shape != losers.shape:
         raise AlignopsError(f"losers must have the shape of winners {tuple(winners.shape)}, got {tuple(losers.shape)}")
     check_same_device([("winners", winners), ("losers", losers), ("draws", draws)])
     if draws is not None and (draws.shape != winners.shape or draws.dtype != torch.bool):
         raise AlignopsError(f"draws must be a bool tensor of shape [G] = {tuple(winners.shape)}")
-    if check_values and winners.numel() and (int(torch.minimum(winners.min(), losers.min())) < 0
-                                             or int(torch.maximum(winners.max(), losers.max())) >= num_players):
+    if (
+        check_values
+        and winners.numel()
+        and (
+            int(torch.minimum(winners.min(), losers.min())) < 0
+            or int(torch.maximum(winners.max(), losers.max())) >= num_players
+        )
+    ):
         raise AlignopsError(f"winners and losers must be player ids in [0, num_players) = [0, {num_players})")
 
 
-def elo_ratings(winners: torch.Tensor, losers: torch.Tensor, num_players: int, *, draws: torch.Tensor | None = None,
-                k: float = 32.0, scale: float = 400.0, initial: float = 1000.0, n_bootstrap: int = 0,
-                confidence: float = 0.95, seed: int = 0, check_values: bool = True) -> MetricResult:
+def elo_ratings(
+    winners: torch.Tensor,
+    losers: torch.Tensor,
+    num_players: int,
+    *,
+    draws: torch.Tensor | None = None,
+    k: float = 32.0,
+    scale: float = 400.0,
+    initial: float = 1000.0,
+    n_bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+    check_values: bool = True,
+) -> MetricResult:
     r"""Online Elo over games in order: :math:`E = 1/(1 + 10^{(R_l - R_w)/scale})`, winner += k (S - E),
     loser -= k (S - E), S = 1 (0.5 for a draw). Returns fp64 ratings [num_players]. With n_bootstrap, each
     resample replays the resampled games in resampled order (Chatbot Arena's bootstrap); the replays run in
@@ -435,10 +555,20 @@ def elo_ratings(winners: torch.Tensor, losers: torch.Tensor, num_players: int, *
     return _result(ratings.t(), n_bootstrap, confidence)
 
 
-def bradley_terry(winners: torch.Tensor, losers: torch.Tensor, num_players: int, *,
-                  draws: torch.Tensor | None = None, pseudo_count: float = 0.0, max_iters: int = 10000,
-                  tol: float = 1e-10, n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0,
-                  check_values: bool = True) -> MetricResult:
+def bradley_terry(
+    winners: torch.Tensor,
+    losers: torch.Tensor,
+    num_players: int,
+    *,
+    draws: torch.Tensor | None = None,
+    pseudo_count: float = 0.0,
+    max_iters: int = 10000,
+    tol: float = 1e-10,
+    n_bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+    check_values: bool = True,
+) -> MetricResult:
     r"""Maximum-likelihood Bradley-Terry strengths :math:`P(i \succ j) = \sigma(\theta_i - \theta_j)` by
     Hunter's MM iteration :math:`p_i \leftarrow W_i / \sum_j n_{ij} / (p_i + p_j)`, returned as
     :math:`\theta = \log p` centred to mean 0 (fp64 [num_players]; multiply by 400 / ln 10 for an Elo
@@ -477,7 +607,8 @@ def bradley_terry(winners: torch.Tensor, losers: torch.Tensor, num_players: int,
             break
     theta = p.log()
     theta = theta - theta.masked_fill(~theta.isfinite(), 0).sum(-1, keepdim=True) / theta.isfinite().sum(
-        -1, keepdim=True).clamp_min(1)
+        -1, keepdim=True
+    ).clamp_min(1)
     return _result(theta.t(), n_bootstrap, confidence)
 
 
@@ -485,8 +616,9 @@ def bradley_terry(winners: torch.Tensor, losers: torch.Tensor, num_players: int,
 
 
 @keyword_only("threshold")
-def conformal_pvalues(calib_scores: torch.Tensor, calib_labels: torch.Tensor, test_scores: torch.Tensor,
-                      *, threshold: float) -> torch.Tensor:
+def conformal_pvalues(
+    calib_scores: torch.Tensor, calib_labels: torch.Tensor, test_scores: torch.Tensor, *, threshold: float
+) -> torch.Tensor:
     r"""Conformal p-values for selecting test items whose unseen label exceeds ``threshold`` c (Jin &
     Candès's conformal selection, the null H_j: Y_j <= c, with the clipped score that OptCS builds on).
     With predicted scores s (higher = more likely interesting), calibration items (s_i, y_i):
@@ -498,13 +630,17 @@ def conformal_pvalues(calib_scores: torch.Tensor, calib_labels: torch.Tensor, te
     check_same_device([("calib_scores", calib_scores), ("calib_labels", calib_labels), ("test_scores", test_scores)])
     check_not_nan(threshold, "threshold")
     if calib_scores.shape != calib_labels.shape:
-        raise AlignopsError(f"calib_labels must have the shape of calib_scores {tuple(calib_scores.shape)}, "
-                            f"got {tuple(calib_labels.shape)}")
+        raise AlignopsError(
+            f"calib_labels must have the shape of calib_scores {tuple(calib_scores.shape)}, "
+            f"got {tuple(calib_labels.shape)}"
+        )
     if calib_scores.dim() == 0 or test_scores.dim() == 0:
         raise AlignopsError("calib_scores and test_scores must have shape [..., n] and [..., m]")
     if calib_scores.shape[:-1] != test_scores.shape[:-1]:
-        raise AlignopsError("test_scores must have the leading shape of calib_scores "
-                            f"{tuple(calib_scores.shape[:-1])}, got {tuple(test_scores.shape[:-1])}")
+        raise AlignopsError(
+            "test_scores must have the leading shape of calib_scores "
+            f"{tuple(calib_scores.shape[:-1])}, got {tuple(test_scores.shape[:-1])}"
+        )
     s = calib_scores.double()
     null = calib_labels.double() <= threshold
     # Non-null calibration items never count: push them below every test score.
@@ -538,8 +674,9 @@ def benjamini_hochberg(pvalues: torch.Tensor, *, q: float) -> torch.Tensor:
 
 
 @keyword_only("threshold", "q")
-def conformal_selection(calib_scores: torch.Tensor, calib_labels: torch.Tensor, test_scores: torch.Tensor,
-                        *, threshold: float, q: float) -> ConformalSelection:
+def conformal_selection(
+    calib_scores: torch.Tensor, calib_labels: torch.Tensor, test_scores: torch.Tensor, *, threshold: float, q: float
+) -> ConformalSelection:
     """(selected bool [..., m], p-values [..., m]): :func:`conformal_pvalues` then :func:`benjamini_hochberg`
     at level q, which controls the FDR of selecting items with label > threshold in finite samples."""
     pv = conformal_pvalues(calib_scores, calib_labels, test_scores, threshold=threshold)

@@ -37,8 +37,9 @@ def _logits_means(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def _check_liger_input(_input: torch.Tensor) -> int:
     if _input.dim() != 3 or _input.shape[0] % 2:
-        raise AlignopsError(f"_input must be [2B, T, H]: B chosen rows, then B rejected rows; got shape "
-                            f"{list(_input.shape)}")
+        raise AlignopsError(
+            f"_input must be [2B, T, H]: B chosen rows, then B rejected rows; got shape {list(_input.shape)}"
+        )
     return _input.shape[0] // 2
 
 
@@ -52,8 +53,9 @@ class PreferenceLoss(torch.nn.Module):
         out.loss.backward()
     """
 
-    def __init__(self, loss_type: str | list[str] = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-                 **options):
+    def __init__(
+        self, loss_type: str | list[str] = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, **options
+    ):
         super().__init__()
         self.loss_type = loss_type
         self.beta = beta
@@ -61,15 +63,37 @@ class PreferenceLoss(torch.nn.Module):
         self.options = options
         # Fail at construction, not at the first batch.
         probe = torch.zeros(1)
-        preference_loss(probe, probe, probe, probe, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-                        **{**options, **({"chosen_lengths": torch.ones(1), "rejected_lengths": torch.ones(1)}
-                                         if "chosen_lengths" not in options else {})})
+        preference_loss(
+            probe,
+            probe,
+            probe,
+            probe,
+            loss_type=loss_type,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            **{
+                **options,
+                **(
+                    {"chosen_lengths": torch.ones(1), "rejected_lengths": torch.ones(1)}
+                    if "chosen_lengths" not in options
+                    else {}
+                ),
+            },
+        )
 
-    def forward(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
-                **per_batch) -> PreferenceLossOutput:
-        return preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                               loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
-                               **{**self.options, **per_batch})
+    def forward(
+        self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, **per_batch
+    ) -> PreferenceLossOutput:
+        return preference_loss(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            loss_type=self.loss_type,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            **{**self.options, **per_batch},
+        )
 
     def extra_repr(self) -> str:
         return f"loss_type={self.loss_type!r}, beta={self.beta}, label_smoothing={self.label_smoothing}"
@@ -84,9 +108,17 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     :func:`alignops.preference_loss` type; see :func:`alignops.fused_linear_preference_loss`.
     """
 
-    def __init__(self, loss_type: str | list[str] = "sigmoid", beta: float = 0.1, ignore_index: int = -100,
-                 label_smoothing: float = 0.0, average_log_prob: bool = False, nll_weight: float = 0.0,
-                 use_ref_model: bool = True, **options):
+    def __init__(
+        self,
+        loss_type: str | list[str] = "sigmoid",
+        beta: float = 0.1,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        average_log_prob: bool = False,
+        nll_weight: float = 0.0,
+        use_ref_model: bool = True,
+        **options,
+    ):
         super().__init__()
         self.loss_type, self.beta, self.ignore_index = loss_type, beta, ignore_index
         self.label_smoothing, self.average_log_prob, self.nll_weight = label_smoothing, average_log_prob, nll_weight
@@ -98,20 +130,39 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise AlignopsError(f"ignore_index must be an int, got {ignore_index!r}")
         probe = torch.zeros(2, 1, 1)
-        fused_linear_preference_loss(probe, torch.zeros(1, 1), torch.zeros(2, 1, dtype=torch.long), loss_type=loss_type,
-                                     beta=beta, label_smoothing=label_smoothing, ignore_index=ignore_index,
-                                     average_log_prob=average_log_prob, nll_weight=nll_weight, **options)
+        fused_linear_preference_loss(
+            probe,
+            torch.zeros(1, 1),
+            torch.zeros(2, 1, dtype=torch.long),
+            loss_type=loss_type,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            average_log_prob=average_log_prob,
+            nll_weight=nll_weight,
+            **options,
+        )
 
-    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
-                **per_batch):
+    def forward(
+        self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None, **per_batch
+    ):
         from .fused_linear import fused_linear_preference_loss
 
         if self.use_ref_model and ref_input is not None:
             per_batch = {"ref_hidden": ref_input, "ref_weight": ref_weight, "ref_bias": ref_bias, **per_batch}
         return fused_linear_preference_loss(
-            _input, lin_weight, target, bias, loss_type=self.loss_type, beta=self.beta,
-            label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
-            average_log_prob=self.average_log_prob, nll_weight=self.nll_weight, **{**self.options, **per_batch})
+            _input,
+            lin_weight,
+            target,
+            bias,
+            loss_type=self.loss_type,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+            average_log_prob=self.average_log_prob,
+            nll_weight=self.nll_weight,
+            **{**self.options, **per_batch},
+        )
 
     def extra_repr(self) -> str:
         return f"loss_type={self.loss_type!r}, beta={self.beta}"
@@ -122,50 +173,98 @@ class _LigerFusedLinearLoss(FusedLinearPreferenceLoss):
 
     compute_nll_loss = True
 
-    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
-                **per_batch) -> LigerLossOutput:
+    def forward(
+        self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None, **per_batch
+    ) -> LigerLossOutput:
         B = _check_liger_input(_input)
         out = super().forward(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, **per_batch)
         chosen_mean, rejected_mean = _logits_means(_input, lin_weight, bias, B)
         nll = out.nll if self.compute_nll_loss else torch.zeros_like(out.nll)
-        return LigerLossOutput(out.loss, (out.chosen_logps, out.rejected_logps, chosen_mean, rejected_mean, nll,
-                                          out.chosen_rewards, out.rejected_rewards))
+        return LigerLossOutput(
+            out.loss,
+            (
+                out.chosen_logps,
+                out.rejected_logps,
+                chosen_mean,
+                rejected_mean,
+                nll,
+                out.chosen_rewards,
+                out.rejected_rewards,
+            ),
+        )
 
 
 class FusedLinearDPOLoss(_LigerFusedLinearLoss):
     """Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearDPOLoss`` (same constructor arguments;
     ``compiled`` and ``chunk_size`` are accepted and unused: nothing here recompiles per shape)."""
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, compute_nll_loss: bool = False,
-                 compiled: bool = True, use_ref_model: bool = True, average_log_prob: bool = False,
-                 chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 discopop_tau: float = 0.05):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        compute_nll_loss: bool = False,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        discopop_tau: float = 0.05,
+    ):
         check_finite(alpha, "alpha")  # the NLL weight, by Liger's name
-        super().__init__(loss_type, beta, ignore_index, label_smoothing, average_log_prob,
-                         alpha if compute_nll_loss else 0.0, use_ref_model, discopop_tau=discopop_tau)
+        super().__init__(
+            loss_type,
+            beta,
+            ignore_index,
+            label_smoothing,
+            average_log_prob,
+            alpha if compute_nll_loss else 0.0,
+            use_ref_model,
+            discopop_tau=discopop_tau,
+        )
         self.compute_nll_loss = compute_nll_loss
 
 
 class FusedLinearSimPOLoss(_LigerFusedLinearLoss):
     """Drop-in for ``LigerFusedLinearSimPOLoss``: reference-free, length-averaged log-probs, margin ``gamma``."""
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
-                 compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        gamma: float = 0.5,
+        chunk_size: int = 1,
+    ):
         check_finite(alpha, "alpha")  # the NLL weight, by Liger's name
-        super().__init__("simpo", beta, ignore_index, label_smoothing, True, alpha if compute_nll_loss else 0.0,
-                         False, gamma=gamma)
+        super().__init__(
+            "simpo", beta, ignore_index, label_smoothing, True, alpha if compute_nll_loss else 0.0, False, gamma=gamma
+        )
         self.compute_nll_loss = compute_nll_loss
 
 
 class FusedLinearCPOLoss(_LigerFusedLinearLoss):
     """Drop-in for ``LigerFusedLinearCPOLoss``: reference-free CPO plus ``alpha`` x NLL of the chosen tokens."""
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
-                 compute_nll_loss: bool = True, compiled: bool = True, average_log_prob: bool = False,
-                 chunk_size: int = 1):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+    ):
         check_finite(alpha, "alpha")  # the NLL weight, by Liger's name
-        super().__init__("cpo", beta, ignore_index, label_smoothing, average_log_prob,
-                         alpha if compute_nll_loss else 0.0, False)
+        super().__init__(
+            "cpo", beta, ignore_index, label_smoothing, average_log_prob, alpha if compute_nll_loss else 0.0, False
+        )
         self.compute_nll_loss = compute_nll_loss
 
 
@@ -176,8 +275,14 @@ class FusedLinearORPOLoss(torch.nn.Module):
     logits means, the chosen tokens' mean NLL (0 when ``compute_nll_loss=False``), rewards ``beta`` x mean logp
     [B], the batch means of ``log_odds_ratio`` and ``log_odds_chosen``)."""
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
-                 compiled: bool = True, chunk_size: int = 1):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        chunk_size: int = 1,
+    ):
         super().__init__()
         check_finite(beta, "beta")
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -189,18 +294,40 @@ class FusedLinearORPOLoss(torch.nn.Module):
         from .objectives import orpo_loss
 
         if _input.dim() >= 1 and _input.shape[0] % 2:
-            raise AlignopsError(f"_input must stack B chosen then B rejected rows ([2B, T, H]); got "
-                                f"{_input.shape[0]} rows")
+            raise AlignopsError(
+                f"_input must stack B chosen then B rejected rows ([2B, T, H]); got {_input.shape[0]} rows"
+            )
         seq = fused_linear_sequence_logprobs(_input, lin_weight, target, bias, ignore_index=self.ignore_index)
         B = _check_liger_input(_input)
-        out = orpo_loss(seq.sum[:B], seq.sum[B:], beta=self.beta, chosen_lengths=seq.num_tokens[:B],
-                        rejected_lengths=seq.num_tokens[B:], compute_nll=self.compute_nll_loss)
+        out = orpo_loss(
+            seq.sum[:B],
+            seq.sum[B:],
+            beta=self.beta,
+            chosen_lengths=seq.num_tokens[:B],
+            rejected_lengths=seq.num_tokens[B:],
+            compute_nll=self.compute_nll_loss,
+        )
         mean = seq.sum / seq.num_tokens.clamp(min=1)
         chosen_mean, rejected_mean = _logits_means(_input, lin_weight, bias, B)
-        nll = (-seq.sum[:B].sum() / seq.num_tokens[:B].sum().clamp(min=1) if self.compute_nll_loss
-               else out.loss.new_zeros(()))
-        return LigerLossOutput(out.loss, (mean[:B], mean[B:], chosen_mean, rejected_mean, nll, out.chosen_rewards,
-                                          out.rejected_rewards, out.log_odds_ratio.mean(), out.log_odds_chosen.mean()))
+        nll = (
+            -seq.sum[:B].sum() / seq.num_tokens[:B].sum().clamp(min=1)
+            if self.compute_nll_loss
+            else out.loss.new_zeros(())
+        )
+        return LigerLossOutput(
+            out.loss,
+            (
+                mean[:B],
+                mean[B:],
+                chosen_mean,
+                rejected_mean,
+                nll,
+                out.chosen_rewards,
+                out.rejected_rewards,
+                out.log_odds_ratio.mean(),
+                out.log_odds_chosen.mean(),
+            ),
+        )
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):
@@ -211,39 +338,92 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     nothing to compile and no chunk: the kernel walks the vocabulary); ``use_ref_model=False`` ignores the
     reference inputs. Keyword arguments beyond Liger's go to :func:`alignops.fused_linear_policy_loss`."""
 
-    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
-                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
-                 max_completion_length: int | None = None, importance_sampling_level: str = "token",
-                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
-                 delta: float | None = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
-                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
-                 **options):
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: int | None = None,
+        importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        temperature: float = 1.0,
+        delta: float | None = None,
+        use_bias_correction_kl: bool = False,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+        **options,
+    ):
         super().__init__()
         check_finite(beta, "beta")
         self.use_ref_model, self.temperature = use_ref_model, temperature
-        self.options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
-                            max_completion_length=max_completion_length,
-                            importance_sampling_level=importance_sampling_level,
-                            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-                            delta=delta, use_bias_correction_kl=use_bias_correction_kl, vespo_k_pos=vespo_k_pos,
-                            vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-                            vespo_lambda_neg=vespo_lambda_neg, **options)
+        self.options = dict(
+            beta=beta,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            loss_type=loss_type,
+            max_completion_length=max_completion_length,
+            importance_sampling_level=importance_sampling_level,
+            sapo_temperature_pos=sapo_temperature_pos,
+            sapo_temperature_neg=sapo_temperature_neg,
+            delta=delta,
+            use_bias_correction_kl=use_bias_correction_kl,
+            vespo_k_pos=vespo_k_pos,
+            vespo_lambda_pos=vespo_lambda_pos,
+            vespo_k_neg=vespo_k_neg,
+            vespo_lambda_neg=vespo_lambda_neg,
+            **options,
+        )
 
-    def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
-                ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
-                vllm_is_ratio=None, num_items_in_batch=None):
+    def forward(
+        self,
+        _input,
+        lin_weight,
+        selected_token_ids,
+        attention_mask,
+        advantages,
+        bias=None,
+        ref_per_token_logps=None,
+        old_per_token_logps=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        vllm_is_ratio=None,
+        num_items_in_batch=None,
+    ):
         from .fused_linear_policy import fused_linear_policy_loss
 
-        ref = dict(ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias,
-                   ref_per_token_logps=ref_per_token_logps) if self.use_ref_model else {}
+        ref = (
+            dict(
+                ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias, ref_per_token_logps=ref_per_token_logps
+            )
+            if self.use_ref_model
+            else {}
+        )
         options = self.options
         if options["beta"] == 0.0 or not any(v is not None for k, v in ref.items() if k != "ref_weight"):
             # Liger: without a reference the KL is taken to the policy itself, i.e. 0
             ref, options = {}, {**options, "beta": 0.0}
-        out = fused_linear_policy_loss(_input, lin_weight, selected_token_ids, advantages, attention_mask, bias=bias,
-                                       old_per_token_logps=old_per_token_logps, temperature=self.temperature,
-                                       importance_sampling_ratio=vllm_is_ratio, num_items_in_batch=num_items_in_batch,
-                                       **ref, **options)
+        out = fused_linear_policy_loss(
+            _input,
+            lin_weight,
+            selected_token_ids,
+            advantages,
+            attention_mask,
+            bias=bias,
+            old_per_token_logps=old_per_token_logps,
+            temperature=self.temperature,
+            importance_sampling_ratio=vllm_is_ratio,
+            num_items_in_batch=num_items_in_batch,
+            **ref,
+            **options,
+        )
         if self.options["beta"] == 0.0:
             metrics = []
         else:

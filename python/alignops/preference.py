@@ -21,8 +21,12 @@ from .reference import preference as _ref
 # "aot" and "aot_unpaired" run as LossType.AOT on inputs sorted here; "ln_dpo" (length-normalised DPO) is
 # TRL's "sigmoid_norm".
 _ALIASES = {"ln_dpo": LossType.SIGMOID_NORM}
-_CODES = {name: code for code in LossType if code is not LossType.AOT
-          for name in (lower_name(code), *(a for a, c in _ALIASES.items() if c is code))}
+_CODES = {
+    name: code
+    for code in LossType
+    if code is not LossType.AOT
+    for name in (lower_name(code), *(a for a, c in _ALIASES.items() if c is code))
+}
 _SORTED_TYPES = ("aot", "aot_unpaired")
 LOSS_TYPES = tuple(_CODES) + _SORTED_TYPES
 _F_DIVERGENCE_CODES = {lower_name(code): code for code in FDivergence}
@@ -59,24 +63,38 @@ def _check_logps(name: str, t: torch.Tensor, like: torch.Tensor | None) -> None:
         raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
     if like is not None:
         if t.shape != like.shape:
-            raise AlignopsError(f"{name} must have the shape of policy_chosen_logps {tuple(like.shape)}, "
-                                f"got {tuple(t.shape)}")
+            raise AlignopsError(
+                f"{name} must have the shape of policy_chosen_logps {tuple(like.shape)}, got {tuple(t.shape)}"
+            )
         if t.dtype != like.dtype:
             raise AlignopsError(f"{name} must have the dtype of policy_chosen_logps ({like.dtype}), got {t.dtype}")
         if t.device != like.device:
             raise AlignopsError(f"{name} must be on the device of policy_chosen_logps ({like.device}), got {t.device}")
 
 
-def _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
-                     gamma, reduction, chosen_lengths, rejected_lengths, pc):
+def _check_loss_args(
+    types,
+    weights,
+    beta,
+    label_smoothing,
+    f_divergence_type,
+    f_alpha_divergence_coef,
+    discopop_tau,
+    gamma,
+    reduction,
+    chosen_lengths,
+    rejected_lengths,
+    pc,
+):
     for t in types:
         if t not in LOSS_TYPES:
             raise AlignopsError(f"unknown loss_type {t!r}; valid loss types: {', '.join(LOSS_TYPES)}")
     if len(types) == 0:
         raise AlignopsError("loss_type must name at least one loss type")
     if len(weights) != len(types):
-        raise AlignopsError(f"loss_weights must have one weight per loss type: got {len(weights)} weights "
-                            f"for {len(types)} loss types")
+        raise AlignopsError(
+            f"loss_weights must have one weight per loss type: got {len(weights)} weights for {len(types)} loss types"
+        )
     for i, w in enumerate(weights):
         if not math.isfinite(w):
             raise AlignopsError(f"loss_weights must be finite, got loss_weights[{i}] = {w}")
@@ -92,8 +110,10 @@ def _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, f
                 i = int(bad.nonzero()[0, 0])
                 raise AlignopsError(f"beta must be > 0 and finite for every pair, got beta[{i}] = {beta[i].item()}")
         if any(t in _SORTED_TYPES for t in types):
-            raise AlignopsError("a per-pair beta tensor is not defined for aot / aot_unpaired (they pair sorted "
-                                "ratios across the batch); pass a float beta")
+            raise AlignopsError(
+                "a per-pair beta tensor is not defined for aot / aot_unpaired (they pair sorted "
+                "ratios across the batch); pass a float beta"
+            )
     elif not (beta > 0 and math.isfinite(beta)):
         raise AlignopsError(f"beta must be > 0 and finite, got {beta}")
     if not 0.0 <= label_smoothing < 1.0:
@@ -103,13 +123,16 @@ def _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, f
     if "exo_pair" in types and label_smoothing == 0.0:
         raise AlignopsError("label_smoothing must be > 0 for loss_type='exo_pair' (the EXO paper uses 1e-3)")
     if f_divergence_type not in _F_DIVERGENCE_CODES:
-        raise AlignopsError(f"f_divergence_type must be one of {', '.join(_F_DIVERGENCE_CODES)}, "
-                            f"got {f_divergence_type!r}")
+        raise AlignopsError(
+            f"f_divergence_type must be one of {', '.join(_F_DIVERGENCE_CODES)}, got {f_divergence_type!r}"
+        )
     if f_divergence_type != "reverse_kl":
         unsupported = sorted(set(types) - _F_DIVERGENCE_TYPES)
         if unsupported:
-            raise AlignopsError(f"f_divergence_type={f_divergence_type!r} applies only to loss types "
-                                f"{sorted(_F_DIVERGENCE_TYPES)}; got {unsupported}")
+            raise AlignopsError(
+                f"f_divergence_type={f_divergence_type!r} applies only to loss types "
+                f"{sorted(_F_DIVERGENCE_TYPES)}; got {unsupported}"
+            )
     if not (discopop_tau > 0 and math.isfinite(discopop_tau)):
         raise AlignopsError(f"discopop_tau must be a finite value > 0, got {discopop_tau}")
     check_finite(f_alpha_divergence_coef, "f_alpha_divergence_coef")
@@ -121,11 +144,14 @@ def _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, f
             if lengths.shape != pc.shape:
                 raise AlignopsError(f"{name} must have shape [B] = {tuple(pc.shape)}, got {tuple(lengths.shape)}")
             if lengths.device != pc.device:
-                raise AlignopsError(f"{name} must be on the device of policy_chosen_logps ({pc.device}), "
-                                    f"got {lengths.device}")
+                raise AlignopsError(
+                    f"{name} must be on the device of policy_chosen_logps ({pc.device}), got {lengths.device}"
+                )
     if _NEEDS_LENGTHS & set(types) and (chosen_lengths is None or rejected_lengths is None):
-        raise AlignopsError(f"loss_type {sorted(_NEEDS_LENGTHS & set(types))[0]!r} normalises by completion length: "
-                            "pass chosen_lengths and rejected_lengths")
+        raise AlignopsError(
+            f"loss_type {sorted(_NEEDS_LENGTHS & set(types))[0]!r} normalises by completion length: "
+            "pass chosen_lengths and rejected_lengths"
+        )
 
 
 def _sort_pairs(t: str, pc, pr, rc, rr):
@@ -221,16 +247,40 @@ def preference_loss(
         _check_logps("ref_rejected_logps", ref_rejected_logps, pc)
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
-    _check_loss_args(types, weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
-                     gamma, reduction, chosen_lengths, rejected_lengths, pc)
+    _check_loss_args(
+        types,
+        weights,
+        beta,
+        label_smoothing,
+        f_divergence_type,
+        f_alpha_divergence_coef,
+        discopop_tau,
+        gamma,
+        reduction,
+        chosen_lengths,
+        rejected_lengths,
+        pc,
+    )
     impl = _backend.resolve(backend, pc.device, "preference_loss")
 
     if impl == "torch":
         loss, cr, rj = _ref.preference_loss(
-            pc, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, types, beta, label_smoothing,
-            loss_weights=weights, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-            discopop_tau=discopop_tau, gamma=gamma, reduction=reduction)
+            pc,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            types,
+            beta,
+            label_smoothing,
+            loss_weights=weights,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            discopop_tau=discopop_tau,
+            gamma=gamma,
+            reduction=reduction,
+        )
         return PreferenceLossOutput(loss, cr, rj)
 
     op = torch.ops.alignops.preference_loss if impl == "native" else torch.ops.alignops.preference_loss_triton
@@ -244,12 +294,24 @@ def preference_loss(
     common = (label_smoothing, gamma, discopop_tau, fdiv, f_alpha_divergence_coef, compute_grad)
 
     direct = [(int(_CODES[t]), w) for t, w in zip(types, weights) if t not in _SORTED_TYPES]
-    loss, cr, rj, _ = op(pc, pr, rc, rr, beta_t, chosen_lengths, rejected_lengths,
-                         [c for c, _ in direct], [w for _, w in direct], beta_v, *common)
+    loss, cr, rj, _ = op(
+        pc,
+        pr,
+        rc,
+        rr,
+        beta_t,
+        chosen_lengths,
+        rejected_lengths,
+        [c for c, _ in direct],
+        [w for _, w in direct],
+        beta_v,
+        *common,
+    )
     for t, w in zip(types, weights):
         if t in _SORTED_TYPES:
-            sorted_loss = op(*_sort_pairs(t, pc, pr, rc, rr), None, None, None, [int(LossType.AOT)], [w], beta_v,
-                             *common)[0]
+            sorted_loss = op(
+                *_sort_pairs(t, pc, pr, rc, rr), None, None, None, [int(LossType.AOT)], [w], beta_v, *common
+            )[0]
             loss = loss + sorted_loss
     if reduction == "mean":
         loss = loss.mean()
@@ -268,13 +330,22 @@ def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int)
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
-        raise AlignopsError(f"targets[{first}] = {int(targets[first])} is out of range: targets must lie in "
-                            f"[0, {vocab}) or equal ignore_index")
+        raise AlignopsError(
+            f"targets[{first}] = {int(targets[first])} is out of range: targets must lie in "
+            f"[0, {vocab}) or equal ignore_index"
+        )
 
 
 @keyword_only("ignore_index", "temperature")
-def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
-                       temperature: float = 1.0, backend: str = "auto", check_values: bool = True) -> torch.Tensor:
+def selective_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    check_values: bool = True,
+) -> torch.Tensor:
     r"""Per-row ``log softmax(logits / T)[target]`` without materialising ``log_softmax``.
 
     ``logits`` [N, V] (fp32, fp64, bf16 or fp16), ``targets`` [N] int64/int32 -> [N] log-probs in fp32
@@ -307,9 +378,17 @@ class SequenceLogprobs(NamedTuple):
     per_token: torch.Tensor
 
 
-def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion_mask: torch.Tensor | None = None,
-                      cu_seqlens: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
-                      backend: str = "auto", check_values: bool = True) -> SequenceLogprobs:
+def sequence_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    completion_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    check_values: bool = True,
+) -> SequenceLogprobs:
     r"""Per-sequence log-probs ``sum_t log p(y_t)`` over completion tokens, their mean and count.
 
     Two layouts, with logits already aligned to their targets (shifted by one, as TRL does):
@@ -333,24 +412,38 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, completion
         keep = targets != ignore_index
         if completion_mask is not None:
             if completion_mask.shape != (B, T):
-                raise AlignopsError(f"completion_mask must have shape [B, T] = {(B, T)}, "
-                                    f"got {tuple(completion_mask.shape)}")
+                raise AlignopsError(
+                    f"completion_mask must have shape [B, T] = {(B, T)}, got {tuple(completion_mask.shape)}"
+                )
             keep = keep & completion_mask.bool()
         flat_targets = torch.where(keep, targets, torch.full_like(targets, ignore_index)).reshape(B * T)
-        per_token = selective_logprobs(logits.reshape(B * T, V), flat_targets, ignore_index=ignore_index,
-                                       temperature=temperature, backend=backend,
-                                       check_values=check_values).reshape(B, T)
+        per_token = selective_logprobs(
+            logits.reshape(B * T, V),
+            flat_targets,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            backend=backend,
+            check_values=check_values,
+        ).reshape(B, T)
         total = per_token.sum(-1)
         count = keep.sum(-1)
     elif logits.dim() == 2:
         if cu_seqlens is None:
             raise AlignopsError("packed [N, V] logits need cu_seqlens [S+1]; padded logits are [B, T, V]")
         if completion_mask is not None:
-            raise AlignopsError("completion_mask is for padded [B, T, V] logits; for packed logits set the "
-                                "targets of non-completion tokens to ignore_index")
+            raise AlignopsError(
+                "completion_mask is for padded [B, T, V] logits; for packed logits set the "
+                "targets of non-completion tokens to ignore_index"
+            )
         check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device, check_values)
-        per_token = selective_logprobs(logits, targets, ignore_index=ignore_index, temperature=temperature,
-                                       backend=backend, check_values=check_values)
+        per_token = selective_logprobs(
+            logits,
+            targets,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            backend=backend,
+            check_values=check_values,
+        )
         total = segment_sums(per_token, cu_seqlens)
         count = segment_sums((targets != ignore_index).long(), cu_seqlens)
     else:
@@ -380,5 +473,6 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int, device: torch.device, che
         raise AlignopsError(f"cu_seqlens must be on the device of logits ({device}), got {cu_seqlens.device}")
     if check_values and cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise AlignopsError(f"cu_seqlens must start at 0, end at N={n} and be non-decreasing, "
-                                f"got {cu_seqlens.tolist()[:8]}...")
+            raise AlignopsError(
+                f"cu_seqlens must start at 0, end at N={n} and be non-decreasing, got {cu_seqlens.tolist()[:8]}..."
+            )

@@ -41,20 +41,23 @@ def bt_transform(rewards: torch.Tensor, reference_rewards: torch.Tensor) -> torc
     try:
         torch.broadcast_shapes(r.shape, ref.shape)
     except RuntimeError:
-        raise AlignopsError(f"reference_rewards {list(ref.shape)} must broadcast against rewards "
-                            f"{list(r.shape)}") from None
+        raise AlignopsError(
+            f"reference_rewards {list(ref.shape)} must broadcast against rewards {list(r.shape)}"
+        ) from None
     return F.logsigmoid(r - ref)
 
 
-def combine_rewards(rewards: torch.Tensor, reference_rewards: torch.Tensor,
-                    weights: torch.Tensor | None = None) -> torch.Tensor:
+def combine_rewards(
+    rewards: torch.Tensor, reference_rewards: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     r""":math:`\sum_k w_k \log\sigma(r_k - r_{ref,k})` over the last dimension (the properties, e.g. helpful and
     harmless); weights [K] default to 1 (the log-probability that the output is good in every property)."""
     u = bt_transform(rewards, reference_rewards)
     if weights is not None:
         if weights.shape != (u.shape[-1],):
-            raise AlignopsError(f"weights must have shape [K] = [{u.shape[-1]}] (one per property), "
-                                f"got {list(weights.shape)}")
+            raise AlignopsError(
+                f"weights must have shape [K] = [{u.shape[-1]}] (one per property), got {list(weights.shape)}"
+            )
         u = u * weights
     return u.sum(-1)
 
@@ -67,8 +70,10 @@ def calibrate(rewards: torch.Tensor, reference_rewards: torch.Tensor) -> torch.T
     rewards (a NaN has no rank). Raises ValueError for mismatched leading shapes or M = 0."""
     r, ref = _tensor(rewards, "rewards"), _tensor(reference_rewards, "reference_rewards")
     if r.dim() == 0 or ref.dim() == 0 or r.shape[:-1] != ref.shape[:-1]:
-        raise AlignopsError(f"rewards [..., K] and reference_rewards [..., M] must share their leading shape, got "
-                            f"{list(r.shape)} and {list(ref.shape)}")
+        raise AlignopsError(
+            f"rewards [..., K] and reference_rewards [..., M] must share their leading shape, got "
+            f"{list(r.shape)} and {list(ref.shape)}"
+        )
     if ref.shape[-1] == 0:
         raise AlignopsError("reference_rewards must hold M >= 1 reference samples per prompt")
     dtype = torch.float64 if torch.float64 in (r.dtype, ref.dtype) else torch.float32
@@ -119,8 +124,13 @@ def worst_of_n(rewards: torch.Tensor) -> Selection:
     return Selection(r.gather(-1, idx[..., None])[..., 0], idx)
 
 
-def weighted_majority_vote(answers: torch.Tensor, weights: torch.Tensor | None = None,
-                           num_classes: int | None = None, *, check_values: bool = True) -> Selection:
+def weighted_majority_vote(
+    answers: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    *,
+    check_values: bool = True,
+) -> Selection:
     """Weighted majority vote over n answers per row: answers [..., n] int labels in [0, num_classes), weights
     [..., n] (e.g. reward-model scores or probabilities; default 1 = plain majority). Returns (total weight of
     the winner, winning label); ties go to the smallest label. ``num_classes`` defaults to max + 1 (one host
@@ -139,8 +149,10 @@ def weighted_majority_vote(answers: torch.Tensor, weights: torch.Tensor | None =
     check_same_device([("answers", a), ("weights", w)])
     if num_classes is None:
         if a.numel() == 0:
-            raise AlignopsError(f"answers is empty (shape {list(a.shape)}): pass num_classes to vote on an empty "
-                                "batch (the default, max + 1, needs at least one answer)")
+            raise AlignopsError(
+                f"answers is empty (shape {list(a.shape)}): pass num_classes to vote on an empty "
+                "batch (the default, max + 1, needs at least one answer)"
+            )
         num_classes = int(a.max()) + 1
     if check_values and a.numel() and (int(a.min()) < 0 or int(a.max()) >= num_classes):
         raise AlignopsError(f"answers must be labels in [0, num_classes) = [0, {num_classes})")

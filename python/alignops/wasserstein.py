@@ -41,8 +41,15 @@ def _check_weights(w: torch.Tensor | None, x: torch.Tensor, name: str, xname: st
     _check_sample(w, name, x)
 
 
-def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, u_weights: torch.Tensor | None = None,
-                   v_weights: torch.Tensor | None = None, p: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+def wasserstein_1d(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    u_weights: torch.Tensor | None = None,
+    v_weights: torch.Tensor | None = None,
+    p: float = 1.0,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
     r"""p-th power of the p-Wasserstein distance between 1-D empirical measures, batched and differentiable.
 
     .. math:: W_p^p(\mu, \nu) = \int_0^1 |F_\mu^{-1}(q) - F_\nu^{-1}(q)|^p \, dq
@@ -84,8 +91,9 @@ def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, u_weights: torch.Tensor | N
     try:
         lead = torch.broadcast_shapes(u.shape[:-1], v.shape[:-1])
     except RuntimeError as e:
-        raise AlignopsError(f"the leading (batch) dimensions of u {list(u.shape)} and v {list(v.shape)} must "
-                            "broadcast") from e
+        raise AlignopsError(
+            f"the leading (batch) dimensions of u {list(u.shape)} and v {list(v.shape)} must broadcast"
+        ) from e
     impl = _backend.resolve(backend, u.device, "wasserstein_1d", native_cuda=False)
     if impl == "torch":
         u, v = u.expand(*lead, u.shape[-1]), v.expand(*lead, v.shape[-1])
@@ -102,8 +110,9 @@ def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, u_weights: torch.Tensor | N
     return out.reshape(lead)
 
 
-def random_projections(d: int, n_projections: int, seed: int | None = None, *, dtype=torch.float32,
-                       device=None) -> torch.Tensor:
+def random_projections(
+    d: int, n_projections: int, seed: int | None = None, *, dtype=torch.float32, device=None
+) -> torch.Tensor:
     """[d, n_projections] directions uniform on the sphere (normalised Gaussians), from ``torch.Generator(seed)``."""
     gen = torch.Generator(device="cpu")
     if seed is None:
@@ -115,9 +124,18 @@ def random_projections(d: int, n_projections: int, seed: int | None = None, *, d
 
 
 @keyword_only("n_projections", "seed")
-def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, *, n_projections: int = 50, seed: int | None = None,
-                       projections: torch.Tensor | None = None, p: float = 2.0, a: torch.Tensor | None = None,
-                       b: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+def sliced_wasserstein(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    *,
+    n_projections: int = 50,
+    seed: int | None = None,
+    projections: torch.Tensor | None = None,
+    p: float = 2.0,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     r"""Sliced p-Wasserstein distance, POT's ``ot.sliced_wasserstein_distance`` convention.
 
     .. math:: SW_p(X, Y) = \Big(\frac{1}{L} \sum_{l=1}^{L} W_p^p(X\theta_l, Y\theta_l)\Big)^{1/p}
@@ -149,8 +167,9 @@ def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, *, n_projections: int =
         raise AlignopsError(f"projections must have shape [d, L] with d = {d}, got {list(projections.shape)}")
     for name, t in (("Y", Y), ("projections", projections)):
         if t.dtype != X.dtype or t.device != X.device:
-            raise AlignopsError(f"{name} must have the dtype and device of X ({X.dtype}, {X.device}), got "
-                                f"{t.dtype}, {t.device}")
+            raise AlignopsError(
+                f"{name} must have the dtype and device of X ({X.dtype}, {X.device}), got {t.dtype}, {t.device}"
+            )
     xp = (X @ projections).transpose(-1, -2)  # [..., L, n]
     yp = (Y @ projections).transpose(-1, -2)
     aw = None if a is None else a.unsqueeze(-2).expand_as(xp)
@@ -183,8 +202,9 @@ def gaussian_w2(mu1: torch.Tensor, S1: torch.Tensor, mu2: torch.Tensor, S2: torc
     check_same_device([("mu1", mu1), ("S1", S1), ("mu2", mu2), ("S2", S2)])
     d = mu1.shape[-1] if mu1.dim() >= 1 else -1
     if d < 0 or mu2.shape[-1:] != mu1.shape[-1:]:
-        raise AlignopsError(f"mu1 and mu2 must have shape [..., d] with the same d, got {list(mu1.shape)} and "
-                            f"{list(mu2.shape)}")
+        raise AlignopsError(
+            f"mu1 and mu2 must have shape [..., d] with the same d, got {list(mu1.shape)} and {list(mu2.shape)}"
+        )
     for name, S in (("S1", S1), ("S2", S2)):
         if S.dim() < 2 or S.shape[-2:] != (d, d):
             raise AlignopsError(f"{name} must have shape [..., d, d] with d = {d}, got {list(S.shape)}")
@@ -194,8 +214,10 @@ def gaussian_w2(mu1: torch.Tensor, S1: torch.Tensor, mu2: torch.Tensor, S2: torc
             lowest = lam[..., 0]
             bad = lowest < -1000 * d * torch.finfo(S.dtype).eps * scale
             if bool(bad.any()):
-                raise AlignopsError(f"{name} must be positive semi-definite (a covariance), got an eigenvalue "
-                                    f"{lowest[bad][0].item():.6g}")
+                raise AlignopsError(
+                    f"{name} must be positive semi-definite (a covariance), got an eigenvalue "
+                    f"{lowest[bad][0].item():.6g}"
+                )
     r1 = psd_sqrt(S1)
     M = r1 @ (0.5 * (S2 + S2.transpose(-1, -2))) @ r1
     mu_eig = torch.linalg.eigvalsh(0.5 * (M + M.transpose(-1, -2)))

@@ -62,12 +62,21 @@ def _check_torch_args(logits, context):
     if not logits.is_floating_point():
         raise AlignopsError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
     if context.dim() != 2 or context.shape[0] != logits.shape[0] or context.dtype not in (torch.int64, torch.int32):
-        raise AlignopsError(f"context must be an int64/int32 tensor of shape [B, h] with B = {logits.shape[0]}, "
-                            f"got {context.dtype} {list(context.shape)}")
+        raise AlignopsError(
+            f"context must be an int64/int32 tensor of shape [B, h] with B = {logits.shape[0]}, "
+            f"got {context.dtype} {list(context.shape)}"
+        )
 
 
-def kgw_process(logits: torch.Tensor, context: torch.Tensor, key: int, *, gamma: float = 0.25, delta: float = 2.0,
-                backend: str = "auto") -> torch.Tensor:
+def kgw_process(
+    logits: torch.Tensor,
+    context: torch.Tensor,
+    key: int,
+    *,
+    gamma: float = 0.25,
+    delta: float = 2.0,
+    backend: str = "auto",
+) -> torch.Tensor:
     """KGW logits processor: ``logits + delta * green`` with ``green[b, v]`` iff
     ``combine(state(key, context[b]), v) < floor(gamma * 2^32)``.
 
@@ -86,8 +95,15 @@ def kgw_process(logits: torch.Tensor, context: torch.Tensor, key: int, *, gamma:
     return op(logits, context, key, float(gamma), float(delta))
 
 
-def kgw_greedy(logits: torch.Tensor, context: torch.Tensor, key: int, *, gamma: float = 0.25, delta: float = 2.0,
-               backend: str = "auto") -> torch.Tensor:
+def kgw_greedy(
+    logits: torch.Tensor,
+    context: torch.Tensor,
+    key: int,
+    *,
+    gamma: float = 0.25,
+    delta: float = 2.0,
+    backend: str = "auto",
+) -> torch.Tensor:
     """int64 [B]: first argmax of :func:`kgw_process`'s logits (scored in fp32), fused: the processed logits
     are never written. NaN follows torch.argmax: a row holding NaN gives the index of its first NaN. Same
     arguments, backends and errors as :func:`kgw_process`."""
@@ -102,8 +118,9 @@ def kgw_greedy(logits: torch.Tensor, context: torch.Tensor, key: int, *, gamma: 
     return op(logits, context, key, float(gamma), float(delta))
 
 
-def gumbel_sample(logits: torch.Tensor, context: torch.Tensor, key: int, *, temperature: float = 1.0,
-                  backend: str = "auto") -> torch.Tensor:
+def gumbel_sample(
+    logits: torch.Tensor, context: torch.Tensor, key: int, *, temperature: float = 1.0, backend: str = "auto"
+) -> torch.Tensor:
     """Gumbel (Aaronson) watermarked sampling, int64 [B]: ``argmax_v u_v^(1 / p_v)`` with p = softmax(logits / T),
     computed as ``argmax_v logits_v * (1 / T) - log(-log u_v)`` in fp32 in one pass (see the module docstring
     for the derivation). As in torch.argmax, a row holding a NaN logit gives the index of its first NaN.
@@ -130,8 +147,9 @@ class KGWLogitsProcessor:
     """A HuggingFace-style logits processor: ``processor(input_ids [B, L], scores [B, V]) -> scores`` with the
     last ``context_width`` tokens of input_ids as context (L >= context_width)."""
 
-    def __init__(self, key: int, gamma: float = 0.25, delta: float = 2.0, context_width: int = 1,
-                 backend: str = "auto"):
+    def __init__(
+        self, key: int, gamma: float = 0.25, delta: float = 2.0, context_width: int = 1, backend: str = "auto"
+    ):
         _check_key(key)
         _ref_threshold(gamma, delta)
         if context_width < 0:
@@ -140,9 +158,10 @@ class KGWLogitsProcessor:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] < self.h:
-            raise AlignopsError(f"input_ids must hold at least context_width = {self.h} tokens, "
-                                f"got {input_ids.shape[-1]}")
-        context = input_ids[:, input_ids.shape[-1] - self.h:]
+            raise AlignopsError(
+                f"input_ids must hold at least context_width = {self.h} tokens, got {input_ids.shape[-1]}"
+            )
+        context = input_ids[:, input_ids.shape[-1] - self.h :]
         return kgw_process(scores, context, self.key, gamma=self.gamma, delta=self.delta, backend=self.backend)
 
 
@@ -169,13 +188,16 @@ def _first_occurrences(state: torch.Tensor, token: torch.Tensor, scored: torch.T
     return scored & ~torch.empty_like(repeat).scatter_(-1, order, repeat)
 
 
-def _scored_words(tokens: torch.Tensor, key: int, salt: int, context_width: int,
-                  mask: torch.Tensor | None, ignore_repeated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _scored_words(
+    tokens: torch.Tensor, key: int, salt: int, context_width: int, mask: torch.Tensor | None, ignore_repeated: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(words [B, T - h] of tokens t >= h under their h-token context, bool mask of the scored ones)."""
     _check_key(key)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise AlignopsError(f"tokens must be an int64/int32 tensor of shape [B, T], got "
-                            f"{getattr(tokens, 'dtype', type(tokens).__name__)} {list(getattr(tokens, 'shape', ()))}")
+        raise AlignopsError(
+            f"tokens must be an int64/int32 tensor of shape [B, T], got "
+            f"{getattr(tokens, 'dtype', type(tokens).__name__)} {list(getattr(tokens, 'shape', ()))}"
+        )
     if not isinstance(context_width, int) or context_width < 0:
         raise AlignopsError(f"context_width must be an int >= 0, got {context_width!r}")
     B, T = tokens.shape
@@ -184,18 +206,25 @@ def _scored_words(tokens: torch.Tensor, key: int, salt: int, context_width: int,
     h = context_width
     n = max(T - h, 0)
     t = tokens.long()
-    windows = torch.stack([t[:, j:j + n] for j in range(h)], dim=-1) if h else t.new_empty(B, n, 0)
+    windows = torch.stack([t[:, j : j + n] for j in range(h)], dim=-1) if h else t.new_empty(B, n, 0)
     state = _ref.row_states(windows, salt, key)
-    token = t[:, h:h + n] & _hash.MASK32
+    token = t[:, h : h + n] & _hash.MASK32
     words = _hash.combine(state, token)
-    scored = torch.ones(B, n, dtype=torch.bool, device=tokens.device) if mask is None else mask[:, h:h + n]
+    scored = torch.ones(B, n, dtype=torch.bool, device=tokens.device) if mask is None else mask[:, h : h + n]
     if ignore_repeated:
         scored = _first_occurrences(state, token, scored)
     return words, scored
 
 
-def kgw_detect(tokens: torch.Tensor, key: int, *, gamma: float = 0.25, context_width: int = 1,
-               mask: torch.Tensor | None = None, ignore_repeated: bool = False) -> Detection:
+def kgw_detect(
+    tokens: torch.Tensor,
+    key: int,
+    *,
+    gamma: float = 0.25,
+    context_width: int = 1,
+    mask: torch.Tensor | None = None,
+    ignore_repeated: bool = False,
+) -> Detection:
     r"""KGW detector on token ids [B, T]: tokens t >= h (``context_width``) are scored under their previous h
     tokens; ``mask`` [B, T] (bool) drops tokens (padding, prompt); ``ignore_repeated`` scores each
     (context, token) pair once per row (repeated n-grams would otherwise count again). G green of n scored:
@@ -213,8 +242,14 @@ def kgw_detect(tokens: torch.Tensor, key: int, *, gamma: float = 0.25, context_w
     return Detection(z, p, g, n)
 
 
-def gumbel_detect(tokens: torch.Tensor, key: int, *, context_width: int = 1, mask: torch.Tensor | None = None,
-                  ignore_repeated: bool = False) -> Detection:
+def gumbel_detect(
+    tokens: torch.Tensor,
+    key: int,
+    *,
+    context_width: int = 1,
+    mask: torch.Tensor | None = None,
+    ignore_repeated: bool = False,
+) -> Detection:
     r"""Gumbel (Aaronson) detector on token ids [B, T]: :math:`S = \sum_t -\log(1 - u_t)` over the scored
     tokens (as :func:`kgw_detect`, with its ``mask`` and ``ignore_repeated``: deterministic Gumbel decoding
     repeats n-grams, whose repeats carry no new evidence), Gamma(n, 1) without the watermark:
@@ -246,7 +281,9 @@ def alignment_resampling(candidates: torch.Tensor, rewards: torch.Tensor) -> Res
 
     check_same_device([("candidates", candidates), ("rewards", rewards)])
     if candidates.dim() < 2 or candidates.shape[:2] != rewards.shape:
-        raise AlignopsError(f"candidates must have shape [B, n, ...] matching rewards [B, n] = {list(rewards.shape)}, "
-                            f"got {list(candidates.shape)}")
+        raise AlignopsError(
+            f"candidates must have shape [B, n, ...] matching rewards [B, n] = {list(rewards.shape)}, "
+            f"got {list(candidates.shape)}"
+        )
     idx = best_of_n(rewards).indices
     return Resampled(candidates[torch.arange(candidates.shape[0], device=candidates.device), idx], idx)

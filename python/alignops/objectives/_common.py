@@ -76,8 +76,11 @@ def _values_checkable(t: torch.Tensor) -> bool:
 
 
 def _acc_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors) \
+    return (
+        torch.float64
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors)
         else torch.float32
+    )
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -134,5 +137,6 @@ def _accuracy(self) -> torch.Tensor:
 
 def _unpaired_margins(self) -> torch.Tensor:
     """Mean reward of the desirable samples minus that of the undesirable ones (this batch; 0 when empty)."""
-    return (self.chosen_rewards_sum / self.num_chosen.clamp(min=1)
-            - self.rejected_rewards_sum / self.num_rejected.clamp(min=1))
+    return self.chosen_rewards_sum / self.num_chosen.clamp(min=1) - self.rejected_rewards_sum / self.num_rejected.clamp(
+        min=1
+    )

@@ -56,8 +56,9 @@ def diffusion_dpo_loss(
     ref_diff = ref_mse_w.to(acc) - ref_mse_l.to(acc)
     inside = -0.5 * beta * (model_diff - ref_diff)
     loss = _reduce(-F.logsigmoid(inside), reduction)
-    return DiffusionDPOLossOutput(loss, inside.detach(), (inside > 0).to(acc).detach(), model_diff.detach(),
-                                  ref_diff.detach())
+    return DiffusionDPOLossOutput(
+        loss, inside.detach(), (inside > 0).to(acc).detach(), model_diff.detach(), ref_diff.detach()
+    )
 
 
 class DROLossOutput(NamedTuple):

@@ -48,8 +48,12 @@ def _global_mean(x: torch.Tensor, process_group) -> torch.Tensor:
 
 def _unpaired_stats(rewards: torch.Tensor, desirable: torch.Tensor):
     zero = torch.zeros_like(rewards)
-    return (torch.where(desirable, rewards, zero).sum(), torch.where(desirable, zero, rewards).sum(),
-            desirable.sum(), (~desirable).sum())
+    return (
+        torch.where(desirable, rewards, zero).sum(),
+        torch.where(desirable, zero, rewards).sum(),
+        desirable.sum(),
+        (~desirable).sum(),
+    )
 
 
 def kto_loss(
@@ -100,16 +104,19 @@ def kto_loss(
     if kl is not None and has_kl_logps:
         raise AlignopsError("pass either kl or policy_kl_logps / ref_kl_logps, not both")
     if loss_type == "apo_zero_unpaired" and (kl is not None or has_kl_logps):
-        raise AlignopsError("loss_type='apo_zero_unpaired' uses no KL estimate: "
-                            "drop kl / policy_kl_logps / ref_kl_logps")
+        raise AlignopsError(
+            "loss_type='apo_zero_unpaired' uses no KL estimate: drop kl / policy_kl_logps / ref_kl_logps"
+        )
     if has_kl_logps:
         if policy_kl_logps is None or ref_kl_logps is None:
             raise AlignopsError("policy_kl_logps and ref_kl_logps go together: pass both or neither")
         _check_float("policy_kl_logps", policy_kl_logps, 1, "[M] (one per KL completion)")
         _check_like("ref_kl_logps", ref_kl_logps, policy_kl_logps, "policy_kl_logps")
         if policy_kl_logps.device != policy_logps.device:
-            raise AlignopsError(f"policy_kl_logps must be on the device of policy_logps ({policy_logps.device}), "
-                                f"got {policy_kl_logps.device}")
+            raise AlignopsError(
+                f"policy_kl_logps must be on the device of policy_logps ({policy_logps.device}), "
+                f"got {policy_kl_logps.device}"
+            )
 
     acc = _acc_dtype(policy_logps, ref_logps)
     x = policy_logps.to(acc) if ref_logps is None else policy_logps.to(acc) - ref_logps.to(acc)
@@ -168,7 +175,7 @@ class RunningMoments:
         mean, var, count = (s.to(xs.device) for s in (self.mean, self.var, self.count))
         delta = batch_mean - mean
         total = count + n
-        merged = var * count + delta ** 2 * count * n / total + batch_var * n
+        merged = var * count + delta**2 * count * n / total + batch_var * n
         new_var = merged / total
         keep = n == 0  # an empty batch on every rank leaves the state as it was
         self.mean = torch.where(keep, mean, mean + delta * n / total)
@@ -185,8 +192,7 @@ class RunningMoments:
             setattr(self, k, torch.tensor(float(state[k]), dtype=torch.float64))
 
     def __repr__(self) -> str:
-        return (f"RunningMoments(mean={float(self.mean):.6g}, var={float(self.var):.6g}, "
-                f"count={float(self.count):.6g})")
+        return f"RunningMoments(mean={float(self.mean):.6g}, var={float(self.var):.6g}, count={float(self.count):.6g})"
 
 
 class BCOLossOutput(NamedTuple):

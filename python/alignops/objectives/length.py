@@ -26,8 +26,9 @@ class PairLogps(NamedTuple):
 def _check_per_token(per_token_logps, completion_mask):
     _check_float("per_token_logps", per_token_logps, 2, "[2B, T] (chosen rows, then rejected rows)")
     if per_token_logps.shape[0] % 2:
-        raise AlignopsError("per_token_logps must hold 2B rows (B chosen, then B rejected), "
-                            f"got {per_token_logps.shape[0]}")
+        raise AlignopsError(
+            f"per_token_logps must hold 2B rows (B chosen, then B rejected), got {per_token_logps.shape[0]}"
+        )
     _check_like("completion_mask", completion_mask, per_token_logps, "per_token_logps", floating=False)
     return completion_mask.bool()
 
@@ -61,8 +62,9 @@ def ld_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor, *, ld
 
 
 @torch.no_grad()
-def wpo_weights(per_token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor,
-                completion_mask: torch.Tensor) -> PairLogps:
+def wpo_weights(
+    per_token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, completion_mask: torch.Tensor
+) -> PairLogps:
     r"""WPO's per-sequence weights (Zhou et al. 2024, Eq. 2), TRL's ``use_weighting``.
 
     ``w = exp(mean over completion tokens of (log p(y_t) - log sum_v p_v^2))``: the sequence's
@@ -74,7 +76,8 @@ def wpo_weights(per_token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor,
     mask = _check_per_token(per_token_logps, completion_mask)
     _check_like("log_sum_sq_probs", log_sum_sq_probs, per_token_logps, "per_token_logps")
     acc = _acc_dtype(per_token_logps, log_sum_sq_probs)
-    aligned = torch.where(mask, per_token_logps.to(acc) - log_sum_sq_probs.to(acc), torch.zeros((), dtype=acc,
-                                                                                                  device=mask.device))
+    aligned = torch.where(
+        mask, per_token_logps.to(acc) - log_sum_sq_probs.to(acc), torch.zeros((), dtype=acc, device=mask.device)
+    )
     mean = aligned.sum(dim=1) / mask.sum(dim=1).clamp(min=1).to(acc)
     return PairLogps(*torch.exp(mean).chunk(2))

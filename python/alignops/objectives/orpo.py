@@ -41,8 +41,9 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     x = x.clamp(max=-tiny)
     near = x > -_LN2
     split = torch.full_like(x, -_LN2)
-    out = torch.where(near, torch.log(-torch.expm1(torch.where(near, x, split))),
-                      torch.log1p(-torch.exp(torch.where(near, split, x))))
+    out = torch.where(
+        near, torch.log(-torch.expm1(torch.where(near, x, split))), torch.log1p(-torch.exp(torch.where(near, split, x)))
+    )
     return torch.where(undefined, torch.nan, out)
 
 
@@ -116,5 +117,6 @@ def orpo_loss(
     else:
         nll = torch.zeros_like(per_pair)
     loss = _reduce(per_pair + nll, reduction)
-    return ORPOLossOutput(loss, (beta * a).detach(), (beta * b).detach(), ratio.detach(), log_odds.detach(),
-                          nll.detach())
+    return ORPOLossOutput(
+        loss, (beta * a).detach(), (beta * b).detach(), ratio.detach(), log_odds.detach(), nll.detach()
+    )

@@ -143,8 +143,10 @@ def curry_pairs(rewards: torch.Tensor, *, mode: str = "best_vs_rest") -> CurryPa
     CPU tensors; on a GPU it is not read back, and the pairs of its prompt get a NaN gap, ``valid=False``.
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
-        raise AlignopsError(f"rewards must be a 2-D tensor of shape [B, K], got "
-                            f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}")
+        raise AlignopsError(
+            f"rewards must be a 2-D tensor of shape [B, K], got "
+            f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}"
+        )
     if rewards.dtype == torch.bool or rewards.is_complex():
         raise AlignopsError(f"rewards must be a float or integer tensor, got {rewards.dtype}")
     if mode not in ("best_vs_rest", "all_pairs"):

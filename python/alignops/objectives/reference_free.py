@@ -42,8 +42,9 @@ _CPO_TYPES = {"sigmoid": "cpo", "hinge": "hinge", "ipo": "ipo", "simpo": "simpo"
 _TPO_TYPES = {"sigmoid": "cpo", "hinge": "hinge", "ipo": "ipo", "tpo-l": "simpo"}
 
 
-def _ref_free_pair(pc, pr, chosen_lengths, rejected_lengths, average, code, beta, label_smoothing, gamma,
-                   alphapo_alpha, backend):
+def _ref_free_pair(
+    pc, pr, chosen_lengths, rejected_lengths, average, code, beta, label_smoothing, gamma, alphapo_alpha, backend
+):
     """Per-pair loss of ``preference_loss`` on the (averaged, AlphaPO-transformed) scores; and the scores."""
     if average:
         pc = pc if chosen_lengths is None else pc / chosen_lengths.to(pc.dtype).clamp(min=1.0)
@@ -52,13 +53,22 @@ def _ref_free_pair(pc, pr, chosen_lengths, rejected_lengths, average, code, beta
         # AlphaPO's r = (1 - p^-alpha) / alpha with p = exp(logp), as -expm1(-alpha logp) / alpha: no exp underflow.
         pc = -torch.expm1(-alphapo_alpha * pc) / alphapo_alpha
         pr = -torch.expm1(-alphapo_alpha * pr) / alphapo_alpha
-    out = preference_loss(pc, pr, loss_type=code, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
-                          reduction="none", backend=backend)
+    out = preference_loss(
+        pc,
+        pr,
+        loss_type=code,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        gamma=gamma,
+        reduction="none",
+        backend=backend,
+    )
     return out.loss, pc, pr
 
 
-def _check_pair_args(fn, pc, pr, chosen_lengths, rejected_lengths, loss_type, types, beta, alpha, label_smoothing,
-                     reduction):
+def _check_pair_args(
+    fn, pc, pr, chosen_lengths, rejected_lengths, loss_type, types, beta, alpha, label_smoothing, reduction
+):
     _check_float("policy_chosen_logps", pc, 1, "[B]")
     _check_like("policy_rejected_logps", pr, pc, "policy_chosen_logps")
     _check_lengths("chosen_lengths", chosen_lengths, pc, "policy_chosen_logps")
@@ -112,15 +122,37 @@ def cpo_loss(
     ``backend`` (``"auto" | "native" | "triton" | "torch"``). ``gamma`` is TRL's ``simpo_gamma``: that keyword
     still works, with a DeprecationWarning, until the next release.
     """
-    _check_pair_args("cpo_loss", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
-                     loss_type, tuple(_CPO_TYPES), beta, alpha, label_smoothing, reduction)
+    _check_pair_args(
+        "cpo_loss",
+        policy_chosen_logps,
+        policy_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        loss_type,
+        tuple(_CPO_TYPES),
+        beta,
+        alpha,
+        label_smoothing,
+        reduction,
+    )
     check_finite(gamma, "gamma")
     check_finite(alphapo_alpha, "alphapo_alpha")
     acc = _acc_dtype(policy_chosen_logps, policy_rejected_logps, chosen_nll)
     pc, pr = policy_chosen_logps.to(acc), policy_rejected_logps.to(acc)
     average = loss_type in ("ipo", "simpo") if average_log_prob is None else average_log_prob
-    pair, sc, sr = _ref_free_pair(pc, pr, chosen_lengths, rejected_lengths, average, _CPO_TYPES[loss_type], beta,
-                                  label_smoothing, gamma, alphapo_alpha, backend)
+    pair, sc, sr = _ref_free_pair(
+        pc,
+        pr,
+        chosen_lengths,
+        rejected_lengths,
+        average,
+        _CPO_TYPES[loss_type],
+        beta,
+        label_smoothing,
+        gamma,
+        alphapo_alpha,
+        backend,
+    )
     nll = _nll_term(chosen_nll, pc, chosen_lengths, "chosen_nll") if alpha != 0.0 else torch.zeros_like(pair)
     loss = _reduce(pair + alpha * nll, reduction)
     return RefFreeLossOutput(loss, (beta * sc).detach(), (beta * sr).detach(), nll.detach())
@@ -155,8 +187,19 @@ def tpo_loss(
     ``loss = reduce(pair_loss + alpha * nll)``; rewards ``beta * s`` as TRL logs them. The pair loss runs in
     :func:`preference_loss` on ``backend`` (``"auto" | "native" | "triton" | "torch"``).
     """
-    _check_pair_args("tpo_loss", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
-                     loss_type, tuple(_TPO_TYPES), beta, alpha, label_smoothing, reduction)
+    _check_pair_args(
+        "tpo_loss",
+        policy_chosen_logps,
+        policy_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        loss_type,
+        tuple(_TPO_TYPES),
+        beta,
+        alpha,
+        label_smoothing,
+        reduction,
+    )
     check_finite(gamma, "gamma")
     if alpha != 0.0:
         if gold_logps is None:
@@ -166,8 +209,19 @@ def tpo_loss(
     acc = _acc_dtype(policy_chosen_logps, policy_rejected_logps, gold_logps)
     pc, pr = policy_chosen_logps.to(acc), policy_rejected_logps.to(acc)
     average = loss_type in ("ipo", "tpo-l") if average_log_prob is None else average_log_prob
-    pair, sc, sr = _ref_free_pair(pc, pr, chosen_lengths, rejected_lengths, average, _TPO_TYPES[loss_type], beta,
-                                  label_smoothing, gamma, 0.0, backend)
+    pair, sc, sr = _ref_free_pair(
+        pc,
+        pr,
+        chosen_lengths,
+        rejected_lengths,
+        average,
+        _TPO_TYPES[loss_type],
+        beta,
+        label_smoothing,
+        gamma,
+        0.0,
+        backend,
+    )
     nll = _per_token_nll(gold_logps.to(acc), gold_lengths) if alpha != 0.0 else torch.zeros_like(pair)
     loss = _reduce(pair + alpha * nll, reduction)
     return RefFreeLossOutput(loss, (beta * sc).detach(), (beta * sr).detach(), nll.detach())

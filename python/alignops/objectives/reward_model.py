@@ -175,8 +175,10 @@ def rating_regression_loss(
     rated = torch.ones_like(y, dtype=torch.bool) if rating_mask is None else rating_mask
     if y.numel() and _values_checkable(y) and bool((rated & y.isnan()).any()):
         n, a = (rated & y.isnan()).nonzero()[0].tolist()
-        raise AlignopsError(f"ratings must not be NaN where rated, got NaN at ratings[{n}, {a}] "
-                            "(mark a missing rating with rating_mask=False)")
+        raise AlignopsError(
+            f"ratings must not be NaN where rated, got NaN at ratings[{n}, {a}] "
+            "(mark a missing rating with rating_mask=False)"
+        )
     err = torch.where(rated, predicted.to(acc) - y, torch.zeros_like(y))
     sq = err.square()
     count = rated.sum()
@@ -225,12 +227,18 @@ def helpsteer2_preference_loss(
     if preference_strength is not None:
         _check_like("preference_strength", preference_strength, chosen_rewards, "chosen_rewards", floating=False)
         if preference_strength.dtype == torch.bool or preference_strength.is_complex():
-            raise AlignopsError("preference_strength must be a float or integer tensor, "
-                                f"got {preference_strength.dtype}")
-        if (preference_strength.numel() and _values_checkable(preference_strength)
-                and bool((preference_strength < 0).any())):
-            raise AlignopsError("preference_strength must be >= 0 (the magnitude of the preference of chosen over "
-                                f"rejected), got {preference_strength.min().item()}")
+            raise AlignopsError(
+                f"preference_strength must be a float or integer tensor, got {preference_strength.dtype}"
+            )
+        if (
+            preference_strength.numel()
+            and _values_checkable(preference_strength)
+            and bool((preference_strength < 0).any())
+        ):
+            raise AlignopsError(
+                "preference_strength must be >= 0 (the magnitude of the preference of chosen over "
+                f"rejected), got {preference_strength.min().item()}"
+            )
     _check_nonnegative("regression_weight", regression_weight)
     _check_reduction(reduction)
     if (predicted is None) != (ratings is None):
@@ -238,11 +246,14 @@ def helpsteer2_preference_loss(
     if rating_mask is not None and ratings is None:
         raise AlignopsError("rating_mask was given without predicted / ratings")
     if ratings is not None and reduction == "none":
-        raise AlignopsError("reduction='none' has no per-pair form with ratings (pairs and rated responses differ): "
-                            "use 'mean' or 'sum', or call rating_regression_loss separately")
+        raise AlignopsError(
+            "reduction='none' has no per-pair form with ratings (pairs and rated responses differ): "
+            "use 'mean' or 'sum', or call rating_regression_loss separately"
+        )
     if predicted is not None and predicted.device != chosen_rewards.device:
-        raise AlignopsError(f"predicted must be on the device of chosen_rewards ({chosen_rewards.device}), "
-                            f"got {predicted.device}")
+        raise AlignopsError(
+            f"predicted must be on the device of chosen_rewards ({chosen_rewards.device}), got {predicted.device}"
+        )
     acc = _acc_dtype(chosen_rewards, rejected_rewards, preference_strength, predicted, ratings)
     rc, rr = chosen_rewards.to(acc), rejected_rewards.to(acc)
     pref = -F.logsigmoid(rc - rr)

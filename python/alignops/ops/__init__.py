@@ -21,6 +21,16 @@ try:
 except ImportError:
     triton = None
 if triton is not None:
-    from . import distillation_triton, fused_linear_triton, ot_triton, preference_triton, skip_triton  # noqa: F401
-    from . import ctc_segmentation_triton, metrics_triton, wasserstein_triton, watermark_triton  # noqa: F401
-    from . import policy_triton, ppo_triton  # noqa: F401
+    from . import (  # noqa: F401  # noqa: F401  # noqa: F401
+        ctc_segmentation_triton,
+        distillation_triton,
+        fused_linear_triton,
+        metrics_triton,
+        ot_triton,
+        policy_triton,
+        ppo_triton,
+        preference_triton,
+        skip_triton,
+        wasserstein_triton,
+        watermark_triton,
+    )

@@ -19,7 +19,7 @@ under functionalization (so torch.compile traces into the kernels), export's han
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch._library.triton as _triton_library
@@ -50,10 +50,11 @@ def register_triton_op(name: str, schema: str, mutates_args: Iterable[str] = ())
 
 
 def native_schema(name: str) -> str:
-    """The schema of the registered op ``name`` (``"alignops::op"``) without its name: ``"(Tensor x, ...) -> Tensor"``."""
+    """The schema of the registered op ``name`` (``"alignops::op"``) without its name:
+    ``"(Tensor x, ...) -> Tensor"``."""
     namespace, op = name.split("::")
     schema = str(getattr(getattr(torch.ops, namespace), op).default._schema)
-    return schema[schema.index("("):]
+    return schema[schema.index("(") :]
 
 
 def register_triton_twin(native: str, mutates_args: Iterable[str] = ()) -> Callable:

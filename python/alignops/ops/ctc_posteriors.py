@@ -59,20 +59,25 @@ def check_values(log_probs, targets, input_lengths, target_lengths, blank) -> No
     bad = (used & ((targets < 0) | (targets >= C) | (targets == blank))).nonzero()
     if bad.numel():
         b, j = (int(v) for v in bad[0])
-        raise AlignopsError(f"targets must be class ids in [0, C = {C}) other than blank = {blank}, got "
-                            f"{int(targets[b, j])} at targets[{b}, {j}]")
+        raise AlignopsError(
+            f"targets must be class ids in [0, C = {C}) other than blank = {blank}, got "
+            f"{int(targets[b, j])} at targets[{b}, {j}]"
+        )
 
 
 @register_fake("alignops::ctc_posteriors")
-def _ctc_posteriors_fake(log_probs, targets, input_lengths, target_lengths, blank, return_states, return_tokens,
-                         compute_grad):
+def _ctc_posteriors_fake(
+    log_probs, targets, input_lengths, target_lengths, blank, return_states, return_tokens, compute_grad
+):
     B, T, C = log_probs.shape
     L = targets.shape[1]
     acc = acc_dtype(log_probs.dtype)
-    return (log_probs.new_empty((B,), dtype=acc),
-            log_probs.new_empty((B, T, 2 * L + 1) if return_states else (0,), dtype=acc),
-            log_probs.new_empty((B, T, L) if return_tokens else (0,), dtype=acc),
-            log_probs.new_empty((B, T, C) if compute_grad else (0,)))
+    return (
+        log_probs.new_empty((B,), dtype=acc),
+        log_probs.new_empty((B, T, 2 * L + 1) if return_states else (0,), dtype=acc),
+        log_probs.new_empty((B, T, L) if return_tokens else (0,), dtype=acc),
+        log_probs.new_empty((B, T, C) if compute_grad else (0,)),
+    )
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -86,8 +91,10 @@ class _NoDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _):
-        raise RuntimeError("ctc_loss / ctc_posteriors: double backward is not supported; the kernel computes the "
-                           "gradient in closed form, without a graph to differentiate again")
+        raise RuntimeError(
+            "ctc_loss / ctc_posteriors: double backward is not supported; the kernel computes the "
+            "gradient in closed form, without a graph to differentiate again"
+        )
 
 
 def _setup(ctx, inputs, output):
@@ -102,8 +109,10 @@ def _backward(ctx, grad_loss, _grad_states, _grad_tokens, _grad_grad):
         return (None,) * 8
     grad, log_probs = ctx.saved_tensors
     if grad.dim() != 3:  # the empty [0] placeholder
-        raise RuntimeError("alignops::ctc_posteriors was called with compute_grad=False; call it through "
-                           "alignops.ctc_posteriors.ctc_loss (which sets it) to differentiate")
+        raise RuntimeError(
+            "alignops::ctc_posteriors was called with compute_grad=False; call it through "
+            "alignops.ctc_posteriors.ctc_loss (which sets it) to differentiate"
+        )
     out = grad * grad_loss.to(grad.dtype)[:, None, None]
     if torch.is_grad_enabled() and log_probs.requires_grad:  # backward with create_graph=True
         out = _NoDoubleBackward.apply(out, log_probs)
@@ -126,9 +135,16 @@ if triton is not None:
     from ._registration import register_triton_twin
 
     @register_triton_twin("alignops::ctc_posteriors")
-    def ctc_posteriors_triton(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
-                              target_lengths: torch.Tensor, blank: int, return_states: bool, return_tokens: bool,
-                              compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def ctc_posteriors_triton(
+        log_probs: torch.Tensor,
+        targets: torch.Tensor,
+        input_lengths: torch.Tensor,
+        target_lengths: torch.Tensor,
+        blank: int,
+        return_states: bool,
+        return_tokens: bool,
+        compute_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Triton twin of ``alignops::ctc_posteriors``, same outputs. Unlike the CPU kernel it stores the
         fp64 log-alpha of every frame ([B, T, 2L+1] fp64 scratch) and the occupancy [B, T, 2L+1] whatever
         is requested; tokens and the gradient are read off the occupancy."""
@@ -137,13 +153,20 @@ if triton is not None:
         B, T, C = log_probs.shape
         L = targets.shape[1]
         acc = acc_dtype(log_probs.dtype)
-        loss, states = launch_ctc_posteriors(log_probs.contiguous(), targets.contiguous(),
-                                             input_lengths.contiguous(), target_lengths.contiguous(), blank, acc)
+        loss, states = launch_ctc_posteriors(
+            log_probs.contiguous(),
+            targets.contiguous(),
+            input_lengths.contiguous(),
+            target_lengths.contiguous(),
+            blank,
+            acc,
+        )
         tokens = states[..., 1::2].contiguous() if return_tokens else states.new_empty((0,))
         if compute_grad:
             labels = torch.full((B, 2 * L + 1), blank, dtype=torch.long, device=log_probs.device)
-            labels[:, 1::2] = torch.where(torch.arange(L, device=targets.device) < target_lengths[:, None],
-                                          targets.long(), blank)
+            labels[:, 1::2] = torch.where(
+                torch.arange(L, device=targets.device) < target_lengths[:, None], targets.long(), blank
+            )
             grad = torch.zeros(B, T, C, dtype=acc, device=log_probs.device)
             grad.scatter_add_(2, labels[:, None, :].expand(B, T, 2 * L + 1), -states)
             grad = grad.to(log_probs.dtype)

@@ -12,21 +12,50 @@ from ._registration import register_fake
 
 
 @register_fake("alignops::ctc_segmentation")
-def _ctc_segmentation_fake(lpz, lpz_lengths, ground_truth, gt_lengths, blank, min_window_size, max_window_size,
-                           flags, backtrack_from_max_t, block_columns):
+def _ctc_segmentation_fake(
+    lpz,
+    lpz_lengths,
+    ground_truth,
+    gt_lengths,
+    blank,
+    min_window_size,
+    max_window_size,
+    flags,
+    backtrack_from_max_t,
+    block_columns,
+):
     B, T, C = lpz.shape[0], lpz.shape[1], ground_truth.shape[1]
     long = dict(dtype=torch.int64)
-    return (lpz.new_empty((B, C), **long), lpz.new_empty((B, T), dtype=torch.float64), lpz.new_empty((B, T), **long),
-            lpz.new_empty((B,), **long))
+    return (
+        lpz.new_empty((B, C), **long),
+        lpz.new_empty((B, T), dtype=torch.float64),
+        lpz.new_empty((B, T), **long),
+        lpz.new_empty((B,), **long),
+    )
 
 
 @register_fake("alignops::ctc_segmentation_prefixes")
-def _ctc_segmentation_prefixes_fake(lpz, lpz_lengths, ground_truth, gt_lengths, end_columns, blank, flags,
-                                    backtrack_from_max_t, previous_table, previous_lengths, return_table):
+def _ctc_segmentation_prefixes_fake(
+    lpz,
+    lpz_lengths,
+    ground_truth,
+    gt_lengths,
+    end_columns,
+    blank,
+    flags,
+    backtrack_from_max_t,
+    previous_table,
+    previous_lengths,
+    return_table,
+):
     B, T, C, E = lpz.shape[0], lpz.shape[1], ground_truth.shape[1], end_columns.shape[1]
-    return (lpz.new_empty((B, E, C), dtype=torch.int64), lpz.new_empty((B, E, T), dtype=torch.float64),
-            lpz.new_empty((B, E, T), dtype=torch.int64), lpz.new_empty((B, E), dtype=torch.bool),
-            lpz.new_empty((B if return_table else 0, C, T), dtype=torch.float32))
+    return (
+        lpz.new_empty((B, E, C), dtype=torch.int64),
+        lpz.new_empty((B, E, T), dtype=torch.float64),
+        lpz.new_empty((B, E, T), dtype=torch.int64),
+        lpz.new_empty((B, E), dtype=torch.bool),
+        lpz.new_empty((B if return_table else 0, C, T), dtype=torch.float32),
+    )
 
 
 @register_fake("alignops::ctc_segmentation_utterance_score")

@@ -43,8 +43,9 @@ def _check_args(hidden, weight, targets, bias, temperature, logit_scale) -> None
         raise AlignopsError(f"weight must be a 2-D tensor of shape [V, H], got shape {list(weight.shape)}")
     H = hidden.shape[1]
     if weight.shape[1] != H:
-        raise AlignopsError(f"weight must have shape [V, H] with H = {H} (hidden's last dimension), "
-                            f"got {list(weight.shape)}")
+        raise AlignopsError(
+            f"weight must have shape [V, H] with H = {H} (hidden's last dimension), got {list(weight.shape)}"
+        )
     if weight.shape[0] == 0:
         raise AlignopsError(f"weight must have at least one row (V >= 1), got shape {list(weight.shape)}")
     _check_like_hidden(weight, "weight", hidden)
@@ -79,8 +80,19 @@ def fused_linear_logprobs_triton(
     logp = hidden.new_empty(N, dtype=acc)
     lse = hidden.new_empty(N, dtype=acc)
     entropy = hidden.new_empty(N if return_entropy else 0, dtype=acc)
-    launch_fused_linear_forward(hidden, weight, targets.contiguous(), None if bias is None else bias.contiguous(),
-                                logp, lse, entropy, ignore_index, temperature, logit_scale, softcap)
+    launch_fused_linear_forward(
+        hidden,
+        weight,
+        targets.contiguous(),
+        None if bias is None else bias.contiguous(),
+        logp,
+        lse,
+        entropy,
+        ignore_index,
+        temperature,
+        logit_scale,
+        softcap,
+    )
     return logp, lse, entropy
 
 
@@ -119,19 +131,34 @@ def fused_linear_logprobs_backward_triton(
             raise AlignopsError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
     V = weight.shape[0]
     if N == 0:
-        return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
-                torch.zeros_like(weight, memory_format=torch.contiguous_format),
-                hidden.new_zeros(V if bias_grad else 0))
+        return (
+            torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.zeros_like(weight, memory_format=torch.contiguous_format),
+            hidden.new_zeros(V if bias_grad else 0),
+        )
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     grad_bias = hidden.new_empty(V if bias_grad else 0)
-    launch_fused_linear_backward(grad_logp.contiguous(), hidden, weight, targets.contiguous(),
-                                 None if bias is None else bias.contiguous(), lse.contiguous(), grad_hidden,
-                                 grad_weight, grad_bias, ignore_index, temperature, logit_scale, softcap,
-                                 None if grad_entropy is None else grad_entropy.contiguous(),
-                                 None if entropy is None else entropy.contiguous())
+    launch_fused_linear_backward(
+        grad_logp.contiguous(),
+        hidden,
+        weight,
+        targets.contiguous(),
+        None if bias is None else bias.contiguous(),
+        lse.contiguous(),
+        grad_hidden,
+        grad_weight,
+        grad_bias,
+        ignore_index,
+        temperature,
+        logit_scale,
+        softcap,
+        None if grad_entropy is None else grad_entropy.contiguous(),
+        None if entropy is None else entropy.contiguous(),
+    )
     return grad_hidden, grad_weight, grad_bias
 
 
-register_fused_linear_logprobs_autograd("alignops::fused_linear_logprobs_triton",
-                                        torch.ops.alignops.fused_linear_logprobs_backward_triton)
+register_fused_linear_logprobs_autograd(
+    "alignops::fused_linear_logprobs_triton", torch.ops.alignops.fused_linear_logprobs_backward_triton
+)

@@ -37,13 +37,15 @@ def _check(a: torch.Tensor, b: torch.Tensor, num_classes: int, num_resamples: in
 
 
 @register_triton_twin("alignops::bootstrap_confusion")
-def bootstrap_confusion_triton(a: torch.Tensor, b: torch.Tensor, num_classes: int, num_resamples: int,
-                               seed: int) -> torch.Tensor:
+def bootstrap_confusion_triton(
+    a: torch.Tensor, b: torch.Tensor, num_classes: int, num_resamples: int, seed: int
+) -> torch.Tensor:
     """Triton twin of ``alignops::bootstrap_confusion``: int32 [P, R + 1, C, C], identical counts."""
     _check(a, b, num_classes, num_resamples)
     P, N = a.shape
     out = a.new_zeros((P, num_resamples + 1, num_classes, num_classes), dtype=torch.int32)
     if P and N:
-        launch_bootstrap_confusion(a.long().contiguous(), b.long().contiguous(), out, num_classes,
-                                   key_state(SALT_BOOTSTRAP, seed))
+        launch_bootstrap_confusion(
+            a.long().contiguous(), b.long().contiguous(), out, num_classes, key_state(SALT_BOOTSTRAP, seed)
+        )
     return out

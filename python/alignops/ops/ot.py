@@ -43,10 +43,10 @@ def envelope_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, eps, 
     out = torch.sub(f[:, :, None], cost, alpha=sign).add_(g[:, None, :]).div_(eps).exp_()
     step = max(1, (1 << 20) // max(B * M, 1))
     for r0 in range(0, N, step):
-        block = out[:, r0:r0 + step]
-        valid = rows[:, r0:r0 + step, None] & cols[:, None, :]
+        block = out[:, r0 : r0 + step]
+        valid = rows[:, r0 : r0 + step, None] & cols[:, None, :]
         # padding holds whatever exp((0 + 0 - C) / eps) gave (even inf): overwritten, not multiplied by 0
-        block.mul_((0.5 * sign) * (u[:, r0:r0 + step, None] + v[:, None, :])).masked_fill_(~valid, 0)
+        block.mul_((0.5 * sign) * (u[:, r0 : r0 + step, None] + v[:, None, :])).masked_fill_(~valid, 0)
     return out
 
 

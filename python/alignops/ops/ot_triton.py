@@ -18,8 +18,9 @@ from .ot import register_sinkhorn_autograd
 
 def _check_real(t: torch.Tensor, name: str) -> None:
     if t.dtype not in (torch.float32, torch.float64):
-        raise AlignopsError(f"{name} must be float32 or float64 (alignops.ot converts half types to float32), "
-                            f"got {t.dtype}")
+        raise AlignopsError(
+            f"{name} must be float32 or float64 (alignops.ot converts half types to float32), got {t.dtype}"
+        )
 
 
 def _check_eps(eps: float, name: str) -> None:
@@ -30,14 +31,17 @@ def _check_eps(eps: float, name: str) -> None:
 def _check_problem(like, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters):
     """The checks of csrc/ot/sinkhorn_cpu.cpp's check_problem, with its messages."""
     if tuple(a.shape) != (B, N) or tuple(b.shape) != (B, M):
-        raise AlignopsError(f"a and b must have shapes [B, N] = [{B}, {N}] and [B, M] = [{B}, {M}], got "
-                            f"{list(a.shape)} and {list(b.shape)}")
+        raise AlignopsError(
+            f"a and b must have shapes [B, N] = [{B}, {N}] and [B, M] = [{B}, {M}], got "
+            f"{list(a.shape)} and {list(b.shape)}"
+        )
     if a.dtype != like.dtype or b.dtype != like.dtype:
         raise AlignopsError(f"a and b must have the dtype of cost ({like.dtype}), got {a.dtype} and {b.dtype}")
     for sizes, name in ((n_sizes, "n_sizes"), (m_sizes, "m_sizes")):
         if sizes.dtype != torch.int64 or tuple(sizes.shape) != (B,):
-            raise AlignopsError(f"{name} must be an int64 tensor of shape [B] = [{B}], got {sizes.dtype} "
-                                f"{list(sizes.shape)}")
+            raise AlignopsError(
+                f"{name} must be an int64 tensor of shape [B] = [{B}], got {sizes.dtype} {list(sizes.shape)}"
+            )
     _check_eps(eps, "eps")
     for e in eps_schedule:
         _check_eps(e, "eps_schedule entries")
@@ -64,9 +68,18 @@ def _outputs(like, B, N, M):
 
 
 @register_triton_twin("alignops::sinkhorn")
-def sinkhorn_triton(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_sizes: torch.Tensor,
-                    m_sizes: torch.Tensor, eps_schedule: list[float], eps: float, n_iters: int, tol: float,
-                    scores: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def sinkhorn_triton(
+    cost: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    n_sizes: torch.Tensor,
+    m_sizes: torch.Tensor,
+    eps_schedule: list[float],
+    eps: float,
+    n_iters: int,
+    tol: float,
+    scores: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::sinkhorn``: (f [B, N], g [B, M], iterations [B] int64, err [B])."""
     if cost.dim() != 3:
         raise AlignopsError(f"cost must be a 3-D tensor of shape [B, N, M], got shape {list(cost.shape)}")
@@ -77,13 +90,42 @@ def sinkhorn_triton(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_size
     cost = cost.contiguous()
     f, g, iters, err = _outputs(cost, B, N, M)
     if B > 0 and use_split(cost.device, B, N, M):
-        launch_sinkhorn_split(cost, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(),
-                              _split_schedule(eps_schedule, eps, n_iters, cost), len(eps_schedule), n_iters, tol,
-                              scores, f, g, cost.new_empty(B, M), iters, err)
+        launch_sinkhorn_split(
+            cost,
+            a.contiguous(),
+            b.contiguous(),
+            n_sizes.contiguous(),
+            m_sizes.contiguous(),
+            _split_schedule(eps_schedule, eps, n_iters, cost),
+            len(eps_schedule),
+            n_iters,
+            tol,
+            scores,
+            f,
+            g,
+            cost.new_empty(B, M),
+            iters,
+            err,
+        )
     elif B > 0:
         sched = schedule_on_device([*eps_schedule, eps], cost)
-        launch_sinkhorn(cost, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), sched,
-                        len(eps_schedule), n_iters, tol, scores, f, g, cost.new_empty(B, M), iters, err)
+        launch_sinkhorn(
+            cost,
+            a.contiguous(),
+            b.contiguous(),
+            n_sizes.contiguous(),
+            m_sizes.contiguous(),
+            sched,
+            len(eps_schedule),
+            n_iters,
+            tol,
+            scores,
+            f,
+            g,
+            cost.new_empty(B, M),
+            iters,
+            err,
+        )
     return f, g, iters, err
 
 
@@ -91,13 +133,24 @@ register_sinkhorn_autograd("alignops::sinkhorn_triton")
 
 
 @register_triton_twin("alignops::sinkhorn_points")
-def sinkhorn_points_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_sizes: torch.Tensor,
-                           m_sizes: torch.Tensor, p: float, eps_schedule: list[float], eps: float, n_iters: int,
-                           tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def sinkhorn_points_triton(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    n_sizes: torch.Tensor,
+    m_sizes: torch.Tensor,
+    p: float,
+    eps_schedule: list[float],
+    eps: float,
+    n_iters: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::sinkhorn_points``: the cost |x_i - y_j|^p exists one tile at a time."""
     if x.dim() != 3 or y.dim() != 3 or y.shape[0] != x.shape[0] or y.shape[2] != x.shape[2]:
-        raise AlignopsError(f"x and y must have shapes [B, N, d] and [B, M, d], got {list(x.shape)} and "
-                            f"{list(y.shape)}")
+        raise AlignopsError(
+            f"x and y must have shapes [B, N, d] and [B, M, d], got {list(x.shape)} and {list(y.shape)}"
+        )
     _check_real(x, "x")
     check_triton_device(x, "x")
     if y.dtype != x.dtype or y.device != x.device:
@@ -108,21 +161,53 @@ def sinkhorn_points_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b:
     _check_problem(x, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters)
     f, g, iters, err = _outputs(x, B, N, M)
     if B > 0 and use_split(x.device, B, N, M):
-        launch_sinkhorn_split(x, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(),
-                              _split_schedule(eps_schedule, eps, n_iters, x), len(eps_schedule), n_iters, tol,
-                              False, f, g, x.new_empty(B, M), iters, err,
-                              points=(x.contiguous(), y.contiguous()), power=p)
+        launch_sinkhorn_split(
+            x,
+            a.contiguous(),
+            b.contiguous(),
+            n_sizes.contiguous(),
+            m_sizes.contiguous(),
+            _split_schedule(eps_schedule, eps, n_iters, x),
+            len(eps_schedule),
+            n_iters,
+            tol,
+            False,
+            f,
+            g,
+            x.new_empty(B, M),
+            iters,
+            err,
+            points=(x.contiguous(), y.contiguous()),
+            power=p,
+        )
     elif B > 0:
         sched = schedule_on_device([*eps_schedule, eps], x)
-        launch_sinkhorn(x, a.contiguous(), b.contiguous(), n_sizes.contiguous(), m_sizes.contiguous(), sched,
-                        len(eps_schedule), n_iters, tol, False, f, g, x.new_empty(B, M), iters, err,
-                        points=(x.contiguous(), y.contiguous()), power=p)
+        launch_sinkhorn(
+            x,
+            a.contiguous(),
+            b.contiguous(),
+            n_sizes.contiguous(),
+            m_sizes.contiguous(),
+            sched,
+            len(eps_schedule),
+            n_iters,
+            tol,
+            False,
+            f,
+            g,
+            x.new_empty(B, M),
+            iters,
+            err,
+            points=(x.contiguous(), y.contiguous()),
+            power=p,
+        )
     return f, g, iters, err
 
 
 @register_triton_twin("alignops::sinkhorn_normalize_pass")
-def sinkhorn_normalize_pass_triton(sim: torch.Tensor, col_bias: torch.Tensor, scale: float,
-                                   row_update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def sinkhorn_normalize_pass_triton(
+    sim: torch.Tensor, col_bias: torch.Tensor, scale: float, row_update: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::sinkhorn_normalize_pass``: (row_bias [L, N], col_lse [L, M])."""
     if sim.dim() != 3:
         raise AlignopsError(f"sim must be a 3-D tensor of shape [L, N, M], got shape {list(sim.shape)}")
@@ -130,8 +215,10 @@ def sinkhorn_normalize_pass_triton(sim: torch.Tensor, col_bias: torch.Tensor, sc
     check_triton_device(sim, "sim")
     L, N, M = sim.shape
     if tuple(col_bias.shape) != (L, M) or col_bias.dtype != sim.dtype:
-        raise AlignopsError(f"col_bias must be a {sim.dtype} tensor of shape [L, M] = [{L}, {M}], got "
-                            f"{col_bias.dtype} {list(col_bias.shape)}")
+        raise AlignopsError(
+            f"col_bias must be a {sim.dtype} tensor of shape [L, M] = [{L}, {M}], got "
+            f"{col_bias.dtype} {list(col_bias.shape)}"
+        )
     sim = sim.contiguous()
     row_bias = sim.new_zeros(L, N)
     col_lse = sim.new_empty(L, M)

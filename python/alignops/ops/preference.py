@@ -18,8 +18,24 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @register_fake("alignops::preference_loss")
-def _preference_loss_fake(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths, loss_types, loss_weights,
-                          beta_value, label_smoothing, gamma, discopop_tau, f_divergence, f_alpha, compute_grad):
+def _preference_loss_fake(
+    pc,
+    pr,
+    rc,
+    rr,
+    beta,
+    chosen_lengths,
+    rejected_lengths,
+    loss_types,
+    loss_weights,
+    beta_value,
+    label_smoothing,
+    gamma,
+    discopop_tau,
+    f_divergence,
+    f_alpha,
+    compute_grad,
+):
     acc = acc_dtype(pc.dtype)
     B = pc.shape[0]
     grad = pc.new_empty((4, B) if compute_grad else (0,), dtype=acc)
@@ -40,7 +56,8 @@ def _preference_loss_backward(ctx, grad_loss, _grad_chosen_rewards, _grad_reject
     if grad.dim() == 1:  # the empty [0] placeholder, not a [4, B] gradient
         raise RuntimeError(
             "alignops::preference_loss was called with compute_grad=False; call it through "
-            "alignops.preference_loss (which sets it) to differentiate")
+            "alignops.preference_loss (which sets it) to differentiate"
+        )
     scaled = grad * grad_loss  # one pass over [4, B]; rows are views
     grads = [scaled[k].to(dt) if ctx.needs_input_grad[k] else None for k, dt in enumerate(ctx.dtypes)]
     return (*grads, *([None] * 12))
@@ -90,28 +107,46 @@ def register_selective_logprobs_autograd(op: str, backward_op) -> None:
     torch.library.register_autograd(op, backward, setup_context=_selective_logprobs_setup)
 
 
-register_selective_logprobs_autograd(
-    "alignops::selective_logprobs", torch.ops.alignops.selective_logprobs_backward)
+register_selective_logprobs_autograd("alignops::selective_logprobs", torch.ops.alignops.selective_logprobs_backward)
 
 
 # ---- fused_linear_logprobs --------------------------------------------------------------------------
 
 
 @register_fake("alignops::fused_linear_logprobs")
-def _fused_linear_logprobs_fake(hidden, weight, targets, bias, ignore_index, temperature, logit_scale, softcap,
-                                return_entropy):
+def _fused_linear_logprobs_fake(
+    hidden, weight, targets, bias, ignore_index, temperature, logit_scale, softcap, return_entropy
+):
     n = hidden.shape[0]
     acc = acc_dtype(hidden.dtype)
-    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
-            hidden.new_empty(n if return_entropy else 0, dtype=acc))
+    return (
+        hidden.new_empty(n, dtype=acc),
+        hidden.new_empty(n, dtype=acc),
+        hidden.new_empty(n if return_entropy else 0, dtype=acc),
+    )
 
 
 @register_fake("alignops::fused_linear_logprobs_backward")
-def _fused_linear_logprobs_backward_fake(grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
-                                         logit_scale, softcap, bias_grad, grad_entropy=None, entropy=None):
-    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
-            hidden.new_empty(weight.shape[0] if bias_grad else 0))
+def _fused_linear_logprobs_backward_fake(
+    grad_logp,
+    hidden,
+    weight,
+    targets,
+    bias,
+    lse,
+    ignore_index,
+    temperature,
+    logit_scale,
+    softcap,
+    bias_grad,
+    grad_entropy=None,
+    entropy=None,
+):
+    return (
+        torch.empty_like(hidden, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        hidden.new_empty(weight.shape[0] if bias_grad else 0),
+    )
 
 
 def _fused_linear_setup(ctx, inputs, output):
@@ -135,13 +170,24 @@ def register_fused_linear_logprobs_autograd(op: str, backward_op) -> None:
             grad_logp = torch.zeros_like(lse)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         extra = () if grad_entropy is None else (grad_entropy.contiguous(), entropy)
-        gh, gw, gb = backward_op(grad_logp.contiguous(), hidden, weight, targets, bias, lse, *ctx.options, bias_grad,
-                                 *extra)
-        return (gh if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None, None,
-                gb if bias_grad else None, None, None, None, None, None)
+        gh, gw, gb = backward_op(
+            grad_logp.contiguous(), hidden, weight, targets, bias, lse, *ctx.options, bias_grad, *extra
+        )
+        return (
+            gh if ctx.needs_input_grad[0] else None,
+            gw if ctx.needs_input_grad[1] else None,
+            None,
+            gb if bias_grad else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     torch.library.register_autograd(op, backward, setup_context=_fused_linear_setup)
 
 
 register_fused_linear_logprobs_autograd(
-    "alignops::fused_linear_logprobs", torch.ops.alignops.fused_linear_logprobs_backward)
+    "alignops::fused_linear_logprobs", torch.ops.alignops.fused_linear_logprobs_backward
+)

@@ -28,8 +28,9 @@ _MAX_LOSS_TERMS = 16
 
 def _check_per_pair(t: torch.Tensor, pc: torch.Tensor, name: str) -> None:
     if t.dim() != 1 or t.shape != pc.shape:
-        raise AlignopsError(f"{name} must have the shape of policy_chosen_logps {tuple(pc.shape)}, "
-                            f"got {tuple(t.shape)}")
+        raise AlignopsError(
+            f"{name} must have the shape of policy_chosen_logps {tuple(pc.shape)}, got {tuple(t.shape)}"
+        )
     if t.device != pc.device:
         raise AlignopsError(f"{name} must be on the device of policy_chosen_logps ({pc.device}), got {t.device}")
     if t.is_complex() or t.dtype == torch.bool:
@@ -63,14 +64,19 @@ def preference_loss_triton(
     if not pc.is_floating_point():
         raise AlignopsError(f"policy_chosen_logps must be a floating-point tensor, got {pc.dtype}")
     check_triton_device(pc, "policy_chosen_logps")
-    for name, t in (("policy_rejected_logps", policy_rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
-                    ("ref_rejected_logps", ref_rejected_logps)):
+    for name, t in (
+        ("policy_rejected_logps", policy_rejected_logps),
+        ("ref_chosen_logps", ref_chosen_logps),
+        ("ref_rejected_logps", ref_rejected_logps),
+    ):
         _check_per_pair(t, pc, name)
         if t.dtype != pc.dtype:
             raise AlignopsError(f"{name} must have the dtype of policy_chosen_logps ({pc.dtype}), got {t.dtype}")
     if len(loss_types) != len(loss_weights):
-        raise AlignopsError(f"loss_weights must have one weight per loss type: got {len(loss_weights)} weights for "
-                            f"{len(loss_types)} loss types")
+        raise AlignopsError(
+            f"loss_weights must have one weight per loss type: got {len(loss_weights)} weights for "
+            f"{len(loss_types)} loss types"
+        )
     if len(loss_types) > _MAX_LOSS_TERMS:
         raise AlignopsError(f"at most {_MAX_LOSS_TERMS} loss types can be combined, got {len(loss_types)}")
     for code in loss_types:
@@ -92,16 +98,32 @@ def preference_loss_triton(
     rejected_rewards = pc.new_empty(B, dtype=acc)
     grad = pc.new_empty((4, B) if compute_grad else (0,), dtype=acc)
     launch_preference_loss(
-        pc.contiguous(), policy_rejected_logps.contiguous(), ref_chosen_logps.contiguous(),
-        ref_rejected_logps.contiguous(), optional["beta"], optional["chosen_lengths"], optional["rejected_lengths"],
-        loss, chosen_rewards, rejected_rewards, grad, tuple(zip(loss_types, loss_weights)), beta_value,
-        label_smoothing, gamma, discopop_tau, f_divergence, f_alpha)
+        pc.contiguous(),
+        policy_rejected_logps.contiguous(),
+        ref_chosen_logps.contiguous(),
+        ref_rejected_logps.contiguous(),
+        optional["beta"],
+        optional["chosen_lengths"],
+        optional["rejected_lengths"],
+        loss,
+        chosen_rewards,
+        rejected_rewards,
+        grad,
+        tuple(zip(loss_types, loss_weights)),
+        beta_value,
+        label_smoothing,
+        gamma,
+        discopop_tau,
+        f_divergence,
+        f_alpha,
+    )
     return loss, chosen_rewards, rejected_rewards, grad
 
 
 @register_triton_twin("alignops::selective_logprobs")
-def selective_logprobs_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def selective_logprobs_triton(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::selective_logprobs``: (logp [N], lse [N]) in the accumulation dtype.
     Targets outside [0, V) (other than ignore_index) are not checked here: they give logp = NaN."""
     check_logits_targets(logits, targets, temperature)
@@ -109,14 +131,19 @@ def selective_logprobs_triton(logits: torch.Tensor, targets: torch.Tensor, ignor
     acc = acc_dtype(logits.dtype)
     logp = logits.new_empty(logits.shape[0], dtype=acc)
     lse = logits.new_empty(logits.shape[0], dtype=acc)
-    launch_selective_logprobs_forward(logits.contiguous(), targets.contiguous(), logp, lse, ignore_index,
-                                      temperature)
+    launch_selective_logprobs_forward(logits.contiguous(), targets.contiguous(), logp, lse, ignore_index, temperature)
     return logp, lse
 
 
 @register_triton_twin("alignops::selective_logprobs_backward")
-def selective_logprobs_backward_triton(grad_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                                       lse: torch.Tensor, ignore_index: int, temperature: float) -> torch.Tensor:
+def selective_logprobs_backward_triton(
+    grad_logp: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+) -> torch.Tensor:
     """Triton twin of ``alignops::selective_logprobs_backward``: d logits in the logits dtype."""
     check_logits_targets(logits, targets, temperature)
     check_triton_device(logits, "logits")
@@ -130,11 +157,13 @@ def selective_logprobs_backward_triton(grad_logp: torch.Tensor, logits: torch.Te
             raise AlignopsError(f"{name} must be {acc} for {logits.dtype} logits, got {t.dtype}")
     x = logits.contiguous()
     grad_logits = torch.empty_like(x)
-    launch_selective_logprobs_backward(grad_logp.contiguous(), lse.contiguous(), x, targets.contiguous(),
-                                       grad_logits, ignore_index, temperature)
+    launch_selective_logprobs_backward(
+        grad_logp.contiguous(), lse.contiguous(), x, targets.contiguous(), grad_logits, ignore_index, temperature
+    )
     return grad_logits
 
 
 register_preference_loss_autograd("alignops::preference_loss_triton")
-register_selective_logprobs_autograd("alignops::selective_logprobs_triton",
-                                     torch.ops.alignops.selective_logprobs_backward_triton)
+register_selective_logprobs_autograd(
+    "alignops::selective_logprobs_triton", torch.ops.alignops.selective_logprobs_backward_triton
+)

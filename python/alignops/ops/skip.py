@@ -15,8 +15,13 @@ def skip_ffn_fake(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, ac
     N = x.shape[0]
     G = w_gate_up.shape[0]
     rstd = x.new_empty((N if save_for_backward and norm_weight is not None else 0,), dtype=acc_dtype(x.dtype))
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((N,), dtype=torch.long),
-            x.new_empty((1,), dtype=torch.long), rstd, x.new_empty((N if save_for_backward else 0, G)))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((N,), dtype=torch.long),
+        x.new_empty((1,), dtype=torch.long),
+        rstd,
+        x.new_empty((N if save_for_backward else 0, G)),
+    )
 
 
 @register_fake("alignops::skip_ffn_")
@@ -26,8 +31,10 @@ def skip_ffn_inplace_fake(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_
 
 @register_fake("alignops::skip_add_score")
 def skip_add_score_fake(residual, delta, criterion):
-    return (torch.empty_like(residual, memory_format=torch.contiguous_format),
-            residual.new_empty((residual.shape[0],), dtype=acc_dtype(residual.dtype)))
+    return (
+        torch.empty_like(residual, memory_format=torch.contiguous_format),
+        residual.new_empty((residual.shape[0],), dtype=acc_dtype(residual.dtype)),
+    )
 
 
 def _add_score_backward(ctx, grad_h, _grad_score):
@@ -74,14 +81,29 @@ def _act_and_grad(pre: torch.Tensor, activation: int, grad_act: torch.Tensor) ->
 
 
 # Spelled out: an inferred schema would make activation a SymInt, unlike every other alignops op.
-@torch.library.custom_op("alignops::skip_ffn_backward", mutates_args=(), schema=(
-    "(Tensor grad_y, Tensor x, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor index, Tensor count, "
-    "Tensor rstd, Tensor pre_act, int activation, bool has_b_gate_up, bool has_b_down) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
-def skip_ffn_backward(grad_y: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                      norm_weight: torch.Tensor | None, index: torch.Tensor, count: torch.Tensor, rstd: torch.Tensor,
-                      pre_act: torch.Tensor, activation: int, has_b_gate_up: bool, has_b_down: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "alignops::skip_ffn_backward",
+    mutates_args=(),
+    schema=(
+        "(Tensor grad_y, Tensor x, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor index, Tensor count, "
+        "Tensor rstd, Tensor pre_act, int activation, bool has_b_gate_up, bool has_b_down) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
+def skip_ffn_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    index: torch.Tensor,
+    count: torch.Tensor,
+    rstd: torch.Tensor,
+    pre_act: torch.Tensor,
+    activation: int,
+    has_b_gate_up: bool,
+    has_b_down: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of skip_ffn: (x, w_gate_up, w_down, norm_weight, b_gate_up, b_down); absent ones are [0].
 
     An opaque op (static output shapes) because its GEMMs are sized by the device-side count of kept
@@ -117,26 +139,54 @@ def skip_ffn_backward(grad_y: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Te
 
 
 @skip_ffn_backward.register_fake
-def _skip_ffn_backward_fake(grad_y, x, w_gate_up, w_down, norm_weight, index, count, rstd, pre_act, activation,
-                            has_b_gate_up, has_b_down):
-    return (torch.empty_like(grad_y), torch.empty_like(w_gate_up), torch.empty_like(w_down),
-            x.new_empty(norm_weight.shape if norm_weight is not None else (0,)),
-            x.new_empty((w_gate_up.shape[0],) if has_b_gate_up else (0,)),
-            x.new_empty((x.shape[1],) if has_b_down else (0,)))
+def _skip_ffn_backward_fake(
+    grad_y, x, w_gate_up, w_down, norm_weight, index, count, rstd, pre_act, activation, has_b_gate_up, has_b_down
+):
+    return (
+        torch.empty_like(grad_y),
+        torch.empty_like(w_gate_up),
+        torch.empty_like(w_down),
+        x.new_empty(norm_weight.shape if norm_weight is not None else (0,)),
+        x.new_empty((w_gate_up.shape[0],) if has_b_gate_up else (0,)),
+        x.new_empty((x.shape[1],) if has_b_down else (0,)),
+    )
 
 
 def _backward(ctx, grad_y, _gi, _gc, _gr, _gp):
     if grad_y is None:
         return (None,) * 10
     if not ctx.saved:
-        raise RuntimeError("alignops::skip_ffn was called with save_for_backward=False; call it through "
-                           "alignops.skip.skip_ffn (which sets it) to differentiate")
+        raise RuntimeError(
+            "alignops::skip_ffn was called with save_for_backward=False; call it through "
+            "alignops.skip.skip_ffn (which sets it) to differentiate"
+        )
     x, w_gate_up, w_down, norm_weight, index, count, rstd, pre_act = ctx.saved_tensors
     gx, g1, g2, gn, gb1, gb2 = torch.ops.alignops.skip_ffn_backward(
-        grad_y.contiguous(), x, w_gate_up, w_down, norm_weight, index, count, rstd, pre_act, ctx.activation,
-        ctx.has_bias[0], ctx.has_bias[1])
-    return (gx, None, g1, g2, gn if norm_weight is not None else None, gb1 if ctx.has_bias[0] else None,
-            gb2 if ctx.has_bias[1] else None, None, None, None)
+        grad_y.contiguous(),
+        x,
+        w_gate_up,
+        w_down,
+        norm_weight,
+        index,
+        count,
+        rstd,
+        pre_act,
+        ctx.activation,
+        ctx.has_bias[0],
+        ctx.has_bias[1],
+    )
+    return (
+        gx,
+        None,
+        g1,
+        g2,
+        gn if norm_weight is not None else None,
+        gb1 if ctx.has_bias[0] else None,
+        gb2 if ctx.has_bias[1] else None,
+        None,
+        None,
+        None,
+    )
 
 
 def register_skip_ffn_autograd(op: str) -> None:
@@ -162,7 +212,8 @@ def register_skip_ffn_inplace_autograd(op: str) -> None:
                     raise AlignopsError(
                         f"{op} updates x in place and records no gradient, but {name} requires grad: use the "
                         "out-of-place alignops.skip_ffn (torch.ops.alignops.skip_ffn) to differentiate, or call "
-                        "it under torch.no_grad()")
+                        "it under torch.no_grad()"
+                    )
         with torch._C._AutoDispatchBelowAutograd():
             return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 

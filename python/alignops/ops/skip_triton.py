@@ -85,11 +85,23 @@ def skip_ffn_triton(
         xn = x.new_empty((N, H) if norm_weight is not None else (0, H))
         act = x.new_empty((N, I))
         launch_skip_ffn(
-            x, keep.contiguous().view(torch.uint8), w_gate_up.contiguous(), w_down.contiguous(),
+            x,
+            keep.contiguous().view(torch.uint8),
+            w_gate_up.contiguous(),
+            w_down.contiguous(),
             None if norm_weight is None else norm_weight.contiguous(),
             None if b_gate_up is None else b_gate_up.contiguous(),
             None if b_down is None else b_down.contiguous(),
-            activation, eps, y, index, count, rstd, pre_act, xn, act)
+            activation,
+            eps,
+            y,
+            index,
+            count,
+            rstd,
+            pre_act,
+            xn,
+            act,
+        )
     return y, index, count, rstd, pre_act
 
 
@@ -118,21 +130,32 @@ def skip_ffn_triton_(
         return
     G = w_gate_up.shape[0]
     launch_skip_ffn(
-        x, keep.contiguous().view(torch.uint8), w_gate_up.contiguous(), w_down.contiguous(),
+        x,
+        keep.contiguous().view(torch.uint8),
+        w_gate_up.contiguous(),
+        w_down.contiguous(),
         None if norm_weight is None else norm_weight.contiguous(),
         None if b_gate_up is None else b_gate_up.contiguous(),
         None if b_down is None else b_down.contiguous(),
-        activation, eps, x, x.new_empty(N, dtype=torch.int64), x.new_empty(1, dtype=torch.int64),
-        x.new_empty(0, dtype=acc_dtype(x.dtype)), x.new_empty((0, G)),
-        x.new_empty((N, H) if norm_weight is not None else (0, H)), x.new_empty((N, I)))
+        activation,
+        eps,
+        x,
+        x.new_empty(N, dtype=torch.int64),
+        x.new_empty(1, dtype=torch.int64),
+        x.new_empty(0, dtype=acc_dtype(x.dtype)),
+        x.new_empty((0, G)),
+        x.new_empty((N, H) if norm_weight is not None else (0, H)),
+        x.new_empty((N, I)),
+    )
 
 
 register_skip_ffn_inplace_autograd("alignops::skip_ffn_triton_")
 
 
 @register_triton_twin("alignops::skip_add_score")
-def skip_add_score_triton(residual: torch.Tensor, delta: torch.Tensor, criterion: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def skip_add_score_triton(
+    residual: torch.Tensor, delta: torch.Tensor, criterion: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::skip_add_score``: (h = residual + delta, score [N] in the accumulation dtype)."""
     if residual.dim() != 2:
         raise AlignopsError(f"residual must be a 2-D tensor of shape [N, H], got shape {list(residual.shape)}")
@@ -142,8 +165,10 @@ def skip_add_score_triton(residual: torch.Tensor, delta: torch.Tensor, criterion
     if delta.shape != residual.shape:
         raise AlignopsError(f"delta must have the shape of residual {list(residual.shape)}, got {list(delta.shape)}")
     if delta.dtype != residual.dtype or delta.device != residual.device:
-        raise AlignopsError(f"delta must have the dtype and device of residual ({residual.dtype}, {residual.device}), "
-                            f"got {delta.dtype}, {delta.device}")
+        raise AlignopsError(
+            f"delta must have the dtype and device of residual ({residual.dtype}, {residual.device}), "
+            f"got {delta.dtype}, {delta.device}"
+        )
     if criterion not in {int(c) for c in Criterion}:
         raise AlignopsError(f"criterion code must be 0 (cosine) or 1 (norm_ratio), got {criterion}")
     r, d = residual.contiguous(), delta.contiguous()

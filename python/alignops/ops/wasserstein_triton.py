@@ -65,14 +65,15 @@ def _sorted_cdf(x: torch.Tensor, w: torch.Tensor | None):
     else:
         ws = torch.gather(w.to(torch.float64), -1, order)
     c = torch.cumsum(ws, -1)
-    total = c[:, n - 1:]
+    total = c[:, n - 1 :]
     c = torch.cat([c[:, : n - 1] / total, torch.ones_like(total)], -1)  # the last breakpoint exactly 1
     return xs, c.to(acc).contiguous(), order, c, total
 
 
 @register_triton_twin("alignops::wasserstein_1d")
-def wasserstein_1d_triton(u: torch.Tensor, v: torch.Tensor, u_weights: torch.Tensor | None,
-                          v_weights: torch.Tensor | None, p: float) -> torch.Tensor:
+def wasserstein_1d_triton(
+    u: torch.Tensor, v: torch.Tensor, u_weights: torch.Tensor | None, v_weights: torch.Tensor | None, p: float
+) -> torch.Tensor:
     """Triton twin of ``alignops::wasserstein_1d``: W_p^p [B] in u's dtype."""
     _check_args(u, v, u_weights, v_weights, p)
     xu, cu, _, _, _ = _sorted_cdf(u, u_weights)
@@ -101,8 +102,9 @@ def _breakpoint_grad(x_self, c_self, x_other, c_other, g, p, right: bool) -> tor
     return torch.where(valid & has_next, g * (here - there), 0.0)
 
 
-def _weight_grad(gc: torch.Tensor, c64: torch.Tensor, total: torch.Tensor, order: torch.Tensor,
-                 dtype: torch.dtype) -> torch.Tensor:
+def _weight_grad(
+    gc: torch.Tensor, c64: torch.Tensor, total: torch.Tensor, order: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Chain rule from d/dC_i to the input weights: (sum_{i>=l} gc_i - sum_i gc_i C_i) / S, unsorted."""
     tail = torch.flip(torch.cumsum(torch.flip(gc, [-1]), -1), [-1])
     gw = (tail - (gc * c64).sum(-1, keepdim=True)) / total
@@ -110,9 +112,15 @@ def _weight_grad(gc: torch.Tensor, c64: torch.Tensor, total: torch.Tensor, order
 
 
 @register_triton_twin("alignops::wasserstein_1d_backward")
-def wasserstein_1d_backward_triton(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                                   u_weights: torch.Tensor | None, v_weights: torch.Tensor | None, p: float,
-                                   weights_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def wasserstein_1d_backward_triton(
+    grad: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    u_weights: torch.Tensor | None,
+    v_weights: torch.Tensor | None,
+    p: float,
+    weights_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::wasserstein_1d_backward``: (grad_u, grad_v, grad_u_weights, grad_v_weights)."""
     _check_args(u, v, u_weights, v_weights, p)
     B, n = u.shape

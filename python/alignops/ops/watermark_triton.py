@@ -32,8 +32,9 @@ def _check(logits: torch.Tensor, context: torch.Tensor) -> None:
     if context.device != logits.device:
         raise AlignopsError(f"context must be on the device of logits ({logits.device}), got {context.device}")
     if context.shape[0] != logits.shape[0]:
-        raise AlignopsError(f"context must have one row per row of logits [B = {logits.shape[0]}], got shape "
-                            f"{list(context.shape)}")
+        raise AlignopsError(
+            f"context must have one row per row of logits [B = {logits.shape[0]}], got shape {list(context.shape)}"
+        )
     if logits.shape[0] > 0 and logits.shape[1] < 1:
         raise AlignopsError("logits must have a vocabulary of V >= 1 entries")
 
@@ -47,8 +48,9 @@ def _threshold(gamma: float, delta: float) -> int:
 
 
 @register_triton_twin("alignops::kgw_logits")
-def kgw_logits_triton(logits: torch.Tensor, context: torch.Tensor, key: int, gamma: float,
-                      delta: float) -> torch.Tensor:
+def kgw_logits_triton(
+    logits: torch.Tensor, context: torch.Tensor, key: int, gamma: float, delta: float
+) -> torch.Tensor:
     """Triton twin of ``alignops::kgw_logits``."""
     _check(logits, context)
     threshold = _threshold(gamma, delta)
@@ -60,15 +62,17 @@ def kgw_logits_triton(logits: torch.Tensor, context: torch.Tensor, key: int, gam
 
 
 @register_triton_twin("alignops::kgw_argmax")
-def kgw_argmax_triton(logits: torch.Tensor, context: torch.Tensor, key: int, gamma: float,
-                      delta: float) -> torch.Tensor:
+def kgw_argmax_triton(
+    logits: torch.Tensor, context: torch.Tensor, key: int, gamma: float, delta: float
+) -> torch.Tensor:
     """Triton twin of ``alignops::kgw_argmax``."""
     _check(logits, context)
     threshold = _threshold(gamma, delta)
     out = logits.new_empty((logits.shape[0],), dtype=torch.int64)
     if logits.shape[0]:
-        launch_kgw_argmax(logits.contiguous(), context.long().contiguous(), out, key_state(SALT_KGW, key),
-                          threshold, delta)
+        launch_kgw_argmax(
+            logits.contiguous(), context.long().contiguous(), out, key_state(SALT_KGW, key), threshold, delta
+        )
     return out
 
 
@@ -80,8 +84,9 @@ def gumbel_argmax_triton(logits: torch.Tensor, context: torch.Tensor, key: int, 
         raise AlignopsError(f"temperature must be a finite value > 0, got {temperature}")
     out = logits.new_empty((logits.shape[0],), dtype=torch.int64)
     if logits.shape[0]:
-        launch_gumbel_argmax(logits.contiguous(), context.long().contiguous(), out, key_state(SALT_GUMBEL, key),
-                             1.0 / temperature)
+        launch_gumbel_argmax(
+            logits.contiguous(), context.long().contiguous(), out, key_state(SALT_GUMBEL, key), 1.0 / temperature
+        )
     return out
 
 

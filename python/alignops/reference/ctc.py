@@ -20,9 +20,15 @@ def repeats(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor
     return same.sum(1)
 
 
-def forced_align(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
-                 target_lengths: torch.Tensor, blank: int = 0, star_scores: torch.Tensor | None = None,
-                 star_id: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forced_align(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int = 0,
+    star_scores: torch.Tensor | None = None,
+    star_id: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Viterbi paths of the CTC trellis: (paths [B, T] int64, scores [B, T], feasible [B] bool).
 
     alpha_t(s) = max(alpha_{t-1}(s), alpha_{t-1}(s-1), alpha_{t-1}(s-2) [s a token differing from
@@ -83,7 +89,7 @@ def forced_align(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: 
 
     paths = torch.full((B, T), -1, dtype=torch.long, device=dev)
     scores = torch.zeros((B, T), dtype=log_probs.dtype, device=dev)
-    feasible = (input_lengths >= target_lengths + repeats(targets, target_lengths))
+    feasible = input_lengths >= target_lengths + repeats(targets, target_lengths)
     feasible &= (input_lengths > 0) | (target_lengths == 0)
     for b in range(B):
         Tb, Lb = int(input_lengths[b]), int(target_lengths[b])
@@ -103,4 +109,3 @@ def forced_align(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: 
             scores[b, t] = e.to(log_probs.dtype)
             s -= int(back[b, t, s])
     return paths, scores, feasible
-

@@ -46,8 +46,13 @@ def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([pad, x[..., :-k]], -1) if k > 0 else torch.cat([x[..., -k:], pad], -1)
 
 
-def forward_backward(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
-                     target_lengths: torch.Tensor, blank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_backward(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [B] fp64, gamma [B, T, 2L+1] fp64): -log p(targets | scores) and the state occupancy.
 
     ``log_probs`` [B, T, C] (any float dtype; computed in fp64), ``targets`` [B, L] padded. Infeasible
@@ -99,8 +104,9 @@ def token_occupancy(gamma: torch.Tensor) -> torch.Tensor:
     return gamma[..., 1::2]
 
 
-def class_occupancy(gamma: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor, blank: int,
-                    num_classes: int) -> torch.Tensor:
+def class_occupancy(
+    gamma: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor, blank: int, num_classes: int
+) -> torch.Tensor:
     """[B, T, C]: sum of gamma over the states labelled c, i.e. -d loss / d log_probs."""
     labels, _ = _labels(targets, target_lengths, blank)
     B, T, S = gamma.shape

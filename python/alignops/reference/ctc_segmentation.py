@@ -57,7 +57,7 @@ def fill_table(lpz: torch.Tensor, gt: torch.Tensor, window: int, blank: int, fla
         toks = gt[c].tolist()
         stay_zero = (flags & CtcSegmentationFlag.BLANK_TRANSITION_COST_ZERO) and any(v == 0 for v in toks)
         preamble = (flags & CtcSegmentationFlag.PREAMBLE_TRANSITION_COST_ZERO) and c == 0
-        frames = lpz32[offset_sum:offset_sum + W]
+        frames = lpz32[offset_sum : offset_sum + W]
         switch = torch.full((W,), FILL_FLOOR, dtype=torch.float32)
         sym = torch.full((W,), FILL_FLOOR, dtype=torch.float32)
         for s, tok in enumerate(toks):
@@ -94,8 +94,9 @@ def fill_table(lpz: torch.Tensor, gt: torch.Tensor, window: int, blank: int, fla
     return table, offsets, int(table[:, C - 1].argmax())
 
 
-def backtrace(lpz: torch.Tensor, gt: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, t: int, c: int,
-              blank: int):
+def backtrace(
+    lpz: torch.Tensor, gt: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, t: int, c: int, blank: int
+):
     """The package's backtracking loop from (t, c): (timings [C], char_probs [T] fp64, states [T]) or None
     where the package raises IndexError. numpy scalars give the package's dtype promotion exactly."""
     lpz_np, table_np, gt_np = lpz.numpy(), table.numpy(), gt.numpy()
@@ -135,8 +136,15 @@ def backtrace(lpz: torch.Tensor, gt: torch.Tensor, table: torch.Tensor, offsets:
     return torch.from_numpy(timings), torch.from_numpy(char_probs), torch.from_numpy(states)
 
 
-def ctc_segmentation(lpz: torch.Tensor, ground_truth: torch.Tensor, blank: int = 0, min_window_size: int = 8000,
-                     max_window_size: int = 100000, flags: int = 2, backtrack_from_max_t: bool = False):
+def ctc_segmentation(
+    lpz: torch.Tensor,
+    ground_truth: torch.Tensor,
+    blank: int = 0,
+    min_window_size: int = 8000,
+    max_window_size: int = 100000,
+    flags: int = 2,
+    backtrack_from_max_t: bool = False,
+):
     """One problem, as the package's ctc_segmentation: (timings [C] frames, char_probs [T] fp64, states [T],
     window used). lpz [T, V] fp32/fp64, ground_truth [C, S] int64. Raises ValueError where the package
     raises AssertionError (text longer than audio) or IndexError (every window failed)."""
@@ -189,7 +197,7 @@ def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: to
             elif e - s <= window:
                 out[b, u] = cp2[b, s:e].mean()
             else:
-                means = cp2[b, s:e - 1].unfold(0, window, 1).mean(-1)  # windows starting at s .. e - n - 1
+                means = cp2[b, s : e - 1].unfold(0, window, 1).mean(-1)  # windows starting at s .. e - n - 1
                 # the package folds min(running, mean) from 0: a NaN window never compares lower, so it is
                 # skipped (a short span's plain mean keeps its NaN)
                 means = means[~means.isnan()]
@@ -197,8 +205,9 @@ def utterance_score(frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: to
     return out.reshape(*lead, -1)
 
 
-def utterance_segments(timings: torch.Tensor, char_probs: torch.Tensor, utt_begin_indices, index_duration: float,
-                       window: int = 30):
+def utterance_segments(
+    timings: torch.Tensor, char_probs: torch.Tensor, utt_begin_indices, index_duration: float, window: int = 30
+):
     """The package's determine_utterance_segments: a list of (start s, end s, score) per utterance."""
     tim = (timings.to(torch.float64) * index_duration).tolist()
 

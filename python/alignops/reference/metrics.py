@@ -56,8 +56,9 @@ def bootstrap_indices(seed: int, num_resamples: int, n: int, device=None) -> tor
     return torch.cat([j[None, :], idx], dim=0)
 
 
-def bootstrap_confusion(a: torch.Tensor, b: torch.Tensor, num_classes: int, num_resamples: int,
-                        seed: int) -> torch.Tensor:
+def bootstrap_confusion(
+    a: torch.Tensor, b: torch.Tensor, num_classes: int, num_resamples: int, seed: int
+) -> torch.Tensor:
     """int32 [P, R + 1, C, C] confusion matrices (rows: a's label, columns: b's) of each pair on each resample."""
     P, N = a.shape
     b = b.expand(P, N)

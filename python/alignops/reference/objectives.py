@@ -94,8 +94,18 @@ def _ref_free_losses(logits, loss_type, beta, eps, gamma):
     raise AlignopsError(loss_type)
 
 
-def cpo_loss(pc, pr, beta=0.1, cpo_alpha=1.0, loss_type="sigmoid", label_smoothing=0.0, simpo_gamma=0.5,
-             alpha=0.0, chosen_lengths=None, rejected_lengths=None):
+def cpo_loss(
+    pc,
+    pr,
+    beta=0.1,
+    cpo_alpha=1.0,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    simpo_gamma=0.5,
+    alpha=0.0,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """TRL's ``CPOTrainer``: ``losses.mean() + cpo_alpha * CE(chosen)`` (AlphaPO through ``alpha``).
 
     Returns (loss, per_pair_losses, chosen_rewards, rejected_rewards).
@@ -109,8 +119,19 @@ def cpo_loss(pc, pr, beta=0.1, cpo_alpha=1.0, loss_type="sigmoid", label_smoothi
     return losses.mean() + cpo_alpha * nll, losses, beta * sc, beta * sr
 
 
-def tpo_loss(pc, pr, gold, beta=0.01, tpo_alpha=1.0, loss_type="sigmoid", label_smoothing=0.0, tpo_l_gamma=0.5,
-             chosen_lengths=None, rejected_lengths=None, gold_lengths=None):
+def tpo_loss(
+    pc,
+    pr,
+    gold,
+    beta=0.01,
+    tpo_alpha=1.0,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    tpo_l_gamma=0.5,
+    chosen_lengths=None,
+    rejected_lengths=None,
+    gold_lengths=None,
+):
     """TRL's ``TPOTrainer``: ``per_sequence_loss.mean() + tpo_alpha * CE(gold)``; (loss, per_pair_losses)."""
     sc, sr = _ref_free_scores(pc, pr, chosen_lengths, rejected_lengths, loss_type in ("ipo", "tpo-l"))
     losses = _ref_free_losses(sc - sr, loss_type, beta, label_smoothing, tpo_l_gamma)

@@ -29,8 +29,18 @@ def masked_cost(cost: torch.Tensor, n_sizes: torch.Tensor, m_sizes: torch.Tensor
     return C if bool(valid.all()) else C.masked_fill(~valid, math.inf)
 
 
-def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_sizes: torch.Tensor, m_sizes: torch.Tensor,
-             eps_schedule: Sequence[float], eps: float, n_iters: int, tol: float, scores: bool):
+def sinkhorn(
+    cost: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    n_sizes: torch.Tensor,
+    m_sizes: torch.Tensor,
+    eps_schedule: Sequence[float],
+    eps: float,
+    n_iters: int,
+    tol: float,
+    scores: bool,
+):
     """Batched log-domain Sinkhorn with the semantics of ``torch.ops.alignops.sinkhorn``.
 
     Returns (f [B, N], g [B, M], iterations [B] int64, err [B]). Iteration t runs at ``eps_schedule[t]``
@@ -86,8 +96,15 @@ def sinkhorn_exp(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: floa
     return eps * u.log(), eps * v.log()
 
 
-def plan(cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float, n_sizes: torch.Tensor,
-         m_sizes: torch.Tensor, scores: bool) -> torch.Tensor:
+def plan(
+    cost: torch.Tensor,
+    f: torch.Tensor,
+    g: torch.Tensor,
+    eps: float,
+    n_sizes: torch.Tensor,
+    m_sizes: torch.Tensor,
+    scores: bool,
+) -> torch.Tensor:
     """P_ij = exp((f_i + g_j - C_ij) / eps), 0 outside each problem's block."""
     C = masked_cost(cost, n_sizes, m_sizes, scores)
     return torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)

@@ -84,7 +84,8 @@ def preference_loss(
             e = torch.tensor(eps, dtype=acc)
             z = b * delta
             loss = torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-e)) + torch.sigmoid(-z) * (
-                F.logsigmoid(-z) - torch.log(e))
+                F.logsigmoid(-z) - torch.log(e)
+            )
         elif t == "nca_pair":
             loss = -F.logsigmoid(b * xc) - 0.5 * F.logsigmoid(-b * xc) - 0.5 * F.logsigmoid(-b * xr)
         elif t == "robust":
@@ -126,8 +127,9 @@ def preference_loss(
     return total, chosen_rewards, rejected_rewards
 
 
-def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                       temperature: float = 1.0) -> torch.Tensor:
+def selective_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, temperature: float = 1.0
+) -> torch.Tensor:
     """log softmax(logits / T)[target] per row, 0 where target == ignore_index (materialises [N, V])."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     keep = targets != ignore_index
@@ -148,8 +150,18 @@ def lm_head_logits(hidden, weight, bias=None, *, temperature=1.0, logit_scale=1.
     return z / temperature
 
 
-def fused_linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-100, temperature=1.0,
-                          logit_scale=1.0, softcap=None, return_entropy=False):
+def fused_linear_logprobs(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    ignore_index=-100,
+    temperature=1.0,
+    logit_scale=1.0,
+    softcap=None,
+    return_entropy=False,
+):
     """TRL's path: materialise the logits, log_softmax, gather (and the entropy -sum p log p)."""
     z = lm_head_logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap)
     keep = targets != ignore_index
@@ -161,8 +173,9 @@ def fused_linear_logprobs(hidden, weight, targets, bias=None, *, ignore_index=-1
     return logp, torch.where(keep, entropy, torch.zeros_like(entropy))
 
 
-def fused_linear_preference_loss(hidden, weight, targets, ref_hidden, loss_type="sigmoid", beta=0.1,
-                                 ignore_index=-100, **loss_options):
+def fused_linear_preference_loss(
+    hidden, weight, targets, ref_hidden, loss_type="sigmoid", beta=0.1, ignore_index=-100, **loss_options
+):
     """TRL's DPO step, padded layout ([2B, T, H], chosen rows first): full logits for the policy and (without
     grad) the reference, per-sequence sums over the completion, then :func:`preference_loss` (mean)."""
     rows, T, H = hidden.shape
@@ -177,12 +190,17 @@ def fused_linear_preference_loss(hidden, weight, targets, ref_hidden, loss_type=
         r = seq(ref_hidden)
     B = rows // 2
     n = keep.sum(-1)
-    return preference_loss(s[:B], s[B:], r[:B], r[B:], loss_type, beta, chosen_lengths=n[:B], rejected_lengths=n[B:],
-                           **loss_options)[0]
+    return preference_loss(
+        s[:B], s[B:], r[:B], r[B:], loss_type, beta, chosen_lengths=n[:B], rejected_lengths=n[B:], **loss_options
+    )[0]
 
 
-def sequence_logprobs(per_token_logps: torch.Tensor, *, completion_mask: torch.Tensor | None = None,
-                      cu_seqlens: torch.Tensor | None = None):
+def sequence_logprobs(
+    per_token_logps: torch.Tensor,
+    *,
+    completion_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+):
     """Per-sequence sum, mean and token count of per-token log-probs (mask [B, T] or cu_seqlens [S+1])."""
     if completion_mask is not None:
         m = completion_mask.to(per_token_logps.dtype)
@@ -190,7 +208,10 @@ def sequence_logprobs(per_token_logps: torch.Tensor, *, completion_mask: torch.T
         count = completion_mask.sum(-1)
     else:
         bounds = cu_seqlens.tolist()
-        total = torch.stack([per_token_logps[s:e].sum() for s, e in zip(bounds[:-1], bounds[1:])]) \
-            if len(bounds) > 1 else per_token_logps.new_zeros(0)
+        total = (
+            torch.stack([per_token_logps[s:e].sum() for s, e in zip(bounds[:-1], bounds[1:])])
+            if len(bounds) > 1
+            else per_token_logps.new_zeros(0)
+        )
         count = cu_seqlens[1:] - cu_seqlens[:-1]
     return total, total / count.clamp(min=1).to(total.dtype), count

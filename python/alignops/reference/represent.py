@@ -28,8 +28,14 @@ def _mean_of(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.stack(values).mean() if values else like.new_tensor(float("nan"))
 
 
-def ima_score(hidden_states, perceptual_mask: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              mode: str = "mean", layer_offset: int = 1, fixed_perceptual_layer: int = 0) -> dict:
+def ima_score(
+    hidden_states,
+    perceptual_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    mode: str = "mean",
+    layer_offset: int = 1,
+    fixed_perceptual_layer: int = 0,
+) -> dict:
     """Reference of :func:`alignops.represent.ima_score`; returns a dict of the same fields.
 
     Per example (``[L, B]`` or ``[L-k, B]``): ``cross``, ``cross_fixed``, ``token_pair``,
@@ -93,8 +99,12 @@ def ima_score(hidden_states, perceptual_mask: torch.Tensor, attention_mask: torc
         per_layer = []
         for l in range(L):
             lp = f if fixed else l
-            pairs = [_cos(means_p[lp][i], means_t[l][j]) for i in range(B) for j in range(B)
-                     if means_p[lp][i] is not None and means_t[l][j] is not None]
+            pairs = [
+                _cos(means_p[lp][i], means_t[l][j])
+                for i in range(B)
+                for j in range(B)
+                if means_p[lp][i] is not None and means_t[l][j] is not None
+            ]
             per_layer.append(_mean_of(pairs, nan))
         out[name] = torch.stack(per_layer)
     return out
@@ -128,8 +138,11 @@ def _hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     K = K - torch.diag(torch.diag(K))
     L = L - torch.diag(torch.diag(L))
     one = torch.ones(n, dtype=K.dtype)
-    return (torch.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * (one @ K @ L @ one)) / (n * (n - 3))
+    return (
+        torch.trace(K @ L)
+        + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+        - 2.0 / (n - 2) * (one @ K @ L @ one)
+    ) / (n * (n - 3))
 
 
 def linear_cka(X: torch.Tensor, Y: torch.Tensor, debiased: bool = False) -> torch.Tensor:
@@ -145,8 +158,13 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor, debiased: bool = False) -> torc
     return hsic(K, L) / (hsic(K, K) * hsic(L, L)).sqrt()
 
 
-def ches_score(h_chosen: torch.Tensor, h_rejected: torch.Tensor, chosen_mask: torch.Tensor,
-               rejected_mask: torch.Tensor, length_normalized: bool = False) -> torch.Tensor:
+def ches_score(
+    h_chosen: torch.Tensor,
+    h_rejected: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    length_normalized: bool = False,
+) -> torch.Tensor:
     """CHES (Razin et al. 2024) per pair, one pair at a time: <h+, h-> - |h+|^2 with h = sum of the response
     tokens' hidden states (divided by the response lengths when length_normalized)."""
     out = []

@@ -56,8 +56,9 @@ def ffn(x, w_gate_up, w_down, norm_weight=None, b_gate_up=None, b_down=None, act
     return x + F.linear(activate(u, activation), w_down, b_down)
 
 
-def skip_ffn(x, w_gate_up, w_down, norm_weight=None, keep=None, b_gate_up=None, b_down=None, activation="swiglu",
-             eps=1e-6):
+def skip_ffn(
+    x, w_gate_up, w_down, norm_weight=None, keep=None, b_gate_up=None, b_down=None, activation="swiglu", eps=1e-6
+):
     """Dense FFN on every row, then ``torch.where(keep, dense, x)``: skipped rows are exactly x."""
     dense = ffn(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps)
     if keep is None:
@@ -65,12 +66,14 @@ def skip_ffn(x, w_gate_up, w_down, norm_weight=None, keep=None, b_gate_up=None, 
     return torch.where(keep.unsqueeze(-1), dense, x)
 
 
-def naive_skip_ffn(x, w_gate_up, w_down, norm_weight=None, keep=None, b_gate_up=None, b_down=None,
-                   activation="swiglu", eps=1e-6):
+def naive_skip_ffn(
+    x, w_gate_up, w_down, norm_weight=None, keep=None, b_gate_up=None, b_down=None, activation="swiglu", eps=1e-6
+):
     """What people write today: nonzero -> index_select -> linear -> index_add (the benchmark peer)."""
     flat = x.reshape(-1, x.shape[-1])
     idx = keep.reshape(-1).nonzero().squeeze(-1)
     rows = flat.index_select(0, idx)
-    delta = F.linear(activate(F.linear(rms_norm(rows, norm_weight, eps), w_gate_up, b_gate_up), activation),
-                     w_down, b_down)
+    delta = F.linear(
+        activate(F.linear(rms_norm(rows, norm_weight, eps), w_gate_up, b_gate_up), activation), w_down, b_down
+    )
     return flat.index_add(0, idx, delta).reshape(x.shape)

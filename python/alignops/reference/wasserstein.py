@@ -23,8 +23,13 @@ def _cdf(values: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tens
     return x, torch.cat([c[..., :-1], torch.ones_like(c[..., -1:])], -1)
 
 
-def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, u_weights: torch.Tensor | None = None,
-                   v_weights: torch.Tensor | None = None, p: float = 1.0) -> torch.Tensor:
+def wasserstein_1d(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    u_weights: torch.Tensor | None = None,
+    v_weights: torch.Tensor | None = None,
+    p: float = 1.0,
+) -> torch.Tensor:
     """W_p^p between the 1-D empirical measures u [..., n] and v [..., m]; returns [...] in u's dtype."""
     xu, cu = _cdf(u, u_weights)
     xv, cv = _cdf(v, v_weights)
@@ -43,8 +48,14 @@ def root(m: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(pos, torch.where(pos, m, torch.ones_like(m)).pow(1.0 / p), torch.zeros_like(m))
 
 
-def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, projections: torch.Tensor, p: float = 2.0,
-                       a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
+def sliced_wasserstein(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    projections: torch.Tensor,
+    p: float = 2.0,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+) -> torch.Tensor:
     """POT's sliced_wasserstein_distance: (mean over projections of W_p^p(X theta, Y theta))^(1/p).
 
     X [..., n, d], Y [..., m, d], projections [d, L] (unit columns); returns [...]."""
@@ -64,6 +75,9 @@ def gaussian_w2(mu1: torch.Tensor, S1: torch.Tensor, mu2: torch.Tensor, S2: torc
     """Squared Bures-Wasserstein distance |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), via eigh."""
     r1 = _sqrtm_eigh(S1)
     cross = _sqrtm_eigh(r1 @ S2 @ r1)
-    tr = (S1.diagonal(dim1=-2, dim2=-1).sum(-1) + S2.diagonal(dim1=-2, dim2=-1).sum(-1)
-          - 2 * cross.diagonal(dim1=-2, dim2=-1).sum(-1))
+    tr = (
+        S1.diagonal(dim1=-2, dim2=-1).sum(-1)
+        + S2.diagonal(dim1=-2, dim2=-1).sum(-1)
+        - 2 * cross.diagonal(dim1=-2, dim2=-1).sum(-1)
+    )
     return ((mu1 - mu2) ** 2).sum(-1) + tr
