@@ -5,30 +5,15 @@ Three ways in: the functional API (``alignops.preference_loss``), ``nn.Module`` 
 compiled backends.
 """
 
+# isort: skip_file
+# (the order below is load order: torch, then _C, then the modules that register against its schemas)
 import torch  # noqa: F401  (libc10 must be loaded before the extension)
-
-from . import (
-    ctc,
-    ima,
-    metrics,
-    nn,
-    objectives,
-    ops,  # noqa: F401  (autograd, fake kernels and Triton ops)
-    ot,
-    reference,
-    represent,
-    rewards,
-    similarity,
-    skip,
-    wasserstein,
-    watermark,
-)
-from ._errors import AlignopsError
 
 # _C registers the torch.ops.alignops schemas and kernels; _torch_check loads it only after comparing the running
 # torch with the one it was built against (under another torch the load fails with an undefined symbol).
 from ._torch_check import _C  # noqa: F401
-from .distillation import DistillationOutput, fused_linear_distillation_loss, topk_distillation_loss
+from ._errors import AlignopsError
+from . import ops  # noqa: F401  (autograd, fake kernels and Triton ops)
 from .fused_linear import (
     FusedLinearLogprobs,
     FusedLinearPreferenceOutput,
@@ -36,8 +21,16 @@ from .fused_linear import (
     fused_linear_preference_loss,
     fused_linear_sequence_logprobs,
 )
+from .preference import (
+    LOSS_TYPES,
+    PreferenceLossOutput,
+    preference_loss,
+    selective_logprobs,
+    sequence_logprobs,
+)
+from . import ctc, ima, nn, objectives, ot, reference, represent, similarity, skip
+from .distillation import DistillationOutput, fused_linear_distillation_loss, topk_distillation_loss
 from .fused_linear_policy import FusedLinearPolicyOutput, fused_linear_policy_loss
-from .ima import IMACollector, IMADatasetScore, IMAScore, ima_score
 from .objectives import (
     RunningMoments,
     bco_loss,
@@ -58,15 +51,10 @@ from .objectives import (
     tpo_loss,
     wpo_weights,
 )
-from .preference import (
-    LOSS_TYPES,
-    PreferenceLossOutput,
-    preference_loss,
-    selective_logprobs,
-    sequence_logprobs,
-)
+from .ima import IMACollector, IMADatasetScore, IMAScore, ima_score
 from .similarity import cca, cca_loss, ches_score, linear_cka
 from .skip import skip_ffn
+from . import metrics, rewards, wasserstein, watermark
 from .wasserstein import gaussian_w2, sliced_wasserstein, wasserstein_1d
 
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ try:
 except ImportError:
     triton = None
 if triton is not None:
-    from . import (  # noqa: F401  # noqa: F401  # noqa: F401
+    from . import (  # noqa: F401
         ctc_segmentation_triton,
         distillation_triton,
         fused_linear_triton,
