@@ -28,17 +28,22 @@ def gae_kernel(
     gl_hi,
     gl_lo,
     HAS_LAST: tl.constexpr,
-    ACC: tl.constexpr,
+    FP64: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     live = rows < B
     base = rows * T
-    if HAS_LAST:
-        next_value = tl.load(last_ptr + rows, mask=live, other=0.0).to(ACC)
+    # The accumulator's dtype comes as a bool constexpr (fp64 or fp32), not a tl.dtype: the compile gate's launch
+    # capture writes every argument as JSON.
+    if FP64:
+        gae = tl.zeros([BLOCK_B], dtype=tl.float64)
     else:
-        next_value = tl.zeros([BLOCK_B], dtype=ACC)
-    gae = tl.zeros([BLOCK_B], dtype=ACC)
+        gae = tl.zeros([BLOCK_B], dtype=tl.float32)
+    if HAS_LAST:
+        next_value = tl.load(last_ptr + rows, mask=live, other=0.0).to(gae.dtype)
+    else:
+        next_value = gae
     # Float arguments reach a kernel as fp32: gamma and gamma * lam come as two fp32 parts each, summed in ACC,
     # so that fp64 inputs get gamma to ~48 bits instead of 24.
     gamma = gae + gamma_hi + gamma_lo
@@ -46,8 +51,8 @@ def gae_kernel(
     for i in range(0, T):
         offs = base + (T - 1 - i)
         keep = tl.load(m_ptr + offs, mask=live, other=0) != 0
-        r = tl.load(r_ptr + offs, mask=live, other=0.0).to(ACC)
-        v = tl.load(v_ptr + offs, mask=live, other=0.0).to(ACC)
+        r = tl.load(r_ptr + offs, mask=live, other=0.0).to(gae.dtype)
+        v = tl.load(v_ptr + offs, mask=live, other=0.0).to(gae.dtype)
         # A position outside the mask ends the episode: A = R = 0 there, no bootstrap into the one before.
         gae = tl.where(keep, r + gamma * next_value - v + gamma_lam * gae, 0.0)
         next_value = tl.where(keep, v, 0.0)
@@ -71,7 +76,6 @@ def launch_gae(
     # on (the rows are the only parallelism); the interpreter takes 4 so that the tests' few rows span several
     # programs and a partial last block.
     block = 4 if interpreting(r) else 32
-    acc = tl.float64 if r.dtype == torch.float64 else tl.float32
     launch(
         gae_kernel,
         (triton.cdiv(B, block),),
@@ -86,7 +90,7 @@ def launch_gae(
         *_split_fp32(gamma),
         *_split_fp32(gamma * lam),
         HAS_LAST=last is not None,
-        ACC=acc,
+        FP64=r.dtype == torch.float64,
         BLOCK_B=block,
         num_warps=1,
     )
