@@ -15,7 +15,6 @@ tokens, fp32, sigmoid loss. Quick plan: V = 8000, H = 64, 2 pairs x (8 + 24) tok
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import torch
 from .common import Case, annotate
 
 FAMILY = "trl"
+# The subject of the family is TRL's trainer: without these there is nothing to measure (run.py says so).
+REQUIRES = ("trl", "transformers", "datasets")
 
 
 def _import(name: str):
@@ -53,8 +54,6 @@ def _tokenizer(transformers):
 
 
 def _groups(device: str, quick: bool):
-    if importlib.util.find_spec("trl") is None:
-        return
     trl = _import("trl")
     transformers = _import("transformers")
     ours = _import("alignops.integrations.trl")

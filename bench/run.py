@@ -12,7 +12,9 @@ Adding a family: create ``bench/bench_<family>.py``; it is found by its file nam
 families in run order: the known ones first, then any other ``bench_*.py`` alphabetically). The module
 defines ``groups(device, quick)``, a generator of lists of common.Case sharing inputs (one baseline each):
 ``quick=True`` is its representative plan (a couple of small shapes, seconds in all), ``quick=False`` its
-full plan; and optionally ``summary(results) -> list[str]`` (its targets, printed after its table).
+full plan; and optionally ``summary(results) -> list[str]`` (its targets, printed after its table) and
+``REQUIRES``, the import names of the peers without which the family has nothing to measure (the run then
+says which are missing instead of printing an empty table).
 
 Progress goes to stderr (one line rewritten in place on a terminal, one line per case otherwise); tables
 and the summary go to stdout. The summary has one row per op and shape: our fastest provider (``alignops*``)
@@ -32,6 +34,7 @@ import csv
 import dataclasses
 import datetime
 import importlib
+import importlib.util
 import os
 import platform
 import subprocess
@@ -287,6 +290,11 @@ def default_out_dir(now: datetime.datetime | None = None) -> Path:
     return Path.cwd() / f"alignops-bench-{now.strftime('%Y%m%dT%H%M%SZ')}"
 
 
+def missing_requirements(module) -> list[str]:
+    """The names in the family's REQUIRES that this environment cannot import."""
+    return [n for n in getattr(module, "REQUIRES", ()) if importlib.util.find_spec(n) is None]
+
+
 def main(device: str = "cpu", families: list[str] | None = None, full: bool = False, out: str | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("alignops bench: --device cuda but no CUDA device is visible")
@@ -326,6 +334,11 @@ def main(device: str = "cpu", families: list[str] | None = None, full: bool = Fa
         t0 = time.monotonic()
         try:
             module = importlib.import_module(f".{FAMILIES[name]}", __package__)
+            missing = missing_requirements(module)
+            if missing:
+                emit(f"\n== {name}: not run: needs {', '.join(missing)} (not installed) ==")
+                progress.done += 1
+                continue
             torch.manual_seed(0)
             results = run_groups(
                 module.groups(device, quick),

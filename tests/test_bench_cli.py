@@ -27,7 +27,7 @@ def test_every_bench_module_is_a_family():
 
 
 @pytest.mark.parametrize("family", list(run.FAMILIES))
-def test_quick_plan_has_cases_with_a_baseline(family, monkeypatch):
+def test_quick_plan_has_cases_with_a_baseline(family, monkeypatch, tmp_path, capsys):
     # `python -m pytest` puts the checkout on sys.path, where kernels/ shadows the Hub's `kernels` package
     # that transformers (a peer of some families) imports; `alignops bench` never has the checkout there.
     root = BENCH_DIR.parent
@@ -36,6 +36,10 @@ def test_quick_plan_has_cases_with_a_baseline(family, monkeypatch):
         monkeypatch.delitem(sys.modules, "kernels")
     # The first group only: building every group's inputs would take longer than running a few.
     module = __import__(f"alignops.bench.{run.FAMILIES[family]}", fromlist=["groups"])
+    if run.missing_requirements(module):
+        # A family about a peer (trl: TRL's trainers) has nothing to run without it; the CLI must say so.
+        _assert_not_run_and_said(family, tmp_path, capsys)
+        return
     cases = next(iter(module.groups("cpu", True)), None)
     assert cases, f"{family}: the quick plan yields no group"
     assert all(isinstance(c, common.Case) for c in cases)
@@ -143,3 +147,25 @@ def test_summary_takes_our_fastest_against_the_fastest_peer():
         ("f", "c", "n=1 float32 fwd", "alignops", "1.5", "peer Z", "3", "2.00x", "-"),
         ("f", "d", "n=1 float32 fwd", "alignops", "4", "torch", "8", "2.00x", "<0.03x"),
     ]
+
+
+
+def _assert_not_run_and_said(family, out_dir, capsys):
+    module = __import__(f"alignops.bench.{run.FAMILIES[family]}", fromlist=["REQUIRES"])
+    missing = run.missing_requirements(module)
+    assert missing
+    assert run.main("cpu", [family], out=str(out_dir)) == 0
+    line = f"== {family}: not run: needs {', '.join(missing)} (not installed) =="
+    assert line in capsys.readouterr().out
+    assert line in (out_dir / "report.txt").read_text()
+    assert not list(out_dir.glob("*.csv"))
+
+
+def test_family_without_its_peer_says_so(monkeypatch, tmp_path, capsys):
+    """A family whose REQUIRES cannot be imported is not run, and the table's place names what is missing
+    (the trl family with TRL hidden, so that this runs whether TRL is installed or not)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, **k: None if n == "trl" else real(n, *a, **k))
+    _assert_not_run_and_said("trl", tmp_path, capsys)

@@ -125,6 +125,9 @@ def policy_loss(
     fp32 (fp64 for fp64 input): the other float inputs are converted to it. SAPO's temperatures and VESPO's
     k / lambda are rounded to fp32 as TRL's ``torch.where`` on Python floats does. NaN / inf in the log-probs
     propagate as in TRL (a non-finite value anywhere in a row, even under the mask, makes the loss NaN).
+    Gradients at the measure-zero points follow torch >= 2.14's autograd of TRL's code: coef_1 exactly on a clip
+    bound (or on delta) gets no gradient through the clamp, and a tie in the outer min splits it in half (torch
+    2.13's clamp passed the full gradient at its bounds).
 
     Backends: native (C++, CPU rows in parallel), triton (GPU), torch (alignops.reference.policy); auto is
     native on the CPU, Triton on a GPU. Raises AlignopsError for bad shapes, dtypes or devices, unknown
