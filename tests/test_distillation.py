@@ -132,6 +132,36 @@ def test_masked_rows_do_not_matter_and_teacher_gets_no_grad():
     assert torch.autograd.grad(b.loss, th, allow_unused=True)[0] is None
 
 
+@pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("skew", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_skew_at_its_ends_and_long_rows_match_reference(divergence, skew, dtype):
+    """skew 0 and 1 put log 0 = -inf into one side of the mixture's logaddexp; V = 1000 walks many vectors and a
+    ragged last one (the epilogue pads it)."""
+    sh, sw, th, tw, mask, sb, tb = _inputs(V=1000, dtype=dtype, bias=True)
+    kw = dict(divergence=divergence, skew=skew, temperature=0.8, student_bias=sb, teacher_bias=tb)
+    out = fld(sh, sw, th, tw, mask, **kw)
+    exp = ref.fused_linear_distillation_loss(sh, sw, th, tw, mask, **kw)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.loss, exp[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(out.per_token, exp[1].detach().view(3, 7), rtol=tol, atol=tol)
+    for g, e in zip(_grads(out.loss, (sh, sw, sb)), _grads(exp[0], (sh, sw, sb))):
+        torch.testing.assert_close(g, e, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logit_in_a_kept_row_poisons_that_row_as_the_reference_does(bad):
+    sh, sw, th, tw, mask, _, _ = _inputs()
+    r = int(mask.view(-1).nonzero()[0])
+    th.view(-1, th.shape[-1])[r, 0] = bad
+    out = fld(sh, sw, th, tw, mask)
+    exp = ref.fused_linear_distillation_loss(sh, sw, th, tw, mask)
+    per_token, expected = out.per_token.view(-1), exp[1].detach().view(-1)
+    assert torch.isnan(per_token[r]) and torch.isnan(expected[r]) and torch.isnan(out.loss)
+    others = torch.arange(per_token.numel()) != r
+    torch.testing.assert_close(per_token[others], expected[others], rtol=2e-5, atol=2e-5)
+
+
 def test_empty_batch_and_all_masked():
     sh, sw, th, tw, mask, _, _ = _inputs(B=0)
     out = fld(sh, sw, th, tw, mask)

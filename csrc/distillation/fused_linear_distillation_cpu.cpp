@@ -1,11 +1,12 @@
 // CPU kernel of alignops::fused_linear_distillation: a teacher-student divergence from both models' LM-head
 // inputs without the [N, V] logits of either. Rows with weight 0 (prompt, padding) are dropped before any
 // GEMM. The kept rows are walked in blocks of R rows; one GEMM per model gives the block's [R, V] logits
-// (R chosen so that a block is about 16 MB per model), both softmaxes, the divergence and, when asked, the
-// closed-form d loss / d student logits are taken from that block, and grad_hidden[rows] = dz @ W_s,
-// grad_weight += dz^T @ h_s. Each logit is thus computed once per model (a vocabulary-tiled scheme would
-// recompute both heads in a second forward pass, since the JSD's gradient needs the per-row sum
-// sum_v p_s G only known after every tile, and again in the backward).
+// (R chosen so that a block is about 16 MB per model), and the vectorised epilogue
+// (fused_linear_distillation_cpu_kernel.cpp) turns them in place into both softmaxes, the divergence and, when
+// asked, the closed-form d loss / d student logits; then grad_hidden[rows] = dz @ W_s, grad_weight += dz^T @ h_s.
+// The extra memory is those two blocks (one per model) and the kept rows of hidden. Each logit is computed once
+// per model (a vocabulary-tiled scheme would recompute both heads in a second forward pass, since the JSD's
+// gradient needs the per-row sum sum_v p_s G only known after every tile, and again in the backward).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -14,11 +15,11 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/cpu_capability.h"
+#include "distillation/fused_linear_distillation_cpu_kernel.h"
 
 namespace alignops::distillation {
 namespace {
-
-enum class Mode { ForwardKL, ReverseKL, JSD, TV, SkewKL, SkewReverseKL };
 
 Mode parse_mode(const std::string& divergence, double coef) {
   if (divergence == "jsd") {
@@ -63,24 +64,13 @@ void check_head(const at::Tensor& hidden, const at::Tensor& weight, const std::o
   }
 }
 
-struct Transform {
-  double scale, softcap, inv_t;
-  // z = softcap tanh(scale u / softcap) / T (scale u / T when softcap <= 0), in place; returns dz/du when
-  // `grad` (only used for the student).
-  at::Tensor apply(at::Tensor& u, bool grad) const {
-    at::Tensor dzdu;
-    if (softcap > 0) {
-      auto th = (u * (scale / softcap)).tanh_();
-      if (grad) {
-        dzdu = (1 - th * th).mul_(scale * inv_t);
-      }
-      u = th.mul_(softcap * inv_t);
-    } else {
-      u.mul_(scale * inv_t);
-    }
-    return dzdu;
-  }
-};
+const DistillationKernels& kernels() {
+#if ALIGNOPS_X86
+  return pick_cpu_kernels(DEFAULT::distillation_kernels, &AVX2::distillation_kernels);
+#else
+  return DEFAULT::distillation_kernels;
+#endif
+}
 
 using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -128,75 +118,27 @@ Result fused_linear_distillation_cpu(const at::Tensor& student_hidden, const at:
     const Transform fs{student_logit_scale, student_softcap, 1.0 / temperature};
     const Transform ft{teacher_logit_scale, teacher_softcap, 1.0 / temperature};
     const int64_t R = block_rows(V);
-    const double log_a = std::log(1.0 - coef), log_b = std::log(coef);
+    const auto& k = kernels();
     for (int64_t r0 = 0; r0 < K; r0 += R) {
       const auto rows = index.narrow(0, r0, std::min(R, K - r0));
       const auto hs = student_hidden.index_select(0, rows).to(acc);
       const auto ht = teacher_hidden.index_select(0, rows).to(acc);
-      const auto w = w_all.index_select(0, rows).unsqueeze(1);
+      const auto w = w_all.index_select(0, rows);
       auto zs = bs.defined() ? at::addmm(bs, hs, ws.t()) : at::mm(hs, ws.t());
       auto zt = bt.defined() ? at::addmm(bt, ht, wt.t()) : at::mm(ht, wt.t());
-      const auto dzdu = fs.apply(zs, compute_grad);
-      ft.apply(zt, false);
-      // log p in place of z: the logits themselves are not needed again.
-      auto log_ps = zs.sub_(zs.logsumexp(1, true));
-      auto log_pt = zt.sub_(zt.logsumexp(1, true));
-      const auto ps = log_ps.exp();
-      const auto pt = log_pt.exp();
-      entropy.index_copy_(0, rows, -(ps * log_ps).sum(1));
-      at::Tensor d, G;  // per-row divergence; dz = ps (G - sum_v ps G) (ForwardKL: ps - pt)
-      switch (mode) {
-        case Mode::ForwardKL:
-          d = (pt * (log_pt - log_ps)).sum(1);
-          break;
-        case Mode::ReverseKL:
-          G = log_ps - log_pt;
-          d = (ps * G).sum(1);
-          break;
-        case Mode::JSD: {
-          const auto log_m = at::logaddexp(log_ps + log_a, log_pt + log_b);
-          G = log_ps - log_m;
-          d = (coef * pt * (log_pt - log_m) + (1 - coef) * ps * G).sum(1);
-          G.mul_(1 - coef);
-          break;
-        }
-        case Mode::TV: {
-          const auto diff = ps - pt;
-          d = 0.5 * diff.abs().sum(1);
-          G = 0.5 * diff.sign();
-          break;
-        }
-        case Mode::SkewKL: {
-          const auto log_m = at::logaddexp(log_pt + log_b, log_ps + log_a);
-          const auto log_ratio = log_pt - log_m;
-          d = (pt * log_ratio).sum(1);
-          G = log_ratio.exp().mul_(-(1 - coef));
-          break;
-        }
-        case Mode::SkewReverseKL: {
-          const auto log_m = at::logaddexp(log_ps + log_b, log_pt + log_a);
-          const auto log_ratio = log_ps - log_m;
-          d = (ps * log_ratio).sum(1);
-          G = log_ratio - log_ratio.exp().mul_(coef);
-          break;
-        }
-      }
+      auto d = at::empty({rows.numel()}, opts);
+      auto ent = at::empty({rows.numel()}, opts);
+      k.block(zs, zt, w, fs, ft, mode, coef, compute_grad, d, ent);  // zs is dz from here on
       per_token.index_copy_(0, rows, d);
-      loss.add_((d * w.squeeze(1)).sum());
+      entropy.index_copy_(0, rows, ent);
+      loss.add_((d * w).sum());
       if (!compute_grad) {
         continue;
       }
-      auto dz = mode == Mode::ForwardKL ? ps - pt : ps * (G - (ps * G).sum(1, true));
-      dz.mul_(w);
-      if (dzdu.defined()) {
-        dz.mul_(dzdu);
-      } else {
-        dz.mul_(student_logit_scale / temperature);
-      }
-      grad_hidden.index_copy_(0, rows, at::mm(dz, ws));
-      grad_weight.addmm_(dz.t(), hs);
+      grad_hidden.index_copy_(0, rows, at::mm(zs, ws));
+      grad_weight.addmm_(zs.t(), hs);
       if (bias_grad) {
-        grad_bias.add_(dz.sum(0));
+        grad_bias.add_(zs.sum(0));
       }
     }
   }

@@ -105,9 +105,11 @@ def fused_linear_distillation_loss(
     [N, V] tensor kept). Gradients flow to the student's hidden states, weight and bias only.
 
     The CPU kernel drops masked rows before any GEMM and walks the kept rows in blocks of R rows: one GEMM per
-    model and block, so the extra memory is a few [R, V] fp32 blocks (~16 MB each) plus the fp32 gradient of
-    the student's weight, computed with the loss and scaled in backward. ``backend``: "auto" / "native" (C++,
-    CPU), "torch" (the reference, which materialises both [N, V] logits).
+    model and block, then one vectorised pass set over the two [R, V] blocks, in place (softmaxes, divergence,
+    entropy, the student's closed-form gradient), so the extra memory is one [R, V] fp32 block (~16 MB) per
+    model plus the fp32 gradient of the student's weight, computed with the loss (backward hands it to autograd
+    as is when the incoming gradient is 1, scales it otherwise). ``backend``: "auto" / "native" (C++, CPU),
+    "torch" (the reference, which materialises both [N, V] logits).
 
     Raises AlignopsError for shape / dtype / device mismatches (the meta device included), a vocabulary
     mismatch, beta or skew outside [0, 1], temperature <= 0, NaN / inf hyper-parameters.
