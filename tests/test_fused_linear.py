@@ -47,6 +47,47 @@ def test_logprobs_and_grads_match_reference(vocab_tiles, dtype, opts, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "row-strided", "column-strided"])
+def test_long_runs_of_kept_rows_match_reference(vocab_tiles, dtype, layout):
+    """A right-padded batch (prompt, completion, padding per sequence): the kept rows form one long run per
+    sequence, which the CPU kernel reads in place from hidden (one GEMM per run) instead of gathering them; a
+    row-strided hidden (a slice of a wider tensor) is read in place too, a column-strided one is gathered."""
+    B, T, H, V = 3, 150, 16, 301
+    base = torch.randn(B * T, H + 5, dtype=torch.float64).to(dtype)
+    if layout == "contiguous":
+        base = base[:, :H].contiguous()
+    hidden = (
+        base[:, :H]
+        if layout == "row-strided"
+        else base.t().contiguous().t()[:, :H]
+        if layout == "column-strided"
+        else base
+    )
+    hidden = hidden.detach().requires_grad_(True)
+    assert hidden.stride(1) == (B * T if layout == "column-strided" else 1)
+    weight = (torch.randn(V, H, dtype=torch.float64) / H**0.5 * 3).to(dtype).requires_grad_(True)
+    b = torch.randn(V, dtype=torch.float64).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, V, (B, T))
+    targets[:, :10] = -100  # prompts
+    targets[0, 120:] = -100  # padding
+    targets[2, 90:] = -100
+    targets = targets.view(-1)
+    out = alignops.fused_linear_logprobs(hidden, weight, targets, b, return_entropy=True, temperature=0.9)
+    # The oracle in fp64 (fp32 sums over 450 rows x 301 columns differ from fp32 autograd's by ~1e-5).
+    clones = [t.detach().double().requires_grad_(True) for t in (hidden, weight, b)]
+    exp_logp, exp_ent = ref.fused_linear_logprobs(*clones[:2], targets, clones[2], return_entropy=True, temperature=0.9)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.logp.double(), exp_logp, **tol)
+    torch.testing.assert_close(out.entropy.double(), exp_ent, **tol)
+    g, ge = torch.randn(B * T, dtype=dtype), torch.randn(B * T, dtype=dtype)
+    got = torch.autograd.grad((out.logp * g).sum() + (out.entropy * ge).sum(), (hidden, weight, b))
+    exp = torch.autograd.grad((exp_logp * g.double()).sum() + (exp_ent * ge.double()).sum(), clones)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a.double(), e, **tol)
+    assert (got[0][targets == -100] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("opts", [{}, {"temperature": 0.7, "logit_scale": 0.5, "softcap": 2.0}])
 @pytest.mark.parametrize("use_logp", [True, False])
 def test_entropy_gradient_matches_reference(vocab_tiles, dtype, opts, use_logp):

@@ -1,8 +1,9 @@
 // CPU launcher of alignops::fused_linear_logprobs(_backward): the LM head and log p(target) without the
-// [N, V] logits. Ignored rows are dropped before any GEMM; the vocabulary is walked in tiles of Vt columns
-// (one ATen/BLAS GEMM per tile over all kept rows) with an online logsumexp, so the extra memory is one
-// [K, Vt] tile (about 8 MB) whatever V is. Backward recomputes each tile, turns it into dz in place,
-// and writes grad_weight[v0:v1] once from it (deterministic, fp32 accumulation inside the GEMM).
+// [N, V] logits. Ignored rows are dropped before any GEMM (long runs of kept rows are read in place, scattered
+// ones gathered once); the vocabulary is walked in tiles of Vt columns (one ATen/BLAS GEMM per tile and run of
+// kept rows) with an online logsumexp, so the extra memory is one [K, Vt] tile (about 8 MB) whatever V is.
+// Backward recomputes each tile, turns it into dz in place, and writes grad_weight[v0:v1] once from it
+// (deterministic, fp32 accumulation inside the GEMM).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -28,8 +29,9 @@ const FusedLinearKernels& kernels() {
 }
 
 // Columns per vocabulary tile: a [K, Vt] tile of about 2M elements (8 MB in fp32), at least 64 columns. The tile is
-// the extra memory next to grad_weight; at K = 1792 rows (the GRPO bench step) a 4M-element tile took 0.53x
-// Liger's peak memory and this one about 0.5x, for ~10% more CPU time (the GEMMs repack hidden once per tile).
+// the extra memory next to grad_weight (and, for scattered rows or bf16 / fp16 hidden, the [K, H] gather of the kept
+// rows); at K = 1792 rows (the GRPO bench step) a 4M-element tile took 0.53x Liger's peak memory and this one about
+// 0.5x with the gather, 0.44x without it, for ~10% more CPU time than 4M (the GEMMs repack hidden once per tile).
 // ALIGNOPS_FUSED_LINEAR_TILE overrides it (the tests use it to cover several tiles on small shapes).
 int64_t vocab_tile(int64_t K, int64_t V) {
   if (const char* forced = std::getenv("ALIGNOPS_FUSED_LINEAR_TILE")) {
@@ -84,16 +86,60 @@ std::pair<at::Tensor, at::Tensor> kept_rows(const at::Tensor& targets, int64_t i
   return {index, t.index_select(0, index)};
 }
 
-// u = h @ w[v0:v0+vt]^T (+ bias) into the first K * vt elements of `buffer`, as a contiguous [K, vt].
-at::Tensor gemm_tile(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t v0,
-                     int64_t vt, at::Tensor& buffer, at::ScalarType acc) {
-  const int64_t K = h.size(0);
+// The kept rows of hidden as the GEMMs read them. A right-padded or packed batch keeps one run of consecutive rows
+// per sequence: when hidden is already in the accumulation dtype with unit column stride and the runs are long, the
+// GEMMs read each run in place (one GEMM per run and tile) and no [K, H] copy exists; otherwise (scattered rows,
+// bf16 / fp16 hidden) the kept rows are gathered once into a contiguous [K, H] copy, read as a single run.
+struct KeptHidden {
+  struct Run {
+    int64_t offset, first, length;  // rows [offset, offset + length) of the kept order = hidden[first, first + length)
+  };
+  at::Tensor source;  // hidden itself (in place) or the [K, H] copy
+  std::vector<Run> runs;
+  bool in_place = false;
+
+  at::Tensor rows(const Run& r) const { return source.narrow(0, r.first, r.length); }
+};
+
+// Runs shorter than this on average make per-run GEMMs too small: the rows are gathered instead.
+constexpr int64_t kMinMeanRun = 64;
+
+KeptHidden kept_hidden(const at::Tensor& hidden, const at::Tensor& index, at::ScalarType acc) {
+  const int64_t K = index.numel();
+  const int64_t* ip = index.const_data_ptr<int64_t>();
+  KeptHidden kept;
+  for (int64_t k = 0; k < K; ++k) {
+    if (!kept.runs.empty() && ip[k] == ip[k - 1] + 1) {
+      ++kept.runs.back().length;
+    } else {
+      kept.runs.push_back({k, ip[k], 1});
+    }
+  }
+  const bool long_runs = int64_t(kept.runs.size()) * kMinMeanRun <= K;
+  if (hidden.scalar_type() == acc && hidden.stride(1) == 1 && long_runs) {
+    kept.source = hidden;
+    kept.in_place = true;
+  } else {
+    kept.source = hidden.index_select(0, index).to(acc).contiguous();
+    kept.runs = {{0, 0, K}};
+  }
+  return kept;
+}
+
+// u = h @ w[v0:v0+vt]^T (+ bias) for the K kept rows into the first K * vt elements of `buffer`, as a contiguous
+// [K, vt] (one GEMM per run of kept rows).
+at::Tensor gemm_tile(const KeptHidden& h, int64_t K, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     int64_t v0, int64_t vt, at::Tensor& buffer, at::ScalarType acc) {
   auto tile = buffer.narrow(0, 0, K * vt).view({K, vt});
   const auto w = weight.narrow(0, v0, vt).to(acc);
-  if (bias.has_value()) {
-    at::addmm_out(tile, bias->narrow(0, v0, vt).to(acc), h, w.t());
-  } else {
-    at::mm_out(tile, h, w.t());
+  const auto b = bias.has_value() ? bias->narrow(0, v0, vt).to(acc) : at::Tensor();
+  for (const auto& run : h.runs) {
+    auto out = tile.narrow(0, run.offset, run.length);
+    if (b.defined()) {
+      at::addmm_out(out, b, h.rows(run), w.t());
+    } else {
+      at::mm_out(out, h.rows(run), w.t());
+    }
   }
   return tile;
 }
@@ -114,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_cpu(
   if (K == 0) {
     return {logp, lse, entropy};
   }
-  const auto h = hidden.index_select(0, index).to(acc).contiguous();
+  const auto h = kept_hidden(hidden, index, acc);
   // The running max starts at the lowest finite value, not -inf: masked (-inf) logits never form -inf - -inf.
   auto m = at::full(
       {K}, acc == at::kDouble ? std::numeric_limits<double>::lowest() : double(std::numeric_limits<float>::lowest()),
@@ -128,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_cpu(
   const auto& k = kernels();
   for (int64_t v0 = 0; v0 < V; v0 += Vt) {
     const int64_t vt = std::min(Vt, V - v0);
-    const auto tile = gemm_tile(h, weight, bias, v0, vt, buffer, acc);
+    const auto tile = gemm_tile(h, K, weight, bias, v0, vt, buffer, acc);
     k.forward_tile(tile, v0, y, f, m, s, zt, ez);
   }
   const auto lse_k = m + s.log();
@@ -166,17 +212,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cp
   if (K == 0) {
     return {grad_hidden, grad_weight, grad_bias};
   }
-  const auto h = hidden.index_select(0, index).to(acc).contiguous();
+  const auto h = kept_hidden(hidden, index, acc);
   const auto g = grad_logp.index_select(0, index).contiguous();
   const auto lse_k = lse.index_select(0, index).contiguous();
   // The entropy's gradient (an entropy bonus) rides in the same pass over the recomputed tiles.
   const auto ge = grad_entropy.has_value() ? grad_entropy->index_select(0, index).contiguous() : at::Tensor();
   const auto ent = entropy.has_value() ? entropy->index_select(0, index).contiguous() : at::Tensor();
-  // fp32 / fp64 inputs: the first K rows of grad_hidden (zeros) hold the [K, H] accumulator, moved into place at the
-  // end, so the backward allocates no second [K, H] buffer (the tile and the kept rows of hidden are its only
-  // extra memory beside grad_weight).
-  const bool in_place = hidden.scalar_type() == acc;
-  auto gh = in_place ? grad_hidden.narrow(0, 0, K) : at::zeros({K, H}, hidden.options().dtype(acc));
+  // Where grad_hidden's kept rows accumulate dz @ W: in place when hidden's runs are read in place; else, for fp32 /
+  // fp64 inputs, the first K rows of grad_hidden (zeros), moved into place at the end, so the backward allocates no
+  // second [K, H] buffer (the tile and the gathered rows of hidden are then its only extra memory beside
+  // grad_weight); else (bf16 / fp16) a [K, H] accumulator in the accumulation dtype.
+  const bool front = !h.in_place && hidden.scalar_type() == acc;
+  auto gh = h.in_place ? grad_hidden
+            : front    ? grad_hidden.narrow(0, 0, K)
+                       : at::zeros({K, H}, hidden.options().dtype(acc));
   const LogitTransform f{logit_scale, softcap, 1.0 / temperature};
   const int64_t Vt = vocab_tile(K, V);
   auto buffer = at::empty({K * Vt}, hidden.options().dtype(acc));
@@ -184,23 +233,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cp
   const auto& k = kernels();
   for (int64_t v0 = 0; v0 < V; v0 += Vt) {
     const int64_t vt = std::min(Vt, V - v0);
-    auto tile = gemm_tile(h, weight, bias, v0, vt, buffer, acc);
+    auto tile = gemm_tile(h, K, weight, bias, v0, vt, buffer, acc);
     k.backward_tile(tile, v0, y, g, lse_k, ge, ent, f);
     const auto w = weight.narrow(0, v0, vt).to(acc);
-    gh.addmm_(tile, w);
     auto gw = grad_weight.narrow(0, v0, vt);
-    if (direct) {
-      at::mm_out(gw, tile.t(), h);
-    } else {
-      gw.copy_(at::mm(tile.t(), h));
+    auto gw_acc = direct ? gw : at::empty({vt, H}, hidden.options().dtype(acc));  // runs[0].offset == 0: mm_out sets it
+    for (const auto& run : h.runs) {
+      const auto dz = tile.narrow(0, run.offset, run.length);
+      (h.in_place ? gh.narrow(0, run.first, run.length) : gh.narrow(0, run.offset, run.length)).addmm_(dz, w);
+      if (run.offset == 0) {
+        at::mm_out(gw_acc, dz.t(), h.rows(run));
+      } else {
+        gw_acc.addmm_(dz.t(), h.rows(run));
+      }
+    }
+    if (!direct) {
+      gw.copy_(gw_acc);
     }
     if (bias_grad) {
       grad_bias.narrow(0, v0, vt).copy_(tile.sum(0));
     }
   }
-  if (!in_place) {
+  if (!h.in_place && !front) {
     grad_hidden.index_copy_(0, index, gh.to(hidden.scalar_type()));
-  } else if (K < N) {
+  } else if (front && K < N) {
     // Row k goes to index[k] >= k (index ascends): from the last row down, every destination lies at or above
     // the rows still to move, so no source is overwritten before it moves; a vacated row is zeroed (it is
     // written again if it is a later destination).
