@@ -149,7 +149,6 @@ def test_summary_takes_our_fastest_against_the_fastest_peer():
     ]
 
 
-
 def _assert_not_run_and_said(family, out_dir, capsys):
     module = __import__(f"alignops.bench.{run.FAMILIES[family]}", fromlist=["REQUIRES"])
     missing = run.missing_requirements(module)

@@ -91,8 +91,8 @@ def test_metric_ranges_unchecked():
     c, r = torch.randn(2, 30), torch.randn(2, 30)
     prob = torch.full((30,), 1.5)
     with pytest.raises(ValueError, match=r"preference_prob must hold probabilities in \[0, 1\]"):
-        M.idealized_ranking_accuracy(c, r, prob, 0.1)
-    M.idealized_ranking_accuracy(c, r, prob, 0.1, check_values=False)
+        M.idealized_ranking_accuracy(c, r, prob, beta=0.1)
+    M.idealized_ranking_accuracy(c, r, prob, beta=0.1, check_values=False)
     with pytest.raises(ValueError, match=r"confidences must lie in \[0, 1\]"):
         M.expected_calibration_error(prob, torch.ones(30))
     M.expected_calibration_error(prob, torch.ones(30), check_values=False)
@@ -144,12 +144,12 @@ def test_given_eps_scaling_start_reads_nothing(spy):
     lo, hi = torch.minimum(x.amin((0, 1)), y.amin((0, 1))), torch.maximum(x.amax((0, 1)), y.amax((0, 1)))
     diameter = float((hi - lo).norm())
     expected = alignops.ot.sinkhorn(cost, eps=0.05, n_iters=40, eps_scaling=0.5)
-    expected_d = alignops.ot.sinkhorn_distance(x, y, 0.05, n_iters=40, eps_scaling=0.5)
+    expected_d = alignops.ot.sinkhorn_distance(x, y, eps=0.05, n_iters=40, eps_scaling=0.5)
     spy(alignops.ot.solver, "_cost_range")  # where sinkhorn looks it up
     got = alignops.ot.sinkhorn(cost, eps=0.05, n_iters=40, eps_scaling=0.5, cost_range=R)
     torch.testing.assert_close(got.f, expected.f)
     torch.testing.assert_close(got.n_iters, expected.n_iters)
-    got_d = alignops.ot.sinkhorn_distance(x, y, 0.05, n_iters=40, eps_scaling=0.5, diameter=diameter)
+    got_d = alignops.ot.sinkhorn_distance(x, y, eps=0.05, n_iters=40, eps_scaling=0.5, diameter=diameter)
     torch.testing.assert_close(got_d.value, expected_d.value)
 
 

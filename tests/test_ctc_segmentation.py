@@ -505,9 +505,9 @@ def test_utterance_score_compiles_fullgraph():
     cp = torch.randn(2, 90, dtype=torch.float64)
     s, e = torch.tensor([[0, 30], [5, 60]]), torch.tensor([[40, 50], [80, 90]])
     fn = torch.compile(
-        lambda c, a, b: alignops.ctc.utterance_score(c, a, b, 30) * 2, fullgraph=True, backend="aot_eager"
+        lambda c, a, b: alignops.ctc.utterance_score(c, a, b, window=30) * 2, fullgraph=True, backend="aot_eager"
     )
-    torch.testing.assert_close(fn(cp, s, e), alignops.ctc.utterance_score(cp, s, e, 30) * 2)
+    torch.testing.assert_close(fn(cp, s, e), alignops.ctc.utterance_score(cp, s, e, window=30) * 2)
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
@@ -597,7 +597,7 @@ def check_nan_frame_as_the_package(backend, device, seed, trials, T, max_window)
                 torch.from_numpy(cp).to(device),
                 torch.tensor([s], device=device),
                 torch.tensor([e], device=device),
-                n,
+                window=n,
                 backend=backend,
             )[0]
         )

@@ -23,8 +23,10 @@ def test_utterance_score_triton_matches_native_and_reference(dtype, window):
     ends = (starts + torch.randint(-4, 60, (3, 7))).clamp(max=97)
     starts[0, 0], ends[0, 0] = 10, 10  # empty span
     starts[1, 0], ends[1, 0] = 0, 97  # the whole row
-    native = alignops.ctc.utterance_score(cp, starts, ends, window)
-    got = alignops.ctc.utterance_score(cp.to(DEVICE), starts.to(DEVICE), ends.to(DEVICE), window, backend="triton")
+    native = alignops.ctc.utterance_score(cp, starts, ends, window=window)
+    got = alignops.ctc.utterance_score(
+        cp.to(DEVICE), starts.to(DEVICE), ends.to(DEVICE), window=window, backend="triton"
+    )
     assert got.dtype == torch.float64 and got.shape == (3, 7)
     torch.testing.assert_close(got.cpu(), native, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got.cpu(), ref.utterance_score(cp, starts, ends, window), rtol=1e-12, atol=1e-12)
@@ -34,7 +36,7 @@ def test_utterance_score_triton_matches_native_and_reference(dtype, window):
 def test_utterance_score_triton_1d_and_window_edges():
     cp = torch.arange(40, dtype=torch.float64).neg().to(DEVICE)
     s, e = torch.tensor([0, 0, 5], device=DEVICE), torch.tensor([30, 31, 40], device=DEVICE)
-    got = alignops.ctc.utterance_score(cp, s, e, 30, backend="triton").cpu()
+    got = alignops.ctc.utterance_score(cp, s, e, window=30, backend="triton").cpu()
     # e - s = 30: the span's mean; 31: only the window starting at s; 35 > 30: windows 5..9, last one left out.
     want = torch.tensor([cp[:30].mean(), cp[:30].mean(), cp[9:39].mean()], dtype=torch.float64).cpu()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

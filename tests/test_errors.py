@@ -84,7 +84,7 @@ def test_win_rate_is_nan_with_a_nan_score():
 
 def test_benjamini_hochberg_refuses_nan_pvalues():
     with pytest.raises(ValueError, match=r"pvalues must lie in \[0, 1\], got nan"):
-        alignops.metrics.benjamini_hochberg(torch.tensor([0.01, float("nan"), 0.5]), 0.1)
+        alignops.metrics.benjamini_hochberg(torch.tensor([0.01, float("nan"), 0.5]), q=0.1)
 
 
 def test_rrhf_loss_is_nan_for_a_prompt_with_a_nan_reward():

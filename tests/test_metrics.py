@@ -251,9 +251,9 @@ def test_idealized_ranking_accuracy_and_gap():
         ]
     )
     assert exp == 0.75
-    assert M.idealized_ranking_accuracy(ref_c, ref_r, alpha, beta).value.item() == pytest.approx(exp)
+    assert M.idealized_ranking_accuracy(ref_c, ref_r, alpha, beta=beta).value.item() == pytest.approx(exp)
     pol_c, pol_r = torch.tensor([-5.0, -6.0, -7.0, -8.0]), torch.tensor([-6.0, -5.0, -8.0, -7.0])
-    gap = M.alignment_gap(pol_c, pol_r, ref_c, ref_r, alpha, beta).value.item()
+    gap = M.alignment_gap(pol_c, pol_r, ref_c, ref_r, alpha, beta=beta).value.item()
     assert gap == pytest.approx(0.75 - 0.5)
 
 
@@ -311,16 +311,16 @@ def test_conformal_pvalues_brute_force_and_bh_vs_scipy():
     s_cal = torch.randn(n, dtype=torch.float64).round(decimals=1)  # ties
     y_cal = s_cal + torch.randn(n, dtype=torch.float64)
     s_test = torch.randn(m, dtype=torch.float64).round(decimals=1)
-    p = M.conformal_pvalues(s_cal, y_cal, s_test, c)
+    p = M.conformal_pvalues(s_cal, y_cal, s_test, threshold=c)
     exp = [
         (1 + sum(1 for si, yi in zip(s_cal.tolist(), y_cal.tolist()) if yi <= c and si >= sj)) / (n + 1)
         for sj in s_test.tolist()
     ]
     np.testing.assert_allclose(p.numpy(), exp, rtol=0, atol=1e-15)
     for q in (0.05, 0.2, 0.5):
-        sel = M.benjamini_hochberg(p, q)
+        sel = M.benjamini_hochberg(p, q=q)
         assert sel.numpy().tolist() == (scipy.stats.false_discovery_control(p.numpy()) <= q).tolist()
-    sel, pv = M.conformal_selection(s_cal, y_cal, s_test, c, 0.2)
+    sel, pv = M.conformal_selection(s_cal, y_cal, s_test, threshold=c, q=0.2)
     assert torch.equal(pv, p)
 
 
@@ -331,16 +331,16 @@ def test_conformal_selection_controls_fdr_in_simulation():
         x_cal, x_test = torch.randn(300, generator=g), torch.randn(100, generator=g)
         y_cal = x_cal + torch.randn(300, generator=g)
         y_test = x_test + torch.randn(100, generator=g)
-        sel, _ = M.conformal_selection(x_cal, y_cal, x_test, 1.0, 0.2)
+        sel, _ = M.conformal_selection(x_cal, y_cal, x_test, threshold=1.0, q=0.2)
         fdp.append(((y_test[sel] <= 1.0).sum() / max(int(sel.sum()), 1)).item())
     assert np.mean(fdp) <= 0.2 + 0.05
 
 
 def test_benjamini_hochberg_batched_and_empty():
     p = torch.tensor([[0.001, 0.04, 0.03, 0.9], [0.5, 0.6, 0.7, 0.8]])
-    assert M.benjamini_hochberg(p, 0.2).tolist() == [[True, True, True, False], [False] * 4]
-    assert M.benjamini_hochberg(p, 0.05).tolist() == [[True, False, False, False], [False] * 4]
-    assert M.benjamini_hochberg(torch.zeros(3, 0), 0.1).shape == (3, 0)
+    assert M.benjamini_hochberg(p, q=0.2).tolist() == [[True, True, True, False], [False] * 4]
+    assert M.benjamini_hochberg(p, q=0.05).tolist() == [[True, False, False, False], [False] * 4]
+    assert M.benjamini_hochberg(torch.zeros(3, 0), q=0.1).shape == (3, 0)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
@@ -375,15 +375,15 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match=r"confidences must lie in \[0, 1\]"):
         M.expected_calibration_error(torch.tensor([1.5, 0.2]), torch.tensor([True, False]))
     with pytest.raises(ValueError, match="preference_prob must hold probabilities"):
-        M.idealized_ranking_accuracy(torch.zeros(2), torch.zeros(2), torch.tensor([0.5, 1.2]), 0.1)
+        M.idealized_ranking_accuracy(torch.zeros(2), torch.zeros(2), torch.tensor([0.5, 1.2]), beta=0.1)
     with pytest.raises(ValueError, match="beta must be > 0"):
-        M.idealized_ranking_accuracy(torch.zeros(2), torch.zeros(2), torch.tensor([0.5, 0.2]), 0.0)
+        M.idealized_ranking_accuracy(torch.zeros(2), torch.zeros(2), torch.tensor([0.5, 0.2]), beta=0.0)
     with pytest.raises(ValueError, match=r"player ids in \[0, num_players\)"):
         M.bradley_terry(torch.tensor([0, 3]), torch.tensor([1, 0]), 3)
     with pytest.raises(ValueError, match=r"q \(the FDR level\) must be in"):
-        M.benjamini_hochberg(torch.rand(4), 0.0)
+        M.benjamini_hochberg(torch.rand(4), q=0.0)
     with pytest.raises(ValueError, match="calib_labels must have the shape of calib_scores"):
-        M.conformal_pvalues(torch.rand(4), torch.rand(5), torch.rand(3), 0.5)
+        M.conformal_pvalues(torch.rand(4), torch.rand(5), torch.rand(3), threshold=0.5)
     with pytest.raises(ValueError, match="backend must be one of"):
         M.cohen_kappa(a, a, 3, backend="cuda")
     # Issue 13 (vague errors): the native op's cast said "Expected 'int' ... found 'int'"; the hash would alias it.

@@ -515,7 +515,7 @@ def padded_pair_batch(B, T, dtype=torch.float64, left=False):
 def test_ld_logps_matches_reference_and_trl(left):
     per_token, mask = padded_pair_batch(5, 11, left=left)
     per_token.requires_grad_(True)
-    out = obj.ld_logps(per_token, mask, 0.3)
+    out = obj.ld_logps(per_token, mask, ld_alpha=0.3)
     rp = leaf(per_token)
     ec, er = ref.ld_logps(rp, mask, 0.3)
     torch.testing.assert_close(out.chosen, ec, rtol=1e-12, atol=1e-12)
@@ -530,7 +530,7 @@ def test_ld_logps_matches_reference_and_trl(left):
     shared = torch.minimum(*lens.chunk(2)).repeat(2)[:, None]
     trl = (lp * ((comp_pos > 0) & (comp_pos <= shared))).sum(1) + 0.3 * (lp * (comp_pos > shared)).sum(1)
     torch.testing.assert_close(torch.cat([out.chosen, out.rejected]), trl)
-    full = obj.ld_logps(per_token, mask, 1.0)
+    full = obj.ld_logps(per_token, mask, ld_alpha=1.0)
     torch.testing.assert_close(torch.cat([full.chosen, full.rejected]), lp.sum(1))
 
 
@@ -554,7 +554,7 @@ def test_wpo_weights_match_reference_and_trl():
 def test_diffusion_dpo_matches_reference(dtype):
     B = 16
     mse = [(torch.rand(B, dtype=torch.float64) * 0.2).to(dtype).requires_grad_(True) for _ in range(4)]
-    out = obj.diffusion_dpo_loss(*mse, 2500.0, reduction="none")
+    out = obj.diffusion_dpo_loss(*mse, beta=2500.0, reduction="none")
     rin = [leaf(t) for t in mse]
     exp, inside = ref.diffusion_dpo_loss(*rin, 2500.0)
     assert_close(out.loss, exp, dtype)
@@ -564,14 +564,14 @@ def test_diffusion_dpo_matches_reference(dtype):
         for g, w in zip(grads_of(out.loss.sum(), mse), grads_of(exp.sum(), rin)):
             assert_close(g, w, dtype)
     huge = obj.diffusion_dpo_loss(
-        torch.tensor([1e6]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 5000.0
+        torch.tensor([1e6]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), beta=5000.0
     )
     assert torch.isfinite(huge.loss)
 
 
 def test_diffusion_dpo_gradcheck():
     mse = [leaf(torch.rand(5, dtype=torch.float64) * 1e-3) for _ in range(4)]
-    assert torch.autograd.gradcheck(lambda *m: obj.diffusion_dpo_loss(*m, 1000.0).loss, mse)
+    assert torch.autograd.gradcheck(lambda *m: obj.diffusion_dpo_loss(*m, beta=1000.0).loss, mse)
 
 
 def test_dro_matches_the_authors_code():
@@ -687,12 +687,12 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="mode must be 'best_vs_rest' or 'all_pairs'"):
         obj.curry_pairs(torch.ones(3, 2), mode="ladder")
     with pytest.raises(ValueError, match=r"per_token_logps must hold 2B rows"):
-        obj.ld_logps(torch.zeros(3, 4), torch.ones(3, 4), 0.5)
+        obj.ld_logps(torch.zeros(3, 4), torch.ones(3, 4), ld_alpha=0.5)
     with pytest.raises(ValueError, match=r"ld_alpha must lie in \[0, 1\], got 1.5"):
-        obj.ld_logps(torch.zeros(2, 4), torch.ones(2, 4), 1.5)
+        obj.ld_logps(torch.zeros(2, 4), torch.ones(2, 4), ld_alpha=1.5)
     with pytest.raises(ValueError, match=r"completion_mask must have the shape of per_token_logps \(2, 4\)"):
         obj.wpo_weights(torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"ref_mse_l must have the shape of model_mse_w \(8,\)"):
-        obj.diffusion_dpo_loss(pc, pc, pc, pc[:2], 100.0)
+        obj.diffusion_dpo_loss(pc, pc, pc, pc[:2], beta=100.0)
     with pytest.raises(ValueError, match="reward must be a float or integer tensor"):
         obj.dro_loss(pc, None, lab)

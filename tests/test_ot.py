@@ -365,7 +365,7 @@ def test_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sinkhorn_normalize_matches_ucofia(cpu_capability, backend, dtype):
     S = torch.randn(3, 101, 37, dtype=torch.float64) * 2
-    got = O.sinkhorn_normalize(S.to(dtype), 4, temperature=0.7, chunk_size=16, backend=backend)
+    got = O.sinkhorn_normalize(S.to(dtype), n_iters=4, temperature=0.7, chunk_size=16, backend=backend)
     for level in range(3):
         ra, rb = R.sinkhorn_normalize_ucofia(S[level], 4, temperature=0.7)
         torch.testing.assert_close(got.row_bias[level].double(), ra, **TOL[dtype])
@@ -376,7 +376,7 @@ def test_sinkhorn_normalize_survives_spread_logits():
     S = torch.randn(500, 40) * 60  # spreads over ~400: the probability domain underflows in fp32
     ra, rb = R.sinkhorn_normalize_ucofia(S, 4)
     assert not torch.isfinite(rb).all()
-    got = O.sinkhorn_normalize(S, 4)
+    got = O.sinkhorn_normalize(S, n_iters=4)
     exp = R.sinkhorn_normalize_ucofia(S.double(), 4)  # fp64 does not underflow at this spread
     torch.testing.assert_close(got.col_bias.double(), exp[1], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(got.row_bias.double(), exp[0], rtol=1e-4, atol=1e-3)
@@ -448,7 +448,7 @@ def _geomloss(x, y, eps, debias):
 def test_sinkhorn_distance_matches_geomloss(cpu_capability, backend, debias):
     x = torch.rand(2, 30, 3, dtype=torch.float64, requires_grad=True)
     y = (torch.rand(2, 25, 3, dtype=torch.float64) + 0.3).requires_grad_(True)
-    got = O.sinkhorn_distance(x, y, 0.05, debias=debias, n_iters=5000, tol=1e-12, backend=backend)
+    got = O.sinkhorn_distance(x, y, eps=0.05, debias=debias, n_iters=5000, tol=1e-12, backend=backend)
     x2, y2 = x.detach().clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
     exp = _geomloss(x2, y2, 0.05, debias)
     # GeomLoss stops after its epsilon annealing (scaling 0.995) plus one extrapolation: ~1e-5 from the fixed point
@@ -465,25 +465,25 @@ def test_sinkhorn_distance_matches_geomloss(cpu_capability, backend, debias):
 def test_sinkhorn_points_matches_the_matrix_solver_and_reference(cpu_capability, p):
     x, y = torch.rand(3, 37, 5, dtype=torch.float64), torch.rand(3, 29, 5, dtype=torch.float64)
     C = torch.cdist(x, y) ** p
-    out = O.sinkhorn_distance(x, y, 0.1, p=p, debias=False, n_iters=60)
+    out = O.sinkhorn_distance(x, y, eps=0.1, p=p, debias=False, n_iters=60)
     mat = O.sinkhorn(C, eps=0.1, n_iters=60)
     a, b = torch.full((3, 37), 1 / 37, dtype=torch.float64), torch.full((3, 29), 1 / 29, dtype=torch.float64)
     value = (a * (mat.f - 0.1 * a.log())).sum(-1) + (b * (mat.g - 0.1 * b.log())).sum(-1)
     torch.testing.assert_close(out.value, value, rtol=1e-10, atol=1e-12)
     if p == 2.0:
         torch.testing.assert_close(out.value, R.entropic_ot(C, a, b, 0.1, 60), rtol=1e-10, atol=1e-12)
-    f32 = O.sinkhorn_distance(x.float(), y.float(), 0.1, p=p, debias=False, n_iters=60)
+    f32 = O.sinkhorn_distance(x.float(), y.float(), eps=0.1, p=p, debias=False, n_iters=60)
     torch.testing.assert_close(f32.value.double(), value, rtol=1e-4, atol=1e-5)
 
 
 def test_sinkhorn_distance_is_zero_on_identical_clouds_and_gradchecks():
     x = torch.rand(12, 2, dtype=torch.float64)
-    assert abs(float(O.sinkhorn_distance(x, x.clone(), 0.1, tol=1e-12).value)) < 1e-10
+    assert abs(float(O.sinkhorn_distance(x, x.clone(), eps=0.1, tol=1e-12).value)) < 1e-10
     y = torch.rand(9, 2, dtype=torch.float64, requires_grad=True)
     xr = x.clone().requires_grad_(True)
 
     def div(u, v):
-        return O.sinkhorn_distance(u, v, 0.2, p=2, n_iters=5000, tol=1e-13).value
+        return O.sinkhorn_distance(u, v, eps=0.2, p=2, n_iters=5000, tol=1e-13).value
 
     assert torch.autograd.gradcheck(div, (xr, y), eps=1e-6, atol=1e-6)
 
@@ -509,13 +509,13 @@ def test_sinkhorn_points_opcheck_and_bad_input():
     with pytest.raises(ValueError, match=r"y must have shape \[B, M, d\]"):
         torch.ops.alignops.sinkhorn_points(args[0], torch.rand(B, M, d + 1), *args[2:])
     with pytest.raises(ValueError, match=r"x and y must have shapes \[B, N, d\] and \[B, M, d\]"):
-        O.sinkhorn_distance(torch.rand(2, 5, 3), torch.rand(2, 4, 2), 0.1)
+        O.sinkhorn_distance(torch.rand(2, 5, 3), torch.rand(2, 4, 2), eps=0.1)
     with pytest.raises(ValueError, match="eps must be a finite value > 0"):
-        O.sinkhorn_distance(torch.rand(5, 3), torch.rand(4, 3), 0.0)
+        O.sinkhorn_distance(torch.rand(5, 3), torch.rand(4, 3), eps=0.0)
     bad = torch.rand(5, 3)
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="must not contain NaN"):
-        O.sinkhorn_distance(bad, torch.rand(4, 3), 0.1, backend="native")
+        O.sinkhorn_distance(bad, torch.rand(4, 3), eps=0.1, backend="native")
 
 
 def test_eps_1e_3_reaches_1e_4_within_300_iterations_at_cost_range_0_1():
@@ -582,7 +582,7 @@ def test_sinkhorn_distance_with_one_target_point_is_the_transport_cost(backend):
     got = O.sinkhorn_distance(
         torch.tensor([[0.0], [3.0]]),
         torch.tensor([[0.0]]),
-        0.01,
+        eps=0.01,
         a=torch.tensor([0.7, 0.3]),
         b=torch.tensor([1.0]),
         debias=False,
@@ -599,7 +599,7 @@ def test_zero_mass_marginals_raise(backend):
         O.sinkhorn(C, torch.zeros(5), torch.zeros(6), eps=0.1, backend=backend)
     with pytest.raises(ValueError, match="a and b must have a positive total mass"):
         O.sinkhorn_distance(
-            torch.rand(5, 2), torch.rand(6, 2), 0.1, a=torch.zeros(5), b=torch.zeros(6), backend=backend
+            torch.rand(5, 2), torch.rand(6, 2), eps=0.1, a=torch.zeros(5), b=torch.zeros(6), backend=backend
         )
     # a ragged batch: only the non-empty problems need mass
     C = torch.rand(2, 5, 6, dtype=torch.float64)
@@ -631,9 +631,9 @@ def test_infinite_costs_forbidden_pairs_and_points(backend):
         xb = x.clone()
         xb[3, 1] = value
         with pytest.raises(ValueError, match="x and y must not contain NaN or inf"):
-            O.sinkhorn_distance(xb, y, 0.1, backend=backend)
+            O.sinkhorn_distance(xb, y, eps=0.1, backend=backend)
         with pytest.raises(ValueError, match="x and y must not contain NaN or inf"):
-            O.sinkhorn_distance(y, xb, 0.1, backend=backend)
+            O.sinkhorn_distance(y, xb, eps=0.1, backend=backend)
 
 
 def _ucofia_numpy(S, n_iters):
@@ -656,7 +656,7 @@ def test_sinkhorn_normalize_lines_of_only_minus_inf_carry_no_mass(backend):
     S[0, :, 1] = -math.inf  # a dead column
     S[1, 3, :] = -math.inf  # a dead row
     S[1, 0, 2] = -math.inf  # a single forbidden pair: an ordinary entry
-    out = O.sinkhorn_normalize(S, 4, backend=backend)
+    out = O.sinkhorn_normalize(S, n_iters=4, backend=backend)
     keep_c = [0, 2, 3, 4]
     row, col = _ucofia_numpy(S[0][:, keep_c].numpy(), 4)
     torch.testing.assert_close(out.row_bias[0], torch.from_numpy(row), rtol=1e-9, atol=1e-10)

@@ -27,7 +27,9 @@ def run_all(data, rows, group):
     bank = data["bank"][:, rows].contiguous()
     out = {}
     for backend in ("native", "torch"):
-        norm = O.sinkhorn_normalize(bank, 4, temperature=0.5, chunk_size=8, process_group=group, backend=backend)
+        norm = O.sinkhorn_normalize(
+            bank, n_iters=4, temperature=0.5, chunk_size=8, process_group=group, backend=backend
+        )
         out[f"row_{backend}"], out[f"col_{backend}"] = norm.row_bias, norm.col_bias
         kw = dict(temperature=0.3, process_group=group, backend=backend)
         out[f"is_{backend}"] = O.inverted_softmax(data["test"], bank[0], **kw)

@@ -64,8 +64,8 @@ def test_sinkhorn_triton_envelope_gradient_is_the_plan():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_normalize_triton_matches_native(dtype):
     S = 3 * torch.randn(2, 41, 37, dtype=dtype)
-    ref = O.sinkhorn_normalize(S, 4, temperature=0.5, backend="native")
-    got = O.sinkhorn_normalize(S.to(DEVICE), 4, temperature=0.5, backend="triton")
+    ref = O.sinkhorn_normalize(S, n_iters=4, temperature=0.5, backend="native")
+    got = O.sinkhorn_normalize(S.to(DEVICE), n_iters=4, temperature=0.5, backend="triton")
     torch.testing.assert_close(got.row_bias.cpu(), ref.row_bias, **TOL[dtype])
     torch.testing.assert_close(got.col_bias.cpu(), ref.col_bias, **TOL[dtype])
 
@@ -115,8 +115,8 @@ def test_sinkhorn_triton_large_and_small_eps_on_gpu():
 def test_sinkhorn_points_triton_matches_native(shape, p):
     B, N, M, d = shape
     x, y = torch.rand(B, N, d, dtype=torch.float64), torch.rand(B, M, d, dtype=torch.float64)
-    ref = O.sinkhorn_distance(x, y, 0.05, p=p, n_iters=30, backend="native")
-    got = O.sinkhorn_distance(x.to(DEVICE), y.to(DEVICE), 0.05, p=p, n_iters=30, backend="triton")
+    ref = O.sinkhorn_distance(x, y, eps=0.05, p=p, n_iters=30, backend="native")
+    got = O.sinkhorn_distance(x.to(DEVICE), y.to(DEVICE), eps=0.05, p=p, n_iters=30, backend="triton")
     torch.testing.assert_close(got.value.cpu(), ref.value, **TOL[torch.float64])
     assert torch.equal(got.n_iters.cpu(), ref.n_iters)
 
@@ -192,7 +192,7 @@ def test_sinkhorn_distance_triton_with_one_target_point_is_the_transport_cost():
     got = O.sinkhorn_distance(
         torch.tensor([[0.0], [3.0]], device=DEVICE),
         torch.tensor([[0.0]], device=DEVICE),
-        0.01,
+        eps=0.01,
         a=torch.tensor([0.7, 0.3], device=DEVICE),
         b=torch.tensor([1.0], device=DEVICE),
         debias=False,
@@ -233,7 +233,7 @@ def test_sinkhorn_triton_bad_and_infinite_inputs():
     x = torch.rand(5, 2, device=DEVICE)
     x[3, 1] = float("inf")
     with pytest.raises(ValueError, match="x and y must not contain NaN or inf"):
-        O.sinkhorn_distance(x, torch.rand(4, 2, device=DEVICE), 0.1, backend="triton")
+        O.sinkhorn_distance(x, torch.rand(4, 2, device=DEVICE), eps=0.1, backend="triton")
 
 
 def test_normalize_triton_lines_of_only_minus_inf_carry_no_mass():
@@ -241,7 +241,7 @@ def test_normalize_triton_lines_of_only_minus_inf_carry_no_mass():
     S = torch.randn(2, 7, 5, dtype=torch.float64)
     S[0, :, 1] = -float("inf")
     S[1, 3, :] = -float("inf")
-    out = O.sinkhorn_normalize(S.to(DEVICE), 4, backend="triton")
+    out = O.sinkhorn_normalize(S.to(DEVICE), n_iters=4, backend="triton")
     keep_c, keep_r = [0, 2, 3, 4], [0, 1, 2, 4, 5, 6]
     for level, sub in ((0, S[0][:, keep_c]), (1, S[1][keep_r])):
         K = torch.exp(sub - sub.max())  # UCoFiA's probability-domain procedure in float64

@@ -274,7 +274,9 @@ def test_discopop_finite_where_the_naive_form_is_nan():
     # is -logsig(z) (1 - m) + exp(-z) m with m = sig(z / 0.05) ~ e^-1800, i.e. 90 to fp32 precision.
     pc, pr, z = torch.tensor([-1000.0]), torch.tensor([-100.0]), torch.zeros(1)
     assert torch.isnan(ref.preference_loss(pc, pr, z, z, "discopop", beta=0.1)[0])
-    torch.testing.assert_close(alignops.preference_loss(pc, pr, z, z, "discopop", beta=0.1).loss, torch.tensor(90.0))
+    torch.testing.assert_close(
+        alignops.preference_loss(pc, pr, z, z, loss_type="discopop", beta=0.1).loss, torch.tensor(90.0)
+    )
 
 
 def test_empty_batch():

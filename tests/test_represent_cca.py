@@ -192,11 +192,11 @@ def test_linear_cka_gradcheck_and_compile():
     X, Y = views(8, 3, 2, 2)
     for debiased in (False, True):
         assert torch.autograd.gradcheck(
-            lambda a, b, debiased=debiased: alignops.linear_cka(a, b, debiased),
+            lambda a, b, debiased=debiased: alignops.linear_cka(a, b, debiased=debiased),
             (X.clone().requires_grad_(), Y.clone().requires_grad_()),
         )
-    fn = torch.compile(lambda a, b: alignops.linear_cka(a, b, True), fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(fn(X, Y), alignops.linear_cka(X, Y, True))
+    fn = torch.compile(lambda a, b: alignops.linear_cka(a, b, debiased=True), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(X, Y), alignops.linear_cka(X, Y, debiased=True))
 
 
 def test_linear_cka_bad_input():

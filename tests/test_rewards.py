@@ -47,12 +47,12 @@ def test_calibrate_is_midrank_percentile():
 def test_ctrl_transform_monotone_and_signs():
     u = torch.linspace(0, 1, 11, dtype=torch.float64)
     for t in (-3.0, 0.0, 2.0):
-        y = Rw.ctrl_transform(u, t)
+        y = Rw.ctrl_transform(u, t=t)
         assert (y[1:] > y[:-1]).all()
-    assert torch.allclose(Rw.ctrl_transform(u, 2.0), torch.exp(2 * u))
-    assert torch.allclose(Rw.ctrl_transform(u, -3.0), -torch.exp(-3 * u))
+    assert torch.allclose(Rw.ctrl_transform(u, t=2.0), torch.exp(2 * u))
+    assert torch.allclose(Rw.ctrl_transform(u, t=-3.0), -torch.exp(-3 * u))
     x = torch.rand(4, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda x: Rw.ctrl_transform(x, 1.5), (x,))
+    torch.autograd.gradcheck(lambda x: Rw.ctrl_transform(x, t=1.5), (x,))
 
 
 def test_best_and_worst_of_n():

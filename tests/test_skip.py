@@ -91,7 +91,7 @@ def test_threshold_and_capacity(criterion):
     delta = torch.randn(2, 12, 16) * torch.linspace(0.01, 2, 12)[None, :, None]
     x = prev + delta
     w1, w2, nw, _, _ = make_ffn(16, 8)
-    score = change_score(x, prev, criterion)
+    score = change_score(x, prev, criterion=criterion)
     if criterion == "cosine":
         exp_score = 1 - (x * prev).sum(-1) / (x.norm(dim=-1) * prev.norm(dim=-1))
     else:
@@ -353,7 +353,7 @@ def test_delta_path_equals_add_then_skip(criterion, mode):
     d = 0.4 * torch.randn(B, T, H)
     w1, w2, nw, _, _ = make_ffn(H, 40)
     h = x + d
-    score = alignops.skip.change_score(h, x, criterion)
+    score = alignops.skip.change_score(h, x, criterion=criterion)
     kwargs = {
         "threshold": dict(threshold=float(score.median())),
         "capacity": dict(capacity=0.4),
@@ -362,7 +362,7 @@ def test_delta_path_equals_add_then_skip(criterion, mode):
     if mode == "threshold":
         keep = score > kwargs["threshold"]
     elif mode == "capacity":
-        keep = alignops.skip.keep_top_k(score, 0.4)
+        keep = alignops.skip.keep_top_k(score, capacity=0.4)
     else:
         keep = kwargs["keep"]
     y = alignops.skip_ffn(x, w1, w2, nw, delta=d, criterion=criterion, **kwargs)

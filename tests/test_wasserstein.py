@@ -234,8 +234,8 @@ def test_sliced_matches_pot_with_same_projections(backend, p, weights):
 def test_sliced_batched_seeded_and_differentiable():
     X = torch.randn(3, 20, 4, dtype=torch.float64, requires_grad=True)
     Y = torch.randn(3, 15, 4, dtype=torch.float64)
-    d1 = alignops.sliced_wasserstein(X, Y, 16, seed=7)
-    d2 = alignops.sliced_wasserstein(X, Y, 16, seed=7)
+    d1 = alignops.sliced_wasserstein(X, Y, n_projections=16, seed=7)
+    d2 = alignops.sliced_wasserstein(X, Y, n_projections=16, seed=7)
     assert d1.shape == (3,) and torch.equal(d1, d2)
     proj = alignops.wasserstein.random_projections(4, 16, 7, dtype=torch.float64)
     torch.testing.assert_close(proj.norm(dim=0), torch.ones(16, dtype=torch.float64))
@@ -282,7 +282,7 @@ def test_sliced_bad_input():
     with pytest.raises(ValueError, match="projections must have the dtype and device of X"):
         alignops.sliced_wasserstein(torch.randn(5, 3), torch.randn(5, 3), projections=torch.randn(3, 2).double())
     with pytest.raises(ValueError, match="n_projections must be >= 1"):
-        alignops.sliced_wasserstein(torch.randn(5, 3), torch.randn(5, 3), 0)
+        alignops.sliced_wasserstein(torch.randn(5, 3), torch.randn(5, 3), n_projections=0)
 
 
 # ---- gaussian_w2 -----------------------------------------------------------------------------------------
@@ -352,7 +352,9 @@ def test_gaussian_w2_bad_input():
 
 
 def test_empty_batches_sliced_and_gaussian():
-    assert alignops.sliced_wasserstein(torch.randn(0, 10, 3), torch.randn(0, 7, 3), 5, seed=0).shape == (0,)
+    assert alignops.sliced_wasserstein(torch.randn(0, 10, 3), torch.randn(0, 7, 3), n_projections=5, seed=0).shape == (
+        0,
+    )
     assert alignops.gaussian_w2(
         torch.randn(0, 3), torch.randn(0, 3, 3), torch.randn(0, 3), torch.randn(0, 3, 3)
     ).shape == (0,)
