@@ -4,10 +4,11 @@
 tensors' CUDA device current: Triton launches on the current device and its current stream, so without the
 guard a tensor on cuda:1 would be handed to a kernel running on cuda:0 while cuda:0 is current.
 
-``interpreting(t)`` says whether a launch on ``t`` runs in the Triton interpreter (CPU tensors): launch
-helpers pick small tiles there, so that the tests' small shapes cover several tiles, and GPU tiles
-otherwise. The compile gate (bench/triton_gate.py) flips it to record the GPU choices for the bench's
-shapes without a GPU.
+``interpreting(t)`` says whether a launch on ``t`` runs in the Triton interpreter (CPU tensors); ``tile(t, name,
+gpu)`` is the one way a launcher picks a size that differs there: the interpreter's sizes are the table
+INTERPRETER_TILES below (small, so that the tests' small shapes cover several tiles), the GPU's the ``gpu``
+argument. The compile gate (bench/sm90_gate.py) flips it to record the GPU choices for the bench's shapes
+without a GPU.
 
 When ``ALIGNOPS_TRITON_CAPTURE`` names a file, every launch appends the kernel and its argument types, the
 integer specialisations Triton applies (the value 1, divisibility by 16, 64-bit range), constexpr values,
@@ -37,6 +38,35 @@ def interpreting(where: torch.Tensor | torch.device) -> bool:
     interpreter's tiles."""
     device = where.device if isinstance(where, torch.Tensor) else where
     return device.type == "cpu" and not _dry_run
+
+
+# ---- the interpreter's launch choices, all of them ---------------------------------------------------------------
+# On CPU tensors the kernels run in the Triton interpreter, on the tests' small shapes: each tile below is small
+# enough that those shapes span several tiles and a partial last one, so the tests cover the tile edges. The GPU
+# choices stay with each kernel's launcher, which asks ``tile(where, name, gpu_choice)``.
+INTERPRETER_TILES = {
+    "fused_linear.block_v": 64,  # columns per step of a row
+    "distillation.block_v": 32,  # columns per step of a row
+    "ctc_posteriors.block": 16,  # CTC states per chunk
+    "skip.block": 16,  # rows, hidden and GEMM tiles of skip_ffn
+    "ot.block": 16,  # row and column tiles of Sinkhorn, its split path and the normalisers
+    "ot.split_batch_below": 3,  # the split path for B < 3 ...
+    "ot.split_size_from": 16 * 16 + 1,  # ... and N * M > 256 (several column blocks)
+    "wasserstein.block_steps": 16,  # merge steps per block
+    "ppo.block_rows": 4,  # rows per program
+    "policy.block_t": 4,  # tokens per tile: T <= 16 spans several
+}
+
+
+def tile(where: torch.Tensor | torch.device, name: str, gpu: int) -> int:
+    """``gpu`` for a GPU launch (and for the compile gate, which records the GPU choices on CPU tensors), the
+    interpreter's tile ``name`` (INTERPRETER_TILES) for a launch on CPU tensors."""
+    return INTERPRETER_TILES[name] if interpreting(where) else gpu
+
+
+def interpreter_upcasts_bf16(where: torch.Tensor | torch.device, dtype: torch.dtype) -> bool:
+    """The interpreter computes tl.dot in numpy, which has no bfloat16: bf16 operands are upcast to fp32 there."""
+    return interpreting(where) and dtype == torch.bfloat16
 
 
 def _canonical_int(v: int) -> int:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting, launch
+from ._launch import launch, tile
 from .preference import launch_config
 
 
@@ -127,10 +127,7 @@ def launch_ctc_posteriors(
     loss = torch.empty(B, dtype=acc, device=dev)
     if B == 0:
         return loss, gamma
-    if interpreting(dev):  # the interpreter: 16-wide chunks, so small test shapes span several
-        block, warps = 16, 1
-    else:
-        block, warps = launch_config(SF, 1024)
+    block, warps = launch_config(SF, tile(dev, "ctc_posteriors.block", 1024))
     launch(
         ctc_posteriors_kernel,
         (B,),

@@ -19,13 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting, launch
+from ._launch import launch, tile
 from .fused_linear import _logits
 from .preference import launch_config
 
 BLOCK_BYTES = 64 << 20  # per [R, V] block of one model
 MAX_BLOCK_V = 4096
-MAX_BLOCK_V_INTERPRETER = 32
 BLOCK_ROWS: int | None = None  # forces R (the tests set it small to cover several blocks)
 
 MODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tv": 3, "skew_kl": 4, "skew_reverse_kl": 5}
@@ -197,7 +196,7 @@ def launch_distillation(
     V = ws.shape[0]
     acc = per_token.dtype
     grad = grad_hidden.numel() > 0
-    block_v, num_warps = launch_config(V, MAX_BLOCK_V_INTERPRETER if interpreting(hs) else MAX_BLOCK_V)
+    block_v, num_warps = launch_config(V, tile(hs, "distillation.block_v", MAX_BLOCK_V))
     R = block_rows(V, acc)
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)

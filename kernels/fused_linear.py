@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting, launch
+from ._launch import launch, tile
 from .preference import launch_config
 
 # ---- tile and block sizes ---------------------------------------------------------------------------------
@@ -45,7 +45,6 @@ TILE_ALIGN = 128  # columns: keeps weight[v0:v1] and the tiles aligned for the G
 DYNAMIC_ROWS = 16384  # rows assumed when N is symbolic (torch.compile dynamic shapes)
 VOCAB_TILE: int | None = None  # forces Vt (tests set it small to cover several tiles)
 MAX_BLOCK_V = 4096  # columns per step of a kernel row on a GPU
-MAX_BLOCK_V_INTERPRETER = 64  # on CPU tensors: several steps per row even for small test shapes
 
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (CUDA only)
 
@@ -63,7 +62,7 @@ def vocab_tile(n_rows, hidden_size: int, vocab: int, acc: torch.dtype) -> int:
 
 
 def _block_v(device: torch.device, width: int) -> tuple[int, int]:
-    return launch_config(width, MAX_BLOCK_V_INTERPRETER if interpreting(device) else MAX_BLOCK_V)
+    return launch_config(width, tile(device, "fused_linear.block_v", MAX_BLOCK_V))
 
 
 # ---- GEMMs in the accumulation dtype ----------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting, launch
+from ._launch import launch, tile
 
 NEG = tl.constexpr(-1e30)  # a constexpr: a plain module global is a NameError for the compiler
 
@@ -277,13 +277,12 @@ def _warps(tile_elems: int, dtype: torch.dtype) -> int:
 
 
 def _blocks(C: torch.Tensor, N: int, M: int, points: bool) -> tuple[int, int, bool]:
-    interp = interpreting(C)
     # the point tiles hold a [BLOCK_N, BLOCK_M, BLOCK_D] difference: smaller tiles
-    cap = 16 if interp else (32 if points else (64 if C.dtype == torch.float64 else 128))
+    cap = tile(C, "ot.block", 32 if points else (64 if C.dtype == torch.float64 else 128))
     bn = max(16, min(cap, triton.next_power_of_2(max(N, 1))))
     bm = max(16, min(cap, triton.next_power_of_2(max(M, 1))))
     single = N <= bn and M <= bm
-    if not single and not interp:  # tiles streamed from memory: half as many rows keep the registers (no spill)
+    if not single:  # tiles streamed from memory: half as many rows keep the registers (no spill; 16 stays 16)
         bn = max(16, bn // 2)
     return bn, bm, single
 
@@ -333,9 +332,8 @@ def launch_sinkhorn(
 
 def launch_normalize_pass(sim, col_bias, scale, row_update, row_bias, col_lse):
     L, N, M = sim.shape
-    interp = interpreting(sim)
-    br = 16 if interp else 32
-    bm = 16 if interp else 128
+    br = tile(sim, "ot.block", 32)
+    bm = tile(sim, "ot.block", 128)
     warps = _warps(br * bm, sim.dtype)
     if row_update and N > 0:
         launch(
@@ -534,9 +532,8 @@ def split_rows_kernel(
 
 def use_split(device: torch.device, B: int, N: int, M: int) -> bool:
     """The split path when the batch is too small to fill the device and the problems are large."""
-    if interpreting(device):  # the interpreter: small shapes, so that the tests cover this path
-        return B <= 2 and N * M > 16 * 16
-    return B < 32 and N * M >= 256 * 256
+    # (the interpreter's thresholds are small, so that the tests' shapes take this path)
+    return B < tile(device, "ot.split_batch_below", 32) and N * M >= tile(device, "ot.split_size_from", 256 * 256)
 
 
 def launch_sinkhorn_split(
@@ -546,11 +543,10 @@ def launch_sinkhorn_split(
     holds the eps of every iteration (the K epsilon-scaling steps, then eps; the last entry serves the final
     error pass) in the dtype of f, on its device: the caller builds it (without a host sync)."""
     B, N, M = f.shape[0], f.shape[1], g.shape[1]
-    interp = interpreting(cost)
-    bn = 16 if interp else (32 if f.dtype == torch.float64 else 64)
-    bm = 16 if interp else 128
-    if points is not None and not interp:
-        bn, bm = 32, 32
+    bn = tile(cost, "ot.block", 32 if f.dtype == torch.float64 else 64)
+    bm = tile(cost, "ot.block", 128)
+    if points is not None:
+        bn = bm = tile(cost, "ot.block", 32)
     x, y = points if points is not None else (cost, cost)
     D = x.shape[2] if points is not None else 1
     bd = max(2, min(8, triton.next_power_of_2(D)))

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._codes import PolicyLossType
-from ._launch import interpreting, launch
+from ._launch import launch, tile
 from .preference import launch_config
 
 # ---- codes: alignops._codes as constexpr globals (a plain module global is a NameError for the compiler) ----
@@ -50,7 +50,6 @@ VESPO = tl.constexpr(int(PolicyLossType.VESPO))
 N_STATS = 8  # columns of row_stats (csrc/registration.cpp, csrc/policy/policy_codes.h RowStat)
 _N_STATS = tl.constexpr(N_STATS)
 MAX_BLOCK_T = 1024  # tokens per tile on a GPU: 8 per thread at 4 warps (fp32: 56-96 registers, no spills)
-BLOCK_T_INTERPRETER = 4  # the tests' T <= 16 then spans several tiles and a partial last one
 _LOG_1E8 = math.log(1e-8)  # VESPO's lower clamp of log w (TRL's get_gamma_weights)
 
 
@@ -448,8 +447,7 @@ def launch_policy_loss(
     B, T = lp.shape
     # fp64 tiles of half the width: the same registers per thread (~240 at 1024 fp64 tokens, near the cap)
     block, num_warps = launch_config(T, MAX_BLOCK_T // 2 if lp.dtype == torch.float64 else MAX_BLOCK_T)
-    if interpreting(lp):
-        block = BLOCK_T_INTERPRETER
+    block = tile(lp, "policy.block_t", block)
     has_kl = beta != 0.0
     opm = off_policy_mask_threshold is not None
     sampling = sampling if sampling is not None else old  # TRL: sampling_per_token_logps defaults to old's

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting, launch
+from ._launch import launch, tile
 
 
 @triton.jit
@@ -73,9 +73,8 @@ def launch_gae(
     """r, v, adv, ret [B, T] contiguous of one float dtype; m [B, T] uint8 (the bool mask's bytes); last [B]."""
     B, T = r.shape
     # 32 rows per program: one row per lane of a single warp, so B / 32 programs fill the GPU from B ~ 4k rows
-    # on (the rows are the only parallelism); the interpreter takes 4 so that the tests' few rows span several
-    # programs and a partial last block.
-    block = 4 if interpreting(r) else 32
+    # on (the rows are the only parallelism).
+    block = tile(r, "ppo.block_rows", 32)
     launch(
         gae_kernel,
         (triton.cdiv(B, block),),

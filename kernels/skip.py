@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .._codes import Activation, Criterion
-from ._launch import interpreting, launch
+from ._launch import interpreter_upcasts_bf16, interpreting, launch, tile
 from .preference import launch_config
 
 # alignops._codes as constexpr globals (a plain module global is a NameError for the compiler)
@@ -86,9 +86,10 @@ def _gemm_blocks(dtype: torch.dtype, n_rows, n_cols, k, n_operands: int) -> Gemm
 
 def skip_blocks(device: torch.device, dtype: torch.dtype, N, H, I, activation: int) -> SkipBlocks:
     """Every block size of skip_ffn's kernels, from the capacity N, the hidden size H and the FFN width I."""
-    if interpreting(device):  # the interpreter: many small tiles, to exercise the tile edges in tests
-        gemm = GemmBlocks(16, 16, 16, 2, 1, 1)
-        return SkipBlocks(16, 1, 16, 1, gemm, gemm)
+    if interpreting(device):  # every tile at the interpreter's size, to exercise the tile edges in tests
+        b = tile(device, "skip.block", 0)
+        gemm = GemmBlocks(b, b, b, 2, 1, 1)
+        return SkipBlocks(b, 1, b, 1, gemm, gemm)
     rows, rows_warps = launch_config(N, MAX_BLOCK_ROWS)
     hidden, hidden_warps = launch_config(H, MAX_BLOCK_H)
     up = _gemm_blocks(dtype, N, I, H, 2 if activation == Activation.SWIGLU else 1)
@@ -418,7 +419,7 @@ def ffn_down_kernel(
 
 def _gemm_options(dtype: torch.dtype, device: torch.device, blocks: GemmBlocks) -> dict:
     return dict(
-        UPCAST=interpreting(device) and dtype == torch.bfloat16,
+        UPCAST=interpreter_upcasts_bf16(device, dtype),
         INPUT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
         BLOCK_M=blocks.BLOCK_M,
         BLOCK_N=blocks.BLOCK_N,

@@ -21,11 +21,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._launch import interpreting, launch
+from ._launch import launch, tile
 from .preference import launch_config
 
 MAX_BLOCK_STEPS = 1024  # merge steps per block of a program
-MAX_BLOCK_STEPS_INTERPRETER = 16  # on CPU tensors: several blocks per problem even for small test shapes
 
 
 @triton.jit
@@ -110,8 +109,7 @@ def launch_merge(xu, cu, xv, cv, p: float, out, g=None) -> None:
     m = xv.shape[1]
     if B == 0:
         return
-    cap = MAX_BLOCK_STEPS_INTERPRETER if interpreting(xu) else MAX_BLOCK_STEPS
-    block, warps = launch_config(n + m, cap)
+    block, warps = launch_config(n + m, tile(xu, "wasserstein.block_steps", MAX_BLOCK_STEPS))
     p_mode = 1 if p == 1.0 else (2 if p == 2.0 else 0)
     log_steps = max(1, int(min(n, m) + 1).bit_length())
     launch(
