@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .._codes import Activation, Criterion
-from ._launch import interpreter_upcasts_bf16, interpreting, launch, tile
+from ._launch import INTERPRETER_TILES, interpreter_upcasts_bf16, interpreting, launch
 from .preference import launch_config
 
 # alignops._codes as constexpr globals (a plain module global is a NameError for the compiler)
@@ -87,7 +87,7 @@ def _gemm_blocks(dtype: torch.dtype, n_rows, n_cols, k, n_operands: int) -> Gemm
 def skip_blocks(device: torch.device, dtype: torch.dtype, N, H, I, activation: int) -> SkipBlocks:
     """Every block size of skip_ffn's kernels, from the capacity N, the hidden size H and the FFN width I."""
     if interpreting(device):  # every tile at the interpreter's size, to exercise the tile edges in tests
-        b = tile(device, "skip.block", 0)
+        b = INTERPRETER_TILES["skip.block"]
         gemm = GemmBlocks(b, b, b, 2, 1, 1)
         return SkipBlocks(b, 1, b, 1, gemm, gemm)
     rows, rows_warps = launch_config(N, MAX_BLOCK_ROWS)

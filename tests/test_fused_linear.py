@@ -53,17 +53,12 @@ def test_long_runs_of_kept_rows_match_reference(vocab_tiles, dtype, layout):
     sequence, which the CPU kernel reads in place from hidden (one GEMM per run) instead of gathering them; a
     row-strided hidden (a slice of a wider tensor) is read in place too, a column-strided one is gathered."""
     B, T, H, V = 3, 150, 16, 301
-    base = torch.randn(B * T, H + 5, dtype=torch.float64).to(dtype)
-    if layout == "contiguous":
-        base = base[:, :H].contiguous()
-    hidden = (
-        base[:, :H]
-        if layout == "row-strided"
-        else base.t().contiguous().t()[:, :H]
-        if layout == "column-strided"
-        else base
-    )
-    hidden = hidden.detach().requires_grad_(True)
+    wide = torch.randn(B * T, H + 5, dtype=torch.float64).to(dtype)
+    hidden = {
+        "contiguous": lambda: wide[:, :H].contiguous(),
+        "row-strided": lambda: wide[:, :H],
+        "column-strided": lambda: wide.t().contiguous().t()[:, :H],
+    }[layout]().requires_grad_(True)
     assert hidden.stride(1) == (B * T if layout == "column-strided" else 1)
     weight = (torch.randn(V, H, dtype=torch.float64) / H**0.5 * 3).to(dtype).requires_grad_(True)
     b = torch.randn(V, dtype=torch.float64).to(dtype).requires_grad_(True)

@@ -31,8 +31,8 @@ const FusedLinearKernels& kernels() {
 // Columns per vocabulary tile: a [K, Vt] tile of about 2M elements (8 MB in fp32), at least 64 columns. The tile is
 // the extra memory next to grad_weight (and, for scattered rows or bf16 / fp16 hidden, the [K, H] gather of the kept
 // rows); at K = 1792 rows (the GRPO bench step) a 4M-element tile took 0.53x Liger's peak memory and this one about
-// 0.5x with the gather, 0.44x without it, for ~10% more CPU time than 4M (the GEMMs repack hidden once per tile).
-// ALIGNOPS_FUSED_LINEAR_TILE overrides it (the tests use it to cover several tiles on small shapes).
+// 0.5x with the gather, 0.44-0.47x without it (bench/results), for ~10% more CPU time than 4M (the GEMMs repack hidden
+// once per tile). ALIGNOPS_FUSED_LINEAR_TILE overrides it (the tests use it to cover several tiles on small shapes).
 int64_t vocab_tile(int64_t K, int64_t V) {
   if (const char* forced = std::getenv("ALIGNOPS_FUSED_LINEAR_TILE")) {
     return std::min(V, std::max<int64_t>(1, std::atoll(forced)));
@@ -240,7 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cp
     auto gw_acc = direct ? gw : at::empty({vt, H}, hidden.options().dtype(acc));  // runs[0].offset == 0: mm_out sets it
     for (const auto& run : h.runs) {
       const auto dz = tile.narrow(0, run.offset, run.length);
-      (h.in_place ? gh.narrow(0, run.first, run.length) : gh.narrow(0, run.offset, run.length)).addmm_(dz, w);
+      const int64_t gh_row = h.in_place ? run.first : run.offset;  // gh is grad_hidden itself, or [K, H]-ordered
+      gh.narrow(0, gh_row, run.length).addmm_(dz, w);
       if (run.offset == 0) {
         at::mm_out(gw_acc, dz.t(), h.rows(run));
       } else {
