@@ -344,7 +344,7 @@ def test_bad_input_messages():
         call(a8=8)
     with pytest.raises(AlignopsError, match="importance_sampling_level must be 0 or 1, got 2"):
         call(a9=2)
-    with pytest.raises(AlignopsError, match=r"per_token_logps must be a 2-D float tensor \[B, T\]"):
+    with pytest.raises(AlignopsError, match=r"per_token_logps must be a 2-D tensor of shape \[B, T\]"):
         call(a0=inputs["per_token_logps"][0])
 
 

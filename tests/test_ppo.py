@@ -296,7 +296,7 @@ def test_gae_native_op_checks_and_meta_mixing():
     """The raw ops check what the public function checks (the C++ kernel and the fake kernel)."""
     r, v, m = _rollout(3, 8)
     op = torch.ops.alignops.gae_advantages
-    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\], got nan"):
+    with pytest.raises(ValueError, match=r"gamma must be a float in \[0, 1\], got nan"):
         op(r, v, m, None, float("nan"), 0.9)
     with pytest.raises(ValueError, match=r"completion_mask must be a bool tensor"):
         op(r, v, m.float(), None, 1.0, 0.9)

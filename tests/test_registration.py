@@ -18,13 +18,19 @@ triton_only = pytest.mark.skipif(not alignops._backend.triton_available(), reaso
 
 
 def _native_schemas() -> dict[str, torch._C.FunctionSchema]:
-    """name -> schema of every ``m.def("...")`` in csrc/registration.cpp (adjacent C literals joined)."""
+    """name -> schema of every ``m.def("...")`` and ``def_checked(m, "...")`` in csrc/registration.cpp (adjacent C
+    literals joined)."""
+    return {name: schema for name, (schema, _) in _defs().items()}
+
+
+def _defs() -> dict[str, tuple[torch._C.FunctionSchema, bool]]:
+    """name -> (schema, defined by def_checked) over csrc/registration.cpp."""
     text = CSRC.read_text()
     out = {}
-    for call in re.finditer(r'm\.def\(\s*((?:"(?:[^"\\]|\\.)*"\s*)+)', text):
-        schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call.group(1)))
+    for call in re.finditer(r'(m\.def\(|def_checked\(m,)\s*((?:"(?:[^"\\]|\\.)*"\s*)+)', text):
+        schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call.group(2)))
         parsed = torch._C.parse_schema("alignops::" + schema)
-        out[parsed.name.split("::")[1]] = parsed
+        out[parsed.name.split("::")[1]] = (parsed, call.group(1).startswith("def_checked"))
     return out
 
 
@@ -46,6 +52,35 @@ def test_native_schemas_are_registration_cpp():
     assert len(native) >= 25
     for name, schema in native.items():
         assert _registered(name) == schema, name
+
+
+def test_checked_ops_have_a_check_op_with_their_arguments():
+    """def_checked(m, "op(args) -> ret") also defines op_check(args) -> () (the checks as an op), implemented in C++
+    for every device (CompositeImplicitAutograd)."""
+    checked = [name for name, (_, is_checked) in _defs().items() if is_checked]
+    assert len(checked) >= 22, checked
+    for name in checked:
+        check = _registered(name + "_check")
+        native = _registered(name)
+        assert [a.name for a in check.arguments] == [a.name for a in native.arguments], name
+        assert [str(a.type) for a in check.arguments] == [str(a.type) for a in native.arguments], name
+        assert len(check.returns) == 0, name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"alignops::{name}_check", "CompositeImplicitAutograd"), (
+            name
+        )
+
+
+def test_check_op_runs_the_native_checks_on_meta_tensors():
+    """The check op reads no data: meta tensors get the native op's messages, and good ones pass."""
+    logits = torch.empty(4, 10, device="meta")
+    context = torch.empty(4, 2, dtype=torch.int64, device="meta")
+    torch.ops.alignops.kgw_logits_check(logits, context, 1, 0.25, 2.0)
+    with pytest.raises(ValueError, match=r"gamma \(the green fraction\) must be in \[0, 1\], got 1.5"):
+        torch.ops.alignops.kgw_logits_check(logits, context, 1, 1.5, 2.0)
+    with pytest.raises(ValueError, match=r"context must have one row per row of logits \[B = 4\]"):
+        torch.ops.alignops.kgw_logits_check(logits, context[:3], 1, 0.25, 2.0)
+    with pytest.raises(ValueError, match=r"gamma \(the green fraction\) must be in \[0, 1\], got 1.5"):
+        torch.ops.alignops.kgw_logits(torch.zeros(4, 10), torch.zeros(4, 2, dtype=torch.int64), 1, 1.5, 2.0)
 
 
 @triton_only

@@ -1,5 +1,10 @@
 // Argument checks shared by every op. Each raises a Python ValueError (TORCH_CHECK_VALUE) whose message
 // names the argument and what was expected, so bad input never reaches a kernel.
+//
+// Sizes are read as SymInts (sym_size, sym_sizes): an op's checks are also registered as the op
+// `<op>_check` (csrc/registration.cpp), which the Triton twin and torch.compile's tracing call on fake tensors
+// whose sizes may be symbolic. On real tensors a SymInt is a plain integer; on symbolic ones a comparison
+// becomes a guard. A check never reads tensor data and never names a device type, so it holds for every backend.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,13 +20,14 @@ namespace alignops {
 inline std::string dtype_name(at::ScalarType s) { return "torch." + std::string(c10::getDtypeNames(s).first); }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, std::string_view name, std::string_view shape) {
-  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be a ", dim, "-D tensor of shape ", shape, ", got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be a ", dim, "-D tensor of shape ", shape, ", got shape ",
+                    t.sym_sizes());
 }
 
 inline void check_same_shape(const at::Tensor& t, const at::Tensor& like, std::string_view name,
                              std::string_view like_name) {
-  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ", like.sizes(), ", got ",
-                    t.sizes());
+  TORCH_CHECK_VALUE(t.sym_sizes() == like.sym_sizes(), name, " must have the shape of ", like_name, " ",
+                    like.sym_sizes(), ", got ", t.sym_sizes());
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& like, std::string_view name,

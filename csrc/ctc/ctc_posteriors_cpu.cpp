@@ -20,35 +20,52 @@ const CtcPosteriorsKernels& kernels() {
 #endif
 }
 
-void check_lengths(const at::Tensor& lengths, int64_t B, std::string_view name, int64_t max, std::string_view dim) {
+void check_lengths(const at::Tensor& lengths, const at::Tensor& log_probs, std::string_view name) {
   check_dim(lengths, 1, name, "[B]");
   check_integer(lengths, name);
-  TORCH_CHECK_VALUE(lengths.size(0) == B, name, " must have one entry per utterance (B = ", B, "), got ",
-                    lengths.size(0));
-  check_device(lengths, c10::DeviceType::CPU, name);
+  TORCH_CHECK_VALUE(lengths.sym_size(0) == log_probs.sym_size(0), name,
+                    " must have one entry per utterance (B = ", log_probs.sym_size(0), "), got ", lengths.sym_size(0));
+  check_same_device(lengths, log_probs, name, "log_probs");
+}
+
+// The CPU kernel reads the lengths on the host: each in [0, max]. (On a GPU the public function checks them.)
+void check_length_values(const at::Tensor& lengths, std::string_view name, int64_t max, std::string_view dim) {
   const auto v = lengths.to(at::kLong).contiguous();
   const int64_t* p = v.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < v.numel(); ++b) {
     TORCH_CHECK_VALUE(p[b] >= 0 && p[b] <= max, name, " must lie in [0, ", dim, " = ", max, "], got ", p[b],
                       " for utterance ", b);
   }
 }
 
+// The op's checks (also its op alignops::ctc_posteriors_check: the public function, the Triton twin); they read
+// no data. The CPU kernel then checks the values it reads (lengths, target ids).
+void check_ctc_posteriors(const at::Tensor& log_probs, const at::Tensor& targets, const at::Tensor& input_lengths,
+                          const at::Tensor& target_lengths, int64_t blank, bool /*return_states*/,
+                          bool /*return_tokens*/, bool /*compute_grad*/) {
+  check_dim(log_probs, 3, "log_probs", "[B, T, C]");
+  check_floating(log_probs, "log_probs");
+  check_dim(targets, 2, "targets", "[B, L] (padded)");
+  check_integer(targets, "targets");
+  check_same_device(targets, log_probs, "targets", "log_probs");
+  TORCH_CHECK_VALUE(targets.sym_size(0) == log_probs.sym_size(0),
+                    "targets must have one row per utterance (B = ", log_probs.sym_size(0), "), got ",
+                    targets.sym_size(0));
+  TORCH_CHECK_VALUE(blank >= 0 && blank < log_probs.sym_size(2), "blank must lie in [0, C = ", log_probs.sym_size(2),
+                    "), got ", blank);
+  check_lengths(input_lengths, log_probs, "input_lengths");
+  check_lengths(target_lengths, log_probs, "target_lengths");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_posteriors_cpu(
     const at::Tensor& log_probs, const at::Tensor& targets, const at::Tensor& input_lengths,
     const at::Tensor& target_lengths, int64_t blank, bool return_states, bool return_tokens, bool compute_grad) {
-  check_dim(log_probs, 3, "log_probs", "[B, T, C]");
-  check_floating(log_probs, "log_probs");
+  check_ctc_posteriors(log_probs, targets, input_lengths, target_lengths, blank, return_states, return_tokens,
+                       compute_grad);
   check_device(log_probs, c10::DeviceType::CPU, "log_probs");
-  check_dim(targets, 2, "targets", "[B, L] (padded)");
-  check_integer(targets, "targets");
-  check_device(targets, c10::DeviceType::CPU, "targets");
   const int64_t B = log_probs.size(0), T = log_probs.size(1), C = log_probs.size(2), L = targets.size(1);
-  TORCH_CHECK_VALUE(targets.size(0) == B, "targets must have one row per utterance (B = ", B, "), got ",
-                    targets.size(0));
-  TORCH_CHECK_VALUE(blank >= 0 && blank < C, "blank must lie in [0, C = ", C, "), got ", blank);
-  check_lengths(input_lengths, B, "input_lengths", T, "T");
-  check_lengths(target_lengths, B, "target_lengths", L, "L");
+  check_length_values(input_lengths, "input_lengths", T, "T");
+  check_length_values(target_lengths, "target_lengths", L, "L");
   const auto y = targets.to(at::kLong).contiguous();
   const auto il = input_lengths.to(at::kLong).contiguous();
   const auto tl = target_lengths.to(at::kLong).contiguous();
@@ -74,5 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_posteriors_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("ctc_posteriors", &ctc_posteriors_cpu); }
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) { m.impl("ctc_posteriors_check", &check_ctc_posteriors); }
 
 }  // namespace alignops::ctc

@@ -556,21 +556,30 @@ double pairwise_sum(const scalar_t* a, int64_t n) {
   return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
-at::Tensor ctc_segmentation_utterance_score_cpu(const at::Tensor& frame_logprobs, const at::Tensor& starts,
-                                                const at::Tensor& ends, int64_t window) {
+// The op's checks (also its op alignops::ctc_segmentation_utterance_score_check, which the Triton twin calls);
+// the spans' range is read by the CPU kernel only.
+void check_utterance_score(const at::Tensor& frame_logprobs, const at::Tensor& starts, const at::Tensor& ends,
+                           int64_t window) {
   check_dim(frame_logprobs, 2, "frame_logprobs", "[B, T]");
-  check_device(frame_logprobs, c10::DeviceType::CPU, "frame_logprobs");
   TORCH_CHECK_VALUE(frame_logprobs.scalar_type() == at::kFloat || frame_logprobs.scalar_type() == at::kDouble,
                     "frame_logprobs must be float32 or float64, got ", dtype_name(frame_logprobs.scalar_type()));
   check_dim(starts, 2, "starts", "[B, U]");
   check_same_shape(ends, starts, "ends", "starts");
   for (const auto& [x, name] : {std::pair{starts, "starts"}, std::pair{ends, "ends"}}) {
     TORCH_CHECK_VALUE(x.scalar_type() == at::kLong, name, " must be int64, got ", dtype_name(x.scalar_type()));
-    check_device(x, c10::DeviceType::CPU, name);
+    check_same_device(x, frame_logprobs, name, "frame_logprobs");
   }
-  const int64_t B = frame_logprobs.size(0), T = frame_logprobs.size(1), U = starts.size(1);
-  TORCH_CHECK_VALUE(starts.size(0) == B, "starts must have B = ", B, " rows (frame_logprobs'), got ", starts.size(0));
+  TORCH_CHECK_VALUE(starts.sym_size(0) == frame_logprobs.sym_size(0),
+                    "starts must have B = ", frame_logprobs.sym_size(0), " rows (frame_logprobs'), got ",
+                    starts.sym_size(0));
   TORCH_CHECK_VALUE(window >= 1, "window must be >= 1, got ", window);
+}
+
+at::Tensor ctc_segmentation_utterance_score_cpu(const at::Tensor& frame_logprobs, const at::Tensor& starts,
+                                                const at::Tensor& ends, int64_t window) {
+  check_utterance_score(frame_logprobs, starts, ends, window);
+  check_device(frame_logprobs, c10::DeviceType::CPU, "frame_logprobs");
+  const int64_t B = frame_logprobs.size(0), T = frame_logprobs.size(1), U = starts.size(1);
   const auto s_c = starts.contiguous(), e_c = ends.contiguous();
   const int64_t* sp = s_c.data_ptr<int64_t>();
   const int64_t* ep = e_c.data_ptr<int64_t>();
@@ -613,6 +622,10 @@ TORCH_LIBRARY_IMPL(alignops, CPU, m) {
   m.impl("ctc_segmentation", &ctc_segmentation_cpu);
   m.impl("ctc_segmentation_prefixes", &ctc_segmentation_prefixes_cpu);
   m.impl("ctc_segmentation_utterance_score", &ctc_segmentation_utterance_score_cpu);
+}
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
+  m.impl("ctc_segmentation_utterance_score_check", &check_utterance_score);
 }
 
 }  // namespace alignops::ctc_segmentation

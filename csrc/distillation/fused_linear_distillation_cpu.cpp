@@ -21,20 +21,15 @@
 namespace alignops::distillation {
 namespace {
 
+// The kernels' mode of a checked (divergence, coef): check_args has refused anything else.
 Mode parse_mode(const std::string& divergence, double coef) {
   if (divergence == "jsd") {
-    TORCH_CHECK_VALUE(coef >= 0.0 && coef <= 1.0, "beta must lie in [0, 1], got ", coef);
     return coef == 0.0 ? Mode::ForwardKL : coef == 1.0 ? Mode::ReverseKL : Mode::JSD;
   }
   if (divergence == "tv") {
     return Mode::TV;
   }
-  if (divergence == "skew_kl" || divergence == "skew_reverse_kl") {
-    TORCH_CHECK_VALUE(coef >= 0.0 && coef <= 1.0, "skew must lie in [0, 1], got ", coef);
-    return divergence == "skew_kl" ? Mode::SkewKL : Mode::SkewReverseKL;
-  }
-  TORCH_CHECK_VALUE(false, "divergence must be one of 'jsd', 'tv', 'skew_kl', 'skew_reverse_kl', got '", divergence,
-                    "'");
+  return divergence == "skew_kl" ? Mode::SkewKL : Mode::SkewReverseKL;
 }
 
 // Kept rows per block: an [R, V] block of about 4M elements per model, at least 16 rows.
@@ -52,15 +47,47 @@ void check_head(const at::Tensor& hidden, const at::Tensor& weight, const std::o
   check_floating(hidden, h);
   check_same_device(hidden, like, h, "student_hidden");
   check_dim(weight, 2, w, "[V, H]");
-  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), w, " must have shape [V, H] with H = ", hidden.size(1), " (", h,
-                    "'s last dimension), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.sym_size(1) == hidden.sym_size(1), w,
+                    " must have shape [V, H] with H = ", hidden.sym_size(1), " (", h, "'s last dimension), got ",
+                    weight.sym_sizes());
   check_same_dtype(weight, hidden, w, h);
   check_same_device(weight, hidden, w, h);
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), b, " must have shape [V] = [",
-                      weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0), b, " must have shape [V] = [",
+                      weight.sym_size(0), "], got ", bias->sym_sizes());
     check_same_dtype(*bias, hidden, b, h);
     check_same_device(*bias, hidden, b, h);
+  }
+}
+
+// Every check of the op (also its op alignops::fused_linear_distillation_check, which the Triton twin calls).
+void check_args(const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
+                const at::Tensor& teacher_weight, const std::optional<at::Tensor>& student_bias,
+                const std::optional<at::Tensor>& teacher_bias, const at::Tensor& weights, c10::string_view divergence,
+                double coef, double temperature, double /*student_logit_scale*/, double /*teacher_logit_scale*/,
+                double /*student_softcap*/, double /*teacher_softcap*/, bool /*compute_grad*/) {
+  check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias",
+             student_hidden);
+  check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias",
+             student_hidden);
+  const auto N = student_hidden.sym_size(0), V = student_weight.sym_size(0);
+  TORCH_CHECK_VALUE(teacher_hidden.sym_size(0) == N,
+                    "teacher_hidden must have one row per row of student_hidden [N=", N, "], got ",
+                    teacher_hidden.sym_size(0));
+  TORCH_CHECK_VALUE(teacher_weight.sym_size(0) == V, "teacher_weight must have the vocabulary of student_weight [V=", V,
+                    "], got ", teacher_weight.sym_size(0));
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.sym_size(0) == N, "weights must have shape [N] = [", N, "], got ",
+                    weights.sym_sizes());
+  check_same_device(weights, student_hidden, "weights", "student_hidden");
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
+                    temperature);
+  if (divergence == "jsd") {
+    TORCH_CHECK_VALUE(coef >= 0.0 && coef <= 1.0, "beta must lie in [0, 1], got ", coef);
+  } else if (divergence == "skew_kl" || divergence == "skew_reverse_kl") {
+    TORCH_CHECK_VALUE(coef >= 0.0 && coef <= 1.0, "skew must lie in [0, 1], got ", coef);
+  } else {
+    TORCH_CHECK_VALUE(divergence == "tv", "divergence must be one of 'jsd', 'tv', 'skew_kl', 'skew_reverse_kl', got '",
+                      divergence, "'");
   }
 }
 
@@ -81,21 +108,11 @@ Result fused_linear_distillation_cpu(const at::Tensor& student_hidden, const at:
                                      std::string divergence, double coef, double temperature,
                                      double student_logit_scale, double teacher_logit_scale, double student_softcap,
                                      double teacher_softcap, bool compute_grad) {
+  check_args(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, weights,
+             divergence, coef, temperature, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
+             compute_grad);
   check_device(student_hidden, c10::DeviceType::CPU, "student_hidden");
-  check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias",
-             student_hidden);
-  check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias",
-             student_hidden);
   const int64_t N = student_hidden.size(0), V = student_weight.size(0);
-  TORCH_CHECK_VALUE(teacher_hidden.size(0) == N, "teacher_hidden must have one row per row of student_hidden [N=", N,
-                    "], got ", teacher_hidden.size(0));
-  TORCH_CHECK_VALUE(teacher_weight.size(0) == V, "teacher_weight must have the vocabulary of student_weight [V=", V,
-                    "], got ", teacher_weight.size(0));
-  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == N, "weights must have shape [N] = [", N, "], got ",
-                    weights.sizes());
-  check_same_device(weights, student_hidden, "weights", "student_hidden");
-  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
-                    temperature);
   const Mode mode = parse_mode(divergence, coef);
   const auto acc = acc_type_of(student_hidden);
   const auto opts = student_hidden.options().dtype(acc);
@@ -155,5 +172,7 @@ Result fused_linear_distillation_cpu(const at::Tensor& student_hidden, const at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("fused_linear_distillation", &fused_linear_distillation_cpu); }
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) { m.impl("fused_linear_distillation_check", &check_args); }
 
 }  // namespace alignops::distillation

@@ -132,21 +132,29 @@ void accumulate(const std::vector<code_t>& codes, int64_t P, int64_t N, int64_t 
   });
 }
 
-at::Tensor bootstrap_confusion_cpu(const at::Tensor& a, const at::Tensor& b, int64_t num_classes, int64_t num_resamples,
-                                   int64_t seed) {
+// The op's checks (also its op alignops::bootstrap_confusion_check, which the Triton twin calls); the labels'
+// range is read by the CPU kernel only (check_labels).
+void check_args(const at::Tensor& a, const at::Tensor& b, int64_t num_classes, int64_t num_resamples,
+                int64_t /*seed*/) {
   check_dim(a, 2, "a", "[P, N]");
   check_dim(b, 2, "b", "[P, N] or [1, N]");
   check_integer(a, "a");
   check_same_dtype(b, a, "b", "a");
-  check_device(a, c10::DeviceType::CPU, "a");
   check_same_device(b, a, "b", "a");
-  const int64_t P = a.size(0), N = a.size(1);
-  TORCH_CHECK_VALUE(b.size(1) == N && (b.size(0) == P || b.size(0) == 1), "b must have shape [P, N] = [", P, ", ", N,
-                    "] or [1, N], got ", b.sizes());
+  const auto P = a.sym_size(0), N = a.sym_size(1);
+  TORCH_CHECK_VALUE(b.sym_size(1) == N && (b.sym_size(0) == P || b.sym_size(0) == 1), "b must have shape [P, N] = [", P,
+                    ", ", N, "] or [1, N], got ", b.sym_sizes());
   TORCH_CHECK_VALUE(num_classes >= 1 && num_classes <= kMaxClasses, "num_classes must be in [1, ", kMaxClasses,
                     "], got ", num_classes);
   TORCH_CHECK_VALUE(num_resamples >= 0, "num_resamples must be >= 0, got ", num_resamples);
   TORCH_CHECK_VALUE(N < (int64_t(1) << 31), "the number of items N must be < 2^31, got ", N);
+}
+
+at::Tensor bootstrap_confusion_cpu(const at::Tensor& a, const at::Tensor& b, int64_t num_classes, int64_t num_resamples,
+                                   int64_t seed) {
+  check_args(a, b, num_classes, num_resamples, seed);
+  check_device(a, c10::DeviceType::CPU, "a");
+  const int64_t P = a.size(0), N = a.size(1);
   const int64_t C = num_classes, CC = C * C, R1 = num_resamples + 1;
   auto out = at::zeros({P, R1, C, C}, a.options().dtype(at::kInt));
   if (P == 0 || N == 0) {
@@ -172,5 +180,7 @@ at::Tensor bootstrap_confusion_cpu(const at::Tensor& a, const at::Tensor& b, int
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("bootstrap_confusion", &bootstrap_confusion_cpu); }
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) { m.impl("bootstrap_confusion_check", &check_args); }
 
 }  // namespace alignops::metrics

@@ -26,13 +26,17 @@ void check_real(const at::Tensor& t, std::string_view name) {
                     dtype_name(t.scalar_type()));
 }
 
-void check_sizes(const at::Tensor& sizes, int64_t B, int64_t bound, std::string_view name) {
-  TORCH_CHECK_VALUE(sizes.scalar_type() == at::kLong && sizes.dim() == 1 && sizes.size(0) == B, name,
+void check_sizes(const at::Tensor& sizes, const c10::SymInt& B, std::string_view name) {
+  TORCH_CHECK_VALUE(sizes.scalar_type() == at::kLong && sizes.dim() == 1 && sizes.sym_size(0) == B, name,
                     " must be an int64 tensor of shape [B] = [", B, "], got ", dtype_name(sizes.scalar_type()), " ",
-                    sizes.sizes());
+                    sizes.sym_sizes());
+}
+
+// The CPU kernels read the sizes: on the host, each in [0, bound]. (The GPU kernels clamp them: a check would sync.)
+void check_size_values(const at::Tensor& sizes, int64_t bound, std::string_view name) {
   check_device(sizes, c10::DeviceType::CPU, name);
   const int64_t* p = sizes.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B; ++i) {
+  for (int64_t i = 0; i < sizes.numel(); ++i) {
     TORCH_CHECK_VALUE(p[i] >= 0 && p[i] <= bound, name, "[", i, "] = ", p[i], " must lie in [0, ", bound, "]");
   }
 }
@@ -43,18 +47,20 @@ void check_eps(double eps, std::string_view name) {
 
 // Marginals, sizes and epsilons of a batch of B problems of size N x M (shared by both Sinkhorn ops).
 void check_problem(const at::Tensor& like, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
-                   const at::Tensor& m_sizes, int64_t B, int64_t N, int64_t M, at::ArrayRef<double> eps_schedule,
-                   double eps, int64_t n_iters) {
+                   const at::Tensor& m_sizes, const c10::SymInt& B, const c10::SymInt& N, const c10::SymInt& M,
+                   at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters) {
   check_dim(a, 2, "a", "[B, N]");
   check_dim(b, 2, "b", "[B, M]");
-  TORCH_CHECK_VALUE(a.size(0) == B && a.size(1) == N, "a must have shape [B, N] = [", B, ", ", N, "], got ", a.sizes());
-  TORCH_CHECK_VALUE(b.size(0) == B && b.size(1) == M, "b must have shape [B, M] = [", B, ", ", M, "], got ", b.sizes());
+  TORCH_CHECK_VALUE(a.sym_size(0) == B && a.sym_size(1) == N, "a must have shape [B, N] = [", B, ", ", N, "], got ",
+                    a.sym_sizes());
+  TORCH_CHECK_VALUE(b.sym_size(0) == B && b.sym_size(1) == M, "b must have shape [B, M] = [", B, ", ", M, "], got ",
+                    b.sym_sizes());
   check_same_dtype(a, like, "a", "cost");
   check_same_dtype(b, like, "b", "cost");
   check_same_device(a, like, "a", "cost");
   check_same_device(b, like, "b", "cost");
-  check_sizes(n_sizes, B, N, "n_sizes");
-  check_sizes(m_sizes, B, M, "m_sizes");
+  check_sizes(n_sizes, B, "n_sizes");
+  check_sizes(m_sizes, B, "m_sizes");
   check_eps(eps, "eps");
   for (double e : eps_schedule) {
     check_eps(e, "eps_schedule entries");
@@ -62,16 +68,52 @@ void check_problem(const at::Tensor& like, const at::Tensor& a, const at::Tensor
   TORCH_CHECK_VALUE(n_iters >= 0, "n_iters must be >= 0, got ", n_iters);
 }
 
+// The checks of each op (also its op alignops::<op>_check, which the Triton twins call); they read no data.
+void check_sinkhorn(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
+                    const at::Tensor& m_sizes, at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters,
+                    double /*tol*/, bool /*scores*/) {
+  check_dim(cost, 3, "cost", "[B, N, M]");
+  check_real(cost, "cost");
+  check_problem(cost, a, b, n_sizes, m_sizes, cost.sym_size(0), cost.sym_size(1), cost.sym_size(2), eps_schedule, eps,
+                n_iters);
+}
+
+void check_sinkhorn_points(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
+                           const at::Tensor& n_sizes, const at::Tensor& m_sizes, double p,
+                           at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters, double /*tol*/) {
+  check_dim(x, 3, "x", "[B, N, d]");
+  check_dim(y, 3, "y", "[B, M, d]");
+  check_real(x, "x");
+  check_same_dtype(y, x, "y", "x");
+  check_same_device(y, x, "y", "x");
+  const auto B = x.sym_size(0), D = x.sym_size(2);
+  TORCH_CHECK_VALUE(y.sym_size(0) == B && y.sym_size(2) == D, "y must have shape [B, M, d] with B = ", B,
+                    " and d = ", D, ", got ", y.sym_sizes());
+  TORCH_CHECK_VALUE(p >= 1 && std::isfinite(p), "p must be a finite value >= 1, got ", p);
+  check_problem(x, a, b, n_sizes, m_sizes, B, x.sym_size(1), y.sym_size(1), eps_schedule, eps, n_iters);
+}
+
+void check_normalize_pass(const at::Tensor& sim, const at::Tensor& col_bias, double scale, bool /*row_update*/) {
+  check_dim(sim, 3, "sim", "[L, N, M]");
+  check_real(sim, "sim");
+  const auto L = sim.sym_size(0), M = sim.sym_size(2);
+  TORCH_CHECK_VALUE(col_bias.dim() == 2 && col_bias.sym_size(0) == L && col_bias.sym_size(1) == M,
+                    "col_bias must have shape [L, M] = [", L, ", ", M, "], got ", col_bias.sym_sizes());
+  check_same_dtype(col_bias, sim, "col_bias", "sim");
+  check_same_device(col_bias, sim, "col_bias", "sim");
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& cost, const at::Tensor& a,
                                                                         const at::Tensor& b, const at::Tensor& n_sizes,
                                                                         const at::Tensor& m_sizes,
                                                                         at::ArrayRef<double> eps_schedule, double eps,
                                                                         int64_t n_iters, double tol, bool scores) {
-  check_dim(cost, 3, "cost", "[B, N, M]");
-  check_real(cost, "cost");
+  check_sinkhorn(cost, a, b, n_sizes, m_sizes, eps_schedule, eps, n_iters, tol, scores);
   check_device(cost, c10::DeviceType::CPU, "cost");
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
-  check_problem(cost, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters);
+  check_size_values(n_sizes, N, "n_sizes");
+  check_size_values(m_sizes, M, "m_sizes");
   const auto x = cost.contiguous();
   const int bad = kernels().nonfinite(x);
   TORCH_CHECK_VALUE(!(bad & kNaN), "cost contains NaN");
@@ -92,17 +134,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_points_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
     const at::Tensor& m_sizes, double p, at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters, double tol) {
-  check_dim(x, 3, "x", "[B, N, d]");
-  check_dim(y, 3, "y", "[B, M, d]");
-  check_real(x, "x");
+  check_sinkhorn_points(x, y, a, b, n_sizes, m_sizes, p, eps_schedule, eps, n_iters, tol);
   check_device(x, c10::DeviceType::CPU, "x");
-  check_same_dtype(y, x, "y", "x");
-  check_same_device(y, x, "y", "x");
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), M = y.size(1);
-  TORCH_CHECK_VALUE(y.size(0) == B && y.size(2) == D, "y must have shape [B, M, d] with B = ", B, " and d = ", D,
-                    ", got ", y.sizes());
-  TORCH_CHECK_VALUE(p >= 1 && std::isfinite(p), "p must be a finite value >= 1, got ", p);
-  check_problem(x, a, b, n_sizes, m_sizes, B, N, M, eps_schedule, eps, n_iters);
+  const int64_t B = x.size(0), N = x.size(1), M = y.size(1);
+  check_size_values(n_sizes, N, "n_sizes");
+  check_size_values(m_sizes, M, "m_sizes");
   const auto xc = x.contiguous();
   const auto yt = y.transpose(1, 2).contiguous();  // [B, d, M]: each coordinate contiguous over the points
   TORCH_CHECK_VALUE(kernels().nonfinite(xc) == 0 && kernels().nonfinite(yt) == 0,
@@ -119,15 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_points_cpu(
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_normalize_pass_cpu(const at::Tensor& sim, const at::Tensor& col_bias,
                                                                double scale, bool row_update) {
-  check_dim(sim, 3, "sim", "[L, N, M]");
-  check_real(sim, "sim");
+  check_normalize_pass(sim, col_bias, scale, row_update);
   check_device(sim, c10::DeviceType::CPU, "sim");
   const int64_t L = sim.size(0), N = sim.size(1), M = sim.size(2);
-  TORCH_CHECK_VALUE(col_bias.dim() == 2 && col_bias.size(0) == L && col_bias.size(1) == M,
-                    "col_bias must have shape [L, M] = [", L, ", ", M, "], got ", col_bias.sizes());
-  check_same_dtype(col_bias, sim, "col_bias", "sim");
-  check_same_device(col_bias, sim, "col_bias", "sim");
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
   const auto x = sim.contiguous();
   const int bad = kernels().nonfinite(x);
   TORCH_CHECK_VALUE(!(bad & kNaN), "sim contains NaN");
@@ -140,6 +170,12 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_normalize_pass_cpu(const at::Tensor&
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
+  m.impl("sinkhorn_check", &check_sinkhorn);
+  m.impl("sinkhorn_points_check", &check_sinkhorn_points);
+  m.impl("sinkhorn_normalize_pass_check", &check_normalize_pass);
+}
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {
   m.impl("sinkhorn", &sinkhorn_cpu);

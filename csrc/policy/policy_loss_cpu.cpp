@@ -30,18 +30,17 @@ void check_policy_inputs(const at::Tensor& lp, const at::Tensor& adv, const at::
                          const std::optional<at::Tensor>& isr, const std::optional<at::Tensor>& samp,
                          const std::optional<at::Tensor>& ent, int64_t loss_type, int64_t level, double beta) {
   // Memory safety only: the public alignops.policy_loss checks values and gives the user-facing messages.
-  check_device(lp, c10::DeviceType::CPU, "per_token_logps");
   check_dim(lp, 2, "per_token_logps", "[B, T]");
   check_floating(lp, "per_token_logps");
   const auto acc = acc_type_of(lp);
-  const int64_t B = lp.size(0), T = lp.size(1);
+  const auto B = lp.sym_size(0), T = lp.sym_size(1);
   auto row_or_token = [&](const at::Tensor& t, const char* name) {
     check_same_device(t, lp, name, "per_token_logps");
     TORCH_CHECK_VALUE(t.scalar_type() == acc, name, " must be ", dtype_name(acc), ", got ",
                       dtype_name(t.scalar_type()));
-    const bool ok =
-        (t.dim() == 1 && t.size(0) == B) || (t.dim() == 2 && t.size(0) == B && (t.size(1) == 1 || t.size(1) == T));
-    TORCH_CHECK_VALUE(ok, name, " must have shape [B], [B, 1] or [B, T] = [", B, ", ", T, "], got ", t.sizes());
+    const bool ok = (t.dim() == 1 && t.sym_size(0) == B) ||
+                    (t.dim() == 2 && t.sym_size(0) == B && (t.sym_size(1) == 1 || t.sym_size(1) == T));
+    TORCH_CHECK_VALUE(ok, name, " must have shape [B], [B, 1] or [B, T] = [", B, ", ", T, "], got ", t.sym_sizes());
   };
   auto full = [&](const at::Tensor& t, const char* name) {
     check_same_device(t, lp, name, "per_token_logps");
@@ -77,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
   check_policy_inputs(per_token_logps, advantages, completion_mask, old_per_token_logps, ref_per_token_logps,
                       importance_sampling_ratio, sampling_per_token_logps, entropy_mask, loss_type,
                       importance_sampling_level, beta);
+  check_device(per_token_logps, c10::DeviceType::CPU, "per_token_logps");
   auto contig = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
     if (!t.has_value()) return std::nullopt;
     return t->contiguous();
@@ -118,8 +118,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
   return {loss_sum, grad, row_stats};
 }
 
+// The op's checks with its arguments (alignops::policy_loss_check, which the Triton twin calls).
+void policy_loss_check(const at::Tensor& per_token_logps, const at::Tensor& advantages,
+                       const at::Tensor& completion_mask, const std::optional<at::Tensor>& old_per_token_logps,
+                       const std::optional<at::Tensor>& ref_per_token_logps,
+                       const std::optional<at::Tensor>& importance_sampling_ratio,
+                       const std::optional<at::Tensor>& sampling_per_token_logps,
+                       const std::optional<at::Tensor>& entropy_mask, int64_t loss_type,
+                       int64_t importance_sampling_level, double, double, std::optional<double>, double beta, bool,
+                       std::optional<double>, double, double, double, double, double, double, bool) {
+  check_policy_inputs(per_token_logps, advantages, completion_mask, old_per_token_logps, ref_per_token_logps,
+                      importance_sampling_ratio, sampling_per_token_logps, entropy_mask, loss_type,
+                      importance_sampling_level, beta);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("policy_loss", &policy_loss_cpu); }
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) { m.impl("policy_loss_check", &policy_loss_check); }
 
 }  // namespace alignops::policy

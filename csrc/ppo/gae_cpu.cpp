@@ -20,9 +20,9 @@
 namespace alignops::ppo {
 namespace {
 
+// The op's checks, also its op alignops::gae_advantages_check (the public function, the fake and the Triton twin).
 void check_gae_inputs(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
                       const std::optional<at::Tensor>& last_values, double gamma, double lam) {
-  check_device(rewards, c10::DeviceType::CPU, "rewards");
   check_dim(rewards, 2, "rewards", "[B, T]");
   check_floating(rewards, "rewards");
   check_same_shape(values, rewards, "values", "rewards");
@@ -34,14 +34,14 @@ void check_gae_inputs(const at::Tensor& rewards, const at::Tensor& values, const
                     dtype_name(mask.scalar_type()));
   if (last_values.has_value()) {
     const auto& lv = *last_values;
-    TORCH_CHECK_VALUE(lv.dim() == 1 && lv.size(0) == rewards.size(0), "last_values must have shape [B] = [",
-                      rewards.size(0), "], got ", lv.sizes());
+    TORCH_CHECK_VALUE(lv.dim() == 1 && lv.sym_size(0) == rewards.sym_size(0), "last_values must have shape [B] = [",
+                      rewards.sym_size(0), "], got ", lv.sym_sizes());
     check_same_dtype(lv, rewards, "last_values", "rewards");
     check_same_device(lv, rewards, "last_values", "rewards");
   }
   // !(x >= 0 && x <= 1) also refuses NaN.
-  TORCH_CHECK_VALUE(gamma >= 0.0 && gamma <= 1.0, "gamma must be in [0, 1], got ", gamma);
-  TORCH_CHECK_VALUE(lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got ", lam);
+  TORCH_CHECK_VALUE(gamma >= 0.0 && gamma <= 1.0, "gamma must be a float in [0, 1], got ", gamma);
+  TORCH_CHECK_VALUE(lam >= 0.0 && lam <= 1.0, "lam must be a float in [0, 1], got ", lam);
 }
 
 template <typename scalar_t>
@@ -83,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor> gae_advantages_cpu(const at::Tensor& rewards,
                                                       const std::optional<at::Tensor>& last_values, double gamma,
                                                       double lam) {
   check_gae_inputs(rewards, values, completion_mask, last_values, gamma, lam);
+  check_device(rewards, c10::DeviceType::CPU, "rewards");
   const auto r = rewards.contiguous();
   const auto v = values.contiguous();
   const auto m = completion_mask.contiguous();
@@ -103,5 +104,7 @@ std::tuple<at::Tensor, at::Tensor> gae_advantages_cpu(const at::Tensor& rewards,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("gae_advantages", &gae_advantages_cpu); }
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) { m.impl("gae_advantages_check", &check_gae_inputs); }
 
 }  // namespace alignops::ppo

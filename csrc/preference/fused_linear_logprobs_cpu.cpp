@@ -42,30 +42,58 @@ int64_t vocab_tile(int64_t K, int64_t V) {
   return std::min(V, (vt + 15) / 16 * 16);
 }
 
+// The checks of fused_linear_logprobs (also its op alignops::fused_linear_logprobs_check, which the Triton twin
+// calls). An empty vocabulary is refused: every row's log-probability would be log(0 / 0).
 void check_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                const std::optional<at::Tensor>& bias, double temperature, double logit_scale) {
+                const std::optional<at::Tensor>& bias, int64_t /*ignore_index*/, double temperature, double logit_scale,
+                double /*softcap*/, bool /*return_entropy*/ = false) {
   check_dim(hidden, 2, "hidden", "[N, H]");
   check_floating(hidden, "hidden");
-  check_device(hidden, c10::DeviceType::CPU, "hidden");
   check_dim(weight, 2, "weight", "[V, H]");
-  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "weight must have shape [V, H] with H = ", hidden.size(1),
-                    " (hidden's last dimension), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.sym_size(1) == hidden.sym_size(1),
+                    "weight must have shape [V, H] with H = ", hidden.sym_size(1), " (hidden's last dimension), got ",
+                    weight.sym_sizes());
+  TORCH_CHECK_VALUE(weight.sym_size(0) >= 1, "weight must have at least one row (V >= 1), got shape ",
+                    weight.sym_sizes());
   check_same_dtype(weight, hidden, "weight", "hidden");
   check_same_device(weight, hidden, "weight", "hidden");
   check_dim(targets, 1, "targets", "[N]");
   check_integer(targets, "targets");
   check_same_device(targets, hidden, "targets", "hidden");
-  TORCH_CHECK_VALUE(targets.size(0) == hidden.size(0),
-                    "targets must have one entry per row of hidden [N=", hidden.size(0), "], got ", targets.size(0));
+  TORCH_CHECK_VALUE(targets.sym_size(0) == hidden.sym_size(0),
+                    "targets must have one entry per row of hidden [N=", hidden.sym_size(0), "], got ",
+                    targets.sym_size(0));
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape [V] = [",
-                      weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0), "bias must have shape [V] = [",
+                      weight.sym_size(0), "], got ", bias->sym_sizes());
     check_same_dtype(*bias, hidden, "bias", "hidden");
     check_same_device(*bias, hidden, "bias", "hidden");
   }
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
                     temperature);
   TORCH_CHECK_VALUE(std::isfinite(logit_scale), "logit_scale must be finite, got ", logit_scale);
+}
+
+// The checks of the backward (its op alignops::fused_linear_logprobs_backward_check).
+void check_backward_args(const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
+                         const at::Tensor& targets, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+                         int64_t ignore_index, double temperature, double logit_scale, double softcap,
+                         bool /*bias_grad*/, const std::optional<at::Tensor>& grad_entropy,
+                         const std::optional<at::Tensor>& entropy) {
+  check_args(hidden, weight, targets, bias, ignore_index, temperature, logit_scale, softcap);
+  TORCH_CHECK_VALUE(grad_entropy.has_value() == entropy.has_value(),
+                    "grad_entropy and entropy go together: give both or neither");
+  const auto acc = acc_type_of(hidden);
+  std::vector<std::pair<const at::Tensor*, const char*>> vectors{{&grad_logp, "grad_logp"}, {&lse, "lse"}};
+  if (grad_entropy.has_value()) {
+    vectors.insert(vectors.end(), {{&*grad_entropy, "grad_entropy"}, {&*entropy, "entropy"}});
+  }
+  for (const auto& [t, name] : vectors) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->sym_size(0) == hidden.sym_size(0) && t->scalar_type() == acc, name,
+                      " must be a ", dtype_name(acc), " tensor of shape [N] = [", hidden.sym_size(0), "], got ",
+                      dtype_name(t->scalar_type()), " ", t->sym_sizes());
+    check_same_device(*t, hidden, name, "hidden");
+  }
 }
 
 // Kept rows (target != ignore_index) and their targets, checked against [0, V).
@@ -148,7 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, int64_t ignore_index, double temperature, double logit_scale, double softcap,
     bool return_entropy) {
-  check_args(hidden, weight, targets, bias, temperature, logit_scale);
+  check_args(hidden, weight, targets, bias, ignore_index, temperature, logit_scale, softcap);
+  check_device(hidden, c10::DeviceType::CPU, "hidden");
   const int64_t N = hidden.size(0), V = weight.size(0);
   const auto acc = acc_type_of(hidden);
   const auto opts = hidden.options().dtype(acc);
@@ -191,19 +220,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cp
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index, double temperature,
     double logit_scale, double softcap, bool bias_grad, const std::optional<at::Tensor>& grad_entropy,
     const std::optional<at::Tensor>& entropy) {
-  check_args(hidden, weight, targets, bias, temperature, logit_scale);
+  check_backward_args(grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature, logit_scale, softcap,
+                      bias_grad, grad_entropy, entropy);
+  check_device(hidden, c10::DeviceType::CPU, "hidden");
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto acc = acc_type_of(hidden);
-  TORCH_CHECK_VALUE(grad_entropy.has_value() == entropy.has_value(),
-                    "grad_entropy and entropy go together: give both or neither");
-  std::vector<std::pair<const at::Tensor*, const char*>> vectors{{&grad_logp, "grad_logp"}, {&lse, "lse"}};
-  if (grad_entropy.has_value()) {
-    vectors.insert(vectors.end(), {{&*grad_entropy, "grad_entropy"}, {&*entropy, "entropy"}});
-  }
-  for (const auto& [t, name] : vectors) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == N && t->scalar_type() == acc, name, " must be a ", dtype_name(acc),
-                      " tensor of shape [N] = [", N, "], got ", dtype_name(t->scalar_type()), " ", t->sizes());
-  }
   auto grad_hidden = at::zeros_like(hidden, at::MemoryFormat::Contiguous);
   auto grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
   auto grad_bias = bias_grad ? at::zeros({V}, hidden.options()) : at::empty({0}, hidden.options());
@@ -275,6 +296,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cp
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
+  m.impl("fused_linear_logprobs_check",
+         [](const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+            const std::optional<at::Tensor>& bias, int64_t ignore_index, double temperature, double logit_scale,
+            double softcap, bool return_entropy) {
+           check_args(hidden, weight, targets, bias, ignore_index, temperature, logit_scale, softcap, return_entropy);
+         });
+  m.impl("fused_linear_logprobs_backward_check", &check_backward_args);
+}
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {
   m.impl("fused_linear_logprobs", &fused_linear_logprobs_cpu);

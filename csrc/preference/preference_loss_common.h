@@ -17,28 +17,57 @@ struct PreferenceInputs {
   at::Tensor loss, chosen_rewards, rejected_rewards, grad;  // outputs
 };
 
-inline at::Tensor optional_per_pair(const std::optional<at::Tensor>& t, const at::Tensor& like, at::ScalarType acc,
-                                    const char* name) {
+// Every check of preference_loss, with its arguments (alignops::preference_loss_check: the Triton twin calls it).
+// The launchers call it first; the helpers below assume checked arguments.
+inline void check_preference_loss_args(const at::Tensor& pc, const at::Tensor& pr, const at::Tensor& rc,
+                                       const at::Tensor& rr, const std::optional<at::Tensor>& beta,
+                                       const std::optional<at::Tensor>& chosen_lengths,
+                                       const std::optional<at::Tensor>& rejected_lengths, c10::IntArrayRef loss_types,
+                                       c10::ArrayRef<double> loss_weights, double /*beta_value*/,
+                                       double /*label_smoothing*/, double /*gamma*/, double /*discopop_tau*/,
+                                       int64_t f_divergence, double /*f_alpha*/, bool /*compute_grad*/) {
+  check_dim(pc, 1, "policy_chosen_logps", "[B]");
+  check_floating(pc, "policy_chosen_logps");
+  const std::pair<const at::Tensor*, const char*> others[] = {
+      {&pr, "policy_rejected_logps"}, {&rc, "ref_chosen_logps"}, {&rr, "ref_rejected_logps"}};
+  for (const auto& [t, name] : others) {
+    check_same_shape(*t, pc, name, "policy_chosen_logps");
+    check_same_dtype(*t, pc, name, "policy_chosen_logps");
+    check_same_device(*t, pc, name, "policy_chosen_logps");
+  }
+  TORCH_CHECK_VALUE(loss_types.size() == loss_weights.size(), "loss_weights must have one weight per loss type: got ",
+                    loss_weights.size(), " weights for ", loss_types.size(), " loss types");
+  TORCH_CHECK_VALUE(loss_types.size() <= static_cast<size_t>(kMaxLossTerms), "at most ", kMaxLossTerms,
+                    " loss types can be combined, got ", loss_types.size());
+  for (const int64_t code : loss_types) {
+    TORCH_CHECK_VALUE(code >= 0 && code < kNumLossTypes, "loss type code must be in [0, ",
+                      static_cast<int>(kNumLossTypes), "), got ", code);
+  }
+  TORCH_CHECK_VALUE(f_divergence >= kReverseKl && f_divergence <= kAlphaDivergence,
+                    "f_divergence code must be in [0, 3], got ", f_divergence);
+  const std::pair<const std::optional<at::Tensor>*, const char*> optional[] = {
+      {&beta, "beta"}, {&chosen_lengths, "chosen_lengths"}, {&rejected_lengths, "rejected_lengths"}};
+  for (const auto& [t, name] : optional) {
+    if (t->has_value()) {
+      check_dim(**t, 1, name, "[B]");
+      check_same_shape(**t, pc, name, "policy_chosen_logps");
+      check_same_device(**t, pc, name, "policy_chosen_logps");
+      TORCH_CHECK_VALUE(!at::isComplexType((*t)->scalar_type()) && (*t)->scalar_type() != at::kBool, name,
+                        " must be a real numeric tensor, got ", dtype_name((*t)->scalar_type()));
+    }
+  }
+}
+
+inline at::Tensor optional_per_pair(const std::optional<at::Tensor>& t, at::ScalarType acc) {
   if (!t.has_value()) {
     return at::Tensor();
   }
-  check_dim(*t, 1, name, "[B]");
-  check_same_shape(*t, like, name, "policy_chosen_logps");
-  check_same_device(*t, like, name, "policy_chosen_logps");
-  TORCH_CHECK_VALUE(!at::isComplexType(t->scalar_type()) && t->scalar_type() != at::kBool, name,
-                    " must be a real numeric tensor, got ", dtype_name(t->scalar_type()));
   return t->to(acc).contiguous();
 }
 
 template <typename T>
 Params<T> make_params(c10::IntArrayRef loss_types, c10::ArrayRef<double> loss_weights, double beta_value,
                       double label_smoothing, double gamma, double discopop_tau, int64_t f_divergence, double f_alpha) {
-  TORCH_CHECK_VALUE(loss_types.size() == loss_weights.size(), "loss_weights must have one weight per loss type: got ",
-                    loss_weights.size(), " weights for ", loss_types.size(), " loss types");
-  TORCH_CHECK_VALUE(loss_types.size() <= static_cast<size_t>(kMaxLossTerms), "at most ", kMaxLossTerms,
-                    " loss types can be combined, got ", loss_types.size());
-  TORCH_CHECK_VALUE(f_divergence >= kReverseKl && f_divergence <= kAlphaDivergence,
-                    "f_divergence code must be in [0, 3], got ", f_divergence);
   Params<T> p;
   p.beta_value = T(beta_value);
   p.label_smoothing = T(label_smoothing);
@@ -48,8 +77,6 @@ Params<T> make_params(c10::IntArrayRef loss_types, c10::ArrayRef<double> loss_we
   p.f_divergence = static_cast<int>(f_divergence);
   p.terms.n = static_cast<int>(loss_types.size());
   for (size_t k = 0; k < loss_types.size(); ++k) {
-    TORCH_CHECK_VALUE(loss_types[k] >= 0 && loss_types[k] < kNumLossTypes, "loss type code must be in [0, ",
-                      static_cast<int>(kNumLossTypes), "), got ", loss_types[k]);
     p.terms.type[k] = static_cast<int>(loss_types[k]);
     p.terms.weight[k] = loss_weights[k];
   }
@@ -61,24 +88,15 @@ inline PreferenceInputs prepare_preference_inputs(const at::Tensor& pc, const at
                                                   const std::optional<at::Tensor>& chosen_lengths,
                                                   const std::optional<at::Tensor>& rejected_lengths,
                                                   bool compute_grad) {
-  check_dim(pc, 1, "policy_chosen_logps", "[B]");
-  check_floating(pc, "policy_chosen_logps");
-  const std::pair<const at::Tensor*, const char*> others[] = {
-      {&pr, "policy_rejected_logps"}, {&rc, "ref_chosen_logps"}, {&rr, "ref_rejected_logps"}};
-  for (const auto& [t, name] : others) {
-    check_same_shape(*t, pc, name, "policy_chosen_logps");
-    check_same_dtype(*t, pc, name, "policy_chosen_logps");
-    check_same_device(*t, pc, name, "policy_chosen_logps");
-  }
   const auto acc = acc_type_of(pc);
   PreferenceInputs in;
   in.pc = pc.contiguous();
   in.pr = pr.contiguous();
   in.rc = rc.contiguous();
   in.rr = rr.contiguous();
-  in.beta = optional_per_pair(beta, pc, acc, "beta");
-  in.lc = optional_per_pair(chosen_lengths, pc, acc, "chosen_lengths");
-  in.lr = optional_per_pair(rejected_lengths, pc, acc, "rejected_lengths");
+  in.beta = optional_per_pair(beta, acc);
+  in.lc = optional_per_pair(chosen_lengths, acc);
+  in.lr = optional_per_pair(rejected_lengths, acc);
   const auto opts = pc.options().dtype(acc);
   const int64_t B = pc.size(0);
   in.loss = at::empty({B}, opts);

@@ -21,6 +21,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_cpu(
     const std::optional<at::Tensor>& rejected_lengths, c10::IntArrayRef loss_types, c10::ArrayRef<double> loss_weights,
     double beta_value, double label_smoothing, double gamma, double discopop_tau, int64_t f_divergence, double f_alpha,
     bool compute_grad) {
+  check_preference_loss_args(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths, loss_types, loss_weights,
+                             beta_value, label_smoothing, gamma, discopop_tau, f_divergence, f_alpha, compute_grad);
   check_device(pc, c10::DeviceType::CPU, "policy_chosen_logps");
   auto in = prepare_preference_inputs(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths, compute_grad);
   const auto params = make_params<double>(loss_types, loss_weights, beta_value, label_smoothing, gamma, discopop_tau,
@@ -32,5 +34,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("preference_loss", &preference_loss_cpu); }
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
+  m.impl("preference_loss_check", &check_preference_loss_args);
+}
 
 }  // namespace alignops::preference

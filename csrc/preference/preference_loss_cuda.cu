@@ -53,13 +53,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_cuda(
     const std::optional<at::Tensor>& rejected_lengths, c10::IntArrayRef loss_types, c10::ArrayRef<double> loss_weights,
     double beta_value, double label_smoothing, double gamma, double discopop_tau, int64_t f_divergence, double f_alpha,
     bool compute_grad) {
+  check_preference_loss_args(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths, loss_types, loss_weights,
+                             beta_value, label_smoothing, gamma, discopop_tau, f_divergence, f_alpha, compute_grad);
   check_device(pc, c10::DeviceType::CUDA, "policy_chosen_logps");
   const c10::cuda::CUDAGuard guard(pc.device());
   auto in = prepare_preference_inputs(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths, compute_grad);
   const int64_t B = pc.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pc.scalar_type(), "preference_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // Built (and checked) before the early return so that bad arguments raise for an empty batch too.
     const auto p = make_params<acc_t>(loss_types, loss_weights, beta_value, label_smoothing, gamma, discopop_tau,
                                       f_divergence, f_alpha);
     if (B == 0) {

@@ -11,8 +11,9 @@ inline void check_selective_logprobs_args(const at::Tensor& logits, const at::Te
   check_dim(targets, 1, "targets", "[N]");
   check_integer(targets, "targets");
   check_same_device(targets, logits, "targets", "logits");
-  TORCH_CHECK_VALUE(targets.size(0) == logits.size(0),
-                    "targets must have one entry per row of logits [N=", logits.size(0), "], got ", targets.size(0));
+  TORCH_CHECK_VALUE(targets.sym_size(0) == logits.sym_size(0),
+                    "targets must have one entry per row of logits [N=", logits.sym_size(0), "], got ",
+                    targets.sym_size(0));
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
                     temperature);
 }

@@ -41,7 +41,23 @@ at::Tensor selective_logprobs_backward_cpu(const at::Tensor& grad, const at::Ten
   return grad_logits;
 }
 
+// The checks with the ops' arguments: alignops::selective_logprobs_check and selective_logprobs_backward_check.
+void selective_logprobs_check(const at::Tensor& logits, const at::Tensor& targets, int64_t /*ignore_index*/,
+                              double temperature) {
+  check_selective_logprobs_args(logits, targets, temperature);
+}
+
+void selective_logprobs_backward_check(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
+                                       const at::Tensor& lse, int64_t /*ignore_index*/, double temperature) {
+  check_selective_logprobs_backward_args(grad, logits, targets, lse, temperature);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
+  m.impl("selective_logprobs_check", &selective_logprobs_check);
+  m.impl("selective_logprobs_backward_check", &selective_logprobs_backward_check);
+}
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {
   m.impl("selective_logprobs", &selective_logprobs_cpu);

@@ -20,43 +20,63 @@ const SkipFfnKernels& kernels() {
 #endif
 }
 
-void check_weight(const std::optional<at::Tensor>& t, std::initializer_list<int64_t> shape, const at::Tensor& x,
+void check_weight(const std::optional<at::Tensor>& t, std::initializer_list<c10::SymInt> shape, const at::Tensor& x,
                   const char* name, const char* shape_name) {
   if (!t.has_value()) {
     return;
   }
-  TORCH_CHECK_VALUE(t->sizes() == c10::IntArrayRef(shape), name, " must have shape ", shape_name, " = ",
-                    c10::IntArrayRef(shape), ", got ", t->sizes());
+  const c10::SymIntArrayRef expected(shape.begin(), shape.size());
+  TORCH_CHECK_VALUE(t->sym_sizes() == expected, name, " must have shape ", shape_name, " = ", expected, ", got ",
+                    t->sym_sizes());
   check_same_dtype(*t, x, name, "x");
   check_same_device(*t, x, name, "x");
 }
 
-// The checks shared by skip_ffn and skip_ffn_; returns the FFN width I.
-int64_t check_skip_ffn_args(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& w_gate_up,
-                            const at::Tensor& w_down, const std::optional<at::Tensor>& norm_weight,
-                            const std::optional<at::Tensor>& b_gate_up, const std::optional<at::Tensor>& b_down,
-                            int64_t activation, double eps) {
+// The checks of skip_ffn (also its op alignops::skip_ffn_check, which the Triton twins call).
+void check_skip_ffn(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& b_gate_up,
+                    const std::optional<at::Tensor>& b_down, int64_t activation, double eps,
+                    bool /*save_for_backward*/ = false) {
   check_dim(x, 2, "x", "[N, H]");
   check_floating(x, "x");
-  check_device(x, c10::DeviceType::CPU, "x");
   TORCH_CHECK_VALUE(activation >= kSwiglu && activation <= kGeluTanh,
                     "activation code must be 0 (swiglu), 1 (gelu) or 2 (gelu_tanh), got ", activation);
   TORCH_CHECK_VALUE(eps > 0.0, "eps must be > 0, got ", eps);
-  const int64_t N = x.size(0), H = x.size(1);
-  TORCH_CHECK_VALUE(keep.scalar_type() == at::kBool && keep.dim() == 1 && keep.size(0) == N,
+  const auto N = x.sym_size(0), H = x.sym_size(1);
+  TORCH_CHECK_VALUE(keep.scalar_type() == at::kBool && keep.dim() == 1 && keep.sym_size(0) == N,
                     "keep must be a bool tensor of shape [N] = [", N, "], got ", dtype_name(keep.scalar_type()), " ",
-                    keep.sizes());
+                    keep.sym_sizes());
   check_same_device(keep, x, "keep", "x");
   check_dim(w_down, 2, "w_down", "[H, I]");
-  TORCH_CHECK_VALUE(w_down.size(0) == H, "w_down must have shape [H, I] with H = ", H, ", got ", w_down.sizes());
-  const int64_t I = w_down.size(1);
-  const int64_t G = activation == kSwiglu ? 2 * I : I;
+  TORCH_CHECK_VALUE(w_down.sym_size(0) == H, "w_down must have shape [H, I] with H = ", H, ", got ",
+                    w_down.sym_sizes());
+  const auto I = w_down.sym_size(1);
+  const auto G = activation == kSwiglu ? 2 * I : I;
   check_weight(w_gate_up, {G, H}, x, "w_gate_up", activation == kSwiglu ? "[2I, H]" : "[I, H]");
   check_weight(w_down, {H, I}, x, "w_down", "[H, I]");
   check_weight(norm_weight, {H}, x, "norm_weight", "[H]");
   check_weight(b_gate_up, {G}, x, "b_gate_up", activation == kSwiglu ? "[2I]" : "[I]");
   check_weight(b_down, {H}, x, "b_down", "[H]");
-  return I;
+}
+
+// The checks of skip_ffn_ (alignops::skip_ffn__check): skip_ffn's, and x contiguous.
+void check_skip_ffn_inplace(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& w_gate_up,
+                            const at::Tensor& w_down, const std::optional<at::Tensor>& norm_weight,
+                            const std::optional<at::Tensor>& b_gate_up, const std::optional<at::Tensor>& b_down,
+                            int64_t activation, double eps) {
+  check_skip_ffn(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps);
+  TORCH_CHECK_VALUE(x.is_contiguous(), "x must be contiguous to be updated in place");
+}
+
+// The checks of skip_add_score (alignops::skip_add_score_check).
+void check_add_score(const at::Tensor& residual, const at::Tensor& delta, int64_t criterion) {
+  check_dim(residual, 2, "residual", "[N, H]");
+  check_floating(residual, "residual");
+  check_same_shape(delta, residual, "delta", "residual");
+  check_same_dtype(delta, residual, "delta", "residual");
+  check_same_device(delta, residual, "delta", "residual");
+  TORCH_CHECK_VALUE(criterion == kCosine || criterion == kNormRatio,
+                    "criterion code must be 0 (cosine) or 1 (norm_ratio), got ", criterion);
 }
 
 // Inference with prepacked weights (skip_ffn_packed.h). Measured here (H = 2048, I = 5632, 2 threads, the
@@ -182,7 +202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> skip_ffn_
     const at::Tensor& x, const at::Tensor& keep, const at::Tensor& w_gate_up, const at::Tensor& w_down,
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& b_gate_up,
     const std::optional<at::Tensor>& b_down, int64_t activation, double eps, bool save_for_backward) {
-  const int64_t I = check_skip_ffn_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps);
+  check_skip_ffn(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps);
+  check_device(x, c10::DeviceType::CPU, "x");
+  const int64_t I = w_down.size(1);
   const auto xc = x.contiguous();
   auto y = xc.clone();
   return run_skip_ffn(xc, y, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, I, activation, eps,
@@ -193,21 +215,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> skip_ffn_
 void skip_ffn_inplace_cpu(at::Tensor& x, const at::Tensor& keep, const at::Tensor& w_gate_up, const at::Tensor& w_down,
                           const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& b_gate_up,
                           const std::optional<at::Tensor>& b_down, int64_t activation, double eps) {
-  const int64_t I = check_skip_ffn_args(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps);
-  TORCH_CHECK_VALUE(x.is_contiguous(), "x must be contiguous to be updated in place");
+  check_skip_ffn_inplace(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps);
+  check_device(x, c10::DeviceType::CPU, "x");
+  const int64_t I = w_down.size(1);
   run_skip_ffn(x, x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, I, activation, eps, false);
 }
 
 std::tuple<at::Tensor, at::Tensor> skip_add_score_cpu(const at::Tensor& residual, const at::Tensor& delta,
                                                       int64_t criterion) {
-  check_dim(residual, 2, "residual", "[N, H]");
-  check_floating(residual, "residual");
+  check_add_score(residual, delta, criterion);
   check_device(residual, c10::DeviceType::CPU, "residual");
-  check_same_shape(delta, residual, "delta", "residual");
-  check_same_dtype(delta, residual, "delta", "residual");
-  check_same_device(delta, residual, "delta", "residual");
-  TORCH_CHECK_VALUE(criterion == kCosine || criterion == kNormRatio,
-                    "criterion code must be 0 (cosine) or 1 (norm_ratio), got ", criterion);
   const auto r = residual.contiguous();
   const auto d = delta.contiguous();
   auto h = at::empty_like(r);
@@ -217,6 +234,12 @@ std::tuple<at::Tensor, at::Tensor> skip_add_score_cpu(const at::Tensor& residual
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
+  m.impl("skip_ffn_check", &check_skip_ffn);
+  m.impl("skip_ffn__check", &check_skip_ffn_inplace);
+  m.impl("skip_add_score_check", &check_add_score);
+}
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {
   m.impl("skip_ffn", &skip_ffn_cpu);

@@ -234,32 +234,48 @@ void weight_grad(const Sorted<acc_t>& s, const std::vector<double>& gc, scalar_t
   }
 }
 
+// The checks of wasserstein_1d (also its op alignops::wasserstein_1d_check, which the Triton twin calls): shapes,
+// dtypes, devices and p; they read no data. The weights' values are checked by check_weight_values.
 void check_inputs(const at::Tensor& u, const at::Tensor& v, const std::optional<at::Tensor>& uw,
                   const std::optional<at::Tensor>& vw, double p) {
   check_dim(u, 2, "u", "[B, n]");
   check_dim(v, 2, "v", "[B, m]");
   check_floating(u, "u");
-  check_device(u, c10::DeviceType::CPU, "u");
   check_same_dtype(v, u, "v", "u");
   check_same_device(v, u, "v", "u");
-  TORCH_CHECK_VALUE(v.size(0) == u.size(0), "v must have as many problems as u (B = ", u.size(0), "), got shape ",
-                    v.sizes());
-  TORCH_CHECK_VALUE(u.size(1) > 0 && v.size(1) > 0, "u and v need at least one atom each, got shapes ", u.sizes(),
-                    " and ", v.sizes());
+  TORCH_CHECK_VALUE(v.sym_size(0) == u.sym_size(0), "v must have as many problems as u (B = ", u.sym_size(0),
+                    "), got shape ", v.sym_sizes());
+  TORCH_CHECK_VALUE(u.sym_size(1) > 0 && v.sym_size(1) > 0, "u and v need at least one atom each, got shapes ",
+                    u.sym_sizes(), " and ", v.sym_sizes());
   TORCH_CHECK_VALUE(p >= 1.0 && std::isfinite(p), "p must be a finite value >= 1, got ", p);
   for (const auto& [w, x, name, xname] :
        {std::tuple{&uw, &u, "u_weights", "u"}, std::tuple{&vw, &v, "v_weights", "v"}}) {
-    if (!w->has_value()) {
-      continue;
+    if (w->has_value()) {
+      check_same_shape(**w, *x, name, xname);
+      check_same_dtype(**w, *x, name, xname);
+      check_same_device(**w, *x, name, xname);
     }
-    check_same_shape(**w, *x, name, xname);
-    check_same_dtype(**w, *x, name, xname);
-    check_same_device(**w, *x, name, xname);
-    if ((*w)->numel() > 0) {
+  }
+}
+
+// The CPU kernel's check of the weights' values (the GPU path leaves it to the public function: it would sync).
+void check_weight_values(const std::optional<at::Tensor>& uw, const std::optional<at::Tensor>& vw) {
+  for (const auto& [w, name] : {std::pair{&uw, "u_weights"}, std::pair{&vw, "v_weights"}}) {
+    if (w->has_value() && (*w)->numel() > 0) {
       TORCH_CHECK_VALUE(((**w >= 0) & (**w).isfinite()).all().item<bool>(), name, " must be finite and >= 0");
       TORCH_CHECK_VALUE(((**w).sum(-1) > 0).all().item<bool>(), name, " must have a positive sum in every problem");
     }
   }
+}
+
+// The checks of the backward (alignops::wasserstein_1d_backward_check).
+void check_backward(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& v,
+                    const std::optional<at::Tensor>& uw, const std::optional<at::Tensor>& vw, double p,
+                    bool /*weights_grad*/) {
+  check_inputs(u, v, uw, vw, p);
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.sym_size(0) == u.sym_size(0), "grad must have shape [B] = [", u.sym_size(0),
+                    "], got ", grad.sym_sizes());
+  check_same_device(grad, u, "grad", "u");
 }
 
 int64_t grain(int64_t n, int64_t m) { return std::max<int64_t>(1, 32768 / (n + m)); }
@@ -267,6 +283,8 @@ int64_t grain(int64_t n, int64_t m) { return std::max<int64_t>(1, 32768 / (n + m
 at::Tensor wasserstein_1d_cpu(const at::Tensor& u, const at::Tensor& v, const std::optional<at::Tensor>& u_weights,
                               const std::optional<at::Tensor>& v_weights, double p) {
   check_inputs(u, v, u_weights, v_weights, p);
+  check_device(u, c10::DeviceType::CPU, "u");
+  check_weight_values(u_weights, v_weights);
   const int64_t B = u.size(0), n = u.size(1), m = v.size(1);
   const auto uc = u.contiguous(), vc = v.contiguous();
   const auto uwc = u_weights.has_value() ? u_weights->contiguous() : at::Tensor();
@@ -298,9 +316,10 @@ at::Tensor wasserstein_1d_cpu(const at::Tensor& u, const at::Tensor& v, const st
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wasserstein_1d_backward_cpu(
     const at::Tensor& grad, const at::Tensor& u, const at::Tensor& v, const std::optional<at::Tensor>& u_weights,
     const std::optional<at::Tensor>& v_weights, double p, bool weights_grad) {
-  check_inputs(u, v, u_weights, v_weights, p);
+  check_backward(grad, u, v, u_weights, v_weights, p, weights_grad);
+  check_device(u, c10::DeviceType::CPU, "u");
+  check_weight_values(u_weights, v_weights);
   const int64_t B = u.size(0), n = u.size(1), m = v.size(1);
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == B, "grad must have shape [B] = [", B, "], got ", grad.sizes());
   const auto uc = u.contiguous(), vc = v.contiguous();
   const auto gc = grad.contiguous().to(at::kDouble);
   const auto uwc = u_weights.has_value() ? u_weights->contiguous() : at::Tensor();
@@ -356,6 +375,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wasserstein_1d_backwa
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
+  m.impl("wasserstein_1d_check", &check_inputs);
+  m.impl("wasserstein_1d_backward_check", &check_backward);
+}
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {
   m.impl("wasserstein_1d", &wasserstein_1d_cpu);

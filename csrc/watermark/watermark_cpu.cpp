@@ -25,15 +25,33 @@ const WatermarkKernels& kernels() {
 void check_logits_context(const at::Tensor& logits, const at::Tensor& context) {
   check_dim(logits, 2, "logits", "[B, V]");
   check_floating(logits, "logits");
-  check_device(logits, c10::DeviceType::CPU, "logits");
   check_dim(context, 2, "context", "[B, h]");
   check_integer(context, "context");
   check_same_device(context, logits, "context", "logits");
-  TORCH_CHECK_VALUE(context.size(0) == logits.size(0),
-                    "context must have one row per row of logits [B = ", logits.size(0), "], got shape ",
-                    context.sizes());
-  TORCH_CHECK_VALUE(logits.size(0) == 0 || logits.size(1) >= 1, "logits must have a vocabulary of V >= 1 entries");
-  TORCH_CHECK_VALUE(logits.size(1) <= (int64_t(1) << 32), "the vocabulary V must be <= 2^32, got ", logits.size(1));
+  TORCH_CHECK_VALUE(context.sym_size(0) == logits.sym_size(0),
+                    "context must have one row per row of logits [B = ", logits.sym_size(0), "], got shape ",
+                    context.sym_sizes());
+  TORCH_CHECK_VALUE(logits.sym_size(0) == 0 || logits.sym_size(1) >= 1,
+                    "logits must have a vocabulary of V >= 1 entries");
+  TORCH_CHECK_VALUE(logits.sym_size(1) <= (int64_t(1) << 32), "the vocabulary V must be <= 2^32, got ",
+                    logits.sym_size(1));
+}
+
+void check_green(double gamma, double delta) {
+  TORCH_CHECK_VALUE(gamma >= 0.0 && gamma <= 1.0, "gamma (the green fraction) must be in [0, 1], got ", gamma);
+  TORCH_CHECK_VALUE(std::isfinite(delta), "delta must be finite, got ", delta);
+}
+
+// The checks of kgw_logits and kgw_argmax (their op alignops::kgw_*_check, which the Triton twins call).
+void check_kgw(const at::Tensor& logits, const at::Tensor& context, int64_t /*key*/, double gamma, double delta) {
+  check_logits_context(logits, context);
+  check_green(gamma, delta);
+}
+
+void check_gumbel(const at::Tensor& logits, const at::Tensor& context, int64_t /*key*/, double temperature) {
+  check_logits_context(logits, context);
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
+                    temperature);
 }
 
 // state[b] = fold of combine over the context tokens (oldest first), starting from key_state(salt, key).
@@ -51,16 +69,13 @@ std::vector<uint32_t> row_states(const at::Tensor& context, uint32_t salt, int64
   return state;
 }
 
-uint64_t green_threshold(double gamma, double delta) {
-  TORCH_CHECK_VALUE(gamma >= 0.0 && gamma <= 1.0, "gamma (the green fraction) must be in [0, 1], got ", gamma);
-  TORCH_CHECK_VALUE(std::isfinite(delta), "delta must be finite, got ", delta);
-  return static_cast<uint64_t>(std::floor(gamma * 4294967296.0));
-}
+uint64_t green_threshold(double gamma) { return static_cast<uint64_t>(std::floor(gamma * 4294967296.0)); }
 
 at::Tensor kgw_logits_cpu(const at::Tensor& logits, const at::Tensor& context, int64_t key, double gamma,
                           double delta) {
-  check_logits_context(logits, context);
-  const uint64_t threshold = green_threshold(gamma, delta);
+  check_kgw(logits, context, key, gamma, delta);
+  check_device(logits, c10::DeviceType::CPU, "logits");
+  const uint64_t threshold = green_threshold(gamma);
   const auto x = logits.contiguous();
   auto out = at::empty_like(x);
   if (x.numel() == 0) {
@@ -73,8 +88,9 @@ at::Tensor kgw_logits_cpu(const at::Tensor& logits, const at::Tensor& context, i
 
 at::Tensor kgw_argmax_cpu(const at::Tensor& logits, const at::Tensor& context, int64_t key, double gamma,
                           double delta) {
-  check_logits_context(logits, context);
-  const uint64_t threshold = green_threshold(gamma, delta);
+  check_kgw(logits, context, key, gamma, delta);
+  check_device(logits, c10::DeviceType::CPU, "logits");
+  const uint64_t threshold = green_threshold(gamma);
   auto out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   if (logits.size(0) == 0) {
     return out;
@@ -86,9 +102,8 @@ at::Tensor kgw_argmax_cpu(const at::Tensor& logits, const at::Tensor& context, i
 }
 
 at::Tensor gumbel_argmax_cpu(const at::Tensor& logits, const at::Tensor& context, int64_t key, double temperature) {
-  check_logits_context(logits, context);
-  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
-                    temperature);
+  check_gumbel(logits, context, key, temperature);
+  check_device(logits, c10::DeviceType::CPU, "logits");
   auto out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   if (logits.size(0) == 0) {
     return out;
@@ -105,6 +120,12 @@ TORCH_LIBRARY_IMPL(alignops, CPU, m) {
   m.impl("kgw_logits", &kgw_logits_cpu);
   m.impl("kgw_argmax", &kgw_argmax_cpu);
   m.impl("gumbel_argmax", &gumbel_argmax_cpu);
+}
+
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
+  m.impl("kgw_logits_check", &check_kgw);
+  m.impl("kgw_argmax_check", &check_kgw);
+  m.impl("gumbel_argmax_check", &check_gumbel);
 }
 
 }  // namespace alignops::watermark

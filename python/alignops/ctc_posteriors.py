@@ -11,7 +11,7 @@ import torch
 from . import _backend
 from ._checks import check_has_values, values_checkable
 from ._errors import AlignopsError
-from .ops.ctc_posteriors import check_shapes
+from .ops._registration import run_checks
 from .ops.ctc_posteriors import check_values as _check_values
 from .ops.preference import acc_dtype
 from .reference import ctc_posteriors as _ref
@@ -99,7 +99,9 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, check_val
     target_lengths = _lengths(target_lengths, log_probs, "target_lengths")
     if targets.dim() == 1:
         targets = _padded(targets, target_lengths)
-    check_shapes(log_probs, targets, input_lengths, target_lengths, blank)
+    run_checks(
+        "alignops::ctc_posteriors", log_probs, targets, input_lengths, target_lengths, blank, False, False, False
+    )
     if check_values and values_checkable(log_probs):
         _check_values(log_probs, targets, input_lengths, target_lengths, blank)
     return targets, input_lengths, target_lengths

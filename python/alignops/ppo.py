@@ -19,7 +19,7 @@ import torch
 from . import _backend
 from ._checks import check_finite
 from ._errors import AlignopsError
-from .ops.ppo import check_gae_args
+from .ops._registration import run_checks
 from .reference import ppo as _ref
 
 
@@ -78,7 +78,10 @@ def gae_advantages(
     [0, 1] (or NaN).
     """
     mask = _as_mask(completion_mask)
-    check_gae_args(rewards, values, mask, last_values, gamma, lam)
+    for name, x in (("rewards", rewards), ("values", values)):
+        if not isinstance(x, torch.Tensor):
+            raise AlignopsError(f"{name} must be a tensor, got {type(x).__name__}")
+    run_checks("alignops::gae_advantages", rewards, values, mask, last_values, float(gamma), float(lam))
     impl = _backend.resolve(backend, rewards.device, "gae_advantages", native_cuda=False)
     if impl == "torch":
         advantages, returns = _ref.gae_advantages(rewards, values, mask, last_values, float(gamma), float(lam))

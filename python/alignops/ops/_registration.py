@@ -6,7 +6,10 @@ alignops supports (torch >= 2.6), so that each Triton op has the schema of its n
 csrc/registration.cpp.
 
 ``register_triton_twin(native)``: ``register_triton_op(native + "_triton", native_schema(native))`` — the Triton
-op of a native op takes its schema from the native op's registration, so a schema is written once (in C++).
+op of a native op takes its schema from the native op's registration, so a schema is written once (in C++) —
+whose body first calls ``check_op(native)``, the native op's own argument checks (``alignops::<op>_check``,
+defined next to the op by ``def_checked`` in csrc/registration.cpp and implemented by the C++ function the CPU
+kernel calls), so a check is written once too, with one message, whichever backend serves the call.
 
 ``triton_op(..., schema=...)`` hands the schema on to ``custom_op`` from torch 2.14 on. Before, it infers the
 schema from the function's annotations whatever it is given: an ``int`` argument becomes ``SymInt``, so the
@@ -26,6 +29,7 @@ import torch._library.triton as _triton_library
 from torch.library import triton_op
 
 from .._checks import check_same_device
+from .._errors import AlignopsError
 
 # torch 2.14 is the first release whose triton_op uses schema=; a dev build of 2.14 takes the other path,
 # which gives the same registration.
@@ -57,10 +61,38 @@ def native_schema(name: str) -> str:
     return schema[schema.index("(") :]
 
 
-def register_triton_twin(native: str, mutates_args: Iterable[str] = ()) -> Callable:
-    """Decorator: the decorated function is ``<native>_triton``, a Triton op with the schema of the native op
-    ``native`` (``"alignops::op"``, defined in csrc/registration.cpp)."""
-    return register_triton_op(native + "_triton", native_schema(native), mutates_args)
+def check_op(native: str) -> torch._ops.OpOverload:
+    """``alignops::<op>_check``: the argument checks of the native op ``native`` (``"alignops::op"``) as an op
+    with its arguments that returns nothing. It reads sizes, dtypes and devices, never data, so it runs on any
+    device and on fake (also symbolic-shaped) tensors; torch.compile runs it while tracing."""
+    namespace, op = native.split("::")
+    return getattr(getattr(torch.ops, namespace), op + "_check").default
+
+
+def run_checks(native: str, *args, **kwargs) -> None:
+    """Run ``check_op(native)`` on the op's arguments; the plain ValueError of the C++ checks
+    (TORCH_CHECK_VALUE) is re-raised as AlignopsError, the error of the public API, with the same message."""
+    try:
+        check_op(native)(*args, **kwargs)
+    except ValueError as e:
+        raise AlignopsError(str(e)) from None
+
+
+def register_triton_twin(native: str, mutates_args: Iterable[str] = (), name: str | None = None) -> Callable:
+    """Decorator: the decorated function is ``<native>_triton`` (or ``name``), a Triton op with the schema of the
+    native op ``native`` (``"alignops::op"``, defined in csrc/registration.cpp), called after the native op's
+    argument checks (``check_op(native)``): the body checks only what is the Triton backend's own (the device)."""
+    check_op(native)  # fails here, at import, if the native op has no check op
+
+    def define(fn: Callable):
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            run_checks(native, *args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return register_triton_op(name or native + "_triton", native_schema(native), mutates_args)(checked)
+
+    return define
 
 
 def register_fake(name: str) -> Callable:

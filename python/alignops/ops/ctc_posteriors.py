@@ -18,33 +18,6 @@ from .._errors import AlignopsError
 from ._registration import register_fake
 from .preference import acc_dtype
 
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def check_shapes(log_probs, targets, input_lengths, target_lengths, blank) -> None:
-    """The shape / dtype / device checks of the native op (csrc/ctc/ctc_posteriors_cpu.cpp), its messages."""
-    if log_probs.dim() != 3:
-        raise AlignopsError(f"log_probs must be a 3-D tensor of shape [B, T, C], got shape {list(log_probs.shape)}")
-    if log_probs.dtype not in _FLOATS:
-        raise AlignopsError(f"log_probs must be float32, float64, float16 or bfloat16, got {log_probs.dtype}")
-    B, T, C = log_probs.shape
-    if targets.dim() != 2:
-        raise AlignopsError(f"targets must be a 2-D tensor of shape [B, L] (padded), got shape {list(targets.shape)}")
-    for name, t in (("targets", targets), ("input_lengths", input_lengths), ("target_lengths", target_lengths)):
-        if t.dtype not in (torch.int64, torch.int32):
-            raise AlignopsError(f"{name} must be int64 or int32, got {t.dtype}")
-        if t.device != log_probs.device:
-            raise AlignopsError(f"{name} must be on the device of log_probs ({log_probs.device}), got {t.device}")
-    if targets.shape[0] != B:
-        raise AlignopsError(f"targets must have one row per utterance (B = {B}), got {targets.shape[0]}")
-    for name, t in (("input_lengths", input_lengths), ("target_lengths", target_lengths)):
-        if t.dim() != 1:
-            raise AlignopsError(f"{name} must be a 1-D tensor of shape [B], got shape {list(t.shape)}")
-        if t.shape[0] != B:
-            raise AlignopsError(f"{name} must have one entry per utterance (B = {B}), got {t.shape[0]}")
-    if not 0 <= blank < C:
-        raise AlignopsError(f"blank must lie in [0, C = {C}), got {blank}")
-
 
 def check_values(log_probs, targets, input_lengths, target_lengths, blank) -> None:
     """Lengths within the padded sizes, target ids in [0, C) and not blank (reads the values: one host sync)."""
@@ -148,7 +121,6 @@ if triton is not None:
         """Triton twin of ``alignops::ctc_posteriors``, same outputs. Unlike the CPU kernel it stores the
         fp64 log-alpha of every frame ([B, T, 2L+1] fp64 scratch) and the occupancy [B, T, 2L+1] whatever
         is requested; tokens and the gradient are read off the occupancy."""
-        check_shapes(log_probs, targets, input_lengths, target_lengths, blank)
         check_triton_device(log_probs, "log_probs")
         B, T, C = log_probs.shape
         L = targets.shape[1]

@@ -11,53 +11,12 @@ in the Triton interpreter (TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._checks import check_targets, check_temperature, check_triton_device
-from .._errors import AlignopsError
+from .._checks import check_triton_device
 from ..kernels.fused_linear import launch_fused_linear_backward, launch_fused_linear_forward
 from ._registration import register_triton_twin
 from .preference import acc_dtype, register_fused_linear_logprobs_autograd
-
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _check_like_hidden(t: torch.Tensor, name: str, hidden: torch.Tensor) -> None:
-    if t.dtype != hidden.dtype:
-        raise AlignopsError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {t.dtype}")
-    if t.device != hidden.device:
-        raise AlignopsError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
-
-
-def _check_args(hidden, weight, targets, bias, temperature, logit_scale) -> None:
-    """The checks of the native op (csrc/preference/fused_linear_logprobs_cpu.cpp), with its messages, and
-    V >= 1 (the native op returns NaN for an empty vocabulary)."""
-    if hidden.dim() != 2:
-        raise AlignopsError(f"hidden must be a 2-D tensor of shape [N, H], got shape {list(hidden.shape)}")
-    if hidden.dtype not in _DTYPES:
-        raise AlignopsError(f"hidden must be float32, float64, float16 or bfloat16, got {hidden.dtype}")
-    check_triton_device(hidden, "hidden")
-    if weight.dim() != 2:
-        raise AlignopsError(f"weight must be a 2-D tensor of shape [V, H], got shape {list(weight.shape)}")
-    H = hidden.shape[1]
-    if weight.shape[1] != H:
-        raise AlignopsError(
-            f"weight must have shape [V, H] with H = {H} (hidden's last dimension), got {list(weight.shape)}"
-        )
-    if weight.shape[0] == 0:
-        raise AlignopsError(f"weight must have at least one row (V >= 1), got shape {list(weight.shape)}")
-    _check_like_hidden(weight, "weight", hidden)
-    check_targets(targets, hidden, "hidden")
-    if bias is not None:
-        V = weight.shape[0]
-        if bias.dim() != 1 or bias.shape[0] != V:
-            raise AlignopsError(f"bias must have shape [V] = [{V}], got {list(bias.shape)}")
-        _check_like_hidden(bias, "bias", hidden)
-    check_temperature(temperature)
-    if not math.isfinite(logit_scale):
-        raise AlignopsError(f"logit_scale must be finite, got {logit_scale}")
 
 
 @register_triton_twin("alignops::fused_linear_logprobs")
@@ -74,7 +33,7 @@ def fused_linear_logprobs_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::fused_linear_logprobs``: (logp [N], lse [N], entropy [N] or [0]) in the
     accumulation dtype (fp32; fp64 for fp64 inputs), 0 on ignored rows. softcap <= 0 means no softcap."""
-    _check_args(hidden, weight, targets, bias, temperature, logit_scale)
+    check_triton_device(hidden, "hidden")
     N = hidden.shape[0]
     acc = acc_dtype(hidden.dtype)
     logp = hidden.new_empty(N, dtype=acc)
@@ -116,19 +75,8 @@ def fused_linear_logprobs_backward_triton(
     grad_bias [V] or [0]) in the input dtype, from the forward's lse. grad_hidden is summed over the tiles in
     fp32 and rounded once; each tile of grad_weight is one GEMM, so the result is deterministic. With
     ``grad_entropy`` and the forward's ``entropy`` the entropy's gradient is added in the same pass."""
-    _check_args(hidden, weight, targets, bias, temperature, logit_scale)
+    check_triton_device(hidden, "hidden")
     N = hidden.shape[0]
-    acc = acc_dtype(hidden.dtype)
-    if (grad_entropy is None) != (entropy is None):
-        raise AlignopsError("grad_entropy and entropy go together: give both or neither")
-    vectors = [("grad_logp", grad_logp), ("lse", lse)]
-    if grad_entropy is not None:
-        vectors += [("grad_entropy", grad_entropy), ("entropy", entropy)]
-    for name, t in vectors:
-        if t.dim() != 1 or t.shape[0] != N or t.dtype != acc:
-            raise AlignopsError(f"{name} must be a {acc} tensor of shape [N] = [{N}], got {t.dtype} {list(t.shape)}")
-        if t.device != hidden.device:
-            raise AlignopsError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
     V = weight.shape[0]
     if N == 0:
         return (

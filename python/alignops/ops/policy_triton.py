@@ -8,52 +8,11 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_triton_device
-from .._codes import ImportanceSamplingLevel, PolicyLossType
-from .._errors import AlignopsError
+from .._codes import ImportanceSamplingLevel
 from ..kernels.policy import launch_policy_loss
 from ._registration import register_triton_twin
 from .policy import NUM_ROW_STATS, ROW_LOSS, register_policy_loss_autograd
 from .preference import acc_dtype
-
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _check(lp, adv, mask, full, row_or_token, loss_type, level, beta, ref) -> None:
-    """What the kernel's memory accesses rely on (the C++ op's check_policy_inputs); the public
-    alignops.policy_loss checks values and gives the user-facing messages before either op runs."""
-    if lp.dim() != 2 or lp.dtype not in _FLOATS:
-        raise AlignopsError(f"per_token_logps must be a 2-D float tensor [B, T], got {lp.dtype} {list(lp.shape)}")
-    B, T = lp.shape
-    acc = acc_dtype(lp.dtype)
-    for name, t in row_or_token:
-        if t is None:
-            continue
-        if t.dtype != acc:
-            raise AlignopsError(f"{name} must be {acc}, got {t.dtype}")
-        if tuple(t.shape) not in ((B,), (B, 1), (B, T)):
-            raise AlignopsError(f"{name} must have shape [B], [B, 1] or [B, T] = [{B}, {T}], got {list(t.shape)}")
-    for name, t in full:
-        if t is None:
-            continue
-        if t.dtype != acc:
-            raise AlignopsError(f"{name} must be {acc}, got {t.dtype}")
-        if t.shape != lp.shape:
-            raise AlignopsError(f"{name} must have the shape of per_token_logps {list(lp.shape)}, got {list(t.shape)}")
-    if mask.shape != lp.shape:
-        raise AlignopsError(
-            f"completion_mask must have the shape of per_token_logps {list(lp.shape)}, got {list(mask.shape)}"
-        )
-    if mask.dtype not in (torch.bool, acc):
-        raise AlignopsError(f"completion_mask must be bool or {acc}, got {mask.dtype}")
-    for name, t in (("advantages", adv), ("completion_mask", mask), *row_or_token, *full):
-        if t is not None and t.device != lp.device:
-            raise AlignopsError(f"{name} must be on the device of per_token_logps ({lp.device}), got {t.device}")
-    if beta != 0.0 and ref is None:
-        raise AlignopsError("ref_per_token_logps is required when beta != 0")
-    if loss_type not in set(PolicyLossType):
-        raise AlignopsError(f"loss_type must be a PolicyLossType code, got {loss_type}")
-    if level not in set(ImportanceSamplingLevel):
-        raise AlignopsError(f"importance_sampling_level must be 0 or 1, got {level}")
 
 
 def _row_or_token(t: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
@@ -94,15 +53,6 @@ def policy_loss_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::policy_loss`` (outputs: the schema's comment in csrc/registration.cpp)."""
     lp = per_token_logps
-    full = (
-        ("old_per_token_logps", old_per_token_logps),
-        ("ref_per_token_logps", ref_per_token_logps),
-        ("sampling_per_token_logps", sampling_per_token_logps),
-        ("entropy_mask", entropy_mask),
-    )
-    row_or_token = (("advantages", advantages), ("importance_sampling_ratio", importance_sampling_ratio))
-    _check(lp, advantages, completion_mask, full, row_or_token, loss_type, importance_sampling_level, beta,
-           ref_per_token_logps)  # fmt: skip
     check_triton_device(lp, "per_token_logps")
     B, T = lp.shape
     acc = acc_dtype(lp.dtype)

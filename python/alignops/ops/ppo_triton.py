@@ -8,7 +8,7 @@ import torch
 from .._checks import check_triton_device
 from ..kernels.ppo import launch_gae
 from ._registration import register_triton_twin
-from .ppo import check_gae_args, register_gae_autograd
+from .ppo import register_gae_autograd
 
 
 @register_triton_twin("alignops::gae_advantages")
@@ -21,7 +21,6 @@ def gae_advantages_triton(
     lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::gae_advantages``."""
-    check_gae_args(rewards, values, completion_mask, last_values, gamma, lam)
     check_triton_device(rewards, "rewards")
     r, v = rewards.contiguous(), values.contiguous()
     adv = torch.empty_like(r, memory_format=torch.contiguous_format)
