@@ -27,7 +27,7 @@ def _defs() -> dict[str, tuple[torch._C.FunctionSchema, bool]]:
     """name -> (schema, defined by def_checked) over csrc/registration.cpp."""
     text = CSRC.read_text()
     out = {}
-    for call in re.finditer(r'(m\.def\(|def_checked\(m,)\s*((?:"(?:[^"\\]|\\.)*"\s*)+)', text):
+    for call in re.finditer(r'(m\.def\(|def_checked\(\s*m,)\s*((?:"(?:[^"\\]|\\.)*"\s*)+)', text):
         schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call.group(2)))
         parsed = torch._C.parse_schema("alignops::" + schema)
         out[parsed.name.split("::")[1]] = (parsed, call.group(1).startswith("def_checked"))
