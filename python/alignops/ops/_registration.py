@@ -72,8 +72,12 @@ def check_op(native: str) -> torch._ops.OpOverload:
 def run_checks(native: str, *args, **kwargs) -> None:
     """Run ``check_op(native)`` on the op's arguments; the plain ValueError of the C++ checks
     (TORCH_CHECK_VALUE) is re-raised as AlignopsError, the error of the public API, with the same message."""
+    _run(check_op(native), args, kwargs)
+
+
+def _run(check: torch._ops.OpOverload, args: tuple, kwargs: dict) -> None:
     try:
-        check_op(native)(*args, **kwargs)
+        check(*args, **kwargs)
     except ValueError as e:
         raise AlignopsError(str(e)) from None
 
@@ -82,12 +86,12 @@ def register_triton_twin(native: str, mutates_args: Iterable[str] = (), name: st
     """Decorator: the decorated function is ``<native>_triton`` (or ``name``), a Triton op with the schema of the
     native op ``native`` (``"alignops::op"``, defined in csrc/registration.cpp), called after the native op's
     argument checks (``check_op(native)``): the body checks only what is the Triton backend's own (the device)."""
-    check_op(native)  # fails here, at import, if the native op has no check op
+    check = check_op(native)  # resolved once, at import (and fails there if the native op has no check op)
 
     def define(fn: Callable):
         @functools.wraps(fn)
         def checked(*args, **kwargs):
-            run_checks(native, *args, **kwargs)
+            _run(check, args, kwargs)
             return fn(*args, **kwargs)
 
         return register_triton_op(name or native + "_triton", native_schema(native), mutates_args)(checked)
