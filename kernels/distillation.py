@@ -1,6 +1,6 @@
 """Triton epilogue of ``alignops::fused_linear_distillation_triton`` and its row-block loop.
 
-The op (python/alignops/ops/distillation_triton.py) walks the N rows in blocks of R. Per block, ``torch.mm``
+The op (python/alignops/ops/distillation.py) walks the N rows in blocks of R. Per block, ``torch.mm``
 gives both models' raw logits u = h @ W^T + b in the accumulation dtype ([R, V] each, R chosen so that a block
 is about ``BLOCK_BYTES``), and ``distillation_rows_kernel`` (one program per row) applies the logit
 transforms, folds each row into its two logsumexps and the student's entropy, computes the divergence d and,

@@ -1,6 +1,6 @@
 """Triton epilogues of ``alignops::fused_linear_logprobs_triton`` and their tile loops.
 
-The ops (python/alignops/ops/fused_linear_triton.py) walk the vocabulary in tiles of ``Vt`` columns. Per
+The ops (python/alignops/ops/preference.py) walk the vocabulary in tiles of ``Vt`` columns. Per
 tile, ``torch.mm`` computes the raw logits u = hidden @ weight[v0:v1]^T in the accumulation dtype (fp32,
 fp64 for fp64 inputs: bf16 / fp16 GEMMs on CUDA use ``out_dtype=torch.float32``, their products are exact
 in fp32), and one Triton kernel consumes the [N, Vt] tile:

@@ -47,7 +47,7 @@ SAPO = tl.constexpr(int(PolicyLossType.SAPO))
 LUSPO = tl.constexpr(int(PolicyLossType.LUSPO))
 VESPO = tl.constexpr(int(PolicyLossType.VESPO))
 
-N_STATS = 8  # columns of row_stats (csrc/registration.cpp, csrc/policy/policy_codes.h RowStat)
+N_STATS = 8  # columns of row_stats (csrc/policy/policy_loss_cpu.cpp, csrc/policy/policy_codes.h RowStat)
 _N_STATS = tl.constexpr(N_STATS)
 MAX_BLOCK_T = 1024  # tokens per tile on a GPU: 8 per thread at 4 warps (fp32: 56-96 registers, no spills)
 _LOG_1E8 = math.log(1e-8)  # VESPO's lower clamp of log w (TRL's get_gamma_weights)

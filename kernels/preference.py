@@ -1,7 +1,7 @@
 """Triton kernels of the preference family and their launch helpers.
 
 The ops that call them (``alignops::preference_loss_triton``, ``alignops::selective_logprobs_triton``,
-``alignops::selective_logprobs_backward_triton``) are defined in python/alignops/ops/preference_triton.py;
+``alignops::selective_logprobs_backward_triton``) are defined in python/alignops/ops/preference.py;
 the helpers here take contiguous inputs and preallocated outputs and launch through
 ``torch.library.wrap_triton`` so that torch.compile sees the kernels.
 

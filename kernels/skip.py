@@ -1,6 +1,6 @@
 """Triton kernels of the skip family and their launch helpers.
 
-``alignops::skip_ffn_triton`` (python/alignops/ops/skip_triton.py) runs y = x + FFN(RMSNorm(x)) on the kept
+``alignops::skip_ffn_triton`` (python/alignops/ops/skip.py) runs y = x + FFN(RMSNorm(x)) on the kept
 rows only, in four or five launches and without a host sync: the number of kept rows, ``count``, lives in
 device memory and every kernel after the compaction reads it there. Buffers are sized by the capacity N
 (all rows), so no shape depends on ``keep``; programs whose rows lie at or beyond ``count`` return at once.

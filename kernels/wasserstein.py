@@ -1,6 +1,6 @@
 """Triton kernel of the wasserstein family: the merge of two sorted 1-D CDFs, and its launch helper.
 
-``alignops::wasserstein_1d_triton`` (python/alignops/ops/wasserstein_triton.py) sorts the samples with
+``alignops::wasserstein_1d_triton`` (python/alignops/ops/wasserstein.py) sorts the samples with
 ``torch.sort`` and builds the normalised cumulative weights with ``torch.cumsum``; this kernel does the merge.
 Merging the breakpoints ``cu [n]`` and ``cv [m]`` (ties: u first) gives n + m steps; step k pairs atom
 ``u[i_k]`` with ``v[j_k]`` (``i_k + j_k = k``) over the quantile segment ``(max(cu[i-1], cv[j-1]),

@@ -193,8 +193,11 @@ def test_empty_targets_and_empty_batch():
         (dict(input_lengths=torch.tensor([2])), r"no alignment fits rows \[0\]"),
     ],
 )
-def test_bad_input(kwargs, match):
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_bad_input(kwargs, match, backend):
+    """The same checks and messages on the C++ kernel and the reference (both run the op's C++ checks)."""
     args = dict(
+        backend=backend,
         log_probs=torch.randn(1, 30, 5).log_softmax(-1),
         targets=torch.tensor([[1, 2, 3]]),
         input_lengths=None,

@@ -14,7 +14,7 @@ from torch.library import wrap_triton
 
 import alignops
 import alignops.kernels.fused_linear as fl_kernels
-from alignops.ops import fused_linear_triton  # noqa: F401  (registers the ops)
+from alignops.ops import preference  # noqa: F401  (registers the ops)
 from alignops.reference import preference as ref
 
 pytestmark = [

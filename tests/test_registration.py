@@ -1,5 +1,6 @@
 """How the ops are registered, the same on every supported torch (.ci/torch_compat.sh runs this file under
-torch 2.13 as well as the main CI's 2.14): the native schemas are csrc/registration.cpp's, every Triton op has
+torch 2.13 as well as the main CI's 2.14): the native schemas are those written in csrc/ (each once, in the file of
+its op's CPU kernel), every Triton op has
 its native twin's schema (ints are ``int``, never ``SymInt``: before torch 2.14 ``triton_op`` ignores
 ``schema=``, see alignops/ops/_registration.py), opcheck passes, and torch.compile traces into an op defined by
 ``register_triton_op`` whichever path defined it."""
@@ -13,25 +14,34 @@ import torch
 import alignops
 from alignops.ops import _registration
 
-CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "registration.cpp"
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+# The files that define schemas: the library (csrc/registration.cpp) and the families' CPU files; csrc/stable/ is
+# the separately built stable-ABI baseline of the benchmarks, not part of alignops._C.
+SOURCES = sorted(p for p in CSRC.rglob("*.cpp") if "stable" not in p.parts)
+_DEF = re.compile(r'(m\.def\(|def_checked\(\s*m,)\s*((?:"(?:[^"\\]|\\.)*"\s*)+)')
 triton_only = pytest.mark.skipif(not alignops._backend.triton_available(), reason="needs the triton package")
 
 
 def _native_schemas() -> dict[str, torch._C.FunctionSchema]:
-    """name -> schema of every ``m.def("...")`` and ``def_checked(m, "...")`` in csrc/registration.cpp (adjacent C
-    literals joined)."""
+    """name -> schema of every ``m.def("...")`` and ``def_checked(m, "...")`` in csrc/ (adjacent C literals
+    joined)."""
     return {name: schema for name, (schema, _) in _defs().items()}
 
 
-def _defs() -> dict[str, tuple[torch._C.FunctionSchema, bool]]:
-    """name -> (schema, defined by def_checked) over csrc/registration.cpp."""
-    text = CSRC.read_text()
-    out = {}
-    for call in re.finditer(r'(m\.def\(|def_checked\(\s*m,)\s*((?:"(?:[^"\\]|\\.)*"\s*)+)', text):
-        schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call.group(2)))
-        parsed = torch._C.parse_schema("alignops::" + schema)
-        out[parsed.name.split("::")[1]] = (parsed, call.group(1).startswith("def_checked"))
+def _defs_by_file() -> list[tuple[pathlib.Path, str, torch._C.FunctionSchema, bool]]:
+    """(file, name, schema, defined by def_checked) of every definition in csrc/, in file order."""
+    out = []
+    for path in SOURCES:
+        for call in _DEF.finditer(path.read_text()):
+            schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call.group(2)))
+            parsed = torch._C.parse_schema("alignops::" + schema)
+            out.append((path, parsed.name.split("::")[1], parsed, call.group(1).startswith("def_checked")))
     return out
+
+
+def _defs() -> dict[str, tuple[torch._C.FunctionSchema, bool]]:
+    """name -> (schema, defined by def_checked) over csrc/."""
+    return {name: (schema, checked) for _, name, schema, checked in _defs_by_file()}
 
 
 def _registered(name: str) -> torch._C.FunctionSchema:
@@ -47,11 +57,26 @@ def _alignops_ops() -> list[str]:
     return sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("alignops::"))
 
 
-def test_native_schemas_are_registration_cpp():
+def test_native_schemas_are_the_ones_in_csrc():
     native = _native_schemas()
     assert len(native) >= 25
     for name, schema in native.items():
         assert _registered(name) == schema, name
+
+
+def test_each_schema_is_written_once_next_to_its_cpu_kernel():
+    """An op is defined once, in the file that registers its CPU (or any-device) kernel, so the schema, the checks
+    and the kernel of an op are read in one file; csrc/registration.cpp keeps only the build's cuda_archs()."""
+    seen = {}
+    for path, name, _, _ in _defs_by_file():
+        assert name not in seen, f"{name} is defined in {seen[name]} and in {path}"
+        seen[name] = path
+        if path.name == "registration.cpp":
+            assert name == "cuda_archs", f"{name}: define it in the file of its CPU kernel, not in {path}"
+        else:
+            assert re.search(rf'm\.impl\(\s*"{name}"', path.read_text()), (
+                f"{path} defines {name} but registers no kernel for it"
+            )
 
 
 def test_checked_ops_have_a_check_op_with_their_arguments():
@@ -91,7 +116,7 @@ def test_every_triton_op_has_its_native_twins_schema():
     native = _native_schemas()
     for name in triton_ops:
         twin = name.replace("_triton", "")
-        assert twin in native, f"{name} has no native twin in csrc/registration.cpp"
+        assert twin in native, f"{name} has no native twin in csrc/"
         assert _signature(_registered(name)) == _signature(native[twin]), name
 
 

@@ -370,7 +370,7 @@ def test_refuses_layers_it_cannot_fuse():
 @pytest.mark.triton
 def test_triton_backend_on_a_real_model():
     pytest.importorskip("triton")
-    import alignops.ops.skip_triton  # noqa: F401  (registers alignops::skip_ffn_triton)
+    import alignops.ops.skip  # noqa: F401  (registers alignops::skip_ffn_triton)
 
     case = _CASES.get("qwen2_vl") or Case("qwen2_vl")
     with ReferenceSchedule(case, [1]):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton", reason="needs the triton package")
 
 import alignops
-import alignops.ops.skip_triton  # registers alignops::skip_ffn_triton
+import alignops.ops.skip  # registers alignops::skip_ffn_triton
 from alignops.reference import skip as ref
 
 pytestmark = [

@@ -10,7 +10,7 @@ import scipy.stats
 import torch
 
 import alignops
-import alignops.ops.wasserstein_triton  # registers alignops::wasserstein_1d_triton
+import alignops.ops.wasserstein  # registers alignops::wasserstein_1d_triton
 
 pytestmark = [
     pytest.mark.triton,

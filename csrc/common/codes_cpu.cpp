@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/registration.h"
 #include "ctc_segmentation/ctc_segmentation_cpu_kernel.h"
 #include "policy/policy_codes.h"
 #include "preference/preference_loss_math.h"
@@ -73,4 +74,12 @@ std::tuple<std::vector<std::string>, std::vector<int64_t>> codes(const std::stri
 }  // namespace
 
 // No tensor argument, so no backend key: the CompositeExplicitAutograd kernel also serves calls without one.
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // The names (C++ enumerators without `k`) and values of one family of integer codes the kernels take:
+  // loss_type, f_divergence, activation, criterion, ctc_segmentation_flag, policy_loss_type,
+  // importance_sampling_level (python/alignops/_codes.py).
+  m.def("codes(str family) -> (str[], int[])");
+}
+
 TORCH_LIBRARY_IMPL(alignops, CompositeExplicitAutograd, m) { m.impl("codes", &codes); }

@@ -7,6 +7,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_capability.h"
+#include "common/registration.h"
 #include "ctc/ctc_posteriors_cpu_kernel.h"
 
 namespace alignops::ctc {
@@ -28,13 +29,29 @@ void check_lengths(const at::Tensor& lengths, const at::Tensor& log_probs, std::
   check_same_device(lengths, log_probs, name, "log_probs");
 }
 
-// The CPU kernel reads the lengths on the host: each in [0, max]. (On a GPU the public function checks them.)
+// Each length in [0, max]: ATen reductions, so the same function serves every device (one host sync).
 void check_length_values(const at::Tensor& lengths, std::string_view name, int64_t max, std::string_view dim) {
-  const auto v = lengths.to(at::kLong).contiguous();
-  const int64_t* p = v.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < v.numel(); ++b) {
-    TORCH_CHECK_VALUE(p[b] >= 0 && p[b] <= max, name, " must lie in [0, ", dim, " = ", max, "], got ", p[b],
+  const auto bad = ((lengths < 0) | (lengths > max)).nonzero();
+  if (bad.numel() > 0) {
+    const int64_t b = bad[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, name, " must lie in [0, ", dim, " = ", max, "], got ", lengths[b].item<int64_t>(),
                       " for utterance ", b);
+  }
+}
+
+// The checks that read values (lengths, target ids), as the op alignops::ctc_posteriors_check_values: the CPU
+// kernel calls it, and the public function on a GPU, so there is one message whichever backend runs.
+void check_ctc_posteriors_values(const at::Tensor& log_probs, const at::Tensor& targets,
+                                 const at::Tensor& input_lengths, const at::Tensor& target_lengths, int64_t blank) {
+  const int64_t T = log_probs.size(1), C = log_probs.size(2), L = targets.size(1);
+  check_length_values(input_lengths, "input_lengths", T, "T");
+  check_length_values(target_lengths, "target_lengths", L, "L");
+  const auto used = at::arange(L, targets.options().dtype(at::kLong)).unsqueeze(0) < target_lengths.unsqueeze(1);
+  const auto bad = (used & ((targets < 0) | (targets >= C) | (targets == blank))).nonzero();
+  if (bad.numel() > 0) {
+    const int64_t b = bad[0][0].item<int64_t>(), j = bad[0][1].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "targets must be class ids in [0, C = ", C, ") other than blank = ", blank, ", got ",
+                      targets[b][j].item<int64_t>(), " at targets[", b, ", ", j, "]");
   }
 }
 
@@ -64,20 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_posteriors_cpu(
                        compute_grad);
   check_device(log_probs, c10::DeviceType::CPU, "log_probs");
   const int64_t B = log_probs.size(0), T = log_probs.size(1), C = log_probs.size(2), L = targets.size(1);
-  check_length_values(input_lengths, "input_lengths", T, "T");
-  check_length_values(target_lengths, "target_lengths", L, "L");
+  check_ctc_posteriors_values(log_probs, targets, input_lengths, target_lengths, blank);
   const auto y = targets.to(at::kLong).contiguous();
   const auto il = input_lengths.to(at::kLong).contiguous();
   const auto tl = target_lengths.to(at::kLong).contiguous();
-  const int64_t* yp = y.const_data_ptr<int64_t>();
-  const int64_t* tlp = tl.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t j = 0; j < tlp[b]; ++j) {
-      const int64_t c = yp[b * L + j];
-      TORCH_CHECK_VALUE(c >= 0 && c < C && c != blank, "targets must be class ids in [0, C = ", C,
-                        ") other than blank = ", blank, ", got ", c, " at targets[", b, ", ", j, "]");
-    }
-  }
   const auto x = log_probs.contiguous();
   const auto acc = log_probs.options().dtype(acc_type_of(log_probs));
   auto loss = at::empty({B}, acc);
@@ -90,8 +97,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_posteriors_cpu(
 
 }  // namespace
 
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- ctc_posteriors: CTC forward-backward (fp64 log-domain alpha/beta) ----------------------------
+  // log_probs [B, T, C] (any scores, not necessarily normalised), targets [B, L] padded, lengths [B].
+  // Returns (loss [B] = -log p(targets | scores), inf where no alignment exists; states [B, T, 2L+1]
+  // occupancy gamma when return_states else [0]; tokens [B, T, L] occupancy of each token's state when
+  // return_tokens else [0]; grad [B, T, C] = d loss_b / d log_probs = -sum of gamma over the states
+  // labelled c, in log_probs' dtype, when compute_grad else [0]). loss / states / tokens are fp32 (fp64 for
+  // fp64 log_probs). Frames past input_lengths and infeasible utterances get 0 occupancy and gradient.
+  def_checked(
+      m,
+      "ctc_posteriors(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
+      "bool return_states, bool return_tokens, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The checks that read the lengths and target ids (on any device: ATen reductions and one host sync).
+  m.def(
+      "ctc_posteriors_check_values(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
+      "int blank) -> ()");
+}
+
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("ctc_posteriors", &ctc_posteriors_cpu); }
 
-TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) { m.impl("ctc_posteriors_check", &check_ctc_posteriors); }
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
+  m.impl("ctc_posteriors_check", &check_ctc_posteriors);
+  m.impl("ctc_posteriors_check_values", &check_ctc_posteriors_values);
+}
 
 }  // namespace alignops::ctc

@@ -17,6 +17,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_capability.h"
+#include "common/registration.h"
 #include "ctc_segmentation/ctc_segmentation_cpu_kernel.h"
 
 namespace alignops::ctc_segmentation {
@@ -617,6 +618,34 @@ at::Tensor ctc_segmentation_utterance_score_cpu(const at::Tensor& frame_logprobs
 }
 
 }  // namespace
+
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- ctc_segmentation: the ctc-segmentation package's algorithm, batched over problems ------------
+  // lpz [B, T, V] (fp32 / fp64 log-probs), ground_truth [B, C, S] int64 (row 0 = start marker, -1 = no
+  // symbol; S > 1 for multi-character spans), lengths [B]. flags: 1 blank_transition_cost_zero,
+  // 2 preamble_transition_cost_zero. Returns (timings [B, C] int64 frame of each ground-truth position,
+  // char_probs [B, T] fp64, states [B, T] int64 (token id, -1 stay, -2 not on the path), window [B] int64).
+  // block_columns: -1 auto, 0 whole [W, C] table, k > 0 checkpointed every k columns (same results).
+  m.def(
+      "ctc_segmentation(Tensor lpz, Tensor lpz_lengths, Tensor ground_truth, Tensor gt_lengths, int blank, "
+      "int min_window_size, int max_window_size, int flags, bool backtrack_from_max_t, int block_columns) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // One full-length trellis per problem (no re-centring), backtracked from each of end_columns [B, E]
+  // (-1 = unused): the package's result for every ground-truth prefix ending there, without refilling.
+  // previous_table [B, C, T'] (a table this op returned for the same ground truth on the first
+  // previous_lengths [B] frames of lpz) is extended by the new rows only. Returns (timings [B, E, C],
+  // char_probs [B, E, T], states [B, E, T], ok [B, E] bool, table [B, C, T] fp32 or [0, C, T]).
+  m.def(
+      "ctc_segmentation_prefixes(Tensor lpz, Tensor lpz_lengths, Tensor ground_truth, Tensor gt_lengths, "
+      "Tensor end_columns, int blank, int flags, bool backtrack_from_max_t, Tensor? previous_table, "
+      "Tensor? previous_lengths, bool return_table) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // The package's utterance score over [start, end) frame spans: [B, T] x [B, U] -> [B, U] fp64.
+  def_checked(
+      m, "ctc_segmentation_utterance_score(Tensor frame_logprobs, Tensor starts, Tensor ends, int window) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {
   m.impl("ctc_segmentation", &ctc_segmentation_cpu);

@@ -16,6 +16,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_capability.h"
+#include "common/registration.h"
 #include "distillation/fused_linear_distillation_cpu_kernel.h"
 
 namespace alignops::distillation {
@@ -170,6 +171,21 @@ Result fused_linear_distillation_cpu(const at::Tensor& student_hidden, const at:
 }
 
 }  // namespace
+
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- distillation: teacher-student divergence from both LM heads, no [N, V] logits ---------------
+  // divergence: "jsd" (coef = beta; 0 forward KL, 1 reverse KL), "tv", "skew_kl" / "skew_reverse_kl"
+  // (coef = skew). softcap <= 0 means none. Rows with weights == 0 are dropped before any GEMM. Returns
+  // (loss = sum_n weights_n d_n [], per_token d [N], student entropy [N], and when compute_grad the
+  // gradients of loss w.r.t. student_hidden [N, Hs], student_weight [V, Hs], student_bias [V] (else empty)).
+  def_checked(
+      m,
+      "fused_linear_distillation(Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, "
+      "Tensor teacher_weight, Tensor? student_bias, Tensor? teacher_bias, Tensor weights, str divergence, "
+      "float coef, float temperature, float student_logit_scale, float teacher_logit_scale, float student_softcap, "
+      "float teacher_softcap, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("fused_linear_distillation", &fused_linear_distillation_cpu); }
 

@@ -22,6 +22,7 @@
 #include "common/checks.h"
 #include "common/counter_hash.h"
 #include "common/cpu_capability.h"
+#include "common/registration.h"
 #include "metrics/bootstrap_confusion_cpu_kernel.h"
 
 namespace alignops::metrics {
@@ -178,6 +179,15 @@ at::Tensor bootstrap_confusion_cpu(const at::Tensor& a, const at::Tensor& b, int
 }
 
 }  // namespace
+
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- metrics: confusion matrices of rater pairs on the sample and on seeded bootstrap resamples ---
+  // a [P, N], b [P, N] or [1, N] int labels in [0, num_classes). Returns int32 [P, R + 1, C, C]: entry r = 0 is
+  // the full sample, r >= 1 the resample drawing items bounded(combine(combine(key_state(seed), r), j), N),
+  // j < N (csrc/common/counter_hash.h), identical on every backend.
+  def_checked(m, "bootstrap_confusion(Tensor a, Tensor b, int num_classes, int num_resamples, int seed) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("bootstrap_confusion", &bootstrap_confusion_cpu); }
 

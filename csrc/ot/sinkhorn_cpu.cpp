@@ -7,6 +7,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_capability.h"
+#include "common/registration.h"
 #include "ot/sinkhorn_cpu_kernel.h"
 
 namespace alignops::ot {
@@ -170,6 +171,33 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_normalize_pass_cpu(const at::Tensor&
 }
 
 }  // namespace
+
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- ot: batched log-domain Sinkhorn, no B x N x M temporaries ---------------------------------
+  // Plan P_ij = exp((f_i + g_j - C_ij) / eps) (POT's sinkhorn_log convention: f = eps * log_u absorbs
+  // log a), C = cost, or -cost when scores. Problem p uses the top-left n_sizes[p] x m_sizes[p] block;
+  // a [B, N], b [B, M] are its marginals (padding ignored). Iteration t runs at eps_schedule[t] for
+  // t < len(eps_schedule) (epsilon scaling, warm start), then at eps; each iteration updates g then f.
+  // With tol >= 0, from the first iteration at eps on, a problem whose L1 column-marginal error is
+  // <= tol stops. Returns (f [B, N], g [B, M], iterations [B] int64, err [B]); padding of f, g is 0.
+  def_checked(
+      m,
+      "sinkhorn(Tensor cost, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float[] eps_schedule, float eps, "
+      "int n_iters, float tol, bool scores) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // The same on point clouds, C_ij = |x_i - y_j|_2^p computed tile by tile, never stored: x [B, N, d],
+  // y [B, M, d]. Returns (f [B, N], g [B, M], iterations [B] int64, err [B]).
+  def_checked(m,
+              "sinkhorn_points(Tensor x, Tensor y, Tensor a, Tensor b, Tensor n_sizes, Tensor m_sizes, float p, "
+              "float[] eps_schedule, float eps, int n_iters, float tol) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // One pass of the log-domain UCoFiA normalisation on sim [L, N, M]: when row_update,
+  // row_bias_i = -logsumexp_j(scale * S_ij + col_bias_j) (else 0); then
+  // col_lse_j = logsumexp_i(scale * S_ij + row_bias_i). Returns (row_bias [L, N], col_lse [L, M]).
+  def_checked(m,
+              "sinkhorn_normalize_pass(Tensor sim, Tensor col_bias, float scale, bool row_update) -> (Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
   m.impl("sinkhorn_check", &check_sinkhorn);

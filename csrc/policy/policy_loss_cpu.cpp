@@ -11,6 +11,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_capability.h"
+#include "common/registration.h"
 #include "policy/policy_codes.h"
 #include "policy/policy_loss_cpu_kernel.h"
 
@@ -133,6 +134,42 @@ void policy_loss_check(const at::Tensor& per_token_logps, const at::Tensor& adva
 }
 
 }  // namespace
+
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- policy: the GRPO-family policy-gradient loss of TRL's GRPOTrainer._compute_loss ------------
+  // per_token_logps [B, T] float (bf16/fp16/fp32/fp64); every other float tensor in the accumulation
+  // dtype acc (fp64 for fp64 input, else fp32): advantages [B], [B, 1] or [B, T]; old / ref / sampling
+  // log-probs [B, T] (old None = per_token_logps detached, sampling None = old); importance_sampling_ratio
+  // [B], [B, 1] or [B, T]; entropy_mask [B, T]; completion_mask [B, T] bool or acc. loss_type and
+  // importance_sampling_level are alignops._codes.PolicyLossType / ImportanceSamplingLevel; epsilon_high,
+  // like TRL's, is already resolved (= epsilon_low when unset); delta None = no two-sided clip;
+  // off_policy_mask_threshold None = no off-policy sequence mask; beta 0 = no KL term (ref unused).
+  // Returns (loss_sum, grad, row_stats):
+  //   loss_sum  0-dim acc: sum_b rs_b sum_t m_bt ptl_bt, ptl the per-token loss of TRL, rs_b = 1/max(M_b, 1)
+  //             for grpo / sapo, else 1 (the global normaliser of the loss type is applied by the caller);
+  //   grad      [B, T] in the dtype of per_token_logps: d loss_sum / d per_token_logps (empty [0] when
+  //             compute_grad is false); row b's loss depends only on row b, so d row_stats[b, 7] / d lp_b
+  //             is grad[b] too;
+  //   row_stats [B, 8] acc, per row b (M_b = sum_t m_bt; "a token sum" is sum_t m_bt x_bt when TRL's tensor x
+  //             is [B, T], its one value x_b when x is [B, 1], i.e. sequence level with advantages [B]/[B, 1]):
+  //     0 M_b;  1 clip low  (coef_1 < 1 - eps_low  and A < 0), token sum;
+  //     2 clip high (coef_1 > 1 + eps_high and A > 0; cispo: coef_1 > eps_high and A > 0), token sum;
+  //     3 clip region (1 or 2), token sum;  4 sum_t m_bt kl_bt (k3 KL, times coef_1 when bias-corrected;
+  //     0 when beta = 0);  5 coef_1 (after the delta clamp), token sum of coef_1's own shape ([B, 1] at
+  //     sequence level whatever A's shape);  6 vespo's phi (0 for other loss types): phi_b when A is [B] /
+  //     [B, 1] (at either level: TRL's gamma weights are a row value), its masked sum when A is [B, T];
+  //     7 the row's loss rs_b sum_t m_bt ptl_bt.  Clip columns are 0 for sapo / vespo (and 1, 3 for cispo).
+  def_checked(
+      m,
+      "policy_loss(Tensor per_token_logps, Tensor advantages, Tensor completion_mask, Tensor? old_per_token_logps, "
+      "Tensor? ref_per_token_logps, Tensor? importance_sampling_ratio, Tensor? sampling_per_token_logps, "
+      "Tensor? entropy_mask, int loss_type, int importance_sampling_level, float epsilon_low, float epsilon_high, "
+      "float? delta, float beta, bool use_bias_correction_kl, float? off_policy_mask_threshold, "
+      "float sapo_temperature_pos, float sapo_temperature_neg, float vespo_k_pos, float vespo_lambda_pos, "
+      "float vespo_k_neg, float vespo_lambda_neg, bool compute_grad) -> (Tensor loss_sum, Tensor grad, "
+      "Tensor row_stats)");
+}
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("policy_loss", &policy_loss_cpu); }
 

@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/registration.h"
 
 namespace alignops::ppo {
 namespace {
@@ -102,6 +103,17 @@ std::tuple<at::Tensor, at::Tensor> gae_advantages_cpu(const at::Tensor& rewards,
 }
 
 }  // namespace
+
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- ppo: generalised advantage estimation, one reverse scan per row -----------------------------
+  // rewards, values [B, T] float, completion_mask [B, T] bool (a False position ends the episode),
+  // last_values [B] (bootstrap after position T-1; None = 0). Returns (advantages, returns) [B, T] in the
+  // dtype of rewards, 0 outside the mask. Not differentiable (PPO detaches advantages).
+  def_checked(m,
+              "gae_advantages(Tensor rewards, Tensor values, Tensor completion_mask, Tensor? last_values, float gamma, "
+              "float lam) -> (Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("gae_advantages", &gae_advantages_cpu); }
 

@@ -15,6 +15,8 @@
 
 #include "common/checks.h"
 #include "common/cpu_capability.h"
+#include "common/registration.h"
+#include "common/value_checks.h"
 #include "preference/fused_linear_logprobs_cpu_kernel.h"
 
 namespace alignops::preference {
@@ -98,17 +100,15 @@ void check_backward_args(const at::Tensor& grad_logp, const at::Tensor& hidden, 
 
 // Kept rows (target != ignore_index) and their targets, checked against [0, V).
 std::pair<at::Tensor, at::Tensor> kept_rows(const at::Tensor& targets, int64_t ignore_index, int64_t V) {
+  check_target_values(targets, V, ignore_index);
   const auto t = targets.to(at::kLong).contiguous();
   const int64_t* tp = t.const_data_ptr<int64_t>();
   std::vector<int64_t> rows;
   rows.reserve(t.numel());
   for (int64_t n = 0; n < t.numel(); ++n) {
-    if (tp[n] == ignore_index) {
-      continue;
+    if (tp[n] != ignore_index) {
+      rows.push_back(n);
     }
-    TORCH_CHECK_VALUE(tp[n] >= 0 && tp[n] < V, "targets[", n, "] = ", tp[n],
-                      " is out of range: targets must lie in [0, ", V, ") or equal ignore_index");
-    rows.push_back(n);
   }
   auto index = at::tensor(rows, t.options());
   return {index, t.index_select(0, index)};
@@ -296,6 +296,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_backward_cp
 }
 
 }  // namespace
+
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- preference: LM head + log p(target) without materialising the [N, V] logits ----------------
+  // z = logit_scale * (hidden @ weight^T + bias); z = softcap * tanh(z / softcap) when softcap > 0; z /= T.
+  // Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32 (empty unless return_entropy)); rows whose
+  // target is ignore_index give 0 and are dropped before any GEMM. The backward recomputes the logits
+  // tile by tile and returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or empty); with grad_entropy
+  // and the forward's entropy it adds the entropy's gradient (an entropy bonus) in the same pass.
+  def_checked(m,
+              "fused_linear_logprobs(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
+              "float temperature, float logit_scale, float softcap, bool return_entropy) -> (Tensor, Tensor, Tensor)");
+
+  def_checked(
+      m,
+      "fused_linear_logprobs_backward(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
+      "Tensor lse, int ignore_index, float temperature, float logit_scale, float softcap, bool bias_grad, "
+      "Tensor? grad_entropy=None, Tensor? entropy=None) -> (Tensor, Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
   m.impl("fused_linear_logprobs_check",

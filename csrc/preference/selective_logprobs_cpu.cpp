@@ -3,6 +3,8 @@
 #include <torch/library.h>
 
 #include "common/cpu_capability.h"
+#include "common/registration.h"
+#include "common/value_checks.h"
 #include "preference/selective_logprobs_common.h"
 #include "preference/selective_logprobs_cpu_kernel.h"
 
@@ -21,6 +23,7 @@ std::tuple<at::Tensor, at::Tensor> selective_logprobs_cpu(const at::Tensor& logi
                                                           int64_t ignore_index, double temperature) {
   check_selective_logprobs_args(logits, targets, temperature);
   check_device(logits, c10::DeviceType::CPU, "logits");
+  check_target_values(targets, logits.size(1), ignore_index);  // the kernel reads logits[n, targets[n]]
   const auto x = logits.contiguous();
   const auto y = targets.contiguous();
   const auto opts = logits.options().dtype(acc_type_of(logits));
@@ -34,6 +37,7 @@ at::Tensor selective_logprobs_backward_cpu(const at::Tensor& grad, const at::Ten
                                            const at::Tensor& lse, int64_t ignore_index, double temperature) {
   check_selective_logprobs_backward_args(grad, logits, targets, lse, temperature);
   check_device(logits, c10::DeviceType::CPU, "logits");
+  check_target_values(targets, logits.size(1), ignore_index);
   const auto x = logits.contiguous();
   auto grad_logits = at::empty_like(x);
   kernels().backward(grad.contiguous(), x, targets.contiguous(), lse.contiguous(), ignore_index, temperature,
@@ -54,9 +58,26 @@ void selective_logprobs_backward_check(const at::Tensor& grad, const at::Tensor&
 
 }  // namespace
 
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- preference: log p(target) per row of a logits matrix, without materialising log_softmax -----
+  // Returns (logp [N] fp32, lse [N] fp32); lse is the logsumexp of logits / temperature, kept for backward.
+  def_checked(
+      m, "selective_logprobs(Tensor logits, Tensor targets, int ignore_index, float temperature) -> (Tensor, Tensor)");
+
+  def_checked(
+      m,
+      "selective_logprobs_backward(Tensor grad_logp, Tensor logits, Tensor targets, Tensor lse, int ignore_index, "
+      "float temperature) -> Tensor");
+  // The targets' range, ignore_index or [0, vocab), for selective_logprobs and fused_linear_logprobs: it reads them
+  // (on any device, one host sync); their CPU launchers call the same function (csrc/common/value_checks.h).
+  m.def("check_target_values(Tensor targets, int vocab, int ignore_index) -> ()");
+}
+
 TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
   m.impl("selective_logprobs_check", &selective_logprobs_check);
   m.impl("selective_logprobs_backward_check", &selective_logprobs_backward_check);
+  m.impl("check_target_values", &check_target_values);
 }
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {

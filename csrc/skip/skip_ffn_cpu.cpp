@@ -6,6 +6,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_capability.h"
+#include "common/registration.h"
 #include "skip/skip_ffn_cpu_kernel.h"
 #include "skip/skip_ffn_packed.h"
 
@@ -234,6 +235,31 @@ std::tuple<at::Tensor, at::Tensor> skip_add_score_cpu(const at::Tensor& residual
 }
 
 }  // namespace
+
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- skip: FFN on the kept rows only, skipped rows bit-identical ----------------------------------
+  // y = x + FFN(RMSNorm(x)) on rows with keep, y = x elsewhere. activation: 0 swiglu (w_gate_up [2I, H],
+  // gate rows first), 1 gelu (erf), 2 gelu_tanh (w_gate_up [I, H]). Returns (y [N, H], index [N] int64
+  // whose first `count` entries are the kept rows in ascending order, count [1] int64, rstd [N] (fp32; fp64 for fp64 x)
+  // and pre_act [N, G] (first `count` rows valid, saved for backward; empty unless save_for_backward)); past `count`,
+  // index holds -1 and rstd / pre_act hold 0. Capacity-sized outputs keep the shapes static: no host sync is needed to
+  // size them.
+  def_checked(
+      m,
+      "skip_ffn(Tensor x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
+      "Tensor? b_down, int activation, float eps, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // In place (inference): kept rows of x become x + FFN(RMSNorm(x)); skipped rows are never written.
+  def_checked(
+      m,
+      "skip_ffn_(Tensor(a!) x, Tensor keep, Tensor w_gate_up, Tensor w_down, Tensor? norm_weight, Tensor? b_gate_up, "
+      "Tensor? b_down, int activation, float eps) -> ()");
+
+  // The residual add of a decoder layer with the skip criterion in the same pass: h = residual + delta and
+  // score [N] (fp32; fp64 for fp64) = 1 - cos(h, residual) (criterion 0) or |h - residual| / |residual| (1).
+  def_checked(m, "skip_add_score(Tensor residual, Tensor delta, int criterion) -> (Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
   m.impl("skip_ffn_check", &check_skip_ffn);

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/registration.h"
 #include "skip/skip_ffn_packed.h"
 
 namespace alignops::skip {
@@ -140,6 +141,16 @@ at::Tensor packed_linear_add(const at::Tensor& x, const at::Tensor& other, const
 
 // Any device: registering checks for CPU weights itself, while dropping an entry or asking must work for a
 // weight that has since moved (module.to("cuda") keeps the tensor object and gives it a new storage).
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // CPU inference: keep a oneDNN-prepacked copy of each weight (enable) or drop it (not enable); skip_ffn
+  // and skip_ffn_ then multiply with the packed copy (csrc/skip/skip_ffn_packed.h). batch_size: the row
+  // count oneDNN tunes the layout for (None: its default).
+  m.def("skip_ffn_prepack(Tensor[] weights, bool enable, int? batch_size) -> ()");
+
+  m.def("skip_ffn_is_prepacked(Tensor w) -> bool");
+}
+
 TORCH_LIBRARY_IMPL(alignops, CompositeExplicitAutograd, m) {
   m.impl("skip_ffn_prepack", &skip_ffn_prepack_cpu);
   m.impl("skip_ffn_is_prepacked", &skip_ffn_is_prepacked_cpu);

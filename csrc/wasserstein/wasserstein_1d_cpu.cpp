@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/registration.h"
 
 namespace alignops::wasserstein {
 namespace {
@@ -375,6 +376,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wasserstein_1d_backwa
 }
 
 }  // namespace
+
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- wasserstein: 1-D optimal transport between empirical measures, batched over rows -------------
+  // u [B, n], v [B, m], weights of their shapes (None: uniform; normalised per row). Returns W_p^p [B] in u's
+  // dtype (POT's ot.wasserstein_1d convention; scipy.stats.wasserstein_distance for p = 1), fp64 sums.
+  // The backward returns (grad_u [B, n], grad_v [B, m], grad_u_weights, grad_v_weights); the weight
+  // gradients are [B, n] / [B, m] when weights_grad and the weights are given, else empty.
+  def_checked(m, "wasserstein_1d(Tensor u, Tensor v, Tensor? u_weights, Tensor? v_weights, float p) -> Tensor");
+
+  def_checked(m,
+              "wasserstein_1d_backward(Tensor grad, Tensor u, Tensor v, Tensor? u_weights, Tensor? v_weights, float p, "
+              "bool weights_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
   m.impl("wasserstein_1d_check", &check_inputs);

@@ -9,6 +9,7 @@
 #include "common/checks.h"
 #include "common/counter_hash.h"
 #include "common/cpu_capability.h"
+#include "common/registration.h"
 #include "watermark/watermark_cpu_kernel.h"
 
 namespace alignops::watermark {
@@ -115,6 +116,19 @@ at::Tensor gumbel_argmax_cpu(const at::Tensor& logits, const at::Tensor& context
 }
 
 }  // namespace
+
+// The schemas of this file's ops, defined here and nowhere else.
+TORCH_LIBRARY_FRAGMENT(alignops, m) {
+  // ---- watermark: fused over the vocabulary, per-entry words hashed on the fly from (key, context, v) ----
+  // logits [B, V], context [B, h] int (the previous h tokens, oldest first). green[b, v] iff
+  // combine(state_b, v) < floor(gamma * 2^32). kgw_logits -> logits + delta * green (dtype of logits);
+  // kgw_argmax -> [B] int64; gumbel_argmax -> [B] int64 argmax of logits / T - log(-log u).
+  def_checked(m, "kgw_logits(Tensor logits, Tensor context, int key, float gamma, float delta) -> Tensor");
+
+  def_checked(m, "kgw_argmax(Tensor logits, Tensor context, int key, float gamma, float delta) -> Tensor");
+
+  def_checked(m, "gumbel_argmax(Tensor logits, Tensor context, int key, float temperature) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {
   m.impl("kgw_logits", &kgw_logits_cpu);

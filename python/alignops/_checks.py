@@ -13,34 +13,6 @@ from ._backend import triton_interpreting
 from ._errors import AlignopsError
 
 
-def check_param(
-    t: torch.Tensor | None, name: str, shape: tuple[int, ...], spelled: str, like: torch.Tensor, like_name: str = "x"
-) -> None:
-    """An optional parameter of a given shape, with the dtype and device of ``like``."""
-    if t is None:
-        return
-    if tuple(t.shape) != tuple(shape):
-        raise AlignopsError(f"{name} must have shape {spelled} = {list(shape)}, got {list(t.shape)}")
-    if t.dtype != like.dtype:
-        raise AlignopsError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
-    if t.device != like.device:
-        raise AlignopsError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
-
-
-def check_targets(targets: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
-    """targets [N] int64/int32 on the device of ``like`` [N, ...]."""
-    if targets.dim() != 1:
-        raise AlignopsError(f"targets must be a 1-D tensor of shape [N], got shape {tuple(targets.shape)}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise AlignopsError(f"targets must be int64 or int32, got {targets.dtype}")
-    if targets.device != like.device:
-        raise AlignopsError(f"targets must be on the device of {like_name} ({like.device}), got {targets.device}")
-    if targets.shape[0] != like.shape[0]:
-        raise AlignopsError(
-            f"targets must have one entry per row of {like_name} [N={like.shape[0]}], got {targets.shape[0]}"
-        )
-
-
 def check_finite(value: float, name: str) -> None:
     """A float hyper-parameter with no meaning at NaN or inf: refused by name rather than carried into the kernels,
     where it turns every output into NaN (or, as a reg or a penalty, fails somewhere further in)."""
@@ -76,21 +48,6 @@ def check_int64(value: int, name: str) -> None:
         raise AlignopsError(
             f"{name} must be a Python int that fits in 64 bits (the int64 range [-2**63, 2**63)), got {value!r}"
         )
-
-
-def check_temperature(temperature: float) -> None:
-    if not (temperature > 0 and temperature != float("inf")):
-        raise AlignopsError(f"temperature must be a finite value > 0, got {temperature}")
-
-
-def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
-    """logits [N, V] float, targets [N] int64/int32 on the same device, a finite temperature > 0."""
-    if logits.dim() != 2:
-        raise AlignopsError(f"logits must be a 2-D tensor of shape [N, V], got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise AlignopsError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
-    check_targets(targets, logits, "logits")
-    check_temperature(temperature)
 
 
 def check_same_device(named: Iterable[tuple[str, object]]) -> None:

@@ -33,6 +33,7 @@ from .ctc_segmentation import (
     write_ctm,
     write_kaldi_segments,
 )
+from .ops._registration import run_checks, run_value_checks
 from .ops.preference import acc_dtype
 from .reference import ctc as _ref
 
@@ -195,10 +196,13 @@ def forced_align(
             "forced_align: there is no Triton kernel (its GPU kernel is CUDA C++); build alignops "
             "with ALIGNOPS_ENABLE_CUDA=ON, or use backend='torch'"
         )
-    if check_values and (dev.type == "cuda" or impl == "torch"):
-        _check_values_on_host(
-            log_probs, targets, input_lengths, target_lengths, blank, star_id if star is not None else None
-        )
+    if impl == "torch" or (check_values and dev.type == "cuda"):
+        # The native op checks its arguments and, on the CPU, the values it reads; the reference and the CUDA
+        # kernel (which reads nothing out of bounds, but would report a bad row as infeasible) get the same checks.
+        args = (log_probs, targets, input_lengths, target_lengths, blank, star, star_id)
+        run_checks("alignops::forced_align", *args, checkpoint)
+        if check_values:
+            run_value_checks("alignops::forced_align", *args)
     if impl == "torch":
         paths, scores, feasible = _ref.forced_align(
             log_probs, targets, input_lengths, target_lengths, blank, star, star_id
@@ -222,36 +226,6 @@ def forced_align(
             "score (pass on_infeasible='skip' to get -1 paths for them instead)"
         )
     return ForcedAlignOutput(paths.to(targets.dtype), scores)
-
-
-def _check_values_on_host(log_probs, targets, input_lengths, target_lengths, blank, star_id) -> None:
-    """The value checks the C++ CPU launcher makes, for CUDA and the reference (a few host syncs)."""
-    B, T, C = log_probs.shape
-    L = targets.shape[1]
-    if targets.dtype not in (torch.int32, torch.int64):
-        raise AlignopsError(f"targets must be int64 or int32, got {targets.dtype}")
-    bad = (input_lengths < 0) | (input_lengths > T)
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0, 0])
-        raise AlignopsError(
-            f"input_lengths[{b}] must be in [0, {T}] (the time size of log_probs), got {int(input_lengths[b])}"
-        )
-    bad = (target_lengths < 0) | (target_lengths > L)
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0, 0])
-        raise AlignopsError(
-            f"target_lengths[{b}] must be in [0, {L}] (the size of targets), got {int(target_lengths[b])}"
-        )
-    inside = torch.arange(L, device=targets.device)[None, :] < target_lengths[:, None]
-    star = (targets == star_id) if star_id is not None else torch.zeros_like(inside)
-    is_blank = inside & ~star & (targets == blank)
-    if bool(is_blank.any()):
-        b, j = is_blank.nonzero()[0].tolist()
-        raise AlignopsError(f"targets[{b}, {j}] is the blank id {blank}; targets must not contain blank")
-    out = inside & ~star & ((targets < 0) | (targets >= C))
-    if bool(out.any()):
-        b, j = out.nonzero()[0].tolist()
-        raise AlignopsError(f"targets[{b}, {j}] = {int(targets[b, j])} is outside [0, {C}) (the classes of log_probs)")
 
 
 class TokenSpans(NamedTuple):

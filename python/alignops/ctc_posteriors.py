@@ -11,8 +11,7 @@ import torch
 from . import _backend
 from ._checks import check_has_values, values_checkable
 from ._errors import AlignopsError
-from .ops._registration import run_checks
-from .ops.ctc_posteriors import check_values as _check_values
+from .ops._registration import run_checks, run_value_checks
 from .ops.preference import acc_dtype
 from .reference import ctc_posteriors as _ref
 
@@ -103,7 +102,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, check_val
         "alignops::ctc_posteriors", log_probs, targets, input_lengths, target_lengths, blank, False, False, False
     )
     if check_values and values_checkable(log_probs):
-        _check_values(log_probs, targets, input_lengths, target_lengths, blank)
+        run_value_checks("alignops::ctc_posteriors", log_probs, targets, input_lengths, target_lengths, blank)
     return targets, input_lengths, target_lengths
 
 

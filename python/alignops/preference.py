@@ -13,9 +13,10 @@ import torch
 
 from . import _backend
 from ._api import keyword_only
-from ._checks import check_finite, check_logits_targets, values_checkable
+from ._checks import check_finite, values_checkable
 from ._codes import FDivergence, LossType, lower_name
 from ._errors import AlignopsError
+from .ops._registration import run_checks, run_op_checks
 from .reference import preference as _ref
 
 # "aot" and "aot_unpaired" run as LossType.AOT on inputs sorted here; "ln_dpo" (length-normalised DPO) is
@@ -324,16 +325,10 @@ def preference_loss(
 
 
 def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """One reduction and one host sync; the CPU kernel checks in place, so it is used only elsewhere."""
-    if not values_checkable(targets):
-        return
-    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
-    if bool(bad.any()):
-        first = int(bad.nonzero()[0, 0])
-        raise AlignopsError(
-            f"targets[{first}] = {int(targets[first])} is out of range: targets must lie in "
-            f"[0, {vocab}) or equal ignore_index"
-        )
+    """Every target ``ignore_index`` or in [0, vocab): the C++ check the CPU kernels make
+    (``alignops::check_target_values``, one reduction and one host sync), for the other backends."""
+    if values_checkable(targets):
+        run_op_checks(torch.ops.alignops.check_target_values.default, targets, int(vocab), int(ignore_index))
 
 
 @keyword_only("ignore_index", "temperature")
@@ -359,7 +354,7 @@ def selective_logprobs(
     ``check_values=False`` skips the checks that read tensor values on the device (the targets' range), so
     the call neither syncs nor breaks CUDA-graph capture; a target outside [0, V) then gives NaN.
     """
-    check_logits_targets(logits, targets, temperature)
+    run_checks("alignops::selective_logprobs", logits, targets, int(ignore_index), float(temperature))
     impl = _backend.resolve(backend, logits.device, "selective_logprobs")
     if check_values and not (impl == "native" and logits.device.type == "cpu"):
         check_targets_in_range(targets, logits.shape[1], ignore_index)

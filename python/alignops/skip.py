@@ -16,9 +16,10 @@ import torch
 
 from . import _backend
 from ._api import keyword_only
-from ._checks import check_finite, check_not_nan, check_param
+from ._checks import check_finite, check_not_nan
 from ._codes import Activation, Criterion, lower_name
 from ._errors import AlignopsError
+from .ops._registration import run_checks
 from .reference import skip as _ref
 
 _ACTIVATION_CODES = {lower_name(code): code for code in Activation}
@@ -108,21 +109,6 @@ def _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion, sc
     return keep_top_k(score, capacity=capacity)
 
 
-def _check_weights(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation):
-    H = x.shape[-1]
-    if not x.is_floating_point():
-        raise AlignopsError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
-    if w_down.dim() != 2 or w_down.shape[0] != H:
-        raise AlignopsError(f"w_down must have shape [H, I] with H = {H}, got {list(w_down.shape)}")
-    I = w_down.shape[1]
-    G, g_name, b_name = (2 * I, "[2I, H]", "[2I]") if activation == "swiglu" else (I, "[I, H]", "[I]")
-    check_param(w_gate_up, "w_gate_up", (G, H), g_name, x)
-    check_param(w_down, "w_down", (H, I), "[H, I]", x)
-    check_param(norm_weight, "norm_weight", (H,), "[H]", x)
-    check_param(b_gate_up, "b_gate_up", (G,), b_name, x)
-    check_param(b_down, "b_down", (H,), "[H]", x)
-
-
 def skip_ffn(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -191,7 +177,8 @@ def skip_ffn(
         raise AlignopsError(f"eps must be > 0, got {eps}")
     if threshold is not None:
         check_not_nan(threshold, "threshold")
-    _check_weights(x, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation)
+    if not x.is_floating_point():  # before the scores below compute on x
+        raise AlignopsError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if criterion not in _CRITERIA:
         raise AlignopsError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
     impl = _backend.resolve(backend, x.device, "skip_ffn", native_cuda=False)
@@ -225,10 +212,24 @@ def skip_ffn(
     else:
         target = x if inplace else None
     mask = _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion, score)
+    code = int(_ACTIVATION_CODES[activation])
+    # The op's own checks (csrc/skip/skip_ffn_cpu.cpp) on the weights, whichever backend runs.
+    run_checks(
+        "alignops::skip_ffn",
+        x.reshape(-1, H),
+        mask.reshape(-1),
+        w_gate_up,
+        w_down,
+        norm_weight,
+        b_gate_up,
+        b_down,
+        code,
+        float(eps),
+        False,
+    )
     if impl == "torch":
         y = _ref.skip_ffn(x, w_gate_up, w_down, norm_weight, mask, b_gate_up, b_down, activation, eps)
         return target.copy_(y) if target is not None else y
-    code = int(_ACTIVATION_CODES[activation])
     if target is not None:
         if not target.is_contiguous():
             raise AlignopsError("inplace=True needs a contiguous x")

@@ -15,22 +15,3 @@ from . import (  # noqa: F401
     wasserstein,
     watermark,
 )
-
-try:
-    import triton
-except ImportError:
-    triton = None
-if triton is not None:
-    from . import (  # noqa: F401
-        ctc_segmentation_triton,
-        distillation_triton,
-        fused_linear_triton,
-        metrics_triton,
-        ot_triton,
-        policy_triton,
-        ppo_triton,
-        preference_triton,
-        skip_triton,
-        wasserstein_triton,
-        watermark_triton,
-    )

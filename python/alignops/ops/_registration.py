@@ -2,14 +2,19 @@
 share one device (a meta tensor among CPU tensors dispatches to the fake kernel).
 
 ``register_triton_op(name, schema)``: ``torch.library.triton_op`` with the given schema on every torch that
-alignops supports (torch >= 2.6), so that each Triton op has the schema of its native twin in
-csrc/registration.cpp.
+alignops supports (torch >= 2.6), so that each Triton op has the schema of its native twin (defined in the C++
+file of its CPU kernel, csrc/<family>/<op>_cpu.cpp).
 
 ``register_triton_twin(native)``: ``register_triton_op(native + "_triton", native_schema(native))`` — the Triton
 op of a native op takes its schema from the native op's registration, so a schema is written once (in C++) —
 whose body first calls ``check_op(native)``, the native op's own argument checks (``alignops::<op>_check``,
-defined next to the op by ``def_checked`` in csrc/registration.cpp and implemented by the C++ function the CPU
+defined next to the op by ``def_checked`` (csrc/common/registration.h) and implemented by the C++ function the CPU
 kernel calls), so a check is written once too, with one message, whichever backend serves the call.
+
+A family's twins live in its ops module (``ops/<fam>.py``) with its fakes and autograd, and each twin's body
+imports its launcher (``from ..kernels.<fam> import launch_...``) when it runs: the kernels import triton, an
+optional dependency, and ``import alignops`` must work without it. Defining a Triton op needs no triton, so the
+twins are registered always; without triton, ``_backend.resolve`` refuses ``backend="triton"`` with a message.
 
 ``triton_op(..., schema=...)`` hands the schema on to ``custom_op`` from torch 2.14 on. Before, it infers the
 schema from the function's annotations whatever it is given: an ``int`` argument becomes ``SymInt``, so the
@@ -21,7 +26,9 @@ under functionalization (so torch.compile traces into the kernels), export's han
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -36,17 +43,39 @@ from .._errors import AlignopsError
 _TRITON_OP_TAKES_SCHEMA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
 
 
+class _NoTritonWarning(logging.Filter):
+    """Drops the warning that ``triton_op`` logs when it looks for the body's kernels without triton installed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Triton not available")
+
+
+@contextlib.contextmanager
+def _quiet_without_triton():
+    """Without triton, ``triton_op`` logs "Triton not available" (torch/_library/triton.py, looking for the body's
+    kernels) for every op it defines; the op is defined all the same, so the warning is dropped for these calls
+    (it would be one line per twin at ``import alignops``)."""
+    logger, quiet = logging.getLogger(_triton_library.__name__), _NoTritonWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def register_triton_op(name: str, schema: str, mutates_args: Iterable[str] = ()) -> Callable:
     """Decorator: define ``name`` (``"alignops::op"``) with ``schema`` (``"(Tensor x, int n) -> Tensor"``), its
     implementation the decorated function, as ``torch.library.triton_op`` does."""
 
     def define(fn: Callable):
         if _TRITON_OP_TAKES_SCHEMA:
-            return triton_op(name, fn, mutates_args=mutates_args, schema=schema)
+            with _quiet_without_triton():
+                return triton_op(name, fn, mutates_args=mutates_args, schema=schema)
         inferred = _triton_library.infer_schema
         _triton_library.infer_schema = lambda *args, **kwargs: schema
         try:
-            return triton_op(name, fn, mutates_args=mutates_args)
+            with _quiet_without_triton():
+                return triton_op(name, fn, mutates_args=mutates_args)
         finally:
             _triton_library.infer_schema = inferred
 
@@ -84,7 +113,7 @@ def _run(check: torch._ops.OpOverload, args: tuple, kwargs: dict) -> None:
 
 def register_triton_twin(native: str, mutates_args: Iterable[str] = (), name: str | None = None) -> Callable:
     """Decorator: the decorated function is ``<native>_triton`` (or ``name``), a Triton op with the schema of the
-    native op ``native`` (``"alignops::op"``, defined in csrc/registration.cpp), called after the native op's
+    native op ``native`` (``"alignops::op"``, defined in csrc/<family>/<op>_cpu.cpp), called after the native op's
     argument checks (``check_op(native)``): the body checks only what is the Triton backend's own (the device)."""
     check = check_op(native)  # resolved once, at import (and fails there if the native op has no check op)
 
@@ -118,3 +147,16 @@ def register_fake(name: str) -> Callable:
         return fn
 
     return define
+
+
+def run_value_checks(native: str, *args, **kwargs) -> None:
+    """Run ``alignops::<op>_check_values``, the checks of the native op ``native`` that read tensor values (lengths,
+    ids in range; ATen reductions and a host sync, so on any device): the C++ CPU kernel calls the same function, and
+    Python calls this for the other backends. ValueError is re-raised as AlignopsError."""
+    namespace, op = native.split("::")
+    run_op_checks(getattr(getattr(torch.ops, namespace), op + "_check_values").default, *args, **kwargs)
+
+
+def run_op_checks(check: torch._ops.OpOverload, *args, **kwargs) -> None:
+    """Run the check op ``check`` (one that returns nothing or raises); ValueError is re-raised as AlignopsError."""
+    _run(check, args, kwargs)

@@ -1,4 +1,4 @@
-"""Fake kernel of forced_align (schema in csrc/registration.cpp). Alignment is not differentiable."""
+"""Fake kernel of forced_align (schema in csrc/ctc/forced_align_cpu.cpp). Alignment is not differentiable."""
 
 from __future__ import annotations
 

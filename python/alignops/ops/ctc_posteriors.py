@@ -1,4 +1,4 @@
-"""Fake kernel, autograd and Triton op of ctc_posteriors (schema in csrc/registration.cpp).
+"""Fake kernel, autograd and Triton op of ctc_posteriors (schema in csrc/ctc/ctc_posteriors_cpu.cpp).
 
 The kernels return the exact gradient d loss_b / d log_probs[b, t, c] = -sum_{s: label(s) = c} gamma_t(s)
 with the loss, so the backward is one multiply by the incoming [B] gradient (shared by native and Triton).
@@ -14,28 +14,8 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_triton_device
-from .._errors import AlignopsError
-from ._registration import register_fake
+from ._registration import register_fake, register_triton_twin
 from .preference import acc_dtype
-
-
-def check_values(log_probs, targets, input_lengths, target_lengths, blank) -> None:
-    """Lengths within the padded sizes, target ids in [0, C) and not blank (reads the values: one host sync)."""
-    B, T, C = log_probs.shape
-    L = targets.shape[1]
-    for name, t, top, dim in (("input_lengths", input_lengths, T, "T"), ("target_lengths", target_lengths, L, "L")):
-        bad = ((t < 0) | (t > top)).nonzero()
-        if bad.numel():
-            b = int(bad[0, 0])
-            raise AlignopsError(f"{name} must lie in [0, {dim} = {top}], got {int(t[b])} for utterance {b}")
-    used = torch.arange(L, device=targets.device) < target_lengths[:, None]
-    bad = (used & ((targets < 0) | (targets >= C) | (targets == blank))).nonzero()
-    if bad.numel():
-        b, j = (int(v) for v in bad[0])
-        raise AlignopsError(
-            f"targets must be class ids in [0, C = {C}) other than blank = {blank}, got "
-            f"{int(targets[b, j])} at targets[{b}, {j}]"
-        )
 
 
 @register_fake("alignops::ctc_posteriors")
@@ -98,52 +78,47 @@ def register_ctc_posteriors_autograd(op: str) -> None:
 
 register_ctc_posteriors_autograd("alignops::ctc_posteriors")
 
-try:
-    import triton
-except ImportError:
-    triton = None
 
-if triton is not None:
+@register_triton_twin("alignops::ctc_posteriors")
+def ctc_posteriors_triton(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int,
+    return_states: bool,
+    return_tokens: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``alignops::ctc_posteriors``, same outputs. Unlike the CPU kernel it stores the
+    fp64 log-alpha of every frame ([B, T, 2L+1] fp64 scratch) and the occupancy [B, T, 2L+1] whatever
+    is requested; tokens and the gradient are read off the occupancy."""
     from ..kernels.ctc import launch_ctc_posteriors
-    from ._registration import register_triton_twin
 
-    @register_triton_twin("alignops::ctc_posteriors")
-    def ctc_posteriors_triton(
-        log_probs: torch.Tensor,
-        targets: torch.Tensor,
-        input_lengths: torch.Tensor,
-        target_lengths: torch.Tensor,
-        blank: int,
-        return_states: bool,
-        return_tokens: bool,
-        compute_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Triton twin of ``alignops::ctc_posteriors``, same outputs. Unlike the CPU kernel it stores the
-        fp64 log-alpha of every frame ([B, T, 2L+1] fp64 scratch) and the occupancy [B, T, 2L+1] whatever
-        is requested; tokens and the gradient are read off the occupancy."""
-        check_triton_device(log_probs, "log_probs")
-        B, T, C = log_probs.shape
-        L = targets.shape[1]
-        acc = acc_dtype(log_probs.dtype)
-        loss, states = launch_ctc_posteriors(
-            log_probs.contiguous(),
-            targets.contiguous(),
-            input_lengths.contiguous(),
-            target_lengths.contiguous(),
-            blank,
-            acc,
+    check_triton_device(log_probs, "log_probs")
+    B, T, C = log_probs.shape
+    L = targets.shape[1]
+    acc = acc_dtype(log_probs.dtype)
+    loss, states = launch_ctc_posteriors(
+        log_probs.contiguous(),
+        targets.contiguous(),
+        input_lengths.contiguous(),
+        target_lengths.contiguous(),
+        blank,
+        acc,
+    )
+    tokens = states[..., 1::2].contiguous() if return_tokens else states.new_empty((0,))
+    if compute_grad:
+        labels = torch.full((B, 2 * L + 1), blank, dtype=torch.long, device=log_probs.device)
+        labels[:, 1::2] = torch.where(
+            torch.arange(L, device=targets.device) < target_lengths[:, None], targets.long(), blank
         )
-        tokens = states[..., 1::2].contiguous() if return_tokens else states.new_empty((0,))
-        if compute_grad:
-            labels = torch.full((B, 2 * L + 1), blank, dtype=torch.long, device=log_probs.device)
-            labels[:, 1::2] = torch.where(
-                torch.arange(L, device=targets.device) < target_lengths[:, None], targets.long(), blank
-            )
-            grad = torch.zeros(B, T, C, dtype=acc, device=log_probs.device)
-            grad.scatter_add_(2, labels[:, None, :].expand(B, T, 2 * L + 1), -states)
-            grad = grad.to(log_probs.dtype)
-        else:
-            grad = log_probs.new_empty((0,))
-        return loss, states if return_states else states.new_empty((0,)), tokens, grad
+        grad = torch.zeros(B, T, C, dtype=acc, device=log_probs.device)
+        grad.scatter_add_(2, labels[:, None, :].expand(B, T, 2 * L + 1), -states)
+        grad = grad.to(log_probs.dtype)
+    else:
+        grad = log_probs.new_empty((0,))
+    return loss, states if return_states else states.new_empty((0,)), tokens, grad
 
-    register_ctc_posteriors_autograd("alignops::ctc_posteriors_triton")
+
+register_ctc_posteriors_autograd("alignops::ctc_posteriors_triton")
