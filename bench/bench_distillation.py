@@ -17,30 +17,18 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import sys
 
 import torch
 
 import alignops
 
-from .common import Case, annotate, grad_closures, nbytes
+from .common import Case, annotate, grad_closures, import_peer, nbytes
 
 FAMILY = "distillation"
 
 
 def _trl_chunked_divergence_loss():
-    """TRL's loss function. transformers imports the Hub's ``kernels`` package when it is installed; this
-    repository's ``kernels/`` folder, on sys.path when the bench runs from the root, would shadow it."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved_path, saved_module = sys.path[:], sys.modules.pop("kernels", None)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        return importlib.import_module("trl.trainer.distillation_trainer")._chunked_divergence_loss
-    finally:
-        sys.path[:] = saved_path
-        if saved_module is not None:
-            sys.modules["kernels"] = saved_module
+    return import_peer("trl.trainer.distillation_trainer")._chunked_divergence_loss
 
 
 def _groups(device: str, quick: bool):
@@ -109,16 +97,7 @@ def _groups(device: str, quick: bool):
 
 
 def _trl_server_trainer():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved_path, saved_module = sys.path[:], sys.modules.pop("kernels", None)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        module = importlib.import_module("trl.experimental.server_distillation.server_distillation_trainer")
-        return module.ServerDistillationTrainer
-    finally:
-        sys.path[:] = saved_path
-        if saved_module is not None:
-            sys.modules["kernels"] = saved_module
+    return import_peer("trl.experimental.server_distillation.server_distillation_trainer").ServerDistillationTrainer
 
 
 def _topk_groups(device: str, quick: bool):

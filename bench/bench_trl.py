@@ -14,32 +14,15 @@ tokens, fp32, sigmoid loss. Quick plan: V = 8000, H = 64, 2 pairs x (8 + 24) tok
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 import tempfile
 
 import torch
 
-from .common import Case, annotate
+from .common import Case, annotate, import_peer
 
 FAMILY = "trl"
 # The subject of the family is TRL's trainer: without these there is nothing to measure (run.py says so).
 REQUIRES = ("trl", "transformers", "datasets")
-
-
-def _import(name: str):
-    """Import ``name`` with this checkout's root off sys.path: transformers imports the Hub's ``kernels`` package,
-    which the repository's ``kernels/`` folder would shadow when the bench runs from the root."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved_path, saved_module = sys.path[:], sys.modules.pop("kernels", None)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path[:] = saved_path
-        if saved_module is not None:
-            sys.modules["kernels"] = saved_module
 
 
 def _tokenizer(transformers):
@@ -54,9 +37,9 @@ def _tokenizer(transformers):
 
 
 def _groups(device: str, quick: bool):
-    trl = _import("trl")
-    transformers = _import("transformers")
-    ours = _import("alignops.integrations.trl")
+    trl = import_peer("trl")
+    transformers = import_peer("transformers")
+    ours = import_peer("alignops.integrations.trl")
     from datasets import Dataset
 
     V, H, layers, pairs, prompt_len, completion_len = (8000, 64, 2, 2, 8, 24) if quick else (128256, 256, 2, 4, 16, 112)

@@ -14,9 +14,12 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import importlib
 import importlib.util
 import math
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -332,3 +335,17 @@ def run_groups(
             break
         del cases, group
     return results
+
+
+def import_peer(name: str):
+    """Import the peer module ``name`` with this checkout's root off sys.path: transformers imports the Hub's
+    ``kernels`` package, which the repository's ``kernels/`` folder would shadow when the bench runs from the root."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved_path, saved_module = sys.path[:], sys.modules.pop("kernels", None)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path[:] = saved_path
+        if saved_module is not None:
+            sys.modules["kernels"] = saved_module
