@@ -4,16 +4,21 @@ Baseline: TRL's lines of ``GRPOTrainer._compute_loss`` from the log-probs on (ra
 correction, the loss type's normaliser) and its logged clip / KL metrics, as torch ops differentiated by autograd;
 also the reference (alignops.reference.policy, the same math written as the spec). Two configurations: dapo at
 token level and grpo at sequence level, both with beta = 0.04 and off-policy old log-probs.
+
+token_entropy fwd+bwd on [N, V] logits against TRL's ``entropy_from_logits`` (its chunked log_softmax on the CPU,
+its fused Triton kernel on a GPU when TRL finds triton) and the reference, in fp32 and bf16.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
 import alignops
 from alignops.reference import policy as ref
 
-from .common import Case, annotate, grad_closures, nbytes, providers
+from .common import Case, annotate, grad_closures, import_peer, nbytes, provider_backend, providers
 
 FAMILY = "policy"
 EPS_LOW, EPS_HIGH, BETA = 0.2, 0.28, 0.04
@@ -96,9 +101,42 @@ def _group(device, B, T, loss_type, level, g):
     return annotate(cases, nbytes(lp, old, ref_lp, mask, adv) + nbytes(lp), 40 * B * T)
 
 
+def _entropy_group(device, N, V, dtype, g):
+    logits = (2 * torch.randn(N, V, device=device, generator=g)).to(dtype).requires_grad_(True)
+    weights = torch.rand(N, device=device, generator=g)  # a weighted sum, so that every row gets a gradient
+    fwd_bwd, reset = grad_closures(logits)
+    shape, dname = f"N={N} V={V}", str(dtype).removeprefix("torch.")
+
+    def row(provider, fn, baseline=False):
+        return Case(
+            FAMILY,
+            "token_entropy",
+            shape,
+            dname,
+            provider,
+            "fwd+bwd",
+            lambda: fwd_bwd(lambda: (fn() * weights).sum()),
+            baseline=baseline,
+            reset=reset,
+        )
+
+    cases = []
+    if importlib.util.find_spec("trl") is not None:
+        entropy_from_logits = import_peer("trl.trainer.utils").entropy_from_logits
+        cases.append(row("trl entropy_from_logits", lambda: entropy_from_logits(logits), baseline=True))
+    cases.append(row("reference", lambda: ref.token_entropy(logits), baseline=not cases))
+    for p in providers(device):
+        cases.append(row(p, lambda b=provider_backend(p): alignops.policy.token_entropy(logits, backend=b)))
+    # The logits read forward and backward, their gradient written; ~6 flops an entry each way.
+    return annotate(cases, 2 * nbytes(logits) + nbytes(logits), 12 * N * V)
+
+
 def groups(device: str, quick: bool):
     """One group per configuration; only one group's tensors are alive at a time."""
     B, T = (64, 256) if quick else (1000, 1000)
     g = torch.Generator(device=device).manual_seed(0)
     for loss_type, level in (("dapo", "token"), ("grpo", "sequence")):
         yield _group(device, B, T, loss_type, level, g)
+    N, V = (128, 32000) if quick else ((8192, 128256) if device == "cuda" else (1024, 128256))
+    for dtype in (torch.float32, torch.bfloat16):
+        yield _entropy_group(device, N, V, dtype, g)

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .._codes import PolicyLossType
 from ._launch import launch, tile
-from .preference import launch_config
+from .preference import MAX_BLOCK_V, launch_config
 
 # ---- codes: alignops._codes as constexpr globals (a plain module global is a NameError for the compiler) ----
 
@@ -503,3 +503,122 @@ def _fp32(x: float) -> float:
         return struct.unpack("f", struct.pack("f", float(x)))[0]
     except OverflowError:  # beyond fp32's range: the cast gives inf
         return math.copysign(math.inf, x)
+
+
+# ---- token_entropy: the entropy of softmax(logits / T) per row (the math of csrc/policy/token_entropy_cpu.cpp) ----
+
+
+@triton.jit
+def token_entropy_fwd_kernel(
+    logits_ptr,  # [N, V] contiguous, any float dtype
+    entropy_ptr,
+    lse_ptr,  # [N] accumulation dtype
+    V,
+    temperature: tl.float64,
+    BLOCK_V: tl.constexpr,
+):
+    """One program per row, one pass: per lane a running max m (in the logits' units), s = sum exp(u) and
+    w = sum exp(u) u with u = (z - m) / T. A new max m' scales s by r = exp((m - m') / T) and w to r (w + d s),
+    d = (m - m') / T; the lanes are combined the same way. H = log s - w / s, lse = m / T + log s.
+
+    Where r or exp(u) is 0 (a -inf logit, an underflow, a lane that has seen only padding) the term is 0, never
+    0 * -inf. The running max starts at the lowest finite value so that -inf logits never form -inf - -inf."""
+    ACC = entropy_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = 1 / tl.full([], temperature, ACC)
+    row_ptr = logits_ptr + row * V
+    if ACC == tl.float64:
+        m = tl.full([BLOCK_V], -1.7976931348623157e308, ACC)
+    else:
+        m = tl.full([BLOCK_V], -3.4028234663852886e38, ACC)
+    s = tl.zeros([BLOCK_V], ACC)
+    w = tl.zeros([BLOCK_V], ACC)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, z)
+        d = (m - m_new) * inv_t
+        r = tl.exp(d)
+        u = (z - m_new) * inv_t
+        e = tl.exp(u)
+        w = tl.where(r > 0, r * (w + d * s), 0) + tl.where(e > 0, e * u, 0)
+        s = s * r + e
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    d = (m - m_row) * inv_t
+    r = tl.exp(d)
+    s_row = tl.sum(s * r, axis=0)
+    w_row = tl.sum(tl.where(r > 0, r * (w + d * s), 0), axis=0)
+    log_s = tl.log(s_row)
+    tl.store(entropy_ptr + row, log_s - w_row / s_row)
+    tl.store(lse_ptr + row, m_row * inv_t + log_s)
+
+
+@triton.jit
+def token_entropy_bwd_kernel(
+    grad_ptr,
+    entropy_ptr,
+    lse_ptr,  # [N] accumulation dtype
+    logits_ptr,  # [N, V] contiguous
+    grad_logits_ptr,  # [N, V] logits dtype, written once
+    V,
+    temperature: tl.float64,
+    BLOCK_V: tl.constexpr,
+):
+    """Grid (rows, vocabulary blocks): d logits = -g / T p (log p + H), log p = z / T - lse, in the accumulation
+    dtype, rounded once to the logits' dtype; 0 where p = 0. Rows with g = 0 write zeros without reading."""
+    ACC = lse_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = offs < V
+    out_ptrs = grad_logits_ptr + row * V + offs
+    g = tl.load(grad_ptr + row)
+    if g == 0:
+        tl.store(out_ptrs, tl.zeros([BLOCK_V], grad_logits_ptr.dtype.element_ty), mask=mask)
+    else:
+        inv_t = 1 / tl.full([], temperature, ACC)
+        z = tl.load(logits_ptr + row * V + offs, mask=mask, other=0).to(ACC)
+        log_p = z * inv_t - tl.load(lse_ptr + row)
+        p = tl.exp(log_p)
+        dz = tl.where(p > 0, -g * inv_t * p * (log_p + tl.load(entropy_ptr + row)), 0)
+        tl.store(out_ptrs, dz.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_token_entropy_forward(logits, entropy, lse, temperature):
+    """One program per row of the contiguous [N, V] ``logits``."""
+    N, V = logits.shape
+    if N == 0:
+        return
+    block_v, num_warps = launch_config(V, MAX_BLOCK_V)
+    launch(
+        token_entropy_fwd_kernel,
+        (N,),
+        logits,
+        entropy,
+        lse,
+        V,
+        float(temperature),
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+
+
+def launch_token_entropy_backward(grad, entropy, lse, logits, grad_logits, temperature):
+    """A (rows, vocabulary blocks) grid over the contiguous [N, V] ``logits``."""
+    N, V = logits.shape
+    if N == 0:
+        return
+    block_v, num_warps = launch_config(V, MAX_BLOCK_V)
+    launch(
+        token_entropy_bwd_kernel,
+        (N, triton.cdiv(V, block_v)),
+        grad,
+        entropy,
+        lse,
+        logits,
+        grad_logits,
+        V,
+        float(temperature),
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )

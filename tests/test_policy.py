@@ -13,6 +13,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from contract import case
 
 import alignops
 from alignops import AlignopsError, PolicyLossOutput, policy_loss
@@ -628,3 +629,235 @@ def test_backward_without_compute_grad_raises():
     loss_sum, _, _ = torch.ops.alignops.policy_loss(*(lp, *_op_args(inputs, compute_grad=False)[1:]))
     with pytest.raises(RuntimeError, match="compute_grad=False"):
         loss_sum.backward()
+
+
+# ---- token_entropy ------------------------------------------------------------------------------------------------
+# alignops.policy.token_entropy on every backend against the reference (alignops.reference.policy.token_entropy,
+# log_softmax differentiated by autograd) and TRL's entropy_from_logits; the Triton kernel runs in the interpreter on
+# CPU tensors. V = 5000 > kernels/preference.py's MAX_BLOCK_V = 4096 makes a row span two vocabulary steps of the
+# Triton kernel (its online rescaling of the entropy sum), and records the GPU launch of real vocabularies for the
+# sm_90 compile gate.
+
+triton_backend = pytest.param(
+    "triton",
+    marks=[
+        pytest.mark.triton,
+        pytest.mark.skipif(not alignops._backend.triton_available(), reason="needs the triton package"),
+    ],
+)
+ENTROPY_BACKENDS = ["native", triton_backend, "torch"]
+ENTROPY_TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.bfloat16: dict(rtol=2e-5, atol=2e-5),  # fp32 sums of the same bf16 inputs as the reference's
+    torch.float16: dict(rtol=2e-5, atol=2e-5),
+}
+
+
+def entropy_logits(*shape, dtype=torch.float64, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def entropy_and_grad(fn, logits, weights):
+    x = logits.clone().requires_grad_()
+    h = fn(x)
+    (h.double() * weights).sum().backward()
+    return h.detach(), x.grad
+
+
+@pytest.mark.parametrize("backend", ENTROPY_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_token_entropy_vs_reference(backend, dtype, temperature):
+    logits = entropy_logits(2, 3, 37, dtype=dtype)
+    weights = torch.randn(2, 3, dtype=torch.float64)
+    h, grad = entropy_and_grad(
+        lambda x: alignops.policy.token_entropy(x, temperature=temperature, backend=backend), logits, weights
+    )
+    h_ref, grad_ref = entropy_and_grad(lambda x: ref.token_entropy(x, temperature), logits, weights)
+    assert h.shape == (2, 3) and h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(h, h_ref, **ENTROPY_TOL[dtype])
+    # The gradient is rounded once to the logits' dtype, the reference's through several low-precision steps.
+    torch.testing.assert_close(grad, grad_ref, **(ENTROPY_TOL[dtype] if dtype.itemsize >= 4 else {}))
+
+
+@pytest.mark.parametrize("backend", ["native", triton_backend])
+def test_token_entropy_long_rows_and_extreme_temperatures(backend):
+    """Rows longer than one Triton step whose max sits in the last step (the running sums are rescaled), a row
+    whose logits span 1e4, and temperatures from 1e-3 to 1e3."""
+    logits = entropy_logits(3, 5000)
+    logits[0, 4990] = 40.0
+    logits[1] *= 3e3
+    weights = torch.randn(3, dtype=torch.float64)
+    for temperature in (1.0, 1e-3, 1e3):
+        h, grad = entropy_and_grad(
+            lambda x, t=temperature: alignops.policy.token_entropy(x, temperature=t, backend=backend), logits, weights
+        )
+        h_ref, grad_ref = entropy_and_grad(lambda x, t=temperature: ref.token_entropy(x, t), logits, weights)
+        torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["native", triton_backend])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_entropy_long_rows_low_precision(backend, dtype):
+    """The vocabulary sizes of real models in fp32 / bf16: the Triton launch at its GPU tile (recorded for the sm_90
+    gate), the CPU kernel's vectorised body and tail."""
+    logits = entropy_logits(3, 5003, dtype=dtype)
+    weights = torch.randn(3, dtype=torch.float64)
+    h, grad = entropy_and_grad(lambda x: alignops.policy.token_entropy(x, backend=backend), logits, weights)
+    h_ref, grad_ref = entropy_and_grad(ref.token_entropy, logits, weights)
+    torch.testing.assert_close(h, h_ref, **ENTROPY_TOL[dtype])
+    torch.testing.assert_close(grad, grad_ref, **(ENTROPY_TOL[dtype] if dtype == torch.float32 else {}))
+
+
+def test_token_entropy_vs_trl(import_peer):
+    entropy_from_logits = import_peer("trl.trainer.utils").entropy_from_logits
+    logits = entropy_logits(4, 9, 1000, dtype=torch.float32)
+    weights = torch.randn(4, 9, dtype=torch.float64)
+    h, grad = entropy_and_grad(lambda x: alignops.policy.token_entropy(x), logits, weights)
+    h_trl, grad_trl = entropy_and_grad(lambda x: entropy_from_logits(x, chunk_size=8), logits, weights)
+    torch.testing.assert_close(h, h_trl, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad, grad_trl, rtol=2e-5, atol=2e-6)
+    # TRL divides by the temperature before; here the op does.
+    h_t = alignops.policy.token_entropy(logits, temperature=0.7)
+    torch.testing.assert_close(h_t, entropy_from_logits(logits / 0.7), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ENTROPY_BACKENDS)
+def test_token_entropy_masked_and_non_finite_logits(backend):
+    """A -inf logit (a masked token) adds 0 and gets a zero gradient (TRL's p * log p is NaN there); a row with
+    one finite logit has entropy 0; NaN and +inf logits give NaN, never a finite value."""
+    logits = entropy_logits(5, 33)
+    logits[0, :10] = -math.inf
+    logits[1, 1:] = -math.inf
+    logits[2, 7] = math.nan
+    logits[3, 7] = math.inf
+    weights = torch.ones(5, dtype=torch.float64)
+    weights[2:4] = 0  # NaN rows: the finite rows' gradients are checked
+    h, grad = entropy_and_grad(lambda x: alignops.policy.token_entropy(x, backend=backend), logits, weights)
+    torch.testing.assert_close(h[[0, 4]], ref.token_entropy(logits[[0, 4]]), rtol=1e-12, atol=1e-12)
+    assert h[1].item() == 0.0 and math.isnan(h[2].item()) and math.isnan(h[3].item())
+    assert torch.isfinite(grad[[0, 1, 4]]).all() and (grad[0, :10] == 0).all() and (grad[1] == 0).all()
+    _, grad_ref = entropy_and_grad(ref.token_entropy, logits[[0, 4]], weights[[0, 4]])
+    torch.testing.assert_close(grad[[0, 4]], grad_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ENTROPY_BACKENDS)
+def test_token_entropy_empty(backend):
+    x = torch.zeros(0, 7, 11, requires_grad=True)
+    h = alignops.policy.token_entropy(x, backend=backend)
+    assert h.shape == (0, 7)
+    h.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_token_entropy_reads_every_half_and_bfloat16_value_exactly(dtype):
+    """The CPU kernel widens bf16 / fp16 by its own bit moves: on one-entry rows lse = the value itself (exp(0) = 1),
+    so every finite value of the dtype must come back exactly; the entropy of such a row is 0."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[torch.isfinite(x)].view(-1, 1)
+    entropy, lse = torch.ops.alignops.token_entropy(x, 1.0)
+    assert torch.equal(lse, x.float().view(-1)) and (entropy == 0).all()
+
+
+def test_token_entropy_uniform_is_log_v():
+    """An oracle outside the code: uniform logits have entropy log V, one-hot-like ones ~0."""
+    h = alignops.policy.token_entropy(torch.full((2, 1000), 0.5))
+    torch.testing.assert_close(h, torch.full((2,), math.log(1000.0)))
+    assert alignops.policy.token_entropy(torch.tensor([[0.0, -200.0, -300.0]])).item() < 1e-80
+
+
+def test_token_entropy_opcheck_and_gradcheck():
+    logits = entropy_logits(4, 13, dtype=torch.float32).requires_grad_()
+    torch.library.opcheck(torch.ops.alignops.token_entropy.default, (logits, 0.8))
+    h, lse = torch.ops.alignops.token_entropy(logits.detach(), 0.8)
+    torch.library.opcheck(
+        torch.ops.alignops.token_entropy_backward.default, (torch.randn(4), logits.detach(), h, lse, 0.8)
+    )
+    x = entropy_logits(3, 2, 6).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: alignops.policy.token_entropy(t, temperature=0.8), (x,))
+
+
+def test_token_entropy_compile_and_meta():
+    logits = entropy_logits(6, 40, dtype=torch.float32)
+    fn = torch.compile(lambda t: alignops.policy.token_entropy(t, temperature=0.5), fullgraph=True, backend="aot_eager")
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    torch.testing.assert_close(fn(x1), alignops.policy.token_entropy(x2, temperature=0.5))
+    fn(x1).sum().backward()
+    alignops.policy.token_entropy(x2, temperature=0.5).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    out = alignops.policy.token_entropy(torch.empty(2, 3, 50, device="meta", dtype=torch.bfloat16))
+    assert out.shape == (2, 3) and out.dtype == torch.float32 and out.device.type == "meta"
+
+
+def test_token_entropy_bad_inputs():
+    x = torch.randn(3, 5)
+    cases = [
+        ((x.numpy(),), {}, r"logits must be a tensor, got ndarray"),
+        ((torch.tensor(1.0),), {}, r"logits must have shape \[\.\.\., V\], got a 0-D tensor"),
+        (
+            (torch.ones(3, 5, dtype=torch.long),),
+            {},
+            r"logits must be float32, float64, float16 or bfloat16, got torch.int64",
+        ),
+        ((torch.randn(3, 0),), {}, r"logits must have a non-empty vocabulary \(V > 0\), got shape \[3, 0\]"),
+        ((x,), dict(temperature=0.0), r"temperature must be a finite value > 0, got 0"),
+        ((x,), dict(temperature=-1.0), r"temperature must be a finite value > 0, got -1"),
+        ((x,), dict(temperature=math.nan), r"temperature must be a finite value > 0, got nan"),
+        ((x,), dict(temperature=math.inf), r"temperature must be a finite value > 0, got inf"),
+        ((x,), dict(backend="cuda"), r"backend must be one of"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(AlignopsError, match=message):
+            alignops.policy.token_entropy(*args, **kwargs)
+    with pytest.raises(TypeError):
+        alignops.policy.token_entropy(x, 1.0)  # temperature is keyword-only
+
+
+def test_token_entropy_backward_op_checks():
+    logits = torch.randn(3, 5)
+    h, lse = torch.ops.alignops.token_entropy(logits, 1.0)
+    with pytest.raises(ValueError, match=r"grad must be torch.float32 for torch.float32 logits, got torch.float64"):
+        torch.ops.alignops.token_entropy_backward(torch.ones(3, dtype=torch.float64), logits, h, lse, 1.0)
+    with pytest.raises(ValueError, match=r"lse must have one entry per row of logits \[N=3\], got 2"):
+        torch.ops.alignops.token_entropy_backward(torch.ones(3), logits, h, lse[:2], 1.0)
+    with pytest.raises(ValueError, match=r"entropy must be a 1-D tensor of shape \[N\]"):
+        torch.ops.alignops.token_entropy_backward(torch.ones(3), logits, h.view(3, 1), lse, 1.0)
+    with pytest.raises(ValueError, match=r"entropy must be on the device of logits \(cpu\), got meta"):
+        torch.ops.alignops.token_entropy_backward_check(torch.ones(3), logits, h.to("meta"), lse, 1.0)
+
+
+# ---- the public-function contract (tests/test_public_contract.py) --------------------------------------------------
+
+
+def _rn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+CONTRACT_CASES = {
+    "policy_loss": case(
+        alignops.policy_loss,
+        lambda: [_rn(3, 6), _rn(3, seed=1), torch.ones(3, 6, dtype=torch.bool)],
+        lambda: dict(
+            old_per_token_logps=_rn(3, 6, seed=2),
+            ref_per_token_logps=_rn(3, 6, seed=3),
+            beta=0.04,
+            importance_sampling_ratio=_rn(3, 6, seed=4).abs(),
+        ),
+        meta="ref_per_token_logps",
+        hyper=(
+            "epsilon_low",
+            "epsilon_high",
+            "delta",
+            "beta",
+            "sapo_temperature_pos",
+            "vespo_lambda_neg",
+            "off_policy_mask_threshold:nan",
+        ),
+    ),
+    "token_entropy": case(alignops.policy.token_entropy, lambda: [_rn(2, 3, 11)], hyper=("temperature",)),
+}

@@ -1,4 +1,5 @@
-"""The GRPO family's policy-gradient loss, as TRL 1.16 ``GRPOTrainer._compute_loss`` computes it.
+"""The GRPO family's policy-gradient loss, as TRL 1.16 ``GRPOTrainer._compute_loss`` computes it, and the
+per-token entropy its trainer logs and masks with (``token_entropy``).
 
 One fused op reads the per-token log-probs once (twice at sequence level) and returns the loss, its gradient
 w.r.t. the log-probs and the metrics TRL logs, instead of the dozen [B, T] temporaries of TRL's torch
@@ -17,6 +18,8 @@ from ._checks import check_finite, check_not_nan, check_positive
 from ._codes import ImportanceSamplingLevel, PolicyLossType, lower_name
 from ._errors import AlignopsError
 from .ops import policy as _ops
+from .ops._registration import run_checks
+from .reference import policy as _ref
 
 LOSS_TYPES = tuple(map(lower_name, PolicyLossType))
 IMPORTANCE_SAMPLING_LEVELS = tuple(map(lower_name, ImportanceSamplingLevel))
@@ -307,3 +310,36 @@ def _torch_backend(per_token_logps, advantages, completion_mask, acc, args) -> P
     )
     loss, metrics = _ref.policy_loss(per_token_logps, advantages, completion_mask, **{k: args[k] for k in keys})
     return PolicyLossOutput(loss, **{k: v.detach() for k, v in metrics.items()})
+
+
+def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    r"""Per-position entropy of the next-token distribution, ``H = -sum_v p_v log p_v`` with
+    ``p = softmax(logits / temperature)``, without materialising ``log_softmax``.
+
+    The entropy TRL's GRPOTrainer logs and masks with (``entropy_from_logits``; ``top_entropy_quantile``), or an
+    entropy bonus: ``logits`` [..., V] (fp32, fp64, bf16 or fp16, V > 0) -> [...] in fp32 (fp64 for fp64 logits),
+    differentiable. TRL divides the logits by the temperature first; here ``temperature`` does it inside the pass.
+
+    Each row is read once forward (an online logsumexp that also carries ``sum exp(u) u``:
+    ``H = log s - w / s``) and once backward, which writes ``dH/dlogits = -p (log p + H) / T`` from the saved
+    logsumexp and entropy, rounded once to the logits' dtype: no [..., V] temporary in either direction, where
+    ``entropy_from_logits`` keeps log-probs and their exponential per chunk, in the logits' dtype (bf16 logits give
+    bf16 sums there; here every sum is fp32). A -inf logit (a masked token) adds 0 (the limit of p log p) and gets
+    a zero gradient (TRL's product gives NaN); NaN or +inf logits give NaN.
+
+    Backends: native (C++ on the CPU), triton (GPU; the interpreter on CPU tensors), torch
+    (alignops.reference.policy.token_entropy); auto is native on the CPU, Triton on a GPU. Raises AlignopsError
+    for a non-tensor, a non-float dtype, a 0-D tensor, an empty vocabulary and a temperature that is not a finite
+    value > 0.
+    """
+    _check_tensor(logits, "logits")
+    if logits.dim() == 0:
+        raise AlignopsError("logits must have shape [..., V], got a 0-D tensor")
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    rows = logits.reshape(math.prod(lead), vocab)
+    run_checks("alignops::token_entropy", rows, float(temperature))
+    impl = _backend.resolve(backend, rows.device, "token_entropy", native_cuda=False)
+    if impl == "torch":
+        return _ref.token_entropy(logits, float(temperature))
+    op = torch.ops.alignops.token_entropy if impl == "native" else torch.ops.alignops.token_entropy_triton
+    return op(rows, float(temperature))[0].view(lead)

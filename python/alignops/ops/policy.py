@@ -8,6 +8,9 @@ in TRL), so the same [B, T] gradient also differentiates each row's loss (row_st
 differentiated. ``register_policy_loss_autograd`` is shared with the Triton twin (alignops::policy_loss_triton),
 whose arguments and outputs are the native op's, computed by kernels/policy.py (its fake kernel is triton_op's
 own). Nothing there waits on the device. On CPU tensors only in the Triton interpreter.
+
+alignops::token_entropy (csrc/policy/token_entropy_cpu.cpp): its fakes, its autograd (the backward is the op
+alignops::token_entropy_backward, from the saved entropy and logsumexp) and the Triton twins of both.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 
 from .._checks import check_triton_device
 from .._codes import ImportanceSamplingLevel
-from ._registration import register_fake, register_triton_twin
+from ._registration import register_fake, register_triton_twin, run_checks
 from .preference import acc_dtype
 
 # row_stats columns (csrc/policy/policy_codes.h RowStat)
@@ -153,3 +156,72 @@ def policy_loss_triton(
 
 
 register_policy_loss_autograd("alignops::policy_loss_triton")
+
+
+# ---- token_entropy ----------------------------------------------------------------------------------------------
+
+
+@register_fake("alignops::token_entropy")
+def _token_entropy_fake(logits, temperature):
+    run_checks("alignops::token_entropy", logits, temperature)
+    acc = acc_dtype(logits.dtype)
+    return logits.new_empty(logits.shape[0], dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)
+
+
+@register_fake("alignops::token_entropy_backward")
+def _token_entropy_backward_fake(grad, logits, entropy, lse, temperature):
+    run_checks("alignops::token_entropy_backward", grad, logits, entropy, lse, temperature)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def register_token_entropy_autograd(op: str, backward_op) -> None:
+    """Backward is ``backward_op`` (the logits' gradient from the saved entropy and logsumexp, one pass)."""
+
+    def setup(ctx, inputs, output):
+        logits, temperature = inputs
+        ctx.set_materialize_grads(False)  # lse is never differentiated
+        ctx.save_for_backward(logits, *output)
+        ctx.temperature = temperature
+
+    def backward(ctx, grad_entropy, _grad_lse):
+        logits, entropy, lse = ctx.saved_tensors
+        if grad_entropy is None:
+            return None, None
+        return backward_op(grad_entropy.contiguous(), logits, entropy, lse, ctx.temperature), None
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
+
+
+register_token_entropy_autograd("alignops::token_entropy", torch.ops.alignops.token_entropy_backward)
+
+
+@register_triton_twin("alignops::token_entropy")
+def token_entropy_triton(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``alignops::token_entropy`` (kernels/policy.py)."""
+    from ..kernels.policy import launch_token_entropy_forward
+
+    check_triton_device(logits, "logits")
+    x = logits.contiguous()
+    acc = acc_dtype(x.dtype)
+    entropy, lse = x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
+    launch_token_entropy_forward(x, entropy, lse, temperature)
+    return entropy, lse
+
+
+@register_triton_twin("alignops::token_entropy_backward")
+def token_entropy_backward_triton(
+    grad: torch.Tensor, logits: torch.Tensor, entropy: torch.Tensor, lse: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Triton twin of ``alignops::token_entropy_backward`` (kernels/policy.py)."""
+    from ..kernels.policy import launch_token_entropy_backward
+
+    check_triton_device(logits, "logits")
+    x = logits.contiguous()
+    grad_logits = torch.empty_like(x)
+    launch_token_entropy_backward(
+        grad.contiguous(), entropy.contiguous(), lse.contiguous(), x, grad_logits, temperature
+    )
+    return grad_logits
+
+
+register_token_entropy_autograd("alignops::token_entropy_triton", torch.ops.alignops.token_entropy_backward_triton)

@@ -177,3 +177,13 @@ def policy_loss(
             metrics["phi_mean"] = masked_mean(phi)
         metrics["mean_ratio"] = masked_mean(coef_1.detach())
     return loss, metrics
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """H = -sum_v p_v log p_v with p = softmax(logits / temperature) over the last dimension: [..., V] -> [...], in
+    fp32 (fp64 for fp64 logits). TRL's ``entropy_from_logits`` on logits already divided by the temperature, except
+    that an entry with p = 0 (a -inf logit) adds 0, the limit of p log p, where TRL's product gives NaN."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, 0)).sum(-1)
