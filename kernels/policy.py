@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .._codes import PolicyLossType
 from ._launch import launch, tile
-from .preference import MAX_BLOCK_V, launch_config
+from .preference import launch_config, launch_rows
 
 # ---- codes: alignops._codes as constexpr globals (a plain module global is a NameError for the compiler) ----
 
@@ -586,39 +586,10 @@ def token_entropy_bwd_kernel(
 
 def launch_token_entropy_forward(logits, entropy, lse, temperature):
     """One program per row of the contiguous [N, V] ``logits``."""
-    N, V = logits.shape
-    if N == 0:
-        return
-    block_v, num_warps = launch_config(V, MAX_BLOCK_V)
-    launch(
-        token_entropy_fwd_kernel,
-        (N,),
-        logits,
-        entropy,
-        lse,
-        V,
-        float(temperature),
-        BLOCK_V=block_v,
-        num_warps=num_warps,
-    )
+    launch_rows(token_entropy_fwd_kernel, logits, logits, entropy, lse, logits.shape[1], float(temperature))
 
 
 def launch_token_entropy_backward(grad, entropy, lse, logits, grad_logits, temperature):
     """A (rows, vocabulary blocks) grid over the contiguous [N, V] ``logits``."""
-    N, V = logits.shape
-    if N == 0:
-        return
-    block_v, num_warps = launch_config(V, MAX_BLOCK_V)
-    launch(
-        token_entropy_bwd_kernel,
-        (N, triton.cdiv(V, block_v)),
-        grad,
-        entropy,
-        lse,
-        logits,
-        grad_logits,
-        V,
-        float(temperature),
-        BLOCK_V=block_v,
-        num_warps=num_warps,
-    )
+    args = (grad, entropy, lse, logits, grad_logits, logits.shape[1], float(temperature))
+    launch_rows(token_entropy_bwd_kernel, logits, *args, vocab_blocks=True)

@@ -458,44 +458,27 @@ def selective_logprobs_bwd_kernel(
         tl.store(out_ptrs, dz.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_selective_logprobs_forward(logits, targets, logp, lse, ignore_index, temperature):
-    """Launch one program per row of the contiguous [N, V] ``logits``."""
+def launch_rows(kernel, logits, *args, vocab_blocks: bool = False) -> None:
+    """Launch ``kernel(*args, BLOCK_V=...)`` over the contiguous [N, V] ``logits``: one program per row, or per row
+    and vocabulary block of BLOCK_V entries with ``vocab_blocks``; BLOCK_V and the warps from launch_config."""
     N, V = logits.shape
-    if N == 0:
+    if N == 0 or (vocab_blocks and V == 0):  # a row program runs at V = 0 too: it writes the row's outputs
         return
     block_v, num_warps = launch_config(V, MAX_BLOCK_V)
-    launch(
-        selective_logprobs_fwd_kernel,
-        (N,),
-        logits,
-        targets,
-        logp,
-        lse,
-        V,
-        int(ignore_index),
-        float(temperature),
-        BLOCK_V=block_v,
-        num_warps=num_warps,
+    grid = (N, triton.cdiv(V, block_v)) if vocab_blocks else (N,)
+    launch(kernel, grid, *args, BLOCK_V=block_v, num_warps=num_warps)
+
+
+def launch_selective_logprobs_forward(logits, targets, logp, lse, ignore_index, temperature):
+    """One program per row of the contiguous [N, V] ``logits``."""
+    V = logits.shape[1]
+    launch_rows(
+        selective_logprobs_fwd_kernel, logits, logits, targets, logp, lse, V, int(ignore_index), float(temperature)
     )
 
 
 def launch_selective_logprobs_backward(grad_logp, lse, logits, targets, grad_logits, ignore_index, temperature):
-    """Launch a (rows, vocabulary blocks) grid over the contiguous [N, V] ``logits``."""
-    N, V = logits.shape
-    if N == 0 or V == 0:
-        return
-    block_v, num_warps = launch_config(V, MAX_BLOCK_V)
-    launch(
-        selective_logprobs_bwd_kernel,
-        (N, triton.cdiv(V, block_v)),
-        grad_logp,
-        lse,
-        logits,
-        targets,
-        grad_logits,
-        V,
-        int(ignore_index),
-        float(temperature),
-        BLOCK_V=block_v,
-        num_warps=num_warps,
-    )
+    """A (rows, vocabulary blocks) grid over the contiguous [N, V] ``logits``."""
+    V = logits.shape[1]
+    args = (grad_logp, lse, logits, targets, grad_logits, V, int(ignore_index), float(temperature))
+    launch_rows(selective_logprobs_bwd_kernel, logits, *args, vocab_blocks=True)

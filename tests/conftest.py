@@ -1,33 +1,25 @@
-import importlib
 import os
-import sys
 
 import pytest
 import torch
 
 # The Triton kernels run in the interpreter on CPU tensors when there is no GPU. The variable must be set
-# before triton is first imported (alignops imports it), hence here, at collection.
+# before triton is first imported (alignops does when a Triton backend is first asked for), hence here, at
+# collection.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import alignops  # noqa: F401
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def import_without_repo_kernels(name: str):
-    """Import module ``name`` (TRL, transformers, ...) with this checkout's root off sys.path: transformers imports
-    the Hub's ``kernels`` package when it is installed, and the repository's own ``kernels/`` folder (on sys.path
-    when pytest runs from the root) would shadow it. Skips the test when the module's package is missing."""
+    """Import module ``name`` (TRL, transformers, ...) with this checkout's root off sys.path (the bench's
+    ``import_peer``: transformers imports the Hub's ``kernels`` package, which the repository's own ``kernels/``
+    folder would shadow). Skips the test when the module's package is missing."""
     pytest.importorskip(name.split(".")[0])
-    saved_path, saved_module = sys.path[:], sys.modules.pop("kernels", None)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT]
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path[:] = saved_path
-        if saved_module is not None:
-            sys.modules["kernels"] = saved_module
+    from alignops.bench.common import import_peer
+
+    return import_peer(name)
 
 
 @pytest.fixture(scope="session")

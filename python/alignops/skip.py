@@ -213,20 +213,9 @@ def skip_ffn(
         target = x if inplace else None
     mask = _keep_mask(x, keep, skip_spans, threshold, capacity, previous, criterion, score)
     code = int(_ACTIVATION_CODES[activation])
-    # The op's own checks (csrc/skip/skip_ffn_cpu.cpp) on the weights, whichever backend runs.
-    run_checks(
-        "alignops::skip_ffn",
-        x.reshape(-1, H),
-        mask.reshape(-1),
-        w_gate_up,
-        w_down,
-        norm_weight,
-        b_gate_up,
-        b_down,
-        code,
-        float(eps),
-        False,
-    )
+    args = (x.reshape(-1, H), mask.reshape(-1), w_gate_up, w_down, norm_weight, b_gate_up, b_down, code, float(eps))
+    # The op's own checks (csrc/skip/skip_ffn_cpu.cpp), here for every backend so that they raise AlignopsError.
+    run_checks("alignops::skip_ffn", *args, False)
     if impl == "torch":
         y = _ref.skip_ffn(x, w_gate_up, w_down, norm_weight, mask, b_gate_up, b_down, activation, eps)
         return target.copy_(y) if target is not None else y
@@ -234,21 +223,10 @@ def skip_ffn(
         if not target.is_contiguous():
             raise AlignopsError("inplace=True needs a contiguous x")
         op = torch.ops.alignops.skip_ffn_ if impl == "native" else torch.ops.alignops.skip_ffn_triton_
-        op(target.view(-1, H), mask.reshape(-1), w_gate_up, w_down, norm_weight, b_gate_up, b_down, code, float(eps))
+        op(target.view(-1, H), *args[1:])
         return target
     op = torch.ops.alignops.skip_ffn if impl == "native" else torch.ops.alignops.skip_ffn_triton
-    y = op(
-        x.reshape(-1, H),
-        mask.reshape(-1),
-        w_gate_up,
-        w_down,
-        norm_weight,
-        b_gate_up,
-        b_down,
-        code,
-        float(eps),
-        needs_grad,
-    )[0]
+    y = op(*args, needs_grad)[0]
     return y.reshape(x.shape)
 
 
