@@ -125,10 +125,10 @@ LITERAL_BACKEND_ALLOWED: dict[str, str] = {}
 
 # Names retired in favour of the family's one name (TRL / torchaudio / POT spelling): they may only survive as
 # deprecated aliases (alignops._api.renamed), never as a parameter.
-RETIRED = {"simpo_gamma": "gamma"}
-# Not retired (yet): ctc_segmentation / pseudo_forced_align keep ``lpz`` (and ``lpz_lengths``), the name of the
-# ctc-segmentation package they are drop-ins for; the family name is ``log_probs`` (torch, torchaudio). Renaming
-# them means renaming every message that names the argument: issue 16 §4, left for a follow-up.
+RETIRED = {"simpo_gamma": "gamma", "nll_weight": "alpha", "compute_nll": "compute_nll_loss"}
+# Not retired: ctc_segmentation / pseudo_forced_align keep ``lpz`` (and ``lpz_lengths``), the name of the
+# ctc-segmentation package they are drop-ins for (docs/api-style.md: where users know a peer's name, it wins); the
+# family name elsewhere is ``log_probs`` (torch, torchaudio).
 LPZ_FUNCTIONS = {"ctc_segmentation", "pseudo_forced_align"}
 
 TENSORISH = ("Tensor", "Sequence", "Module", "IO[", "Spans", "PseudoForcedAlignment", "Iterable")
@@ -321,6 +321,27 @@ def test_forced_align_output_is_named_and_unpacks():
     paths, scores = out  # torchaudio's (alignments, scores)
     assert type(out).__name__ == "ForcedAlignOutput" and out._fields == ("alignments", "scores")
     assert out.alignments is paths and out.scores is scores
+
+
+def test_nll_weight_names_are_peers_names():
+    """alpha (TRL's cpo_alpha / rpo_alpha, Liger's alpha) and compute_nll_loss (Liger's); the old keywords warn."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 3, 8, generator=g), torch.randn(11, 8, generator=g)
+    y = torch.randint(0, 11, (4, 3), generator=g)
+    _old_and_new(
+        lambda: alignops.fused_linear_preference_loss(h, w, y, nll_weight=0.5),
+        lambda: alignops.fused_linear_preference_loss(h, w, y, alpha=0.5),
+        "nll_weight= is deprecated",
+    )
+    old = alignops.nn.FusedLinearPreferenceLoss
+    _old_and_new(lambda: old(nll_weight=0.5)(w, h, y), lambda: old(alpha=0.5)(w, h, y), "nll_weight= is deprecated")
+    pc, pr = -torch.rand(5, generator=g) - 0.1, -torch.rand(5, generator=g) - 0.1
+    orpo = alignops.objectives.orpo_loss
+    _old_and_new(
+        lambda: orpo(pc, pr, torch.rand(5, generator=g), compute_nll=False),
+        lambda: orpo(pc, pr, torch.rand(5, generator=g), compute_nll_loss=False),
+        "compute_nll= is deprecated",
+    )
 
 
 def test_sinkhorn_distance_eps_positional_is_deprecated():

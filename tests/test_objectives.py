@@ -79,7 +79,7 @@ def test_orpo_matches_liger_preference_loss_fn():
     a, b = -torch.rand(B) * 3, -torch.rand(B) * 3  # Liger takes per-token mean log-probs
     target = torch.zeros(2 * B, 4)  # Liger divides by full_target.shape[0] // 2 pairs
     loss, cr, rr, lor, loc = orpo.LigerFusedLinearORPOFunction.preference_loss_fn(a, b, target, beta=0.3)
-    out = obj.orpo_loss(a, b, beta=0.3, compute_nll=False)
+    out = obj.orpo_loss(a, b, beta=0.3, compute_nll_loss=False)
     torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.chosen_rewards, cr)
     torch.testing.assert_close(out.rejected_rewards, rr)

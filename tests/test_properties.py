@@ -780,7 +780,7 @@ def test_orpo_loss_matches_reference(B, beta, lengths, dtype, scale, seed):
     nc = torch.randint(1, 30, (B,), generator=gen(seed + 2)) if lengths else None
     nr = torch.randint(1, 30, (B,), generator=gen(seed + 3)) if lengths else None
     got = alignops.orpo_loss(
-        pc, pr, beta=beta, chosen_lengths=nc, rejected_lengths=nr, compute_nll=False, reduction="none"
+        pc, pr, beta=beta, chosen_lengths=nc, rejected_lengths=nr, compute_nll_loss=False, reduction="none"
     )
     exp = ref_obj.orpo_loss(pc.double(), pr.double(), beta, nc, nr)
     close(got.log_odds_chosen, exp[2], dtype, 10 * scale)

@@ -96,7 +96,7 @@ CASES: dict[str, Case] = {
         lambda: [rn(4, 3, 8), rn(11, 8, seed=1), torch.randint(0, 11, (4, 3), generator=g())],
         lambda: dict(ref_chosen_logps=logps(2, 5), ref_rejected_logps=logps(2, 6)),
         meta=1,
-        hyper=("beta", "temperature", "logit_scale", "softcap", "nll_weight"),
+        hyper=("beta", "temperature", "logit_scale", "softcap", "alpha"),
     ),
     # ctc
     "forced_align": case(ctc.forced_align, ctc_inputs, meta=1, hyper=("star_penalty:nan",)),

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from ._api import renamed
 from ._checks import check_finite
 from ._distributed import gathered_weight, refuse_dtensor
 from ._errors import AlignopsError
@@ -119,7 +120,7 @@ def fused_linear_logprobs(
 
 
 class FusedLinearPreferenceOutput(NamedTuple):
-    """``loss`` (reduced as asked; includes ``nll_weight * nll``), per-pair sequence log-probs and rewards."""
+    """``loss`` (reduced as asked; includes ``alpha * nll``), per-pair sequence log-probs and rewards."""
 
     loss: torch.Tensor
     chosen_logps: torch.Tensor
@@ -224,6 +225,7 @@ def _segment_ids(index: torch.Tensor, name: str, S: int | None, check_values: bo
     return index.long()
 
 
+@renamed(nll_weight="alpha")
 def fused_linear_preference_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -241,7 +243,7 @@ def fused_linear_preference_loss(
     rejected_index: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
     average_log_prob: bool = False,
-    nll_weight: float = 0.0,
+    alpha: float = 0.0,
     loss_type: str | list[str] = "sigmoid",
     beta: float | torch.Tensor = 0.1,
     label_smoothing: float = 0.0,
@@ -270,13 +272,14 @@ def fused_linear_preference_loss(
     (SimPO, CPO). The same hidden states and weights give a log-ratio of exactly 0 (the kernel is
     deterministic). ``token_weights`` (layout of ``targets``) weights each token inside the sums
     (Mask-DPO). ``average_log_prob`` divides the sums by the token counts (SimPO / ORPO convention).
-    ``nll_weight > 0`` adds ``nll_weight * NLL`` of the chosen tokens (CPO, RPO). Length-normalised loss
+    ``alpha > 0`` adds ``alpha * NLL`` of the chosen tokens (CPO, RPO: TRL's ``cpo_alpha`` / ``rpo_alpha``, Liger's
+    ``alpha``; ``nll_weight=`` is its deprecated alias). Length-normalised loss
     types (ipo, sigmoid_norm, simpo) receive the token counts. Remaining keyword arguments go to
     :func:`alignops.preference_loss` (``loss_weights``, ``f_divergence_type``, ``gamma``, ...).
 
     Extra memory: one [K, Vt] logits tile per call, independent of T and V (the per-token and
     per-sequence vectors aside). Raises ValueError for layouts that do not fit together, for segment ids
-    that are not integers or lie outside [0, S) and for a non-finite ``nll_weight``.
+    that are not integers or lie outside [0, S) and for a non-finite ``alpha``.
     ``check_values=False`` skips the checks that read tensor values on the device (targets in range,
     ``cu_seqlens``, the segment ids' range), so the call neither syncs nor breaks CUDA-graph capture (see
     :func:`fused_linear_logprobs`). DTensor weights and biases (FSDP2): gathered once for the policy and the
@@ -285,7 +288,7 @@ def fused_linear_preference_loss(
     refuse_dtensor("fused_linear_preference_loss", hidden=hidden, ref_hidden=ref_hidden, targets=targets)
     weight, bias = gathered_weight(weight, "weight"), gathered_weight(bias, "bias")
     ref_weight, ref_bias = gathered_weight(ref_weight, "ref_weight"), gathered_weight(ref_bias, "ref_bias")
-    check_finite(nll_weight, "nll_weight")
+    check_finite(alpha, "alpha")
     if hidden.dim() == 3:
         if hidden.shape[0] % 2:
             raise AlignopsError(
@@ -368,7 +371,7 @@ def fused_linear_preference_loss(
         **loss_options,
     )
     nll = -pc.sum() / nc.sum().clamp(min=1) if not average_log_prob else -(pc * nc).sum() / nc.sum().clamp(min=1)
-    loss = out.loss + nll_weight * nll if nll_weight else out.loss
+    loss = out.loss + alpha * nll if alpha else out.loss
     return FusedLinearPreferenceOutput(
         loss, pc.detach(), pr.detach(), out.chosen_rewards, out.rejected_rewards, nll.detach()
     )

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._api import renamed
 from ._checks import check_finite
 from ._errors import AlignopsError
 from .preference import PreferenceLossOutput, preference_loss
@@ -108,6 +109,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     :func:`alignops.preference_loss` type; see :func:`alignops.fused_linear_preference_loss`.
     """
 
+    @renamed(nll_weight="alpha")
     def __init__(
         self,
         loss_type: str | list[str] = "sigmoid",
@@ -115,13 +117,13 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
         average_log_prob: bool = False,
-        nll_weight: float = 0.0,
+        alpha: float = 0.0,
         use_ref_model: bool = True,
         **options,
     ):
         super().__init__()
         self.loss_type, self.beta, self.ignore_index = loss_type, beta, ignore_index
-        self.label_smoothing, self.average_log_prob, self.nll_weight = label_smoothing, average_log_prob, nll_weight
+        self.label_smoothing, self.average_log_prob, self.alpha = label_smoothing, average_log_prob, alpha
         self.use_ref_model = use_ref_model
         self.options = options
         # Fail at construction, not at the first batch: one call on a 2-token problem checks every argument.
@@ -139,7 +141,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             label_smoothing=label_smoothing,
             ignore_index=ignore_index,
             average_log_prob=average_log_prob,
-            nll_weight=nll_weight,
+            alpha=alpha,
             **options,
         )
 
@@ -160,7 +162,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             label_smoothing=self.label_smoothing,
             ignore_index=self.ignore_index,
             average_log_prob=self.average_log_prob,
-            nll_weight=self.nll_weight,
+            alpha=self.alpha,
             **{**self.options, **per_batch},
         )
 

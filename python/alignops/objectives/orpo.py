@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._api import renamed
 from .._errors import AlignopsError
 from ._common import (
     _acc_dtype,
@@ -62,6 +63,7 @@ class ORPOLossOutput(NamedTuple):
     accuracy = property(_accuracy)
 
 
+@renamed(compute_nll="compute_nll_loss")
 def orpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -70,7 +72,7 @@ def orpo_loss(
     beta: float = 0.1,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
-    compute_nll: bool = True,
+    compute_nll_loss: bool = True,
     reduction: str = "mean",
 ) -> ORPOLossOutput:
     r"""ORPO (Hong et al. 2024): NLL on the chosen response plus ``beta`` times the odds-ratio loss.
@@ -90,7 +92,8 @@ def orpo_loss(
     ``chosen_nll``: ``None`` derives the NLL from ``policy_chosen_logps``: with ``chosen_lengths``,
     ``nll_i = -pc_i / mean(nc)``, so that its batch mean is the token-mean cross-entropy over all chosen
     tokens (TRL's and Liger's ``CrossEntropyLoss``); without lengths ``nll_i = -a_i``. A [B] tensor is
-    a per-pair NLL, a 0-d tensor a batch-level one (added to every pair). ``compute_nll=False`` drops it.
+    a per-pair NLL, a 0-d tensor a batch-level one (added to every pair).
+    ``compute_nll_loss=False`` (Liger's name; ``compute_nll=`` is its deprecated alias) drops it.
 
     Gradients flow to the log-probs (and a given ``chosen_nll``). Raises ValueError for bad shapes,
     dtypes, devices, ``beta <= 0`` and (CPU) mean log-probs > 0.
@@ -112,7 +115,7 @@ def orpo_loss(
     log_odds = (a - b) - (log1mexp(a) - log1mexp(b))
     ratio = F.logsigmoid(log_odds)
     per_pair = -beta * ratio
-    if compute_nll:
+    if compute_nll_loss:
         nll = _nll_term(chosen_nll, pc, chosen_lengths, "chosen_nll")
     else:
         nll = torch.zeros_like(per_pair)
