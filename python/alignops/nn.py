@@ -307,7 +307,7 @@ class FusedLinearORPOLoss(torch.nn.Module):
             beta=self.beta,
             chosen_lengths=seq.num_tokens[:B],
             rejected_lengths=seq.num_tokens[B:],
-            compute_nll=self.compute_nll_loss,
+            compute_nll_loss=self.compute_nll_loss,
         )
         mean = seq.sum / seq.num_tokens.clamp(min=1)
         chosen_mean, rejected_mean = _logits_means(_input, lin_weight, bias, B)
