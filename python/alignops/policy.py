@@ -24,7 +24,6 @@ from .reference import policy as _ref
 LOSS_TYPES = tuple(map(lower_name, PolicyLossType))
 IMPORTANCE_SAMPLING_LEVELS = tuple(map(lower_name, ImportanceSamplingLevel))
 _REDUCTIONS = ("mean", "sum", "none")
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
@@ -44,24 +43,6 @@ class PolicyLossOutput(NamedTuple):
 def _check_tensor(t, name):
     if not isinstance(t, torch.Tensor):
         raise AlignopsError(f"{name} must be a tensor, got {type(t).__name__}")
-
-
-def _check_row_or_token(t, name, B, T, device):
-    _check_tensor(t, name)
-    if tuple(t.shape) not in ((B,), (B, 1), (B, T)):
-        raise AlignopsError(f"{name} must have shape [B], [B, 1] or [B, T] = [{B}, {T}], got {list(t.shape)}")
-    if not t.is_floating_point():
-        raise AlignopsError(f"{name} must be a float tensor, got {t.dtype}")
-    if t.device != device:
-        raise AlignopsError(f"{name} must be on the device of per_token_logps ({device}), got {t.device}")
-
-
-def _check_like(t, name, like):
-    _check_tensor(t, name)
-    if t.shape != like.shape:
-        raise AlignopsError(f"{name} must have the shape of per_token_logps {list(like.shape)}, got {list(t.shape)}")
-    if t.device != like.device:
-        raise AlignopsError(f"{name} must be on the device of per_token_logps ({like.device}), got {t.device}")
 
 
 def policy_loss(
@@ -137,29 +118,24 @@ def policy_loss(
     loss_type / importance_sampling_level / reduction, non-finite hyper-parameters, and beta != 0 without
     ref_per_token_logps.
     """
-    _check_tensor(per_token_logps, "per_token_logps")
-    if per_token_logps.dim() != 2:
-        raise AlignopsError(
-            f"per_token_logps must be a 2-D tensor of shape [B, T], got shape {list(per_token_logps.shape)}"
-        )
-    if per_token_logps.dtype not in _FLOATS:
-        raise AlignopsError(
-            f"per_token_logps must be float32, float64, float16 or bfloat16, got {per_token_logps.dtype}"
-        )
-    B, T = per_token_logps.shape
-    device = per_token_logps.device
-    _check_row_or_token(advantages, "advantages", B, T, device)
-    _check_like(completion_mask, "completion_mask", per_token_logps)
-    for name, t in (
-        ("old_per_token_logps", old_per_token_logps),
-        ("ref_per_token_logps", ref_per_token_logps),
-        ("sampling_per_token_logps", sampling_per_token_logps),
-        ("entropy_mask", entropy_mask),
-    ):
-        if t is not None:
-            _check_like(t, name, per_token_logps)
-    if importance_sampling_ratio is not None:
-        _check_row_or_token(importance_sampling_ratio, "importance_sampling_ratio", B, T, device)
+    tensors = {
+        "per_token_logps": per_token_logps,
+        "advantages": advantages,
+        "completion_mask": completion_mask,
+        "old_per_token_logps": old_per_token_logps,
+        "ref_per_token_logps": ref_per_token_logps,
+        "importance_sampling_ratio": importance_sampling_ratio,
+        "sampling_per_token_logps": sampling_per_token_logps,
+        "entropy_mask": entropy_mask,
+    }
+    for name, t in tensors.items():
+        if t is not None or name in ("per_token_logps", "advantages", "completion_mask"):
+            _check_tensor(t, name)
+    # Any float dtype is accepted here (the op takes them in the accumulation dtype); shapes, devices and the
+    # rest are the op's own checks, run below on the converted arguments.
+    for name in ("advantages", "importance_sampling_ratio"):
+        if tensors[name] is not None and not tensors[name].is_floating_point():
+            raise AlignopsError(f"{name} must be a float tensor, got {tensors[name].dtype}")
     if loss_type not in LOSS_TYPES:
         raise AlignopsError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
@@ -174,8 +150,6 @@ def policy_loss(
     if delta is not None:
         check_finite(delta, "delta")
     check_finite(beta, "beta")
-    if beta != 0.0 and ref_per_token_logps is None:
-        raise AlignopsError("ref_per_token_logps is required when beta != 0 (the KL term needs it)")
     check_positive(sapo_temperature_pos, "sapo_temperature_pos")
     check_positive(sapo_temperature_neg, "sapo_temperature_neg")
     for name, x in (
@@ -203,18 +177,14 @@ def policy_loss(
         if math.isnan(num_items_in_batch):
             raise AlignopsError(f"num_items_in_batch must not be NaN, got {num_items_in_batch!r}")
 
-    impl = _backend.resolve(backend, device, "policy_loss", native_cuda=False)
     acc = torch.float64 if per_token_logps.dtype == torch.float64 else torch.float32
-    if impl == "torch":
-        return _torch_backend(per_token_logps, advantages, completion_mask, acc, locals())
 
     def aux(t):
         return None if t is None else t.detach().to(acc)
 
     mask = completion_mask if completion_mask.dtype == torch.bool else completion_mask.to(acc)
-    op = torch.ops.alignops.policy_loss if impl == "native" else torch.ops.alignops.policy_loss_triton
     compute_grad = torch.is_grad_enabled() and per_token_logps.requires_grad
-    loss_sum, _grad, row_stats = op(
+    args = (
         per_token_logps,
         aux(advantages),
         mask,
@@ -239,6 +209,13 @@ def policy_loss(
         float(vespo_lambda_neg),
         compute_grad,
     )
+    run_checks("alignops::policy_loss", *args)  # csrc/policy/policy_loss_cpu.cpp, whichever backend runs
+    B, T = per_token_logps.shape
+    impl = _backend.resolve(backend, per_token_logps.device, "policy_loss", native_cuda=False)
+    if impl == "torch":
+        return _torch_backend(per_token_logps, advantages, completion_mask, acc, locals())
+    op = torch.ops.alignops.policy_loss if impl == "native" else torch.ops.alignops.policy_loss_triton
+    loss_sum, _grad, row_stats = op(*args)
 
     n_tokens = row_stats[:, _ops.MASK_COUNT].detach().sum()  # a count: no gradient to route back
     if reduction == "none":
