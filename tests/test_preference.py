@@ -457,7 +457,9 @@ def test_bad_input_messages(backend):
     def call(*args, **kw):
         return alignops.preference_loss(*args, backend=backend, **kw)
 
-    with pytest.raises(ValueError, match=r"policy_rejected_logps must have the shape of policy_chosen_logps \(8,\)"):
+    with pytest.raises(
+        ValueError, match=r"policy_rejected_logps must have the shape of policy_chosen_logps \[8\], got \[5\]"
+    ):
         call(pc, pr[:5], rc, rr)
     with pytest.raises(ValueError, match=r"policy_chosen_logps must be a 1-D tensor of shape \[B\]"):
         call(pc.view(2, 4), pr.view(2, 4))
@@ -489,7 +491,7 @@ def test_bad_input_messages(backend):
         call(pc, pr, rc, rr, reduction="avg")
     with pytest.raises(ValueError, match="a per-pair beta tensor is not defined for aot"):
         call(pc, pr, rc, rr, loss_type="aot", beta=torch.full((8,), 0.1))
-    with pytest.raises(ValueError, match=r"chosen_lengths must have shape \[B\]"):
+    with pytest.raises(ValueError, match=r"chosen_lengths must have the shape of policy_chosen_logps \[8\], got \[3\]"):
         call(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(8))
     with pytest.raises(ValueError, match="backend must be one of"):
         alignops.preference_loss(pc, pr, backend="cuda")

@@ -55,22 +55,9 @@ class PreferenceLossOutput(NamedTuple):
         return (self.chosen_rewards > self.rejected_rewards).to(self.chosen_rewards.dtype)
 
 
-def _check_logps(name: str, t: torch.Tensor, like: torch.Tensor | None) -> None:
+def _check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dim() != 1:
-        raise AlignopsError(f"{name} must be a 1-D tensor of shape [B], got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-    if like is not None:
-        if t.shape != like.shape:
-            raise AlignopsError(
-                f"{name} must have the shape of policy_chosen_logps {tuple(like.shape)}, got {tuple(t.shape)}"
-            )
-        if t.dtype != like.dtype:
-            raise AlignopsError(f"{name} must have the dtype of policy_chosen_logps ({like.dtype}), got {t.dtype}")
-        if t.device != like.device:
-            raise AlignopsError(f"{name} must be on the device of policy_chosen_logps ({like.device}), got {t.device}")
 
 
 def _check_loss_args(
@@ -100,10 +87,6 @@ def _check_loss_args(
         if not math.isfinite(w):
             raise AlignopsError(f"loss_weights must be finite, got loss_weights[{i}] = {w}")
     if isinstance(beta, torch.Tensor):
-        if beta.shape != pc.shape:
-            raise AlignopsError(f"beta as a tensor must be per pair, shape {tuple(pc.shape)}, got {tuple(beta.shape)}")
-        if beta.device != pc.device:
-            raise AlignopsError(f"beta must be on the device of policy_chosen_logps ({pc.device}), got {beta.device}")
         # Values are checked where that costs no device sync.
         if beta.device.type == "cpu" and not torch.compiler.is_compiling():
             bad = ~((beta > 0) & beta.isfinite())
@@ -140,14 +123,6 @@ def _check_loss_args(
     check_finite(gamma, "gamma")
     if reduction not in _REDUCTIONS:
         raise AlignopsError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
-        if lengths is not None:
-            if lengths.shape != pc.shape:
-                raise AlignopsError(f"{name} must have shape [B] = {tuple(pc.shape)}, got {tuple(lengths.shape)}")
-            if lengths.device != pc.device:
-                raise AlignopsError(
-                    f"{name} must be on the device of policy_chosen_logps ({pc.device}), got {lengths.device}"
-                )
     if _NEEDS_LENGTHS & set(types) and (chosen_lengths is None or rejected_lengths is None):
         raise AlignopsError(
             f"loss_type {sorted(_NEEDS_LENGTHS & set(types))[0]!r} normalises by completion length: "
@@ -239,13 +214,36 @@ def preference_loss(
     ``beta <= 0``, a non-finite ``gamma`` or ``f_alpha_divergence_coef``, ``label_smoothing`` outside its
     range for the chosen types, and missing lengths.
     """
-    _check_logps("policy_chosen_logps", policy_chosen_logps, None)
-    pc = policy_chosen_logps
-    _check_logps("policy_rejected_logps", policy_rejected_logps, pc)
-    if ref_chosen_logps is not None:
-        _check_logps("ref_chosen_logps", ref_chosen_logps, pc)
-    if ref_rejected_logps is not None:
-        _check_logps("ref_rejected_logps", ref_rejected_logps, pc)
+    for name, x in (("policy_chosen_logps", policy_chosen_logps), ("policy_rejected_logps", policy_rejected_logps)):
+        _check_tensor(name, x)
+    for name, x in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if x is not None:
+            _check_tensor(name, x)
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    # Shapes, dtypes and devices are the op's own checks (csrc/preference/preference_loss_common.h), whichever
+    # backend runs; absent reference log-probs are zeros, as the op takes them.
+    rc = torch.zeros_like(pc) if ref_chosen_logps is None else ref_chosen_logps
+    rr = torch.zeros_like(pc) if ref_rejected_logps is None else ref_rejected_logps
+    beta_t = beta if isinstance(beta, torch.Tensor) else None
+    run_checks(
+        "alignops::preference_loss",
+        pc,
+        pr,
+        rc,
+        rr,
+        beta_t,
+        chosen_lengths,
+        rejected_lengths,
+        [],
+        [],
+        0.0,
+        0.0,
+        0.0,
+        1.0,
+        0,
+        0.5,
+        False,
+    )
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
     _check_loss_args(
@@ -285,11 +283,7 @@ def preference_loss(
         return PreferenceLossOutput(loss, cr, rj)
 
     op = torch.ops.alignops.preference_loss if impl == "native" else torch.ops.alignops.preference_loss_triton
-    pr = policy_rejected_logps
-    rc = torch.zeros_like(pc) if ref_chosen_logps is None else ref_chosen_logps
-    rr = torch.zeros_like(pc) if ref_rejected_logps is None else ref_rejected_logps
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (pc, pr, rc, rr))
-    beta_t = beta if isinstance(beta, torch.Tensor) else None
     beta_v = 0.0 if beta_t is not None else float(beta)
     fdiv = int(_F_DIVERGENCE_CODES[f_divergence_type])
     common = (label_smoothing, gamma, discopop_tau, fdiv, f_alpha_divergence_coef, compute_grad)
