@@ -56,14 +56,29 @@ void encode(const at::Tensor& a, const at::Tensor& b, int64_t C, code_t* codes) 
   });
 }
 
-void check_labels(const at::Tensor& t, int64_t C, const char* name) {
-  if (t.numel() == 0) {
+// Labels in [0, num_classes), as the op alignops::bootstrap_confusion_check_values: the CPU kernel calls it, and the
+// public function before the Triton kernel or the reference. ATen reductions and one host read for both tensors,
+// so it serves any device.
+void check_label_values(const at::Tensor& a, const at::Tensor& b, int64_t C) {
+  std::vector<at::Tensor> ranges;
+  std::vector<const char*> names;
+  for (const auto& [t, name] : {std::pair{&a, "a"}, std::pair{&b, "b"}}) {
+    if (t->numel() > 0) {
+      const auto [lo, hi] = at::aminmax(*t);
+      ranges.push_back(at::stack({lo, hi}).to(at::kLong));
+      names.push_back(name);
+    }
+  }
+  if (ranges.empty()) {
     return;
   }
-  const auto [lo, hi] = at::aminmax(t);
-  const int64_t l = lo.item<int64_t>(), h = hi.item<int64_t>();
-  TORCH_CHECK_VALUE(l >= 0 && h < C, name, " must hold class labels in [0, num_classes) = [0, ", C,
-                    "), got values in [", l, ", ", h, "]");
+  const auto values = at::stack(ranges).cpu();
+  const int64_t* v = values.const_data_ptr<int64_t>();
+  for (size_t i = 0; i < names.size(); ++i) {
+    const int64_t l = v[2 * i], h = v[2 * i + 1];
+    TORCH_CHECK_VALUE(l >= 0 && h < C, names[i], " must hold class labels in [0, num_classes) = [0, ", C,
+                      "), got values in [", l, ", ", h, "]");
+  }
 }
 
 template <typename code_t, typename w_t>
@@ -134,7 +149,7 @@ void accumulate(const std::vector<code_t>& codes, int64_t P, int64_t N, int64_t 
 }
 
 // The op's checks (also its op alignops::bootstrap_confusion_check, which the Triton twin calls); the labels'
-// range is read by the CPU kernel only (check_labels).
+// range is read by check_label_values (the CPU kernel; the op bootstrap_confusion_check_values elsewhere).
 void check_args(const at::Tensor& a, const at::Tensor& b, int64_t num_classes, int64_t num_resamples,
                 int64_t /*seed*/) {
   check_dim(a, 2, "a", "[P, N]");
@@ -162,8 +177,7 @@ at::Tensor bootstrap_confusion_cpu(const at::Tensor& a, const at::Tensor& b, int
     return out;
   }
   const auto ac = a.to(at::kLong).contiguous(), bc = b.to(at::kLong).contiguous();
-  check_labels(ac, C, "a");
-  check_labels(bc, C, "b");
+  check_label_values(ac, bc, C);
   const uint32_t state = hash::key_state(hash::kSaltBootstrap, seed);
   int32_t* op = out.mutable_data_ptr<int32_t>();
   if (CC <= 16 && N < (int64_t(1) << 16)) {
@@ -187,10 +201,15 @@ TORCH_LIBRARY_FRAGMENT(alignops, m) {
   // the full sample, r >= 1 the resample drawing items bounded(combine(combine(key_state(seed), r), j), N),
   // j < N (csrc/common/counter_hash.h), identical on every backend.
   def_checked(m, "bootstrap_confusion(Tensor a, Tensor b, int num_classes, int num_resamples, int seed) -> Tensor");
+  // The labels' range (reads them: on any device, one host read).
+  m.def("bootstrap_confusion_check_values(Tensor a, Tensor b, int num_classes) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("bootstrap_confusion", &bootstrap_confusion_cpu); }
 
-TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) { m.impl("bootstrap_confusion_check", &check_args); }
+TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
+  m.impl("bootstrap_confusion_check", &check_args);
+  m.impl("bootstrap_confusion_check_values", &check_label_values);
+}
 
 }  // namespace alignops::metrics

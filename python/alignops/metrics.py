@@ -29,6 +29,7 @@ from . import _backend
 from ._api import keyword_only
 from ._checks import check_finite, check_has_values, check_int64, check_not_nan, check_same_device, values_checkable
 from ._errors import AlignopsError
+from .ops._registration import run_value_checks
 from .reference import metrics as _ref
 
 _WEIGHTS = (None, "linear", "quadratic")
@@ -119,17 +120,6 @@ def _resampled(tensors: list[torch.Tensor], n_bootstrap: int, seed: int) -> list
 # ---- agreement between raters ----------------------------------------------------------------------
 
 
-def _check_labels(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> None:
-    """Labels in [0, num_classes), the native op's check and message (one host sync for both tensors)."""
-    ranges = [torch.stack(torch.aminmax(t)) for t in (a, b) if t.numel()]
-    values = torch.stack(ranges).tolist() if ranges else []
-    for name, (lo, hi) in zip([name for name, t in (("a", a), ("b", b)) if t.numel()], values):
-        if lo < 0 or hi >= num_classes:
-            raise AlignopsError(
-                f"{name} must hold class labels in [0, num_classes) = [0, {num_classes}), got values in [{lo}, {hi}]"
-            )
-
-
 def confusion_matrices(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -186,7 +176,7 @@ def confusion_matrices(
         num_classes = int(max(int(a2.max()) if a2.numel() else 0, int(b2.max()) if b2.numel() else 0)) + 1
     impl = _backend.resolve(backend, a.device, "confusion_matrices", native_cuda=False)
     if impl != "native" and check_values:
-        _check_labels(a2, b2, num_classes)
+        run_value_checks("alignops::bootstrap_confusion", a2, b2, int(num_classes))
     if impl == "torch":
         out = _ref.bootstrap_confusion(a2, b2, num_classes, n_bootstrap, seed)
     else:
