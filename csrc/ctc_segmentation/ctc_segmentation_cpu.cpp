@@ -396,16 +396,31 @@ void check_flags(int64_t flags) {
                     "2: preamble_transition_cost_zero), got ", flags);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_cpu(
-    const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth, const at::Tensor& gt_lengths,
-    int64_t blank, int64_t min_window_size, int64_t max_window_size, int64_t flags, bool backtrack_from_max_t,
-    int64_t block_columns) {
-  const Batch b = check_batch(lpz, lpz_lengths, ground_truth, gt_lengths, blank);
+void check_options(int64_t min_window_size, int64_t max_window_size, int64_t flags, int64_t block_columns) {
   check_flags(flags);
   TORCH_CHECK_VALUE(min_window_size >= 1, "min_window_size must be >= 1, got ", min_window_size);
   TORCH_CHECK_VALUE(max_window_size >= 1, "max_window_size must be >= 1, got ", max_window_size);
   TORCH_CHECK_VALUE(block_columns >= -1, "block_columns must be -1 (auto), 0 (whole table) or > 0, got ",
                     block_columns);
+}
+
+// Every check of ctc_segmentation, values included (the op reads its inputs on the CPU anyway), as the op
+// alignops::ctc_segmentation_check_values: the reference backend (alignops.ctc_segmentation, backend="torch") runs
+// it, so both backends refuse the same inputs with the same messages.
+void ctc_segmentation_check_values(const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth,
+                                   const at::Tensor& gt_lengths, int64_t blank, int64_t min_window_size,
+                                   int64_t max_window_size, int64_t flags, bool /*backtrack_from_max_t*/,
+                                   int64_t block_columns) {
+  check_batch(lpz, lpz_lengths, ground_truth, gt_lengths, blank);
+  check_options(min_window_size, max_window_size, flags, block_columns);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_segmentation_cpu(
+    const at::Tensor& lpz, const at::Tensor& lpz_lengths, const at::Tensor& ground_truth, const at::Tensor& gt_lengths,
+    int64_t blank, int64_t min_window_size, int64_t max_window_size, int64_t flags, bool backtrack_from_max_t,
+    int64_t block_columns) {
+  const Batch b = check_batch(lpz, lpz_lengths, ground_truth, gt_lengths, blank);
+  check_options(min_window_size, max_window_size, flags, block_columns);
   auto timings = at::empty({b.B, b.C}, lpz.options().dtype(at::kLong));
   auto char_probs = at::empty({b.B, b.T}, lpz.options().dtype(at::kDouble));
   auto states = at::empty({b.B, b.T}, lpz.options().dtype(at::kLong));
@@ -637,6 +652,11 @@ TORCH_LIBRARY_FRAGMENT(alignops, m) {
   // previous_table [B, C, T'] (a table this op returned for the same ground truth on the first
   // previous_lengths [B] frames of lpz) is extended by the new rows only. Returns (timings [B, E, C],
   // char_probs [B, E, T], states [B, E, T], ok [B, E] bool, table [B, C, T] fp32 or [0, C, T]).
+  // ctc_segmentation's checks, values included (CPU tensors): the reference backend runs them.
+  m.def(
+      "ctc_segmentation_check_values(Tensor lpz, Tensor lpz_lengths, Tensor ground_truth, Tensor gt_lengths, "
+      "int blank, int min_window_size, int max_window_size, int flags, bool backtrack_from_max_t, int block_columns) "
+      "-> ()");
   m.def(
       "ctc_segmentation_prefixes(Tensor lpz, Tensor lpz_lengths, Tensor ground_truth, Tensor gt_lengths, "
       "Tensor end_columns, int blank, int flags, bool backtrack_from_max_t, Tensor? previous_table, "
@@ -655,6 +675,7 @@ TORCH_LIBRARY_IMPL(alignops, CPU, m) {
 
 TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
   m.impl("ctc_segmentation_utterance_score_check", &check_utterance_score);
+  m.impl("ctc_segmentation_check_values", &ctc_segmentation_check_values);
 }
 
 }  // namespace alignops::ctc_segmentation

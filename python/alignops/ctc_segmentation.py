@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from typing import IO
 
@@ -27,6 +26,7 @@ from . import _backend
 from ._api import keyword_only
 from ._codes import CtcSegmentationFlag
 from ._errors import AlignopsError
+from .ops._registration import run_value_checks
 from .reference import ctc_segmentation as _ref
 
 __all__ = [
@@ -192,43 +192,26 @@ def ctc_segmentation(
             block_columns,
         )
         return CtcSegmentationOutput(*out)
+    # The native op's checks, values included (csrc/ctc_segmentation/ctc_segmentation_cpu.cpp), for the reference.
+    run_value_checks(
+        "alignops::ctc_segmentation",
+        lpz,
+        lpz_lengths,
+        ground_truth,
+        gt_lengths,
+        blank,
+        min_window_size,
+        max_window_size,
+        flags,
+        backtrack_from_max_t,
+        block_columns,
+    )
     return _reference_batch(
         lpz, ground_truth, lpz_lengths, gt_lengths, blank, min_window_size, max_window_size, flags, backtrack_from_max_t
     )
 
 
-def _check_reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank):
-    """The native op's argument checks (csrc/ctc_segmentation), for backend='torch'."""
-    if lpz.dtype not in (torch.float32, torch.float64):
-        raise AlignopsError(f"lpz must be float32 or float64, got {lpz.dtype}")
-    if gt.dtype != torch.int64 or gt.shape[0] != lpz.shape[0]:
-        raise AlignopsError(
-            f"ground_truth must be int64 with B = {lpz.shape[0]} problems, got {gt.dtype} {tuple(gt.shape)}"
-        )
-    V = lpz.shape[2]
-    if not 0 <= blank < V:
-        raise AlignopsError(f"blank must be in [0, V) = [0, {V}), got {blank}")
-    for b in range(lpz.shape[0]):
-        tl, cl = int(lpz_lengths[b]), int(gt_lengths[b])
-        if not (1 <= tl <= lpz.shape[1] and 2 <= cl <= gt.shape[1]):
-            raise AlignopsError(f"lpz_lengths[{b}] must be in [1, T] and gt_lengths[{b}] in [2, C], got {tl}, {cl}")
-        if cl > tl:
-            raise AlignopsError(
-                f"problem {b}: audio is shorter than text ({cl} ground-truth positions for {tl} frames)"
-            )
-        g = gt[b, :cl]
-        s = torch.arange(g.shape[1])
-        if bool(((g < -1) | (g >= V)).any()) or bool(((g != -1) & (s[None] >= torch.arange(cl)[:, None])).any()):
-            raise AlignopsError(
-                f"ground_truth[{b}] must be -1 or a token in [0, {V}), and -1 where a span of s + 1 "
-                "symbols would reach row 0 (the start-of-ground-truth marker)"
-            )
-        if bool(torch.isnan(lpz[b, :tl]).any() or (lpz[b, :tl] == math.inf).any()):
-            raise AlignopsError(f"lpz[{b}] must hold log-probabilities: it has NaN or +inf")
-
-
 def _reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank, min_window_size, max_window_size, flags, from_max_t):
-    _check_reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank)
     B, T, C = lpz.shape[0], lpz.shape[1], gt.shape[1]
     timings = torch.zeros(B, C, dtype=torch.int64)
     char_probs = torch.zeros(B, T, dtype=torch.float64)
