@@ -18,6 +18,7 @@ from ._api import renamed
 from ._checks import check_finite
 from ._distributed import gathered_weight, refuse_dtensor
 from ._errors import AlignopsError
+from .ops._registration import run_checks
 from .preference import (
     PreferenceLossOutput,
     SequenceLogprobs,
@@ -74,16 +75,11 @@ def fused_linear_logprobs(
     """
     refuse_dtensor("fused_linear_logprobs", hidden=hidden, targets=targets)
     weight, bias = gathered_weight(weight, "weight"), gathered_weight(bias, "bias")
-    if hidden.dim() != 2:
-        raise AlignopsError(f"hidden must be a 2-D tensor of shape [N, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise AlignopsError(
-            f"weight must have shape [V, H] with H = {hidden.shape[1]} (hidden's last dimension), "
-            f"got {tuple(weight.shape)}"
-        )
     if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
         # softcap = inf would compute inf * tanh(z / inf) = inf * 0 = NaN; None is the way to say "no softcap"
         raise AlignopsError(f"softcap must be > 0 and finite (or None for no softcap), got {softcap}")
+    args = (hidden, weight, targets, bias, ignore_index, float(temperature), float(logit_scale), float(softcap or 0.0))
+    run_checks("alignops::fused_linear_logprobs", *args, return_entropy)  # the op's own, whichever backend runs
     impl = _backend.resolve(backend, hidden.device, "fused_linear_logprobs", native_cuda=False)
     if impl == "torch":
         out = _ref.fused_linear_logprobs(
@@ -105,17 +101,7 @@ def fused_linear_logprobs(
         if impl == "native"
         else torch.ops.alignops.fused_linear_logprobs_triton
     )
-    logp, _, entropy = op(
-        hidden,
-        weight,
-        targets,
-        bias,
-        ignore_index,
-        float(temperature),
-        float(logit_scale),
-        float(softcap or 0.0),
-        return_entropy,
-    )
+    logp, _, entropy = op(*args, return_entropy)
     return FusedLinearLogprobs(logp, entropy if return_entropy else None)
 
 
