@@ -511,15 +511,15 @@ def _fp32(x: float) -> float:
 @triton.jit
 def token_entropy_fwd_kernel(
     logits_ptr,  # [N, V] contiguous, any float dtype
-    entropy_ptr,
-    lse_ptr,  # [N] accumulation dtype
+    entropy_ptr,  # [N] accumulation dtype
+    stats_ptr,  # [N, 2] accumulation dtype: the row's max logit m and log s
     V,
     temperature: tl.float64,
     BLOCK_V: tl.constexpr,
 ):
     """One program per row, one pass: per lane a running max m (in the logits' units), s = sum exp(u) and
     w = sum exp(u) u with u = (z - m) / T. A new max m' scales s by r = exp((m - m') / T) and w to r (w + d s),
-    d = (m - m') / T; the lanes are combined the same way. H = log s - w / s, lse = m / T + log s.
+    d = (m - m') / T; the lanes are combined the same way. H = log s - w / s; (m, log s) are kept for the backward.
 
     Where r or exp(u) is 0 (a -inf logit, an underflow, a lane that has seen only padding) the term is 0, never
     0 * -inf. The running max starts at the lowest finite value so that -inf logits never form -inf - -inf."""
@@ -551,45 +551,49 @@ def token_entropy_fwd_kernel(
     w_row = tl.sum(tl.where(r > 0, r * (w + d * s), 0), axis=0)
     log_s = tl.log(s_row)
     tl.store(entropy_ptr + row, log_s - w_row / s_row)
-    tl.store(lse_ptr + row, m_row * inv_t + log_s)
+    tl.store(stats_ptr + 2 * row, m_row)
+    tl.store(stats_ptr + 2 * row + 1, log_s)
 
 
 @triton.jit
 def token_entropy_bwd_kernel(
     grad_ptr,
-    entropy_ptr,
-    lse_ptr,  # [N] accumulation dtype
+    entropy_ptr,  # [N] accumulation dtype
+    stats_ptr,  # [N, 2]: the forward's m and log s
     logits_ptr,  # [N, V] contiguous
     grad_logits_ptr,  # [N, V] logits dtype, written once
     V,
     temperature: tl.float64,
     BLOCK_V: tl.constexpr,
 ):
-    """Grid (rows, vocabulary blocks): d logits = -g / T p (log p + H), log p = z / T - lse, in the accumulation
-    dtype, rounded once to the logits' dtype; 0 where p = 0. Rows with g = 0 write zeros without reading."""
-    ACC = lse_ptr.dtype.element_ty
+    """Grid (rows, vocabulary blocks): d logits = -g / T p (log p + H), log p = (z - m) / T - log s (the forward's
+    difference, never z / T - logsumexp, which cancels on confident rows), in the accumulation dtype, rounded once
+    to the logits' dtype; 0 where p = 0, NaN on the forward's NaN rows. Other rows with g = 0 write zeros unread."""
+    ACC = stats_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = offs < V
     out_ptrs = grad_logits_ptr + row * V + offs
     g = tl.load(grad_ptr + row)
-    if g == 0:
+    h = tl.load(entropy_ptr + row)
+    if (g == 0) & (h == h):
         tl.store(out_ptrs, tl.zeros([BLOCK_V], grad_logits_ptr.dtype.element_ty), mask=mask)
     else:
         inv_t = 1 / tl.full([], temperature, ACC)
         z = tl.load(logits_ptr + row * V + offs, mask=mask, other=0).to(ACC)
-        log_p = z * inv_t - tl.load(lse_ptr + row)
+        log_p = (z - tl.load(stats_ptr + 2 * row)) * inv_t - tl.load(stats_ptr + 2 * row + 1)
         p = tl.exp(log_p)
-        dz = tl.where(p > 0, -g * inv_t * p * (log_p + tl.load(entropy_ptr + row)), 0)
+        dz = tl.where(p > 0, -g * inv_t * p * (log_p + h), 0)
+        dz = tl.where(h != h, float("nan"), dz)
         tl.store(out_ptrs, dz.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_token_entropy_forward(logits, entropy, lse, temperature):
+def launch_token_entropy_forward(logits, entropy, stats, temperature):
     """One program per row of the contiguous [N, V] ``logits``."""
-    launch_rows(token_entropy_fwd_kernel, logits, logits, entropy, lse, logits.shape[1], float(temperature))
+    launch_rows(token_entropy_fwd_kernel, logits, logits, entropy, stats, logits.shape[1], float(temperature))
 
 
-def launch_token_entropy_backward(grad, entropy, lse, logits, grad_logits, temperature):
+def launch_token_entropy_backward(grad, entropy, stats, logits, grad_logits, temperature):
     """A (rows, vocabulary blocks) grid over the contiguous [N, V] ``logits``."""
-    args = (grad, entropy, lse, logits, grad_logits, logits.shape[1], float(temperature))
+    args = (grad, entropy, stats, logits, grad_logits, logits.shape[1], float(temperature))
     launch_rows(token_entropy_bwd_kernel, logits, *args, vocab_blocks=True)

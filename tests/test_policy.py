@@ -756,12 +756,13 @@ def test_token_entropy_empty(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_token_entropy_reads_every_half_and_bfloat16_value_exactly(dtype):
-    """The CPU kernel widens bf16 / fp16 by its own bit moves: on one-entry rows lse = the value itself (exp(0) = 1),
-    so every finite value of the dtype must come back exactly; the entropy of such a row is 0."""
+    """The CPU kernel widens bf16 / fp16 by its own bit moves: on one-entry rows the saved max is the value itself and
+    log s = log exp(0) = 0, so every finite value of the dtype must come back exactly (a misread value would make
+    u = value' - max nonzero); the entropy of such a row is 0."""
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     x = x[torch.isfinite(x)].view(-1, 1)
-    entropy, lse = torch.ops.alignops.token_entropy(x, 1.0)
-    assert torch.equal(lse, x.float().view(-1)) and (entropy == 0).all()
+    entropy, stats = torch.ops.alignops.token_entropy(x, 1.0)
+    assert torch.equal(stats[:, 0], x.float().view(-1)) and (stats[:, 1] == 0).all() and (entropy == 0).all()
 
 
 def test_token_entropy_uniform_is_log_v():
@@ -774,9 +775,9 @@ def test_token_entropy_uniform_is_log_v():
 def test_token_entropy_opcheck_and_gradcheck():
     logits = entropy_logits(4, 13, dtype=torch.float32).requires_grad_()
     torch.library.opcheck(torch.ops.alignops.token_entropy.default, (logits, 0.8))
-    h, lse = torch.ops.alignops.token_entropy(logits.detach(), 0.8)
+    h, stats = torch.ops.alignops.token_entropy(logits.detach(), 0.8)
     torch.library.opcheck(
-        torch.ops.alignops.token_entropy_backward.default, (torch.randn(4), logits.detach(), h, lse, 0.8)
+        torch.ops.alignops.token_entropy_backward.default, (torch.randn(4), logits.detach(), h, stats, 0.8)
     )
     x = entropy_logits(3, 2, 6).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: alignops.policy.token_entropy(t, temperature=0.8), (x,))
@@ -820,15 +821,77 @@ def test_token_entropy_bad_inputs():
 
 def test_token_entropy_backward_op_checks():
     logits = torch.randn(3, 5)
-    h, lse = torch.ops.alignops.token_entropy(logits, 1.0)
+    h, stats = torch.ops.alignops.token_entropy(logits, 1.0)
     with pytest.raises(ValueError, match=r"grad must be torch.float32 for torch.float32 logits, got torch.float64"):
-        torch.ops.alignops.token_entropy_backward(torch.ones(3, dtype=torch.float64), logits, h, lse, 1.0)
-    with pytest.raises(ValueError, match=r"lse must have one entry per row of logits \[N=3\], got 2"):
-        torch.ops.alignops.token_entropy_backward(torch.ones(3), logits, h, lse[:2], 1.0)
+        torch.ops.alignops.token_entropy_backward(torch.ones(3, dtype=torch.float64), logits, h, stats, 1.0)
+    with pytest.raises(ValueError, match=r"stats must have shape \[N, 2\] with N = 3, got \[2, 2\]"):
+        torch.ops.alignops.token_entropy_backward(torch.ones(3), logits, h, stats[:2], 1.0)
     with pytest.raises(ValueError, match=r"entropy must be a 1-D tensor of shape \[N\]"):
-        torch.ops.alignops.token_entropy_backward(torch.ones(3), logits, h.view(3, 1), lse, 1.0)
+        torch.ops.alignops.token_entropy_backward(torch.ones(3), logits, h.view(3, 1), stats, 1.0)
     with pytest.raises(ValueError, match=r"entropy must be on the device of logits \(cpu\), got meta"):
-        torch.ops.alignops.token_entropy_backward_check(torch.ones(3), logits, h.to("meta"), lse, 1.0)
+        torch.ops.alignops.token_entropy_backward_check(torch.ones(3), logits, h.to("meta"), stats, 1.0)
+
+
+def exact_entropy_and_grad(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """H and dH/dlogits per row in 40-digit arithmetic (mpmath): an oracle that neither the kernels nor the fp64
+    reference (whose log_softmax loses the small terms of a confident row) share any rounding with."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    hs, grads = [], []
+    for row in logits.double().tolist():
+        m = max(row)
+        u = [(mpmath.mpf(x) - m) / temperature for x in row]
+        e = [mpmath.exp(v) for v in u]
+        s = mpmath.fsum(e)
+        log_p = [v - mpmath.log(s) for v in u]
+        p = [x / s for x in e]
+        h = -mpmath.fsum(a * b for a, b in zip(p, log_p))
+        hs.append(float(h))
+        grads.append([float(-a * (b + h) / temperature) for a, b in zip(p, log_p)])
+    return torch.tensor(hs, dtype=torch.float64), torch.tensor(grads, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["native", triton_backend])
+def test_token_entropy_confident_rows_far_from_zero(backend):
+    """Real logits sit far from 0 and peak sharply: the gradient must come from the difference to the row max, not
+    from logits / T - logsumexp, which cancels (found by review: the native kernel was 1e7 off with the wrong sign
+    on [30, 20] at T = 0.3). The torch backend (log_softmax) is not held to this: it cancels too."""
+    g = torch.Generator().manual_seed(3)
+    llm = torch.randn(6, 3000, generator=g) * 2.5 + 15
+    llm[torch.arange(6), torch.randint(0, 3000, (6,), generator=g)] += 12
+    cases = [(torch.tensor([[30.0, 20.0]]), 0.3), (torch.tensor([[1e4, 9999.0]]), 1.0), (llm, 0.3), (llm, 0.7)]
+    for logits, temperature in cases:
+        weights = torch.ones(logits.shape[0], dtype=torch.float64)
+        h, grad = entropy_and_grad(
+            lambda x, t=temperature: alignops.policy.token_entropy(x, temperature=t, backend=backend), logits, weights
+        )
+        h_exact, grad_exact = exact_entropy_and_grad(logits, temperature)
+        scale = grad_exact.abs().amax(dim=1, keepdim=True)
+        err = (grad.double() - grad_exact).abs() / scale
+        assert err.max() < 1e-4, (temperature, err.max(), grad[0, :4], grad_exact[0, :4])
+        torch.testing.assert_close(h.double(), h_exact, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["native", triton_backend])
+def test_token_entropy_double_backward_raises(backend):
+    """The backward is a closed-form kernel: differentiating it again must fail loudly, not drop the Hessian."""
+    x = entropy_logits(3, 7).requires_grad_()
+    (g,) = torch.autograd.grad(
+        alignops.policy.token_entropy(x, temperature=0.6, backend=backend).sum(), x, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        (g**2).sum().backward()
+
+
+@pytest.mark.parametrize("backend", ENTROPY_BACKENDS)
+def test_token_entropy_nan_rows_have_nan_gradients(backend):
+    logits = entropy_logits(3, 9)
+    logits[0, 2] = math.nan
+    logits[1, 4] = math.inf
+    logits[2] = -math.inf
+    for weights in (torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)):
+        h, grad = entropy_and_grad(lambda x: alignops.policy.token_entropy(x, backend=backend), logits, weights)
+        assert h.isnan().all() and grad.isnan().all(), grad
 
 
 # ---- the public-function contract (tests/test_public_contract.py) --------------------------------------------------

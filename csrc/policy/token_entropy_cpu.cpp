@@ -1,11 +1,14 @@
 // alignops::token_entropy(_backward): the entropy of each row's softmax(logits / T), read from the logits in two
 // passes per row, never materialising log_softmax: its schema, its checks and its CPU kernel.
 //
-// With z = logits / T, m = max z, u = z - m, s = sum exp(u) and w = sum exp(u) u:
-//   lse = m + log s,  H = lse - sum p z = log s - w / s,  dH / dz_v = -p_v (log p_v + H),
-// and dH / dlogits = dH / dz / T. An entry with exp(u) = 0 (a -inf logit, or one that underflows) adds nothing to
-// w (0 * -inf would be NaN) and gets a zero gradient. NaN logits give NaN, +inf ones NaN, as log_softmax does.
-// Accumulation in fp32 over 16 lanes (fp64 for fp64 logits), so the sums over V run in 16 shorter chains.
+// With m = max logits, u = (logits - m) / T (the difference first: a tiny T then scales an exact difference),
+// s = sum exp(u) and w = sum exp(u) u:
+//   log p = u - log s,  H = -sum p log p = log s - w / s,  dH / dz_v = -p_v (log p_v + H)  (z = logits / T),
+// and dH / dlogits = dH / dz / T. The forward keeps (m, log s) per row, so that the backward forms log p from the
+// same difference u and never cancels two large numbers (logits / T - logsumexp would, on confident rows). An entry
+// with exp(u) = 0 (a -inf logit, or one that underflows) adds nothing to w (0 * -inf would be NaN) and gets a zero
+// gradient. NaN logits give NaN, +inf ones NaN, as log_softmax does. Accumulation in fp32 over 16 lanes (fp64 for fp64
+// logits), so the sums over V run in 16 shorter chains.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -38,10 +41,16 @@ void token_entropy_check(const at::Tensor& logits, double temperature) {
 }
 
 void token_entropy_backward_check(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
-                                  const at::Tensor& lse, double temperature) {
+                                  const at::Tensor& stats, double temperature) {
   token_entropy_check(logits, temperature);
   const auto acc = acc_type_of(logits);
-  for (const auto& [t, name] : {std::pair{&grad, "grad"}, std::pair{&entropy, "entropy"}, std::pair{&lse, "lse"}}) {
+  check_dim(stats, 2, "stats", "[N, 2] (the forward's row max and log-sum)");
+  TORCH_CHECK_VALUE(stats.sym_size(0) == logits.sym_size(0) && stats.sym_size(1) == 2,
+                    "stats must have shape [N, 2] with N = ", logits.sym_size(0), ", got ", stats.sym_sizes());
+  check_same_device(stats, logits, "stats", "logits");
+  TORCH_CHECK_VALUE(stats.scalar_type() == acc, "stats must be ", dtype_name(acc), " for ",
+                    dtype_name(logits.scalar_type()), " logits, got ", dtype_name(stats.scalar_type()));
+  for (const auto& [t, name] : {std::pair{&grad, "grad"}, std::pair{&entropy, "entropy"}}) {
     check_dim(*t, 1, name, "[N]");
     TORCH_CHECK_VALUE(t->sym_size(0) == logits.sym_size(0), name,
                       " must have one entry per row of logits [N=", logits.sym_size(0), "], got ", t->sym_size(0));
@@ -53,7 +62,7 @@ void token_entropy_backward_check(const at::Tensor& grad, const at::Tensor& logi
 
 // ---- fp64: plain loops (std::exp, full precision) -----------------------------------------------------------------
 
-void entropy_rows_f64(const double* x, double* entropy, double* lse, int64_t begin, int64_t end, int64_t V,
+void entropy_rows_f64(const double* x, double* entropy, double* stats, int64_t begin, int64_t end, int64_t V,
                       double inv_t) {
   for (int64_t n = begin; n < end; ++n) {
     const double* row = x + n * V;
@@ -68,16 +77,21 @@ void entropy_rows_f64(const double* x, double* entropy, double* lse, int64_t beg
       w += e > 0 ? e * u : 0.0;
     }
     entropy[n] = std::log(s) - w / s;
-    lse[n] = m * inv_t + std::log(s);
+    stats[2 * n] = m;
+    stats[2 * n + 1] = std::log(s);
   }
 }
 
-void entropy_grad_rows_f64(const double* grad, const double* x, const double* entropy, const double* lse, double* out,
+void entropy_grad_rows_f64(const double* grad, const double* x, const double* entropy, const double* stats, double* out,
                            int64_t begin, int64_t end, int64_t V, double inv_t) {
   for (int64_t n = begin; n < end; ++n) {
-    const double g = -grad[n] * inv_t, h = entropy[n], l = lse[n];
+    const double g = -grad[n] * inv_t, h = entropy[n], m = stats[2 * n], log_s = stats[2 * n + 1];
+    if (std::isnan(h)) {  // the forward's NaN rows: NaN, as autograd through log_softmax gives
+      std::fill(out + n * V, out + (n + 1) * V, std::numeric_limits<double>::quiet_NaN());
+      continue;
+    }
     for (int64_t v = 0; v < V; ++v) {
-      const double log_p = x[n * V + v] * inv_t - l;
+      const double log_p = (x[n * V + v] - m) * inv_t - log_s;
       const double p = std::exp(log_p);
       out[n * V + v] = p > 0 ? g * p * (log_p + h) : 0.0;
     }
@@ -171,12 +185,12 @@ __attribute__((always_inline)) inline scalar_t narrow(float f) {
 
 template <typename scalar_t>
 __attribute__((always_inline)) inline void entropy_rows_fast(const scalar_t* x, const float* row_max, float* entropy,
-                                                             float* lse, int64_t begin, int64_t end, int64_t V,
+                                                             float* stats, int64_t begin, int64_t end, int64_t V,
                                                              float inv_t) {
   for (int64_t n = begin; n < end; ++n) {
     const float m = row_max[n];
     if (!std::isfinite(m)) {  // a NaN, a +inf logit, or an all -inf row
-      entropy[n] = lse[n] = std::numeric_limits<float>::quiet_NaN();
+      entropy[n] = stats[2 * n] = stats[2 * n + 1] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
     const scalar_t* row = x + n * V;
@@ -191,16 +205,18 @@ __attribute__((always_inline)) inline void entropy_rows_fast(const scalar_t* x, 
       w += e * u;
     }
     entropy[n] = std::log(s) - w / s;
-    lse[n] = m * inv_t + std::log(s);
+    stats[2 * n] = m;
+    stats[2 * n + 1] = std::log(s);
   }
 }
 
 template <typename scalar_t>
 __attribute__((always_inline)) inline void entropy_grad_rows_fast(const float* grad, const scalar_t* x,
-                                                                  const float* entropy, const float* lse, scalar_t* out,
-                                                                  int64_t begin, int64_t end, int64_t V, float inv_t) {
+                                                                  const float* entropy, const float* stats,
+                                                                  scalar_t* out, int64_t begin, int64_t end, int64_t V,
+                                                                  float inv_t) {
   for (int64_t n = begin; n < end; ++n) {
-    const float g = -grad[n] * inv_t, h = entropy[n], l = lse[n];
+    const float g = -grad[n] * inv_t, h = entropy[n], m = stats[2 * n], log_s = stats[2 * n + 1];
     const scalar_t* row = x + n * V;
     scalar_t* out_row = out + n * V;
     if (std::isnan(h)) {  // the forward's NaN rows: NaN, as autograd through log_softmax gives
@@ -208,7 +224,7 @@ __attribute__((always_inline)) inline void entropy_grad_rows_fast(const float* g
       continue;
     }
     for (int64_t v = 0; v < V; ++v) {
-      float log_p = load(row + v) * inv_t - l;
+      float log_p = (load(row + v) - m) * inv_t - log_s;
       log_p = log_p < -88.0f ? -88.0f : log_p;  // p = 0 there, and the product below 0 (not 0 * -inf)
       const float p = fast_exp(log_p);
       out_row[v] = narrow<scalar_t>(g * p * (log_p + h));
@@ -217,31 +233,31 @@ __attribute__((always_inline)) inline void entropy_grad_rows_fast(const float* g
 }
 
 template <typename scalar_t>
-void entropy_rows_default(const scalar_t* x, const float* row_max, float* entropy, float* lse, int64_t begin,
+void entropy_rows_default(const scalar_t* x, const float* row_max, float* entropy, float* stats, int64_t begin,
                           int64_t end, int64_t V, float inv_t) {
-  entropy_rows_fast(x, row_max, entropy, lse, begin, end, V, inv_t);
+  entropy_rows_fast(x, row_max, entropy, stats, begin, end, V, inv_t);
 }
 
 template <typename scalar_t>
-void entropy_grad_rows_default(const float* grad, const scalar_t* x, const float* entropy, const float* lse,
+void entropy_grad_rows_default(const float* grad, const scalar_t* x, const float* entropy, const float* stats,
                                scalar_t* out, int64_t begin, int64_t end, int64_t V, float inv_t) {
-  entropy_grad_rows_fast(grad, x, entropy, lse, out, begin, end, V, inv_t);
+  entropy_grad_rows_fast(grad, x, entropy, stats, out, begin, end, V, inv_t);
 }
 
 #if ALIGNOPS_X86
 template <typename scalar_t>
 __attribute__((target("avx2,fma,f16c"))) void entropy_rows_avx2(const scalar_t* x, const float* row_max, float* entropy,
-                                                                float* lse, int64_t begin, int64_t end, int64_t V,
+                                                                float* stats, int64_t begin, int64_t end, int64_t V,
                                                                 float inv_t) {
-  entropy_rows_fast(x, row_max, entropy, lse, begin, end, V, inv_t);
+  entropy_rows_fast(x, row_max, entropy, stats, begin, end, V, inv_t);
 }
 
 template <typename scalar_t>
 __attribute__((target("avx2,fma,f16c"))) void entropy_grad_rows_avx2(const float* grad, const scalar_t* x,
-                                                                     const float* entropy, const float* lse,
+                                                                     const float* entropy, const float* stats,
                                                                      scalar_t* out, int64_t begin, int64_t end,
                                                                      int64_t V, float inv_t) {
-  entropy_grad_rows_fast(grad, x, entropy, lse, out, begin, end, V, inv_t);
+  entropy_grad_rows_fast(grad, x, entropy, stats, out, begin, end, V, inv_t);
 }
 #endif
 
@@ -254,13 +270,13 @@ void for_rows(int64_t N, int64_t V, const F& f) {
 }
 
 template <typename scalar_t>
-void forward_rows(const scalar_t* x, const at::Tensor& row_max, at::Tensor& entropy, at::Tensor& lse, int64_t N,
+void forward_rows(const scalar_t* x, const at::Tensor& row_max, at::Tensor& entropy, at::Tensor& stats, int64_t N,
                   int64_t V, double inv_t) {
   if constexpr (std::is_same_v<scalar_t, double>) {
-    double *h = entropy.mutable_data_ptr<double>(), *l = lse.mutable_data_ptr<double>();
+    double *h = entropy.mutable_data_ptr<double>(), *l = stats.mutable_data_ptr<double>();
     for_rows(N, V, [&](int64_t b, int64_t e) { entropy_rows_f64(x, h, l, b, e, V, inv_t); });
   } else {
-    float *h = entropy.mutable_data_ptr<float>(), *l = lse.mutable_data_ptr<float>();
+    float *h = entropy.mutable_data_ptr<float>(), *l = stats.mutable_data_ptr<float>();
     const float* m = row_max.const_data_ptr<float>();
     auto rows = &entropy_rows_default<scalar_t>;
 #if ALIGNOPS_X86
@@ -271,15 +287,15 @@ void forward_rows(const scalar_t* x, const at::Tensor& row_max, at::Tensor& entr
 }
 
 template <typename scalar_t>
-void backward_rows(const at::Tensor& grad, const scalar_t* x, const at::Tensor& entropy, const at::Tensor& lse,
+void backward_rows(const at::Tensor& grad, const scalar_t* x, const at::Tensor& entropy, const at::Tensor& stats,
                    scalar_t* out, int64_t N, int64_t V, double inv_t) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     const double *g = grad.const_data_ptr<double>(), *h = entropy.const_data_ptr<double>(),
-                 *l = lse.const_data_ptr<double>();
+                 *l = stats.const_data_ptr<double>();
     for_rows(N, V, [&](int64_t b, int64_t e) { entropy_grad_rows_f64(g, x, h, l, out, b, e, V, inv_t); });
   } else {
     const float *g = grad.const_data_ptr<float>(), *h = entropy.const_data_ptr<float>(),
-                *l = lse.const_data_ptr<float>();
+                *l = stats.const_data_ptr<float>();
     auto rows = &entropy_grad_rows_default<scalar_t>;
 #if ALIGNOPS_X86
     if (cpu_has_avx2()) rows = &entropy_grad_rows_avx2<scalar_t>;
@@ -294,25 +310,26 @@ std::tuple<at::Tensor, at::Tensor> token_entropy_cpu(const at::Tensor& logits, d
   const auto x = logits.contiguous();
   const auto opts = logits.options().dtype(acc_type_of(logits));
   auto entropy = at::empty({x.size(0)}, opts);
-  auto lse = at::empty({x.size(0)}, opts);
+  auto stats = at::empty({x.size(0), 2}, opts);
   if (x.size(0) == 0) {
-    return {entropy, lse};
+    return {entropy, stats};
   }
   // fp32 rows: the max from ATen's vectorised amax (exact in fp32 for every input dtype; NaN for a row with a NaN).
   const auto row_max = x.scalar_type() == at::kDouble ? at::Tensor() : x.amax(1).to(at::kFloat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "token_entropy_cpu", [&] {
-    forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), row_max, entropy, lse, x.size(0), x.size(1), 1 / temperature);
+    forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), row_max, entropy, stats, x.size(0), x.size(1),
+                           1 / temperature);
   });
-  return {entropy, lse};
+  return {entropy, stats};
 }
 
 at::Tensor token_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
-                                      const at::Tensor& lse, double temperature) {
-  token_entropy_backward_check(grad, logits, entropy, lse, temperature);
+                                      const at::Tensor& stats, double temperature) {
+  token_entropy_backward_check(grad, logits, entropy, stats, temperature);
   check_device(logits, c10::DeviceType::CPU, "logits");
   const auto x = logits.contiguous();
   auto grad_logits = at::empty_like(x);
-  const auto g = grad.contiguous(), h = entropy.contiguous(), l = lse.contiguous();
+  const auto g = grad.contiguous(), h = entropy.contiguous(), l = stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "token_entropy_backward_cpu", [&] {
     backward_rows<scalar_t>(g, x.const_data_ptr<scalar_t>(), h, l, grad_logits.mutable_data_ptr<scalar_t>(), x.size(0),
                             x.size(1), 1 / temperature);
@@ -324,12 +341,13 @@ at::Tensor token_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(alignops, m) {
   // ---- policy: per-token entropy of softmax(logits / temperature) ------------------------------------
-  // logits [N, V] (any float dtype, V > 0). Returns (entropy [N], lse [N]) in the accumulation dtype (fp32;
-  // fp64 for fp64 logits); lse = logsumexp(logits / T), kept for the backward. The backward returns
-  // d (sum_n grad_n entropy_n) / d logits [N, V] in the logits' dtype.
+  // logits [N, V] (any float dtype, V > 0). Returns (entropy [N], stats [N, 2]) in the accumulation dtype (fp32;
+  // fp64 for fp64 logits); stats holds each row's max logit m and log s, s = sum exp((logits - m) / T) (so
+  // logsumexp(logits / T) = m / T + log s), kept for the backward. The backward returns
+  // d (sum_n grad_n entropy_n) / d logits [N, V] in the logits' dtype; it is not differentiable again.
   def_checked(m, "token_entropy(Tensor logits, float temperature) -> (Tensor, Tensor)");
   def_checked(m,
-              "token_entropy_backward(Tensor grad, Tensor logits, Tensor entropy, Tensor lse, float temperature) "
+              "token_entropy_backward(Tensor grad, Tensor logits, Tensor entropy, Tensor stats, float temperature) "
               "-> Tensor");
 }
 

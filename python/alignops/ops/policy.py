@@ -10,7 +10,8 @@ whose arguments and outputs are the native op's, computed by kernels/policy.py (
 own). Nothing there waits on the device. On CPU tensors only in the Triton interpreter.
 
 alignops::token_entropy (csrc/policy/token_entropy_cpu.cpp): its fakes, its autograd (the backward is the op
-alignops::token_entropy_backward, from the saved entropy and logsumexp) and the Triton twins of both.
+alignops::token_entropy_backward, from the saved entropy and row stats; not differentiable again) and the Triton
+twins of both.
 """
 
 from __future__ import annotations
@@ -165,34 +166,45 @@ register_policy_loss_autograd("alignops::policy_loss_triton")
 def _token_entropy_fake(logits, temperature):
     run_checks("alignops::token_entropy", logits, temperature)
     acc = acc_dtype(logits.dtype)
-    return logits.new_empty(logits.shape[0], dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)
+    return logits.new_empty(logits.shape[0], dtype=acc), logits.new_empty((logits.shape[0], 2), dtype=acc)
 
 
 @register_fake("alignops::token_entropy_backward")
-def _token_entropy_backward_fake(grad, logits, entropy, lse, temperature):
-    run_checks("alignops::token_entropy_backward", grad, logits, entropy, lse, temperature)
+def _token_entropy_backward_fake(grad, logits, entropy, stats, temperature):
+    run_checks("alignops::token_entropy_backward", grad, logits, entropy, stats, temperature)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def register_token_entropy_autograd(op: str, backward_op) -> None:
-    """Backward is ``backward_op`` (the logits' gradient from the saved entropy and logsumexp, one pass)."""
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "token_entropy: double backward is not supported; the gradient is computed in closed form by a kernel, "
+        "without a graph to differentiate again"
+    )
+
+
+def register_token_entropy_autograd(op: str, backward_op: str) -> None:
+    """Backward is the op ``backward_op`` (the logits' gradient from the saved entropy and row stats, one pass);
+    the backward op itself refuses to be differentiated (create_graph=True would otherwise lose the Hessian term
+    without a word)."""
+    backward = getattr(torch.ops.alignops, backward_op.split("::")[1])
 
     def setup(ctx, inputs, output):
         logits, temperature = inputs
-        ctx.set_materialize_grads(False)  # lse is never differentiated
+        ctx.set_materialize_grads(False)  # stats are never differentiated
         ctx.save_for_backward(logits, *output)
         ctx.temperature = temperature
 
-    def backward(ctx, grad_entropy, _grad_lse):
-        logits, entropy, lse = ctx.saved_tensors
+    def grad(ctx, grad_entropy, _grad_stats):
+        logits, entropy, stats = ctx.saved_tensors
         if grad_entropy is None:
             return None, None
-        return backward_op(grad_entropy.contiguous(), logits, entropy, lse, ctx.temperature), None
+        return backward(grad_entropy.contiguous(), logits, entropy, stats, ctx.temperature), None
 
-    torch.library.register_autograd(op, backward, setup_context=setup)
+    torch.library.register_autograd(op, grad, setup_context=setup)
+    torch.library.register_autograd(backward_op, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-register_token_entropy_autograd("alignops::token_entropy", torch.ops.alignops.token_entropy_backward)
+register_token_entropy_autograd("alignops::token_entropy", "alignops::token_entropy_backward")
 
 
 @register_triton_twin("alignops::token_entropy")
@@ -203,14 +215,14 @@ def token_entropy_triton(logits: torch.Tensor, temperature: float) -> tuple[torc
     check_triton_device(logits, "logits")
     x = logits.contiguous()
     acc = acc_dtype(x.dtype)
-    entropy, lse = x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
-    launch_token_entropy_forward(x, entropy, lse, temperature)
-    return entropy, lse
+    entropy, stats = x.new_empty(x.shape[0], dtype=acc), x.new_empty((x.shape[0], 2), dtype=acc)
+    launch_token_entropy_forward(x, entropy, stats, temperature)
+    return entropy, stats
 
 
 @register_triton_twin("alignops::token_entropy_backward")
 def token_entropy_backward_triton(
-    grad: torch.Tensor, logits: torch.Tensor, entropy: torch.Tensor, lse: torch.Tensor, temperature: float
+    grad: torch.Tensor, logits: torch.Tensor, entropy: torch.Tensor, stats: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """Triton twin of ``alignops::token_entropy_backward`` (kernels/policy.py)."""
     from ..kernels.policy import launch_token_entropy_backward
@@ -219,9 +231,9 @@ def token_entropy_backward_triton(
     x = logits.contiguous()
     grad_logits = torch.empty_like(x)
     launch_token_entropy_backward(
-        grad.contiguous(), entropy.contiguous(), lse.contiguous(), x, grad_logits, temperature
+        grad.contiguous(), entropy.contiguous(), stats.contiguous(), x, grad_logits, temperature
     )
     return grad_logits
 
 
-register_token_entropy_autograd("alignops::token_entropy_triton", torch.ops.alignops.token_entropy_backward_triton)
+register_token_entropy_autograd("alignops::token_entropy_triton", "alignops::token_entropy_backward_triton")
