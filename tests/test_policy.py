@@ -810,6 +810,8 @@ def test_token_entropy_bad_inputs():
         ((x,), dict(temperature=-1.0), r"temperature must be a finite value > 0, got -1"),
         ((x,), dict(temperature=math.nan), r"temperature must be a finite value > 0, got nan"),
         ((x,), dict(temperature=math.inf), r"temperature must be a finite value > 0, got inf"),
+        ((x,), dict(temperature=1e-40), r"temperature must lie in \[1e-30, 1e30\], got 1e-40"),
+        ((x,), dict(temperature=1e39), r"temperature must lie in \[1e-30, 1e30\], got 1e\+39"),
         ((x,), dict(backend="cuda"), r"backend must be one of"),
     ]
     for args, kwargs, message in cases:

@@ -38,6 +38,9 @@ void token_entropy_check(const at::Tensor& logits, double temperature) {
                     logits.sym_sizes());
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
                     temperature);
+  // The kernels multiply by 1 / T in fp32: beyond these bounds it is 0 or inf, and a row would come out NaN.
+  TORCH_CHECK_VALUE(temperature >= 1e-30 && temperature <= 1e30, "temperature must lie in [1e-30, 1e30], got ",
+                    temperature);
 }
 
 void token_entropy_backward_check(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,

@@ -306,8 +306,8 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: st
 
     Backends: native (C++ on the CPU), triton (GPU; the interpreter on CPU tensors), torch
     (alignops.reference.policy.token_entropy); auto is native on the CPU, Triton on a GPU. Raises AlignopsError
-    for a non-tensor, a non-float dtype, a 0-D tensor, an empty vocabulary and a temperature that is not a finite
-    value > 0.
+    for a non-tensor, a non-float dtype, a 0-D tensor, an empty vocabulary and a temperature outside
+    [1e-30, 1e30] (the kernels multiply by 1 / T in fp32).
     """
     _check_tensor(logits, "logits")
     if logits.dim() == 0:
