@@ -178,34 +178,11 @@ def ctc_segmentation(
             "ctc_segmentation: there is no Triton kernel (the DP and its backtrace are sequential "
             "per problem; the C++ kernel runs one problem per CPU thread); use backend='native'"
         )
+    args = (lpz, lpz_lengths, ground_truth, gt_lengths, blank, min_window_size, max_window_size, flags)
     if impl == "native":
-        out = torch.ops.alignops.ctc_segmentation(
-            lpz,
-            lpz_lengths,
-            ground_truth,
-            gt_lengths,
-            blank,
-            min_window_size,
-            max_window_size,
-            flags,
-            backtrack_from_max_t,
-            block_columns,
-        )
-        return CtcSegmentationOutput(*out)
+        return CtcSegmentationOutput(*torch.ops.alignops.ctc_segmentation(*args, backtrack_from_max_t, block_columns))
     # The native op's checks, values included (csrc/ctc_segmentation/ctc_segmentation_cpu.cpp), for the reference.
-    run_value_checks(
-        "alignops::ctc_segmentation",
-        lpz,
-        lpz_lengths,
-        ground_truth,
-        gt_lengths,
-        blank,
-        min_window_size,
-        max_window_size,
-        flags,
-        backtrack_from_max_t,
-        block_columns,
-    )
+    run_value_checks("alignops::ctc_segmentation", *args, backtrack_from_max_t, block_columns)
     return _reference_batch(
         lpz, ground_truth, lpz_lengths, gt_lengths, blank, min_window_size, max_window_size, flags, backtrack_from_max_t
     )

@@ -225,25 +225,8 @@ def preference_loss(
     rc = torch.zeros_like(pc) if ref_chosen_logps is None else ref_chosen_logps
     rr = torch.zeros_like(pc) if ref_rejected_logps is None else ref_rejected_logps
     beta_t = beta if isinstance(beta, torch.Tensor) else None
-    run_checks(
-        "alignops::preference_loss",
-        pc,
-        pr,
-        rc,
-        rr,
-        beta_t,
-        chosen_lengths,
-        rejected_lengths,
-        [],
-        [],
-        0.0,
-        0.0,
-        0.0,
-        1.0,
-        0,
-        0.5,
-        False,
-    )
+    tensors = (pc, pr, rc, rr, beta_t, chosen_lengths, rejected_lengths)
+    run_checks("alignops::preference_loss", *tensors, [], [], 0.0, 0.0, 0.0, 1.0, 0, 0.5, False)
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
     _check_loss_args(
@@ -290,13 +273,7 @@ def preference_loss(
 
     direct = [(int(_CODES[t]), w) for t, w in zip(types, weights) if t not in _SORTED_TYPES]
     loss, cr, rj, _ = op(
-        pc,
-        pr,
-        rc,
-        rr,
-        beta_t,
-        chosen_lengths,
-        rejected_lengths,
+        *tensors,
         [c for c, _ in direct],
         [w for _, w in direct],
         beta_v,
