@@ -65,12 +65,15 @@ void token_entropy_backward_check(const at::Tensor& grad, const at::Tensor& logi
 
 // ---- fp64: plain loops (std::exp, full precision) -----------------------------------------------------------------
 
-void entropy_rows_f64(const double* x, double* entropy, double* stats, int64_t begin, int64_t end, int64_t V,
-                      double inv_t) {
+void entropy_rows_f64(const double* x, const double* row_max, double* entropy, double* stats, int64_t begin,
+                      int64_t end, int64_t V, double inv_t) {
   for (int64_t n = begin; n < end; ++n) {
     const double* row = x + n * V;
-    double m = -std::numeric_limits<double>::infinity();
-    for (int64_t v = 0; v < V; ++v) m = std::max(m, row[v]);
+    const double m = row_max[n];
+    if (!std::isfinite(m)) {  // a NaN, a +inf logit, or an all -inf row
+      entropy[n] = stats[2 * n] = stats[2 * n + 1] = std::numeric_limits<double>::quiet_NaN();
+      continue;
+    }
     // u = (z - m) / T: the difference first, so a tiny T scales an exact difference (see kernels/policy.py).
     double s = 0, w = 0;
     for (int64_t v = 0; v < V; ++v) {
@@ -277,7 +280,8 @@ void forward_rows(const scalar_t* x, const at::Tensor& row_max, at::Tensor& entr
                   int64_t V, double inv_t) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     double *h = entropy.mutable_data_ptr<double>(), *l = stats.mutable_data_ptr<double>();
-    for_rows(N, V, [&](int64_t b, int64_t e) { entropy_rows_f64(x, h, l, b, e, V, inv_t); });
+    const double* m = row_max.const_data_ptr<double>();
+    for_rows(N, V, [&](int64_t b, int64_t e) { entropy_rows_f64(x, m, h, l, b, e, V, inv_t); });
   } else {
     float *h = entropy.mutable_data_ptr<float>(), *l = stats.mutable_data_ptr<float>();
     const float* m = row_max.const_data_ptr<float>();
@@ -317,8 +321,9 @@ std::tuple<at::Tensor, at::Tensor> token_entropy_cpu(const at::Tensor& logits, d
   if (x.size(0) == 0) {
     return {entropy, stats};
   }
-  // fp32 rows: the max from ATen's vectorised amax (exact in fp32 for every input dtype; NaN for a row with a NaN).
-  const auto row_max = x.scalar_type() == at::kDouble ? at::Tensor() : x.amax(1).to(at::kFloat);
+  // Each row's max from ATen's vectorised amax, in the accumulation dtype (exact: a widening; NaN for a row with a
+  // NaN, which the row loops then return as NaN without an exp).
+  const auto row_max = x.amax(1).to(acc_type_of(x));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "token_entropy_cpu", [&] {
     forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), row_max, entropy, stats, x.size(0), x.size(1),
                            1 / temperature);

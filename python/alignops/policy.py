@@ -297,9 +297,11 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: st
     entropy bonus: ``logits`` [..., V] (fp32, fp64, bf16 or fp16, V > 0) -> [...] in fp32 (fp64 for fp64 logits),
     differentiable. TRL divides the logits by the temperature first; here ``temperature`` does it inside the pass.
 
-    Each row is read once forward (an online logsumexp that also carries ``sum exp(u) u``:
-    ``H = log s - w / s``) and once backward, which writes ``dH/dlogits = -p (log p + H) / T`` from the saved
-    logsumexp and entropy, rounded once to the logits' dtype: no [..., V] temporary in either direction, where
+    With ``m`` the row's max, ``u = (logits - m) / T``, ``s = sum exp(u)`` and ``w = sum exp(u) u``,
+    ``H = log s - w / s``: the forward reads each row once in Triton (an online max and sums) and twice on the CPU
+    (ATen's row max, then one pass), and keeps ``(m, log s)``; the backward reads it once more and writes
+    ``dH/dlogits = -p (log p + H) / T`` with ``log p = u - log s`` (never ``logits / T - logsumexp``, which cancels
+    on confident rows), rounded once to the logits' dtype: no [..., V] temporary in either direction, where
     ``entropy_from_logits`` keeps log-probs and their exponential per chunk, in the logits' dtype (bf16 logits give
     bf16 sums there; here every sum is fp32). A -inf logit (a masked token) adds 0 (the limit of p log p) and gets
     a zero gradient (TRL's product gives NaN); NaN or +inf logits give NaN.

@@ -94,8 +94,13 @@ def check_op(native: str) -> torch._ops.OpOverload:
     """``alignops::<op>_check``: the argument checks of the native op ``native`` (``"alignops::op"``) as an op
     with its arguments that returns nothing. It reads sizes, dtypes and devices, never data, so it runs on any
     device and on fake (also symbolic-shaped) tensors; torch.compile runs it while tracing."""
+    return _related_op(native, "_check")
+
+
+def _related_op(native: str, suffix: str) -> torch._ops.OpOverload:
+    """The op ``<native><suffix>`` (``"alignops::op"`` + ``"_check"`` -> ``alignops::op_check``)."""
     namespace, op = native.split("::")
-    return getattr(getattr(torch.ops, namespace), op + "_check").default
+    return getattr(getattr(torch.ops, namespace), op + suffix).default
 
 
 def run_checks(native: str, *args, **kwargs) -> None:
@@ -153,8 +158,7 @@ def run_value_checks(native: str, *args, **kwargs) -> None:
     """Run ``alignops::<op>_check_values``, the checks of the native op ``native`` that read tensor values (lengths,
     ids in range; ATen reductions and a host sync, so on any device): the C++ CPU kernel calls the same function, and
     Python calls this for the other backends. ValueError is re-raised as AlignopsError."""
-    namespace, op = native.split("::")
-    run_op_checks(getattr(getattr(torch.ops, namespace), op + "_check_values").default, *args, **kwargs)
+    _run(_related_op(native, "_check_values"), args, kwargs)
 
 
 def run_op_checks(check: torch._ops.OpOverload, *args, **kwargs) -> None:
