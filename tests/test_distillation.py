@@ -1,6 +1,7 @@
 """alignops.fused_linear_distillation_loss against the materialised reference, TRL 1.16's own chunked
 divergence, Liger-Kernel's LigerFusedLinearJSDLoss; opcheck, gradcheck, torch.compile, bad input."""
 
+import functools
 import math
 
 import pytest
@@ -294,8 +295,11 @@ def test_backend_torch_is_the_reference():
     torch.testing.assert_close(fld(sh, sw, th, tw, mask, backend="torch").loss, fld(sh, sw, th, tw, mask).loss)
 
 
-def test_bad_inputs():
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_bad_inputs(backend):
+    # the op's checks run on both backends: one message per mistake
     sh, sw, th, tw, mask, _, _ = _inputs()
+    fld = functools.partial(alignops.fused_linear_distillation_loss, backend=backend)
     with pytest.raises(AlignopsError, match="teacher_weight must have the vocabulary of student_weight"):
         fld(sh, sw, th, tw[:-1], mask)
     with pytest.raises(AlignopsError, match="student_weight must have shape \\[V, H\\] with H = 12"):
@@ -304,15 +308,15 @@ def test_bad_inputs():
         fld(sh, sw, th.to("meta"), tw, mask)
     with pytest.raises(AlignopsError, match="completion_mask must be on the device of student_hidden"):
         fld(sh, sw, th, tw, mask.to("meta"))
-    with pytest.raises(AlignopsError, match="beta must be finite, got nan"):
+    with pytest.raises(AlignopsError, match="beta must lie in \\[0, 1\\], got nan"):
         fld(sh, sw, th, tw, mask, beta=float("nan"))
     with pytest.raises(AlignopsError, match="beta must lie in \\[0, 1\\], got 1.5"):
         fld(sh, sw, th, tw, mask, beta=1.5)
     with pytest.raises(AlignopsError, match="skew must lie in \\[0, 1\\], got -0.1"):
         fld(sh, sw, th, tw, mask, divergence="skew_kl", skew=-0.1)
-    with pytest.raises(AlignopsError, match="temperature must be a finite value > 0, got 0.0"):
+    with pytest.raises(AlignopsError, match="temperature must be a finite value > 0, got 0$"):
         fld(sh, sw, th, tw, mask, temperature=0.0)
-    with pytest.raises(AlignopsError, match="temperature must be finite, got nan"):
+    with pytest.raises(AlignopsError, match="temperature must be a finite value > 0, got nan"):
         fld(sh, sw, th, tw, mask, temperature=float("nan"))
     with pytest.raises(AlignopsError, match="divergence must be one of"):
         fld(sh, sw, th, tw, mask, divergence="kl")
@@ -322,6 +326,15 @@ def test_bad_inputs():
         fld(sh, sw.double(), th, tw, mask)
     with pytest.raises(AlignopsError, match="student_softcap must be > 0 and finite"):
         fld(sh, sw, th, tw, mask, student_softcap=float("inf"))
+    with pytest.raises(AlignopsError, match="teacher_logit_scale must be finite, got inf"):
+        fld(sh, sw, th, tw, mask, teacher_logit_scale=float("inf"))
+    with pytest.raises(AlignopsError, match=r"student_hidden must be a tensor of shape \[N, H\] or \[B, T, H\]"):
+        fld(sh[None, None], sw, th, tw, mask)
+    with pytest.raises(AlignopsError, match="student_bias must have shape \\[V\\]"):
+        fld(sh, sw, th, tw, mask, student_bias=torch.zeros(sw.shape[0] + 1))
+
+
+def test_op_bad_input():
     with pytest.raises(ValueError, match="beta must lie in \\[0, 1\\], got 2"):
         torch.ops.alignops.fused_linear_distillation(*_op_args()[:8], 2.0, *_op_args()[9:])
 

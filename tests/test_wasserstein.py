@@ -2,6 +2,8 @@
 and POT's ot.wasserstein_1d, sliced_wasserstein vs ot.sliced_wasserstein_distance with the same projections,
 gaussian_w2 vs the closed form with scipy.linalg.sqrtm and POT; gradients, opcheck, compile, bad input."""
 
+import functools
+
 import numpy as np
 import ot
 import pytest
@@ -183,28 +185,47 @@ def test_compile_fullgraph():
     torch.testing.assert_close(fn(u, v, uw), alignops.wasserstein_1d(u, v, uw, p=2.0))
 
 
-def test_bad_input():
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_bad_input(backend):
+    # one message per mistake whichever backend serves the call: the op's checks run on both
     u, v = torch.randn(3, 5), torch.randn(3, 4)
-    with pytest.raises(ValueError, match="p must be a finite value >= 1"):
-        alignops.wasserstein_1d(u, v, p=0.5)
-    with pytest.raises(ValueError, match="v must have the dtype of u"):
-        alignops.wasserstein_1d(u, v.double())
-    with pytest.raises(ValueError, match="u_weights must have the shape of u"):
-        alignops.wasserstein_1d(u, v, u_weights=torch.rand(3, 4))
+    w1 = functools.partial(alignops.wasserstein_1d, backend=backend)
+    with pytest.raises(ValueError, match="p must be a finite value >= 1, got 0.5"):
+        w1(u, v, p=0.5)
+    with pytest.raises(ValueError, match="p must be a finite value >= 1, got nan"):
+        w1(u, v, p=float("nan"))
+    with pytest.raises(ValueError, match=r"v must have the dtype of u \(torch.float32\), got torch.float64"):
+        w1(u, v.double())
+    with pytest.raises(ValueError, match=r"u_weights must have the shape of u \[3, 5\], got \[3, 4\]"):
+        w1(u, v, u_weights=torch.rand(3, 4))
+    with pytest.raises(ValueError, match=r"u_weights must have the dtype of u \(torch.float32\), got torch.float64"):
+        w1(u, v, u_weights=torch.rand(3, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="at least one atom"):
-        alignops.wasserstein_1d(u, torch.randn(3, 0))
+        w1(u, torch.randn(3, 0))
     with pytest.raises(ValueError, match="must broadcast"):
-        alignops.wasserstein_1d(u, torch.randn(2, 4))
+        w1(u, torch.randn(2, 4))
     with pytest.raises(ValueError, match="u must be float32"):
-        alignops.wasserstein_1d(torch.ones(3, 5, dtype=torch.long), v)
+        w1(torch.ones(3, 5, dtype=torch.long), v)
+    with pytest.raises(ValueError, match="0-D tensor"):
+        w1(torch.tensor(1.0), v)
     with pytest.raises(ValueError, match="u_weights must be finite and >= 0"):
-        alignops.wasserstein_1d(u, v, u_weights=-torch.rand(3, 5))
+        w1(u, v, u_weights=-torch.rand(3, 5))
+    with pytest.raises(ValueError, match="u_weights must be finite and >= 0"):
+        w1(u, v, u_weights=torch.full((3, 5), float("nan")))
     with pytest.raises(ValueError, match="v_weights must have a positive sum"):
-        alignops.wasserstein_1d(u, v, v_weights=torch.zeros(3, 4))
-    with pytest.raises(ValueError, match="v must have as many problems as u"):
-        torch.ops.alignops.wasserstein_1d(u, torch.randn(2, 4), None, None, 1.0)
+        w1(u, v, v_weights=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="v must be on the device of u"):
+        w1(u, v.to("meta"))
     with pytest.raises(ValueError, match="backend must be one of"):
         alignops.wasserstein_1d(u, v, backend="cuda")
+
+
+def test_op_bad_input():
+    u = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="v must have as many problems as u"):
+        torch.ops.alignops.wasserstein_1d(u, torch.randn(2, 4), None, None, 1.0)
+    with pytest.raises(ValueError, match=r"u must be a 2-D tensor of shape \[B, n\]"):
+        torch.ops.alignops.wasserstein_1d(u[0], torch.randn(4), None, None, 1.0)
 
 
 # ---- sliced_wasserstein ----------------------------------------------------------------------------------

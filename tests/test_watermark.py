@@ -242,6 +242,15 @@ def test_bad_input_messages(backend):
         W.kgw_process(x, ctx, 2**64, backend=backend)
 
 
+def test_processor_checks_its_parameters_at_construction():
+    with pytest.raises(ValueError, match=r"gamma \(the green fraction\) must be in \[0, 1\], got nan"):
+        W.KGWLogitsProcessor(1, gamma=math.nan)
+    with pytest.raises(ValueError, match="delta must be finite, got -inf"):
+        W.KGWLogitsProcessor(1, delta=-math.inf)
+    with pytest.raises(ValueError, match="context_width must be >= 0"):
+        W.KGWLogitsProcessor(1, context_width=-1)
+
+
 def test_detector_bad_input():
     with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\) for detection"):
         W.kgw_detect(torch.zeros(1, 5, dtype=torch.int64), 1, gamma=0.0)

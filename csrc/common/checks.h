@@ -11,6 +11,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -61,6 +62,27 @@ inline void check_device(const at::Tensor& t, c10::DeviceType type, std::string_
 // fp32 accumulation for every floating input, fp64 kept as fp64.
 inline at::ScalarType acc_type_of(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// An LM head's inputs, the checks of every fused-linear op (fused_linear_logprobs, fused_linear_distillation) and,
+// through the op alignops::check_lm_head, of the Python-defined ones (adpa): hidden [N, H] floating, weight [V, H]
+// and bias [V] of hidden's dtype and device. The names are the caller's argument names.
+inline void check_lm_head(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          std::string_view h, std::string_view w, std::string_view b) {
+  check_dim(hidden, 2, h, "[N, H]");
+  check_floating(hidden, h);
+  check_dim(weight, 2, w, "[V, H]");
+  TORCH_CHECK_VALUE(weight.sym_size(1) == hidden.sym_size(1), w,
+                    " must have shape [V, H] with H = ", hidden.sym_size(1), " (", h, "'s last dimension), got ",
+                    weight.sym_sizes());
+  check_same_dtype(weight, hidden, w, h);
+  check_same_device(weight, hidden, w, h);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0), b, " must have shape [V] = [",
+                      weight.sym_size(0), "], got ", bias->sym_sizes());
+    check_same_dtype(*bias, hidden, b, h);
+    check_same_device(*bias, hidden, b, h);
+  }
 }
 
 }  // namespace alignops

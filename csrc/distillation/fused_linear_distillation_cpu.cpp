@@ -42,35 +42,15 @@ int64_t block_rows(int64_t V) {
   return std::max<int64_t>(16, (int64_t(1) << 22) / std::max<int64_t>(V, 1));
 }
 
-void check_head(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                const char* h, const char* w, const char* b, const at::Tensor& like) {
-  check_dim(hidden, 2, h, "[N, H]");
-  check_floating(hidden, h);
-  check_same_device(hidden, like, h, "student_hidden");
-  check_dim(weight, 2, w, "[V, H]");
-  TORCH_CHECK_VALUE(weight.sym_size(1) == hidden.sym_size(1), w,
-                    " must have shape [V, H] with H = ", hidden.sym_size(1), " (", h, "'s last dimension), got ",
-                    weight.sym_sizes());
-  check_same_dtype(weight, hidden, w, h);
-  check_same_device(weight, hidden, w, h);
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0), b, " must have shape [V] = [",
-                      weight.sym_size(0), "], got ", bias->sym_sizes());
-    check_same_dtype(*bias, hidden, b, h);
-    check_same_device(*bias, hidden, b, h);
-  }
-}
-
 // Every check of the op (also its op alignops::fused_linear_distillation_check, which the Triton twin calls).
 void check_args(const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
                 const at::Tensor& teacher_weight, const std::optional<at::Tensor>& student_bias,
                 const std::optional<at::Tensor>& teacher_bias, const at::Tensor& weights, c10::string_view divergence,
-                double coef, double temperature, double /*student_logit_scale*/, double /*teacher_logit_scale*/,
+                double coef, double temperature, double student_logit_scale, double teacher_logit_scale,
                 double /*student_softcap*/, double /*teacher_softcap*/, bool /*compute_grad*/) {
-  check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias",
-             student_hidden);
-  check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias",
-             student_hidden);
+  check_lm_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias");
+  check_same_device(teacher_hidden, student_hidden, "teacher_hidden", "student_hidden");
+  check_lm_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias");
   const auto N = student_hidden.sym_size(0), V = student_weight.sym_size(0);
   TORCH_CHECK_VALUE(teacher_hidden.sym_size(0) == N,
                     "teacher_hidden must have one row per row of student_hidden [N=", N, "], got ",
@@ -82,6 +62,8 @@ void check_args(const at::Tensor& student_hidden, const at::Tensor& student_weig
   check_same_device(weights, student_hidden, "weights", "student_hidden");
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
                     temperature);
+  TORCH_CHECK_VALUE(std::isfinite(student_logit_scale), "student_logit_scale must be finite, got ", student_logit_scale);
+  TORCH_CHECK_VALUE(std::isfinite(teacher_logit_scale), "teacher_logit_scale must be finite, got ", teacher_logit_scale);
   if (divergence == "jsd") {
     TORCH_CHECK_VALUE(coef >= 0.0 && coef <= 1.0, "beta must lie in [0, 1], got ", coef);
   } else if (divergence == "skew_kl" || divergence == "skew_reverse_kl") {

@@ -49,28 +49,15 @@ int64_t vocab_tile(int64_t K, int64_t V) {
 void check_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                 const std::optional<at::Tensor>& bias, int64_t /*ignore_index*/, double temperature, double logit_scale,
                 double /*softcap*/, bool /*return_entropy*/ = false) {
-  check_dim(hidden, 2, "hidden", "[N, H]");
-  check_floating(hidden, "hidden");
-  check_dim(weight, 2, "weight", "[V, H]");
-  TORCH_CHECK_VALUE(weight.sym_size(1) == hidden.sym_size(1),
-                    "weight must have shape [V, H] with H = ", hidden.sym_size(1), " (hidden's last dimension), got ",
-                    weight.sym_sizes());
+  check_lm_head(hidden, weight, bias, "hidden", "weight", "bias");
   TORCH_CHECK_VALUE(weight.sym_size(0) >= 1, "weight must have at least one row (V >= 1), got shape ",
                     weight.sym_sizes());
-  check_same_dtype(weight, hidden, "weight", "hidden");
-  check_same_device(weight, hidden, "weight", "hidden");
   check_dim(targets, 1, "targets", "[N]");
   check_integer(targets, "targets");
   check_same_device(targets, hidden, "targets", "hidden");
   TORCH_CHECK_VALUE(targets.sym_size(0) == hidden.sym_size(0),
                     "targets must have one entry per row of hidden [N=", hidden.sym_size(0), "], got ",
                     targets.sym_size(0));
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0), "bias must have shape [V] = [",
-                      weight.sym_size(0), "], got ", bias->sym_sizes());
-    check_same_dtype(*bias, hidden, "bias", "hidden");
-    check_same_device(*bias, hidden, "bias", "hidden");
-  }
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
                     temperature);
   TORCH_CHECK_VALUE(std::isfinite(logit_scale), "logit_scale must be finite, got ", logit_scale);
@@ -314,6 +301,11 @@ TORCH_LIBRARY_FRAGMENT(alignops, m) {
       "fused_linear_logprobs_backward(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
       "Tensor lse, int ignore_index, float temperature, float logit_scale, float softcap, bool bias_grad, "
       "Tensor? grad_entropy=None, Tensor? entropy=None) -> (Tensor, Tensor, Tensor)");
+  // An LM head's checks (hidden [N, H], weight [V, H], bias [V]; csrc/common/checks.h) under the caller's argument
+  // names, for the Python-defined fused-linear ops (adpa) that take heads: it reads no data.
+  m.def(
+      "check_lm_head(Tensor hidden, Tensor weight, Tensor? bias, str hidden_name, str weight_name, str bias_name) -> "
+      "()");
 }
 
 TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
@@ -324,6 +316,9 @@ TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
            check_args(hidden, weight, targets, bias, ignore_index, temperature, logit_scale, softcap, return_entropy);
          });
   m.impl("fused_linear_logprobs_backward_check", &check_backward_args);
+  m.impl("check_lm_head", [](const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             c10::string_view h, c10::string_view w,
+                             c10::string_view b) { check_lm_head(hidden, weight, bias, h, w, b); });
 }
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {

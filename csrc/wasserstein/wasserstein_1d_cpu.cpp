@@ -259,7 +259,8 @@ void check_inputs(const at::Tensor& u, const at::Tensor& v, const std::optional<
   }
 }
 
-// The CPU kernel's check of the weights' values (the GPU path leaves it to the public function: it would sync).
+// The check of the weights' values, as the op alignops::wasserstein_1d_check_values: the CPU kernel calls it, and the
+// public function before the reference backend on the CPU (on a GPU it is skipped: it would wait for the device).
 void check_weight_values(const std::optional<at::Tensor>& uw, const std::optional<at::Tensor>& vw) {
   for (const auto& [w, name] : {std::pair{&uw, "u_weights"}, std::pair{&vw, "v_weights"}}) {
     if (w->has_value() && (*w)->numel() > 0) {
@@ -389,11 +390,14 @@ TORCH_LIBRARY_FRAGMENT(alignops, m) {
   def_checked(m,
               "wasserstein_1d_backward(Tensor grad, Tensor u, Tensor v, Tensor? u_weights, Tensor? v_weights, float p, "
               "bool weights_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The check that reads the weights' values (finite, >= 0, a positive sum per row; ATen reductions, a host sync).
+  m.def("wasserstein_1d_check_values(Tensor? u_weights, Tensor? v_weights) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
   m.impl("wasserstein_1d_check", &check_inputs);
   m.impl("wasserstein_1d_backward_check", &check_backward);
+  m.impl("wasserstein_1d_check_values", &check_weight_values);
 }
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {

@@ -132,24 +132,18 @@ def adpa_loss(
     teacher_weight, teacher_bias, ref_weight, ref_bias = gathered_frozen(
         teacher_weight=teacher_weight, teacher_bias=teacher_bias, ref_weight=ref_weight, ref_bias=ref_bias
     )
-    _check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias")
-    _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias")
-    _check_head(ref_hidden, ref_weight, ref_bias, "ref_hidden", "ref_weight", "ref_bias")
     check_same_device(
         [
             ("student_hidden", student_hidden),
-            ("student_weight", student_weight),
             ("teacher_hidden", teacher_hidden),
-            ("teacher_weight", teacher_weight),
             ("ref_hidden", ref_hidden),
-            ("ref_weight", ref_weight),
             ("completion_mask", completion_mask),
-            ("student_bias", student_bias),
-            ("teacher_bias", teacher_bias),
-            ("ref_bias", ref_bias),
             ("num_items_in_batch", num_items_in_batch),
         ]
     )
+    _check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias")
+    _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias")
+    _check_head(ref_hidden, ref_weight, ref_bias, "ref_hidden", "ref_weight", "ref_bias")
     _check_vocab(student_weight, [("teacher_weight", teacher_weight), ("ref_weight", ref_weight)])
     layout = student_hidden.shape[:-1]
     _check_layout(

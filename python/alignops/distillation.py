@@ -13,6 +13,7 @@ from ._checks import check_finite, check_positive, check_same_device
 from ._distributed import gathered_frozen, gathered_weight, refuse_dtensor
 from ._errors import AlignopsError
 from .fused_linear import fused_linear_logprobs
+from .ops._registration import run_checks, run_op_checks
 from .reference import distillation as _ref
 
 DIVERGENCES = _ref.DIVERGENCES
@@ -30,22 +31,20 @@ class DistillationOutput(NamedTuple):
     num_tokens: torch.Tensor
 
 
+def _rows(hidden, name: str) -> torch.Tensor:
+    """The [N, H] rows of a public [N, H] or [B, T, H] ``hidden``: the op's form, whose checks do the rest."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
+        raise AlignopsError(
+            f"{name} must be a tensor of shape [N, H] or [B, T, H], got "
+            f"{list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}"
+        )
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
 def _check_head(hidden, weight, bias, h: str, w: str, b: str) -> None:
-    if hidden.dim() not in (2, 3) or not hidden.is_floating_point():
-        raise AlignopsError(
-            f"{h} must be a floating [N, H] or [B, T, H] tensor, got {hidden.dtype} {tuple(hidden.shape)}"
-        )
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise AlignopsError(
-            f"{w} must have shape [V, H] with H = {hidden.shape[-1]} ({h}'s last dimension), got {tuple(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise AlignopsError(f"{w} must have the dtype of {h} ({hidden.dtype}), got {weight.dtype}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0] or bias.dtype != hidden.dtype):
-        raise AlignopsError(
-            f"{b} must be a {hidden.dtype} tensor of shape [V] = [{weight.shape[0]}], got "
-            f"{bias.dtype} {tuple(bias.shape)}"
-        )
+    """An LM head's checks, those of every fused-linear op (``alignops::check_lm_head``, csrc/common/checks.h),
+    for the ops that take a head without a native op of their own: the top-k student, adpa's three models."""
+    run_op_checks(torch.ops.alignops.check_lm_head.default, _rows(hidden, h), weight, bias, h, w, b)
 
 
 def _check_softcap(softcap, name: str) -> None:
@@ -112,7 +111,9 @@ def fused_linear_distillation_loss(
     "torch" (the reference, which materialises both [N, V] logits).
 
     Raises AlignopsError for shape / dtype / device mismatches (the meta device included), a vocabulary
-    mismatch, beta or skew outside [0, 1], temperature <= 0, NaN / inf hyper-parameters.
+    mismatch, an unknown divergence, the divergence's ``beta`` (jsd) or ``skew`` (skew_kl, skew_reverse_kl)
+    outside [0, 1], temperature <= 0, NaN / inf hyper-parameters: the op's own checks
+    (``alignops::fused_linear_distillation_check``) on every backend, after those of the public layout.
 
     DTensor weights and biases (FSDP2, HSDP, tensor parallel) are all-gathered once per call and the student's
     gradient reduce-scattered back, averaged over the ranks (``alignops._distributed.gathered_weight``); the hidden
@@ -127,25 +128,15 @@ def fused_linear_distillation_loss(
     student_weight = gathered_weight(student_weight, "student_weight")
     student_bias = gathered_weight(student_bias, "student_bias")
     teacher_weight, teacher_bias = gathered_frozen(teacher_weight=teacher_weight, teacher_bias=teacher_bias)
-    _check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias")
-    _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight", "teacher_bias")
+    hs, ht = _rows(student_hidden, "student_hidden"), _rows(teacher_hidden, "teacher_hidden")
+    # the public arguments the op does not take as they are; the op's own checks cover the heads
     check_same_device(
         [
             ("student_hidden", student_hidden),
-            ("student_weight", student_weight),
-            ("teacher_hidden", teacher_hidden),
-            ("teacher_weight", teacher_weight),
             ("completion_mask", completion_mask),
-            ("student_bias", student_bias),
-            ("teacher_bias", teacher_bias),
             ("num_items_in_batch", num_items_in_batch),
         ]
     )
-    if teacher_weight.shape[0] != student_weight.shape[0]:
-        raise AlignopsError(
-            f"teacher_weight must have the vocabulary of student_weight (V = "
-            f"{student_weight.shape[0]}), got {tuple(teacher_weight.shape)}"
-        )
     layout = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != layout or completion_mask.shape != layout:
         raise AlignopsError(
@@ -153,20 +144,36 @@ def fused_linear_distillation_loss(
             f"{tuple(layout)}, got {tuple(teacher_hidden.shape[:-1])} and "
             f"{tuple(completion_mask.shape)}"
         )
-    if divergence not in DIVERGENCES:
-        raise AlignopsError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if reduction not in REDUCTIONS:
         raise AlignopsError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    for value, name in ((beta, "beta"), (skew, "skew")):
-        check_finite(value, name)
-        if not 0.0 <= value <= 1.0:
-            raise AlignopsError(f"{name} must lie in [0, 1], got {value!r}")
-    check_positive(temperature, "temperature")
-    check_finite(student_logit_scale, "student_logit_scale")
-    check_finite(teacher_logit_scale, "teacher_logit_scale")
     _check_softcap(student_softcap, "student_softcap")
     _check_softcap(teacher_softcap, "teacher_softcap")
     _check_hard_labels(hard_label_weight, soft_label_weight, targets, layout, student_hidden)
+    acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
+    weights = (completion_mask.reshape(-1) != 0).to(acc)
+    options = (
+        divergence,
+        float(beta if divergence == "jsd" else skew),
+        float(temperature),
+        float(student_logit_scale),
+        float(teacher_logit_scale),
+        float(student_softcap or 0.0),
+        float(teacher_softcap or 0.0),
+    )
+    # the op's checks on whichever backend serves the call: heads, vocabulary, divergence, beta / skew (the one
+    # the divergence uses), temperature, logit scales
+    run_checks(
+        "alignops::fused_linear_distillation",
+        hs,
+        student_weight,
+        ht,
+        teacher_weight,
+        student_bias,
+        teacher_bias,
+        weights,
+        *options,
+        False,
+    )
     impl = _backend.resolve(backend, student_hidden.device, "fused_linear_distillation_loss", native_cuda=False)
     if impl == "torch":
         loss, per_token, entropy, count = _ref.fused_linear_distillation_loss(
@@ -199,21 +206,8 @@ def fused_linear_distillation_loss(
         if impl == "native"
         else torch.ops.alignops.fused_linear_distillation_triton
     )
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
-    weights = (completion_mask.reshape(-1) != 0).to(acc)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
-    )
-    options = (
-        divergence,
-        float(beta if divergence == "jsd" else skew),
-        float(temperature),
-        float(student_logit_scale),
-        float(teacher_logit_scale),
-        float(student_softcap or 0.0),
-        float(teacher_softcap or 0.0),
     )
     teacher = (ht.detach(), teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
     count = weights.sum().to(torch.int64)
@@ -315,18 +309,16 @@ def topk_distillation_loss(
     )
     student_weight = gathered_weight(student_weight, "student_weight")
     student_bias = gathered_weight(student_bias, "student_bias")
-    _check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias")
-    check_same_device(
+    check_same_device(  # the head's own devices: _check_head
         [
             ("student_hidden", student_hidden),
-            ("student_weight", student_weight),
             ("teacher_topk_logprobs", teacher_topk_logprobs),
             ("teacher_topk_ids", teacher_topk_ids),
             ("completion_mask", completion_mask),
-            ("student_bias", student_bias),
             ("num_items_in_batch", num_items_in_batch),
         ]
     )
+    _check_head(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias")
     layout = student_hidden.shape[:-1]
     if completion_mask.shape != layout:
         raise AlignopsError(

@@ -11,34 +11,28 @@ Languages?") is computed on detached numpy copies and so trains nothing; these a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _backend
 from ._api import keyword_only
-from ._checks import check_same_device
+from ._checks import check_same_device, values_checkable
 from ._errors import AlignopsError
 from ._spectral import psd_sqrt
+from .ops._registration import run_checks, run_value_checks
 from .reference import wasserstein as _ref
 
 
-def _check_sample(x: torch.Tensor, name: str, like: torch.Tensor | None = None) -> None:
+def _check_layout(x: torch.Tensor, name: str, like: torch.Tensor | None = None, like_name: str = "") -> None:
+    """The checks of the public [..., n] layout, which the op (one problem per row of [P, n]) never sees; the op's
+    own checks (dtypes, devices, empty samples, p) run once the problems are flattened."""
+    if not isinstance(x, torch.Tensor):
+        raise AlignopsError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.dim() < 1:
         raise AlignopsError(f"{name} must have shape [..., n] (atoms on the last dimension), got a 0-D tensor")
-    if not x.is_floating_point():
-        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
-    if like is not None:
-        if x.dtype != like.dtype:
-            raise AlignopsError(f"{name} must have the dtype of u ({like.dtype}), got {x.dtype}")
-        if x.device != like.device:
-            raise AlignopsError(f"{name} must be on the device of u ({like.device}), got {x.device}")
-
-
-def _check_weights(w: torch.Tensor | None, x: torch.Tensor, name: str, xname: str) -> None:
-    if w is None:
-        return
-    if w.shape != x.shape:
-        raise AlignopsError(f"{name} must have the shape of {xname} {list(x.shape)}, got {list(w.shape)}")
-    _check_sample(w, name, x)
+    if like is not None and x.shape != like.shape:
+        raise AlignopsError(f"{name} must have the shape of {like_name} {list(like.shape)}, got {list(x.shape)}")
 
 
 def wasserstein_1d(
@@ -80,33 +74,32 @@ def wasserstein_1d(
             non-finite weights or a zero total weight (the last two checked on the CPU only: on a GPU that
             check would wait for the device).
     """
-    _check_sample(u, "u")
-    _check_sample(v, "v", u)
-    _check_weights(u_weights, u, "u_weights", "u")
-    _check_weights(v_weights, v, "v_weights", "v")
-    if not (p >= 1 and p != float("inf")):
-        raise AlignopsError(f"p must be a finite value >= 1, got {p}")
-    if u.shape[-1] == 0 or v.shape[-1] == 0:
-        raise AlignopsError(f"u and v need at least one atom each, got shapes {list(u.shape)} and {list(v.shape)}")
+    _check_layout(u, "u")
+    _check_layout(v, "v")
+    for w, x, name, x_name in ((u_weights, u, "u_weights", "u"), (v_weights, v, "v_weights", "v")):
+        if w is not None:
+            _check_layout(w, name, x, x_name)
     try:
         lead = torch.broadcast_shapes(u.shape[:-1], v.shape[:-1])
     except RuntimeError as e:
         raise AlignopsError(
             f"the leading (batch) dimensions of u {list(u.shape)} and v {list(v.shape)} must broadcast"
         ) from e
+    problems = math.prod(lead)
+
+    def flat(x):  # [..., k] -> [P, k], one problem per row (a view where the broadcast allows)
+        return None if x is None else x.expand(*lead, x.shape[-1]).reshape(problems, x.shape[-1])
+
+    args = (flat(u), flat(v), flat(u_weights), flat(v_weights), float(p))
     impl = _backend.resolve(backend, u.device, "wasserstein_1d", native_cuda=False)
     if impl == "torch":
-        u, v = u.expand(*lead, u.shape[-1]), v.expand(*lead, v.shape[-1])
-        u_weights = None if u_weights is None else u_weights.expand_as(u)
-        v_weights = None if v_weights is None else v_weights.expand_as(v)
-        return _ref.wasserstein_1d(u, v, u_weights, v_weights, p)
-    n, m = u.shape[-1], v.shape[-1]
-
-    def flat(x, k):
-        return None if x is None else x.expand(*lead, k).reshape(-1, k)
-
-    op = torch.ops.alignops.wasserstein_1d if impl == "native" else torch.ops.alignops.wasserstein_1d_triton
-    out = op(flat(u, n), flat(v, m), flat(u_weights, n), flat(v_weights, m), float(p))
+        run_checks("alignops::wasserstein_1d", *args)
+        if u.device.type == "cpu" and values_checkable(u):  # as the CPU kernel; on a GPU it would sync
+            run_value_checks("alignops::wasserstein_1d", *args[2:4])
+        out = _ref.wasserstein_1d(*args)
+    else:
+        op = torch.ops.alignops.wasserstein_1d if impl == "native" else torch.ops.alignops.wasserstein_1d_triton
+        out = op(*args)
     return out.reshape(lead)
 
 

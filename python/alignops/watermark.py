@@ -31,7 +31,6 @@ The detectors only hash the n scored tokens; they are torch composite code (any 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -39,6 +38,7 @@ import torch
 from . import _backend
 from ._checks import check_int64, check_same_device
 from ._errors import AlignopsError
+from .ops._registration import run_checks
 from .reference import metrics as _hash
 from .reference import watermark as _ref
 
@@ -47,25 +47,18 @@ def _check_key(key: int) -> None:
     check_int64(key, "key")
 
 
-def _op(name: str, logits: torch.Tensor, backend: str):
+def _call(name: str, reference, backend: str, logits: torch.Tensor, context: torch.Tensor, key: int, *params):
+    """``alignops::<name>`` (native or Triton) or its reference on the call's arguments. The reference path runs
+    the op's own checks first (``alignops::<name>_check``), so each check is written once, in C++."""
+    _check_key(key)
     if not isinstance(logits, torch.Tensor):
         raise AlignopsError(f"logits must be a tensor, got {type(logits).__name__}")
+    params = tuple(float(x) for x in params)
     impl = _backend.resolve(backend, logits.device, name, native_cuda=False)
     if impl == "torch":
-        return None
-    return getattr(torch.ops.alignops, name if impl == "native" else name + "_triton")
-
-
-def _check_torch_args(logits, context):
-    if logits.dim() != 2:
-        raise AlignopsError(f"logits must be a 2-D tensor of shape [B, V], got shape {list(logits.shape)}")
-    if not logits.is_floating_point():
-        raise AlignopsError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
-    if context.dim() != 2 or context.shape[0] != logits.shape[0] or context.dtype not in (torch.int64, torch.int32):
-        raise AlignopsError(
-            f"context must be an int64/int32 tensor of shape [B, h] with B = {logits.shape[0]}, "
-            f"got {context.dtype} {list(context.shape)}"
-        )
+        run_checks("alignops::" + name, logits, context, key, *params)
+        return reference(logits, context, key, *params)
+    return getattr(torch.ops.alignops, name if impl == "native" else name + "_triton")(logits, context, key, *params)
 
 
 def kgw_process(
@@ -86,13 +79,7 @@ def kgw_process(
     torch (materialises the [B, V] words). Raises ValueError for bad shapes / dtypes, gamma outside [0, 1],
     non-finite delta.
     """
-    _check_key(key)
-    op = _op("kgw_logits", logits, backend)
-    if op is None:
-        _check_torch_args(logits, context)
-        _ref_threshold(gamma, delta)
-        return _ref.kgw_logits(logits, context, key, gamma, delta)
-    return op(logits, context, key, float(gamma), float(delta))
+    return _call("kgw_logits", _ref.kgw_logits, backend, logits, context, key, gamma, delta)
 
 
 def kgw_greedy(
@@ -107,15 +94,7 @@ def kgw_greedy(
     """int64 [B]: first argmax of :func:`kgw_process`'s logits (scored in fp32), fused: the processed logits
     are never written. NaN follows torch.argmax: a row holding NaN gives the index of its first NaN. Same
     arguments, backends and errors as :func:`kgw_process`."""
-    _check_key(key)
-    op = _op("kgw_argmax", logits, backend)
-    if op is None:
-        _check_torch_args(logits, context)
-        _ref_threshold(gamma, delta)
-        if logits.shape[0] and logits.shape[1] == 0:
-            raise AlignopsError("logits must have a vocabulary of V >= 1 entries")
-        return _ref.kgw_argmax(logits, context, key, gamma, delta)
-    return op(logits, context, key, float(gamma), float(delta))
+    return _call("kgw_argmax", _ref.kgw_argmax, backend, logits, context, key, gamma, delta)
 
 
 def gumbel_sample(
@@ -126,21 +105,7 @@ def gumbel_sample(
     for the derivation). As in torch.argmax, a row holding a NaN logit gives the index of its first NaN.
     Backends as :func:`kgw_process`. Raises ValueError for a temperature that is not finite and > 0, and for
     bad shapes / dtypes."""
-    _check_key(key)
-    op = _op("gumbel_argmax", logits, backend)
-    if op is None:
-        _check_torch_args(logits, context)
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise AlignopsError(f"temperature must be a finite value > 0, got {temperature}")
-        return _ref.gumbel_argmax(logits, context, key, temperature)
-    return op(logits, context, key, float(temperature))
-
-
-def _ref_threshold(gamma: float, delta: float) -> None:
-    if not 0 <= gamma <= 1:
-        raise AlignopsError(f"gamma (the green fraction) must be in [0, 1], got {gamma}")
-    if not math.isfinite(delta):
-        raise AlignopsError(f"delta must be finite, got {delta}")
+    return _call("gumbel_argmax", _ref.gumbel_argmax, backend, logits, context, key, temperature)
 
 
 class KGWLogitsProcessor:
@@ -151,7 +116,8 @@ class KGWLogitsProcessor:
         self, key: int, gamma: float = 0.25, delta: float = 2.0, context_width: int = 1, backend: str = "auto"
     ):
         _check_key(key)
-        _ref_threshold(gamma, delta)
+        # the op's own checks of gamma and delta, on an empty batch: errors at construction, written once
+        run_checks("alignops::kgw_logits", torch.empty(0, 1), torch.empty(0, 0, dtype=torch.long), key, gamma, delta)
         if context_width < 0:
             raise AlignopsError(f"context_width must be >= 0, got {context_width}")
         self.key, self.gamma, self.delta, self.h, self.backend = key, gamma, delta, context_width, backend
