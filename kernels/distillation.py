@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch, tile
+from ._tl import finite_max
 from .fused_linear import _logits
 from .preference import launch_config
 
@@ -40,11 +41,7 @@ def _logaddexp(x, y):
 def _lse(u_ptr, V, scale, cap, inv_t, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     """logsumexp over the row of the transformed logits (a running max and sum per lane)."""
     ACC = u_ptr.dtype.element_ty
-    if ACC == tl.float64:
-        lowest = -1.7976931348623157e308
-    else:
-        lowest = -3.4028234663852886e38
-    m = tl.full([BLOCK_V], lowest, ACC)
+    m = tl.full([BLOCK_V], -finite_max(ACC), ACC)
     s = tl.zeros([BLOCK_V], ACC)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch, tile
+from ._tl import finite_max
 from .preference import launch_config
 
 # ---- tile and block sizes ---------------------------------------------------------------------------------
@@ -186,11 +187,7 @@ def fused_linear_fwd_tile_kernel(
         row_ptr = u_ptr + row * W
         # The running max starts at the lowest finite value, not -inf, so that masked (-inf) logits never
         # form -inf - -inf.
-        if ACC == tl.float64:
-            lowest = -1.7976931348623157e308
-        else:
-            lowest = -3.4028234663852886e38
-        m = tl.full([BLOCK_V], lowest, ACC)
+        m = tl.full([BLOCK_V], -finite_max(ACC), ACC)
         s = tl.zeros([BLOCK_V], ACC)
         a = tl.zeros([BLOCK_V], ACC)
         for start in range(0, W, BLOCK_V):

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .._codes import PolicyLossType
 from ._launch import launch, tile
+from ._tl import finite_max
 from .preference import launch_config, launch_rows
 
 # ---- codes: alignops._codes as constexpr globals (a plain module global is a NameError for the compiler) ----
@@ -313,10 +314,7 @@ def policy_loss_kernel(
                 else:
                     d = lp - lp
                 # torch.nan_to_num(nan=0): NaN -> 0 and +-inf -> the dtype's extremes, so that inf * 0 is no NaN
-                if ACC == tl.float64:
-                    big = 1.7976931348623157e308
-                else:
-                    big = 3.4028234663852886e38
+                big = finite_max(ACC)
                 d = tl.where(d == d, tl.minimum(tl.maximum(d, -big), big), 0.0)
                 kl_acc += d * m
     M = tl.sum(n_acc, axis=0)
@@ -527,10 +525,7 @@ def token_entropy_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     inv_t = 1 / tl.full([], temperature, ACC)
     row_ptr = logits_ptr + row * V
-    if ACC == tl.float64:
-        m = tl.full([BLOCK_V], -1.7976931348623157e308, ACC)
-    else:
-        m = tl.full([BLOCK_V], -3.4028234663852886e38, ACC)
+    m = tl.full([BLOCK_V], -finite_max(ACC), ACC)
     s = tl.zeros([BLOCK_V], ACC)
     w = tl.zeros([BLOCK_V], ACC)
     for start in range(0, V, BLOCK_V):

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .._codes import FDivergence, LossType
 from ._launch import launch
+from ._tl import finite_max
 
 # ---- codes: alignops._codes as constexpr globals (a plain module global is a NameError for the compiler) ----
 
@@ -405,10 +406,7 @@ def selective_logprobs_fwd_kernel(
         row_ptr = logits_ptr + row * V
         # The running max starts at the lowest finite value, not -inf, so that masked (-inf) logits never
         # form -inf - -inf.
-        if ACC == tl.float64:
-            m = tl.full([BLOCK_V], -1.7976931348623157e308, ACC)
-        else:
-            m = tl.full([BLOCK_V], -3.4028234663852886e38, ACC)
+        m = tl.full([BLOCK_V], -finite_max(ACC), ACC)
         s = tl.zeros([BLOCK_V], ACC)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
