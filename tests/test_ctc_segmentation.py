@@ -2,6 +2,7 @@
 pure-Python reference, both CPU capabilities; batching, prefixes, pseudo-forced alignment, writers,
 opcheck, torch.compile, bad input."""
 
+import functools
 import io
 import json
 import logging
@@ -538,9 +539,22 @@ def test_bad_input(backend):
             run(lpz, gt, block_columns=-2)
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_utterance_score_spans_out_of_range(backend):
+    # the reference indexes frames with the spans: they are checked by the op's value check first
+    score = functools.partial(alignops.ctc.utterance_score, backend=backend)
+    with pytest.raises(ValueError, match=r"utterance 0, 0: a non-empty span \[start, end\) must lie in \[0, T\] = "):
+        score(torch.zeros(10), torch.tensor([2]), torch.tensor([11]))
+    with pytest.raises(ValueError, match=r"utterance 1, 1: .* got \[-3, 4\)"):
+        score(torch.zeros(2, 10), torch.tensor([[0, 0], [1, -3]]), torch.tensor([[5, 5], [2, 4]]))
+    # an empty span (end <= start) scores -1e10 wherever it points
+    torch.testing.assert_close(
+        score(torch.zeros(10, dtype=torch.float64), torch.tensor([20]), torch.tensor([-4])),
+        torch.tensor([-1e10], dtype=torch.float64),
+    )
+
+
 def test_bad_input_ops_and_failure():
-    with pytest.raises(ValueError, match=r"must lie in \[0, T\]"):
-        alignops.ctc.utterance_score(torch.zeros(10), torch.tensor([2]), torch.tensor([11]))
     with pytest.raises(ValueError, match="ends must have the shape of starts"):
         alignops.ctc.utterance_score(torch.zeros(10), torch.tensor([2]), torch.tensor([5, 6]))
     with pytest.raises(ValueError, match="window must be >= 1"):

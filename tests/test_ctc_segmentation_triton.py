@@ -54,6 +54,10 @@ def test_utterance_score_triton_bad_input():
         op(cp, s.int(), s.int(), 30)
     with pytest.raises(ValueError, match="window must be >= 1"):
         op(cp, s, s, 0)
+    with pytest.raises(ValueError, match=r"utterance 1, 2: a non-empty span \[start, end\) must lie in \[0, T\]"):
+        ends = s.clone()
+        ends[1, 2] = 11
+        alignops.ctc.utterance_score(cp, s, ends, backend="triton")
 
 
 # The interpreter cannot run on fake tensors, so on CPU the fake-tensor checks are left to the GPU run.

@@ -591,19 +591,29 @@ void check_utterance_score(const at::Tensor& frame_logprobs, const at::Tensor& s
   TORCH_CHECK_VALUE(window >= 1, "window must be >= 1, got ", window);
 }
 
+// The spans' range (reads them: ATen reductions, one host sync), as the op
+// alignops::ctc_segmentation_utterance_score_check_values: the CPU kernel calls it, and the public function before
+// the reference and Triton backends, so a span outside [0, T] never reaches an index on any backend.
+void check_utterance_score_values(const at::Tensor& frame_logprobs, const at::Tensor& starts, const at::Tensor& ends,
+                                  int64_t /*window*/) {
+  const int64_t T = frame_logprobs.size(1);
+  const auto bad = ((ends > starts) & ((starts < 0) | (ends > T))).nonzero();
+  if (bad.numel() > 0) {
+    const int64_t b = bad[0][0].item<int64_t>(), u = bad[0][1].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "utterance ", b, ", ", u, ": a non-empty span [start, end) must lie in [0, T] = [0, ", T,
+                      "], got [", starts[b][u].item<int64_t>(), ", ", ends[b][u].item<int64_t>(), ")");
+  }
+}
+
 at::Tensor ctc_segmentation_utterance_score_cpu(const at::Tensor& frame_logprobs, const at::Tensor& starts,
                                                 const at::Tensor& ends, int64_t window) {
   check_utterance_score(frame_logprobs, starts, ends, window);
   check_device(frame_logprobs, c10::DeviceType::CPU, "frame_logprobs");
   const int64_t B = frame_logprobs.size(0), T = frame_logprobs.size(1), U = starts.size(1);
+  check_utterance_score_values(frame_logprobs, starts, ends, window);
   const auto s_c = starts.contiguous(), e_c = ends.contiguous();
   const int64_t* sp = s_c.data_ptr<int64_t>();
   const int64_t* ep = e_c.data_ptr<int64_t>();
-  for (int64_t i = 0; i < B * U; ++i) {
-    TORCH_CHECK_VALUE(ep[i] <= sp[i] || (sp[i] >= 0 && ep[i] <= T), "utterance ", i / U, ", ", i % U,
-                      ": a non-empty span [start, end) must lie in [0, T] = [0, ", T, "], got [", sp[i], ", ", ep[i],
-                      ")");
-  }
   auto score = at::empty({B, U}, frame_logprobs.options().dtype(at::kDouble));
   double* out = score.data_ptr<double>();
   const auto cp = frame_logprobs.contiguous();
@@ -665,6 +675,10 @@ TORCH_LIBRARY_FRAGMENT(alignops, m) {
   // The package's utterance score over [start, end) frame spans: [B, T] x [B, U] -> [B, U] fp64.
   def_checked(
       m, "ctc_segmentation_utterance_score(Tensor frame_logprobs, Tensor starts, Tensor ends, int window) -> Tensor");
+  // Its spans' range (reads them, on any device): the reference and Triton backends run it.
+  m.def(
+      "ctc_segmentation_utterance_score_check_values(Tensor frame_logprobs, Tensor starts, Tensor ends, int window) "
+      "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {
@@ -675,6 +689,7 @@ TORCH_LIBRARY_IMPL(alignops, CPU, m) {
 
 TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
   m.impl("ctc_segmentation_utterance_score_check", &check_utterance_score);
+  m.impl("ctc_segmentation_utterance_score_check_values", &check_utterance_score_values);
   m.impl("ctc_segmentation_check_values", &ctc_segmentation_check_values);
 }
 

@@ -24,9 +24,10 @@ import torch
 
 from . import _backend
 from ._api import keyword_only
+from ._checks import values_checkable
 from ._codes import CtcSegmentationFlag
 from ._errors import AlignopsError
-from .ops._registration import run_value_checks
+from .ops._registration import run_checks, run_value_checks
 from .reference import ctc_segmentation as _ref
 
 __all__ = [
@@ -226,14 +227,19 @@ def utterance_score(
     if squeeze:
         frame_logprobs, starts, ends = frame_logprobs[None], starts[None], ends[None]
     impl = _backend.resolve(backend, frame_logprobs.device, "utterance_score", native_cuda=False)
-    if impl == "triton":
-        out = torch.ops.alignops.ctc_segmentation_utterance_score_triton(frame_logprobs, starts, ends, window)
-    elif impl == "native":
-        out = torch.ops.alignops.ctc_segmentation_utterance_score(frame_logprobs, starts, ends, window)
+    args = (frame_logprobs, starts, ends, window)
+    if impl == "native":
+        out = torch.ops.alignops.ctc_segmentation_utterance_score(*args)
     else:
-        if window < 1:
-            raise AlignopsError(f"window must be >= 1, got {window}")
-        out = _ref.utterance_score(frame_logprobs, starts, ends, window)
+        # the op's checks, then its spans' range (one host sync): the reference and the Triton kernel index frames
+        # with them unchecked
+        run_checks("alignops::ctc_segmentation_utterance_score", *args)
+        if values_checkable(frame_logprobs):
+            run_value_checks("alignops::ctc_segmentation_utterance_score", *args)
+        if impl == "triton":
+            out = torch.ops.alignops.ctc_segmentation_utterance_score_triton(*args)
+        else:
+            out = _ref.utterance_score(*args)
     return out[0] if squeeze else out
 
 

@@ -60,6 +60,14 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
 
 
+def _check_loss_names(types) -> None:
+    for t in types:
+        if t not in LOSS_TYPES:
+            raise AlignopsError(f"unknown loss_type {t!r}; valid loss types: {', '.join(LOSS_TYPES)}")
+    if len(types) == 0:
+        raise AlignopsError("loss_type must name at least one loss type")
+
+
 def _check_loss_args(
     types,
     weights,
@@ -74,15 +82,6 @@ def _check_loss_args(
     rejected_lengths,
     pc,
 ):
-    for t in types:
-        if t not in LOSS_TYPES:
-            raise AlignopsError(f"unknown loss_type {t!r}; valid loss types: {', '.join(LOSS_TYPES)}")
-    if len(types) == 0:
-        raise AlignopsError("loss_type must name at least one loss type")
-    if len(weights) != len(types):
-        raise AlignopsError(
-            f"loss_weights must have one weight per loss type: got {len(weights)} weights for {len(types)} loss types"
-        )
     for i, w in enumerate(weights):
         if not math.isfinite(w):
             raise AlignopsError(f"loss_weights must be finite, got loss_weights[{i}] = {w}")
@@ -226,9 +225,24 @@ def preference_loss(
     rr = torch.zeros_like(pc) if ref_rejected_logps is None else ref_rejected_logps
     beta_t = beta if isinstance(beta, torch.Tensor) else None
     tensors = (pc, pr, rc, rr, beta_t, chosen_lengths, rejected_lengths)
-    run_checks("alignops::preference_loss", *tensors, [], [], 0.0, 0.0, 0.0, 1.0, 0, 0.5, False)
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
+    _check_loss_names(types)
+    # the op's checks (csrc/preference/preference_loss_common.h) whichever backend runs: the tensors' shapes,
+    # dtypes and devices, one weight per loss type
+    run_checks(
+        "alignops::preference_loss",
+        *tensors,
+        [int(_CODES.get(t, LossType.AOT)) for t in types],
+        weights,
+        0.0,
+        0.0,
+        0.0,
+        1.0,
+        0,
+        0.5,
+        False,
+    )
     _check_loss_args(
         types,
         weights,
