@@ -52,21 +52,13 @@ def _lengths(lengths: torch.Tensor | None, B: int, full: int, device: torch.devi
         return torch.full((B,), full, dtype=torch.long, device=device)
     if not isinstance(lengths, torch.Tensor):
         lengths = torch.as_tensor(lengths)
-    if lengths.dtype not in (torch.int32, torch.int64):
-        raise AlignopsError(f"{name} must be int64 or int32, got {lengths.dtype}")
-    if lengths.dim() != 1 or lengths.shape[0] != B:
-        raise AlignopsError(f"{name} must have shape [{B}], got {tuple(lengths.shape)}")
-    return _to_log_probs_device(lengths, device, name).long()
+    return _to_log_probs_device(lengths, device, name)  # its dtype and shape: the op's checks
 
 
 def _star_scores(log_probs: torch.Tensor, blank: int, star_scores, star_penalty: float) -> torch.Tensor:
     acc = acc_dtype(log_probs.dtype)
     B, T, C = log_probs.shape
-    if isinstance(star_scores, torch.Tensor):
-        if star_scores.shape != (B, T):
-            raise AlignopsError(
-                f"star_scores must have shape [{B}, {T}] (one score per frame), got {tuple(star_scores.shape)}"
-            )
+    if isinstance(star_scores, torch.Tensor):  # its shape: the op's checks
         return (_to_log_probs_device(star_scores, log_probs.device, "star_scores").to(acc) + star_penalty).contiguous()
     if star_scores == "constant":
         return torch.full((B, T), star_penalty, dtype=acc, device=log_probs.device)
@@ -170,6 +162,10 @@ def forced_align(
     input_lengths = _lengths(input_lengths, B, T, dev, "input_lengths")
     target_lengths = _lengths(target_lengths, B, targets.shape[1], dev, "target_lengths")
     targets = _to_log_probs_device(targets, dev, "targets")
+    # the op's checks of the tensors (ranks, dtypes, sizes, devices, blank) before anything is built from them; the
+    # star scores and the checkpoint interval are checked with the op's full arguments below (or by the op itself)
+    run_checks("alignops::forced_align", log_probs, targets, input_lengths, target_lengths, blank, None, -1, 0)
+    input_lengths, target_lengths = input_lengths.long(), target_lengths.long()
     check_not_nan(star_penalty, "star_penalty")
     star = None
     star_id = -1
