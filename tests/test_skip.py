@@ -192,6 +192,10 @@ def test_bad_input_messages(backend):
         call(x, w1, w2, nw, keep=torch.ones(2, 5, dtype=torch.bool), threshold=0.1)
     with pytest.raises(ValueError, match="threshold and capacity rank tokens by their change in this layer"):
         call(x, w1, w2, nw, threshold=0.1)
+    with pytest.raises(ValueError, match="eps must be a finite value > 0, got inf"):
+        call(x, w1, w2, nw, eps=float("inf"))
+    with pytest.raises(ValueError, match="eps must be a finite value > 0, got -1"):
+        call(x, w1, w2, nw, eps=-1.0)
     with pytest.raises(ValueError, match="activation must be one of"):
         call(x, w1, w2, nw, activation="relu")
     with pytest.raises(ValueError, match=r"capacity must give 0 <= k <= T = 5"):

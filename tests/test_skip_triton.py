@@ -239,7 +239,7 @@ def test_rejects_bad_arguments():
         r"got 3",
     ):
         call(x, keep, wgu, wd, nw, bgu, bd, activation=3)
-    with pytest.raises(ValueError, match=r"eps must be > 0, got 0\b"):
+    with pytest.raises(ValueError, match=r"eps must be a finite value > 0, got 0\b"):
         call(x, keep, wgu, wd, nw, bgu, bd, eps=0.0)
     with pytest.raises(ValueError, match=r"w_down must be a 2-D tensor of shape \[H, I\], got shape \[16\]"):
         call(x, keep, wgu, wd[:, 0], nw, bgu, bd)

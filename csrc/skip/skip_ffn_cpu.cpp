@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "common/checks.h"
 #include "common/cpu_capability.h"
 #include "common/registration.h"
@@ -42,7 +44,7 @@ void check_skip_ffn(const at::Tensor& x, const at::Tensor& keep, const at::Tenso
   check_floating(x, "x");
   TORCH_CHECK_VALUE(activation >= kSwiglu && activation <= kGeluTanh,
                     "activation code must be 0 (swiglu), 1 (gelu) or 2 (gelu_tanh), got ", activation);
-  TORCH_CHECK_VALUE(eps > 0.0, "eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps), "eps must be a finite value > 0, got ", eps);
   const auto N = x.sym_size(0), H = x.sym_size(1);
   TORCH_CHECK_VALUE(keep.scalar_type() == at::kBool && keep.dim() == 1 && keep.sym_size(0) == N,
                     "keep must be a bool tensor of shape [N] = [", N, "], got ", dtype_name(keep.scalar_type()), " ",

@@ -16,7 +16,7 @@ import torch
 
 from . import _backend
 from ._api import keyword_only
-from ._checks import check_finite, check_not_nan
+from ._checks import check_not_nan
 from ._codes import Activation, Criterion, lower_name
 from ._errors import AlignopsError
 from .ops._registration import run_checks
@@ -172,9 +172,6 @@ def skip_ffn(
         raise AlignopsError(f"x must have a hidden size H >= 1, got shape {tuple(x.shape)}")
     if activation not in _ACTIVATION_CODES:
         raise AlignopsError(f"activation must be one of {tuple(_ACTIVATION_CODES)}, got {activation!r}")
-    check_finite(eps, "eps")
-    if not eps > 0:
-        raise AlignopsError(f"eps must be > 0, got {eps}")
     if threshold is not None:
         check_not_nan(threshold, "threshold")
     if not x.is_floating_point():  # before the scores below compute on x
