@@ -151,48 +151,20 @@ def _reduce(vals: torch.Tensor, idxs: torch.Tensor, out: torch.Tensor, V) -> Non
     out.copy_(torch.where(first == V, 0, first))
 
 
-def launch_kgw_argmax(x, ctx, out, base: int, threshold: int, delta: float) -> None:
+def _launch_split_argmax(kernel, x, ctx, out, *scalars) -> None:
+    """The split argmax of the kgw / gumbel kernels: each of ``splits`` programs per row scores a span of the
+    vocabulary (``scalars`` are the kernel's own), then _reduce picks the first maximum of the spans'."""
     B, V = x.shape
     block, span, splits = _split(V)
     vals = x.new_empty((B, splits), dtype=torch.float32)
     idxs = x.new_empty((B, splits), dtype=torch.int64)
-    launch(
-        kgw_argmax_kernel,
-        (B, splits),
-        x,
-        ctx,
-        vals,
-        idxs,
-        V,
-        ctx.shape[1],
-        base,
-        threshold,
-        delta,
-        SPAN=span,
-        BLOCK=block,
-        num_warps=4,
-    )
+    launch(kernel, (B, splits), x, ctx, vals, idxs, V, ctx.shape[1], *scalars, SPAN=span, BLOCK=block, num_warps=4)
     _reduce(vals, idxs, out, V)
+
+
+def launch_kgw_argmax(x, ctx, out, base: int, threshold: int, delta: float) -> None:
+    _launch_split_argmax(kgw_argmax_kernel, x, ctx, out, base, threshold, delta)
 
 
 def launch_gumbel_argmax(x, ctx, out, base: int, inv_temperature: float) -> None:
-    B, V = x.shape
-    block, span, splits = _split(V)
-    vals = x.new_empty((B, splits), dtype=torch.float32)
-    idxs = x.new_empty((B, splits), dtype=torch.int64)
-    launch(
-        gumbel_argmax_kernel,
-        (B, splits),
-        x,
-        ctx,
-        vals,
-        idxs,
-        V,
-        ctx.shape[1],
-        base,
-        inv_temperature,
-        SPAN=span,
-        BLOCK=block,
-        num_warps=4,
-    )
-    _reduce(vals, idxs, out, V)
+    _launch_split_argmax(gumbel_argmax_kernel, x, ctx, out, base, inv_temperature)

@@ -233,6 +233,23 @@ def register_skip_ffn_inplace_autograd(op: str) -> None:
 register_skip_ffn_inplace_autograd("alignops::skip_ffn_")
 
 
+def _launch(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps, *outputs) -> None:
+    """launch_skip_ffn with its operands as the kernel reads them (contiguous, keep as bytes), for both twins."""
+    from ..kernels.skip import launch_skip_ffn
+
+    def dense(t):
+        return None if t is None else t.contiguous()
+
+    launch_skip_ffn(
+        x,
+        keep.contiguous().view(torch.uint8),
+        *map(dense, (w_gate_up, w_down, norm_weight, b_gate_up, b_down)),
+        activation,
+        eps,
+        *outputs,
+    )
+
+
 @register_triton_twin("alignops::skip_ffn")
 def skip_ffn_triton(
     x: torch.Tensor,
@@ -252,8 +269,6 @@ def skip_ffn_triton(
     dtype when norm_weight is given and save_for_backward, else [0]; pre_act is [N, G] in x's dtype when
     save_for_backward, else [0, G]; rstd and pre_act are 0 past count. The intermediate buffers are sized by
     the capacity N ([N, H] normalised rows, [N, I] activations), so nothing waits for count."""
-    from ..kernels.skip import launch_skip_ffn
-
     check_triton_device(x, "x")
     I = w_down.shape[1]
     N, H = x.shape
@@ -267,14 +282,14 @@ def skip_ffn_triton(
     if N > 0:
         xn = x.new_empty((N, H) if norm_weight is not None else (0, H))
         act = x.new_empty((N, I))
-        launch_skip_ffn(
+        _launch(
             x,
-            keep.contiguous().view(torch.uint8),
-            w_gate_up.contiguous(),
-            w_down.contiguous(),
-            None if norm_weight is None else norm_weight.contiguous(),
-            None if b_gate_up is None else b_gate_up.contiguous(),
-            None if b_down is None else b_down.contiguous(),
+            keep,
+            w_gate_up,
+            w_down,
+            norm_weight,
+            b_gate_up,
+            b_down,
             activation,
             eps,
             y,
@@ -305,22 +320,20 @@ def skip_ffn_triton_(
 ) -> None:
     """Triton twin of ``alignops::skip_ffn_``: kept rows of x become x + FFN(RMSNorm(x)), skipped rows are
     never written (each output tile of the second GEMM reads its residual elements before it stores them)."""
-    from ..kernels.skip import launch_skip_ffn
-
     check_triton_device(x, "x")
     I = w_down.shape[1]
     N, H = x.shape
     if N == 0:
         return
     G = w_gate_up.shape[0]
-    launch_skip_ffn(
+    _launch(
         x,
-        keep.contiguous().view(torch.uint8),
-        w_gate_up.contiguous(),
-        w_down.contiguous(),
-        None if norm_weight is None else norm_weight.contiguous(),
-        None if b_gate_up is None else b_gate_up.contiguous(),
-        None if b_down is None else b_down.contiguous(),
+        keep,
+        w_gate_up,
+        w_down,
+        norm_weight,
+        b_gate_up,
+        b_down,
         activation,
         eps,
         x,
