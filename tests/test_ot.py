@@ -73,7 +73,7 @@ def test_native_matches_reference_with_scores_and_ragged(cpu_capability):
     got = O.sinkhorn(S, eps=0.1, n_iters=500, tol=1e-9, scores=True, n_sizes=ns, m_sizes=ms, return_plan=True)
     ref = R.sinkhorn(
         S,
-        *[O.solver._marginal(None, s, B, K, S, n) for s, K, n in ((ns, N, "a"), (ms, M, "b"))],
+        *[O.solver._weights(None, s, B, K, S, n) for s, K, n in ((ns, N, "a"), (ms, M, "b"))],
         ns,
         ms,
         [],
@@ -340,8 +340,15 @@ def test_bad_input():
             O.sinkhorn(bad, eps=0.1, n_iters=3, backend=backend)
     with pytest.raises(ValueError, match="non-negative"):
         O.sinkhorn(C, torch.tensor([0.5, 0.5, 0.5, -0.5]), None, eps=0.1)
-    with pytest.raises(ValueError, match="n_sizes"):
-        O.sinkhorn(C, eps=0.1, n_sizes=torch.tensor([4, 9]))
+    for backend in ("native", "torch"):  # the op's size check, before the masses are read
+        with pytest.raises(ValueError, match=r"n_sizes\[1\] = 9 must lie in \[0, 4\]"):
+            O.sinkhorn(C, eps=0.1, n_sizes=torch.tensor([4, 9]), backend=backend)
+        with pytest.raises(ValueError, match="n_iters must be >= 0, got -1"):
+            O.sinkhorn(C, eps=0.1, n_iters=-1, backend=backend)
+        with pytest.raises(ValueError, match=r"a must be a 2-D tensor of shape \[B, N\], got shape \[2, 1, 4\]"):
+            O.sinkhorn(C, torch.full((2, 1, 4), 0.25), eps=0.1, backend=backend)
+    with pytest.raises(ValueError, match=r"a must have shape \[B, N\] = \[2, 4\] \(or \[4\]\), got \[6\]"):
+        O.sinkhorn(C, torch.full((6,), 1 / 6), eps=0.1)
     with pytest.raises(ValueError, match="grad must be one of"):
         O.sinkhorn(C, eps=0.1, grad="magic")
     with pytest.raises(ValueError, match="eps_scaling must lie in"):
@@ -418,6 +425,51 @@ def test_normalize_pass_with_an_arbitrary_column_bias(cpu_capability, dtype):
         exp = R.sinkhorn_normalize_pass(S.double(), col_bias.double(), 0.7, row_update)
         torch.testing.assert_close(got[0].double(), exp[0], **TOL[dtype])
         torch.testing.assert_close(got[1].double(), exp[1], **TOL[dtype])
+
+
+def test_value_check_ops_are_the_native_kernels_checks():
+    """The checks that read values are written once, in C++: the CPU kernels call them, and the ops
+    alignops::<op>_check_values (ATen reductions, so any device) serve the Triton and torch backends."""
+    for name in ("sinkhorn", "sinkhorn_points", "sinkhorn_normalize_pass"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"alignops::{name}_check_values", "CompositeImplicitAutograd"
+        ), name
+    C, _, _, ns, ms = _op_args()[:5]
+    check = torch.ops.alignops.sinkhorn_check_values
+    check(C, ns, ms, False, True)
+    check(C[:0], ns[:0], ms[:0], False, True)  # an empty batch
+    with pytest.raises(ValueError, match=r"m_sizes\[2\] = 6 must lie in \[0, 5\]"):
+        check(C, ns, torch.tensor([5, 5, 6]), False, False)
+    with pytest.raises(ValueError, match=r"n_sizes\[0\] = -1 must lie in \[0, 6\]"):
+        check(C, torch.tensor([-1, 4, 9]), ms, False, True)
+    bad = C.clone()
+    bad[1, 2, 3] = math.nan
+    with pytest.raises(ValueError, match="cost contains NaN"):
+        check(bad, ns, ms, True, True)
+    check(bad, ns, ms, False, False)  # scan_cost=False: the sizes only (the native op scans its cost itself)
+    bad[1, 2, 3] = -math.inf
+    with pytest.raises(ValueError, match=r"cost contains -inf costs: no finite plan exists \(\+inf costs mark"):
+        check(bad, ns, ms, False, True)
+    check(bad, ns, ms, True, True)  # a -inf score is a forbidden pair
+    with pytest.raises(ValueError, match=r"cost contains \+inf scores: no finite plan exists \(-inf scores mark"):
+        check(-bad, ns, ms, True, True)
+    x, y = torch.rand(2, 5, 3), torch.rand(2, 4, 3)
+    full = lambda K: torch.full((2,), K)  # noqa: E731
+    torch.ops.alignops.sinkhorn_points_check_values(x, y, full(5), full(4))
+    with pytest.raises(ValueError, match=r"m_sizes\[0\] = 5 must lie in \[0, 4\]"):
+        torch.ops.alignops.sinkhorn_points_check_values(x, y, full(5), full(5))
+    y[1, 3, 2] = -math.inf
+    with pytest.raises(ValueError, match="x and y must not contain NaN or inf"):
+        torch.ops.alignops.sinkhorn_points_check_values(x, y, full(5), full(4))
+    S = torch.randn(2, 5, 4, dtype=torch.float64)
+    S[0, 1, 2] = -math.inf  # a pair that never matches
+    torch.ops.alignops.sinkhorn_normalize_pass_check_values(S)
+    S[1, 0, 0] = math.inf
+    with pytest.raises(ValueError, match=r"sim contains \+inf"):
+        torch.ops.alignops.sinkhorn_normalize_pass_check_values(S)
+    S[1, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="sim contains NaN"):
+        torch.ops.alignops.sinkhorn_normalize_pass_check_values(S)
 
 
 def test_normalize_bad_input():
@@ -510,8 +562,13 @@ def test_sinkhorn_points_opcheck_and_bad_input():
         torch.ops.alignops.sinkhorn_points(args[0], torch.rand(B, M, d + 1), *args[2:])
     with pytest.raises(ValueError, match=r"x and y must have shapes \[B, N, d\] and \[B, M, d\]"):
         O.sinkhorn_distance(torch.rand(2, 5, 3), torch.rand(2, 4, 2), eps=0.1)
-    with pytest.raises(ValueError, match="eps must be a finite value > 0"):
-        O.sinkhorn_distance(torch.rand(5, 3), torch.rand(4, 3), eps=0.0)
+    for backend in ("native", "torch"):  # the op's argument checks, whichever backend runs
+        with pytest.raises(ValueError, match="eps must be a finite value > 0"):
+            O.sinkhorn_distance(torch.rand(5, 3), torch.rand(4, 3), eps=0.0, backend=backend)
+        with pytest.raises(ValueError, match="p must be a finite value >= 1, got inf"):
+            O.sinkhorn_distance(torch.rand(5, 3), torch.rand(4, 3), eps=0.1, p=math.inf, backend=backend)
+        with pytest.raises(ValueError, match="n_iters must be >= 0, got -1"):
+            O.sinkhorn_distance(torch.rand(5, 3), torch.rand(4, 3), eps=0.1, n_iters=-1, backend=backend)
     bad = torch.rand(5, 3)
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="must not contain NaN"):

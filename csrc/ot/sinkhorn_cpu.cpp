@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_capability.h"
@@ -31,15 +34,6 @@ void check_sizes(const at::Tensor& sizes, const c10::SymInt& B, std::string_view
   TORCH_CHECK_VALUE(sizes.scalar_type() == at::kLong && sizes.dim() == 1 && sizes.sym_size(0) == B, name,
                     " must be an int64 tensor of shape [B] = [", B, "], got ", dtype_name(sizes.scalar_type()), " ",
                     sizes.sym_sizes());
-}
-
-// The CPU kernels read the sizes: on the host, each in [0, bound]. (The GPU kernels clamp them: a check would sync.)
-void check_size_values(const at::Tensor& sizes, int64_t bound, std::string_view name) {
-  check_device(sizes, c10::DeviceType::CPU, name);
-  const int64_t* p = sizes.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < sizes.numel(); ++i) {
-    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] <= bound, name, "[", i, "] = ", p[i], " must lie in [0, ", bound, "]");
-  }
 }
 
 void check_eps(double eps, std::string_view name) {
@@ -105,6 +99,74 @@ void check_normalize_pass(const at::Tensor& sim, const at::Tensor& col_bias, dou
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
 }
 
+// ---- The checks that read values: ATen reductions, so one function serves every device. Each CPU launcher calls
+// its function, and the op alignops::<op>_check_values (the same function) serves the Python side before the Triton
+// and torch backends: each message is written once. Each reads one min and max per tensor, brought to the host in
+// one copy (one sync on a GPU).
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// The min and max of each tensor, lo0, hi0, lo1, hi1, ...: NaN for one that holds a NaN (aminmax propagates it),
+// 0 for an empty one.
+std::vector<double> extremes(at::TensorList ts) {
+  std::vector<at::Tensor> parts;
+  for (const auto& t : ts) {
+    const auto options = t.options().dtype(at::kDouble).device(ts[0].device());
+    if (t.numel() == 0) {
+      parts.push_back(at::zeros({2}, options));
+    } else {
+      const auto [lo, hi] = at::aminmax(t);
+      parts.push_back(at::stack({lo, hi}).to(options));
+    }
+  }
+  const auto host = at::cat(parts).cpu();
+  const double* p = host.const_data_ptr<double>();
+  return {p, p + host.numel()};
+}
+
+// Each size in [0, bound] (the kernels index with them), given the sizes' min and max; the message names the first
+// one outside (read again: on the error path only).
+void check_size_values(const at::Tensor& sizes, double lo, double hi, int64_t bound, std::string_view name) {
+  if (lo < 0 || hi > static_cast<double>(bound)) {
+    const int64_t i = ((sizes < 0) | (sizes > bound)).nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, name, "[", i, "] = ", sizes[i].item<int64_t>(), " must lie in [0, ", bound, "]");
+  }
+}
+
+// The sizes and, with scan_cost, no NaN cost and no infinity of the wrong sign: +inf costs (-inf scores) are
+// forbidden pairs (P_ij = 0), the opposite infinity a pair of infinite value, which no finite plan has. The native
+// op scans the cost itself: before it, the Python side checks only the sizes (scan_cost=False).
+void check_sinkhorn_values(const at::Tensor& cost, const at::Tensor& n_sizes, const at::Tensor& m_sizes, bool scores,
+                           bool scan_cost) {
+  const auto v = scan_cost ? extremes({n_sizes, m_sizes, cost}) : extremes({n_sizes, m_sizes});
+  check_size_values(n_sizes, v[0], v[1], cost.size(1), "n_sizes");
+  check_size_values(m_sizes, v[2], v[3], cost.size(2), "m_sizes");
+  if (scan_cost) {
+    const double lo = v[4], hi = v[5];
+    TORCH_CHECK_VALUE(!std::isnan(lo) && !std::isnan(hi), "cost contains NaN");
+    TORCH_CHECK_VALUE(scores ? hi != kInf : lo != -kInf, "cost contains ", scores ? "+inf scores" : "-inf costs",
+                      ": no finite plan exists (", scores ? "-inf scores" : "+inf costs", " mark forbidden pairs)");
+  }
+}
+
+// The sizes, and points that are all finite (an infinite point has infinite costs).
+void check_sinkhorn_points_values(const at::Tensor& x, const at::Tensor& y, const at::Tensor& n_sizes,
+                                  const at::Tensor& m_sizes) {
+  const auto v = extremes({n_sizes, m_sizes, x, y});
+  check_size_values(n_sizes, v[0], v[1], x.size(1), "n_sizes");
+  check_size_values(m_sizes, v[2], v[3], y.size(1), "m_sizes");
+  TORCH_CHECK_VALUE(std::all_of(v.begin() + 4, v.end(), [](double e) { return std::isfinite(e); }),
+                    "x and y must not contain NaN or inf (an infinite point has infinite costs)");
+}
+
+// No NaN and no +inf similarity: -inf marks pairs that never match (a row or column of only -inf carries no mass);
+// +inf has no finite bias.
+void check_normalize_pass_values(const at::Tensor& sim) {
+  const auto v = extremes(sim);
+  TORCH_CHECK_VALUE(!std::isnan(v[0]) && !std::isnan(v[1]), "sim contains NaN");
+  TORCH_CHECK_VALUE(v[1] != kInf, "sim contains +inf");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& cost, const at::Tensor& a,
                                                                         const at::Tensor& b, const at::Tensor& n_sizes,
                                                                         const at::Tensor& m_sizes,
@@ -112,16 +174,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at
                                                                         int64_t n_iters, double tol, bool scores) {
   check_sinkhorn(cost, a, b, n_sizes, m_sizes, eps_schedule, eps, n_iters, tol, scores);
   check_device(cost, c10::DeviceType::CPU, "cost");
+  check_device(n_sizes, c10::DeviceType::CPU, "n_sizes");
+  check_device(m_sizes, c10::DeviceType::CPU, "m_sizes");
+  check_sinkhorn_values(cost, n_sizes, m_sizes, scores, true);
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
-  check_size_values(n_sizes, N, "n_sizes");
-  check_size_values(m_sizes, M, "m_sizes");
   const auto x = cost.contiguous();
-  const int bad = kernels().nonfinite(x);
-  TORCH_CHECK_VALUE(!(bad & kNaN), "cost contains NaN");
-  // +inf costs (-inf scores) are forbidden pairs (P_ij = 0); the opposite infinity is a pair of infinite
-  // value, which no finite plan has
-  TORCH_CHECK_VALUE(!(bad & (scores ? kPosInf : kNegInf)), "cost contains ", scores ? "+inf scores" : "-inf costs",
-                    ": no finite plan exists (", scores ? "-inf scores" : "+inf costs", " mark forbidden pairs)");
   auto f = at::zeros({B, N}, cost.options());
   auto g = at::zeros({B, M}, cost.options());
   auto iters = at::zeros({B}, cost.options().dtype(at::kLong));
@@ -137,13 +194,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_points_cpu(
     const at::Tensor& m_sizes, double p, at::ArrayRef<double> eps_schedule, double eps, int64_t n_iters, double tol) {
   check_sinkhorn_points(x, y, a, b, n_sizes, m_sizes, p, eps_schedule, eps, n_iters, tol);
   check_device(x, c10::DeviceType::CPU, "x");
+  check_device(n_sizes, c10::DeviceType::CPU, "n_sizes");
+  check_device(m_sizes, c10::DeviceType::CPU, "m_sizes");
+  check_sinkhorn_points_values(x, y, n_sizes, m_sizes);
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1);
-  check_size_values(n_sizes, N, "n_sizes");
-  check_size_values(m_sizes, M, "m_sizes");
   const auto xc = x.contiguous();
   const auto yt = y.transpose(1, 2).contiguous();  // [B, d, M]: each coordinate contiguous over the points
-  TORCH_CHECK_VALUE(kernels().nonfinite(xc) == 0 && kernels().nonfinite(yt) == 0,
-                    "x and y must not contain NaN or inf (an infinite point has infinite costs)");
   auto f = at::zeros({B, N}, x.options());
   auto g = at::zeros({B, M}, x.options());
   auto iters = at::zeros({B}, x.options().dtype(at::kLong));
@@ -158,12 +214,9 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_normalize_pass_cpu(const at::Tensor&
                                                                double scale, bool row_update) {
   check_normalize_pass(sim, col_bias, scale, row_update);
   check_device(sim, c10::DeviceType::CPU, "sim");
+  check_normalize_pass_values(sim);
   const int64_t L = sim.size(0), N = sim.size(1), M = sim.size(2);
   const auto x = sim.contiguous();
-  const int bad = kernels().nonfinite(x);
-  TORCH_CHECK_VALUE(!(bad & kNaN), "sim contains NaN");
-  // -inf marks pairs that never match (a row or column of only -inf carries no mass); +inf has no finite bias
-  TORCH_CHECK_VALUE(!(bad & kPosInf), "sim contains +inf");
   auto row_bias = at::zeros({L, N}, sim.options());
   auto col_lse = at::empty({L, M}, sim.options());
   kernels().normalize_pass(x, col_bias.contiguous(), scale, row_update, row_bias, col_lse);
@@ -197,12 +250,22 @@ TORCH_LIBRARY_FRAGMENT(alignops, m) {
   // col_lse_j = logsumexp_i(scale * S_ij + row_bias_i). Returns (row_bias [L, N], col_lse [L, M]).
   def_checked(m,
               "sinkhorn_normalize_pass(Tensor sim, Tensor col_bias, float scale, bool row_update) -> (Tensor, Tensor)");
+
+  // The checks that read values (sizes in range, non-finite entries), each op's as an op (on any device: ATen
+  // reductions and one host read). sinkhorn's scan_cost=False checks only the sizes: for the native op, which
+  // scans the cost itself.
+  m.def("sinkhorn_check_values(Tensor cost, Tensor n_sizes, Tensor m_sizes, bool scores, bool scan_cost) -> ()");
+  m.def("sinkhorn_points_check_values(Tensor x, Tensor y, Tensor n_sizes, Tensor m_sizes) -> ()");
+  m.def("sinkhorn_normalize_pass_check_values(Tensor sim) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(alignops, CompositeImplicitAutograd, m) {
   m.impl("sinkhorn_check", &check_sinkhorn);
   m.impl("sinkhorn_points_check", &check_sinkhorn_points);
   m.impl("sinkhorn_normalize_pass_check", &check_normalize_pass);
+  m.impl("sinkhorn_check_values", &check_sinkhorn_values);
+  m.impl("sinkhorn_points_check_values", &check_sinkhorn_points_values);
+  m.impl("sinkhorn_normalize_pass_check_values", &check_normalize_pass_values);
 }
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) {

@@ -17,7 +17,6 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -504,30 +503,9 @@ void normalize_pass(const at::Tensor& sim, const at::Tensor& col_bias, double sc
   });
 }
 
-int nonfinite(const at::Tensor& x) {
-  std::atomic<int> found{0};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ot_nonfinite_cpu", [&] {
-    const scalar_t* p = x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
-      bool nan = false, pos = false, neg = false;
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t v = p[i];
-        nan |= std::isnan(v);
-        pos |= v == std::numeric_limits<scalar_t>::infinity();
-        neg |= v == -std::numeric_limits<scalar_t>::infinity();
-      }
-      const int bits = (nan ? kNaN : 0) | (pos ? kPosInf : 0) | (neg ? kNegInf : 0);
-      if (bits != 0) {
-        found.fetch_or(bits);
-      }
-    });
-  });
-  return found;
-}
-
 }  // namespace
 
-const OtKernels ot_kernels{&sinkhorn, &sinkhorn_points, &normalize_pass, &nonfinite};
+const OtKernels ot_kernels{&sinkhorn, &sinkhorn_points, &normalize_pass};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace alignops::ot

@@ -7,10 +7,6 @@
 
 namespace alignops::ot {
 
-constexpr int kNaN = 1;
-constexpr int kPosInf = 2;
-constexpr int kNegInf = 4;
-
 struct OtKernels {
   // Batched log-domain Sinkhorn; see the schema comment in csrc/registration.cpp. f, g are zeroed by the caller.
   void (*sinkhorn)(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, const at::Tensor& n_sizes,
@@ -24,8 +20,6 @@ struct OtKernels {
   // One pass of the log-domain UCoFiA normalisation over sim [L, N, M].
   void (*normalize_pass)(const at::Tensor& sim, const at::Tensor& col_bias, double scale, bool row_update,
                          at::Tensor& row_bias, at::Tensor& col_lse);
-  // Which non-finite values x holds: an OR of kNaN, kPosInf, kNegInf (threaded scan, no temporary).
-  int (*nonfinite)(const at::Tensor& x);
 };
 
 namespace DEFAULT {

@@ -13,11 +13,17 @@ from ._backend import triton_interpreting
 from ._errors import AlignopsError
 
 
+def check_python_float(value: float, name: str) -> None:
+    """A float hyper-parameter given as a number, not a tensor (reading a tensor's value would sync with its
+    device). Its range may be an op's own check (``run_checks``), which would read a 0-d tensor silently."""
+    if isinstance(value, torch.Tensor):
+        raise AlignopsError(f"{name} must be a Python float, got a tensor {value!r}")
+
+
 def check_finite(value: float, name: str) -> None:
     """A float hyper-parameter with no meaning at NaN or inf: refused by name rather than carried into the kernels,
     where it turns every output into NaN (or, as a reg or a penalty, fails somewhere further in)."""
-    if isinstance(value, torch.Tensor):
-        raise AlignopsError(f"{name} must be a Python float, got a tensor {value!r}")
+    check_python_float(value, name)
     if not math.isfinite(value):
         raise AlignopsError(f"{name} must be finite, got {value!r}")
 
@@ -31,8 +37,7 @@ def check_positive(value: float, name: str) -> None:
 
 def check_not_nan(value: float, name: str) -> None:
     """A float hyper-parameter for which inf has a meaning (a threshold, a tolerance, a penalty) but NaN has none."""
-    if isinstance(value, torch.Tensor):
-        raise AlignopsError(f"{name} must be a Python float, got a tensor {value!r}")
+    check_python_float(value, name)
     if math.isnan(value):
         raise AlignopsError(f"{name} must not be NaN, got {value!r}")
 

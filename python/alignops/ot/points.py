@@ -8,10 +8,11 @@ import torch
 
 from .. import _backend
 from .._api import legacy_order
-from .._checks import check_positive
+from .._checks import check_python_float
 from .._errors import AlignopsError
+from ..ops._registration import run_checks, run_value_checks
 from ..reference import ot as _ref
-from .solver import _OPS, _check_mass, _geometric_schedule, _marginal, _not_nan, _tolerance
+from .solver import _OPS, _check_mass, _geometric_schedule, _not_nan, _on_support, _tolerance, _weights
 
 
 def _points_reference(x, y, a, b, n_sizes, m_sizes, p, schedule, eps, n_iters, tol):
@@ -105,7 +106,7 @@ def sinkhorn_distance(
 
     Args:
         x: [B, N, d] (or [N, d]); y: [B, M, d] (or [M, d]); float32/float64, finite (NaN or inf raises).
-        eps: entropic regularisation (> 0) in cost units; p: cost exponent (>= 1). Keyword-only, as in
+        eps: entropic regularisation (> 0) in cost units; p: cost exponent (finite, >= 1). Keyword-only, as in
             :func:`sinkhorn`; the old order ``(x, y, eps, p, a, b)`` still works, with a DeprecationWarning,
             until the next release.
         a, b: weights [B, N] / [B, M] (or [N] / [M]), default uniform; same mass.
@@ -128,29 +129,25 @@ def sinkhorn_distance(
         )
     if not x.is_floating_point() or not y.is_floating_point():
         raise AlignopsError(f"x and y must be floating point, got {x.dtype} and {y.dtype}")
-    check_positive(eps, "eps")
-    if not p >= 1:
-        raise AlignopsError(f"p must be >= 1, got {p}")
+    check_python_float(eps, "eps")
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     y = y.to(x.dtype)
     if n_iters is None:
         n_iters, tol = 1000, (1e-6 if tol is None else tol)
     tol_v = _tolerance(tol)
     B, N, M = x.shape[0], x.shape[1], y.shape[1]
-    full = lambda K: torch.full((B,), K, dtype=torch.long, device=x.device)  # noqa: E731
-    aw = _marginal(a, full(N), B, N, x, "a", check_values)
-    bw = _marginal(b, full(M), B, M, x, "b", check_values)
-    if check_values:
-        _check_mass(aw, bw, full(N), full(M))
+    ns = torch.full((B,), N, dtype=torch.long, device=x.device)
+    ms = torch.full((B,), M, dtype=torch.long, device=x.device)
+    aw, bw = _weights(a, ns, B, N, x, "a"), _weights(b, ms, B, M, x, "b")
+    # the op's argument checks (p, eps, n_iters, the weights' shapes and devices), whichever backend runs
+    run_checks("alignops::sinkhorn_points", x, y, aw, bw, ns, ms, float(p), [], eps, n_iters, tol_v)
     be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn_distance", native_cuda=False)
     op = _points_reference if be == "torch" else getattr(torch.ops.alignops, _OPS["sinkhorn_points"][be])
-    if (
-        check_values
-        and be != "native"
-        and not torch.compiler.is_compiling()
-        and not bool(torch.isfinite(x).all() & torch.isfinite(y).all())
-    ):  # the native op scans the points itself
-        raise AlignopsError("x and y must not contain NaN or inf (an infinite point has infinite costs)")
+    if check_values and be != "native" and not torch.compiler.is_compiling():  # the native op scans the points itself
+        run_value_checks("alignops::sinkhorn_points", x, y, ns, ms)
+    aw, bw = _on_support(a, aw, ns, "a", check_values), _on_support(b, bw, ms, "b", check_values)
+    if check_values:
+        _check_mass(aw, bw, ns, ms)
     _not_nan(diameter, "diameter")
     if eps_scaling is not None and diameter is not None:
         schedule = _geometric_schedule(float(diameter) ** p, eps, eps_scaling)

@@ -9,8 +9,9 @@ from typing import NamedTuple
 import torch
 
 from .. import _backend
-from .._checks import check_positive
+from .._checks import check_python_float
 from .._errors import AlignopsError
+from ..ops._registration import run_checks, run_value_checks
 from ..ops.ot import envelope_grad_cost
 from ..reference import ot as _ref
 from .newton import check_newton, newton_polish
@@ -51,21 +52,28 @@ def _sizes(sizes, B: int, full: int, name: str, device) -> torch.Tensor:
     return sizes.long()
 
 
-def _marginal(
-    w, sizes: torch.Tensor, B: int, K: int, like: torch.Tensor, name: str, check_values: bool = True
-) -> torch.Tensor:
-    valid = torch.arange(K, device=like.device) < sizes[:, None]
+def _weights(w, sizes: torch.Tensor, B: int, K: int, like: torch.Tensor, name: str) -> torch.Tensor:
+    """The op's marginal from the public forms, in the cost's dtype: None (uniform over each problem's size) or a
+    [K] shared by the problems, which this checks; a [B, K] (its shape and device) is the op's to check
+    (``run_checks``, before ``_on_support``)."""
     if w is None:
+        valid = torch.arange(K, device=like.device) < sizes[:, None]
         return torch.where(valid, 1.0 / sizes.clamp_min(1)[:, None].to(like.dtype), 0).to(like.dtype)
     if w.dim() == 1:
+        if w.shape[0] != K:
+            dim = "N" if name == "a" else "M"
+            raise AlignopsError(f"{name} must have shape [B, {dim}] = [{B}, {K}] (or [{K}]), got {list(w.shape)}")
         w = w.expand(B, -1)
-    if tuple(w.shape) != (B, K):
-        raise AlignopsError(
-            f"{name} must have shape [B, {'N' if name == 'a' else 'M'}] = [{B}, {K}] (or [{K}]), got {list(w.shape)}"
-        )
-    if w.device != like.device:
-        raise AlignopsError(f"{name} must be on the device of the cost ({like.device}), got {w.device}")
-    w = torch.where(valid, w.to(like.dtype), 0)
+    return w.to(like.dtype)
+
+
+def _on_support(w, weights: torch.Tensor, sizes: torch.Tensor, name: str, check_values: bool) -> torch.Tensor:
+    """The given marginal ``w`` (``weights`` as ``_weights`` built it) zeroed on the padding of a ragged batch and,
+    with check_values, finite and non-negative (one host read; the ops read the marginals unchecked)."""
+    if w is None:  # the uniform default: already zero on the padding
+        return weights
+    valid = torch.arange(weights.shape[1], device=weights.device) < sizes[:, None]
+    w = torch.where(valid, weights, 0)
     if check_values and not torch.compiler.is_compiling() and bool((w < 0).any() | ~torch.isfinite(w).all()):
         raise AlignopsError(f"{name} must hold finite non-negative weights")
     return w
@@ -295,15 +303,18 @@ def sinkhorn(
     if squeeze:
         x = x[None]
     x = _as_batch(x, "cost_or_scores")
-    check_positive(eps, "eps")
+    check_python_float(eps, "eps")
     if grad not in _GRADS:
         raise AlignopsError(f"grad must be one of {_GRADS}, got {grad!r}")
     if n_iters is None:
         n_iters, tol = 1000, (1e-6 if tol is None else tol)
-    if n_iters < 0:
-        raise AlignopsError(f"n_iters must be >= 0, got {n_iters}")
     tol_v = _tolerance(tol)
     B, N, M = x.shape
+    ns = _sizes(n_sizes, B, N, "n_sizes", x.device)
+    ms = _sizes(m_sizes, B, M, "m_sizes", x.device)
+    aw, bw = _weights(a, ns, B, N, x, "a"), _weights(b, ms, B, M, x, "b")
+    # the op's argument checks (eps, n_iters, the marginals' shapes and devices), whichever backend runs
+    run_checks("alignops::sinkhorn", x, aw, bw, ns, ms, [], eps, n_iters, tol_v, scores)
     if isinstance(newton_steps, bool) or not (isinstance(newton_steps, int) and 0 <= newton_steps <= n_iters):
         raise AlignopsError(f"newton_steps must be an int in [0, n_iters = {n_iters}], got {newton_steps}")
     if newton_steps:
@@ -313,22 +324,15 @@ def sinkhorn(
                 "newton_steps runs after the log-domain iterations and has no unrolled gradient: "
                 "use grad='envelope' or 'implicit' with log_domain=True"
             )
-    ns = _sizes(n_sizes, B, N, "n_sizes", x.device)
-    ms = _sizes(m_sizes, B, M, "m_sizes", x.device)
-    if check_values and not torch.compiler.is_compiling() and bool(((ns < 0) | (ns > N) | (ms < 0) | (ms > M)).any()):
-        raise AlignopsError(f"n_sizes must lie in [0, {N}] and m_sizes in [0, {M}]")
-    aw = _marginal(a, ns, B, N, x, "a", check_values)
-    bw = _marginal(b, ms, B, M, x, "b", check_values)
+    be = _solver_backend(backend, x, log_domain, grad, n_sizes is not None or m_sizes is not None, eps_scaling)
+    if check_values and not torch.compiler.is_compiling():
+        # sizes in range (before the masses are read), and the cost's NaN / infinity scan except for the native
+        # op, which scans it itself: the op's value checks, one host read
+        run_value_checks("alignops::sinkhorn", x, ns, ms, scores, be != "native")
+    aw, bw = _on_support(a, aw, ns, "a", check_values), _on_support(b, bw, ms, "b", check_values)
     if check_values:
         _check_mass(aw, bw, ns, ms)
     if not log_domain:
-        if n_sizes is not None or m_sizes is not None or eps_scaling is not None or backend not in ("auto", "torch"):
-            raise AlignopsError(
-                "log_domain=False (the classical exp-domain iterations) runs on backend='torch' "
-                "without ragged sizes or eps_scaling"
-            )
-        if check_values and not torch.compiler.is_compiling():
-            _check_cost(x, scores)
         f, g = _ref.sinkhorn_exp(-x if scores else x, aw, bw, eps, n_iters)
         iters = torch.full((B,), n_iters, dtype=torch.long, device=x.device)
         err = (torch.exp((f[:, :, None] + g[:, None, :] - (-x if scores else x)) / eps).sum(1) - bw).abs().sum(-1)
@@ -338,14 +342,6 @@ def sinkhorn(
         schedule = _geometric_schedule(cost_range, eps, eps_scaling)
     else:
         schedule = eps_schedule(x, eps, eps_scaling, ns, ms)
-    if grad == "unrolled":
-        if backend not in ("auto", "torch"):
-            raise AlignopsError("grad='unrolled' differentiates the PyTorch reference: use backend='torch' or 'auto'")
-        be = "torch"
-    else:
-        be = _backend.resolve(backend, x.device, "alignops.ot.sinkhorn", native_cuda=False)
-    if check_values and be != "native" and not torch.compiler.is_compiling():  # the native op scans it itself
-        _check_cost(x, scores)
     if grad == "unrolled":
         f, g, iters, err = _ref.sinkhorn(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
         return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
@@ -362,16 +358,22 @@ def sinkhorn(
     return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
 
 
-def _check_cost(x: torch.Tensor, scores: bool) -> None:
-    """No NaN, and no infinity of the wrong sign: +inf costs (-inf scores) are forbidden pairs, the opposite
-    infinity a pair of infinite value that no finite plan has (the native op's messages)."""
-    if bool(torch.isnan(x).any()):
-        raise AlignopsError("cost contains NaN")
-    if bool((x == (math.inf if scores else -math.inf)).any()):
-        raise AlignopsError(
-            f"cost contains {'+inf scores' if scores else '-inf costs'}: no finite plan exists "
-            f"({'-inf scores' if scores else '+inf costs'} mark forbidden pairs)"
-        )
+def _solver_backend(
+    backend: str, x: torch.Tensor, log_domain: bool, grad: str, ragged: bool, eps_scaling: float | None
+) -> str:
+    """The backend that runs: the torch reference for the exp-domain iterations and the unrolled gradient."""
+    if not log_domain:
+        if ragged or eps_scaling is not None or backend not in ("auto", "torch"):
+            raise AlignopsError(
+                "log_domain=False (the classical exp-domain iterations) runs on backend='torch' "
+                "without ragged sizes or eps_scaling"
+            )
+        return "torch"
+    if grad == "unrolled":
+        if backend not in ("auto", "torch"):
+            raise AlignopsError("grad='unrolled' differentiates the PyTorch reference: use backend='torch' or 'auto'")
+        return "torch"
+    return _backend.resolve(backend, x.device, "alignops.ot.sinkhorn", native_cuda=False)
 
 
 def _with_newton(op, steps: int):
