@@ -109,50 +109,9 @@ def sinkhorn_triton(
     scores: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::sinkhorn``: (f [B, N], g [B, M], iterations [B] int64, err [B])."""
-    from ..kernels.ot import launch_sinkhorn, launch_sinkhorn_split, use_split
-
     check_triton_device(cost, "cost")
-    B, N, M = cost.shape
     cost = cost.contiguous()
-    f, g, iters, err = _outputs(cost, B, N, M)
-    if B > 0 and use_split(cost.device, B, N, M):
-        launch_sinkhorn_split(
-            cost,
-            a.contiguous(),
-            b.contiguous(),
-            n_sizes.contiguous(),
-            m_sizes.contiguous(),
-            _split_schedule(eps_schedule, eps, n_iters, cost),
-            len(eps_schedule),
-            n_iters,
-            tol,
-            scores,
-            f,
-            g,
-            cost.new_empty(B, M),
-            iters,
-            err,
-        )
-    elif B > 0:
-        sched = schedule_on_device([*eps_schedule, eps], cost)
-        launch_sinkhorn(
-            cost,
-            a.contiguous(),
-            b.contiguous(),
-            n_sizes.contiguous(),
-            m_sizes.contiguous(),
-            sched,
-            len(eps_schedule),
-            n_iters,
-            tol,
-            scores,
-            f,
-            g,
-            cost.new_empty(B, M),
-            iters,
-            err,
-        )
-    return f, g, iters, err
+    return _solve(cost, *cost.shape, a, b, n_sizes, m_sizes, eps_schedule, eps, n_iters, tol, scores)
 
 
 register_sinkhorn_autograd("alignops::sinkhorn_triton")
@@ -173,52 +132,45 @@ def sinkhorn_points_triton(
     tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``alignops::sinkhorn_points``: the cost |x_i - y_j|^p exists one tile at a time."""
-    from ..kernels.ot import launch_sinkhorn, launch_sinkhorn_split, use_split
-
     check_triton_device(x, "x")
     B, N, M = x.shape[0], x.shape[1], y.shape[1]
-    f, g, iters, err = _outputs(x, B, N, M)
-    if B > 0 and use_split(x.device, B, N, M):
-        launch_sinkhorn_split(
-            x,
-            a.contiguous(),
-            b.contiguous(),
-            n_sizes.contiguous(),
-            m_sizes.contiguous(),
-            _split_schedule(eps_schedule, eps, n_iters, x),
-            len(eps_schedule),
-            n_iters,
-            tol,
-            False,
-            f,
-            g,
-            x.new_empty(B, M),
-            iters,
-            err,
-            points=(x.contiguous(), y.contiguous()),
-            power=p,
-        )
-    elif B > 0:
-        sched = schedule_on_device([*eps_schedule, eps], x)
-        launch_sinkhorn(
-            x,
-            a.contiguous(),
-            b.contiguous(),
-            n_sizes.contiguous(),
-            m_sizes.contiguous(),
-            sched,
-            len(eps_schedule),
-            n_iters,
-            tol,
-            False,
-            f,
-            g,
-            x.new_empty(B, M),
-            iters,
-            err,
-            points=(x.contiguous(), y.contiguous()),
-            power=p,
-        )
+    points = (x.contiguous(), y.contiguous())
+    return _solve(x, B, N, M, a, b, n_sizes, m_sizes, eps_schedule, eps, n_iters, tol, False, points=points, power=p)
+
+
+def _solve(like, B, N, M, a, b, n_sizes, m_sizes, eps_schedule, eps, n_iters, tol, scores, **points):
+    """The Triton launch of both Sinkhorn twins into fresh outputs (f, g, iterations, err): the split path
+    (one problem over several programs, for few large problems) or one program per problem. ``like`` is the
+    cost, or the points x (``points``: the point clouds and the cost exponent) whose dtype and device it gives."""
+    from ..kernels.ot import launch_sinkhorn, launch_sinkhorn_split, use_split
+
+    f, g, iters, err = _outputs(like, B, N, M)
+    if B == 0:
+        return f, g, iters, err
+    split = use_split(like.device, B, N, M)
+    if split:
+        schedule, launch = _split_schedule(eps_schedule, eps, n_iters, like), launch_sinkhorn_split
+    else:
+        schedule, launch = schedule_on_device([*eps_schedule, eps], like), launch_sinkhorn
+    sizes = (n_sizes.contiguous(), m_sizes.contiguous())
+    buffer = like.new_empty(B, M)
+    launch(
+        like,
+        a.contiguous(),
+        b.contiguous(),
+        *sizes,
+        schedule,
+        len(eps_schedule),
+        n_iters,
+        tol,
+        scores,
+        f,
+        g,
+        buffer,
+        iters,
+        err,
+        **points,
+    )
     return f, g, iters, err
 
 
