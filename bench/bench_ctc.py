@@ -11,7 +11,7 @@ import torch
 from alignops import ctc
 from alignops.reference import ctc as ref
 
-from .common import Case, annotate, nbytes
+from .common import annotate, case_maker, nbytes
 
 FAMILY = "ctc"
 C = 32  # a character vocabulary (wav2vec2 / MMS-style CTC heads)
@@ -51,92 +51,30 @@ def groups(device: str, quick: bool):
     B = 4 if quick else (256 if device == "cuda" else 32)
     T, L = (200, 60) if quick else (1000, 300)
     lp, tg = _inputs(B, T, L, device)
-    shape = f"B={B} T={T} L={L} C={C}"
+    case = case_maker(FAMILY, "forced_align", f"B={B} T={T} L={L} C={C}", "float32", "fwd")
     cases = []
     if F is not None:
-        cases.append(
-            Case(
-                FAMILY,
-                "forced_align",
-                shape,
-                "float32",
-                f"torchaudio {device} (looped)",
-                "fwd",
-                lambda: _looped(F, lp, tg),
-                baseline=True,
-            )
-        )
-    cases.append(
-        Case(
-            FAMILY,
-            "forced_align",
-            shape,
-            "float32",
-            "alignops",
-            "fwd",
-            lambda: ctc.forced_align(lp, tg),
-            baseline=F is None,
-        )
-    )
+        cases.append(case(f"torchaudio {device} (looped)", lambda: _looped(F, lp, tg), baseline=True))
+    cases.append(case("alignops", lambda: ctc.forced_align(lp, tg), baseline=F is None))
     if device == "cpu":
         il = torch.full((B,), T)
         tl = torch.full((B,), L)
-        cases.append(
-            Case(
-                FAMILY,
-                "forced_align",
-                shape,
-                "float32",
-                "reference (torch)",
-                "fwd",
-                lambda: ref.forced_align(lp, tg, il, tl),
-            )
-        )
+        cases.append(case("reference (torch)", lambda: ref.forced_align(lp, tg, il, tl)))
     yield _work(cases, lp, tg)
     minutes = (0.5,) if quick else (5, 15, 30)
     for m in minutes:
         T = int(m * 60 * 50)
         L = int(m * 60 * 15)
         lp, tg = _inputs(1, T, L, device, seed=int(m * 10))
-        shape = f"{m} min: T={T} L={L}"
+        case = case_maker(FAMILY, "forced_align", f"{m} min: T={T} L={L}", "float32", "fwd")
         cases = []
         # torchaudio's CPU kernel indexes its T*S int8 backpointers with int: past 2^31 it crashes.
         runs_torchaudio = F is not None and T * (2 * L + 1) < 2**31
         if runs_torchaudio:
-            cases.append(
-                Case(
-                    FAMILY,
-                    "forced_align",
-                    shape,
-                    "float32",
-                    f"torchaudio {device}",
-                    "fwd",
-                    lambda lp=lp, tg=tg: _looped(F, lp, tg),
-                    baseline=True,
-                )
-            )
+            cases.append(case(f"torchaudio {device}", lambda lp=lp, tg=tg: _looped(F, lp, tg), baseline=True))
+        cases.append(case("alignops full", lambda lp=lp, tg=tg: ctc.forced_align(lp, tg), baseline=not runs_torchaudio))
         cases.append(
-            Case(
-                FAMILY,
-                "forced_align",
-                shape,
-                "float32",
-                "alignops full",
-                "fwd",
-                lambda lp=lp, tg=tg: ctc.forced_align(lp, tg),
-                baseline=not runs_torchaudio,
-            )
-        )
-        cases.append(
-            Case(
-                FAMILY,
-                "forced_align",
-                shape,
-                "float32",
-                "alignops checkpointed",
-                "fwd",
-                lambda lp=lp, tg=tg: ctc.forced_align(lp, tg, memory="checkpointed"),
-            )
+            case("alignops checkpointed", lambda lp=lp, tg=tg: ctc.forced_align(lp, tg, memory="checkpointed"))
         )
         yield _work(cases, lp, tg)
 

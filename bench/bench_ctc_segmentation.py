@@ -34,6 +34,11 @@ def _cpu_timed(shape: str, provider: str, fn):
     return run
 
 
+def _case(op: str, shape: str, provider: str, fn, baseline: bool = False) -> Case:
+    """A CPU fwd case of this family whose calls' CPU seconds are recorded under (shape, provider) for summary()."""
+    return Case(FAMILY, op, shape, "float32", provider, "fwd", _cpu_timed(shape, provider, fn), baseline=baseline)
+
+
 def _one_thread(fn):
     def run():
         n = torch.get_num_threads()
@@ -111,47 +116,19 @@ def groups(device: str, quick: bool):
         if cs is not None:
             config = cs.CtcSegmentationParameters(char_list=[str(i) for i in range(V)])
             np_recs = [(lpz.numpy(), [u.numpy() for u in utts]) for lpz, utts in recs]
-            pkg = "ctc-segmentation (package)"
             cases.append(
-                Case(
-                    FAMILY,
+                _case(
                     "ctc_segmentation+segments",
                     shape,
-                    "float32",
-                    pkg,
-                    "fwd",
-                    _cpu_timed(
-                        shape,
-                        pkg,
-                        lambda np_recs=np_recs, config=config: [_package(cs, config, lp, u) for lp, u in np_recs],
-                    ),
+                    "ctc-segmentation (package)",
+                    lambda np_recs=np_recs, config=config: [_package(cs, config, lp, u) for lp, u in np_recs],
                     baseline=True,
                 )
             )
         run = lambda batch=_padded(lpzs, gts), begins=begins: _alignops(batch, begins)  # noqa: E731
-        cases.append(
-            Case(
-                FAMILY,
-                "ctc_segmentation+segments",
-                shape,
-                "float32",
-                "alignops",
-                "fwd",
-                _cpu_timed(shape, "alignops", run),
-            )
-        )
+        cases.append(_case("ctc_segmentation+segments", shape, "alignops", run))
         if B > 1:
-            cases.append(
-                Case(
-                    FAMILY,
-                    "ctc_segmentation+segments",
-                    shape,
-                    "float32",
-                    "alignops (1 thread)",
-                    "fwd",
-                    _cpu_timed(shape, "alignops (1 thread)", _one_thread(run)),
-                )
-            )
+            cases.append(_case("ctc_segmentation+segments", shape, "alignops (1 thread)", _one_thread(run)))
         yield cases
     lpz, utts = recording(60.0 if quick else 900.0, 99)
     # A transcript with captions that were never spoken, as TV captions have.
@@ -162,22 +139,16 @@ def groups(device: str, quick: bool):
     run = lambda: cseg.pseudo_forced_align(lpz, noisy, index_duration=1 / FPS, max_window=8000)  # noqa: E731
     cases = []
     if cs is not None:
-        pkg = "ctc-segmentation (package) steps"
         cases.append(
-            Case(
-                FAMILY,
+            _case(
                 "pseudo_forced_align",
                 shape,
-                "float32",
-                pkg,
-                "fwd",
-                _cpu_timed(shape, pkg, lambda: _with_package_steps(cs, run)),
+                "ctc-segmentation (package) steps",
+                lambda: _with_package_steps(cs, run),
                 baseline=True,
             )
         )
-    cases.append(
-        Case(FAMILY, "pseudo_forced_align", shape, "float32", "alignops", "fwd", _cpu_timed(shape, "alignops", run))
-    )
+    cases.append(_case("pseudo_forced_align", shape, "alignops", run))
     yield cases
 
 

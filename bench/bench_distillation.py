@@ -22,7 +22,7 @@ import torch
 
 import alignops
 
-from .common import Case, annotate, grad_closures, import_peer, nbytes
+from .common import annotate, case_maker, grad_closures, import_peer, nbytes
 
 FAMILY = "distillation"
 
@@ -31,8 +31,9 @@ def _trl_chunked_divergence_loss():
     return import_peer("trl.trainer.distillation_trainer")._chunked_divergence_loss
 
 
-def _groups(device: str, quick: bool):
-    B, T, H, V = (2, 64, 256, 8000) if quick else (8, 256, 1024, 32000)
+def _fused_linear_distillation_group(device: str, B: int, T: int, H: int, V: int, liger: bool):
+    """The fused_linear_distillation group at one shape (beta = 0.5): TRL's chunked divergence (the baseline
+    when TRL is installed), alignops, and Liger-Kernel's JSD when ``liger`` and it is installed."""
     beta = 0.5
     sh = (torch.randn(B, T, H, device=device) * 0.5).requires_grad_()
     sw = (torch.randn(V, H, device=device) / H**0.5).requires_grad_()
@@ -43,51 +44,37 @@ def _groups(device: str, quick: bool):
     fwd_bwd, reset = grad_closures(sh, sw)
 
     shape = f"B={B} T={T} H={H} V={V} beta={beta}"
+    case = case_maker(FAMILY, "fused_linear_distillation", shape, "float32", "fwd+bwd")
     cases = []
     if importlib.util.find_spec("trl") is not None:
         _chunked_divergence_loss = _trl_chunked_divergence_loss()
         cases.append(
-            Case(
-                FAMILY,
-                "fused_linear_distillation",
-                shape,
-                "float32",
+            case(
                 "trl chunked_divergence",
-                "fwd+bwd",
                 lambda: fwd_bwd(lambda: _chunked_divergence_loss(sh, th, sw, tw, mask, beta)[0]),
                 baseline=True,
                 reset=reset,
             )
         )
     cases.append(
-        Case(
-            FAMILY,
-            "fused_linear_distillation",
-            shape,
-            "float32",
+        case(
             "alignops",
-            "fwd+bwd",
             lambda: fwd_bwd(lambda: alignops.fused_linear_distillation_loss(sh, sw, th, tw, mask, beta=beta).loss),
             baseline=not cases,
             reset=reset,
         )
     )
-    if importlib.util.find_spec("liger_kernel") is not None:
+    if liger and importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        liger = LigerFusedLinearJSDLoss(
+        liger_loss = LigerFusedLinearJSDLoss(
             weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=device == "cuda"
         )
         labels = torch.zeros(B * T, dtype=torch.long, device=device)
         cases.append(
-            Case(
-                FAMILY,
-                "fused_linear_distillation",
-                shape,
-                "float32",
+            case(
                 "liger-kernel",
-                "fwd+bwd",
-                lambda: fwd_bwd(lambda: liger(sh.reshape(-1, H), sw, th.reshape(-1, H), tw, labels)),
+                lambda: fwd_bwd(lambda: liger_loss(sh.reshape(-1, H), sw, th.reshape(-1, H), tw, labels)),
                 reset=reset,
             )
         )
@@ -114,6 +101,7 @@ def _topk_groups(device: str, quick: bool):
     fwd_bwd, reset = grad_closures(sh, sw)
 
     shape = f"B={B} T={T} H={H} V={V} k={k}"
+    case = case_maker(FAMILY, "topk_distillation", shape, "float32", "fwd+bwd")
     cases = []
     if importlib.util.find_spec("trl") is not None:
         from types import SimpleNamespace
@@ -126,28 +114,11 @@ def _topk_groups(device: str, quick: bool):
             log_ps = torch.log_softmax(sh @ sw.T, -1)  # the trainer's student log-softmax, [B, T, V]
             return trainer._compute_server_forward_kl_loss(stand_in, result, log_ps, labels)
 
-        cases.append(
-            Case(
-                FAMILY,
-                "topk_distillation",
-                shape,
-                "float32",
-                "trl server forward_kl (tail)",
-                "fwd+bwd",
-                lambda: fwd_bwd(trl_loss),
-                baseline=True,
-                reset=reset,
-            )
-        )
+        cases.append(case("trl server forward_kl (tail)", lambda: fwd_bwd(trl_loss), baseline=True, reset=reset))
     for support in ("tail", "teacher"):
         cases.append(
-            Case(
-                FAMILY,
-                "topk_distillation",
-                shape,
-                "float32",
+            case(
                 f"alignops ({support})",
-                "fwd+bwd",
                 lambda support=support: fwd_bwd(
                     lambda: alignops.topk_distillation_loss(sh, sw, values, ids, mask, support=support).loss
                 ),
@@ -160,57 +131,14 @@ def _topk_groups(device: str, quick: bool):
     yield annotate(cases, nbytes(sh, sw, values, ids) + nbytes(sh, sw), 4 * 2 * B * T * H * V)
 
 
-def _large_vocabulary_groups(device: str):
-    """V = 128256 (Llama 3): the extra memory beyond the student's gradients should not grow with V beyond a few
-    tiles. Fewer tokens (2 x 256) keep the CPU run short: the claim is about V."""
-    B, T, H, V = 2, 256, 1024, 128256
-    beta = 0.5
-    sh = (torch.randn(B, T, H, device=device) * 0.5).requires_grad_()
-    sw = (torch.randn(V, H, device=device) / H**0.5).requires_grad_()
-    th = torch.randn(B, T, H, device=device) * 0.5
-    tw = torch.randn(V, H, device=device) / H**0.5
-    mask = torch.ones(B, T, dtype=torch.long, device=device)
-
-    fwd_bwd, reset = grad_closures(sh, sw)
-
-    shape = f"B={B} T={T} H={H} V={V} beta={beta}"
-    cases = []
-    if importlib.util.find_spec("trl") is not None:
-        _chunked_divergence_loss = _trl_chunked_divergence_loss()
-        cases.append(
-            Case(
-                FAMILY,
-                "fused_linear_distillation",
-                shape,
-                "float32",
-                "trl chunked_divergence",
-                "fwd+bwd",
-                lambda: fwd_bwd(lambda: _chunked_divergence_loss(sh, th, sw, tw, mask, beta)[0]),
-                baseline=True,
-                reset=reset,
-            )
-        )
-    cases.append(
-        Case(
-            FAMILY,
-            "fused_linear_distillation",
-            shape,
-            "float32",
-            "alignops",
-            "fwd+bwd",
-            lambda: fwd_bwd(lambda: alignops.fused_linear_distillation_loss(sh, sw, th, tw, mask, beta=beta).loss),
-            baseline=not cases,
-            reset=reset,
-        )
-    )
-    yield annotate(cases, nbytes(sh, sw, th, tw) + nbytes(sh, sw), 4 * 2 * B * T * H * V)
-
-
 def groups(device: str, quick: bool):
-    yield from _groups(device, quick)
+    B, T, H, V = (2, 64, 256, 8000) if quick else (8, 256, 1024, 32000)
+    yield from _fused_linear_distillation_group(device, B, T, H, V, liger=True)
     yield from _topk_groups(device, quick)
     if not quick:
-        yield from _large_vocabulary_groups(device)
+        # V = 128256 (Llama 3): the extra memory beyond the student's gradients should not grow with V beyond a
+        # few tiles. Fewer tokens (2 x 256) keep the CPU run short: the claim is about V.
+        yield from _fused_linear_distillation_group(device, 2, 256, 1024, 128256, liger=False)
 
 
 def _fields(shape: str) -> dict[str, int]:

@@ -13,7 +13,7 @@ import torch
 import alignops
 from alignops.reference import preference as ref
 
-from .common import Case, annotate, matmul_unit, nbytes
+from .common import annotate, case_maker, grad_closures, matmul_unit, nbytes
 
 FAMILY = "fused_linear"
 
@@ -39,25 +39,12 @@ def groups(device: str, quick: bool):
         targets = torch.randint(0, V, (2 * B, T), device=device)
         targets[:, : int(prompt * T)] = -100
 
-        def step(loss_fn, hidden=hidden, weight=weight):
-            hidden.grad = weight.grad = None
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
-        def reset(hidden=hidden, weight=weight):
-            hidden.grad = weight.grad = None
-
+        step, reset = grad_closures(hidden, weight)
         shape = f"{B} pairs T={T} H={H} V={V} prompt={prompt:.0%}"
-        dt = str(dtype).replace("torch.", "")
+        case = case_maker(FAMILY, "dpo_step", shape, str(dtype).replace("torch.", ""), "fwd+bwd")
         cases = [
-            Case(
-                FAMILY,
-                "dpo_step",
-                shape,
-                dt,
+            case(
                 "reference (TRL materialised)",
-                "fwd+bwd",
                 lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden: s(
                     lambda: ref.fused_linear_preference_loss(h, w, t, r)
                 ),
@@ -67,13 +54,8 @@ def groups(device: str, quick: bool):
         ]
         for b in backends:
             cases.append(
-                Case(
-                    FAMILY,
-                    "dpo_step",
-                    shape,
-                    dt,
+                case(
                     "alignops" if b == "native" else "alignops-triton",
-                    "fwd+bwd",
                     lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden, b=b: s(
                         lambda: alignops.fused_linear_preference_loss(h, w, t, ref_hidden=r, backend=b).loss
                     ),
@@ -82,13 +64,8 @@ def groups(device: str, quick: bool):
             )
         if liger is not None:
             cases.append(
-                Case(
-                    FAMILY,
-                    "dpo_step",
-                    shape,
-                    dt,
+                case(
                     "liger-kernel",
-                    "fwd+bwd",
                     lambda s=step, h=hidden, w=weight, t=targets, r=ref_hidden: s(
                         lambda: liger(w, h, t, ref_input=r, ref_weight=w.detach())[0]
                     ),

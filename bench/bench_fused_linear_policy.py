@@ -15,7 +15,7 @@ import torch
 import alignops
 from alignops.reference.policy import policy_loss
 
-from .common import Case, annotate, matmul_unit, nbytes
+from .common import annotate, case_maker, grad_closures, matmul_unit, nbytes
 
 FAMILY = "fused_linear_policy"
 BETA = 0.04
@@ -69,25 +69,12 @@ def groups(device: str, quick: bool):
             old = alignops.fused_linear_logprobs(hidden.reshape(-1, H), weight, ids.reshape(-1)).logp.view(B, T)
             old = old + 0.1 * torch.randn_like(old)
 
-        def step(loss_fn, hidden=hidden, weight=weight):
-            hidden.grad = weight.grad = None
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
-        def reset(hidden=hidden, weight=weight):
-            hidden.grad = weight.grad = None
-
+        step, reset = grad_closures(hidden, weight)
         shape = f"B={B} T={T} H={H} V={V} dapo beta={BETA}"
-        dt = str(dtype).replace("torch.", "")
+        case = case_maker(FAMILY, "grpo_step", shape, str(dtype).replace("torch.", ""), "fwd+bwd")
         cases = [
-            Case(
-                FAMILY,
-                "grpo_step",
-                shape,
-                dt,
+            case(
                 "reference (TRL materialised)",
-                "fwd+bwd",
                 lambda s=step, h=hidden, w=weight, i=ids, m=mask, a=adv, o=old, r=ref_hidden: s(
                     lambda: _materialised(h, w, i, m, a, o, r)
                 ),
@@ -97,13 +84,8 @@ def groups(device: str, quick: bool):
         ]
         for b in backends:
             cases.append(
-                Case(
-                    FAMILY,
-                    "grpo_step",
-                    shape,
-                    dt,
+                case(
                     "alignops" if b == "native" else "alignops-triton",
-                    "fwd+bwd",
                     lambda s=step, b=b, h=hidden, w=weight, i=ids, m=mask, a=adv, o=old, r=ref_hidden: s(
                         lambda: (
                             alignops.fused_linear_policy_loss(
@@ -126,13 +108,8 @@ def groups(device: str, quick: bool):
             )
         if liger is not None:
             cases.append(
-                Case(
-                    FAMILY,
-                    "grpo_step",
-                    shape,
-                    dt,
+                case(
                     "liger-kernel",
-                    "fwd+bwd",
                     lambda s=step, h=hidden, w=weight, i=ids, m=mask, a=adv, o=old, r=ref_hidden: s(
                         lambda: liger(h, w, i, m, a, old_per_token_logps=o, ref_input=r, ref_weight=w.detach())[0]
                     ),

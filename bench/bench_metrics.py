@@ -14,7 +14,7 @@ import torch
 
 from alignops import metrics as M
 
-from .common import Case, Result
+from .common import Case, Result, case_maker
 
 FAMILY = "metrics"
 
@@ -38,6 +38,14 @@ def _sizes(device, quick):
     return (20, 10000, 49), (1000, 10000, 1000)
 
 
+def _alignops_cases(case, providers, judges, human, R, baseline=False) -> list[Case]:
+    """One case per alignops (name, backend) in providers: every judge's kappa against human, R resamples."""
+    return [
+        case(name, lambda b=b: M.cohen_kappa(judges, human, 2, n_bootstrap=R, backend=b), baseline=baseline)
+        for name, b in providers
+    ]
+
+
 def groups(device: str, quick: bool):
     small, full = _sizes(device, quick)
     providers = [("alignops native", "native")] if device == "cpu" else [("alignops triton", "triton")]
@@ -48,58 +56,21 @@ def groups(device: str, quick: bool):
 
     idx = ref.bootstrap_indices(0, R, N).numpy()
     jn, hn = judges.cpu().numpy(), human.cpu().numpy()
-    cases = [
-        Case(
-            FAMILY,
-            "cohen_kappa+bootstrap",
-            shape,
-            "int64",
-            f"scikit-learn loop ({P * (R + 1)} calls)",
-            "fwd",
-            lambda: _sklearn_loop(jn, hn, idx),
-            baseline=True,
-        )
-    ]
-    cases += [
-        Case(
-            FAMILY,
-            "cohen_kappa+bootstrap",
-            shape,
-            "int64",
-            name,
-            "fwd",
-            lambda b=b: M.cohen_kappa(judges, human, 2, n_bootstrap=R, backend=b),
-        )
-        for name, b in providers
-    ]
+    case = case_maker(FAMILY, "cohen_kappa+bootstrap", shape, "int64", "fwd")
+    cases = [case(f"scikit-learn loop ({P * (R + 1)} calls)", lambda: _sklearn_loop(jn, hn, idx), baseline=True)]
+    cases += _alignops_cases(case, providers, judges, human, R)
     cases.append(
-        Case(
-            FAMILY,
-            "cohen_kappa+bootstrap",
-            shape,
-            "int64",
+        case(
             "torch reference ([P, R+1, N] gather)",
-            "fwd",
             lambda: M.cohen_kappa(judges, human, 2, n_bootstrap=R, backend="torch"),
         )
     )
     yield cases
     P, N, R = full
     judges, human = _data(P, N, device)
-    shape = f"judges={P} N={N} R={R}"
-    yield [
-        Case(
-            FAMILY,
-            "cohen_kappa+bootstrap",
-            shape,
-            "int64",
-            name,
-            "fwd",
-            lambda b=b: M.cohen_kappa(judges, human, 2, n_bootstrap=R, backend=b),
-            baseline=True,
-        )
-        for name, b in providers
-    ]
+    case = case_maker(FAMILY, "cohen_kappa+bootstrap", f"judges={P} N={N} R={R}", "int64", "fwd")
+    # No scikit-learn row at this size: summary() extrapolates it from the measured loop above.
+    yield _alignops_cases(case, providers, judges, human, R, baseline=True)
 
 
 def summary(results: list[Result]) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 import alignops
 from alignops.reference import preference as ref
 
-from .common import Case, annotate, nbytes, provider_backend, providers
+from .common import annotate, case_maker, nbytes, provider_backend, providers
 
 FAMILY = "preference"
 
@@ -47,27 +47,14 @@ def _selective_groups(device: str, quick: bool):
                 out.backward(g)
                 return logits.grad
 
-            shape = f"N={N} V={V}"
-            dt = str(dtype).replace("torch.", "")
+            case = case_maker(FAMILY, "selective_logprobs", f"N={N} V={V}", str(dtype).replace("torch.", ""), mode)
             reset = lambda logits=logits: setattr(logits, "grad", None)  # noqa: E731
             cases.append(
-                Case(
-                    FAMILY,
-                    "selective_logprobs",
-                    shape,
-                    dt,
-                    "torch log_softmax+gather",
-                    mode,
-                    lambda run=run: run(_log_softmax_gather),
-                    baseline=True,
-                    reset=reset,
-                )
+                case("torch log_softmax+gather", lambda run=run: run(_log_softmax_gather), baseline=True, reset=reset)
             )
             for p in providers(device):
                 fn = lambda x, y, b=provider_backend(p): alignops.selective_logprobs(x, y, backend=b)  # noqa: E731
-                cases.append(
-                    Case(FAMILY, "selective_logprobs", shape, dt, p, mode, lambda run=run, fn=fn: run(fn), reset=reset)
-                )
+                cases.append(case(p, lambda run=run, fn=fn: run(fn), reset=reset))
             # Logits and targets read once, fp32 log-probs written; backward reads g and writes the logits'
             # gradient. About 4 fp32 operations per logit forward (max, subtract, exp, add), 4 more backward.
             fwd_bwd = mode == "fwd+bwd"
@@ -96,28 +83,18 @@ def _loss_groups(device: str, quick: bool):
             loss.backward()
             return loss
 
-        shape = f"B={B} {loss_type}"
+        case = case_maker(FAMILY, "preference_loss", f"B={B} {loss_type}", "float32", "fwd+bwd")
         cases.append(
-            Case(
-                FAMILY,
-                "preference_loss",
-                shape,
-                "float32",
+            case(
                 "reference (TRL formulas)",
-                "fwd+bwd",
                 lambda fb=fwd_bwd, kw=kw: fb(lambda *x: ref.preference_loss(*x, **kw)[0]),
                 baseline=True,
             )
         )
         for p in providers(device):
             cases.append(
-                Case(
-                    FAMILY,
-                    "preference_loss",
-                    shape,
-                    "float32",
+                case(
                     p,
-                    "fwd+bwd",
                     lambda fb=fwd_bwd, kw=kw, b=provider_backend(p): fb(
                         lambda *x: alignops.preference_loss(*x, **kw, backend=b).loss
                     ),
@@ -128,13 +105,8 @@ def _loss_groups(device: str, quick: bool):
 
             target = torch.empty(2 * B, 1, device=device)
             cases.append(
-                Case(
-                    FAMILY,
-                    "preference_loss",
-                    shape,
-                    "float32",
+                case(
                     "liger-kernel",
-                    "fwd+bwd",
                     lambda fb=fwd_bwd, lt=loss_type, target=target: fb(
                         lambda pc, pr, rc, rr: LigerFusedLinearDPOFunction.preference_loss_fn(
                             pc, pr, target, rc, rr, beta=0.1, loss_type=lt

@@ -12,7 +12,7 @@ import alignops
 from alignops.reference import represent as rref
 from alignops.reference import wasserstein as ref
 
-from .common import Case
+from .common import case_maker
 
 FAMILY = "wasserstein"
 
@@ -40,42 +40,16 @@ def _w1d_groups(device, B, n, m):
     u = torch.randn(B, n, device=device)
     v = torch.randn(B, m, device=device) * 1.5 + 0.3
     shape = f"B={B} n={n} m={m}"
+    case = case_maker(FAMILY, "wasserstein_1d", shape, "float32", "fwd")
     cases = [
-        Case(
-            FAMILY,
-            "wasserstein_1d",
-            shape,
-            "float32",
-            "torch reference",
-            "fwd",
-            lambda: _no_grad(ref.wasserstein_1d, u, v),
-            baseline=True,
-        ),
-        Case(
-            FAMILY,
-            "wasserstein_1d",
-            shape,
-            "float32",
-            "alignops",
-            "fwd",
-            lambda: _no_grad(alignops.wasserstein_1d, u, v),
-        ),
+        case("torch reference", lambda: _no_grad(ref.wasserstein_1d, u, v), baseline=True),
+        case("alignops", lambda: _no_grad(alignops.wasserstein_1d, u, v)),
     ]
     try:
         import ot
 
         ut, vt = u.T.contiguous(), v.T.contiguous()
-        cases.append(
-            Case(
-                FAMILY,
-                "wasserstein_1d",
-                shape,
-                "float32",
-                "POT ot.wasserstein_1d (torch)",
-                "fwd",
-                lambda: _no_grad(ot.wasserstein_1d, ut, vt),
-            )
-        )
+        cases.append(case("POT ot.wasserstein_1d (torch)", lambda: _no_grad(ot.wasserstein_1d, ut, vt)))
     except ImportError:
         pass
     if device == "cpu":
@@ -83,43 +57,15 @@ def _w1d_groups(device, B, n, m):
             from scipy.stats import wasserstein_distance
 
             un, vn = u.numpy(), v.numpy()
-            cases.append(
-                Case(
-                    FAMILY,
-                    "wasserstein_1d",
-                    shape,
-                    "float32",
-                    "scipy loop",
-                    "fwd",
-                    lambda: [wasserstein_distance(un[i], vn[i]) for i in range(B)],
-                )
-            )
+            cases.append(case("scipy loop", lambda: [wasserstein_distance(un[i], vn[i]) for i in range(B)]))
         except ImportError:
             pass
     yield cases
     ug, vg = u.clone().requires_grad_(), v.clone().requires_grad_()
+    case = case_maker(FAMILY, "wasserstein_1d", shape, "float32", "fwd+bwd")
     yield [
-        Case(
-            FAMILY,
-            "wasserstein_1d",
-            shape,
-            "float32",
-            "torch reference",
-            "fwd+bwd",
-            lambda: _fwd_bwd(ref.wasserstein_1d, ug, vg),
-            baseline=True,
-            reset=_clear(ug, vg),
-        ),
-        Case(
-            FAMILY,
-            "wasserstein_1d",
-            shape,
-            "float32",
-            "alignops",
-            "fwd+bwd",
-            lambda: _fwd_bwd(alignops.wasserstein_1d, ug, vg),
-            reset=_clear(ug, vg),
-        ),
+        case("torch reference", lambda: _fwd_bwd(ref.wasserstein_1d, ug, vg), baseline=True, reset=_clear(ug, vg)),
+        case("alignops", lambda: _fwd_bwd(alignops.wasserstein_1d, ug, vg), reset=_clear(ug, vg)),
     ]
 
 
@@ -127,46 +73,18 @@ def _sliced_group(device, n, d, L):
     X = torch.randn(n, d, device=device)
     Y = torch.randn(n, d, device=device) * 1.2 + 0.1
     proj = alignops.wasserstein.random_projections(d, L, 0, device=device)
-    shape = f"n=m={n} d={d} L={L}"
+    case = case_maker(FAMILY, "sliced_wasserstein", f"n=m={n} d={d} L={L}", "float32", "fwd")
     cases = []
     try:
         import ot
 
         Xn, Yn, Pn = X.cpu().numpy(), Y.cpu().numpy(), proj.cpu().numpy()
-        cases.append(
-            Case(
-                FAMILY,
-                "sliced_wasserstein",
-                shape,
-                "float32",
-                "POT (numpy)",
-                "fwd",
-                lambda: ot.sliced_wasserstein_distance(Xn, Yn, projections=Pn),
-                baseline=True,
-            )
-        )
+        cases.append(case("POT (numpy)", lambda: ot.sliced_wasserstein_distance(Xn, Yn, projections=Pn), baseline=True))
     except ImportError:
         pass
     cases += [
-        Case(
-            FAMILY,
-            "sliced_wasserstein",
-            shape,
-            "float32",
-            "alignops",
-            "fwd",
-            lambda: _no_grad(alignops.sliced_wasserstein, X, Y, projections=proj),
-            baseline=not cases,
-        ),
-        Case(
-            FAMILY,
-            "sliced_wasserstein",
-            shape,
-            "float32",
-            "torch reference",
-            "fwd",
-            lambda: _no_grad(ref.sliced_wasserstein, X, Y, proj),
-        ),
+        case("alignops", lambda: _no_grad(alignops.sliced_wasserstein, X, Y, projections=proj), baseline=not cases),
+        case("torch reference", lambda: _no_grad(ref.sliced_wasserstein, X, Y, proj)),
     ]
     yield cases
 
@@ -181,42 +99,25 @@ def _views(B, n, d, device):
 def _cca_groups(device, B, n, d, B_sklearn):
     H1, H2 = _views(B, n, d, device)
     shape = f"B={B} n={n} d={d}"
+    case = case_maker("represent", "cca", shape, "float32", "fwd")
     yield [
-        Case(
-            "represent",
-            "cca",
-            shape,
-            "float32",
+        case(
             "torch reference loop (eigh)",
-            "fwd",
             lambda: _no_grad(lambda: [rref.cca(H1[i], H2[i]) for i in range(B)]),
             baseline=True,
         ),
-        Case("represent", "cca", shape, "float32", "alignops (batched)", "fwd", lambda: _no_grad(alignops.cca, H1, H2)),
+        case("alignops (batched)", lambda: _no_grad(alignops.cca, H1, H2)),
     ]
     g1, g2 = H1.clone().requires_grad_(), H2.clone().requires_grad_()
+    case = case_maker("represent", "cca_loss", shape, "float32", "fwd+bwd")
     yield [
-        Case(
-            "represent",
-            "cca_loss",
-            shape,
-            "float32",
+        case(
             "torch reference loop (eigh)",
-            "fwd+bwd",
             lambda: _fwd_bwd(lambda a, b: torch.stack([-rref.cca(a[i], b[i]).sum() for i in range(B)]), g1, g2),
             baseline=True,
             reset=_clear(g1, g2),
         ),
-        Case(
-            "represent",
-            "cca_loss",
-            shape,
-            "float32",
-            "alignops (batched)",
-            "fwd+bwd",
-            lambda: _fwd_bwd(alignops.cca_loss, g1, g2),
-            reset=_clear(g1, g2),
-        ),
+        case("alignops (batched)", lambda: _fwd_bwd(alignops.cca_loss, g1, g2), reset=_clear(g1, g2)),
     ]
     try:
         from sklearn.cross_decomposition import CCA
@@ -224,27 +125,14 @@ def _cca_groups(device, B, n, d, B_sklearn):
         return
     k = 4  # scikit-learn's NIPALS CCA fits one component at a time: all d of them would take minutes
     s1, s2 = H1[:B_sklearn].cpu().numpy(), H2[:B_sklearn].cpu().numpy()
-    shape = f"B={B_sklearn} n={n} d={d} k={k}"
+    case = case_maker("represent", "cca", f"B={B_sklearn} n={n} d={d} k={k}", "float32", "fwd")
     yield [
-        Case(
-            "represent",
-            "cca",
-            shape,
-            "float32",
+        case(
             "scikit-learn CCA loop",
-            "fwd",
             lambda: [CCA(n_components=k).fit(s1[i], s2[i]).transform(s1[i], s2[i]) for i in range(B_sklearn)],
             baseline=True,
         ),
-        Case(
-            "represent",
-            "cca",
-            shape,
-            "float32",
-            "alignops (batched)",
-            "fwd",
-            lambda: _no_grad(alignops.cca, H1[:B_sklearn], H2[:B_sklearn], k=k),
-        ),
+        case("alignops (batched)", lambda: _no_grad(alignops.cca, H1[:B_sklearn], H2[:B_sklearn], k=k)),
     ]
 
 
@@ -267,27 +155,10 @@ def _np_debiased_cka(x, y):
 def _cka_group(device, B, n, d):
     X, Y = _views(B, n, d, device)
     Xn, Yn = X.cpu().double().numpy(), Y.cpu().double().numpy()
-    shape = f"B={B} n={n} d={d}"
+    case = case_maker("represent", "linear_cka(debiased)", f"B={B} n={n} d={d}", "float32", "fwd")
     yield [
-        Case(
-            "represent",
-            "linear_cka(debiased)",
-            shape,
-            "float32",
-            "numpy loop (Kornblith)",
-            "fwd",
-            lambda: [_np_debiased_cka(Xn[i], Yn[i]) for i in range(B)],
-            baseline=True,
-        ),
-        Case(
-            "represent",
-            "linear_cka(debiased)",
-            shape,
-            "float32",
-            "alignops (batched)",
-            "fwd",
-            lambda: _no_grad(alignops.linear_cka, X, Y, debiased=True),
-        ),
+        case("numpy loop (Kornblith)", lambda: [_np_debiased_cka(Xn[i], Yn[i]) for i in range(B)], baseline=True),
+        case("alignops (batched)", lambda: _no_grad(alignops.linear_cka, X, Y, debiased=True)),
     ]
 
 

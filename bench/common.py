@@ -74,6 +74,16 @@ HBM_BYTES_PER_S = 4.8e12
 PEAK_FLOPS = {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}
 
 
+def case_maker(family: str, op: str, shape: str, dtype: str, mode: str) -> Callable[..., Case]:
+    """A Case constructor for one group: the fields its cases share are fixed here, and each call gives the
+    provider, the fn and any keyword field of Case (baseline, reset)."""
+
+    def make(provider: str, fn: Callable[[], object], **fields) -> Case:
+        return Case(family, op, shape, dtype, provider, mode, fn, **fields)
+
+    return make
+
+
 def providers(device: str) -> list[str]:
     """The alignops providers a family with a native and a Triton kernel benches on ``device``."""
     names = ["alignops"]

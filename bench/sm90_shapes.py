@@ -43,43 +43,30 @@ def _ot() -> None:
             sizes = (torch.full((B,), N), torch.full((B,), M))
             iters, err = torch.empty(B, dtype=torch.int64), _e(B, dtype=dtype)
             a, b = _e(B, N, dtype=dtype), _e(B, M, dtype=dtype)
+            # Both launchers take the same arguments but n_iters: the split path's eps_t holds n_iters + 1 entries
+            # (the 3 passed below), the one-launch kernel's schedule the K = 2 scaling steps then eps.
+            if ot.use_split(torch.device("cuda"), B, N, M):
+                launch, n_iters = ot.launch_sinkhorn_split, 2
+            else:
+                launch, n_iters = ot.launch_sinkhorn, 50
             for points in (None, (_e(B, N, 64, dtype=dtype), _e(B, M, 64, dtype=dtype))):
-                if ot.use_split(torch.device("cuda"), B, N, M):
-                    ot.launch_sinkhorn_split(
-                        cost,
-                        a,
-                        b,
-                        *sizes,
-                        _e(3, dtype=dtype),
-                        2,
-                        2,
-                        1e-4,
-                        False,
-                        f,
-                        g,
-                        scratch,
-                        iters,
-                        err,
-                        points=points,
-                    )
-                else:
-                    ot.launch_sinkhorn(
-                        cost,
-                        a,
-                        b,
-                        *sizes,
-                        _e(3, dtype=dtype),
-                        2,
-                        50,
-                        1e-4,
-                        False,
-                        f,
-                        g,
-                        scratch,
-                        iters,
-                        err,
-                        points=points,
-                    )
+                launch(
+                    cost,
+                    a,
+                    b,
+                    *sizes,
+                    _e(3, dtype=dtype),
+                    2,
+                    n_iters,
+                    1e-4,
+                    False,
+                    f,
+                    g,
+                    scratch,
+                    iters,
+                    err,
+                    points=points,
+                )
         L, N, M = 3, 20000, 1000
         ot.launch_normalize_pass(
             _e(1, 1, 1, dtype=dtype).expand(L, N, M),
