@@ -206,7 +206,13 @@ def _reference_batch(lpz, gt, lpz_lengths, gt_lengths, blank, min_window_size, m
 
 @keyword_only("window")
 def utterance_score(
-    frame_logprobs: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, *, window: int = 30, backend: str = "auto"
+    frame_logprobs: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    *,
+    window: int = 30,
+    backend: str = "auto",
+    check_values: bool = True,
 ) -> torch.Tensor:
     r"""The ctc-segmentation confidence of utterances spanning frames [start, end).
 
@@ -220,6 +226,9 @@ def utterance_score(
     Args:
         frame_logprobs: [T] or [B, T] fp32 / fp64 (e.g. ``char_probs``); CPU (C++) or CUDA (Triton).
         starts, ends: [U] or [B, U] int64 frame indices; a non-empty span must lie in [0, T].
+        check_values: the spans' range is read on every backend (one host read on a GPU); ``False`` skips it
+            on the reference and Triton backends (no sync, CUDA-graph capture), where a span outside [0, T] then
+            reads outside its row (the C++ kernel always checks: it reads the spans on the host anyway).
     Returns: [U] or [B, U] fp64.
     Raises: ValueError on shapes / dtypes / spans outside [0, T] / window < 1.
     """
@@ -234,7 +243,7 @@ def utterance_score(
         # the op's checks, then its spans' range (one host sync): the reference and the Triton kernel index frames
         # with them unchecked
         run_checks("alignops::ctc_segmentation_utterance_score", *args)
-        if values_checkable(frame_logprobs):
+        if check_values and values_checkable(frame_logprobs):
             run_value_checks("alignops::ctc_segmentation_utterance_score", *args)
         if impl == "triton":
             out = torch.ops.alignops.ctc_segmentation_utterance_score_triton(*args)
