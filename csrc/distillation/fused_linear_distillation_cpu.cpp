@@ -62,8 +62,10 @@ void check_args(const at::Tensor& student_hidden, const at::Tensor& student_weig
   check_same_device(weights, student_hidden, "weights", "student_hidden");
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
                     temperature);
-  TORCH_CHECK_VALUE(std::isfinite(student_logit_scale), "student_logit_scale must be finite, got ", student_logit_scale);
-  TORCH_CHECK_VALUE(std::isfinite(teacher_logit_scale), "teacher_logit_scale must be finite, got ", teacher_logit_scale);
+  TORCH_CHECK_VALUE(std::isfinite(student_logit_scale), "student_logit_scale must be finite, got ",
+                    student_logit_scale);
+  TORCH_CHECK_VALUE(std::isfinite(teacher_logit_scale), "teacher_logit_scale must be finite, got ",
+                    teacher_logit_scale);
   if (divergence == "jsd") {
     TORCH_CHECK_VALUE(coef >= 0.0 && coef <= 1.0, "beta must lie in [0, 1], got ", coef);
   } else if (divergence == "skew_kl" || divergence == "skew_reverse_kl") {

@@ -233,9 +233,12 @@ def register_skip_ffn_inplace_autograd(op: str) -> None:
 register_skip_ffn_inplace_autograd("alignops::skip_ffn_")
 
 
-def _launch(x, keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps, *outputs) -> None:
-    """launch_skip_ffn with its operands as the kernel reads them (contiguous, keep as bytes), for both twins."""
+def _launch(x, ffn, *outputs) -> None:
+    """launch_skip_ffn with its operands as the kernel reads them (contiguous, keep as bytes), for both twins:
+    ``ffn`` = (keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps), the ops' arguments."""
     from ..kernels.skip import launch_skip_ffn
+
+    keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps = ffn
 
     def dense(t):
         return None if t is None else t.contiguous()
@@ -282,24 +285,8 @@ def skip_ffn_triton(
     if N > 0:
         xn = x.new_empty((N, H) if norm_weight is not None else (0, H))
         act = x.new_empty((N, I))
-        _launch(
-            x,
-            keep,
-            w_gate_up,
-            w_down,
-            norm_weight,
-            b_gate_up,
-            b_down,
-            activation,
-            eps,
-            y,
-            index,
-            count,
-            rstd,
-            pre_act,
-            xn,
-            act,
-        )
+        ffn = (keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps)
+        _launch(x, ffn, y, index, count, rstd, pre_act, xn, act)
     return y, index, count, rstd, pre_act
 
 
@@ -326,16 +313,10 @@ def skip_ffn_triton_(
     if N == 0:
         return
     G = w_gate_up.shape[0]
+    ffn = (keep, w_gate_up, w_down, norm_weight, b_gate_up, b_down, activation, eps)
     _launch(
         x,
-        keep,
-        w_gate_up,
-        w_down,
-        norm_weight,
-        b_gate_up,
-        b_down,
-        activation,
-        eps,
+        ffn,
         x,
         x.new_empty(N, dtype=torch.int64),
         x.new_empty(1, dtype=torch.int64),
