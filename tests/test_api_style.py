@@ -54,6 +54,8 @@ HELPERS = {
     "check_cu_seqlens",
     "check_targets_in_range",
     "check_finite",
+    "check_floating",
+    "check_python_float",
     "check_positive",
     "check_same_device",
     "check_has_values",

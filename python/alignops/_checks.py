@@ -20,6 +20,17 @@ def check_python_float(value: float, name: str) -> None:
         raise AlignopsError(f"{name} must be a Python float, got a tensor {value!r}")
 
 
+FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_floating(t: torch.Tensor, name: str) -> None:
+    """``t`` of one of the dtypes the kernels take, with the message of the C++ check (``check_floating`` in
+    csrc/common/checks.h): for the torch-composite functions, and for a public function that computes on a tensor
+    before its op's checks run."""
+    if t.dtype not in FLOATING:
+        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+
+
 def check_finite(value: float, name: str) -> None:
     """A float hyper-parameter with no meaning at NaN or inf: refused by name rather than carried into the kernels,
     where it turns every output into NaN (or, as a reg or a penalty, fails somewhere further in)."""

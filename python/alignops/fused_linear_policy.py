@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_finite
+from ._checks import check_finite, check_same_device
 from ._distributed import gathered_weight, refuse_dtensor
 from ._errors import AlignopsError
 from .fused_linear import fused_linear_logprobs
@@ -46,8 +46,7 @@ def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, *, quantile: 
         raise AlignopsError(f"quantile must lie in [0, 1], got {quantile}")
     if mask.shape != entropies.shape:
         raise AlignopsError(f"mask must have the shape of entropies {tuple(entropies.shape)}, got {tuple(mask.shape)}")
-    if mask.device != entropies.device:
-        raise AlignopsError(f"mask must be on the device of entropies ({entropies.device}), got {mask.device}")
+    check_same_device([("entropies", entropies), ("mask", mask)])
     local = entropies[mask.bool()].float()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_floating, check_same_device
 from ._errors import AlignopsError
 
 TOKEN_PAIR_MODES = ("mean", "max", "median")
@@ -93,8 +94,7 @@ def _as_layers(hidden_states) -> list[torch.Tensor]:
         )
     if len(layers) < 1:
         raise AlignopsError("hidden_states must hold at least one layer (L >= 1), got L = 0")
-    if not layers[0].is_floating_point():
-        raise AlignopsError(f"hidden_states must be float32, float64, float16 or bfloat16, got {layers[0].dtype}")
+    check_floating(layers[0], "hidden_states")
     return layers
 
 
@@ -144,11 +144,7 @@ def _check_masks(perceptual_mask, attention_mask) -> None:
         raise AlignopsError(
             f"attention_mask must be a bool or integer tensor (nonzero = real token), got {attention_mask.dtype}"
         )
-    if attention_mask.device != perceptual_mask.device:
-        raise AlignopsError(
-            f"attention_mask must be on the device of perceptual_mask ({perceptual_mask.device}), "
-            f"got {attention_mask.device}"
-        )
+    check_same_device([("perceptual_mask", perceptual_mask), ("attention_mask", attention_mask)])
 
 
 # ---- one batch, layer by layer ------------------------------------------------------------------------
@@ -177,10 +173,7 @@ def _tokens(perceptual_mask, attention_mask, h: torch.Tensor) -> _Tokens:
             f"perceptual_mask must have shape [B, T] = {(B, T)} (from the hidden states), "
             f"got {tuple(perceptual_mask.shape)}"
         )
-    if perceptual_mask.device != h.device:
-        raise AlignopsError(
-            f"perceptual_mask must be on the device of the hidden states ({h.device}), got {perceptual_mask.device}"
-        )
+    check_same_device([("the hidden states", h), ("perceptual_mask", perceptual_mask)])
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     keep = torch.ones_like(perceptual_mask) if attention_mask is None else attention_mask != 0
     p_bool = perceptual_mask & keep

@@ -91,8 +91,7 @@ def _paired(tensors: dict[str, torch.Tensor], min_items: int = 1) -> list[torch.
         t = _float(t, name)
         if t.dim() == 0:
             raise AlignopsError(f"{name} must have shape [..., N] (items last), got a scalar")
-        if t.device != first.device:
-            raise AlignopsError(f"{name} must be on the device of {first_name} ({first.device}), got {t.device}")
+        check_same_device([(first_name, first), (name, t)])
         out.append(t)
     n = out[0].shape[-1]
     for (name, _), t in zip(items, out):
@@ -159,8 +158,7 @@ def confusion_matrices(
             )
         if t.dim() == 0:
             raise AlignopsError(f"{name} must have shape [..., N] (items last), got a scalar")
-    if a.device != b.device:
-        raise AlignopsError(f"b must be on the device of a ({a.device}), got {b.device}")
+    check_same_device([("a", a), ("b", b)])
     if a.shape[-1] != b.shape[-1]:
         raise AlignopsError(f"a and b must label the same N items: got N = {a.shape[-1]} and {b.shape[-1]}")
     _check_bootstrap(n_bootstrap, seed)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
-from ._checks import check_finite
+from ._checks import check_finite, check_floating, check_same_device
 from ._errors import AlignopsError
 from .ops._registration import run_checks
 from .reference import ppo as _ref
@@ -126,13 +126,11 @@ def ppo_value_loss(
             raise AlignopsError(f"{name} must be a tensor, got {type(t).__name__}")
     if values.dim() != 2:
         raise AlignopsError(f"values must be a 2-D tensor of shape [B, T], got shape {list(values.shape)}")
-    if not values.is_floating_point():
-        raise AlignopsError(f"values must be float32, float64, float16 or bfloat16, got {values.dtype}")
+    check_floating(values, "values")
     for name, t in (("old_values", old_values), ("returns", returns), ("completion_mask", mask)):
         if t.shape != values.shape:
             raise AlignopsError(f"{name} must have the shape of values {list(values.shape)}, got {list(t.shape)}")
-        if t.device != values.device:
-            raise AlignopsError(f"{name} must be on the device of values ({values.device}), got {t.device}")
+        check_same_device([("values", values), (name, t)])
         if name != "completion_mask" and t.dtype != values.dtype:
             raise AlignopsError(f"{name} must have the dtype of values ({values.dtype}), got {t.dtype}")
     check_finite(cliprange_value, "cliprange_value")

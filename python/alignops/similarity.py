@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._api import keyword_only
-from ._checks import check_finite
+from ._checks import check_finite, check_floating, check_same_device
 from ._errors import AlignopsError
 
 __all__ = ["cca", "cca_loss", "linear_cka", "ches_score"]
@@ -21,10 +21,8 @@ def _check_views(H1: torch.Tensor, H2: torch.Tensor, n1: str, n2: str, min_rows:
     for name, H in ((n1, H1), (n2, H2)):
         if H.dim() < 2:
             raise AlignopsError(f"{name} must have shape [..., n, d] (n samples of d features), got {list(H.shape)}")
-        if not H.is_floating_point():
-            raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {H.dtype}")
-    if H2.device != H1.device:
-        raise AlignopsError(f"{n2} must be on the device of {n1} ({H1.device}), got {H2.device}")
+        check_floating(H, name)
+    check_same_device([(n1, H1), (n2, H2)])
     if H1.shape[-2] != H2.shape[-2]:
         raise AlignopsError(
             f"{n1} and {n2} must have the same number of samples n, got {H1.shape[-2]} and {H2.shape[-2]}"
@@ -187,10 +185,7 @@ def ches_score(
             f"h_rejected must have the batch size and hidden size of h_chosen {list(h_chosen.shape)}, "
             f"got {list(h_rejected.shape)}"
         )
-    if h_rejected.device != h_chosen.device:
-        raise AlignopsError(
-            f"h_rejected must be on the device of h_chosen ({h_chosen.device}), got {h_rejected.device}"
-        )
+    check_same_device([("h_chosen", h_chosen), ("h_rejected", h_rejected)])
     acc = _out_dtype(h_chosen, h_rejected)
 
     def pooled(h, mask, name):
@@ -200,8 +195,7 @@ def ches_score(
             raise AlignopsError(
                 f"{name} must be a bool tensor of shape {list(h.shape[:2])}, got {mask.dtype} {list(mask.shape)}"
             )
-        if mask.device != h.device:
-            raise AlignopsError(f"{name} must be on the device of the hidden states ({h.device}), got {mask.device}")
+        check_same_device([("the hidden states", h), (name, mask)])
         m = mask.to(acc)
         return torch.einsum("bt,bth->bh", m, h.to(acc)), m.sum(1)
 

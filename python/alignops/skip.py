@@ -16,7 +16,7 @@ import torch
 
 from . import _backend
 from ._api import keyword_only
-from ._checks import check_not_nan
+from ._checks import check_floating, check_not_nan
 from ._codes import Activation, Criterion, lower_name
 from ._errors import AlignopsError
 from .ops._registration import run_checks
@@ -174,8 +174,7 @@ def skip_ffn(
         raise AlignopsError(f"activation must be one of {tuple(_ACTIVATION_CODES)}, got {activation!r}")
     if threshold is not None:
         check_not_nan(threshold, "threshold")
-    if not x.is_floating_point():  # before the scores below compute on x
-        raise AlignopsError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    check_floating(x, "x")  # before the scores below compute on x (the op checks it again)
     if criterion not in _CRITERIA:
         raise AlignopsError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
     impl = _backend.resolve(backend, x.device, "skip_ffn", native_cuda=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .._checks import check_finite, values_checkable
+from .._checks import check_finite, check_floating, check_same_device, values_checkable
 from .._errors import AlignopsError
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -17,8 +17,7 @@ def _check_float(name: str, t, ndim: int, shape: str) -> None:
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise AlignopsError(f"{name} must be a {ndim}-D tensor of shape {shape}, got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    check_floating(t, name)
 
 
 def _check_like(name: str, t, like: torch.Tensor, like_name: str, *, floating: bool = True) -> None:
@@ -27,10 +26,9 @@ def _check_like(name: str, t, like: torch.Tensor, like_name: str, *, floating: b
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.shape != like.shape:
         raise AlignopsError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(t.shape)}")
-    if floating and not t.is_floating_point():
-        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-    if t.device != like.device:
-        raise AlignopsError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
+    if floating:
+        check_floating(t, name)
+    check_same_device([(like_name, like), (name, t)])
 
 
 def _check_lengths(name: str, t, like: torch.Tensor, like_name: str) -> None:
@@ -120,8 +118,7 @@ def _nll_term(nll, logps: torch.Tensor, lengths: torch.Tensor | None, name: str)
         return nll.to(logps.dtype).expand(logps.shape)
     if nll.shape != logps.shape:
         raise AlignopsError(f"{name} must be [B] = {tuple(logps.shape)} or 0-d, got shape {tuple(nll.shape)}")
-    if nll.device != logps.device:
-        raise AlignopsError(f"{name} must be on the device of the log-probs ({logps.device}), got {nll.device}")
+    check_same_device([("the log-probs", logps), (name, nll)])
     return nll.to(logps.dtype)
 
 

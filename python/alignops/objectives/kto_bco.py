@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_same_device
 from .._errors import AlignopsError
 from ._common import (
     _acc_dtype,
@@ -112,11 +113,7 @@ def kto_loss(
             raise AlignopsError("policy_kl_logps and ref_kl_logps go together: pass both or neither")
         _check_float("policy_kl_logps", policy_kl_logps, 1, "[M] (one per KL completion)")
         _check_like("ref_kl_logps", ref_kl_logps, policy_kl_logps, "policy_kl_logps")
-        if policy_kl_logps.device != policy_logps.device:
-            raise AlignopsError(
-                f"policy_kl_logps must be on the device of policy_logps ({policy_logps.device}), "
-                f"got {policy_kl_logps.device}"
-            )
+        check_same_device([("policy_logps", policy_logps), ("policy_kl_logps", policy_kl_logps)])
 
     acc = _acc_dtype(policy_logps, ref_logps)
     x = policy_logps.to(acc) if ref_logps is None else policy_logps.to(acc) - ref_logps.to(acc)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_same_device
 from .._errors import AlignopsError
 from ._common import (
     _acc_dtype,
@@ -250,10 +251,8 @@ def helpsteer2_preference_loss(
             "reduction='none' has no per-pair form with ratings (pairs and rated responses differ): "
             "use 'mean' or 'sum', or call rating_regression_loss separately"
         )
-    if predicted is not None and predicted.device != chosen_rewards.device:
-        raise AlignopsError(
-            f"predicted must be on the device of chosen_rewards ({chosen_rewards.device}), got {predicted.device}"
-        )
+    if predicted is not None:
+        check_same_device([("chosen_rewards", chosen_rewards), ("predicted", predicted)])
     acc = _acc_dtype(chosen_rewards, rejected_rewards, preference_strength, predicted, ratings)
     rc, rr = chosen_rewards.to(acc), rejected_rewards.to(acc)
     pref = -F.logsigmoid(rc - rr)

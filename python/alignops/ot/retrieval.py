@@ -10,7 +10,7 @@ import torch
 
 from .. import _backend
 from .._api import keyword_only
-from .._checks import check_finite, values_checkable
+from .._checks import check_finite, check_floating, values_checkable
 from .._errors import AlignopsError
 from ..ops._registration import run_value_checks
 from ..reference import ot as _ref
@@ -24,8 +24,7 @@ class NormalizeOutput(NamedTuple):
 def _sim_batch(sim: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
     if sim.dim() not in (2, 3):
         raise AlignopsError(f"{name} must have shape [N, M] or [L, N, M], got {tuple(sim.shape)}")
-    if not sim.is_floating_point():
-        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {sim.dtype}")
+    check_floating(sim, name)
     x = sim if sim.dtype in (torch.float32, torch.float64) else sim.float()
     return (x[None], True) if x.dim() == 2 else (x, False)
 

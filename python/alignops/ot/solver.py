@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _backend
-from .._checks import check_python_float
+from .._checks import check_floating, check_python_float
 from .._errors import AlignopsError
 from ..ops._registration import run_checks, run_value_checks
 from ..ops.ot import envelope_grad_cost
@@ -36,8 +36,7 @@ class SinkhornOutput(NamedTuple):
 def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() != 3:
         raise AlignopsError(f"{name} must be a 3-D tensor of shape [B, N, M], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise AlignopsError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    check_floating(x, name)
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
