@@ -264,6 +264,16 @@ def test_bad_inputs(mutate, match):
 
 
 @needs_alignops
+@pytest.mark.parametrize("name", ["preference_loss", "selective_logprobs", "selective_logprobs_backward"])
+def test_schema_matches_native_op(name):
+    # The stable library declares its ops again, in its own namespace (csrc/stable/preference_stable.cpp: the .so
+    # and _C load together); this keeps the two declarations from drifting apart.
+    stable = getattr(torch.ops.alignops_stable, name).default._schema
+    native = getattr(torch.ops.alignops, name).default._schema
+    assert str(stable).replace("alignops_stable::", "alignops::", 1) == str(native)
+
+
+@needs_alignops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("code", list(LossType))
 def test_matches_native_op(code, dtype):

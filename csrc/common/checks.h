@@ -85,4 +85,20 @@ inline void check_lm_head(const at::Tensor& hidden, const at::Tensor& weight, co
   }
 }
 
+// The at::Tensor operations of the checks shared with the stable-ABI library (csrc/preference/preference_checks.h):
+// sizes as SymInts, errors as ValueError, as the checks above.
+struct AtenOps {
+  static int64_t dim(const at::Tensor& t) { return t.dim(); }
+  static c10::SymInt size(const at::Tensor& t, int64_t d) { return t.sym_size(d); }
+  static at::ScalarType dtype(const at::Tensor& t) { return t.scalar_type(); }
+  static c10::SymIntArrayRef sizes(const at::Tensor& t) { return t.sym_sizes(); }
+  static bool same_shape(const at::Tensor& a, const at::Tensor& b) { return a.sym_sizes() == b.sym_sizes(); }
+  static bool same_device(const at::Tensor& a, const at::Tensor& b) { return a.device() == b.device(); }
+  static c10::Device device(const at::Tensor& t) { return t.device(); }
+  template <typename... Args>
+  static void fail(const Args&... args) {
+    TORCH_CHECK_VALUE(false, args...);
+  }
+};
+
 }  // namespace alignops

@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "preference/preference_checks.h"
 #include "preference/preference_loss_math.h"
 
 namespace alignops::preference {
@@ -26,36 +27,8 @@ inline void check_preference_loss_args(const at::Tensor& pc, const at::Tensor& p
                                        c10::ArrayRef<double> loss_weights, double /*beta_value*/,
                                        double /*label_smoothing*/, double /*gamma*/, double /*discopop_tau*/,
                                        int64_t f_divergence, double /*f_alpha*/, bool /*compute_grad*/) {
-  check_dim(pc, 1, "policy_chosen_logps", "[B]");
-  check_floating(pc, "policy_chosen_logps");
-  const std::pair<const at::Tensor*, const char*> others[] = {
-      {&pr, "policy_rejected_logps"}, {&rc, "ref_chosen_logps"}, {&rr, "ref_rejected_logps"}};
-  for (const auto& [t, name] : others) {
-    check_same_shape(*t, pc, name, "policy_chosen_logps");
-    check_same_dtype(*t, pc, name, "policy_chosen_logps");
-    check_same_device(*t, pc, name, "policy_chosen_logps");
-  }
-  TORCH_CHECK_VALUE(loss_types.size() == loss_weights.size(), "loss_weights must have one weight per loss type: got ",
-                    loss_weights.size(), " weights for ", loss_types.size(), " loss types");
-  TORCH_CHECK_VALUE(loss_types.size() <= static_cast<size_t>(kMaxLossTerms), "at most ", kMaxLossTerms,
-                    " loss types can be combined, got ", loss_types.size());
-  for (const int64_t code : loss_types) {
-    TORCH_CHECK_VALUE(code >= 0 && code < kNumLossTypes, "loss type code must be in [0, ",
-                      static_cast<int>(kNumLossTypes), "), got ", code);
-  }
-  TORCH_CHECK_VALUE(f_divergence >= kReverseKl && f_divergence <= kAlphaDivergence,
-                    "f_divergence code must be in [0, 3], got ", f_divergence);
-  const std::pair<const std::optional<at::Tensor>*, const char*> optional[] = {
-      {&beta, "beta"}, {&chosen_lengths, "chosen_lengths"}, {&rejected_lengths, "rejected_lengths"}};
-  for (const auto& [t, name] : optional) {
-    if (t->has_value()) {
-      check_dim(**t, 1, name, "[B]");
-      check_same_shape(**t, pc, name, "policy_chosen_logps");
-      check_same_device(**t, pc, name, "policy_chosen_logps");
-      TORCH_CHECK_VALUE(!at::isComplexType((*t)->scalar_type()) && (*t)->scalar_type() != at::kBool, name,
-                        " must be a real numeric tensor, got ", dtype_name((*t)->scalar_type()));
-    }
-  }
+  checks::preference_loss<AtenOps>(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths, loss_types, loss_weights,
+                                   f_divergence);
 }
 
 inline at::Tensor optional_per_pair(const std::optional<at::Tensor>& t, at::ScalarType acc) {

@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "preference/preference_checks.h"
 #include "preference/preference_loss_math.h"
 
 namespace alignops_stable {
@@ -36,27 +37,7 @@ using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 using namespace alignops::preference;  // LossType / FDivergence codes, Params, pair_loss
 
-// "torch.float32", as Python prints a dtype and as csrc/common/checks.h words it.
-std::string dtype_name(ScalarType s) {
-  switch (s) {
-    case ScalarType::Float:
-      return "torch.float32";
-    case ScalarType::Double:
-      return "torch.float64";
-    case ScalarType::Half:
-      return "torch.float16";
-    case ScalarType::BFloat16:
-      return "torch.bfloat16";
-    case ScalarType::Long:
-      return "torch.int64";
-    case ScalarType::Int:
-      return "torch.int32";
-    case ScalarType::Bool:
-      return "torch.bool";
-    default:
-      return std::string("torch.") + torch::headeronly::toString(s);
-  }
-}
+using checks::dtype_name;
 
 std::string shape_str(const Tensor& t) {
   std::ostringstream os;
@@ -80,14 +61,27 @@ bool same_shape(const Tensor& a, const Tensor& b) {
   return true;
 }
 
-bool is_floating(ScalarType s) {
-  return s == ScalarType::Float || s == ScalarType::Double || s == ScalarType::Half || s == ScalarType::BFloat16;
-}
-
-// Every tensor here is CPU (checked first), so "same device" reduces to is_cpu().
+// The first tensor of each op must be a CPU one (this library has only a CPU kernel); the shared checks then hold
+// every other tensor to its device.
 void check_cpu(const Tensor& t, const char* name) {
   STD_TORCH_CHECK(t.is_cpu(), name, " must be a CPU tensor (alignops_stable has only a CPU kernel)");
 }
+
+// The torch::stable::Tensor operations of the checks shared with alignops._C (csrc/preference/preference_checks.h).
+// Every device compared here is matched against a CPU tensor, so "same device" is "both on the CPU or neither".
+struct StableOps {
+  static int64_t dim(const Tensor& t) { return t.dim(); }
+  static int64_t size(const Tensor& t, int64_t d) { return t.size(d); }
+  static ScalarType dtype(const Tensor& t) { return t.scalar_type(); }
+  static std::string sizes(const Tensor& t) { return shape_str(t); }
+  static bool same_shape(const Tensor& a, const Tensor& b) { return alignops_stable::same_shape(a, b); }
+  static bool same_device(const Tensor& a, const Tensor& b) { return a.is_cpu() == b.is_cpu(); }
+  static const char* device(const Tensor& t) { return t.is_cpu() ? "cpu" : "not the CPU"; }
+  template <typename... Args>
+  static void fail(const Args&... args) {
+    STD_TORCH_CHECK(false, args...);
+  }
+};
 
 Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
@@ -127,19 +121,11 @@ Tensor new_empty_cpu(const std::vector<int64_t>& sizes, ScalarType acc) {
 }
 
 // beta / chosen_lengths / rejected_lengths: [B], any real dtype, read in the accumulation dtype.
-std::optional<Tensor> optional_per_pair(const std::optional<Tensor>& t, const Tensor& like, ScalarType acc,
-                                        const char* name) {
+std::optional<Tensor> optional_per_pair(const std::optional<Tensor>& t, ScalarType acc) {
   if (!t.has_value()) {
     return std::nullopt;
   }
-  STD_TORCH_CHECK(t->dim() == 1, name, " must be a 1-D tensor of shape [B], got shape ", shape_str(*t));
-  STD_TORCH_CHECK(same_shape(*t, like), name, " must have the shape of policy_chosen_logps ", shape_str(like), ", got ",
-                  shape_str(*t));
-  check_cpu(*t, name);
-  const auto s = t->scalar_type();
-  STD_TORCH_CHECK(s != ScalarType::Bool && s != ScalarType::ComplexFloat && s != ScalarType::ComplexDouble &&
-                      s != ScalarType::ComplexHalf,
-                  name, " must be a real numeric tensor, got ", dtype_name(s));
+  const auto s = t->scalar_type();  // checked: checks::preference_loss
   return as_contiguous(s == acc ? *t : torch::stable::to(*t, acc));
 }
 
@@ -199,25 +185,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> preference_loss(
     torch::headeronly::HeaderOnlyArrayRef<double> loss_weights, double beta_value, double label_smoothing, double gamma,
     double discopop_tau, int64_t f_divergence, double f_alpha, bool compute_grad) {
   check_cpu(pc, "policy_chosen_logps");
-  STD_TORCH_CHECK(pc.dim() == 1, "policy_chosen_logps must be a 1-D tensor of shape [B], got shape ", shape_str(pc));
+  checks::preference_loss<StableOps>(pc, pr, rc, rr, beta, chosen_lengths, rejected_lengths, loss_types, loss_weights,
+                                     f_divergence);
   const auto dt = pc.scalar_type();
-  STD_TORCH_CHECK(is_floating(dt), "policy_chosen_logps must be float32, float64, float16 or bfloat16, got ",
-                  dtype_name(dt));
-  const std::pair<const Tensor*, const char*> others[] = {
-      {&pr, "policy_rejected_logps"}, {&rc, "ref_chosen_logps"}, {&rr, "ref_rejected_logps"}};
-  for (const auto& [t, name] : others) {
-    STD_TORCH_CHECK(same_shape(*t, pc), name, " must have the shape of policy_chosen_logps ", shape_str(pc), ", got ",
-                    shape_str(*t));
-    STD_TORCH_CHECK(t->scalar_type() == dt, name, " must have the dtype of policy_chosen_logps (", dtype_name(dt),
-                    "), got ", dtype_name(t->scalar_type()));
-    check_cpu(*t, name);
-  }
-  STD_TORCH_CHECK(loss_types.size() == loss_weights.size(), "loss_weights must have one weight per loss type: got ",
-                  loss_weights.size(), " weights for ", loss_types.size(), " loss types");
-  STD_TORCH_CHECK(loss_types.size() <= static_cast<size_t>(kMaxLossTerms), "at most ", kMaxLossTerms,
-                  " loss types can be combined, got ", loss_types.size());
-  STD_TORCH_CHECK(f_divergence >= kReverseKl && f_divergence <= kAlphaDivergence,
-                  "f_divergence code must be in [0, 3], got ", f_divergence);
   Params<double> params;
   params.beta_value = beta_value;
   params.label_smoothing = label_smoothing;
@@ -227,17 +197,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> preference_loss(
   params.f_divergence = static_cast<int>(f_divergence);
   params.terms.n = static_cast<int>(loss_types.size());
   for (size_t k = 0; k < loss_types.size(); ++k) {
-    STD_TORCH_CHECK(loss_types[k] >= 0 && loss_types[k] < kNumLossTypes, "loss type code must be in [0, ",
-                    static_cast<int>(kNumLossTypes), "), got ", loss_types[k]);
     params.terms.type[k] = static_cast<int>(loss_types[k]);
     params.terms.weight[k] = loss_weights[k];
   }
 
-  const ScalarType acc = dt == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const ScalarType acc = checks::acc_type(dt);
   const Tensor pcc = as_contiguous(pc), prc = as_contiguous(pr), rcc = as_contiguous(rc), rrc = as_contiguous(rr);
-  const auto beta_c = optional_per_pair(beta, pc, acc, "beta");
-  const auto lc_c = optional_per_pair(chosen_lengths, pc, acc, "chosen_lengths");
-  const auto lr_c = optional_per_pair(rejected_lengths, pc, acc, "rejected_lengths");
+  const auto beta_c = optional_per_pair(beta, acc);
+  const auto lc_c = optional_per_pair(chosen_lengths, acc);
+  const auto lr_c = optional_per_pair(rejected_lengths, acc);
   const int64_t B = pc.size(0);
   const std::vector<int64_t> b_shape{B};
   const std::vector<int64_t> g_shape = compute_grad ? std::vector<int64_t>{4, B} : std::vector<int64_t>{0};
@@ -272,21 +240,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> preference_loss(
 // online logsumexp; the backward always anchors the exponent at the row max, which the main kernel does only
 // for |lse| > 2^17 (the two differ by rounding). Formulas and checks: csrc/preference/selective_logprobs_*.
 
-bool is_index(ScalarType s) { return s == ScalarType::Long || s == ScalarType::Int; }
-
 void check_selective_args(const Tensor& logits, const Tensor& targets, double temperature) {
   check_cpu(logits, "logits");
-  STD_TORCH_CHECK(logits.dim() == 2, "logits must be a 2-D tensor of shape [N, V], got shape ", shape_str(logits));
-  STD_TORCH_CHECK(is_floating(logits.scalar_type()), "logits must be float32, float64, float16 or bfloat16, got ",
-                  dtype_name(logits.scalar_type()));
-  STD_TORCH_CHECK(targets.dim() == 1, "targets must be a 1-D tensor of shape [N], got shape ", shape_str(targets));
-  STD_TORCH_CHECK(is_index(targets.scalar_type()), "targets must be int64 or int32, got ",
-                  dtype_name(targets.scalar_type()));
-  check_cpu(targets, "targets");
-  STD_TORCH_CHECK(targets.size(0) == logits.size(0),
-                  "targets must have one entry per row of logits [N=", logits.size(0), "], got ", targets.size(0));
-  STD_TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite value > 0, got ",
-                  temperature);
+  checks::selective_logprobs<StableOps>(logits, targets, temperature);
 }
 
 // Read once, serially, before the parallel rows: an exception thrown inside torch::stable::parallel_for's callback
@@ -399,7 +355,7 @@ std::tuple<Tensor, Tensor> selective_logprobs(Tensor logits, Tensor targets, int
   check_selective_args(logits, targets, temperature);
   const Tensor x = as_contiguous(logits), t = as_contiguous(targets);
   const auto y = read_targets(t, x.size(1), ignore_index);
-  const ScalarType acc = x.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const ScalarType acc = checks::acc_type(x.scalar_type());
   const std::vector<int64_t> shape{x.size(0)};
   Tensor logp = new_empty_cpu(shape, acc), lse = new_empty_cpu(shape, acc);
   dispatch_floating(x.scalar_type(), [&](auto acc_v, auto scalar_v) {
@@ -411,17 +367,8 @@ std::tuple<Tensor, Tensor> selective_logprobs(Tensor logits, Tensor targets, int
 
 Tensor selective_logprobs_backward(Tensor grad, Tensor logits, Tensor targets, Tensor lse, int64_t ignore_index,
                                    double temperature) {
-  check_selective_args(logits, targets, temperature);
-  const ScalarType acc = logits.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-  const std::pair<const Tensor*, const char*> stats[] = {{&grad, "grad_logp"}, {&lse, "lse"}};
-  for (const auto& [s, name] : stats) {
-    STD_TORCH_CHECK(s->dim() == 1, name, " must be a 1-D tensor of shape [N], got shape ", shape_str(*s));
-    STD_TORCH_CHECK(same_shape(*s, targets), name, " must have the shape of targets ", shape_str(targets), ", got ",
-                    shape_str(*s));
-    check_cpu(*s, name);
-    STD_TORCH_CHECK(s->scalar_type() == acc, name, " must be ", dtype_name(acc), " for ",
-                    dtype_name(logits.scalar_type()), " logits, got ", dtype_name(s->scalar_type()));
-  }
+  check_cpu(logits, "logits");
+  checks::selective_logprobs_backward<StableOps>(grad, logits, targets, lse, temperature);
   const Tensor x = as_contiguous(logits), t = as_contiguous(targets);
   const Tensor g = as_contiguous(grad), l = as_contiguous(lse);
   const auto y = read_targets(t, x.size(1), ignore_index);
