@@ -1,18 +1,19 @@
 """Loads the stable-ABI build of preference_loss (csrc/stable/preference_stable.cpp) into the running torch.
 
 ``alignops_stable::preference_loss`` / ``selective_logprobs`` / ``selective_logprobs_backward`` have the schemas
-of their ``alignops::`` twins (csrc/registration.cpp). This module gives them what the package gives the native
-ops in python/alignops/ops/preference.py: fake kernels (torch.compile, opcheck) and autograd (preference_loss
-returns the closed-form gradient [4, B], backward is one multiply; selective_logprobs' backward is the
-registered backward op). It is standalone on purpose: it must work under a torch that has no alignops build (torch
-2.13 in .ci/stable_abi.sh), so it imports nothing from alignops and repeats those ~50 lines.
+of their ``alignops::`` twins (csrc/preference/preference_schemas.h). This module gives them the fake kernels
+(torch.compile, opcheck) and autograd of the native ops, python/alignops/ops/preference_autograd.py, which it
+imports without alignops's build where the running torch has none (torch 2.13 in .ci/stable_abi.sh).
 
-Used by tests/test_stable_abi.py and bench/bench_stable_abi.py; see docs/stable-abi.md.
+Used by tests/test_stable_abi.py and bench/stable_abi_overhead.py; see docs/stable-abi.md.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+import types
 from pathlib import Path
 
 import torch
@@ -20,7 +21,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 # Where .ci/stable_abi.sh writes the .so; ALIGNOPS_STABLE_SO overrides it.
 DEFAULT_SO = ROOT / "build" / "stable_abi" / "_alignops_stable.so"
-OP = "alignops_stable::preference_loss"
 
 _loaded = False
 
@@ -29,90 +29,41 @@ def so_path() -> Path:
     return Path(os.environ.get("ALIGNOPS_STABLE_SO", DEFAULT_SO))
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fake(
-    pc,
-    pr,
-    rc,
-    rr,
-    beta,
-    chosen_lengths,
-    rejected_lengths,
-    loss_types,
-    loss_weights,
-    beta_value,
-    label_smoothing,
-    gamma,
-    discopop_tau,
-    f_divergence,
-    f_alpha,
-    compute_grad,
-):
-    acc, B = _acc(pc.dtype), pc.shape[0]
-    grad = pc.new_empty((4, B) if compute_grad else (0,), dtype=acc)
-    return pc.new_empty(B, dtype=acc), pc.new_empty(B, dtype=acc), pc.new_empty(B, dtype=acc), grad
-
-
-def _setup(ctx, inputs, output):
-    # Rewards and the gradient buffer are never differentiated: no [B] zero grads for them.
-    ctx.set_materialize_grads(False)
-    ctx.dtypes = tuple(t.dtype for t in inputs[:4])
-    ctx.save_for_backward(output[3])
-
-
-def _backward(ctx, grad_loss, _grad_cr, _grad_rj, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    if grad_loss is None:
-        return (None,) * 16
-    if grad.dim() == 1:  # the empty [0] placeholder: the op ran with compute_grad=False
-        raise RuntimeError(f"{OP} was called with compute_grad=False; pass compute_grad=True to differentiate")
-    scaled = grad * grad_loss
-    grads = [scaled[k].to(dt) if ctx.needs_input_grad[k] else None for k, dt in enumerate(ctx.dtypes)]
-    return (*grads, *([None] * 12))
+def alignops_module(name: str):
+    """``alignops.<...>`` module ``name``; where alignops has no build for the running torch (2.13 in
+    .ci/stable_abi.sh), without running alignops/__init__.py (which loads the compiled _C): the packages on the way
+    are then empty modules with the source folders as their paths. For the modules that import only torch and
+    other such modules (alignops.ops.preference_autograd, alignops.reference.preference, alignops._codes)."""
+    try:
+        import alignops  # noqa: F401
+    except (ImportError, RuntimeError, OSError):
+        path = ROOT / "python"
+        parts = name.split(".")[:-1]
+        for depth in range(1, len(parts) + 1):
+            path = path / parts[depth - 1]
+            package = types.ModuleType(".".join(parts[:depth]))
+            package.__path__ = [str(path)]
+            sys.modules.setdefault(package.__name__, package)
+    return importlib.import_module(name)
 
 
 def register_python_layer(ns: str) -> None:
-    """The fake kernels and the Python autograd of python/alignops/ops/preference.py, on the three ops of library
-    ``ns`` (``alignops_stable``, or in bench/stable_abi_overhead.py the native baseline ``alignops`` built for a
-    torch without alignops, so both carry the same Python layer)."""
-    torch.library.register_fake(f"{ns}::preference_loss", _fake)
-    torch.library.register_autograd(f"{ns}::preference_loss", _backward, setup_context=_setup)
-    torch.library.register_fake(f"{ns}::selective_logprobs", _selective_fake)
-    torch.library.register_fake(f"{ns}::selective_logprobs_backward", _selective_backward_fake)
+    """The fake kernels and autograd of python/alignops/ops/preference_autograd.py (the native ops' own) on the three
+    ops of library ``ns`` (``alignops_stable``, or in bench/stable_abi_overhead.py the native baseline ``alignops``
+    built for a torch without alignops, so both carry the same Python layer)."""
+    layer = alignops_module("alignops.ops.preference_autograd")
+    torch.library.register_fake(f"{ns}::preference_loss", layer.preference_loss_fake)
     torch.library.register_autograd(
-        f"{ns}::selective_logprobs", _selective_backward_for(ns), setup_context=_selective_setup
+        f"{ns}::preference_loss", layer.preference_loss_backward, setup_context=layer.preference_loss_setup
     )
-
-
-def _selective_fake(logits, targets, ignore_index, temperature):
-    n, acc = logits.shape[0], _acc(logits.dtype)
-    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc)
-
-
-def _selective_backward_fake(grad_logp, logits, targets, lse, ignore_index, temperature):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def _selective_setup(ctx, inputs, output):
-    logits, targets, ignore_index, temperature = inputs
-    ctx.set_materialize_grads(False)  # lse is never differentiated
-    ctx.save_for_backward(logits, targets, output[1])
-    ctx.ignore_index, ctx.temperature = ignore_index, temperature
-
-
-def _selective_backward_for(ns: str):
-    def backward(ctx, grad_logp, _grad_lse):
-        logits, targets, lse = ctx.saved_tensors
-        if grad_logp is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        op = getattr(torch.ops, ns).selective_logprobs_backward
-        grad = op(grad_logp.contiguous(), logits, targets, lse, ctx.ignore_index, ctx.temperature)
-        return grad, None, None, None
-
-    return backward
+    torch.library.register_fake(f"{ns}::selective_logprobs", layer.selective_logprobs_fake)
+    torch.library.register_fake(f"{ns}::selective_logprobs_backward", layer.selective_logprobs_backward_fake)
+    backward_op = getattr(torch.ops, ns).selective_logprobs_backward
+    torch.library.register_autograd(
+        f"{ns}::selective_logprobs",
+        layer.selective_logprobs_backward_for(backward_op),
+        setup_context=layer.selective_logprobs_setup,
+    )
 
 
 def load(path: str | os.PathLike | None = None):

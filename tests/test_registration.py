@@ -18,22 +18,31 @@ CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 # The files that define schemas: the library (csrc/registration.cpp) and the families' CPU files; csrc/stable/ is
 # the separately built stable-ABI baseline of the benchmarks, not part of alignops._C.
 SOURCES = sorted(p for p in CSRC.rglob("*.cpp") if "stable" not in p.parts)
-_DEF = re.compile(r'(m\.def\(|def_checked\(\s*m,)\s*((?:"(?:[^"\\]|\\.)*"\s*)+)')
+_LITERALS = r'(?:"(?:[^"\\]|\\.)*"\s*)+'  # adjacent C string literals
+# A schema is a literal, or a constant of a family's <family>_schemas.h (the ops a second library registers too).
+_DEF = re.compile(rf"(m\.def\(|def_checked\(\s*m,)\s*({_LITERALS}|schemas::k\w+)")
+_CONSTANT = re.compile(rf"constexpr char (k\w+)\[\] =\s*({_LITERALS});")
 triton_only = pytest.mark.skipif(not alignops._backend.triton_available(), reason="needs the triton package")
 
 
 def _native_schemas() -> dict[str, torch._C.FunctionSchema]:
     """name -> schema of every ``m.def("...")`` and ``def_checked(m, "...")`` in csrc/ (adjacent C literals
-    joined)."""
+    joined; ``def_checked(m, schemas::kName)`` reads the constant of a ``*_schemas.h``)."""
     return {name: schema for name, (schema, _) in _defs().items()}
 
 
 def _defs_by_file() -> list[tuple[pathlib.Path, str, torch._C.FunctionSchema, bool]]:
     """(file, name, schema, defined by def_checked) of every definition in csrc/, in file order."""
+    constants = {
+        m.group(1): m.group(2) for header in CSRC.rglob("*_schemas.h") for m in _CONSTANT.finditer(header.read_text())
+    }
     out = []
     for path in SOURCES:
         for call in _DEF.finditer(path.read_text()):
-            schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call.group(2)))
+            text = call.group(2)
+            if text.startswith("schemas::"):
+                text = constants[text.removeprefix("schemas::")]
+            schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', text))
             parsed = torch._C.parse_schema("alignops::" + schema)
             out.append((path, parsed.name.split("::")[1], parsed, call.group(1).startswith("def_checked")))
     return out

@@ -12,9 +12,7 @@ Skips, with the reason, only when the .so has not been built.
 
 from __future__ import annotations
 
-import importlib
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -27,8 +25,7 @@ import stable_abi  # noqa: E402
 if not stable_abi.so_path().exists():
     pytest.skip(f"stable-ABI .so not built ({stable_abi.so_path()}): run .ci/stable_abi.sh", allow_module_level=True)
 
-OP = stable_abi.load()
-
+# Before stable_abi.load(), which leaves a stand-in alignops package where the import fails.
 try:
     import alignops
 
@@ -36,20 +33,12 @@ try:
 except (ImportError, RuntimeError, OSError):  # no alignops build for this torch (the 2.13 leg of stable_abi.sh)
     HAVE_ALIGNOPS = False
 
-
-def _load_reference():
-    """alignops.reference.preference and alignops._codes; without running alignops/__init__.py (which loads the
-    compiled _C) when alignops is not importable. Both modules import only torch and alignops._errors."""
-    if not HAVE_ALIGNOPS:
-        pkg_dir = _ROOT / "python" / "alignops"
-        for name, path in (("alignops", pkg_dir), ("alignops.reference", pkg_dir / "reference")):
-            module = types.ModuleType(name)
-            module.__path__ = [str(path)]
-            sys.modules.setdefault(name, module)
-    return importlib.import_module("alignops.reference.preference"), importlib.import_module("alignops._codes")
+OP = stable_abi.load()
 
 
-ref, _codes = _load_reference()
+# Both import only torch and alignops._errors: stable_abi loads them without alignops's build where it has none.
+ref = stable_abi.alignops_module("alignops.reference.preference")
+_codes = stable_abi.alignops_module("alignops._codes")
 LossType, FDivergence = _codes.LossType, _codes.FDivergence
 needs_alignops = pytest.mark.skipif(not HAVE_ALIGNOPS, reason=f"no alignops build for torch {torch.__version__}")
 

@@ -4,6 +4,7 @@
 #include "common/cpu_capability.h"
 #include "common/registration.h"
 #include "preference/preference_loss_cpu_kernel.h"
+#include "preference/preference_schemas.h"
 
 namespace alignops::preference {
 namespace {
@@ -37,15 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_cpu(
 // The schemas of this file's ops, defined here and nowhere else.
 TORCH_LIBRARY_FRAGMENT(alignops, m) {
   // ---- preference: closed-form DPO-family losses on per-sequence log-probs -------------------------
-  // Returns (loss [B], chosen_rewards [B], rejected_rewards [B], grad [4, B]): grad holds d loss_i /
-  // d (policy_chosen, policy_rejected, ref_chosen, ref_rejected)_i when compute_grad, else it is empty.
-  // loss_types are codes of csrc/preference/preference_loss_math.h, combined with loss_weights.
-  def_checked(
-      m,
-      "preference_loss(Tensor policy_chosen_logps, Tensor policy_rejected_logps, Tensor ref_chosen_logps, "
-      "Tensor ref_rejected_logps, Tensor? beta, Tensor? chosen_lengths, Tensor? rejected_lengths, "
-      "int[] loss_types, float[] loss_weights, float beta_value, float label_smoothing, float gamma, "
-      "float discopop_tau, int f_divergence, float f_alpha, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The schema is shared with the stable-ABI library (preference_schemas.h).
+  def_checked(m, schemas::kPreferenceLoss);
 }
 
 TORCH_LIBRARY_IMPL(alignops, CPU, m) { m.impl("preference_loss", &preference_loss_cpu); }

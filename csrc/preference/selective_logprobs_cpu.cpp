@@ -5,6 +5,7 @@
 #include "common/cpu_capability.h"
 #include "common/registration.h"
 #include "common/value_checks.h"
+#include "preference/preference_schemas.h"
 #include "preference/selective_logprobs_common.h"
 #include "preference/selective_logprobs_cpu_kernel.h"
 
@@ -61,14 +62,9 @@ void selective_logprobs_backward_check(const at::Tensor& grad, const at::Tensor&
 // The schemas of this file's ops, defined here and nowhere else.
 TORCH_LIBRARY_FRAGMENT(alignops, m) {
   // ---- preference: log p(target) per row of a logits matrix, without materialising log_softmax -----
-  // Returns (logp [N] fp32, lse [N] fp32); lse is the logsumexp of logits / temperature, kept for backward.
-  def_checked(
-      m, "selective_logprobs(Tensor logits, Tensor targets, int ignore_index, float temperature) -> (Tensor, Tensor)");
-
-  def_checked(
-      m,
-      "selective_logprobs_backward(Tensor grad_logp, Tensor logits, Tensor targets, Tensor lse, int ignore_index, "
-      "float temperature) -> Tensor");
+  // The schemas are shared with the stable-ABI library (preference_schemas.h).
+  def_checked(m, schemas::kSelectiveLogprobs);
+  def_checked(m, schemas::kSelectiveLogprobsBackward);
   // The targets' range, ignore_index or [0, vocab), for selective_logprobs and fused_linear_logprobs: it reads them
   // (on any device, one host sync); their CPU launchers call the same function (csrc/common/value_checks.h).
   m.def("check_target_values(Tensor targets, int vocab, int ignore_index) -> ()");

@@ -29,6 +29,7 @@
 
 #include "preference/preference_checks.h"
 #include "preference/preference_loss_math.h"
+#include "preference/preference_schemas.h"
 
 namespace alignops_stable {
 namespace {
@@ -385,17 +386,12 @@ Tensor selective_logprobs_backward(Tensor grad, Tensor logits, Tensor targets, T
 }  // namespace alignops_stable
 
 STABLE_TORCH_LIBRARY(alignops_stable, m) {
-  // The schema of alignops::preference_loss (csrc/registration.cpp), in a namespace of its own so this .so and
-  // the main _C never register the same name.
-  m.def(
-      "preference_loss(Tensor policy_chosen_logps, Tensor policy_rejected_logps, Tensor ref_chosen_logps, "
-      "Tensor ref_rejected_logps, Tensor? beta, Tensor? chosen_lengths, Tensor? rejected_lengths, "
-      "int[] loss_types, float[] loss_weights, float beta_value, float label_smoothing, float gamma, "
-      "float discopop_tau, int f_divergence, float f_alpha, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("selective_logprobs(Tensor logits, Tensor targets, int ignore_index, float temperature) -> (Tensor, Tensor)");
-  m.def(
-      "selective_logprobs_backward(Tensor grad_logp, Tensor logits, Tensor targets, Tensor lse, int ignore_index, "
-      "float temperature) -> Tensor");
+  // The schemas of the alignops:: ops (preference_schemas.h), in a namespace of its own so this .so and the main
+  // _C never register the same name.
+  namespace schemas = alignops::preference::schemas;
+  m.def(schemas::kPreferenceLoss);
+  m.def(schemas::kSelectiveLogprobs);
+  m.def(schemas::kSelectiveLogprobsBackward);
 }
 
 STABLE_TORCH_LIBRARY_IMPL(alignops_stable, CPU, m) {

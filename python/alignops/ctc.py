@@ -17,6 +17,7 @@ import torch
 
 from . import _backend
 from ._checks import check_has_values, check_not_nan, check_same_device
+from ._dtypes import acc_dtype
 from ._errors import AlignopsError
 from .ctc_posteriors import CTCPosteriors, ctc_loss, ctc_posteriors
 from .ctc_segmentation import (
@@ -34,7 +35,6 @@ from .ctc_segmentation import (
     write_kaldi_segments,
 )
 from .ops._registration import run_checks, run_value_checks
-from .ops.preference import acc_dtype
 from .reference import ctc as _ref
 
 MEMORY_MODES = ("full", "checkpointed")

@@ -10,9 +10,9 @@ import torch
 
 from . import _backend
 from ._checks import check_has_values, values_checkable
+from ._dtypes import acc_dtype
 from ._errors import AlignopsError
 from .ops._registration import run_checks, run_value_checks
-from .ops.preference import acc_dtype
 from .reference import ctc_posteriors as _ref
 
 _OUTPUTS = ("states", "tokens", "both")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .preference import acc_dtype
+from .._dtypes import acc_dtype
 
 
 def _is_one(grad_loss: torch.Tensor) -> bool:

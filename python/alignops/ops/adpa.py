@@ -22,9 +22,9 @@ import os
 
 import torch
 
+from .._dtypes import acc_dtype
 from ._closed_form_grad import fake_grad_outputs, register_closed_form_autograd
 from ._registration import register_fake
-from .preference import acc_dtype
 
 _SCHEMA = (
     "(Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, Tensor teacher_weight, "

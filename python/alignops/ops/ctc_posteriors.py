@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_triton_device
+from .._dtypes import acc_dtype
 from ._registration import register_fake, register_triton_twin
-from .preference import acc_dtype
 
 
 @register_fake("alignops::ctc_posteriors")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_triton_device
+from .._dtypes import acc_dtype
 from ._closed_form_grad import fake_grad_outputs, register_closed_form_autograd
 from ._registration import register_fake, register_triton_twin
-from .preference import acc_dtype
 
 
 @register_fake("alignops::fused_linear_distillation")

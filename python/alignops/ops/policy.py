@@ -20,8 +20,8 @@ import torch
 
 from .._checks import check_triton_device
 from .._codes import ImportanceSamplingLevel
+from .._dtypes import acc_dtype
 from ._registration import register_fake, register_triton_twin, run_checks
-from .preference import acc_dtype
 
 # row_stats columns (csrc/policy/policy_codes.h RowStat)
 MASK_COUNT, CLIP_LOW, CLIP_HIGH, CLIP_REGION, KL, RATIO, PHI, ROW_LOSS = range(8)

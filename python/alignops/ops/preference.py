@@ -18,109 +18,35 @@ from collections.abc import Sequence
 import torch
 
 from .._checks import check_triton_device
+from .._dtypes import acc_dtype
+from . import preference_autograd
 from ._registration import register_fake, register_triton_twin
 
-_acc = {torch.float64: torch.float64}
+# ---- preference_loss and selective_logprobs: fakes and autograd in preference_autograd.py (shared with the
+# stable-ABI library), registered here on the alignops:: ops -----------------------------------------------------
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation for every floating dtype, fp64 kept as fp64 (mirrors csrc/common/checks.h)."""
-    return _acc.get(dtype, torch.float32)
-
-
-# ---- preference_loss --------------------------------------------------------------------------------
-
-
-@register_fake("alignops::preference_loss")
-def _preference_loss_fake(
-    pc,
-    pr,
-    rc,
-    rr,
-    beta,
-    chosen_lengths,
-    rejected_lengths,
-    loss_types,
-    loss_weights,
-    beta_value,
-    label_smoothing,
-    gamma,
-    discopop_tau,
-    f_divergence,
-    f_alpha,
-    compute_grad,
-):
-    acc = acc_dtype(pc.dtype)
-    B = pc.shape[0]
-    grad = pc.new_empty((4, B) if compute_grad else (0,), dtype=acc)
-    return pc.new_empty(B, dtype=acc), pc.new_empty(B, dtype=acc), pc.new_empty(B, dtype=acc), grad
-
-
-def _preference_loss_setup(ctx, inputs, output):
-    # Rewards and the gradient buffer are never differentiated: no [B] zero grads for them.
-    ctx.set_materialize_grads(False)
-    ctx.dtypes = tuple(t.dtype for t in inputs[:4])
-    ctx.save_for_backward(output[3])
-
-
-def _preference_loss_backward(ctx, grad_loss, _grad_chosen_rewards, _grad_rejected_rewards, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    if grad_loss is None:
-        return (None,) * 16
-    if grad.dim() == 1:  # the empty [0] placeholder, not a [4, B] gradient
-        raise RuntimeError(
-            "alignops::preference_loss was called with compute_grad=False; call it through "
-            "alignops.preference_loss (which sets it) to differentiate"
-        )
-    scaled = grad * grad_loss  # one pass over [4, B]; rows are views
-    grads = [scaled[k].to(dt) if ctx.needs_input_grad[k] else None for k, dt in enumerate(ctx.dtypes)]
-    return (*grads, *([None] * 12))
+register_fake("alignops::preference_loss")(preference_autograd.preference_loss_fake)
+register_fake("alignops::selective_logprobs")(preference_autograd.selective_logprobs_fake)
+register_fake("alignops::selective_logprobs_backward")(preference_autograd.selective_logprobs_backward_fake)
 
 
 def register_preference_loss_autograd(op: str) -> None:
     """The kernels return the closed-form gradient; backward is one multiply (shared by native and Triton)."""
-    torch.library.register_autograd(op, _preference_loss_backward, setup_context=_preference_loss_setup)
-
-
-register_preference_loss_autograd("alignops::preference_loss")
-
-
-# ---- selective_logprobs -----------------------------------------------------------------------------
-
-
-@register_fake("alignops::selective_logprobs")
-def _selective_logprobs_fake(logits, targets, ignore_index, temperature):
-    n = logits.shape[0]
-    acc = acc_dtype(logits.dtype)
-    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc)
-
-
-@register_fake("alignops::selective_logprobs_backward")
-def _selective_logprobs_backward_fake(grad_logp, logits, targets, lse, ignore_index, temperature):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def _selective_logprobs_setup(ctx, inputs, output):
-    logits, targets, ignore_index, temperature = inputs
-    ctx.set_materialize_grads(False)  # lse is never differentiated
-    ctx.save_for_backward(logits, targets, output[1])
-    ctx.ignore_index = ignore_index
-    ctx.temperature = temperature
+    torch.library.register_autograd(
+        op, preference_autograd.preference_loss_backward, setup_context=preference_autograd.preference_loss_setup
+    )
 
 
 def register_selective_logprobs_autograd(op: str, backward_op) -> None:
     """Backward is the registered op ``backward_op`` (recomputes softmax from the saved lse)."""
-
-    def backward(ctx, grad_logp, _grad_lse):
-        logits, targets, lse = ctx.saved_tensors
-        if grad_logp is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        grad_logits = backward_op(grad_logp.contiguous(), logits, targets, lse, ctx.ignore_index, ctx.temperature)
-        return grad_logits, None, None, None
-
-    torch.library.register_autograd(op, backward, setup_context=_selective_logprobs_setup)
+    torch.library.register_autograd(
+        op,
+        preference_autograd.selective_logprobs_backward_for(backward_op),
+        setup_context=preference_autograd.selective_logprobs_setup,
+    )
 
 
+register_preference_loss_autograd("alignops::preference_loss")
 register_selective_logprobs_autograd("alignops::selective_logprobs", torch.ops.alignops.selective_logprobs_backward)
 
 
@@ -241,11 +167,7 @@ def preference_loss_triton(
         if t is not None:
             t = t.to(acc).contiguous()
         optional[name] = t
-    B = pc.shape[0]
-    loss = pc.new_empty(B, dtype=acc)
-    chosen_rewards = pc.new_empty(B, dtype=acc)
-    rejected_rewards = pc.new_empty(B, dtype=acc)
-    grad = pc.new_empty((4, B) if compute_grad else (0,), dtype=acc)
+    loss, chosen_rewards, rejected_rewards, grad = preference_autograd.preference_loss_outputs(pc, compute_grad)
     launch_preference_loss(
         pc.contiguous(),
         policy_rejected_logps.contiguous(),
@@ -278,9 +200,7 @@ def selective_logprobs_triton(
     from ..kernels.preference import launch_selective_logprobs_forward
 
     check_triton_device(logits, "logits")
-    acc = acc_dtype(logits.dtype)
-    logp = logits.new_empty(logits.shape[0], dtype=acc)
-    lse = logits.new_empty(logits.shape[0], dtype=acc)
+    logp, lse = preference_autograd.selective_logprobs_fake(logits, targets, ignore_index, temperature)
     launch_selective_logprobs_forward(logits.contiguous(), targets.contiguous(), logp, lse, ignore_index, temperature)
     return logp, lse
 

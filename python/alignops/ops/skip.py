@@ -15,9 +15,9 @@ import torch
 
 from .._checks import check_triton_device
 from .._codes import Activation
+from .._dtypes import acc_dtype
 from .._errors import AlignopsError
 from ._registration import register_fake, register_triton_twin
-from .preference import acc_dtype
 
 
 @register_fake("alignops::skip_ffn")

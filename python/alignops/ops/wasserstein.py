@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_triton_device
+from .._dtypes import acc_dtype
 from ._registration import register_fake, register_triton_twin
 
 
@@ -53,13 +54,9 @@ def register_wasserstein_1d_autograd(op: str, backward: str) -> None:
 register_wasserstein_1d_autograd("alignops::wasserstein_1d", "wasserstein_1d_backward")
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _sorted_cdf(x: torch.Tensor, w: torch.Tensor | None):
     """(sorted values, CDF in the accumulation dtype, order, fp64 CDF, fp64 total weight [B, 1])."""
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     xs, order = torch.sort(x.to(acc), dim=-1, stable=True)
     n = x.shape[-1]
     if w is None:
@@ -82,7 +79,7 @@ def wasserstein_1d_triton(
     check_triton_device(u, "u")
     xu, cu, _, _, _ = _sorted_cdf(u, u_weights)
     xv, cv, _, _, _ = _sorted_cdf(v, v_weights)
-    out = u.new_empty((u.shape[0],), dtype=_acc(u.dtype))
+    out = u.new_empty((u.shape[0],), dtype=acc_dtype(u.dtype))
     launch_merge(xu, cu, xv, cv, p, out)
     return out.to(u.dtype)
 
