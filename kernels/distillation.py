@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._codes import DistillationMode
 from ._launch import launch, tile
 from ._tl import finite_max
 from .fused_linear import _logits
@@ -28,7 +29,11 @@ BLOCK_BYTES = 64 << 20  # per [R, V] block of one model
 MAX_BLOCK_V = 4096
 BLOCK_ROWS: int | None = None  # forces R (the tests set it small to cover several blocks)
 
-MODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tv": 3, "skew_kl": 4, "skew_reverse_kl": 5}
+FORWARD_KL = tl.constexpr(int(DistillationMode.FORWARD_KL))
+REVERSE_KL = tl.constexpr(int(DistillationMode.REVERSE_KL))
+JSD = tl.constexpr(int(DistillationMode.JSD))
+TV = tl.constexpr(int(DistillationMode.TV))
+SKEW_KL = tl.constexpr(int(DistillationMode.SKEW_KL))
 
 
 @triton.jit
@@ -59,21 +64,21 @@ def _terms(log_ps, log_pt, coef, MODE: tl.constexpr):
     """(d_v, G_v) of one column: d = sum_v d_v, dz = ps (G - sum_v ps G) (G unused for the forward KL)."""
     ps = tl.exp(log_ps)
     pt = tl.exp(log_pt)
-    if MODE == 0:
+    if MODE == FORWARD_KL:
         d = pt * (log_pt - log_ps)
         G = tl.zeros_like(ps)
-    elif MODE == 1:
+    elif MODE == REVERSE_KL:
         G = log_ps - log_pt
         d = ps * G
-    elif MODE == 2:
+    elif MODE == JSD:
         log_m = _logaddexp(log_ps + tl.log(1 - coef), log_pt + tl.log(coef))
         d = coef * pt * (log_pt - log_m) + (1 - coef) * ps * (log_ps - log_m)
         G = (1 - coef) * (log_ps - log_m)
-    elif MODE == 3:
+    elif MODE == TV:
         diff = ps - pt
         d = 0.5 * tl.abs(diff)
         G = tl.where(diff > 0, 0.5, tl.where(diff < 0, -0.5, 0.0))
-    elif MODE == 4:
+    elif MODE == SKEW_KL:
         log_ratio = log_pt - _logaddexp(log_pt + tl.log(coef), log_ps + tl.log(1 - coef))
         d = pt * log_ratio
         G = -(1 - coef) * tl.exp(log_ratio)
@@ -148,7 +153,7 @@ def distillation_rows_kernel(
                 log_ps = zs - lse_s
                 log_pt = zt - lse_t
                 ps = tl.exp(log_ps)
-                if MODE == 0:
+                if MODE == FORWARD_KL:
                     dz = ps - tl.exp(log_pt)
                 else:
                     _, G = _terms(log_ps, log_pt, c, MODE)
@@ -214,7 +219,7 @@ def launch_distillation(
             float(s_cap),
             float(t_scale),
             float(t_cap),
-            MODE=MODES[mode],
+            MODE=int(DistillationMode[mode.upper()]),
             S_SOFTCAP=s_cap > 0,
             T_SOFTCAP=t_cap > 0,
             GRAD=grad,

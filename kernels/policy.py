@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._codes import PolicyLossType
+from .._codes import PolicyLossType, RowStat
 from ._launch import launch, tile
 from ._tl import finite_max
 from .preference import launch_config, launch_rows
@@ -48,8 +48,17 @@ SAPO = tl.constexpr(int(PolicyLossType.SAPO))
 LUSPO = tl.constexpr(int(PolicyLossType.LUSPO))
 VESPO = tl.constexpr(int(PolicyLossType.VESPO))
 
-N_STATS = 8  # columns of row_stats (csrc/policy/policy_loss_cpu.cpp, csrc/policy/policy_codes.h RowStat)
+# The columns of row_stats (RowStat, csrc/policy/policy_codes.h)
+N_STATS = int(RowStat.NUM_ROW_STATS)
 _N_STATS = tl.constexpr(N_STATS)
+MASK_COUNT = tl.constexpr(int(RowStat.MASK_COUNT))
+CLIP_LOW = tl.constexpr(int(RowStat.CLIP_LOW))
+CLIP_HIGH = tl.constexpr(int(RowStat.CLIP_HIGH))
+CLIP_REGION = tl.constexpr(int(RowStat.CLIP_REGION))
+KL = tl.constexpr(int(RowStat.KL))
+RATIO = tl.constexpr(int(RowStat.RATIO))
+PHI = tl.constexpr(int(RowStat.PHI))
+ROW_LOSS = tl.constexpr(int(RowStat.ROW_LOSS))
 MAX_BLOCK_T = 1024  # tokens per tile on a GPU: 8 per thread at 4 warps (fp32: 56-96 registers, no spills)
 _LOG_1E8 = math.log(1e-8)  # VESPO's lower clamp of log w (TRL's get_gamma_weights)
 
@@ -403,14 +412,14 @@ def policy_loss_kernel(
             high_s = tl.where(high_row, 1.0, 0.0).to(ACC)
             region_s = tl.where(low_row | high_row, 1.0, 0.0).to(ACC)
     out = stats_ptr + row * _N_STATS
-    tl.store(out + 0, M)
-    tl.store(out + 1, low_s)
-    tl.store(out + 2, high_s)
-    tl.store(out + 3, region_s)
-    tl.store(out + 4, tl.sum(kl_sum_acc, axis=0))
-    tl.store(out + 5, ratio_s)
-    tl.store(out + 6, phi_s)
-    tl.store(out + 7, rs * tl.sum(loss_acc, axis=0))
+    tl.store(out + MASK_COUNT, M)
+    tl.store(out + CLIP_LOW, low_s)
+    tl.store(out + CLIP_HIGH, high_s)
+    tl.store(out + CLIP_REGION, region_s)
+    tl.store(out + KL, tl.sum(kl_sum_acc, axis=0))
+    tl.store(out + RATIO, ratio_s)
+    tl.store(out + PHI, phi_s)
+    tl.store(out + ROW_LOSS, rs * tl.sum(loss_acc, axis=0))
 
 
 def launch_policy_loss(

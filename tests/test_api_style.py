@@ -77,7 +77,6 @@ HELPERS = {
     "eps_schedule",
     "implicit_grad_cost",
     "random_projections",
-    "patch_ffn_skipping",
     "prepack",
     "unprepack",
     "is_prepacked",
@@ -109,6 +108,8 @@ POSITIONAL_ALLOWED = {
     ("elo_ratings", "num_players"): "problem size",
     ("keep_from_spans", "seq_len"): "problem size",
     # the watermark key is the input's identity (which hash), like a seed of the data, not a hyperparameter
+    # the schedule object bundles the skip hyperparameters (like a trainer's config object)
+    ("patch_ffn_skipping", "schedule"): "a SkipSchedule config object",
     ("gumbel_detect", "key"): "the watermark key",
     ("gumbel_sample", "key"): "the watermark key",
     ("kgw_detect", "key"): "the watermark key",
@@ -417,3 +418,37 @@ def test_fused_linear_preference_loss_forwards_the_backend(monkeypatch):
     for backend in ("torch", "native"):
         alignops.fused_linear_preference_loss(hidden, weight, targets, backend=backend)
     assert seen == ["torch", "native"]
+
+
+def test_fused_linear_policy_loss_forwards_the_backend(monkeypatch):
+    # its policy-loss epilogue ran backend="auto" whatever the caller chose (unless "torch")
+    seen = []
+    real = alignops.fused_linear_policy.policy_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(alignops.fused_linear_policy, "policy_loss", spy)
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(2, 4, 8, generator=g), torch.randn(11, 8, generator=g)
+    ids, adv = torch.randint(0, 11, (2, 4), generator=g), torch.randn(2, generator=g)
+    for backend in ("torch", "native"):
+        alignops.fused_linear_policy_loss(hidden, weight, ids, adv, backend=backend)
+    assert seen == ["torch", "native"]
+
+
+def test_patch_ffn_skipping_options_are_keyword_only():
+    from alignops.skip import patch_ffn_skipping
+
+    params = inspect.signature(patch_ffn_skipping).parameters
+    assert params["prepack"].kind is params["backend"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert patch_ffn_skipping.__deprecated_positional__ == ("prepack", "backend")
+
+
+def test_add_fused_lm_head_takes_keywords_and_backend(import_peer):
+    trl = import_peer("alignops.integrations.trl")
+    params = inspect.signature(trl.add_fused_lm_head).parameters
+    assert [n for n, p in params.items() if p.kind is not inspect.Parameter.KEYWORD_ONLY] == ["model"]
+    assert params["backend"].default == "auto"
+    assert trl.add_fused_lm_head.__deprecated_positional__ == ("temperature", "cast_lm_head_to_fp32", "outputs")

@@ -60,6 +60,12 @@ def test_reference_names_are_the_enum_names():
             [c.name for c in _codes.LossType] + ["FORWARD_KL", "JS_DIVERGENCE", "ALPHA_DIVERGENCE"],
         ),
         ("skip", (_codes.Activation, _codes.Criterion), ["SWIGLU", "GELU", "COSINE"]),
+        ("distillation", (_codes.DistillationMode,), ["FORWARD_KL", "REVERSE_KL", "JSD", "TV", "SKEW_KL"]),
+        (
+            "policy",
+            (_codes.PolicyLossType, _codes.RowStat),
+            [c.name for c in _codes.RowStat if c.name != "NUM_ROW_STATS"],
+        ),
     ],
 )
 def test_triton_constants_are_the_enum(module, enums, names):
@@ -76,7 +82,7 @@ def test_triton_constants_are_the_enum(module, enums, names):
 
 def test_no_kernel_compares_a_code_with_a_literal():
     """Branches on a code name the enum member, so a renumbering cannot leave a kernel behind."""
-    literal = re.compile(r"\b(CODE|ACTIVATION|CRITERION|F_DIVERGENCE)\s*[=!]=\s*\d")
+    literal = re.compile(r"\b(CODE|ACTIVATION|CRITERION|F_DIVERGENCE|MODE)\s*[=!]=\s*\d")
     hits = [
         f"{path.name}:{i}"
         for path in sorted(KERNELS.glob("*.py"))
@@ -84,3 +90,10 @@ def test_no_kernel_compares_a_code_with_a_literal():
         if literal.search(line)
     ]
     assert hits == []
+
+
+def test_no_kernel_stores_a_row_stat_at_a_literal_column():
+    """policy_loss's row_stats columns are RowStat's members in the kernels too."""
+    text = (KERNELS / "policy.py").read_text()
+    assert re.search(r"tl\.store\(out \+ \d", text) is None
+    assert text.count("tl.store(out + ") == len(_codes.RowStat) - 1  # every column but the count

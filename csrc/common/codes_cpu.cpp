@@ -8,8 +8,10 @@
 #include <utility>
 #include <vector>
 
+#include "common/counter_hash.h"
 #include "common/registration.h"
 #include "ctc_segmentation/ctc_segmentation_cpu_kernel.h"
+#include "distillation/fused_linear_distillation_cpu_kernel.h"
 #include "policy/policy_codes.h"
 #include "preference/preference_loss_math.h"
 #include "skip/skip_ffn_cpu_kernel.h"
@@ -55,9 +57,36 @@ Codes family_codes(const std::string& family) {
   if (family == "importance_sampling_level") {
     return {{"Token", alignops::policy::kToken}, {"Sequence", alignops::policy::kSequence}};
   }
+  if (family == "row_stat") {
+    namespace pol = alignops::policy;
+    return {{"MaskCount", pol::kMaskCount},
+            {"ClipLow", pol::kClipLow},
+            {"ClipHigh", pol::kClipHigh},
+            {"ClipRegion", pol::kClipRegion},
+            {"Kl", pol::kKl},
+            {"Ratio", pol::kRatio},
+            {"Phi", pol::kPhi},
+            {"RowLoss", pol::kRowLoss},
+            {"NumRowStats", pol::kNumRowStats}};
+  }
+  if (family == "distillation_mode") {
+    using alignops::distillation::Mode;
+    static_assert(static_cast<int>(Mode::SkewReverseKL) == 5, "list every mode below");
+    return {{"ForwardKl", static_cast<int64_t>(Mode::ForwardKL)},
+            {"ReverseKl", static_cast<int64_t>(Mode::ReverseKL)},
+            {"Jsd", static_cast<int64_t>(Mode::JSD)},
+            {"Tv", static_cast<int64_t>(Mode::TV)},
+            {"SkewKl", static_cast<int64_t>(Mode::SkewKL)},
+            {"SkewReverseKl", static_cast<int64_t>(Mode::SkewReverseKL)}};
+  }
+  if (family == "hash_salt") {
+    namespace hash = alignops::hash;
+    return {{"Bootstrap", hash::kSaltBootstrap}, {"Kgw", hash::kSaltKgw}, {"Gumbel", hash::kSaltGumbel}};
+  }
   TORCH_CHECK_VALUE(false,
                     "family must be one of loss_type, f_divergence, activation, criterion, "
-                    "ctc_segmentation_flag, policy_loss_type, importance_sampling_level, got '",
+                    "ctc_segmentation_flag, policy_loss_type, importance_sampling_level, row_stat, "
+                    "distillation_mode, hash_salt, got '",
                     family, "'");
 }
 
@@ -78,7 +107,7 @@ std::tuple<std::vector<std::string>, std::vector<int64_t>> codes(const std::stri
 TORCH_LIBRARY_FRAGMENT(alignops, m) {
   // The names (C++ enumerators without `k`) and values of one family of integer codes the kernels take:
   // loss_type, f_divergence, activation, criterion, ctc_segmentation_flag, policy_loss_type,
-  // importance_sampling_level (python/alignops/_codes.py).
+  // importance_sampling_level, row_stat, distillation_mode, hash_salt (python/alignops/_codes.py).
   m.def("codes(str family) -> (str[], int[])");
 }
 

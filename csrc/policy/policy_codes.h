@@ -25,7 +25,8 @@ enum ImportanceSamplingLevel : int64_t {
   kSequence = 1,
 };
 
-// Columns of row_stats (documented with the schema in csrc/registration.cpp).
+// Columns of row_stats (documented with the schema in csrc/policy/policy_loss_cpu.cpp; RowStat in
+// python/alignops/_codes.py).
 enum RowStat : int64_t {
   kMaskCount = 0,
   kClipLow = 1,

@@ -89,6 +89,42 @@ class ImportanceSamplingLevel(enum.IntEnum):
     SEQUENCE = 1
 
 
+class RowStat(enum.IntEnum):
+    """The columns of ``alignops::policy_loss``'s ``row_stats`` [B, NUM_ROW_STATS] (csrc/policy/policy_codes.h)."""
+
+    MASK_COUNT = 0
+    CLIP_LOW = 1
+    CLIP_HIGH = 2
+    CLIP_REGION = 3
+    KL = 4
+    RATIO = 5
+    PHI = 6
+    ROW_LOSS = 7
+    NUM_ROW_STATS = 8
+
+
+class DistillationMode(enum.IntEnum):
+    """The kernels' divergence of ``alignops::fused_linear_distillation`` (``Mode`` in
+    csrc/distillation/fused_linear_distillation_cpu_kernel.h): the op takes ``divergence`` by name and ``jsd``
+    with ``coef`` 0 or 1 runs as the forward or reverse KL (``parse_mode``, ``ops/distillation._mode``)."""
+
+    FORWARD_KL = 0
+    REVERSE_KL = 1
+    JSD = 2
+    TV = 3
+    SKEW_KL = 4
+    SKEW_REVERSE_KL = 5
+
+
+class HashSalt(enum.IntEnum):
+    """The domain-separation salts of the counter hash (``kSalt*`` in csrc/common/counter_hash.h): one key never
+    yields the same stream for two purposes."""
+
+    BOOTSTRAP = 0x13198A2E
+    KGW = 0x243F6A88
+    GUMBEL = 0x85A308D3
+
+
 # family name of torch.ops.alignops.codes -> enum
 FAMILIES: dict[str, type[enum.Enum]] = {
     "loss_type": LossType,
@@ -98,6 +134,9 @@ FAMILIES: dict[str, type[enum.Enum]] = {
     "ctc_segmentation_flag": CtcSegmentationFlag,
     "policy_loss_type": PolicyLossType,
     "importance_sampling_level": ImportanceSamplingLevel,
+    "row_stat": RowStat,
+    "distillation_mode": DistillationMode,
+    "hash_salt": HashSalt,
 }
 
 

@@ -467,7 +467,7 @@ def _cross_entropy(hidden, weight, bias, targets, keep, logit_scale, softcap, im
         ignore_index=-100,
         logit_scale=float(logit_scale),
         softcap=softcap,
-        backend="torch" if impl == "torch" else impl,
+        backend=impl,
     ).logp
     return -logp
 

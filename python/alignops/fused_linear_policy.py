@@ -137,8 +137,8 @@ def fused_linear_policy_loss(
     Dtypes: ``hidden``, ``weight``, ``bias`` fp32 / bf16 / fp16 / fp64 (one dtype); the log-probs, entropies and loss
     are fp32 (fp64 for fp64 inputs), accumulated in fp32 inside the GEMMs. Extra memory: one [K, Vt] logits tile
     (K = completion tokens), independent of V, plus [B, T] vectors. ``backend`` picks the fused kernel of
-    :func:`alignops.fused_linear_logprobs` (C++ on the CPU, Triton on CUDA, or the torch reference); the epilogue
-    :func:`alignops.policy_loss` runs its ``auto`` backend (its reference when ``backend="torch"``).
+    :func:`alignops.fused_linear_logprobs` (C++ on the CPU, Triton on CUDA, or the torch reference) and of the
+    epilogue :func:`alignops.policy_loss`: both run the backend the caller names.
 
     Raises AlignopsError for layouts that do not fit together, a non-finite ``entropy_coef``, a
     ``top_entropy_quantile`` outside (0, 1], ``beta != 0`` without a reference, and what
@@ -270,7 +270,7 @@ def fused_linear_policy_loss(
         loss_type=loss_type,
         beta=beta,
         entropy_mask=entropy_mask,
-        backend="torch" if backend == "torch" else "auto",  # the epilogue: its fastest kernel for the device
+        backend=backend,
         **extra,
         **policy_options,
     )

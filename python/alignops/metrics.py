@@ -6,7 +6,7 @@ and the alignment gap ("Preference Learning Algorithms Do Not Learn Preference R
 Bradley-Terry fits, conformal p-values with Benjamini-Hochberg selection ("Optimized Conformal Selection").
 
 Every item-level metric takes ``n_bootstrap`` (R) and ``seed``: the R resamples are drawn by a counter-based
-hash of (seed, r, j) (:func:`alignops.reference.metrics.bootstrap_indices`), the same on every device and
+hash of (seed, r, j) (``alignops._counter_hash.bootstrap_indices``), the same on every device and
 backend, and shared by all rows of a batch (a paired bootstrap: the CIs of two judges use the same
 resamples). The metric is computed on all resamples in one vectorised pass and the result holds the
 percentile interval.
@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _backend
+from . import _backend, _counter_hash
 from ._api import keyword_only
 from ._checks import check_finite, check_has_values, check_int64, check_not_nan, check_same_device, values_checkable
 from ._errors import AlignopsError
@@ -112,7 +112,7 @@ def _paired(tensors: dict[str, torch.Tensor], min_items: int = 1) -> list[torch.
 def _resampled(tensors: list[torch.Tensor], n_bootstrap: int, seed: int) -> list[torch.Tensor]:
     """[..., N] -> [..., R + 1, N]: the sample, then the R seeded resamples (one gather per input)."""
     n = tensors[0].shape[-1]
-    idx = _ref.bootstrap_indices(seed, n_bootstrap, n, tensors[0].device)
+    idx = _counter_hash.bootstrap_indices(seed, n_bootstrap, n, tensors[0].device)
     return [t[..., idx] for t in tensors]
 
 
@@ -530,7 +530,7 @@ def elo_ratings(
     if not scale > 0:
         raise AlignopsError(f"scale must be > 0, got {scale}")
     G = winners.shape[0]
-    idx = _ref.bootstrap_indices(seed, n_bootstrap, G, winners.device)  # [R + 1, G]
+    idx = _counter_hash.bootstrap_indices(seed, n_bootstrap, G, winners.device)  # [R + 1, G]
     w, l = winners.long()[idx], losers.long()[idx]
     s = torch.ones_like(w, dtype=torch.float64) if draws is None else torch.where(draws[idx], 0.5, 1.0).double()
     ratings = torch.full((n_bootstrap + 1, num_players), float(initial), dtype=torch.float64, device=winners.device)
@@ -573,7 +573,7 @@ def bradley_terry(
         raise AlignopsError(f"pseudo_count must be >= 0, got {pseudo_count}")
     check_not_nan(tol, "tol")
     G, M = winners.shape[0], num_players
-    idx = _ref.bootstrap_indices(seed, n_bootstrap, G, winners.device)
+    idx = _counter_hash.bootstrap_indices(seed, n_bootstrap, G, winners.device)
     w, l = winners.long()[idx], losers.long()[idx]
     s = torch.ones_like(w, dtype=torch.float64) if draws is None else torch.where(draws[idx], 0.5, 1.0).double()
     wins = torch.zeros(n_bootstrap + 1, M * M, dtype=torch.float64, device=winners.device)

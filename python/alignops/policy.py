@@ -15,9 +15,8 @@ import torch
 
 from . import _backend
 from ._checks import check_finite, check_not_nan, check_positive
-from ._codes import ImportanceSamplingLevel, PolicyLossType, lower_name
+from ._codes import ImportanceSamplingLevel, PolicyLossType, RowStat, lower_name
 from ._errors import AlignopsError
-from .ops import policy as _ops
 from .ops._registration import run_checks
 from .reference import policy as _ref
 
@@ -217,9 +216,9 @@ def policy_loss(
     op = torch.ops.alignops.policy_loss if impl == "native" else torch.ops.alignops.policy_loss_triton
     loss_sum, _grad, row_stats = op(*args)
 
-    n_tokens = row_stats[:, _ops.MASK_COUNT].detach().sum()  # a count: no gradient to route back
+    n_tokens = row_stats[:, RowStat.MASK_COUNT].detach().sum()  # a count: no gradient to route back
     if reduction == "none":
-        loss = row_stats[:, _ops.ROW_LOSS]
+        loss = row_stats[:, RowStat.ROW_LOSS]
     elif reduction == "sum":
         loss = loss_sum
     elif loss_type in ("grpo", "sapo", "luspo"):
@@ -249,12 +248,12 @@ def policy_loss(
     clip = loss_type in _CLIP_LOSS_TYPES
     return PolicyLossOutput(
         loss=loss,
-        clip_ratio_low=mean(_ops.CLIP_LOW, clip_den) if clip else nan,
-        clip_ratio_high=mean(_ops.CLIP_HIGH, clip_den) if clip or loss_type == "cispo" else nan,
-        clip_ratio_region=mean(_ops.CLIP_REGION, clip_den) if clip else nan,
-        kl=mean(_ops.KL, per_token) if beta != 0.0 else nan,
-        mean_ratio=mean(_ops.RATIO, per_row if seq else per_token),
-        phi_mean=mean(_ops.PHI, per_row if adv_rows else per_token) if loss_type == "vespo" else nan,
+        clip_ratio_low=mean(RowStat.CLIP_LOW, clip_den) if clip else nan,
+        clip_ratio_high=mean(RowStat.CLIP_HIGH, clip_den) if clip or loss_type == "cispo" else nan,
+        clip_ratio_region=mean(RowStat.CLIP_REGION, clip_den) if clip else nan,
+        kl=mean(RowStat.KL, per_token) if beta != 0.0 else nan,
+        mean_ratio=mean(RowStat.RATIO, per_row if seq else per_token),
+        phi_mean=mean(RowStat.PHI, per_row if adv_rows else per_token) if loss_type == "vespo" else nan,
     )
 
 

@@ -635,9 +635,11 @@ def perceptual_token_ids(config) -> list[int]:
     return sorted(ids)
 
 
+@keyword_only("prepack", "backend")
 def patch_ffn_skipping(
     layers: Sequence[torch.nn.Module] | torch.nn.Module,
     schedule: SkipSchedule = SkipSchedule(),
+    *,
     prepack: bool = False,
     backend: str = "auto",
 ) -> FFNSkipper:

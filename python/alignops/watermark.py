@@ -36,10 +36,10 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from . import _counter_hash as _hash
 from ._checks import check_int64, check_same_device
 from ._errors import AlignopsError
 from .ops._registration import run_checks
-from .reference import metrics as _hash
 from .reference import watermark as _ref
 
 

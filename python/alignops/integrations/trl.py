@@ -30,6 +30,7 @@ from contextlib import nullcontext
 
 import torch
 
+from .._api import keyword_only
 from ..distillation import fused_linear_distillation_loss
 from ..fused_linear import fused_linear_logprobs
 from ..policy import policy_loss
@@ -142,8 +143,14 @@ def _moe_aux_loss(text_config, num_experts_holder, router_logits, attention_mask
     return load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)
 
 
+@keyword_only("temperature", "cast_lm_head_to_fp32", "outputs")
 def add_fused_lm_head(
-    model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False, outputs: tuple[str, ...] = ("log_probs",)
+    model,
+    *,
+    temperature: float = 1.0,
+    cast_lm_head_to_fp32: bool = False,
+    outputs: tuple[str, ...] = ("log_probs",),
+    backend: str = "auto",
 ) -> None:
     r"""Give ``model`` TRL 1.16's ``fused_lm_head=True`` forward, computed by :func:`alignops.fused_linear_logprobs`.
 
@@ -156,6 +163,7 @@ def add_fused_lm_head(
     ``final_logit_softcapping``. Under autocast the head runs in the autocast dtype, with
     ``cast_lm_head_to_fp32`` in fp32 (as TRL). Extra memory: the kernel's logits tile plus, for the metric
     fields, one [K, Vt] fp32 tile of at most 16 MB. Without ``fused_lm_head`` the forward is the previous one.
+    ``backend`` is :func:`alignops.fused_linear_logprobs`'s.
     """
     previous_forward = model.forward
     text_config = model.config.get_text_config()
@@ -212,6 +220,7 @@ def add_fused_lm_head(
                 logit_scale=logit_scale,
                 softcap=softcap,
                 return_entropy="entropy" in outputs,
+                backend=backend,
             )
             stats = (
                 _vocab_statistics(kept, w, b, targets, logit_scale, softcap, temperature, stats_outputs)

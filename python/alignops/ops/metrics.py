@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_triton_device
+from .._counter_hash import SALT_BOOTSTRAP, key_state
 from .._errors import AlignopsError
-from ..reference.metrics import SALT_BOOTSTRAP, key_state
 from ._registration import register_fake, register_triton_twin
 
 

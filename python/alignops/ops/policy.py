@@ -19,13 +19,13 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_triton_device
-from .._codes import ImportanceSamplingLevel
+from .._codes import ImportanceSamplingLevel, RowStat
 from .._dtypes import acc_dtype
 from ._registration import register_fake, register_triton_twin, run_checks
 
-# row_stats columns (csrc/policy/policy_codes.h RowStat)
-MASK_COUNT, CLIP_LOW, CLIP_HIGH, CLIP_REGION, KL, RATIO, PHI, ROW_LOSS = range(8)
-NUM_ROW_STATS = 8
+# row_stats columns (RowStat, csrc/policy/policy_codes.h)
+ROW_LOSS = int(RowStat.ROW_LOSS)
+NUM_ROW_STATS = int(RowStat.NUM_ROW_STATS)
 _NUM_ARGS = 23
 
 

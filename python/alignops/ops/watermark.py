@@ -12,7 +12,7 @@ import math
 import torch
 
 from .._checks import check_triton_device
-from ..reference.metrics import SALT_GUMBEL, SALT_KGW, key_state
+from .._counter_hash import SALT_GUMBEL, SALT_KGW, key_state
 from ._registration import register_fake, register_triton_twin
 
 

@@ -105,7 +105,7 @@ def _direction(P, r, c, a, b, rows, cols, eps, ridge):
 
 def _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo):
     B, N, M = C.shape
-    rows, cols = _ref._masks(ns, ms, N, M)
+    rows, cols = _ref.masks(ns, ms, N, M)
     log_a = torch.where(rows, a.log(), -math.inf)
     # <a, f> + <b, g> over the mass-carrying entries: a zero weight has a -inf potential (0 * -inf = NaN)
     mass_rows, mass_cols = rows & (a > 0), cols & (b > 0)
@@ -168,12 +168,12 @@ def _polish(cost, a, b, f, g, ns, ms, eps, scores, steps, tol, todo, out_dtype):
     if M > N:  # eliminate the larger side: the dense solve is min(N, M) wide
         g, f, taken = _polish_chunk(C.transpose(1, 2), b, a, g, f, ms, ns, eps, steps, tol, todo)
         # the eliminated side was g: make the rows exact again
-        rows, _ = _ref._masks(ns, ms, N, M)
+        rows, _ = _ref.masks(ns, ms, N, M)
         f = torch.where((taken > 0)[:, None], _row_update(C, torch.where(rows, a.log(), -math.inf), g, rows, eps), f)
     else:
         f, g, taken = _polish_chunk(C, a, b, f, g, ns, ms, eps, steps, tol, todo)
     f, g = f.to(out_dtype), g.to(out_dtype)
-    _, cols = _ref._masks(ns, ms, N, M)
+    _, cols = _ref.masks(ns, ms, N, M)
     # the error of the potentials as returned (rounded to out_dtype), not of the float64 iterate
     return f, g, taken, _column_error(C, b, f.double(), g.double(), cols, eps).to(out_dtype)
 

@@ -148,7 +148,7 @@ def _cost_range(cost: torch.Tensor, n_sizes: torch.Tensor | None, m_sizes: torch
     # (forbidden pairs): masked per chunk of problems, so that the temporaries stay at an eighth of the cost.
     ns = n_sizes if n_sizes is not None else torch.full((B,), N, device=cost.device)
     ms = m_sizes if m_sizes is not None else torch.full((B,), M, device=cost.device)
-    rows, cols = _ref._masks(ns, ms, N, M)
+    rows, cols = _ref.masks(ns, ms, N, M)
     lo = torch.full((), math.inf, dtype=cost.dtype, device=cost.device)
     hi = torch.full((), -math.inf, dtype=cost.dtype, device=cost.device)
     step = max(1, B // 8)

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch
 
 
-def _masks(n_sizes: torch.Tensor, m_sizes: torch.Tensor, N: int, M: int):
+def masks(n_sizes: torch.Tensor, m_sizes: torch.Tensor, N: int, M: int):
+    """([B, N], [B, M]) bool: which rows and columns of each padded problem are real."""
     rows = torch.arange(N, device=n_sizes.device) < n_sizes[:, None]
     cols = torch.arange(M, device=m_sizes.device) < m_sizes[:, None]
     return rows, cols
@@ -24,7 +25,7 @@ def _masks(n_sizes: torch.Tensor, m_sizes: torch.Tensor, N: int, M: int):
 def masked_cost(cost: torch.Tensor, n_sizes: torch.Tensor, m_sizes: torch.Tensor, scores: bool) -> torch.Tensor:
     """C (= -scores when ``scores``) with +inf outside each problem's n x m block."""
     C = -cost if scores else cost
-    rows, cols = _masks(n_sizes, m_sizes, C.shape[1], C.shape[2])
+    rows, cols = masks(n_sizes, m_sizes, C.shape[1], C.shape[2])
     valid = rows[:, :, None] & cols[:, None, :]
     return C if bool(valid.all()) else C.masked_fill(~valid, math.inf)
 
@@ -50,7 +51,7 @@ def sinkhorn(
     scaling step, may fit the columns while the rows were never fitted. Padding of f and g is 0.
     """
     B, N, M = cost.shape
-    rows, cols = _masks(n_sizes, m_sizes, N, M)
+    rows, cols = masks(n_sizes, m_sizes, N, M)
     C = masked_cost(cost, n_sizes, m_sizes, scores)
     log_a = torch.where(rows, a.log(), -math.inf)
     log_b = torch.where(cols, b.log(), -math.inf)

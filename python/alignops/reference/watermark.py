@@ -1,6 +1,6 @@
 """Pure-PyTorch references of the watermark ops: the per-entry words of the whole [B, V] vocabulary are
 materialised (the straightforward implementation the fused kernels avoid) with the hash of
-:mod:`alignops.reference.metrics`, bit-identical to csrc/common/counter_hash.h and kernels/watermark.py.
+``alignops._counter_hash``, bit-identical to csrc/common/counter_hash.h and kernels/watermark.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .metrics import MASK32, SALT_GUMBEL, SALT_KGW, combine, key_state, unit_float
+from .._counter_hash import MASK32, SALT_GUMBEL, SALT_KGW, combine, key_state, unit_float
 
 
 def row_states(context: torch.Tensor, salt: int, key: int) -> torch.Tensor:
