@@ -74,9 +74,6 @@ HELPERS = {
     "to_json",
     "write_ctm",
     "write_kaldi_segments",
-    "eps_schedule",
-    "implicit_grad_cost",
-    "random_projections",
     "prepack",
     "unprepack",
     "is_prepacked",
@@ -99,6 +96,10 @@ POSITIONAL_ALLOWED = {
     ("token_spans", "num_spans"): "the output size, a shape rather than a hyperparameter",
     # POT's ot.wasserstein_1d(u_values, v_values, u_weights=None, v_weights=None, p=1)
     ("wasserstein_1d", "p"): "POT ot.wasserstein_1d drop-in",
+    # POT's ot.sliced.get_random_projections(d, n_projections, seed=None)
+    ("random_projections", "d"): "POT ot.sliced.get_random_projections drop-in",
+    ("random_projections", "n_projections"): "POT ot.sliced.get_random_projections drop-in",
+    ("random_projections", "seed"): "POT ot.sliced.get_random_projections drop-in",
     # sizes that define the problem (like torch.bincount's minlength), not hyperparameters
     ("cohen_kappa", "num_classes"): "problem size",
     ("confusion_matrices", "num_classes"): "problem size",
@@ -402,39 +403,40 @@ def test_lpz_only_where_the_peer_spells_it():
     assert have == LPZ_FUNCTIONS, have
 
 
-def test_fused_linear_preference_loss_forwards_the_backend(monkeypatch):
-    # it used to call preference_loss with backend="auto" whatever the caller chose
-    seen = []
-    real = alignops.fused_linear.preference_loss
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(alignops.fused_linear, "preference_loss", spy)
+def _preference_from_hidden(backend):
     g = torch.Generator().manual_seed(2)
     hidden, weight = torch.randn(4, 3, 8, generator=g), torch.randn(11, 8, generator=g)
     targets = torch.randint(0, 11, (4, 3), generator=g)
-    for backend in ("torch", "native"):
-        alignops.fused_linear_preference_loss(hidden, weight, targets, backend=backend)
-    assert seen == ["torch", "native"]
+    alignops.fused_linear_preference_loss(hidden, weight, targets, backend=backend)
 
 
-def test_fused_linear_policy_loss_forwards_the_backend(monkeypatch):
-    # its policy-loss epilogue ran backend="auto" whatever the caller chose (unless "torch")
+def _policy_from_hidden(backend):
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(2, 4, 8, generator=g), torch.randn(11, 8, generator=g)
+    ids, adv = torch.randint(0, 11, (2, 4), generator=g), torch.randn(2, generator=g)
+    alignops.fused_linear_policy_loss(hidden, weight, ids, adv, backend=backend)
+
+
+# Both used to call their loss with backend="auto" (the policy one unless "torch") whatever the caller chose.
+@pytest.mark.parametrize(
+    "module, loss, call",
+    [
+        ("fused_linear", "preference_loss", _preference_from_hidden),
+        ("fused_linear_policy", "policy_loss", _policy_from_hidden),
+    ],
+)
+def test_fused_losses_forward_the_backend(monkeypatch, module, loss, call):
     seen = []
-    real = alignops.fused_linear_policy.policy_loss
+    module = getattr(alignops, module)
+    real = getattr(module, loss)
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("backend"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(alignops.fused_linear_policy, "policy_loss", spy)
-    g = torch.Generator().manual_seed(3)
-    hidden, weight = torch.randn(2, 4, 8, generator=g), torch.randn(11, 8, generator=g)
-    ids, adv = torch.randint(0, 11, (2, 4), generator=g), torch.randn(2, generator=g)
+    monkeypatch.setattr(module, loss, spy)
     for backend in ("torch", "native"):
-        alignops.fused_linear_policy_loss(hidden, weight, ids, adv, backend=backend)
+        call(backend)
     assert seen == ["torch", "native"]
 
 

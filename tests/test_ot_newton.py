@@ -82,7 +82,8 @@ def test_ragged_batch_equals_each_problem_alone():
     # forbidden pairs (+inf costs) inside the blocks do not set the schedule either
     forbidden = C.clone()
     forbidden[0, 0, 0] = float("inf")
-    assert O.eps_schedule(forbidden, 1e-3, 0.9, ns, ms) == O.eps_schedule(C.clamp(max=1), 1e-3, 0.9, ns, ms)
+    kw = dict(eps=1e-3, scaling=0.9, n_sizes=ns, m_sizes=ms)
+    assert O.eps_schedule(forbidden, **kw) == O.eps_schedule(C.clamp(max=1), **kw)
     # epsilon scaling ignores the padding: the batch with its huge padded costs gives the same as without
     kw = dict(eps=1e-3, n_iters=200, tol=1e-9, eps_scaling=0.9, newton_steps=15)
     got = O.sinkhorn(C, n_sizes=ns, m_sizes=ms, **kw)

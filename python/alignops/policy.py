@@ -23,7 +23,6 @@ from .reference import policy as _ref
 LOSS_TYPES = tuple(map(lower_name, PolicyLossType))
 IMPORTANCE_SAMPLING_LEVELS = tuple(map(lower_name, ImportanceSamplingLevel))
 _REDUCTIONS = ("mean", "sum", "none")
-_CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
 class PolicyLossOutput(NamedTuple):
@@ -245,7 +244,7 @@ def policy_loss(
     def mean(col, den):
         return stats[:, col].sum() / den
 
-    clip = loss_type in _CLIP_LOSS_TYPES
+    clip = loss_type in _ref.CLIP_LOSS_TYPES
     return PolicyLossOutput(
         loss=loss,
         clip_ratio_low=mean(RowStat.CLIP_LOW, clip_den) if clip else nan,

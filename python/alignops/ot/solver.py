@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _backend
+from .._api import keyword_only
 from .._checks import check_floating, check_python_float
 from .._errors import AlignopsError
 from ..ops._registration import run_checks, run_value_checks
@@ -94,8 +95,10 @@ def _check_mass(a: torch.Tensor, b: torch.Tensor, ns: torch.Tensor, ms: torch.Te
         )
 
 
+@keyword_only("eps", "scaling", "n_sizes", "m_sizes")
 def eps_schedule(
     cost: torch.Tensor,
+    *,
     eps: float,
     scaling: float | None,
     n_sizes: torch.Tensor | None = None,
@@ -184,15 +187,15 @@ class _Implicit(torch.autograd.Function):
     def backward(ctx, grad_f, grad_g, _gi, _ge):
         cost, a, b, f, g, n_sizes, m_sizes = ctx.saved_tensors
         grad_cost, grad_a, grad_b = implicit_grad_cost(
-            grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, ctx.eps, ctx.scores
+            grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, eps=ctx.eps, scores=ctx.scores
         )
         return grad_cost, grad_a, grad_b, None, None, None, None, None, None, None, None
 
 
-def implicit_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, eps, scores):
+@keyword_only("eps", "scores")
+def implicit_grad_cost(grad_f, grad_g, cost, a, b, f, g, n_sizes, m_sizes, *, eps: float, scores: bool):
     B, N, M = cost.shape
-    rows = torch.arange(N, device=cost.device) < n_sizes[:, None]
-    cols = torch.arange(M, device=cost.device) < m_sizes[:, None]
+    rows, cols = _ref.masks(n_sizes, m_sizes, N, M)
     P = _ref.plan(cost, f, g, eps, n_sizes, m_sizes, scores)
     R = torch.where((rows & (a > 0))[:, :, None], P / a[:, :, None], 0)
     S = torch.where((cols & (b > 0))[:, None, :], P / b[:, None, :], 0)
@@ -340,7 +343,7 @@ def sinkhorn(
     if cost_range is not None and eps_scaling is not None:
         schedule = _geometric_schedule(cost_range, eps, eps_scaling)
     else:
-        schedule = eps_schedule(x, eps, eps_scaling, ns, ms)
+        schedule = eps_schedule(x, eps=eps, scaling=eps_scaling, n_sizes=ns, m_sizes=ms)
     if grad == "unrolled":
         f, g, iters, err = _ref.sinkhorn(x, aw, bw, ns, ms, schedule, eps, n_iters, tol_v, scores)
         return _finish(x, f, g, iters, err, eps, ns, ms, scores, return_plan, squeeze)
