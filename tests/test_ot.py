@@ -561,7 +561,12 @@ def test_sinkhorn_points_opcheck_and_bad_input():
     with pytest.raises(ValueError, match=r"y must have shape \[B, M, d\]"):
         torch.ops.alignops.sinkhorn_points(args[0], torch.rand(B, M, d + 1), *args[2:])
     with pytest.raises(ValueError, match=r"x and y must have shapes \[B, N, d\] and \[B, M, d\]"):
-        O.sinkhorn_distance(torch.rand(2, 5, 3), torch.rand(2, 4, 2), eps=0.1)
+        O.sinkhorn_distance(torch.rand(2, 5, 3), torch.rand(4, 2), eps=0.1)
+    for backend in ("native", "torch"):  # B and d agree: the op's check, whichever backend runs
+        with pytest.raises(ValueError, match=r"y must have shape \[B, M, d\] with B = 2 and d = 3, got \[2, 4, 2\]"):
+            O.sinkhorn_distance(torch.rand(2, 5, 3), torch.rand(2, 4, 2), eps=0.1, backend=backend)
+        with pytest.raises(ValueError, match=r"y must have shape \[B, M, d\] with B = 2 and d = 3, got \[1, 4, 3\]"):
+            O.sinkhorn_distance(torch.rand(2, 5, 3), torch.rand(1, 4, 3), eps=0.1, backend=backend)
     for backend in ("native", "torch"):  # the op's argument checks, whichever backend runs
         with pytest.raises(ValueError, match="eps must be a finite value > 0"):
             O.sinkhorn_distance(torch.rand(5, 3), torch.rand(4, 3), eps=0.0, backend=backend)

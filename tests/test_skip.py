@@ -438,6 +438,11 @@ def test_inplace_and_delta_bad_input():
             alignops.skip_ffn(x, w1, w2, nw, delta=x, previous=x, threshold=0.1)
         with pytest.raises(ValueError, match="delta must match x"):
             alignops.skip_ffn(x, w1, w2, nw, delta=x[:, :3], threshold=0.1)
+        for backend in ("native", "torch"):  # dtype and device: the op's checks, whichever backend runs
+            with pytest.raises(ValueError, match=r"delta must have the dtype of residual \(torch.float32\)"):
+                alignops.skip_ffn(x, w1, w2, nw, delta=x.double(), threshold=0.1, backend=backend)
+            with pytest.raises(ValueError, match=r"delta must be on the device of residual"):
+                alignops.skip_ffn(x, w1, w2, nw, delta=x.to("meta"), threshold=0.1, backend=backend)
     with pytest.raises(ValueError, match="x must be contiguous to be updated in place"):
         torch.ops.alignops.skip_ffn_(
             torch.randn(5, 2, 16).transpose(0, 1)[0], torch.ones(5, dtype=torch.bool), w1, w2, nw, None, None, 0, 1e-6

@@ -123,7 +123,7 @@ def sinkhorn_distance(
     squeeze = x.dim() == 2
     if squeeze:
         x, y = x[None], y[None] if y.dim() == 2 else y
-    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+    if x.dim() != 3 or y.dim() != 3:  # the ranks before the shapes are read; B and d agree: the op's check
         raise AlignopsError(
             f"x and y must have shapes [B, N, d] and [B, M, d], got {tuple(x.shape)} and {tuple(y.shape)}"
         )
