@@ -653,6 +653,11 @@ def test_selective_logprobs_bad_input(backend):
         call(logits, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="targets must be int64 or int32, got torch.float32"):
         call(logits, torch.zeros(4))
+    # dtypes named as Python prints them (c10's names: torch.int16, not torch.Short)
+    with pytest.raises(ValueError, match=r"targets must be int64 or int32, got torch\.int16$"):
+        call(logits, torch.zeros(4, dtype=torch.int16))
+    with pytest.raises(ValueError, match=r"logits must be float32, float64, float16 or bfloat16, got torch\.uint8$"):
+        call(logits.to(torch.uint8), torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="temperature must be a finite value > 0, got 0"):
         call(logits, torch.tensor([0, 1, 2, 3]), temperature=0.0)
     with pytest.raises(ValueError, match="logits must be float32, float64, float16 or bfloat16"):

@@ -38,7 +38,28 @@ using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 using namespace alignops::preference;  // LossType / FDivergence codes, Params, pair_loss
 
-using checks::dtype_name;
+// "torch.float32", as Python prints a dtype and as csrc/common/checks.h words it (c10::getDtypeNames is not
+// header-only).
+std::string dtype_name(ScalarType s) {
+  switch (s) {
+    case ScalarType::Float:
+      return "torch.float32";
+    case ScalarType::Double:
+      return "torch.float64";
+    case ScalarType::Half:
+      return "torch.float16";
+    case ScalarType::BFloat16:
+      return "torch.bfloat16";
+    case ScalarType::Long:
+      return "torch.int64";
+    case ScalarType::Int:
+      return "torch.int32";
+    case ScalarType::Bool:
+      return "torch.bool";
+    default:
+      return std::string("torch.") + torch::headeronly::toString(s);
+  }
+}
 
 std::string shape_str(const Tensor& t) {
   std::ostringstream os;
@@ -68,12 +89,14 @@ void check_cpu(const Tensor& t, const char* name) {
   STD_TORCH_CHECK(t.is_cpu(), name, " must be a CPU tensor (alignops_stable has only a CPU kernel)");
 }
 
-// The torch::stable::Tensor operations of the checks shared with alignops._C (csrc/preference/preference_checks.h).
+// The torch::stable::Tensor operations of the checks shared with alignops._C (csrc/common/checks_portable.h,
+// csrc/preference/preference_checks.h).
 // Every device compared here is matched against a CPU tensor, so "same device" is "both on the CPU or neither".
 struct StableOps {
   static int64_t dim(const Tensor& t) { return t.dim(); }
   static int64_t size(const Tensor& t, int64_t d) { return t.size(d); }
   static ScalarType dtype(const Tensor& t) { return t.scalar_type(); }
+  static std::string dtype_name(ScalarType s) { return alignops_stable::dtype_name(s); }
   static std::string sizes(const Tensor& t) { return shape_str(t); }
   static bool same_shape(const Tensor& a, const Tensor& b) { return alignops_stable::same_shape(a, b); }
   static bool same_device(const Tensor& a, const Tensor& b) { return a.is_cpu() == b.is_cpu(); }
@@ -202,7 +225,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> preference_loss(
     params.terms.weight[k] = loss_weights[k];
   }
 
-  const ScalarType acc = checks::acc_type(dt);
+  const ScalarType acc = alignops::portable::acc_type(dt);
   const Tensor pcc = as_contiguous(pc), prc = as_contiguous(pr), rcc = as_contiguous(rc), rrc = as_contiguous(rr);
   const auto beta_c = optional_per_pair(beta, acc);
   const auto lc_c = optional_per_pair(chosen_lengths, acc);
@@ -356,7 +379,7 @@ std::tuple<Tensor, Tensor> selective_logprobs(Tensor logits, Tensor targets, int
   check_selective_args(logits, targets, temperature);
   const Tensor x = as_contiguous(logits), t = as_contiguous(targets);
   const auto y = read_targets(t, x.size(1), ignore_index);
-  const ScalarType acc = checks::acc_type(x.scalar_type());
+  const ScalarType acc = alignops::portable::acc_type(x.scalar_type());
   const std::vector<int64_t> shape{x.size(0)};
   Tensor logp = new_empty_cpu(shape, acc), lse = new_empty_cpu(shape, acc);
   dispatch_floating(x.scalar_type(), [&](auto acc_v, auto scalar_v) {
