@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._codes import PolicyLossType
+from .._codes import PolicyLossType, RowStat
 from ..kernels import (
     _launch,
     ctc,
@@ -225,7 +225,7 @@ def _policy() -> None:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         for B, T in ((8, 4096), (64, 1024)):
             lp, full, mask = _e(B, T, dtype=dtype), _e(B, T, dtype=acc), torch.empty(B, T, dtype=torch.uint8)
-            rows, stats = _e(B, dtype=acc), _e(B, policy.N_STATS, dtype=acc)
+            rows, stats = _e(B, dtype=acc), _e(B, RowStat.NUM_ROW_STATS, dtype=acc)
             cases = (
                 dict(loss_type=P.DAPO, sequence=False, adv=rows, isr=None, beta=0.0, opm=None, em=None, grad=True),
                 dict(loss_type=P.GRPO, sequence=True, adv=rows, isr=full, beta=0.04, opm=0.5, em=full, grad=True),

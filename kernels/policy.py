@@ -49,8 +49,7 @@ LUSPO = tl.constexpr(int(PolicyLossType.LUSPO))
 VESPO = tl.constexpr(int(PolicyLossType.VESPO))
 
 # The columns of row_stats (RowStat, csrc/policy/policy_codes.h)
-N_STATS = int(RowStat.NUM_ROW_STATS)
-_N_STATS = tl.constexpr(N_STATS)
+_N_STATS = tl.constexpr(int(RowStat.NUM_ROW_STATS))
 MASK_COUNT = tl.constexpr(int(RowStat.MASK_COUNT))
 CLIP_LOW = tl.constexpr(int(RowStat.CLIP_LOW))
 CLIP_HIGH = tl.constexpr(int(RowStat.CLIP_HIGH))
@@ -251,7 +250,7 @@ def policy_loss_kernel(
     samp_ptr,  # [B, T] ACC: the off-policy mask's sampler log-probs (HAS_SAMP)
     em_ptr,  # [B, T] ACC entropy mask (HAS_EM)
     grad_ptr,  # [B, T] in lp's dtype (GRAD)
-    stats_ptr,  # [B, N_STATS] ACC
+    stats_ptr,  # [B, NUM_ROW_STATS] ACC
     T,
     lo: tl.float64,
     hi: tl.float64,
@@ -449,7 +448,7 @@ def launch_policy_loss(
     vespo_k_neg: float,
     vespo_lambda_neg: float,
 ) -> None:
-    """Fills stats [B, N_STATS] (and grad [B, T] when given). lp, mask and the [B, T] inputs contiguous; adv and
+    """Fills stats [B, NUM_ROW_STATS] (and grad [B, T] when given). lp, mask and the [B, T] inputs contiguous; adv and
     isr contiguous, [B] (a value per row) or [B, T]; mask uint8 or of stats' dtype; sampling None: old's."""
     B, T = lp.shape
     # fp64 tiles of half the width: the same registers per thread (~240 at 1024 fp64 tokens, near the cap)

@@ -194,12 +194,13 @@ def skip_ffn(
         if delta.shape != x.shape:  # the public layout; dtype and device: the op's checks, on every backend
             raise AlignopsError(f"delta must match x: shape {tuple(x.shape)}, got {tuple(delta.shape)}")
         code = int(_CRITERION_CODES[criterion])
-        run_checks("alignops::skip_add_score", x.reshape(-1, H), delta.reshape(-1, H), code)
+        rows = (x.reshape(-1, H), delta.reshape(-1, H), code)  # the op's arguments
+        run_checks("alignops::skip_add_score", *rows)
         if impl == "torch":
             h, score = _ref.add_score(x, delta, criterion)
         else:
             op = torch.ops.alignops.skip_add_score if impl == "native" else torch.ops.alignops.skip_add_score_triton
-            h, score = op(x.reshape(-1, H), delta.reshape(-1, H), code)
+            h, score = op(*rows)
             h, score = h.reshape(x.shape), score.reshape(x.shape[:-1])
         target = h if not needs_grad else None
         x = h

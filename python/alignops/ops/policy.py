@@ -23,9 +23,6 @@ from .._codes import ImportanceSamplingLevel, RowStat
 from .._dtypes import acc_dtype
 from ._registration import register_fake, register_triton_twin, run_checks
 
-# row_stats columns (RowStat, csrc/policy/policy_codes.h)
-ROW_LOSS = int(RowStat.ROW_LOSS)
-NUM_ROW_STATS = int(RowStat.NUM_ROW_STATS)
 _NUM_ARGS = 23
 
 
@@ -36,7 +33,7 @@ def _policy_loss_fake(per_token_logps, advantages, completion_mask, *args):
     B = per_token_logps.shape[0]
     new = per_token_logps.new_empty
     grad = torch.empty_like(per_token_logps, memory_format=torch.contiguous_format) if compute_grad else new(0)
-    return new((), dtype=acc), grad, new((B, NUM_ROW_STATS), dtype=acc)
+    return new((), dtype=acc), grad, new((B, RowStat.NUM_ROW_STATS), dtype=acc)
 
 
 def _setup(ctx, inputs, output):
@@ -58,7 +55,7 @@ def _backward(ctx, grad_loss_sum, _grad_grad, grad_row_stats):
     if grad_loss_sum is not None:
         scale = scale + grad_loss_sum
     if grad_row_stats is not None:
-        scale = scale + grad_row_stats[:, ROW_LOSS : ROW_LOSS + 1]
+        scale = scale + grad_row_stats[:, RowStat.ROW_LOSS : RowStat.ROW_LOSS + 1]
     grad_logps = (grad * scale).to(grad.dtype) if ctx.needs_input_grad[0] else None
     return (grad_logps, *(None,) * (_NUM_ARGS - 1))
 
@@ -115,7 +112,7 @@ def policy_loss_triton(
     B, T = lp.shape
     acc = acc_dtype(lp.dtype)
     lp = lp.contiguous()
-    stats = lp.new_empty((B, NUM_ROW_STATS), dtype=acc)
+    stats = lp.new_empty((B, RowStat.NUM_ROW_STATS), dtype=acc)
     grad = torch.empty_like(lp) if compute_grad else lp.new_empty(0)
     if B > 0:
         mask = completion_mask.contiguous()
@@ -152,7 +149,7 @@ def policy_loss_triton(
             vespo_lambda_neg=vespo_lambda_neg,
         )
     # The row losses summed in fp64 in row order, as the C++ op sums them: deterministic, and the same number.
-    loss_sum = stats[:, ROW_LOSS].to(torch.float64).sum().to(acc)
+    loss_sum = stats[:, RowStat.ROW_LOSS].to(torch.float64).sum().to(acc)
     return loss_sum, grad, stats
 
 
